@@ -1,0 +1,23 @@
+"""Hugging Face -> nextoken model package export (needs the ``export`` extra: torch, transformers, optimum).
+
+    from nextoken.exporters import export
+    report = export("HuggingFaceTB/SmolLM2-135M", "smollm2")      # or a local checkpoint directory
+    print(report.max_abs_diff)
+
+Importing this module is cheap; torch, transformers and optimum load when an export starts, and
+their absence is one clear :class:`~nextoken.ExportError` naming the extra to install.
+"""
+
+from .hf import (
+    DEFAULT_ATOL,
+    SUPPORTED_ARCHITECTURES,
+    TASK,
+    ExportReport,
+    export,
+)
+from .tiny import make_tiny_checkpoint, make_byte_tokenizer
+
+__all__ = [
+    "export", "ExportReport", "DEFAULT_ATOL", "SUPPORTED_ARCHITECTURES", "TASK",
+    "make_tiny_checkpoint", "make_byte_tokenizer",
+]

@@ -1,0 +1,101 @@
+"""Tiny untrained checkpoints built from configs, for the offline demo and the tests.
+
+Their weights are random: the text they produce is noise. They exist so the whole path (export,
+package, engine, generation) runs on a machine that can reach no model hub. The initialisation is
+wider than transformers' default so that the top logits are far apart and greedy choices do not
+hinge on rounding (random tiny models otherwise have near-ties between the top two logits).
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+__all__ = ["make_byte_tokenizer", "make_tiny_checkpoint", "TINY_CONFIGS", "DEMO_CONFIG"]
+
+PAD, BOS, EOS = 0, 1, 2
+VOCAB = 259  # <pad>, <s>, </s> and the 256 bytes
+
+_COMMON = dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
+               num_key_value_heads=2, vocab_size=VOCAB, max_position_embeddings=128)
+
+#: One small config per supported architecture (transformers' field names).
+TINY_CONFIGS: dict[str, dict[str, Any]] = {
+    "gpt2": dict(n_embd=64, n_layer=2, n_head=4, vocab_size=VOCAB, n_positions=128),
+    "llama": dict(_COMMON),
+    "mistral": dict(_COMMON, sliding_window=None),
+    "qwen2": dict(_COMMON),
+    "phi3": dict(_COMMON),
+    "gemma": dict(_COMMON, head_dim=16),
+}
+
+#: The offline demo's model: an untrained Llama a little larger than the test ones.
+DEMO_CONFIG: dict[str, Any] = dict(hidden_size=128, intermediate_size=344, num_hidden_layers=4,
+                                   num_attention_heads=8, num_key_value_heads=4, vocab_size=VOCAB,
+                                   max_position_embeddings=512)
+
+
+def _bytes_to_unicode() -> dict[int, str]:
+    """The byte -> printable character map of byte-level BPE (GPT-2's)."""
+    printable = list(range(ord("!"), ord("~") + 1)) + list(range(ord("¡"), ord("¬") + 1)) + list(range(ord("®"), ord("ÿ") + 1))
+    chars = printable[:]
+    n = 0
+    for b in range(256):
+        if b not in printable:
+            printable.append(b)
+            chars.append(256 + n)
+            n += 1
+    return dict(zip(printable, (chr(c) for c in chars)))
+
+
+def make_byte_tokenizer(directory: str | Path, context_length: int = 128) -> Path:
+    """Write a byte-level tokenizer (``tokenizer.json`` + ``tokenizer_config.json``) into ``directory``.
+
+    Ids: 0 ``<pad>``, 1 ``<s>`` (added before every text), 2 ``</s>``, then byte b is id 3 + b.
+    Any text encodes, any id sequence decodes: a real tokenizer that needs no training data.
+    """
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors
+
+    directory = Path(directory)
+    directory.mkdir(parents=True, exist_ok=True)
+    vocab = {"<pad>": PAD, "<s>": BOS, "</s>": EOS}
+    for byte, char in sorted(_bytes_to_unicode().items()):
+        vocab[char] = 3 + byte
+    tok = Tokenizer(models.BPE(vocab=vocab, merges=[]))
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)
+    tok.decoder = decoders.ByteLevel()
+    tok.add_special_tokens(["<pad>", "<s>", "</s>"])
+    tok.post_processor = processors.TemplateProcessing(single="<s> $A", pair="<s> $A <s> $B", special_tokens=[("<s>", BOS)])
+    tok.save(str(directory / "tokenizer.json"))
+    (directory / "tokenizer_config.json").write_text(json.dumps({
+        "tokenizer_class": "PreTrainedTokenizerFast", "bos_token": "<s>", "eos_token": "</s>",
+        "pad_token": "<pad>", "model_max_length": context_length, "add_bos_token": True,
+        "clean_up_tokenization_spaces": False,
+    }, indent=2))
+    return directory
+
+
+def make_tiny_checkpoint(directory: str | Path, architecture: str = "llama", *, seed: int = 0,
+                         init_std: float = 0.25, **overrides: Any) -> Path:
+    """Save a tiny random-weight transformers checkpoint (+ byte tokenizer) of ``architecture``.
+
+    ``overrides`` change config fields (e.g. ``num_hidden_layers=4``). Needs torch and transformers.
+    """
+    import torch
+    from transformers import AutoConfig, AutoModelForCausalLM, GenerationConfig
+
+    if architecture not in TINY_CONFIGS:
+        raise ValueError(f"no tiny config for {architecture!r}; known: {', '.join(TINY_CONFIGS)}")
+    fields = {**TINY_CONFIGS[architecture], **overrides}
+    fields.update(bos_token_id=BOS, eos_token_id=EOS, pad_token_id=PAD, initializer_range=init_std)
+    config = AutoConfig.for_model(architecture, **fields)
+    torch.manual_seed(seed)
+    model = AutoModelForCausalLM.from_config(config)
+    model.eval()
+    directory = Path(directory)
+    model.save_pretrained(directory)
+    GenerationConfig(bos_token_id=BOS, eos_token_id=EOS, pad_token_id=PAD).save_pretrained(directory)
+    ctx = fields.get("max_position_embeddings", fields.get("n_positions", 128))
+    make_byte_tokenizer(directory, ctx)
+    return directory

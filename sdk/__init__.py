@@ -1,0 +1,36 @@
+"""nextoken: portable LLM inference on ONNX Runtime.
+
+    import nextoken
+    with nextoken.Engine("path/to/package") as engine:
+        print(engine.generate("Once upon a time", max_new_tokens=32).text)
+"""
+
+from .device import DeviceChoice, resolve_device
+from .engine import Engine, Prompt
+from .errors import (
+    ContextWindowError,
+    DeviceError,
+    ExportError,
+    InvalidRequestError,
+    ManifestMismatchError,
+    ModelPackageError,
+    NextokenError,
+)
+from .generation import Completion, Generation, SamplingParams, StreamEvent, Usage
+from .manifest import FORMAT_VERSION, Manifest
+from .tokenizer import IncrementalDecoder, Tokenizer
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "Engine", "Prompt", "SamplingParams", "Completion", "StreamEvent", "Usage", "Generation",
+    "Manifest", "FORMAT_VERSION", "Tokenizer", "IncrementalDecoder", "DeviceChoice", "resolve_device",
+    "NextokenError", "ModelPackageError", "ManifestMismatchError", "InvalidRequestError",
+    "ContextWindowError", "ExportError", "DeviceError", "__version__",
+]
+
+for _name in __all__:
+    _obj = globals()[_name]
+    if hasattr(_obj, "__module__") and isinstance(_obj, type):
+        _obj.__module__ = "nextoken"
+del _name, _obj

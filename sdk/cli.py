@@ -1,0 +1,226 @@
+"""The ``nextoken`` command line. Errors are one line on stderr and a non-zero exit, never a traceback.
+
+    nextoken export SRC -o DIR                      Hugging Face checkpoint or hub id -> model package
+    nextoken generate DIR PROMPT [--max-new-tokens N] [--ignore-eos] [--json]
+    nextoken info DIR                               what the package holds, where it would run
+    nextoken demo [SRC]                             export (an untrained tiny model by default) and generate
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import re
+import sys
+from pathlib import Path
+from typing import Sequence
+
+from .errors import NextokenError
+
+__all__ = ["main"]
+
+EXIT_ERROR = 1
+EXIT_USAGE = 2
+
+
+def _engine(args: argparse.Namespace):
+    from .engine import Engine
+
+    return Engine(args.package, device=args.device, threads=args.threads, spin=args.spin)
+
+
+def _cmd_export(args: argparse.Namespace) -> int:
+    from nextoken.exporters import export
+
+    export(args.source, args.output, atol=args.atol, check=not args.no_check)
+    return 0
+
+
+def _generate(engine, prompt: str, args: argparse.Namespace) -> int:
+    from .generation import SamplingParams
+
+    params = SamplingParams(max_new_tokens=args.max_new_tokens, ignore_eos=args.ignore_eos)
+    generation = engine.start(prompt, params)
+    if args.json:
+        completion = generation.completions()[0]
+        print(json.dumps(completion.to_dict(), ensure_ascii=False))
+        return 0
+    out = sys.stdout
+    for event in generation:
+        if event.text:
+            out.write(event.text)
+            out.flush()
+    out.write("\n")
+    out.flush()
+    completion = generation.completions()[0]
+    print(f"[{completion.finish_reason}] {completion.usage.line()}", file=sys.stderr)
+    return 0
+
+
+def _cmd_generate(args: argparse.Namespace) -> int:
+    with _engine(args) as engine:
+        return _generate(engine, args.prompt, args)
+
+
+def _cmd_info(args: argparse.Namespace) -> int:
+    with _engine(args) as engine:
+        m = engine.manifest
+        files = {p.name: p.stat().st_size for p in sorted(engine.path.iterdir()) if p.is_file()}
+        info = {
+            "package": str(engine.path),
+            "architecture": m.architecture,
+            "layers": m.num_layers,
+            "kv_heads": m.num_kv_heads,
+            "head_dim": m.head_dim,
+            "kv_dtype": m.kv_dtype,
+            "precision": m.precision,
+            "vocab_size": m.vocab_size,
+            "context_length": m.context_length,
+            "bos_token_id": m.bos_token_id,
+            "eos_token_ids": list(m.eos_token_ids),
+            "pad_token_id": m.pad_token_id,
+            "tokenizer": m.tokenizer_file,
+            "kv_bytes_per_token": m.kv_bytes_per_token(),
+            "kv_bytes_full_context": m.kv_bytes_per_token() * m.context_length,
+            "device": engine.device.device,
+            "provider": engine.device.provider,
+            "device_reason": engine.device.reason,
+            "source": m.source,
+            "exported_by": dict(m.exported_by),
+            "files": files,
+        }
+    if args.json:
+        print(json.dumps(info, indent=2))
+        return 0
+    for key, value in info.items():
+        if key == "files":
+            value = ", ".join(f"{n} ({_size(s)})" for n, s in value.items())
+        elif key == "exported_by":
+            value = ", ".join(f"{k} {v}" for k, v in value.items())
+        elif key.startswith("kv_bytes"):
+            value = _size(value)
+        print(f"{key:22} {value}")
+    return 0
+
+
+def _size(n: int) -> str:
+    for unit in ("B", "KiB", "MiB", "GiB"):
+        if n < 1024 or unit == "GiB":
+            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
+        n /= 1024
+    return f"{n} B"  # pragma: no cover
+
+
+def _cache_dir() -> Path:
+    return Path(os.environ.get("NEXTOKEN_CACHE", Path.home() / ".cache" / "nextoken")).expanduser()
+
+
+def _cmd_demo(args: argparse.Namespace) -> int:
+    from nextoken.exporters import export
+    from nextoken.exporters.tiny import DEMO_CONFIG, make_tiny_checkpoint
+
+    from .engine import Engine
+
+    cache = _cache_dir()
+    if args.source:
+        source = args.source
+        package = cache / "packages" / re.sub(r"[^A-Za-z0-9_.-]+", "--", source.strip("/"))
+        label = source
+    else:
+        source = str(cache / "checkpoints" / "tiny-llama-untrained")
+        package = cache / "packages" / "tiny-llama-untrained"
+        label = "tiny-llama-untrained (random weights: no model given, so the text is noise)"
+        if not (Path(source) / "config.json").is_file():
+            print(f"nextoken: building an untrained tiny Llama in {source}", file=sys.stderr)
+            make_tiny_checkpoint(source, "llama", **DEMO_CONFIG)
+    if args.force or not (package / "nextoken.json").is_file():
+        export(source, package)
+    print(f"nextoken: model {label}; package {package}", file=sys.stderr)
+    args.package = package
+    with Engine(package, device=args.device, threads=args.threads, spin=args.spin) as engine:
+        print(f"nextoken: {engine.device.describe()}", file=sys.stderr)
+        print(f"nextoken: prompt {args.prompt!r}", file=sys.stderr)
+        return _generate(engine, args.prompt, args)
+
+
+def _positive_int(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not an integer") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be >= 1, not {value}")
+    return value
+
+
+def _parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="nextoken", description="Portable LLM inference on ONNX Runtime.")
+    parser.add_argument("--version", action="version", version=f"nextoken {_version()}")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    def runtime_options(p: argparse.ArgumentParser) -> None:
+        p.add_argument("--device", default="auto", help="auto (default: CUDA when usable, else CPU), cpu, cuda, cuda:N")
+        p.add_argument("--threads", type=int, default=None, help="intra-op threads (default: one per physical core)")
+        p.add_argument("--spin", action=argparse.BooleanOptionalAction, default=None,
+                       help="thread spinning: faster on a quiet host, much slower on a busy one (default: off, or NEXTOKEN_SPIN)")
+
+    def generation_options(p: argparse.ArgumentParser) -> None:
+        p.add_argument("--max-new-tokens", type=_positive_int, default=128, metavar="N",
+                       help="most tokens to generate (default 128)")
+        p.add_argument("--ignore-eos", action="store_true", help="do not stop at EOS: generate exactly N tokens")
+        p.add_argument("--json", action="store_true", help="print one JSON object (text, token_ids, finish_reason, usage)")
+
+    p = sub.add_parser("export", help="export a Hugging Face model (hub id or local checkpoint) to a model package")
+    p.add_argument("source", help="hub id (org/name) or local transformers checkpoint directory")
+    p.add_argument("-o", "--output", required=True, help="package directory to write")
+    p.add_argument("--atol", type=float, default=None, help="largest |ONNX - PyTorch| logits allowed (default 1e-3)")
+    p.add_argument("--no-check", action="store_true", help="skip the parity check against PyTorch")
+    p.set_defaults(func=_cmd_export)
+
+    p = sub.add_parser("generate", help="generate a continuation of PROMPT, streamed to stdout")
+    p.add_argument("package", help="model package directory (from `nextoken export`)")
+    p.add_argument("prompt", help="the prompt text")
+    generation_options(p)
+    runtime_options(p)
+    p.set_defaults(func=_cmd_generate)
+
+    p = sub.add_parser("info", help="what a model package holds and where it would run")
+    p.add_argument("package", help="model package directory")
+    p.add_argument("--json", action="store_true", help="print JSON")
+    runtime_options(p)
+    p.set_defaults(func=_cmd_info)
+
+    p = sub.add_parser("demo", help="export a model (default: an untrained tiny Llama, no download) and generate")
+    p.add_argument("source", nargs="?", default=None, help="hub id or local checkpoint (default: untrained tiny Llama)")
+    p.add_argument("--prompt", default="Once upon a time", help="prompt (default: 'Once upon a time')")
+    p.add_argument("--force", action="store_true", help="export again even if the package is cached")
+    generation_options(p)
+    runtime_options(p)
+    p.set_defaults(func=_cmd_demo, max_new_tokens=64)
+    return parser
+
+
+def _version() -> str:
+    from . import __version__
+
+    return __version__
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Run the CLI; returns the exit status."""
+    args = _parser().parse_args(argv)
+    if getattr(args, "atol", "unset") is None:
+        from nextoken.exporters import DEFAULT_ATOL
+
+        args.atol = DEFAULT_ATOL
+    try:
+        return args.func(args)
+    except NextokenError as exc:
+        print(f"nextoken: error: {exc}", file=sys.stderr)
+        return EXIT_ERROR
+    except KeyboardInterrupt:
+        print("nextoken: interrupted", file=sys.stderr)
+        return 130
+    except BrokenPipeError:
+        return 0

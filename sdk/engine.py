@@ -1,0 +1,208 @@
+"""The engine: a loaded model package and the one way to generate from it."""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+from typing import Any, Iterator, Sequence, Union, overload
+
+import numpy as np
+import onnxruntime as ort
+
+from .device import DeviceChoice, resolve_device, session_options, spin_default
+from .errors import InvalidRequestError, ModelPackageError
+from .generation import Completion, Generation, SamplingParams, StreamEvent
+from .kvcache import StepRunner
+from .manifest import Manifest, TensorSpec
+from .tokenizer import Tokenizer
+
+__all__ = ["Engine", "Prompt"]
+
+log = logging.getLogger("nextoken")
+
+#: A prompt is text, or token ids as they go into the model.
+Prompt = Union[str, Sequence[int]]
+
+
+class Engine:
+    """A model package loaded into an ONNX Runtime session, ready to generate.
+
+    >>> with Engine("pkg") as engine:                      # doctest: +SKIP
+    ...     print(engine.generate("Once upon a time", max_new_tokens=32).text)
+
+    ``device``: ``"auto"`` (CUDA when it really works, else CPU), ``"cpu"``, ``"cuda"`` or ``"cuda:N"``.
+    ``threads``: intra-op threads (None: one per physical core). ``spin``: thread spinning
+    (None: the NEXTOKEN_SPIN environment variable, off when unset; see :func:`session_options`).
+
+    The engine is heavy and shared; each request's state (its KV cache) lives in the request, so one
+    engine serves requests one after another, and a failed request leaves it as it was.
+    """
+
+    def __init__(self, path: str | Path, *, device: str = "auto", threads: int | None = None,
+                 spin: bool | None = None) -> None:
+        self.path = Path(path)
+        if not self.path.exists():
+            raise ModelPackageError(f"model package {self.path} does not exist")
+        if not self.path.is_dir():
+            raise ModelPackageError(f"{self.path} is a file; a model package is a directory made by `nextoken export`")
+        self.manifest = Manifest.load(self.path)
+        model_file = self.path / self.manifest.model_file
+        if not model_file.is_file():
+            raise ModelPackageError(f"{model_file} is missing; re-export the package with `nextoken export`")
+        self.tokenizer: Tokenizer | None = None
+        if self.manifest.tokenizer_file:
+            tok_path = self.path / self.manifest.tokenizer_file
+            if not tok_path.is_file():
+                raise ModelPackageError(f"{tok_path} is missing (named by nextoken.json); re-export the package")
+            self.tokenizer = Tokenizer.from_file(tok_path)
+        self.device: DeviceChoice = resolve_device(device)
+        self.spin = spin_default() if spin is None else bool(spin)
+        self.threads = threads
+        options = session_options(threads, self.spin)
+        try:
+            self.session = ort.InferenceSession(str(model_file), options, providers=list(self.device.providers))
+        except Exception as exc:
+            first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+            raise ModelPackageError(
+                f"{model_file} is not a loadable ONNX graph ({first[:240]}); re-export the package"
+            ) from None
+        self.manifest.check_graph(
+            [TensorSpec.from_node_arg(a) for a in self.session.get_inputs()],
+            [TensorSpec.from_node_arg(a) for a in self.session.get_outputs()],
+        )
+        device_id = 0
+        if self.device.device == "cuda":
+            device_id = int(dict(self.device.providers[0][1]).get("device_id", 0))
+        self.runner = StepRunner(self.session, self.manifest, self.device.device, device_id)
+        self.eos_token_ids: tuple[int, ...] = tuple(self.manifest.eos_token_ids)
+        pad = self.manifest.pad_token_id
+        self.pad_token_id = pad if pad is not None else (self.eos_token_ids[0] if self.eos_token_ids else 0)
+        log.info("nextoken: %s", self.device.describe())
+
+    # -- lifecycle ------------------------------------------------------------------------------------
+    def close(self) -> None:
+        """Release the ONNX Runtime session. The engine cannot generate afterwards."""
+        self.session = None  # type: ignore[assignment]
+        self.runner = None  # type: ignore[assignment]
+
+    def __enter__(self) -> "Engine":
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        self.close()
+
+    # -- prompts -------------------------------------------------------------------------------------
+    def encode(self, text: str) -> list[int]:
+        """Token ids of ``text`` as the model gets them (with BOS when the tokenizer adds one)."""
+        if self.tokenizer is None:
+            raise InvalidRequestError(
+                f"{self.path} has no tokenizer, so prompts must be token ids; export it from a checkpoint with one"
+            )
+        return self.tokenizer.encode(text)
+
+    def _prompt_ids(self, prompt: Prompt, index: int | None = None) -> list[int]:
+        where = "the prompt" if index is None else f"prompt {index}"
+        if isinstance(prompt, str):
+            ids = self.encode(prompt)
+            if not ids:
+                raise InvalidRequestError(
+                    f"{where} is empty and this tokenizer adds no BOS token to start from; give some text"
+                )
+            return ids
+        try:
+            ids = [int(t) for t in prompt]
+        except (TypeError, ValueError):
+            raise InvalidRequestError(f"{where} must be text or a sequence of token ids, not {type(prompt).__name__}") from None
+        if not ids:
+            raise InvalidRequestError(f"{where} has no token ids; give at least one")
+        vocab = self.manifest.vocab_size
+        bad = [t for t in ids if t < 0 or t >= vocab]
+        if bad:
+            raise InvalidRequestError(f"{where} has token ids outside the vocabulary [0, {vocab}): {bad[:5]}")
+        return ids
+
+    def _batch(self, prompts: Prompt | Sequence[Prompt]) -> list[list[int]]:
+        """Token ids per prompt."""
+        if isinstance(prompts, np.ndarray):
+            prompts = prompts.tolist()
+        if _is_single(prompts):
+            return [self._prompt_ids(prompts)]
+        if not isinstance(prompts, Sequence):
+            raise InvalidRequestError(f"prompt must be text, token ids or a list of those, not {type(prompts).__name__}")
+        if len(prompts) == 0:
+            raise InvalidRequestError("no prompt given; pass text, token ids, or a non-empty list of those")
+        return [self._prompt_ids(p, i) for i, p in enumerate(prompts)]
+
+    # -- generation ------------------------------------------------------------------------------------
+    def start(self, prompts: Prompt | Sequence[Prompt], params: SamplingParams | None = None,
+              **overrides: Any) -> Generation:
+        """A :class:`Generation` for ``prompts``: iterate it for stream events, then ask its completions.
+
+        ``params`` or keyword overrides (``max_new_tokens=``, ``ignore_eos=`` ...) set how to generate.
+        Everything is validated here, before any model work.
+        """
+        if self.runner is None:
+            raise InvalidRequestError("this engine is closed; load the package again")
+        params = _params(params, overrides)
+        from nextoken.plugins import STRATEGIES
+
+        strategy = STRATEGIES.get(params.strategy)
+        if strategy is None:
+            raise InvalidRequestError(
+                f"unknown strategy {params.strategy!r}; registered: {', '.join(sorted(STRATEGIES))}"
+            )
+        ids = self._batch(prompts)
+        return Generation(
+            self.runner, ids, params, strategy, self.tokenizer, self.eos_token_ids, self.pad_token_id,
+            self.manifest.context_length, self.device.device,
+        )
+
+    def stream(self, prompts: Prompt | Sequence[Prompt], params: SamplingParams | None = None,
+               **overrides: Any) -> Iterator[StreamEvent]:
+        """Stream text deltas as they are generated: :class:`StreamEvent` s, ``index`` naming the prompt."""
+        return iter(self.start(prompts, params, **overrides))
+
+    @overload
+    def generate(self, prompts: str, params: SamplingParams | None = None, **overrides: Any) -> Completion: ...
+    @overload
+    def generate(self, prompts: Sequence[Prompt], params: SamplingParams | None = None,
+                 **overrides: Any) -> Completion | list[Completion]: ...
+
+    def generate(self, prompts, params=None, **overrides):
+        """Generate to the end. One prompt (text or ids) gives a :class:`Completion`; a list gives a list."""
+        completions = self.start(prompts, params, **overrides).completions()
+        return completions[0] if _is_single(prompts) else completions
+
+    def forward(self, input_ids: Sequence[int] | np.ndarray) -> np.ndarray:
+        """Logits ``[S, V]`` for every position of one sequence, in one pass with an empty cache.
+
+        For checks (parity with the source model); generation never needs all positions.
+        """
+        ids = np.asarray(self._prompt_ids(list(np.asarray(input_ids).reshape(-1))), dtype=np.int64)[None, :]
+        mask = np.ones_like(ids)
+        positions = np.arange(ids.shape[1], dtype=np.int64)[None, :]
+        return self.runner.step(self.runner.new_cache(1), ids, mask, positions, all_logits=True)[0]
+
+
+def _is_single(prompts: Any) -> bool:
+    """One prompt (text, or a flat sequence of ids) rather than a batch."""
+    if isinstance(prompts, str):
+        return True
+    if isinstance(prompts, np.ndarray):
+        return prompts.ndim == 1
+    return isinstance(prompts, Sequence) and len(prompts) > 0 and all(
+        isinstance(p, (int, np.integer)) for p in prompts)
+
+
+def _params(params: SamplingParams | None, overrides: dict[str, Any]) -> SamplingParams:
+    if params is not None and not isinstance(params, SamplingParams):
+        raise InvalidRequestError(f"params must be a SamplingParams, not {type(params).__name__}")
+    if not overrides:
+        return params or SamplingParams()
+    known = set(SamplingParams.__dataclass_fields__)
+    unknown = sorted(set(overrides) - known)
+    if unknown:
+        raise InvalidRequestError(f"unknown generation option(s) {', '.join(unknown)}; known: {', '.join(sorted(known))}")
+    from dataclasses import replace
+
+    return replace(params or SamplingParams(), **overrides)

@@ -1,0 +1,41 @@
+"""The errors nextoken raises. Every one says what is wrong and what to do about it."""
+
+from __future__ import annotations
+
+__all__ = [
+    "NextokenError",
+    "ModelPackageError",
+    "ManifestMismatchError",
+    "InvalidRequestError",
+    "ContextWindowError",
+    "ExportError",
+    "DeviceError",
+]
+
+
+class NextokenError(Exception):
+    """Base class of every error nextoken raises on purpose."""
+
+
+class ModelPackageError(NextokenError):
+    """A model package is missing, incomplete or unreadable."""
+
+
+class ManifestMismatchError(ModelPackageError):
+    """nextoken.json and the ONNX graph disagree."""
+
+
+class InvalidRequestError(NextokenError, ValueError):
+    """A generation request is invalid (empty prompt, bad parameter ...)."""
+
+
+class ContextWindowError(InvalidRequestError):
+    """A prompt does not fit the model's context window."""
+
+
+class ExportError(NextokenError):
+    """Exporting a Hugging Face model to a nextoken package failed."""
+
+
+class DeviceError(NextokenError):
+    """The requested execution device cannot be used on this host."""
