@@ -16,7 +16,7 @@ import warnings
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable, Iterator
+from typing import Any, Callable, Iterator
 
 from nextoken.errors import ExportError
 from nextoken.manifest import MANIFEST_NAME, Manifest
@@ -80,7 +80,7 @@ def _require_export_stack() -> None:
 @contextmanager
 def _quiet() -> Iterator[None]:
     """Silence the tracer warnings and info logs of torch/transformers/optimum during export."""
-    loggers = [logging.getLogger(n) for n in ("transformers", "optimum", "torch.onnx", "root")]
+    loggers = [logging.getLogger(n) for n in ("transformers", "optimum", "torch.onnx", "huggingface_hub", "root")]
     levels = [lg.level for lg in loggers]
     for lg in loggers:
         lg.setLevel(logging.ERROR)
@@ -122,7 +122,24 @@ def _looks_local(source: str) -> bool:
     return Path(source).expanduser().exists() or source.startswith((".", "/", "~")) or source.count("/") > 1
 
 
-def _load_config(source: str, local: bool):
+def _hub_reachable(timeout: float = 3.0) -> tuple[bool, str]:
+    """Whether the hub endpoint answers a TCP connection: checked once, quickly, instead of letting
+    the hub client retry for half a minute on a host without network."""
+    import socket
+    from urllib.parse import urlparse
+
+    endpoint = os.environ.get("HF_ENDPOINT", "https://huggingface.co")
+    url = urlparse(endpoint)
+    host, port = url.hostname or "huggingface.co", url.port or (80 if url.scheme == "http" else 443)
+    try:
+        socket.create_connection((host, port), timeout=timeout).close()
+        return True, endpoint
+    except OSError as exc:
+        return False, f"{endpoint} is not reachable ({exc.strerror or exc})"
+
+
+def _load_config(source: str, local: bool) -> tuple[Any, bool]:
+    """(config, offline): offline when a hub model must come from the local cache."""
     from transformers import AutoConfig
 
     if local:
@@ -131,8 +148,25 @@ def _load_config(source: str, local: bool):
             raise ExportError(f"checkpoint {source} does not exist (give a local checkpoint directory or a hub id)")
         if not (path / "config.json").is_file():
             raise ExportError(f"{source} is not a transformers checkpoint: it has no config.json")
+        offline = False
+    else:
+        try:  # already in the hub cache?
+            AutoConfig.from_pretrained(source, local_files_only=True)
+            cached = True
+        except Exception:
+            cached = False
+        offline = os.environ.get("HF_HUB_OFFLINE", "").lower() in {"1", "true", "yes"}
+        if not offline:
+            reachable, why = _hub_reachable()
+            if not reachable:
+                if not cached:
+                    raise ExportError(
+                        f"cannot download {source!r}: {why}. Give a local checkpoint directory, "
+                        "or export on a host with network access"
+                    )
+                offline = True
     try:
-        return AutoConfig.from_pretrained(source)
+        return AutoConfig.from_pretrained(source, local_files_only=offline), offline
     except Exception as exc:
         first = str(exc).strip().splitlines()[0][:300] if str(exc).strip() else type(exc).__name__
         raise ExportError(
@@ -252,7 +286,8 @@ def _manifest_from_graph(model_path: Path, config, package: Path, source: str) -
     )
 
 
-def _parity(source: str, package: Path, tokenizer_ids: list[int] | None, vocab: int) -> tuple[float, int]:
+def _parity(source: str, package: Path, tokenizer_ids: list[int] | None, vocab: int,
+            offline: bool = False) -> tuple[float, int]:
     """max |Δ logits| between PyTorch and the package, over a prompt in one pass and one cached step."""
     import numpy as np
     import torch
@@ -261,7 +296,7 @@ def _parity(source: str, package: Path, tokenizer_ids: list[int] | None, vocab: 
     from nextoken.engine import Engine
 
     ids = tokenizer_ids or [int(i) for i in np.random.default_rng(0).integers(0, vocab, size=12)]
-    model = AutoModelForCausalLM.from_pretrained(source, dtype=torch.float32)
+    model = AutoModelForCausalLM.from_pretrained(source, dtype=torch.float32, local_files_only=offline)
     model.eval()
     with torch.no_grad():
         expected = model(torch.tensor([ids])).logits[0].numpy()
@@ -300,7 +335,7 @@ def export(source: str | os.PathLike, output: str | os.PathLike, *, atol: float 
     local = _looks_local(source)
     with _quiet():
         with stages("reading the config"):
-            config = _load_config(source, local)
+            config, offline = _load_config(source, local)
             onnx_config = _onnx_config(config)
         work = Path(tempfile.mkdtemp(prefix=".nextoken-export-", dir=output.parent if output.parent.exists() else None))
         try:
@@ -308,7 +343,8 @@ def export(source: str | os.PathLike, output: str | os.PathLike, *, atol: float 
                 from optimum.exporters.onnx import main_export
 
                 try:
-                    main_export(source, work, task=TASK, do_validation=False, custom_onnx_configs={"model": onnx_config})
+                    main_export(source, work, task=TASK, do_validation=False, local_files_only=offline,
+                                custom_onnx_configs={"model": onnx_config})
                 except ExportError:
                     raise
                 except Exception as exc:
@@ -336,7 +372,7 @@ def export(source: str | os.PathLike, output: str | os.PathLike, *, atol: float 
                     from nextoken.tokenizer import Tokenizer
 
                     ids = Tokenizer.from_file(output / manifest.tokenizer_file).encode(PARITY_PROMPT) or None
-                diff, n = _parity(source, output, ids, manifest.vocab_size)
+                diff, n = _parity(source, output, ids, manifest.vocab_size, offline)
             if not diff <= atol:
                 raise ExportError(
                     f"parity check failed: max |Δ logits| between ONNX and PyTorch is {diff:.3e}, "

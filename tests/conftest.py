@@ -1,0 +1,70 @@
+"""Shared fixtures: tiny random-weight models exported once per session, and the real stories260k model."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+
+from helpers import STORIES, run_cli
+
+
+@pytest.fixture(scope="session")
+def tiny_model(tmp_path_factory):
+    """``tiny_model(arch) -> (checkpoint_dir, package_dir)``: built and exported once per session."""
+    from nextoken.exporters import export, make_tiny_checkpoint
+
+    made: dict[str, tuple[Path, Path]] = {}
+    root = tmp_path_factory.mktemp("tiny")
+
+    def get(arch: str) -> tuple[Path, Path]:
+        if arch not in made:
+            ckpt = make_tiny_checkpoint(root / f"ckpt-{arch}", arch)
+            pkg = root / f"pkg-{arch}"
+            export(ckpt, pkg, progress=None)
+            made[arch] = (ckpt, pkg)
+        return made[arch]
+
+    return get
+
+
+@pytest.fixture(scope="session")
+def tiny_llama(tiny_model):
+    return tiny_model("llama")
+
+
+@pytest.fixture(scope="session")
+def llama_engine(tiny_llama):
+    from nextoken import Engine
+
+    with Engine(tiny_llama[1], device="cpu") as engine:
+        yield engine
+
+
+@pytest.fixture(scope="session")
+def stories_dir() -> Path:
+    """The real trained model in ../shared; skipped where a clone has no ../shared, but never in CI."""
+    if not (STORIES / "config.json").is_file():
+        if os.environ.get("CI", "").lower() == "true":
+            pytest.fail(f"{STORIES} is missing, and CI always has ../shared beside the clone")
+        pytest.skip(f"{STORIES} not found: the real-model tests need ../shared/models/stories260k beside the repo")
+    return STORIES
+
+
+@pytest.fixture(scope="session")
+def stories_package(stories_dir, tmp_path_factory) -> Path:
+    """stories260k exported with the real CLI (`nextoken export`)."""
+    out = tmp_path_factory.mktemp("stories") / "pkg"
+    result = run_cli("export", str(stories_dir), "-o", str(out))
+    assert result.returncode == 0, result.stderr
+    assert "max |Δ logits|" in result.stderr
+    return out
+
+
+@pytest.fixture(scope="session")
+def stories_engine(stories_package):
+    from nextoken import Engine
+
+    with Engine(stories_package, device="cpu") as engine:
+        yield engine

@@ -1,0 +1,76 @@
+"""The KV-cache claim, tested: the cache stays in ONNX Runtime values from step to step, and
+generating with it gives what recomputing the whole sequence every step gives."""
+
+from __future__ import annotations
+
+import numpy as np
+import onnxruntime as ort
+
+from nextoken.kvcache import KVCache
+
+
+def test_tokens_equal_a_naive_recompute_loop(llama_engine):
+    prompt = llama_engine.encode("Recompute me")
+    cached = llama_engine.generate(prompt, max_new_tokens=24, ignore_eos=True).token_ids
+    ids = list(prompt)
+    for _ in range(24):                      # no cache: the whole sequence, every step
+        ids.append(int(np.argmax(llama_engine.forward(ids)[-1])))
+    assert ids[len(prompt):] == cached
+
+
+def test_present_values_are_bound_back_as_past_without_numpy(llama_engine, monkeypatch):
+    """Every decode step binds, as each past_key_values.* input, the very OrtValue the previous
+    step returned as present.*; the only tensors turned into numpy are the logits."""
+    bound: list[dict[str, int]] = []
+    to_numpy: list[tuple[int, ...]] = []
+    real_bind = ort.IOBinding.bind_ortvalue_input
+    real_numpy = ort.OrtValue.numpy
+
+    def bind(self, name, value):
+        if name.startswith("past_key_values."):
+            if not bound or name in bound[-1]:
+                bound.append({})
+            bound[-1][name] = value.data_ptr()
+        return real_bind(self, name, value)
+
+    def numpy(self):
+        to_numpy.append(tuple(self.shape()))
+        return real_numpy(self)
+
+    monkeypatch.setattr(ort.IOBinding, "bind_ortvalue_input", bind)
+    monkeypatch.setattr(ort.OrtValue, "numpy", numpy)
+
+    runner = llama_engine.runner
+    presents: list[dict[str, int]] = []
+    real_step = runner.step
+
+    def step(cache: KVCache, *args, **kwargs):
+        out = real_step(cache, *args, **kwargs)
+        assert all(isinstance(v, ort.OrtValue) for v in cache.values)
+        presents.append(dict(zip(runner.manifest.past_names(), (v.data_ptr() for v in cache.values))))
+        return out
+
+    monkeypatch.setattr(runner, "step", step)
+    steps = 12
+    got = llama_engine.generate(["Cache check", "and a second, longer row"], max_new_tokens=steps, ignore_eos=True)
+    assert all(len(c.token_ids) == steps for c in got)
+    assert len(bound) == len(presents) == steps          # a prefill and steps-1 decode steps
+    for before, now in zip(presents, bound[1:]):
+        assert now == before                             # the same memory, not a copy
+    vocab = llama_engine.manifest.vocab_size
+    assert len(to_numpy) == steps
+    assert all(len(shape) == 3 and shape[-1] == vocab for shape in to_numpy)
+    assert to_numpy[0][1] > 1 and all(shape[1] == 1 for shape in to_numpy[1:])
+
+
+def test_cache_grows_one_position_a_step(llama_engine):
+    runner = llama_engine.runner
+    cache = runner.new_cache(2)
+    assert cache.length == 0 and cache.nbytes() == 0
+    ids = np.array([[5, 6, 7], [8, 9, 10]])
+    runner.step(cache, ids, np.ones_like(ids), np.tile(np.arange(3), (2, 1)))
+    m = llama_engine.manifest
+    assert cache.length == 3
+    assert cache.nbytes() == 2 * 3 * m.kv_bytes_per_token()
+    runner.step(cache, np.array([[1], [2]]), np.ones((2, 4), np.int64), np.array([[3], [3]]))
+    assert cache.length == 4
