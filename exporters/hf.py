@@ -286,8 +286,7 @@ def _manifest_from_graph(model_path: Path, config, package: Path, source: str) -
     )
 
 
-def _parity(source: str, package: Path, tokenizer_ids: list[int] | None, vocab: int,
-            offline: bool = False) -> tuple[float, int]:
+def _parity(source: str, package: Path, offline: bool = False) -> tuple[float, int]:
     """max |Δ logits| between PyTorch and the package, over a prompt in one pass and one cached step."""
     import numpy as np
     import torch
@@ -295,13 +294,15 @@ def _parity(source: str, package: Path, tokenizer_ids: list[int] | None, vocab: 
 
     from nextoken.engine import Engine
 
-    ids = tokenizer_ids or [int(i) for i in np.random.default_rng(0).integers(0, vocab, size=12)]
-    model = AutoModelForCausalLM.from_pretrained(source, dtype=torch.float32, local_files_only=offline)
-    model.eval()
-    with torch.no_grad():
-        expected = model(torch.tensor([ids])).logits[0].numpy()
-    engine = Engine(package, device="cpu")
+    engine = Engine(package, device="cpu", plugins=False)
     try:
+        ids = engine.encode(PARITY_PROMPT) if engine.tokenizer is not None else []
+        if not ids:
+            ids = [int(i) for i in np.random.default_rng(0).integers(0, engine.manifest.vocab_size, size=12)]
+        model = AutoModelForCausalLM.from_pretrained(source, dtype=torch.float32, local_files_only=offline)
+        model.eval()
+        with torch.no_grad():
+            expected = model(torch.tensor([ids])).logits[0].numpy()
         full = engine.forward(ids)
         # The same prompt through the cache: prefill all but the last token, then one decode step.
         runner = engine.runner
@@ -367,12 +368,7 @@ def export(source: str | os.PathLike, output: str | os.PathLike, *, atol: float 
         diff, n = float("nan"), 0
         if check:
             with stages("checking ONNX logits against PyTorch"):
-                ids = None
-                if manifest.tokenizer_file:
-                    from nextoken.tokenizer import Tokenizer
-
-                    ids = Tokenizer.from_file(output / manifest.tokenizer_file).encode(PARITY_PROMPT) or None
-                diff, n = _parity(source, output, ids, manifest.vocab_size, offline)
+                diff, n = _parity(source, output, offline)
             if not diff <= atol:
                 raise ExportError(
                     f"parity check failed: max |Δ logits| between ONNX and PyTorch is {diff:.3e}, "

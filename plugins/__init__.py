@@ -1,9 +1,9 @@
-"""nextoken's built-in plugins: the decoding strategies, stop conditions, tokenizers and cost
-meters that ship with it, written the way a third-party plugin is."""
+"""nextoken's built-in plugins, registered through the same hooks as a third party's:
 
-from .greedy import greedy
-
-#: Decoding strategies by name: each maps the batch's logits ``[B, V]`` to next token ids ``[B]``.
-STRATEGIES = {"greedy": greedy}
-
-__all__ = ["STRATEGIES", "greedy"]
+- ``hf_tokenizer``: the Hugging Face ``tokenizers`` tokenizer (``hf``);
+- ``sampling``: strategies ``greedy`` and ``sample``; processors ``repetition_penalty``,
+  ``temperature``, ``top_k``, ``top_p``, ``min_p``;
+- ``stopping``: stop conditions ``eos``, ``stop_token_ids``, ``stop_strings``, ``max_new_tokens``,
+  ``deadline``;
+- ``costs``: cost meters ``per_token`` and ``device_hour``.
+"""

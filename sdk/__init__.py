@@ -12,21 +12,35 @@ from .errors import (
     DeviceError,
     ExportError,
     InvalidRequestError,
+    PluginError,
     ManifestMismatchError,
     ModelPackageError,
     NextokenError,
 )
-from .generation import Completion, Generation, SamplingParams, StreamEvent, Usage
+from .generation import (
+    BatchState,
+    Charge,
+    Completion,
+    Generation,
+    SamplingParams,
+    Stop,
+    StreamEvent,
+    TokenLogprob,
+    Usage,
+)
+from .hookspecs import hookimpl, hookspec
 from .manifest import FORMAT_VERSION, Manifest
+from .registry import Registry
 from .tokenizer import IncrementalDecoder, Tokenizer
 
 __version__ = "0.1.0"
 
 __all__ = [
     "Engine", "Prompt", "SamplingParams", "Completion", "StreamEvent", "Usage", "Generation",
+    "BatchState", "Stop", "Charge", "TokenLogprob", "Registry", "hookimpl", "hookspec",
     "Manifest", "FORMAT_VERSION", "Tokenizer", "IncrementalDecoder", "DeviceChoice", "resolve_device",
     "NextokenError", "ModelPackageError", "ManifestMismatchError", "InvalidRequestError",
-    "ContextWindowError", "ExportError", "DeviceError", "__version__",
+    "ContextWindowError", "ExportError", "DeviceError", "PluginError", "__version__",
 ]
 
 for _name in __all__:

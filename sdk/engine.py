@@ -1,19 +1,21 @@
-"""The engine: a loaded model package and the one way to generate from it."""
+"""The engine: a loaded model package, its plugins, and the one way to generate from it."""
 
 from __future__ import annotations
 
 import logging
 from pathlib import Path
-from typing import Any, Iterator, Sequence, Union, overload
+from typing import Any, Iterator, Mapping, Sequence, Union, overload
 
 import numpy as np
 import onnxruntime as ort
 
+from .chat import Message, render_chat
 from .device import DeviceChoice, resolve_device, session_options, spin_default
-from .errors import InvalidRequestError, ModelPackageError
-from .generation import Completion, Generation, SamplingParams, StreamEvent
+from .errors import InvalidRequestError, ModelPackageError, NextokenError
+from .generation import Completion, Generation, Pipeline, SamplingParams, StreamEvent
 from .kvcache import StepRunner
 from .manifest import Manifest, TensorSpec
+from .registry import Registry, resolve_names
 from .tokenizer import Tokenizer
 
 __all__ = ["Engine", "Prompt"]
@@ -25,7 +27,7 @@ Prompt = Union[str, Sequence[int]]
 
 
 class Engine:
-    """A model package loaded into an ONNX Runtime session, ready to generate.
+    """A model package loaded into an ONNX Runtime session, with its plugins, ready to generate.
 
     >>> with Engine("pkg") as engine:                      # doctest: +SKIP
     ...     print(engine.generate("Once upon a time", max_new_tokens=32).text)
@@ -33,13 +35,17 @@ class Engine:
     ``device``: ``"auto"`` (CUDA when it really works, else CPU), ``"cpu"``, ``"cuda"`` or ``"cuda:N"``.
     ``threads``: intra-op threads (None: one per physical core). ``spin``: thread spinning
     (None: the NEXTOKEN_SPIN environment variable, off when unset; see :func:`session_options`).
+    ``plugins``: which entry-point plugins load (None: as NEXTOKEN_PLUGINS says, all when unset;
+    False: none; a list: those entry-point names). ``cost_meters``: meters charged on every
+    request, ``{name: options}``, e.g. ``{"per_token": {"input_per_million": 0.15, "output_per_million": 0.6}}``.
 
     The engine is heavy and shared; each request's state (its KV cache) lives in the request, so one
     engine serves requests one after another, and a failed request leaves it as it was.
     """
 
     def __init__(self, path: str | Path, *, device: str = "auto", threads: int | None = None,
-                 spin: bool | None = None) -> None:
+                 spin: bool | None = None, plugins: bool | Sequence[str] | None = None,
+                 cost_meters: Mapping[str, Mapping[str, Any]] | None = None) -> None:
         self.path = Path(path)
         if not self.path.exists():
             raise ModelPackageError(f"model package {self.path} does not exist")
@@ -49,12 +55,13 @@ class Engine:
         model_file = self.path / self.manifest.model_file
         if not model_file.is_file():
             raise ModelPackageError(f"{model_file} is missing; re-export the package with `nextoken export`")
+        self.plugins = Registry(plugins)
         self.tokenizer: Tokenizer | None = None
         if self.manifest.tokenizer_file:
-            tok_path = self.path / self.manifest.tokenizer_file
-            if not tok_path.is_file():
-                raise ModelPackageError(f"{tok_path} is missing (named by nextoken.json); re-export the package")
-            self.tokenizer = Tokenizer.from_file(tok_path)
+            (loader,) = resolve_names("tokenizer", [self.manifest.tokenizer], self.plugins)
+            self.tokenizer = loader.make(self.path, self.manifest)
+        self.cost_meters = {k: dict(v) for k, v in (cost_meters or {}).items()}
+        resolve_names("cost_meter", list(self.cost_meters), self.plugins)
         self.device: DeviceChoice = resolve_device(device)
         self.spin = spin_default() if spin is None else bool(spin)
         self.threads = threads
@@ -91,14 +98,36 @@ class Engine:
     def __exit__(self, *exc: Any) -> None:
         self.close()
 
+    # -- plugins -------------------------------------------------------------------------------------
+    def register(self, plugin: Any, name: str | None = None) -> str:
+        """Register a plugin on this engine only (a module or object with ``@nextoken.hookimpl``
+        functions); returns the name it is registered under."""
+        return self.plugins.register(plugin, name)
+
+    def unregister(self, name: str) -> None:
+        """Remove a plugin registered under ``name``."""
+        self.plugins.unregister(name)
+
     # -- prompts -------------------------------------------------------------------------------------
     def encode(self, text: str) -> list[int]:
         """Token ids of ``text`` as the model gets them (with BOS when the tokenizer adds one)."""
+        return self._need_tokenizer().encode(text)
+
+    def _need_tokenizer(self) -> Tokenizer:
         if self.tokenizer is None:
             raise InvalidRequestError(
                 f"{self.path} has no tokenizer, so prompts must be token ids; export it from a checkpoint with one"
             )
-        return self.tokenizer.encode(text)
+        return self.tokenizer
+
+    def apply_chat_template(self, messages: Sequence[Message], add_generation_prompt: bool = True) -> list[int]:
+        """Token ids of ``messages`` rendered with the model's chat template (in a sandbox)."""
+        tok = self._need_tokenizer()
+        text = render_chat(tok.chat_template, messages, tok.special_tokens, add_generation_prompt)
+        ids = tok.encode(text, add_special_tokens=False)
+        if not ids:
+            raise InvalidRequestError("the chat template rendered these messages to nothing")
+        return ids
 
     def _prompt_ids(self, prompt: Prompt, index: int | None = None) -> list[int]:
         where = "the prompt" if index is None else f"prompt {index}"
@@ -138,22 +167,16 @@ class Engine:
               **overrides: Any) -> Generation:
         """A :class:`Generation` for ``prompts``: iterate it for stream events, then ask its completions.
 
-        ``params`` or keyword overrides (``max_new_tokens=``, ``ignore_eos=`` ...) set how to generate.
-        Everything is validated here, before any model work.
+        ``params`` or keyword overrides (``max_new_tokens=``, ``temperature=`` ...) set how to generate.
+        Everything, plugins included, is validated and resolved here, before any model work.
         """
         if self.runner is None:
             raise InvalidRequestError("this engine is closed; load the package again")
         params = _params(params, overrides)
-        from nextoken.plugins import STRATEGIES
-
-        strategy = STRATEGIES.get(params.strategy)
-        if strategy is None:
-            raise InvalidRequestError(
-                f"unknown strategy {params.strategy!r}; registered: {', '.join(sorted(STRATEGIES))}"
-            )
+        pipeline = Pipeline(self.plugins, params, self.cost_meters)
         ids = self._batch(prompts)
         return Generation(
-            self.runner, ids, params, strategy, self.tokenizer, self.eos_token_ids, self.pad_token_id,
+            self.runner, ids, params, pipeline, self.tokenizer, self.eos_token_ids, self.pad_token_id,
             self.manifest.context_length, self.device.device,
         )
 
@@ -173,11 +196,17 @@ class Engine:
         completions = self.start(prompts, params, **overrides).completions()
         return completions[0] if _is_single(prompts) else completions
 
+    def chat(self, messages: Sequence[Message], params: SamplingParams | None = None, **overrides: Any) -> Completion:
+        """Answer a conversation (``[{"role": "user", "content": "..."}, ...]``) with the model's chat template."""
+        return self.generate(self.apply_chat_template(messages), params, **overrides)
+
     def forward(self, input_ids: Sequence[int] | np.ndarray) -> np.ndarray:
         """Logits ``[S, V]`` for every position of one sequence, in one pass with an empty cache.
 
         For checks (parity with the source model); generation never needs all positions.
         """
+        if self.runner is None:
+            raise InvalidRequestError("this engine is closed; load the package again")
         ids = np.asarray(self._prompt_ids(list(np.asarray(input_ids).reshape(-1))), dtype=np.int64)[None, :]
         mask = np.ones_like(ids)
         positions = np.arange(ids.shape[1], dtype=np.int64)[None, :]
@@ -197,12 +226,5 @@ def _is_single(prompts: Any) -> bool:
 def _params(params: SamplingParams | None, overrides: dict[str, Any]) -> SamplingParams:
     if params is not None and not isinstance(params, SamplingParams):
         raise InvalidRequestError(f"params must be a SamplingParams, not {type(params).__name__}")
-    if not overrides:
-        return params or SamplingParams()
-    known = set(SamplingParams.__dataclass_fields__)
-    unknown = sorted(set(overrides) - known)
-    if unknown:
-        raise InvalidRequestError(f"unknown generation option(s) {', '.join(unknown)}; known: {', '.join(sorted(known))}")
-    from dataclasses import replace
-
-    return replace(params or SamplingParams(), **overrides)
+    params = params or SamplingParams()
+    return params.replace(**overrides) if overrides else params

@@ -10,6 +10,7 @@ __all__ = [
     "ContextWindowError",
     "ExportError",
     "DeviceError",
+    "PluginError",
 ]
 
 
@@ -39,3 +40,7 @@ class ExportError(NextokenError):
 
 class DeviceError(NextokenError):
     """The requested execution device cannot be used on this host."""
+
+
+class PluginError(NextokenError):
+    """A plugin failed; the message names the plugin and the hook or piece that raised."""

@@ -1,59 +1,203 @@
 """The generation loop: prefill, then one-token decode steps, for a batch of prompts.
 
-    prompt ids -> prefill [B, S] (KV cache filled) -> logits [B, V] -> strategy picks [B]
-      -> stop conditions per sequence -> text deltas -> decode step [B, 1] -> ...
+    prompt ids -> prefill [B, S] (KV cache filled) -> logits [B, V]
+      -> logits processors (in order) -> strategy picks tokens [B] -> stop conditions per sequence
+      -> text deltas (held back while they may be part of a stop string) -> decode step [B, 1] -> ...
 
-The loop does no I/O: it yields :class:`StreamEvent` s, and :func:`collect` folds them into
-:class:`Completion` s. The logits -> token seam is one call over the whole batch (``strategy``);
-the sampling plugins of later releases plug in there.
+Plugins are resolved once per request into a :class:`Pipeline` of plain callables; the loop makes
+one call per processor/strategy/condition per step over the whole batch, and does no I/O: it
+yields :class:`StreamEvent` s, and the finished request's :class:`Completion` s are kept.
 """
 
 from __future__ import annotations
 
+import itertools
+import math
 import time
-from dataclasses import asdict, dataclass, field
-from typing import Callable, Iterator, Sequence
+from dataclasses import asdict, dataclass, field, fields, replace
+from typing import TYPE_CHECKING, Any, Callable, Iterator, Mapping, Sequence
 
 import numpy as np
 
-from .errors import ContextWindowError, InvalidRequestError
+from .errors import ContextWindowError, InvalidRequestError, NextokenError
 from .kvcache import StepRunner
 from .tokenizer import IncrementalDecoder, Tokenizer
 
-__all__ = ["SamplingParams", "Usage", "Completion", "StreamEvent", "FINISH_REASONS"]
+if TYPE_CHECKING:  # pragma: no cover
+    from .registry import Provided, Registry
 
-#: ``stop``: an EOS/stop token; ``length``: max_new_tokens reached; ``context``: the window is full.
-FINISH_REASONS = ("stop", "length", "context")
+__all__ = [
+    "SamplingParams", "Usage", "Completion", "StreamEvent", "Stop", "Charge", "TokenLogprob",
+    "BatchState", "Pipeline", "Generation", "FINISH_REASONS",
+]
 
-Strategy = Callable[[np.ndarray], np.ndarray]
+#: ``stop``: EOS, a stop id or a stop string; ``length``: max_new_tokens; ``context``: the window
+#: is full; ``deadline``: the request's wall-time limit. Plugins may add their own.
+FINISH_REASONS = ("stop", "length", "context", "deadline")
+
+MAX_TOP_LOGPROBS = 20
+_ids = itertools.count(1)
+
+
+def _frozen_options(value: Any, name: str) -> dict[str, dict[str, Any]]:
+    if value is None:
+        return {}
+    if not isinstance(value, Mapping) or not all(isinstance(v, Mapping) for v in value.values()):
+        raise InvalidRequestError(f"{name} must map plugin names to option dicts, e.g. {{'top_k': {{'k': 5}}}}")
+    return {str(k): dict(v) for k, v in value.items()}
 
 
 @dataclass(frozen=True)
 class SamplingParams:
-    """How to generate: validated when made, before any work.
+    """How to generate: one typed object, validated when made, before any work.
 
-    ``max_new_tokens``: most tokens to generate per sequence (>= 1).
-    ``ignore_eos``: keep going past EOS ids, so exactly ``max_new_tokens`` come out (for benchmarks).
-    ``stop_token_ids``: extra ids that end a sequence, besides the model's EOS ids.
-    ``strategy``: the decoding strategy's registered name (``greedy``).
+    ``max_new_tokens`` (>= 1) tokens at most per sequence. ``temperature`` 0 means greedy (the
+    default): the most likely token every time; above 0, tokens are sampled from
+    softmax(logits / temperature) after ``top_k`` (0: off), ``top_p`` (1: off), ``min_p`` (0: off).
+    ``repetition_penalty`` (1: off) divides positive logits of seen tokens and multiplies negative
+    ones. ``seed`` makes sampling reproducible, per sequence, whatever batch it runs in.
+    ``strategy`` names the decoding strategy (None: ``greedy`` at temperature 0, else ``sample``).
+    ``stop`` strings end a sequence and are cut from its text; ``stop_token_ids`` and the model's EOS
+    ids (unless ``ignore_eos``) end it too; ``deadline_s`` bounds a request's wall time.
+    ``top_logprobs``: None (off), 0 (each token's own log-probability) or N (and the N likeliest).
+    ``processors`` / ``stop_conditions`` name third-party plugins to use; ``options`` holds each
+    plugin's own options by name; ``cost_meters`` maps meter names to their options.
     """
 
     max_new_tokens: int = 128
-    ignore_eos: bool = False
+    temperature: float = 0.0
+    top_k: int = 0
+    top_p: float = 1.0
+    min_p: float = 0.0
+    repetition_penalty: float = 1.0
+    seed: int | None = None
+    strategy: str | None = None
+    stop: tuple[str, ...] = ()
     stop_token_ids: tuple[int, ...] = ()
-    strategy: str = "greedy"
+    ignore_eos: bool = False
+    deadline_s: float | None = None
+    top_logprobs: int | None = None
+    processors: tuple[str, ...] = ()
+    stop_conditions: tuple[str, ...] = ()
+    options: Mapping[str, Mapping[str, Any]] = field(default_factory=dict)
+    cost_meters: Mapping[str, Mapping[str, Any]] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
-        if isinstance(self.max_new_tokens, bool) or not isinstance(self.max_new_tokens, (int, np.integer)):
-            raise InvalidRequestError(f"max_new_tokens must be an integer >= 1, not {self.max_new_tokens!r}")
-        if self.max_new_tokens < 1:
-            raise InvalidRequestError(f"max_new_tokens must be >= 1, not {self.max_new_tokens}")
-        object.__setattr__(self, "stop_token_ids", tuple(int(t) for t in self.stop_token_ids))
+        def fail(msg: str) -> None:
+            raise InvalidRequestError(msg)
+
+        def number(name: str) -> float:
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, (int, float, np.integer, np.floating)) or math.isnan(value):
+                fail(f"{name} must be a number, not {value!r}")
+            return float(value)
+
+        def integer(name: str) -> int:
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, (int, np.integer)):
+                fail(f"{name} must be an integer, not {value!r}")
+            return int(value)
+
+        if integer("max_new_tokens") < 1:
+            fail(f"max_new_tokens must be >= 1, not {self.max_new_tokens}")
+        if number("temperature") < 0 or math.isinf(self.temperature):
+            fail(f"temperature must be >= 0 (0 means greedy), not {self.temperature}")
+        if integer("top_k") < 0:
+            fail(f"top_k must be >= 0 (0: off), not {self.top_k}")
+        if not 0 < number("top_p") <= 1:
+            fail(f"top_p must be in (0, 1] (1: off), not {self.top_p}")
+        if not 0 <= number("min_p") < 1:
+            fail(f"min_p must be in [0, 1) (0: off), not {self.min_p}")
+        if not 0 < number("repetition_penalty") or math.isinf(self.repetition_penalty):
+            fail(f"repetition_penalty must be > 0 (1: off), not {self.repetition_penalty}")
+        if self.seed is not None and (integer("seed") < 0):
+            fail(f"seed must be a non-negative integer, not {self.seed}")
+        if self.deadline_s is not None and not number("deadline_s") > 0:
+            fail(f"deadline_s must be > 0 seconds, not {self.deadline_s}")
+        if self.top_logprobs is not None and not 0 <= integer("top_logprobs") <= MAX_TOP_LOGPROBS:
+            fail(f"top_logprobs must be in [0, {MAX_TOP_LOGPROBS}], not {self.top_logprobs}")
+        if self.temperature == 0 and self.strategy in (None, "greedy"):
+            for name, off in (("top_k", 0), ("top_p", 1.0), ("min_p", 0.0)):
+                if getattr(self, name) != off:
+                    fail(f"{name} only matters when sampling: temperature is 0 (greedy); set temperature > 0")
+        stop = (self.stop,) if isinstance(self.stop, str) else tuple(self.stop)
+        if not all(isinstance(s, str) and s for s in stop):
+            fail(f"stop strings must be non-empty strings, not {self.stop!r}")
+        object.__setattr__(self, "stop", stop)
+        try:
+            object.__setattr__(self, "stop_token_ids", tuple(int(t) for t in self.stop_token_ids))
+        except (TypeError, ValueError):
+            fail(f"stop_token_ids must be integers, not {self.stop_token_ids!r}")
+        for name in ("processors", "stop_conditions"):
+            value = getattr(self, name)
+            value = (value,) if isinstance(value, str) else tuple(value)
+            object.__setattr__(self, name, value)
+        object.__setattr__(self, "options", _frozen_options(self.options, "options"))
+        object.__setattr__(self, "cost_meters", _frozen_options(self.cost_meters, "cost_meters"))
+
+    @property
+    def strategy_name(self) -> str:
+        """The strategy this request uses: ``strategy``, or greedy at temperature 0 and sample above."""
+        return self.strategy or ("greedy" if self.temperature == 0 else "sample")
+
+    def replace(self, **changes: Any) -> "SamplingParams":
+        """A copy with ``changes``; unknown names are an error listing the known ones."""
+        known = {f.name for f in fields(self)}
+        unknown = sorted(set(changes) - known)
+        if unknown:
+            raise InvalidRequestError(
+                f"unknown generation option(s) {', '.join(unknown)}; known: {', '.join(sorted(known))}"
+            )
+        return replace(self, **changes)
+
+
+@dataclass(frozen=True)
+class Stop:
+    """Why a sequence stops: the finish ``reason``, a ``detail`` for people, and where to cut its
+    text (``text_end``, a character index; None keeps all of it)."""
+
+    reason: str
+    detail: str = ""
+    text_end: int | None = None
+
+
+@dataclass(frozen=True)
+class Charge:
+    """What a cost meter charges for one completion."""
+
+    amount: float
+    currency: str = "USD"
+    detail: str = ""
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+@dataclass(frozen=True)
+class TokenLogprob:
+    """A generated token's log-probability under the final distribution (after the processors),
+    and the ``top`` alternatives as ``(token_id, token_text, logprob)``, likeliest first."""
+
+    token_id: int
+    token: str
+    logprob: float
+    top: tuple[tuple[int, str, float], ...] = ()
+
+    @property
+    def prob(self) -> float:
+        return math.exp(self.logprob)
+
+    def to_dict(self) -> dict:
+        return {
+            "token_id": self.token_id, "token": self.token, "logprob": self.logprob,
+            "top_logprobs": [{"token_id": i, "token": t, "logprob": lp} for i, t, lp in self.top],
+        }
 
 
 @dataclass
 class Usage:
-    """What one sequence of a request used. Times are milliseconds of wall clock."""
+    """What one sequence of a request used. Times are milliseconds of wall clock; ``model_ms`` is
+    the part spent inside ONNX Runtime (the rest is tokenising, sampling, plugins, streaming)."""
 
     prompt_tokens: int
     completion_tokens: int
@@ -61,6 +205,8 @@ class Usage:
     prefill_ms: float
     decode_tokens_per_s: float
     wall_ms: float
+    model_ms: float
+    steps: int
     batch_size: int
     device: str
 
@@ -83,10 +229,12 @@ class Usage:
 
 @dataclass
 class Completion:
-    """The result for one prompt: the generated text and ids, why it ended, and its usage.
+    """The result for one prompt: the generated text and ids, why it ended, its usage and cost.
 
     ``token_ids`` are the generated ids, including the EOS/stop id that ended the sequence (as
-    transformers' ``generate`` returns them); ``text`` leaves special tokens out.
+    transformers' ``generate`` returns them); ``text`` leaves special tokens and stop strings out.
+    ``stop_detail`` says exactly what stopped it; ``logprobs`` is filled when requested;
+    ``cost`` has each configured meter's :class:`Charge`.
     """
 
     text: str
@@ -94,68 +242,175 @@ class Completion:
     finish_reason: str
     usage: Usage
     prompt_token_ids: list[int] = field(default_factory=list)
+    stop_detail: str = ""
+    logprobs: list[TokenLogprob] | None = None
+    cost: dict[str, Charge] = field(default_factory=dict)
 
     def to_dict(self) -> dict:
-        return {
+        out = {
             "text": self.text,
             "token_ids": list(self.token_ids),
             "finish_reason": self.finish_reason,
+            "stop_detail": self.stop_detail,
             "usage": self.usage.to_dict(),
+            "cost": {k: v.to_dict() for k, v in self.cost.items()},
         }
+        if self.logprobs is not None:
+            out["logprobs"] = [lp.to_dict() for lp in self.logprobs]
+        return out
 
 
 @dataclass(frozen=True)
 class StreamEvent:
-    """One step's news for one sequence: ``index`` in the batch, the token it got (None for a
-    final flush), the ``text`` delta that token completes, and ``finish_reason`` once it ends."""
+    """One step's news for one sequence: ``index`` in the batch, the token it got, the ``text``
+    delta now safe to show, ``finish_reason`` once it ends, and ``logprob`` when requested."""
 
     index: int
     token_id: int | None
     text: str
     finish_reason: str | None = None
+    logprob: TokenLogprob | None = None
+
+
+class BatchState:
+    """A running request, as plugins see it: ``params``, ``prompts`` and ``generated`` ids and
+    ``texts`` per sequence, ``alive`` rows, ``step`` (tokens generated so far), ``eos_token_ids``,
+    ``vocab_size``, ``start_time`` (``time.perf_counter()``) and ``request_id``."""
+
+    def __init__(self, params: SamplingParams, prompts: list[list[int]], eos_token_ids: Sequence[int],
+                 vocab_size: int) -> None:
+        self.request_id = f"req-{next(_ids)}"
+        self.params = params
+        self.prompts = prompts
+        self.generated: list[list[int]] = [[] for _ in prompts]
+        self.texts: list[str] = ["" for _ in prompts]
+        self.alive = np.ones(len(prompts), dtype=bool)
+        self.step = 0
+        self.eos_token_ids = tuple(eos_token_ids)
+        self.vocab_size = vocab_size
+        self.start_time = time.perf_counter()
+        self._presence: np.ndarray | None = None
+
+    @property
+    def batch_size(self) -> int:
+        return len(self.prompts)
+
+    def presence(self) -> np.ndarray:
+        """``[B, V]`` bool: which tokens each sequence holds (prompt and generated). Built on first
+        use, then kept up to date each step."""
+        if self._presence is None:
+            mask = np.zeros((self.batch_size, self.vocab_size), dtype=bool)
+            for row, (prompt, gen) in enumerate(zip(self.prompts, self.generated)):
+                mask[row, prompt] = True
+                mask[row, gen] = True
+            self._presence = mask
+        return self._presence
+
+    def _append(self, tokens: np.ndarray) -> None:
+        self.step += 1
+        for row in np.flatnonzero(self.alive):
+            self.generated[row].append(int(tokens[row]))
+        if self._presence is not None:
+            rows = np.flatnonzero(self.alive)
+            self._presence[rows, tokens[rows]] = True
+
+
+@dataclass
+class _Active:
+    """A resolved plugin piece: the callable the loop calls, and where it came from (for errors)."""
+
+    fn: Callable[..., Any]
+    provided: "Provided"
+    holdback: Callable[[str], int] | None = None
+
+
+class Pipeline:
+    """What one request runs, resolved once from the registry: processors in order, the strategy,
+    the stop conditions, the cost meters, and the observers (None when no plugin listens)."""
+
+    def __init__(self, registry: "Registry", params: SamplingParams,
+                 engine_meters: Mapping[str, Mapping[str, Any]] | None = None) -> None:
+        from .registry import resolve_names
+
+        def active(kind: str, named: Sequence[str]) -> list[_Active]:
+            table = registry.provided(kind)
+            chosen = {p.name: p for p in resolve_names(kind, named, registry)}
+            chosen.update({n: p for n, p in table.items() if p.auto})
+            out = []
+            for piece in sorted(chosen.values(), key=lambda p: (p.order, p.name)):
+                fn = piece.make(params, params.options.get(piece.name, {}))
+                if fn is not None:
+                    if not callable(fn):
+                        raise piece.error(TypeError(f"its factory returned {type(fn).__name__}, not a callable"))
+                    out.append(_Active(fn, piece, getattr(fn, "holdback", None)))
+            return out
+
+        self.processors = active("logits_processor", params.processors)
+        self.stops = active("stop_condition", params.stop_conditions)
+        self.text_stops = [s for s in self.stops if s.holdback is not None]
+        (strategy,) = resolve_names("strategy", [params.strategy_name], registry)
+        self.strategy = _Active(strategy.make(params, params.options.get(strategy.name, {})), strategy)
+        meters = {**(engine_meters or {}), **params.cost_meters}
+        self.meters = [
+            (piece.name, _Active(piece.make(dict(meters[piece.name])), piece))
+            for piece in resolve_names("cost_meter", list(meters), registry)
+        ]
+        self.top_logprobs = params.top_logprobs
+        self.registry = registry
+        self.on_start = registry.observers("on_request_start")
+        self.on_step = registry.observers("on_step")
+        self.on_end = registry.observers("on_request_end")
 
 
 class _Sequence:
-    """Per-sequence state of a running request."""
+    """Per-sequence state of a running request that plugins do not need."""
 
-    __slots__ = ("prompt", "ids", "decoder", "text", "finish_reason", "last_token_time")
+    __slots__ = ("decoder", "emitted", "finish", "last_token_time", "logprobs")
 
-    def __init__(self, prompt: list[int], decoder: IncrementalDecoder | None) -> None:
-        self.prompt = prompt
-        self.ids: list[int] = []
+    def __init__(self, decoder: IncrementalDecoder | None, logprobs: bool) -> None:
         self.decoder = decoder
-        self.text: list[str] = []
-        self.finish_reason: str | None = None
+        self.emitted = 0
+        self.finish: Stop | None = None
         self.last_token_time = 0.0
+        self.logprobs: list[TokenLogprob] | None = [] if logprobs else None
+
+
+def _log_softmax(logits: np.ndarray) -> np.ndarray:
+    top = logits.max(axis=1, keepdims=True)
+    shifted = logits - top
+    with np.errstate(divide="ignore"):
+        return shifted - np.log(np.exp(shifted).sum(axis=1, keepdims=True))
 
 
 class Generation:
     """One request over a batch of prompts: iterate it for :class:`StreamEvent` s; afterwards
-    :meth:`completions` gives the results."""
+    :meth:`completions` gives the results (it runs the rest of the request if needed)."""
 
     def __init__(self, runner: StepRunner, prompts: Sequence[list[int]], params: SamplingParams,
-                 strategy: Strategy, tokenizer: Tokenizer | None, eos_token_ids: Sequence[int],
+                 pipeline: Pipeline, tokenizer: Tokenizer | None, eos_token_ids: Sequence[int],
                  pad_token_id: int, context_length: int, device: str) -> None:
-        self.runner = runner
-        self.params = params
-        self.strategy = strategy
-        self.context_length = context_length
-        self.pad_token_id = pad_token_id
-        self.device = device
-        stops = set(params.stop_token_ids)
-        if not params.ignore_eos:
-            stops.update(eos_token_ids)
-        self.stop_ids = np.array(sorted(stops), dtype=np.int64)
         for i, p in enumerate(prompts):
             if len(p) > context_length:
                 which = f"prompt {i}" if len(prompts) > 1 else "the prompt"
                 raise ContextWindowError(
-                    f"{which} has {len(p)} tokens but the model's context window is {context_length}; "
-                    "shorten it"
+                    f"{which} has {len(p)} tokens but the model's context window is {context_length}; shorten it"
                 )
-        self.seqs = [_Sequence(list(p), tokenizer.decoder(p) if tokenizer else None) for p in prompts]
+        self.runner = runner
+        self.params = params
+        self.pipeline = pipeline
+        self.tokenizer = tokenizer
+        self.context_length = context_length
+        self.pad_token_id = pad_token_id
+        self.device = device
+        self.state = BatchState(params, [list(p) for p in prompts], eos_token_ids, runner.manifest.vocab_size)
+        self.seqs = [
+            _Sequence(tokenizer.decoder(p) if tokenizer else None, params.top_logprobs is not None)
+            for p in self.state.prompts
+        ]
         self.start = self.first_token_time = self.prefill_done = 0.0
+        self.model_seconds = 0.0
         self._events: Iterator[StreamEvent] | None = None
+        self._completions: list[Completion] | None = None
 
     def __iter__(self) -> Iterator[StreamEvent]:
         if self._events is None:
@@ -164,77 +419,148 @@ class Generation:
 
     # -- the loop ---------------------------------------------------------------------------------
     def _run(self) -> Iterator[StreamEvent]:
-        self.start = time.perf_counter()
-        batch = len(self.seqs)
-        width = max(len(s.prompt) for s in self.seqs)
+        pipe, state, seqs = self.pipeline, self.state, self.seqs
+        if pipe.on_start is not None:
+            pipe.registry.call_observer("on_request_start", pipe.on_start, state=state)
+        self.start = state.start_time = time.perf_counter()
+        batch = state.batch_size
+        width = max(len(p) for p in state.prompts)
         # Left padding: every row's last prompt token sits in the last column.
         input_ids = np.full((batch, width), self.pad_token_id, dtype=np.int64)
         mask = np.zeros((batch, width), dtype=np.int64)
-        for row, seq in enumerate(self.seqs):
-            input_ids[row, width - len(seq.prompt):] = seq.prompt
-            mask[row, width - len(seq.prompt):] = 1
+        for row, prompt in enumerate(state.prompts):
+            input_ids[row, width - len(prompt):] = prompt
+            mask[row, width - len(prompt):] = 1
         positions = np.cumsum(mask, axis=1) - 1
         positions[mask == 0] = 1
         next_pos = positions[:, -1:] + 1                                  # [B, 1]
+        prompt_lens = np.array([len(p) for p in state.prompts])
         cache = self.runner.new_cache(batch)
 
         logits = self.runner.step(cache, input_ids, mask, positions)     # prefill: [B, S] -> [B, V]
         self.prefill_done = time.perf_counter()
-        alive = np.ones(batch, dtype=bool)
-        limit = self.params.max_new_tokens
-        step = 0
         while True:
-            tokens = np.asarray(self.strategy(logits), dtype=np.int64)   # [B]
+            for proc in pipe.processors:
+                try:
+                    logits = proc.fn(logits, state)
+                except Exception as exc:
+                    raise proc.provided.error(exc) from exc
+            try:
+                tokens = np.asarray(pipe.strategy.fn(logits, state), dtype=np.int64).reshape(batch)
+            except Exception as exc:
+                raise pipe.strategy.provided.error(exc) from exc
             now = time.perf_counter()
-            if step == 0:
+            if state.step == 0:
                 self.first_token_time = now
-            step += 1
-            stopped = np.isin(tokens, self.stop_ids)
-            for row in np.flatnonzero(alive):
-                seq = self.seqs[row]
-                token = int(tokens[row])
-                seq.ids.append(token)
+            logprobs = self._logprobs(logits, tokens) if pipe.top_logprobs is not None else None
+            state._append(tokens)
+            alive_rows = np.flatnonzero(state.alive)
+            for row in alive_rows:
+                seq = seqs[row]
                 seq.last_token_time = now
-                delta = seq.decoder.add(token) if seq.decoder else ""
-                if stopped[row]:
-                    seq.finish_reason = "stop"
-                elif step >= limit:
-                    seq.finish_reason = "length"
-                elif len(seq.prompt) + step >= self.context_length:
-                    seq.finish_reason = "context"
-                if seq.finish_reason is not None:
-                    alive[row] = False
-                    if seq.decoder:
-                        delta += seq.decoder.flush()
-                seq.text.append(delta)
-                yield StreamEvent(int(row), token, delta, seq.finish_reason)
-            if not alive.any():
-                return
+                if seq.decoder is not None:
+                    state.texts[row] += seq.decoder.add(int(tokens[row]))
+            if pipe.on_step is not None:
+                pipe.registry.call_observer("on_step", pipe.on_step, state=state, tokens=tokens)
+            # Stop conditions, in order: the first that stops a row names the reason.
+            for cond in pipe.stops:
+                try:
+                    stops = cond.fn(tokens, state)
+                except Exception as exc:
+                    raise cond.provided.error(exc) from exc
+                if stops:
+                    for row, stop in stops.items():
+                        if state.alive[row] and seqs[row].finish is None:
+                            seqs[row].finish = stop
+            full = prompt_lens + state.step >= self.context_length
+            for row in alive_rows:
+                seq = seqs[row]
+                if seq.finish is None and full[row]:
+                    seq.finish = Stop("context", f"context window of {self.context_length} tokens is full")
+                if seq.finish is not None:
+                    state.alive[row] = False
+                    if seq.finish.text_end is not None:
+                        state.texts[row] = state.texts[row][: seq.finish.text_end]
+                    elif seq.decoder is not None:
+                        state.texts[row] += seq.decoder.flush()
+                    end = len(state.texts[row])
+                else:
+                    held = max((c.holdback(state.texts[row]) for c in pipe.text_stops), default=0)
+                    end = len(state.texts[row]) - held
+                delta = state.texts[row][seq.emitted:end] if end > seq.emitted else ""
+                seq.emitted = max(seq.emitted, end)
+                lp = None
+                if logprobs is not None:
+                    lp = logprobs[row]
+                    seq.logprobs.append(lp)
+                yield StreamEvent(int(row), int(tokens[row]), delta,
+                                  seq.finish.reason if seq.finish else None, lp)
+            if not state.alive.any():
+                break
             # Decode step [B, 1]; finished rows ride along on their last token and are ignored.
             mask = np.concatenate([mask, np.ones((batch, 1), dtype=np.int64)], axis=1)
             logits = self.runner.step(cache, tokens[:, None], mask, next_pos)
             next_pos = next_pos + 1
+        self.model_seconds = cache.run_seconds
+        self._completions = self._finish()
+        if pipe.on_end is not None:
+            pipe.registry.call_observer("on_request_end", pipe.on_end, state=state, completions=self._completions)
+
+    def _logprobs(self, logits: np.ndarray, tokens: np.ndarray) -> list[TokenLogprob]:
+        """Each row's chosen token and top-N alternatives under the final distribution."""
+        logp = _log_softmax(logits)
+        n = self.pipeline.top_logprobs or 0
+        text = self._token_text
+        out = []
+        for row in range(len(tokens)):
+            top: tuple = ()
+            if n:
+                idx = np.argpartition(-logp[row], n - 1)[:n] if n < logp.shape[1] else np.arange(logp.shape[1])
+                idx = idx[np.argsort(-logp[row, idx], kind="stable")]
+                top = tuple((int(i), text(int(i)), float(logp[row, i])) for i in idx)
+            tok = int(tokens[row])
+            out.append(TokenLogprob(tok, text(tok), float(logp[row, tok]), top))
+        return out
+
+    def _token_text(self, token_id: int) -> str:
+        if self.tokenizer is None:
+            return ""
+        return self.tokenizer.decode([token_id]) or (self.tokenizer.id_to_token(token_id) or "")
 
     # -- results ------------------------------------------------------------------------------------
-    def completions(self) -> list[Completion]:
-        """The result of every sequence; run the generation to its end first."""
-        if any(s.finish_reason is None for s in self.seqs):
-            for _ in self:
-                pass
+    def _finish(self) -> list[Completion]:
         out = []
         prefill_ms = (self.prefill_done - self.start) * 1e3
-        for seq in self.seqs:
-            n = len(seq.ids)
+        for row, seq in enumerate(self.seqs):
+            ids = self.state.generated[row]
             decode_s = seq.last_token_time - self.first_token_time
             usage = Usage(
-                prompt_tokens=len(seq.prompt),
-                completion_tokens=n,
+                prompt_tokens=len(self.state.prompts[row]),
+                completion_tokens=len(ids),
                 time_to_first_token_ms=(self.first_token_time - self.start) * 1e3,
                 prefill_ms=prefill_ms,
-                decode_tokens_per_s=(n - 1) / decode_s if n > 1 and decode_s > 0 else 0.0,
+                decode_tokens_per_s=(len(ids) - 1) / decode_s if len(ids) > 1 and decode_s > 0 else 0.0,
                 wall_ms=(seq.last_token_time - self.start) * 1e3,
-                batch_size=len(self.seqs),
+                model_ms=self.model_seconds * 1e3,
+                steps=self.state.step,
+                batch_size=self.state.batch_size,
                 device=self.device,
             )
-            out.append(Completion("".join(seq.text), seq.ids, seq.finish_reason or "length", usage, seq.prompt))
+            finish = seq.finish or Stop("length")
+            completion = Completion(self.state.texts[row], list(ids), finish.reason, usage,
+                                    self.state.prompts[row], finish.detail, seq.logprobs)
+            for name, meter in self.pipeline.meters:
+                try:
+                    completion.cost[name] = meter.fn(usage)
+                except Exception as exc:
+                    raise meter.provided.error(exc) from exc
+            out.append(completion)
         return out
+
+    def completions(self) -> list[Completion]:
+        """The result of every sequence, running the request to its end first if needed."""
+        for _ in self:
+            pass
+        if self._completions is None:
+            raise NextokenError("this request failed part way (see the error it raised); start a new one")
+        return self._completions

@@ -9,7 +9,7 @@ stays on the device. Only the last position's logits come back to the host.
 
 from __future__ import annotations
 
-from typing import Sequence
+import time
 
 import numpy as np
 import onnxruntime as ort
@@ -30,6 +30,7 @@ class KVCache:
         if dtype is None:
             raise NextokenError(f"KV dtype {manifest.kv_dtype} is not supported yet")
         self.dtype = dtype
+        self.run_seconds = 0.0  # time spent inside ONNX Runtime for this cache's request
         shape = [batch_size, manifest.num_kv_heads, 0, manifest.head_dim]
         self.values: list[ort.OrtValue] = [
             ort.OrtValue.ortvalue_from_shape_and_type(shape, dtype, device, device_id)
@@ -83,10 +84,12 @@ class StepRunner:
         binding.bind_output("logits", "cpu")
         for name in self._present:
             binding.bind_output(name, self.device, self.device_id)
+        start = time.perf_counter()
         try:
             self.session.run_with_iobinding(binding)
         except Exception as exc:
             raise NextokenError(f"the model failed to run a step: {str(exc).splitlines()[0][:300]}") from None
+        cache.run_seconds += time.perf_counter() - start
         outputs = binding.get_outputs()
         cache.values = list(outputs[1:])
         logits = outputs[0].numpy()

@@ -68,6 +68,7 @@ class Manifest:
     pad_token_id: int | None = None
     precision: str = "fp32"
     model_file: str = "model.onnx"
+    tokenizer: str = "hf"
     tokenizer_file: str | None = "tokenizer.json"
     past_pattern: str = "past_key_values.{layer}.{kind}"
     present_pattern: str = "present.{layer}.{kind}"

@@ -1,13 +1,12 @@
-"""The Hugging Face ``tokenizers`` tokenizer, and incremental detokenisation for streaming."""
+"""What nextoken asks of a tokenizer, and incremental detokenisation for streaming.
+
+Tokenizers are plugins (hook ``register_tokenizers``); the built-in one wraps Hugging Face
+``tokenizers`` (``nextoken.plugins.hf_tokenizer``).
+"""
 
 from __future__ import annotations
 
-from pathlib import Path
-from typing import Sequence
-
-from tokenizers import Tokenizer as _HFTokenizer
-
-from .errors import ModelPackageError
+from typing import Mapping, Protocol, Sequence, runtime_checkable
 
 __all__ = ["Tokenizer", "IncrementalDecoder"]
 
@@ -16,39 +15,29 @@ __all__ = ["Tokenizer", "IncrementalDecoder"]
 _CONTEXT_TOKENS = 4
 
 
-class Tokenizer:
-    """A ``tokenizer.json`` tokenizer: encode text, decode ids, stream text deltas."""
+@runtime_checkable
+class Tokenizer(Protocol):
+    """A tokenizer as nextoken uses it."""
 
-    def __init__(self, tokenizer: _HFTokenizer) -> None:
-        self._tok = tokenizer
-        self.adds_bos = bool(tokenizer.encode("", add_special_tokens=True).ids)
-        self.vocab_size = tokenizer.get_vocab_size(with_added_tokens=True)
+    adds_bos: bool
+    chat_template: str | None
+    special_tokens: Mapping[str, str]
 
-    @classmethod
-    def from_file(cls, path: str | Path) -> "Tokenizer":
-        try:
-            return cls(_HFTokenizer.from_file(str(path)))
-        except Exception as exc:
-            raise ModelPackageError(f"cannot read tokenizer {path}: {exc}") from None
-
-    def encode(self, text: str) -> list[int]:
-        """Token ids of ``text``, with the special tokens (e.g. BOS) the tokenizer adds."""
-        return self._tok.encode(text, add_special_tokens=True).ids
+    def encode(self, text: str, add_special_tokens: bool = True) -> list[int]:
+        """Token ids of ``text`` (with the special tokens, e.g. BOS, the tokenizer adds, unless told not to)."""
 
     def decode(self, ids: Sequence[int]) -> str:
         """Text of ``ids``, special tokens left out."""
-        return self._tok.decode(list(ids), skip_special_tokens=True)
 
-    def token_to_id(self, token: str) -> int | None:
-        return self._tok.token_to_id(token)
+    def id_to_token(self, token_id: int) -> str | None:
+        """The vocabulary entry of ``token_id``."""
 
     def decoder(self, context: Sequence[int] = ()) -> "IncrementalDecoder":
         """An :class:`IncrementalDecoder` for text that continues ``context`` (usually the prompt)."""
-        return IncrementalDecoder(self, context)
 
 
 class IncrementalDecoder:
-    """Turns a stream of token ids into text deltas.
+    """Turns a stream of token ids into text deltas, for any tokenizer with ``decode``.
 
     A delta is released only when it is final: text that ends in an incomplete UTF-8 character
     (U+FFFD from a partial byte sequence) is held back until the next token completes it. The

@@ -117,7 +117,7 @@ def test_empty_prompt_without_bos_is_an_error(package_copy):
     (dict(prompts="ok", max_new_tokens=-3), InvalidRequestError, "max_new_tokens must be >= 1"),
     (dict(prompts="ok", max_new_tokens=2.5), InvalidRequestError, "max_new_tokens must be an integer"),
     (dict(prompts="ok", temprature=0.5), InvalidRequestError, "unknown generation option.*temprature"),
-    (dict(prompts="ok", strategy="beam"), InvalidRequestError, "unknown strategy 'beam'; registered: greedy"),
+    (dict(prompts="ok", strategy="beam"), InvalidRequestError, "unknown strategy 'beam'; registered: greedy, sample"),
     (dict(prompts=[1, 5, 9999]), InvalidRequestError, r"outside the vocabulary \[0, 259\)"),
     (dict(prompts=[]), InvalidRequestError, "no prompt given"),
     (dict(prompts=["fine", ""]), None, None),

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from nextoken import Tokenizer
+from nextoken.plugins.hf_tokenizer import HFTokenizer as Tokenizer
 
 TEXT = "Grüße, 世界! naïve café 🌍🚀 — done"
 

@@ -1,0 +1,247 @@
+"""Plugin discovery and registration: one plugin manager per engine, and what each plugin provides."""
+
+from __future__ import annotations
+
+import importlib
+import importlib.metadata
+import os
+import types
+from dataclasses import dataclass, field
+from typing import Any, Callable, Iterable, Mapping, Sequence
+
+import pluggy
+
+from . import hookspecs
+from .errors import InvalidRequestError, PluginError
+
+__all__ = ["Registry", "Provided", "DEFAULT_PLUGINS", "ENV_PLUGINS", "KINDS"]
+
+#: The built-in plugins, registered exactly like third-party ones.
+DEFAULT_PLUGINS = (
+    "nextoken.plugins.hf_tokenizer",
+    "nextoken.plugins.sampling",
+    "nextoken.plugins.stopping",
+    "nextoken.plugins.costs",
+)
+
+#: Which external (entry-point) plugins load: unset or "all": every one; "none": none;
+#: "a,b": only the entry points named a and b.
+ENV_PLUGINS = "NEXTOKEN_PLUGINS"
+
+#: kind -> the registration hook that provides it.
+KINDS = {
+    "tokenizer": "register_tokenizers",
+    "logits_processor": "register_logits_processors",
+    "strategy": "register_strategies",
+    "stop_condition": "register_stop_conditions",
+    "cost_meter": "register_cost_meters",
+}
+
+
+@dataclass(frozen=True)
+class Provided:
+    """One named piece a plugin registered: its kind, name, factory, and where it came from.
+
+    ``order`` sorts logits processors; ``auto`` pieces are asked on every request (their factory
+    decides from the parameters whether it is active), the others only when a request names them.
+    """
+
+    kind: str
+    name: str
+    factory: Callable[..., Any]
+    plugin: str
+    distribution: str
+    order: int = 100
+    auto: bool = False
+    description: str = ""
+
+    def make(self, *args: Any) -> Any:
+        """Call the factory; a failure is a :class:`PluginError` naming the plugin."""
+        try:
+            return self.factory(*args)
+        except (InvalidRequestError, PluginError):
+            raise
+        except Exception as exc:
+            raise self.error(exc) from exc
+
+    def error(self, exc: BaseException) -> PluginError:
+        return PluginError(
+            f"plugin {self.plugin!r} failed in {self.kind} {self.name!r} ({KINDS[self.kind]}): "
+            f"{type(exc).__name__}: {exc}"
+        )
+
+
+def _allowed_external(external: bool | Sequence[str] | None) -> set[str] | None:
+    """None: all; a set: only those names (empty: none)."""
+    if external is None:
+        value = os.environ.get(ENV_PLUGINS, "").strip()
+        if value in ("", "all", "*"):
+            return None
+        if value.lower() == "none":
+            return set()
+        return {v.strip() for v in value.split(",") if v.strip()}
+    if external is True:
+        return None
+    if external is False:
+        return set()
+    return set(external)
+
+
+class Registry:
+    """The plugins of one engine: a pluggy manager with nextoken's hook specs, the built-ins, the
+    allowed entry-point plugins, and any registered at run time.
+
+    ``external``: which entry-point plugins load (None: as ``NEXTOKEN_PLUGINS`` says, all when unset;
+    False: none; a list: only those entry-point names).
+    """
+
+    def __init__(self, external: bool | Sequence[str] | None = None) -> None:
+        self.pm = pluggy.PluginManager(hookspecs.PROJECT)
+        self.pm.add_hookspecs(hookspecs)
+        self.distributions: dict[str, str] = {}
+        for module_name in DEFAULT_PLUGINS:
+            module = importlib.import_module(module_name)
+            self.pm.register(module, name=module_name)
+            self.distributions[module_name] = "nextoken (built-in)"
+        allowed = _allowed_external(external)
+        for ep in importlib.metadata.entry_points(group=hookspecs.PROJECT):
+            if allowed is not None and ep.name not in allowed:
+                continue
+            if self.pm.has_plugin(ep.name):
+                continue
+            dist = ep.dist.name if ep.dist is not None else "?"
+            try:
+                plugin = ep.load()
+            except Exception as exc:
+                raise PluginError(
+                    f"plugin {ep.name!r} from {dist} failed to load: {type(exc).__name__}: {exc}; "
+                    f"leave it out with {ENV_PLUGINS} (e.g. {ENV_PLUGINS}=none)"
+                ) from exc
+            self._register(plugin, ep.name, dist)
+        self._provided: dict[str, dict[str, Provided]] | None = None
+
+    # -- registration -------------------------------------------------------------------------------
+    def _register(self, plugin: Any, name: str | None, distribution: str) -> str:
+        try:
+            registered = self.pm.register(plugin, name=name)
+        except ValueError as exc:
+            raise PluginError(f"cannot register plugin {name or plugin!r}: {exc}") from None
+        except pluggy.PluginValidationError as exc:
+            raise PluginError(f"plugin {name or plugin!r} does not fit nextoken's hooks: {exc}") from None
+        registered = registered or name or self.pm.get_name(plugin)
+        self.distributions[registered] = distribution
+        self._provided = None
+        return registered
+
+    def register(self, plugin: Any, name: str | None = None) -> str:
+        """Register a plugin (a module, class or object with ``@nextoken.hookimpl`` functions) at run time."""
+        return self._register(plugin, name, "registered at run time")
+
+    def unregister(self, name: str) -> None:
+        """Remove a plugin registered under ``name``."""
+        plugin = self.pm.get_plugin(name)
+        if plugin is None:
+            raise PluginError(f"no plugin named {name!r} is registered")
+        self.pm.unregister(plugin)
+        self.distributions.pop(name, None)
+        self._provided = None
+
+    # -- what is provided -------------------------------------------------------------------------------
+    def provided(self, kind: str) -> dict[str, Provided]:
+        """Every piece of ``kind`` by name."""
+        if self._provided is None:
+            self._provided = self._collect()
+        return self._provided[kind]
+
+    def _collect(self) -> dict[str, dict[str, Provided]]:
+        out: dict[str, dict[str, Provided]] = {kind: {} for kind in KINDS}
+        for kind, hook_name in KINDS.items():
+            caller = getattr(self.pm.hook, hook_name)
+            for impl in reversed(caller.get_hookimpls()):
+                plugin = impl.plugin_name
+                dist = self.distributions.get(plugin, "?")
+
+                def register(name: str, factory: Callable[..., Any], *, order: int = 100,
+                             auto: bool = False, description: str = "", _kind=kind, _plugin=plugin,
+                             _dist=dist) -> None:
+                    if not isinstance(name, str) or not name:
+                        raise PluginError(f"plugin {_plugin!r} registered a {_kind} without a name")
+                    if not callable(factory):
+                        raise PluginError(f"plugin {_plugin!r} registered {_kind} {name!r} with a factory that is not callable")
+                    existing = out[_kind].get(name)
+                    if existing is not None:
+                        raise PluginError(
+                            f"{_kind} {name!r} is registered twice: by {existing.plugin!r} and by {_plugin!r}; "
+                            f"leave one out ({ENV_PLUGINS}) or unregister it"
+                        )
+                    doc = description or next(iter((factory.__doc__ or "").strip().splitlines()), "")
+                    out[_kind][name] = Provided(_kind, name, factory, _plugin, _dist, order, auto, doc)
+
+                kwargs = {"register": register}
+                try:
+                    impl.function(*[kwargs[a] for a in impl.argnames])
+                except PluginError:
+                    raise
+                except Exception as exc:
+                    raise PluginError(f"plugin {plugin!r} failed in {hook_name}: {type(exc).__name__}: {exc}") from exc
+        return out
+
+    def listing(self) -> list[dict[str, Any]]:
+        """Every plugin: its name, distribution, and what it provides (for ``nextoken plugins``)."""
+        rows: dict[str, dict[str, Any]] = {}
+        for name, dist in self.distributions.items():
+            if self.pm.get_plugin(name) is None:
+                continue
+            hooks = sorted({c.name for c in (self.pm.get_hookcallers(self.pm.get_plugin(name)) or [])})
+            rows[name] = {"plugin": name, "distribution": dist, "provides": {}, "hooks": hooks}
+        for kind in KINDS:
+            for piece in self.provided(kind).values():
+                rows[piece.plugin]["provides"].setdefault(kind, []).append(piece.name)
+        return list(rows.values())
+
+    # -- observers ------------------------------------------------------------------------------------
+    def observers(self, hook_name: str) -> pluggy.HookCaller | None:
+        """The hook caller of ``hook_name`` if any plugin implements it, else None (so callers skip it)."""
+        caller = getattr(self.pm.hook, hook_name)
+        return caller if caller.get_hookimpls() else None
+
+    def call_observer(self, hook_name: str, caller: pluggy.HookCaller, **kwargs: Any) -> None:
+        """Call an observer hook; a failure is a :class:`PluginError` naming the plugin that raised."""
+        try:
+            caller(**kwargs)
+        except Exception as exc:
+            raise PluginError(
+                f"plugin {_blame(exc, caller)!r} failed in {hook_name}: {type(exc).__name__}: {exc}"
+            ) from exc
+
+
+def _blame(exc: BaseException, caller: pluggy.HookCaller) -> str:
+    """The plugin whose hook implementation raised ``exc`` (found in the traceback)."""
+    codes = {impl.function.__code__: impl.plugin_name for impl in caller.get_hookimpls()
+             if isinstance(impl.function, types.FunctionType)}
+    tb = exc.__traceback__
+    blamed = "?"
+    while tb is not None:
+        name = codes.get(tb.tb_frame.f_code)
+        if name is not None:
+            blamed = name
+        tb = tb.tb_next
+    return blamed
+
+
+def resolve_names(kind: str, names: Iterable[str], registry: Registry) -> list[Provided]:
+    """The pieces of ``kind`` named by a request; an unknown name lists the registered ones."""
+    table = registry.provided(kind)
+    out = []
+    for name in names:
+        piece = table.get(name)
+        if piece is None:
+            raise InvalidRequestError(
+                f"unknown {kind.replace('_', ' ')} {name!r}; registered: {', '.join(sorted(table)) or 'none'}"
+            )
+        out.append(piece)
+    return out
+
+
+def options_for(options: Mapping[str, Mapping[str, Any]], name: str) -> dict[str, Any]:
+    return dict(options.get(name, {}))
