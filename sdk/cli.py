@@ -2,7 +2,10 @@
 
     nextoken export SRC -o DIR                      Hugging Face checkpoint or hub id -> model package
     nextoken generate DIR PROMPT [--max-new-tokens N] [--ignore-eos] [--json]
+    nextoken chat DIR MESSAGE [--system TEXT]        one chat turn with the model's chat template
     nextoken info DIR                               what the package holds, where it would run
+    nextoken plugins [--json]                       every registered plugin and what it provides
+    nextoken bench DIR [--batch 1,8] [--new N]      prefill and decode speed, time inside/outside the model
     nextoken demo [SRC]                             export (an untrained tiny model by default) and generate
 """
 
@@ -10,6 +13,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import os
 import re
 import sys
@@ -24,10 +28,60 @@ EXIT_ERROR = 1
 EXIT_USAGE = 2
 
 
-def _engine(args: argparse.Namespace):
+def _external_plugins(args: argparse.Namespace):
+    value = getattr(args, "plugins", None)
+    if value is None:
+        return None
+    if value.strip().lower() == "none":
+        return False
+    if value.strip().lower() in ("all", "*"):
+        return True
+    return [v.strip() for v in value.split(",") if v.strip()]
+
+
+def _engine(args: argparse.Namespace, package=None):
     from .engine import Engine
 
-    return Engine(args.package, device=args.device, threads=args.threads, spin=args.spin)
+    return Engine(package or args.package, device=args.device, threads=args.threads, spin=args.spin,
+                  plugins=_external_plugins(args), cost_meters=_meters(args))
+
+
+def _value(text: str):
+    try:
+        return json.loads(text)
+    except ValueError:
+        return text
+
+
+def _options(args: argparse.Namespace) -> dict[str, dict]:
+    out: dict[str, dict] = {}
+    for item in getattr(args, "option", None) or []:
+        name, sep, rest = item.partition(".")
+        key, eq, value = rest.partition("=")
+        if not (sep and eq and name and key):
+            raise NextokenError(f"--option {item!r} must look like NAME.KEY=VALUE (e.g. per_token.input_per_million=0.15)")
+        out.setdefault(name, {})[key] = _value(value)
+    return out
+
+
+def _meters(args: argparse.Namespace) -> dict[str, dict]:
+    options = _options(args)
+    return {name: options.get(name, {}) for name in getattr(args, "cost", None) or []}
+
+
+def _params(args: argparse.Namespace):
+    from .generation import SamplingParams
+
+    options = _options(args)
+    return SamplingParams(
+        max_new_tokens=args.max_new_tokens, ignore_eos=args.ignore_eos, temperature=args.temperature,
+        top_k=args.top_k, top_p=args.top_p, min_p=args.min_p, repetition_penalty=args.repetition_penalty,
+        seed=args.seed, strategy=args.strategy, stop=tuple(args.stop or ()),
+        stop_token_ids=tuple(args.stop_token_id or ()), deadline_s=args.deadline,
+        top_logprobs=args.top_logprobs, processors=tuple(args.processor or ()),
+        stop_conditions=tuple(args.stop_condition or ()),
+        options={k: v for k, v in options.items() if k not in (args.cost or [])},
+    )
 
 
 def _cmd_export(args: argparse.Namespace) -> int:
@@ -37,11 +91,8 @@ def _cmd_export(args: argparse.Namespace) -> int:
     return 0
 
 
-def _generate(engine, prompt: str, args: argparse.Namespace) -> int:
-    from .generation import SamplingParams
-
-    params = SamplingParams(max_new_tokens=args.max_new_tokens, ignore_eos=args.ignore_eos)
-    generation = engine.start(prompt, params)
+def _generate(engine, prompt, args: argparse.Namespace) -> int:
+    generation = engine.start(prompt, _params(args))
     if args.json:
         completion = generation.completions()[0]
         print(json.dumps(completion.to_dict(), ensure_ascii=False))
@@ -54,13 +105,56 @@ def _generate(engine, prompt: str, args: argparse.Namespace) -> int:
     out.write("\n")
     out.flush()
     completion = generation.completions()[0]
-    print(f"[{completion.finish_reason}] {completion.usage.line()}", file=sys.stderr)
+    if completion.logprobs is not None:
+        for lp in completion.logprobs:
+            alternatives = "  ".join(f"{t!r} {math.exp(v):.2f}" for _, t, v in lp.top)
+            print(f"  {lp.token!r:>16} {lp.prob:.2f}   {alternatives}", file=sys.stderr)
+    line = f"[{completion.finish_reason}] {completion.usage.line()}"
+    if completion.cost:
+        line += ", cost " + ", ".join(f"{c.amount:.6g} {c.currency} ({name})" for name, c in completion.cost.items())
+    print(line, file=sys.stderr)
     return 0
 
 
 def _cmd_generate(args: argparse.Namespace) -> int:
     with _engine(args) as engine:
         return _generate(engine, args.prompt, args)
+
+
+def _cmd_chat(args: argparse.Namespace) -> int:
+    with _engine(args) as engine:
+        messages = ([{"role": "system", "content": args.system}] if args.system else [])
+        messages.append({"role": "user", "content": args.message})
+        return _generate(engine, engine.apply_chat_template(messages), args)
+
+
+def _cmd_plugins(args: argparse.Namespace) -> int:
+    from .registry import Registry
+
+    rows = Registry(_external_plugins(args)).listing()
+    if args.json:
+        print(json.dumps(rows, indent=2))
+        return 0
+    for row in rows:
+        print(f"{row['plugin']}  [{row['distribution']}]")
+        for kind, names in row["provides"].items():
+            print(f"    {kind:18} {', '.join(names)}")
+        observed = [h for h in row["hooks"] if h.startswith("on_")]
+        if observed:
+            print(f"    {'observes':18} {', '.join(observed)}")
+    return 0
+
+
+def _cmd_bench(args: argparse.Namespace) -> int:
+    from .bench import run_bench
+
+    with _engine(args) as engine:
+        report = run_bench(engine, batches=args.batch, prompt_tokens=args.prompt_tokens, new_tokens=args.new,
+                           repeat=args.repeat, chain=args.chain)
+    print(report.table())
+    if args.json:
+        Path(args.json).write_text(json.dumps(report.to_dict(), indent=2) + "\n")
+    return 0
 
 
 def _cmd_info(args: argparse.Namespace) -> int:
@@ -120,8 +214,6 @@ def _cmd_demo(args: argparse.Namespace) -> int:
     from nextoken.exporters import export
     from nextoken.exporters.tiny import DEMO_CONFIG, make_tiny_checkpoint
 
-    from .engine import Engine
-
     cache = _cache_dir()
     if args.source:
         source = args.source
@@ -138,7 +230,7 @@ def _cmd_demo(args: argparse.Namespace) -> int:
         export(source, package)
     print(f"nextoken: model {label}; package {package}", file=sys.stderr)
     args.package = package
-    with Engine(package, device=args.device, threads=args.threads, spin=args.spin) as engine:
+    with _engine(args, package) as engine:
         print(f"nextoken: {engine.device.describe()}", file=sys.stderr)
         print(f"nextoken: prompt {args.prompt!r}", file=sys.stderr)
         return _generate(engine, args.prompt, args)
@@ -165,11 +257,34 @@ def _parser() -> argparse.ArgumentParser:
         p.add_argument("--spin", action=argparse.BooleanOptionalAction, default=None,
                        help="thread spinning: faster on a quiet host, much slower on a busy one (default: off, or NEXTOKEN_SPIN)")
 
+    def plugin_options(p: argparse.ArgumentParser) -> None:
+        p.add_argument("--plugins", default=None, metavar="all|none|A,B",
+                       help="which entry-point plugins load (default: NEXTOKEN_PLUGINS, else all)")
+
     def generation_options(p: argparse.ArgumentParser) -> None:
         p.add_argument("--max-new-tokens", type=_positive_int, default=128, metavar="N",
                        help="most tokens to generate (default 128)")
         p.add_argument("--ignore-eos", action="store_true", help="do not stop at EOS: generate exactly N tokens")
-        p.add_argument("--json", action="store_true", help="print one JSON object (text, token_ids, finish_reason, usage)")
+        p.add_argument("--json", action="store_true",
+                       help="print one JSON object (text, token_ids, finish_reason, usage, cost, logprobs)")
+        p.add_argument("--strategy", default=None, help="decoding strategy (default: greedy at temperature 0, else sample)")
+        p.add_argument("--temperature", type=float, default=0.0, help="0 (default) is greedy; > 0 samples")
+        p.add_argument("--top-k", type=int, default=0, help="keep the k likeliest tokens (0: off)")
+        p.add_argument("--top-p", type=float, default=1.0, help="keep the likeliest tokens with this much mass (1: off)")
+        p.add_argument("--min-p", type=float, default=0.0, help="drop tokens under min-p x the top probability (0: off)")
+        p.add_argument("--repetition-penalty", type=float, default=1.0, help="penalise seen tokens (1: off)")
+        p.add_argument("--seed", type=int, default=None, help="seed for reproducible sampling")
+        p.add_argument("--stop", action="append", metavar="TEXT", help="stop string (repeatable); cut from the text")
+        p.add_argument("--stop-token-id", action="append", type=int, metavar="ID", help="stop token id (repeatable)")
+        p.add_argument("--deadline", type=float, default=None, metavar="SECONDS", help="wall-time limit")
+        p.add_argument("--top-logprobs", type=int, default=None, metavar="N",
+                       help="each token's probability and the N likeliest alternatives")
+        p.add_argument("--processor", action="append", metavar="NAME", help="a plugin's logits processor (repeatable)")
+        p.add_argument("--stop-condition", action="append", metavar="NAME", help="a plugin's stop condition (repeatable)")
+        p.add_argument("--cost", action="append", metavar="METER", help="charge with this cost meter (repeatable)")
+        p.add_argument("--option", action="append", metavar="NAME.KEY=VALUE",
+                       help="a plugin's own option, e.g. per_token.output_per_million=0.6 (repeatable)")
+        plugin_options(p)
 
     p = sub.add_parser("export", help="export a Hugging Face model (hub id or local checkpoint) to a model package")
     p.add_argument("source", help="hub id (org/name) or local transformers checkpoint directory")
@@ -185,10 +300,38 @@ def _parser() -> argparse.ArgumentParser:
     runtime_options(p)
     p.set_defaults(func=_cmd_generate)
 
+    p = sub.add_parser("chat", help="one chat turn, with the model's chat template")
+    p.add_argument("package", help="model package directory")
+    p.add_argument("message", help="the user's message")
+    p.add_argument("--system", default=None, help="a system message")
+    generation_options(p)
+    runtime_options(p)
+    p.set_defaults(func=_cmd_chat)
+
+    p = sub.add_parser("plugins", help="list every registered plugin, what it provides, where it came from")
+    p.add_argument("--json", action="store_true", help="print JSON")
+    plugin_options(p)
+    p.set_defaults(func=_cmd_plugins)
+
+    p = sub.add_parser("bench", help="measure prefill and decode speed, and time spent outside the model")
+    p.add_argument("package", help="model package directory")
+    p.add_argument("--batch", type=lambda t: [int(x) for x in t.split(",")], default=[1, 8], metavar="1,8",
+                   help="batch sizes (default 1,8)")
+    p.add_argument("--prompt-tokens", type=_positive_int, default=128, metavar="N", help="prompt length (default 128)")
+    p.add_argument("--new", type=_positive_int, default=128, metavar="N", help="tokens to generate (default 128)")
+    p.add_argument("--repeat", type=_positive_int, default=3, metavar="N", help="runs per setting; medians (default 3)")
+    p.add_argument("--chain", action="store_true",
+                   help="also run the full built-in chain (temperature, top-k, top-p, repetition penalty, 2 stop strings)")
+    p.add_argument("--json", default=None, metavar="FILE", help="write the figures as JSON")
+    runtime_options(p)
+    plugin_options(p)
+    p.set_defaults(func=_cmd_bench)
+
     p = sub.add_parser("info", help="what a model package holds and where it would run")
     p.add_argument("package", help="model package directory")
     p.add_argument("--json", action="store_true", help="print JSON")
     runtime_options(p)
+    plugin_options(p)
     p.set_defaults(func=_cmd_info)
 
     p = sub.add_parser("demo", help="export a model (default: an untrained tiny Llama, no download) and generate")

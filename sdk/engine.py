@@ -36,7 +36,9 @@ class Engine:
     ``threads``: intra-op threads (None: one per physical core). ``spin``: thread spinning
     (None: the NEXTOKEN_SPIN environment variable, off when unset; see :func:`session_options`).
     ``plugins``: which entry-point plugins load (None: as NEXTOKEN_PLUGINS says, all when unset;
-    False: none; a list: those entry-point names). ``cost_meters``: meters charged on every
+    False: none; a list: those entry-point names). ``extra_plugins``: plugin objects registered on
+    this engine only, before anything is resolved (a tokenizer plugin must come this way or by
+    entry point). ``cost_meters``: meters charged on every
     request, ``{name: options}``, e.g. ``{"per_token": {"input_per_million": 0.15, "output_per_million": 0.6}}``.
 
     The engine is heavy and shared; each request's state (its KV cache) lives in the request, so one
@@ -45,6 +47,7 @@ class Engine:
 
     def __init__(self, path: str | Path, *, device: str = "auto", threads: int | None = None,
                  spin: bool | None = None, plugins: bool | Sequence[str] | None = None,
+                 extra_plugins: Sequence[Any] = (),
                  cost_meters: Mapping[str, Mapping[str, Any]] | None = None) -> None:
         self.path = Path(path)
         if not self.path.exists():
@@ -56,6 +59,8 @@ class Engine:
         if not model_file.is_file():
             raise ModelPackageError(f"{model_file} is missing; re-export the package with `nextoken export`")
         self.plugins = Registry(plugins)
+        for plugin in extra_plugins:
+            self.plugins.register(plugin)
         self.tokenizer: Tokenizer | None = None
         if self.manifest.tokenizer_file:
             (loader,) = resolve_names("tokenizer", [self.manifest.tokenizer], self.plugins)

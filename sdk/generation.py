@@ -408,7 +408,7 @@ class Generation:
             for p in self.state.prompts
         ]
         self.start = self.first_token_time = self.prefill_done = 0.0
-        self.model_seconds = 0.0
+        self.model_seconds = self.prefill_model_seconds = 0.0
         self._events: Iterator[StreamEvent] | None = None
         self._completions: list[Completion] | None = None
 
@@ -439,6 +439,7 @@ class Generation:
 
         logits = self.runner.step(cache, input_ids, mask, positions)     # prefill: [B, S] -> [B, V]
         self.prefill_done = time.perf_counter()
+        self.prefill_model_seconds = cache.run_seconds
         while True:
             for proc in pipe.processors:
                 try:
