@@ -13,13 +13,6 @@ import nextoken
 NEG_INF = np.float32(-np.inf)
 
 
-def _softmax(logits: np.ndarray) -> np.ndarray:
-    shifted = logits - logits.max(axis=1, keepdims=True)
-    probs = np.exp(shifted)
-    probs /= probs.sum(axis=1, keepdims=True)
-    return probs
-
-
 # -- strategies -------------------------------------------------------------------------------------
 
 def greedy(logits: np.ndarray, state=None) -> np.ndarray:
@@ -43,10 +36,20 @@ class Sampler:
         batch, vocab = logits.shape
         if self.rngs is None:
             self.rngs = [np.random.default_rng(self.seed) for _ in range(batch)]
-        u = np.fromiter((1.0 - rng.random() for rng in self.rngs), dtype=np.float64, count=batch)  # (0, 1]
-        cdf = np.cumsum(_softmax(logits), axis=1, dtype=np.float64)
-        picks = (cdf < u[:, None] * cdf[:, -1:]).sum(axis=1)
-        return np.minimum(picks, vocab - 1)
+        finite = np.isfinite(logits)
+        counts = finite.sum(axis=1)
+        out = np.empty(batch, dtype=np.int64)
+        for row in range(batch):
+            u = 1.0 - self.rngs[row].random()                    # (0, 1]: never picks a zero-probability token
+            if counts[row] < vocab // 4:                          # after top-k/top-p: only the candidates
+                idx = np.flatnonzero(finite[row])
+                vals = logits[row, idx]
+            else:
+                idx, vals = None, logits[row]
+            cdf = np.cumsum(np.exp(vals - vals.max()), dtype=np.float64)
+            k = min(int(np.searchsorted(cdf, u * cdf[-1], side="left")), len(cdf) - 1)
+            out[row] = idx[k] if idx is not None else k
+        return out
 
 
 def make_greedy(params, options):
@@ -100,36 +103,65 @@ def make_top_k(params, options):
         vocab = logits.shape[1]
         if k >= vocab:
             return logits
-        kth = np.partition(logits, vocab - k, axis=1)[:, vocab - k: vocab - k + 1]
-        logits[logits < kth] = NEG_INF
+        logits[logits < kth_largest(logits, k)[:, None]] = NEG_INF
         return logits
 
     return top_k
 
 
-def nucleus_mask(logits: np.ndarray, p: float, first: int = 256) -> np.ndarray:
-    """``[B, V]`` bool: each row's smallest set of likeliest tokens whose probability reaches ``p``.
+def kth_largest(logits: np.ndarray, k: int) -> np.ndarray:
+    """``[B]``: each row's k-th largest logit.
 
-    Sorting the whole vocabulary every step is the slow part of top-p. The set is found among the
-    ``first`` likeliest tokens (one O(V) partition and a small sort); only a row whose ``first``
-    tokens hold less than ``p`` of the mass is sorted in full. Exact either way.
+    Partitioning a whole 50k-token row is slow. A strided sample of about 1,000 logits gives a
+    threshold that a few hundred logits of the row clear; only those are partitioned (the whole row
+    only if fewer than k clear it). Exact either way.
     """
     batch, vocab = logits.shape
-    probs = _softmax(logits)
-    m = min(first, vocab)
-    keep = np.zeros((batch, vocab), dtype=bool)
-    cand = np.argpartition(-probs, m - 1, axis=1)[:, :m] if m < vocab else np.tile(np.arange(vocab), (batch, 1))
+    stride = max(1, vocab // 1024)
+    out = np.empty(batch, dtype=logits.dtype)
+    if stride > 1:
+        sample = logits[:, ::stride]
+        j = min(sample.shape[1], 2 * -(-k // stride) + 8)        # a sample rank safely below k's
+        bars = np.partition(sample, sample.shape[1] - j, axis=1)[:, sample.shape[1] - j]
     for row in range(batch):
-        idx = cand[row]
-        vals = probs[row, idx]
-        order = np.argsort(-vals, kind="stable")
-        cum = np.cumsum(vals[order], dtype=np.float64)
-        if cum[-1] < p and m < vocab:            # the mass is spread wide: sort the whole row
-            order = np.argsort(-probs[row], kind="stable")
-            idx = np.arange(vocab)
-            cum = np.cumsum(probs[row, order], dtype=np.float64)
+        values = logits[row]
+        cand = values[values >= bars[row]] if stride > 1 else values
+        if len(cand) < k:
+            cand = values
+        out[row] = np.partition(cand, len(cand) - k)[len(cand) - k]
+    return out
+
+
+def nucleus(logits: np.ndarray, p: float) -> list[np.ndarray]:
+    """Per row, the ids of the smallest set of likeliest tokens whose probability reaches ``p``.
+
+    Sorting the whole vocabulary every step is the slow part of top-p. The set is looked for among
+    the tokens at least ``1e-4`` as likely as the likeliest (one O(V) pass and a small sort); only
+    when those hold less than ``p`` of the mass is the bar lowered. Exact either way.
+    """
+    out = []
+    for row in logits:
+        weights = np.exp(row - row.max())                # relative to the likeliest; -inf -> 0
+        total = weights.sum(dtype=np.float64)
+        bar = 1e-4
+        while True:
+            cand = np.flatnonzero(weights >= bar) if bar > 0 else np.flatnonzero(weights > 0)
+            mass = weights[cand].sum(dtype=np.float64) / total
+            if mass >= p or bar == 0:
+                break
+            bar = bar * 1e-4 if bar > 1e-36 else 0.0
+        order = np.argsort(-weights[cand], kind="stable")
+        cum = np.cumsum(weights[cand][order], dtype=np.float64) / total
         count = min(int(np.searchsorted(cum, p - 1e-7)) + 1, len(order))
-        keep[row, idx[order[:count]]] = True
+        out.append(cand[order[:count]])
+    return out
+
+
+def nucleus_mask(logits: np.ndarray, p: float) -> np.ndarray:
+    """``[B, V]`` bool of :func:`nucleus`."""
+    keep = np.zeros(logits.shape, dtype=bool)
+    for row, ids in enumerate(nucleus(logits, p)):
+        keep[row, ids] = True
     return keep
 
 
@@ -140,7 +172,10 @@ def make_top_p(params, options):
         return None
 
     def top_p(logits: np.ndarray, state) -> np.ndarray:
-        logits[~nucleus_mask(logits, p)] = NEG_INF
+        for row, ids in enumerate(nucleus(logits, p)):
+            kept = logits[row, ids]
+            logits[row] = NEG_INF
+            logits[row, ids] = kept
         return logits
 
     return top_p

@@ -155,3 +155,14 @@ def test_unknown_names_list_what_is_registered(llama_engine):
 def test_public_protocol_types():
     assert isinstance(nextoken.Stop("stop", "x", 3).text_end, int)
     assert nextoken.Charge(1.5).currency == "USD"
+
+
+@pytest.mark.parametrize("scale", [0.01, 1.0, 30.0])
+@pytest.mark.parametrize("k", [1, 5, 50, 3000])
+def test_kth_largest_is_exact_for_narrow_and_wide_logits(scale, k):
+    from nextoken.plugins.sampling import kth_largest
+
+    logits = (np.random.default_rng(k).normal(0, scale, size=(4, 49152))).astype(np.float32)
+    logits[1, :100] = 50.0                                   # many ties at the top
+    expected = -np.sort(-logits, axis=1)[:, k - 1]
+    assert np.array_equal(kth_largest(logits, k), expected)
