@@ -11,6 +11,8 @@ import numpy as np
 import nextoken
 
 NEG_INF = np.float32(-np.inf)
+#: Up to this many tokens, whole-row numpy operations over the batch beat per-row candidate tricks.
+SMALL_VOCAB = 4096
 
 
 # -- strategies -------------------------------------------------------------------------------------
@@ -36,18 +38,21 @@ class Sampler:
         batch, vocab = logits.shape
         if self.rngs is None:
             self.rngs = [np.random.default_rng(self.seed) for _ in range(batch)]
+        u = np.fromiter((1.0 - rng.random() for rng in self.rngs), dtype=np.float64, count=batch)  # (0, 1]
+        if vocab <= SMALL_VOCAB:
+            cdf = np.cumsum(np.exp(logits - logits.max(axis=1, keepdims=True)), axis=1, dtype=np.float64)
+            return np.minimum((cdf < u[:, None] * cdf[:, -1:]).sum(axis=1), vocab - 1)
         finite = np.isfinite(logits)
         counts = finite.sum(axis=1)
         out = np.empty(batch, dtype=np.int64)
         for row in range(batch):
-            u = 1.0 - self.rngs[row].random()                    # (0, 1]: never picks a zero-probability token
             if counts[row] < vocab // 4:                          # after top-k/top-p: only the candidates
                 idx = np.flatnonzero(finite[row])
                 vals = logits[row, idx]
             else:
                 idx, vals = None, logits[row]
             cdf = np.cumsum(np.exp(vals - vals.max()), dtype=np.float64)
-            k = min(int(np.searchsorted(cdf, u * cdf[-1], side="left")), len(cdf) - 1)
+            k = min(int(np.searchsorted(cdf, u[row] * cdf[-1], side="left")), len(cdf) - 1)
             out[row] = idx[k] if idx is not None else k
         return out
 
@@ -117,15 +122,16 @@ def kth_largest(logits: np.ndarray, k: int) -> np.ndarray:
     only if fewer than k clear it). Exact either way.
     """
     batch, vocab = logits.shape
-    stride = max(1, vocab // 1024)
+    if vocab <= SMALL_VOCAB:
+        return np.partition(logits, vocab - k, axis=1)[:, vocab - k]
+    stride = vocab // 1024
     out = np.empty(batch, dtype=logits.dtype)
-    if stride > 1:
-        sample = logits[:, ::stride]
-        j = min(sample.shape[1], 2 * -(-k // stride) + 8)        # a sample rank safely below k's
-        bars = np.partition(sample, sample.shape[1] - j, axis=1)[:, sample.shape[1] - j]
+    sample = logits[:, ::stride]
+    j = min(sample.shape[1], 2 * -(-k // stride) + 8)            # a sample rank safely below k's
+    bars = np.partition(sample, sample.shape[1] - j, axis=1)[:, sample.shape[1] - j]
     for row in range(batch):
         values = logits[row]
-        cand = values[values >= bars[row]] if stride > 1 else values
+        cand = values[values >= bars[row]]
         if len(cand) < k:
             cand = values
         out[row] = np.partition(cand, len(cand) - k)[len(cand) - k]
@@ -158,7 +164,15 @@ def nucleus(logits: np.ndarray, p: float) -> list[np.ndarray]:
 
 
 def nucleus_mask(logits: np.ndarray, p: float) -> np.ndarray:
-    """``[B, V]`` bool of :func:`nucleus`."""
+    """``[B, V]`` bool of :func:`nucleus`; for a small vocabulary, one sort of the whole batch."""
+    if logits.shape[1] <= SMALL_VOCAB:
+        weights = np.exp(logits - logits.max(axis=1, keepdims=True)).astype(np.float64)
+        order = np.argsort(-weights, axis=1, kind="stable")
+        cum = np.cumsum(np.take_along_axis(weights, order, axis=1), axis=1)
+        count = (cum < (p - 1e-7) * cum[:, -1:]).sum(axis=1) + 1
+        ranks = np.empty_like(order)
+        np.put_along_axis(ranks, order, np.arange(logits.shape[1])[None, :].repeat(len(logits), 0), axis=1)
+        return ranks < count[:, None]
     keep = np.zeros(logits.shape, dtype=bool)
     for row, ids in enumerate(nucleus(logits, p)):
         keep[row, ids] = True
@@ -172,6 +186,9 @@ def make_top_p(params, options):
         return None
 
     def top_p(logits: np.ndarray, state) -> np.ndarray:
+        if logits.shape[1] <= SMALL_VOCAB:
+            logits[~nucleus_mask(logits, p)] = NEG_INF
+            return logits
         for row, ids in enumerate(nucleus(logits, p)):
             kept = logits[row, ids]
             logits[row] = NEG_INF

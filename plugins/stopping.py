@@ -48,6 +48,7 @@ class StopStrings:
     def __init__(self, stops: tuple[str, ...]) -> None:
         self.stops = stops
         self.longest = max(len(s) for s in stops)
+        self.first_chars = {s[0] for s in stops}
         self.checked: dict[int, int] = {}
 
     def __call__(self, tokens: np.ndarray, state):
@@ -64,10 +65,10 @@ class StopStrings:
 
     def holdback(self, text: str) -> int:
         """Length of the longest tail of ``text`` that is the start of some stop string."""
-        for n in range(min(self.longest - 1, len(text)), 0, -1):
-            tail = text[-n:]
-            if any(s.startswith(tail) for s in self.stops):
-                return n
+        tail = text[len(text) - min(self.longest - 1, len(text)):]
+        for i, char in enumerate(tail):
+            if char in self.first_chars and any(s.startswith(tail[i:]) for s in self.stops):
+                return len(tail) - i
         return 0
 
 

@@ -166,3 +166,15 @@ def test_kth_largest_is_exact_for_narrow_and_wide_logits(scale, k):
     logits[1, :100] = 50.0                                   # many ties at the top
     expected = -np.sort(-logits, axis=1)[:, k - 1]
     assert np.array_equal(kth_largest(logits, k), expected)
+
+
+@pytest.mark.parametrize("vocab", [10, 5000])
+@pytest.mark.parametrize("p", [0.5, 0.9])
+def test_both_nucleus_paths_agree_with_a_full_sort(vocab, p):
+    logits = np.random.default_rng(vocab).normal(0, 2, size=(3, vocab)).astype(np.float32)
+    mask = nucleus_mask(logits, p)
+    for row in range(3):
+        w = np.exp(logits[row].astype(np.float64) - logits[row].max())
+        order = np.argsort(-w, kind="stable")
+        need = int(np.searchsorted(np.cumsum(w[order]) / w.sum(), p - 1e-7)) + 1
+        assert set(np.flatnonzero(mask[row])) == set(order[:need].tolist())

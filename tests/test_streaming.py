@@ -69,3 +69,15 @@ def test_sequences_stop_on_their_own(llama_engine):
     first = free[0].token_ids.index(stop_at)
     assert got[0].finish_reason == "stop" and got[0].token_ids == free[0].token_ids[: first + 1]
     assert got[1].finish_reason == "length" and got[1].token_ids == free[1].token_ids
+
+
+def test_stop_string_holdback():
+    from nextoken.plugins.stopping import StopStrings
+
+    stops = StopStrings(("THE END", "xyz"))
+    assert stops.holdback("story. THE EN") == 6
+    assert stops.holdback("story. T") == 1
+    assert stops.holdback("story xy") == 2
+    assert stops.holdback("story.") == 0
+    assert stops.holdback("") == 0
+    assert stops.holdback("THE ENDING") == 0
