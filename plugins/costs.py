@@ -21,15 +21,20 @@ def _price(options: dict, key: str, default: float | None = None) -> float:
     return value
 
 
+def _known(meter: str, options: dict, allowed: tuple[str, ...]) -> str:
+    """Reject options the meter does not take; return the currency (USD unless given)."""
+    unknown = set(options) - set(allowed) - {"currency"}
+    if unknown:
+        raise InvalidRequestError(f"{meter} has no option(s) {', '.join(sorted(unknown))}; "
+                                  f"it takes {', '.join(allowed)}, currency")
+    return str(options.get("currency", "USD"))
+
+
 def make_per_token(options):
     """Per-token pricing: input_per_million and output_per_million (currency: USD unless given)."""
-    unknown = set(options) - {"input_per_million", "output_per_million", "currency"}
-    if unknown:
-        raise InvalidRequestError(f"per_token has no option(s) {', '.join(sorted(unknown))}; "
-                                  "it takes input_per_million, output_per_million, currency")
+    currency = _known("per_token", options, ("input_per_million", "output_per_million"))
     inp = _price(options, "input_per_million", 0.0)
     out = _price(options, "output_per_million", 0.0)
-    currency = str(options.get("currency", "USD"))
 
     def per_token(usage) -> Charge:
         amount = usage.prompt_tokens * inp / 1e6 + usage.completion_tokens * out / 1e6
@@ -40,13 +45,9 @@ def make_per_token(options):
 
 def make_device_hour(options):
     """Per-device-hour pricing: device seconds x hourly_rate / 3600 (a batch shares its device time equally)."""
-    unknown = set(options) - {"hourly_rate", "devices", "currency"}
-    if unknown:
-        raise InvalidRequestError(f"device_hour has no option(s) {', '.join(sorted(unknown))}; "
-                                  "it takes hourly_rate, devices, currency")
+    currency = _known("device_hour", options, ("hourly_rate", "devices"))
     rate = _price(options, "hourly_rate")
     devices = _price(options, "devices", 1.0)
-    currency = str(options.get("currency", "USD"))
 
     def device_hour(usage) -> Charge:
         seconds = usage.wall_ms / 1e3 / max(usage.batch_size, 1) * devices
