@@ -145,6 +145,30 @@ def _cmd_plugins(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_memory(args: argparse.Namespace) -> int:
+    from .memory import plan_memory
+
+    capacity = int(args.capacity * (1 << 30)) if args.capacity is not None else None
+    plan = plan_memory(args.model, batch=args.batch, context=args.context, dtype=args.dtype,
+                       device=args.device, capacity=capacity)
+    out = plan.to_dict()
+    if args.measure:
+        from .memory import measure_peak
+
+        out["measured"] = measure_peak(args.model, args.batch, plan.context, threads=args.threads)
+        out["measured"]["predicted_over_measured"] = plan.total_bytes / out["measured"]["peak_bytes"]
+    if args.json:
+        print(json.dumps(out, indent=2))
+        return 0
+    print(plan.table())
+    if args.measure:
+        m = out["measured"]
+        print(f"{'measured peak':16} {m['peak_bytes'] / (1 << 30):.2f} GiB during generation, "
+              f"{m['lifetime_peak_bytes'] / (1 << 30):.2f} GiB with loading "
+              f"(predicted/measured {m['predicted_over_measured']:.2f})")
+    return 0
+
+
 def _cmd_bench(args: argparse.Namespace) -> int:
     from .bench import run_bench
 
@@ -326,6 +350,20 @@ def _parser() -> argparse.ArgumentParser:
     runtime_options(p)
     plugin_options(p)
     p.set_defaults(func=_cmd_bench)
+
+    p = sub.add_parser("memory", help="plan memory: weights + working memory + KV cache, against a capacity")
+    p.add_argument("model", help="model package, checkpoint directory, config.json, or hub id (config only)")
+    p.add_argument("--batch", type=_positive_int, default=1, help="sequences at once (default 1)")
+    p.add_argument("--context", type=_positive_int, default=None, help="tokens per sequence (default: the window)")
+    p.add_argument("--dtype", default=None, help="weights precision: fp32, fp16, bf16, int8, int4 (default: the model's)")
+    p.add_argument("--device", default="cpu", help="cpu (default) or cuda")
+    p.add_argument("--capacity", type=float, default=None, metavar="GIB",
+                   help="memory available, GiB (default: the host's RAM, or the GPU's)")
+    p.add_argument("--measure", action="store_true",
+                   help="also load the package on the CPU, generate at this batch and context, and measure the peak")
+    p.add_argument("--threads", type=int, default=None, help="intra-op threads for --measure")
+    p.add_argument("--json", action="store_true", help="print JSON")
+    p.set_defaults(func=_cmd_memory)
 
     p = sub.add_parser("info", help="what a model package holds and where it would run")
     p.add_argument("package", help="model package directory")

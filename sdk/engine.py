@@ -15,6 +15,7 @@ from .errors import InvalidRequestError, ModelPackageError, NextokenError
 from .generation import Completion, Generation, Pipeline, SamplingParams, StreamEvent
 from .kvcache import StepRunner
 from .manifest import Manifest, TensorSpec
+from .memory import release_free_heap
 from .registry import Registry, resolve_names
 from .tokenizer import Tokenizer
 
@@ -78,6 +79,7 @@ class Engine:
             raise ModelPackageError(
                 f"{model_file} is not a loadable ONNX graph ({first[:240]}); re-export the package"
             ) from None
+        release_free_heap()
         self.manifest.check_graph(
             [TensorSpec.from_node_arg(a) for a in self.session.get_inputs()],
             [TensorSpec.from_node_arg(a) for a in self.session.get_outputs()],

@@ -21,6 +21,7 @@ import numpy as np
 
 from .errors import ContextWindowError, InvalidRequestError, NextokenError
 from .kvcache import StepRunner
+from .memory import peak_rss_bytes, reset_peak_rss
 from .tokenizer import IncrementalDecoder, Tokenizer
 
 if TYPE_CHECKING:  # pragma: no cover
@@ -209,6 +210,8 @@ class Usage:
     steps: int
     batch_size: int
     device: str
+    kv_cache_bytes: int = 0            # the request's KV cache at its largest (the whole batch)
+    peak_memory_bytes: int | None = None   # the process's peak resident memory during the request (Linux)
 
     @property
     def total_tokens(self) -> int:
@@ -223,7 +226,9 @@ class Usage:
             f"prompt {self.prompt_tokens} tok, completion {self.completion_tokens} tok, "
             f"prefill {self.prefill_ms:.1f} ms, ttft {self.time_to_first_token_ms:.1f} ms, "
             f"decode {self.decode_tokens_per_s:.1f} tok/s, wall {self.wall_ms:.1f} ms, "
-            f"batch {self.batch_size}, {self.device}"
+            f"batch {self.batch_size}, KV {self.kv_cache_bytes / (1 << 20):.1f} MiB"
+            + (f", peak {self.peak_memory_bytes / (1 << 20):.0f} MiB" if self.peak_memory_bytes else "")
+            + f", {self.device}"
         )
 
 
@@ -409,6 +414,8 @@ class Generation:
         ]
         self.start = self.first_token_time = self.prefill_done = 0.0
         self.model_seconds = self.prefill_model_seconds = 0.0
+        self.kv_cache_bytes = 0
+        self.peak_memory_bytes: int | None = None
         self._events: Iterator[StreamEvent] | None = None
         self._completions: list[Completion] | None = None
 
@@ -422,6 +429,7 @@ class Generation:
         pipe, state, seqs = self.pipeline, self.state, self.seqs
         if pipe.on_start is not None:
             pipe.registry.call_observer("on_request_start", pipe.on_start, state=state)
+        reset_peak_rss()
         self.start = state.start_time = time.perf_counter()
         batch = state.batch_size
         width = max(len(p) for p in state.prompts)
@@ -503,6 +511,8 @@ class Generation:
             logits = self.runner.step(cache, tokens[:, None], mask, next_pos)
             next_pos = next_pos + 1
         self.model_seconds = cache.run_seconds
+        self.kv_cache_bytes = cache.nbytes()
+        self.peak_memory_bytes = peak_rss_bytes()
         self._completions = self._finish()
         if pipe.on_end is not None:
             pipe.registry.call_observer("on_request_end", pipe.on_end, state=state, completions=self._completions)
@@ -546,6 +556,8 @@ class Generation:
                 steps=self.state.step,
                 batch_size=self.state.batch_size,
                 device=self.device,
+                kv_cache_bytes=self.kv_cache_bytes,
+                peak_memory_bytes=self.peak_memory_bytes,
             )
             finish = seq.finish or Stop("length")
             completion = Completion(self.state.texts[row], list(ids), finish.reason, usage,

@@ -75,6 +75,9 @@ class StepRunner:
         binding.bind_cpu_input(
             "attention_mask", np.ascontiguousarray(attention_mask, dtype=self._int_dtypes["attention_mask"])
         )
+        if "logits_to_keep" in self._int_dtypes:
+            keep = np.array([input_ids.shape[1] if all_logits else 1], dtype=np.int64)
+            binding.bind_cpu_input("logits_to_keep", keep)
         if position_ids is not None and "position_ids" in self._int_dtypes:
             binding.bind_cpu_input(
                 "position_ids", np.ascontiguousarray(position_ids, dtype=self._int_dtypes["position_ids"])
@@ -92,5 +95,5 @@ class StepRunner:
         cache.run_seconds += time.perf_counter() - start
         outputs = binding.get_outputs()
         cache.values = list(outputs[1:])
-        logits = outputs[0].numpy()
+        logits = outputs[0].numpy()                     # [B, S, V], or [B, 1, V] with logits_to_keep
         return logits if all_logits else logits[:, -1, :]

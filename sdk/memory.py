@@ -1,0 +1,371 @@
+"""Memory: model weights + working memory + KV cache ("conversation memory"), planned before
+loading and measured while generating."""
+
+from __future__ import annotations
+
+import ctypes
+import ctypes.util
+import functools
+import sys
+
+__all__ = ["release_free_heap", "peak_rss_bytes", "reset_peak_rss", "rss_bytes"]
+
+
+@functools.lru_cache(maxsize=1)
+def _libc():
+    if not sys.platform.startswith("linux"):
+        return None
+    try:
+        libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
+        return libc if hasattr(libc, "malloc_trim") else None
+    except OSError:
+        return None
+
+
+def release_free_heap() -> None:
+    """Give freed heap memory back to the OS (glibc ``malloc_trim``).
+
+    Loading a session parses the graph and optimises it; the transient buffers are freed but glibc
+    may keep them mapped, so a process's resident memory after loading the same model varied by
+    ~190 MB between runs (135M-parameter model). Trimming once after loading makes it repeatable.
+    """
+    libc = _libc()
+    if libc is not None:
+        libc.malloc_trim(0)
+
+
+def _status(field: str) -> int | None:
+    try:
+        with open("/proc/self/status") as fh:
+            for line in fh:
+                if line.startswith(field + ":"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        return None
+    return None
+
+
+def rss_bytes() -> int | None:
+    """The process's resident memory now (Linux), else None."""
+    return _status("VmRSS")
+
+
+def reset_peak_rss() -> bool:
+    """Start a new peak-resident-memory window (Linux ``clear_refs``); False where unsupported."""
+    try:
+        with open("/proc/self/clear_refs", "w") as fh:
+            fh.write("5")
+        return True
+    except OSError:
+        return False
+
+
+def peak_rss_bytes() -> int | None:
+    """The process's peak resident memory since the last :func:`reset_peak_rss` (Linux), else the
+    lifetime peak from ``getrusage``, else None."""
+    peak = _status("VmHWM")
+    if peak is not None:
+        return peak
+    try:
+        import resource
+
+        scale = 1 if sys.platform == "darwin" else 1024
+        return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * scale
+    except Exception:
+        return None
+
+
+# -- the planner ------------------------------------------------------------------------------------
+
+import json
+import math
+import os
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any, Mapping
+
+from .errors import InvalidRequestError, ModelPackageError
+
+__all__ += ["ModelSpec", "MemoryPlan", "plan_memory", "count_parameters", "device_capacity", "DTYPE_BYTES", "measure_peak"]
+
+MiB = 1 << 20
+
+#: Bytes per weight for each precision (int4 and int8 include their per-block scales).
+DTYPE_BYTES = {"fp32": 4.0, "fp16": 2.0, "bf16": 2.0, "int8": 1.0625, "int4": 0.5625}
+
+#: Resident memory of a process that has imported nextoken and ONNX Runtime and probed the devices,
+#: before any model (measured on Linux x86_64 with onnxruntime-gpu 1.31: 65-69 MiB).
+RUNTIME_BASELINE = {"cpu": 70 * MiB, "cuda": 70 * MiB}
+#: A session's own memory beyond its weights (threads, arena, graph): ~10 MiB on CPU; on CUDA
+#: the context, cuBLAS/cuDNN workspaces (~500 MiB, a commonly seen figure; not measured here).
+SESSION_OVERHEAD = {"cpu": 10 * MiB, "cuda": 500 * MiB}
+
+
+@dataclass(frozen=True)
+class ModelSpec:
+    """The shape of a decoder-only transformer, as the planner needs it."""
+
+    architecture: str
+    num_layers: int
+    hidden_size: int
+    intermediate_size: int
+    num_heads: int
+    num_kv_heads: int
+    head_dim: int
+    vocab_size: int
+    context_length: int
+    parameters: int
+    tie_word_embeddings: bool
+    weights_file_bytes: int | None = None   # a package's real model.onnx (+ data) size
+    dtype: str = "fp32"
+
+    @classmethod
+    def from_config(cls, config: Mapping[str, Any]) -> "ModelSpec":
+        """From a transformers ``config.json`` (as a dict): no weights needed."""
+        c = dict(config)
+        mt = c.get("model_type", "")
+        if mt == "gpt2":
+            hidden, layers, heads = c["n_embd"], c["n_layer"], c["n_head"]
+            inter = c.get("n_inner") or 4 * hidden
+            kv, ctx, head_dim = heads, c.get("n_positions", 1024), hidden // heads
+        else:
+            try:
+                hidden, layers, heads = c["hidden_size"], c["num_hidden_layers"], c["num_attention_heads"]
+                inter = c["intermediate_size"]
+            except KeyError as exc:
+                raise InvalidRequestError(f"config.json lacks {exc.args[0]}; is it a decoder-only transformer?") from None
+            kv = c.get("num_key_value_heads") or heads
+            head_dim = c.get("head_dim") or hidden // heads
+            ctx = c.get("max_position_embeddings") or 2048
+        tie = c.get("tie_word_embeddings", mt in ("gpt2", "gemma", "gemma2", "gemma3_text"))
+        dtype = {"float16": "fp16", "bfloat16": "bf16"}.get(str(c.get("torch_dtype") or c.get("dtype")), "fp32")
+        return cls(mt or "unknown", int(layers), int(hidden), int(inter), int(heads), int(kv), int(head_dim),
+                   int(c["vocab_size"]), int(ctx), count_parameters(c), bool(tie), dtype=dtype)
+
+    @classmethod
+    def load(cls, source: str | os.PathLike) -> "ModelSpec":
+        """From a model package, a checkpoint directory, a config.json file, or a hub id (its
+        config.json alone is fetched, which needs network access and the ``export`` extra)."""
+        path = Path(source).expanduser()
+        if path.is_dir() and (path / "nextoken.json").is_file():
+            from .manifest import Manifest
+
+            manifest = Manifest.load(path)
+            if not (path / "config.json").is_file():
+                raise ModelPackageError(f"{path} has no config.json; re-export it with `nextoken export`")
+            spec = cls.from_config(json.loads((path / "config.json").read_text()))
+            size = sum(p.stat().st_size for p in path.iterdir() if p.name.startswith(manifest.model_file))
+            return cls(**{**asdict(spec), "weights_file_bytes": size, "dtype": manifest.precision,
+                          "num_layers": manifest.num_layers, "num_kv_heads": manifest.num_kv_heads,
+                          "head_dim": manifest.head_dim, "context_length": manifest.context_length})
+        if path.is_dir():
+            path = path / "config.json"
+        if path.is_file():
+            try:
+                return cls.from_config(json.loads(path.read_text()))
+            except (ValueError, OSError) as exc:
+                raise InvalidRequestError(f"cannot read {path}: {exc}") from None
+        if str(source).startswith((".", "/", "~")) or str(source).count("/") > 1:
+            raise InvalidRequestError(f"{source} does not exist (give a package, a checkpoint, a config.json or a hub id)")
+        try:
+            from huggingface_hub import hf_hub_download
+
+            return cls.from_config(json.loads(Path(hf_hub_download(str(source), "config.json")).read_text()))
+        except ImportError:
+            raise InvalidRequestError("planning from a hub id needs huggingface_hub: pip install 'nextoken[export]'") from None
+        except Exception as exc:
+            raise InvalidRequestError(f"cannot fetch the config.json of {source!r}: {str(exc).splitlines()[0][:200]}") from None
+
+
+def count_parameters(config: Mapping[str, Any]) -> int:
+    """Parameters of a decoder-only transformer from its config (gpt2 and the llama family:
+    llama, mistral, qwen2, phi3, gemma ...), embeddings counted once when tied."""
+    c = config
+    if c.get("model_type") == "gpt2":
+        h, layers, v = c["n_embd"], c["n_layer"], c["vocab_size"]
+        inter = c.get("n_inner") or 4 * h
+        per_layer = (h * 3 * h + 3 * h) + (h * h + h) + (h * inter + inter) + (inter * h + h) + 4 * h
+        return v * h + c.get("n_positions", 1024) * h + layers * per_layer + 2 * h
+    h, layers, v = c["hidden_size"], c["num_hidden_layers"], c["vocab_size"]
+    heads = c["num_attention_heads"]
+    kv = c.get("num_key_value_heads") or heads
+    hd = c.get("head_dim") or h // heads
+    inter = c["intermediate_size"]
+    bias = c.get("attention_bias", c.get("model_type") == "qwen2")
+    attn = h * heads * hd + 2 * h * kv * hd + heads * hd * h + (heads * hd + 2 * kv * hd if bias else 0)
+    mlp = 3 * h * inter + (2 * inter + h if c.get("mlp_bias") else 0)
+    tie = c.get("tie_word_embeddings", c.get("model_type") in ("gemma", "gemma2", "gemma3_text"))
+    return v * h * (1 if tie else 2) + layers * (attn + mlp + 2 * h) + h
+
+
+@dataclass
+class MemoryPlan:
+    """What a model needs at ``batch`` sequences of ``context`` tokens, against a capacity. Bytes."""
+
+    model: str
+    device: str
+    dtype: str
+    batch: int
+    context: int
+    parameters: int
+    weights_bytes: int
+    kv_bytes_per_token: int            # one sequence, all layers, keys and values
+    kv_bytes_per_sequence: int         # at `context` tokens
+    kv_cache_bytes: int                # the whole batch at `context` tokens
+    working_bytes: int                 # runtime + session + activations at the peak
+    total_bytes: int
+    capacity_bytes: int | None
+    fits: bool | None
+    max_batch: int | None              # at this context
+    max_context: int | None            # at this batch (at most the model's window)
+    model_context_length: int
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+    def table(self) -> str:
+        gib = lambda n: "-" if n is None else f"{n / (1 << 30):.2f} GiB"  # noqa: E731
+        rows = [
+            ("model", f"{self.model} ({self.parameters / 1e6:,.1f}M parameters)"),
+            ("device / dtype", f"{self.device} / {self.dtype}"),
+            ("batch x context", f"{self.batch} x {self.context} tokens (window {self.model_context_length})"),
+            ("weights", gib(self.weights_bytes)),
+            ("KV cache", f"{gib(self.kv_cache_bytes)}  ({self.kv_bytes_per_token / 1024:.1f} KiB/token, "
+                         f"{gib(self.kv_bytes_per_sequence)}/sequence)"),
+            ("working memory", gib(self.working_bytes)),
+            ("total", gib(self.total_bytes)),
+            ("capacity", gib(self.capacity_bytes)),
+            ("fits", {True: "yes", False: "NO", None: "-"}[self.fits]),
+            ("largest batch", "-" if self.max_batch is None else f"{self.max_batch} at {self.context} tokens"),
+            ("longest context", "-" if self.max_context is None else f"{self.max_context} tokens at batch {self.batch}"),
+        ]
+        return "\n".join(f"{k:16} {v}" for k, v in rows)
+
+
+def _bytes_per(dtype: str) -> float:
+    if dtype not in DTYPE_BYTES:
+        raise InvalidRequestError(f"dtype {dtype!r} is not known; use one of {', '.join(DTYPE_BYTES)}")
+    return DTYPE_BYTES[dtype]
+
+
+def _activation_bytes(spec: ModelSpec, batch: int, context: int, act: int) -> int:
+    """The peak of one request beyond weights: the larger of prefill (the cache being filled, plus
+    one layer's temporaries: attention scores [B, heads, S, S], MLP [B, S, I], hidden [B, S, H],
+    several of each alive at once) and decode (the graph concatenates past and new keys/values,
+    so a step holds the cache twice)."""
+    kv = 2 * spec.num_layers * spec.num_kv_heads * spec.head_dim * act * batch * context
+    per_layer = act * batch * context * (4 * spec.num_heads * context + 4 * spec.intermediate_size + 8 * spec.hidden_size)
+    logits = act * batch * spec.vocab_size
+    return max(kv + per_layer + logits, 2 * kv + logits)
+
+
+def _total(spec: ModelSpec, batch: int, context: int, dtype: str, device: str, weights: int) -> tuple[int, int, int]:
+    act = 2 if dtype in ("fp16", "bf16") else 4
+    kv_cache = 2 * spec.num_layers * spec.num_kv_heads * spec.head_dim * act * batch * context
+    working = RUNTIME_BASELINE[device] + SESSION_OVERHEAD[device] + _activation_bytes(spec, batch, context, act) - kv_cache
+    return kv_cache, working, weights + kv_cache + working
+
+
+def device_capacity(device: str) -> int | None:
+    """Memory of ``device``: the host's total RAM for cpu; the first GPU's (nvidia-smi) for cuda."""
+    if device == "cpu":
+        try:
+            with open("/proc/meminfo") as fh:
+                for line in fh:
+                    if line.startswith("MemTotal:"):
+                        return int(line.split()[1]) * 1024
+        except OSError:
+            pass
+        try:
+            return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+        except (ValueError, OSError, AttributeError):
+            return None
+    import shutil
+    import subprocess
+
+    if shutil.which("nvidia-smi") is None:
+        return None
+    try:
+        out = subprocess.run(["nvidia-smi", "--query-gpu=memory.total", "--format=csv,noheader,nounits"],
+                             capture_output=True, text=True, timeout=10).stdout.split()
+        return int(float(out[0])) * MiB if out else None
+    except (OSError, ValueError, subprocess.SubprocessError):
+        return None
+
+
+def plan_memory(model: str | os.PathLike | ModelSpec, batch: int = 1, context: int | None = None,
+                dtype: str | None = None, device: str = "cpu", capacity: int | None = None) -> MemoryPlan:
+    """Plan memory for ``batch`` sequences of ``context`` tokens (default: the model's window).
+
+    ``model``: a :class:`ModelSpec`, a package, a checkpoint, a config.json or a hub id. ``dtype``:
+    the weights' precision (default: the package's, else fp32). ``capacity``: bytes available
+    (default: read from the host or the GPU). Weights are a package's real file size, or
+    parameters x bytes per parameter from a config.
+    """
+    spec = model if isinstance(model, ModelSpec) else ModelSpec.load(model)
+    if device not in RUNTIME_BASELINE:
+        raise InvalidRequestError(f"device {device!r} is not known to the planner; use cpu or cuda")
+    if batch < 1:
+        raise InvalidRequestError(f"batch must be >= 1, not {batch}")
+    context = spec.context_length if context is None else context
+    if context < 1:
+        raise InvalidRequestError(f"context must be >= 1, not {context}")
+    dtype = dtype or spec.dtype
+    per_param = _bytes_per(dtype)
+    if spec.weights_file_bytes is not None and dtype == spec.dtype:
+        weights = spec.weights_file_bytes
+    else:
+        weights = int(math.ceil(spec.parameters * per_param))
+    kv_cache, working, total = _total(spec, batch, context, dtype, device, weights)
+    capacity = device_capacity(device) if capacity is None else capacity
+    per_token = kv_cache // (batch * context)
+    fits = max_batch = max_context = None
+    if capacity is not None:
+        fits = total <= capacity and context <= spec.context_length
+
+        def ok(b: int, t: int) -> bool:
+            return _total(spec, b, t, dtype, device, weights)[2] <= capacity
+
+        max_batch = _largest(lambda b: ok(b, context), 1 << 20)
+        max_context = _largest(lambda t: ok(batch, t), spec.context_length)
+    name = str(model) if not isinstance(model, ModelSpec) else spec.architecture
+    return MemoryPlan(name, device, dtype, batch, context, spec.parameters, weights, per_token,
+                      per_token * context, kv_cache, working, total, capacity, fits, max_batch, max_context,
+                      spec.context_length)
+
+
+def _largest(ok, limit: int) -> int:
+    """The largest n in [1, limit] with ok(n) (ok monotone decreasing), 0 when none."""
+    if not ok(1):
+        return 0
+    lo, hi = 1, limit
+    while lo < hi:
+        mid = (lo + hi + 1) // 2
+        if ok(mid):
+            lo = mid
+        else:
+            hi = mid - 1
+    return lo
+
+
+def measure_peak(package: str | os.PathLike, batch: int, context: int, threads: int | None = None,
+                 new_tokens: int = 8) -> dict[str, int]:
+    """Load ``package`` on the CPU and generate ``new_tokens`` after prompts of ``context -
+    new_tokens`` tokens at ``batch``: the process's peak resident memory during generation, and
+    over its whole life (loading included). Meant for a fresh process (``nextoken memory --measure``)."""
+    import numpy as np
+
+    from .engine import Engine
+
+    if context <= new_tokens:
+        raise InvalidRequestError(f"context must be > {new_tokens} to measure")
+    with Engine(package, device="cpu", threads=threads) as engine:
+        rng = np.random.default_rng(0)
+        vocab = engine.manifest.vocab_size
+        prompts = [rng.integers(min(3, vocab - 1), vocab, size=context - new_tokens).tolist() for _ in range(batch)]
+        lifetime_before = peak_rss_bytes() or 0
+        reset_peak_rss()
+        completion = engine.generate(prompts, max_new_tokens=new_tokens, ignore_eos=True)
+        peak = peak_rss_bytes() or 0
+    return {"peak_bytes": peak, "lifetime_peak_bytes": max(peak, lifetime_before), "batch": batch,
+            "context": context, "kv_cache_bytes": completion[0].usage.kv_cache_bytes}
