@@ -81,6 +81,7 @@ def _params(args: argparse.Namespace):
         top_logprobs=args.top_logprobs, processors=tuple(args.processor or ()),
         stop_conditions=tuple(args.stop_condition or ()),
         options={k: v for k, v in options.items() if k not in (args.cost or [])},
+        context_policy=args.context_policy, protected_prefix=args.protected_prefix,
     )
 
 
@@ -166,6 +167,47 @@ def _cmd_memory(args: argparse.Namespace) -> int:
         print(f"{'measured peak':16} {m['peak_bytes'] / (1 << 30):.2f} GiB during generation, "
               f"{m['lifetime_peak_bytes'] / (1 << 30):.2f} GiB with loading "
               f"(predicted/measured {m['predicted_over_measured']:.2f})")
+    return 0
+
+
+def _cmd_cost(args: argparse.Namespace) -> int:
+    from .cost import per_answer_from_bench, per_answer_from_tokens, project
+
+    basis: dict = {}
+    if args.per_answer is not None:
+        per_answer, basis = args.per_answer, {"given": "cost per answer"}
+    elif args.bench:
+        if args.hourly_rate is None:
+            raise NextokenError("--bench needs --hourly-rate (the device's price per hour)")
+        try:
+            bench = json.loads(Path(args.bench).read_text())
+        except (OSError, ValueError) as exc:
+            raise NextokenError(f"cannot read the bench file {args.bench}: {exc}") from None
+        try:
+            basis = per_answer_from_bench(bench, args.completion_tokens, args.hourly_rate, args.batch)
+        except ValueError as exc:
+            raise NextokenError(str(exc)) from None
+        per_answer = basis["per_answer"]
+        basis["devices_needed"] = args.requests_per_day * basis["device_seconds"] / 86400.0
+    elif args.input_price is not None or args.output_price is not None:
+        per_answer = per_answer_from_tokens(args.prompt_tokens, args.completion_tokens,
+                                            args.input_price or 0.0, args.output_price or 0.0)
+        basis = {"prompt_tokens": args.prompt_tokens, "completion_tokens": args.completion_tokens,
+                 "input_per_million": args.input_price or 0.0, "output_per_million": args.output_price or 0.0}
+    else:
+        raise NextokenError("give --per-answer, --input-price/--output-price with a token mix, or --bench FILE --hourly-rate")
+    out = {**project(per_answer, args.requests_per_day), "basis": basis}
+    if args.json:
+        print(json.dumps(out, indent=2))
+        return 0
+    print(f"{'per answer':14} ${f'{per_answer:.8f}'.rstrip('0').rstrip('.')}")
+    print(f"{'answers a day':14} {args.requests_per_day:,.0f}")
+    print(f"{'per day':14} ${out['per_day']:,.2f}")
+    print(f"{'per month':14} ${out['per_month']:,.2f}  (30 days)")
+    print(f"{'per year':14} ${out['per_year']:,.2f}")
+    if "devices_needed" in basis:
+        print(f"{'devices':14} {basis['devices_needed']:,.2f} busy all day at batch {basis['batch']} "
+              f"({basis['tokens_per_s']:,.1f} tok/s measured)")
     return 0
 
 
@@ -305,6 +347,11 @@ def _parser() -> argparse.ArgumentParser:
                        help="each token's probability and the N likeliest alternatives")
         p.add_argument("--processor", action="append", metavar="NAME", help="a plugin's logits processor (repeatable)")
         p.add_argument("--stop-condition", action="append", metavar="NAME", help="a plugin's stop condition (repeatable)")
+        p.add_argument("--context-policy", choices=("error", "truncate", "slide"), default="error",
+                       help="when a sequence outgrows the window: refuse a prompt that does not fit (default), "
+                            "drop its oldest tokens, or slide the window during generation")
+        p.add_argument("--protected-prefix", type=int, default=0, metavar="N",
+                       help="leading prompt tokens truncate/slide never drop (e.g. the system prompt)")
         p.add_argument("--cost", action="append", metavar="METER", help="charge with this cost meter (repeatable)")
         p.add_argument("--option", action="append", metavar="NAME.KEY=VALUE",
                        help="a plugin's own option, e.g. per_token.output_per_million=0.6 (repeatable)")
@@ -364,6 +411,19 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--threads", type=int, default=None, help="intra-op threads for --measure")
     p.add_argument("--json", action="store_true", help="print JSON")
     p.set_defaults(func=_cmd_memory)
+
+    p = sub.add_parser("cost", help="project a workload's cost: per answer, per day, per month, per year")
+    p.add_argument("--requests-per-day", type=float, required=True, metavar="N", help="answers a day")
+    p.add_argument("--per-answer", type=float, default=None, metavar="USD", help="a given cost per answer")
+    p.add_argument("--prompt-tokens", type=float, default=500, metavar="N", help="tokens in, per answer (default 500)")
+    p.add_argument("--completion-tokens", type=float, default=200, metavar="N", help="tokens out, per answer (default 200)")
+    p.add_argument("--input-price", type=float, default=None, metavar="USD", help="price per million input tokens")
+    p.add_argument("--output-price", type=float, default=None, metavar="USD", help="price per million output tokens")
+    p.add_argument("--bench", default=None, metavar="FILE", help="a `nextoken bench --json` file: measured throughput")
+    p.add_argument("--hourly-rate", type=float, default=None, metavar="USD", help="the device's price per hour (with --bench)")
+    p.add_argument("--batch", type=int, default=None, help="the bench batch to cost (default: the fastest)")
+    p.add_argument("--json", action="store_true", help="print JSON")
+    p.set_defaults(func=_cmd_cost)
 
     p = sub.add_parser("info", help="what a model package holds and where it would run")
     p.add_argument("package", help="model package directory")

@@ -28,7 +28,7 @@ if TYPE_CHECKING:  # pragma: no cover
     from .registry import Provided, Registry
 
 __all__ = [
-    "SamplingParams", "Usage", "Completion", "StreamEvent", "Stop", "Charge", "TokenLogprob",
+    "CONTEXT_POLICIES", "fit_prompt", "SamplingParams", "Usage", "Completion", "StreamEvent", "Stop", "Charge", "TokenLogprob",
     "BatchState", "Pipeline", "Generation", "FINISH_REASONS",
 ]
 
@@ -37,6 +37,17 @@ __all__ = [
 FINISH_REASONS = ("stop", "length", "context", "deadline")
 
 MAX_TOP_LOGPROBS = 20
+
+#: What happens when a sequence outgrows the model's context window:
+#: ``error`` (the default): a prompt longer than the window is refused before any work, naming both
+#: lengths; a generation that fills the window ends with finish reason ``context``. Nothing the
+#: caller sent is ever dropped silently.
+#: ``truncate``: the oldest prompt tokens after the protected prefix are dropped so that the prompt
+#: plus max_new_tokens fits.
+#: ``slide``: when a generation fills the window, the oldest tokens after the protected prefix are
+#: dropped (the window keeps its newest half) and the kept tokens are prefilled again from position
+#: 0, so positions stay correct; generation goes on for as long as max_new_tokens allows.
+CONTEXT_POLICIES = ("error", "truncate", "slide")
 _ids = itertools.count(1)
 
 
@@ -63,6 +74,9 @@ class SamplingParams:
     ``top_logprobs``: None (off), 0 (each token's own log-probability) or N (and the N likeliest).
     ``processors`` / ``stop_conditions`` name third-party plugins to use; ``options`` holds each
     plugin's own options by name; ``cost_meters`` maps meter names to their options.
+    ``context_policy``: what happens when a sequence outgrows the model's window (see
+    :data:`CONTEXT_POLICIES`); ``protected_prefix``: how many leading prompt tokens (e.g. the
+    system prompt) ``truncate`` and ``slide`` never drop.
     """
 
     max_new_tokens: int = 128
@@ -82,6 +96,8 @@ class SamplingParams:
     stop_conditions: tuple[str, ...] = ()
     options: Mapping[str, Mapping[str, Any]] = field(default_factory=dict)
     cost_meters: Mapping[str, Mapping[str, Any]] = field(default_factory=dict)
+    context_policy: str = "error"
+    protected_prefix: int = 0
 
     def __post_init__(self) -> None:
         def fail(msg: str) -> None:
@@ -115,6 +131,10 @@ class SamplingParams:
             fail(f"seed must be a non-negative integer, not {self.seed}")
         if self.deadline_s is not None and not number("deadline_s") > 0:
             fail(f"deadline_s must be > 0 seconds, not {self.deadline_s}")
+        if self.context_policy not in CONTEXT_POLICIES:
+            fail(f"context_policy must be one of {', '.join(CONTEXT_POLICIES)}, not {self.context_policy!r}")
+        if integer("protected_prefix") < 0:
+            fail(f"protected_prefix must be >= 0 tokens, not {self.protected_prefix}")
         if self.top_logprobs is not None and not 0 <= integer("top_logprobs") <= MAX_TOP_LOGPROBS:
             fail(f"top_logprobs must be in [0, {MAX_TOP_LOGPROBS}], not {self.top_logprobs}")
         if self.temperature == 0 and self.strategy in (None, "greedy"):
@@ -150,6 +170,31 @@ class SamplingParams:
                 f"unknown generation option(s) {', '.join(unknown)}; known: {', '.join(sorted(known))}"
             )
         return replace(self, **changes)
+
+
+def fit_prompt(prompt: list[int], params: SamplingParams, window: int, index: int | None = None) -> list[int]:
+    """Apply the context policy to one prompt before any work: refuse it (``error``), cut it
+    (``truncate``), or leave it for the loop to slide (``slide``)."""
+    which = "the prompt" if index is None else f"prompt {index}"
+    policy, keep = params.context_policy, params.protected_prefix
+    if policy == "truncate" and len(prompt) + params.max_new_tokens > window:
+        room = window - params.max_new_tokens
+        if room <= keep:
+            raise ContextWindowError(
+                f"max_new_tokens={params.max_new_tokens} leaves {max(room, 0)} of the {window}-token context window "
+                f"for {which}, not more than its protected prefix of {keep} tokens; lower max_new_tokens"
+            )
+        return prompt[:keep] + prompt[len(prompt) - (room - keep):]
+    if len(prompt) > window or (policy == "slide" and len(prompt) >= window):
+        raise ContextWindowError(
+            f"{which} has {len(prompt)} tokens but the model's context window is {window}; shorten it, "
+            "or use context_policy='truncate' to drop its oldest tokens"
+        )
+    if keep >= window // 2 and policy == "slide":
+        raise ContextWindowError(
+            f"protected_prefix={keep} must be under half the {window}-token window for context_policy='slide'"
+        )
+    return prompt
 
 
 @dataclass(frozen=True)
@@ -394,12 +439,8 @@ class Generation:
     def __init__(self, runner: StepRunner, prompts: Sequence[list[int]], params: SamplingParams,
                  pipeline: Pipeline, tokenizer: Tokenizer | None, eos_token_ids: Sequence[int],
                  pad_token_id: int, context_length: int, device: str) -> None:
-        for i, p in enumerate(prompts):
-            if len(p) > context_length:
-                which = f"prompt {i}" if len(prompts) > 1 else "the prompt"
-                raise ContextWindowError(
-                    f"{which} has {len(p)} tokens but the model's context window is {context_length}; shorten it"
-                )
+        prompts = [fit_prompt(list(p), params, context_length, i if len(prompts) > 1 else None)
+                   for i, p in enumerate(prompts)]
         self.runner = runner
         self.params = params
         self.pipeline = pipeline
@@ -413,6 +454,8 @@ class Generation:
             for p in self.state.prompts
         ]
         self.start = self.first_token_time = self.prefill_done = 0.0
+        #: (step, row, kept token ids) for every slide of the window (policy ``slide``)
+        self.slides: list[tuple[int, int, list[int]]] = []
         self.model_seconds = self.prefill_model_seconds = 0.0
         self.kv_cache_bytes = 0
         self.peak_memory_bytes: int | None = None
@@ -432,22 +475,12 @@ class Generation:
         reset_peak_rss()
         self.start = state.start_time = time.perf_counter()
         batch = state.batch_size
-        width = max(len(p) for p in state.prompts)
-        # Left padding: every row's last prompt token sits in the last column.
-        input_ids = np.full((batch, width), self.pad_token_id, dtype=np.int64)
-        mask = np.zeros((batch, width), dtype=np.int64)
-        for row, prompt in enumerate(state.prompts):
-            input_ids[row, width - len(prompt):] = prompt
-            mask[row, width - len(prompt):] = 1
-        positions = np.cumsum(mask, axis=1) - 1
-        positions[mask == 0] = 1
-        next_pos = positions[:, -1:] + 1                                  # [B, 1]
-        prompt_lens = np.array([len(p) for p in state.prompts])
-        cache = self.runner.new_cache(batch)
-
-        logits = self.runner.step(cache, input_ids, mask, positions)     # prefill: [B, S] -> [B, V]
+        # lengths[row]: tokens of the row's sequence the model has seen or will see next
+        lengths = np.array([len(p) for p in state.prompts])
+        cache, mask, next_pos, logits = self._prefill(state.prompts)
         self.prefill_done = time.perf_counter()
         self.prefill_model_seconds = cache.run_seconds
+        run_seconds = 0.0
         while True:
             for proc in pipe.processors:
                 try:
@@ -481,10 +514,12 @@ class Generation:
                     for row, stop in stops.items():
                         if state.alive[row] and seqs[row].finish is None:
                             seqs[row].finish = stop
-            full = prompt_lens + state.step >= self.context_length
+            lengths[alive_rows] += 1
+            full = lengths >= self.context_length
+            slide = self.params.context_policy == "slide"
             for row in alive_rows:
                 seq = seqs[row]
-                if seq.finish is None and full[row]:
+                if seq.finish is None and full[row] and not slide:
                     seq.finish = Stop("context", f"context window of {self.context_length} tokens is full")
                 if seq.finish is not None:
                     state.alive[row] = False
@@ -506,16 +541,55 @@ class Generation:
                                   seq.finish.reason if seq.finish else None, lp)
             if not state.alive.any():
                 break
+            if slide and (full & state.alive).any():
+                # The window is full: keep the protected prefix and the newest tokens, prefill again.
+                windows = []
+                for row in range(batch):
+                    seq_ids = state.prompts[row] + state.generated[row]
+                    if not state.alive[row]:
+                        windows.append(seq_ids[-1:])
+                    elif full[row]:
+                        windows.append(self._window(seq_ids))
+                        self.slides.append((state.step, row, list(windows[-1])))
+                    else:
+                        windows.append(seq_ids)
+                run_seconds += cache.run_seconds
+                self.kv_cache_bytes = max(self.kv_cache_bytes, cache.nbytes())
+                cache, mask, next_pos, logits = self._prefill(windows)
+                lengths = np.array([len(w) for w in windows])
+                continue
             # Decode step [B, 1]; finished rows ride along on their last token and are ignored.
             mask = np.concatenate([mask, np.ones((batch, 1), dtype=np.int64)], axis=1)
             logits = self.runner.step(cache, tokens[:, None], mask, next_pos)
             next_pos = next_pos + 1
-        self.model_seconds = cache.run_seconds
-        self.kv_cache_bytes = cache.nbytes()
+        self.model_seconds = run_seconds + cache.run_seconds
+        self.kv_cache_bytes = max(self.kv_cache_bytes, cache.nbytes())
         self.peak_memory_bytes = peak_rss_bytes()
         self._completions = self._finish()
         if pipe.on_end is not None:
             pipe.registry.call_observer("on_request_end", pipe.on_end, state=state, completions=self._completions)
+
+    def _prefill(self, prompts: Sequence[list[int]]):
+        """Prefill ``[B, S]`` left-padded prompts into a new cache: (cache, mask, next positions, logits [B, V])."""
+        batch = len(prompts)
+        width = max(len(p) for p in prompts)
+        # Left padding: every row's last prompt token sits in the last column.
+        input_ids = np.full((batch, width), self.pad_token_id, dtype=np.int64)
+        mask = np.zeros((batch, width), dtype=np.int64)
+        for row, prompt in enumerate(prompts):
+            input_ids[row, width - len(prompt):] = prompt
+            mask[row, width - len(prompt):] = 1
+        positions = np.cumsum(mask, axis=1) - 1
+        positions[mask == 0] = 1
+        cache = self.runner.new_cache(batch)
+        logits = self.runner.step(cache, input_ids, mask, positions)
+        return cache, mask, positions[:, -1:] + 1, logits
+
+    def _window(self, ids: list[int]) -> list[int]:
+        """What ``slide`` keeps of a full sequence: the protected prefix and the newest tokens, half a window in all."""
+        keep = max(self.context_length // 2, self.params.protected_prefix + 1)
+        prefix = ids[: self.params.protected_prefix]
+        return prefix + ids[len(ids) - (keep - len(prefix)):]
 
     def _logprobs(self, logits: np.ndarray, tokens: np.ndarray) -> list[TokenLogprob]:
         """Each row's chosen token and top-N alternatives under the final distribution."""

@@ -1,0 +1,51 @@
+"""`nextoken cost`: what a workload costs, from given figures or from a measured bench run."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from nextoken.cost import per_answer_from_bench, per_answer_from_tokens, project
+from helpers import run_cli
+
+
+def test_a_cent_an_answer_at_a_million_answers_a_day_is_ten_thousand_dollars_a_day():
+    assert project(0.01, 1_000_000)["per_day"] == pytest.approx(10_000)
+    # the same from a token mix at per-token prices
+    assert per_answer_from_tokens(1000, 500, 2.0, 16.0) == pytest.approx(0.01)
+    out = run_cli("cost", "--requests-per-day", "1000000", "--prompt-tokens", "1000", "--completion-tokens", "500",
+                  "--input-price", "2", "--output-price", "16", "--json")
+    assert out.returncode == 0, out.stderr
+    data = json.loads(out.stdout)
+    assert data["per_answer"] == pytest.approx(0.01) and data["per_day"] == pytest.approx(10_000)
+    plain = run_cli("cost", "--requests-per-day", "1000000", "--per-answer", "0.01")
+    assert "per day        $10,000.00" in plain.stdout
+
+
+def test_cost_from_a_bench_run(stories_package, tmp_path):
+    bench = tmp_path / "bench.json"
+    out = run_cli("bench", str(stories_package), "--batch", "1,2", "--prompt-tokens", "16", "--new", "16",
+                  "--repeat", "1", "--json", str(bench))
+    assert out.returncode == 0, out.stderr
+    assert "outside%" in out.stdout
+    data = json.loads(bench.read_text())
+    assert [r["batch"] for r in data["rows"]] == [1, 2]
+    for r in data["rows"]:
+        assert r["step_ms"] == pytest.approx(r["model_step_ms"] + r["outside_step_ms"], rel=1e-6)
+    est = per_answer_from_bench(data, completion_tokens=100, hourly_rate=3.6)
+    fastest = max(data["rows"], key=lambda r: r["total_tokens_per_s"])
+    assert est["batch"] == fastest["batch"]
+    assert est["per_answer"] == pytest.approx(est["device_seconds"] * 3.6 / 3600)
+    cli = run_cli("cost", "--requests-per-day", "86400", "--bench", str(bench), "--hourly-rate", "3.6",
+                  "--completion-tokens", "100", "--json")
+    got = json.loads(cli.stdout)
+    assert got["per_answer"] == pytest.approx(est["per_answer"])
+    assert got["basis"]["devices_needed"] == pytest.approx(est["device_seconds"])
+
+
+def test_cost_errors():
+    none = run_cli("cost", "--requests-per-day", "10")
+    assert none.returncode == 1 and "give --per-answer" in none.stderr
+    bad = run_cli("cost", "--requests-per-day", "10", "--bench", "/no/such.json", "--hourly-rate", "1")
+    assert bad.returncode == 1 and "cannot read the bench file" in bad.stderr
