@@ -184,7 +184,7 @@ class Engine:
         ids = self._batch(prompts)
         return Generation(
             self.runner, ids, params, pipeline, self.tokenizer, self.eos_token_ids, self.pad_token_id,
-            self.manifest.context_length, self.device.device,
+            self.manifest.context_length, self.device.device, self.device.provider,
         )
 
     def stream(self, prompts: Prompt | Sequence[Prompt], params: SamplingParams | None = None,

@@ -255,6 +255,7 @@ class Usage:
     steps: int
     batch_size: int
     device: str
+    provider: str = ""                 # the ONNX Runtime execution provider that ran it
     kv_cache_bytes: int = 0            # the request's KV cache at its largest (the whole batch)
     peak_memory_bytes: int | None = None   # the process's peak resident memory during the request (Linux)
 
@@ -438,7 +439,7 @@ class Generation:
 
     def __init__(self, runner: StepRunner, prompts: Sequence[list[int]], params: SamplingParams,
                  pipeline: Pipeline, tokenizer: Tokenizer | None, eos_token_ids: Sequence[int],
-                 pad_token_id: int, context_length: int, device: str) -> None:
+                 pad_token_id: int, context_length: int, device: str, provider: str = "") -> None:
         prompts = [fit_prompt(list(p), params, context_length, i if len(prompts) > 1 else None)
                    for i, p in enumerate(prompts)]
         self.runner = runner
@@ -448,6 +449,7 @@ class Generation:
         self.context_length = context_length
         self.pad_token_id = pad_token_id
         self.device = device
+        self.provider = provider
         self.state = BatchState(params, [list(p) for p in prompts], eos_token_ids, runner.manifest.vocab_size)
         self.seqs = [
             _Sequence(tokenizer.decoder(p) if tokenizer else None, params.top_logprobs is not None)
@@ -630,6 +632,7 @@ class Generation:
                 steps=self.state.step,
                 batch_size=self.state.batch_size,
                 device=self.device,
+                provider=self.provider,
                 kv_cache_bytes=self.kv_cache_bytes,
                 peak_memory_bytes=self.peak_memory_bytes,
             )

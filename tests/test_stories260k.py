@@ -78,5 +78,6 @@ def test_cli_generate_json_and_ignore_eos(stories_package):
     assert 1 in data["token_ids"]             # it ran past the end of the story
     usage = data["usage"]
     assert usage["prompt_tokens"] == 5 and usage["completion_tokens"] == 400
-    for key in ("time_to_first_token_ms", "decode_tokens_per_s", "wall_ms"):
+    for key in ("time_to_first_token_ms", "decode_tokens_per_s", "wall_ms", "kv_cache_bytes"):
         assert usage[key] > 0
+    assert usage["provider"] == "CPUExecutionProvider" or usage["device"] == "cuda"
