@@ -57,7 +57,7 @@ def test_greedy_32_tokens_match_transformers_generate(arch_setup):
     _, engine, model = arch_setup
     ids = engine.encode(PROMPTS[1])
     with torch.no_grad():
-        out = model.generate(torch.tensor([ids]), max_new_tokens=32, min_new_tokens=32, do_sample=False,
+        out = model.generate(torch.tensor([ids]), max_new_tokens=32, eos_token_id=None, do_sample=False,
                              pad_token_id=0, output_scores=True, return_dict_in_generate=True)
     expected = out.sequences[0, len(ids):].tolist()
     # The weights are wide enough that no greedy choice is a near-tie: the top-2 gap dwarfs the
