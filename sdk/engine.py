@@ -11,7 +11,7 @@ import onnxruntime as ort
 
 from .chat import Message, render_chat
 from .device import DeviceChoice, resolve_device, session_options, spin_default
-from .errors import InvalidRequestError, ModelPackageError, NextokenError
+from .errors import InvalidRequestError, ModelPackageError
 from .generation import Completion, Generation, Pipeline, SamplingParams, StreamEvent
 from .kvcache import StepRunner
 from .manifest import Manifest, TensorSpec

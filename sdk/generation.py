@@ -479,6 +479,7 @@ class Generation:
         batch = state.batch_size
         # lengths[row]: tokens of the row's sequence the model has seen or will see next
         lengths = np.array([len(p) for p in state.prompts])
+        slide = self.params.context_policy == "slide"
         cache, mask, next_pos, logits = self._prefill(state.prompts)
         self.prefill_done = time.perf_counter()
         self.prefill_model_seconds = cache.run_seconds
@@ -518,7 +519,6 @@ class Generation:
                             seqs[row].finish = stop
             lengths[alive_rows] += 1
             full = lengths >= self.context_length
-            slide = self.params.context_policy == "slide"
             for row in alive_rows:
                 seq = seqs[row]
                 if seq.finish is None and full[row] and not slide:
@@ -530,9 +530,10 @@ class Generation:
                     elif seq.decoder is not None:
                         state.texts[row] += seq.decoder.flush()
                     end = len(state.texts[row])
+                elif pipe.text_stops:
+                    end = len(state.texts[row]) - max(c.holdback(state.texts[row]) for c in pipe.text_stops)
                 else:
-                    held = max((c.holdback(state.texts[row]) for c in pipe.text_stops), default=0)
-                    end = len(state.texts[row]) - held
+                    end = len(state.texts[row])
                 delta = state.texts[row][seq.emitted:end] if end > seq.emitted else ""
                 seq.emitted = max(seq.emitted, end)
                 lp = None

@@ -6,7 +6,7 @@ import importlib
 import importlib.metadata
 import os
 import types
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any, Callable, Iterable, Mapping, Sequence
 
 import pluggy
@@ -242,6 +242,3 @@ def resolve_names(kind: str, names: Iterable[str], registry: Registry) -> list[P
         out.append(piece)
     return out
 
-
-def options_for(options: Mapping[str, Mapping[str, Any]], name: str) -> dict[str, Any]:
-    return dict(options.get(name, {}))

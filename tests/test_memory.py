@@ -4,7 +4,6 @@ against the rule of thumb and against measured runs."""
 from __future__ import annotations
 
 import json
-import subprocess
 import sys
 
 import pytest
