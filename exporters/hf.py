@@ -3,7 +3,6 @@ nextoken model package, then check the ONNX logits against PyTorch."""
 
 from __future__ import annotations
 
-import hashlib
 import importlib.metadata
 import json
 import logging
@@ -19,7 +18,7 @@ from pathlib import Path
 from typing import Any, Callable, Iterator
 
 from nextoken.errors import ExportError
-from nextoken.manifest import MANIFEST_NAME, Manifest
+from nextoken.manifest import MANIFEST_NAME, Manifest, sha256_file
 
 __all__ = ["export", "ExportReport", "TASK", "SUPPORTED_ARCHITECTURES", "DEFAULT_ATOL"]
 
@@ -207,14 +206,6 @@ def _onnx_config(config):
     return WithPositions(config, task="text-generation", use_past=True, use_past_in_inputs=True)
 
 
-def _sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as fh:
-        for chunk in iter(lambda: fh.read(1 << 20), b""):
-            digest.update(chunk)
-    return digest.hexdigest()
-
-
 def _versions() -> dict[str, str]:
     out = {}
     for dist in ("nextoken", "optimum-onnx", "optimum", "transformers", "torch", "onnx", "onnxruntime-gpu", "onnxruntime"):
@@ -337,7 +328,7 @@ def _manifest_from_graph(model_path: Path, config, package: Path, source: str) -
         tokenizer_file="tokenizer.json" if (package / "tokenizer.json").is_file() else None,
         source=source,
         exported_by=_versions(),
-        checksums={name: _sha256(package / name) for name in files},
+        checksums={name: sha256_file(package / name) for name in files},
     )
 
 

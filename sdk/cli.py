@@ -226,6 +226,10 @@ def _cmd_bench(args: argparse.Namespace) -> int:
 def _cmd_info(args: argparse.Namespace) -> int:
     with _engine(args) as engine:
         m = engine.manifest
+        if args.verify:
+            bad = m.verify_files(engine.path)
+            if bad:
+                raise NextokenError(f"{engine.path} does not match its checksums: {', '.join(bad)}; re-export it")
         files = {p.name: p.stat().st_size for p in sorted(engine.path.iterdir()) if p.is_file()}
         info = {
             "package": str(engine.path),
@@ -250,6 +254,8 @@ def _cmd_info(args: argparse.Namespace) -> int:
             "exported_by": dict(m.exported_by),
             "files": files,
         }
+        if args.verify:
+            info["checksums"] = f"{len(m.checksums)} files verified"
     if args.json:
         print(json.dumps(info, indent=2))
         return 0
@@ -428,6 +434,7 @@ def _parser() -> argparse.ArgumentParser:
     p = sub.add_parser("info", help="what a model package holds and where it would run")
     p.add_argument("package", help="model package directory")
     p.add_argument("--json", action="store_true", help="print JSON")
+    p.add_argument("--verify", action="store_true", help="re-hash every file against the manifest's checksums")
     runtime_options(p)
     plugin_options(p)
     p.set_defaults(func=_cmd_info)

@@ -13,6 +13,7 @@ The manifest is plain JSON; loading a package never executes code from it.
 from __future__ import annotations
 
 import dataclasses
+import hashlib
 import json
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -34,6 +35,15 @@ ORT_TYPES = {
     "tensor(int64)": "int64",
     "tensor(int32)": "int32",
 }
+
+
+def sha256_file(path: str | Path) -> str:
+    """Hex sha256 of a file, read in 1 MiB chunks."""
+    digest = hashlib.sha256()
+    with open(path, "rb") as fh:
+        for chunk in iter(lambda: fh.read(1 << 20), b""):
+            digest.update(chunk)
+    return digest.hexdigest()
 
 
 @dataclass(frozen=True)
@@ -153,6 +163,18 @@ class Manifest:
         except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
             raise ModelPackageError(f"{path} is not valid JSON ({exc}); re-export the package.") from None
         return cls.from_dict(data, where=str(path))
+
+    def verify_files(self, directory: str | Path) -> list[str]:
+        """Re-hash the package's files against ``checksums``: the names that differ or are missing."""
+        bad = []
+        for name, expected in sorted(self.checksums.items()):
+            path = Path(directory) / name
+            if not path.is_file():
+                bad.append(f"{name} (missing)")
+                continue
+            if sha256_file(path) != expected:
+                bad.append(f"{name} (changed)")
+        return bad
 
     # -- the check against the graph -------------------------------------------------------------
     def check_graph(self, inputs: Sequence[TensorSpec], outputs: Sequence[TensorSpec]) -> None:

@@ -7,7 +7,7 @@ import importlib.metadata
 import os
 import types
 from dataclasses import dataclass
-from typing import Any, Callable, Iterable, Mapping, Sequence
+from typing import Any, Callable, Iterable, Sequence
 
 import pluggy
 

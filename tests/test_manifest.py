@@ -50,3 +50,19 @@ def test_bad_values_are_named(tiny_llama, tmp_path):
     (tmp_path / "nextoken.json").write_text(json.dumps(data))
     with pytest.raises(ModelPackageError, match="num_layers must be a positive integer"):
         Manifest.load(tmp_path)
+
+
+def test_info_verifies_checksums(tiny_llama, tmp_path):
+    import shutil
+
+    from helpers import run_cli
+
+    pkg = tmp_path / "pkg"
+    shutil.copytree(tiny_llama[1], pkg)
+    ok = run_cli("info", str(pkg), "--verify", "--json")
+    assert ok.returncode == 0, ok.stderr
+    assert "verified" in json.loads(ok.stdout)["checksums"]
+    with open(pkg / "tokenizer_config.json", "a") as fh:
+        fh.write(" ")
+    bad = run_cli("info", str(pkg), "--verify")
+    assert bad.returncode == 1 and "tokenizer_config.json (changed)" in bad.stderr
