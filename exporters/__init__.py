@@ -15,9 +15,10 @@ from .hf import (
     ExportReport,
     export,
 )
+from .quantize import QUANTIZATIONS, Accuracy
 from .tiny import make_tiny_checkpoint, make_byte_tokenizer
 
 __all__ = [
     "export", "ExportReport", "DEFAULT_ATOL", "SUPPORTED_ARCHITECTURES", "TASK",
-    "make_tiny_checkpoint", "make_byte_tokenizer",
+    "make_tiny_checkpoint", "make_byte_tokenizer", "QUANTIZATIONS", "Accuracy",
 ]

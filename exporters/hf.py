@@ -49,6 +49,7 @@ class ExportReport:
     atol: float
     parity_tokens: int
     seconds: dict[str, float] = field(default_factory=dict)
+    accuracy: Any = None   # quantize.Accuracy when the weights were quantised
 
     def summary(self) -> str:
         m = self.manifest
@@ -364,12 +365,15 @@ def _parity(source: str, package: Path, offline: bool = False) -> tuple[float, i
 
 
 def export(source: str | os.PathLike, output: str | os.PathLike, *, atol: float = DEFAULT_ATOL,
-           check: bool = True, progress: Progress | None = _stderr) -> ExportReport:
+           check: bool = True, quantize: str | None = None, block_size: int = 32,
+           progress: Progress | None = _stderr) -> ExportReport:
     """Export ``source`` (a hub id or a local transformers checkpoint) to the package directory ``output``.
 
     Runs optimum's ONNX export with past key values, writes model.onnx (+ external data for large
     models), nextoken.json, the tokenizer and generation config, then (``check``) compares the ONNX
     logits with PyTorch's on a sample prompt and raises :class:`ExportError` beyond ``atol``.
+    ``quantize`` (``int8`` or ``int4``, blocks of ``block_size``) then quantises the weights and
+    reports their accuracy against the fp32 graph (:mod:`nextoken.exporters.quantize`).
     ``progress`` gets one line per stage (None: silent).
     """
     source = str(source)
@@ -378,7 +382,11 @@ def export(source: str | os.PathLike, output: str | os.PathLike, *, atol: float 
     _require_export_stack()
     if output.exists() and (not output.is_dir() or (any(output.iterdir()) and not (output / MANIFEST_NAME).exists())):
         raise ExportError(f"output {output} exists and is not an empty directory or a nextoken package; choose another")
-    stages = _Stages(4 if check else 3, say)
+    from .quantize import check_method, quantize_package
+
+    if quantize is not None:
+        check_method(quantize, block_size)
+    stages = _Stages((4 if check else 3) + (1 if quantize else 0), say)
     local = _looks_local(source)
     with _quiet():
         with stages("reading the config"):
@@ -421,6 +429,21 @@ def export(source: str | os.PathLike, output: str | os.PathLike, *, atol: float 
                     f"parity check failed: max |Δ logits| between ONNX and PyTorch is {diff:.3e}, "
                     f"over the tolerance {atol:.0e}; the package in {output} is not trustworthy"
                 )
-    report = ExportReport(output, manifest, diff, atol, n, stages.seconds)
+        accuracy = None
+        if quantize:
+            with stages(f"quantising to {quantize} and measuring it against fp32"):
+                accuracy = quantize_package(output, quantize, block_size, PARITY_PROMPT)
+                import dataclasses as _dc
+
+                manifest = _dc.replace(
+                    manifest, precision=quantize,
+                    quantization={"method": quantize, "block_size": block_size if quantize == "int4" else None,
+                                  **accuracy.to_dict()},
+                    checksums={p.name: sha256_file(p) for p in sorted(output.iterdir())
+                               if p.is_file() and p.name != MANIFEST_NAME},
+                )
+                manifest.save(output)
+            say(f"{quantize} accuracy against fp32: {accuracy.line()}")
+    report = ExportReport(output, manifest, diff, atol, n, stages.seconds, accuracy)
     say(report.summary())
     return report

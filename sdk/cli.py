@@ -88,7 +88,8 @@ def _params(args: argparse.Namespace):
 def _cmd_export(args: argparse.Namespace) -> int:
     from nextoken.exporters import export
 
-    export(args.source, args.output, atol=args.atol, check=not args.no_check)
+    export(args.source, args.output, atol=args.atol, check=not args.no_check, quantize=args.quantize,
+           block_size=args.block_size)
     return 0
 
 
@@ -368,6 +369,9 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("-o", "--output", required=True, help="package directory to write")
     p.add_argument("--atol", type=float, default=None, help="largest |ONNX - PyTorch| logits allowed (default 1e-3)")
     p.add_argument("--no-check", action="store_true", help="skip the parity check against PyTorch")
+    p.add_argument("--quantize", choices=("int8", "int4"), default=None,
+                   help="quantise the weights (int8: dynamic, per tensor; int4: MatMulNBits blocks) and report accuracy")
+    p.add_argument("--block-size", type=int, default=32, help="int4 block size (default 32)")
     p.set_defaults(func=_cmd_export)
 
     p = sub.add_parser("generate", help="generate a continuation of PROMPT, streamed to stdout")

@@ -85,6 +85,7 @@ class Manifest:
     source: str = ""
     exported_by: Mapping[str, str] = field(default_factory=dict)
     checksums: Mapping[str, str] = field(default_factory=dict)
+    quantization: Mapping[str, Any] | None = None
     format_version: int = FORMAT_VERSION
 
     # -- names -----------------------------------------------------------------------------
@@ -112,6 +113,7 @@ class Manifest:
             d[key] = list(d[key])
         d["exported_by"] = dict(self.exported_by)
         d["checksums"] = dict(self.checksums)
+        d["quantization"] = dict(self.quantization) if self.quantization else None
         return {"format_version": d.pop("format_version"), **d}
 
     def save(self, directory: str | Path) -> Path:

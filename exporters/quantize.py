@@ -1,0 +1,127 @@
+"""Weight quantisation of an exported package, with its accuracy measured against fp32.
+
+``int8``: onnxruntime's dynamic quantisation of every MatMul weight (int8, one scale per output
+channel; activations are quantised on the fly: DynamicQuantizeMatMul). ``int4``: onnxruntime's MatMulNBits, symmetric
+4-bit blocks of ``block_size`` weights along the input axis with one fp32 scale each, computed with
+int8 activations (accuracy_level 4). Embedding lookups stay fp32. Chosen by measurement on a
+135M-parameter Llama (2 threads, batch 1): decode 30 tok/s fp32, 53-61 int8 (MatMulNBits 8-bit:
+51 at accuracy level 4, 4 without), 58 int4; per-channel int8 scales cut stories260k's mean
+|Δ logit| from 0.23 to 0.18 at the same speed.
+"""
+
+from __future__ import annotations
+
+import shutil
+import tempfile
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+from nextoken.errors import ExportError
+
+__all__ = ["QUANTIZATIONS", "DEFAULT_BLOCK_SIZE", "Accuracy", "check_method", "quantize_model", "compare_accuracy",
+           "quantize_package"]
+
+QUANTIZATIONS = ("int8", "int4")
+DEFAULT_BLOCK_SIZE = 32
+_TWO_GB = 2 << 30
+
+
+@dataclass
+class Accuracy:
+    """How a quantised package compares with its fp32 original on one sample.
+
+    ``greedy_agreement``: of ``tokens`` greedy tokens, how many the quantised model produces
+    identically before the first difference. ``teacher_forced_agreement``: the fraction of those
+    positions where both models' top token agrees when both read the fp32 model's tokens.
+    ``mean_abs_logit_diff`` / ``max_abs_logit_diff``: over all positions of that sequence.
+    """
+
+    tokens: int
+    greedy_agreement: int
+    teacher_forced_agreement: float
+    mean_abs_logit_diff: float
+    max_abs_logit_diff: float
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+    def line(self) -> str:
+        return (f"greedy {self.greedy_agreement}/{self.tokens} identical, teacher-forced agreement "
+                f"{100 * self.teacher_forced_agreement:.1f}%, mean |Δ logit| {self.mean_abs_logit_diff:.4f} "
+                f"(max {self.max_abs_logit_diff:.3f})")
+
+
+def check_method(method: str, block_size: int = DEFAULT_BLOCK_SIZE) -> None:
+    """Refuse an unknown method or an unusable block size before any export work."""
+    if method not in QUANTIZATIONS:
+        raise ExportError(f"quantisation {method!r} is not known; use {' or '.join(QUANTIZATIONS)}")
+    if method == "int4" and (block_size < 16 or block_size & (block_size - 1)):
+        raise ExportError(f"int4 block size must be a power of two >= 16, not {block_size}")
+
+
+def quantize_model(source: Path, target: Path, method: str, block_size: int = DEFAULT_BLOCK_SIZE) -> None:
+    """Write the ``method``-quantised ``source`` model.onnx to ``target``."""
+    check_method(method, block_size)
+    try:
+        if method == "int8":
+            from onnxruntime.quantization import QuantType, quantize_dynamic
+
+            quantize_dynamic(str(source), str(target), weight_type=QuantType.QInt8, op_types_to_quantize=["MatMul"],
+                             per_channel=True, use_external_data_format=source.stat().st_size > _TWO_GB)
+        else:
+            import onnx
+            from onnxruntime.quantization.matmul_nbits_quantizer import MatMulNBitsQuantizer
+
+            quantizer = MatMulNBitsQuantizer(onnx.load(str(source)), bits=4, block_size=block_size,
+                                             is_symmetric=True, accuracy_level=4)
+            quantizer.process()
+            quantizer.model.save_model_to_file(str(target), use_external_data_format=False)
+    except ImportError as exc:
+        raise ExportError(f"quantising needs {exc.name}; install the export extra: pip install 'nextoken[export]'") from None
+    except ExportError:
+        raise
+    except Exception as exc:
+        raise ExportError(f"onnxruntime could not quantise the model to {method}: {type(exc).__name__}: {exc}") from None
+
+
+def compare_accuracy(fp32_package: Path, quantized_package: Path, prompt: str, tokens: int = 64) -> Accuracy:
+    """Greedy and teacher-forced agreement, and logit differences, of two packages on ``prompt``."""
+    import numpy as np
+
+    from nextoken.engine import Engine
+
+    with Engine(fp32_package, device="cpu", plugins=False) as ref, Engine(quantized_package, device="cpu", plugins=False) as q:
+        ids = ref.encode(prompt) if ref.tokenizer is not None else []
+        if not ids:
+            ids = [int(i) for i in np.random.default_rng(0).integers(0, ref.manifest.vocab_size, size=12)]
+        ids = ids[: max(1, ref.manifest.context_length - tokens)]
+        expected = ref.generate(ids, max_new_tokens=tokens, ignore_eos=True).token_ids
+        got = q.generate(ids, max_new_tokens=tokens, ignore_eos=True).token_ids
+        same = next((i for i, (a, b) in enumerate(zip(expected, got)) if a != b), len(expected))
+        seq = ids + expected[:-1]
+        a, b = ref.forward(seq), q.forward(seq)
+        gen = slice(len(ids) - 1, len(seq))
+        forced = float(np.mean(a[gen].argmax(-1) == b[gen].argmax(-1)))
+        diff = np.abs(a - b)
+    return Accuracy(len(expected), same, forced, float(diff.mean()), float(diff.max()))
+
+
+def quantize_package(package: Path, method: str, block_size: int, prompt: str) -> Accuracy:
+    """Quantise ``package`` in place and measure it against the fp32 original (kept aside meanwhile)."""
+    aside = Path(tempfile.mkdtemp(prefix=".nextoken-fp32-", dir=package.parent))
+    try:
+        for p in package.iterdir():
+            if p.is_file():
+                shutil.copy2(p, aside / p.name)
+        for p in package.iterdir():
+            if p.name.startswith("model.onnx"):
+                p.unlink()
+        try:
+            quantize_model(aside / "model.onnx", package / "model.onnx", method, block_size)
+        except ExportError:
+            for p in aside.iterdir():                   # leave the fp32 package as it was
+                shutil.copy2(p, package / p.name)
+            raise
+        return compare_accuracy(aside, package, prompt)
+    finally:
+        shutil.rmtree(aside, ignore_errors=True)
