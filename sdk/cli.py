@@ -326,7 +326,7 @@ def _parser() -> argparse.ArgumentParser:
 
     def runtime_options(p: argparse.ArgumentParser) -> None:
         p.add_argument("--device", default="auto", help="auto (default: CUDA when usable, else CPU), cpu, cuda, cuda:N")
-        p.add_argument("--threads", type=int, default=None, help="intra-op threads (default: one per physical core)")
+        p.add_argument("--threads", type=int, default=None, help="intra-op threads (default: 1 for a model under 16 MB, else one per physical core)")
         p.add_argument("--spin", action=argparse.BooleanOptionalAction, default=None,
                        help="thread spinning: faster on a quiet host, much slower on a busy one (default: off, or NEXTOKEN_SPIN)")
 

@@ -68,3 +68,13 @@ def test_engine_spin_default_comes_from_the_environment(tiny_llama, monkeypatch)
     monkeypatch.delenv("NEXTOKEN_SPIN")
     with Engine(tiny_llama[1], device="cpu") as engine:
         assert engine.spin is False
+
+
+def test_small_models_default_to_one_thread(tiny_llama):
+    from nextoken import Engine
+
+    with Engine(tiny_llama[1], device="cpu") as engine:
+        assert engine.threads == 1
+        assert engine.session.get_session_options().intra_op_num_threads == 1
+    with Engine(tiny_llama[1], device="cpu", threads=2) as engine:
+        assert engine.threads == 2
