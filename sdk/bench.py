@@ -3,8 +3,15 @@
 
 from __future__ import annotations
 
+import importlib.util
+import json
+import os
+import re
 import statistics
+import subprocess
+import sys
 from dataclasses import asdict, dataclass
+from pathlib import Path
 from typing import Any, Sequence
 
 import numpy as np
@@ -13,7 +20,7 @@ from .engine import Engine
 from .errors import InvalidRequestError
 from .generation import SamplingParams
 
-__all__ = ["run_bench", "BenchRow", "BenchReport", "CHAIN"]
+__all__ = ["run_bench", "BenchRow", "BenchReport", "CHAIN", "run_compare", "CompareReport", "PeerRow", "PEERS"]
 
 #: The full built-in chain: every processor that changes a distribution, sampling, two stop strings.
 CHAIN = dict(temperature=0.8, top_k=50, top_p=0.9, repetition_penalty=1.1, seed=0,
@@ -113,3 +120,203 @@ def run_bench(engine: Engine, batches: Sequence[int] = (1, 8), prompt_tokens: in
             med = {k: statistics.median(r[k] for r in runs) for k in runs[0]}
             rows.append(BenchRow(name, batch, prompt_tokens, new_tokens, **med))
     return BenchReport(str(engine.path), engine.device.describe(), engine.threads, engine.spin, rows)
+
+
+# -- comparing with peers ------------------------------------------------------------------------------
+
+PEERS = ("optimum", "transformers", "genai", "llamacpp")
+
+
+@dataclass
+class PeerRow:
+    """Medians (and min-max spread) of one contender at one batch size; ``error`` when it could not run."""
+
+    contender: str
+    batch: int
+    runs: int
+    ttft_ms: float = 0.0
+    decode_tok_s: float = 0.0
+    total_tok_s: float = 0.0
+    e2e_ms: float = 0.0
+    peak_rss_bytes: int = 0
+    spread: dict[str, tuple[float, float]] | None = None
+    error: str = ""
+
+
+def memory_bandwidth(size_mb: int = 256) -> float:
+    """Bytes per second this host copies (reading and writing), best of three numpy copies."""
+    import time
+
+    a = np.ones(size_mb * (1 << 20) // 4, dtype=np.float32)
+    b = np.empty_like(a)
+    best = float("inf")
+    for _ in range(3):
+        t = time.perf_counter()
+        np.copyto(b, a)
+        best = min(best, time.perf_counter() - t)
+    return 2 * a.nbytes / best
+
+
+def _cache() -> Path:
+    return Path(os.environ.get("NEXTOKEN_CACHE", Path.home() / ".cache" / "nextoken")).expanduser()
+
+
+def _slug(text: str) -> str:
+    return re.sub(r"[^A-Za-z0-9_.-]+", "--", text.strip("/"))
+
+
+def _prepare(contender: str, checkpoint: str, package: Path, peers_venv: Path | None, say) -> tuple[list[str], str]:
+    """(command prefix, model path) to run ``contender``; raises RuntimeError saying why it cannot run."""
+    script = str(Path(__file__).with_name("peers.py"))
+    if contender == "nextoken":
+        return [sys.executable, script, "nextoken"], str(package)
+    if contender == "transformers":
+        if importlib.util.find_spec("transformers") is None or importlib.util.find_spec("torch") is None:
+            raise RuntimeError("needs torch and transformers: pip install 'nextoken[export]'")
+        return [sys.executable, script, "transformers"], checkpoint
+    if contender == "optimum":
+        if importlib.util.find_spec("optimum") is None:
+            raise RuntimeError("needs optimum: pip install 'nextoken[export]'")
+        target = _cache() / "peers" / "optimum" / _slug(checkpoint)
+        if not (target / "model.onnx").is_file():
+            say(f"exporting {checkpoint} with optimum for the optimum contender ...")
+            from optimum.exporters.onnx import main_export
+
+            main_export(checkpoint, target, task="text-generation-with-past", do_validation=False)
+        return [sys.executable, script, "optimum"], str(target)
+    if contender == "genai":
+        python = (peers_venv or _cache() / "peers" / "genai-venv") / "bin" / "python"
+        if not python.is_file():
+            raise RuntimeError(
+                f"needs onnxruntime-genai in its own virtual environment ({python.parent.parent}): it depends on the "
+                "CPU onnxruntime package, which breaks onnxruntime-gpu when they share one. Create it with: "
+                f"python3 -m venv {python.parent.parent} && {python.parent}/pip install onnxruntime-genai "
+                "onnx-ir torch 'transformers>=5'"
+            )
+        target = _cache() / "peers" / "genai" / _slug(checkpoint)
+        if not (target / "genai_config.json").is_file():
+            say(f"building {checkpoint} with onnxruntime-genai's model builder (fp32, cpu) ...")
+            done = subprocess.run([str(python), "-m", "onnxruntime_genai.models.builder", "-m", checkpoint,
+                                   "-o", str(target), "-p", "fp32", "-e", "cpu"], capture_output=True, text=True)
+            if done.returncode != 0:
+                tail = (done.stderr or done.stdout).strip().splitlines()[-1:] or ["no output"]
+                raise RuntimeError(f"onnxruntime-genai's model builder failed: {tail[0][:200]}")
+        return [str(python), script, "genai"], str(target)
+    if contender == "llamacpp":
+        raise RuntimeError("the llama.cpp contender is not wired in yet (it needs a GGUF conversion and "
+                           "llama-cpp-python built in its own environment)")
+    raise RuntimeError(f"unknown contender {contender!r}; known: nextoken, {', '.join(PEERS)}")
+
+
+@dataclass
+class CompareReport:
+    checkpoint: str
+    package: str
+    prompt_tokens: int
+    new_tokens: int
+    threads: int | None
+    spin: bool
+    weights_bytes: int
+    bandwidth_bytes_per_s: float
+    rows: list[PeerRow]
+
+    @property
+    def bound_tok_s(self) -> float:
+        """Batch-1 decode can go no faster than reading every weight once per token."""
+        return self.bandwidth_bytes_per_s / self.weights_bytes if self.weights_bytes else 0.0
+
+    def to_dict(self) -> dict[str, Any]:
+        return {**{k: v for k, v in asdict(self).items() if k != "rows"}, "bound_tok_s": self.bound_tok_s,
+                "rows": [asdict(r) for r in self.rows]}
+
+    def table(self) -> str:
+        lines = [
+            f"{self.checkpoint}: prompt {self.prompt_tokens}, {self.new_tokens} new tokens, threads "
+            f"{self.threads or 'default'}, spin {'on' if self.spin else 'off'}; medians [min-max]",
+            f"memory bandwidth {self.bandwidth_bytes_per_s / 1e9:.1f} GB/s, fp32 weights "
+            f"{self.weights_bytes / 1e6:.0f} MB: batch-1 decode bound ~{self.bound_tok_s:.1f} tok/s",
+            f"{'contender':13} {'batch':>5} {'TTFT ms':>18} {'tok/s/seq':>18} {'tok/s total':>11} "
+            f"{'e2e ms':>9} {'peak MB':>8} {'of bound':>8}",
+        ]
+        for r in self.rows:
+            if r.error:
+                lines.append(f"{r.contender:13} {r.batch:>5}  not run: {r.error}")
+                continue
+            sp = r.spread or {}
+            bound = f"{100 * r.decode_tok_s / self.bound_tok_s:.0f}%" if r.batch == 1 and self.bound_tok_s else ""
+            ttft = f"{r.ttft_ms:.1f} [{sp['ttft_ms'][0]:.0f}-{sp['ttft_ms'][1]:.0f}]"
+            tps = f"{r.decode_tok_s:.1f} [{sp['decode_tok_s'][0]:.1f}-{sp['decode_tok_s'][1]:.1f}]"
+            lines.append(f"{r.contender:13} {r.batch:>5} {ttft:>18} {tps:>18} {r.total_tok_s:>11.1f} "
+                         f"{r.e2e_ms:>9.0f} {r.peak_rss_bytes / 1e6:>8.0f} {bound:>8}")
+        return "\n".join(lines)
+
+
+def run_compare(model: str, contenders: Sequence[str], batches: Sequence[int] = (1, 8), prompt_tokens: int = 128,
+                new_tokens: int = 128, threads: int | None = None, spin: bool = False, repeat: int = 3,
+                peers_venv: str | None = None, progress=None) -> CompareReport:
+    """Run nextoken and each of ``contenders`` from the same checkpoint, each in its own process,
+    alternating, ``repeat`` times per batch size; medians and spread."""
+    from .manifest import Manifest
+
+    say = progress or (lambda _m: None)
+    path = Path(model).expanduser()
+    if (path / "nextoken.json").is_file():
+        package, checkpoint = path, Manifest.load(path).source
+    else:
+        checkpoint = str(model)
+        package = _cache() / "packages" / _slug(checkpoint)
+        if not (package / "nextoken.json").is_file():
+            from nextoken.exporters import export
+
+            export(checkpoint, package, progress=say)
+    if not checkpoint:
+        raise InvalidRequestError(f"{package} does not record its source checkpoint; give the checkpoint instead")
+    weights = sum(p.stat().st_size for p in package.iterdir() if p.name.startswith("model.onnx"))
+    names = ["nextoken"] + [c for c in contenders if c != "nextoken"]
+    prepared: dict[str, tuple[list[str], str] | str] = {}
+    for name in names:
+        try:
+            prepared[name] = _prepare(name, checkpoint, package, Path(peers_venv) if peers_venv else None, say)
+        except RuntimeError as exc:
+            prepared[name] = str(exc)
+            say(f"{name}: not run: {exc}")
+        except Exception as exc:  # a peer's own failure must not stop the others
+            prepared[name] = f"{type(exc).__name__}: {str(exc).splitlines()[0][:200] if str(exc) else ''}"
+            say(f"{name}: not run: {prepared[name]}")
+    results: dict[tuple[str, int], list[dict]] = {}
+    errors: dict[tuple[str, int], str] = {}
+    runnable = [n for n in names if not isinstance(prepared[n], str)]
+    total = len(runnable) * len(batches) * repeat
+    done = 0
+    for rep in range(repeat):
+        for batch in batches:
+            for name in runnable:                              # alternating: one run of each in turn
+                done += 1
+                say(f"[{done}/{total}] {name} batch {batch} (run {rep + 1}/{repeat}) ...")
+                if (name, batch) in errors:
+                    continue
+                cmd, target = prepared[name]
+                argv = cmd + ["--model", target, "--batch", str(batch), "--prompt", str(prompt_tokens),
+                              "--new", str(new_tokens), "--threads", str(threads or 0)] + (["--spin"] if spin else [])
+                out = subprocess.run(argv, capture_output=True, text=True)
+                if out.returncode != 0:
+                    tail = (out.stderr or out.stdout).strip().splitlines()[-1:] or ["no output"]
+                    errors[(name, batch)] = tail[0][:200]
+                    continue
+                results.setdefault((name, batch), []).append(json.loads(out.stdout.strip().splitlines()[-1]))
+    rows = []
+    for batch in batches:
+        for name in names:
+            if isinstance(prepared[name], str):
+                rows.append(PeerRow(name, batch, 0, error=prepared[name]))
+            elif (name, batch) in errors:
+                rows.append(PeerRow(name, batch, 0, error=errors[(name, batch)]))
+            else:
+                runs = results[(name, batch)]
+                keys = ("ttft_ms", "decode_tok_s", "total_tok_s", "e2e_ms")
+                med = {k: statistics.median(r[k] for r in runs) for k in keys}
+                spread = {k: (min(r[k] for r in runs), max(r[k] for r in runs)) for k in keys}
+                rows.append(PeerRow(name, batch, len(runs), med["ttft_ms"], med["decode_tok_s"], med["total_tok_s"],
+                                    med["e2e_ms"], int(statistics.median(r["peak_rss_bytes"] for r in runs)), spread))
+    return CompareReport(checkpoint, str(package), prompt_tokens, new_tokens, threads, spin, weights,
+                         memory_bandwidth(), rows)

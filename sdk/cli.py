@@ -213,8 +213,17 @@ def _cmd_cost(args: argparse.Namespace) -> int:
 
 
 def _cmd_bench(args: argparse.Namespace) -> int:
-    from .bench import run_bench
+    from .bench import run_bench, run_compare
 
+    if args.compare is not None:
+        contenders = [c.strip() for c in args.compare.split(",") if c.strip()]
+        report = run_compare(args.package, contenders, batches=args.batch, prompt_tokens=args.prompt_tokens,
+                             new_tokens=args.new, threads=args.threads, spin=bool(args.spin), repeat=args.repeat,
+                             peers_venv=args.peers_venv, progress=lambda m: print(m, file=sys.stderr, flush=True))
+        print(report.table())
+        if args.json:
+            Path(args.json).write_text(json.dumps(report.to_dict(), indent=2) + "\n")
+        return 0
     with _engine(args) as engine:
         report = run_bench(engine, batches=args.batch, prompt_tokens=args.prompt_tokens, new_tokens=args.new,
                            repeat=args.repeat, chain=args.chain)
@@ -395,7 +404,7 @@ def _parser() -> argparse.ArgumentParser:
     p.set_defaults(func=_cmd_plugins)
 
     p = sub.add_parser("bench", help="measure prefill and decode speed, and time spent outside the model")
-    p.add_argument("package", help="model package directory")
+    p.add_argument("package", metavar="MODEL", help="model package (or, with --compare, a checkpoint or hub id)")
     p.add_argument("--batch", type=lambda t: [int(x) for x in t.split(",")], default=[1, 8], metavar="1,8",
                    help="batch sizes (default 1,8)")
     p.add_argument("--prompt-tokens", type=_positive_int, default=128, metavar="N", help="prompt length (default 128)")
@@ -403,6 +412,10 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--repeat", type=_positive_int, default=3, metavar="N", help="runs per setting; medians (default 3)")
     p.add_argument("--chain", action="store_true",
                    help="also run the full built-in chain (temperature, top-k, top-p, repetition penalty, 2 stop strings)")
+    p.add_argument("--compare", default=None, metavar="optimum,transformers,genai,llamacpp",
+                   help="also run these from the same checkpoint, each in its own process, alternating")
+    p.add_argument("--peers-venv", default=None, metavar="DIR",
+                   help="virtual environment with onnxruntime-genai (default: NEXTOKEN_CACHE/peers/genai-venv)")
     p.add_argument("--json", default=None, metavar="FILE", help="write the figures as JSON")
     runtime_options(p)
     plugin_options(p)

@@ -49,3 +49,22 @@ def test_cost_errors():
     assert none.returncode == 1 and "give --per-answer" in none.stderr
     bad = run_cli("cost", "--requests-per-day", "10", "--bench", "/no/such.json", "--hourly-rate", "1")
     assert bad.returncode == 1 and "cannot read the bench file" in bad.stderr
+
+
+def test_bench_compare_runs_each_contender_in_its_own_process(stories_package, tmp_path):
+    out_json = tmp_path / "compare.json"
+    result = run_cli("bench", str(stories_package), "--compare", "optimum,transformers,genai,llamacpp",
+                     "--batch", "1", "--prompt-tokens", "8", "--new", "8", "--repeat", "1", "--json", str(out_json),
+                     "--peers-venv", str(tmp_path / "no-genai-venv"), env={"NEXTOKEN_CACHE": str(tmp_path / "cache")})
+    assert result.returncode == 0, result.stderr
+    assert "[1/3] nextoken batch 1" in result.stderr                     # progress while it runs
+    data = json.loads(out_json.read_text())
+    rows = {r["contender"]: r for r in data["rows"]}
+    assert set(rows) == {"nextoken", "optimum", "transformers", "genai", "llamacpp"}
+    for name in ("nextoken", "optimum", "transformers"):
+        assert not rows[name]["error"] and rows[name]["runs"] == 1
+        assert rows[name]["decode_tok_s"] > 0 and rows[name]["ttft_ms"] > 0 and rows[name]["peak_rss_bytes"] > 0
+    assert "its own virtual environment" in rows["genai"]["error"]
+    assert "not wired in yet" in rows["llamacpp"]["error"]
+    assert data["bound_tok_s"] > 0
+    assert "not run:" in result.stdout and "decode bound" in result.stdout
