@@ -62,12 +62,14 @@ def check_method(method: str, block_size: int = DEFAULT_BLOCK_SIZE) -> None:
 def quantize_model(source: Path, target: Path, method: str, block_size: int = DEFAULT_BLOCK_SIZE) -> None:
     """Write the ``method``-quantised ``source`` model.onnx to ``target``."""
     check_method(method, block_size)
+    # Over 2 GB (the protobuf limit) the weights go to an external data file beside model.onnx.
+    big = sum(p.stat().st_size for p in source.parent.iterdir() if p.name.startswith(source.name)) > _TWO_GB
     try:
         if method == "int8":
             from onnxruntime.quantization import QuantType, quantize_dynamic
 
             quantize_dynamic(str(source), str(target), weight_type=QuantType.QInt8, op_types_to_quantize=["MatMul"],
-                             per_channel=True, use_external_data_format=source.stat().st_size > _TWO_GB)
+                             per_channel=True, use_external_data_format=big)
         else:
             import onnx
             from onnxruntime.quantization.matmul_nbits_quantizer import MatMulNBitsQuantizer
@@ -75,7 +77,7 @@ def quantize_model(source: Path, target: Path, method: str, block_size: int = DE
             quantizer = MatMulNBitsQuantizer(onnx.load(str(source)), bits=4, block_size=block_size,
                                              is_symmetric=True, accuracy_level=4)
             quantizer.process()
-            quantizer.model.save_model_to_file(str(target), use_external_data_format=False)
+            quantizer.model.save_model_to_file(str(target), use_external_data_format=big)
     except ImportError as exc:
         raise ExportError(f"quantising needs {exc.name}; install the export extra: pip install 'nextoken[export]'") from None
     except ExportError:

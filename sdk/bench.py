@@ -165,11 +165,14 @@ def _slug(text: str) -> str:
     return re.sub(r"[^A-Za-z0-9_.-]+", "--", text.strip("/"))
 
 
-def _prepare(contender: str, checkpoint: str, package: Path, peers_venv: Path | None, say) -> tuple[list[str], str]:
+def _prepare(contender: str, checkpoint: str, package: Path, peers_venv: Path | None, say,
+             precision: str = "fp32") -> tuple[list[str], str]:
     """(command prefix, model path) to run ``contender``; raises RuntimeError saying why it cannot run."""
     script = str(Path(__file__).with_name("peers.py"))
     if contender == "nextoken":
         return [sys.executable, script, "nextoken"], str(package)
+    if precision != "fp32" and contender in ("transformers", "optimum"):
+        raise RuntimeError(f"compared in fp32 only (this run is {precision})")
     if contender == "transformers":
         if importlib.util.find_spec("transformers") is None or importlib.util.find_spec("torch") is None:
             raise RuntimeError("needs torch and transformers: pip install 'nextoken[export]'")
@@ -193,11 +196,11 @@ def _prepare(contender: str, checkpoint: str, package: Path, peers_venv: Path | 
                 f"python3 -m venv {python.parent.parent} && {python.parent}/pip install onnxruntime-genai "
                 "onnx-ir torch 'transformers>=5'"
             )
-        target = _cache() / "peers" / "genai" / _slug(checkpoint)
+        target = _cache() / "peers" / "genai" / precision / _slug(checkpoint)
         if not (target / "genai_config.json").is_file():
-            say(f"building {checkpoint} with onnxruntime-genai's model builder (fp32, cpu) ...")
+            say(f"building {checkpoint} with onnxruntime-genai's model builder ({precision}, cpu) ...")
             done = subprocess.run([str(python), "-m", "onnxruntime_genai.models.builder", "-m", checkpoint,
-                                   "-o", str(target), "-p", "fp32", "-e", "cpu"], capture_output=True, text=True)
+                                   "-o", str(target), "-p", precision, "-e", "cpu"], capture_output=True, text=True)
             if done.returncode != 0:
                 tail = (done.stderr or done.stdout).strip().splitlines()[-1:] or ["no output"]
                 raise RuntimeError(f"onnxruntime-genai's model builder failed: {tail[0][:200]}")
@@ -219,6 +222,7 @@ class CompareReport:
     weights_bytes: int
     bandwidth_bytes_per_s: float
     rows: list[PeerRow]
+    precision: str = "fp32"
 
     @property
     def bound_tok_s(self) -> float:
@@ -231,9 +235,9 @@ class CompareReport:
 
     def table(self) -> str:
         lines = [
-            f"{self.checkpoint}: prompt {self.prompt_tokens}, {self.new_tokens} new tokens, threads "
+            f"{self.checkpoint} ({self.precision}): prompt {self.prompt_tokens}, {self.new_tokens} new tokens, threads "
             f"{self.threads or 'default'}, spin {'on' if self.spin else 'off'}; medians [min-max]",
-            f"memory bandwidth {self.bandwidth_bytes_per_s / 1e9:.1f} GB/s, fp32 weights "
+            f"memory bandwidth {self.bandwidth_bytes_per_s / 1e9:.1f} GB/s, nextoken's weights "
             f"{self.weights_bytes / 1e6:.0f} MB: batch-1 decode bound ~{self.bound_tok_s:.1f} tok/s",
             f"{'contender':13} {'batch':>5} {'TTFT ms':>18} {'tok/s/seq':>18} {'tok/s total':>11} "
             f"{'e2e ms':>9} {'peak MB':>8} {'of bound':>8}",
@@ -253,22 +257,27 @@ class CompareReport:
 
 def run_compare(model: str, contenders: Sequence[str], batches: Sequence[int] = (1, 8), prompt_tokens: int = 128,
                 new_tokens: int = 128, threads: int | None = None, spin: bool = False, repeat: int = 3,
-                peers_venv: str | None = None, progress=None) -> CompareReport:
+                peers_venv: str | None = None, precision: str = "fp32", progress=None) -> CompareReport:
     """Run nextoken and each of ``contenders`` from the same checkpoint, each in its own process,
-    alternating, ``repeat`` times per batch size; medians and spread."""
+    alternating, ``repeat`` times per batch size; medians and spread. ``precision`` int8/int4
+    quantises nextoken's package (``nextoken export --quantize``) and builds genai's at the same
+    precision; transformers and optimum run in fp32 only."""
     from .manifest import Manifest
 
     say = progress or (lambda _m: None)
     path = Path(model).expanduser()
     if (path / "nextoken.json").is_file():
-        package, checkpoint = path, Manifest.load(path).source
+        manifest = Manifest.load(path)
+        package, checkpoint = path, manifest.source
+        if precision != manifest.precision:
+            package = _cache() / "packages" / f"{_slug(checkpoint)}-{precision}"
     else:
         checkpoint = str(model)
-        package = _cache() / "packages" / _slug(checkpoint)
-        if not (package / "nextoken.json").is_file():
-            from nextoken.exporters import export
+        package = _cache() / "packages" / (_slug(checkpoint) + ("" if precision == "fp32" else f"-{precision}"))
+    if not (package / "nextoken.json").is_file():
+        from nextoken.exporters import export
 
-            export(checkpoint, package, progress=say)
+        export(checkpoint, package, progress=say, quantize=None if precision == "fp32" else precision)
     if not checkpoint:
         raise InvalidRequestError(f"{package} does not record its source checkpoint; give the checkpoint instead")
     weights = sum(p.stat().st_size for p in package.iterdir() if p.name.startswith("model.onnx"))
@@ -276,7 +285,8 @@ def run_compare(model: str, contenders: Sequence[str], batches: Sequence[int] = 
     prepared: dict[str, tuple[list[str], str] | str] = {}
     for name in names:
         try:
-            prepared[name] = _prepare(name, checkpoint, package, Path(peers_venv) if peers_venv else None, say)
+            prepared[name] = _prepare(name, checkpoint, package, Path(peers_venv) if peers_venv else None, say,
+                                      precision)
         except RuntimeError as exc:
             prepared[name] = str(exc)
             say(f"{name}: not run: {exc}")
@@ -319,4 +329,4 @@ def run_compare(model: str, contenders: Sequence[str], batches: Sequence[int] = 
                 rows.append(PeerRow(name, batch, len(runs), med["ttft_ms"], med["decode_tok_s"], med["total_tok_s"],
                                     med["e2e_ms"], int(statistics.median(r["peak_rss_bytes"] for r in runs)), spread))
     return CompareReport(checkpoint, str(package), prompt_tokens, new_tokens, threads, spin, weights,
-                         memory_bandwidth(), rows)
+                         memory_bandwidth(), rows, precision)

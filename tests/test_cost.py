@@ -68,3 +68,18 @@ def test_bench_compare_runs_each_contender_in_its_own_process(stories_package, t
     assert "not wired in yet" in rows["llamacpp"]["error"]
     assert data["bound_tok_s"] > 0
     assert "not run:" in result.stdout and "decode bound" in result.stdout
+
+
+def test_bench_compare_at_int4(stories_package, tmp_path):
+    out_json = tmp_path / "compare.json"
+    result = run_cli("bench", str(stories_package), "--compare", "transformers", "--precision", "int4",
+                     "--batch", "1", "--prompt-tokens", "8", "--new", "8", "--repeat", "1", "--json", str(out_json),
+                     env={"NEXTOKEN_CACHE": str(tmp_path / "cache")})
+    assert result.returncode == 0, result.stderr
+    data = json.loads(out_json.read_text())
+    assert data["precision"] == "int4" and data["package"].endswith("-int4")
+    rows = {r["contender"]: r for r in data["rows"]}
+    assert rows["nextoken"]["decode_tok_s"] > 0
+    assert rows["transformers"]["error"] == "compared in fp32 only (this run is int4)"
+    manifest = json.loads((tmp_path / "cache" / "packages" / data["package"].split("/")[-1] / "nextoken.json").read_text())
+    assert manifest["precision"] == "int4"
