@@ -34,15 +34,20 @@ def release_free_heap() -> None:
         libc.malloc_trim(0)
 
 
-def _status(field: str) -> int | None:
+def _proc_bytes(path: str, field: str) -> int | None:
+    """A ``Field:  N kB`` line of a /proc file, in bytes (None where there is no such file or line)."""
     try:
-        with open("/proc/self/status") as fh:
+        with open(path) as fh:
             for line in fh:
                 if line.startswith(field + ":"):
                     return int(line.split()[1]) * 1024
     except OSError:
         return None
     return None
+
+
+def _status(field: str) -> int | None:
+    return _proc_bytes("/proc/self/status", field)
 
 
 def rss_bytes() -> int | None:
@@ -269,13 +274,9 @@ def _total(spec: ModelSpec, batch: int, context: int, dtype: str, device: str, w
 def device_capacity(device: str) -> int | None:
     """Memory of ``device``: the host's total RAM for cpu; the first GPU's (nvidia-smi) for cuda."""
     if device == "cpu":
-        try:
-            with open("/proc/meminfo") as fh:
-                for line in fh:
-                    if line.startswith("MemTotal:"):
-                        return int(line.split()[1]) * 1024
-        except OSError:
-            pass
+        total = _proc_bytes("/proc/meminfo", "MemTotal")
+        if total is not None:
+            return total
         try:
             return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
         except (ValueError, OSError, AttributeError):
