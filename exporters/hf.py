@@ -129,6 +129,8 @@ def _hub_reachable(timeout: float = 3.0) -> tuple[bool, str]:
     from urllib.parse import urlparse
 
     endpoint = os.environ.get("HF_ENDPOINT", "https://huggingface.co")
+    if any(os.environ.get(v) for v in ("HTTPS_PROXY", "https_proxy", "HTTP_PROXY", "http_proxy", "ALL_PROXY", "all_proxy")):
+        return True, endpoint          # through a proxy a direct connection says nothing; let the hub client try
     url = urlparse(endpoint)
     host, port = url.hostname or "huggingface.co", url.port or (80 if url.scheme == "http" else 443)
     try:

@@ -30,7 +30,7 @@ def test_byte_tokenizer_splits_characters_and_deltas_hold_them(tiny_llama):
 def test_byte_fallback_tokenizer_keeps_leading_spaces(stories_package):
     tok = Tokenizer.from_file(stories_package / "tokenizer.json")
     prompt = tok.encode("Once upon a time")
-    rest = tok.encode("Once upon a time there was 🌍 and naïve Zoë.")[len(prompt):]
+    rest = tok.encode("Once upon a time there was 🌍 and naïve Zoë in 東京.")[len(prompt):]
     deltas = _check_stream(tok, prompt, rest)
     assert "".join(deltas).startswith(" there")
 
