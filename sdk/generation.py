@@ -470,12 +470,99 @@ class Generation:
         return self._events
 
     # -- the loop ---------------------------------------------------------------------------------
-    def _run(self) -> Iterator[StreamEvent]:
-        pipe, state, seqs = self.pipeline, self.state, self.seqs
+    def _begin(self) -> None:
+        """Start the request's clock and tell the observers (before its prefill)."""
+        pipe = self.pipeline
         if pipe.on_start is not None:
-            pipe.registry.call_observer("on_request_start", pipe.on_start, state=state)
+            pipe.registry.call_observer("on_request_start", pipe.on_start, state=self.state)
         reset_peak_rss()
-        self.start = state.start_time = time.perf_counter()
+        self.start = self.state.start_time = time.perf_counter()
+
+    def _consume(self, logits: np.ndarray, lengths: np.ndarray | None = None,
+                 slide: bool = False) -> tuple[np.ndarray, list[StreamEvent]]:
+        """One step of this request given its rows' logits ``[B, V]``: processors, strategy, text,
+        stop conditions, context limit (``lengths``: each row's tokens so far, advanced here).
+        Returns the picked tokens ``[B]`` and the step's events."""
+        pipe, state, seqs = self.pipeline, self.state, self.seqs
+        batch = state.batch_size
+        for proc in pipe.processors:
+            try:
+                logits = proc.fn(logits, state)
+            except Exception as exc:
+                raise proc.provided.error(exc) from exc
+        try:
+            tokens = np.asarray(pipe.strategy.fn(logits, state), dtype=np.int64).reshape(batch)
+        except Exception as exc:
+            raise pipe.strategy.provided.error(exc) from exc
+        now = time.perf_counter()
+        if state.step == 0:
+            self.first_token_time = now
+        logprobs = self._logprobs(logits, tokens) if pipe.top_logprobs is not None else None
+        state._append(tokens)
+        alive_rows = np.flatnonzero(state.alive)
+        for row in alive_rows:
+            seq = seqs[row]
+            seq.last_token_time = now
+            if seq.decoder is not None:
+                state.texts[row] += seq.decoder.add(int(tokens[row]))
+        if pipe.on_step is not None:
+            pipe.registry.call_observer("on_step", pipe.on_step, state=state, tokens=tokens)
+        # Stop conditions, in order: the first that stops a row names the reason.
+        for cond in pipe.stops:
+            try:
+                stops = cond.fn(tokens, state)
+            except Exception as exc:
+                raise cond.provided.error(exc) from exc
+            if stops:
+                for row, stop in stops.items():
+                    if state.alive[row] and seqs[row].finish is None:
+                        seqs[row].finish = stop
+        if lengths is None:
+            lengths = np.array([len(p) + len(g) - 1 for p, g in zip(state.prompts, state.generated)])
+        lengths[alive_rows] += 1
+        full = lengths >= self.context_length
+        events = []
+        for row in alive_rows:
+            seq = seqs[row]
+            if seq.finish is None and full[row] and not slide:
+                seq.finish = Stop("context", f"context window of {self.context_length} tokens is full")
+            if seq.finish is not None:
+                state.alive[row] = False
+                if seq.finish.text_end is not None:
+                    state.texts[row] = state.texts[row][: seq.finish.text_end]
+                elif seq.decoder is not None:
+                    state.texts[row] += seq.decoder.flush()
+                end = len(state.texts[row])
+            elif pipe.text_stops:
+                end = len(state.texts[row]) - max(c.holdback(state.texts[row]) for c in pipe.text_stops)
+            else:
+                end = len(state.texts[row])
+            delta = state.texts[row][seq.emitted:end] if end > seq.emitted else ""
+            seq.emitted = max(seq.emitted, end)
+            lp = None
+            if logprobs is not None:
+                lp = logprobs[row]
+                seq.logprobs.append(lp)
+            events.append(StreamEvent(int(row), int(tokens[row]), delta, seq.finish.reason if seq.finish else None, lp))
+        return tokens, events
+
+    def _end(self, model_seconds: float, kv_cache_bytes: int) -> None:
+        """Close the request: usage, completions, observers."""
+        self.model_seconds = model_seconds
+        self.kv_cache_bytes = max(self.kv_cache_bytes, kv_cache_bytes)
+        self.peak_memory_bytes = peak_rss_bytes()
+        self._completions = self._finish()
+        pipe = self.pipeline
+        if pipe.on_end is not None:
+            pipe.registry.call_observer("on_request_end", pipe.on_end, state=self.state, completions=self._completions)
+
+    @property
+    def finished(self) -> bool:
+        return not self.state.alive.any()
+
+    def _run(self) -> Iterator[StreamEvent]:
+        state = self.state
+        self._begin()
         batch = state.batch_size
         # lengths[row]: tokens of the row's sequence the model has seen or will see next
         lengths = np.array([len(p) for p in state.prompts])
@@ -485,65 +572,11 @@ class Generation:
         self.prefill_model_seconds = cache.run_seconds
         run_seconds = 0.0
         while True:
-            for proc in pipe.processors:
-                try:
-                    logits = proc.fn(logits, state)
-                except Exception as exc:
-                    raise proc.provided.error(exc) from exc
-            try:
-                tokens = np.asarray(pipe.strategy.fn(logits, state), dtype=np.int64).reshape(batch)
-            except Exception as exc:
-                raise pipe.strategy.provided.error(exc) from exc
-            now = time.perf_counter()
-            if state.step == 0:
-                self.first_token_time = now
-            logprobs = self._logprobs(logits, tokens) if pipe.top_logprobs is not None else None
-            state._append(tokens)
-            alive_rows = np.flatnonzero(state.alive)
-            for row in alive_rows:
-                seq = seqs[row]
-                seq.last_token_time = now
-                if seq.decoder is not None:
-                    state.texts[row] += seq.decoder.add(int(tokens[row]))
-            if pipe.on_step is not None:
-                pipe.registry.call_observer("on_step", pipe.on_step, state=state, tokens=tokens)
-            # Stop conditions, in order: the first that stops a row names the reason.
-            for cond in pipe.stops:
-                try:
-                    stops = cond.fn(tokens, state)
-                except Exception as exc:
-                    raise cond.provided.error(exc) from exc
-                if stops:
-                    for row, stop in stops.items():
-                        if state.alive[row] and seqs[row].finish is None:
-                            seqs[row].finish = stop
-            lengths[alive_rows] += 1
-            full = lengths >= self.context_length
-            for row in alive_rows:
-                seq = seqs[row]
-                if seq.finish is None and full[row] and not slide:
-                    seq.finish = Stop("context", f"context window of {self.context_length} tokens is full")
-                if seq.finish is not None:
-                    state.alive[row] = False
-                    if seq.finish.text_end is not None:
-                        state.texts[row] = state.texts[row][: seq.finish.text_end]
-                    elif seq.decoder is not None:
-                        state.texts[row] += seq.decoder.flush()
-                    end = len(state.texts[row])
-                elif pipe.text_stops:
-                    end = len(state.texts[row]) - max(c.holdback(state.texts[row]) for c in pipe.text_stops)
-                else:
-                    end = len(state.texts[row])
-                delta = state.texts[row][seq.emitted:end] if end > seq.emitted else ""
-                seq.emitted = max(seq.emitted, end)
-                lp = None
-                if logprobs is not None:
-                    lp = logprobs[row]
-                    seq.logprobs.append(lp)
-                yield StreamEvent(int(row), int(tokens[row]), delta,
-                                  seq.finish.reason if seq.finish else None, lp)
+            tokens, events = self._consume(logits, lengths, slide)
+            yield from events
             if not state.alive.any():
                 break
+            full = lengths >= self.context_length
             if slide and (full & state.alive).any():
                 # The window is full: keep the protected prefix and the newest tokens, prefill again.
                 windows = []
@@ -565,12 +598,7 @@ class Generation:
             mask = np.concatenate([mask, np.ones((batch, 1), dtype=np.int64)], axis=1)
             logits = self.runner.step(cache, tokens[:, None], mask, next_pos)
             next_pos = next_pos + 1
-        self.model_seconds = run_seconds + cache.run_seconds
-        self.kv_cache_bytes = max(self.kv_cache_bytes, cache.nbytes())
-        self.peak_memory_bytes = peak_rss_bytes()
-        self._completions = self._finish()
-        if pipe.on_end is not None:
-            pipe.registry.call_observer("on_request_end", pipe.on_end, state=state, completions=self._completions)
+        self._end(run_seconds + cache.run_seconds, cache.nbytes())
 
     def _prefill(self, prompts: Sequence[list[int]]):
         """Prefill ``[B, S]`` left-padded prompts into a new cache: (cache, mask, next positions, logits [B, V])."""
