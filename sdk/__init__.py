@@ -31,13 +31,14 @@ from .generation import (
 from .hookspecs import hookimpl, hookspec
 from .manifest import FORMAT_VERSION, Manifest
 from .registry import Registry
+from .scheduler import RequestHandle, Scheduler
 from .tokenizer import IncrementalDecoder, Tokenizer
 
 __version__ = "0.1.0"
 
 __all__ = [
     "Engine", "Prompt", "SamplingParams", "Completion", "StreamEvent", "Usage", "Generation",
-    "BatchState", "Stop", "Charge", "TokenLogprob", "Registry", "hookimpl", "hookspec",
+    "BatchState", "Stop", "Charge", "TokenLogprob", "Registry", "hookimpl", "hookspec", "Scheduler", "RequestHandle",
     "Manifest", "FORMAT_VERSION", "Tokenizer", "IncrementalDecoder", "DeviceChoice", "resolve_device",
     "NextokenError", "ModelPackageError", "ManifestMismatchError", "InvalidRequestError",
     "ContextWindowError", "ExportError", "DeviceError", "PluginError", "__version__",

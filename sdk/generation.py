@@ -678,8 +678,9 @@ class Generation:
 
     def completions(self) -> list[Completion]:
         """The result of every sequence, running the request to its end first if needed."""
-        for _ in self:
-            pass
+        if self._completions is None:
+            for _ in self:
+                pass
         if self._completions is None:
             raise NextokenError("this request failed part way (see the error it raised); start a new one")
         return self._completions

@@ -1,0 +1,325 @@
+"""Continuous batching: many requests share one running batch, joining and leaving at step boundaries.
+
+    scheduler = Scheduler(engine, max_batch=8).start()
+    handle = scheduler.submit("Once upon a time", max_new_tokens=64)   # from any thread
+    for event in handle:                                              # or: async for event in handle
+        print(event.text, end="")
+    scheduler.close()
+
+Each step decodes every running sequence at once (decode first), then prefills the requests that
+are waiting, as far as ``max_batch`` allows, and merges them into the batch. Every request keeps
+its own sampling parameters, plugins, stop conditions and seed: its step is its own
+:class:`~nextoken.Generation`'s, on its row of the batch's logits.
+
+The KV cache here is the plain graph's (present = concat(past, new)): a joining request's cache is
+left-padded to the batch's length (masked out, so attention never sees the padding), a leaving
+one's row is dropped, and padding every row shares is trimmed. Joining and leaving copy the cache
+through host memory; the steps in between do not.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import collections
+import queue
+import threading
+import time
+from typing import Any, Iterator
+
+import numpy as np
+import onnxruntime as ort
+
+from .errors import InvalidRequestError, NextokenError
+from .generation import Completion, Generation, SamplingParams, StreamEvent
+from .kvcache import KVCache
+
+__all__ = ["Scheduler", "RequestHandle"]
+
+_DONE = object()
+
+
+class RequestHandle:
+    """One submitted request: iterate it (or ``async for``) for its :class:`StreamEvent` s;
+    :meth:`result` waits for its :class:`Completion`; :meth:`cancel` ends it at the next step."""
+
+    def __init__(self, generation: Generation) -> None:
+        self.generation = generation
+        self._events: queue.Queue = queue.Queue()
+        self._done = threading.Event()
+        self._error: BaseException | None = None
+        self.cancelled = False
+        self.model_seconds = 0.0
+
+    # -- consumer side ------------------------------------------------------------------------------
+    def __iter__(self) -> Iterator[StreamEvent]:
+        while True:
+            item = self._events.get()
+            if item is _DONE:
+                if self._error is not None:
+                    raise self._error
+                return
+            yield item
+
+    def __aiter__(self):
+        return self._async_events()
+
+    async def _async_events(self):
+        loop = asyncio.get_running_loop()
+        while True:
+            item = await loop.run_in_executor(None, self._events.get)
+            if item is _DONE:
+                if self._error is not None:
+                    raise self._error
+                return
+            yield item
+
+    def result(self, timeout: float | None = None) -> Completion:
+        """The completion, once the request has finished (raises what the request raised)."""
+        if not self._done.wait(timeout):
+            raise TimeoutError("the request has not finished")
+        if self._error is not None:
+            raise self._error
+        return self.generation.completions()[0]
+
+    def cancel(self) -> None:
+        """End the request at the next step boundary (finish reason ``cancelled``); its slot is freed."""
+        self.cancelled = True
+
+    @property
+    def done(self) -> bool:
+        return self._done.is_set()
+
+    # -- scheduler side -----------------------------------------------------------------------------
+    def _deliver(self, events: list[StreamEvent]) -> None:
+        for event in events:
+            self._events.put(event)
+
+    def _finish(self, error: BaseException | None = None) -> None:
+        self._error = error
+        self._done.set()
+        self._events.put(_DONE)
+
+
+class Scheduler:
+    """Continuous batching over one :class:`~nextoken.Engine` (see the module's doc).
+
+    ``max_batch``: sequences decoded together at most; more requests wait their turn.
+    Use :meth:`step` to drive it yourself, or :meth:`start` to run it on a background thread.
+    """
+
+    def __init__(self, engine: Any, max_batch: int = 8) -> None:
+        if max_batch < 1:
+            raise InvalidRequestError(f"max_batch must be >= 1, not {max_batch}")
+        self.engine = engine
+        self.max_batch = max_batch
+        self._waiting: collections.deque[RequestHandle] = collections.deque()
+        self._active: list[RequestHandle] = []
+        self._cond = threading.Condition()
+        self._thread: threading.Thread | None = None
+        self._stop = False
+        self._cache: KVCache | None = None
+        self._mask = np.zeros((0, 0), dtype=np.int64)
+        self._next_pos = np.zeros((0, 1), dtype=np.int64)
+        self._last = np.zeros(0, dtype=np.int64)
+
+    # -- submitting -----------------------------------------------------------------------------------
+    def submit(self, prompt: Any, params: SamplingParams | None = None, **overrides: Any) -> RequestHandle:
+        """Queue one prompt (text or token ids); validated here, so a bad request raises at once."""
+        generation = self.engine.start(prompt, params, **overrides)
+        if generation.state.batch_size != 1:
+            raise InvalidRequestError("submit one prompt per request; submit a list's prompts one by one")
+        if generation.params.context_policy == "slide":
+            raise InvalidRequestError("context_policy='slide' is not supported with continuous batching yet; "
+                                      "use 'error' or 'truncate'")
+        generation._events = iter(())        # the scheduler drives it; iterating it must not run it again
+        handle = RequestHandle(generation)
+        with self._cond:
+            if self._stop:
+                raise NextokenError("this scheduler is closed")
+            self._waiting.append(handle)
+            self._cond.notify()
+        return handle
+
+    @property
+    def running(self) -> int:
+        """Sequences in the batch now."""
+        return len(self._active)
+
+    @property
+    def waiting(self) -> int:
+        return len(self._waiting)
+
+    # -- the loop ---------------------------------------------------------------------------------------
+    def start(self) -> "Scheduler":
+        """Run :meth:`step` on a background thread until :meth:`close`."""
+        if self._thread is None:
+            self._thread = threading.Thread(target=self._loop, name="nextoken-scheduler", daemon=True)
+            self._thread.start()
+        return self
+
+    def close(self) -> None:
+        """Stop the background thread; requests still waiting or running fail with a clear error."""
+        with self._cond:
+            self._stop = True
+            self._cond.notify_all()
+        if self._thread is not None:
+            self._thread.join()
+            self._thread = None
+        for handle in list(self._waiting) + self._active:
+            handle._finish(NextokenError("the scheduler was closed before this request finished"))
+        self._waiting.clear()
+        self._active.clear()
+        self._cache = None
+
+    def __enter__(self) -> "Scheduler":
+        return self.start()
+
+    def __exit__(self, *exc: Any) -> None:
+        self.close()
+
+    def _loop(self) -> None:
+        while True:
+            with self._cond:
+                while not self._stop and not self._waiting and not self._active:
+                    self._cond.wait()
+                if self._stop:
+                    return
+            self.step()
+
+    def step(self) -> bool:
+        """One scheduling step: drop cancelled requests, decode the batch, admit waiting requests.
+        Returns whether work remains."""
+        runner = self.engine.runner
+        if runner is None:
+            raise NextokenError("the engine is closed")
+        for handle in self._active:
+            if handle.cancelled and not handle.done:
+                self._end_early(handle, None)
+        self._compact()
+        if self._active:
+            self._decode(runner)
+        admit: list[RequestHandle] = []
+        with self._cond:
+            while self._waiting and len(self._active) + len(admit) < self.max_batch:
+                handle = self._waiting.popleft()
+                if handle.cancelled:
+                    self._end_early(handle, None)
+                else:
+                    admit.append(handle)
+        if admit:
+            self._admit(runner, admit)
+        self._compact()
+        return bool(self._active or self._waiting)
+
+    def _consume(self, handle: RequestHandle, logits: np.ndarray, row: int) -> None:
+        """The handle's own step on its row of logits; a failure ends that request only."""
+        gen = handle.generation
+        try:
+            tokens, events = gen._consume(logits)
+        except Exception as exc:
+            self._end_early(handle, exc)
+            return
+        self._last[row] = tokens[0]
+        if gen.finished:
+            kv = int(self._mask[row].sum()) * self.engine.manifest.kv_bytes_per_token() if row < len(self._mask) else 0
+            gen._end(handle.model_seconds, kv)
+        handle._deliver(events)
+        if gen.finished:
+            handle._finish()
+
+    def _end_early(self, handle: RequestHandle, error: BaseException | None) -> None:
+        """End a request before its own stop: cancelled by the caller (``error`` None: finish
+        reason ``cancelled``, a completion with what it had) or failed (its iteration raises)."""
+        gen = handle.generation
+        if error is None and not gen.finished:
+            from .generation import Stop
+
+            gen.seqs[0].finish = Stop("cancelled", "cancelled by the caller")
+            gen.state.alive[:] = False
+            gen._end(handle.model_seconds, 0)
+            handle._deliver([StreamEvent(0, None, "", "cancelled")])
+        handle._finish(error)
+
+    def _decode(self, runner) -> None:
+        batch = len(self._active)
+        self._mask = np.concatenate([self._mask, np.ones((batch, 1), dtype=np.int64)], axis=1)
+        before = self._cache.run_seconds
+        logits = runner.step(self._cache, self._last[:, None], self._mask, self._next_pos)
+        self._next_pos = self._next_pos + 1
+        spent = self._cache.run_seconds - before
+        for row, handle in enumerate(self._active):
+            handle.model_seconds += spent
+            self._consume(handle, logits[row:row + 1], row)
+
+    def _admit(self, runner, admit: list[RequestHandle]) -> None:
+        prompts = [h.generation.state.prompts[0] for h in admit]
+        for handle in admit:
+            handle.generation._begin()
+        cache, mask, next_pos, logits = admit[0].generation._prefill(prompts)
+        done = time.perf_counter()
+        start_row = len(self._active)
+        self._merge(cache, mask, next_pos, len(admit))
+        self._active.extend(admit)
+        for i, handle in enumerate(admit):
+            gen = handle.generation
+            gen.prefill_done = done
+            gen.prefill_model_seconds = handle.model_seconds = cache.run_seconds
+            self._consume(handle, logits[i:i + 1], start_row + i)
+
+    # -- the shared cache ----------------------------------------------------------------------------
+    def _arrays(self, cache: KVCache) -> list[np.ndarray]:
+        return [v.numpy() for v in cache.values]
+
+    def _values(self, arrays: list[np.ndarray]) -> KVCache:
+        runner = self.engine.runner
+        cache = runner.new_cache(arrays[0].shape[0] if arrays else 0)
+        cache.values = [ort.OrtValue.ortvalue_from_numpy(np.ascontiguousarray(a), runner.device, runner.device_id)
+                        for a in arrays]
+        return cache
+
+    def _merge(self, cache: KVCache, mask: np.ndarray, next_pos: np.ndarray, n: int) -> None:
+        """Append ``n`` prefilled rows to the batch, left-padding the shorter side's cache and mask."""
+        new_tokens = np.zeros(n, dtype=np.int64)
+        if self._cache is None or not self._active:
+            self._cache, self._mask, self._next_pos = cache, mask, next_pos
+            self._last = new_tokens
+            return
+        width = max(self._mask.shape[1], mask.shape[1])
+
+        def pad(a: np.ndarray, axis: int) -> np.ndarray:
+            missing = width - a.shape[axis]
+            if missing == 0:
+                return a
+            shape = list(a.shape)
+            shape[axis] = missing
+            return np.concatenate([np.zeros(shape, dtype=a.dtype), a], axis=axis)
+
+        arrays = [np.concatenate([pad(a, 2), pad(b, 2)], axis=0)
+                  for a, b in zip(self._arrays(self._cache), self._arrays(cache))]
+        run_seconds = self._cache.run_seconds
+        self._cache = self._values(arrays)
+        self._cache.run_seconds = run_seconds
+        self._mask = np.concatenate([pad(self._mask, 1), pad(mask, 1)], axis=0)
+        self._next_pos = np.concatenate([self._next_pos, next_pos], axis=0)
+        self._last = np.concatenate([self._last, new_tokens])
+
+    def _compact(self) -> None:
+        """Drop finished rows, and the padding columns every remaining row shares."""
+        keep = [i for i, h in enumerate(self._active) if not h.done]
+        if len(keep) == len(self._active):
+            return
+        self._active = [self._active[i] for i in keep]
+        if not keep:
+            self._cache = None
+            self._mask = np.zeros((0, 0), dtype=np.int64)
+            self._next_pos = np.zeros((0, 1), dtype=np.int64)
+            self._last = np.zeros(0, dtype=np.int64)
+            return
+        mask = self._mask[keep]
+        shared = int(np.argmax(mask.any(axis=0)))          # leading columns no remaining row uses
+        run_seconds = self._cache.run_seconds
+        self._cache = self._values([a[keep][:, :, shared:] for a in self._arrays(self._cache)])
+        self._cache.run_seconds = run_seconds
+        self._mask = np.ascontiguousarray(mask[:, shared:])
+        self._next_pos = self._next_pos[keep]
+        self._last = self._last[keep]

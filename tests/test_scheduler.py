@@ -1,0 +1,158 @@
+"""Continuous batching: requests join and leave a running batch and get what they get alone."""
+
+from __future__ import annotations
+
+import asyncio
+import threading
+import types
+
+import pytest
+
+import nextoken
+from nextoken import Engine, InvalidRequestError, PluginError, Scheduler
+
+PROMPTS = ["Hello there", "A much longer prompt than the first one", "abc", "Streaming, per sequence, joins late"]
+
+
+@pytest.fixture()
+def engine(tiny_llama):
+    with Engine(tiny_llama[1], device="cpu", plugins=False) as e:
+        yield e
+
+
+def _run_until_done(scheduler: Scheduler, limit: int = 1000) -> None:
+    for _ in range(limit):
+        if not scheduler.step():
+            return
+    raise AssertionError("the scheduler did not finish")
+
+
+def test_requests_joining_mid_batch_get_what_they_get_alone(engine):
+    kw = dict(max_new_tokens=20, ignore_eos=True)
+    alone = [engine.generate(p, **kw).token_ids for p in PROMPTS]
+    scheduler = Scheduler(engine, max_batch=8)
+    handles = [scheduler.submit(PROMPTS[0], **kw)]
+    for _ in range(5):
+        scheduler.step()
+    handles += [scheduler.submit(p, **kw) for p in PROMPTS[1:3]]
+    for _ in range(7):
+        scheduler.step()
+    handles.append(scheduler.submit(PROMPTS[3], **kw))
+    _run_until_done(scheduler)
+    assert [h.result().token_ids for h in handles] == alone
+    texts = ["".join(e.text for e in h) for h in handles]
+    assert texts == [h.result().text for h in handles]
+    for h in handles:
+        usage = h.result().usage
+        assert 0 < usage.time_to_first_token_ms <= usage.wall_ms and usage.completion_tokens == 20
+        assert usage.kv_cache_bytes == (usage.prompt_tokens + 19) * engine.manifest.kv_bytes_per_token()
+    assert scheduler.running == 0 and scheduler.waiting == 0
+
+
+def test_each_request_keeps_its_own_sampling_and_seed(engine):
+    specs = [dict(max_new_tokens=16, temperature=0.9, top_k=20, seed=1),
+             dict(max_new_tokens=12, ignore_eos=True),
+             dict(max_new_tokens=16, temperature=1.2, top_p=0.8, seed=7, repetition_penalty=1.2)]
+    alone = [engine.generate(p, **kw).token_ids for p, kw in zip(PROMPTS, specs)]
+    scheduler = Scheduler(engine)
+    handles = []
+    for p, kw in zip(PROMPTS, specs):
+        handles.append(scheduler.submit(p, **kw))
+        scheduler.step()
+    _run_until_done(scheduler)
+    assert [h.result().token_ids for h in handles] == alone
+
+
+def test_max_batch_and_waiting(engine):
+    scheduler = Scheduler(engine, max_batch=2)
+    handles = [scheduler.submit(p, max_new_tokens=6, ignore_eos=True) for p in PROMPTS[:3]]
+    scheduler.step()
+    assert scheduler.running == 2 and scheduler.waiting == 1
+    _run_until_done(scheduler)
+    assert all(len(h.result().token_ids) == 6 for h in handles)
+
+
+def test_cancel_frees_the_slot_within_one_step(engine):
+    scheduler = Scheduler(engine, max_batch=2)
+    a = scheduler.submit(PROMPTS[0], max_new_tokens=50, ignore_eos=True)
+    b = scheduler.submit(PROMPTS[1], max_new_tokens=50, ignore_eos=True)
+    waiting = scheduler.submit(PROMPTS[2], max_new_tokens=5, ignore_eos=True)
+    for _ in range(3):
+        scheduler.step()
+    a.cancel()
+    scheduler.step()
+    assert a.done and a.result().finish_reason == "cancelled"
+    assert scheduler.running == 2                      # the waiting request took the freed slot
+    _run_until_done(scheduler)
+    assert len(b.result().token_ids) == 50 and len(waiting.result().token_ids) == 5
+    assert b.result().token_ids == engine.generate(PROMPTS[1], max_new_tokens=50, ignore_eos=True).token_ids
+
+
+def test_a_failing_plugin_ends_only_its_request(engine):
+    def make_broken(params, options):
+        def broken(logits, state):
+            if state.step == 2:
+                raise RuntimeError("boom")
+            return logits
+        return broken
+
+    engine.register(types.SimpleNamespace(register_logits_processors=nextoken.hookimpl(
+        lambda register: register("broken", make_broken))), "broken-plugin")
+    scheduler = Scheduler(engine)
+    bad = scheduler.submit(PROMPTS[0], max_new_tokens=8, processors=("broken",))
+    good = scheduler.submit(PROMPTS[1], max_new_tokens=8, ignore_eos=True)
+    _run_until_done(scheduler)
+    with pytest.raises(PluginError, match="broken-plugin"):
+        list(bad)
+    assert good.result().token_ids == engine.generate(PROMPTS[1], max_new_tokens=8, ignore_eos=True).token_ids
+
+
+def test_bad_requests_are_refused_at_submit(engine):
+    scheduler = Scheduler(engine)
+    with pytest.raises(InvalidRequestError, match="max_new_tokens must be >= 1"):
+        scheduler.submit("x", max_new_tokens=0)
+    with pytest.raises(InvalidRequestError, match="one prompt per request"):
+        scheduler.submit(["a", "b"])
+    with pytest.raises(InvalidRequestError, match="slide"):
+        scheduler.submit("a", context_policy="slide")
+    with pytest.raises(InvalidRequestError, match="max_batch must be >= 1"):
+        Scheduler(engine, max_batch=0)
+
+
+def test_background_thread_with_submitters_on_many_threads(engine):
+    kw = dict(max_new_tokens=10, ignore_eos=True)
+    alone = {p: engine.generate(p, **kw).token_ids for p in PROMPTS}
+    results: dict[str, list[int]] = {}
+    with Scheduler(engine, max_batch=3) as scheduler:
+        def worker(prompt: str) -> None:
+            results[prompt] = [e.token_id for e in scheduler.submit(prompt, **kw)]
+
+        threads = [threading.Thread(target=worker, args=(p,)) for p in PROMPTS]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join(timeout=60)
+    assert results == alone
+
+
+def test_asyncio_streams(engine):
+    kw = dict(max_new_tokens=8, ignore_eos=True)
+    alone = [engine.generate(p, **kw).text for p in PROMPTS[:2]]
+
+    async def main():
+        with Scheduler(engine) as scheduler:
+            async def one(prompt):
+                return "".join([e.text async for e in scheduler.submit(prompt, **kw)])
+            return await asyncio.gather(*(one(p) for p in PROMPTS[:2]))
+
+    assert asyncio.run(main()) == alone
+
+
+def test_closing_fails_what_is_left(engine):
+    scheduler = Scheduler(engine)
+    handle = scheduler.submit("abc", max_new_tokens=5)
+    scheduler.close()
+    with pytest.raises(nextoken.NextokenError, match="closed before this request finished"):
+        handle.result(timeout=5)
+    with pytest.raises(nextoken.NextokenError, match="closed"):
+        scheduler.submit("abc")
