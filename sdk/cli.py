@@ -171,6 +171,14 @@ def _cmd_memory(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_serve(args: argparse.Namespace) -> int:
+    from .server import serve
+
+    serve(args.package, host=args.host, port=args.port, max_batch=args.max_batch, api_key=args.api_key,
+          model_name=args.model_name, device=args.device, threads=args.threads)
+    return 0
+
+
 def _cmd_cost(args: argparse.Namespace) -> int:
     from .cost import per_answer_from_bench, per_answer_from_tokens, project
 
@@ -437,6 +445,16 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--threads", type=int, default=None, help="intra-op threads for --measure")
     p.add_argument("--json", action="store_true", help="print JSON")
     p.set_defaults(func=_cmd_memory)
+
+    p = sub.add_parser("serve", help="serve a package over an OpenAI-compatible HTTP API (extra: serve)")
+    p.add_argument("package", help="model package directory")
+    p.add_argument("--host", default="127.0.0.1", help="address to listen on (default: loopback only)")
+    p.add_argument("--port", type=int, default=8000)
+    p.add_argument("--max-batch", type=_positive_int, default=8, help="sequences decoded together (default 8)")
+    p.add_argument("--api-key", default=None, help="require 'Authorization: Bearer KEY'")
+    p.add_argument("--model-name", default=None, help="the model id clients use (default: the package folder's name)")
+    runtime_options(p)
+    p.set_defaults(func=_cmd_serve)
 
     p = sub.add_parser("cost", help="project a workload's cost: per answer, per day, per month, per year")
     p.add_argument("--requests-per-day", type=float, required=True, metavar="N", help="answers a day")
