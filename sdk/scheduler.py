@@ -104,14 +104,19 @@ class Scheduler:
     """Continuous batching over one :class:`~nextoken.Engine` (see the module's doc).
 
     ``max_batch``: sequences decoded together at most; more requests wait their turn.
+    ``max_prefill_tokens``: prompt tokens prefilled in one step at most (a longer prompt is
+    prefilled alone), so a burst of newcomers does not stall the running sequences for long.
     Use :meth:`step` to drive it yourself, or :meth:`start` to run it on a background thread.
     """
 
-    def __init__(self, engine: Any, max_batch: int = 8) -> None:
+    def __init__(self, engine: Any, max_batch: int = 8, max_prefill_tokens: int = 4096) -> None:
         if max_batch < 1:
             raise InvalidRequestError(f"max_batch must be >= 1, not {max_batch}")
+        if max_prefill_tokens < 1:
+            raise InvalidRequestError(f"max_prefill_tokens must be >= 1, not {max_prefill_tokens}")
         self.engine = engine
         self.max_batch = max_batch
+        self.max_prefill_tokens = max_prefill_tokens
         self._waiting: collections.deque[RequestHandle] = collections.deque()
         self._active: list[RequestHandle] = []
         self._cond = threading.Condition()
@@ -200,12 +205,18 @@ class Scheduler:
             self._decode(runner)
         admit: list[RequestHandle] = []
         with self._cond:
+            budget = self.max_prefill_tokens
             while self._waiting and len(self._active) + len(admit) < self.max_batch:
-                handle = self._waiting.popleft()
+                handle = self._waiting[0]
+                size = len(handle.generation.state.prompts[0])
+                if admit and size > budget:
+                    break                                  # the rest waits for the next step's budget
+                self._waiting.popleft()
                 if handle.cancelled:
                     self._end_early(handle, None)
                 else:
                     admit.append(handle)
+                    budget -= size
         if admit:
             self._admit(runner, admit)
         self._compact()

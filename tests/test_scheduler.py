@@ -156,3 +156,15 @@ def test_closing_fails_what_is_left(engine):
         handle.result(timeout=5)
     with pytest.raises(nextoken.NextokenError, match="closed"):
         scheduler.submit("abc")
+
+
+def test_prefill_budget_spreads_newcomers_over_steps(engine):
+    scheduler = Scheduler(engine, max_batch=8, max_prefill_tokens=30)
+    handles = [scheduler.submit(p, max_new_tokens=4, ignore_eos=True) for p in PROMPTS]
+    sizes = [len(engine.encode(p)) for p in PROMPTS]
+    scheduler.step()
+    assert scheduler.running == 1 and sizes[0] + sizes[1] > 30      # the second did not fit the budget
+    _run_until_done(scheduler)
+    assert all(len(h.result().token_ids) == 4 for h in handles)
+    with pytest.raises(InvalidRequestError, match="max_prefill_tokens must be >= 1"):
+        Scheduler(engine, max_prefill_tokens=0)
