@@ -189,7 +189,19 @@ class Scheduler:
                     self._cond.wait()
                 if self._stop:
                     return
-            self.step()
+            try:
+                self.step()
+            except Exception as exc:          # e.g. the engine was closed: fail every request, stop
+                with self._cond:
+                    self._stop = True
+                    pending = list(self._waiting) + self._active
+                    self._waiting.clear()
+                    self._active.clear()
+                error = exc if isinstance(exc, NextokenError) else NextokenError(f"the scheduler failed: {exc}")
+                for handle in pending:
+                    if not handle.done:
+                        handle._finish(error)
+                return
 
     def step(self) -> bool:
         """One scheduling step: drop cancelled requests, decode the batch, admit waiting requests.

@@ -86,8 +86,13 @@ def create_app(scheduler: Scheduler, model_name: str, api_key: str | None = None
     except ImportError:
         raise NextokenError("serving needs FastAPI and uvicorn: pip install 'nextoken[serve]'") from None
 
+    from concurrent.futures import ThreadPoolExecutor
+
     engine = scheduler.engine
     app = FastAPI(title="nextoken", version="1")
+    # Waiting on a request's events blocks a thread; give every request in hand one (the default
+    # executor has only cpu_count + 4, which would couple unrelated streams).
+    waiters = ThreadPoolExecutor(max_workers=max_pending + 4, thread_name_prefix="nextoken-wait")
     created = int(time.time())
 
     def error(status: int, message: str, kind: str = "invalid_request_error", param=None, code=None):
@@ -155,7 +160,7 @@ def create_app(scheduler: Scheduler, model_name: str, api_key: str | None = None
     async def _wait_or_cancel(request: Request, handle: RequestHandle) -> Completion:
         """The completion, unless the client goes away first (then the request is cancelled)."""
         loop = asyncio.get_running_loop()
-        result = loop.run_in_executor(None, handle.result)
+        result = loop.run_in_executor(waiters, handle.result)
 
         async def disconnected():
             while True:
@@ -192,7 +197,7 @@ def create_app(scheduler: Scheduler, model_name: str, api_key: str | None = None
                 if chat:
                     yield chunk([{"index": 0, "delta": {"role": "assistant", "content": ""}, "finish_reason": None}])
                 while True:
-                    event = await loop.run_in_executor(None, next, iterator, None)
+                    event = await loop.run_in_executor(waiters, next, iterator, None)
                     if event is None:
                         break
                     finish = FINISH.get(event.finish_reason, event.finish_reason) if event.finish_reason else None

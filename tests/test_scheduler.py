@@ -168,3 +168,14 @@ def test_prefill_budget_spreads_newcomers_over_steps(engine):
     assert all(len(h.result().token_ids) == 4 for h in handles)
     with pytest.raises(InvalidRequestError, match="max_prefill_tokens must be >= 1"):
         Scheduler(engine, max_prefill_tokens=0)
+
+
+def test_closing_the_engine_under_a_running_scheduler_fails_requests_cleanly(tiny_llama):
+    engine = Engine(tiny_llama[1], device="cpu", plugins=False)
+    scheduler = Scheduler(engine)
+    handle = scheduler.submit("abc", max_new_tokens=100, ignore_eos=True)
+    engine.close()
+    scheduler.start()
+    with pytest.raises(nextoken.NextokenError, match="engine is closed"):
+        handle.result(timeout=10)
+    scheduler.close()
