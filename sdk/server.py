@@ -222,6 +222,21 @@ def create_app(scheduler: Scheduler, model_name: str, api_key: str | None = None
 
         return StreamingResponse(events(), media_type="text/event-stream")
 
+    async def _respond(request: Request, body: dict, handle: RequestHandle, chat: bool, include_usage: bool):
+        """The stream, or the whole answer, of one submitted request, in the OpenAI shape."""
+        rid = f"{'chatcmpl' if chat else 'cmpl'}-{uuid.uuid4().hex[:24]}"
+        if body.get("stream"):
+            return _stream(handle, chat, rid, include_usage)
+        c = await _wait_or_cancel(request, handle)
+        choice: dict[str, Any] = {"index": 0, "finish_reason": FINISH.get(c.finish_reason, c.finish_reason),
+                                  "logprobs": None}
+        if chat:
+            choice["message"] = {"role": "assistant", "content": c.text}
+        else:
+            choice["text"] = c.text
+        return {"id": rid, "object": "chat.completion" if chat else "text_completion", "created": int(time.time()),
+                "model": model_name, "choices": [choice], "usage": _usage(c), "nextoken": _extras(c)}
+
     @app.post("/v1/completions")
     async def completions(request: Request):
         body = await _body(request)
@@ -231,15 +246,7 @@ def create_app(scheduler: Scheduler, model_name: str, api_key: str | None = None
         if not isinstance(prompt, str) and not (isinstance(prompt, list) and all(isinstance(t, int) for t in prompt)):
             raise APIError(400, "prompt must be a string or a list of token ids (one prompt per request)", param="prompt")
         params, include_usage = _params(body, chat=False)
-        handle = _submit(prompt, params)
-        rid = f"cmpl-{uuid.uuid4().hex[:24]}"
-        if body.get("stream"):
-            return _stream(handle, False, rid, include_usage)
-        c = await _wait_or_cancel(request, handle)
-        return {"id": rid, "object": "text_completion", "created": int(time.time()), "model": model_name,
-                "choices": [{"index": 0, "text": c.text, "finish_reason": FINISH.get(c.finish_reason, c.finish_reason),
-                             "logprobs": None}],
-                "usage": _usage(c), "nextoken": _extras(c)}
+        return await _respond(request, body, _submit(prompt, params), False, include_usage)
 
     @app.post("/v1/chat/completions")
     async def chat_completions(request: Request):
@@ -253,15 +260,7 @@ def create_app(scheduler: Scheduler, model_name: str, api_key: str | None = None
         if body.get("max_completion_tokens", body.get("max_tokens")) is None:
             room = engine.manifest.context_length - len(ids)
             params = params.replace(max_new_tokens=max(1, min(params.max_new_tokens, room)))
-        handle = _submit(ids, params)
-        rid = f"chatcmpl-{uuid.uuid4().hex[:24]}"
-        if body.get("stream"):
-            return _stream(handle, True, rid, include_usage)
-        c = await _wait_or_cancel(request, handle)
-        return {"id": rid, "object": "chat.completion", "created": int(time.time()), "model": model_name,
-                "choices": [{"index": 0, "message": {"role": "assistant", "content": c.text},
-                             "finish_reason": FINISH.get(c.finish_reason, c.finish_reason), "logprobs": None}],
-                "usage": _usage(c), "nextoken": _extras(c)}
+        return await _respond(request, body, _submit(ids, params), True, include_usage)
 
     return app
 

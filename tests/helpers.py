@@ -18,3 +18,15 @@ def run_cli(*args: str, env: dict | None = None, timeout: float = 300) -> subpro
         [sys.executable, "-m", "nextoken", *args], capture_output=True, text=True, timeout=timeout,
         env={**os.environ, **(env or {})},
     )
+
+
+def with_chat_template(package: Path, target: Path, template: str) -> Path:
+    """A copy of ``package`` at ``target`` whose tokenizer_config.json carries ``template``."""
+    import json
+    import shutil
+
+    shutil.copytree(package, target)
+    cfg = json.loads((target / "tokenizer_config.json").read_text())
+    cfg["chat_template"] = template
+    (target / "tokenizer_config.json").write_text(json.dumps(cfg))
+    return target

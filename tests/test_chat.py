@@ -8,7 +8,7 @@ import shutil
 import pytest
 
 from nextoken import Engine, InvalidRequestError, ModelPackageError
-from helpers import run_cli
+from helpers import run_cli, with_chat_template
 
 TEMPLATE = (
     "{{ bos_token }}{% for m in messages %}{% if m['role'] == 'system' and not loop.first %}"
@@ -22,12 +22,7 @@ MESSAGES = [{"role": "system", "content": "You tell short stories."},
 
 @pytest.fixture(scope="module")
 def chat_package(tiny_llama, tmp_path_factory):
-    pkg = tmp_path_factory.mktemp("chat") / "pkg"
-    shutil.copytree(tiny_llama[1], pkg)
-    cfg = json.loads((pkg / "tokenizer_config.json").read_text())
-    cfg["chat_template"] = TEMPLATE
-    (pkg / "tokenizer_config.json").write_text(json.dumps(cfg))
-    return pkg
+    return with_chat_template(tiny_llama[1], tmp_path_factory.mktemp("chat") / "pkg", TEMPLATE)
 
 
 def test_template_ids_equal_transformers(chat_package):

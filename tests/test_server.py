@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import json
-import shutil
 import socket
 import threading
 import time
@@ -14,6 +12,7 @@ import pytest
 
 from nextoken import Engine, Scheduler
 from nextoken.server import create_app
+from helpers import with_chat_template
 
 KEY = "test-key"
 TEMPLATE = ("{{ bos_token }}{% for m in messages %}<|{{ m['role'] }}|>\n{{ m['content'] }}{{ eos_token }}\n{% endfor %}"
@@ -30,11 +29,7 @@ def _free_port() -> int:
 def server(tiny_llama, tmp_path_factory):
     import uvicorn
 
-    pkg = tmp_path_factory.mktemp("served") / "tiny"
-    shutil.copytree(tiny_llama[1], pkg)
-    cfg = json.loads((pkg / "tokenizer_config.json").read_text())
-    cfg["chat_template"] = TEMPLATE
-    (pkg / "tokenizer_config.json").write_text(json.dumps(cfg))
+    pkg = with_chat_template(tiny_llama[1], tmp_path_factory.mktemp("served") / "tiny", TEMPLATE)
     engine = Engine(pkg, device="cpu", plugins=False)
     scheduler = Scheduler(engine, max_batch=4).start()
     port = _free_port()
