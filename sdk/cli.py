@@ -172,6 +172,13 @@ def _cmd_memory(args: argparse.Namespace) -> int:
 
 
 def _cmd_serve(args: argparse.Namespace) -> int:
+    if args.ray:
+        from .ray_serve import serve_ray
+
+        serve_ray(args.package, host=args.host, port=args.port, replicas=args.replicas, threads=args.threads or 1,
+                  max_batch=args.max_batch, api_key=args.api_key, model_name=args.model_name, device=args.device,
+                  address=args.ray_address)
+        return 0
     from .server import serve
 
     serve(args.package, host=args.host, port=args.port, max_batch=args.max_batch, api_key=args.api_key,
@@ -453,6 +460,9 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--max-batch", type=_positive_int, default=8, help="sequences decoded together (default 8)")
     p.add_argument("--api-key", default=None, help="require 'Authorization: Bearer KEY'")
     p.add_argument("--model-name", default=None, help="the model id clients use (default: the package folder's name)")
+    p.add_argument("--ray", action="store_true", help="scale out on Ray Serve (extra: ray): one engine per replica")
+    p.add_argument("--replicas", type=_positive_int, default=2, help="with --ray: replicas (default 2)")
+    p.add_argument("--ray-address", default=None, help="with --ray: join this cluster instead of starting Ray locally")
     runtime_options(p)
     p.set_defaults(func=_cmd_serve)
 
