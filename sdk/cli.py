@@ -6,6 +6,9 @@
     nextoken info DIR                               what the package holds, where it would run
     nextoken plugins [--json]                       every registered plugin and what it provides
     nextoken bench DIR [--batch 1,8] [--new N]      prefill and decode speed, time inside/outside the model
+    nextoken memory MODEL [--batch B] [--context N] weights + working memory + KV cache against a capacity
+    nextoken serve DIR [--port P] [--ray]           OpenAI-compatible HTTP server (continuous batching)
+    nextoken cost --requests-per-day N ...          a workload's cost per answer, day, month, year
     nextoken demo [SRC]                             export (an untrained tiny model by default) and generate
 """
 
