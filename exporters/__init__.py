@@ -15,10 +15,11 @@ from .hf import (
     ExportReport,
     export,
 )
+from .genai import import_genai
 from .quantize import QUANTIZATIONS, Accuracy
 from .tiny import make_tiny_checkpoint, make_byte_tokenizer
 
 __all__ = [
     "export", "ExportReport", "DEFAULT_ATOL", "SUPPORTED_ARCHITECTURES", "TASK",
-    "make_tiny_checkpoint", "make_byte_tokenizer", "QUANTIZATIONS", "Accuracy",
+    "make_tiny_checkpoint", "make_byte_tokenizer", "QUANTIZATIONS", "Accuracy", "import_genai",
 ]

@@ -174,6 +174,15 @@ def _cmd_memory(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_import_genai(args: argparse.Namespace) -> int:
+    from nextoken.exporters.genai import import_genai
+
+    m = import_genai(args.source, args.output)
+    print(f"imported {m.architecture} ({m.num_layers} layers, {m.num_kv_heads} KV heads x {m.head_dim}, {m.precision}, "
+          f"padding {m.padding_side}) to {args.output}", file=sys.stderr)
+    return 0
+
+
 def _cmd_serve(args: argparse.Namespace) -> int:
     if args.ray:
         from .ray_serve import serve_ray
@@ -401,6 +410,11 @@ def _parser() -> argparse.ArgumentParser:
                    help="quantise the weights (int8: dynamic, per tensor; int4: MatMulNBits blocks) and report accuracy")
     p.add_argument("--block-size", type=int, default=32, help="int4 block size (default 32)")
     p.set_defaults(func=_cmd_export)
+
+    p = sub.add_parser("import-genai", help="make a package of a folder built by onnxruntime-genai's model builder")
+    p.add_argument("source", help="the builder's output folder (genai_config.json, model.onnx ...)")
+    p.add_argument("-o", "--output", required=True, help="package directory to write")
+    p.set_defaults(func=_cmd_import_genai)
 
     p = sub.add_parser("generate", help="generate a continuation of PROMPT, streamed to stdout")
     p.add_argument("package", help="model package directory (from `nextoken export`)")

@@ -20,7 +20,7 @@ from typing import TYPE_CHECKING, Any, Callable, Iterator, Mapping, Sequence
 import numpy as np
 
 from .errors import ContextWindowError, InvalidRequestError, NextokenError
-from .kvcache import StepRunner
+from .kvcache import StepRunner, grow_mask, pad_batch
 from .memory import peak_rss_bytes, reset_peak_rss
 from .tokenizer import IncrementalDecoder, Tokenizer
 
@@ -595,26 +595,25 @@ class Generation:
                 lengths = np.array([len(w) for w in windows])
                 continue
             # Decode step [B, 1]; finished rows ride along on their last token and are ignored.
-            mask = np.concatenate([mask, np.ones((batch, 1), dtype=np.int64)], axis=1)
+            mask = grow_mask(mask, self.runner.manifest.padding_side)
             logits = self.runner.step(cache, tokens[:, None], mask, next_pos)
             next_pos = next_pos + 1
         self._end(run_seconds + cache.run_seconds, cache.nbytes())
 
     def _prefill(self, prompts: Sequence[list[int]]):
-        """Prefill ``[B, S]`` left-padded prompts into a new cache: (cache, mask, next positions, logits [B, V])."""
-        batch = len(prompts)
-        width = max(len(p) for p in prompts)
-        # Left padding: every row's last prompt token sits in the last column.
-        input_ids = np.full((batch, width), self.pad_token_id, dtype=np.int64)
-        mask = np.zeros((batch, width), dtype=np.int64)
-        for row, prompt in enumerate(prompts):
-            input_ids[row, width - len(prompt):] = prompt
-            mask[row, width - len(prompt):] = 1
+        """Prefill ``[B, S]`` padded prompts into a new cache: (cache, mask, next positions, logits [B, V])."""
+        side = self.runner.manifest.padding_side
+        input_ids, mask = pad_batch(prompts, self.pad_token_id, side)
         positions = np.cumsum(mask, axis=1) - 1
         positions[mask == 0] = 1
-        cache = self.runner.new_cache(batch)
-        logits = self.runner.step(cache, input_ids, mask, positions)
-        return cache, mask, positions[:, -1:] + 1, logits
+        cache = self.runner.new_cache(len(prompts))
+        if side == "left":
+            logits = self.runner.step(cache, input_ids, mask, positions)
+        else:  # each row's last token is in its own column
+            lengths = np.array([len(p) for p in prompts])
+            all_logits = self.runner.step(cache, input_ids, mask, positions, all_logits=True)
+            logits = np.ascontiguousarray(all_logits[np.arange(len(prompts)), lengths - 1])
+        return cache, mask, mask.sum(axis=1, keepdims=True), logits
 
     def _window(self, ids: list[int]) -> list[int]:
         """What ``slide`` keeps of a full sequence: the protected prefix and the newest tokens, half a window in all."""

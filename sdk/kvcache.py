@@ -10,6 +10,7 @@ stays on the device. Only the last position's logits come back to the host.
 from __future__ import annotations
 
 import time
+from typing import Sequence
 
 import numpy as np
 import onnxruntime as ort
@@ -17,9 +18,35 @@ import onnxruntime as ort
 from .errors import NextokenError
 from .manifest import Manifest
 
-__all__ = ["KVCache", "StepRunner"]
+__all__ = ["KVCache", "StepRunner", "pad_batch", "grow_mask"]
 
 _NUMPY_DTYPES = {"float32": np.float32, "float16": np.float16, "float64": np.float64}
+
+
+def pad_batch(prompts: Sequence[list[int]], pad_id: int, side: str = "left") -> tuple[np.ndarray, np.ndarray]:
+    """``[B, S]`` input ids and attention mask of prompts of different lengths.
+
+    ``left`` (graphs that take position_ids: every row's last token in the last column) or
+    ``right`` (graphs with GroupQueryAttention, which place keys and read positions by each row's
+    length: every row's tokens from the first column).
+    """
+    batch, width = len(prompts), max(len(p) for p in prompts)
+    input_ids = np.full((batch, width), pad_id, dtype=np.int64)
+    mask = np.zeros((batch, width), dtype=np.int64)
+    for row, prompt in enumerate(prompts):
+        cols = slice(width - len(prompt), width) if side == "left" else slice(0, len(prompt))
+        input_ids[row, cols] = prompt
+        mask[row, cols] = 1
+    return input_ids, mask
+
+
+def grow_mask(mask: np.ndarray, side: str = "left") -> np.ndarray:
+    """The attention mask one decode step later: every row one position longer."""
+    batch, width = mask.shape
+    if side == "left":
+        return np.concatenate([mask, np.ones((batch, 1), dtype=mask.dtype)], axis=1)
+    valid = mask.sum(axis=1, keepdims=True)
+    return (np.arange(width + 1)[None, :] <= valid).astype(mask.dtype)
 
 
 class KVCache:

@@ -86,6 +86,7 @@ class Manifest:
     exported_by: Mapping[str, str] = field(default_factory=dict)
     checksums: Mapping[str, str] = field(default_factory=dict)
     quantization: Mapping[str, Any] | None = None
+    padding_side: str = "left"
     format_version: int = FORMAT_VERSION
 
     # -- names -----------------------------------------------------------------------------
@@ -147,6 +148,8 @@ class Manifest:
                 if not isinstance(kwargs[key], Sequence) or isinstance(kwargs[key], str):
                     raise ModelPackageError(f"{where}: {key} must be a list.")
                 kwargs[key] = tuple(kwargs[key])
+        if kwargs.get("padding_side", "left") not in ("left", "right"):
+            raise ModelPackageError(f"{where}: padding_side must be left or right, not {kwargs['padding_side']!r}")
         for key in ("num_layers", "num_kv_heads", "head_dim", "vocab_size", "context_length"):
             if not isinstance(kwargs[key], int) or kwargs[key] <= 0:
                 raise ModelPackageError(f"{where}: {key} must be a positive integer, not {kwargs[key]!r}.")

@@ -31,7 +31,7 @@ import onnxruntime as ort
 
 from .errors import InvalidRequestError, NextokenError
 from .generation import Completion, Generation, SamplingParams, StreamEvent
-from .kvcache import KVCache
+from .kvcache import KVCache, grow_mask
 
 __all__ = ["Scheduler", "RequestHandle"]
 
@@ -264,8 +264,7 @@ class Scheduler:
         handle._finish(error)
 
     def _decode(self, runner) -> None:
-        batch = len(self._active)
-        self._mask = np.concatenate([self._mask, np.ones((batch, 1), dtype=np.int64)], axis=1)
+        self._mask = grow_mask(self._mask, self.engine.manifest.padding_side)
         before = self._cache.run_seconds
         logits = runner.step(self._cache, self._last[:, None], self._mask, self._next_pos)
         self._next_pos = self._next_pos + 1
@@ -301,13 +300,15 @@ class Scheduler:
         return cache
 
     def _merge(self, cache: KVCache, mask: np.ndarray, next_pos: np.ndarray, n: int) -> None:
-        """Append ``n`` prefilled rows to the batch, left-padding the shorter side's cache and mask."""
+        """Append ``n`` prefilled rows to the batch, padding the shorter side's cache and mask (on the
+        graph's padding side)."""
         new_tokens = np.zeros(n, dtype=np.int64)
         if self._cache is None or not self._active:
             self._cache, self._mask, self._next_pos = cache, mask, next_pos
             self._last = new_tokens
             return
         width = max(self._mask.shape[1], mask.shape[1])
+        left = self.engine.manifest.padding_side == "left"
 
         def pad(a: np.ndarray, axis: int) -> np.ndarray:
             missing = width - a.shape[axis]
@@ -315,7 +316,8 @@ class Scheduler:
                 return a
             shape = list(a.shape)
             shape[axis] = missing
-            return np.concatenate([np.zeros(shape, dtype=a.dtype), a], axis=axis)
+            zeros = np.zeros(shape, dtype=a.dtype)
+            return np.concatenate([zeros, a] if left else [a, zeros], axis=axis)
 
         arrays = [np.concatenate([pad(a, 2), pad(b, 2)], axis=0)
                   for a, b in zip(self._arrays(self._cache), self._arrays(cache))]
@@ -339,10 +341,13 @@ class Scheduler:
             self._last = np.zeros(0, dtype=np.int64)
             return
         mask = self._mask[keep]
-        shared = int(np.argmax(mask.any(axis=0)))          # leading columns no remaining row uses
+        if self.engine.manifest.padding_side == "left":
+            cols = slice(int(np.argmax(mask.any(axis=0))), None)    # leading columns no remaining row uses
+        else:
+            cols = slice(0, int(mask.sum(axis=1).max()))            # trailing columns no remaining row uses
         run_seconds = self._cache.run_seconds
-        self._cache = self._values([a[keep][:, :, shared:] for a in self._arrays(self._cache)])
+        self._cache = self._values([a[keep][:, :, cols] for a in self._arrays(self._cache)])
         self._cache.run_seconds = run_seconds
-        self._mask = np.ascontiguousarray(mask[:, shared:])
+        self._mask = np.ascontiguousarray(mask[:, cols])
         self._next_pos = self._next_pos[keep]
         self._last = self._last[keep]

@@ -1,0 +1,92 @@
+"""Import a model folder built by onnxruntime-genai's model builder as a nextoken package.
+
+The builder's graphs use onnxruntime's fused operators (GroupQueryAttention with rotary inside,
+SkipSimplifiedLayerNormalization, one QKV MatMul) and run in plain onnxruntime. On a 135M-parameter
+Llama they ran 1.5x faster than the optimum graph through nextoken's loop. They take no
+position_ids: GroupQueryAttention reads each row's positions and where its keys go from the
+attention mask's row sums, so their batches are padded on the right (``padding_side: right``).
+
+The builder itself lives in onnxruntime-genai, which must stay out of an onnxruntime-gpu
+environment; build in its own virtual environment, then import here:
+
+    python -m onnxruntime_genai.models.builder -m CHECKPOINT -o BUILT -p fp32 -e cpu
+    nextoken import-genai BUILT -o PACKAGE
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+from nextoken.errors import ExportError
+from nextoken.manifest import MANIFEST_NAME, Manifest, sha256_file
+
+__all__ = ["import_genai"]
+
+_COPY = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "genai_config.json",
+         "chat_template.jinja", "config.json")
+
+
+def import_genai(source: str | Path, output: str | Path) -> Manifest:
+    """Make a nextoken package at ``output`` from the genai-built folder ``source``."""
+    import onnx
+
+    source, output = Path(source).expanduser(), Path(output).expanduser()
+    config_path = source / "genai_config.json"
+    if not config_path.is_file():
+        raise ExportError(f"{source} is not an onnxruntime-genai model folder: it has no genai_config.json")
+    try:
+        config = json.loads(config_path.read_text())["model"]
+        decoder = config["decoder"]
+        filename = decoder.get("filename", "model.onnx")
+    except (ValueError, KeyError, TypeError) as exc:
+        raise ExportError(f"{config_path} is not a genai config this importer understands ({exc})") from None
+    if not (source / filename).is_file():
+        raise ExportError(f"{source / filename} is missing")
+    names = {**decoder.get("inputs", {}), **decoder.get("outputs", {})}
+    expected = {"past_key_names": "past_key_values.%d.key", "past_value_names": "past_key_values.%d.value",
+                "present_key_names": "present.%d.key", "present_value_names": "present.%d.value"}
+    for key, name in expected.items():
+        if names.get(key, name) != name:
+            raise ExportError(f"genai_config names its KV tensors {names[key]!r}; nextoken reads {name!r}")
+    if output.exists() and any(output.iterdir()) and not (output / MANIFEST_NAME).exists():
+        raise ExportError(f"output {output} exists and is not an empty directory or a nextoken package; choose another")
+    output.mkdir(parents=True, exist_ok=True)
+    for p in source.iterdir():
+        if p.is_file() and (p.name.startswith(filename) or p.name in _COPY):
+            shutil.copy2(p, output / p.name)
+    graph = onnx.load(str(output / filename), load_external_data=False).graph
+    inputs = [i.name for i in graph.input]
+    past = [i for i in graph.input if i.name.startswith("past_key_values.") and i.name.endswith(".key")]
+    if not past:
+        raise ExportError(f"{filename} has no past_key_values inputs")
+    elem = past[0].type.tensor_type.elem_type
+    kv_dtype = onnx.helper.tensor_dtype_to_np_dtype(elem).name
+    ops = {n.op_type for n in graph.node}
+    logits = next(o for o in graph.output if o.name == "logits").type.tensor_type.shape.dim
+    vocab = logits[-1].dim_value if logits[-1].HasField("dim_value") else int(config["vocab_size"])
+    eos = config.get("eos_token_id", [])
+    manifest = Manifest(
+        architecture=str(config.get("type", "unknown")),
+        num_layers=len(past),
+        num_kv_heads=int(decoder["num_key_value_heads"]),
+        head_dim=int(decoder["head_size"]),
+        kv_dtype=kv_dtype,
+        vocab_size=int(vocab),
+        context_length=int(config["context_length"]),
+        inputs=tuple(inputs),
+        outputs=tuple(o.name for o in graph.output),
+        eos_token_ids=tuple(int(e) for e in (eos if isinstance(eos, list) else [eos])),
+        bos_token_id=config.get("bos_token_id"),
+        pad_token_id=config.get("pad_token_id"),
+        precision="int4" if "MatMulNBits" in ops else {"float16": "fp16"}.get(kv_dtype, "fp32"),
+        model_file=filename,
+        tokenizer_file="tokenizer.json" if (output / "tokenizer.json").is_file() else None,
+        source=str(source),
+        exported_by={"onnxruntime-genai model builder": "imported by nextoken"},
+        checksums={p.name: sha256_file(p) for p in sorted(output.iterdir()) if p.is_file() and p.name != MANIFEST_NAME},
+        padding_side="left" if "position_ids" in inputs else "right",
+    )
+    manifest.save(output)
+    return manifest

@@ -1,0 +1,79 @@
+"""Packages of GroupQueryAttention graphs (onnxruntime-genai's builder layout): right padding,
+batches equal to each prompt alone, the KV cache equal to recomputing, continuous batching."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+
+from nextoken import Engine, ExportError, Scheduler
+from nextoken.exporters import import_genai
+from gqa_graph import build_genai_folder
+from helpers import run_cli
+
+PROMPTS = ["Hi", "A much longer prompt than the others", "medium one"]
+
+
+@pytest.fixture(scope="module")
+def gqa_package(tmp_path_factory):
+    root = tmp_path_factory.mktemp("gqa")
+    built = build_genai_folder(root / "built")
+    result = run_cli("import-genai", str(built), "-o", str(root / "pkg"))
+    assert result.returncode == 0, result.stderr
+    assert "padding right" in result.stderr
+    return root / "pkg"
+
+
+@pytest.fixture(scope="module")
+def gqa_engine(gqa_package):
+    with Engine(gqa_package, device="cpu") as engine:
+        yield engine
+
+
+def test_import_writes_a_manifest_of_the_graph(gqa_package):
+    m = json.loads((gqa_package / "nextoken.json").read_text())
+    assert m["padding_side"] == "right" and "position_ids" not in m["inputs"]
+    assert (m["num_layers"], m["num_kv_heads"], m["head_dim"], m["vocab_size"]) == (2, 2, 16, 259)
+    assert m["eos_token_ids"] == [2] and m["context_length"] == 128 and m["precision"] == "fp32"
+
+
+def test_cached_generation_equals_recomputing(gqa_engine):
+    prompt = gqa_engine.encode("Recompute me")
+    cached = gqa_engine.generate(prompt, max_new_tokens=16, ignore_eos=True).token_ids
+    ids = list(prompt)
+    for _ in range(16):
+        ids.append(int(np.argmax(gqa_engine.forward(ids)[-1])))
+    assert ids[len(prompt):] == cached
+
+
+def test_right_padded_batch_equals_each_alone(gqa_engine):
+    batch = gqa_engine.generate(PROMPTS, max_new_tokens=16, ignore_eos=True)
+    for prompt, got in zip(PROMPTS, batch):
+        assert got.token_ids == gqa_engine.generate(prompt, max_new_tokens=16, ignore_eos=True).token_ids
+
+
+def test_continuous_batching_with_right_padding(gqa_engine):
+    kw = dict(max_new_tokens=12, ignore_eos=True)
+    alone = [gqa_engine.generate(p, **kw).token_ids for p in PROMPTS]
+    scheduler = Scheduler(gqa_engine)
+    handles = []
+    for p in PROMPTS:
+        handles.append(scheduler.submit(p, **kw))
+        for _ in range(3):
+            scheduler.step()
+    while scheduler.step():
+        pass
+    assert [h.result().token_ids for h in handles] == alone
+
+
+def test_import_errors(tmp_path):
+    with pytest.raises(ExportError, match="no genai_config.json"):
+        import_genai(tmp_path, tmp_path / "out")
+    built = build_genai_folder(tmp_path / "built")
+    cfg = json.loads((built / "genai_config.json").read_text())
+    cfg["model"]["decoder"]["inputs"]["past_key_names"] = "past.%d.k"
+    (built / "genai_config.json").write_text(json.dumps(cfg))
+    with pytest.raises(ExportError, match="names its KV tensors 'past.%d.k'"):
+        import_genai(built, tmp_path / "out2")
