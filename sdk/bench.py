@@ -257,18 +257,20 @@ class CompareReport:
 
 def run_compare(model: str, contenders: Sequence[str], batches: Sequence[int] = (1, 8), prompt_tokens: int = 128,
                 new_tokens: int = 128, threads: int | None = None, spin: bool = False, repeat: int = 3,
-                peers_venv: str | None = None, precision: str = "fp32", progress=None) -> CompareReport:
+                peers_venv: str | None = None, precision: str = "fp32", checkpoint: str | None = None,
+                progress=None) -> CompareReport:
     """Run nextoken and each of ``contenders`` from the same checkpoint, each in its own process,
     alternating, ``repeat`` times per batch size; medians and spread. ``precision`` int8/int4
     quantises nextoken's package (``nextoken export --quantize``) and builds genai's at the same
-    precision; transformers and optimum run in fp32 only."""
+    precision; transformers and optimum run in fp32 only. ``checkpoint``: where the peers start
+    from, when ``model`` is a package that does not record it (e.g. one from ``import-genai``)."""
     from .manifest import Manifest
 
     say = progress or (lambda _m: None)
     path = Path(model).expanduser()
     if (path / "nextoken.json").is_file():
         manifest = Manifest.load(path)
-        package, checkpoint = path, manifest.source
+        package, checkpoint = path, checkpoint or manifest.source
         if precision != manifest.precision:
             package = _cache() / "packages" / f"{_slug(checkpoint)}-{precision}"
     else:

@@ -246,7 +246,7 @@ def _cmd_bench(args: argparse.Namespace) -> int:
         contenders = [c.strip() for c in args.compare.split(",") if c.strip()]
         report = run_compare(args.package, contenders, batches=args.batch, prompt_tokens=args.prompt_tokens,
                              new_tokens=args.new, threads=args.threads, spin=bool(args.spin), repeat=args.repeat,
-                             peers_venv=args.peers_venv, precision=args.precision,
+                             peers_venv=args.peers_venv, precision=args.precision, checkpoint=args.checkpoint,
                              progress=lambda m: print(m, file=sys.stderr, flush=True))
         print(report.table())
         if args.json:
@@ -449,6 +449,8 @@ def _parser() -> argparse.ArgumentParser:
                    help="also run these from the same checkpoint, each in its own process, alternating")
     p.add_argument("--precision", choices=("fp32", "int8", "int4"), default="fp32",
                    help="with --compare: nextoken's package quantised so (nextoken export --quantize), genai's built so")
+    p.add_argument("--checkpoint", default=None, help="with --compare: the checkpoint the peers start from "
+                   "(default: the one the package records)")
     p.add_argument("--peers-venv", default=None, metavar="DIR",
                    help="virtual environment with onnxruntime-genai (default: NEXTOKEN_CACHE/peers/genai-venv)")
     p.add_argument("--json", default=None, metavar="FILE", help="write the figures as JSON")

@@ -77,3 +77,14 @@ def test_import_errors(tmp_path):
     (built / "genai_config.json").write_text(json.dumps(cfg))
     with pytest.raises(ExportError, match="names its KV tensors 'past.%d.k'"):
         import_genai(built, tmp_path / "out2")
+
+
+def test_bench_compare_of_an_imported_package_names_its_checkpoint(gqa_package, tiny_llama, tmp_path):
+    out = tmp_path / "compare.json"
+    result = run_cli("bench", str(gqa_package), "--compare", "transformers", "--checkpoint", str(tiny_llama[0]),
+                     "--batch", "1", "--prompt-tokens", "8", "--new", "4", "--repeat", "1", "--json", str(out),
+                     env={"NEXTOKEN_CACHE": str(tmp_path / "cache")})
+    assert result.returncode == 0, result.stderr
+    data = json.loads(out.read_text())
+    assert data["checkpoint"] == str(tiny_llama[0]) and data["package"] == str(gqa_package)
+    assert all(not r["error"] for r in data["rows"])
