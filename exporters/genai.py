@@ -90,3 +90,48 @@ def import_genai(source: str | Path, output: str | Path) -> Manifest:
     )
     manifest.save(output)
     return manifest
+
+
+def build_with_genai(source: str, output: Path, genai_python: str | None, precision: str = "fp32",
+                     check: bool = True, atol: float = 1e-3, say=print):
+    """Run onnxruntime-genai's model builder with ``genai_python`` (an interpreter of its own virtual
+    environment) on ``source``, import the result into ``output``, and check fp32 parity with PyTorch."""
+    import subprocess
+    import tempfile
+    import time
+
+    from .hf import ExportReport, _parity
+
+    if not genai_python or not Path(genai_python).is_file():
+        raise ExportError(
+            "the genai backend needs --genai-python: the python of a virtual environment with onnxruntime-genai "
+            "(python3 -m venv VENV && VENV/bin/pip install onnxruntime-genai onnx-ir torch 'transformers>=5'); "
+            "onnxruntime-genai must not share an environment with onnxruntime-gpu"
+        )
+    if precision not in ("fp32", "int4"):
+        raise ExportError(f"the genai backend builds fp32 or int4, not {precision}")
+    seconds: dict[str, float] = {}
+    work = Path(tempfile.mkdtemp(prefix=".nextoken-genai-", dir=output.parent if output.parent.exists() else None))
+    try:
+        say(f"[1/3] building {source} with onnxruntime-genai's model builder ({precision}, cpu) ...")
+        start = time.perf_counter()
+        done = subprocess.run([genai_python, "-m", "onnxruntime_genai.models.builder", "-m", str(source),
+                               "-o", str(work / "built"), "-p", precision, "-e", "cpu"], capture_output=True, text=True)
+        if done.returncode != 0:
+            tail = (done.stderr or done.stdout).strip().splitlines()[-1:] or ["no output"]
+            raise ExportError(f"onnxruntime-genai's model builder failed: {tail[0][:300]}")
+        seconds["build"] = round(time.perf_counter() - start, 3)
+        say("[2/3] importing the build ...")
+        manifest = import_genai(work / "built", output)
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
+    diff, n = float("nan"), 0
+    if check and precision == "fp32":
+        say("[3/3] checking ONNX logits against PyTorch ...")
+        diff, n = _parity(str(source), output)
+        if not diff <= atol:
+            raise ExportError(f"parity check failed: max |Δ logits| between the genai graph and PyTorch is {diff:.3e}, "
+                              f"over the tolerance {atol:.0e}")
+    report = ExportReport(output, manifest, diff, atol, n, seconds)
+    say(report.summary())
+    return report

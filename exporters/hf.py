@@ -368,6 +368,7 @@ def _parity(source: str, package: Path, offline: bool = False) -> tuple[float, i
 
 def export(source: str | os.PathLike, output: str | os.PathLike, *, atol: float = DEFAULT_ATOL,
            check: bool = True, quantize: str | None = None, block_size: int = 32,
+           backend: str = "optimum", genai_python: str | None = None,
            progress: Progress | None = _stderr) -> ExportReport:
     """Export ``source`` (a hub id or a local transformers checkpoint) to the package directory ``output``.
 
@@ -376,14 +377,23 @@ def export(source: str | os.PathLike, output: str | os.PathLike, *, atol: float 
     logits with PyTorch's on a sample prompt and raises :class:`ExportError` beyond ``atol``.
     ``quantize`` (``int8`` or ``int4``, blocks of ``block_size``) then quantises the weights and
     reports their accuracy against the fp32 graph (:mod:`nextoken.exporters.quantize`).
-    ``progress`` gets one line per stage (None: silent).
+    ``backend="genai"`` builds the fused GroupQueryAttention graph with onnxruntime-genai's model
+    builder instead, run by ``genai_python`` (see :mod:`nextoken.exporters.genai`); its ``int4`` is
+    the builder's. ``progress`` gets one line per stage (None: silent).
     """
     source = str(source)
     output = Path(output).expanduser()
     say = progress or (lambda _msg: None)
+    if backend not in ("optimum", "genai"):
+        raise ExportError(f"export backend {backend!r} is not known; use optimum or genai")
     _require_export_stack()
     if output.exists() and (not output.is_dir() or (any(output.iterdir()) and not (output / MANIFEST_NAME).exists())):
         raise ExportError(f"output {output} exists and is not an empty directory or a nextoken package; choose another")
+    if backend == "genai":
+        from .genai import build_with_genai
+
+        return build_with_genai(source, output, genai_python, precision=quantize or "fp32", check=check, atol=atol,
+                                say=say)
     from .quantize import check_method, quantize_package
 
     if quantize is not None:

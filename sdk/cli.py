@@ -92,7 +92,7 @@ def _cmd_export(args: argparse.Namespace) -> int:
     from nextoken.exporters import export
 
     export(args.source, args.output, atol=args.atol, check=not args.no_check, quantize=args.quantize,
-           block_size=args.block_size)
+           block_size=args.block_size, backend=args.backend, genai_python=args.genai_python)
     return 0
 
 
@@ -409,6 +409,10 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--quantize", choices=("int8", "int4"), default=None,
                    help="quantise the weights (int8: dynamic, per tensor; int4: MatMulNBits blocks) and report accuracy")
     p.add_argument("--block-size", type=int, default=32, help="int4 block size (default 32)")
+    p.add_argument("--backend", choices=("optimum", "genai"), default="optimum",
+                   help="optimum (default) or genai: onnxruntime-genai's builder, fused GroupQueryAttention graphs")
+    p.add_argument("--genai-python", default=None, metavar="PYTHON",
+                   help="with --backend genai: the python of a virtual environment with onnxruntime-genai")
     p.set_defaults(func=_cmd_export)
 
     p = sub.add_parser("import-genai", help="make a package of a folder built by onnxruntime-genai's model builder")

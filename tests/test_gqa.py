@@ -88,3 +88,31 @@ def test_bench_compare_of_an_imported_package_names_its_checkpoint(gqa_package, 
     data = json.loads(out.read_text())
     assert data["checkpoint"] == str(tiny_llama[0]) and data["package"] == str(gqa_package)
     assert all(not r["error"] for r in data["rows"])
+
+
+def test_export_with_the_genai_backend_runs_the_builder_in_its_own_python(tiny_llama, tmp_path):
+    """A stand-in for a genai venv's python: it 'builds' by writing the hand-built folder."""
+    import sys
+
+    from nextoken.exporters import export
+
+    fake = tmp_path / "python"
+    fake.write_text(
+        f"#!{sys.executable}\n"
+        "import sys\n"
+        f"sys.path.insert(0, {str(__import__('pathlib').Path(__file__).parent)!r})\n"
+        "from pathlib import Path\n"
+        "from gqa_graph import build_genai_folder\n"
+        "args = sys.argv[1:]\n"
+        "assert args[:2] == ['-m', 'onnxruntime_genai.models.builder'], args\n"
+        "build_genai_folder(Path(args[args.index('-o') + 1]))\n"
+    )
+    fake.chmod(0o755)
+    report = export(tiny_llama[0], tmp_path / "pkg", backend="genai", genai_python=str(fake), check=False, progress=None)
+    assert report.manifest.padding_side == "right"
+    with Engine(tmp_path / "pkg", device="cpu") as engine:
+        assert len(engine.generate("works", max_new_tokens=5, ignore_eos=True).token_ids) == 5
+    with pytest.raises(ExportError, match="needs --genai-python"):
+        export(tiny_llama[0], tmp_path / "pkg2", backend="genai", progress=None)
+    with pytest.raises(ExportError, match="backend 'tvm' is not known"):
+        export(tiny_llama[0], tmp_path / "pkg3", backend="tvm", progress=None)
