@@ -22,7 +22,7 @@ from pathlib import Path
 from nextoken.errors import ExportError
 from nextoken.manifest import MANIFEST_NAME, Manifest, sha256_file
 
-__all__ = ["import_genai"]
+__all__ = ["import_genai", "run_builder", "build_with_genai"]
 
 _COPY = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "genai_config.json",
          "chat_template.jinja", "config.json")
@@ -92,11 +92,22 @@ def import_genai(source: str | Path, output: str | Path) -> Manifest:
     return manifest
 
 
+def run_builder(python: str | Path, source: str, target: Path, precision: str = "fp32") -> None:
+    """Run onnxruntime-genai's model builder with ``python`` (its own environment's) into ``target``
+    (CPU graphs at ``precision``); a failure is an :class:`ExportError` with the builder's last line."""
+    import subprocess
+
+    done = subprocess.run([str(python), "-m", "onnxruntime_genai.models.builder", "-m", str(source),
+                           "-o", str(target), "-p", precision, "-e", "cpu"], capture_output=True, text=True)
+    if done.returncode != 0:
+        tail = (done.stderr or done.stdout).strip().splitlines()[-1:] or ["no output"]
+        raise ExportError(f"onnxruntime-genai's model builder failed: {tail[0][:300]}")
+
+
 def build_with_genai(source: str, output: Path, genai_python: str | None, precision: str = "fp32",
                      check: bool = True, atol: float = 1e-3, say=print):
     """Run onnxruntime-genai's model builder with ``genai_python`` (an interpreter of its own virtual
     environment) on ``source``, import the result into ``output``, and check fp32 parity with PyTorch."""
-    import subprocess
     import tempfile
     import time
 
@@ -115,11 +126,7 @@ def build_with_genai(source: str, output: Path, genai_python: str | None, precis
     try:
         say(f"[1/3] building {source} with onnxruntime-genai's model builder ({precision}, cpu) ...")
         start = time.perf_counter()
-        done = subprocess.run([genai_python, "-m", "onnxruntime_genai.models.builder", "-m", str(source),
-                               "-o", str(work / "built"), "-p", precision, "-e", "cpu"], capture_output=True, text=True)
-        if done.returncode != 0:
-            tail = (done.stderr or done.stdout).strip().splitlines()[-1:] or ["no output"]
-            raise ExportError(f"onnxruntime-genai's model builder failed: {tail[0][:300]}")
+        run_builder(genai_python, source, work / "built", precision)
         seconds["build"] = round(time.perf_counter() - start, 3)
         say("[2/3] importing the build ...")
         manifest = import_genai(work / "built", output)

@@ -17,7 +17,7 @@ from typing import Any, Sequence
 import numpy as np
 
 from .engine import Engine
-from .errors import InvalidRequestError
+from .errors import InvalidRequestError, NextokenError
 from .generation import SamplingParams
 
 __all__ = ["run_bench", "BenchRow", "BenchReport", "CHAIN", "run_compare", "CompareReport", "PeerRow", "PEERS"]
@@ -198,12 +198,13 @@ def _prepare(contender: str, checkpoint: str, package: Path, peers_venv: Path | 
             )
         target = _cache() / "peers" / "genai" / precision / _slug(checkpoint)
         if not (target / "genai_config.json").is_file():
+            from nextoken.exporters.genai import run_builder
+
             say(f"building {checkpoint} with onnxruntime-genai's model builder ({precision}, cpu) ...")
-            done = subprocess.run([str(python), "-m", "onnxruntime_genai.models.builder", "-m", checkpoint,
-                                   "-o", str(target), "-p", precision, "-e", "cpu"], capture_output=True, text=True)
-            if done.returncode != 0:
-                tail = (done.stderr or done.stdout).strip().splitlines()[-1:] or ["no output"]
-                raise RuntimeError(f"onnxruntime-genai's model builder failed: {tail[0][:200]}")
+            try:
+                run_builder(python, checkpoint, target, precision)
+            except NextokenError as exc:
+                raise RuntimeError(str(exc)) from None
         return [str(python), script, "genai"], str(target)
     if contender == "llamacpp":
         raise RuntimeError("the llama.cpp contender is not wired in yet (it needs a GGUF conversion and "
