@@ -50,13 +50,17 @@ def import_genai(source: str | Path, output: str | Path) -> Manifest:
     for key, name in expected.items():
         if names.get(key, name) != name:
             raise ExportError(f"genai_config names its KV tensors {names[key]!r}; nextoken reads {name!r}")
+    graph = onnx.load(str(source / filename), load_external_data=False).graph
+    head = int(decoder.get("head_size", 0))
+    if any(n.op_type == "GroupQueryAttention" for n in graph.node) and head % 16:
+        raise ExportError(f"onnxruntime's GroupQueryAttention needs a head size that is a multiple of 16, and this "
+                          f"model's is {head}; export it with the optimum backend")
     if output.exists() and any(output.iterdir()) and not (output / MANIFEST_NAME).exists():
         raise ExportError(f"output {output} exists and is not an empty directory or a nextoken package; choose another")
     output.mkdir(parents=True, exist_ok=True)
     for p in source.iterdir():
         if p.is_file() and (p.name.startswith(filename) or p.name in _COPY):
             shutil.copy2(p, output / p.name)
-    graph = onnx.load(str(output / filename), load_external_data=False).graph
     inputs = [i.name for i in graph.input]
     past = [i for i in graph.input if i.name.startswith("past_key_values.") and i.name.endswith(".key")]
     if not past:

@@ -77,6 +77,12 @@ def test_import_errors(tmp_path):
     (built / "genai_config.json").write_text(json.dumps(cfg))
     with pytest.raises(ExportError, match="names its KV tensors 'past.%d.k'"):
         import_genai(built, tmp_path / "out2")
+    cfg["model"]["decoder"]["inputs"]["past_key_names"] = "past_key_values.%d.key"
+    cfg["model"]["decoder"]["head_size"] = 8
+    (built / "genai_config.json").write_text(json.dumps(cfg))
+    with pytest.raises(ExportError, match="multiple of 16, and this model's is 8; export it with the optimum backend"):
+        import_genai(built, tmp_path / "out3")
+    assert not (tmp_path / "out3").exists()
 
 
 def test_bench_compare_of_an_imported_package_names_its_checkpoint(gqa_package, tiny_llama, tmp_path):
