@@ -10,6 +10,8 @@ their absence is one clear :class:`~nextoken.ExportError` naming the extra to in
 
 from .hf import (
     DEFAULT_ATOL,
+    DTYPES,
+    FP16_RTOL,
     SUPPORTED_ARCHITECTURES,
     TASK,
     ExportReport,
@@ -17,9 +19,9 @@ from .hf import (
 )
 from .genai import import_genai
 from .quantize import QUANTIZATIONS, Accuracy
-from .tiny import make_tiny_checkpoint, make_byte_tokenizer
+from .tiny import make_byte_tokenizer, make_random_checkpoint, make_tiny_checkpoint
 
 __all__ = [
-    "export", "ExportReport", "DEFAULT_ATOL", "SUPPORTED_ARCHITECTURES", "TASK",
-    "make_tiny_checkpoint", "make_byte_tokenizer", "QUANTIZATIONS", "Accuracy", "import_genai",
+    "export", "ExportReport", "DEFAULT_ATOL", "DTYPES", "FP16_RTOL", "SUPPORTED_ARCHITECTURES", "TASK",
+    "make_tiny_checkpoint", "make_random_checkpoint", "make_byte_tokenizer", "QUANTIZATIONS", "Accuracy", "import_genai",
 ]

@@ -96,13 +96,15 @@ def import_genai(source: str | Path, output: str | Path) -> Manifest:
     return manifest
 
 
-def run_builder(python: str | Path, source: str, target: Path, precision: str = "fp32") -> None:
+def run_builder(python: str | Path, source: str, target: Path, precision: str = "fp32",
+                execution_provider: str = "cpu") -> None:
     """Run onnxruntime-genai's model builder with ``python`` (its own environment's) into ``target``
-    (CPU graphs at ``precision``); a failure is an :class:`ExportError` with the builder's last line."""
+    (graphs at ``precision`` for ``execution_provider``: cpu or cuda); a failure is an
+    :class:`ExportError` with the builder's last line."""
     import subprocess
 
     done = subprocess.run([str(python), "-m", "onnxruntime_genai.models.builder", "-m", str(source),
-                           "-o", str(target), "-p", precision, "-e", "cpu"], capture_output=True, text=True)
+                           "-o", str(target), "-p", precision, "-e", execution_provider], capture_output=True, text=True)
     if done.returncode != 0:
         tail = (done.stderr or done.stdout).strip().splitlines()[-1:] or ["no output"]
         raise ExportError(f"onnxruntime-genai's model builder failed: {tail[0][:300]}")
@@ -139,7 +141,7 @@ def build_with_genai(source: str, output: Path, genai_python: str | None, precis
     diff, n = float("nan"), 0
     if check and precision == "fp32":
         say("[3/3] checking ONNX logits against PyTorch ...")
-        diff, n = _parity(str(source), output)
+        diff, n, _ = _parity(str(source), output)
         if not diff <= atol:
             raise ExportError(f"parity check failed: max |Δ logits| between the genai graph and PyTorch is {diff:.3e}, "
                               f"over the tolerance {atol:.0e}")

@@ -20,7 +20,7 @@ from typing import Any, Callable, Iterator
 from nextoken.errors import ExportError
 from nextoken.manifest import MANIFEST_NAME, Manifest, sha256_file
 
-__all__ = ["export", "ExportReport", "TASK", "SUPPORTED_ARCHITECTURES", "DEFAULT_ATOL"]
+__all__ = ["export", "ExportReport", "TASK", "SUPPORTED_ARCHITECTURES", "DEFAULT_ATOL", "FP16_RTOL", "DTYPES"]
 
 TASK = "text-generation-with-past"
 
@@ -30,6 +30,14 @@ SUPPORTED_ARCHITECTURES = ("gpt2", "llama", "mistral", "qwen2", "phi3", "gemma")
 #: Largest |ONNX logits - PyTorch logits| an fp32 export may show. fp32 graphs of the supported
 #: architectures land near 1e-6 on small models; real models of ~100M parameters near 1e-5..1e-4.
 DEFAULT_ATOL = 1e-3
+
+#: An fp16 graph is checked against PyTorch in fp32: its logits may differ by this fraction of the
+#: largest |logit| (at least of 1.0). fp16 keeps ~3 decimal digits; over a few layers the error of a
+#: logit grows to a few parts in a thousand of the logits' range.
+FP16_RTOL = 1e-2
+
+#: Weight and KV-cache precisions an export can produce directly.
+DTYPES = ("fp32", "fp16")
 
 PARITY_PROMPT = "Once upon a time, in a small town by the sea, there lived"
 
@@ -177,7 +185,7 @@ def _load_config(source: str, local: bool) -> tuple[Any, bool]:
         ) from None
 
 
-def _onnx_config(config):
+def _onnx_config(config, dtype: str = "fp32"):
     """optimum's ONNX config for ``config`` with past key values, with position_ids as an input.
 
     position_ids must be an input so left-padded batches get the same positions as each prompt
@@ -206,7 +214,7 @@ def _onnx_config(config):
             return inputs
 
     WithPositions.__name__ = base.__name__
-    return WithPositions(config, task="text-generation", use_past=True, use_past_in_inputs=True)
+    return WithPositions(config, task="text-generation", use_past=True, use_past_in_inputs=True, float_dtype=dtype)
 
 
 def _versions() -> dict[str, str]:
@@ -335,15 +343,16 @@ def _manifest_from_graph(model_path: Path, config, package: Path, source: str) -
     )
 
 
-def _parity(source: str, package: Path, offline: bool = False) -> tuple[float, int]:
-    """max |Δ logits| between PyTorch and the package, over a prompt in one pass and one cached step."""
+def _parity(source: str, package: Path, offline: bool = False, device: str = "cpu") -> tuple[float, int, float]:
+    """(max |Δ logits|, positions, max |logit|) between PyTorch in fp32 and the package running on
+    ``device``, over a prompt in one pass and one cached step."""
     import numpy as np
     import torch
     from transformers import AutoModelForCausalLM
 
     from nextoken.engine import Engine
 
-    engine = Engine(package, device="cpu", plugins=False)
+    engine = Engine(package, device=device, plugins=False)
     try:
         ids = engine.encode(PARITY_PROMPT) if engine.tokenizer is not None else []
         if not ids:
@@ -363,18 +372,23 @@ def _parity(source: str, package: Path, offline: bool = False) -> tuple[float, i
     finally:
         engine.close()
     diff = max(float(np.abs(full - expected).max()), float(np.abs(step[0] - expected[-1]).max()))
-    return diff, len(ids)
+    return diff, len(ids), float(np.abs(expected).max())
 
 
-def export(source: str | os.PathLike, output: str | os.PathLike, *, atol: float = DEFAULT_ATOL,
-           check: bool = True, quantize: str | None = None, block_size: int = 32,
+def export(source: str | os.PathLike, output: str | os.PathLike, *, atol: float | None = None,
+           check: bool = True, dtype: str = "fp32", device: str = "cpu",
+           quantize: str | None = None, block_size: int = 32,
            backend: str = "optimum", genai_python: str | None = None,
            progress: Progress | None = _stderr) -> ExportReport:
     """Export ``source`` (a hub id or a local transformers checkpoint) to the package directory ``output``.
 
     Runs optimum's ONNX export with past key values, writes model.onnx (+ external data for large
     models), nextoken.json, the tokenizer and generation config, then (``check``) compares the ONNX
-    logits with PyTorch's on a sample prompt and raises :class:`ExportError` beyond ``atol``.
+    logits with PyTorch's (fp32, on the CPU) on a sample prompt and raises :class:`ExportError`
+    beyond ``atol`` (None: 1e-3 for fp32; for fp16, :data:`FP16_RTOL` of the largest |logit|).
+    ``dtype``: ``fp32`` or ``fp16`` weights and KV cache (fp16 is for CUDA; ONNX Runtime's CPU
+    provider runs it through casts, slowly). ``device``: where PyTorch traces the model (``cuda``
+    needs a CUDA build of PyTorch); the parity check runs the package on the same device.
     ``quantize`` (``int8`` or ``int4``, blocks of ``block_size``) then quantises the weights and
     reports their accuracy against the fp32 graph (:mod:`nextoken.exporters.quantize`).
     ``backend="genai"`` builds the fused GroupQueryAttention graph with onnxruntime-genai's model
@@ -386,14 +400,28 @@ def export(source: str | os.PathLike, output: str | os.PathLike, *, atol: float 
     say = progress or (lambda _msg: None)
     if backend not in ("optimum", "genai"):
         raise ExportError(f"export backend {backend!r} is not known; use optimum or genai")
+    if dtype not in DTYPES:
+        raise ExportError(f"export dtype {dtype!r} is not supported; use {' or '.join(DTYPES)}")
+    if device not in ("cpu", "cuda"):
+        raise ExportError(f"export device {device!r} is not known; use cpu or cuda")
+    if dtype != "fp32" and quantize:
+        raise ExportError(f"--quantize {quantize} starts from fp32 weights; drop --dtype {dtype}")
+    if dtype != "fp32" and backend == "genai":
+        raise ExportError(f"the genai backend builds fp32 or int4 CPU graphs; export {dtype} with --backend optimum")
     _require_export_stack()
+    if device == "cuda":
+        import torch
+
+        if not torch.cuda.is_available():
+            raise ExportError("export on cuda needs a CUDA build of PyTorch and a GPU, and this host has neither "
+                              "usable; export with --device cpu (the package runs on CUDA all the same)")
     if output.exists() and (not output.is_dir() or (any(output.iterdir()) and not (output / MANIFEST_NAME).exists())):
         raise ExportError(f"output {output} exists and is not an empty directory or a nextoken package; choose another")
     if backend == "genai":
         from .genai import build_with_genai
 
-        return build_with_genai(source, output, genai_python, precision=quantize or "fp32", check=check, atol=atol,
-                                say=say)
+        return build_with_genai(source, output, genai_python, precision=quantize or "fp32", check=check,
+                                atol=DEFAULT_ATOL if atol is None else atol, say=say)
     from .quantize import check_method, quantize_package
 
     if quantize is not None:
@@ -403,7 +431,7 @@ def export(source: str | os.PathLike, output: str | os.PathLike, *, atol: float 
     with _quiet():
         with stages("reading the config"):
             config, offline = _load_config(source, local)
-            onnx_config = _onnx_config(config)
+            onnx_config = _onnx_config(config, dtype)
         work = Path(tempfile.mkdtemp(prefix=".nextoken-export-", dir=output.parent if output.parent.exists() else None))
         try:
             with stages(f"exporting {config.model_type} to ONNX with optimum ({TASK})"):
@@ -411,7 +439,7 @@ def export(source: str | os.PathLike, output: str | os.PathLike, *, atol: float 
 
                 try:
                     main_export(source, work, task=TASK, do_validation=False, local_files_only=offline,
-                                custom_onnx_configs={"model": onnx_config})
+                                custom_onnx_configs={"model": onnx_config}, dtype=dtype, device=device)
                 except ExportError:
                     raise
                 except Exception as exc:
@@ -433,13 +461,16 @@ def export(source: str | os.PathLike, output: str | os.PathLike, *, atol: float 
         finally:
             shutil.rmtree(work, ignore_errors=True)
         diff, n = float("nan"), 0
+        tolerance = DEFAULT_ATOL if atol is None else atol
         if check:
-            with stages("checking ONNX logits against PyTorch"):
-                diff, n = _parity(source, output, offline)
-            if not diff <= atol:
+            with stages(f"checking ONNX logits against PyTorch (on {device})"):
+                diff, n, scale = _parity(source, output, offline, "cuda" if device == "cuda" else "cpu")
+            if atol is None and dtype == "fp16":
+                tolerance = FP16_RTOL * max(1.0, scale)
+            if not diff <= tolerance:
                 raise ExportError(
-                    f"parity check failed: max |Δ logits| between ONNX and PyTorch is {diff:.3e}, "
-                    f"over the tolerance {atol:.0e}; the package in {output} is not trustworthy"
+                    f"parity check failed: max |Δ logits| between ONNX ({dtype}) and PyTorch (fp32) is {diff:.3e}, "
+                    f"over the tolerance {tolerance:.1e}; the package in {output} is not trustworthy"
                 )
         accuracy = None
         if quantize:
@@ -456,6 +487,6 @@ def export(source: str | os.PathLike, output: str | os.PathLike, *, atol: float 
                 )
                 manifest.save(output)
             say(f"{quantize} accuracy against fp32: {accuracy.line()}")
-    report = ExportReport(output, manifest, diff, atol, n, stages.seconds, accuracy)
+    report = ExportReport(output, manifest, diff, tolerance, n, stages.seconds, accuracy)
     say(report.summary())
     return report

@@ -1,6 +1,6 @@
 """The ``nextoken`` command line. Errors are one line on stderr and a non-zero exit, never a traceback.
 
-    nextoken export SRC -o DIR                      Hugging Face checkpoint or hub id -> model package
+    nextoken export SRC -o DIR [--dtype fp16]       Hugging Face checkpoint or hub id -> model package
     nextoken generate DIR PROMPT [--max-new-tokens N] [--ignore-eos] [--json]
     nextoken chat DIR MESSAGE [--system TEXT]        one chat turn with the model's chat template
     nextoken info DIR                               what the package holds, where it would run
@@ -91,7 +91,8 @@ def _params(args: argparse.Namespace):
 def _cmd_export(args: argparse.Namespace) -> int:
     from nextoken.exporters import export
 
-    export(args.source, args.output, atol=args.atol, check=not args.no_check, quantize=args.quantize,
+    export(args.source, args.output, atol=args.atol, check=not args.no_check, dtype=args.dtype, device=args.device,
+           quantize=args.quantize,
            block_size=args.block_size, backend=args.backend, genai_python=args.genai_python)
     return 0
 
@@ -404,8 +405,13 @@ def _parser() -> argparse.ArgumentParser:
     p = sub.add_parser("export", help="export a Hugging Face model (hub id or local checkpoint) to a model package")
     p.add_argument("source", help="hub id (org/name) or local transformers checkpoint directory")
     p.add_argument("-o", "--output", required=True, help="package directory to write")
-    p.add_argument("--atol", type=float, default=None, help="largest |ONNX - PyTorch| logits allowed (default 1e-3)")
+    p.add_argument("--atol", type=float, default=None,
+                   help="largest |ONNX - PyTorch| logits allowed (default 1e-3; fp16: 1%% of the largest |logit|)")
     p.add_argument("--no-check", action="store_true", help="skip the parity check against PyTorch")
+    p.add_argument("--dtype", choices=("fp32", "fp16"), default="fp32",
+                   help="weights and KV cache precision (default fp32; fp16 is for CUDA hosts)")
+    p.add_argument("--device", choices=("cpu", "cuda"), default="cpu",
+                   help="where PyTorch traces the model and the parity check runs (default cpu)")
     p.add_argument("--quantize", choices=("int8", "int4"), default=None,
                    help="quantise the weights (int8: dynamic, per tensor; int4: MatMulNBits blocks) and report accuracy")
     p.add_argument("--block-size", type=int, default=32, help="int4 block size (default 32)")
@@ -529,10 +535,6 @@ def _version() -> str:
 def main(argv: Sequence[str] | None = None) -> int:
     """Run the CLI; returns the exit status."""
     args = _parser().parse_args(argv)
-    if getattr(args, "atol", "unset") is None:
-        from nextoken.exporters import DEFAULT_ATOL
-
-        args.atol = DEFAULT_ATOL
     try:
         return args.func(args)
     except NextokenError as exc:
