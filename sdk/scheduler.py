@@ -11,10 +11,15 @@ are waiting, as far as ``max_batch`` allows, and merges them into the batch. Eve
 its own sampling parameters, plugins, stop conditions and seed: its step is its own
 :class:`~nextoken.Generation`'s, on its row of the batch's logits.
 
-The KV cache here is the plain graph's (present = concat(past, new)): a joining request's cache is
-left-padded to the batch's length (masked out, so attention never sees the padding), a leaving
-one's row is dropped, and padding every row shares is trimmed. Joining and leaving copy the cache
-through host memory; the steps in between do not.
+A prompt longer than ``max_prefill_tokens`` is prefilled in chunks of that many tokens, one chunk
+per step, between the running batch's decode steps, so a long newcomer delays the others by one
+chunk a step instead of its whole prompt at once; it joins the batch when its last chunk is done.
+
+The KV cache here is the graph's own (present = concat(past, new)): a joining request's cache is
+padded to the batch's length on the graph's padding side (masked out, so attention never sees the
+padding), a leaving one's row is dropped, and padding every row shares is trimmed. Joining and
+leaving run small ONNX graphs on the cache's device (:class:`~nextoken.kvcache.CacheOps`): the
+cache never passes through host memory.
 """
 
 from __future__ import annotations
@@ -27,11 +32,10 @@ import time
 from typing import Any, Iterator
 
 import numpy as np
-import onnxruntime as ort
 
 from .errors import InvalidRequestError, NextokenError
 from .generation import Completion, Generation, SamplingParams, StreamEvent
-from .kvcache import KVCache, grow_mask
+from .kvcache import CacheOps, KVCache, grow_mask
 
 __all__ = ["Scheduler", "RequestHandle"]
 
@@ -104,8 +108,9 @@ class Scheduler:
     """Continuous batching over one :class:`~nextoken.Engine` (see the module's doc).
 
     ``max_batch``: sequences decoded together at most; more requests wait their turn.
-    ``max_prefill_tokens``: prompt tokens prefilled in one step at most (a longer prompt is
-    prefilled alone), so a burst of newcomers does not stall the running sequences for long.
+    ``max_prefill_tokens``: prompt tokens prefilled in one step at most, so a burst of newcomers
+    does not stall the running sequences for long; a longer prompt is prefilled in chunks of this
+    size, one a step.
     Use :meth:`step` to drive it yourself, or :meth:`start` to run it on a background thread.
     """
 
@@ -123,6 +128,11 @@ class Scheduler:
         self._thread: threading.Thread | None = None
         self._stop = False
         self._cache: KVCache | None = None
+        self._cache_ops: CacheOps | None = None
+        #: a long prompt being prefilled a chunk a step: (handle, its own cache, tokens done)
+        self._chunking: tuple[RequestHandle, KVCache, int] | None = None
+        #: requests ended, by how: finished (their own stop), cancelled (by the caller), failed
+        self.ended = {"finished": 0, "cancelled": 0, "failed": 0}
         self._mask = np.zeros((0, 0), dtype=np.int64)
         self._next_pos = np.zeros((0, 1), dtype=np.int64)
         self._last = np.zeros(0, dtype=np.int64)
@@ -152,7 +162,8 @@ class Scheduler:
 
     @property
     def waiting(self) -> int:
-        return len(self._waiting)
+        """Requests not decoding yet: queued, or having a long prompt prefilled in chunks."""
+        return len(self._waiting) + (self._chunking is not None)
 
     # -- the loop ---------------------------------------------------------------------------------------
     def start(self) -> "Scheduler":
@@ -170,11 +181,15 @@ class Scheduler:
         if self._thread is not None:
             self._thread.join()
             self._thread = None
-        for handle in list(self._waiting) + self._active:
+        for handle in self._pending():
             handle._finish(NextokenError("the scheduler was closed before this request finished"))
         self._waiting.clear()
         self._active.clear()
+        self._chunking = None
         self._cache = None
+
+    def _pending(self) -> list[RequestHandle]:
+        return list(self._waiting) + self._active + ([self._chunking[0]] if self._chunking else [])
 
     def __enter__(self) -> "Scheduler":
         return self.start()
@@ -185,7 +200,7 @@ class Scheduler:
     def _loop(self) -> None:
         while True:
             with self._cond:
-                while not self._stop and not self._waiting and not self._active:
+                while not self._stop and not self._waiting and not self._active and self._chunking is None:
                     self._cond.wait()
                 if self._stop:
                     return
@@ -194,9 +209,10 @@ class Scheduler:
             except Exception as exc:          # e.g. the engine was closed: fail every request, stop
                 with self._cond:
                     self._stop = True
-                    pending = list(self._waiting) + self._active
+                    pending = self._pending()
                     self._waiting.clear()
                     self._active.clear()
+                    self._chunking = None
                 error = exc if isinstance(exc, NextokenError) else NextokenError(f"the scheduler failed: {exc}")
                 for handle in pending:
                     if not handle.done:
@@ -215,24 +231,36 @@ class Scheduler:
         self._compact()
         if self._active:
             self._decode(runner)
+        budget = self.max_prefill_tokens
+        if self._chunking is not None:
+            budget -= self._next_chunk(runner)
         admit: list[RequestHandle] = []
         with self._cond:
-            budget = self.max_prefill_tokens
-            while self._waiting and len(self._active) + len(admit) < self.max_batch:
+            while self._waiting and len(self._active) + len(admit) + (self._chunking is not None) < self.max_batch:
                 handle = self._waiting[0]
+                if handle.cancelled:
+                    self._waiting.popleft()
+                    self._end_early(handle, None)
+                    continue
                 size = len(handle.generation.state.prompts[0])
-                if admit and size > budget:
+                if size > self.max_prefill_tokens:         # long: prefilled in chunks, one at a time
+                    if self._chunking is not None or budget <= 0:
+                        break
+                    self._waiting.popleft()
+                    handle.generation._begin()
+                    self._chunking = (handle, runner.new_cache(1), 0)
+                    continue
+                if size > budget:
                     break                                  # the rest waits for the next step's budget
                 self._waiting.popleft()
-                if handle.cancelled:
-                    self._end_early(handle, None)
-                else:
-                    admit.append(handle)
-                    budget -= size
+                admit.append(handle)
+                budget -= size
         if admit:
             self._admit(runner, admit)
+        if self._chunking is not None and budget > 0 and self._chunking[2] == 0:
+            self._next_chunk(runner, budget)               # a long prompt starts with what is left this step
         self._compact()
-        return bool(self._active or self._waiting)
+        return bool(self._active or self._waiting or self._chunking)
 
     def _consume(self, handle: RequestHandle, logits: np.ndarray, row: int) -> None:
         """The handle's own step on its row of logits; a failure ends that request only."""
@@ -248,12 +276,14 @@ class Scheduler:
             gen._end(handle.model_seconds, kv)
         handle._deliver(events)
         if gen.finished:
+            self.ended["finished"] += 1
             handle._finish()
 
     def _end_early(self, handle: RequestHandle, error: BaseException | None) -> None:
         """End a request before its own stop: cancelled by the caller (``error`` None: finish
         reason ``cancelled``, a completion with what it had) or failed (its iteration raises)."""
         gen = handle.generation
+        self.ended["failed" if error is not None else "cancelled"] += 1
         if error is None and not gen.finished:
             from .generation import Stop
 
@@ -278,26 +308,51 @@ class Scheduler:
         for handle in admit:
             handle.generation._begin()
         cache, mask, next_pos, logits = admit[0].generation._prefill(prompts)
+        self._join(admit, cache, mask, next_pos, logits)
+
+    def _join(self, handles: list[RequestHandle], cache: KVCache, mask: np.ndarray, next_pos: np.ndarray,
+              logits: np.ndarray) -> None:
+        """Merge prefilled requests into the batch and take their first tokens."""
         done = time.perf_counter()
         start_row = len(self._active)
-        self._merge(cache, mask, next_pos, len(admit))
-        self._active.extend(admit)
-        for i, handle in enumerate(admit):
+        self._merge(cache, mask, next_pos, len(handles))
+        self._active.extend(handles)
+        for i, handle in enumerate(handles):
             gen = handle.generation
             gen.prefill_done = done
             gen.prefill_model_seconds = handle.model_seconds = cache.run_seconds
             self._consume(handle, logits[i:i + 1], start_row + i)
 
-    # -- the shared cache ----------------------------------------------------------------------------
-    def _arrays(self, cache: KVCache) -> list[np.ndarray]:
-        return [v.numpy() for v in cache.values]
+    def _next_chunk(self, runner, budget: int | None = None) -> int:
+        """Prefill the next chunk (at most ``budget`` tokens, default ``max_prefill_tokens``) of the
+        long prompt in progress; join the batch after the last. Returns the tokens prefilled."""
+        handle, cache, done = self._chunking
+        if handle.cancelled:
+            self._chunking = None
+            self._end_early(handle, None)
+            return 0
+        prompt = handle.generation.state.prompts[0]
+        end = min(len(prompt), done + (budget or self.max_prefill_tokens))
+        ids = np.asarray([prompt[done:end]], dtype=np.int64)
+        try:
+            logits = runner.step(cache, ids, np.ones((1, end), dtype=np.int64), np.arange(done, end)[None, :])
+        except Exception as exc:
+            self._chunking = None
+            self._end_early(handle, exc)
+            return end - done
+        if end < len(prompt):
+            self._chunking = (handle, cache, end)
+        else:
+            self._chunking = None
+            self._join([handle], cache, np.ones((1, end), dtype=np.int64), np.array([[end]]), logits)
+        return end - done
 
-    def _values(self, arrays: list[np.ndarray]) -> KVCache:
-        runner = self.engine.runner
-        cache = runner.new_cache(arrays[0].shape[0] if arrays else 0)
-        cache.values = [ort.OrtValue.ortvalue_from_numpy(np.ascontiguousarray(a), runner.device, runner.device_id)
-                        for a in arrays]
-        return cache
+    # -- the shared cache ----------------------------------------------------------------------------
+    def _ops(self) -> CacheOps:
+        """The cache surgery session, made on first use on the engine's execution provider."""
+        if self._cache_ops is None or self._cache_ops.runner is not self.engine.runner:
+            self._cache_ops = CacheOps(self.engine.runner, self.engine.device.providers)
+        return self._cache_ops
 
     def _merge(self, cache: KVCache, mask: np.ndarray, next_pos: np.ndarray, n: int) -> None:
         """Append ``n`` prefilled rows to the batch, padding the shorter side's cache and mask (on the
@@ -309,6 +364,7 @@ class Scheduler:
             return
         width = max(self._mask.shape[1], mask.shape[1])
         left = self.engine.manifest.padding_side == "left"
+        self._cache = self._ops().merge(self._cache, cache, width, left)
 
         def pad(a: np.ndarray, axis: int) -> np.ndarray:
             missing = width - a.shape[axis]
@@ -319,11 +375,6 @@ class Scheduler:
             zeros = np.zeros(shape, dtype=a.dtype)
             return np.concatenate([zeros, a] if left else [a, zeros], axis=axis)
 
-        arrays = [np.concatenate([pad(a, 2), pad(b, 2)], axis=0)
-                  for a, b in zip(self._arrays(self._cache), self._arrays(cache))]
-        run_seconds = self._cache.run_seconds
-        self._cache = self._values(arrays)
-        self._cache.run_seconds = run_seconds
         self._mask = np.concatenate([pad(self._mask, 1), pad(mask, 1)], axis=0)
         self._next_pos = np.concatenate([self._next_pos, next_pos], axis=0)
         self._last = np.concatenate([self._last, new_tokens])
@@ -345,9 +396,7 @@ class Scheduler:
             cols = slice(int(np.argmax(mask.any(axis=0))), None)    # leading columns no remaining row uses
         else:
             cols = slice(0, int(mask.sum(axis=1).max()))            # trailing columns no remaining row uses
-        run_seconds = self._cache.run_seconds
-        self._cache = self._values([a[keep][:, :, cols] for a in self._arrays(self._cache)])
-        self._cache.run_seconds = run_seconds
+        self._cache = self._ops().select(self._cache, keep, cols.start, cols.stop if cols.stop is not None else mask.shape[1])
         self._mask = np.ascontiguousarray(mask[:, cols])
         self._next_pos = self._next_pos[keep]
         self._last = self._last[keep]

@@ -54,10 +54,13 @@ def test_right_padded_batch_equals_each_alone(gqa_engine):
         assert got.token_ids == gqa_engine.generate(prompt, max_new_tokens=16, ignore_eos=True).token_ids
 
 
-def test_continuous_batching_with_right_padding(gqa_engine):
+@pytest.mark.parametrize("chunk", [4096, 8])
+def test_continuous_batching_with_right_padding(gqa_engine, chunk):
+    """Joins (and, with a small max_prefill_tokens, prompts prefilled in chunks over the cache)
+    give each request what it gets alone."""
     kw = dict(max_new_tokens=12, ignore_eos=True)
     alone = [gqa_engine.generate(p, **kw).token_ids for p in PROMPTS]
-    scheduler = Scheduler(gqa_engine)
+    scheduler = Scheduler(gqa_engine, max_prefill_tokens=chunk)
     handles = []
     for p in PROMPTS:
         handles.append(scheduler.submit(p, **kw))

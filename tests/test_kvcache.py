@@ -75,3 +75,32 @@ def test_cache_grows_one_position_a_step(llama_engine):
     assert cache.nbytes() == 2 * 3 * m.kv_bytes_per_token()
     runner.step(cache, np.array([[1], [2]]), np.ones((2, 4), np.int64), np.array([[3], [3]]))
     assert cache.length == 4
+
+
+def test_cache_ops_join_and_drop_rows_like_numpy(llama_engine):
+    """The scheduler's cache surgery runs in ONNX Runtime on the cache's own device; checked
+    against the same padding, concatenation, row selection and column slicing in numpy."""
+    from nextoken.kvcache import CacheOps
+
+    runner = llama_engine.runner
+    ops = CacheOps(runner, llama_engine.device.providers)
+    rng = np.random.default_rng(0)
+    shape_a, shape_b = (2, llama_engine.manifest.num_kv_heads, 5, llama_engine.manifest.head_dim), (1, llama_engine.manifest.num_kv_heads, 3, llama_engine.manifest.head_dim)
+
+    def cache(shape):
+        c = runner.new_cache(shape[0])
+        c.values = [ort.OrtValue.ortvalue_from_numpy(rng.standard_normal(shape).astype(np.float32)) for _ in c.values]
+        return c
+
+    a, b = cache(shape_a), cache(shape_b)
+    a.run_seconds = 1.5
+    for left in (True, False):
+        merged = ops.merge(a, b, 7, left)
+        assert merged.run_seconds == 1.5 and merged.length == 7
+        for va, vb, vm in zip(a.values, b.values, merged.values):
+            pad = lambda x, n: np.pad(x.numpy(), [(0, 0), (0, 0), (n, 0) if left else (0, n), (0, 0)])  # noqa: E731
+            np.testing.assert_array_equal(vm.numpy(), np.concatenate([pad(va, 2), pad(vb, 4)]))
+        kept = ops.select(merged, [2, 0], 1, 6)
+        assert kept.length == 5
+        for vm, vk in zip(merged.values, kept.values):
+            np.testing.assert_array_equal(vk.numpy(), vm.numpy()[[2, 0]][:, :, 1:6])

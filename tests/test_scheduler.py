@@ -162,8 +162,11 @@ def test_prefill_budget_spreads_newcomers_over_steps(engine):
     scheduler = Scheduler(engine, max_batch=8, max_prefill_tokens=30)
     handles = [scheduler.submit(p, max_new_tokens=4, ignore_eos=True) for p in PROMPTS]
     sizes = [len(engine.encode(p)) for p in PROMPTS]
+    assert sizes[0] + sizes[2] <= 30 < sizes[1] and sizes[3] > 30
     scheduler.step()
-    assert scheduler.running == 1 and sizes[0] + sizes[1] > 30      # the second did not fit the budget
+    # The first and third fit the budget; the second is long, so it is being prefilled in chunks,
+    # and the fourth (long too) waits for it: one chunked prefill at a time.
+    assert scheduler.running == 2 and scheduler.waiting == 2
     _run_until_done(scheduler)
     assert all(len(h.result().token_ids) == 4 for h in handles)
     with pytest.raises(InvalidRequestError, match="max_prefill_tokens must be >= 1"):
@@ -179,3 +182,39 @@ def test_closing_the_engine_under_a_running_scheduler_fails_requests_cleanly(tin
     with pytest.raises(nextoken.NextokenError, match="engine is closed"):
         handle.result(timeout=10)
     scheduler.close()
+
+
+def test_a_long_prompt_is_prefilled_in_chunks_between_decode_steps(engine):
+    """A prompt longer than max_prefill_tokens is prefilled a chunk a step while the batch keeps
+    decoding (one token a step); it gets exactly the tokens it gets alone."""
+    long_prompt = "A long prompt, " * 6
+    kw = dict(max_new_tokens=12, ignore_eos=True)
+    alone_long = engine.generate(long_prompt, **kw).token_ids
+    alone_short = engine.generate(PROMPTS[0], max_new_tokens=30, ignore_eos=True).token_ids
+    size = len(engine.encode(long_prompt))
+    scheduler = Scheduler(engine, max_batch=4, max_prefill_tokens=16)
+    short = scheduler.submit(PROMPTS[0], max_new_tokens=30, ignore_eos=True)
+    scheduler.step()
+    tokens = [len(short.generation.state.generated[0])]
+    long = scheduler.submit(long_prompt, **kw)
+    steps_to_join = 0
+    while scheduler.running < 2:
+        scheduler.step()
+        steps_to_join += 1
+        tokens.append(len(short.generation.state.generated[0]))
+        assert steps_to_join < 20
+    assert steps_to_join == -(-size // 16)                         # ceil(size / chunk) steps
+    assert tokens == list(range(1, len(tokens) + 1))               # the running one never skipped a step
+    _run_until_done(scheduler)
+    assert long.result().token_ids == alone_long and short.result().token_ids == alone_short
+    assert long.result().usage.prompt_tokens == size
+
+
+def test_cancelling_a_prompt_while_it_is_prefilled_in_chunks(engine):
+    scheduler = Scheduler(engine, max_batch=4, max_prefill_tokens=8)
+    handle = scheduler.submit("A long prompt, " * 6, max_new_tokens=5)
+    scheduler.step()
+    assert scheduler.waiting == 1 and scheduler.running == 0
+    handle.cancel()
+    _run_until_done(scheduler)
+    assert handle.result().finish_reason == "cancelled" and scheduler.waiting == 0 and scheduler.ended["cancelled"] == 1
