@@ -12,7 +12,7 @@ import json
 from pathlib import Path
 from typing import Any
 
-__all__ = ["make_byte_tokenizer", "make_tiny_checkpoint", "TINY_CONFIGS", "DEMO_CONFIG"]
+__all__ = ["make_byte_tokenizer", "make_tiny_checkpoint", "make_random_checkpoint", "TINY_CONFIGS", "DEMO_CONFIG"]
 
 PAD, BOS, EOS = 0, 1, 2
 VOCAB = 259  # <pad>, <s>, </s> and the 256 bytes
@@ -98,4 +98,32 @@ def make_tiny_checkpoint(directory: str | Path, architecture: str = "llama", *, 
     GenerationConfig(bos_token_id=BOS, eos_token_id=EOS, pad_token_id=PAD).save_pretrained(directory)
     ctx = fields.get("max_position_embeddings", fields.get("n_positions", 128))
     make_byte_tokenizer(directory, ctx)
+    return directory
+
+
+def make_random_checkpoint(directory: str | Path, config: str | Path | dict[str, Any], *, seed: int = 0,
+                           context_length: int | None = None) -> Path:
+    """Save a checkpoint of a real model's ``config`` (a config.json path or its dict) with random
+    weights (transformers' own initialisation) and the byte tokenizer: the size and speed of that
+    model without downloading it, for benchmarks and memory plans (speed does not depend on the
+    values; the text is noise). ``context_length`` caps ``max_position_embeddings``.
+    """
+    import torch
+    from transformers import AutoConfig, AutoModelForCausalLM, GenerationConfig
+
+    fields = dict(config) if isinstance(config, dict) else json.loads(Path(config).read_text())
+    fields.pop("torch_dtype", None)
+    fields.pop("dtype", None)
+    if context_length is not None:
+        fields["max_position_embeddings"] = min(int(fields.get("max_position_embeddings", context_length)), context_length)
+    model_type = fields.pop("model_type")
+    fields.update(bos_token_id=BOS, eos_token_id=EOS, pad_token_id=PAD)
+    cfg = AutoConfig.for_model(model_type, **fields)
+    torch.manual_seed(seed)
+    model = AutoModelForCausalLM.from_config(cfg, dtype=torch.float32)
+    model.eval()
+    directory = Path(directory)
+    model.save_pretrained(directory)
+    GenerationConfig(bos_token_id=BOS, eos_token_id=EOS, pad_token_id=PAD).save_pretrained(directory)
+    make_byte_tokenizer(directory, int(fields.get("max_position_embeddings", 2048)))
     return directory

@@ -54,11 +54,28 @@ def _probe_model() -> bytes:
     return model.SerializeToString()
 
 
+def _preload_cuda_libraries() -> None:
+    """Load the CUDA and cuDNN libraries of the ``nvidia-*`` wheels (the ``cuda`` extra) so the CUDA
+    provider finds them without LD_LIBRARY_PATH; quietly, since the probe reports what is missing."""
+    preload = getattr(ort, "preload_dlls", None)
+    if preload is None:
+        return
+    import contextlib
+    import io
+
+    with contextlib.redirect_stdout(io.StringIO()), contextlib.redirect_stderr(io.StringIO()):
+        try:
+            preload()
+        except Exception:  # a missing library shows in the probe below, with its reason
+            pass
+
+
 @functools.lru_cache(maxsize=8)
 def cuda_status(device_id: int = 0) -> tuple[bool, str]:
     """(usable, why) for CUDA device ``device_id``; probed once per process, silently."""
     if CUDA not in ort.get_available_providers():
         return False, "this onnxruntime build has no CUDA provider (install onnxruntime-gpu on a CUDA host)"
+    _preload_cuda_libraries()
     options = ort.SessionOptions()
     options.log_severity_level = 4
     previous = 2

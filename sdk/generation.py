@@ -21,7 +21,7 @@ import numpy as np
 
 from .errors import ContextWindowError, InvalidRequestError, NextokenError
 from .kvcache import StepRunner, grow_mask, pad_batch
-from .memory import peak_rss_bytes, reset_peak_rss
+from .memory import gpu_memory, peak_rss_bytes, reset_peak_rss
 from .tokenizer import IncrementalDecoder, Tokenizer
 
 if TYPE_CHECKING:  # pragma: no cover
@@ -258,6 +258,9 @@ class Usage:
     provider: str = ""                 # the ONNX Runtime execution provider that ran it
     kv_cache_bytes: int = 0            # the request's KV cache at its largest (the whole batch)
     peak_memory_bytes: int | None = None   # the process's peak resident memory during the request (Linux)
+    #: on CUDA: this process's memory on the GPU after the request (ONNX Runtime's arena keeps its
+    #: high-water mark), from NVML; the whole device's used memory where the driver lists no processes
+    device_memory_bytes: int | None = None
 
     @property
     def total_tokens(self) -> int:
@@ -274,6 +277,7 @@ class Usage:
             f"decode {self.decode_tokens_per_s:.1f} tok/s, wall {self.wall_ms:.1f} ms, "
             f"batch {self.batch_size}, KV {self.kv_cache_bytes / (1 << 20):.1f} MiB"
             + (f", peak {self.peak_memory_bytes / (1 << 20):.0f} MiB" if self.peak_memory_bytes else "")
+            + (f", GPU {self.device_memory_bytes / (1 << 20):.0f} MiB" if self.device_memory_bytes else "")
             + f", {self.device}"
         )
 
@@ -461,6 +465,7 @@ class Generation:
         self.model_seconds = self.prefill_model_seconds = 0.0
         self.kv_cache_bytes = 0
         self.peak_memory_bytes: int | None = None
+        self.device_memory_bytes: int | None = None
         self._events: Iterator[StreamEvent] | None = None
         self._completions: list[Completion] | None = None
 
@@ -551,6 +556,9 @@ class Generation:
         self.model_seconds = model_seconds
         self.kv_cache_bytes = max(self.kv_cache_bytes, kv_cache_bytes)
         self.peak_memory_bytes = peak_rss_bytes()
+        if self.device == "cuda":
+            gpu = gpu_memory(self.runner.device_id)
+            self.device_memory_bytes = None if gpu is None else (gpu.process if gpu.process is not None else gpu.used)
         self._completions = self._finish()
         pipe = self.pipeline
         if pipe.on_end is not None:
@@ -663,6 +671,7 @@ class Generation:
                 provider=self.provider,
                 kv_cache_bytes=self.kv_cache_bytes,
                 peak_memory_bytes=self.peak_memory_bytes,
+                device_memory_bytes=self.device_memory_bytes,
             )
             finish = seq.finish or Stop("length")
             completion = Completion(self.state.texts[row], list(ids), finish.reason, usage,

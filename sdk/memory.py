@@ -91,7 +91,8 @@ from typing import Any, Mapping
 
 from .errors import InvalidRequestError, ModelPackageError
 
-__all__ += ["ModelSpec", "MemoryPlan", "plan_memory", "count_parameters", "device_capacity", "DTYPE_BYTES", "measure_peak"]
+__all__ += ["ModelSpec", "MemoryPlan", "plan_memory", "count_parameters", "device_capacity", "DTYPE_BYTES", "measure_peak",
+            "GPUMemory", "gpu_memory"]
 
 MiB = 1 << 20
 
@@ -224,6 +225,7 @@ class MemoryPlan:
     max_batch: int | None              # at this context
     max_context: int | None            # at this batch (at most the model's window)
     model_context_length: int
+    capacity_source: str = ""          # where the capacity came from: given, host RAM, free on a GPU
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -239,7 +241,7 @@ class MemoryPlan:
                          f"{gib(self.kv_bytes_per_sequence)}/sequence)"),
             ("working memory", gib(self.working_bytes)),
             ("total", gib(self.total_bytes)),
-            ("capacity", gib(self.capacity_bytes)),
+            ("capacity", gib(self.capacity_bytes) + (f"  ({self.capacity_source})" if self.capacity_source else "")),
             ("fits", {True: "yes", False: "NO", None: "-"}[self.fits]),
             ("largest batch", "-" if self.max_batch is None else f"{self.max_batch} at {self.context} tokens"),
             ("longest context", "-" if self.max_context is None else f"{self.max_context} tokens at batch {self.batch}"),
@@ -271,8 +273,79 @@ def _total(spec: ModelSpec, batch: int, context: int, dtype: str, device: str, w
     return kv_cache, working, weights + kv_cache + working
 
 
-def device_capacity(device: str) -> int | None:
-    """Memory of ``device``: the host's total RAM for cpu; the first GPU's (nvidia-smi) for cuda."""
+@dataclass(frozen=True)
+class GPUMemory:
+    """A CUDA device's memory as its driver reports it (NVML), in bytes."""
+
+    name: str
+    total: int
+    free: int
+    used: int
+    process: int | None      # what this process holds on it (None where the driver does not say)
+
+
+class _NVMLMemory(ctypes.Structure):
+    _fields_ = [("total", ctypes.c_ulonglong), ("free", ctypes.c_ulonglong), ("used", ctypes.c_ulonglong)]
+
+
+class _NVMLProcess(ctypes.Structure):
+    _fields_ = [("pid", ctypes.c_uint), ("usedGpuMemory", ctypes.c_ulonglong),
+                ("gpuInstanceId", ctypes.c_uint), ("computeInstanceId", ctypes.c_uint)]
+
+
+@functools.lru_cache(maxsize=1)
+def _nvml():
+    """The NVIDIA driver's management library, initialised; None where there is no NVIDIA driver."""
+    names = ("nvml.dll",) if sys.platform == "win32" else ("libnvidia-ml.so.1", "libnvidia-ml.so")
+    for name in names:
+        try:
+            lib = ctypes.CDLL(name)
+        except OSError:
+            continue
+        init = getattr(lib, "nvmlInit_v2", None) or getattr(lib, "nvmlInit", None)
+        if init is not None and init() == 0:
+            return lib
+    return None
+
+
+def _nvml_index(device_id: int) -> int:
+    """The NVML index of CUDA device ``device_id``: CUDA_VISIBLE_DEVICES renumbers what CUDA sees."""
+    visible = [v.strip() for v in os.environ.get("CUDA_VISIBLE_DEVICES", "").split(",") if v.strip()]
+    if device_id < len(visible) and visible[device_id].isdigit():
+        return int(visible[device_id])
+    return device_id
+
+
+def gpu_memory(device_id: int = 0) -> GPUMemory | None:
+    """Memory of CUDA device ``device_id`` (free, total, this process's share), read from the driver
+    through NVML; None where there is no NVIDIA driver or no such device."""
+    lib = _nvml()
+    if lib is None:
+        return None
+    handle = ctypes.c_void_p()
+    get = getattr(lib, "nvmlDeviceGetHandleByIndex_v2", None) or lib.nvmlDeviceGetHandleByIndex
+    if get(ctypes.c_uint(_nvml_index(device_id)), ctypes.byref(handle)) != 0:
+        return None
+    mem = _NVMLMemory()
+    if lib.nvmlDeviceGetMemoryInfo(handle, ctypes.byref(mem)) != 0:
+        return None
+    name = ctypes.create_string_buffer(96)
+    label = name.value.decode(errors="replace") if lib.nvmlDeviceGetName(handle, name, ctypes.c_uint(96)) == 0 else ""
+    process = None
+    running = getattr(lib, "nvmlDeviceGetComputeRunningProcesses_v3", None) or \
+        getattr(lib, "nvmlDeviceGetComputeRunningProcesses_v2", None)
+    if running is not None:
+        count = ctypes.c_uint(64)
+        infos = (_NVMLProcess * 64)()
+        if running(handle, ctypes.byref(count), infos) == 0:
+            mine = [infos[i].usedGpuMemory for i in range(min(count.value, 64)) if infos[i].pid == os.getpid()]
+            process = int(mine[0]) if mine and mine[0] < (1 << 62) else None
+    return GPUMemory(label or f"cuda:{device_id}", int(mem.total), int(mem.free), int(mem.used), process)
+
+
+def device_capacity(device: str, device_id: int = 0) -> int | None:
+    """Memory a model can use on ``device``: the host's RAM for cpu; for cuda, what is free on the
+    GPU now (NVML), since other processes and earlier sessions hold the rest. None if unknown."""
     if device == "cpu":
         total = _proc_bytes("/proc/meminfo", "MemTotal")
         if total is not None:
@@ -281,17 +354,8 @@ def device_capacity(device: str) -> int | None:
             return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
         except (ValueError, OSError, AttributeError):
             return None
-    import shutil
-    import subprocess
-
-    if shutil.which("nvidia-smi") is None:
-        return None
-    try:
-        out = subprocess.run(["nvidia-smi", "--query-gpu=memory.total", "--format=csv,noheader,nounits"],
-                             capture_output=True, text=True, timeout=10).stdout.split()
-        return int(float(out[0])) * MiB if out else None
-    except (OSError, ValueError, subprocess.SubprocessError):
-        return None
+    gpu = gpu_memory(device_id)
+    return None if gpu is None else gpu.free
 
 
 def plan_memory(model: str | os.PathLike | ModelSpec, batch: int = 1, context: int | None = None,
@@ -300,12 +364,15 @@ def plan_memory(model: str | os.PathLike | ModelSpec, batch: int = 1, context: i
 
     ``model``: a :class:`ModelSpec`, a package, a checkpoint, a config.json or a hub id. ``dtype``:
     the weights' precision (default: the package's, else fp32). ``capacity``: bytes available
-    (default: read from the host or the GPU). Weights are a package's real file size, or
+    (default: the host's RAM, or the memory free on the GPU now). Weights are a package's real file size, or
     parameters x bytes per parameter from a config.
     """
     spec = model if isinstance(model, ModelSpec) else ModelSpec.load(model)
+    device_id = 0
+    if device.startswith("cuda:") and device[5:].isdigit():
+        device, device_id = "cuda", int(device[5:])
     if device not in RUNTIME_BASELINE:
-        raise InvalidRequestError(f"device {device!r} is not known to the planner; use cpu or cuda")
+        raise InvalidRequestError(f"device {device!r} is not known to the planner; use cpu, cuda or cuda:N")
     if batch < 1:
         raise InvalidRequestError(f"batch must be >= 1, not {batch}")
     context = spec.context_length if context is None else context
@@ -318,7 +385,15 @@ def plan_memory(model: str | os.PathLike | ModelSpec, batch: int = 1, context: i
     else:
         weights = int(math.ceil(spec.parameters * per_param))
     kv_cache, working, total = _total(spec, batch, context, dtype, device, weights)
-    capacity = device_capacity(device) if capacity is None else capacity
+    if capacity is not None:
+        source = "given"
+    else:
+        capacity = device_capacity(device, device_id)
+        if device == "cpu":
+            source = "host RAM" if capacity is not None else "unknown"
+        else:
+            gpu = gpu_memory(device_id) if capacity is not None else None
+            source = f"free on cuda:{device_id} ({gpu.name})" if gpu else f"unknown: no NVIDIA driver answers for cuda:{device_id}"
     per_token = kv_cache // (batch * context)
     fits = max_batch = max_context = None
     if capacity is not None:
@@ -332,7 +407,7 @@ def plan_memory(model: str | os.PathLike | ModelSpec, batch: int = 1, context: i
     name = str(model) if not isinstance(model, ModelSpec) else spec.architecture
     return MemoryPlan(name, device, dtype, batch, context, spec.parameters, weights, per_token,
                       per_token * context, kv_cache, working, total, capacity, fits, max_batch, max_context,
-                      spec.context_length)
+                      spec.context_length, source)
 
 
 def _largest(ok, limit: int) -> int:
