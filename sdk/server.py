@@ -112,7 +112,7 @@ def create_app(scheduler: Scheduler, model_name: str, api_key: str | None = None
 
     @app.middleware("http")
     async def _guard(request: Request, call_next):
-        if api_key is not None:
+        if api_key is not None and request.url.path != "/health":
             if request.headers.get("authorization", "") != f"Bearer {api_key}":
                 return error(401, "missing or wrong API key (Authorization: Bearer ...)", "authentication_error",
                              code="invalid_api_key")
@@ -120,6 +120,12 @@ def create_app(scheduler: Scheduler, model_name: str, api_key: str | None = None
         if length is not None and length.isdigit() and int(length) > max_body_bytes:
             return error(413, f"request body over {max_body_bytes} bytes", code="request_too_large")
         return await call_next(request)
+
+    @app.get("/health")
+    async def health():
+        """Liveness and load, for balancers and operators (no API key needed)."""
+        return {"status": "ok", "model": model_name, "running": scheduler.running, "waiting": scheduler.waiting,
+                "ended": dict(scheduler.ended)}
 
     @app.get("/v1/models")
     async def models():
@@ -142,6 +148,10 @@ def create_app(scheduler: Scheduler, model_name: str, api_key: str | None = None
         return body
 
     def _submit(prompt: Any, params: SamplingParams) -> RequestHandle:
+        window = engine.manifest.context_length
+        if params.max_new_tokens > window:
+            raise APIError(400, f"max_tokens {params.max_new_tokens} is more than the model's whole context window "
+                                f"({window} tokens); ask for at most {window}", param="max_tokens")
         if scheduler.running + scheduler.waiting >= max_pending:
             raise APIError(503, f"the server has {max_pending} requests in hand; retry later", "server_busy")
         try:
@@ -154,7 +164,8 @@ def create_app(scheduler: Scheduler, model_name: str, api_key: str | None = None
                 "total_tokens": c.usage.total_tokens}
 
     def _extras(c: Completion) -> dict:
-        return {"finish_reason": c.finish_reason, "stop_detail": c.stop_detail, "usage": c.usage.to_dict(),
+        return {"finish_reason": c.finish_reason, "stop_detail": c.stop_detail, "token_ids": list(c.token_ids),
+                "usage": c.usage.to_dict(),
                 "cost": {k: v.to_dict() for k, v in c.cost.items()}}
 
     async def _wait_or_cancel(request: Request, handle: RequestHandle) -> Completion:
@@ -196,12 +207,14 @@ def create_app(scheduler: Scheduler, model_name: str, api_key: str | None = None
             try:
                 if chat:
                     yield chunk([{"index": 0, "delta": {"role": "assistant", "content": ""}, "finish_reason": None}])
+                first = True           # the first token is always sent, even while its text is held back
                 while True:
                     event = await loop.run_in_executor(waiters, next, iterator, None)
                     if event is None:
                         break
                     finish = FINISH.get(event.finish_reason, event.finish_reason) if event.finish_reason else None
-                    if event.text or finish:
+                    if event.text or finish or first:
+                        first = False
                         body = {"index": 0, "finish_reason": finish}
                         if chat:
                             body["delta"] = {"content": event.text} if event.text else {}

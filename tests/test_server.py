@@ -10,6 +10,7 @@ import httpx
 import openai
 import pytest
 
+import nextoken
 from nextoken import Engine, Scheduler
 from nextoken.server import create_app
 from helpers import with_chat_template
@@ -131,11 +132,24 @@ def test_auth_model_and_body_limits(server):
     assert bad.status_code == 400 and "messages must be" in bad.json()["error"]["message"]
 
 
+class Slow:
+    """A stop condition that never stops and takes 20 ms a step: a request that lasts seconds."""
+
+    @nextoken.hookimpl
+    def register_stop_conditions(self, register):
+        def make(params, options):
+            return lambda tokens, state: time.sleep(0.02)
+        register("slow", make)
+
+
 def test_a_client_that_disconnects_cancels_its_request(server):
-    client, _, scheduler, base = server
+    client, engine, scheduler, base = server
+    if "slow" not in engine.plugins.provided("stop_condition"):
+        engine.register(Slow(), "slow")
+    cancelled = scheduler.ended["cancelled"]
     with httpx.stream("POST", f"{base}/v1/completions", headers={"Authorization": f"Bearer {KEY}"},
-                      json={"model": "tiny", "prompt": "long one", "max_tokens": 100000, "stream": True,
-                            "nextoken": {"ignore_eos": True}}, timeout=30) as response:
+                      json={"model": "tiny", "prompt": "long one", "max_tokens": 120, "stream": True,
+                            "nextoken": {"ignore_eos": True, "stop_conditions": ["slow"]}}, timeout=30) as response:
         for line in response.iter_lines():
             if line.startswith("data:"):
                 break
@@ -143,5 +157,16 @@ def test_a_client_that_disconnects_cancels_its_request(server):
         if scheduler.running == 0:
             break
         time.sleep(0.05)
-    assert scheduler.running == 0
+    assert scheduler.running == 0 and scheduler.ended["cancelled"] == cancelled + 1
     assert client.completions.create(model="tiny", prompt="after", max_tokens=3, temperature=0).usage.completion_tokens >= 1
+
+
+def test_health_needs_no_key_and_answers_token_ids(server):
+    client, engine, scheduler, base = server
+    health = httpx.get(f"{base}/health")
+    assert health.status_code == 200
+    assert health.json() == {"status": "ok", "model": "tiny", "running": scheduler.running, "waiting": scheduler.waiting,
+                             "ended": scheduler.ended}
+    got = client.completions.create(model="tiny", prompt="ids", max_tokens=5, temperature=0,
+                                    extra_body={"nextoken": {"ignore_eos": True}})
+    assert got.model_extra["nextoken"]["token_ids"] == engine.generate("ids", max_new_tokens=5, ignore_eos=True).token_ids
