@@ -18,7 +18,7 @@ import onnxruntime as ort
 from .errors import NextokenError
 from .manifest import Manifest
 
-__all__ = ["KVCache", "StepRunner", "CacheOps", "pad_batch", "grow_mask"]
+__all__ = ["KVCache", "SlotCache", "StepRunner", "CacheOps", "pad_batch", "grow_mask"]
 
 _NUMPY_DTYPES = {"float32": np.float32, "float16": np.float16, "float64": np.float64}
 
@@ -91,11 +91,13 @@ class StepRunner:
         return KVCache(self.manifest, batch_size, self.device, self.device_id)
 
     def step(self, cache: KVCache, input_ids: np.ndarray, attention_mask: np.ndarray,
-             position_ids: np.ndarray | None, all_logits: bool = False) -> np.ndarray:
+             position_ids: np.ndarray | None, all_logits: bool = False, in_place: bool = False) -> np.ndarray:
         """One forward pass. Returns the logits of the last position ``[B, V]`` (or all ``[B, S, V]``).
 
         ``input_ids``/``position_ids`` are ``[B, S]``; ``attention_mask`` is ``[B, cache.length + S]``.
-        The cache is advanced in place to hold the S new positions.
+        The cache is advanced to hold the S new positions: as new values, or (``in_place``, for
+        GroupQueryAttention graphs over a fixed-size buffer, ``attention_mask`` as wide as the
+        buffer) written into the same buffers, each row at its own length.
         """
         binding = self.session.io_binding()
         binding.bind_cpu_input("input_ids", np.ascontiguousarray(input_ids, dtype=self._int_dtypes["input_ids"]))
@@ -112,8 +114,11 @@ class StepRunner:
         for name, value in zip(self._past, cache.values):
             binding.bind_ortvalue_input(name, value)
         binding.bind_output("logits", "cpu")
-        for name in self._present:
-            binding.bind_output(name, self.device, self.device_id)
+        for name, value in zip(self._present, cache.values):
+            if in_place:
+                binding.bind_ortvalue_output(name, value)
+            else:
+                binding.bind_output(name, self.device, self.device_id)
         start = time.perf_counter()
         try:
             self.session.run_with_iobinding(binding)
@@ -121,7 +126,8 @@ class StepRunner:
             raise NextokenError(f"the model failed to run a step: {str(exc).splitlines()[0][:300]}") from None
         cache.run_seconds += time.perf_counter() - start
         outputs = binding.get_outputs()
-        cache.values = list(outputs[1:])
+        if not in_place:
+            cache.values = list(outputs[1:])
         logits = outputs[0].numpy()                     # [B, S, V], or [B, 1, V] with logits_to_keep
         if logits.dtype != np.float32:                  # fp16 graphs: sampling works in fp32
             logits = logits.astype(np.float32)
@@ -175,6 +181,13 @@ class CacheOps:
         axes = onnx.numpy_helper.from_array(np.array([2], dtype=np.int64), "axes")
         self._select = build(select_nodes, [kv(f"x{i}") for i in range(n)] + [idx("rows"), idx("starts"), idx("ends")],
                              [kv(f"y{i}") for i in range(n)], [axes])
+        write_nodes = []
+        for i in range(n):
+            write_nodes += [helper.make_node("Pad", [f"r{i}", "pads"], [f"p{i}"]),
+                            helper.make_node("ScatterND", [f"s{i}", "slots", f"p{i}"], [f"y{i}"])]
+        slots = helper.make_tensor_value_info("slots", TensorProto.INT64, ["n", 1])
+        self._write = build(write_nodes, [kv(f"s{i}") for i in range(n)] + [kv(f"r{i}") for i in range(n)]
+                            + [slots, idx("pads")], [kv(f"y{i}") for i in range(n)])
         self._n = n
 
     def _run(self, session: ort.InferenceSession, values: dict[str, ort.OrtValue], arrays: dict[str, np.ndarray],
@@ -210,3 +223,36 @@ class CacheOps:
                                                "ends": np.array([stop])}, len(rows))
         out.run_seconds = cache.run_seconds
         return out
+
+    def write(self, buffers: KVCache, rows: KVCache, slots: Sequence[int]) -> None:
+        """Copy each row of ``rows`` into slot ``slots[i]`` of the fixed-size ``buffers`` (positions
+        from 0; the rest of the slot is zeroed), in place: ScatterND's output is bound to its input."""
+        width = buffers.length
+        binding = self._write.io_binding()
+        for i, (buf, row) in enumerate(zip(buffers.values, rows.values)):
+            binding.bind_ortvalue_input(f"s{i}", buf)
+            binding.bind_ortvalue_input(f"r{i}", row)
+            binding.bind_ortvalue_output(f"y{i}", buf)
+        binding.bind_cpu_input("slots", np.asarray(slots, dtype=np.int64).reshape(-1, 1))
+        binding.bind_cpu_input("pads", np.array([0, 0, 0, 0, 0, 0, width - rows.length, 0], dtype=np.int64))
+        self._write.run_with_iobinding(binding)
+
+
+class SlotCache(KVCache):
+    """A fixed-size KV buffer ``[slots, kv_heads, length, head_dim]`` per layer, for graphs with
+    GroupQueryAttention: every decode step writes each row's new keys and values in place at that
+    row's own length (the graph reads it from the attention mask), so nothing is concatenated,
+    padded or trimmed as requests come and go; a slot is reused by the next request."""
+
+    def __init__(self, runner: StepRunner, slots: int, length: int) -> None:
+        manifest = runner.manifest
+        self.dtype = _NUMPY_DTYPES[manifest.kv_dtype]
+        self.run_seconds = 0.0
+        shape = [slots, manifest.num_kv_heads, length, manifest.head_dim]
+        if runner.device == "cpu":
+            self.values = [ort.OrtValue.ortvalue_from_numpy(np.zeros(shape, dtype=self.dtype))
+                           for _ in manifest.past_names()]
+        else:
+            self.values = [ort.OrtValue.ortvalue_from_shape_and_type(shape, self.dtype, runner.device, runner.device_id)
+                           for _ in manifest.past_names()]
+        self.lengths = np.zeros(slots, dtype=np.int64)     # positions each slot holds

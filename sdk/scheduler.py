@@ -15,11 +15,17 @@ A prompt longer than ``max_prefill_tokens`` is prefilled in chunks of that many 
 per step, between the running batch's decode steps, so a long newcomer delays the others by one
 chunk a step instead of its whole prompt at once; it joins the batch when its last chunk is done.
 
-The KV cache here is the graph's own (present = concat(past, new)): a joining request's cache is
+Two KV-cache backends (``kv_backend``). ``concat``, for every graph (present = concat(past, new)):
+a joining request's cache is
 padded to the batch's length on the graph's padding side (masked out, so attention never sees the
 padding), a leaving one's row is dropped, and padding every row shares is trimmed. Joining and
 leaving run small ONNX graphs on the cache's device (:class:`~nextoken.kvcache.CacheOps`): the
-cache never passes through host memory.
+cache never passes through host memory. ``slots``, for graphs with GroupQueryAttention (packages
+from ``import-genai``; the default for them): one fixed buffer ``[max_batch, kv_heads,
+slot_length, head_dim]`` per layer (:class:`~nextoken.kvcache.SlotCache`), each request in a slot
+of its own; every decode step writes each row's keys and values in place at that row's own length
+(no concatenation, no padding, nothing trimmed), a newcomer's prefilled cache is copied into a
+free slot, and a leaving request just frees its slot.
 """
 
 from __future__ import annotations
@@ -35,7 +41,7 @@ import numpy as np
 
 from .errors import InvalidRequestError, NextokenError
 from .generation import Completion, Generation, SamplingParams, StreamEvent
-from .kvcache import CacheOps, KVCache, grow_mask
+from .kvcache import CacheOps, KVCache, SlotCache, grow_mask
 
 __all__ = ["Scheduler", "RequestHandle"]
 
@@ -110,15 +116,32 @@ class Scheduler:
     ``max_batch``: sequences decoded together at most; more requests wait their turn.
     ``max_prefill_tokens``: prompt tokens prefilled in one step at most, so a burst of newcomers
     does not stall the running sequences for long; a longer prompt is prefilled in chunks of this
-    size, one a step.
+    size, one a step. ``kv_backend``: ``auto`` (``slots`` for GroupQueryAttention graphs, else
+    ``concat``), ``concat`` or ``slots``. ``slot_length``: positions per slot (default: the
+    model's window, at most 2048); with slots, prompt + max_new_tokens must fit in it, and the
+    buffer (:attr:`kv_buffer_bytes`) is held while the scheduler lives.
     Use :meth:`step` to drive it yourself, or :meth:`start` to run it on a background thread.
     """
 
-    def __init__(self, engine: Any, max_batch: int = 8, max_prefill_tokens: int = 4096) -> None:
+    def __init__(self, engine: Any, max_batch: int = 8, max_prefill_tokens: int = 4096, kv_backend: str = "auto",
+                 slot_length: int | None = None) -> None:
         if max_batch < 1:
             raise InvalidRequestError(f"max_batch must be >= 1, not {max_batch}")
         if max_prefill_tokens < 1:
             raise InvalidRequestError(f"max_prefill_tokens must be >= 1, not {max_prefill_tokens}")
+        if kv_backend not in ("auto", "concat", "slots"):
+            raise InvalidRequestError(f"kv_backend must be auto, concat or slots, not {kv_backend!r}")
+        gqa = engine.manifest.padding_side == "right"     # the graph places keys by the mask: GroupQueryAttention
+        if kv_backend == "slots" and not gqa:
+            raise InvalidRequestError("kv_backend='slots' needs a graph with GroupQueryAttention (a package made by "
+                                      "nextoken import-genai or export --backend genai); use 'concat'")
+        self.kv_backend = "slots" if kv_backend == "slots" or (kv_backend == "auto" and gqa) else "concat"
+        window = engine.manifest.context_length
+        if slot_length is not None and not 1 <= slot_length <= window:
+            raise InvalidRequestError(f"slot_length must be between 1 and the model's window ({window}), not {slot_length}")
+        self.slot_length = slot_length or min(window, 2048)
+        self._slots: SlotCache | None = None
+        self._slot_ids: list[int] = []
         self.engine = engine
         self.max_batch = max_batch
         self.max_prefill_tokens = max_prefill_tokens
@@ -146,6 +169,13 @@ class Scheduler:
         if generation.params.context_policy == "slide":
             raise InvalidRequestError("context_policy='slide' is not supported with continuous batching yet; "
                                       "use 'error' or 'truncate'")
+        if self.kv_backend == "slots":
+            need = len(generation.state.prompts[0]) + generation.params.max_new_tokens
+            if need > self.slot_length:
+                raise InvalidRequestError(
+                    f"prompt ({len(generation.state.prompts[0])} tokens) + max_new_tokens "
+                    f"({generation.params.max_new_tokens}) exceed the slot length ({self.slot_length}); ask for fewer "
+                    "tokens, or make the Scheduler with a larger slot_length")
         generation._events = iter(())        # the scheduler drives it; iterating it must not run it again
         handle = RequestHandle(generation)
         with self._cond:
@@ -154,6 +184,18 @@ class Scheduler:
             self._waiting.append(handle)
             self._cond.notify()
         return handle
+
+    @property
+    def max_sequence_length(self) -> int:
+        """Prompt + generated tokens one request may reach here: the window, or the slot length."""
+        return self.slot_length if self.kv_backend == "slots" else self.engine.manifest.context_length
+
+    @property
+    def kv_buffer_bytes(self) -> int:
+        """Bytes of the slot buffer (allocated at the first request; 0 with ``concat``)."""
+        if self.kv_backend != "slots":
+            return 0
+        return self.max_batch * self.slot_length * self.engine.manifest.kv_bytes_per_token()
 
     @property
     def running(self) -> int:
@@ -187,6 +229,8 @@ class Scheduler:
         self._active.clear()
         self._chunking = None
         self._cache = None
+        self._slots = None
+        self._slot_ids = []
 
     def _pending(self) -> list[RequestHandle]:
         return list(self._waiting) + self._active + ([self._chunking[0]] if self._chunking else [])
@@ -272,7 +316,7 @@ class Scheduler:
             return
         self._last[row] = tokens[0]
         if gen.finished:
-            kv = int(self._mask[row].sum()) * self.engine.manifest.kv_bytes_per_token() if row < len(self._mask) else 0
+            kv = self._tokens_held(row) * self.engine.manifest.kv_bytes_per_token()
             gen._end(handle.model_seconds, kv)
         handle._deliver(events)
         if gen.finished:
@@ -293,7 +337,16 @@ class Scheduler:
             handle._deliver([StreamEvent(0, None, "", "cancelled")])
         handle._finish(error)
 
+    def _tokens_held(self, row: int) -> int:
+        """Positions row ``row`` of the batch holds in the cache."""
+        if self.kv_backend == "slots":
+            return int(self._slots.lengths[self._slot_ids[row]]) if row < len(self._slot_ids) else 0
+        return int(self._mask[row].sum()) if row < len(self._mask) else 0
+
     def _decode(self, runner) -> None:
+        if self.kv_backend == "slots":
+            self._decode_slots(runner)
+            return
         self._mask = grow_mask(self._mask, self.engine.manifest.padding_side)
         before = self._cache.run_seconds
         logits = runner.step(self._cache, self._last[:, None], self._mask, self._next_pos)
@@ -302,6 +355,23 @@ class Scheduler:
         for row, handle in enumerate(self._active):
             handle.model_seconds += spent
             self._consume(handle, logits[row:row + 1], row)
+
+    def _decode_slots(self, runner) -> None:
+        """One decode step over every slot, in place; idle slots decode a pad token at position 0."""
+        slots = self._slots
+        rows = np.asarray(self._slot_ids)
+        ids = np.full((len(slots.lengths), 1), self.engine.pad_token_id, dtype=np.int64)
+        ids[rows, 0] = self._last
+        lengths = np.ones(len(slots.lengths), dtype=np.int64)
+        lengths[rows] = slots.lengths[rows] + 1
+        mask = (np.arange(slots.length)[None, :] < lengths[:, None]).astype(np.int64)
+        before = slots.run_seconds
+        logits = runner.step(slots, ids, mask, (lengths - 1)[:, None], in_place=True)
+        slots.lengths[rows] += 1
+        spent = slots.run_seconds - before
+        for row, handle in enumerate(self._active):
+            handle.model_seconds += spent
+            self._consume(handle, logits[self._slot_ids[row]][None, :], row)
 
     def _admit(self, runner, admit: list[RequestHandle]) -> None:
         prompts = [h.generation.state.prompts[0] for h in admit]
@@ -358,6 +428,9 @@ class Scheduler:
         """Append ``n`` prefilled rows to the batch, padding the shorter side's cache and mask (on the
         graph's padding side)."""
         new_tokens = np.zeros(n, dtype=np.int64)
+        if self.kv_backend == "slots":
+            self._place(cache, mask, new_tokens)
+            return
         if self._cache is None or not self._active:
             self._cache, self._mask, self._next_pos = cache, mask, next_pos
             self._last = new_tokens
@@ -379,12 +452,30 @@ class Scheduler:
         self._next_pos = np.concatenate([self._next_pos, next_pos], axis=0)
         self._last = np.concatenate([self._last, new_tokens])
 
+    def _place(self, cache: KVCache, mask: np.ndarray, new_tokens: np.ndarray) -> None:
+        """Copy prefilled rows into free slots (the slot buffer is made at the first request)."""
+        if self._slots is None:
+            self._slots = SlotCache(self.engine.runner, self.max_batch, self.slot_length)
+        free = [i for i in range(self.max_batch) if i not in set(self._slot_ids)][: len(new_tokens)]
+        self._ops().write(self._slots, cache, free)
+        self._slots.lengths[free] = mask.sum(axis=1)
+        self._slot_ids.extend(free)
+        self._last = np.concatenate([self._last, new_tokens])
+
     def _compact(self) -> None:
-        """Drop finished rows, and the padding columns every remaining row shares."""
+        """Drop finished rows, and the padding columns every remaining row shares (with slots:
+        free their slots)."""
         keep = [i for i, h in enumerate(self._active) if not h.done]
         if len(keep) == len(self._active):
             return
         self._active = [self._active[i] for i in keep]
+        if self.kv_backend == "slots":
+            for i, slot in enumerate(self._slot_ids):
+                if i not in keep:
+                    self._slots.lengths[slot] = 0
+            self._slot_ids = [self._slot_ids[i] for i in keep]
+            self._last = self._last[keep]
+            return
         if not keep:
             self._cache = None
             self._mask = np.zeros((0, 0), dtype=np.int64)

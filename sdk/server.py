@@ -148,9 +148,9 @@ def create_app(scheduler: Scheduler, model_name: str, api_key: str | None = None
         return body
 
     def _submit(prompt: Any, params: SamplingParams) -> RequestHandle:
-        window = engine.manifest.context_length
+        window = scheduler.max_sequence_length
         if params.max_new_tokens > window:
-            raise APIError(400, f"max_tokens {params.max_new_tokens} is more than the model's whole context window "
+            raise APIError(400, f"max_tokens {params.max_new_tokens} is more than a whole sequence may hold here "
                                 f"({window} tokens); ask for at most {window}", param="max_tokens")
         if scheduler.running + scheduler.waiting >= max_pending:
             raise APIError(503, f"the server has {max_pending} requests in hand; retry later", "server_busy")
@@ -271,7 +271,7 @@ def create_app(scheduler: Scheduler, model_name: str, api_key: str | None = None
         except (InvalidRequestError, ModelPackageError) as exc:
             raise APIError(400, str(exc), param="messages") from None
         if body.get("max_completion_tokens", body.get("max_tokens")) is None:
-            room = engine.manifest.context_length - len(ids)
+            room = scheduler.max_sequence_length - len(ids)
             params = params.replace(max_new_tokens=max(1, min(params.max_new_tokens, room)))
         return await _respond(request, body, _submit(ids, params), True, include_usage)
 

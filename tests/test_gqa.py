@@ -8,7 +8,7 @@ import json
 import numpy as np
 import pytest
 
-from nextoken import Engine, ExportError, Scheduler
+from nextoken import Engine, ExportError, InvalidRequestError, Scheduler
 from nextoken.exporters import import_genai
 from gqa_graph import build_genai_folder
 from helpers import run_cli
@@ -54,13 +54,15 @@ def test_right_padded_batch_equals_each_alone(gqa_engine):
         assert got.token_ids == gqa_engine.generate(prompt, max_new_tokens=16, ignore_eos=True).token_ids
 
 
+@pytest.mark.parametrize("backend", ["slots", "concat"])
 @pytest.mark.parametrize("chunk", [4096, 8])
-def test_continuous_batching_with_right_padding(gqa_engine, chunk):
+def test_continuous_batching_with_right_padding(gqa_engine, chunk, backend):
     """Joins (and, with a small max_prefill_tokens, prompts prefilled in chunks over the cache)
-    give each request what it gets alone."""
+    give each request what it gets alone, with the slot buffer and with concatenation."""
     kw = dict(max_new_tokens=12, ignore_eos=True)
     alone = [gqa_engine.generate(p, **kw).token_ids for p in PROMPTS]
-    scheduler = Scheduler(gqa_engine, max_prefill_tokens=chunk)
+    scheduler = Scheduler(gqa_engine, max_prefill_tokens=chunk, kv_backend=backend)
+    assert scheduler.kv_backend == backend
     handles = []
     for p in PROMPTS:
         handles.append(scheduler.submit(p, **kw))
@@ -69,6 +71,33 @@ def test_continuous_batching_with_right_padding(gqa_engine, chunk):
     while scheduler.step():
         pass
     assert [h.result().token_ids for h in handles] == alone
+
+
+def test_slots_are_the_default_for_gqa_graphs_and_are_reused(gqa_engine, llama_engine):
+    """More requests than slots: each runs in a slot another request left, rows of different
+    lengths decode in one call, and every request gets what it gets alone."""
+    prompts = [p * (i + 1) for i, p in enumerate(PROMPTS + ["x", "yz"])]
+    lengths = [5 + 3 * i for i in range(len(prompts))]
+    alone = [gqa_engine.generate(p, max_new_tokens=n, ignore_eos=True).token_ids for p, n in zip(prompts, lengths)]
+    scheduler = Scheduler(gqa_engine, max_batch=2, slot_length=96)
+    assert scheduler.kv_backend == "slots" and scheduler.max_sequence_length == 96
+    assert scheduler.kv_buffer_bytes == 2 * 96 * gqa_engine.manifest.kv_bytes_per_token()
+    handles = [scheduler.submit(p, max_new_tokens=n, ignore_eos=True) for p, n in zip(prompts, lengths)]
+    steps = 0
+    while scheduler.step():
+        assert scheduler.running <= 2
+        steps += 1
+    assert [h.result().token_ids for h in handles] == alone
+    assert all(h.result().usage.kv_cache_bytes == (h.result().usage.prompt_tokens + n - 1)
+               * gqa_engine.manifest.kv_bytes_per_token() for h, n in zip(handles, lengths))
+    assert scheduler._slots.lengths.tolist() == [0, 0]            # every slot free again
+    with pytest.raises(InvalidRequestError, match=r"exceed the slot length \(96\)"):
+        scheduler.submit("Hi", max_new_tokens=95)
+    with pytest.raises(InvalidRequestError, match="kv_backend='slots' needs a graph with GroupQueryAttention"):
+        Scheduler(llama_engine, kv_backend="slots")
+    with pytest.raises(InvalidRequestError, match="slot_length must be between 1"):
+        Scheduler(gqa_engine, slot_length=100000)
+    assert Scheduler(llama_engine).kv_backend == "concat"
 
 
 def test_import_errors(tmp_path):
