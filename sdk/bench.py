@@ -207,8 +207,27 @@ def _prepare(contender: str, checkpoint: str, package: Path, peers_venv: Path | 
                 raise RuntimeError(str(exc)) from None
         return [str(python), script, "genai"], str(target)
     if contender == "llamacpp":
-        raise RuntimeError("the llama.cpp contender is not wired in yet (it needs a GGUF conversion and "
-                           "llama-cpp-python built in its own environment)")
+        venv = peers_venv or _cache() / "peers" / "llamacpp-venv"
+        python = venv / "bin" / "python"
+        probe = subprocess.run([str(python), "-c", "import llama_cpp, gguf, safetensors"], capture_output=True,
+                               text=True) if python.is_file() else None
+        if probe is None or probe.returncode != 0:
+            raise RuntimeError(
+                f"needs llama-cpp-python, gguf and safetensors in a virtual environment of its own ({venv}): "
+                f"python3 -m venv {venv} && {venv}/bin/pip install llama-cpp-python gguf safetensors numpy "
+                "(llama-cpp-python compiles llama.cpp: minutes)"
+            )
+        kind = {"fp32": "f32", "int8": "q8_0", "int4": "q4_0"}[precision]
+        target = _cache() / "peers" / "llamacpp" / _slug(checkpoint) / f"model-{kind}.gguf"
+        if not target.is_file():
+            target.parent.mkdir(parents=True, exist_ok=True)
+            say(f"converting {checkpoint} to GGUF ({kind}) for llama.cpp ...")
+            done = subprocess.run([str(python), script, "convert-gguf", "--model", checkpoint, "--out", str(target),
+                                   "--type", kind], capture_output=True, text=True)
+            if done.returncode != 0:
+                tail = (done.stderr or done.stdout).strip().splitlines()[-1:] or ["no output"]
+                raise RuntimeError(f"GGUF conversion failed: {tail[0][:200]}")
+        return [str(python), script, "llamacpp"], str(target)
     raise RuntimeError(f"unknown contender {contender!r}; known: nextoken, {', '.join(PEERS)}")
 
 

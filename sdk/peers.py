@@ -2,7 +2,8 @@
 
 Self-contained (standard library plus the contender's own packages), so it runs under a peer's
 virtual environment too: ``python peers.py RUNNER --model PATH --batch B --prompt P --new N
---threads T``. Prints one JSON object: time to first token, decode tokens/s per sequence and in
+--threads T``; ``python peers.py convert-gguf --model CKPT --out FILE --type f32|q8_0|q4_0``
+writes a Llama checkpoint as GGUF for the llama.cpp contender. Prints one JSON object: time to first token, decode tokens/s per sequence and in
 total, end-to-end time, peak resident memory.
 """
 
@@ -125,10 +126,129 @@ def run_genai(a) -> dict:
     return _result(ttft, total, a.batch, a.new)
 
 
-RUNNERS = {"nextoken": run_nextoken, "transformers": run_transformers, "optimum": run_optimum, "genai": run_genai}
+def run_llamacpp(a) -> dict:
+    if a.batch != 1:
+        raise SystemExit("llama-cpp-python generates one sequence at a time: batch 1 only")
+    from llama_cpp import Llama
+
+    llm = Llama(model_path=a.model, n_ctx=a.prompt + a.new + 8, n_batch=max(a.prompt, 32),
+                n_threads=a.threads or None, n_threads_batch=a.threads or None, verbose=False)
+    prompt = _prompts(llm.n_vocab(), 1, a.prompt)[0]
+
+    def once(new: int) -> tuple[float, float]:
+        llm.reset()
+        start = time.perf_counter()
+        ttft = None
+        for i, _token in enumerate(llm.generate(prompt, top_k=1, temp=0.0, reset=True)):
+            if ttft is None:
+                ttft = time.perf_counter() - start
+            if i + 1 >= new:
+                break
+        return ttft or 0.0, time.perf_counter() - start
+
+    once(2)
+    ttft, total = once(a.new)
+    return _result(ttft, total, 1, a.new)
+
+
+def convert_gguf(checkpoint: str, out: str, kind: str, threads: int = 0) -> None:
+    """Write a Llama transformers checkpoint as GGUF (f32, or quantised to q8_0 / q4_0 by llama.cpp).
+
+    The vocabulary is a placeholder of the model's size (token ids are what the bench feeds), and
+    q/k are permuted to llama.cpp's rotary layout as its own converter does.
+    """
+    import os
+
+    import gguf
+    import numpy as np
+    from safetensors.numpy import load_file
+
+    config = json.load(open(os.path.join(checkpoint, "config.json")))
+    if config.get("model_type") not in ("llama", "mistral"):
+        raise SystemExit(f"the GGUF conversion here handles Llama-style models, not {config.get('model_type')}")
+    weights: dict = {}
+    for name in sorted(os.listdir(checkpoint)):
+        if name.endswith(".safetensors"):
+            weights.update(load_file(os.path.join(checkpoint, name)))
+    heads, kv_heads = config["num_attention_heads"], config.get("num_key_value_heads", config["num_attention_heads"])
+    hidden, vocab = config["hidden_size"], config["vocab_size"]
+    head_dim = config.get("head_dim") or hidden // heads
+
+    def permute(w, n):
+        return w.reshape(n, 2, w.shape[0] // n // 2, *w.shape[1:]).swapaxes(1, 2).reshape(w.shape)
+
+    f32 = out if kind == "f32" else out + ".f32.tmp"
+    writer = gguf.GGUFWriter(f32, "llama")
+    writer.add_name(os.path.basename(os.path.normpath(checkpoint)))
+    writer.add_context_length(config.get("max_position_embeddings", 2048))
+    writer.add_embedding_length(hidden)
+    writer.add_block_count(config["num_hidden_layers"])
+    writer.add_feed_forward_length(config["intermediate_size"])
+    writer.add_head_count(heads)
+    writer.add_head_count_kv(kv_heads)
+    writer.add_rope_dimension_count(head_dim)
+    writer.add_rope_freq_base(float(config.get("rope_theta", 10000.0)))
+    writer.add_layer_norm_rms_eps(float(config.get("rms_norm_eps", 1e-5)))
+    writer.add_vocab_size(vocab)
+    writer.add_file_type(0)
+    tokens = ["<unk>", "<s>", "</s>"] + [f"<0x{b:02X}>" for b in range(256)]
+    tokens += [f"t{i}" for i in range(len(tokens), vocab)]
+    types = [2, 3, 3] + [6] * 256 + [1] * (vocab - 259)
+    writer.add_tokenizer_model("llama")
+    writer.add_token_list(tokens[:vocab])
+    writer.add_token_scores([0.0] * vocab)
+    writer.add_token_types(types[:vocab])
+    writer.add_bos_token_id(1)
+    writer.add_eos_token_id(2)
+    writer.add_unk_token_id(0)
+    names = {"model.embed_tokens.weight": "token_embd.weight", "model.norm.weight": "output_norm.weight",
+             "lm_head.weight": "output.weight"}
+    parts = {"input_layernorm": "attn_norm", "self_attn.q_proj": "attn_q", "self_attn.k_proj": "attn_k",
+             "self_attn.v_proj": "attn_v", "self_attn.o_proj": "attn_output", "post_attention_layernorm": "ffn_norm",
+             "mlp.gate_proj": "ffn_gate", "mlp.up_proj": "ffn_up", "mlp.down_proj": "ffn_down"}
+    for name, tensor in weights.items():
+        tensor = np.ascontiguousarray(tensor.astype(np.float32))
+        if name.startswith("model.layers."):
+            _, _, layer, rest = name.split(".", 3)
+            module = rest.rsplit(".", 1)[0]
+            if module == "self_attn.q_proj":
+                tensor = permute(tensor, heads)
+            elif module == "self_attn.k_proj":
+                tensor = permute(tensor, kv_heads)
+            target = f"blk.{layer}.{parts[module]}.weight"
+        else:
+            target = names[name]
+        writer.add_tensor(target, tensor)
+    writer.write_header_to_file()
+    writer.write_kv_data_to_file()
+    writer.write_tensors_to_file()
+    writer.close()
+    if kind != "f32":
+        import llama_cpp
+
+        params = llama_cpp.llama_model_quantize_default_params()
+        params.ftype = {"q8_0": llama_cpp.LLAMA_FTYPE_MOSTLY_Q8_0, "q4_0": llama_cpp.LLAMA_FTYPE_MOSTLY_Q4_0}[kind]
+        params.nthread = threads
+        if llama_cpp.llama_model_quantize(f32.encode(), out.encode(), params) != 0:
+            raise SystemExit(f"llama.cpp could not quantise {f32} to {kind}")
+        os.remove(f32)
+
+
+RUNNERS = {"nextoken": run_nextoken, "transformers": run_transformers, "optimum": run_optimum, "genai": run_genai,
+           "llamacpp": run_llamacpp}
 
 
 def main(argv=None) -> int:
+    argv = sys.argv[1:] if argv is None else list(argv)
+    if argv[:1] == ["convert-gguf"]:
+        c = argparse.ArgumentParser(prog="peers.py convert-gguf")
+        c.add_argument("--model", required=True)
+        c.add_argument("--out", required=True)
+        c.add_argument("--type", choices=("f32", "q8_0", "q4_0"), default="f32")
+        c.add_argument("--threads", type=int, default=0)
+        ca = c.parse_args(argv[1:])
+        convert_gguf(ca.model, ca.out, ca.type, ca.threads)
+        return 0
     p = argparse.ArgumentParser()
     p.add_argument("runner", choices=sorted(RUNNERS))
     p.add_argument("--model", required=True)
