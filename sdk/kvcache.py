@@ -91,13 +91,15 @@ class StepRunner:
         return KVCache(self.manifest, batch_size, self.device, self.device_id)
 
     def step(self, cache: KVCache, input_ids: np.ndarray, attention_mask: np.ndarray,
-             position_ids: np.ndarray | None, all_logits: bool = False, in_place: bool = False) -> np.ndarray:
+             position_ids: np.ndarray | None, all_logits: bool = False, in_place: bool = False,
+             rows: int | None = None) -> np.ndarray:
         """One forward pass. Returns the logits of the last position ``[B, V]`` (or all ``[B, S, V]``).
 
         ``input_ids``/``position_ids`` are ``[B, S]``; ``attention_mask`` is ``[B, cache.length + S]``.
         The cache is advanced to hold the S new positions: as new values, or (``in_place``, for
         GroupQueryAttention graphs over a fixed-size buffer, ``attention_mask`` as wide as the
-        buffer) written into the same buffers, each row at its own length.
+        buffer) written into the same buffers, each row at its own length; ``rows`` then runs only
+        the buffers' first rows (a contiguous prefix of their memory, bound by address).
         """
         binding = self.session.io_binding()
         binding.bind_cpu_input("input_ids", np.ascontiguousarray(input_ids, dtype=self._int_dtypes["input_ids"]))
@@ -111,14 +113,18 @@ class StepRunner:
             binding.bind_cpu_input(
                 "position_ids", np.ascontiguousarray(position_ids, dtype=self._int_dtypes["position_ids"])
             )
-        for name, value in zip(self._past, cache.values):
-            binding.bind_ortvalue_input(name, value)
         binding.bind_output("logits", "cpu")
-        for name, value in zip(self._present, cache.values):
-            if in_place:
-                binding.bind_ortvalue_output(name, value)
+        for past, present, value in zip(self._past, self._present, cache.values):
+            if in_place and rows is not None:
+                shape = [rows] + list(value.shape()[1:])
+                binding.bind_input(past, self.device, self.device_id, cache.dtype, shape, value.data_ptr())
+                binding.bind_output(present, self.device, self.device_id, cache.dtype, shape, value.data_ptr())
+            elif in_place:
+                binding.bind_ortvalue_input(past, value)
+                binding.bind_ortvalue_output(present, value)
             else:
-                binding.bind_output(name, self.device, self.device_id)
+                binding.bind_ortvalue_input(past, value)
+                binding.bind_output(present, self.device, self.device_id)
         start = time.perf_counter()
         try:
             self.session.run_with_iobinding(binding)

@@ -357,16 +357,18 @@ class Scheduler:
             self._consume(handle, logits[row:row + 1], row)
 
     def _decode_slots(self, runner) -> None:
-        """One decode step over every slot, in place; idle slots decode a pad token at position 0."""
+        """One decode step, in place, over the slots up to the highest one in use (newcomers take
+        the lowest free slot); an idle slot among them decodes a pad token at position 0."""
         slots = self._slots
         rows = np.asarray(self._slot_ids)
-        ids = np.full((len(slots.lengths), 1), self.engine.pad_token_id, dtype=np.int64)
+        used = int(rows.max()) + 1
+        ids = np.full((used, 1), self.engine.pad_token_id, dtype=np.int64)
         ids[rows, 0] = self._last
-        lengths = np.ones(len(slots.lengths), dtype=np.int64)
+        lengths = np.ones(used, dtype=np.int64)
         lengths[rows] = slots.lengths[rows] + 1
         mask = (np.arange(slots.length)[None, :] < lengths[:, None]).astype(np.int64)
         before = slots.run_seconds
-        logits = runner.step(slots, ids, mask, (lengths - 1)[:, None], in_place=True)
+        logits = runner.step(slots, ids, mask, (lengths - 1)[:, None], in_place=True, rows=used)
         slots.lengths[rows] += 1
         spent = slots.run_seconds - before
         for row, handle in enumerate(self._active):

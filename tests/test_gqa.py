@@ -100,6 +100,25 @@ def test_slots_are_the_default_for_gqa_graphs_and_are_reused(gqa_engine, llama_e
     assert Scheduler(llama_engine).kv_backend == "concat"
 
 
+def test_slot_decode_runs_only_the_slots_in_use(gqa_engine, monkeypatch):
+    """One request in an 8-slot scheduler decodes one row, not eight idle ones."""
+    calls = []
+    step = gqa_engine.runner.step
+
+    def spy(*args, **kwargs):
+        calls.append((kwargs.get("rows"), args[1].shape[0]))
+        return step(*args, **kwargs)
+
+    monkeypatch.setattr(gqa_engine.runner, "step", spy)
+    scheduler = Scheduler(gqa_engine, max_batch=8, slot_length=64)
+    handle = scheduler.submit(PROMPTS[1], max_new_tokens=6, ignore_eos=True)
+    while scheduler.step():
+        pass
+    decode = [c for c in calls if c[0] is not None]
+    assert len(decode) == 5 and all(c == (1, 1) for c in decode)
+    assert handle.result().token_ids == gqa_engine.generate(PROMPTS[1], max_new_tokens=6, ignore_eos=True).token_ids
+
+
 def test_import_errors(tmp_path):
     with pytest.raises(ExportError, match="no genai_config.json"):
         import_genai(tmp_path, tmp_path / "out")
