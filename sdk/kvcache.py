@@ -86,6 +86,14 @@ class StepRunner:
         self._past = manifest.past_names()
         self._present = manifest.present_names()
         self._int_dtypes = {a.name: (np.int32 if a.type == "tensor(int32)" else np.int64) for a in session.get_inputs()}
+        # The device handles of ONNX Runtime's binding, made once: its Python wrappers make them
+        # again for every output of every step, which is a tenth of a tiny model's step.
+        # (None where this onnxruntime lays its wrappers out differently: the public calls are used.)
+        try:
+            self._c_devices = (ort.OrtDevice.make("cpu", 0)._get_c_device(),
+                               ort.OrtDevice.make(device, device_id)._get_c_device())
+        except Exception:
+            self._c_devices = None
 
     def new_cache(self, batch_size: int) -> KVCache:
         return KVCache(self.manifest, batch_size, self.device, self.device_id)
@@ -113,7 +121,10 @@ class StepRunner:
             binding.bind_cpu_input(
                 "position_ids", np.ascontiguousarray(position_ids, dtype=self._int_dtypes["position_ids"])
             )
-        binding.bind_output("logits", "cpu")
+        if self._c_devices is not None:
+            binding._iobinding.bind_output("logits", self._c_devices[0])
+        else:
+            binding.bind_output("logits", "cpu")
         for past, present, value in zip(self._past, self._present, cache.values):
             if in_place and rows is not None:
                 shape = [rows] + list(value.shape()[1:])
@@ -122,6 +133,10 @@ class StepRunner:
             elif in_place:
                 binding.bind_ortvalue_input(past, value)
                 binding.bind_ortvalue_output(present, value)
+            elif self._c_devices is not None:
+                raw = binding._iobinding
+                raw.bind_ortvalue_input(past, value._ortvalue)
+                raw.bind_output(present, self._c_devices[1])
             else:
                 binding.bind_ortvalue_input(past, value)
                 binding.bind_output(present, self.device, self.device_id)
@@ -131,10 +146,15 @@ class StepRunner:
         except Exception as exc:
             raise NextokenError(f"the model failed to run a step: {str(exc).splitlines()[0][:300]}") from None
         cache.run_seconds += time.perf_counter() - start
-        outputs = binding.get_outputs()
-        if not in_place:
-            cache.values = list(outputs[1:])
-        logits = outputs[0].numpy()                     # [B, S, V], or [B, 1, V] with logits_to_keep
+        if self._c_devices is not None and not in_place:
+            raw_outputs = binding._iobinding.get_outputs()
+            cache.values = [ort.OrtValue(raw_outputs[i]) for i in range(1, len(raw_outputs))]
+            logits = raw_outputs[0].numpy()
+        else:
+            outputs = binding.get_outputs()
+            if not in_place:
+                cache.values = list(outputs[1:])
+            logits = outputs[0].numpy()                 # [B, S, V], or [B, 1, V] with logits_to_keep
         if logits.dtype != np.float32:                  # fp16 graphs: sampling works in fp32
             logits = logits.astype(np.float32)
         return logits if all_logits else logits[:, -1, :]

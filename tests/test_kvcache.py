@@ -21,7 +21,9 @@ def test_tokens_equal_a_naive_recompute_loop(llama_engine):
 def test_present_values_are_bound_back_as_past_without_numpy(llama_engine, monkeypatch):
     """Every decode step binds, as each past_key_values.* input, the very OrtValue the previous
     step returned as present.*; the only tensors turned into numpy are the logits, and only the
-    last position's (the exported graph slices before the LM head)."""
+    last position's (the exported graph slices before the LM head). Watched through onnxruntime's
+    public binding calls (the step's fallback path; the fast path is checked equal below)."""
+    monkeypatch.setattr(llama_engine.runner, "_c_devices", None)
     bound: list[dict[str, int]] = []
     to_numpy: list[tuple[int, ...]] = []
     real_bind = ort.IOBinding.bind_ortvalue_input
@@ -104,3 +106,13 @@ def test_cache_ops_join_and_drop_rows_like_numpy(llama_engine):
         assert kept.length == 5
         for vm, vk in zip(merged.values, kept.values):
             np.testing.assert_array_equal(vk.numpy(), vm.numpy()[[2, 0]][:, :, 1:6])
+
+
+def test_the_fast_binding_path_equals_the_public_one(llama_engine, monkeypatch):
+    """The step binds through ONNX Runtime's raw binding object with device handles made once;
+    onnxruntime's public wrappers (the fallback) give the same tokens and cache."""
+    fast = llama_engine.generate("Hello there", max_new_tokens=16, ignore_eos=True)
+    assert llama_engine.runner._c_devices is not None
+    monkeypatch.setattr(llama_engine.runner, "_c_devices", None)
+    public = llama_engine.generate("Hello there", max_new_tokens=16, ignore_eos=True)
+    assert fast.token_ids == public.token_ids and fast.usage.kv_cache_bytes == public.usage.kv_cache_bytes
