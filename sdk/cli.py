@@ -190,13 +190,19 @@ def _cmd_serve(args: argparse.Namespace) -> int:
 
         serve_ray(args.package, host=args.host, port=args.port, replicas=args.replicas, threads=args.threads or 1,
                   max_batch=args.max_batch, api_key=args.api_key, model_name=args.model_name, device=args.device,
-                  address=args.ray_address)
+                  address=args.ray_address, scheduler_options=_scheduler_options(args))
         return 0
     from .server import serve
 
     serve(args.package, host=args.host, port=args.port, max_batch=args.max_batch, api_key=args.api_key,
-          model_name=args.model_name, device=args.device, threads=args.threads)
+          model_name=args.model_name, device=args.device, threads=args.threads,
+          scheduler_options=_scheduler_options(args))
     return 0
+
+
+def _scheduler_options(args: argparse.Namespace) -> dict:
+    return {"max_prefill_tokens": args.max_prefill_tokens, "kv_backend": args.kv_backend,
+            "slot_length": args.slot_length}
 
 
 def _cmd_cost(args: argparse.Namespace) -> int:
@@ -487,6 +493,12 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--host", default="127.0.0.1", help="address to listen on (default: loopback only)")
     p.add_argument("--port", type=int, default=8000)
     p.add_argument("--max-batch", type=_positive_int, default=8, help="sequences decoded together (default 8)")
+    p.add_argument("--max-prefill-tokens", type=_positive_int, default=4096,
+                   help="prompt tokens prefilled a step; longer prompts go in chunks (default 4096)")
+    p.add_argument("--kv-backend", choices=("auto", "concat", "slots"), default="auto",
+                   help="KV cache under batching: auto (slots for GroupQueryAttention graphs), concat, slots")
+    p.add_argument("--slot-length", type=_positive_int, default=None,
+                   help="with slots: positions per slot (default: the window, at most 2048)")
     p.add_argument("--api-key", default=None, help="require 'Authorization: Bearer KEY'")
     p.add_argument("--model-name", default=None, help="the model id clients use (default: the package folder's name)")
     p.add_argument("--ray", action="store_true", help="scale out on Ray Serve (extra: ray): one engine per replica")

@@ -39,8 +39,11 @@ def _ray():
 
 
 def replica_deployment(package: str, *, replicas: int = 2, threads: int = 1, max_batch: int = 8,
-                       api_key: str | None = None, model_name: str | None = None, device: str = "auto") -> Any:
-    """A bound Ray Serve application: ``replicas`` copies of one engine + scheduler + app each."""
+                       api_key: str | None = None, model_name: str | None = None, device: str = "auto",
+                       scheduler_options: dict[str, Any] | None = None) -> Any:
+    """A bound Ray Serve application: ``replicas`` copies of one engine + scheduler + app each
+    (``scheduler_options``: more :class:`~nextoken.Scheduler` arguments, e.g. ``kv_backend``)."""
+    options = dict(scheduler_options or {})
     _, serve = _ray()
     name = model_name or Path(package).resolve().name
 
@@ -52,7 +55,7 @@ def replica_deployment(package: str, *, replicas: int = 2, threads: int = 1, max
             from .server import create_app
 
             self.engine = Engine(package, device=device, threads=threads)
-            self.scheduler = Scheduler(self.engine, max_batch=max_batch).start()
+            self.scheduler = Scheduler(self.engine, max_batch=max_batch, **options).start()
             self._asgi = create_app(self.scheduler, name, api_key=api_key)
 
         def __serve_build_asgi_app__(self):
@@ -70,7 +73,7 @@ def replica_deployment(package: str, *, replicas: int = 2, threads: int = 1, max
 
 def serve_ray(package: str, *, host: str = "127.0.0.1", port: int = 8000, replicas: int = 2, threads: int = 1,
               max_batch: int = 8, api_key: str | None = None, model_name: str | None = None, device: str = "auto",
-              address: str | None = None, blocking: bool = True) -> None:
+              address: str | None = None, blocking: bool = True, scheduler_options: dict[str, Any] | None = None) -> None:
     """Start (or join, with ``address``) Ray, and serve ``package`` from ``replicas`` replicas on ``host:port``."""
     ray, serve = _ray()
     package = str(Path(package).resolve())
@@ -81,5 +84,5 @@ def serve_ray(package: str, *, host: str = "127.0.0.1", port: int = 8000, replic
             ray.init(include_dashboard=False, _node_ip_address="127.0.0.1", configure_logging=False)
     serve.start(http_options={"host": host, "port": port})
     serve.run(replica_deployment(package, replicas=replicas, threads=threads, max_batch=max_batch, api_key=api_key,
-                                 model_name=model_name, device=device),
+                                 model_name=model_name, device=device, scheduler_options=scheduler_options),
               name="nextoken", route_prefix="/", blocking=blocking)

@@ -125,7 +125,7 @@ def create_app(scheduler: Scheduler, model_name: str, api_key: str | None = None
     async def health():
         """Liveness and load, for balancers and operators (no API key needed)."""
         return {"status": "ok", "model": model_name, "running": scheduler.running, "waiting": scheduler.waiting,
-                "ended": dict(scheduler.ended)}
+                "ended": dict(scheduler.ended), "max_sequence_length": scheduler.max_sequence_length}
 
     @app.get("/v1/models")
     async def models():
@@ -279,8 +279,10 @@ def create_app(scheduler: Scheduler, model_name: str, api_key: str | None = None
 
 
 def serve(package: str, host: str = "127.0.0.1", port: int = 8000, max_batch: int = 8, api_key: str | None = None,
-          model_name: str | None = None, device: str = "auto", threads: int | None = None) -> None:
-    """Load ``package`` and serve it until interrupted."""
+          model_name: str | None = None, device: str = "auto", threads: int | None = None,
+          scheduler_options: dict[str, Any] | None = None) -> None:
+    """Load ``package`` and serve it until interrupted (``scheduler_options``: more
+    :class:`~nextoken.Scheduler` arguments: ``max_prefill_tokens``, ``kv_backend``, ``slot_length``)."""
     try:
         import uvicorn
     except ImportError:
@@ -290,6 +292,6 @@ def serve(package: str, host: str = "127.0.0.1", port: int = 8000, max_batch: in
     from .engine import Engine
 
     engine = Engine(package, device=device, threads=threads)
-    with Scheduler(engine, max_batch=max_batch) as scheduler:
+    with Scheduler(engine, max_batch=max_batch, **(scheduler_options or {})) as scheduler:
         app = create_app(scheduler, model_name or Path(package).resolve().name, api_key=api_key)
         uvicorn.run(app, host=host, port=port, log_level="warning")

@@ -4,6 +4,7 @@ batches equal to each prompt alone, the KV cache equal to recomputing, continuou
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -173,3 +174,24 @@ def test_export_with_the_genai_backend_runs_the_builder_in_its_own_python(tiny_l
         export(tiny_llama[0], tmp_path / "pkg2", backend="genai", progress=None)
     with pytest.raises(ExportError, match="backend 'tvm' is not known"):
         export(tiny_llama[0], tmp_path / "pkg3", backend="tvm", progress=None)
+
+
+@pytest.mark.parametrize("backend", ["slots", "concat"])
+def test_the_load_test_script_against_nextoken_serve(gqa_package, tmp_path, backend):
+    """scripts/load_test.py, small: the CLI server with either KV backend, golden tokens,
+    cancellation, a short soak and the bad requests all pass."""
+    import subprocess
+    import sys
+
+    out = tmp_path / "load.json"
+    done = subprocess.run([sys.executable, str(Path(__file__).resolve().parent.parent / "scripts" / "load_test.py"),
+                           str(gqa_package), "--levels", "1,3", "--requests", "6", "--max-tokens", "6",
+                           "--golden", "24", "--cancel", "4", "--soak", "20", "--threads", "1",
+                           "--kv-backend", backend, "--json", str(out)],
+                          capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stdout + done.stderr
+    report = json.loads(out.read_text())
+    assert report["passed"] and report["golden"]["identical"] == 24
+    assert report["cancellation"]["cancelled"] == 4 and report["cancellation"]["running_after"] == 0
+    assert [r["clients"] for r in report["throughput"]] == [1, 3]
+    assert all(400 <= r["status"] < 500 and r["openai_error"] for r in report["bad_requests"])

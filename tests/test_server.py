@@ -166,7 +166,7 @@ def test_health_needs_no_key_and_answers_token_ids(server):
     health = httpx.get(f"{base}/health")
     assert health.status_code == 200
     assert health.json() == {"status": "ok", "model": "tiny", "running": scheduler.running, "waiting": scheduler.waiting,
-                             "ended": scheduler.ended}
+                             "ended": scheduler.ended, "max_sequence_length": 128}
     got = client.completions.create(model="tiny", prompt="ids", max_tokens=5, temperature=0,
                                     extra_body={"nextoken": {"ignore_eos": True}})
     assert got.model_extra["nextoken"]["token_ids"] == engine.generate("ids", max_new_tokens=5, ignore_eos=True).token_ids
