@@ -153,7 +153,10 @@ class Scheduler:
         self._cache: KVCache | None = None
         self._cache_ops: CacheOps | None = None
         #: a long prompt being prefilled a chunk a step: (handle, its own cache, tokens done)
-        self._chunking: tuple[RequestHandle, KVCache, int] | None = None
+        self._chunking: tuple[RequestHandle, KVCache, int, list[int], bool] | None = None
+        #: running requests whose window slid (context_policy "slide"): their kept tokens, to prefill again
+        self._refill: collections.deque[tuple[RequestHandle, list[int]]] = collections.deque()
+        self._sliding: set[int] = set()
         #: requests ended, by how: finished (their own stop), cancelled (by the caller), failed
         self.ended = {"finished": 0, "cancelled": 0, "failed": 0}
         self._mask = np.zeros((0, 0), dtype=np.int64)
@@ -166,10 +169,13 @@ class Scheduler:
         generation = self.engine.start(prompt, params, **overrides)
         if generation.state.batch_size != 1:
             raise InvalidRequestError("submit one prompt per request; submit a list's prompts one by one")
-        if generation.params.context_policy == "slide":
-            raise InvalidRequestError("context_policy='slide' is not supported with continuous batching yet; "
-                                      "use 'error' or 'truncate'")
-        if self.kv_backend == "slots":
+        slide = generation.params.context_policy == "slide"
+        window = self.engine.manifest.context_length
+        if slide and self.kv_backend == "slots" and self.slot_length < window:
+            raise InvalidRequestError(f"context_policy='slide' slides at the model's window ({window} tokens), which "
+                                      f"needs slots of that length, not {self.slot_length}: make the Scheduler "
+                                      f"with slot_length={window}")
+        if self.kv_backend == "slots" and not slide:
             need = len(generation.state.prompts[0]) + generation.params.max_new_tokens
             if need > self.slot_length:
                 raise InvalidRequestError(
@@ -205,7 +211,7 @@ class Scheduler:
     @property
     def waiting(self) -> int:
         """Requests not decoding yet: queued, or having a long prompt prefilled in chunks."""
-        return len(self._waiting) + (self._chunking is not None)
+        return len(self._waiting) + (self._chunking is not None) + len(self._refill)
 
     # -- the loop ---------------------------------------------------------------------------------------
     def start(self) -> "Scheduler":
@@ -228,12 +234,14 @@ class Scheduler:
         self._waiting.clear()
         self._active.clear()
         self._chunking = None
+        self._refill.clear()
         self._cache = None
         self._slots = None
         self._slot_ids = []
 
     def _pending(self) -> list[RequestHandle]:
-        return list(self._waiting) + self._active + ([self._chunking[0]] if self._chunking else [])
+        return (list(self._waiting) + self._active + ([self._chunking[0]] if self._chunking else [])
+                + [h for h, _ in self._refill])
 
     def __enter__(self) -> "Scheduler":
         return self.start()
@@ -244,7 +252,8 @@ class Scheduler:
     def _loop(self) -> None:
         while True:
             with self._cond:
-                while not self._stop and not self._waiting and not self._active and self._chunking is None:
+                while (not self._stop and not self._waiting and not self._active and self._chunking is None
+                       and not self._refill):
                     self._cond.wait()
                 if self._stop:
                     return
@@ -257,6 +266,7 @@ class Scheduler:
                     self._waiting.clear()
                     self._active.clear()
                     self._chunking = None
+                    self._refill.clear()
                 error = exc if isinstance(exc, NextokenError) else NextokenError(f"the scheduler failed: {exc}")
                 for handle in pending:
                     if not handle.done:
@@ -275,12 +285,17 @@ class Scheduler:
         self._compact()
         if self._active:
             self._decode(runner)
+            self._compact()                                # rows that finished or slid leave before anyone joins
         budget = self.max_prefill_tokens
+        if self._chunking is None and self._refill:        # slid windows go before newcomers
+            handle, ids = self._refill.popleft()
+            self._chunking = (handle, runner.new_cache(1), 0, ids, True)
         if self._chunking is not None:
-            budget -= self._next_chunk(runner)
+            budget -= self._next_chunk(runner, budget)
         admit: list[RequestHandle] = []
         with self._cond:
-            while self._waiting and len(self._active) + len(admit) + (self._chunking is not None) < self.max_batch:
+            while self._waiting and (len(self._active) + len(admit) + (self._chunking is not None) + len(self._refill)
+                                     < self.max_batch):
                 handle = self._waiting[0]
                 if handle.cancelled:
                     self._waiting.popleft()
@@ -292,7 +307,7 @@ class Scheduler:
                         break
                     self._waiting.popleft()
                     handle.generation._begin()
-                    self._chunking = (handle, runner.new_cache(1), 0)
+                    self._chunking = (handle, runner.new_cache(1), 0, list(handle.generation.state.prompts[0]), False)
                     continue
                 if size > budget:
                     break                                  # the rest waits for the next step's budget
@@ -304,17 +319,29 @@ class Scheduler:
         if self._chunking is not None and budget > 0 and self._chunking[2] == 0:
             self._next_chunk(runner, budget)               # a long prompt starts with what is left this step
         self._compact()
-        return bool(self._active or self._waiting or self._chunking)
+        return bool(self._active or self._waiting or self._chunking or self._refill)
 
     def _consume(self, handle: RequestHandle, logits: np.ndarray, row: int) -> None:
         """The handle's own step on its row of logits; a failure ends that request only."""
         gen = handle.generation
+        slide = gen.params.context_policy == "slide"
         try:
-            tokens, events = gen._consume(logits)
+            if slide:       # as alone: the model's own length decides when the window slides
+                lengths = np.array([self._tokens_held(row)])
+                tokens, events = gen._consume(logits, lengths, slide=True)
+            else:
+                tokens, events = gen._consume(logits)
         except Exception as exc:
             self._end_early(handle, exc)
             return
         self._last[row] = tokens[0]
+        if slide and not gen.finished and lengths[0] >= self.engine.manifest.context_length:
+            ids = gen.state.prompts[0] + gen.state.generated[0]
+            window = gen._window(ids)
+            gen.slides.append((gen.state.step, 0, list(window)))
+            gen.kv_cache_bytes = max(gen.kv_cache_bytes, self._tokens_held(row) * self.engine.manifest.kv_bytes_per_token())
+            self._sliding.add(id(handle))
+            self._refill.append((handle, window))
         if gen.finished:
             kv = self._tokens_held(row) * self.engine.manifest.kv_bytes_per_token()
             gen._end(handle.model_seconds, kv)
@@ -383,27 +410,30 @@ class Scheduler:
         self._join(admit, cache, mask, next_pos, logits)
 
     def _join(self, handles: list[RequestHandle], cache: KVCache, mask: np.ndarray, next_pos: np.ndarray,
-              logits: np.ndarray) -> None:
-        """Merge prefilled requests into the batch and take their first tokens."""
+              logits: np.ndarray, refill: bool = False) -> None:
+        """Merge prefilled requests into the batch and take their first tokens (``refill``: a
+        running request back with its slid window)."""
         done = time.perf_counter()
         start_row = len(self._active)
         self._merge(cache, mask, next_pos, len(handles))
         self._active.extend(handles)
         for i, handle in enumerate(handles):
             gen = handle.generation
-            gen.prefill_done = done
-            gen.prefill_model_seconds = handle.model_seconds = cache.run_seconds
+            if refill:
+                handle.model_seconds += cache.run_seconds
+            else:
+                gen.prefill_done = done
+                gen.prefill_model_seconds = handle.model_seconds = cache.run_seconds
             self._consume(handle, logits[i:i + 1], start_row + i)
 
     def _next_chunk(self, runner, budget: int | None = None) -> int:
         """Prefill the next chunk (at most ``budget`` tokens, default ``max_prefill_tokens``) of the
         long prompt in progress; join the batch after the last. Returns the tokens prefilled."""
-        handle, cache, done = self._chunking
+        handle, cache, done, prompt, refill = self._chunking
         if handle.cancelled:
             self._chunking = None
             self._end_early(handle, None)
             return 0
-        prompt = handle.generation.state.prompts[0]
         end = min(len(prompt), done + (budget or self.max_prefill_tokens))
         ids = np.asarray([prompt[done:end]], dtype=np.int64)
         try:
@@ -413,10 +443,10 @@ class Scheduler:
             self._end_early(handle, exc)
             return end - done
         if end < len(prompt):
-            self._chunking = (handle, cache, end)
+            self._chunking = (handle, cache, end, prompt, refill)
         else:
             self._chunking = None
-            self._join([handle], cache, np.ones((1, end), dtype=np.int64), np.array([[end]]), logits)
+            self._join([handle], cache, np.ones((1, end), dtype=np.int64), np.array([[end]]), logits, refill)
         return end - done
 
     # -- the shared cache ----------------------------------------------------------------------------
@@ -467,7 +497,8 @@ class Scheduler:
     def _compact(self) -> None:
         """Drop finished rows, and the padding columns every remaining row shares (with slots:
         free their slots)."""
-        keep = [i for i, h in enumerate(self._active) if not h.done]
+        keep = [i for i, h in enumerate(self._active) if not h.done and id(h) not in self._sliding]
+        self._sliding.clear()          # rows that slid leave now; they come back through _refill
         if len(keep) == len(self._active):
             return
         self._active = [self._active[i] for i in keep]

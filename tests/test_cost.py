@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import pytest
 
@@ -65,7 +66,7 @@ def test_bench_compare_runs_each_contender_in_its_own_process(stories_package, t
         assert not rows[name]["error"] and rows[name]["runs"] == 1
         assert rows[name]["decode_tok_s"] > 0 and rows[name]["ttft_ms"] > 0 and rows[name]["peak_rss_bytes"] > 0
     assert "its own virtual environment" in rows["genai"]["error"]
-    assert "not wired in yet" in rows["llamacpp"]["error"]
+    assert "needs llama-cpp-python, gguf and safetensors in a virtual environment of its own" in rows["llamacpp"]["error"]
     assert data["bound_tok_s"] > 0
     assert "not run:" in result.stdout and "decode bound" in result.stdout
 
@@ -83,3 +84,39 @@ def test_bench_compare_at_int4(stories_package, tmp_path):
     assert rows["transformers"]["error"] == "compared in fp32 only (this run is int4)"
     manifest = json.loads((tmp_path / "cache" / "packages" / data["package"].split("/")[-1] / "nextoken.json").read_text())
     assert manifest["precision"] == "int4"
+
+
+def test_gguf_conversion_for_the_llamacpp_contender(tiny_llama, tmp_path):
+    """bench writes a Llama checkpoint as GGUF for llama.cpp: every weight under llama.cpp's name,
+    q/k in its rotary layout (undoing the permutation gives transformers' weights back)."""
+    gguf = pytest.importorskip("gguf")
+    import subprocess
+    import sys
+
+    import numpy as np
+    from safetensors.numpy import load_file
+
+    from nextoken import bench
+
+    out = tmp_path / "m.gguf"
+    peers = str(Path(bench.__file__).with_name("peers.py"))
+    done = subprocess.run([sys.executable, peers, "convert-gguf", "--model", str(tiny_llama[0]), "--out", str(out)],
+                          capture_output=True, text=True)
+    assert done.returncode == 0, done.stderr
+    reader = gguf.GGUFReader(str(out))
+    tensors = {t.name: np.array(t.data).reshape([int(d) for d in reversed(t.shape)]) for t in reader.tensors}
+    hf = load_file(str(tiny_llama[0] / "model.safetensors"))
+    assert len(tensors) == len(hf)
+    config = json.loads((tiny_llama[0] / "config.json").read_text())
+    heads, kv = config["num_attention_heads"], config["num_key_value_heads"]
+
+    def unpermute(w, n):
+        return w.reshape(n, w.shape[0] // n // 2, 2, *w.shape[1:]).swapaxes(1, 2).reshape(w.shape)
+
+    np.testing.assert_array_equal(unpermute(tensors["blk.0.attn_q.weight"], heads), hf["model.layers.0.self_attn.q_proj.weight"])
+    np.testing.assert_array_equal(unpermute(tensors["blk.1.attn_k.weight"], kv), hf["model.layers.1.self_attn.k_proj.weight"])
+    np.testing.assert_array_equal(tensors["blk.1.ffn_down.weight"], hf["model.layers.1.mlp.down_proj.weight"])
+    np.testing.assert_array_equal(tensors["token_embd.weight"], hf["model.embed_tokens.weight"])
+    fields = {f.name: f for f in reader.fields.values()}
+    assert int(fields["llama.block_count"].parts[-1][0]) == config["num_hidden_layers"]
+    assert int(fields["llama.attention.head_count_kv"].parts[-1][0]) == kv

@@ -113,8 +113,6 @@ def test_bad_requests_are_refused_at_submit(engine):
         scheduler.submit("x", max_new_tokens=0)
     with pytest.raises(InvalidRequestError, match="one prompt per request"):
         scheduler.submit(["a", "b"])
-    with pytest.raises(InvalidRequestError, match="slide"):
-        scheduler.submit("a", context_policy="slide")
     with pytest.raises(InvalidRequestError, match="max_batch must be >= 1"):
         Scheduler(engine, max_batch=0)
 
@@ -218,3 +216,22 @@ def test_cancelling_a_prompt_while_it_is_prefilled_in_chunks(engine):
     handle.cancel()
     _run_until_done(scheduler)
     assert handle.result().finish_reason == "cancelled" and scheduler.waiting == 0 and scheduler.ended["cancelled"] == 1
+
+
+def test_slide_under_continuous_batching_equals_alone(engine):
+    """context_policy='slide': when a request's window fills, it leaves the batch, its kept window
+    is prefilled again (in chunks, before newcomers), and it rejoins: tokens and slides as alone."""
+    kw = dict(max_new_tokens=200, ignore_eos=True, context_policy="slide", protected_prefix=3)
+    alone = engine.start("Sliding along", **kw)
+    alone_tokens = alone.completions()[0].token_ids
+    assert len(alone.slides) >= 2
+    other_alone = engine.generate(PROMPTS[1], max_new_tokens=150, ignore_eos=True).token_ids
+    scheduler = Scheduler(engine, max_batch=4, max_prefill_tokens=24)
+    handle = scheduler.submit("Sliding along", **kw)
+    for _ in range(30):
+        scheduler.step()
+    other = scheduler.submit(PROMPTS[1], max_new_tokens=150, ignore_eos=True)
+    _run_until_done(scheduler)
+    assert handle.result().token_ids == alone_tokens and other.result().token_ids == other_alone
+    assert handle.generation.slides == alone.slides
+    assert "".join(e.text for e in handle) == handle.result().text
