@@ -53,7 +53,7 @@ def import_genai(source: str | Path, output: str | Path) -> Manifest:
     graph = onnx.load(str(source / filename), load_external_data=False).graph
     head = int(decoder.get("head_size", 0))
     if any(n.op_type == "GroupQueryAttention" for n in graph.node) and head % 16:
-        raise ExportError(f"onnxruntime's GroupQueryAttention needs a head size that is a multiple of 16, and this "
+        raise RouteUnavailable(f"onnxruntime's GroupQueryAttention needs a head size that is a multiple of 16, and this "
                           f"model's is {head}; export it with the optimum backend")
     if output.exists() and any(output.iterdir()) and not (output / MANIFEST_NAME).exists():
         raise ExportError(f"output {output} exists and is not an empty directory or a nextoken package; choose another")
@@ -96,6 +96,11 @@ def import_genai(source: str | Path, output: str | Path) -> Manifest:
     return manifest
 
 
+class RouteUnavailable(ExportError):
+    """The genai route does not apply to this model (the builder cannot build it, or onnxruntime
+    cannot run what it built): ``export`` falls back to the plain optimum graph with a warning."""
+
+
 def run_builder(python: str | Path, source: str, target: Path, precision: str = "fp32",
                 execution_provider: str = "cpu") -> None:
     """Run onnxruntime-genai's model builder with ``python`` (its own environment's) into ``target``
@@ -107,7 +112,7 @@ def run_builder(python: str | Path, source: str, target: Path, precision: str = 
                            "-o", str(target), "-p", precision, "-e", execution_provider], capture_output=True, text=True)
     if done.returncode != 0:
         tail = (done.stderr or done.stdout).strip().splitlines()[-1:] or ["no output"]
-        raise ExportError(f"onnxruntime-genai's model builder failed: {tail[0][:300]}")
+        raise RouteUnavailable(f"onnxruntime-genai's model builder failed: {tail[0][:300]}")
 
 
 def build_with_genai(source: str, output: Path, genai_python: str | None, precision: str = "fp32",

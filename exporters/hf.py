@@ -393,7 +393,9 @@ def export(source: str | os.PathLike, output: str | os.PathLike, *, atol: float 
     reports their accuracy against the fp32 graph (:mod:`nextoken.exporters.quantize`).
     ``backend="genai"`` builds the fused GroupQueryAttention graph with onnxruntime-genai's model
     builder instead, run by ``genai_python`` (see :mod:`nextoken.exporters.genai`); its ``int4`` is
-    the builder's. ``progress`` gets one line per stage (None: silent).
+    the builder's. Where that route does not apply (the builder cannot build the model, or the
+    head size is one GroupQueryAttention cannot run), the plain graph is exported, with a warning.
+    ``progress`` gets one line per stage (None: silent).
     """
     source = str(source)
     output = Path(output).expanduser()
@@ -418,10 +420,13 @@ def export(source: str | os.PathLike, output: str | os.PathLike, *, atol: float 
     if output.exists() and (not output.is_dir() or (any(output.iterdir()) and not (output / MANIFEST_NAME).exists())):
         raise ExportError(f"output {output} exists and is not an empty directory or a nextoken package; choose another")
     if backend == "genai":
-        from .genai import build_with_genai
+        from .genai import RouteUnavailable, build_with_genai
 
-        return build_with_genai(source, output, genai_python, precision=quantize or "fp32", check=check,
-                                atol=DEFAULT_ATOL if atol is None else atol, say=say)
+        try:
+            return build_with_genai(source, output, genai_python, precision=quantize or "fp32", check=check,
+                                    atol=DEFAULT_ATOL if atol is None else atol, say=say)
+        except RouteUnavailable as exc:
+            say(f"warning: the genai backend does not apply here ({exc}); exporting the plain optimum graph instead")
     from .quantize import check_method, quantize_package
 
     if quantize is not None:

@@ -211,3 +211,20 @@ def test_slide_in_slots(gqa_engine):
     assert handles[1].result().token_ids == gqa_engine.generate(PROMPTS[0], max_new_tokens=40, ignore_eos=True).token_ids
     with pytest.raises(InvalidRequestError, match="needs slots of that length"):
         Scheduler(gqa_engine, slot_length=64).submit("x", **kw)
+
+
+def test_the_genai_route_falls_back_to_the_plain_graph_where_it_does_not_apply(tiny_llama, tmp_path):
+    """A builder that cannot build the model (here a stand-in that fails as the real one does for an
+    architecture it lacks): the export warns and writes the optimum graph, parity-checked."""
+    fake = tmp_path / "python"
+    fake.write_text("#!/bin/sh\necho 'NotImplementedError: The model is not currently supported.' >&2\nexit 1\n")
+    fake.chmod(0o755)
+    lines: list[str] = []
+    from nextoken.exporters import export
+
+    report = export(tiny_llama[0], tmp_path / "pkg", backend="genai", genai_python=str(fake), progress=lines.append)
+    warning = [line for line in lines if line.startswith("warning: the genai backend does not apply here")]
+    assert warning and "not currently supported" in warning[0]
+    assert report.manifest.padding_side == "left" and report.max_abs_diff < 1e-3
+    with pytest.raises(ExportError, match="needs --genai-python"):      # a missing environment is no fallback
+        export(tiny_llama[0], tmp_path / "pkg2", backend="genai", genai_python=None, progress=None)
