@@ -64,7 +64,7 @@ class ExportReport:
         return (
             f"exported {m.architecture} ({m.num_layers} layers, {m.num_kv_heads} KV heads x {m.head_dim}, "
             f"context {m.context_length}) to {self.output}; parity over {self.parity_tokens} positions: "
-            f"max |Δ logits| = {self.max_abs_diff:.2e} (tolerance {self.atol:.0e})"
+            f"max |Δ logits| = {self.max_abs_diff:.2e} (tolerance {self.atol:.1e})"
         )
 
 
