@@ -52,13 +52,14 @@ def grow_mask(mask: np.ndarray, side: str = "left") -> np.ndarray:
 class KVCache:
     """The past keys and values of one batch, layer by layer, as ``ort.OrtValue`` s."""
 
-    def __init__(self, manifest: Manifest, batch_size: int, device: str = "cpu", device_id: int = 0) -> None:
+    def __init__(self, manifest: Manifest, batch_size: int, device: str = "cpu", device_id: int = 0,
+                 length: int = 0) -> None:
         dtype = _NUMPY_DTYPES.get(manifest.kv_dtype)
         if dtype is None:
             raise NextokenError(f"KV dtype {manifest.kv_dtype} is not supported yet")
         self.dtype = dtype
         self.run_seconds = 0.0  # time spent inside ONNX Runtime for this cache's request
-        shape = [batch_size, manifest.num_kv_heads, 0, manifest.head_dim]
+        shape = [batch_size, manifest.num_kv_heads, length, manifest.head_dim]   # uninitialised past 0
         self.values: list[ort.OrtValue] = [
             ort.OrtValue.ortvalue_from_shape_and_type(shape, dtype, device, device_id)
             for _ in manifest.past_names()
@@ -126,13 +127,11 @@ class StepRunner:
         else:
             binding.bind_output("logits", "cpu")
         for past, present, value in zip(self._past, self._present, cache.values):
-            if in_place and rows is not None:
-                shape = [rows] + list(value.shape()[1:])
+            if in_place:
+                shape = value.shape()
+                shape = [rows if rows is not None else shape[0]] + list(shape[1:])
                 binding.bind_input(past, self.device, self.device_id, cache.dtype, shape, value.data_ptr())
                 binding.bind_output(present, self.device, self.device_id, cache.dtype, shape, value.data_ptr())
-            elif in_place:
-                binding.bind_ortvalue_input(past, value)
-                binding.bind_ortvalue_output(present, value)
             elif self._c_devices is not None:
                 raw = binding._iobinding
                 raw.bind_ortvalue_input(past, value._ortvalue)
@@ -217,7 +216,9 @@ class CacheOps:
         self._n = n
 
     def _run(self, session: ort.InferenceSession, values: dict[str, ort.OrtValue], arrays: dict[str, np.ndarray],
-             batch_size: int) -> KVCache:
+             batch_size: int, into: KVCache | None = None) -> KVCache:
+        """Run one of the graphs; its outputs become a new cache of ``batch_size`` rows, or are
+        written over ``into`` 's buffers (in place)."""
         binding = session.io_binding()
         for name, value in values.items():
             binding.bind_ortvalue_input(name, value)
@@ -225,8 +226,13 @@ class CacheOps:
             binding.bind_cpu_input(name, np.ascontiguousarray(array, dtype=np.int64))
         runner = self.runner
         for i in range(self._n):
-            binding.bind_output(f"y{i}", runner.device, runner.device_id)
+            if into is not None:
+                binding.bind_ortvalue_output(f"y{i}", into.values[i])
+            else:
+                binding.bind_output(f"y{i}", runner.device, runner.device_id)
         session.run_with_iobinding(binding)
+        if into is not None:
+            return into
         cache = runner.new_cache(batch_size)
         cache.values = list(binding.get_outputs())
         return cache
@@ -253,15 +259,10 @@ class CacheOps:
     def write(self, buffers: KVCache, rows: KVCache, slots: Sequence[int]) -> None:
         """Copy each row of ``rows`` into slot ``slots[i]`` of the fixed-size ``buffers`` (positions
         from 0; the rest of the slot is zeroed), in place: ScatterND's output is bound to its input."""
-        width = buffers.length
-        binding = self._write.io_binding()
-        for i, (buf, row) in enumerate(zip(buffers.values, rows.values)):
-            binding.bind_ortvalue_input(f"s{i}", buf)
-            binding.bind_ortvalue_input(f"r{i}", row)
-            binding.bind_ortvalue_output(f"y{i}", buf)
-        binding.bind_cpu_input("slots", np.asarray(slots, dtype=np.int64).reshape(-1, 1))
-        binding.bind_cpu_input("pads", np.array([0, 0, 0, 0, 0, 0, width - rows.length, 0], dtype=np.int64))
-        self._write.run_with_iobinding(binding)
+        values = {**{f"s{i}": v for i, v in enumerate(buffers.values)}, **{f"r{i}": v for i, v in enumerate(rows.values)}}
+        self._run(self._write, values, {"slots": np.asarray(slots).reshape(-1, 1),
+                                        "pads": np.array([0, 0, 0, 0, 0, 0, buffers.length - rows.length, 0])},
+                  len(buffers.lengths), into=buffers)
 
 
 class SlotCache(KVCache):
@@ -271,14 +272,7 @@ class SlotCache(KVCache):
     padded or trimmed as requests come and go; a slot is reused by the next request."""
 
     def __init__(self, runner: StepRunner, slots: int, length: int) -> None:
-        manifest = runner.manifest
-        self.dtype = _NUMPY_DTYPES[manifest.kv_dtype]
-        self.run_seconds = 0.0
-        shape = [slots, manifest.num_kv_heads, length, manifest.head_dim]
-        if runner.device == "cpu":
-            self.values = [ort.OrtValue.ortvalue_from_numpy(np.zeros(shape, dtype=self.dtype))
-                           for _ in manifest.past_names()]
-        else:
-            self.values = [ort.OrtValue.ortvalue_from_shape_and_type(shape, self.dtype, runner.device, runner.device_id)
-                           for _ in manifest.past_names()]
+        # Left uninitialised: a slot is written whole (zero-padded) when a request takes it, and
+        # attention reads a row only up to its length (a free slot decodes at position 0 only).
+        super().__init__(runner.manifest, slots, runner.device, runner.device_id, length)
         self.lengths = np.zeros(slots, dtype=np.int64)     # positions each slot holds
