@@ -488,7 +488,8 @@ class Scheduler:
         """Copy prefilled rows into free slots (the slot buffer is made at the first request)."""
         if self._slots is None:
             self._slots = SlotCache(self.engine.runner, self.max_batch, self.slot_length)
-        free = [i for i in range(self.max_batch) if i not in set(self._slot_ids)][: len(new_tokens)]
+        taken = set(self._slot_ids)
+        free = [i for i in range(self.max_batch) if i not in taken][: len(new_tokens)]
         self._ops().write(self._slots, cache, free)
         self._slots.lengths[free] = mask.sum(axis=1)
         self._slot_ids.extend(free)
