@@ -7,7 +7,8 @@ Exports stories260k (the real model in ../shared/models) and a Llama with SmolLM
 CUDA equal the CPU's (stories260k fp32: identical, or the check fails), reports how far fp16 and
 the 135M model move; then prints one table: TTFT and decode tokens/s at batch 1, 8 and 32, for
 nextoken and, given ``--genai-python`` (an environment with onnxruntime-genai-cuda), for
-onnxruntime-genai on the same checkpoint. Exits 1 when a check fails, 2 when CUDA is not usable.
+onnxruntime-genai on the same checkpoint. Exits 1 when a check fails, 2 when CUDA is not usable (with
+what is missing), 3 when stopped early (SIGTERM: the table and ``--json`` keep what was measured).
 ``scripts/gpu_check.sh`` installs what it needs first. ``--device cpu --quick`` runs the same path
 on a CPU (the test suite does, so the script cannot rot between GPU runs).
 """
@@ -17,6 +18,7 @@ from __future__ import annotations
 import argparse
 import json
 import platform
+import signal
 import subprocess
 import sys
 import tempfile
@@ -42,27 +44,31 @@ def first_difference(a: list[int], b: list[int]) -> int | None:
     return None if len(a) == len(b) else min(len(a), len(b))
 
 
-def export_all(args, work: Path, export_device: str) -> dict[str, Path]:
-    from nextoken.exporters import export, make_random_checkpoint
+def random_135m(work: Path) -> Path:
+    """A Llama with SmolLM2-135M's config and random weights (speed does not depend on them)."""
+    from nextoken.exporters import make_random_checkpoint
+
+    ckpt = work / "smollm2-135m-random"
+    if not (ckpt / "config.json").is_file():
+        say("making a random-weight Llama with SmolLM2-135M's config")
+        make_random_checkpoint(ckpt, REPO / "tests" / "data" / "configs" / "smollm2-135m.json", context_length=2048)
+    return ckpt
+
+
+def export_model(name: str, source: Path, work: Path, export_device: str) -> dict[str, Path]:
+    """``name``-fp32 (traced on the CPU) and ``name``-fp16 (traced on ``export_device``)."""
+    from nextoken.exporters import export
 
     made: dict[str, Path] = {}
-    sources = {"stories260k": str(args.stories)}
-    if not args.quick:
-        ckpt = work / "smollm2-135m-random"
-        if not (ckpt / "config.json").is_file():
-            say("making a random-weight Llama with SmolLM2-135M's config")
-            make_random_checkpoint(ckpt, REPO / "tests" / "data" / "configs" / "smollm2-135m.json", context_length=2048)
-        sources["135M"] = str(ckpt)
-    for name, source in sources.items():
-        for dtype in ("fp32", "fp16"):
-            out = work / f"{name}-{dtype}"
-            if not (out / "nextoken.json").is_file():
-                device = export_device if dtype == "fp16" else "cpu"
-                start = time.perf_counter()
-                report = export(source, out, dtype=dtype, device=device, progress=None)
-                say(f"exported {name} {dtype} (traced on {device}) in {time.perf_counter() - start:.1f} s: "
-                    f"max |Δ logits| vs PyTorch fp32 = {report.max_abs_diff:.2e} (tolerance {report.atol:.1e})")
-            made[f"{name}-{dtype}"] = out
+    for dtype in ("fp32", "fp16"):
+        out = work / f"{name}-{dtype}"
+        if not (out / "nextoken.json").is_file():
+            device = export_device if dtype == "fp16" else "cpu"
+            start = time.perf_counter()
+            report = export(str(source), out, dtype=dtype, device=device, progress=None)
+            say(f"exported {name} {dtype} (traced on {device}) in {time.perf_counter() - start:.1f} s: "
+                f"max |Δ logits| vs PyTorch fp32 = {report.max_abs_diff:.2e} (tolerance {report.atol:.1e})")
+        made[f"{name}-{dtype}"] = out
     return made
 
 
@@ -100,16 +106,49 @@ def parity(packages: dict[str, Path], device: str, new_tokens: int) -> tuple[lis
     return rows, ok
 
 
+def scheduler_parity(key: str, pkg: Path, device: str, reference_device: str, tokens: int) -> dict:
+    """Continuous batching on ``device``: four requests of different lengths join a running batch
+    and leave it at different steps (the KV cache padded, joined and cut on the device, or written
+    into slots for GroupQueryAttention graphs); each must get the tokens it gets alone on
+    ``reference_device``."""
+    from nextoken import Engine, Scheduler
+
+    prompts = [PROMPT, "The dog ran", "Lily and Ben went to the park with their mom", "Once"]
+    lengths = [tokens, max(tokens // 2, 2), max(tokens * 3 // 4, 2), max(tokens // 3, 2)]
+    with Engine(pkg, device=reference_device) as ref:
+        alone = [ref.generate(p, max_new_tokens=n, ignore_eos=True).token_ids for p, n in zip(prompts, lengths)]
+    with Engine(pkg, device=device) as eng:
+        scheduler = Scheduler(eng, max_batch=4)
+        handles = []
+        for prompt, n in zip(prompts, lengths):
+            handles.append(scheduler.submit(prompt, max_new_tokens=n, ignore_eos=True))
+            for _ in range(3):
+                scheduler.step()
+        while scheduler.step():
+            pass
+        got = [h.result().token_ids for h in handles]
+        backend = scheduler.kv_backend
+    same = sum(g == a for g, a in zip(got, alone))
+    say(f"scheduler {key} on {device} ({backend} cache): {same} of {len(got)} requests joining and leaving mid-batch "
+        f"got the tokens they get alone on {reference_device}")
+    return {"package": key, "device": device, "kv_backend": backend, "identical": same, "requests": len(got)}
+
+
 def bench(packages: dict[str, Path], device: str, batches: tuple[int, ...], prompt: int, new: int,
           repeat: int) -> list[dict]:
     from nextoken import Engine
     from nextoken.bench import run_bench
 
     rows = []
+    runs = []
     for key, pkg in packages.items():
-        if key.startswith("stories260k-fp16"):
-            continue
-        with Engine(pkg, device=device) as eng:
+        if key.startswith("stories260k-fp16") or (key.endswith("-fp16") and device == "cpu"):
+            continue   # stories260k is too small for fp16 to matter; CPUs have no fast fp16 kernels
+        runs.append((key, pkg, False))
+        if key.endswith("-fp32") and device.startswith("cuda") and not key.startswith("stories260k"):
+            runs.append((f"{key}+tf32", pkg, True))   # what TensorFloat-32 (off by default) would give
+    for key, pkg, tf32 in runs:
+        with Engine(pkg, device=device, tf32=tf32) as eng:
             report = run_bench(eng, batches, prompt_tokens=prompt, new_tokens=new, repeat=repeat)
         for r in report.rows:
             rows.append({"contender": "nextoken", "package": key, "batch": r.batch, "ttft_ms": r.prefill_ms,
@@ -120,16 +159,19 @@ def bench(packages: dict[str, Path], device: str, batches: tuple[int, ...], prom
     return rows
 
 
-def bench_genai(python: str, checkpoint: Path, work: Path, batches, prompt: int, new: int) -> list[dict]:
+def bench_genai(python: str, checkpoint: Path, work: Path, batches, prompt: int, new: int, device: str,
+                repeat: int, scheduler_rows: list[dict]) -> list[dict]:
+    """onnxruntime-genai on its own build of ``checkpoint``, and nextoken on that same graph (imported;
+    its continuous batching too, in slots where the graph has GroupQueryAttention)."""
     from nextoken.errors import NextokenError
-    from nextoken.exporters.genai import run_builder
+    from nextoken.exporters.genai import import_genai, run_builder
 
     rows = []
-    for precision in ("fp32", "fp16"):
+    for precision in ("fp32", "fp16") if device.startswith("cuda") else ("fp32",):
         target = work / f"genai-{precision}"
         try:
             if not (target / "genai_config.json").is_file():
-                run_builder(python, str(checkpoint), target, precision, "cuda")
+                run_builder(python, str(checkpoint), target, precision, "cuda" if device.startswith("cuda") else "cpu")
         except NextokenError as exc:
             say(f"genai {precision}: could not build ({exc})")
             continue
@@ -144,6 +186,14 @@ def bench_genai(python: str, checkpoint: Path, work: Path, batches, prompt: int,
             rows.append({"contender": "genai", "package": f"135M-{precision}", "batch": batch, "ttft_ms": r["ttft_ms"],
                          "decode_tok_s": r["decode_tok_s"], "total_tok_s": r["total_tok_s"]})
             say(f"bench genai 135M-{precision} b{batch}: TTFT {r['ttft_ms']:.1f} ms, {r['decode_tok_s']:.1f} tok/s/seq")
+        imported = work / f"nextoken-on-genai-{precision}"
+        try:
+            if not (imported / "nextoken.json").is_file():
+                import_genai(target, imported)
+            rows += bench({f"135M-{precision}, genai's graph": imported}, device, batches, prompt, new, repeat)
+            scheduler_rows.append(scheduler_parity(f"135M-{precision}, genai's graph", imported, device, device, prompt))
+        except NextokenError as exc:
+            say(f"nextoken on genai's {precision} graph: {exc}")
     return rows
 
 
@@ -155,6 +205,40 @@ def table(rows: list[dict]) -> str:
     return "\n".join(lines)
 
 
+def cuda_usable(device: str) -> bool:
+    """Probe CUDA; when it fails, print what a fix needs (which library, where the CUDA wheels are),
+    and try once more after PyTorch has loaded its own CUDA libraries."""
+    import os
+
+    from nextoken.device import _nvidia_library_dirs, cuda_status
+    from nextoken.memory import gpu_memory
+
+    device_id = int(device.split(":")[1]) if ":" in device else 0
+    usable, why = cuda_status(device_id)
+    say(f"CUDA: {why}")
+    if not usable:
+        say(f"  nvidia library folders on sys.path: {_nvidia_library_dirs() or 'none'}")
+        say(f"  LD_LIBRARY_PATH={os.environ.get('LD_LIBRARY_PATH', '')!r}")
+        try:
+            import torch
+
+            if torch.cuda.is_available():
+                torch.zeros(1, device="cuda")   # loads PyTorch's CUDA runtime, cuBLAS and cuDNN
+                cuda_status.cache_clear()
+                usable, why = cuda_status(device_id)
+                say(f"  after PyTorch {torch.__version__} loaded its CUDA libraries: {why}"
+                    + ("  <- nextoken's own preload missed them: worth a fix" if usable else ""))
+            else:
+                say(f"  PyTorch {torch.__version__} sees no GPU either")
+        except ImportError:
+            pass
+    if usable:
+        gpu = gpu_memory(device_id)
+        if gpu:
+            say(f"GPU: {gpu.name}, {gpu.free / 2**30:.1f} of {gpu.total / 2**30:.1f} GiB free")
+    return usable
+
+
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--stories", type=Path, default=REPO.parent / "shared" / "models" / "stories260k")
@@ -162,23 +246,16 @@ def main(argv=None) -> int:
     p.add_argument("--device", default="cuda", help="cuda (default), cuda:N, or cpu to try the script without a GPU")
     p.add_argument("--quick", action="store_true", help="stories260k only, short runs (a smoke test of the script)")
     p.add_argument("--genai-python", default=None, help="python of an environment with onnxruntime-genai-cuda")
-    p.add_argument("--json", type=Path, default=None, help="write everything measured here")
+    p.add_argument("--batches", default="1,8,32", help="batch sizes to bench (default 1,8,32)")
+    p.add_argument("--tokens", type=int, default=128, help="prompt tokens, new tokens and parity tokens (default 128)")
+    p.add_argument("--json", type=Path, default=None, help="write everything measured here (after each step)")
     args = p.parse_args(argv)
 
     import onnxruntime as ort
 
-    from nextoken.device import cuda_status
-    from nextoken.memory import gpu_memory
-
     say(f"python {platform.python_version()}, onnxruntime {ort.__version__} ({', '.join(ort.get_available_providers())})")
-    if args.device.startswith("cuda"):
-        usable, why = cuda_status(int(args.device.split(":")[1]) if ":" in args.device else 0)
-        say(f"CUDA: {why}")
-        if not usable:
-            return 2
-        gpu = gpu_memory(0)
-        if gpu:
-            say(f"GPU: {gpu.name}, {gpu.free / 2**30:.1f} of {gpu.total / 2**30:.1f} GiB free")
+    if args.device.startswith("cuda") and not cuda_usable(args.device):
+        return 2
     if not (args.stories / "config.json").is_file():
         say(f"stories260k not found at {args.stories}; pass --stories DIR")
         return 1
@@ -190,19 +267,46 @@ def main(argv=None) -> int:
         return 1
     work = args.work or Path(tempfile.mkdtemp(prefix="nextoken-gpu-check-"))
     work.mkdir(parents=True, exist_ok=True)
-    packages = export_all(args, work, export_device)
-    new = 16 if args.quick else 128
-    parity_rows, ok = parity(packages, args.device, 32 if args.quick else 128)
-    batches = (1, 2) if args.quick else (1, 8, 32)
-    bench_rows = bench(packages, args.device, batches, 32 if args.quick else 128, new, 1 if args.quick else 3)
-    if args.genai_python and not args.quick:
-        bench_rows += bench_genai(args.genai_python, work / "smollm2-135m-random", work, batches, 128, new)
-    print(table(bench_rows), flush=True)
+    tokens = 32 if args.quick else args.tokens
+    new = 16 if args.quick else args.tokens
+    batches = (1, 2) if args.quick else tuple(int(b) for b in args.batches.split(","))
+    results = {"device": args.device, "parity": [], "scheduler": [], "bench": [], "passed": True, "finished": False}
+
+    def stop(signum, frame):   # `timeout` ends a run gone long: keep what was measured
+        raise KeyboardInterrupt(f"signal {signum}")
+
+    signal.signal(signal.SIGTERM, stop)
+    try:
+        models = {"stories260k": args.stories} if args.quick else {"stories260k": args.stories, "135M": random_135m(work)}
+        for name, source in models.items():   # one model at a time: a run cut short still reports the first
+            packages = export_model(name, source, work, export_device)
+            rows, ok = parity(packages, args.device, tokens)
+            results["parity"] += rows
+            results["passed"] = results["passed"] and ok
+            if name == "stories260k":   # fp32 on the device must batch like the CPU alone, token for token
+                check = scheduler_parity("stories260k-fp32", packages["stories260k-fp32"], args.device, "cpu", tokens)
+                results["scheduler"].append(check)
+                results["passed"] = results["passed"] and check["identical"] == check["requests"]
+            save(args.json, results)
+            results["bench"] += bench(packages, args.device, batches, tokens, new, 1 if args.quick else 3)
+            save(args.json, results)
+        if args.genai_python and not args.quick:
+            results["bench"] += bench_genai(args.genai_python, work / "smollm2-135m-random", work, batches, tokens, new,
+                                            args.device, 3, results["scheduler"])
+        results["finished"] = True
+    except KeyboardInterrupt as exc:
+        say(f"stopped early ({exc}); what was measured so far follows")
+    finally:
+        print(table(results["bench"]), flush=True)
+        save(args.json, results)
+    ok = results["passed"]
     say(f"parity: {'PASSED' if ok else 'FAILED'} (stories260k fp32 greedy on {args.device} identical to the CPU's)")
-    if args.json:
-        args.json.write_text(json.dumps({"device": args.device, "parity": parity_rows, "bench": bench_rows,
-                                         "passed": ok, "seconds": time.perf_counter() - T0}, indent=2))
-    return 0 if ok else 1
+    return (0 if ok else 1) if results["finished"] else 3
+
+
+def save(path: Path | None, results: dict) -> None:
+    if path:
+        path.write_text(json.dumps({**results, "seconds": time.perf_counter() - T0}, indent=2))
 
 
 if __name__ == "__main__":

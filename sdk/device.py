@@ -54,9 +54,28 @@ def _probe_model() -> bytes:
     return model.SerializeToString()
 
 
+def _nvidia_library_dirs() -> list[str]:
+    """Library folders of the ``nvidia-*`` wheels (``nvidia/cu13/lib``, ``nvidia/cudnn/lib``, ...)
+    wherever they are on ``sys.path``, not only beside onnxruntime (a venv with system site packages,
+    a ``--user`` install, an overlay that adds onnxruntime-gpu to an image holding the CUDA wheels)."""
+    import sys
+    from pathlib import Path
+
+    found: list[str] = []
+    for entry in sys.path:
+        root = Path(entry or ".") / "nvidia"
+        if root.is_dir():
+            found += sorted(str(d) for d in root.glob("*/lib") if d.is_dir() and str(d) not in found)
+    return found
+
+
 def _preload_cuda_libraries() -> None:
     """Load the CUDA and cuDNN libraries of the ``nvidia-*`` wheels (the ``cuda`` extra) so the CUDA
-    provider finds them without LD_LIBRARY_PATH; quietly, since the probe reports what is missing."""
+    provider finds them without LD_LIBRARY_PATH; quietly, since the probe reports what is missing.
+
+    ONNX Runtime's own ``preload_dlls`` looks only in the site folder that holds onnxruntime; the
+    wheels may sit in another one on ``sys.path``, so each of their library folders is tried too
+    (cuBLAS before cuDNN: ONNX Runtime's list loads each library after those it needs)."""
     preload = getattr(ort, "preload_dlls", None)
     if preload is None:
         return
@@ -64,10 +83,36 @@ def _preload_cuda_libraries() -> None:
     import io
 
     with contextlib.redirect_stdout(io.StringIO()), contextlib.redirect_stderr(io.StringIO()):
+        for directory in (None, *_nvidia_library_dirs()):
+            try:
+                preload(directory=directory)
+            except Exception:  # a missing library shows in the probe below, with its reason
+                pass
+
+
+def _why_cuda_provider_fails() -> str:
+    """The dynamic loader's reason the CUDA provider library cannot load (which library is missing),
+    or a hint about the GPU when the library itself loads."""
+    import ctypes
+    from pathlib import Path
+
+    library = Path(ort.__file__).parent / "capi" / "libonnxruntime_providers_cuda.so"
+    if not library.is_file():
+        return "CUDA libraries or GPU not usable on this host"
+    try:
+        ctypes.CDLL(str(library))
+    except OSError as exc:
+        detail = str(exc).replace(f"{library}: ", "")
+        if "libcuda.so" in detail:
+            return f"no NVIDIA driver on this host ({detail})"
         try:
-            preload()
-        except Exception:  # a missing library shows in the probe below, with its reason
-            pass
+            from onnxruntime.capi.build_and_package_info import cuda_version
+            built_for = f"CUDA {cuda_version.split('.')[0]} and cuDNN 9"
+        except ImportError:
+            built_for = "the CUDA and cuDNN libraries this onnxruntime-gpu was built for"
+        return (f"the CUDA provider cannot load its libraries ({detail}); install them with "
+                f"pip install 'nextoken[cuda]', or put {built_for} on LD_LIBRARY_PATH")
+    return "the CUDA libraries load but no usable GPU answered (check nvidia-smi and CUDA_VISIBLE_DEVICES)"
 
 
 @functools.lru_cache(maxsize=8)
@@ -90,15 +135,20 @@ def cuda_status(device_id: int = 0) -> tuple[bool, str]:
     finally:
         ort.set_default_logger_severity(previous)
     if CUDA not in used:
-        return False, "CUDA libraries or GPU not usable on this host"
+        return False, _why_cuda_provider_fails()
     return True, f"CUDA device {device_id} is usable"
 
 
-def resolve_device(device: str = "auto") -> DeviceChoice:
+def resolve_device(device: str = "auto", tf32: bool | None = None) -> DeviceChoice:
     """Turn ``"auto"``, ``"cpu"``, ``"cuda"`` or ``"cuda:N"`` into a :class:`DeviceChoice`.
 
     ``auto`` takes CUDA when it really works and says why not otherwise; an explicit ``cuda``
     that cannot work raises :class:`DeviceError` instead of silently running on the CPU.
+
+    ``tf32``: let CUDA run fp32 matrix products in TensorFloat-32 (10-bit mantissa) on Ampere and
+    newer GPUs. ONNX Runtime does by default; nextoken does not (None: the NEXTOKEN_TF32
+    environment variable, off when unset), so an fp32 package computes in fp32 on every device and
+    its greedy tokens match the CPU's and the PyTorch reference. fp16 packages are unaffected.
     """
     name = (device or "auto").strip().lower()
     if name == "cpu":
@@ -112,7 +162,8 @@ def resolve_device(device: str = "auto") -> DeviceChoice:
                 raise DeviceError(f"device {device!r} is not valid; use auto, cpu, cuda or cuda:N") from None
         usable, why = cuda_status(device_id)
         if usable:
-            providers = ((CUDA, {"device_id": str(device_id)}), CPU)
+            use_tf32 = _env_flag("NEXTOKEN_TF32") if tf32 is None else bool(tf32)
+            providers = ((CUDA, {"device_id": str(device_id), "use_tf32": "1" if use_tf32 else "0"}), CPU)
             return DeviceChoice("cuda", providers, "requested" if name != "auto" else why)
         if name == "auto":
             return DeviceChoice("cpu", (CPU,), why)
@@ -141,6 +192,10 @@ def session_options(threads: int | None = None, spin: bool = False) -> ort.Sessi
     return options
 
 
+def _env_flag(name: str) -> bool:
+    return os.environ.get(name, "").strip().lower() in {"1", "true", "yes", "on"}
+
+
 def spin_default() -> bool:
     """Thread spinning as set by NEXTOKEN_SPIN (off unless set to 1/true/yes)."""
-    return os.environ.get("NEXTOKEN_SPIN", "").strip().lower() in {"1", "true", "yes", "on"}
+    return _env_flag("NEXTOKEN_SPIN")

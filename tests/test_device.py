@@ -78,3 +78,57 @@ def test_small_models_default_to_one_thread(tiny_llama):
         assert engine.session.get_session_options().intra_op_num_threads == 1
     with Engine(tiny_llama[1], device="cpu", threads=2) as engine:
         assert engine.threads == 2
+
+
+def test_without_cuda_the_reason_names_what_is_missing():
+    """The probe's one line says which library (or driver) is missing, not just 'not usable'."""
+    usable, why = cuda_status()
+    if usable:
+        pytest.skip("CUDA is usable on this host")
+    if "no CUDA provider" in why:   # an onnxruntime build without CUDA: nothing to load
+        return
+    assert ".so" in why or "GPU" in why, why
+    if "cannot load its libraries" in why:
+        assert "nextoken[cuda]" in why and "LD_LIBRARY_PATH" in why
+
+
+def test_cuda_wheels_are_found_on_any_site_folder(tmp_path, monkeypatch, capsys):
+    """The nvidia-* wheels may sit in another site folder than onnxruntime (an overlay, --user, a venv
+    with system site packages): each of their library folders is handed to ONNX Runtime's preloader."""
+    from nextoken import device
+
+    other_site = tmp_path / "site"
+    for sub in ("cu13", "cudnn"):
+        (other_site / "nvidia" / sub / "lib").mkdir(parents=True)
+    (other_site / "nvidia" / "README").write_text("not a library folder")
+    monkeypatch.setattr(sys, "path", [*sys.path, str(other_site)])
+    assert device._nvidia_library_dirs()[-2:] == [str(other_site / "nvidia" / "cu13" / "lib"),
+                                                  str(other_site / "nvidia" / "cudnn" / "lib")]
+    calls = []
+
+    def preload(directory=None):
+        calls.append(directory)
+        if directory is None:
+            raise RuntimeError("the default search failed")   # tolerated: the probe reports it
+        print("noise that must not reach the user")
+
+    monkeypatch.setattr(device.ort, "preload_dlls", preload, raising=False)
+    device._preload_cuda_libraries()
+    assert calls[0] is None and calls[-2:] == [str(other_site / "nvidia" / "cu13" / "lib"),
+                                               str(other_site / "nvidia" / "cudnn" / "lib")]
+    assert capsys.readouterr() == ("", "")
+
+
+def test_cuda_keeps_fp32_in_fp32_unless_tf32_is_asked_for(monkeypatch):
+    """ONNX Runtime runs fp32 products in TF32 on Ampere+ by default; nextoken asks for fp32."""
+    from nextoken import device
+
+    monkeypatch.setattr(device, "cuda_status", lambda device_id=0: (True, f"CUDA device {device_id} is usable"))
+    monkeypatch.delenv("NEXTOKEN_TF32", raising=False)
+    options = lambda choice: dict(choice.providers[0][1])   # noqa: E731
+    assert options(device.resolve_device("cuda:1")) == {"device_id": "1", "use_tf32": "0"}
+    assert options(device.resolve_device("cuda", tf32=True))["use_tf32"] == "1"
+    monkeypatch.setenv("NEXTOKEN_TF32", "1")
+    assert options(device.resolve_device("auto"))["use_tf32"] == "1"
+    assert options(device.resolve_device("auto", tf32=False))["use_tf32"] == "0"
+    assert device.resolve_device("cpu", tf32=True).providers == ("CPUExecutionProvider",)
