@@ -160,7 +160,7 @@ def bench(packages: dict[str, Path], device: str, batches: tuple[int, ...], prom
 
 
 def bench_genai(python: str, checkpoint: Path, work: Path, batches, prompt: int, new: int, device: str,
-                repeat: int, scheduler_rows: list[dict]) -> list[dict]:
+                repeat: int, results: dict) -> list[dict]:
     """onnxruntime-genai on its own build of ``checkpoint``, and nextoken on that same graph (imported;
     its continuous batching too, in slots where the graph has GroupQueryAttention)."""
     from nextoken.errors import NextokenError
@@ -191,9 +191,11 @@ def bench_genai(python: str, checkpoint: Path, work: Path, batches, prompt: int,
             if not (imported / "nextoken.json").is_file():
                 import_genai(target, imported)
             rows += bench({f"135M-{precision}, genai's graph": imported}, device, batches, prompt, new, repeat)
-            scheduler_rows.append(scheduler_parity(f"135M-{precision}, genai's graph", imported, device, device, prompt))
-        except NextokenError as exc:
+            results["scheduler"].append(scheduler_parity(f"135M-{precision}, genai's graph", imported, device, device, prompt))
+        except NextokenError as exc:   # e.g. a graph nextoken declines to import, with the reason
             say(f"nextoken on genai's {precision} graph: {exc}")
+        except Exception as exc:
+            failed(f"nextoken on genai's {precision} graph", exc, results)
     return rows
 
 
@@ -239,6 +241,36 @@ def cuda_usable(device: str) -> bool:
     return usable
 
 
+def failed(what: str, exc: Exception, results: dict, fatal: bool = True) -> None:
+    """Report a step that raised; the run goes on with the next one. ``fatal``: the check fails."""
+    import traceback
+
+    say(f"{what}: FAILED ({type(exc).__name__}: {str(exc)[:400]})")
+    traceback.print_exc()
+    results["errors"].append(f"{what}: {type(exc).__name__}: {str(exc)[:400]}")
+    results["passed"] = results["passed"] and not fatal
+
+
+def measure_model(name, source, work, export_device, args, tokens, new, batches, results) -> None:
+    """Export ``name`` in fp32 and fp16, check parity (and batching, for stories260k), bench it."""
+    packages = export_model(name, source, work, export_device)
+    rows, ok = parity(packages, args.device, tokens)
+    results["parity"] += rows
+    results["passed"] = results["passed"] and ok
+    if name == "stories260k":   # fp32 on the device must batch like the CPU alone, token for token
+        check = scheduler_parity("stories260k-fp32", packages["stories260k-fp32"], args.device, "cpu", tokens)
+        results["scheduler"].append(check)
+        results["passed"] = results["passed"] and check["identical"] == check["requests"]
+    save(args.json, results)
+    results["bench"] += bench(packages, args.device, batches, tokens, new, 1 if args.quick else 3)
+    save(args.json, results)
+
+
+def save(path: Path | None, results: dict) -> None:
+    if path:
+        path.write_text(json.dumps({**results, "seconds": time.perf_counter() - T0}, indent=2))
+
+
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--stories", type=Path, default=REPO.parent / "shared" / "models" / "stories260k")
@@ -270,7 +302,8 @@ def main(argv=None) -> int:
     tokens = 32 if args.quick else args.tokens
     new = 16 if args.quick else args.tokens
     batches = (1, 2) if args.quick else tuple(int(b) for b in args.batches.split(","))
-    results = {"device": args.device, "parity": [], "scheduler": [], "bench": [], "passed": True, "finished": False}
+    results = {"device": args.device, "parity": [], "scheduler": [], "bench": [], "errors": [],
+               "passed": True, "finished": False}
 
     def stop(signum, frame):   # `timeout` ends a run gone long: keep what was measured
         raise KeyboardInterrupt(f"signal {signum}")
@@ -279,20 +312,16 @@ def main(argv=None) -> int:
     try:
         models = {"stories260k": args.stories} if args.quick else {"stories260k": args.stories, "135M": random_135m(work)}
         for name, source in models.items():   # one model at a time: a run cut short still reports the first
-            packages = export_model(name, source, work, export_device)
-            rows, ok = parity(packages, args.device, tokens)
-            results["parity"] += rows
-            results["passed"] = results["passed"] and ok
-            if name == "stories260k":   # fp32 on the device must batch like the CPU alone, token for token
-                check = scheduler_parity("stories260k-fp32", packages["stories260k-fp32"], args.device, "cpu", tokens)
-                results["scheduler"].append(check)
-                results["passed"] = results["passed"] and check["identical"] == check["requests"]
-            save(args.json, results)
-            results["bench"] += bench(packages, args.device, batches, tokens, new, 1 if args.quick else 3)
-            save(args.json, results)
+            try:
+                measure_model(name, source, work, export_device, args, tokens, new, batches, results)
+            except Exception as exc:   # one broken step must not cost the rest of a scarce GPU run
+                failed(f"{name}", exc, results)
         if args.genai_python and not args.quick:
-            results["bench"] += bench_genai(args.genai_python, work / "smollm2-135m-random", work, batches, tokens, new,
-                                            args.device, 3, results["scheduler"])
+            try:
+                results["bench"] += bench_genai(args.genai_python, work / "smollm2-135m-random", work, batches, tokens,
+                                                new, args.device, 3, results)
+            except Exception as exc:
+                failed("genai", exc, results, fatal=False)
         results["finished"] = True
     except KeyboardInterrupt as exc:
         say(f"stopped early ({exc}); what was measured so far follows")
@@ -300,13 +329,9 @@ def main(argv=None) -> int:
         print(table(results["bench"]), flush=True)
         save(args.json, results)
     ok = results["passed"]
-    say(f"parity: {'PASSED' if ok else 'FAILED'} (stories260k fp32 greedy on {args.device} identical to the CPU's)")
+    say(f"check: {'PASSED' if ok else 'FAILED'} (stories260k fp32 on {args.device}: greedy tokens identical to the "
+        f"CPU's, alone and under continuous batching; {len(results['errors'])} step(s) raised)")
     return (0 if ok else 1) if results["finished"] else 3
-
-
-def save(path: Path | None, results: dict) -> None:
-    if path:
-        path.write_text(json.dumps({**results, "seconds": time.perf_counter() - T0}, indent=2))
 
 
 if __name__ == "__main__":
