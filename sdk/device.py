@@ -91,11 +91,15 @@ def _preload_cuda_libraries() -> None:
 
 
 def _why_cuda_provider_fails() -> str:
-    """The dynamic loader's reason the CUDA provider library cannot load (which library is missing),
-    or a hint about the GPU when the library itself loads."""
+    """Why CUDA cannot run, for people: no driver; or the library the CUDA provider cannot load (the
+    dynamic loader names it) and how to install it; or, when everything loads, a hint about the GPU."""
     import ctypes
     from pathlib import Path
 
+    try:
+        ctypes.CDLL("libcuda.so.1")
+    except OSError:
+        return "no NVIDIA GPU driver on this host (libcuda.so.1 not found)"
     library = Path(ort.__file__).parent / "capi" / "libonnxruntime_providers_cuda.so"
     if not library.is_file():
         return "CUDA libraries or GPU not usable on this host"
@@ -103,15 +107,15 @@ def _why_cuda_provider_fails() -> str:
         ctypes.CDLL(str(library))
     except OSError as exc:
         detail = str(exc).replace(f"{library}: ", "")
-        if "libcuda.so" in detail:
-            return f"no NVIDIA driver on this host ({detail})"
         try:
             from onnxruntime.capi.build_and_package_info import cuda_version
-            built_for = f"CUDA {cuda_version.split('.')[0]} and cuDNN 9"
+            cuda = f"CUDA {cuda_version.split('.')[0]}"
         except ImportError:
-            built_for = "the CUDA and cuDNN libraries this onnxruntime-gpu was built for"
+            cuda = "the CUDA version this onnxruntime-gpu was built for"
+        if "undefined symbol" in detail:   # libcuda.so.1 loads but lacks what this CUDA calls
+            return f"the NVIDIA driver is older than {cuda} needs ({detail}); update the driver"
         return (f"the CUDA provider cannot load its libraries ({detail}); install them with "
-                f"pip install 'nextoken[cuda]', or put {built_for} on LD_LIBRARY_PATH")
+                f"pip install 'nextoken[cuda]', or put {cuda} and cuDNN 9 on LD_LIBRARY_PATH")
     return "the CUDA libraries load but no usable GPU answered (check nvidia-smi and CUDA_VISIBLE_DEVICES)"
 
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import subprocess
 import sys
 
@@ -132,3 +133,25 @@ def test_cuda_keeps_fp32_in_fp32_unless_tf32_is_asked_for(monkeypatch):
     assert options(device.resolve_device("auto"))["use_tf32"] == "1"
     assert options(device.resolve_device("auto", tf32=False))["use_tf32"] == "0"
     assert device.resolve_device("cpu", tf32=True).providers == ("CPUExecutionProvider",)
+
+
+def test_with_a_driver_but_no_cuda_libraries_the_reason_says_what_to_install(tmp_path):
+    """A stand-in libcuda.so.1 (a driver without the CUDA wheels): the line names the library the
+    CUDA provider could not load and the extra that installs it."""
+    import shutil
+
+    compiler = shutil.which("cc") or shutil.which("gcc")
+    if compiler is None or cuda_status()[0]:
+        pytest.skip("needs a C compiler to build the stand-in driver, on a host without CUDA")
+    source = tmp_path / "driver.c"
+    source.write_text("int cuInit(unsigned int flags) { return 100; }\n")
+    subprocess.run([compiler, "-shared", "-fPIC", "-o", str(tmp_path / "libcuda.so.1"), str(source)], check=True)
+    code = "from nextoken.device import cuda_status; print(cuda_status()[1])"
+    env = {**os.environ, "LD_LIBRARY_PATH": str(tmp_path)}
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env)
+    assert done.returncode == 0, done.stderr
+    why = done.stdout.strip()
+    if "cannot load its libraries" in why:
+        assert ".so" in why and "nextoken[cuda]" in why
+    else:   # the CUDA wheels are installed here: the stand-in lacks what CUDA calls
+        assert "driver is older" in why, why
