@@ -24,8 +24,9 @@ for whl in "$dir"/*.whl; do
     split -b 55m "$whl" "$whl.part-" && rm "$whl"
   fi
 done
-# stories260k travels too (../shared stays behind); then the calls that carry it all, 60 MiB each at most
-# (a call carries 8 paths and 64 MiB with the working tree), the last one running the check.
+# stories260k travels too (../shared stays behind); then a plan for a host reached by transfers of
+# limited size (here 8 paths and 58 MiB each, beside the working tree): each copies what it brought
+# into /root/gpu, the last one runs the check.
 stories="$(dirname "$dir")/stories260k"
 [ -d ../shared/models/stories260k ] && mkdir -p "$stories" && cp -r ../shared/models/stories260k/. "$stories"/
 python3 - "$dir" "$stories" <<'PY'
@@ -46,8 +47,8 @@ if os.path.isdir(stories):
 base = os.path.dirname(wheels)
 copy = f"mkdir -p /root/gpu && cp -r {base}/. /root/gpu/ && ls /root/gpu/wheels | wc -l"
 check = (" && NEXTOKEN_WHEELS=/root/gpu/wheels bash scripts/gpu_check.sh --stories /root/gpu/stories260k"
-         " --work /root/w --json $OUT/gpu.json")
-print(f"{len(calls)} device calls, back to back while the machine is warm (30 s); the last runs the check:")
+         " --work /root/w --json ${OUT:-.}/gpu.json")
+print(f"{len(calls)} transfers; the last runs the check:")
 for i, c in enumerate(calls, 1):
     print(json.dumps({"call": i, "carry": c["carry"], "command": copy + (check if i == len(calls) else ""),
                       "timeout_s": 600 if i == len(calls) else 120}))
