@@ -94,8 +94,11 @@ def _why_cuda_provider_fails() -> str:
     """Why CUDA cannot run, for people: no driver; or the library the CUDA provider cannot load (the
     dynamic loader names it) and how to install it; or, when everything loads, a hint about the GPU."""
     import ctypes
+    import sys
     from pathlib import Path
 
+    if not sys.platform.startswith("linux"):   # the names below are Linux's
+        return "CUDA libraries or GPU not usable on this host"
     try:
         ctypes.CDLL("libcuda.so.1")
     except OSError:
