@@ -3,11 +3,13 @@
     python scripts/gpu_check.py [--stories DIR] [--work DIR] [--json FILE] [--genai-python PY]
 
 Exports stories260k (the real model in ../shared/models) and a Llama with SmolLM2-135M's config
-(random weights: speed does not depend on them) in fp32 and fp16; checks that greedy tokens on
-CUDA equal the CPU's (stories260k fp32: identical, or the check fails), reports how far fp16 and
-the 135M model move; then prints one table: TTFT and decode tokens/s at batch 1, 8 and 32, for
-nextoken and, given ``--genai-python`` (an environment with onnxruntime-genai-cuda), for
-onnxruntime-genai on the same checkpoint. Exits 1 when a check fails, 2 when CUDA is not usable (with
+(random weights: speed does not depend on them) in fp32 and fp16, one model at a time; checks that
+greedy tokens on CUDA equal the CPU's, alone and under continuous batching (stories260k fp32:
+identical, or the check fails), reports how far fp16 and the 135M model move; then prints one
+table: TTFT and decode tokens/s at batch 1, 8 and 32 for nextoken (the 135M fp32 package also with
+TF32) and, given ``--genai-python`` (an environment with onnxruntime-genai-cuda), for
+onnxruntime-genai on its own build of the same checkpoint and nextoken on that same graph.
+Exits 1 when a check fails, 2 when CUDA is not usable (with
 what is missing), 3 when stopped early (SIGTERM: the table and ``--json`` keep what was measured).
 ``scripts/gpu_check.sh`` installs what it needs first. ``--device cpu --quick`` runs the same path
 on a CPU (the test suite does, so the script cannot rot between GPU runs).
