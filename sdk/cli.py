@@ -46,7 +46,7 @@ def _engine(args: argparse.Namespace, package=None):
     from .engine import Engine
 
     return Engine(package or args.package, device=args.device, threads=args.threads, spin=args.spin,
-                  plugins=_external_plugins(args), cost_meters=_meters(args))
+                  plugins=_external_plugins(args), cost_meters=_meters(args), tf32=args.tf32)
 
 
 def _value(text: str):
@@ -190,13 +190,13 @@ def _cmd_serve(args: argparse.Namespace) -> int:
 
         serve_ray(args.package, host=args.host, port=args.port, replicas=args.replicas, threads=args.threads or 1,
                   max_batch=args.max_batch, api_key=args.api_key, model_name=args.model_name, device=args.device,
-                  address=args.ray_address, scheduler_options=_scheduler_options(args))
+                  address=args.ray_address, scheduler_options=_scheduler_options(args), spin=args.spin, tf32=args.tf32)
         return 0
     from .server import serve
 
     serve(args.package, host=args.host, port=args.port, max_batch=args.max_batch, api_key=args.api_key,
           model_name=args.model_name, device=args.device, threads=args.threads,
-          scheduler_options=_scheduler_options(args))
+          scheduler_options=_scheduler_options(args), spin=args.spin, tf32=args.tf32)
     return 0
 
 
@@ -373,6 +373,8 @@ def _parser() -> argparse.ArgumentParser:
         p.add_argument("--threads", type=int, default=None, help="intra-op threads (default: 1 for a model under 16 MB, else one per physical core)")
         p.add_argument("--spin", action=argparse.BooleanOptionalAction, default=None,
                        help="thread spinning: faster on a quiet host, much slower on a busy one (default: off, or NEXTOKEN_SPIN)")
+        p.add_argument("--tf32", action=argparse.BooleanOptionalAction, default=None,
+                       help="CUDA: fp32 matrix products in TensorFloat-32, faster and less exact (default: off, or NEXTOKEN_TF32)")
 
     def plugin_options(p: argparse.ArgumentParser) -> None:
         p.add_argument("--plugins", default=None, metavar="all|none|A,B",

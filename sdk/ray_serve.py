@@ -40,9 +40,11 @@ def _ray():
 
 def replica_deployment(package: str, *, replicas: int = 2, threads: int = 1, max_batch: int = 8,
                        api_key: str | None = None, model_name: str | None = None, device: str = "auto",
-                       scheduler_options: dict[str, Any] | None = None) -> Any:
+                       scheduler_options: dict[str, Any] | None = None, spin: bool | None = None,
+                       tf32: bool | None = None) -> Any:
     """A bound Ray Serve application: ``replicas`` copies of one engine + scheduler + app each
-    (``scheduler_options``: more :class:`~nextoken.Scheduler` arguments, e.g. ``kv_backend``)."""
+    (``scheduler_options``: more :class:`~nextoken.Scheduler` arguments, e.g. ``kv_backend``;
+    ``spin``, ``tf32``: as :class:`~nextoken.Engine` takes them)."""
     options = dict(scheduler_options or {})
     _, serve = _ray()
     name = model_name or Path(package).resolve().name
@@ -54,7 +56,7 @@ def replica_deployment(package: str, *, replicas: int = 2, threads: int = 1, max
             from .scheduler import Scheduler
             from .server import create_app
 
-            self.engine = Engine(package, device=device, threads=threads)
+            self.engine = Engine(package, device=device, threads=threads, spin=spin, tf32=tf32)
             self.scheduler = Scheduler(self.engine, max_batch=max_batch, **options).start()
             self._asgi = create_app(self.scheduler, name, api_key=api_key)
 
@@ -73,7 +75,8 @@ def replica_deployment(package: str, *, replicas: int = 2, threads: int = 1, max
 
 def serve_ray(package: str, *, host: str = "127.0.0.1", port: int = 8000, replicas: int = 2, threads: int = 1,
               max_batch: int = 8, api_key: str | None = None, model_name: str | None = None, device: str = "auto",
-              address: str | None = None, blocking: bool = True, scheduler_options: dict[str, Any] | None = None) -> None:
+              address: str | None = None, blocking: bool = True, scheduler_options: dict[str, Any] | None = None,
+              spin: bool | None = None, tf32: bool | None = None) -> None:
     """Start (or join, with ``address``) Ray, and serve ``package`` from ``replicas`` replicas on ``host:port``."""
     ray, serve = _ray()
     package = str(Path(package).resolve())
@@ -84,5 +87,6 @@ def serve_ray(package: str, *, host: str = "127.0.0.1", port: int = 8000, replic
             ray.init(include_dashboard=False, _node_ip_address="127.0.0.1", configure_logging=False)
     serve.start(http_options={"host": host, "port": port})
     serve.run(replica_deployment(package, replicas=replicas, threads=threads, max_batch=max_batch, api_key=api_key,
-                                 model_name=model_name, device=device, scheduler_options=scheduler_options),
+                                 model_name=model_name, device=device, scheduler_options=scheduler_options,
+                                 spin=spin, tf32=tf32),
               name="nextoken", route_prefix="/", blocking=blocking)

@@ -280,9 +280,11 @@ def create_app(scheduler: Scheduler, model_name: str, api_key: str | None = None
 
 def serve(package: str, host: str = "127.0.0.1", port: int = 8000, max_batch: int = 8, api_key: str | None = None,
           model_name: str | None = None, device: str = "auto", threads: int | None = None,
-          scheduler_options: dict[str, Any] | None = None) -> None:
+          scheduler_options: dict[str, Any] | None = None, spin: bool | None = None,
+          tf32: bool | None = None) -> None:
     """Load ``package`` and serve it until interrupted (``scheduler_options``: more
-    :class:`~nextoken.Scheduler` arguments: ``max_prefill_tokens``, ``kv_backend``, ``slot_length``)."""
+    :class:`~nextoken.Scheduler` arguments: ``max_prefill_tokens``, ``kv_backend``, ``slot_length``;
+    ``spin``, ``tf32``: as :class:`~nextoken.Engine` takes them)."""
     try:
         import uvicorn
     except ImportError:
@@ -291,7 +293,7 @@ def serve(package: str, host: str = "127.0.0.1", port: int = 8000, max_batch: in
 
     from .engine import Engine
 
-    engine = Engine(package, device=device, threads=threads)
+    engine = Engine(package, device=device, threads=threads, spin=spin, tf32=tf32)
     with Scheduler(engine, max_batch=max_batch, **(scheduler_options or {})) as scheduler:
         app = create_app(scheduler, model_name or Path(package).resolve().name, api_key=api_key)
         uvicorn.run(app, host=host, port=port, log_level="warning")
