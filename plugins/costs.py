@@ -16,8 +16,8 @@ def _price(options: dict, key: str, default: float | None = None) -> float:
         value = float(value)
     except (TypeError, ValueError):
         raise InvalidRequestError(f"cost meter option {key}={value!r} is not a number") from None
-    if value < 0:
-        raise InvalidRequestError(f"cost meter option {key} must be >= 0, not {value}")
+    if not 0 <= value < float("inf"):
+        raise InvalidRequestError(f"cost meter option {key} must be a finite number >= 0, not {value}")
     return value
 
 

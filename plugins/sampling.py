@@ -85,14 +85,26 @@ def make_repetition_penalty(params, options):
 
 
 def make_temperature(params, options):
-    """Divide logits by the temperature (inactive at 0, which is greedy, and at 1)."""
+    """Divide logits by the temperature (inactive at 0, which is greedy, and at 1).
+
+    Each row is first shifted so that its largest logit is 0 (softmax does not change), so a tiny
+    temperature sends the others towards -inf instead of overflowing: one so small that 1/T is not
+    a float32 is its limit, greedy (only each row's largest logits stay, ties kept).
+    """
     temperature = float(params.temperature)
     if temperature in (0.0, 1.0):
         return None
-    scale = np.float32(1.0 / temperature)
+    with np.errstate(over="ignore"):
+        scale = np.float32(1.0 / temperature)
 
     def temperature_(logits: np.ndarray, state) -> np.ndarray:
-        logits *= scale
+        top = logits.max(axis=1, keepdims=True)
+        logits -= top
+        if np.isinf(scale):
+            logits[logits < 0] = NEG_INF
+            return logits
+        with np.errstate(over="ignore"):
+            logits *= scale
         return logits
 
     return temperature_

@@ -13,6 +13,7 @@ from .errors import (
     ExportError,
     InvalidRequestError,
     PluginError,
+    SchedulerStoppedError,
     ManifestMismatchError,
     ModelPackageError,
     NextokenError,
@@ -41,7 +42,7 @@ __all__ = [
     "BatchState", "Stop", "Charge", "TokenLogprob", "Registry", "hookimpl", "hookspec", "Scheduler", "RequestHandle",
     "Manifest", "FORMAT_VERSION", "Tokenizer", "IncrementalDecoder", "DeviceChoice", "resolve_device",
     "NextokenError", "ModelPackageError", "ManifestMismatchError", "InvalidRequestError",
-    "ContextWindowError", "ExportError", "DeviceError", "PluginError", "__version__",
+    "ContextWindowError", "ExportError", "DeviceError", "PluginError", "SchedulerStoppedError", "__version__",
 ]
 
 for _name in __all__:

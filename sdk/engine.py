@@ -17,7 +17,7 @@ from .kvcache import StepRunner
 from .manifest import Manifest, TensorSpec
 from .memory import release_free_heap
 from .registry import Registry, resolve_names
-from .tokenizer import Tokenizer
+from .tokenizer import GuardedTokenizer, Tokenizer
 
 __all__ = ["Engine", "Prompt"]
 
@@ -71,10 +71,15 @@ class Engine:
         self.plugins = Registry(plugins)
         for plugin in extra_plugins:
             self.plugins.register(plugin)
+        #: the tokenizer plugin's own tokenizer (None for a package without one)
         self.tokenizer: Tokenizer | None = None
+        #: the same, with every answer checked where it enters the engine (what the engine uses)
+        self._tokenizer: GuardedTokenizer | None = None
         if self.manifest.tokenizer_file:
             (loader,) = resolve_names("tokenizer", [self.manifest.tokenizer], self.plugins)
             self.tokenizer = loader.make(self.path, self.manifest)
+            self._tokenizer = GuardedTokenizer(self.tokenizer, f"plugin {loader.plugin!r} (tokenizer {loader.name!r})",
+                                               self.manifest.vocab_size)
         self.cost_meters = {k: dict(v) for k, v in (cost_meters or {}).items()}
         resolve_names("cost_meter", list(self.cost_meters), self.plugins)
         self.device: DeviceChoice = resolve_device(device, tf32)
@@ -132,12 +137,12 @@ class Engine:
         """Token ids of ``text`` as the model gets them (with BOS when the tokenizer adds one)."""
         return self._need_tokenizer().encode(text)
 
-    def _need_tokenizer(self) -> Tokenizer:
-        if self.tokenizer is None:
+    def _need_tokenizer(self) -> GuardedTokenizer:
+        if self._tokenizer is None:
             raise InvalidRequestError(
                 f"{self.path} has no tokenizer, so prompts must be token ids; export it from a checkpoint with one"
             )
-        return self.tokenizer
+        return self._tokenizer
 
     def apply_chat_template(self, messages: Sequence[Message], add_generation_prompt: bool = True) -> list[int]:
         """Token ids of ``messages`` rendered with the model's chat template (in a sandbox)."""
@@ -195,7 +200,7 @@ class Engine:
         pipeline = Pipeline(self.plugins, params, self.cost_meters)
         ids = self._batch(prompts)
         return Generation(
-            self.runner, ids, params, pipeline, self.tokenizer, self.eos_token_ids, self.pad_token_id,
+            self.runner, ids, params, pipeline, self._tokenizer, self.eos_token_ids, self.pad_token_id,
             self.manifest.context_length, self.device.device, self.device.provider,
         )
 

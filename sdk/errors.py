@@ -11,6 +11,7 @@ __all__ = [
     "ExportError",
     "DeviceError",
     "PluginError",
+    "SchedulerStoppedError",
 ]
 
 
@@ -44,3 +45,13 @@ class DeviceError(NextokenError):
 
 class PluginError(NextokenError):
     """A plugin failed; the message names the plugin and the hook or piece that raised."""
+
+
+class SchedulerStoppedError(NextokenError):
+    """The scheduler is closed, or its loop died: it takes no more requests (a server answers 503)."""
+
+
+def describe(value: object, limit: int = 60) -> str:
+    """A value as an error message shows it: its type and the start of its repr."""
+    text = repr(value)
+    return f"{type(value).__name__} {text[:limit]}{'...' if len(text) > limit else ''}"

@@ -19,7 +19,7 @@ from typing import TYPE_CHECKING, Any, Callable, Iterator, Mapping, Sequence
 
 import numpy as np
 
-from .errors import ContextWindowError, InvalidRequestError, NextokenError
+from .errors import ContextWindowError, InvalidRequestError, NextokenError, describe
 from .kvcache import StepRunner, grow_mask, pad_batch
 from .memory import gpu_memory, peak_rss_bytes, reset_peak_rss
 from .tokenizer import IncrementalDecoder, Tokenizer
@@ -430,6 +430,67 @@ class _Sequence:
         self.logprobs: list[TokenLogprob] | None = [] if logprobs else None
 
 
+# -- what plugins and the model hand the loop, checked where it enters -------------------------------
+# Each check is a shape test and one reduction over the row (max propagates NaN), so it costs a
+# small fraction of a step; the reason for a failure is found only once something failed.
+
+def _logits_problem(logits: Any, batch: int, vocab: int, model: bool = False) -> str | None:
+    """Why ``logits`` cannot be used as a ``[batch, vocab]`` float array of scores, or None.
+    -inf masks a token; NaN, +inf, or a row with no finite score is a fault."""
+    if not isinstance(logits, np.ndarray):
+        return f"returned {describe(logits)}, not a float numpy array [batch={batch}, vocab={vocab}]"
+    if logits.dtype.kind != "f":
+        return f"returned a {logits.dtype} array, not floats"
+    if logits.shape != (batch, vocab):
+        return f"returned an array of shape {list(logits.shape)}, not [batch={batch}, vocab={vocab}]"
+    top = logits.max(axis=1)
+    if np.isfinite(top).all():
+        return None
+    for row in range(batch):
+        if np.isnan(top[row]):
+            return f"are NaN in row {row}" if model else f"returned NaN in row {row}"
+        if top[row] == np.inf:
+            return f"are +inf in row {row}" if model else f"returned +inf in row {row}"
+        if top[row] == -np.inf:
+            return (f"are all -inf in row {row}" if model
+                    else f"masked every token of row {row} (no finite score is left to choose from)")
+    return None
+
+
+def _tokens(picked: Any, batch: int, vocab: int) -> tuple[np.ndarray, str | None]:
+    """A strategy's answer as int64 ``[batch]``, or why it cannot be."""
+    arr = np.asarray(picked) if not isinstance(picked, np.ndarray) else picked
+    if arr.dtype.kind not in "iu":
+        return arr, f"returned {describe(picked)} ({arr.dtype}), not integer token ids"
+    if arr.size != batch:
+        return arr, f"returned {arr.size} token ids (shape {list(arr.shape)}), not one per row [batch={batch}]"
+    tokens = arr.astype(np.int64, copy=False).reshape(batch)
+    if batch and (tokens.min() < 0 or tokens.max() >= vocab):
+        bad = [int(t) for t in tokens if not 0 <= t < vocab]
+        return tokens, f"returned token ids outside the vocabulary [0, {vocab}): {bad[:5]}"
+    return tokens, None
+
+
+def _stops_problem(stops: Any, batch: int) -> str | None:
+    """Why a stop condition's answer is not None or ``{row: Stop}``, or None."""
+    if stops is None:
+        return None
+    if not isinstance(stops, Mapping):
+        return f"returned {describe(stops)}, not None or a dict of row -> Stop"
+    for row, stop in stops.items():
+        if isinstance(row, bool) or not isinstance(row, (int, np.integer)) or not 0 <= row < batch:
+            return f"returned a stop for row {row!r}, not a row of the batch [0, {batch})"
+        if not isinstance(stop, Stop):
+            return f"returned {describe(stop)} for row {row}, not a nextoken.Stop"
+        if stop.text_end is not None and (isinstance(stop.text_end, bool) or not isinstance(stop.text_end, int)):
+            return f"returned text_end={stop.text_end!r} for row {row}, not an integer or None"
+    return None
+
+
+def _finite_number(value: Any) -> bool:
+    return isinstance(value, (int, float, np.integer, np.floating)) and not isinstance(value, bool) and math.isfinite(value)
+
+
 def _log_softmax(logits: np.ndarray) -> np.ndarray:
     top = logits.max(axis=1, keepdims=True)
     shifted = logits - top
@@ -490,15 +551,27 @@ class Generation:
         Returns the picked tokens ``[B]`` and the step's events."""
         pipe, state, seqs = self.pipeline, self.state, self.seqs
         batch = state.batch_size
+        problem = _logits_problem(logits, batch, state.vocab_size, model=True)
+        if problem:
+            raise NextokenError(f"the model's logits at step {state.step} of request {state.request_id} {problem}: "
+                                "the package or its precision cannot be trusted on this input; check it with "
+                                "`nextoken info --verify` and its parity report")
         for proc in pipe.processors:
             try:
-                logits = proc.fn(logits, state)
+                out = proc.fn(logits, state)
             except Exception as exc:
                 raise proc.provided.error(exc) from exc
+            problem = _logits_problem(out, batch, state.vocab_size)
+            if problem:
+                raise proc.provided.error(ValueError(problem))
+            logits = out if out.dtype == np.float32 else out.astype(np.float32)
         try:
-            tokens = np.asarray(pipe.strategy.fn(logits, state), dtype=np.int64).reshape(batch)
+            picked = pipe.strategy.fn(logits, state)
         except Exception as exc:
             raise pipe.strategy.provided.error(exc) from exc
+        tokens, problem = _tokens(picked, batch, state.vocab_size)
+        if problem:
+            raise pipe.strategy.provided.error(ValueError(problem))
         now = time.perf_counter()
         if state.step == 0:
             self.first_token_time = now
@@ -518,6 +591,9 @@ class Generation:
                 stops = cond.fn(tokens, state)
             except Exception as exc:
                 raise cond.provided.error(exc) from exc
+            problem = _stops_problem(stops, batch)
+            if problem:
+                raise cond.provided.error(ValueError(problem))
             if stops:
                 for row, stop in stops.items():
                     if state.alive[row] and seqs[row].finish is None:
@@ -678,9 +754,13 @@ class Generation:
                                     self.state.prompts[row], finish.detail, seq.logprobs)
             for name, meter in self.pipeline.meters:
                 try:
-                    completion.cost[name] = meter.fn(usage)
+                    charge = meter.fn(usage)
                 except Exception as exc:
                     raise meter.provided.error(exc) from exc
+                if not isinstance(charge, Charge) or not _finite_number(charge.amount):
+                    raise meter.provided.error(ValueError(
+                        f"returned {describe(charge)}, not a Charge with a finite amount"))
+                completion.cost[name] = charge
             out.append(completion)
         return out
 

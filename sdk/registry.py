@@ -122,6 +122,8 @@ class Registry:
 
     # -- registration -------------------------------------------------------------------------------
     def _register(self, plugin: Any, name: str | None, distribution: str) -> str:
+        if name is None and not self.pm.is_registered(plugin):
+            name = self._name_for(plugin)
         try:
             registered = self.pm.register(plugin, name=name)
         except ValueError as exc:
@@ -133,8 +135,25 @@ class Registry:
         self._provided = None
         return registered
 
+    def _name_for(self, plugin: Any) -> str:
+        """What an unnamed plugin is called in listings and errors: its module's name, its class's
+        qualified name, or for an object its class's (``#2``, ``#3`` ... for more of one class)."""
+        if isinstance(plugin, types.ModuleType):
+            base = plugin.__name__
+        else:
+            cls = plugin if isinstance(plugin, type) else type(plugin)
+            base = f"{cls.__module__}.{cls.__qualname__}" if cls.__module__ not in ("__main__", "builtins") else cls.__qualname__
+            if not isinstance(plugin, type) and isinstance(getattr(plugin, "__name__", None), str):
+                base = plugin.__name__          # a function or a named object: its own name
+        name, n = base, 1
+        while self.pm.get_plugin(name) is not None:
+            n += 1
+            name = f"{base}#{n}"
+        return name
+
     def register(self, plugin: Any, name: str | None = None) -> str:
-        """Register a plugin (a module, class or object with ``@nextoken.hookimpl`` functions) at run time."""
+        """Register a plugin (a module, class or object with ``@nextoken.hookimpl`` functions) at run
+        time; unnamed, it is called by its module or class name."""
         return self._register(plugin, name, "registered at run time")
 
     def unregister(self, name: str) -> None:
@@ -217,8 +236,8 @@ class Registry:
 
 def _blame(exc: BaseException, caller: pluggy.HookCaller) -> str:
     """The plugin whose hook implementation raised ``exc`` (found in the traceback)."""
-    codes = {impl.function.__code__: impl.plugin_name for impl in caller.get_hookimpls()
-             if isinstance(impl.function, types.FunctionType)}
+    functions = ((getattr(impl.function, "__func__", impl.function), impl.plugin_name) for impl in caller.get_hookimpls())
+    codes = {fn.__code__: name for fn, name in functions if isinstance(fn, types.FunctionType)}
     tb = exc.__traceback__
     blamed = "?"
     while tb is not None:

@@ -39,7 +39,7 @@ from typing import Any, Iterator
 
 import numpy as np
 
-from .errors import InvalidRequestError, NextokenError
+from .errors import InvalidRequestError, NextokenError, SchedulerStoppedError
 from .generation import Completion, Generation, SamplingParams, StreamEvent
 from .kvcache import CacheOps, KVCache, SlotCache, grow_mask
 
@@ -157,6 +157,10 @@ class Scheduler:
         #: running requests whose window slid (context_policy "slide"): their kept tokens, to prefill again
         self._refill: collections.deque[tuple[RequestHandle, list[int]]] = collections.deque()
         self._sliding: set[int] = set()
+        #: newcomers being prefilled now (popped from the queue, not yet in the batch)
+        self._admitting: list[RequestHandle] = []
+        #: why the loop stopped, when it died (None while it runs or was closed in order)
+        self.error: BaseException | None = None
         #: requests ended, by how: finished (their own stop), cancelled (by the caller), failed
         self.ended = {"finished": 0, "cancelled": 0, "failed": 0}
         self._mask = np.zeros((0, 0), dtype=np.int64)
@@ -186,7 +190,10 @@ class Scheduler:
         handle = RequestHandle(generation)
         with self._cond:
             if self._stop:
-                raise NextokenError("this scheduler is closed")
+                if self.error is not None:
+                    raise SchedulerStoppedError(f"this scheduler stopped after a failure ({self.error}); "
+                                                "start a new one") from None
+                raise SchedulerStoppedError("this scheduler is closed")
             self._waiting.append(handle)
             self._cond.notify()
         return handle
@@ -202,6 +209,11 @@ class Scheduler:
         if self.kv_backend != "slots":
             return 0
         return self.max_batch * self.slot_length * self.engine.manifest.kv_bytes_per_token()
+
+    @property
+    def alive(self) -> bool:
+        """Whether requests can be submitted: not closed, and the loop has not died."""
+        return not self._stop and (self._thread is None or self._thread.is_alive())
 
     @property
     def running(self) -> int:
@@ -230,7 +242,7 @@ class Scheduler:
             self._thread.join()
             self._thread = None
         for handle in self._pending():
-            handle._finish(NextokenError("the scheduler was closed before this request finished"))
+            handle._finish(SchedulerStoppedError("the scheduler was closed before this request finished"))
         self._waiting.clear()
         self._active.clear()
         self._chunking = None
@@ -241,7 +253,7 @@ class Scheduler:
 
     def _pending(self) -> list[RequestHandle]:
         return (list(self._waiting) + self._active + ([self._chunking[0]] if self._chunking else [])
-                + [h for h, _ in self._refill])
+                + [h for h, _ in self._refill] + [h for h in self._admitting if h not in self._active])
 
     def __enter__(self) -> "Scheduler":
         return self.start()
@@ -259,17 +271,21 @@ class Scheduler:
                     return
             try:
                 self.step()
-            except Exception as exc:          # e.g. the engine was closed: fail every request, stop
+            except BaseException as exc:      # e.g. the engine was closed: fail every request, stop
+                error = exc if isinstance(exc, NextokenError) else SchedulerStoppedError(
+                    f"the scheduler stopped: {type(exc).__name__}: {exc}")
                 with self._cond:
                     self._stop = True
+                    self.error = error
                     pending = self._pending()
                     self._waiting.clear()
                     self._active.clear()
                     self._chunking = None
                     self._refill.clear()
-                error = exc if isinstance(exc, NextokenError) else NextokenError(f"the scheduler failed: {exc}")
+                    self._admitting = []
                 for handle in pending:
                     if not handle.done:
+                        self.ended["failed"] += 1
                         handle._finish(error)
                 return
 
@@ -306,7 +322,11 @@ class Scheduler:
                     if self._chunking is not None or budget <= 0:
                         break
                     self._waiting.popleft()
-                    handle.generation._begin()
+                    try:
+                        handle.generation._begin()
+                    except Exception as exc:
+                        self._end_early(handle, exc)
+                        continue
                     self._chunking = (handle, runner.new_cache(1), 0, list(handle.generation.state.prompts[0]), False)
                     continue
                 if size > budget:
@@ -322,7 +342,8 @@ class Scheduler:
         return bool(self._active or self._waiting or self._chunking or self._refill)
 
     def _consume(self, handle: RequestHandle, logits: np.ndarray, row: int) -> None:
-        """The handle's own step on its row of logits; a failure ends that request only."""
+        """The handle's own step on its row of logits. Anything that fails here (its plugins, its
+        numbers, its cost meters, its observers) ends that request only."""
         gen = handle.generation
         slide = gen.params.context_policy == "slide"
         try:
@@ -331,20 +352,21 @@ class Scheduler:
                 tokens, events = gen._consume(logits, lengths, slide=True)
             else:
                 tokens, events = gen._consume(logits)
+            self._last[row] = tokens[0]
+            if slide and not gen.finished and lengths[0] >= self.engine.manifest.context_length:
+                ids = gen.state.prompts[0] + gen.state.generated[0]
+                window = gen._window(ids)
+                gen.slides.append((gen.state.step, 0, list(window)))
+                gen.kv_cache_bytes = max(gen.kv_cache_bytes,
+                                         self._tokens_held(row) * self.engine.manifest.kv_bytes_per_token())
+                self._sliding.add(id(handle))
+                self._refill.append((handle, window))
+            if gen.finished:
+                kv = self._tokens_held(row) * self.engine.manifest.kv_bytes_per_token()
+                gen._end(handle.model_seconds, kv)
         except Exception as exc:
             self._end_early(handle, exc)
             return
-        self._last[row] = tokens[0]
-        if slide and not gen.finished and lengths[0] >= self.engine.manifest.context_length:
-            ids = gen.state.prompts[0] + gen.state.generated[0]
-            window = gen._window(ids)
-            gen.slides.append((gen.state.step, 0, list(window)))
-            gen.kv_cache_bytes = max(gen.kv_cache_bytes, self._tokens_held(row) * self.engine.manifest.kv_bytes_per_token())
-            self._sliding.add(id(handle))
-            self._refill.append((handle, window))
-        if gen.finished:
-            kv = self._tokens_held(row) * self.engine.manifest.kv_bytes_per_token()
-            gen._end(handle.model_seconds, kv)
         handle._deliver(events)
         if gen.finished:
             self.ended["finished"] += 1
@@ -353,16 +375,27 @@ class Scheduler:
     def _end_early(self, handle: RequestHandle, error: BaseException | None) -> None:
         """End a request before its own stop: cancelled by the caller (``error`` None: finish
         reason ``cancelled``, a completion with what it had) or failed (its iteration raises)."""
+        if handle.done:
+            return
         gen = handle.generation
-        self.ended["failed" if error is not None else "cancelled"] += 1
         if error is None and not gen.finished:
             from .generation import Stop
 
             gen.seqs[0].finish = Stop("cancelled", "cancelled by the caller")
             gen.state.alive[:] = False
-            gen._end(handle.model_seconds, 0)
-            handle._deliver([StreamEvent(0, None, "", "cancelled")])
+            try:
+                gen._end(handle.model_seconds, 0)
+            except Exception as exc:          # its cost meter or observer failed: it fails instead
+                error = exc
+            else:
+                handle._deliver([StreamEvent(0, None, "", "cancelled")])
+        self.ended["failed" if error is not None else "cancelled"] += 1
         handle._finish(error)
+
+    def _fail_all(self, handles: list[RequestHandle], error: BaseException) -> None:
+        """A step that is no one request's fault failed: end the requests in it with the cause."""
+        for handle in handles:
+            self._end_early(handle, error)
 
     def _tokens_held(self, row: int) -> int:
         """Positions row ``row`` of the batch holds in the cache."""
@@ -376,7 +409,11 @@ class Scheduler:
             return
         self._mask = grow_mask(self._mask, self.engine.manifest.padding_side)
         before = self._cache.run_seconds
-        logits = runner.step(self._cache, self._last[:, None], self._mask, self._next_pos)
+        try:
+            logits = runner.step(self._cache, self._last[:, None], self._mask, self._next_pos)
+        except Exception as exc:
+            self._fail_all(self._active, exc)
+            return
         self._next_pos = self._next_pos + 1
         spent = self._cache.run_seconds - before
         for row, handle in enumerate(self._active):
@@ -395,7 +432,11 @@ class Scheduler:
         lengths[rows] = slots.lengths[rows] + 1
         mask = (np.arange(slots.length)[None, :] < lengths[:, None]).astype(np.int64)
         before = slots.run_seconds
-        logits = runner.step(slots, ids, mask, (lengths - 1)[:, None], in_place=True, rows=used)
+        try:
+            logits = runner.step(slots, ids, mask, (lengths - 1)[:, None], in_place=True, rows=used)
+        except Exception as exc:
+            self._fail_all(self._active, exc)
+            return
         slots.lengths[rows] += 1
         spent = slots.run_seconds - before
         for row, handle in enumerate(self._active):
@@ -403,11 +444,35 @@ class Scheduler:
             self._consume(handle, logits[self._slot_ids[row]][None, :], row)
 
     def _admit(self, runner, admit: list[RequestHandle]) -> None:
-        prompts = [h.generation.state.prompts[0] for h in admit]
+        """Prefill newcomers together and join them to the batch. A request whose start fails (its
+        observer) ends alone; when the batched prefill fails, each is prefilled alone, so only the
+        requests that fail by themselves end, with their own cause."""
+        started = []
         for handle in admit:
-            handle.generation._begin()
-        cache, mask, next_pos, logits = admit[0].generation._prefill(prompts)
-        self._join(admit, cache, mask, next_pos, logits)
+            try:
+                handle.generation._begin()
+            except Exception as exc:
+                self._end_early(handle, exc)
+            else:
+                started.append(handle)
+        groups = [started] if started else []
+        while groups:
+            group = groups.pop()
+            self._admitting = group
+            try:
+                prompts = [h.generation.state.prompts[0] for h in group]
+                cache, mask, next_pos, logits = group[0].generation._prefill(prompts)
+                self._join(group, cache, mask, next_pos, logits)
+            except Exception as exc:
+                joined = [h for h in group if h in self._active]
+                if joined:                         # the prefill ran; joining failed: no one request's fault
+                    self._fail_all(group, exc)
+                elif len(group) > 1:
+                    groups.extend([h] for h in reversed(group))
+                else:
+                    self._end_early(group[0], exc)
+            finally:
+                self._admitting = []
 
     def _join(self, handles: list[RequestHandle], cache: KVCache, mask: np.ndarray, next_pos: np.ndarray,
               logits: np.ndarray, refill: bool = False) -> None:
@@ -446,7 +511,10 @@ class Scheduler:
             self._chunking = (handle, cache, end, prompt, refill)
         else:
             self._chunking = None
-            self._join([handle], cache, np.ones((1, end), dtype=np.int64), np.array([[end]]), logits, refill)
+            try:
+                self._join([handle], cache, np.ones((1, end), dtype=np.int64), np.array([[end]]), logits, refill)
+            except Exception as exc:
+                self._end_early(handle, exc)
         return end - done
 
     # -- the shared cache ----------------------------------------------------------------------------

@@ -20,7 +20,7 @@ import time
 import uuid
 from typing import Any
 
-from .errors import InvalidRequestError, ModelPackageError, NextokenError
+from .errors import InvalidRequestError, ModelPackageError, NextokenError, PluginError, SchedulerStoppedError
 from .generation import Completion, SamplingParams
 from .scheduler import RequestHandle, Scheduler
 
@@ -76,6 +76,17 @@ def _params(body: dict[str, Any], chat: bool) -> tuple[SamplingParams, bool]:
     return params, bool(options.get("include_usage"))
 
 
+def _failure(exc: NextokenError) -> APIError:
+    """How a request that failed while it ran is answered: the client's mistake is a 400; a plugin
+    or the model failing is a 500 naming the cause; a scheduler that stopped is a 503."""
+    if isinstance(exc, InvalidRequestError):
+        return APIError(400, str(exc))
+    if isinstance(exc, SchedulerStoppedError):
+        return APIError(503, str(exc), "server_error", code="scheduler_stopped")
+    code = "plugin_error" if isinstance(exc, PluginError) else "generation_failed"
+    return APIError(500, str(exc), "server_error", code=code)
+
+
 def create_app(scheduler: Scheduler, model_name: str, api_key: str | None = None, max_body_bytes: int = 1 << 20,
                max_pending: int = 256):
     """The FastAPI application serving ``scheduler``'s engine as ``model_name``."""
@@ -123,9 +134,15 @@ def create_app(scheduler: Scheduler, model_name: str, api_key: str | None = None
 
     @app.get("/health")
     async def health():
-        """Liveness and load, for balancers and operators (no API key needed)."""
-        return {"status": "ok", "model": model_name, "running": scheduler.running, "waiting": scheduler.waiting,
+        """Liveness and load, for balancers and operators (no API key needed): 200 while the
+        scheduler serves, 503 with the reason once its loop has stopped."""
+        body = {"status": "ok", "model": model_name, "running": scheduler.running, "waiting": scheduler.waiting,
                 "ended": dict(scheduler.ended), "max_sequence_length": scheduler.max_sequence_length}
+        if not scheduler.alive:
+            body["status"] = "failed"
+            body["error"] = str(scheduler.error or "the scheduler is closed")
+            return JSONResponse(body, status_code=503)
+        return body
 
     @app.get("/v1/models")
     async def models():
@@ -152,11 +169,16 @@ def create_app(scheduler: Scheduler, model_name: str, api_key: str | None = None
         if params.max_new_tokens > window:
             raise APIError(400, f"max_tokens {params.max_new_tokens} is more than a whole sequence may hold here "
                                 f"({window} tokens); ask for at most {window}", param="max_tokens")
+        if not scheduler.alive:
+            raise APIError(503, f"the server cannot take requests: {scheduler.error or 'its scheduler is closed'}",
+                           "server_error", code="scheduler_stopped")
         if scheduler.running + scheduler.waiting >= max_pending:
             raise APIError(503, f"the server has {max_pending} requests in hand; retry later", "server_busy")
         try:
             return scheduler.submit(prompt, params)
-        except (InvalidRequestError, ModelPackageError) as exc:
+        except SchedulerStoppedError as exc:
+            raise APIError(503, str(exc), "server_error", code="scheduler_stopped") from None
+        except (InvalidRequestError, ModelPackageError, PluginError) as exc:
             raise APIError(400, str(exc)) from None
 
     def _usage(c: Completion) -> dict:
@@ -188,7 +210,7 @@ def create_app(scheduler: Scheduler, model_name: str, api_key: str | None = None
         try:
             return result.result()
         except NextokenError as exc:
-            raise APIError(400, str(exc)) from None
+            raise _failure(exc) from None
 
     def _stream(handle: RequestHandle, chat: bool, rid: str, include_usage: bool):
         obj = "chat.completion.chunk" if chat else "text_completion"
@@ -227,7 +249,8 @@ def create_app(scheduler: Scheduler, model_name: str, api_key: str | None = None
                     yield chunk([], _usage(completion), _extras(completion))
                 yield "data: [DONE]\n\n"
             except NextokenError as exc:
-                err = {"error": {"message": str(exc), "type": "invalid_request_error", "param": None, "code": None}}
+                failure = _failure(exc)
+                err = {"error": {"message": failure.message, "type": failure.kind, "param": None, "code": failure.code}}
                 yield f"data: {json.dumps(err)}\n\n"
             finally:
                 if not handle.done:

@@ -8,7 +8,9 @@ from __future__ import annotations
 
 from typing import Mapping, Protocol, Sequence, runtime_checkable
 
-__all__ = ["Tokenizer", "IncrementalDecoder"]
+from .errors import PluginError, describe
+
+__all__ = ["Tokenizer", "IncrementalDecoder", "GuardedTokenizer"]
 
 # How many tokens before the new ones are decoded with them, so that a token whose text depends on
 # its left neighbour (a leading space, the second half of a UTF-8 character) comes out right.
@@ -71,3 +73,85 @@ class IncrementalDecoder:
         # The tokens just released become the next window's context; older ones are not decoded again.
         self._prefix, self._read = self._read, len(self._ids)
         return delta
+
+
+class GuardedTokenizer:
+    """A tokenizer plugin's tokenizer with its answers checked where they enter the engine.
+
+    ``encode`` must give integer ids inside the vocabulary, ``decode`` a string; anything else,
+    or an exception, is a :class:`~nextoken.PluginError` naming the plugin (``source``), so a
+    faulty tokenizer fails the request that used it instead of reaching ONNX Runtime. Every other
+    attribute is the wrapped tokenizer's.
+    """
+
+    def __init__(self, inner: Tokenizer, source: str, vocab_size: int) -> None:
+        self.inner = inner
+        self.source = source
+        self.vocab_size = vocab_size
+
+    def __getattr__(self, name: str):
+        return getattr(self.inner, name)
+
+    def _fail(self, what: str, problem: str, exc: BaseException | None = None):
+        detail = f"{type(exc).__name__}: {exc}" if exc is not None else problem
+        return PluginError(f"{self.source} failed in {what}: {detail}")
+
+    def encode(self, text: str, add_special_tokens: bool = True) -> list[int]:
+        try:
+            ids = self.inner.encode(text, add_special_tokens=add_special_tokens)
+        except Exception as exc:
+            raise self._fail("encode", "", exc) from exc
+        try:
+            out = [int(t) for t in ids]
+            if any(isinstance(t, (bool, float)) for t in ids):
+                raise TypeError
+        except (TypeError, ValueError):
+            raise self._fail("encode", f"returned {describe(ids)}, not a list of integer token ids") from None
+        bad = [t for t in out if not 0 <= t < self.vocab_size]
+        if bad:
+            raise self._fail("encode", f"returned token ids outside the vocabulary [0, {self.vocab_size}): {bad[:5]}")
+        return out
+
+    def decode(self, ids: Sequence[int]) -> str:
+        try:
+            text = self.inner.decode(ids)
+        except Exception as exc:
+            raise self._fail("decode", "", exc) from exc
+        if not isinstance(text, str):
+            raise self._fail("decode", f"returned {describe(text)}, not a string")
+        return text
+
+    def decoder(self, context: Sequence[int] = ()) -> "IncrementalDecoder":
+        make = getattr(self.inner, "decoder", None)
+        if make is None or isinstance(self.inner, GuardedTokenizer):
+            return IncrementalDecoder(self, context)
+        try:
+            inner = make(context)
+        except Exception as exc:
+            raise self._fail("decoder", "", exc) from exc
+        if type(inner) is IncrementalDecoder:       # the stock decoder: run it over the checked decode
+            return IncrementalDecoder(self, context)
+        return _GuardedDecoder(inner, self)
+
+
+class _GuardedDecoder:
+    """A plugin's own incremental decoder, with its deltas checked to be strings."""
+
+    def __init__(self, inner, owner: GuardedTokenizer) -> None:
+        self.inner, self.owner = inner, owner
+
+    def _checked(self, what: str, call) -> str:
+        try:
+            text = call()
+        except Exception as exc:
+            raise self.owner._fail(what, "", exc) from exc
+        if not isinstance(text, str):
+            raise self.owner._fail(what, f"returned {describe(text)}, not a string")
+        return text
+
+    def add(self, token_id: int) -> str:
+        return self._checked("decoder.add", lambda: self.inner.add(token_id))
+
+    def flush(self) -> str:
+        return self._checked("decoder.flush", self.inner.flush)
+

@@ -68,3 +68,16 @@ def stories_engine(stories_package):
 
     with Engine(stories_package, device="cpu") as engine:
         yield engine
+
+
+@pytest.fixture(scope="session")
+def gqa_package(tmp_path_factory):
+    """A GroupQueryAttention graph laid out as onnxruntime-genai's builder does, imported with the CLI."""
+    from gqa_graph import build_genai_folder
+
+    root = tmp_path_factory.mktemp("gqa")
+    built = build_genai_folder(root / "built")
+    result = run_cli("import-genai", str(built), "-o", str(root / "pkg"))
+    assert result.returncode == 0, result.stderr
+    assert "padding right" in result.stderr
+    return root / "pkg"

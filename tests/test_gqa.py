@@ -18,16 +18,6 @@ PROMPTS = ["Hi", "A much longer prompt than the others", "medium one"]
 
 
 @pytest.fixture(scope="module")
-def gqa_package(tmp_path_factory):
-    root = tmp_path_factory.mktemp("gqa")
-    built = build_genai_folder(root / "built")
-    result = run_cli("import-genai", str(built), "-o", str(root / "pkg"))
-    assert result.returncode == 0, result.stderr
-    assert "padding right" in result.stderr
-    return root / "pkg"
-
-
-@pytest.fixture(scope="module")
 def gqa_engine(gqa_package):
     with Engine(gqa_package, device="cpu") as engine:
         yield engine

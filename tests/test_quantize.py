@@ -11,8 +11,17 @@ from nextoken.exporters import export
 from helpers import run_cli
 
 
-@pytest.mark.parametrize("method, min_agreement", [("int8", 0.9), ("int4", 0.7)])
-def test_quantized_stories260k(stories_dir, tmp_path, method, min_agreement):
+# The bounds say what a broken quantiser would do, not what one host's kernels happen to give.
+# onnxruntime's int8 kernels take different paths on AVX2, AVX-512 and VNNI hosts, and stories260k
+# has near-ties between its top logits (the smallest fp32 top-1/top-2 gap over 64 tokens is 0.07,
+# the quantisation error per logit up to 1.0), so a few teacher-forced top tokens flip, differently
+# per host: int8 agreement 0.984 on an AVX-512/VNNI host, 0.891 on an AVX2-only one; int4 0.80-0.83
+# (AVX-512/VNNI). A broken quantiser (wrong scales, a transposed or mis-blocked weight) agrees on
+# almost nothing (chance is ~1/512) and moves logits by their whole spread (std ~7.5). So: int8 at
+# least 0.75 of the top tokens and a mean |Δ logit| under 0.6 (measured 0.15-0.19); int4 at least
+# 0.6 and under 2 (measured 0.74-0.86).
+@pytest.mark.parametrize("method, min_agreement, max_mean_diff", [("int8", 0.75, 0.6), ("int4", 0.6, 2.0)])
+def test_quantized_stories260k(stories_dir, tmp_path, method, min_agreement, max_mean_diff):
     out = tmp_path / method
     result = run_cli("export", str(stories_dir), "-o", str(out), "--quantize", method)
     assert result.returncode == 0, result.stderr
@@ -20,7 +29,7 @@ def test_quantized_stories260k(stories_dir, tmp_path, method, min_agreement):
     manifest = json.loads((out / "nextoken.json").read_text())
     q = manifest["quantization"]
     assert manifest["precision"] == method and q["method"] == method and q["tokens"] == 64
-    assert q["teacher_forced_agreement"] >= min_agreement and 0 < q["mean_abs_logit_diff"] < 2
+    assert q["teacher_forced_agreement"] >= min_agreement and 0 < q["mean_abs_logit_diff"] < max_mean_diff
     assert (out / "model.onnx").stat().st_size < 0.6 * 1_300_000 or method == "int8"
     assert run_cli("info", str(out), "--verify").returncode == 0
     with Engine(out, device="cpu") as engine:
