@@ -20,7 +20,7 @@ import shutil
 from pathlib import Path
 
 from nextoken.errors import ExportError
-from nextoken.manifest import MANIFEST_NAME, Manifest, sha256_file
+from nextoken.manifest import MANIFEST_NAME, Manifest
 
 __all__ = ["import_genai", "run_builder", "build_with_genai"]
 
@@ -57,42 +57,45 @@ def import_genai(source: str | Path, output: str | Path) -> Manifest:
                           f"model's is {head}; export it with the optimum backend")
     if output.exists() and any(output.iterdir()) and not (output / MANIFEST_NAME).exists():
         raise ExportError(f"output {output} exists and is not an empty directory or a nextoken package; choose another")
-    output.mkdir(parents=True, exist_ok=True)
-    for p in source.iterdir():
-        if p.is_file() and (p.name.startswith(filename) or p.name in _COPY):
-            shutil.copy2(p, output / p.name)
-    inputs = [i.name for i in graph.input]
-    past = [i for i in graph.input if i.name.startswith("past_key_values.") and i.name.endswith(".key")]
-    if not past:
-        raise ExportError(f"{filename} has no past_key_values inputs")
-    elem = past[0].type.tensor_type.elem_type
-    kv_dtype = onnx.helper.tensor_dtype_to_np_dtype(elem).name
-    ops = {n.op_type for n in graph.node}
-    logits = next(o for o in graph.output if o.name == "logits").type.tensor_type.shape.dim
-    vocab = logits[-1].dim_value if logits[-1].HasField("dim_value") else int(config["vocab_size"])
-    eos = config.get("eos_token_id", [])
-    manifest = Manifest(
-        architecture=str(config.get("type", "unknown")),
-        num_layers=len(past),
-        num_kv_heads=int(decoder["num_key_value_heads"]),
-        head_dim=int(decoder["head_size"]),
-        kv_dtype=kv_dtype,
-        vocab_size=int(vocab),
-        context_length=int(config["context_length"]),
-        inputs=tuple(inputs),
-        outputs=tuple(o.name for o in graph.output),
-        eos_token_ids=tuple(int(e) for e in (eos if isinstance(eos, list) else [eos])),
-        bos_token_id=config.get("bos_token_id"),
-        pad_token_id=config.get("pad_token_id"),
-        precision="int4" if "MatMulNBits" in ops else {"float16": "fp16"}.get(kv_dtype, "fp32"),
-        model_file=filename,
-        tokenizer_file="tokenizer.json" if (output / "tokenizer.json").is_file() else None,
-        source=str(source),
-        exported_by={"onnxruntime-genai model builder": "imported by nextoken"},
-        checksums={p.name: sha256_file(p) for p in sorted(output.iterdir()) if p.is_file() and p.name != MANIFEST_NAME},
-        padding_side="left" if "position_ids" in inputs else "right",
-    )
-    manifest.save(output)
+    from .hf import staged
+
+    final = output
+    with staged(final) as output:
+        output.mkdir()
+        for p in source.iterdir():
+            if p.is_file() and (p.name.startswith(filename) or p.name in _COPY):
+                shutil.copy2(p, output / p.name)
+        inputs = [i.name for i in graph.input]
+        past = [i for i in graph.input if i.name.startswith("past_key_values.") and i.name.endswith(".key")]
+        if not past:
+            raise ExportError(f"{filename} has no past_key_values inputs")
+        elem = past[0].type.tensor_type.elem_type
+        kv_dtype = onnx.helper.tensor_dtype_to_np_dtype(elem).name
+        ops = {n.op_type for n in graph.node}
+        logits = next(o for o in graph.output if o.name == "logits").type.tensor_type.shape.dim
+        vocab = logits[-1].dim_value if logits[-1].HasField("dim_value") else int(config["vocab_size"])
+        eos = config.get("eos_token_id", [])
+        manifest = Manifest(
+            architecture=str(config.get("type", "unknown")),
+            num_layers=len(past),
+            num_kv_heads=int(decoder["num_key_value_heads"]),
+            head_dim=int(decoder["head_size"]),
+            kv_dtype=kv_dtype,
+            vocab_size=int(vocab),
+            context_length=int(config["context_length"]),
+            inputs=tuple(inputs),
+            outputs=tuple(o.name for o in graph.output),
+            eos_token_ids=tuple(int(e) for e in (eos if isinstance(eos, list) else [eos])),
+            bos_token_id=config.get("bos_token_id"),
+            pad_token_id=config.get("pad_token_id"),
+            precision="int4" if "MatMulNBits" in ops else {"float16": "fp16"}.get(kv_dtype, "fp32"),
+            model_file=filename,
+            tokenizer_file="tokenizer.json" if (output / "tokenizer.json").is_file() else None,
+            source=str(source),
+            exported_by={"onnxruntime-genai model builder": "imported by nextoken"},
+            padding_side="left" if "position_ids" in inputs else "right",
+        ).with_files(output)
+        manifest.save(output)
     return manifest
 
 
@@ -122,7 +125,7 @@ def build_with_genai(source: str, output: Path, genai_python: str | None, precis
     import tempfile
     import time
 
-    from .hf import ExportReport, _parity
+    from .hf import ExportReport, _parity, record_parity
 
     if not genai_python or not Path(genai_python).is_file():
         raise ExportError(
@@ -150,6 +153,7 @@ def build_with_genai(source: str, output: Path, genai_python: str | None, precis
         if not diff <= atol:
             raise ExportError(f"parity check failed: max |Δ logits| between the genai graph and PyTorch is {diff:.3e}, "
                               f"over the tolerance {atol:.0e}")
+        manifest = record_parity(output, manifest, diff, atol, n, "cpu")
     report = ExportReport(output, manifest, diff, atol, n, seconds)
     say(report.summary())
     return report

@@ -18,7 +18,7 @@ from pathlib import Path
 from typing import Any, Callable, Iterator
 
 from nextoken.errors import ExportError
-from nextoken.manifest import MANIFEST_NAME, Manifest, sha256_file
+from nextoken.manifest import MANIFEST_NAME, Manifest
 
 __all__ = ["export", "ExportReport", "TASK", "SUPPORTED_ARCHITECTURES", "DEFAULT_ATOL", "FP16_RTOL", "DTYPES"]
 
@@ -320,7 +320,6 @@ def _manifest_from_graph(model_path: Path, config, package: Path, source: str) -
         bos = bos[0] if bos else None
     if isinstance(pad, list):
         pad = pad[0] if pad else None
-    files = sorted(p.name for p in package.iterdir() if p.is_file() and p.name != MANIFEST_NAME)
     return Manifest(
         architecture=config.model_type,
         num_layers=layers,
@@ -339,28 +338,60 @@ def _manifest_from_graph(model_path: Path, config, package: Path, source: str) -
         tokenizer_file="tokenizer.json" if (package / "tokenizer.json").is_file() else None,
         source=source,
         exported_by=_versions(),
-        checksums={name: sha256_file(package / name) for name in files},
-    )
+    ).with_files(package)
+
+
+#: Token ids the parity check adds to the prompt's, spread over the vocabulary (seeded), so the check
+#: exercises many embedding rows and not only what the tokenizer makes of one sentence.
+PARITY_RANDOM_IDS = 16
+
+
+def parity_ids(engine, tokens: int = PARITY_RANDOM_IDS) -> list[int]:
+    """The parity check's input: the sample prompt's ids, then ``tokens`` seeded ids from the whole vocabulary."""
+    import numpy as np
+
+    ids = engine.encode(PARITY_PROMPT) if engine.tokenizer is not None else []
+    vocab = engine.manifest.vocab_size
+    ids = ids + [int(i) for i in np.random.default_rng(0).integers(0, vocab, size=tokens)]
+    return ids[: engine.manifest.context_length]
+
+
+def _vacuous(expected) -> str | None:
+    """Why reference logits ``[S, V]`` would make a parity check that proves nothing, or None."""
+    import numpy as np
+
+    if not np.isfinite(expected).all():
+        return "PyTorch's own logits are not finite"
+    spread = expected.max(axis=-1) - expected.min(axis=-1)
+    if spread.max() < 1e-4:
+        return (f"PyTorch's logits are (nearly) constant over the vocabulary at every position (spread "
+                f"{spread.max():.1e}): the checkpoint's weights look empty, so agreeing with them proves nothing")
+    if np.abs(np.diff(expected, axis=0)).max() < 1e-6:
+        return ("PyTorch's logits are identical at every position of the check's varied input: the model ignores "
+                "its input (zero embeddings?), so agreeing with it proves nothing")
+    return None
 
 
 def _parity(source: str, package: Path, offline: bool = False, device: str = "cpu") -> tuple[float, int, float]:
     """(max |Δ logits|, positions, max |logit|) between PyTorch in fp32 and the package running on
-    ``device``, over a prompt in one pass and one cached step."""
+    ``device``, over varied ids (:func:`parity_ids`) in one pass and one cached step. Reference
+    logits that cannot tell a right graph from a wrong one are an :class:`ExportError`."""
     import numpy as np
     import torch
     from transformers import AutoModelForCausalLM
 
     from nextoken.engine import Engine
 
-    engine = Engine(package, device=device, plugins=False)
+    engine = Engine(package, device=device, plugins=False, verify=False)
     try:
-        ids = engine.encode(PARITY_PROMPT) if engine.tokenizer is not None else []
-        if not ids:
-            ids = [int(i) for i in np.random.default_rng(0).integers(0, engine.manifest.vocab_size, size=12)]
+        ids = parity_ids(engine)
         model = AutoModelForCausalLM.from_pretrained(source, dtype=torch.float32, local_files_only=offline)
         model.eval()
         with torch.no_grad():
             expected = model(torch.tensor([ids])).logits[0].numpy()
+        problem = _vacuous(expected)
+        if problem:
+            raise ExportError(f"the parity check cannot judge this export: {problem}")
         full = engine.forward(ids)
         # The same prompt through the cache: prefill all but the last token, then one decode step.
         runner = engine.runner
@@ -372,7 +403,70 @@ def _parity(source: str, package: Path, offline: bool = False, device: str = "cp
     finally:
         engine.close()
     diff = max(float(np.abs(full - expected).max()), float(np.abs(step[0] - expected[-1]).max()))
+    if not np.isfinite(diff):
+        diff = float("inf")
     return diff, len(ids), float(np.abs(expected).max())
+
+
+def record_parity(package: Path, manifest: Manifest, diff: float, tolerance: float, positions: int,
+                  device: str) -> Manifest:
+    """Write the parity result into the package's manifest (before the package is moved into place)."""
+    import dataclasses
+
+    manifest = dataclasses.replace(manifest, parity={
+        "max_abs_diff": diff, "tolerance": tolerance, "positions": positions, "device": device,
+        "reference": "transformers fp32"})
+    manifest.save(package)
+    return manifest
+
+
+# -- atomic export: build beside the target, move into place only after the checks pass -----------
+
+_STAGE = ".nextoken-staging-"
+
+
+def _stage_prefix(output: Path) -> str:
+    return f".{output.name}{_STAGE}"
+
+
+def _clean_stale_stages(output: Path) -> None:
+    """Remove what an export of ``output`` that was killed left beside it (its process is gone)."""
+    prefix = _stage_prefix(output)
+    for stale in output.parent.glob(prefix + "*"):
+        try:
+            pid = int(stale.name[len(prefix):].split("-")[0])
+        except ValueError:
+            continue
+        if pid != os.getpid() and not _pid_alive(pid):
+            shutil.rmtree(stale, ignore_errors=True)
+
+
+def _pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except OSError:
+        return True
+    return True
+
+
+@contextmanager
+def staged(output: Path) -> Iterator[Path]:
+    """A directory beside ``output`` to build a package in; when the block ends without an error, the
+    package replaces ``output`` (two renames on one file system: a kill leaves the old package, or
+    none, never a half-written one); otherwise ``output`` is untouched. The stage is always removed."""
+    output.parent.mkdir(parents=True, exist_ok=True)
+    _clean_stale_stages(output)
+    stage = Path(tempfile.mkdtemp(prefix=f"{_stage_prefix(output)}{os.getpid()}-", dir=output.parent))
+    try:
+        package = stage / "package"
+        yield package
+        if output.exists():
+            os.rename(output, stage / "previous")
+        os.rename(package, output)
+    finally:
+        shutil.rmtree(stage, ignore_errors=True)
 
 
 def export(source: str | os.PathLike, output: str | os.PathLike, *, atol: float | None = None,
@@ -423,8 +517,13 @@ def export(source: str | os.PathLike, output: str | os.PathLike, *, atol: float 
         from .genai import RouteUnavailable, build_with_genai
 
         try:
-            return build_with_genai(source, output, genai_python, precision=quantize or "fp32", check=check,
-                                    atol=DEFAULT_ATOL if atol is None else atol, say=say)
+            with staged(output) as package:
+                report = build_with_genai(source, package, genai_python, precision=quantize or "fp32", check=check,
+                                          atol=DEFAULT_ATOL if atol is None else atol, say=lambda _m: None if
+                                          _m.startswith("exported ") else say(_m))
+            report.output = output
+            say(report.summary())
+            return report
         except RouteUnavailable as exc:
             say(f"warning: the genai backend does not apply here ({exc}); exporting the plain optimum graph instead")
     from .quantize import check_method, quantize_package
@@ -433,64 +532,60 @@ def export(source: str | os.PathLike, output: str | os.PathLike, *, atol: float 
         check_method(quantize, block_size)
     stages = _Stages((4 if check else 3) + (1 if quantize else 0), say)
     local = _looks_local(source)
-    with _quiet():
+    with _quiet(), staged(output) as package:
         with stages("reading the config"):
             config, offline = _load_config(source, local)
             onnx_config = _onnx_config(config, dtype)
-        work = Path(tempfile.mkdtemp(prefix=".nextoken-export-", dir=output.parent if output.parent.exists() else None))
-        try:
-            with stages(f"exporting {config.model_type} to ONNX with optimum ({TASK})"):
-                from optimum.exporters.onnx import main_export
+        work = package.parent / "work"
+        with stages(f"exporting {config.model_type} to ONNX with optimum ({TASK})"):
+            from optimum.exporters.onnx import main_export
 
-                try:
-                    main_export(source, work, task=TASK, do_validation=False, local_files_only=offline,
-                                custom_onnx_configs={"model": onnx_config}, dtype=dtype, device=device)
-                except ExportError:
-                    raise
-                except Exception as exc:
-                    first = str(exc).strip().splitlines()[0][:300] if str(exc).strip() else type(exc).__name__
-                    raise ExportError(f"optimum could not export {source!r}: {first}") from None
-            with stages("writing the model package"):
-                output.mkdir(parents=True, exist_ok=True)
-                for old in output.iterdir():
-                    if old.is_file():
-                        old.unlink()
-                onnx_files = [p for p in work.iterdir() if p.name.startswith("model.onnx")]
-                if not any(p.name == "model.onnx" for p in onnx_files):
-                    raise ExportError(f"optimum wrote no model.onnx for {source!r}")
-                for p in onnx_files + [work / n for n in _PACKAGE_FILES if (work / n).is_file()]:
-                    shutil.move(str(p), output / p.name)
-                _keep_last_logits(output / "model.onnx")
-                manifest = _manifest_from_graph(output / "model.onnx", config, output, source)
-                manifest.save(output)
-        finally:
+            try:
+                main_export(source, work, task=TASK, do_validation=False, local_files_only=offline,
+                            custom_onnx_configs={"model": onnx_config}, dtype=dtype, device=device)
+            except ExportError:
+                raise
+            except Exception as exc:
+                first = str(exc).strip().splitlines()[0][:300] if str(exc).strip() else type(exc).__name__
+                raise ExportError(f"optimum could not export {source!r}: {first}") from None
+        with stages("writing the model package"):
+            package.mkdir()
+            onnx_files = [p for p in work.iterdir() if p.name.startswith("model.onnx")]
+            if not any(p.name == "model.onnx" for p in onnx_files):
+                raise ExportError(f"optimum wrote no model.onnx for {source!r}")
+            for p in onnx_files + [work / n for n in _PACKAGE_FILES if (work / n).is_file()]:
+                shutil.move(str(p), package / p.name)
             shutil.rmtree(work, ignore_errors=True)
+            _keep_last_logits(package / "model.onnx")
+            manifest = _manifest_from_graph(package / "model.onnx", config, package, source)
+            manifest.save(package)
         diff, n = float("nan"), 0
         tolerance = DEFAULT_ATOL if atol is None else atol
         if check:
+            parity_device = "cuda" if device == "cuda" else "cpu"
             with stages(f"checking ONNX logits against PyTorch (on {device})"):
-                diff, n, scale = _parity(source, output, offline, "cuda" if device == "cuda" else "cpu")
+                diff, n, scale = _parity(source, package, offline, parity_device)
             if atol is None and dtype == "fp16":
                 tolerance = FP16_RTOL * max(1.0, scale)
             if not diff <= tolerance:
+                where = f"{output} keeps the package it had" if output.exists() else f"nothing was written to {output}"
                 raise ExportError(
                     f"parity check failed: max |Δ logits| between ONNX ({dtype}) and PyTorch (fp32) is {diff:.3e}, "
-                    f"over the tolerance {tolerance:.1e}; the package in {output} is not trustworthy"
+                    f"over the tolerance {tolerance:.1e}; the export is not trustworthy, and {where}"
                 )
+            manifest = record_parity(package, manifest, diff, tolerance, n, parity_device)
         accuracy = None
         if quantize:
             with stages(f"quantising to {quantize} and measuring it against fp32"):
-                accuracy = quantize_package(output, quantize, block_size, PARITY_PROMPT)
+                accuracy = quantize_package(package, quantize, block_size, PARITY_PROMPT)
                 import dataclasses as _dc
 
                 manifest = _dc.replace(
                     manifest, precision=quantize,
                     quantization={"method": quantize, "block_size": block_size if quantize == "int4" else None,
                                   **accuracy.to_dict()},
-                    checksums={p.name: sha256_file(p) for p in sorted(output.iterdir())
-                               if p.is_file() and p.name != MANIFEST_NAME},
-                )
-                manifest.save(output)
+                ).with_files(package)
+                manifest.save(package)
             say(f"{quantize} accuracy against fp32: {accuracy.line()}")
     report = ExportReport(output, manifest, diff, tolerance, n, stages.seconds, accuracy)
     say(report.summary())

@@ -269,12 +269,14 @@ def _cmd_bench(args: argparse.Namespace) -> int:
 
 
 def _cmd_info(args: argparse.Namespace) -> int:
+    if args.verify:                 # every file re-hashed, all that differ named (loading stops at the first)
+        from .manifest import Manifest
+
+        bad = Manifest.load(args.package).verify_files(args.package)
+        if bad:
+            raise NextokenError(f"{args.package} does not match its checksums: {', '.join(bad)}; re-export it")
     with _engine(args) as engine:
         m = engine.manifest
-        if args.verify:
-            bad = m.verify_files(engine.path)
-            if bad:
-                raise NextokenError(f"{engine.path} does not match its checksums: {', '.join(bad)}; re-export it")
         files = {p.name: p.stat().st_size for p in sorted(engine.path.iterdir()) if p.is_file()}
         info = {
             "package": str(engine.path),
@@ -297,6 +299,8 @@ def _cmd_info(args: argparse.Namespace) -> int:
             "device_reason": engine.device.reason,
             "source": m.source,
             "exported_by": dict(m.exported_by),
+            "parity": dict(m.parity) if m.parity else None,
+            "verified_at_load": engine.verified,
             "files": files,
         }
         if args.verify:
@@ -309,6 +313,9 @@ def _cmd_info(args: argparse.Namespace) -> int:
             value = ", ".join(f"{n} ({_size(s)})" for n, s in value.items())
         elif key == "exported_by":
             value = ", ".join(f"{k} {v}" for k, v in value.items())
+        elif key == "parity" and value:
+            value = (f"max |Δ logits| {value['max_abs_diff']:.2e} over {value['positions']} positions against "
+                     f"{value.get('reference', 'PyTorch')} (tolerance {value['tolerance']:.1e}, {value['device']})")
         elif key.startswith("kv_bytes"):
             value = _size(value)
         print(f"{key:22} {value}")

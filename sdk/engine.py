@@ -50,6 +50,9 @@ class Engine:
     request, ``{name: options}``, e.g. ``{"per_token": {"input_per_million": 0.15, "output_per_million": 0.6}}``.
     ``tf32``: on CUDA, let fp32 matrix products run in TensorFloat-32 (faster, ~1e-3 relative error;
     None: the NEXTOKEN_TF32 environment variable, off when unset: fp32 stays fp32).
+    ``verify``: how the package's files are checked against the checksums of its export before
+    anything is loaded (None: sha256 once, then trusted while sizes and mtimes are unchanged;
+    True: sha256 every load; False: sizes only); a changed file is a :class:`ModelPackageError`.
 
     The engine is heavy and shared; each request's state (its KV cache) lives in the request, so one
     engine serves requests one after another, and a failed request leaves it as it was.
@@ -58,7 +61,8 @@ class Engine:
     def __init__(self, path: str | Path, *, device: str = "auto", threads: int | None = None,
                  spin: bool | None = None, plugins: bool | Sequence[str] | None = None,
                  extra_plugins: Sequence[Any] = (),
-                 cost_meters: Mapping[str, Mapping[str, Any]] | None = None, tf32: bool | None = None) -> None:
+                 cost_meters: Mapping[str, Mapping[str, Any]] | None = None, tf32: bool | None = None,
+                 verify: bool | None = None) -> None:
         self.path = Path(path)
         if not self.path.exists():
             raise ModelPackageError(f"model package {self.path} does not exist")
@@ -68,6 +72,9 @@ class Engine:
         model_file = self.path / self.manifest.model_file
         if not model_file.is_file():
             raise ModelPackageError(f"{model_file} is missing; re-export the package with `nextoken export`")
+        #: how the files were checked at load: "sha256", "stamp", "sizes" or "none (...)"
+        self.verified = self.manifest.verify_at_load(self.path, verify)
+        self.manifest.check_values(self.path)
         self.plugins = Registry(plugins)
         for plugin in extra_plugins:
             self.plugins.register(plugin)

@@ -21,10 +21,13 @@ from typing import Any, Mapping, Sequence
 
 from .errors import ManifestMismatchError, ModelPackageError
 
-__all__ = ["FORMAT_VERSION", "MANIFEST_NAME", "Manifest", "TensorSpec"]
+__all__ = ["FORMAT_VERSION", "MANIFEST_NAME", "VERIFIED_STAMP", "Manifest", "TensorSpec"]
 
 FORMAT_VERSION = 1
 MANIFEST_NAME = "nextoken.json"
+#: Written beside the manifest once every file's sha256 matched: each file's size and mtime then.
+#: While they are unchanged, loading trusts the files without hashing them again.
+VERIFIED_STAMP = ".nextoken-verified.json"
 
 # ONNX Runtime's type strings <-> the manifest's dtype names.
 ORT_TYPES = {
@@ -44,6 +47,15 @@ def sha256_file(path: str | Path) -> str:
         for chunk in iter(lambda: fh.read(1 << 20), b""):
             digest.update(chunk)
     return digest.hexdigest()
+
+
+def _stamp_places(directory: Path) -> list[Path]:
+    """Where a package's verified stamp may live: in the package, else in the user's cache."""
+    import os
+
+    cache = Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "nextoken" / "verified"
+    key = hashlib.sha256(str(directory.resolve()).encode()).hexdigest()[:32]
+    return [directory / VERIFIED_STAMP, cache / f"{key}.json"]
 
 
 @dataclass(frozen=True)
@@ -86,6 +98,10 @@ class Manifest:
     exported_by: Mapping[str, str] = field(default_factory=dict)
     checksums: Mapping[str, str] = field(default_factory=dict)
     quantization: Mapping[str, Any] | None = None
+    #: the export's parity check: max_abs_diff, tolerance, positions, device, reference
+    parity: Mapping[str, Any] | None = None
+    #: bytes of each file named in ``checksums`` (checked at every load: cheap)
+    file_sizes: Mapping[str, int] = field(default_factory=dict)
     padding_side: str = "left"
     format_version: int = FORMAT_VERSION
 
@@ -115,6 +131,8 @@ class Manifest:
         d["exported_by"] = dict(self.exported_by)
         d["checksums"] = dict(self.checksums)
         d["quantization"] = dict(self.quantization) if self.quantization else None
+        d["parity"] = dict(self.parity) if self.parity else None
+        d["file_sizes"] = dict(self.file_sizes)
         return {"format_version": d.pop("format_version"), **d}
 
     def save(self, directory: str | Path) -> Path:
@@ -180,6 +198,92 @@ class Manifest:
             if sha256_file(path) != expected:
                 bad.append(f"{name} (changed)")
         return bad
+
+    def with_files(self, directory: str | Path) -> "Manifest":
+        """This manifest with the checksums and sizes of the package's files as they are now."""
+        files = sorted(p for p in Path(directory).iterdir()
+                       if p.is_file() and p.name not in (MANIFEST_NAME, VERIFIED_STAMP))
+        return dataclasses.replace(self, checksums={p.name: sha256_file(p) for p in files},
+                                   file_sizes={p.name: p.stat().st_size for p in files})
+
+    def verify_at_load(self, directory: str | Path, full: bool | None = None) -> str:
+        """Refuse a package whose files changed since export; returns how it was checked.
+
+        Always: every file named in ``checksums`` exists with its recorded size (a stat each).
+        ``full=None`` (the default): the files' sha256 once, then a stamp (:data:`VERIFIED_STAMP`,
+        in the package, or in the user's cache where the package is read-only) records each file's
+        size and mtime, and later loads trust the files while those are unchanged. ``True``: sha256
+        every time. ``False``: sizes only. A mismatch is a :class:`ModelPackageError` naming the files.
+        """
+        directory = Path(directory)
+        if not self.checksums:
+            return "none (the manifest records no checksums)"
+        stats = {}
+        for name in sorted(self.checksums):
+            try:
+                st = (directory / name).stat()
+            except OSError:
+                raise ModelPackageError(f"{directory / name} is missing (nextoken.json names it); re-export the "
+                                        "package or restore the file") from None
+            stats[name] = [st.st_size, st.st_mtime_ns]
+        wrong = [n for n, size in self.file_sizes.items() if n in stats and stats[n][0] != size]
+        if wrong:
+            raise ModelPackageError(self._changed(directory, wrong, "its size differs from the export's"))
+        if full is False:
+            return "sizes"
+        manifest_hash = sha256_file(directory / MANIFEST_NAME)
+        stamp = {"manifest_sha256": manifest_hash, "files": stats}
+        if full is None:
+            for where in _stamp_places(directory):
+                try:
+                    if json.loads(where.read_text()) == stamp:
+                        return "stamp"
+                except (OSError, ValueError):
+                    continue
+        changed = [n for n, expected in self.checksums.items() if sha256_file(directory / n) != expected]
+        if changed:
+            raise ModelPackageError(self._changed(directory, changed, "its sha256 differs from the export's"))
+        for where in _stamp_places(directory):
+            try:
+                where.parent.mkdir(parents=True, exist_ok=True)
+                where.write_text(json.dumps(stamp))
+                break
+            except OSError:
+                continue
+        return "sha256"
+
+    @staticmethod
+    def _changed(directory: Path, names: Sequence[str], how: str) -> str:
+        return (f"{directory} is not the package that was exported: {', '.join(names)} changed ({how}); "
+                "re-export the package, or restore the file(s)")
+
+    def check_values(self, directory: str | Path) -> None:
+        """Refuse manifest values the model cannot honour: token ids outside the vocabulary, a
+        context longer than the source config's positions (:class:`ManifestMismatchError`)."""
+        problems = []
+        ids = {"bos_token_id": [self.bos_token_id], "pad_token_id": [self.pad_token_id],
+               "eos_token_ids": list(self.eos_token_ids)}
+        for key, values in ids.items():
+            for value in values:
+                if value is None:
+                    continue
+                if isinstance(value, bool) or not isinstance(value, int) or not 0 <= value < self.vocab_size:
+                    problems.append(f"{key} {value!r} is outside the vocabulary [0, {self.vocab_size})")
+        config_path = Path(directory) / "config.json"
+        if config_path.is_file():
+            try:
+                config = json.loads(config_path.read_text())
+            except (OSError, ValueError):
+                config = {}
+            config = config.get("text_config", config) if isinstance(config, dict) else {}
+            positions = next((config[k] for k in ("max_position_embeddings", "n_positions", "n_ctx", "seq_length")
+                              if isinstance(config.get(k), int) and config[k] > 0), None)
+            if positions is not None and self.context_length > positions:
+                problems.append(f"context_length {self.context_length} is longer than the model's "
+                                f"{positions} positions (config.json)")
+        if problems:
+            raise ManifestMismatchError("nextoken.json does not fit the model: " + "; ".join(problems)
+                                        + ". Fix nextoken.json or re-export the package with `nextoken export`.")
 
     # -- the check against the graph -------------------------------------------------------------
     def check_graph(self, inputs: Sequence[TensorSpec], outputs: Sequence[TensorSpec]) -> None:

@@ -8,7 +8,7 @@ import shutil
 import pytest
 
 from nextoken import Engine, InvalidRequestError, ModelPackageError
-from helpers import run_cli, with_chat_template
+from helpers import rehash, run_cli, with_chat_template
 
 TEMPLATE = (
     "{{ bos_token }}{% for m in messages %}{% if m['role'] == 'system' and not loop.first %}"
@@ -57,7 +57,7 @@ def test_the_sandbox_keeps_templates_away_from_python(chat_package, tmp_path, te
     cfg = json.loads((pkg / "tokenizer_config.json").read_text())
     cfg["chat_template"] = template
     (pkg / "tokenizer_config.json").write_text(json.dumps(cfg))
-    with Engine(pkg, device="cpu") as engine:
+    with Engine(rehash(pkg), device="cpu") as engine:
         with pytest.raises(ModelPackageError, match="unsafe"):
             engine.apply_chat_template(MESSAGES)
 

@@ -17,7 +17,7 @@ from nextoken import (
     ModelPackageError,
     NextokenError,
 )
-from helpers import run_cli
+from helpers import rehash, run_cli
 
 
 @pytest.fixture()
@@ -53,6 +53,9 @@ def test_missing_model_file(package_copy):
 
 def test_corrupt_graph(package_copy):
     (package_copy / "model.onnx").write_bytes(b"\x08\x07garbage, not a protobuf" * 50)
+    with pytest.raises(ModelPackageError, match="model.onnx changed .its size differs"):
+        Engine(package_copy)
+    rehash(package_copy)                     # a graph that is what its manifest says, but no graph
     with pytest.raises(ModelPackageError, match="not a loadable ONNX graph"):
         Engine(package_copy)
 
@@ -105,7 +108,7 @@ def test_empty_prompt_without_bos_is_an_error(package_copy):
     tok = json.loads((package_copy / "tokenizer.json").read_text())
     tok["post_processor"] = None
     (package_copy / "tokenizer.json").write_text(json.dumps(tok))
-    with Engine(package_copy, device="cpu") as engine:
+    with Engine(rehash(package_copy), device="cpu") as engine:
         with pytest.raises(InvalidRequestError, match="empty.*no BOS"):
             engine.generate("")
         _still_works(engine)
