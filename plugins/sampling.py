@@ -1,5 +1,6 @@
 """Built-in decoding: the greedy and seeded-sampling strategies, and the logits processors
-repetition_penalty (order 10), temperature (20), top_k (30), top_p (40) and min_p (50).
+logit_bias (order 5), repetition_penalty (10), presence/frequency penalties (15), temperature (20),
+top_k (30), top_p (40) and min_p (50).
 
 Each processor works on the whole batch's logits ``[B, V]`` at once, in place where it can.
 """
@@ -82,6 +83,35 @@ def make_repetition_penalty(params, options):
         return logits
 
     return repetition_penalty
+
+
+def make_logit_bias(params, options):
+    """Add each token's bias from SamplingParams.logit_bias to its logit (-100 bans it; OpenAI's rule)."""
+    if not params.logit_bias:
+        return None
+    ids = np.fromiter(params.logit_bias.keys(), dtype=np.int64)
+    bias = np.fromiter(params.logit_bias.values(), dtype=np.float32)
+
+    def logit_bias(logits: np.ndarray, state) -> np.ndarray:
+        logits[:, ids] += bias           # the ids were checked against the vocabulary when the request started
+        return logits
+
+    return logit_bias
+
+
+def make_penalties(params, options):
+    """OpenAI's presence and frequency penalties: subtract presence_penalty from the logit of every
+    token generated so far, and frequency_penalty times the number of times it was generated."""
+    presence, frequency = float(params.presence_penalty), float(params.frequency_penalty)
+    if presence == 0.0 and frequency == 0.0:
+        return None
+
+    def penalties(logits: np.ndarray, state) -> np.ndarray:
+        counts = state.counts()
+        logits -= (counts > 0) * np.float32(presence) + counts * np.float32(frequency)
+        return logits
+
+    return penalties
 
 
 def make_temperature(params, options):
@@ -233,7 +263,9 @@ def register_strategies(register):
 
 @nextoken.hookimpl
 def register_logits_processors(register):
+    register("logit_bias", make_logit_bias, order=5, auto=True)
     register("repetition_penalty", make_repetition_penalty, order=10, auto=True)
+    register("penalties", make_penalties, order=15, auto=True)
     register("temperature", make_temperature, order=20, auto=True)
     register("top_k", make_top_k, order=30, auto=True)
     register("top_p", make_top_p, order=40, auto=True)

@@ -2,19 +2,30 @@
 
 Templates come from the model (tokenizer_config.json's ``chat_template``) and are rendered in
 Jinja's immutable sandbox: the template sees the messages (plain strings in plain dicts), the
-special tokens and ``add_generation_prompt``, and no other Python object.
+special tokens and ``add_generation_prompt``, and no other Python object. A render is bounded:
+at most :data:`MAX_RENDER_SECONDS` of loops and :data:`MAX_RENDER_CHARS` of output (a template
+that loops without end, or multiplies a string into gigabytes, is an error, not a stalled server).
 """
 
 from __future__ import annotations
 
+import functools
 import json
+import threading
+import time
 from typing import Any, Mapping, Sequence
 
 from .errors import InvalidRequestError, ModelPackageError
 
-__all__ = ["render_chat", "Message"]
+__all__ = ["render_chat", "Message", "MAX_RENDER_SECONDS", "MAX_RENDER_CHARS"]
 
 Message = Mapping[str, str]
+
+#: The longest a chat template may render, and the most characters it may produce.
+MAX_RENDER_SECONDS = 2.0
+MAX_RENDER_CHARS = 4 << 20
+
+_deadline = threading.local()
 
 
 class TemplateError(InvalidRequestError):
@@ -36,28 +47,81 @@ def _check_messages(messages: Any) -> list[dict[str, str]]:
     return out
 
 
-def render_chat(template: str | None, messages: Sequence[Message], special_tokens: Mapping[str, str],
-                add_generation_prompt: bool = True) -> str:
-    """Render ``messages`` with ``template`` in a sandbox; a model without a template is a clear error."""
-    if not template:
-        raise ModelPackageError(
-            "this model has no chat template (tokenizer_config.json has no chat_template); "
-            "use generate() with a plain prompt instead"
-        )
-    from jinja2 import TemplateError as JinjaError
+class _RenderLimit(ModelPackageError):
+    """A chat template went past the render limits."""
+
+
+def _check_time() -> None:
+    if time.perf_counter() > getattr(_deadline, "at", float("inf")):
+        raise _RenderLimit(f"the model's chat template ran past {MAX_RENDER_SECONDS:g} s; it loops without end")
+
+
+def _range(*args: int):
+    """``range`` for templates: bounded in length, and stopped at the render's deadline."""
+    r = range(*args)
+    if len(r) > 100_000:
+        raise _RenderLimit(f"the model's chat template asked for a range of {len(r)} numbers (at most 100000)")
+    for i in r:
+        _check_time()
+        yield i
+
+
+@functools.lru_cache(maxsize=16)
+def _compile(template: str):
     from jinja2.sandbox import ImmutableSandboxedEnvironment
 
-    env = ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True, autoescape=False,
-                                        extensions=["jinja2.ext.loopcontrols"])
+    class Env(ImmutableSandboxedEnvironment):
+        intercepted_binops = frozenset(["*", "**"])
+
+        def call_binop(self, context, operator, left, right):
+            _check_time()
+            if operator == "**" and isinstance(right, int) and abs(right) > 1000:
+                raise _RenderLimit(f"the model's chat template raised a number to the power {right}")
+            if operator == "*":
+                for seq, times in ((left, right), (right, left)):
+                    if isinstance(seq, (str, list, tuple)) and isinstance(times, int) \
+                            and len(seq) * times > MAX_RENDER_CHARS:
+                        raise _RenderLimit(f"the model's chat template made a value over {MAX_RENDER_CHARS} long")
+            return super().call_binop(context, operator, left, right)
+
+    env = Env(trim_blocks=True, lstrip_blocks=True, autoescape=False, extensions=["jinja2.ext.loopcontrols"])
     env.filters["tojson"] = lambda value, indent=None: json.dumps(value, ensure_ascii=False, indent=indent)
     env.globals["raise_exception"] = _raise
-    try:
-        compiled = env.from_string(template)
-        return compiled.render(
-            messages=_check_messages(messages), add_generation_prompt=add_generation_prompt,
-            **{k: v for k, v in special_tokens.items() if isinstance(v, str)},
+    env.globals["range"] = _range
+    return env.from_string(template)
+
+
+def render_chat(template: str | None, messages: Sequence[Message], special_tokens: Mapping[str, str],
+                add_generation_prompt: bool = True) -> str:
+    """Render ``messages`` with ``template`` in a sandbox, within the render limits; a model without
+    a template is a clear error."""
+    if not template:
+        raise ModelPackageError(
+            "this model has no chat template (tokenizer_config.json has no chat_template), so it cannot take "
+            "messages; send a plain prompt instead (Engine.generate, `nextoken generate`, or POST /v1/completions)"
         )
-    except (TemplateError, InvalidRequestError):
+    from jinja2 import TemplateError as JinjaError
+
+    checked = _check_messages(messages)
+    _deadline.at = time.perf_counter() + MAX_RENDER_SECONDS
+    try:
+        compiled = _compile(template)
+        out, size = [], 0
+        for piece in compiled.generate(
+            messages=checked, add_generation_prompt=add_generation_prompt,
+            **{k: v for k, v in special_tokens.items() if isinstance(v, str)},
+        ):
+            size += len(piece)
+            if size > MAX_RENDER_CHARS:
+                raise _RenderLimit(f"the model's chat template rendered over {MAX_RENDER_CHARS} characters")
+            _check_time()
+            out.append(piece)
+        return "".join(out)
+    except (TemplateError, InvalidRequestError, _RenderLimit):
         raise
     except JinjaError as exc:
         raise ModelPackageError(f"the model's chat template cannot be rendered: {exc}") from None
+    except (RecursionError, MemoryError, OverflowError, TypeError, ValueError, ArithmeticError) as exc:
+        raise ModelPackageError(f"the model's chat template failed: {type(exc).__name__}: {exc}") from None
+    finally:
+        _deadline.at = float("inf")

@@ -72,6 +72,20 @@ def _meters(args: argparse.Namespace) -> dict[str, dict]:
     return {name: options.get(name, {}) for name in getattr(args, "cost", None) or []}
 
 
+def _logit_bias(items: list[str] | None) -> dict[int, float]:
+    """``--logit-bias ID=BIAS`` (repeatable) as a dict; a malformed one is an InvalidRequestError."""
+    from .errors import InvalidRequestError
+
+    out: dict[int, float] = {}
+    for item in items or ():
+        token, sep, bias = item.partition("=")
+        try:
+            out[int(token)] = float(bias)
+        except ValueError:
+            raise InvalidRequestError(f"--logit-bias takes ID=BIAS (e.g. 50256=-100), not {item!r}") from None
+    return out
+
+
 def _params(args: argparse.Namespace):
     from .generation import SamplingParams
 
@@ -79,7 +93,8 @@ def _params(args: argparse.Namespace):
     return SamplingParams(
         max_new_tokens=args.max_new_tokens, ignore_eos=args.ignore_eos, temperature=args.temperature,
         top_k=args.top_k, top_p=args.top_p, min_p=args.min_p, repetition_penalty=args.repetition_penalty,
-        seed=args.seed, strategy=args.strategy, stop=tuple(args.stop or ()),
+        presence_penalty=args.presence_penalty, frequency_penalty=args.frequency_penalty,
+        logit_bias=_logit_bias(args.logit_bias), seed=args.seed, strategy=args.strategy, stop=tuple(args.stop or ()),
         stop_token_ids=tuple(args.stop_token_id or ()), deadline_s=args.deadline,
         top_logprobs=args.top_logprobs, processors=tuple(args.processor or ()),
         stop_conditions=tuple(args.stop_condition or ()),
@@ -399,6 +414,12 @@ def _parser() -> argparse.ArgumentParser:
         p.add_argument("--top-p", type=float, default=1.0, help="keep the likeliest tokens with this much mass (1: off)")
         p.add_argument("--min-p", type=float, default=0.0, help="drop tokens under min-p x the top probability (0: off)")
         p.add_argument("--repetition-penalty", type=float, default=1.0, help="penalise seen tokens (1: off)")
+        p.add_argument("--presence-penalty", type=float, default=0.0,
+                       help="subtract from the logit of every token generated so far, in [-2, 2] (0: off)")
+        p.add_argument("--frequency-penalty", type=float, default=0.0,
+                       help="subtract this times each token's count so far, in [-2, 2] (0: off)")
+        p.add_argument("--logit-bias", action="append", metavar="ID=BIAS",
+                       help="add BIAS in [-100, 100] to token ID's logit (repeatable; -100 bans it)")
         p.add_argument("--seed", type=int, default=None, help="seed for reproducible sampling")
         p.add_argument("--stop", action="append", metavar="TEXT", help="stop string (repeatable); cut from the text")
         p.add_argument("--stop-token-id", action="append", type=int, metavar="ID", help="stop token id (repeatable)")

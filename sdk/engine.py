@@ -204,6 +204,10 @@ class Engine:
         if self.runner is None:
             raise InvalidRequestError("this engine is closed; load the package again")
         params = _params(params, overrides)
+        outside = [t for t in params.logit_bias if t >= self.manifest.vocab_size]
+        if outside:
+            raise InvalidRequestError(f"logit_bias names token ids outside the vocabulary [0, {self.manifest.vocab_size}): "
+                                      f"{outside[:5]}")
         pipeline = Pipeline(self.plugins, params, self.cost_meters)
         ids = self._batch(prompts)
         return Generation(

@@ -37,6 +37,13 @@ __all__ = [
 FINISH_REASONS = ("stop", "length", "context", "deadline")
 
 MAX_TOP_LOGPROBS = 20
+#: Stop strings one request may bring, and the characters of each: every step checks each of them,
+#: so a request with thousands would slow every request it shares a batch with.
+MAX_STOP_STRINGS = 64
+MAX_STOP_LENGTH = 1000
+#: logit_bias entries one request may bring, and the range of each bias (OpenAI's).
+MAX_LOGIT_BIAS = 1024
+LOGIT_BIAS_RANGE = 100.0
 
 #: What happens when a sequence outgrows the model's context window:
 #: ``error`` (the default): a prompt longer than the window is refused before any work, naming both
@@ -59,6 +66,29 @@ def _frozen_options(value: Any, name: str) -> dict[str, dict[str, Any]]:
     return {str(k): dict(v) for k, v in value.items()}
 
 
+def _logit_bias(value: Any) -> dict[int, float]:
+    """``{token id: bias}`` checked: integer ids (JSON's string keys too), finite biases in range."""
+    if value is None:
+        return {}
+    if not isinstance(value, Mapping):
+        raise InvalidRequestError(f"logit_bias must map token ids to biases, e.g. {{50256: -100}}, not {value!r}"[:200])
+    if len(value) > MAX_LOGIT_BIAS:
+        raise InvalidRequestError(f"logit_bias may hold at most {MAX_LOGIT_BIAS} tokens, not {len(value)}")
+    out = {}
+    for key, bias in value.items():
+        try:
+            token = int(key)
+            if isinstance(key, (bool, float)) or token < 0 or (isinstance(key, str) and not key.strip().isdigit()):
+                raise ValueError
+        except (TypeError, ValueError):
+            raise InvalidRequestError(f"logit_bias keys must be token ids (non-negative integers), not {key!r}") from None
+        if isinstance(bias, bool) or not isinstance(bias, (int, float, np.integer, np.floating)) \
+                or not -LOGIT_BIAS_RANGE <= bias <= LOGIT_BIAS_RANGE:
+            raise InvalidRequestError(f"logit_bias[{token}] must be a number in [-100, 100], not {bias!r}")
+        out[token] = float(bias)
+    return out
+
+
 @dataclass(frozen=True)
 class SamplingParams:
     """How to generate: one typed object, validated when made, before any work.
@@ -67,9 +97,12 @@ class SamplingParams:
     default): the most likely token every time; above 0, tokens are sampled from
     softmax(logits / temperature) after ``top_k`` (0: off), ``top_p`` (1: off), ``min_p`` (0: off).
     ``repetition_penalty`` (1: off) divides positive logits of seen tokens and multiplies negative
-    ones. ``seed`` makes sampling reproducible, per sequence, whatever batch it runs in.
+    ones. ``presence_penalty`` / ``frequency_penalty`` (0: off, each in [-2, 2], OpenAI's rule) subtract
+    from the logit of every token already generated: once, or once per time it was generated.
+    ``logit_bias`` maps token ids to a bias in [-100, 100] added to their logits (-100 bans a token).
+    ``seed`` makes sampling reproducible, per sequence, whatever batch it runs in.
     ``strategy`` names the decoding strategy (None: ``greedy`` at temperature 0, else ``sample``).
-    ``stop`` strings end a sequence and are cut from its text; ``stop_token_ids`` and the model's EOS
+    ``stop`` strings (at most 64, each at most 1000 characters) end a sequence and are cut from its text; ``stop_token_ids`` and the model's EOS
     ids (unless ``ignore_eos``) end it too; ``deadline_s`` bounds a request's wall time.
     ``top_logprobs``: None (off), 0 (each token's own log-probability) or N (and the N likeliest).
     ``processors`` / ``stop_conditions`` name third-party plugins to use; ``options`` holds each
@@ -85,6 +118,9 @@ class SamplingParams:
     top_p: float = 1.0
     min_p: float = 0.0
     repetition_penalty: float = 1.0
+    presence_penalty: float = 0.0
+    frequency_penalty: float = 0.0
+    logit_bias: Mapping[int, float] = field(default_factory=dict)
     seed: int | None = None
     strategy: str | None = None
     stop: tuple[str, ...] = ()
@@ -127,6 +163,10 @@ class SamplingParams:
             fail(f"min_p must be in [0, 1) (0: off), not {self.min_p}")
         if not 0 < number("repetition_penalty") or math.isinf(self.repetition_penalty):
             fail(f"repetition_penalty must be > 0 (1: off), not {self.repetition_penalty}")
+        for name in ("presence_penalty", "frequency_penalty"):
+            if not -2 <= number(name) <= 2:
+                fail(f"{name} must be in [-2, 2] (0: off), not {getattr(self, name)}")
+        object.__setattr__(self, "logit_bias", _logit_bias(self.logit_bias))
         if self.seed is not None and (integer("seed") < 0):
             fail(f"seed must be a non-negative integer, not {self.seed}")
         if self.deadline_s is not None and not number("deadline_s") > 0:
@@ -144,6 +184,10 @@ class SamplingParams:
         stop = (self.stop,) if isinstance(self.stop, str) else tuple(self.stop)
         if not all(isinstance(s, str) and s for s in stop):
             fail(f"stop strings must be non-empty strings, not {self.stop!r}")
+        if len(stop) > MAX_STOP_STRINGS:
+            fail(f"at most {MAX_STOP_STRINGS} stop strings, not {len(stop)}")
+        if any(len(s) > MAX_STOP_LENGTH for s in stop):
+            fail(f"a stop string may have at most {MAX_STOP_LENGTH} characters")
         object.__setattr__(self, "stop", stop)
         try:
             object.__setattr__(self, "stop_token_ids", tuple(int(t) for t in self.stop_token_ids))
@@ -345,6 +389,7 @@ class BatchState:
         self.vocab_size = vocab_size
         self.start_time = time.perf_counter()
         self._presence: np.ndarray | None = None
+        self._counts: np.ndarray | None = None
 
     @property
     def batch_size(self) -> int:
@@ -361,13 +406,25 @@ class BatchState:
             self._presence = mask
         return self._presence
 
+    def counts(self) -> np.ndarray:
+        """``[B, V]`` int32: how many times each sequence has generated each token (the prompt not
+        counted). Built on first use, then kept up to date each step."""
+        if self._counts is None:
+            counts = np.zeros((self.batch_size, self.vocab_size), dtype=np.int32)
+            for row, gen in enumerate(self.generated):
+                np.add.at(counts[row], gen, 1)
+            self._counts = counts
+        return self._counts
+
     def _append(self, tokens: np.ndarray) -> None:
         self.step += 1
-        for row in np.flatnonzero(self.alive):
+        rows = np.flatnonzero(self.alive)
+        for row in rows:
             self.generated[row].append(int(tokens[row]))
         if self._presence is not None:
-            rows = np.flatnonzero(self.alive)
             self._presence[rows, tokens[rows]] = True
+        if self._counts is not None:
+            self._counts[rows, tokens[rows]] += 1
 
 
 @dataclass

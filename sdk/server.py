@@ -8,28 +8,38 @@ chat template), with ``stream: true`` as server-sent events ending in ``data: [D
 request (``top_k``, ``min_p``, ``repetition_penalty``, ``strategy``, ``processors``,
 ``stop_conditions``, ``options``, ``cost_meters``, ``context_policy``, ``protected_prefix``,
 ``ignore_eos``), and each response carries a ``nextoken`` object (its full usage, cost, and the
-exact stop detail). Client mistakes are OpenAI-shaped errors with 4xx codes. A client that
-disconnects cancels its request.
+exact stop detail). Bodies are validated against typed schemas (:mod:`nextoken.api_schema`);
+client mistakes are OpenAI-shaped errors with 4xx codes, OpenAI parameters nextoken does not
+implement are refused by name, and the body limit holds while a chunked upload is read. A client
+that disconnects cancels its request (one log line, no traceback).
+
+Sampling defaults: OpenAI's (temperature 1, top_p 1), except where the package's
+generation_config.json sets temperature, top_p, top_k, min_p or repetition_penalty: a request that
+leaves one out gets the model's value, as vLLM does.
 """
 # No `from __future__ import annotations` here: FastAPI reads the endpoints' annotations at run time.
 
 
 import asyncio
 import json
+import logging
 import time
 import uuid
+from pathlib import Path
 from typing import Any
 
 from .errors import InvalidRequestError, ModelPackageError, NextokenError, PluginError, SchedulerStoppedError
 from .generation import Completion, SamplingParams
 from .scheduler import RequestHandle, Scheduler
 
-__all__ = ["create_app", "serve"]
+__all__ = ["create_app", "serve", "sampling_defaults"]
+
+log = logging.getLogger("nextoken.server")
 
 #: OpenAI's finish reasons for nextoken's.
 FINISH = {"stop": "stop", "length": "length", "context": "length", "deadline": "length", "cancelled": "stop"}
-NEXTOKEN_FIELDS = ("top_k", "min_p", "repetition_penalty", "strategy", "processors", "stop_conditions", "options",
-                   "cost_meters", "context_policy", "protected_prefix", "ignore_eos", "deadline_s")
+#: generation_config.json keys the server takes as sampling defaults, and their SamplingParams names
+GENERATION_DEFAULTS = ("temperature", "top_p", "top_k", "min_p", "repetition_penalty")
 
 
 class APIError(Exception):
@@ -39,41 +49,97 @@ class APIError(Exception):
         self.status, self.message, self.kind, self.param, self.code = status, message, kind, param, code
 
 
-def _params(body: dict[str, Any], chat: bool) -> tuple[SamplingParams, bool]:
-    """SamplingParams from an OpenAI request body (and its ``nextoken`` extras); (params, include_usage)."""
-    if not isinstance(body, dict):
-        raise APIError(400, "the request body must be a JSON object")
-    n = body.get("n", 1)
-    if n != 1:
+def sampling_defaults(package: Path) -> dict[str, float]:
+    """The sampling defaults a package's generation_config.json sets (the server's defaults for it)."""
+    path = Path(package) / "generation_config.json"
+    try:
+        config = json.loads(path.read_text()) if path.is_file() else {}
+    except (OSError, ValueError):
+        return {}
+    return {k: config[k] for k in GENERATION_DEFAULTS
+            if isinstance(config.get(k), (int, float)) and not isinstance(config.get(k), bool)}
+
+
+def _parse(raw: bytes, schema):
+    """The body as ``schema``, or a 400 naming the first field that is wrong and why."""
+    from pydantic import ValidationError
+
+    try:
+        return schema.model_validate_json(raw or b"{}")
+    except ValidationError as exc:
+        err = exc.errors(include_url=False)[0]
+        loc = ".".join(str(p) for p in err.get("loc", ()))
+        if err.get("type") == "json_invalid":
+            raise APIError(400, f"the request body is not valid JSON: {err.get('msg', '')}") from None
+        if err.get("type") == "model_type" and not loc:
+            raise APIError(400, "the request body must be a JSON object") from None
+        message = "unknown parameter" if err.get("type") == "extra_forbidden" else err.get("msg", "invalid")
+        if loc.startswith("nextoken.") and err.get("type") == "extra_forbidden":
+            from .api_schema import NEXTOKEN_FIELDS
+
+            message = f"unknown nextoken parameter; known: {', '.join(NEXTOKEN_FIELDS)}"
+        raise APIError(400, f"{loc or 'body'}: {message}", param=loc or None) from None
+
+
+def _params(req, chat: bool, defaults: dict[str, float]) -> SamplingParams:
+    """SamplingParams from a validated request (and its ``nextoken`` extras)."""
+    from .api_schema import REFUSED
+
+    for name, unused in REFUSED.items():
+        value = getattr(req, name, None)
+        if value is not None and value != unused:
+            raise APIError(400, f"{name} is not supported by this server yet; leave it out", param=name)
+    if req.n != 1:
         raise APIError(400, "only n=1 is supported", param="n")
-    max_tokens = body.get("max_completion_tokens", body.get("max_tokens", None if chat else 16))
-    stop = body.get("stop") or ()
-    if isinstance(stop, str):
-        stop = (stop,)
-    extras = body.get("nextoken") or {}
-    if not isinstance(extras, dict):
-        raise APIError(400, "nextoken must be an object of nextoken's parameters", param="nextoken")
-    unknown = sorted(set(extras) - set(NEXTOKEN_FIELDS))
-    if unknown:
-        raise APIError(400, f"unknown nextoken parameter(s) {', '.join(unknown)}; known: {', '.join(NEXTOKEN_FIELDS)}",
-                       param="nextoken")
-    logprobs = body.get("top_logprobs") if chat else body.get("logprobs")
-    if chat and body.get("logprobs") and logprobs is None:
-        logprobs = 0
-    kwargs: dict[str, Any] = dict(
-        temperature=body.get("temperature", 1.0), top_p=body.get("top_p", 1.0), stop=tuple(stop),
-        seed=body.get("seed"), top_logprobs=logprobs, **extras,
-    )
+    extras = ({k: getattr(req.nextoken, k) for k in req.nextoken.model_fields_set
+               if getattr(req.nextoken, k) is not None} if req.nextoken else {})
+    max_tokens = (req.max_completion_tokens or req.max_tokens) if chat else (req.max_tokens or 16)
+    if chat:
+        logprobs = (req.top_logprobs or 0) if req.logprobs else None
+        if req.top_logprobs is not None and not req.logprobs:
+            raise APIError(400, "top_logprobs needs logprobs: true", param="top_logprobs")
+    else:
+        logprobs = req.logprobs
+    stop = (req.stop,) if isinstance(req.stop, str) else tuple(req.stop or ())
+    kwargs: dict[str, Any] = {**{k: v for k, v in defaults.items() if k in ("top_k", "min_p", "repetition_penalty")
+                                 and k not in extras}, **extras}
+    temperature = req.temperature if req.temperature is not None else defaults.get("temperature", 1.0)
+    top_p = req.top_p if req.top_p is not None else defaults.get("top_p", 1.0)
+    kwargs.update(temperature=temperature, top_p=top_p, stop=stop, seed=req.seed, top_logprobs=logprobs,
+                  presence_penalty=req.presence_penalty or 0.0, frequency_penalty=req.frequency_penalty or 0.0,
+                  logit_bias=req.logit_bias or {})
     if max_tokens is not None:
         kwargs["max_new_tokens"] = max_tokens
     if kwargs["temperature"] == 0:
-        kwargs["top_p"] = 1.0     # OpenAI lets top_p ride along with temperature 0 (greedy); it means nothing there
+        # OpenAI lets top_p ride along with temperature 0 (greedy), where it means nothing; so do
+        # the model's own sampling defaults
+        kwargs["top_p"] = 1.0
+        for name in ("top_k", "min_p"):
+            if name not in extras:
+                kwargs.pop(name, None)
     try:
-        params = SamplingParams(**kwargs)
+        return SamplingParams(**kwargs)
     except (TypeError, InvalidRequestError) as exc:
         raise APIError(400, str(exc)) from None
-    options = body.get("stream_options") or {}
-    return params, bool(options.get("include_usage"))
+
+
+def _completion_logprobs(items: list, offset: int) -> dict:
+    """OpenAI's legacy completions ``logprobs`` object for ``items`` (TokenLogprob), text from ``offset``."""
+    offsets, at = [], offset
+    for lp in items:
+        offsets.append(at)
+        at += len(lp.token)
+    return {"tokens": [lp.token for lp in items], "token_logprobs": [lp.logprob for lp in items],
+            "top_logprobs": [{t: v for _, t, v in lp.top} for lp in items], "text_offset": offsets}
+
+
+def _chat_logprobs(items: list) -> dict:
+    """OpenAI's chat ``logprobs`` object (``content``: one entry per token, with its alternatives)."""
+    def entry(token: str, logprob: float) -> dict:
+        return {"token": token, "logprob": logprob, "bytes": list(token.encode("utf-8", "surrogatepass"))}
+
+    return {"content": [{**entry(lp.token, lp.logprob), "top_logprobs": [entry(t, v) for _, t, v in lp.top]}
+                        for lp in items], "refusal": None}
 
 
 def _failure(exc: NextokenError) -> APIError:
@@ -88,8 +154,13 @@ def _failure(exc: NextokenError) -> APIError:
 
 
 def create_app(scheduler: Scheduler, model_name: str, api_key: str | None = None, max_body_bytes: int = 1 << 20,
-               max_pending: int = 256):
-    """The FastAPI application serving ``scheduler``'s engine as ``model_name``."""
+               max_pending: int = 256, body_timeout_s: float = 30.0):
+    """The FastAPI application serving ``scheduler``'s engine as ``model_name``.
+
+    ``max_body_bytes``: the largest request body (413 beyond, checked while it is read);
+    ``body_timeout_s``: how long a body may stall between two chunks before the request is a 408
+    (a half-open upload); ``max_pending``: requests in hand before new ones get a 503.
+    """
     try:
         from fastapi import FastAPI, Request
         from fastapi.exceptions import RequestValidationError
@@ -99,7 +170,12 @@ def create_app(scheduler: Scheduler, model_name: str, api_key: str | None = None
 
     from concurrent.futures import ThreadPoolExecutor
 
+    from starlette.requests import ClientDisconnect
+
+    from .api_schema import ChatRequest, CompletionRequest
+
     engine = scheduler.engine
+    defaults = sampling_defaults(engine.path)
     app = FastAPI(title="nextoken", version="1")
     # Waiting on a request's events blocks a thread; give every request in hand one (the default
     # executor has only cpu_count + 4, which would couple unrelated streams).
@@ -120,6 +196,15 @@ def create_app(scheduler: Scheduler, model_name: str, api_key: str | None = None
     @app.exception_handler(RequestValidationError)
     async def _validation(_request, exc):
         return error(400, f"invalid request: {exc.errors()[:1]}")
+
+    class _Gone(Exception):
+        """The client went away while its body was read."""
+
+    @app.exception_handler(_Gone)
+    async def _gone(request, _exc):
+        log.info("client %s disconnected before its request body arrived (%s)",
+                 request.client.host if request.client else "?", request.url.path)
+        return error(499, "client closed the request", code="client_closed")
 
     @app.middleware("http")
     async def _guard(request: Request, call_next):
@@ -148,19 +233,27 @@ def create_app(scheduler: Scheduler, model_name: str, api_key: str | None = None
     async def models():
         return {"object": "list", "data": [{"id": model_name, "object": "model", "created": created, "owned_by": "nextoken"}]}
 
-    async def _body(request: Request) -> dict:
-        raw = await request.body()
-        if len(raw) > max_body_bytes:
-            raise APIError(413, f"request body over {max_body_bytes} bytes", code="request_too_large")
-        try:
-            body = json.loads(raw or b"{}")
-        except ValueError:
-            raise APIError(400, "the request body is not valid JSON") from None
-        if not isinstance(body, dict):
-            raise APIError(400, "the request body must be a JSON object")
-        model = body.get("model")
-        if model not in (None, model_name):
-            raise APIError(404, f"model {model!r} is not served here; GET /v1/models lists {model_name!r}",
+    async def _body(request: Request, schema):
+        """The body, read a chunk at a time (the size limit holds for chunked uploads too, and a
+        body that stalls is a 408), validated against ``schema``."""
+        chunks, size = [], 0
+        stream = request.stream().__aiter__()
+        while True:
+            try:
+                chunk = await asyncio.wait_for(stream.__anext__(), timeout=body_timeout_s)
+            except StopAsyncIteration:
+                break
+            except asyncio.TimeoutError:
+                raise APIError(408, f"the request body stalled for {body_timeout_s:g} s", code="request_timeout") from None
+            except ClientDisconnect:
+                raise _Gone() from None
+            size += len(chunk)
+            if size > max_body_bytes:
+                raise APIError(413, f"request body over {max_body_bytes} bytes", code="request_too_large")
+            chunks.append(chunk)
+        body = _parse(b"".join(chunks), schema)
+        if body.model not in (None, model_name):
+            raise APIError(404, f"model {body.model!r} is not served here; GET /v1/models lists {model_name!r}",
                            code="model_not_found", param="model")
         return body
 
@@ -190,7 +283,7 @@ def create_app(scheduler: Scheduler, model_name: str, api_key: str | None = None
                 "usage": c.usage.to_dict(),
                 "cost": {k: v.to_dict() for k, v in c.cost.items()}}
 
-    async def _wait_or_cancel(request: Request, handle: RequestHandle) -> Completion:
+    async def _wait_or_cancel(request: Request, handle: RequestHandle, rid: str) -> Completion:
         """The completion, unless the client goes away first (then the request is cancelled)."""
         loop = asyncio.get_running_loop()
         result = loop.run_in_executor(waiters, handle.result)
@@ -204,6 +297,7 @@ def create_app(scheduler: Scheduler, model_name: str, api_key: str | None = None
         gone = asyncio.ensure_future(disconnected())
         done, _ = await asyncio.wait({result, gone}, return_when=asyncio.FIRST_COMPLETED)
         if result not in done:
+            log.info("client of %s went away; its request is cancelled", rid)
             handle.cancel()
             raise asyncio.CancelledError
         gone.cancel()
@@ -212,8 +306,14 @@ def create_app(scheduler: Scheduler, model_name: str, api_key: str | None = None
         except NextokenError as exc:
             raise _failure(exc) from None
 
-    def _stream(handle: RequestHandle, chat: bool, rid: str, include_usage: bool):
+    def _logprobs(items: list | None, chat: bool, offset: int) -> dict | None:
+        if items is None:
+            return None
+        return _chat_logprobs(items) if chat else _completion_logprobs(items, offset)
+
+    def _stream(handle: RequestHandle, chat: bool, rid: str, include_usage: bool, echo: str = ""):
         obj = "chat.completion.chunk" if chat else "text_completion"
+        wants_logprobs = handle.generation.params.top_logprobs is not None
 
         def chunk(choices: list, usage: dict | None = None, extra: dict | None = None) -> str:
             data = {"id": rid, "object": obj, "created": int(time.time()), "model": model_name, "choices": choices}
@@ -226,23 +326,30 @@ def create_app(scheduler: Scheduler, model_name: str, api_key: str | None = None
         async def events():
             loop = asyncio.get_running_loop()
             iterator = iter(handle)
+            offset = len(echo)
             try:
                 if chat:
                     yield chunk([{"index": 0, "delta": {"role": "assistant", "content": ""}, "finish_reason": None}])
+                elif echo:
+                    yield chunk([{"index": 0, "text": echo, "logprobs": None, "finish_reason": None}])
                 first = True           # the first token is always sent, even while its text is held back
                 while True:
                     event = await loop.run_in_executor(waiters, next, iterator, None)
                     if event is None:
                         break
                     finish = FINISH.get(event.finish_reason, event.finish_reason) if event.finish_reason else None
-                    if event.text or finish or first:
+                    lps = [event.logprob] if (wants_logprobs and event.logprob is not None) else None
+                    if event.text or finish or first or lps:
                         first = False
                         body = {"index": 0, "finish_reason": finish}
                         if chat:
                             body["delta"] = {"content": event.text} if event.text else {}
+                            if lps:
+                                body["logprobs"] = _chat_logprobs(lps)
                         else:
                             body["text"] = event.text
-                            body["logprobs"] = None
+                            body["logprobs"] = _completion_logprobs(lps, offset) if lps else None
+                        offset += len(event.text)
                         yield chunk([body])
                 completion = handle.result()
                 if include_usage:
@@ -254,49 +361,61 @@ def create_app(scheduler: Scheduler, model_name: str, api_key: str | None = None
                 yield f"data: {json.dumps(err)}\n\n"
             finally:
                 if not handle.done:
+                    log.info("client of %s went away mid-stream; its request is cancelled", rid)
                     handle.cancel()          # the client went away mid-stream
 
         return StreamingResponse(events(), media_type="text/event-stream")
 
-    async def _respond(request: Request, body: dict, handle: RequestHandle, chat: bool, include_usage: bool):
+    async def _respond(request: Request, handle: RequestHandle, chat: bool, stream: bool, include_usage: bool,
+                       echo: str = ""):
         """The stream, or the whole answer, of one submitted request, in the OpenAI shape."""
         rid = f"{'chatcmpl' if chat else 'cmpl'}-{uuid.uuid4().hex[:24]}"
-        if body.get("stream"):
-            return _stream(handle, chat, rid, include_usage)
-        c = await _wait_or_cancel(request, handle)
+        if stream:
+            return _stream(handle, chat, rid, include_usage, echo)
+        c = await _wait_or_cancel(request, handle, rid)
         choice: dict[str, Any] = {"index": 0, "finish_reason": FINISH.get(c.finish_reason, c.finish_reason),
-                                  "logprobs": None}
+                                  "logprobs": _logprobs(c.logprobs, chat, len(echo))}
         if chat:
             choice["message"] = {"role": "assistant", "content": c.text}
         else:
-            choice["text"] = c.text
+            choice["text"] = echo + c.text
         return {"id": rid, "object": "chat.completion" if chat else "text_completion", "created": int(time.time()),
                 "model": model_name, "choices": [choice], "usage": _usage(c), "nextoken": _extras(c)}
 
     @app.post("/v1/completions")
     async def completions(request: Request):
-        body = await _body(request)
-        prompt = body.get("prompt")
-        if isinstance(prompt, list) and len(prompt) == 1 and isinstance(prompt[0], str):
+        req = await _body(request, CompletionRequest)
+        prompt = req.prompt
+        if isinstance(prompt, list) and prompt and all(isinstance(p, str) for p in prompt):
+            if len(prompt) != 1:
+                raise APIError(400, "prompt: one prompt per request (a list of one string, or of token ids)",
+                               param="prompt")
             prompt = prompt[0]
-        if not isinstance(prompt, str) and not (isinstance(prompt, list) and all(isinstance(t, int) for t in prompt)):
-            raise APIError(400, "prompt must be a string or a list of token ids (one prompt per request)", param="prompt")
-        params, include_usage = _params(body, chat=False)
-        return await _respond(request, body, _submit(prompt, params), False, include_usage)
+        params = _params(req, False, defaults)
+        if req.echo and params.top_logprobs is not None:
+            raise APIError(400, "echo with logprobs is not supported (it needs the prompt's log-probabilities)",
+                           param="echo")
+        handle = _submit(prompt, params)
+        echo = ""
+        if req.echo:
+            echo = prompt if isinstance(prompt, str) else engine._need_tokenizer().decode(prompt)
+        include_usage = bool(req.stream_options and req.stream_options.include_usage)
+        return await _respond(request, handle, False, req.stream, include_usage, echo)
 
     @app.post("/v1/chat/completions")
     async def chat_completions(request: Request):
-        body = await _body(request)
-        messages = body.get("messages")
-        params, include_usage = _params(body, chat=True)
+        req = await _body(request, ChatRequest)
+        params = _params(req, True, defaults)
+        messages = [{"role": m.role, "content": m.text()} for m in req.messages]
         try:
             ids = engine.apply_chat_template(messages)
         except (InvalidRequestError, ModelPackageError) as exc:
             raise APIError(400, str(exc), param="messages") from None
-        if body.get("max_completion_tokens", body.get("max_tokens")) is None:
+        if req.max_completion_tokens is None and req.max_tokens is None:
             room = scheduler.max_sequence_length - len(ids)
             params = params.replace(max_new_tokens=max(1, min(params.max_new_tokens, room)))
-        return await _respond(request, body, _submit(ids, params), True, include_usage)
+        include_usage = bool(req.stream_options and req.stream_options.include_usage)
+        return await _respond(request, _submit(ids, params), True, req.stream, include_usage)
 
     return app
 
@@ -317,6 +436,25 @@ def serve(package: str, host: str = "127.0.0.1", port: int = 8000, max_batch: in
     from .engine import Engine
 
     engine = Engine(package, device=device, threads=threads, spin=spin, tf32=tf32)
+    name = model_name or Path(package).resolve().name
     with Scheduler(engine, max_batch=max_batch, **(scheduler_options or {})) as scheduler:
-        app = create_app(scheduler, model_name or Path(package).resolve().name, api_key=api_key)
-        uvicorn.run(app, host=host, port=port, log_level="warning")
+        app = create_app(scheduler, name, api_key=api_key)
+        slots = (f"{scheduler.max_batch} slots of {scheduler.slot_length} positions"
+                 if scheduler.kv_backend == "slots" else f"batches of up to {scheduler.max_batch}")
+        print(f"nextoken: serving {name} ({engine.path}) at http://{host}:{port}/v1 on {engine.device.provider}; "
+              f"KV backend {scheduler.kv_backend}, {slots}" + ("; API key required" if api_key else ""),
+              flush=True)
+        logging.basicConfig(level=logging.INFO, format="%(levelname)s: %(message)s")
+        uvicorn.run(app, host=host, port=port, log_level=None, access_log=True, timeout_keep_alive=5,
+                    log_config=_LOG_CONFIG)
+
+
+#: uvicorn's loggers: its own at warning, the access log (one line a request) at info.
+_LOG_CONFIG = {
+    "version": 1, "disable_existing_loggers": False,
+    "formatters": {"access": {"()": "uvicorn.logging.AccessFormatter",
+                              "fmt": '%(client_addr)s - "%(request_line)s" %(status_code)s'}},
+    "handlers": {"access": {"class": "logging.StreamHandler", "formatter": "access", "stream": "ext://sys.stderr"}},
+    "loggers": {"uvicorn.access": {"handlers": ["access"], "level": "INFO", "propagate": False},
+                "uvicorn.error": {"level": "WARNING"}},
+}

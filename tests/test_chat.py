@@ -3,12 +3,11 @@
 from __future__ import annotations
 
 import json
-import shutil
 
 import pytest
 
 from nextoken import Engine, InvalidRequestError, ModelPackageError
-from helpers import rehash, run_cli, with_chat_template
+from helpers import run_cli, with_chat_template
 
 TEMPLATE = (
     "{{ bos_token }}{% for m in messages %}{% if m['role'] == 'system' and not loop.first %}"
@@ -52,12 +51,7 @@ def test_template_errors_and_bad_messages(chat_package):
     "{{ messages[0].content.__class__.__init__.__globals__ }}",
 ])
 def test_the_sandbox_keeps_templates_away_from_python(chat_package, tmp_path, template):
-    pkg = tmp_path / "evil"
-    shutil.copytree(chat_package, pkg)
-    cfg = json.loads((pkg / "tokenizer_config.json").read_text())
-    cfg["chat_template"] = template
-    (pkg / "tokenizer_config.json").write_text(json.dumps(cfg))
-    with Engine(rehash(pkg), device="cpu") as engine:
+    with Engine(with_chat_template(chat_package, tmp_path / "evil", template), device="cpu") as engine:
         with pytest.raises(ModelPackageError, match="unsafe"):
             engine.apply_chat_template(MESSAGES)
 
@@ -96,3 +90,21 @@ def test_cli_sampling_flags(stories_package):
                             (["--strategy", "beam"], "unknown strategy 'beam'; registered: greedy, sample")):
         bad = run_cli("generate", str(stories_package), "hi", *bad_args)
         assert bad.returncode == 1 and words in bad.stderr and "Traceback" not in bad.stderr, bad.stderr
+
+
+@pytest.mark.parametrize("template, words", [
+    ("{% for i in range(100000) %}{% for j in range(100000) %}{% endfor %}{% endfor %}x", "ran past 2 s"),
+    ("{% for i in range(100000) %}{{ 'x' * 1000 }}{% endfor %}", "rendered over"),
+    ("{{ 'x' * 10**9 }}", "over"),
+    ("{{ 9 ** 99999999 }}", "to the power"),
+    ("{% macro f() %}{{ f() }}{% endmacro %}{{ f() }}", "RecursionError"),
+])
+def test_a_template_that_runs_away_is_stopped(chat_package, tmp_path, template, words):
+    import time as _time
+
+    with Engine(with_chat_template(chat_package, tmp_path / "runaway", template), device="cpu") as engine:
+        start = _time.perf_counter()
+        with pytest.raises(ModelPackageError, match=words):
+            engine.apply_chat_template(MESSAGES)
+        assert _time.perf_counter() - start < 10
+        assert engine.generate("still works", max_new_tokens=2, ignore_eos=True).token_ids

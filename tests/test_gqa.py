@@ -176,7 +176,7 @@ def test_the_load_test_script_against_nextoken_serve(gqa_package, tmp_path, back
     out = tmp_path / "load.json"
     done = subprocess.run([sys.executable, str(Path(__file__).resolve().parent.parent / "scripts" / "load_test.py"),
                            str(gqa_package), "--levels", "1,3", "--requests", "6", "--max-tokens", "6",
-                           "--golden", "24", "--cancel", "8", "--soak", "20", "--threads", "1",
+                           "--golden", "24", "--cancel", "4", "--soak", "20", "--threads", "1",
                            "--kv-backend", backend, "--json", str(out)],
                           capture_output=True, text=True, timeout=300)
     assert done.returncode == 0, done.stdout + done.stderr

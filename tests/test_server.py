@@ -6,6 +6,8 @@ import socket
 import threading
 import time
 
+import json
+
 import httpx
 import openai
 import pytest
@@ -104,8 +106,8 @@ def test_seeded_sampling_and_nextoken_extras(server):
 
 
 @pytest.mark.parametrize("kwargs, words", [
-    (dict(prompt="x", temperature=-1), "temperature must be >= 0"),
-    (dict(prompt="x", max_tokens=0), "max_new_tokens must be >= 1"),
+    (dict(prompt="x", temperature=-1), "temperature: Input should be greater than or equal to 0"),
+    (dict(prompt="x", max_tokens=0), "max_tokens: Input should be greater than or equal to 1"),
     (dict(prompt="x", n=2), "only n=1"),
     (dict(prompt="x", extra_body={"nextoken": {"bogus": 1}}), "unknown nextoken parameter"),
     (dict(prompt="x" * 400), "context window"),
@@ -129,7 +131,7 @@ def test_auth_model_and_body_limits(server):
     assert big.status_code == 413 and big.json()["error"]["code"] == "request_too_large"
     bad = httpx.post(f"{base}/v1/chat/completions", headers={"Authorization": f"Bearer {KEY}"},
                      json={"model": "tiny", "messages": "not a list"})
-    assert bad.status_code == 400 and "messages must be" in bad.json()["error"]["message"]
+    assert bad.status_code == 400 and bad.json()["error"]["param"] == "messages"
 
 
 class Slow:
@@ -170,3 +172,185 @@ def test_health_needs_no_key_and_answers_token_ids(server):
     got = client.completions.create(model="tiny", prompt="ids", max_tokens=5, temperature=0,
                                     extra_body={"nextoken": {"ignore_eos": True}})
     assert got.model_extra["nextoken"]["token_ids"] == engine.generate("ids", max_new_tokens=5, ignore_eos=True).token_ids
+
+
+def _post(base, path, body=None, content=None, headers=None):
+    return httpx.post(f"{base}{path}", json=body, content=content, timeout=60,
+                      headers={"Authorization": f"Bearer {KEY}", **({"Content-Type": "application/json"} if content
+                                                                       is not None else {}), **(headers or {})})
+
+
+MALFORMED = [
+    (b"[" * 10000 + b"]" * 10000, "not valid JSON"),
+    (b'{"prompt": "x", "stop": 5}', "stop"),
+    (b'{"prompt": "x", "stream_options": "x"}', "stream_options"),
+    (b'{"prompt": "\\ud800 lone"}', "not valid JSON"),
+    (b'{"prompt": "x", "nextoken": []}', "nextoken"),
+    (b'{"prompt": "x", "nextoken": {"ignore_eos": "yes"}}', "nextoken.ignore_eos"),
+    (b'{"prompt": [true, false]}', "prompt"),
+    (b'{"prompt": "x", "nextoken": {"cost_meters": {"per_token": {"output_per_million": "inf"}}}}', "finite number"),
+    (b'{"prompt": "x", "temperature": Infinity}', "temperature"),
+    (b'{"prompt": "x", "max_tokens": "5"}', "max_tokens"),
+    (b'{"prompt": "x", "seed": -1}', "seed"),
+    (b'{"prompt": "x", "logit_bias": {"abc": 1}}', "logit_bias keys must be token ids"),
+    (b'{"prompt": "x", "logit_bias": {"5": 1000}}', "logit_bias"),
+    (b'{"prompt": "x", "presence_penalty": 3}', "presence_penalty must be in [-2, 2]"),
+    (b'{"prompt": "x", "stop": ["s"] }'.replace(b'["s"]', json.dumps(["s%d" % i for i in range(80000)]).encode()),
+     "at most 64 stop strings"),
+    (b'"just a string"', "must be a JSON object"),
+    (b'{"prompt": "x", "bogus": 1}', "bogus: unknown parameter"),
+]
+
+
+@pytest.mark.parametrize("content, words", MALFORMED)
+def test_malformed_bodies_are_openai_shaped_400s(server, content, words):
+    *_, base = server
+    r = _post(base, "/v1/completions", content=content)
+    assert r.status_code == 400, r.text
+    err = r.json()["error"]
+    assert words in err["message"] and err["type"] == "invalid_request_error", err
+
+
+@pytest.mark.parametrize("field, value", [("response_format", {"type": "json_object"}), ("tools", []),
+                                          ("tool_choice", "auto"), ("best_of", 2), ("suffix", "end"),
+                                          ("functions", [{"name": "f"}])])
+def test_openai_parameters_not_built_yet_are_refused_by_name(server, field, value):
+    *_, base = server
+    path = "/v1/completions" if field in ("best_of", "suffix") else "/v1/chat/completions"
+    body = {"prompt": "x"} if path == "/v1/completions" else {"messages": [{"role": "user", "content": "x"}]}
+    r = _post(base, path, {**body, field: value})
+    assert r.status_code == 400 and r.json()["error"]["param"] == field
+    assert f"{field} is not supported" in r.json()["error"]["message"]
+
+
+def test_the_body_limit_holds_for_a_chunked_upload(server):
+    """A chunked upload without Content-Length: the server answers 413 once it has read past the
+    limit, while the client is still sending (it never reads the rest)."""
+    *_, base = server
+    host, port = base.split("//")[1].split(":")
+    with socket.create_connection((host, int(port)), timeout=10) as sock:
+        sock.sendall((f"POST /v1/completions HTTP/1.1\r\nHost: {host}\r\nAuthorization: Bearer {KEY}\r\n"
+                      "Content-Type: application/json\r\nTransfer-Encoding: chunked\r\n\r\n").encode())
+        chunk = b"x" * (64 << 10)
+        for _ in range(40):                                   # 2.5 MiB of a body that would go on
+            sock.sendall(b"%x\r\n%s\r\n" % (len(chunk), chunk))
+        answer = sock.recv(4096)                               # no terminating chunk was ever sent
+    assert answer.startswith(b"HTTP/1.1 413"), answer[:200]
+    assert b"request_too_large" in answer
+
+
+def test_logprobs_in_openai_shapes(server):
+    client, engine, *_ = server
+    want = engine.generate("Hello there", max_new_tokens=6, ignore_eos=True, top_logprobs=3)
+    got = client.completions.create(model="tiny", prompt="Hello there", max_tokens=6, temperature=0, logprobs=3,
+                                    extra_body={"nextoken": {"ignore_eos": True}})
+    lp = got.choices[0].logprobs
+    assert lp.tokens == [t.token for t in want.logprobs]
+    assert lp.token_logprobs == pytest.approx([t.logprob for t in want.logprobs])
+    # keyed by token text, as OpenAI's legacy shape is: two ids with one text share a key
+    assert all(1 <= len(d) <= 3 for d in lp.top_logprobs) and lp.text_offset[0] == 0
+    chat = client.chat.completions.create(model="tiny", messages=[{"role": "user", "content": "Hi"}], max_tokens=5,
+                                          temperature=0, logprobs=True, top_logprobs=2,
+                                          extra_body={"nextoken": {"ignore_eos": True}})
+    content = chat.choices[0].logprobs.content
+    assert len(content) == 5 and all(len(c.top_logprobs) == 2 and c.logprob <= 0 for c in content)
+    assert content[0].top_logprobs[0].logprob >= content[0].top_logprobs[1].logprob
+    stream = client.chat.completions.create(model="tiny", messages=[{"role": "user", "content": "Hi"}], max_tokens=5,
+                                            temperature=0, logprobs=True, stream=True,
+                                            extra_body={"nextoken": {"ignore_eos": True}})
+    streamed = [c for ch in stream if ch.choices and ch.choices[0].logprobs for c in ch.choices[0].logprobs.content]
+    assert [c.token for c in streamed] == [c.token for c in content]
+
+
+def test_logit_bias_penalties_and_echo_are_honoured(server):
+    client, engine, *_ = server
+    kw = dict(model="tiny", prompt="Hello there", max_tokens=8, temperature=0, extra_body={"nextoken": {"ignore_eos": True}})
+    plain = client.completions.create(**kw)
+    ids = plain.model_extra["nextoken"]["token_ids"]
+    banned = client.completions.create(**kw, logit_bias={str(ids[0]): -100})
+    assert banned.model_extra["nextoken"]["token_ids"][0] != ids[0]
+    assert banned.model_extra["nextoken"]["token_ids"] == engine.generate(
+        "Hello there", max_new_tokens=8, ignore_eos=True, logit_bias={ids[0]: -100}).token_ids
+    penalised = client.completions.create(**kw, frequency_penalty=2.0, presence_penalty=2.0)
+    assert penalised.model_extra["nextoken"]["token_ids"] == engine.generate(
+        "Hello there", max_new_tokens=8, ignore_eos=True, frequency_penalty=2.0, presence_penalty=2.0).token_ids
+    echoed = client.completions.create(**kw, echo=True)
+    assert echoed.choices[0].text == "Hello there" + plain.choices[0].text
+
+
+def test_generation_config_sampling_defaults_are_the_servers(tiny_llama, tmp_path):
+    from fastapi.testclient import TestClient
+
+    pkg = tmp_path / "pkg"
+    import shutil
+    from helpers import rehash
+
+    shutil.copytree(tiny_llama[1], pkg)
+    cfg = json.loads((pkg / "generation_config.json").read_text())
+    cfg.update(temperature=0.0)                  # this model's default: greedy
+    (pkg / "generation_config.json").write_text(json.dumps(cfg))
+    with Engine(rehash(pkg), device="cpu", plugins=False) as engine, Scheduler(engine) as scheduler:
+        with TestClient(create_app(scheduler, "tiny")) as client:
+            body = {"prompt": "Hello there", "max_tokens": 6, "nextoken": {"ignore_eos": True}}
+            a = client.post("/v1/completions", json=body).json()["nextoken"]["token_ids"]
+            assert a == engine.generate("Hello there", max_new_tokens=6, ignore_eos=True).token_ids
+            sampled = client.post("/v1/completions", json={**body, "temperature": 1.5, "seed": 1}).json()
+            assert sampled["nextoken"]["token_ids"] == engine.generate(
+                "Hello there", max_new_tokens=6, ignore_eos=True, temperature=1.5, seed=1).token_ids
+
+
+def test_the_cli_server_says_where_it_is_logs_requests_and_never_a_traceback_for_clients(tiny_llama):
+    """`nextoken serve`: one start line (address, model, KV backend), an access line a request,
+    one line per client that goes away, no traceback for anything a client does; a body that
+    stalls is a 408."""
+    import subprocess
+    import sys
+
+    port = _free_port()
+    proc = subprocess.Popen([sys.executable, "-m", "nextoken", "serve", str(tiny_llama[1]), "--port", str(port),
+                             "--device", "cpu"], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    base = f"http://127.0.0.1:{port}"
+    try:
+        for _ in range(200):
+            try:
+                if httpx.get(f"{base}/health", timeout=1).status_code == 200:
+                    break
+            except httpx.HTTPError:
+                time.sleep(0.1)
+        assert httpx.post(f"{base}/v1/completions", json={"prompt": "x", "max_tokens": 2}, timeout=30).status_code == 200
+        assert httpx.post(f"{base}/v1/completions", json={"prompt": "x", "stop": 5}, timeout=30).status_code == 400
+        with httpx.stream("POST", f"{base}/v1/completions", timeout=30,
+                          json={"prompt": "x", "max_tokens": 100, "stream": True, "nextoken": {"ignore_eos": True}}) as r:
+            next(r.iter_lines())                 # the first chunk, then hang up
+        with socket.create_connection(("127.0.0.1", port), timeout=10) as sock:   # a body that never completes
+            sock.sendall(b"POST /v1/completions HTTP/1.1\r\nHost: x\r\nContent-Length: 100\r\n\r\n{\"prompt\"")
+        time.sleep(1.0)
+    finally:
+        proc.terminate()
+        out, err = proc.communicate(timeout=30)
+    assert f"serving {tiny_llama[1].name} ({tiny_llama[1]}) at http://127.0.0.1:{port}/v1" in out
+    assert "KV backend concat" in out
+    assert '"POST /v1/completions HTTP/1.1" 200' in err and '"POST /v1/completions HTTP/1.1" 400' in err
+    assert "went away" in err or "disconnected" in err
+    assert "Traceback" not in err, err
+
+
+def test_a_stalled_body_is_a_408(tiny_llama):
+    import uvicorn
+
+    with Engine(tiny_llama[1], device="cpu", plugins=False) as engine, Scheduler(engine) as scheduler:
+        port = _free_port()
+        srv = uvicorn.Server(uvicorn.Config(create_app(scheduler, "tiny", body_timeout_s=0.5), host="127.0.0.1",
+                                            port=port, log_level="error"))
+        thread = threading.Thread(target=srv.run, daemon=True)
+        thread.start()
+        while not srv.started:
+            time.sleep(0.05)
+        try:
+            with socket.create_connection(("127.0.0.1", port), timeout=10) as sock:
+                sock.sendall(b"POST /v1/completions HTTP/1.1\r\nHost: x\r\nContent-Length: 100\r\n\r\n{\"prompt\"")
+                answer = sock.recv(4096)
+            assert answer.startswith(b"HTTP/1.1 408") and b"request_timeout" in answer
+        finally:
+            srv.should_exit = True
+            thread.join(timeout=10)

@@ -1,0 +1,116 @@
+"""The server's request bodies as typed schemas (pydantic, which FastAPI brings: extra ``serve``).
+
+Strict: a JSON value of the wrong type is a 400 naming the field, never coerced (``"yes"`` is not
+a boolean) and never a 500. Unknown fields are refused by name. The ``nextoken`` object's fields
+are generated from :class:`~nextoken.SamplingParams`' own field definitions, so the SDK and the
+server accept the same options; SamplingParams then checks their ranges.
+
+OpenAI parameters nextoken does not implement yet are declared, so that a request using them is
+refused with a 400 that names the parameter instead of being silently ignored (:data:`REFUSED`).
+"""
+# No `from __future__ import annotations`: pydantic reads these annotations at run time.
+
+import typing
+from typing import Any, Dict, List, Optional, Union
+
+from pydantic import BaseModel, ConfigDict, Field, create_model
+
+from .generation import MAX_TOP_LOGPROBS, SamplingParams
+
+__all__ = ["NEXTOKEN_FIELDS", "REFUSED", "CompletionRequest", "ChatRequest", "NextokenOptions"]
+
+#: SamplingParams fields a request may set in its ``nextoken`` object.
+NEXTOKEN_FIELDS = ("top_k", "min_p", "repetition_penalty", "strategy", "processors", "stop_conditions", "options",
+                   "cost_meters", "context_policy", "protected_prefix", "ignore_eos", "deadline_s")
+
+#: OpenAI parameters refused with a 400 until nextoken implements them (value that means "unused").
+REFUSED = {"best_of": 1, "suffix": None, "response_format": None, "tools": None, "tool_choice": None,
+           "parallel_tool_calls": None, "functions": None, "function_call": None, "audio": None,
+           "modalities": None, "prediction": None}
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", strict=True, allow_inf_nan=False)
+
+
+class StreamOptions(_Strict):
+    include_usage: bool = False
+
+
+def _nextoken_options() -> type:
+    from . import generation      # SamplingParams.__module__ is "nextoken": read its hints where they were written
+
+    hints = typing.get_type_hints(SamplingParams, globalns=vars(generation))
+    fields = {name: (Optional[hints[name]], None) for name in NEXTOKEN_FIELDS}
+    model = create_model("NextokenOptions", __base__=_Strict, **fields)
+    model.__doc__ = "nextoken's own parameters, as SamplingParams defines them."
+    return model
+
+
+NextokenOptions = _nextoken_options()
+
+
+class _Common(_Strict):
+    model: Optional[str] = None
+    max_tokens: Optional[int] = Field(None, ge=1)
+    temperature: Optional[float] = Field(None, ge=0, le=100)
+    top_p: Optional[float] = None
+    n: int = 1
+    stream: bool = False
+    stream_options: Optional[StreamOptions] = None
+    stop: Union[str, List[str], None] = None
+    presence_penalty: Optional[float] = None
+    frequency_penalty: Optional[float] = None
+    logit_bias: Optional[Dict[str, float]] = None
+    seed: Optional[int] = Field(None, ge=0)
+    user: Optional[str] = None
+    nextoken: Optional[NextokenOptions] = None  # type: ignore[valid-type]
+    # declared to be refused by name (REFUSED)
+    best_of: Optional[int] = None
+    response_format: Optional[Any] = None
+    tools: Optional[Any] = None
+    tool_choice: Optional[Any] = None
+    parallel_tool_calls: Optional[Any] = None
+    functions: Optional[Any] = None
+    function_call: Optional[Any] = None
+    audio: Optional[Any] = None
+    modalities: Optional[Any] = None
+    prediction: Optional[Any] = None
+
+
+class CompletionRequest(_Common):
+    """``POST /v1/completions``: one prompt, text or token ids."""
+
+    prompt: Union[str, List[int], List[str]]
+    logprobs: Optional[int] = Field(None, ge=0, le=MAX_TOP_LOGPROBS)
+    echo: bool = False
+    suffix: Optional[str] = None
+
+
+class TextPart(_Strict):
+    type: typing.Literal["text"]
+    text: str
+
+
+class Message(BaseModel):
+    """A chat message: a role and its text (a string, or text parts). Other fields (name ...) pass."""
+
+    model_config = ConfigDict(extra="allow", strict=True)
+    role: str
+    content: Union[str, List[TextPart], None] = None
+
+    def text(self) -> str:
+        if self.content is None:
+            return ""
+        if isinstance(self.content, str):
+            return self.content
+        return "".join(part.text for part in self.content)
+
+
+class ChatRequest(_Common):
+    """``POST /v1/chat/completions``: a conversation rendered with the model's chat template."""
+
+    messages: List[Message] = Field(min_length=1)
+    max_completion_tokens: Optional[int] = Field(None, ge=1)
+    logprobs: bool = False
+    top_logprobs: Optional[int] = Field(None, ge=0, le=MAX_TOP_LOGPROBS)
