@@ -4,7 +4,9 @@ import sys
 
 import nextoken
 
-package = sys.argv[1] if len(sys.argv) > 1 else "stories260k-onnx"
+if len(sys.argv) != 2:
+    sys.exit("usage: python examples/embed.py PACKAGE (a directory made by `nextoken export MODEL -o PACKAGE`)")
+package = sys.argv[1]
 
 with nextoken.Engine(package) as engine:                     # device="auto": CUDA if usable, else CPU
     # One prompt, to the end.

@@ -88,6 +88,10 @@ def _require_export_stack() -> None:
 @contextmanager
 def _quiet() -> Iterator[None]:
     """Silence the tracer warnings and info logs of torch/transformers/optimum during export."""
+    from optimum.utils import logging as optimum_logging
+
+    optimum_logging.get_logger()     # optimum sets its root logger's level at its first logger: let it, then override
+
     loggers = [logging.getLogger(n) for n in ("transformers", "optimum", "torch.onnx", "huggingface_hub", "root")]
     levels = [lg.level for lg in loggers]
     for lg in loggers:

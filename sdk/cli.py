@@ -28,6 +28,12 @@ from .errors import NextokenError
 __all__ = ["main"]
 
 EXIT_ERROR = 1
+#: a command line that cannot work as given (argparse's own status for usage errors)
+EXIT_USAGE = 2
+
+
+class UsageError(NextokenError):
+    """The command line is incomplete or contradictory: the command's usage is printed, exit 2."""
 EXIT_USAGE = 2
 
 
@@ -119,14 +125,16 @@ def _generate(engine, prompt, args: argparse.Namespace) -> int:
         print(json.dumps(completion.to_dict(), ensure_ascii=False))
         return 0
     out = sys.stdout
+    shown = _printable if out.isatty() else (lambda text: text)
     for event in generation:
         if event.text:
-            out.write(event.text)
+            out.write(shown(event.text))
             out.flush()
     out.write("\n")
     out.flush()
     completion = generation.completions()[0]
     if completion.logprobs is not None:
+        print(f"  {'token':>16} {'prob':>4}   alternatives (token prob), likeliest first", file=sys.stderr)
         for lp in completion.logprobs:
             alternatives = "  ".join(f"{t!r} {math.exp(v):.2f}" for _, t, v in lp.top)
             print(f"  {lp.token!r:>16} {lp.prob:.2f}   {alternatives}", file=sys.stderr)
@@ -135,6 +143,11 @@ def _generate(engine, prompt, args: argparse.Namespace) -> int:
         line += ", cost " + ", ".join(f"{c.amount:.6g} {c.currency} ({name})" for name, c in completion.cost.items())
     print(line, file=sys.stderr)
     return 0
+
+
+def _printable(text: str) -> str:
+    """Text for a terminal: control characters (an untrained model's ESC bytes ...) as visible escapes."""
+    return "".join(c if c.isprintable() or c in "\n\t" else c.encode("unicode_escape").decode() for c in text)
 
 
 def _cmd_generate(args: argparse.Namespace) -> int:
@@ -228,7 +241,7 @@ def _cmd_cost(args: argparse.Namespace) -> int:
         per_answer, basis = args.per_answer, {"given": "cost per answer"}
     elif args.bench:
         if args.hourly_rate is None:
-            raise NextokenError("--bench needs --hourly-rate (the device's price per hour)")
+            raise UsageError("--bench needs --hourly-rate (the device's price per hour)")
         try:
             bench = json.loads(Path(args.bench).read_text())
         except (OSError, ValueError) as exc:
@@ -245,7 +258,7 @@ def _cmd_cost(args: argparse.Namespace) -> int:
         basis = {"prompt_tokens": args.prompt_tokens, "completion_tokens": args.completion_tokens,
                  "input_per_million": args.input_price or 0.0, "output_per_million": args.output_price or 0.0}
     else:
-        raise NextokenError("give --per-answer, --input-price/--output-price with a token mix, or --bench FILE --hourly-rate")
+        raise UsageError("give --per-answer, --input-price/--output-price with a token mix, or --bench FILE --hourly-rate")
     out = {**project(per_answer, args.requests_per_day), "basis": basis}
     if args.json:
         print(json.dumps(out, indent=2))
@@ -349,6 +362,23 @@ def _cache_dir() -> Path:
     return Path(os.environ.get("NEXTOKEN_CACHE", Path.home() / ".cache" / "nextoken")).expanduser()
 
 
+def _demo_key(source: str) -> str:
+    """The demo's cache name for ``source``: a hub id as typed; a local checkpoint by its resolved
+    path and its files' names, sizes and mtimes, so another model at the same relative path, or a
+    changed one, gets a package of its own."""
+    import hashlib
+
+    path = Path(source).expanduser()
+    if not path.exists():
+        return re.sub(r"[^A-Za-z0-9_.-]+", "--", source.strip("/"))
+    path = path.resolve()
+    digest = hashlib.sha256(str(path).encode())
+    for f in sorted(p for p in (path.iterdir() if path.is_dir() else [path]) if p.is_file()):
+        st = f.stat()
+        digest.update(f"{f.name}\0{st.st_size}\0{st.st_mtime_ns}\0".encode())
+    return f"{re.sub(r'[^A-Za-z0-9_.-]+', '--', path.name)}-{digest.hexdigest()[:12]}"
+
+
 def _cmd_demo(args: argparse.Namespace) -> int:
     from nextoken.exporters import export
     from nextoken.exporters.tiny import DEMO_CONFIG, make_tiny_checkpoint
@@ -356,7 +386,7 @@ def _cmd_demo(args: argparse.Namespace) -> int:
     cache = _cache_dir()
     if args.source:
         source = args.source
-        package = cache / "packages" / re.sub(r"[^A-Za-z0-9_.-]+", "--", source.strip("/"))
+        package = cache / "packages" / _demo_key(source)
         label = source
     else:
         source = str(cache / "checkpoints" / "tiny-llama-untrained")
@@ -402,9 +432,9 @@ def _parser() -> argparse.ArgumentParser:
         p.add_argument("--plugins", default=None, metavar="all|none|A,B",
                        help="which entry-point plugins load (default: NEXTOKEN_PLUGINS, else all)")
 
-    def generation_options(p: argparse.ArgumentParser) -> None:
-        p.add_argument("--max-new-tokens", type=_positive_int, default=128, metavar="N",
-                       help="most tokens to generate (default 128)")
+    def generation_options(p: argparse.ArgumentParser, max_new_tokens: int = 128) -> None:
+        p.add_argument("--max-new-tokens", type=_positive_int, default=max_new_tokens, metavar="N",
+                       help=f"most tokens to generate (default {max_new_tokens})")
         p.add_argument("--ignore-eos", action="store_true", help="do not stop at EOS: generate exactly N tokens")
         p.add_argument("--json", action="store_true",
                        help="print one JSON object (text, token_ids, finish_reason, usage, cost, logprobs)")
@@ -449,7 +479,8 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--device", choices=("cpu", "cuda"), default="cpu",
                    help="where PyTorch traces the model and the parity check runs (default cpu)")
     p.add_argument("--quantize", choices=("int8", "int4"), default=None,
-                   help="quantise the weights (int8: dynamic, per tensor; int4: MatMulNBits blocks) and report accuracy")
+                   help="quantise the weights (int8: dynamic, one scale per output channel; int4: MatMulNBits blocks) "
+                        "and report accuracy")
     p.add_argument("--block-size", type=int, default=32, help="int4 block size (default 32)")
     p.add_argument("--backend", choices=("optimum", "genai"), default="optimum",
                    help="optimum (default) or genai: onnxruntime-genai's builder, fused GroupQueryAttention graphs")
@@ -562,10 +593,18 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("source", nargs="?", default=None, help="hub id or local checkpoint (default: untrained tiny Llama)")
     p.add_argument("--prompt", default="Once upon a time", help="prompt (default: 'Once upon a time')")
     p.add_argument("--force", action="store_true", help="export again even if the package is cached")
-    generation_options(p)
+    generation_options(p, max_new_tokens=64)
     runtime_options(p)
-    p.set_defaults(func=_cmd_demo, max_new_tokens=64)
+    p.set_defaults(func=_cmd_demo)
     return parser
+
+
+def _subparsers(parser: argparse.ArgumentParser) -> dict[str, argparse.ArgumentParser]:
+    """Each command's own parser, by name."""
+    for action in parser._actions:          # argparse keeps them only here
+        if isinstance(action, argparse._SubParsersAction):
+            return dict(action.choices)
+    return {}
 
 
 def _version() -> str:
@@ -576,9 +615,17 @@ def _version() -> str:
 
 def main(argv: Sequence[str] | None = None) -> int:
     """Run the CLI; returns the exit status."""
-    args = _parser().parse_args(argv)
+    parser = _parser()
+    args, extra = parser.parse_known_args(argv)
+    command = _subparsers(parser).get(args.command, parser)
+    if extra:
+        command.error(f"unrecognized arguments: {' '.join(extra)}")      # the command's usage, exit 2
     try:
         return args.func(args)
+    except UsageError as exc:
+        command.print_usage(sys.stderr)
+        print(f"nextoken {args.command}: error: {exc}", file=sys.stderr)
+        return EXIT_USAGE
     except NextokenError as exc:
         print(f"nextoken: error: {exc}", file=sys.stderr)
         return EXIT_ERROR

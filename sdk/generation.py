@@ -667,7 +667,8 @@ class Generation:
             if seq.finish is not None:
                 state.alive[row] = False
                 if seq.finish.text_end is not None:
-                    state.texts[row] = state.texts[row][: seq.finish.text_end]
+                    # a cut never takes back text a stream has shown: the final text is what was streamed
+                    state.texts[row] = state.texts[row][: max(seq.finish.text_end, seq.emitted)]
                 elif seq.decoder is not None:
                     state.texts[row] += seq.decoder.flush()
                 end = len(state.texts[row])

@@ -83,7 +83,9 @@ def register_stop_conditions(register: Callable[..., None]) -> None:
     finish reason, a detail, and optionally where to cut the text), or None when no row stops.
     A condition that works on text may also have ``holdback(text) -> int``: how many trailing
     characters of a sequence's text to keep from a streaming client because they may yet turn out
-    to be a stop marker. Built-ins activate from SamplingParams fields; others when named in
+    to be a stop marker. A cut (``text_end``) never takes back text already streamed: it is moved to
+    the end of what was streamed, so the final text and the stream always agree; a condition that
+    cuts text must declare a holdback at least as long as what it may cut. Built-ins activate from SamplingParams fields; others when named in
     ``SamplingParams.stop_conditions``.
     """
 

@@ -47,7 +47,7 @@ def test_cost_from_a_bench_run(stories_package, tmp_path):
 
 def test_cost_errors():
     none = run_cli("cost", "--requests-per-day", "10")
-    assert none.returncode == 1 and "give --per-answer" in none.stderr
+    assert none.returncode == 2 and "give --per-answer" in none.stderr and "usage: nextoken cost" in none.stderr
     bad = run_cli("cost", "--requests-per-day", "10", "--bench", "/no/such.json", "--hourly-rate", "1")
     assert bad.returncode == 1 and "cannot read the bench file" in bad.stderr
 

@@ -197,3 +197,49 @@ def test_export_of_a_hub_id_that_cannot_be_had(tmp_path, monkeypatch):
     monkeypatch.delenv("HF_HUB_OFFLINE", raising=False)
     with pytest.raises(ExportError, match="no-such-org/no-such-model"):
         nextoken.exporters.export("no-such-org/no-such-model", tmp_path / "out", progress=None)
+
+
+def test_a_bad_flag_prints_the_commands_usage(tiny_llama):
+    bad = run_cli("generate", str(tiny_llama[1]), "hi", "--bogus")
+    assert bad.returncode == 2 and bad.stderr.startswith("usage: nextoken generate")
+    assert "unrecognized arguments: --bogus" in bad.stderr
+
+
+def test_demo_keys_local_checkpoints_by_what_they_are(tmp_path, tiny_llama):
+    """Two models reached through the same relative path get packages of their own."""
+    import os
+
+    from nextoken.cli import _demo_key
+
+    first = _demo_key(str(tiny_llama[0]))
+    link = tmp_path / "model"
+    os.symlink(tiny_llama[0], link)
+    assert _demo_key(str(link)) == first                       # the same model by another path
+    other = tmp_path / "other"
+    shutil.copytree(tiny_llama[0], other)
+    (other / "config.json").write_text((other / "config.json").read_text() + " ")
+    link.unlink()
+    os.symlink(other, link)
+    assert _demo_key(str(link)) != first                       # another model at that path
+    assert _demo_key("HuggingFaceTB/SmolLM2-135M") == "HuggingFaceTB--SmolLM2-135M"
+
+
+def test_control_characters_are_escaped_on_a_terminal():
+    from nextoken.cli import _printable
+
+    assert _printable("a\x1b[31mb\nc\td\x00") == "a\\x1b[31mb\nc\td\\x00"
+
+
+def test_demo_help_says_what_it_makes():
+    assert "(default 64)" in run_cli("demo", "--help").stdout
+    assert "one scale per output channel" in " ".join(run_cli("export", "--help").stdout.split())
+
+
+def test_the_top_logprobs_table_has_a_header(tiny_llama):
+    out = run_cli("generate", str(tiny_llama[1]), "hi", "--max-new-tokens", "2", "--top-logprobs", "2")
+    assert out.returncode == 0 and "token" in out.stderr and "alternatives" in out.stderr
+
+
+def test_exports_print_no_warning_of_optimum_about_accelerate(tiny_llama, tmp_path):
+    out = run_cli("export", str(tiny_llama[0]), "-o", str(tmp_path / "pkg"))
+    assert out.returncode == 0 and "accelerate" not in out.stderr, out.stderr

@@ -53,3 +53,10 @@ def test_demo_with_a_local_checkpoint(stories_dir, tmp_path):
                      env={"NEXTOKEN_CACHE": str(tmp_path)})
     assert result.returncode == 0, result.stderr
     assert result.stdout.startswith(", there was")
+
+
+def test_embed_example_without_a_package_says_how_to_run_it():
+    out = subprocess.run([sys.executable, str(REPO / "examples" / "embed.py")], capture_output=True, text=True,
+                         timeout=120)
+    assert out.returncode == 1 and out.stderr.startswith("usage: python examples/embed.py PACKAGE")
+    assert "Traceback" not in out.stderr

@@ -422,3 +422,21 @@ def test_plugins_registered_at_run_time_are_named_by_what_they_are(tiny_llama):
         assert first in names and not any(name.isdigit() for name in names), names
         with pytest.raises(PluginError, match=r"plugin '\S*test_faults.Watcher(#2)?' failed in on_step"):
             engine.generate(PROMPTS[0], **KW)
+
+
+class CutBack:
+    """A stop condition with no holdback that, at step 4, cuts the text back to its start."""
+
+    @nextoken.hookimpl
+    def register_stop_conditions(self, register):
+        def factory(params, options):
+            return lambda tokens, state: {0: Stop("stop", "cut", text_end=0)} if state.step == 4 else None
+        register("cut-back", factory)
+
+
+def test_a_cut_never_takes_back_streamed_text(tiny_llama):
+    with Engine(tiny_llama[1], device="cpu", plugins=False, extra_plugins=[CutBack()]) as engine:
+        generation = engine.start(PROMPTS[0], stop_conditions=("cut-back",), **KW)
+        streamed = "".join(event.text for event in generation)
+        final = generation.completions()[0]
+        assert final.finish_reason == "stop" and final.text == streamed and len(final.token_ids) == 4

@@ -33,11 +33,19 @@ def make_no_repeat_ngram(params, options):
 # -- a stop condition: regex -----------------------------------------------------------------------------
 
 def make_regex(params, options):
-    """Stop when the text matches a regular expression; cut the match and what follows."""
+    """Stop when the text matches a regular expression; cut the match and what follows.
+
+    A match may begin in text that a stream would already show (``red b`` before ``blue`` is
+    complete), so the condition declares ``holdback``: the last ``holdback`` characters (option,
+    default 32: longer than the matches it is meant for) are kept from a stream until they cannot
+    be cut any more. A match longer than that may start in text already streamed; the loop then
+    cuts at the end of what was streamed, so the final text and the stream always agree.
+    """
     pattern = options.get("pattern")
     if not pattern:
         raise nextoken.InvalidRequestError("regex: give the pattern, e.g. --option 'regex.pattern=\\bdog\\b'")
     compiled = re.compile(pattern)
+    keep = int(options.get("holdback", 32))
 
     def regex(tokens, state):
         found = {}
@@ -47,6 +55,7 @@ def make_regex(params, options):
                 found[int(row)] = nextoken.Stop("stop", f"regex {pattern!r}", text_end=match.start())
         return found or None
 
+    regex.holdback = lambda text: min(len(text), keep)
     return regex
 
 
