@@ -224,7 +224,8 @@ def _cmd_serve(args: argparse.Namespace) -> int:
 
     serve(args.package, host=args.host, port=args.port, max_batch=args.max_batch, api_key=args.api_key,
           model_name=args.model_name, device=args.device, threads=args.threads,
-          scheduler_options=_scheduler_options(args), spin=args.spin, tf32=args.tf32)
+          scheduler_options=_scheduler_options(args), spin=args.spin, tf32=args.tf32,
+          header_timeout_s=args.header_timeout)
     return 0
 
 
@@ -562,6 +563,8 @@ def _parser() -> argparse.ArgumentParser:
                    help="with slots: positions per slot (default: the window, at most 2048)")
     p.add_argument("--api-key", default=None, help="require 'Authorization: Bearer KEY'")
     p.add_argument("--model-name", default=None, help="the model id clients use (default: the package folder's name)")
+    p.add_argument("--header-timeout", type=float, default=10.0, metavar="SECONDS",
+                   help="close a connection that has not sent a complete request head in this time (default 10)")
     p.add_argument("--ray", action="store_true", help="scale out on Ray Serve (extra: ray): one engine per replica")
     p.add_argument("--replicas", type=_positive_int, default=2, help="with --ray: replicas (default 2)")
     p.add_argument("--ray-address", default=None, help="with --ray: join this cluster instead of starting Ray locally")

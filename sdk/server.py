@@ -423,10 +423,12 @@ def create_app(scheduler: Scheduler, model_name: str, api_key: str | None = None
 def serve(package: str, host: str = "127.0.0.1", port: int = 8000, max_batch: int = 8, api_key: str | None = None,
           model_name: str | None = None, device: str = "auto", threads: int | None = None,
           scheduler_options: dict[str, Any] | None = None, spin: bool | None = None,
-          tf32: bool | None = None) -> None:
+          tf32: bool | None = None, header_timeout_s: float = 10.0) -> None:
     """Load ``package`` and serve it until interrupted (``scheduler_options``: more
     :class:`~nextoken.Scheduler` arguments: ``max_prefill_tokens``, ``kv_backend``, ``slot_length``;
-    ``spin``, ``tf32``: as :class:`~nextoken.Engine` takes them)."""
+    ``spin``, ``tf32``: as :class:`~nextoken.Engine` takes them). Connections: idle ones close after 5 s
+    between requests, and one that has not sent a whole request head within ``header_timeout_s``
+    (half-open, or a client that stalls in its headers) is closed."""
     try:
         import uvicorn
     except ImportError:
@@ -446,7 +448,50 @@ def serve(package: str, host: str = "127.0.0.1", port: int = 8000, max_batch: in
               flush=True)
         logging.basicConfig(level=logging.INFO, format="%(levelname)s: %(message)s")
         uvicorn.run(app, host=host, port=port, log_level=None, access_log=True, timeout_keep_alive=5,
-                    log_config=_LOG_CONFIG)
+                    log_config=_LOG_CONFIG, http=_head_timeout_protocol(header_timeout_s))
+
+
+def _head_timeout_protocol(seconds: float):
+    """uvicorn's h11 protocol, closing a connection that has not sent a whole request head within
+    ``seconds`` of connecting or of its last response (uvicorn times out only idle keep-alive)."""
+    from uvicorn.protocols.http.h11_impl import H11Protocol
+
+    class HeadTimeout(H11Protocol):
+        _head_timer = None
+
+        def _arm(self) -> None:
+            self._disarm()
+            self._head_timer = self.loop.call_later(seconds, self._expired)
+
+        def _disarm(self) -> None:
+            if self._head_timer is not None:
+                self._head_timer.cancel()
+                self._head_timer = None
+
+        def _expired(self) -> None:
+            if self.cycle is None or self.cycle.response_complete:
+                log.info("closed a connection from %s that sent no whole request in %g s",
+                         self.client[0] if self.client else "?", seconds)
+                self.transport.close()
+
+        def connection_made(self, transport) -> None:
+            super().connection_made(transport)
+            self._arm()
+
+        def data_received(self, data: bytes) -> None:
+            super().data_received(data)
+            if self.cycle is not None and not self.cycle.response_complete:
+                self._disarm()              # a request is in hand: its body has its own timeout
+
+        def on_response_complete(self) -> None:
+            super().on_response_complete()
+            self._arm()
+
+        def connection_lost(self, exc) -> None:
+            self._disarm()
+            super().connection_lost(exc)
+
+    return HeadTimeout
 
 
 #: uvicorn's loggers: its own at warning, the access log (one line a request) at info.

@@ -440,3 +440,25 @@ def test_a_cut_never_takes_back_streamed_text(tiny_llama):
         streamed = "".join(event.text for event in generation)
         final = generation.completions()[0]
         assert final.finish_reason == "stop" and final.text == streamed and len(final.token_ids) == 4
+
+
+def test_a_failed_batched_prefill_is_retried_request_by_request(backend, monkeypatch):
+    """A prefill of several newcomers that fails is no one request's fault until one fails alone:
+    each is prefilled by itself, and those that succeed join with the tokens they get alone."""
+    engine, kv_backend, alone = backend
+    step = engine.runner.step
+    failed = {"n": 0}
+
+    def no_batched_prefill(cache, input_ids, *args, **kwargs):
+        if input_ids.shape[0] > 1 and input_ids.shape[1] > 1 and not kwargs.get("in_place"):
+            failed["n"] += 1
+            raise NextokenError("the model failed to run a step: injected into a batched prefill")
+        return step(cache, input_ids, *args, **kwargs)
+
+    monkeypatch.setattr(engine.runner, "step", no_batched_prefill)
+    scheduler = Scheduler(engine, max_batch=8, kv_backend=kv_backend, slot_length=64 if kv_backend == "slots" else None)
+    handles = [scheduler.submit(p, **KW) for p in PROMPTS]
+    while scheduler.step():
+        pass
+    assert failed["n"] >= 1
+    assert [h.result().token_ids for h in handles] == alone

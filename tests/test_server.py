@@ -308,7 +308,8 @@ def test_the_cli_server_says_where_it_is_logs_requests_and_never_a_traceback_for
 
     port = _free_port()
     proc = subprocess.Popen([sys.executable, "-m", "nextoken", "serve", str(tiny_llama[1]), "--port", str(port),
-                             "--device", "cpu"], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+                             "--device", "cpu", "--header-timeout", "0.5"],
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     base = f"http://127.0.0.1:{port}"
     try:
         for _ in range(200):
@@ -324,6 +325,9 @@ def test_the_cli_server_says_where_it_is_logs_requests_and_never_a_traceback_for
             next(r.iter_lines())                 # the first chunk, then hang up
         with socket.create_connection(("127.0.0.1", port), timeout=10) as sock:   # a body that never completes
             sock.sendall(b"POST /v1/completions HTTP/1.1\r\nHost: x\r\nContent-Length: 100\r\n\r\n{\"prompt\"")
+        with socket.create_connection(("127.0.0.1", port), timeout=10) as sock:   # a head that never completes
+            sock.sendall(b"POST /v1/completions HTTP/1.1\r\nHost: x\r\n")
+            assert sock.recv(1024) == b""                                         # closed by the server
         time.sleep(1.0)
     finally:
         proc.terminate()
@@ -332,6 +336,7 @@ def test_the_cli_server_says_where_it_is_logs_requests_and_never_a_traceback_for
     assert "KV backend concat" in out
     assert '"POST /v1/completions HTTP/1.1" 200' in err and '"POST /v1/completions HTTP/1.1" 400' in err
     assert "went away" in err or "disconnected" in err
+    assert "sent no whole request in 0.5 s" in err
     assert "Traceback" not in err, err
 
 
