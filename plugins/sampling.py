@@ -12,6 +12,7 @@ import numpy as np
 import nextoken
 
 NEG_INF = np.float32(-np.inf)
+FLOAT_MAX = np.finfo(np.float32).max
 #: Up to this many tokens, whole-row numpy operations over the batch beat per-row candidate tricks.
 SMALL_VOCAB = 4096
 
@@ -79,7 +80,10 @@ def make_repetition_penalty(params, options):
     def repetition_penalty(logits: np.ndarray, state) -> np.ndarray:
         seen = state.presence()
         picked = logits[seen]
-        logits[seen] = np.where(picked > 0, picked / penalty, picked * penalty)
+        with np.errstate(over="ignore"):
+            scaled = np.where(picked > 0, picked / penalty, picked * penalty)
+        # an extreme penalty is its limit: the largest float, not +inf (which would be no score at all)
+        logits[seen] = np.clip(scaled, -FLOAT_MAX, FLOAT_MAX)
         return logits
 
     return repetition_penalty

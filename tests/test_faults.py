@@ -462,3 +462,14 @@ def test_a_failed_batched_prefill_is_retried_request_by_request(backend, monkeyp
         pass
     assert failed["n"] >= 1
     assert [h.result().token_ids for h in handles] == alone
+
+
+@pytest.mark.parametrize("kw", [
+    dict(temperature=1e-45), dict(temperature=1e30, seed=1), dict(temperature=1.0, top_p=1e-30, seed=1),
+    dict(temperature=1.0, min_p=0.999999, seed=1), dict(temperature=1.0, top_k=10 ** 9, seed=1),
+    dict(repetition_penalty=1e-38), dict(repetition_penalty=1e38), dict(presence_penalty=-2, frequency_penalty=-2),
+    dict(logit_bias={5: 100, 6: -100}), dict(temperature=0.7, seed=2 ** 80),
+])
+def test_extreme_but_valid_parameters_behave_as_their_limit(llama_engine, kw):
+    got = llama_engine.generate(PROMPTS[1], max_new_tokens=6, ignore_eos=True, **kw)
+    assert len(got.token_ids) == 6 and all(0 <= t < llama_engine.manifest.vocab_size for t in got.token_ids)
