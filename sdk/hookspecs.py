@@ -13,6 +13,10 @@ generation loop calls those, one call per step over the whole batch, with no hoo
 token.
 
 Shapes: ``logits`` is a float32 numpy array ``[batch, vocab]``; ``tokens`` is int64 ``[batch]``.
+Every answer is checked where it enters the loop (shape, dtype, finite scores, ids inside the
+vocabulary, the Stop and Charge types); a wrong one, like an exception, is a
+:class:`nextoken.PluginError` naming the plugin and the piece, and ends only the request that used
+it. Observers' return values are ignored.
 ``state`` is the request's :class:`nextoken.BatchState` (prompt and generated ids per sequence,
 text so far, the step number, the request's :class:`nextoken.SamplingParams`).
 """
@@ -53,7 +57,8 @@ def register_logits_processors(register: Callable[..., None]) -> None:
 
     ``factory(params: SamplingParams, options: dict) -> processor | None`` is asked once per
     request; ``None`` means "not active for this request" (e.g. temperature 1). A processor is
-    ``processor(logits, state) -> logits``; it may change ``logits`` in place and return it.
+    ``processor(logits, state) -> logits``; it may change ``logits`` in place and return it. It may
+    set a score to -inf (ban a token), never to NaN or +inf, and must leave each row some finite score.
     Processors run in ascending ``order`` (ties by name). The built-ins: repetition_penalty 10,
     temperature 20, top_k 30, top_p 40, min_p 50; a third-party processor that only bans tokens
     can use any order, one that reshapes probabilities should come after 50.
