@@ -141,6 +141,8 @@ class PeerRow:
     peak_rss_bytes: int = 0
     spread: dict[str, tuple[float, float]] | None = None
     error: str = ""
+    #: what the contender ran with: intra-op and inter-op threads, spinning (read back where it can say)
+    settings: dict[str, Any] | None = None
 
 
 def memory_bandwidth(size_mb: int = 256) -> float:
@@ -267,11 +269,24 @@ class CompareReport:
                 lines.append(f"{r.contender:13} {r.batch:>5}  not run: {r.error}")
                 continue
             sp = r.spread or {}
-            bound = f"{100 * r.decode_tok_s / self.bound_tok_s:.0f}%" if r.batch == 1 and self.bound_tok_s else ""
+            # the bound is nextoken's weights read once a token: a peer's graph may hold fewer bytes
+            bound = (f"{100 * r.decode_tok_s / self.bound_tok_s:.0f}%"
+                     if r.batch == 1 and self.bound_tok_s and r.contender == "nextoken" else "")
             ttft = f"{r.ttft_ms:.1f} [{sp['ttft_ms'][0]:.0f}-{sp['ttft_ms'][1]:.0f}]"
             tps = f"{r.decode_tok_s:.1f} [{sp['decode_tok_s'][0]:.1f}-{sp['decode_tok_s'][1]:.1f}]"
             lines.append(f"{r.contender:13} {r.batch:>5} {ttft:>18} {tps:>18} {r.total_tok_s:>11.1f} "
                          f"{r.e2e_ms:>9.0f} {r.peak_rss_bytes / 1e6:>8.0f} {bound:>8}")
+        lines.append("each contender's effective settings (read back from it, or as set where it cannot say):")
+        seen = set()
+        for r in self.rows:
+            if r.settings and r.contender not in seen:
+                seen.add(r.contender)
+                st = r.settings
+                seen_threads = (f"; loading it started {st['threads_started']} threads"
+                                if "threads_started" in st else "")
+                lines.append(f"  {r.contender:11} intra-op threads {st.get('intra_op_threads')}, inter-op threads "
+                             f"{st.get('inter_op_threads')}, spinning {st.get('spinning')}"
+                             f" ({'read back' if st.get('read_back') else 'as set'}{seen_threads})")
         return "\n".join(lines)
 
 
@@ -287,6 +302,7 @@ def run_compare(model: str, contenders: Sequence[str], batches: Sequence[int] = 
     from .manifest import Manifest
 
     say = progress or (lambda _m: None)
+    threads = threads or os.cpu_count() or 1      # one explicit count for every contender, never each one's default
     path = Path(model).expanduser()
     if (path / "nextoken.json").is_file():
         manifest = Manifest.load(path)
@@ -329,7 +345,7 @@ def run_compare(model: str, contenders: Sequence[str], batches: Sequence[int] = 
                     continue
                 cmd, target = prepared[name]
                 argv = cmd + ["--model", target, "--batch", str(batch), "--prompt", str(prompt_tokens),
-                              "--new", str(new_tokens), "--threads", str(threads or 0)] + (["--spin"] if spin else [])
+                              "--new", str(new_tokens), "--threads", str(threads)] + (["--spin"] if spin else [])
                 out = subprocess.run(argv, capture_output=True, text=True)
                 if out.returncode != 0:
                     tail = (out.stderr or out.stdout).strip().splitlines()[-1:] or ["no output"]
@@ -349,6 +365,7 @@ def run_compare(model: str, contenders: Sequence[str], batches: Sequence[int] = 
                 med = {k: statistics.median(r[k] for r in runs) for k in keys}
                 spread = {k: (min(r[k] for r in runs), max(r[k] for r in runs)) for k in keys}
                 rows.append(PeerRow(name, batch, len(runs), med["ttft_ms"], med["decode_tok_s"], med["total_tok_s"],
-                                    med["e2e_ms"], int(statistics.median(r["peak_rss_bytes"] for r in runs)), spread))
+                                    med["e2e_ms"], int(statistics.median(r["peak_rss_bytes"] for r in runs)), spread,
+                                    settings=runs[0].get("settings")))
     return CompareReport(checkpoint, str(package), prompt_tokens, new_tokens, threads, spin, weights,
                          memory_bandwidth(), rows, precision)

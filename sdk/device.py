@@ -190,6 +190,7 @@ def session_options(threads: int | None = None, spin: bool = False) -> ort.Sessi
     options = ort.SessionOptions()
     options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
     options.log_severity_level = 3
+    options.inter_op_num_threads = 1        # nodes run one after another (sequential mode): no inter-op pool
     if threads is not None:
         if threads < 0:
             raise ValueError(f"threads must be >= 0 (0: ONNX Runtime's default), not {threads}")

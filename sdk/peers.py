@@ -2,9 +2,11 @@
 
 Self-contained (standard library plus the contender's own packages), so it runs under a peer's
 virtual environment too: ``python peers.py RUNNER --model PATH --batch B --prompt P --new N
---threads T``; ``python peers.py convert-gguf --model CKPT --out FILE --type f32|q8_0|q4_0``
+--threads T [--spin]``; every contender runs with those intra-op threads, one inter-op thread,
+and that spinning policy, and reports the settings it ran with (read back from the contender
+where it can say). ``python peers.py convert-gguf --model CKPT --out FILE --type f32|q8_0|q4_0``
 writes a Llama checkpoint as GGUF for the llama.cpp contender. Prints one JSON object: time to first token, decode tokens/s per sequence and in
-total, end-to-end time, peak resident memory.
+total, end-to-end time, peak resident memory, and ``settings``.
 """
 
 from __future__ import annotations
@@ -36,11 +38,44 @@ def _prompts(vocab: int, batch: int, length: int) -> list[list[int]]:
     return [[rng.randrange(3, vocab) for _ in range(length)] for _ in range(batch)]
 
 
-def _result(ttft: float, total: float, batch: int, new: int) -> dict:
+def _result(ttft: float, total: float, batch: int, new: int, settings: dict) -> dict:
     decode = total - ttft
     per_seq = (new - 1) / decode if decode > 0 else 0.0
     return {"ttft_ms": ttft * 1e3, "decode_tok_s": per_seq, "total_tok_s": per_seq * batch,
-            "e2e_ms": total * 1e3, "peak_rss_bytes": _peak_rss()}
+            "e2e_ms": total * 1e3, "peak_rss_bytes": _peak_rss(), "settings": settings}
+
+
+def _os_threads() -> int:
+    """Threads of this process (Linux), -1 where the OS does not say."""
+    import os
+
+    try:
+        return len(os.listdir("/proc/self/task"))
+    except OSError:
+        return -1
+
+
+def _ort_settings(options) -> dict:
+    """What an onnxruntime session ran with, read back from its SessionOptions."""
+    def entry(key: str) -> str:
+        try:
+            return options.get_session_config_entry(key)
+        except Exception:
+            return "default"
+    return {"intra_op_threads": options.intra_op_num_threads, "inter_op_threads": options.inter_op_num_threads,
+            "spinning": entry("session.intra_op.allow_spinning"), "read_back": True}
+
+
+def _ort_options(a):
+    """onnxruntime SessionOptions with the comparison's threads and spinning policy."""
+    import onnxruntime as ort
+
+    options = ort.SessionOptions()
+    options.intra_op_num_threads = a.threads
+    options.inter_op_num_threads = 1
+    options.add_session_config_entry("session.intra_op.allow_spinning", "1" if a.spin else "0")
+    options.add_session_config_entry("session.inter_op.allow_spinning", "1" if a.spin else "0")
+    return options
 
 
 def run_nextoken(a) -> dict:
@@ -52,7 +87,8 @@ def run_nextoken(a) -> dict:
         gen = engine.start(prompts, max_new_tokens=a.new, ignore_eos=True)
         gen.completions()
         end = time.perf_counter()
-        return _result(gen.first_token_time - gen.start, end - gen.start, a.batch, a.new)
+        settings = _ort_settings(engine.session.get_session_options())
+        return _result(gen.first_token_time - gen.start, end - gen.start, a.batch, a.new, settings)
 
 
 def _hf_generate(model, prompts, new, torch):
@@ -74,35 +110,43 @@ def run_transformers(a) -> dict:
     import torch
     from transformers import AutoConfig, AutoModelForCausalLM
 
-    torch.set_num_threads(a.threads or torch.get_num_threads())
+    torch.set_num_threads(a.threads)
+    torch.set_num_interop_threads(1)
     vocab = AutoConfig.from_pretrained(a.model).vocab_size
     model = AutoModelForCausalLM.from_pretrained(a.model, dtype=torch.float32).eval()
     with torch.no_grad():
         ttft, total = _hf_generate(model, _prompts(vocab, a.batch, a.prompt), a.new, torch)
-    return _result(ttft, total, a.batch, a.new)
+    settings = {"intra_op_threads": torch.get_num_threads(), "inter_op_threads": torch.get_num_interop_threads(),
+                "spinning": "n/a (PyTorch)", "read_back": True}
+    return _result(ttft, total, a.batch, a.new, settings)
 
 
 def run_optimum(a) -> dict:
-    import onnxruntime as ort
     import torch
     from optimum.onnxruntime import ORTModelForCausalLM
     from transformers import AutoConfig
 
-    options = ort.SessionOptions()
-    if a.threads:
-        options.intra_op_num_threads = a.threads
-    options.add_session_config_entry("session.intra_op.allow_spinning", "1" if a.spin else "0")
     vocab = AutoConfig.from_pretrained(a.model).vocab_size
     model = ORTModelForCausalLM.from_pretrained(a.model, use_cache=True, use_io_binding=True,
-                                                session_options=options, provider="CPUExecutionProvider")
+                                                session_options=_ort_options(a), provider="CPUExecutionProvider")
     ttft, total = _hf_generate(model, _prompts(vocab, a.batch, a.prompt), a.new, torch)
-    return _result(ttft, total, a.batch, a.new)
+    session = getattr(model, "session", None) or getattr(model, "model", None)
+    settings = _ort_settings(session.get_session_options()) if hasattr(session, "get_session_options") else {}
+    return _result(ttft, total, a.batch, a.new, settings)
 
 
 def run_genai(a) -> dict:
     import onnxruntime_genai as og
 
-    model = og.Model(a.model)
+    # genai's session options come from genai_config.json; the overlay sets the comparison's.
+    options = {"intra_op_num_threads": a.threads, "inter_op_num_threads": 1,
+               "session.intra_op.allow_spinning": "1" if a.spin else "0",
+               "session.inter_op.allow_spinning": "1" if a.spin else "0"}
+    og_config = og.Config(a.model)
+    og_config.overlay(json.dumps({"model": {"decoder": {"session_options": options}}}))
+    before = _os_threads()
+    model = og.Model(og_config)
+    started = _os_threads() - before        # measured here: n for an intra-op pool of n (n - 1 workers and one more)
     config = json.load(open(f"{a.model}/genai_config.json"))
     vocab = config["model"]["vocab_size"]
     prompts = _prompts(vocab, a.batch, a.prompt)
@@ -123,7 +167,13 @@ def run_genai(a) -> dict:
 
     once(2)
     ttft, total = once(a.new)
-    return _result(ttft, total, a.batch, a.new)
+    # genai reports no session options: these are what its overlay set, with the intra-op threads
+    # its session started (seen by the OS) as evidence that the overlay took effect
+    settings = {"intra_op_threads": a.threads, "inter_op_threads": 1, "spinning": options["session.intra_op.allow_spinning"],
+                "read_back": False}
+    if before >= 0:
+        settings["threads_started"] = started
+    return _result(ttft, total, a.batch, a.new, settings)
 
 
 def run_llamacpp(a) -> dict:
@@ -132,7 +182,7 @@ def run_llamacpp(a) -> dict:
     from llama_cpp import Llama
 
     llm = Llama(model_path=a.model, n_ctx=a.prompt + a.new + 8, n_batch=max(a.prompt, 32),
-                n_threads=a.threads or None, n_threads_batch=a.threads or None, verbose=False)
+                n_threads=a.threads, n_threads_batch=a.threads, verbose=False)
     prompt = _prompts(llm.n_vocab(), 1, a.prompt)[0]
 
     def once(new: int) -> tuple[float, float]:
@@ -148,7 +198,11 @@ def run_llamacpp(a) -> dict:
 
     once(2)
     ttft, total = once(a.new)
-    return _result(ttft, total, 1, a.new)
+    params = getattr(llm, "context_params", None)
+    threads = getattr(params, "n_threads", None)
+    settings = {"intra_op_threads": threads if threads is not None else a.threads, "inter_op_threads": "n/a",
+                "spinning": "llama.cpp's own", "read_back": threads is not None}
+    return _result(ttft, total, 1, a.new, settings)
 
 
 def convert_gguf(checkpoint: str, out: str, kind: str, threads: int = 0) -> None:
@@ -255,9 +309,11 @@ def main(argv=None) -> int:
     p.add_argument("--batch", type=int, default=1)
     p.add_argument("--prompt", type=int, default=128)
     p.add_argument("--new", type=int, default=128)
-    p.add_argument("--threads", type=int, default=0)
+    p.add_argument("--threads", type=int, required=True, help="intra-op threads, the same for every contender")
     p.add_argument("--spin", action="store_true")
     a = p.parse_args(argv)
+    if a.threads < 1:
+        p.error("--threads must be >= 1: every contender gets the same explicit thread count")
     print(json.dumps(RUNNERS[a.runner](a)))
     return 0
 

@@ -56,6 +56,7 @@ def test_bench_compare_runs_each_contender_in_its_own_process(stories_package, t
     out_json = tmp_path / "compare.json"
     result = run_cli("bench", str(stories_package), "--compare", "optimum,transformers,genai,llamacpp",
                      "--batch", "1", "--prompt-tokens", "8", "--new", "8", "--repeat", "1", "--json", str(out_json),
+                     "--threads", "2", "--spin",
                      "--peers-venv", str(tmp_path / "no-genai-venv"), env={"NEXTOKEN_CACHE": str(tmp_path / "cache")})
     assert result.returncode == 0, result.stderr
     assert "[1/3] nextoken batch 1" in result.stderr                     # progress while it runs
@@ -65,6 +66,11 @@ def test_bench_compare_runs_each_contender_in_its_own_process(stories_package, t
     for name in ("nextoken", "optimum", "transformers"):
         assert not rows[name]["error"] and rows[name]["runs"] == 1
         assert rows[name]["decode_tok_s"] > 0 and rows[name]["ttft_ms"] > 0 and rows[name]["peak_rss_bytes"] > 0
+        # the same settings reached every contender, read back from each
+        settings = rows[name]["settings"]
+        assert settings["intra_op_threads"] == 2 and settings["inter_op_threads"] == 1 and settings["read_back"], settings
+    assert rows["nextoken"]["settings"]["spinning"] == rows["optimum"]["settings"]["spinning"] == "1"
+    assert "intra-op threads 2, inter-op threads 1, spinning 1 (read back)" in result.stdout
     assert "its own virtual environment" in rows["genai"]["error"]
     assert "needs llama-cpp-python, gguf and safetensors in a virtual environment of its own" in rows["llamacpp"]["error"]
     assert data["bound_tok_s"] > 0
@@ -120,3 +126,74 @@ def test_gguf_conversion_for_the_llamacpp_contender(tiny_llama, tmp_path):
     fields = {f.name: f for f in reader.fields.values()}
     assert int(fields["llama.block_count"].parts[-1][0]) == config["num_hidden_layers"]
     assert int(fields["llama.attention.head_count_kv"].parts[-1][0]) == kv
+
+
+GENAI_STUB = """
+import json, os
+
+RECORD = os.environ["GENAI_STUB_RECORD"]
+
+
+class Config:
+    def __init__(self, path):
+        self.path, self.overlays = path, []
+
+    def overlay(self, text):
+        self.overlays.append(json.loads(text))
+        json.dump(self.overlays, open(RECORD, "w"))
+
+
+class Model:
+    def __init__(self, config):
+        assert isinstance(config, Config)
+
+
+class GeneratorParams:
+    def __init__(self, model):
+        self.options = {}
+
+    def set_search_options(self, **options):
+        self.options = options
+
+
+class Generator:
+    def __init__(self, model, params):
+        self.left = params.options["max_length"] - 4
+
+    def append_tokens(self, prompts):
+        pass
+
+    def is_done(self):
+        return self.left <= 0
+
+    def generate_next_token(self):
+        self.left -= 1
+"""
+
+
+def test_bench_settings_reach_onnxruntime_genai(tmp_path):
+    """genai reads its session options from genai_config.json only: the runner overlays the
+    comparison's threads and spinning on it (checked with a stand-in onnxruntime_genai module)."""
+    import subprocess
+    import sys
+
+    from helpers import REPO
+
+    stub = tmp_path / "stub"
+    stub.mkdir()
+    (stub / "onnxruntime_genai.py").write_text(GENAI_STUB)
+    model = tmp_path / "model"
+    model.mkdir()
+    (model / "genai_config.json").write_text(json.dumps({"model": {"vocab_size": 300}}))
+    record = tmp_path / "overlay.json"
+    out = subprocess.run([sys.executable, str(REPO / "sdk" / "peers.py"), "genai", "--model", str(model),
+                          "--batch", "1", "--prompt", "4", "--new", "4", "--threads", "3", "--spin"],
+                         capture_output=True, text=True, env={"PYTHONPATH": str(stub), "GENAI_STUB_RECORD": str(record),
+                                                              "PATH": "/usr/bin:/bin"})
+    assert out.returncode == 0, out.stderr
+    overlay = json.loads(record.read_text())[0]["model"]["decoder"]["session_options"]
+    assert overlay == {"intra_op_num_threads": 3, "inter_op_num_threads": 1,
+                       "session.intra_op.allow_spinning": "1", "session.inter_op.allow_spinning": "1"}
+    settings = json.loads(out.stdout)["settings"]
+    assert {k: settings[k] for k in ("intra_op_threads", "inter_op_threads", "spinning", "read_back")} == {
+        "intra_op_threads": 3, "inter_op_threads": 1, "spinning": "1", "read_back": False}
