@@ -20,7 +20,8 @@ from typing import Any, Callable, Iterator
 from nextoken.errors import ExportError
 from nextoken.manifest import MANIFEST_NAME, Manifest
 
-__all__ = ["export", "ExportReport", "TASK", "SUPPORTED_ARCHITECTURES", "DEFAULT_ATOL", "FP16_RTOL", "DTYPES"]
+__all__ = ["export", "ExportReport", "TASK", "SUPPORTED_ARCHITECTURES", "DEFAULT_ATOL", "FP16_RTOL", "DTYPES",
+           "BACKENDS"]
 
 TASK = "text-generation-with-past"
 
@@ -35,6 +36,10 @@ DEFAULT_ATOL = 1e-3
 #: largest |logit| (at least of 1.0). fp16 keeps ~3 decimal digits; over a few layers the error of a
 #: logit grows to a few parts in a thousand of the logits' range.
 FP16_RTOL = 1e-2
+
+#: Where an export's graph comes from: optimum's exporter, nextoken's own builder (fused operators,
+#: no torch; the Llama family in fp32 so far, optimum's graph otherwise), or onnxruntime-genai's builder.
+BACKENDS = ("optimum", "nextoken", "genai")
 
 #: Weight and KV-cache precisions an export can produce directly.
 DTYPES = ("fp32", "fp16")
@@ -498,8 +503,8 @@ def export(source: str | os.PathLike, output: str | os.PathLike, *, atol: float 
     source = str(source)
     output = Path(output).expanduser()
     say = progress or (lambda _msg: None)
-    if backend not in ("optimum", "genai"):
-        raise ExportError(f"export backend {backend!r} is not known; use optimum or genai")
+    if backend not in BACKENDS:
+        raise ExportError(f"export backend {backend!r} is not known; use {', '.join(BACKENDS)}")
     if dtype not in DTYPES:
         raise ExportError(f"export dtype {dtype!r} is not supported; use {' or '.join(DTYPES)}")
     if device not in ("cpu", "cuda"):
@@ -517,6 +522,22 @@ def export(source: str | os.PathLike, output: str | os.PathLike, *, atol: float 
                               "usable; export with --device cpu (the package runs on CUDA all the same)")
     if output.exists() and (not output.is_dir() or (any(output.iterdir()) and not (output / MANIFEST_NAME).exists())):
         raise ExportError(f"output {output} exists and is not an empty directory or a nextoken package; choose another")
+    if backend == "nextoken":
+        from .builder import BuilderUnavailable, build_package
+
+        if dtype != "fp32" or quantize:
+            say(f"warning: nextoken's builder writes fp32 graphs so far; exporting optimum's graph for "
+                f"{quantize or dtype} instead")
+        else:
+            try:
+                with staged(output) as package:
+                    report = build_package(source, package, check=check, atol=DEFAULT_ATOL if atol is None else atol,
+                                           offline=not _looks_local(source) and not _hub_reachable()[0], say=say)
+                report.output = output
+                say(report.summary())
+                return report
+            except BuilderUnavailable as exc:
+                say(f"warning: nextoken's builder does not cover this model ({exc}); exporting optimum's graph instead")
     if backend == "genai":
         from .genai import RouteUnavailable, build_with_genai
 
