@@ -709,7 +709,14 @@ class Generation:
         # lengths[row]: tokens of the row's sequence the model has seen or will see next
         lengths = np.array([len(p) for p in state.prompts])
         slide = self.params.context_policy == "slide"
-        cache, mask, next_pos, logits = self._prefill(state.prompts)
+        # GroupQueryAttention graphs (keys placed by the mask) run in place in a fixed buffer long
+        # enough for the whole request: no concatenation per step; elsewhere the cache grows.
+        slots = None
+        if not slide and self.runner.manifest.padding_side == "right":
+            slots, logits = self._prefill_in_place(state.prompts)
+            cache = slots
+        else:
+            cache, mask, next_pos, logits = self._prefill(state.prompts)
         self.prefill_done = time.perf_counter()
         self.prefill_model_seconds = cache.run_seconds
         run_seconds = 0.0
@@ -736,11 +743,36 @@ class Generation:
                 cache, mask, next_pos, logits = self._prefill(windows)
                 lengths = np.array([len(w) for w in windows])
                 continue
+            if slots is not None:
+                # [B, 1] in place: each live row writes at its own length; a finished row rewrites
+                # its last position (it is ignored), so no row outgrows its slot.
+                held = slots.lengths + state.alive
+                window = (np.arange(slots.length)[None, :] < held[:, None]).astype(np.int64)
+                logits = self.runner.step(slots, tokens[:, None], window, (held - 1)[:, None], in_place=True)
+                slots.lengths = held
+                continue
             # Decode step [B, 1]; finished rows ride along on their last token and are ignored.
             mask = grow_mask(mask, self.runner.manifest.padding_side)
             logits = self.runner.step(cache, tokens[:, None], mask, next_pos)
             next_pos = next_pos + 1
         self._end(run_seconds + cache.run_seconds, cache.nbytes())
+
+    def _prefill_in_place(self, prompts: Sequence[list[int]]):
+        """Prefill each prompt straight into its row of a fixed buffer (GroupQueryAttention runs a
+        prompt over a static cache one row at a time): (the buffer, logits [B, V])."""
+        from .kvcache import SlotCache
+
+        lengths = np.array([len(p) for p in prompts], dtype=np.int64)
+        length = min(int(lengths.max()) + self.params.max_new_tokens, self.context_length)
+        slots = SlotCache(self.runner, len(prompts), length)
+        rows = []
+        for row, prompt in enumerate(prompts):
+            window = np.zeros((1, length), dtype=np.int64)
+            window[0, :len(prompt)] = 1
+            rows.append(self.runner.step(slots, np.asarray([prompt], dtype=np.int64), window, None, in_place=True,
+                                         rows=1, first_row=row))
+        slots.lengths = lengths
+        return slots, np.concatenate(rows, axis=0)
 
     def _prefill(self, prompts: Sequence[list[int]]):
         """Prefill ``[B, S]`` padded prompts into a new cache: (cache, mask, next positions, logits [B, V])."""

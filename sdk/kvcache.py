@@ -101,14 +101,15 @@ class StepRunner:
 
     def step(self, cache: KVCache, input_ids: np.ndarray, attention_mask: np.ndarray,
              position_ids: np.ndarray | None, all_logits: bool = False, in_place: bool = False,
-             rows: int | None = None) -> np.ndarray:
+             rows: int | None = None, first_row: int = 0) -> np.ndarray:
         """One forward pass. Returns the logits of the last position ``[B, V]`` (or all ``[B, S, V]``).
 
         ``input_ids``/``position_ids`` are ``[B, S]``; ``attention_mask`` is ``[B, cache.length + S]``.
         The cache is advanced to hold the S new positions: as new values, or (``in_place``, for
         GroupQueryAttention graphs over a fixed-size buffer, ``attention_mask`` as wide as the
         buffer) written into the same buffers, each row at its own length; ``rows`` then runs only
-        the buffers' first rows (a contiguous prefix of their memory, bound by address).
+        ``rows`` of the buffers' rows from ``first_row`` on (a contiguous part of their memory, bound
+        by address).
         """
         binding = self.session.io_binding()
         binding.bind_cpu_input("input_ids", np.ascontiguousarray(input_ids, dtype=self._int_dtypes["input_ids"]))
@@ -129,9 +130,10 @@ class StepRunner:
         for past, present, value in zip(self._past, self._present, cache.values):
             if in_place:
                 shape = value.shape()
+                address = value.data_ptr() + first_row * int(np.prod(shape[1:])) * np.dtype(cache.dtype).itemsize
                 shape = [rows if rows is not None else shape[0]] + list(shape[1:])
-                binding.bind_input(past, self.device, self.device_id, cache.dtype, shape, value.data_ptr())
-                binding.bind_output(present, self.device, self.device_id, cache.dtype, shape, value.data_ptr())
+                binding.bind_input(past, self.device, self.device_id, cache.dtype, shape, address)
+                binding.bind_output(present, self.device, self.device_id, cache.dtype, shape, address)
             elif self._c_devices is not None:
                 raw = binding._iobinding
                 raw.bind_ortvalue_input(past, value._ortvalue)
@@ -276,3 +278,4 @@ class SlotCache(KVCache):
         # attention reads a row only up to its length (a free slot decodes at position 0 only).
         super().__init__(runner.manifest, slots, runner.device, runner.device_id, length)
         self.lengths = np.zeros(slots, dtype=np.int64)     # positions each slot holds
+

@@ -86,3 +86,18 @@ def test_what_the_builder_does_not_cover_falls_back_to_optimum(tiny_model, stori
     assert result.returncode == 0, result.stderr
     assert "nextoken's builder does not cover this model" in result.stderr and "exporting optimum's graph" in result.stderr
     assert json.loads((tmp_path / "stories" / "nextoken.json").read_text())["padding_side"] == "left"
+
+
+def test_in_place_generation_when_rows_finish_at_different_steps(built):
+    """Engine.generate runs these graphs in a fixed buffer: a row that stops early rides along
+    without outgrowing its slot, and every row gets what it gets alone."""
+    _, _, engine, _ = built
+    kw = dict(max_new_tokens=16, ignore_eos=True)
+    alone = [engine.generate(p, **kw).token_ids for p in PROMPTS]
+    stop = alone[0][3]                                   # ends the first prompt at its 4th token
+    want = [engine.generate(p, stop_token_ids=[stop], **kw).token_ids for p in PROMPTS]
+    assert len(want[0]) == 4
+    got = engine.generate(PROMPTS, stop_token_ids=[stop], **kw)
+    assert [c.token_ids for c in got] == want
+    assert got[0].usage.kv_cache_bytes == 3 * (max(len(engine.encode(p)) for p in PROMPTS) + 16) \
+        * engine.manifest.kv_bytes_per_token()
