@@ -87,9 +87,11 @@ def _config(folder: Path) -> dict[str, Any]:
     return config
 
 
-def build(checkpoint: str | Path, output: str | Path, dtype: str = "fp32") -> dict[str, Any]:
+def build(checkpoint: str | Path, output: str | Path, dtype: str = "fp32", untie_head: bool = False) -> dict[str, Any]:
     """Write ``output``/model.onnx for the checkpoint folder ``checkpoint``; returns what the
-    manifest needs (layers, heads, head size, context, vocabulary)."""
+    manifest needs (layers, heads, head size, context, vocabulary). ``untie_head``: write a tied LM
+    head as a MatMul of its own (for a package about to be quantised: the quantiser then writes
+    it in int4/int8, at an eighth or a quarter of the embedding's size, while the lookup stays fp32)."""
     import onnx
     from onnx import TensorProto, helper, numpy_helper
 
@@ -109,6 +111,9 @@ def build(checkpoint: str | Path, output: str | Path, dtype: str = "fp32") -> di
     emb = weights["model.embed_tokens.weight"]
     vocab = emb.shape[0]
     tied = "lm_head.weight" not in weights
+    if tied and untie_head:
+        weights["lm_head.weight"] = emb
+        tied = False
 
     inits: list = []
     nodes: list = []
@@ -237,7 +242,7 @@ def _local_folder(source: str, offline: bool) -> Path:
 
 
 def build_package(source: str, package: Path, *, check: bool = True, atol: float = 1e-3, offline: bool = False,
-                  say=lambda _m: None):
+                  untie_head: bool = False, say=lambda _m: None):
     """A whole package at ``package`` from ``source``: the builder's graph, the tokenizer and
     config files, the manifest, and (``check``) the parity check against PyTorch, recorded."""
     import shutil
@@ -252,7 +257,7 @@ def build_package(source: str, package: Path, *, check: bool = True, atol: float
     seconds: dict[str, float] = {}
     start = time.perf_counter()
     say(f"[1/2] building {folder.name} with nextoken's builder (fused operators, fp32) ...")
-    shape = build(folder, package)
+    shape = build(folder, package, untie_head=untie_head)
     seconds["build"] = round(time.perf_counter() - start, 3)
     for name in _PACKAGE_FILES:
         if (folder / name).is_file():

@@ -478,6 +478,21 @@ def staged(output: Path) -> Iterator[Path]:
         shutil.rmtree(stage, ignore_errors=True)
 
 
+def _quantized(package: Path, manifest: Manifest, method: str, block_size: int):
+    """Quantise the checked fp32 ``package`` in place; (its manifest, the accuracy against fp32)."""
+    import dataclasses
+
+    from .quantize import quantize_package
+
+    accuracy = quantize_package(package, method, block_size, PARITY_PROMPT)
+    manifest = dataclasses.replace(
+        manifest, precision=method,
+        quantization={"method": method, "block_size": block_size if method == "int4" else None, **accuracy.to_dict()},
+    ).with_files(package)
+    manifest.save(package)
+    return manifest, accuracy
+
+
 def export(source: str | os.PathLike, output: str | os.PathLike, *, atol: float | None = None,
            check: bool = True, dtype: str = "fp32", device: str = "cpu",
            quantize: str | None = None, block_size: int = 32,
@@ -525,14 +540,22 @@ def export(source: str | os.PathLike, output: str | os.PathLike, *, atol: float 
     if backend == "nextoken":
         from .builder import BuilderUnavailable, build_package
 
-        if dtype != "fp32" or quantize:
-            say(f"warning: nextoken's builder writes fp32 graphs so far; exporting optimum's graph for "
-                f"{quantize or dtype} instead")
+        if dtype != "fp32":
+            say(f"warning: nextoken's builder writes fp32 graphs so far; exporting optimum's graph for {dtype} instead")
         else:
+            if quantize is not None:
+                from .quantize import check_method
+
+                check_method(quantize, block_size)
             try:
                 with staged(output) as package:
                     report = build_package(source, package, check=check, atol=DEFAULT_ATOL if atol is None else atol,
-                                           offline=not _looks_local(source) and not _hub_reachable()[0], say=say)
+                                           offline=not _looks_local(source) and not _hub_reachable()[0],
+                                           untie_head=quantize is not None, say=say)
+                    if quantize:
+                        say(f"quantising to {quantize} and measuring it against fp32 ...")
+                        report.manifest, report.accuracy = _quantized(package, report.manifest, quantize, block_size)
+                        say(f"{quantize} accuracy against fp32: {report.accuracy.line()}")
                 report.output = output
                 say(report.summary())
                 return report
@@ -551,7 +574,7 @@ def export(source: str | os.PathLike, output: str | os.PathLike, *, atol: float 
             return report
         except RouteUnavailable as exc:
             say(f"warning: the genai backend does not apply here ({exc}); exporting the plain optimum graph instead")
-    from .quantize import check_method, quantize_package
+    from .quantize import check_method
 
     if quantize is not None:
         check_method(quantize, block_size)
@@ -602,15 +625,7 @@ def export(source: str | os.PathLike, output: str | os.PathLike, *, atol: float 
         accuracy = None
         if quantize:
             with stages(f"quantising to {quantize} and measuring it against fp32"):
-                accuracy = quantize_package(package, quantize, block_size, PARITY_PROMPT)
-                import dataclasses as _dc
-
-                manifest = _dc.replace(
-                    manifest, precision=quantize,
-                    quantization={"method": quantize, "block_size": block_size if quantize == "int4" else None,
-                                  **accuracy.to_dict()},
-                ).with_files(package)
-                manifest.save(package)
+                manifest, accuracy = _quantized(package, manifest, quantize, block_size)
             say(f"{quantize} accuracy against fp32: {accuracy.line()}")
     report = ExportReport(output, manifest, diff, tolerance, n, stages.seconds, accuracy)
     say(report.summary())

@@ -290,6 +290,43 @@ class CompareReport:
         return "\n".join(lines)
 
 
+def plot_compare(report: "CompareReport", path: str | Path) -> Path:
+    """Draw ``report`` as a PNG people can read at a glance: total decode tokens/s and time to first
+    token, by contender, grouped by batch size (matplotlib: ``pip install 'nextoken[plot]'``)."""
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        raise NextokenError("--plot needs matplotlib: pip install 'nextoken[plot]'") from None
+    rows = [r for r in report.rows if not r.error]
+    if not rows:
+        raise NextokenError("nothing to plot: no contender ran")
+    contenders = list(dict.fromkeys(r.contender for r in rows))
+    batches = sorted({r.batch for r in rows})
+    fig, axes = plt.subplots(1, 2, figsize=(11, 4.2))
+    width = 0.8 / len(contenders)
+    for ax, key, title in ((axes[0], "total_tok_s", "decode tokens/s (all sequences; higher is better)"),
+                           (axes[1], "ttft_ms", "time to first token, ms (lower is better)")):
+        for i, name in enumerate(contenders):
+            values = [next((getattr(r, key) for r in rows if r.contender == name and r.batch == b), 0.0) for b in batches]
+            bars = ax.bar([j + i * width for j in range(len(batches))], values, width, label=name)
+            ax.bar_label(bars, fmt="%.0f", fontsize=8)
+        ax.set_xticks([j + width * (len(contenders) - 1) / 2 for j in range(len(batches))])
+        ax.set_xticklabels([f"batch {b}" for b in batches])
+        ax.set_title(title, fontsize=10)
+    axes[0].legend(fontsize=9)
+    fig.suptitle(f"{Path(report.checkpoint).name} ({report.precision}), prompt {report.prompt_tokens}, "
+                 f"{report.new_tokens} new tokens, {report.threads} threads, spin {'on' if report.spin else 'off'}",
+                 fontsize=10)
+    fig.tight_layout()
+    path = Path(path)
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path
+
+
 def run_compare(model: str, contenders: Sequence[str], batches: Sequence[int] = (1, 8), prompt_tokens: int = 128,
                 new_tokens: int = 128, threads: int | None = None, spin: bool = False, repeat: int = 3,
                 peers_venv: str | None = None, precision: str = "fp32", checkpoint: str | None = None,

@@ -287,6 +287,10 @@ def _cmd_bench(args: argparse.Namespace) -> int:
         print(report.table())
         if args.json:
             Path(args.json).write_text(json.dumps(report.to_dict(), indent=2) + "\n")
+        if args.plot:
+            from .bench import plot_compare
+
+            print(f"chart: {plot_compare(report, args.plot)}", file=sys.stderr)
         return 0
     with _engine(args) as engine:
         report = run_bench(engine, batches=args.batch, prompt_tokens=args.prompt_tokens, new_tokens=args.new,
@@ -533,6 +537,8 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--peers-venv", default=None, metavar="DIR",
                    help="virtual environment with onnxruntime-genai (default: NEXTOKEN_CACHE/peers/genai-venv)")
     p.add_argument("--json", default=None, metavar="FILE", help="write the figures as JSON")
+    p.add_argument("--plot", default=None, metavar="FILE.png",
+                   help="with --compare: draw decode tok/s and TTFT by contender and batch (extra: plot)")
     runtime_options(p)
     plugin_options(p)
     p.set_defaults(func=_cmd_bench)

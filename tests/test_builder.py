@@ -101,3 +101,18 @@ def test_in_place_generation_when_rows_finish_at_different_steps(built):
     assert [c.token_ids for c in got] == want
     assert got[0].usage.kv_cache_bytes == 3 * (max(len(engine.encode(p)) for p in PROMPTS) + 16) \
         * engine.manifest.kv_bytes_per_token()
+
+
+def test_quantised_builds_quantise_the_lm_head_too(tmp_path):
+    """--backend nextoken --quantize int4: the builder's graph, then MatMulNBits everywhere,
+    the tied LM head included (a MatMul of its own; the lookup stays fp32), with the accuracy report."""
+    ckpt = make_tiny_checkpoint(tmp_path / "ckpt", "llama", tie_word_embeddings=True)
+    report = export(ckpt, tmp_path / "pkg", backend="nextoken", quantize="int4", block_size=16, progress=None)
+    manifest = json.loads((tmp_path / "pkg" / "nextoken.json").read_text())
+    assert manifest["precision"] == "int4" and manifest["exported_by"]["builder"] == "nextoken"
+    assert manifest["quantization"]["teacher_forced_agreement"] > 0 and report.accuracy is not None
+    graph = onnx.load(str(tmp_path / "pkg" / "model.onnx")).graph
+    ops = [n.op_type for n in graph.node]
+    assert ops.count("MatMulNBits") == 2 * 5 + 1 and "GroupQueryAttention" in ops   # 5 per layer + the head
+    with Engine(tmp_path / "pkg", device="cpu") as engine:
+        assert len(engine.generate("Hello", max_new_tokens=8, ignore_eos=True).token_ids) == 8

@@ -56,7 +56,7 @@ def test_bench_compare_runs_each_contender_in_its_own_process(stories_package, t
     out_json = tmp_path / "compare.json"
     result = run_cli("bench", str(stories_package), "--compare", "optimum,transformers,genai,llamacpp",
                      "--batch", "1", "--prompt-tokens", "8", "--new", "8", "--repeat", "1", "--json", str(out_json),
-                     "--threads", "2", "--spin",
+                     "--threads", "2", "--spin", "--plot", str(tmp_path / "chart.png"),
                      "--peers-venv", str(tmp_path / "no-genai-venv"), env={"NEXTOKEN_CACHE": str(tmp_path / "cache")})
     assert result.returncode == 0, result.stderr
     assert "[1/3] nextoken batch 1" in result.stderr                     # progress while it runs
@@ -71,6 +71,7 @@ def test_bench_compare_runs_each_contender_in_its_own_process(stories_package, t
         assert settings["intra_op_threads"] == 2 and settings["inter_op_threads"] == 1 and settings["read_back"], settings
     assert rows["nextoken"]["settings"]["spinning"] == rows["optimum"]["settings"]["spinning"] == "1"
     assert "intra-op threads 2, inter-op threads 1, spinning 1 (read back)" in result.stdout
+    assert (tmp_path / "chart.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and "chart:" in result.stderr
     assert "its own virtual environment" in rows["genai"]["error"]
     assert "needs llama-cpp-python, gguf and safetensors in a virtual environment of its own" in rows["llamacpp"]["error"]
     assert data["bound_tok_s"] > 0
