@@ -95,6 +95,8 @@ class StepRunner:
                                ort.OrtDevice.make(device, device_id)._get_c_device())
         except Exception:
             self._c_devices = None
+        logits_type = next((o.type for o in session.get_outputs() if o.name == "logits"), "tensor(float)")
+        self._logits_dtype = np.float16 if logits_type == "tensor(float16)" else np.float32
 
     def new_cache(self, batch_size: int) -> KVCache:
         return KVCache(self.manifest, batch_size, self.device, self.device_id)
@@ -111,6 +113,8 @@ class StepRunner:
         ``rows`` of the buffers' rows from ``first_row`` on (a contiguous part of their memory, bound
         by address).
         """
+        if in_place and not all_logits and input_ids.shape[1] == 1 and self.device == "cpu":
+            return self._decode_in_place(cache, input_ids, attention_mask, position_ids, rows, first_row)
         binding = self.session.io_binding()
         binding.bind_cpu_input("input_ids", np.ascontiguousarray(input_ids, dtype=self._int_dtypes["input_ids"]))
         binding.bind_cpu_input(
@@ -160,6 +164,41 @@ class StepRunner:
             logits = logits.astype(np.float32)
         return logits if all_logits else logits[:, -1, :]
 
+    def _decode_in_place(self, cache: KVCache, input_ids: np.ndarray, attention_mask: np.ndarray,
+                         position_ids: np.ndarray | None, rows: int | None, first_row: int) -> np.ndarray:
+        """A one-token step over a fixed buffer, on the CPU, through a binding kept on the cache:
+        the keys and values stay bound by address and the logits land in a buffer of the binding's
+        own, so a step binds only its ids and mask (binding 2 x layers tensors a step cost 0.6 ms,
+        a tenth of a 135M int4 step)."""
+        n = rows if rows is not None else int(cache.values[0].shape()[0])
+        kept = getattr(cache, "_decode_binding", None)
+        if kept is None or kept[0] != (n, first_row):
+            binding = self.session.io_binding()
+            shape = list(cache.values[0].shape())
+            stride = int(np.prod(shape[1:])) * np.dtype(cache.dtype).itemsize
+            for past, present, value in zip(self._past, self._present, cache.values):
+                address = value.data_ptr() + first_row * stride
+                binding.bind_input(past, self.device, self.device_id, cache.dtype, [n] + shape[1:], address)
+                binding.bind_output(present, self.device, self.device_id, cache.dtype, [n] + shape[1:], address)
+            if "logits_to_keep" in self._int_dtypes:
+                binding.bind_cpu_input("logits_to_keep", np.array([1], dtype=np.int64))
+            logits = np.empty((n, 1, self.manifest.vocab_size), dtype=self._logits_dtype)
+            binding.bind_output("logits", "cpu", 0, logits.dtype, list(logits.shape), logits.ctypes.data)
+            kept = cache._decode_binding = ((n, first_row), binding, logits)
+        _, binding, logits = kept
+        binding.bind_cpu_input("input_ids", np.ascontiguousarray(input_ids, dtype=self._int_dtypes["input_ids"]))
+        binding.bind_cpu_input("attention_mask",
+                               np.ascontiguousarray(attention_mask, dtype=self._int_dtypes["attention_mask"]))
+        if position_ids is not None and "position_ids" in self._int_dtypes:
+            binding.bind_cpu_input("position_ids",
+                                   np.ascontiguousarray(position_ids, dtype=self._int_dtypes["position_ids"]))
+        start = time.perf_counter()
+        try:
+            self.session.run_with_iobinding(binding)
+        except Exception as exc:
+            raise NextokenError(f"the model failed to run a step: {str(exc).splitlines()[0][:300]}") from None
+        cache.run_seconds += time.perf_counter() - start
+        return logits[:, -1, :].astype(np.float32)      # a copy: the buffer is the next step's
 
 class CacheOps:
     """Row and column surgery on :class:`KVCache` s where they live (the GPU on CUDA).
