@@ -145,12 +145,7 @@ class StepRunner:
             else:
                 binding.bind_ortvalue_input(past, value)
                 binding.bind_output(present, self.device, self.device_id)
-        start = time.perf_counter()
-        try:
-            self.session.run_with_iobinding(binding)
-        except Exception as exc:
-            raise NextokenError(f"the model failed to run a step: {str(exc).splitlines()[0][:300]}") from None
-        cache.run_seconds += time.perf_counter() - start
+        self._run(binding, cache)
         if self._c_devices is not None and not in_place:
             raw_outputs = binding._iobinding.get_outputs()
             cache.values = [ort.OrtValue(raw_outputs[i]) for i in range(1, len(raw_outputs))]
@@ -163,6 +158,15 @@ class StepRunner:
         if logits.dtype != np.float32:                  # fp16 graphs: sampling works in fp32
             logits = logits.astype(np.float32)
         return logits if all_logits else logits[:, -1, :]
+
+    def _run(self, binding, cache: KVCache) -> None:
+        """Run the bound step, its time counted to ``cache``; ONNX Runtime's failure as nextoken's."""
+        start = time.perf_counter()
+        try:
+            self.session.run_with_iobinding(binding)
+        except Exception as exc:
+            raise NextokenError(f"the model failed to run a step: {str(exc).splitlines()[0][:300]}") from None
+        cache.run_seconds += time.perf_counter() - start
 
     def _decode_in_place(self, cache: KVCache, input_ids: np.ndarray, attention_mask: np.ndarray,
                          position_ids: np.ndarray | None, rows: int | None, first_row: int) -> np.ndarray:
@@ -192,12 +196,7 @@ class StepRunner:
         if position_ids is not None and "position_ids" in self._int_dtypes:
             binding.bind_cpu_input("position_ids",
                                    np.ascontiguousarray(position_ids, dtype=self._int_dtypes["position_ids"]))
-        start = time.perf_counter()
-        try:
-            self.session.run_with_iobinding(binding)
-        except Exception as exc:
-            raise NextokenError(f"the model failed to run a step: {str(exc).splitlines()[0][:300]}") from None
-        cache.run_seconds += time.perf_counter() - start
+        self._run(binding, cache)
         return logits[:, -1, :].astype(np.float32)      # a copy: the buffer is the next step's
 
 class CacheOps:
