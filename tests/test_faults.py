@@ -305,11 +305,12 @@ def test_a_failing_model_step_fails_that_step_and_the_scheduler_serves_on(backen
     step = engine.runner.step
     calls = {"n": 0}
 
-    def flaky(*args, **kwargs):
-        calls["n"] += 1
-        if calls["n"] == 4:
-            raise NextokenError("the model failed to run a step: injected")
-        return step(*args, **kwargs)
+    def flaky(cache, input_ids, *args, **kwargs):
+        if input_ids.shape[1] == 1:                    # decode steps only: a failed prefill is retried alone
+            calls["n"] += 1
+            if calls["n"] == 3:
+                raise NextokenError("the model failed to run a step: injected")
+        return step(cache, input_ids, *args, **kwargs)
 
     monkeypatch.setattr(engine.runner, "step", flaky)
     scheduler = Scheduler(engine, max_batch=8, kv_backend=kv_backend, slot_length=64 if kv_backend == "slots" else None)
@@ -335,8 +336,8 @@ def test_a_dead_loop_fails_every_request_and_refuses_new_ones(backend, monkeypat
         raise RuntimeError("an internal bug")
 
     monkeypatch.setattr(scheduler, "_compact", broken)
+    handles = [scheduler.submit(p, **KW) for p in PROMPTS]     # all in hand before the loop starts
     scheduler.start()
-    handles = [scheduler.submit(p, **KW) for p in PROMPTS]
     for h in handles:
         with pytest.raises(NextokenError, match="the scheduler stopped: RuntimeError: an internal bug"):
             h.result(timeout=60)
