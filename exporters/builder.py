@@ -251,7 +251,7 @@ def build_package(source: str, package: Path, *, check: bool = True, atol: float
 
     from nextoken.manifest import Manifest
 
-    from .hf import _PACKAGE_FILES, ExportReport, _eos_ids, _parity, record_parity
+    from .hf import PACKAGE_FILES, ExportReport, eos_ids, export_versions, parity_check, record_parity
 
     folder = _local_folder(source, offline)
     seconds: dict[str, float] = {}
@@ -259,7 +259,7 @@ def build_package(source: str, package: Path, *, check: bool = True, atol: float
     say(f"[1/2] building {folder.name} with nextoken's builder (fused operators, fp32) ...")
     shape = build(folder, package, untie_head=untie_head)
     seconds["build"] = round(time.perf_counter() - start, 3)
-    for name in _PACKAGE_FILES:
+    for name in PACKAGE_FILES:
         if (folder / name).is_file():
             shutil.copy2(folder / name, package / name)
     config = json.loads((folder / "config.json").read_text())
@@ -270,22 +270,20 @@ def build_package(source: str, package: Path, *, check: bool = True, atol: float
         value = generation.get(key, config.get(key))
         return (value[0] if value else None) if isinstance(value, list) else value
 
-    from .hf import _versions
-
     manifest = Manifest(
         **{k: shape[k] for k in ("architecture", "num_layers", "num_kv_heads", "head_dim", "vocab_size",
                                  "context_length", "inputs", "outputs")},
-        kv_dtype="float32", eos_token_ids=_eos_ids(SimpleNamespace(**config), generation),
+        kv_dtype="float32", eos_token_ids=eos_ids(SimpleNamespace(**config), generation),
         bos_token_id=first("bos_token_id"), pad_token_id=first("pad_token_id"), precision="fp32",
         tokenizer_file="tokenizer.json" if (package / "tokenizer.json").is_file() else None,
-        source=str(source), exported_by={**_versions(), "builder": "nextoken"}, padding_side="right",
+        source=str(source), exported_by={**export_versions(), "builder": "nextoken"}, padding_side="right",
     ).with_files(package)
     manifest.save(package)
     diff, n = float("nan"), 0
     if check:
         say("[2/2] checking ONNX logits against PyTorch (on cpu) ...")
         start = time.perf_counter()
-        diff, n, _ = _parity(str(folder), package, offline)
+        diff, n, _ = parity_check(str(folder), package, offline)
         seconds["parity"] = round(time.perf_counter() - start, 3)
         if not diff <= atol:
             raise ExportError(f"parity check failed: max |Δ logits| between nextoken's graph and PyTorch is {diff:.3e}, "

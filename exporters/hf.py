@@ -46,7 +46,7 @@ DTYPES = ("fp32", "fp16")
 
 PARITY_PROMPT = "Once upon a time, in a small town by the sea, there lived"
 
-_PACKAGE_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json",
+PACKAGE_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json",
                   "generation_config.json", "config.json", "chat_template.jinja")
 
 Progress = Callable[[str], None]
@@ -226,7 +226,7 @@ def _onnx_config(config, dtype: str = "fp32"):
     return WithPositions(config, task="text-generation", use_past=True, use_past_in_inputs=True, float_dtype=dtype)
 
 
-def _versions() -> dict[str, str]:
+def export_versions() -> dict[str, str]:
     out = {}
     for dist in ("nextoken", "optimum-onnx", "optimum", "transformers", "torch", "onnx", "onnxruntime-gpu", "onnxruntime"):
         try:
@@ -236,7 +236,7 @@ def _versions() -> dict[str, str]:
     return out
 
 
-def _eos_ids(config, generation_config: dict) -> tuple[int, ...]:
+def eos_ids(config, generation_config: dict) -> tuple[int, ...]:
     eos = generation_config.get("eos_token_id", getattr(config, "eos_token_id", None))
     if eos is None:
         return ()
@@ -339,14 +339,14 @@ def _manifest_from_graph(model_path: Path, config, package: Path, source: str) -
         context_length=_context_length(config),
         inputs=tuple(inputs),
         outputs=tuple(outputs),
-        eos_token_ids=_eos_ids(config, generation),
+        eos_token_ids=eos_ids(config, generation),
         bos_token_id=None if bos is None else int(bos),
         pad_token_id=None if pad is None else int(pad),
         precision={"float32": "fp32", "float16": "fp16", "bfloat16": "bf16"}.get(kv_dtype, kv_dtype),
         model_file=model_path.name,
         tokenizer_file="tokenizer.json" if (package / "tokenizer.json").is_file() else None,
         source=source,
-        exported_by=_versions(),
+        exported_by=export_versions(),
     ).with_files(package)
 
 
@@ -381,7 +381,7 @@ def _vacuous(expected) -> str | None:
     return None
 
 
-def _parity(source: str, package: Path, offline: bool = False, device: str = "cpu") -> tuple[float, int, float]:
+def parity_check(source: str, package: Path, offline: bool = False, device: str = "cpu") -> tuple[float, int, float]:
     """(max |Δ logits|, positions, max |logit|) between PyTorch in fp32 and the package running on
     ``device``, over varied ids (:func:`parity_ids`) in one pass and one cached step. Reference
     logits that cannot tell a right graph from a wrong one are an :class:`ExportError`."""
@@ -601,7 +601,7 @@ def export(source: str | os.PathLike, output: str | os.PathLike, *, atol: float 
             onnx_files = [p for p in work.iterdir() if p.name.startswith("model.onnx")]
             if not any(p.name == "model.onnx" for p in onnx_files):
                 raise ExportError(f"optimum wrote no model.onnx for {source!r}")
-            for p in onnx_files + [work / n for n in _PACKAGE_FILES if (work / n).is_file()]:
+            for p in onnx_files + [work / n for n in PACKAGE_FILES if (work / n).is_file()]:
                 shutil.move(str(p), package / p.name)
             shutil.rmtree(work, ignore_errors=True)
             _keep_last_logits(package / "model.onnx")
@@ -612,7 +612,7 @@ def export(source: str | os.PathLike, output: str | os.PathLike, *, atol: float 
         if check:
             parity_device = "cuda" if device == "cuda" else "cpu"
             with stages(f"checking ONNX logits against PyTorch (on {device})"):
-                diff, n, scale = _parity(source, package, offline, parity_device)
+                diff, n, scale = parity_check(source, package, offline, parity_device)
             if atol is None and dtype == "fp16":
                 tolerance = FP16_RTOL * max(1.0, scale)
             if not diff <= tolerance:

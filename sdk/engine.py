@@ -144,6 +144,10 @@ class Engine:
         """Token ids of ``text`` as the model gets them (with BOS when the tokenizer adds one)."""
         return self._need_tokenizer().encode(text)
 
+    def decode(self, ids: Sequence[int]) -> str:
+        """Text of token ids (special tokens left out), through the package's tokenizer."""
+        return self._need_tokenizer().decode(ids)
+
     def _need_tokenizer(self) -> GuardedTokenizer:
         if self._tokenizer is None:
             raise InvalidRequestError(

@@ -398,7 +398,7 @@ def create_app(scheduler: Scheduler, model_name: str, api_key: str | None = None
         handle = _submit(prompt, params)
         echo = ""
         if req.echo:
-            echo = prompt if isinstance(prompt, str) else engine._need_tokenizer().decode(prompt)
+            echo = prompt if isinstance(prompt, str) else engine.decode(prompt)
         include_usage = bool(req.stream_options and req.stream_options.include_usage)
         return await _respond(request, handle, False, req.stream, include_usage, echo)
 

@@ -92,33 +92,29 @@ class GuardedTokenizer:
     def __getattr__(self, name: str):
         return getattr(self.inner, name)
 
-    def _fail(self, what: str, problem: str, exc: BaseException | None = None):
-        detail = f"{type(exc).__name__}: {exc}" if exc is not None else problem
-        return PluginError(f"{self.source} failed in {what}: {detail}")
-
     def encode(self, text: str, add_special_tokens: bool = True) -> list[int]:
         try:
             ids = self.inner.encode(text, add_special_tokens=add_special_tokens)
         except Exception as exc:
-            raise self._fail("encode", "", exc) from exc
+            raise _plugin_failure(self.source, "encode", "", exc) from exc
         try:
             out = [int(t) for t in ids]
             if any(isinstance(t, (bool, float)) for t in ids):
                 raise TypeError
         except (TypeError, ValueError):
-            raise self._fail("encode", f"returned {describe(ids)}, not a list of integer token ids") from None
+            raise _plugin_failure(self.source, "encode", f"returned {describe(ids)}, not a list of integer token ids") from None
         bad = [t for t in out if not 0 <= t < self.vocab_size]
         if bad:
-            raise self._fail("encode", f"returned token ids outside the vocabulary [0, {self.vocab_size}): {bad[:5]}")
+            raise _plugin_failure(self.source, "encode", f"returned token ids outside the vocabulary [0, {self.vocab_size}): {bad[:5]}")
         return out
 
     def decode(self, ids: Sequence[int]) -> str:
         try:
             text = self.inner.decode(ids)
         except Exception as exc:
-            raise self._fail("decode", "", exc) from exc
+            raise _plugin_failure(self.source, "decode", "", exc) from exc
         if not isinstance(text, str):
-            raise self._fail("decode", f"returned {describe(text)}, not a string")
+            raise _plugin_failure(self.source, "decode", f"returned {describe(text)}, not a string")
         return text
 
     def decoder(self, context: Sequence[int] = ()) -> "IncrementalDecoder":
@@ -128,7 +124,7 @@ class GuardedTokenizer:
         try:
             inner = make(context)
         except Exception as exc:
-            raise self._fail("decoder", "", exc) from exc
+            raise _plugin_failure(self.source, "decoder", "", exc) from exc
         if type(inner) is IncrementalDecoder:       # the stock decoder: run it over the checked decode
             return IncrementalDecoder(self, context)
         return _GuardedDecoder(inner, self)
@@ -144,9 +140,9 @@ class _GuardedDecoder:
         try:
             text = call()
         except Exception as exc:
-            raise self.owner._fail(what, "", exc) from exc
+            raise _plugin_failure(self.owner.source, what, "", exc) from exc
         if not isinstance(text, str):
-            raise self.owner._fail(what, f"returned {describe(text)}, not a string")
+            raise _plugin_failure(self.owner.source, what, f"returned {describe(text)}, not a string")
         return text
 
     def add(self, token_id: int) -> str:
@@ -155,3 +151,9 @@ class _GuardedDecoder:
     def flush(self) -> str:
         return self._checked("decoder.flush", self.inner.flush)
 
+
+
+def _plugin_failure(source: str, what: str, problem: str, exc: BaseException | None = None) -> PluginError:
+    """The error for a tokenizer plugin that raised (``exc``) or answered wrongly (``problem``)."""
+    detail = f"{type(exc).__name__}: {exc}" if exc is not None else problem
+    return PluginError(f"{source} failed in {what}: {detail}")
