@@ -1,16 +1,20 @@
 """nextoken's own graph builder: a checkpoint's safetensors written straight into an ONNX graph on
 onnxruntime's fused operators, with no torch at all (numpy, onnx, and the checkpoint's files).
 
-Covered: the Llama family (``llama``, ``mistral``, ``qwen2``) in fp32, where onnxruntime's
-GroupQueryAttention can run the head size (a multiple of 16). Per layer:
+Covered: ``llama``, ``mistral``, ``qwen2``, ``phi3``, ``gemma`` and ``gpt2``, in fp32 and fp16,
+where onnxruntime's GroupQueryAttention can run the head size (a multiple of 16). Per layer:
 
-    SimplifiedLayerNormalization / SkipSimplifiedLayerNormalization (residual fused)
-    -> one QKV MatMul (+ bias for qwen2) -> GroupQueryAttention (rotary inside, KV cache, causal,
-       sliding window for mistral) -> MatMul -> SkipSimplifiedLayerNormalization
-    -> gate and up MatMuls -> SiLU(gate) * up -> down MatMul
+    SimplifiedLayerNormalization / SkipSimplifiedLayerNormalization (residual fused; gpt2:
+    LayerNormalization / SkipLayerNormalization with the previous projection's bias fused)
+    -> one QKV MatMul (+ bias: qwen2, gpt2) -> GroupQueryAttention (KV cache, causal; rotary
+       inside, or gpt2's learned positions added to the embeddings; sliding window for mistral and
+       phi3) -> MatMul -> Skip(Simplified)LayerNormalization
+    -> gate and up MatMuls -> SiLU or GELU(gate) * up -> down MatMul (gpt2: MatMul -> FastGelu
+       with its bias -> MatMul)
 
 then the final norm, the last ``logits_to_keep`` positions only, and the LM head as a Gemm over
-the embedding matrix when the checkpoint ties them (stored once). Positions come from the attention
+the embedding matrix when the checkpoint ties them (stored once). gemma's (1 + weight) norms are
+folded into the weights, its embedding scale is one Mul. Positions come from the attention
 mask (padding on the right), as in onnxruntime-genai's graphs, so continuous batching can use the
 fixed-slot KV backend. Anything else is :class:`BuilderUnavailable`; ``nextoken export --backend
 nextoken`` then exports optimum's graph, saying so.
@@ -20,6 +24,7 @@ from __future__ import annotations
 
 import json
 import struct
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -27,9 +32,10 @@ import numpy as np
 
 from nextoken.errors import ExportError
 
-__all__ = ["BuilderUnavailable", "ARCHITECTURES", "build", "read_safetensors"]
+__all__ = ["BuilderUnavailable", "ARCHITECTURES", "build", "covers", "read_safetensors"]
 
-ARCHITECTURES = ("llama", "mistral", "qwen2")
+ARCHITECTURES = ("llama", "mistral", "qwen2", "phi3", "gemma", "gpt2")
+DTYPES = ("fp32", "fp16")
 
 _DTYPES = {"F32": np.float32, "F16": np.float16, "BF16": "bf16", "F64": np.float64}
 
@@ -66,133 +72,251 @@ def read_safetensors(folder: Path) -> dict[str, np.ndarray]:
     return out
 
 
+@dataclass
+class _Shape:
+    """A checkpoint's config in one vocabulary, whatever the architecture calls its fields."""
+
+    arch: str
+    hidden: int
+    layers: int
+    heads: int
+    kv_heads: int
+    head: int
+    eps: float
+    context: int
+    theta: float | None         # None: no rotary (gpt2's learned positions)
+    window: int | None
+    norm: str                   # "rms" or "layer"
+    act: str                    # "silu", "gelu_tanh" or "gelu" (erf)
+
+
 def _config(folder: Path) -> dict[str, Any]:
     path = folder / "config.json"
     if not path.is_file():
         raise BuilderUnavailable(f"{folder} has no config.json")
-    config = json.loads(path.read_text())
+    return json.loads(path.read_text())
+
+
+def _shape(config: dict[str, Any]) -> _Shape:
+    """What the builder needs from ``config``; :class:`BuilderUnavailable` for what it does not build."""
     arch = config.get("model_type")
     if arch not in ARCHITECTURES:
         raise BuilderUnavailable(f"the builder covers {', '.join(ARCHITECTURES)}, not {arch!r}")
-    scaling = config.get("rope_scaling")
-    if scaling and (scaling.get("rope_type") or scaling.get("type")) not in (None, "default"):
-        raise BuilderUnavailable(f"rotary scaling {scaling.get('rope_type') or scaling.get('type')!r} is not built yet")
-    heads = config["num_attention_heads"]
-    head = config.get("head_dim") or config["hidden_size"] // heads
-    if head % 16:
+    if arch == "gpt2":
+        hidden, heads = config["n_embd"], config["n_head"]
+        if config.get("activation_function", "gelu_new") not in ("gelu_new", "gelu_pytorch_tanh"):
+            raise BuilderUnavailable(f"activation {config.get('activation_function')!r} is not built yet")
+        if config.get("scale_attn_by_inverse_layer_idx") or config.get("reorder_and_upcast_attn") \
+                or not config.get("scale_attn_weights", True):
+            raise BuilderUnavailable("gpt2's attention scaling variants are not built yet")
+        shape = _Shape(arch, hidden, config["n_layer"], heads, heads, hidden // heads,
+                       float(config.get("layer_norm_epsilon", 1e-5)), int(config.get("n_positions", 1024)),
+                       None, None, "layer", "gelu_tanh")
+    else:
+        scaling = config.get("rope_scaling")
+        if scaling and (scaling.get("rope_type") or scaling.get("type")) not in (None, "default"):
+            raise BuilderUnavailable(f"rotary scaling {scaling.get('rope_type') or scaling.get('type')!r} is not built yet")
+        if float(config.get("partial_rotary_factor", 1.0)) != 1.0:
+            raise BuilderUnavailable("partial rotary embeddings are not built yet")
+        act = config.get("hidden_act", "silu")            # what transformers runs (gemma's too)
+        acts = {"silu": "silu", "swish": "silu", "gelu_pytorch_tanh": "gelu_tanh", "gelu": "gelu"}
+        if act not in acts:
+            raise BuilderUnavailable(f"activation {act!r} is not built yet")
+        heads = config["num_attention_heads"]
+        window = config.get("sliding_window") if arch in ("mistral", "phi3") or config.get("use_sliding_window") else None
+        shape = _Shape(arch, config["hidden_size"], config["num_hidden_layers"], heads,
+                       config.get("num_key_value_heads") or heads, config.get("head_dim") or config["hidden_size"] // heads,
+                       float(config.get("rms_norm_eps", 1e-6)), int(config.get("max_position_embeddings", 2048)),
+                       float(config.get("rope_theta", 10000.0)), int(window) if window else None, "rms", acts[act])
+    if shape.head % 16:
         raise BuilderUnavailable(f"onnxruntime's GroupQueryAttention needs a head size that is a multiple of 16, "
-                                 f"and this model's is {head}")
-    if config.get("hidden_act", "silu") not in ("silu", "swish"):
-        raise BuilderUnavailable(f"activation {config.get('hidden_act')!r} is not built yet")
-    return config
+                                 f"and this model's is {shape.head}")
+    return shape
 
 
-def build(checkpoint: str | Path, output: str | Path, dtype: str = "fp32", untie_head: bool = False) -> dict[str, Any]:
-    """Write ``output``/model.onnx for the checkpoint folder ``checkpoint``; returns what the
-    manifest needs (layers, heads, head size, context, vocabulary). ``untie_head``: write a tied LM
-    head as a MatMul of its own (for a package about to be quantised: the quantiser then writes
-    it in int4/int8, at an eighth or a quarter of the embedding's size, while the lookup stays fp32)."""
-    import onnx
-    from onnx import TensorProto, helper, numpy_helper
+def covers(config: dict[str, Any]) -> None:
+    """Nothing when the builder writes the model of ``config`` (a config.json as a dict), else
+    :class:`BuilderUnavailable` saying why."""
+    _shape(config)
 
-    if dtype != "fp32":
-        raise BuilderUnavailable(f"the builder writes fp32 graphs; {dtype} is not built yet")
-    folder, output = Path(checkpoint), Path(output)
-    config = _config(folder)
-    weights = read_safetensors(folder)
-    arch = config["model_type"]
-    hidden, layers = config["hidden_size"], config["num_hidden_layers"]
-    heads, kv_heads = config["num_attention_heads"], config.get("num_key_value_heads") or config["num_attention_heads"]
-    head = config.get("head_dim") or hidden // heads
-    eps = float(config.get("rms_norm_eps", 1e-6))
-    context = int(config.get("max_position_embeddings", 2048))
-    theta = float(config.get("rope_theta", 10000.0))
-    window = config.get("sliding_window") if arch == "mistral" else None
-    emb = weights["model.embed_tokens.weight"]
-    vocab = emb.shape[0]
-    tied = "lm_head.weight" not in weights
-    if tied and untie_head:
-        weights["lm_head.weight"] = emb
-        tied = False
 
-    inits: list = []
-    nodes: list = []
-
-    def init(name: str, array: np.ndarray) -> str:
-        inits.append(numpy_helper.from_array(np.ascontiguousarray(array), name))
-        return name
-
-    def node(op: str, inputs: list[str], outputs: list[str], domain: str = "", **attrs) -> None:
-        nodes.append(helper.make_node(op, inputs, outputs, name=f"{op}_{len(nodes)}", domain=domain, **attrs))
-
+def _layer(shape: _Shape, weights: dict[str, np.ndarray], i: int) -> dict[str, np.ndarray]:
+    """Layer ``i``'s weights under one set of names, oriented for ``x @ W``: ln1 (+ ln1_b), qkv
+    (+ qkv_b), o (+ o_b), ln2 (+ ln2_b), then gate/up/down (gated MLP) or fc (+ fc_b)/proj (+ proj_b)."""
     def w(name: str) -> np.ndarray:
         try:
             return weights[name]
         except KeyError:
             raise BuilderUnavailable(f"the checkpoint has no weight {name}") from None
 
+    if shape.arch == "gpt2":
+        p = f"h.{i}."
+        return {"ln1": w(p + "ln_1.weight"), "ln1_b": w(p + "ln_1.bias"),
+                "qkv": w(p + "attn.c_attn.weight"), "qkv_b": w(p + "attn.c_attn.bias"),
+                "o": w(p + "attn.c_proj.weight"), "o_b": w(p + "attn.c_proj.bias"),
+                "ln2": w(p + "ln_2.weight"), "ln2_b": w(p + "ln_2.bias"),
+                "fc": w(p + "mlp.c_fc.weight"), "fc_b": w(p + "mlp.c_fc.bias"),
+                "proj": w(p + "mlp.c_proj.weight"), "proj_b": w(p + "mlp.c_proj.bias")}
+    p = f"model.layers.{i}."
+    shift = 1.0 if shape.arch == "gemma" else 0.0          # gemma's norms scale by (1 + weight)
+    out = {"ln1": w(p + "input_layernorm.weight") + shift, "o": w(p + "self_attn.o_proj.weight").T,
+           "ln2": w(p + "post_attention_layernorm.weight") + shift, "down": w(p + "mlp.down_proj.weight").T}
+    if shape.arch == "phi3":
+        out["qkv"] = w(p + "self_attn.qkv_proj.weight").T
+        gate_up = w(p + "mlp.gate_up_proj.weight")
+        out["gate"], out["up"] = gate_up[: len(gate_up) // 2].T, gate_up[len(gate_up) // 2:].T
+    else:
+        out["qkv"] = np.concatenate([w(p + "self_attn.q_proj.weight"), w(p + "self_attn.k_proj.weight"),
+                                     w(p + "self_attn.v_proj.weight")], axis=0).T
+        out["gate"], out["up"] = w(p + "mlp.gate_proj.weight").T, w(p + "mlp.up_proj.weight").T
+        if p + "self_attn.q_proj.bias" in weights:
+            out["qkv_b"] = np.concatenate([w(p + "self_attn.q_proj.bias"), w(p + "self_attn.k_proj.bias"),
+                                           w(p + "self_attn.v_proj.bias")])
+    return out
+
+
+def build(checkpoint: str | Path, output: str | Path, dtype: str = "fp32", untie_head: bool = False) -> dict[str, Any]:
+    """Write ``output``/model.onnx for the checkpoint folder ``checkpoint``; returns what the
+    manifest needs (layers, heads, head size, context, vocabulary). ``dtype``: ``fp32``, or ``fp16``
+    weights, activations and KV cache (the CUDA precision; logits come out in fp16 and the engine
+    samples from them in fp32). ``untie_head``: write a tied LM head as a MatMul of its own (for a
+    package about to be quantised: the quantiser then writes it in int4/int8, at an eighth or a
+    quarter of the embedding's size, while the lookup stays fp32)."""
+    import onnx
+    from onnx import TensorProto, helper, numpy_helper
+
+    if dtype not in DTYPES:
+        raise BuilderUnavailable(f"the builder writes {' or '.join(DTYPES)} graphs, not {dtype}")
+    folder, output = Path(checkpoint), Path(output)
+    shape = _shape(_config(folder))
+    weights = read_safetensors(folder)
+    if shape.arch == "gpt2":            # hub gpt2 checkpoints name their tensors without the prefix
+        weights = {k.removeprefix("transformer."): v for k, v in weights.items()}
+    float_t = np.float16 if dtype == "fp16" else np.float32
+    elem = TensorProto.FLOAT16 if dtype == "fp16" else TensorProto.FLOAT
+    hidden, heads, kv_heads, head, eps = shape.hidden, shape.heads, shape.kv_heads, shape.head, shape.eps
+    emb = weights["wte.weight" if shape.arch == "gpt2" else "model.embed_tokens.weight"]
+    vocab = emb.shape[0]
+    head_name = "lm_head.weight"
+    tied = head_name not in weights
+    if tied and untie_head:
+        weights[head_name] = emb
+        tied = False
+
+    inits: list = []
+    nodes: list = []
+
+    def init(name: str, array: np.ndarray) -> str:
+        if array.dtype.kind == "f":
+            array = array.astype(float_t)
+        inits.append(numpy_helper.from_array(np.ascontiguousarray(array), name))
+        return name
+
+    def node(op: str, inputs: list[str], outputs: list[str], domain: str = "", **attrs) -> None:
+        nodes.append(helper.make_node(op, inputs, outputs, name=f"{op}_{len(nodes)}", domain=domain, **attrs))
+
+    def first_norm(x: str, gamma: np.ndarray, beta: np.ndarray | None, out: str, tag: str) -> None:
+        if shape.norm == "rms":
+            node("SimplifiedLayerNormalization", [x, init(tag, gamma)], [out], axis=-1, epsilon=eps)
+        else:
+            node("LayerNormalization", [x, init(tag, gamma), init(tag + "_b", beta)], [out], axis=-1, epsilon=eps)
+
+    def skip_norm(x: str, skip: str, gamma: np.ndarray, beta: np.ndarray | None, bias: np.ndarray | None,
+                  out: str, tag: str, residual_out: str = "") -> None:
+        """out = norm(x + skip (+ bias)); residual_out = the sum."""
+        if shape.norm == "rms":
+            node("SkipSimplifiedLayerNormalization", [x, skip, init(tag, gamma)], [out, "", "", residual_out],
+                 domain="com.microsoft", epsilon=eps)
+        else:
+            ins = [x, skip, init(tag, gamma), init(tag + "_b", beta)] + ([init(tag + "_bias", bias)] if bias is not None else [])
+            node("SkipLayerNormalization", ins, [out, "", "", residual_out], domain="com.microsoft", epsilon=eps)
+
     init("embed", emb)
-    inv = 1.0 / theta ** (np.arange(0, head, 2, dtype=np.float64) / head)
-    angles = np.outer(np.arange(context, dtype=np.float64), inv)
-    init("cos_cache", np.cos(angles).astype(np.float32))
-    init("sin_cache", np.sin(angles).astype(np.float32))
     init("one", np.array(1, dtype=np.int64))
     init("axis1", np.array([1], dtype=np.int64))
-    init("axis_seq", np.array([1], dtype=np.int64))
     init("big", np.array([np.iinfo(np.int64).max], dtype=np.int64))
     init("zero1", np.array([0], dtype=np.int64))
 
-    # positions and lengths from the mask: seqlens_k = tokens per row - 1, total = the mask's width
+    # lengths from the mask (padding on the right): seqlens_k = tokens per row - 1, total = the mask's width
     node("ReduceSum", ["attention_mask", "axis1"], ["mask_sum"], keepdims=0)
     node("Sub", ["mask_sum", "one"], ["mask_sum_1"])
     node("Cast", ["mask_sum_1"], ["seqlens_k"], to=TensorProto.INT32)
     node("Shape", ["attention_mask"], ["mask_shape"])
     node("Gather", ["mask_shape", "one"], ["total64"])
     node("Cast", ["total64"], ["total_len"], to=TensorProto.INT32)
-    node("Gather", ["embed", "input_ids"], ["h0"])
+    node("Gather", ["embed", "input_ids"], ["tok_emb"])
+    gqa_extra: list[str] = []
+    attrs: dict[str, Any] = dict(num_heads=heads, kv_num_heads=kv_heads)
+    if shape.theta is not None:
+        inv = 1.0 / shape.theta ** (np.arange(0, head, 2, dtype=np.float64) / head)
+        angles = np.outer(np.arange(shape.context, dtype=np.float64), inv)
+        gqa_extra = [init("cos_cache", np.cos(angles)), init("sin_cache", np.sin(angles))]
+        attrs.update(do_rotary=1, rotary_interleaved=0)
+    if shape.window:
+        attrs["local_window_size"] = shape.window
+    if shape.arch == "gemma":
+        node("Mul", ["tok_emb", init("emb_scale", np.array(hidden ** 0.5))], ["h0"])
+    elif shape.arch == "gpt2":
+        # learned positions as GroupQueryAttention counts them: 0.. for a first prompt, else the
+        # row's length so far minus the new tokens
+        node("Shape", ["input_ids"], ["ids_shape"])
+        node("Gather", ["ids_shape", "one"], ["new64"])
+        node("Equal", ["new64", "total64"], ["first_prompt"])
+        node("Range", [init("zero", np.array(0, dtype=np.int64)), "new64", "one"], ["steps"])
+        node("Sub", ["mask_sum", "new64"], ["before"])
+        node("Unsqueeze", ["before", "axis1"], ["before2d"])
+        node("Add", ["before2d", "steps"], ["later_raw"])
+        node("Max", ["later_raw", "zero"], ["later"])
+        node("Where", ["first_prompt", "steps", "later"], ["positions"])
+        node("Gather", [init("wpe", weights["wpe.weight"][: shape.context]), "positions"], ["pos_emb"])
+        node("Add", ["tok_emb", "pos_emb"], ["h0"])
+    else:
+        node("Identity", ["tok_emb"], ["h0"])
 
-    residual, pending = "h0", None       # pending: the last block's output, not yet added to the residual
-    for i in range(layers):
-        p = f"model.layers.{i}."
-        init(f"ln_in{i}", w(p + "input_layernorm.weight"))
+    residual, pending, pending_bias = "h0", None, None      # pending: the last block's output, not yet added
+    for i in range(shape.layers):
+        lw = _layer(shape, weights, i)
         if pending is None:
-            node("SimplifiedLayerNormalization", [residual, f"ln_in{i}"], [f"x{i}"], axis=-1, epsilon=eps)
+            first_norm(residual, lw["ln1"], lw.get("ln1_b"), f"x{i}", f"ln_in{i}")
         else:
-            node("SkipSimplifiedLayerNormalization", [pending, residual, f"ln_in{i}"],
-                 [f"x{i}", "", "", f"res{i}a"], domain="com.microsoft", epsilon=eps)
+            skip_norm(pending, residual, lw["ln1"], lw.get("ln1_b"), pending_bias, f"x{i}", f"ln_in{i}", f"res{i}a")
             residual = f"res{i}a"
-        qkv = np.concatenate([w(p + "self_attn.q_proj.weight"), w(p + "self_attn.k_proj.weight"),
-                              w(p + "self_attn.v_proj.weight")], axis=0).T
-        node("MatMul", [f"x{i}", init(f"wqkv{i}", qkv)], [f"qkv{i}"])
+        node("MatMul", [f"x{i}", init(f"wqkv{i}", lw["qkv"])], [f"qkv{i}"])
         qkv_out = f"qkv{i}"
-        if p + "self_attn.q_proj.bias" in weights:
-            bias = np.concatenate([w(p + "self_attn.q_proj.bias"), w(p + "self_attn.k_proj.bias"),
-                                   w(p + "self_attn.v_proj.bias")])
-            node("Add", [qkv_out, init(f"bqkv{i}", bias)], [f"qkvb{i}"])
+        if "qkv_b" in lw:
+            node("Add", [qkv_out, init(f"bqkv{i}", lw["qkv_b"])], [f"qkvb{i}"])
             qkv_out = f"qkvb{i}"
-        attrs = dict(num_heads=heads, kv_num_heads=kv_heads, do_rotary=1, rotary_interleaved=0)
-        if window:
-            attrs["local_window_size"] = int(window)
         node("GroupQueryAttention", [qkv_out, "", "", f"past_key_values.{i}.key", f"past_key_values.{i}.value",
-                                     "seqlens_k", "total_len", "cos_cache", "sin_cache"],
+                                     "seqlens_k", "total_len", *gqa_extra],
              [f"attn{i}", f"present.{i}.key", f"present.{i}.value"], domain="com.microsoft", **attrs)
-        node("MatMul", [f"attn{i}", init(f"wo{i}", w(p + "self_attn.o_proj.weight").T)], [f"o{i}"])
-        node("SkipSimplifiedLayerNormalization", [f"o{i}", residual, init(f"ln_post{i}", w(p + "post_attention_layernorm.weight"))],
-             [f"m{i}", "", "", f"res{i}b"], domain="com.microsoft", epsilon=eps)
+        node("MatMul", [f"attn{i}", init(f"wo{i}", lw["o"])], [f"o{i}"])
+        skip_norm(f"o{i}", residual, lw["ln2"], lw.get("ln2_b"), lw.get("o_b"), f"m{i}", f"ln_post{i}", f"res{i}b")
         residual = f"res{i}b"
-        node("MatMul", [f"m{i}", init(f"wg{i}", w(p + "mlp.gate_proj.weight").T)], [f"g{i}"])
-        node("MatMul", [f"m{i}", init(f"wu{i}", w(p + "mlp.up_proj.weight").T)], [f"u{i}"])
-        node("Sigmoid", [f"g{i}"], [f"gs{i}"])
-        node("Mul", [f"g{i}", f"gs{i}"], [f"silu{i}"])
-        node("Mul", [f"silu{i}", f"u{i}"], [f"act{i}"])
-        node("MatMul", [f"act{i}", init(f"wd{i}", w(p + "mlp.down_proj.weight").T)], [f"d{i}"])
+        if "fc" in lw:                                   # gpt2: fc -> gelu(tanh) with its bias fused -> proj
+            node("MatMul", [f"m{i}", init(f"wfc{i}", lw["fc"])], [f"fc{i}"])
+            node("FastGelu", [f"fc{i}", init(f"bfc{i}", lw["fc_b"])], [f"act{i}"], domain="com.microsoft")
+            node("MatMul", [f"act{i}", init(f"wd{i}", lw["proj"])], [f"d{i}"])
+            pending_bias = lw["proj_b"]
+        else:
+            node("MatMul", [f"m{i}", init(f"wg{i}", lw["gate"])], [f"g{i}"])
+            node("MatMul", [f"m{i}", init(f"wu{i}", lw["up"])], [f"u{i}"])
+            if shape.act == "silu":
+                node("Sigmoid", [f"g{i}"], [f"gs{i}"])
+                node("Mul", [f"g{i}", f"gs{i}"], [f"ga{i}"])
+            else:
+                node("FastGelu" if shape.act == "gelu_tanh" else "Gelu", [f"g{i}"], [f"ga{i}"], domain="com.microsoft")
+            node("Mul", [f"ga{i}", f"u{i}"], [f"act{i}"])
+            node("MatMul", [f"act{i}", init(f"wd{i}", lw["down"])], [f"d{i}"])
         pending = f"d{i}"
 
-    node("SkipSimplifiedLayerNormalization", [pending, residual, init("ln_final", w("model.norm.weight"))],
-         ["final"], domain="com.microsoft", epsilon=eps)
+    if shape.arch == "gpt2":
+        final_w, final_b = weights["ln_f.weight"], weights["ln_f.bias"]
+    else:
+        final_w, final_b = weights["model.norm.weight"] + (1.0 if shape.arch == "gemma" else 0.0), None
+    skip_norm(pending, residual, final_w, final_b, pending_bias, "final", "ln_final")
     # only the last logits_to_keep positions reach the LM head
     node("Neg", ["logits_to_keep"], ["keep_neg"])
-    node("Slice", ["final", "keep_neg", "big", "axis_seq"], ["kept"])
+    node("Slice", ["final", "keep_neg", "big", "axis1"], ["kept"])
     if tied:
         node("Shape", ["kept"], ["kept_shape"])
         node("Slice", ["kept_shape", "zero1", init("two1", np.array([2], dtype=np.int64))], ["bs"])
@@ -201,28 +325,28 @@ def build(checkpoint: str | Path, output: str | Path, dtype: str = "fp32", untie
         node("Concat", ["bs", init("vocab1", np.array([vocab], dtype=np.int64))], ["logits_shape"], axis=0)
         node("Reshape", ["logits2d", "logits_shape"], ["logits"])
     else:
-        node("MatMul", ["kept", init("lm_head", w("lm_head.weight").T)], ["logits"])
+        node("MatMul", ["kept", init("lm_head", weights[head_name].T)], ["logits"])
 
     inputs = [helper.make_tensor_value_info("input_ids", TensorProto.INT64, ["batch_size", "sequence_length"]),
               helper.make_tensor_value_info("attention_mask", TensorProto.INT64, ["batch_size", "total_sequence_length"]),
               helper.make_tensor_value_info("logits_to_keep", TensorProto.INT64, [1])]
-    outputs = [helper.make_tensor_value_info("logits", TensorProto.FLOAT, ["batch_size", "kept_length", vocab])]
-    for i in range(layers):
+    outputs = [helper.make_tensor_value_info("logits", elem, ["batch_size", "kept_length", vocab])]
+    for i in range(shape.layers):
         for kind in ("key", "value"):
-            inputs.append(helper.make_tensor_value_info(f"past_key_values.{i}.{kind}", TensorProto.FLOAT,
+            inputs.append(helper.make_tensor_value_info(f"past_key_values.{i}.{kind}", elem,
                                                         ["batch_size", kv_heads, "past_sequence_length", head]))
-            outputs.append(helper.make_tensor_value_info(f"present.{i}.{kind}", TensorProto.FLOAT,
+            outputs.append(helper.make_tensor_value_info(f"present.{i}.{kind}", elem,
                                                          ["batch_size", kv_heads, "total_sequence_length", head]))
-    model = helper.make_model(helper.make_graph(nodes, f"nextoken-{arch}", inputs, outputs, inits),
+    model = helper.make_model(helper.make_graph(nodes, f"nextoken-{shape.arch}", inputs, outputs, inits),
                               opset_imports=[helper.make_opsetid("", 17), helper.make_opsetid("com.microsoft", 1)],
                               producer_name="nextoken")
     model.ir_version = 9
     output.mkdir(parents=True, exist_ok=True)
-    big = sum(t.nbytes for t in weights.values()) > (1 << 31) - (64 << 20)
+    big = sum(t.nbytes for t in weights.values()) * np.dtype(float_t).itemsize // 4 > (1 << 31) - (64 << 20)
     onnx.save(model, str(output / "model.onnx"), save_as_external_data=big, all_tensors_to_one_file=True,
               location="model.onnx_data" if big else None)
-    return {"architecture": arch, "num_layers": layers, "num_kv_heads": kv_heads, "head_dim": head,
-            "vocab_size": vocab, "context_length": context,
+    return {"architecture": shape.arch, "num_layers": shape.layers, "num_kv_heads": kv_heads, "head_dim": head,
+            "vocab_size": vocab, "context_length": shape.context, "kv_dtype": "float16" if dtype == "fp16" else "float32",
             "inputs": tuple(i.name for i in inputs), "outputs": tuple(o.name for o in outputs)}
 
 
@@ -241,52 +365,54 @@ def _local_folder(source: str, offline: bool) -> Path:
                                  f"({type(exc).__name__})") from None
 
 
-def build_package(source: str, package: Path, *, check: bool = True, atol: float = 1e-3, offline: bool = False,
+def build_package(source: str, package: Path, *, output: Path | None = None, check: bool = True,
+                  atol: float | None = None, dtype: str = "fp32", device: str = "cpu", offline: bool = False,
                   untie_head: bool = False, say=lambda _m: None):
-    """A whole package at ``package`` from ``source``: the builder's graph, the tokenizer and
-    config files, the manifest, and (``check``) the parity check against PyTorch, recorded."""
+    """A whole package at ``package`` (the stage of ``output``) from ``source``: the builder's graph,
+    the tokenizer and config files, the manifest, and (``check``) the parity check against PyTorch
+    in fp32, with the package running on ``device``, recorded (``atol`` None: 1e-3 for fp32; for
+    fp16, ``FP16_RTOL`` of the largest |logit|)."""
     import shutil
-    import time
     from types import SimpleNamespace
 
     from nextoken.manifest import Manifest
 
-    from .hf import PACKAGE_FILES, ExportReport, eos_ids, export_versions, parity_check, record_parity
+    from .hf import (DEFAULT_ATOL, FP16_RTOL, PACKAGE_FILES, ExportReport, Stages, eos_ids, export_versions,
+                     parity_check, parity_failure, record_parity)
 
     folder = _local_folder(source, offline)
-    seconds: dict[str, float] = {}
-    start = time.perf_counter()
-    say(f"[1/2] building {folder.name} with nextoken's builder (fused operators, fp32) ...")
-    shape = build(folder, package, untie_head=untie_head)
-    seconds["build"] = round(time.perf_counter() - start, 3)
-    for name in PACKAGE_FILES:
-        if (folder / name).is_file():
-            shutil.copy2(folder / name, package / name)
-    config = json.loads((folder / "config.json").read_text())
-    gen_path = folder / "generation_config.json"
-    generation = json.loads(gen_path.read_text()) if gen_path.is_file() else {}
+    stages = Stages(3 if check else 2, say)
+    with stages(f"building {folder.name} with nextoken's builder (fused operators, {dtype})"):
+        shape = build(folder, package, dtype=dtype, untie_head=untie_head)
+    with stages("writing the model package"):
+        for name in PACKAGE_FILES:
+            if (folder / name).is_file():
+                shutil.copy2(folder / name, package / name)
+        config = json.loads((folder / "config.json").read_text())
+        gen_path = folder / "generation_config.json"
+        generation = json.loads(gen_path.read_text()) if gen_path.is_file() else {}
 
-    def first(key: str):
-        value = generation.get(key, config.get(key))
-        return (value[0] if value else None) if isinstance(value, list) else value
+        def first(key: str):
+            value = generation.get(key, config.get(key))
+            return (value[0] if value else None) if isinstance(value, list) else value
 
-    manifest = Manifest(
-        **{k: shape[k] for k in ("architecture", "num_layers", "num_kv_heads", "head_dim", "vocab_size",
-                                 "context_length", "inputs", "outputs")},
-        kv_dtype="float32", eos_token_ids=eos_ids(SimpleNamespace(**config), generation),
-        bos_token_id=first("bos_token_id"), pad_token_id=first("pad_token_id"), precision="fp32",
-        tokenizer_file="tokenizer.json" if (package / "tokenizer.json").is_file() else None,
-        source=str(source), exported_by={**export_versions(), "builder": "nextoken"}, padding_side="right",
-    ).with_files(package)
-    manifest.save(package)
+        manifest = Manifest(
+            **{k: shape[k] for k in ("architecture", "num_layers", "num_kv_heads", "head_dim", "vocab_size",
+                                     "context_length", "kv_dtype", "inputs", "outputs")},
+            eos_token_ids=eos_ids(SimpleNamespace(**config), generation),
+            bos_token_id=first("bos_token_id"), pad_token_id=first("pad_token_id"), precision=dtype,
+            tokenizer_file="tokenizer.json" if (package / "tokenizer.json").is_file() else None,
+            source=str(source), exported_by={**export_versions(), "builder": "nextoken"}, padding_side="right",
+        ).with_files(package)
+        manifest.save(package)
     diff, n = float("nan"), 0
+    tolerance = DEFAULT_ATOL if atol is None else atol
     if check:
-        say("[2/2] checking ONNX logits against PyTorch (on cpu) ...")
-        start = time.perf_counter()
-        diff, n, _ = parity_check(str(folder), package, offline)
-        seconds["parity"] = round(time.perf_counter() - start, 3)
-        if not diff <= atol:
-            raise ExportError(f"parity check failed: max |Δ logits| between nextoken's graph and PyTorch is {diff:.3e}, "
-                              f"over the tolerance {atol:.1e}")
-        manifest = record_parity(package, manifest, diff, atol, n, "cpu")
-    return ExportReport(package, manifest, diff, atol, n, seconds)
+        with stages(f"checking ONNX logits against PyTorch (on {device})"):
+            diff, n, scale = parity_check(str(folder), package, offline, device)
+        if atol is None and dtype == "fp16":
+            tolerance = FP16_RTOL * max(1.0, scale)
+        if not diff <= tolerance:
+            raise parity_failure(diff, tolerance, dtype, output or package)
+        manifest = record_parity(package, manifest, diff, tolerance, n, device)
+    return ExportReport(package, manifest, diff, tolerance, n, stages.seconds)

@@ -37,9 +37,10 @@ DEFAULT_ATOL = 1e-3
 #: logit grows to a few parts in a thousand of the logits' range.
 FP16_RTOL = 1e-2
 
-#: Where an export's graph comes from: optimum's exporter, nextoken's own builder (fused operators,
-#: no torch; the Llama family in fp32 so far, optimum's graph otherwise), or onnxruntime-genai's builder.
-BACKENDS = ("optimum", "nextoken", "genai")
+#: Where an export's graph comes from: nextoken's own builder (the default: fused operators, KV in
+#: place, no torch; optimum's graph, with a note, for what it does not cover), optimum's exporter,
+#: or onnxruntime-genai's builder (in a venv of its own, for comparison).
+BACKENDS = ("nextoken", "optimum", "genai")
 
 #: Weight and KV-cache precisions an export can produce directly.
 DTYPES = ("fp32", "fp16")
@@ -77,9 +78,9 @@ def _stderr(msg: str) -> None:
     print(msg, file=sys.stderr, flush=True)
 
 
-def _require_export_stack() -> None:
+def _require_export_stack(modules: tuple[str, ...] = ("torch", "transformers", "optimum.exporters.onnx")) -> None:
     missing = []
-    for module in ("torch", "transformers", "optimum.exporters.onnx"):
+    for module in modules:
         try:
             __import__(module)
         except ImportError:
@@ -119,7 +120,9 @@ def _quiet() -> Iterator[None]:
                 transformers.logging.set_verbosity(previous)
 
 
-class _Stages:
+class Stages:
+    """An export's numbered stages, each said when it starts and ends, with its seconds."""
+
     def __init__(self, total: int, progress: Progress) -> None:
         self.total, self.n, self.progress, self.seconds = total, 0, progress, {}
 
@@ -417,6 +420,13 @@ def parity_check(source: str, package: Path, offline: bool = False, device: str 
     return diff, len(ids), float(np.abs(expected).max())
 
 
+def parity_failure(diff: float, tolerance: float, dtype: str, output: Path) -> ExportError:
+    """The error of a parity check over its tolerance (nothing is moved into ``output``)."""
+    where = f"{output} keeps the package it had" if output.exists() else f"nothing was written to {output}"
+    return ExportError(f"parity check failed: max |Δ logits| between ONNX ({dtype}) and PyTorch (fp32) is {diff:.3e}, "
+                       f"over the tolerance {tolerance:.1e}; the export is not trustworthy, and {where}")
+
+
 def record_parity(package: Path, manifest: Manifest, diff: float, tolerance: float, positions: int,
                   device: str) -> Manifest:
     """Write the parity result into the package's manifest (before the package is moved into place)."""
@@ -496,12 +506,16 @@ def _quantized(package: Path, manifest: Manifest, method: str, block_size: int):
 def export(source: str | os.PathLike, output: str | os.PathLike, *, atol: float | None = None,
            check: bool = True, dtype: str = "fp32", device: str = "cpu",
            quantize: str | None = None, block_size: int = 32,
-           backend: str = "optimum", genai_python: str | None = None,
+           backend: str = "nextoken", genai_python: str | None = None,
            progress: Progress | None = _stderr) -> ExportReport:
     """Export ``source`` (a hub id or a local transformers checkpoint) to the package directory ``output``.
 
-    Runs optimum's ONNX export with past key values, writes model.onnx (+ external data for large
-    models), nextoken.json, the tokenizer and generation config, then (``check``) compares the ONNX
+    ``backend="nextoken"`` (the default) writes the graph with nextoken's own builder
+    (:mod:`nextoken.exporters.builder`: fused operators, the KV cache written in place, padding on
+    the right); for a model it does not cover it says why in one line and runs optimum's exporter,
+    as ``backend="optimum"`` does: optimum's ONNX export with past key values. Either way the
+    package holds model.onnx (+ external data for large models), nextoken.json, the tokenizer and
+    generation config, and (``check``) the export compares the ONNX
     logits with PyTorch's (fp32, on the CPU) on a sample prompt and raises :class:`ExportError`
     beyond ``atol`` (None: 1e-3 for fp32; for fp16, :data:`FP16_RTOL` of the largest |logit|).
     ``dtype``: ``fp32`` or ``fp16`` weights and KV cache (fp16 is for CUDA; ONNX Runtime's CPU
@@ -527,40 +541,40 @@ def export(source: str | os.PathLike, output: str | os.PathLike, *, atol: float 
     if dtype != "fp32" and quantize:
         raise ExportError(f"--quantize {quantize} starts from fp32 weights; drop --dtype {dtype}")
     if dtype != "fp32" and backend == "genai":
-        raise ExportError(f"the genai backend builds fp32 or int4 CPU graphs; export {dtype} with --backend optimum")
-    _require_export_stack()
+        raise ExportError(f"the genai backend builds fp32 or int4 CPU graphs; export {dtype} with the default backend")
+    if output.exists() and (not output.is_dir() or (any(output.iterdir()) and not (output / MANIFEST_NAME).exists())):
+        raise ExportError(f"output {output} exists and is not an empty directory or a nextoken package; choose another")
     if device == "cuda":
+        _require_export_stack(("torch",))
         import torch
 
         if not torch.cuda.is_available():
             raise ExportError("export on cuda needs a CUDA build of PyTorch and a GPU, and this host has neither "
                               "usable; export with --device cpu (the package runs on CUDA all the same)")
-    if output.exists() and (not output.is_dir() or (any(output.iterdir()) and not (output / MANIFEST_NAME).exists())):
-        raise ExportError(f"output {output} exists and is not an empty directory or a nextoken package; choose another")
     if backend == "nextoken":
         from .builder import BuilderUnavailable, build_package
 
-        if dtype != "fp32":
-            say(f"warning: nextoken's builder writes fp32 graphs so far; exporting optimum's graph for {dtype} instead")
-        else:
-            if quantize is not None:
-                from .quantize import check_method
+        if check:                                  # the builder itself needs no torch; the parity check does
+            _require_export_stack(("torch", "transformers"))
+        if quantize is not None:
+            from .quantize import check_method
 
-                check_method(quantize, block_size)
-            try:
-                with staged(output) as package:
-                    report = build_package(source, package, check=check, atol=DEFAULT_ATOL if atol is None else atol,
-                                           offline=not _looks_local(source) and not _hub_reachable()[0],
-                                           untie_head=quantize is not None, say=say)
-                    if quantize:
-                        say(f"quantising to {quantize} and measuring it against fp32 ...")
-                        report.manifest, report.accuracy = _quantized(package, report.manifest, quantize, block_size)
-                        say(f"{quantize} accuracy against fp32: {report.accuracy.line()}")
-                report.output = output
-                say(report.summary())
-                return report
-            except BuilderUnavailable as exc:
-                say(f"warning: nextoken's builder does not cover this model ({exc}); exporting optimum's graph instead")
+            check_method(quantize, block_size)
+        try:
+            with staged(output) as package:
+                report = build_package(source, package, output=output, check=check, atol=atol, dtype=dtype, device=device,
+                                       offline=not _looks_local(source) and not _hub_reachable()[0],
+                                       untie_head=quantize is not None, say=say)
+                if quantize:
+                    say(f"quantising to {quantize} and measuring it against fp32 ...")
+                    report.manifest, report.accuracy = _quantized(package, report.manifest, quantize, block_size)
+                    say(f"{quantize} accuracy against fp32: {report.accuracy.line()}")
+            report.output = output
+            say(report.summary())
+            return report
+        except BuilderUnavailable as exc:
+            say(f"note: nextoken's builder does not cover this model ({exc}); exporting optimum's graph instead")
+    _require_export_stack()
     if backend == "genai":
         from .genai import RouteUnavailable, build_with_genai
 
@@ -578,7 +592,7 @@ def export(source: str | os.PathLike, output: str | os.PathLike, *, atol: float 
 
     if quantize is not None:
         check_method(quantize, block_size)
-    stages = _Stages((4 if check else 3) + (1 if quantize else 0), say)
+    stages = Stages((4 if check else 3) + (1 if quantize else 0), say)
     local = _looks_local(source)
     with _quiet(), staged(output) as package:
         with stages("reading the config"):
@@ -616,11 +630,7 @@ def export(source: str | os.PathLike, output: str | os.PathLike, *, atol: float 
             if atol is None and dtype == "fp16":
                 tolerance = FP16_RTOL * max(1.0, scale)
             if not diff <= tolerance:
-                where = f"{output} keeps the package it had" if output.exists() else f"nothing was written to {output}"
-                raise ExportError(
-                    f"parity check failed: max |Δ logits| between ONNX ({dtype}) and PyTorch (fp32) is {diff:.3e}, "
-                    f"over the tolerance {tolerance:.1e}; the export is not trustworthy, and {where}"
-                )
+                raise parity_failure(diff, tolerance, dtype, output)
             manifest = record_parity(package, manifest, diff, tolerance, n, parity_device)
         accuracy = None
         if quantize:

@@ -487,9 +487,10 @@ def _parser() -> argparse.ArgumentParser:
                    help="quantise the weights (int8: dynamic, one scale per output channel; int4: MatMulNBits blocks) "
                         "and report accuracy")
     p.add_argument("--block-size", type=int, default=32, help="int4 block size (default 32)")
-    p.add_argument("--backend", choices=("optimum", "nextoken", "genai"), default="optimum",
-                   help="optimum (default); nextoken: our own builder, fused operators, no torch (Llama family, "
-                        "fp32; optimum's graph otherwise); genai: onnxruntime-genai's builder in its own venv")
+    p.add_argument("--backend", choices=("nextoken", "optimum", "genai"), default="nextoken",
+                   help="nextoken (default): our own builder, fused operators, KV in place (llama, mistral, qwen2, "
+                        "phi3, gemma, gpt2; fp32/fp16; optimum's graph, with a note, otherwise); optimum: optimum's "
+                        "generic graph; genai: onnxruntime-genai's builder in its own venv")
     p.add_argument("--genai-python", default=None, metavar="PYTHON",
                    help="with --backend genai: the python of a virtual environment with onnxruntime-genai")
     p.set_defaults(func=_cmd_export)

@@ -720,6 +720,7 @@ class Generation:
         self.prefill_done = time.perf_counter()
         self.prefill_model_seconds = cache.run_seconds
         run_seconds = 0.0
+        prefilled = [(list(p), 0) for p in state.prompts]     # per row: (the ids prefilled last, tokens generated then)
         while True:
             tokens, events = self._consume(logits, lengths, slide)
             yield from events
@@ -730,7 +731,8 @@ class Generation:
                 # The window is full: keep the protected prefix and the newest tokens, prefill again.
                 windows = []
                 for row in range(batch):
-                    seq_ids = state.prompts[row] + state.generated[row]
+                    # what the model holds of the row: its last window and what came after it
+                    seq_ids = prefilled[row][0] + state.generated[row][prefilled[row][1]:]
                     if not state.alive[row]:
                         windows.append(seq_ids[-1:])
                     elif full[row]:
@@ -742,6 +744,7 @@ class Generation:
                 self.kv_cache_bytes = max(self.kv_cache_bytes, cache.nbytes())
                 cache, mask, next_pos, logits = self._prefill(windows)
                 lengths = np.array([len(w) for w in windows])
+                prefilled = [(w, len(state.generated[row])) for row, w in enumerate(windows)]
                 continue
             if slots is not None:
                 # [B, 1] in place: each live row writes at its own length; a finished row rewrites

@@ -124,6 +124,9 @@ class ModelSpec:
     tie_word_embeddings: bool
     weights_file_bytes: int | None = None   # a package's real model.onnx (+ data) size
     dtype: str = "fp32"
+    #: nextoken's fused graph (GroupQueryAttention, KV in place, prompts prefilled a row at a time),
+    #: as the default export writes it; False: optimum's generic graph
+    fused: bool = False
 
     @classmethod
     def from_config(cls, config: Mapping[str, Any]) -> "ModelSpec":
@@ -146,7 +149,8 @@ class ModelSpec:
         tie = c.get("tie_word_embeddings", mt in ("gpt2", "gemma", "gemma2", "gemma3_text"))
         dtype = {"float16": "fp16", "bfloat16": "bf16"}.get(str(c.get("torch_dtype") or c.get("dtype")), "fp32")
         return cls(mt or "unknown", int(layers), int(hidden), int(inter), int(heads), int(kv), int(head_dim),
-                   int(c["vocab_size"]), int(ctx), count_parameters(c), bool(tie), dtype=dtype)
+                   int(c["vocab_size"]), int(ctx), count_parameters(c), bool(tie), dtype=dtype,
+                   fused=_builder_covers(c))
 
     @classmethod
     def load(cls, source: str | os.PathLike) -> "ModelSpec":
@@ -163,7 +167,8 @@ class ModelSpec:
             size = sum(p.stat().st_size for p in path.iterdir() if p.name.startswith(manifest.model_file))
             return cls(**{**asdict(spec), "weights_file_bytes": size, "dtype": manifest.precision,
                           "num_layers": manifest.num_layers, "num_kv_heads": manifest.num_kv_heads,
-                          "head_dim": manifest.head_dim, "context_length": manifest.context_length})
+                          "head_dim": manifest.head_dim, "context_length": manifest.context_length,
+                          "fused": manifest.padding_side == "right"})
         if path.is_dir():
             path = path / "config.json"
         if path.is_file():
@@ -181,6 +186,17 @@ class ModelSpec:
             raise InvalidRequestError("planning from a hub id needs huggingface_hub: pip install 'nextoken[export]'") from None
         except Exception as exc:
             raise InvalidRequestError(f"cannot fetch the config.json of {source!r}: {str(exc).splitlines()[0][:200]}") from None
+
+
+def _builder_covers(config: Mapping[str, Any]) -> bool:
+    """Whether ``nextoken export`` writes this model with its own (fused) builder."""
+    from .exporters.builder import BuilderUnavailable, covers
+
+    try:
+        covers(dict(config))
+    except (BuilderUnavailable, KeyError, TypeError, ValueError):
+        return False
+    return True
 
 
 def count_parameters(config: Mapping[str, Any]) -> int:
@@ -256,13 +272,17 @@ def _bytes_per(dtype: str) -> float:
 
 
 def _activation_bytes(spec: ModelSpec, batch: int, context: int, act: int) -> int:
-    """The peak of one request beyond weights: the larger of prefill (the cache being filled, plus
-    one layer's temporaries: attention scores [B, heads, S, S], MLP [B, S, I], hidden [B, S, H],
-    several of each alive at once) and decode (the graph concatenates past and new keys/values,
-    so a step holds the cache twice)."""
+    """The peak of one request beyond weights. Optimum's generic graph: the larger of prefill (the
+    cache being filled, plus one layer's temporaries: attention scores [B, heads, S, S], MLP
+    [B, S, I], hidden [B, S, H], several of each alive at once) and decode (the graph concatenates
+    past and new keys/values, so a step holds the cache twice). The fused graph: the cache, written
+    in place, plus one row's prefill temporaries (MLP and hidden; GroupQueryAttention keeps no
+    [S, S] scores alive, measured: see tests/test_memory.py)."""
     kv = 2 * spec.num_layers * spec.num_kv_heads * spec.head_dim * act * batch * context
-    per_layer = act * batch * context * (4 * spec.num_heads * context + 4 * spec.intermediate_size + 8 * spec.hidden_size)
     logits = act * batch * spec.vocab_size
+    if spec.fused:
+        return kv + act * context * (4 * spec.intermediate_size + 8 * spec.hidden_size) + logits
+    per_layer = act * batch * context * (4 * spec.num_heads * context + 4 * spec.intermediate_size + 8 * spec.hidden_size)
     return max(kv + per_layer + logits, 2 * kv + logits)
 
 

@@ -179,7 +179,9 @@ class Scheduler:
             raise InvalidRequestError(f"context_policy='slide' slides at the model's window ({window} tokens), which "
                                       f"needs slots of that length, not {self.slot_length}: make the Scheduler "
                                       f"with slot_length={window}")
-        if self.kv_backend == "slots" and not slide:
+        if self.kv_backend == "slots" and not slide and self.slot_length < window:
+            # slots as long as the window end a request where the window does, as the concat backend
+            # does; shorter slots would end it earlier, so a request that needs more is refused
             need = len(generation.state.prompts[0]) + generation.params.max_new_tokens
             if need > self.slot_length:
                 raise InvalidRequestError(

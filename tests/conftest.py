@@ -12,19 +12,22 @@ from helpers import STORIES, run_cli
 
 @pytest.fixture(scope="session")
 def tiny_model(tmp_path_factory):
-    """``tiny_model(arch) -> (checkpoint_dir, package_dir)``: built and exported once per session."""
+    """``tiny_model(arch, backend="nextoken") -> (checkpoint_dir, package_dir)``: built and exported
+    once per session (the default export: nextoken's builder; ``backend="optimum"``: optimum's graph)."""
     from nextoken.exporters import export, make_tiny_checkpoint
 
-    made: dict[str, tuple[Path, Path]] = {}
+    made: dict[tuple[str, str], tuple[Path, Path]] = {}
     root = tmp_path_factory.mktemp("tiny")
 
-    def get(arch: str) -> tuple[Path, Path]:
-        if arch not in made:
-            ckpt = make_tiny_checkpoint(root / f"ckpt-{arch}", arch)
-            pkg = root / f"pkg-{arch}"
-            export(ckpt, pkg, progress=None)
-            made[arch] = (ckpt, pkg)
-        return made[arch]
+    def get(arch: str, backend: str = "nextoken") -> tuple[Path, Path]:
+        if (arch, backend) not in made:
+            ckpt = root / f"ckpt-{arch}"
+            if not ckpt.exists():
+                make_tiny_checkpoint(ckpt, arch)
+            pkg = root / (f"pkg-{arch}" if backend == "nextoken" else f"pkg-{arch}-{backend}")
+            export(ckpt, pkg, backend=backend, progress=None)
+            made[arch, backend] = (ckpt, pkg)
+        return made[arch, backend]
 
     return get
 
@@ -39,6 +42,20 @@ def llama_engine(tiny_llama):
     from nextoken import Engine
 
     with Engine(tiny_llama[1], device="cpu") as engine:
+        yield engine
+
+
+@pytest.fixture(scope="session")
+def optimum_llama(tiny_model):
+    """The tiny llama through optimum's generic graph (padding on the left, the cache concatenated)."""
+    return tiny_model("llama", "optimum")
+
+
+@pytest.fixture(scope="session")
+def optimum_engine(optimum_llama):
+    from nextoken import Engine
+
+    with Engine(optimum_llama[1], device="cpu") as engine:
         yield engine
 
 

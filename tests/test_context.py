@@ -83,6 +83,10 @@ def test_slide_in_a_batch(small_window):
     prompts = [engine.encode("short"), engine.encode("a somewhat longer prompt")]
     got = engine.generate(prompts, max_new_tokens=120, ignore_eos=True, context_policy="slide")
     assert [len(c.token_ids) for c in got] == [120, 120]
+    # Each row slides at its own times (the other row is prefilled again as it stands), and gets
+    # what it gets alone: a row that did not fill keeps its window, not its whole history.
+    alone = [engine.generate(p, max_new_tokens=120, ignore_eos=True, context_policy="slide").token_ids for p in prompts]
+    assert [c.token_ids for c in got] == alone
 
 
 def test_policy_validation(small_window):

@@ -64,7 +64,7 @@ def test_continuous_batching_with_right_padding(gqa_engine, chunk, backend):
     assert [h.result().token_ids for h in handles] == alone
 
 
-def test_slots_are_the_default_for_gqa_graphs_and_are_reused(gqa_engine, llama_engine):
+def test_slots_are_the_default_for_gqa_graphs_and_are_reused(gqa_engine, optimum_engine):
     """More requests than slots: each runs in a slot another request left, rows of different
     lengths decode in one call, and every request gets what it gets alone."""
     prompts = [p * (i + 1) for i, p in enumerate(PROMPTS + ["x", "yz"])]
@@ -85,10 +85,10 @@ def test_slots_are_the_default_for_gqa_graphs_and_are_reused(gqa_engine, llama_e
     with pytest.raises(InvalidRequestError, match=r"exceed the slot length \(96\)"):
         scheduler.submit("Hi", max_new_tokens=95)
     with pytest.raises(InvalidRequestError, match="kv_backend='slots' needs a graph with GroupQueryAttention"):
-        Scheduler(llama_engine, kv_backend="slots")
+        Scheduler(optimum_engine, kv_backend="slots")
     with pytest.raises(InvalidRequestError, match="slot_length must be between 1"):
         Scheduler(gqa_engine, slot_length=100000)
-    assert Scheduler(llama_engine).kv_backend == "concat"
+    assert Scheduler(optimum_engine).kv_backend == "concat"
 
 
 def test_slot_decode_runs_only_the_slots_in_use(gqa_engine, monkeypatch):

@@ -40,7 +40,7 @@ def test_a_failed_parity_check_writes_nothing_and_keeps_the_previous_package(tin
     assert parity["positions"] >= 16 and parity["device"] == "cpu"
 
 
-@pytest.mark.parametrize("stage", ["writing the model package", "checking ONNX logits"])
+@pytest.mark.parametrize("stage", ["building", "writing the model package", "checking ONNX logits"])
 def test_an_export_killed_at_any_stage_leaves_nothing_and_the_next_one_cleans_up(tiny_llama, tmp_path, stage):
     out = tmp_path / "pkg"
     proc = subprocess.Popen([sys.executable, "-m", "nextoken", "export", str(tiny_llama[0]), "-o", str(out)],

@@ -18,12 +18,12 @@ def test_tokens_equal_a_naive_recompute_loop(llama_engine):
     assert ids[len(prompt):] == cached
 
 
-def test_present_values_are_bound_back_as_past_without_numpy(llama_engine, monkeypatch):
+def test_present_values_are_bound_back_as_past_without_numpy(optimum_engine, monkeypatch):
     """Every decode step binds, as each past_key_values.* input, the very OrtValue the previous
     step returned as present.*; the only tensors turned into numpy are the logits, and only the
     last position's (the exported graph slices before the LM head). Watched through onnxruntime's
     public binding calls (the step's fallback path; the fast path is checked equal below)."""
-    monkeypatch.setattr(llama_engine.runner, "_c_devices", None)
+    monkeypatch.setattr(optimum_engine.runner, "_c_devices", None)
     bound: list[dict[str, int]] = []
     to_numpy: list[tuple[int, ...]] = []
     real_bind = ort.IOBinding.bind_ortvalue_input
@@ -43,7 +43,7 @@ def test_present_values_are_bound_back_as_past_without_numpy(llama_engine, monke
     monkeypatch.setattr(ort.IOBinding, "bind_ortvalue_input", bind)
     monkeypatch.setattr(ort.OrtValue, "numpy", numpy)
 
-    runner = llama_engine.runner
+    runner = optimum_engine.runner
     presents: list[dict[str, int]] = []
     real_step = runner.step
 
@@ -55,12 +55,12 @@ def test_present_values_are_bound_back_as_past_without_numpy(llama_engine, monke
 
     monkeypatch.setattr(runner, "step", step)
     steps = 12
-    got = llama_engine.generate(["Cache check", "and a second, longer row"], max_new_tokens=steps, ignore_eos=True)
+    got = optimum_engine.generate(["Cache check", "and a second, longer row"], max_new_tokens=steps, ignore_eos=True)
     assert all(len(c.token_ids) == steps for c in got)
     assert len(bound) == len(presents) == steps          # a prefill and steps-1 decode steps
     for before, now in zip(presents, bound[1:]):
         assert now == before                             # the same memory, not a copy
-    vocab = llama_engine.manifest.vocab_size
+    vocab = optimum_engine.manifest.vocab_size
     assert len(to_numpy) == steps
     assert all(len(shape) == 3 and shape[-1] == vocab for shape in to_numpy)
     assert all(shape[1] == 1 for shape in to_numpy)     # prefill too: only the last position's logits

@@ -21,12 +21,15 @@ def test_export_records_what_the_design_asks(tiny_llama):
     assert data["eos_token_ids"] == [2] and data["bos_token_id"] == 1 and data["pad_token_id"] == 0
     assert {"torch", "transformers", "optimum", "onnx", "nextoken"} <= set(data["exported_by"])
     assert "model.onnx" in data["checksums"] and "tokenizer.json" in data["checksums"]
-    assert "position_ids" in data["inputs"]
+    # the default graph takes its positions from the mask (padding on the right); optimum's takes them
+    assert data["exported_by"]["builder"] == "nextoken" and data["padding_side"] == "right"
+    assert "position_ids" not in data["inputs"]
 
 
-def test_gemma_gets_position_ids(tiny_model):
-    data = json.loads((tiny_model("gemma")[1] / "nextoken.json").read_text())
-    assert "position_ids" in data["inputs"]
+def test_optimum_graphs_get_position_ids(tiny_model):
+    for arch in ("llama", "gemma"):
+        data = json.loads((tiny_model(arch, "optimum")[1] / "nextoken.json").read_text())
+        assert "position_ids" in data["inputs"] and data["padding_side"] == "left"
 
 
 def test_round_trip(tiny_llama, tmp_path):

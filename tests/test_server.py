@@ -356,7 +356,7 @@ def test_the_cli_server_says_where_it_is_logs_requests_and_never_a_traceback_for
         proc.terminate()
         out, err = proc.communicate(timeout=30)
     assert f"serving {tiny_llama[1].name} ({tiny_llama[1]}) at http://127.0.0.1:{port}/v1" in out
-    assert "KV backend concat" in out
+    assert "KV backend slots, 8 slots of 128 positions" in out
     assert '"POST /v1/completions HTTP/1.1" 200' in err and '"POST /v1/completions HTTP/1.1" 400' in err
     assert "went away" in err or "disconnected" in err
     assert "sent no whole request in 0.5 s" in err
