@@ -279,9 +279,16 @@ def _cmd_bench(args: argparse.Namespace) -> int:
     from .bench import run_bench, run_compare
 
     if args.compare is not None:
+        from .device import spin_policy
+
         contenders = [c.strip() for c in args.compare.split(",") if c.strip()]
+        spin = args.spin
+        if spin is None:            # one policy for every contender, decided once, here
+            spin, why = spin_policy(args.threads or os.cpu_count())
+            print(f"spin {'on' if spin else 'off'} for every contender ({why}; --spin/--no-spin to choose)",
+                  file=sys.stderr)
         report = run_compare(args.package, contenders, batches=args.batch, prompt_tokens=args.prompt_tokens,
-                             new_tokens=args.new, threads=args.threads, spin=bool(args.spin), repeat=args.repeat,
+                             new_tokens=args.new, threads=args.threads, spin=spin, repeat=args.repeat,
                              peers_venv=args.peers_venv, precision=args.precision, checkpoint=args.checkpoint,
                              progress=lambda m: print(m, file=sys.stderr, flush=True))
         print(report.table())
@@ -429,7 +436,8 @@ def _parser() -> argparse.ArgumentParser:
         p.add_argument("--device", default="auto", help="auto (default: CUDA when usable, else CPU), cpu, cuda, cuda:N")
         p.add_argument("--threads", type=int, default=None, help="intra-op threads (default: 1 for a model under 16 MB, else one per physical core)")
         p.add_argument("--spin", action=argparse.BooleanOptionalAction, default=None,
-                       help="thread spinning: faster on a quiet host, much slower on a busy one (default: off, or NEXTOKEN_SPIN)")
+                       help="thread spinning within a step: faster on a quiet host, slower on a busy one (default: "
+                            "NEXTOKEN_SPIN when set, else on when the host's load leaves the threads their cores)")
         p.add_argument("--tf32", action=argparse.BooleanOptionalAction, default=None,
                        help="CUDA: fp32 matrix products in TensorFloat-32, faster and less exact (default: off, or NEXTOKEN_TF32)")
 

@@ -182,10 +182,10 @@ def session_options(threads: int | None = None, spin: bool = False) -> ort.Sessi
     """ONNX Runtime session options for nextoken.
 
     ``threads``: intra-op threads (None: ONNX Runtime's default, one per physical core).
-    ``spin``: let idle worker threads busy-wait between ops. It lowers per-op latency on a quiet
-    host (about +50% decode speed at batch 1 on a 2-core machine) and halves speed when the cores
-    are shared with other work, so it is off by default; turn it on for dedicated hosts and
-    benchmarks (``spin=True``, ``--spin``, or ``NEXTOKEN_SPIN=1``).
+    ``spin``: let idle worker threads busy-wait between the ops of a step (and stop as soon as the
+    step returns, so an idle engine burns nothing). It lowers per-op latency on a quiet host (+26%
+    to +45% decode speed at batch 1 on a 2-core machine) and costs up to a third when the cores are
+    shared with other work; :func:`spin_policy` chooses it by the host's load unless told.
     """
     options = ort.SessionOptions()
     options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
@@ -197,6 +197,8 @@ def session_options(threads: int | None = None, spin: bool = False) -> ort.Sessi
         options.intra_op_num_threads = threads
     options.add_session_config_entry("session.intra_op.allow_spinning", "1" if spin else "0")
     options.add_session_config_entry("session.inter_op.allow_spinning", "1" if spin else "0")
+    if spin:
+        options.add_session_config_entry("session.force_spinning_stop", "1")
     return options
 
 
@@ -204,6 +206,26 @@ def _env_flag(name: str) -> bool:
     return os.environ.get(name, "").strip().lower() in {"1", "true", "yes", "on"}
 
 
-def spin_default() -> bool:
-    """Thread spinning as set by NEXTOKEN_SPIN (off unless set to 1/true/yes)."""
-    return _env_flag("NEXTOKEN_SPIN")
+def _usable_cores() -> int:
+    try:
+        return len(os.sched_getaffinity(0))
+    except (AttributeError, OSError):
+        return os.cpu_count() or 1
+
+
+def spin_policy(threads: int | None = None) -> tuple[bool, str]:
+    """(spin, why): NEXTOKEN_SPIN when it is set (1/true/yes or 0/false/no); else on when the
+    host's other work leaves the ``threads`` intra-op threads their cores (the 1-minute load
+    average plus ``threads`` within the usable cores, half a core of slack), off when it does not:
+    spinning wins on a quiet host and loses on a busy one. Decided once, when an engine starts."""
+    raw = os.environ.get("NEXTOKEN_SPIN", "").strip().lower()
+    if raw:
+        return _env_flag("NEXTOKEN_SPIN"), f"NEXTOKEN_SPIN={raw}"
+    cores = _usable_cores()
+    want = threads or cores
+    try:
+        load = os.getloadavg()[0]
+    except (AttributeError, OSError):
+        return False, "no load average on this host"
+    quiet = load + want <= cores + 0.5
+    return quiet, f"load {load:.2f} with {want} threads on {cores} cores: {'quiet' if quiet else 'busy'}"

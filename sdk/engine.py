@@ -10,7 +10,7 @@ import numpy as np
 import onnxruntime as ort
 
 from .chat import Message, render_chat
-from .device import DeviceChoice, resolve_device, session_options, spin_default
+from .device import DeviceChoice, resolve_device, session_options, spin_policy
 from .errors import InvalidRequestError, ModelPackageError
 from .generation import Completion, Generation, Pipeline, SamplingParams, StreamEvent
 from .kvcache import StepRunner
@@ -41,8 +41,9 @@ class Engine:
 
     ``device``: ``"auto"`` (CUDA when it really works, else CPU), ``"cpu"``, ``"cuda"`` or ``"cuda:N"``.
     ``threads``: intra-op threads (None: one for a model under 16 MB on the CPU, where a thread
-    pool costs more than it gives; else one per physical core). ``spin``: thread spinning
-    (None: the NEXTOKEN_SPIN environment variable, off when unset; see :func:`session_options`).
+    pool costs more than it gives; else one per physical core). ``spin``: thread spinning within a
+    step (None: NEXTOKEN_SPIN when set, else on when the host is quiet, :func:`spin_policy`; the
+    choice and why are ``engine.spin`` and ``engine.spin_reason``).
     ``plugins``: which entry-point plugins load (None: as NEXTOKEN_PLUGINS says, all when unset;
     False: none; a list: those entry-point names). ``extra_plugins``: plugin objects registered on
     this engine only, before anything is resolved (a tokenizer plugin must come this way or by
@@ -90,11 +91,12 @@ class Engine:
         self.cost_meters = {k: dict(v) for k, v in (cost_meters or {}).items()}
         resolve_names("cost_meter", list(self.cost_meters), self.plugins)
         self.device: DeviceChoice = resolve_device(device, tf32)
-        self.spin = spin_default() if spin is None else bool(spin)
         if threads is None and self.device.device == "cpu":
             weights = sum(p.stat().st_size for p in self.path.iterdir() if p.name.startswith(self.manifest.model_file))
             threads = 1 if weights < SMALL_MODEL_BYTES else None
         self.threads = threads
+        #: whether the session's threads spin within a step, and why (given, NEXTOKEN_SPIN, or the host's load)
+        self.spin, self.spin_reason = spin_policy(threads) if spin is None else (bool(spin), "given")
         options = session_options(threads, self.spin)
         try:
             self.session = ort.InferenceSession(str(model_file), options, providers=list(self.device.providers))

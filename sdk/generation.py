@@ -181,7 +181,14 @@ class SamplingParams:
             for name, off in (("top_k", 0), ("top_p", 1.0), ("min_p", 0.0)):
                 if getattr(self, name) != off:
                     fail(f"{name} only matters when sampling: temperature is 0 (greedy); set temperature > 0")
-        stop = (self.stop,) if isinstance(self.stop, str) else tuple(self.stop)
+        if self.stop is None:
+            stop: tuple = ()
+        elif isinstance(self.stop, str):
+            stop = (self.stop,)
+        elif isinstance(self.stop, (list, tuple)):
+            stop = tuple(self.stop)
+        else:
+            fail(f"stop must be a string or a list of strings, not {type(self.stop).__name__}")
         if not all(isinstance(s, str) and s for s in stop):
             fail(f"stop strings must be non-empty strings, not {self.stop!r}")
         if len(stop) > MAX_STOP_STRINGS:
@@ -190,12 +197,19 @@ class SamplingParams:
             fail(f"a stop string may have at most {MAX_STOP_LENGTH} characters")
         object.__setattr__(self, "stop", stop)
         try:
-            object.__setattr__(self, "stop_token_ids", tuple(int(t) for t in self.stop_token_ids))
+            object.__setattr__(self, "stop_token_ids", tuple(int(t) for t in (self.stop_token_ids or ())))
         except (TypeError, ValueError):
             fail(f"stop_token_ids must be integers, not {self.stop_token_ids!r}")
         for name in ("processors", "stop_conditions"):
             value = getattr(self, name)
-            value = (value,) if isinstance(value, str) else tuple(value)
+            if value is None:
+                value = ()
+            elif isinstance(value, str):
+                value = (value,)
+            elif isinstance(value, (list, tuple)):
+                value = tuple(value)
+            else:
+                fail(f"{name} must be a plugin name or a list of them, not {type(value).__name__}")
             object.__setattr__(self, name, value)
         object.__setattr__(self, "options", _frozen_options(self.options, "options"))
         object.__setattr__(self, "cost_meters", _frozen_options(self.cost_meters, "cost_meters"))

@@ -444,7 +444,8 @@ def serve(package: str, host: str = "127.0.0.1", port: int = 8000, max_batch: in
         slots = (f"{scheduler.max_batch} slots of {scheduler.slot_length} positions"
                  if scheduler.kv_backend == "slots" else f"batches of up to {scheduler.max_batch}")
         print(f"nextoken: serving {name} ({engine.path}) at http://{host}:{port}/v1 on {engine.device.provider}; "
-              f"KV backend {scheduler.kv_backend}, {slots}" + ("; API key required" if api_key else ""),
+              f"KV backend {scheduler.kv_backend}, {slots}; spin {'on' if engine.spin else 'off'} ({engine.spin_reason})"
+              + ("; API key required" if api_key else ""),
               flush=True)
         logging.basicConfig(level=logging.INFO, format="%(levelname)s: %(message)s")
         uvicorn.run(app, host=host, port=port, log_level=None, access_log=True, timeout_keep_alive=5,

@@ -56,19 +56,33 @@ def test_spinning_and_threads_are_set():
     assert off.intra_op_num_threads == 2
     assert off.get_session_config_entry("session.intra_op.allow_spinning") == "0"
     assert on.get_session_config_entry("session.intra_op.allow_spinning") == "1"
+    assert on.get_session_config_entry("session.force_spinning_stop") == "1"     # not between steps
     with pytest.raises(ValueError):
         session_options(threads=-1)
 
 
-def test_engine_spin_default_comes_from_the_environment(tiny_llama, monkeypatch):
+def test_engine_spin_default_comes_from_the_environment_then_the_load(tiny_llama, monkeypatch):
+    import os
+
     from nextoken import Engine
 
     monkeypatch.setenv("NEXTOKEN_SPIN", "1")
     with Engine(tiny_llama[1], device="cpu", threads=1) as engine:
-        assert engine.spin is True
-    monkeypatch.delenv("NEXTOKEN_SPIN")
-    with Engine(tiny_llama[1], device="cpu") as engine:
+        assert engine.spin is True and engine.spin_reason == "NEXTOKEN_SPIN=1"
+    monkeypatch.setenv("NEXTOKEN_SPIN", "0")
+    with Engine(tiny_llama[1], device="cpu", threads=1) as engine:
         assert engine.spin is False
+    monkeypatch.delenv("NEXTOKEN_SPIN")
+    monkeypatch.setattr(os, "sched_getaffinity", lambda _pid: {0, 1}, raising=False)
+    for load, want in ((0.2, True), (1.5, False)):          # 2 threads on 2 cores: quiet, then busy
+        monkeypatch.setattr(os, "getloadavg", lambda: (load, load, load))
+        with Engine(tiny_llama[1], device="cpu", threads=2) as engine:
+            assert engine.spin is want
+            assert engine.spin_reason == f"load {load:.2f} with 2 threads on 2 cores: {'quiet' if want else 'busy'}"
+            assert engine.session.get_session_options().get_session_config_entry(
+                "session.intra_op.allow_spinning") == ("1" if want else "0")
+    with Engine(tiny_llama[1], device="cpu", spin=False) as engine:
+        assert engine.spin is False and engine.spin_reason == "given"
 
 
 def test_small_models_default_to_one_thread(tiny_llama):

@@ -243,3 +243,14 @@ def test_the_top_logprobs_table_has_a_header(tiny_llama):
 def test_exports_print_no_warning_of_optimum_about_accelerate(tiny_llama, tmp_path):
     out = run_cli("export", str(tiny_llama[0]), "-o", str(tmp_path / "pkg"))
     assert out.returncode == 0 and "accelerate" not in out.stderr, out.stderr
+
+
+def test_none_and_wrong_types_in_list_fields_are_named_not_tracebacks():
+    """None means "none" for the list-valued fields; another type is an error that names the field."""
+    from nextoken import SamplingParams
+
+    plain = SamplingParams(stop=None, stop_token_ids=None, processors=None, stop_conditions=None)
+    assert (plain.stop, plain.stop_token_ids, plain.processors, plain.stop_conditions) == ((), (), (), ())
+    for field, value in (("stop", 5), ("stop_token_ids", 5), ("processors", 5), ("stop_conditions", {"a": 1})):
+        with pytest.raises(InvalidRequestError, match=field):
+            SamplingParams(**{field: value})
