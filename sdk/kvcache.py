@@ -248,13 +248,11 @@ class CacheOps:
         axes = onnx.numpy_helper.from_array(np.array([2], dtype=np.int64), "axes")
         self._select = build(select_nodes, [kv(f"x{i}") for i in range(n)] + [idx("rows"), idx("starts"), idx("ends")],
                              [kv(f"y{i}") for i in range(n)], [axes])
-        write_nodes = []
-        for i in range(n):
-            write_nodes += [helper.make_node("Pad", [f"r{i}", "pads"], [f"p{i}"]),
-                            helper.make_node("ScatterND", [f"s{i}", "slots", f"p{i}"], [f"y{i}"])]
-        slots = helper.make_tensor_value_info("slots", TensorProto.INT64, ["n", 1])
+        # (slot, head, position) for every written position: only the prefilled positions move
+        write_nodes = [helper.make_node("ScatterND", [f"s{i}", "index", f"r{i}"], [f"y{i}"]) for i in range(n)]
+        index = helper.make_tensor_value_info("index", TensorProto.INT64, ["n", "heads", "r_len", 3])
         self._write = build(write_nodes, [kv(f"s{i}") for i in range(n)] + [kv(f"r{i}") for i in range(n)]
-                            + [slots, idx("pads")], [kv(f"y{i}") for i in range(n)])
+                            + [index], [kv(f"y{i}") for i in range(n)])
         self._n = n
 
     def _run(self, session: ort.InferenceSession, values: dict[str, ort.OrtValue], arrays: dict[str, np.ndarray],
@@ -299,12 +297,18 @@ class CacheOps:
         return out
 
     def write(self, buffers: KVCache, rows: KVCache, slots: Sequence[int]) -> None:
-        """Copy each row of ``rows`` into slot ``slots[i]`` of the fixed-size ``buffers`` (positions
-        from 0; the rest of the slot is zeroed), in place: ScatterND's output is bound to its input."""
+        """Copy each row of ``rows`` into positions 0.. of slot ``slots[i]`` of the fixed-size
+        ``buffers``, in place (ScatterND's output is bound to its input). Only the row's own
+        positions move; the rest of the slot is left as it is (attention reads a slot only up to its
+        length). Padding each row to the slot's length first cost a whole slot's copy per newcomer:
+        94 MB for the 135M model's 2,048-position slots."""
         values = {**{f"s{i}": v for i, v in enumerate(buffers.values)}, **{f"r{i}": v for i, v in enumerate(rows.values)}}
-        self._run(self._write, values, {"slots": np.asarray(slots).reshape(-1, 1),
-                                        "pads": np.array([0, 0, 0, 0, 0, 0, buffers.length - rows.length, 0])},
-                  len(buffers.lengths), into=buffers)
+        n, heads, length = len(slots), int(rows.values[0].shape()[1]), rows.length
+        index = np.empty((n, heads, length, 3), dtype=np.int64)
+        index[..., 0] = np.asarray(slots, dtype=np.int64)[:, None, None]
+        index[..., 1] = np.arange(heads)[None, :, None]
+        index[..., 2] = np.arange(length)[None, None, :]
+        self._run(self._write, values, {"index": index}, len(buffers.lengths), into=buffers)
 
 
 class SlotCache(KVCache):
