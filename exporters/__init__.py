@@ -1,10 +1,14 @@
-"""Hugging Face -> nextoken model package export (needs the ``export`` extra: torch, transformers, optimum).
+"""Hugging Face -> nextoken model package export.
+
+The default route is nextoken's own graph builder (:mod:`nextoken.exporters.builder`: numpy and
+onnx, fused operators; torch and transformers only for the parity check); optimum's exporter (the
+``export`` extra) writes what the builder does not cover.
 
     from nextoken.exporters import export
     report = export("HuggingFaceTB/SmolLM2-135M", "smollm2")      # or a local checkpoint directory
     print(report.max_abs_diff)
 
-Importing this module is cheap; torch, transformers and optimum load when an export starts, and
+Importing this module is cheap; torch, transformers and optimum load when an export needs them, and
 their absence is one clear :class:`~nextoken.ExportError` naming the extra to install.
 """
 

@@ -1,5 +1,6 @@
-"""Export a Hugging Face causal LM through optimum (task ``text-generation-with-past``) into a
-nextoken model package, then check the ONNX logits against PyTorch."""
+"""Export a Hugging Face causal LM into a nextoken model package (nextoken's builder by default,
+optimum's exporter, task ``text-generation-with-past``, for what it does not cover), then check
+the ONNX logits against PyTorch."""
 
 from __future__ import annotations
 
