@@ -35,6 +35,8 @@ from nextoken.errors import ExportError
 __all__ = ["BuilderUnavailable", "ARCHITECTURES", "build", "covers", "read_safetensors"]
 
 ARCHITECTURES = ("llama", "mistral", "qwen2", "phi3", "gemma", "gpt2")
+#: The initializer of an LM head untied from the embedding for quantisation (``untie_head``).
+TIED_HEAD = "tied_head"
 DTYPES = ("fp32", "fp16")
 
 _DTYPES = {"F32": np.float32, "F16": np.float16, "BF16": "bf16", "F64": np.float64}
@@ -199,9 +201,11 @@ def build(checkpoint: str | Path, output: str | Path, dtype: str = "fp32", untie
     vocab = emb.shape[0]
     head_name = "lm_head.weight"
     tied = head_name not in weights
+    head_init = "lm_head"
     if tied and untie_head:
         weights[head_name] = emb
         tied = False
+        head_init = TIED_HEAD      # the quantiser's int4 copy of it then serves the lookup too
 
     inits: list = []
     nodes: list = []
@@ -325,7 +329,7 @@ def build(checkpoint: str | Path, output: str | Path, dtype: str = "fp32", untie
         node("Concat", ["bs", init("vocab1", np.array([vocab], dtype=np.int64))], ["logits_shape"], axis=0)
         node("Reshape", ["logits2d", "logits_shape"], ["logits"])
     else:
-        node("MatMul", ["kept", init("lm_head", weights[head_name].T)], ["logits"])
+        node("MatMul", ["kept", init(head_init, weights[head_name].T)], ["logits"])
 
     inputs = [helper.make_tensor_value_info("input_ids", TensorProto.INT64, ["batch_size", "sequence_length"]),
               helper.make_tensor_value_info("attention_mask", TensorProto.INT64, ["batch_size", "total_sequence_length"]),

@@ -133,15 +133,20 @@ def test_in_place_generation_when_rows_finish_at_different_steps(built):
 
 
 def test_quantised_builds_quantise_the_lm_head_too(tmp_path):
-    """--backend nextoken --quantize int4: the builder's graph, then MatMulNBits everywhere,
-    the tied LM head included (a MatMul of its own; the lookup stays fp32), with the accuracy report."""
+    """--quantize int4: the builder's graph, then MatMulNBits everywhere, the tied LM head included
+    (a MatMul of its own, whose int4 blocks the lookup then reads too), with the accuracy report.
+    A wrong lookup (a misread block, a wrong zero point) would agree with fp32 by chance only (1/259)."""
     ckpt = make_tiny_checkpoint(tmp_path / "ckpt", "llama", tie_word_embeddings=True)
     report = export(ckpt, tmp_path / "pkg", backend="nextoken", quantize="int4", block_size=16, progress=None)
     manifest = json.loads((tmp_path / "pkg" / "nextoken.json").read_text())
     assert manifest["precision"] == "int4" and manifest["exported_by"]["builder"] == "nextoken"
-    assert manifest["quantization"]["teacher_forced_agreement"] > 0 and report.accuracy is not None
+    # measured 0.42 here (0.52 with an fp32 lookup; this tiny model's wide random weights quantise
+    # badly: the 135M model keeps 82.8% either way); chance is 1/259
+    assert manifest["quantization"]["teacher_forced_agreement"] >= 0.3 and report.accuracy is not None
     graph = onnx.load(str(tmp_path / "pkg" / "model.onnx")).graph
     ops = [n.op_type for n in graph.node]
     assert ops.count("MatMulNBits") == 2 * 5 + 1 and "GroupQueryAttention" in ops   # 5 per layer + the head
+    # the lookup reads the head's int4 blocks: no fp32 copy of the embedding is left
+    assert "GatherBlockQuantized" in ops and "embed" not in {i.name for i in graph.initializer}
     with Engine(tmp_path / "pkg", device="cpu") as engine:
         assert len(engine.generate("Hello", max_new_tokens=8, ignore_eos=True).token_ids) == 8
