@@ -22,7 +22,7 @@ from nextoken.errors import ExportError
 from nextoken.manifest import MANIFEST_NAME, Manifest
 
 __all__ = ["export", "ExportReport", "TASK", "SUPPORTED_ARCHITECTURES", "DEFAULT_ATOL", "FP16_RTOL", "DTYPES",
-           "BACKENDS"]
+           "BACKENDS", "cache_key"]
 
 TASK = "text-generation-with-past"
 
@@ -136,6 +136,32 @@ class Stages:
         took = time.perf_counter() - start
         self.seconds[name] = round(took, 3)
         self.progress(f"[{self.n}/{self.total}] {name}: done in {took:.1f} s")
+
+
+def cache_key(source: str, precision: str = "fp32", exporter: bool = True) -> str:
+    """The name under which an export of ``source`` at ``precision`` is cached (the demo's and the
+    bench's packages, and the peers' builds): a hub id as typed, a local checkpoint by its resolved
+    path and its files' names, sizes and mtimes, and (``exporter``) nextoken's exporter itself (a
+    digest of this package's code), so another model at the same path, a changed checkpoint or a
+    changed exporter gets a package of its own."""
+    import hashlib
+    import re
+
+    path = Path(source).expanduser()
+    digest = hashlib.sha256(precision.encode())
+    for code in sorted(Path(__file__).parent.glob("*.py")) if exporter else ():
+        digest.update(code.read_bytes())
+    if not path.exists():
+        name = source.strip("/")
+    else:
+        path = path.resolve()
+        name = path.name
+        digest.update(str(path).encode())
+        for f in sorted(p for p in (path.iterdir() if path.is_dir() else [path]) if p.is_file()):
+            st = f.stat()
+            digest.update(f"{f.name}\0{st.st_size}\0{st.st_mtime_ns}\0".encode())
+    suffix = "" if precision == "fp32" else f"-{precision}"
+    return f"{re.sub(r'[^A-Za-z0-9_.-]+', '--', name)}{suffix}-{digest.hexdigest()[:12]}"
 
 
 def _looks_local(source: str) -> bool:

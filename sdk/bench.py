@@ -6,7 +6,6 @@ from __future__ import annotations
 import importlib.util
 import json
 import os
-import re
 import statistics
 import subprocess
 import sys
@@ -163,8 +162,11 @@ def _cache() -> Path:
     return Path(os.environ.get("NEXTOKEN_CACHE", Path.home() / ".cache" / "nextoken")).expanduser()
 
 
-def _slug(text: str) -> str:
-    return re.sub(r"[^A-Za-z0-9_.-]+", "--", text.strip("/"))
+def _slug(checkpoint: str) -> str:
+    """A peer's cache name for ``checkpoint``: what it is, not only where (see ``cache_key``)."""
+    from nextoken.exporters.hf import cache_key
+
+    return cache_key(checkpoint, exporter=False)
 
 
 def _prepare(contender: str, checkpoint: str, package: Path, peers_venv: Path | None, say,
@@ -336,6 +338,8 @@ def run_compare(model: str, contenders: Sequence[str], batches: Sequence[int] = 
     quantises nextoken's package (``nextoken export --quantize``) and builds genai's at the same
     precision; transformers and optimum run in fp32 only. ``checkpoint``: where the peers start
     from, when ``model`` is a package that does not record it (e.g. one from ``import-genai``)."""
+    from nextoken.exporters.hf import cache_key
+
     from .manifest import Manifest
 
     say = progress or (lambda _m: None)
@@ -345,10 +349,10 @@ def run_compare(model: str, contenders: Sequence[str], batches: Sequence[int] = 
         manifest = Manifest.load(path)
         package, checkpoint = path, checkpoint or manifest.source
         if precision != manifest.precision:
-            package = _cache() / "packages" / f"{_slug(checkpoint)}-{precision}"
+            package = _cache() / "packages" / cache_key(checkpoint, precision)
     else:
         checkpoint = str(model)
-        package = _cache() / "packages" / (_slug(checkpoint) + ("" if precision == "fp32" else f"-{precision}"))
+        package = _cache() / "packages" / cache_key(checkpoint, precision)
     if not (package / "nextoken.json").is_file():
         from nextoken.exporters import export
 

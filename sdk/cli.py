@@ -18,7 +18,6 @@ import argparse
 import json
 import math
 import os
-import re
 import sys
 from pathlib import Path
 from typing import Sequence
@@ -374,39 +373,23 @@ def _cache_dir() -> Path:
     return Path(os.environ.get("NEXTOKEN_CACHE", Path.home() / ".cache" / "nextoken")).expanduser()
 
 
-def _demo_key(source: str) -> str:
-    """The demo's cache name for ``source``: a hub id as typed; a local checkpoint by its resolved
-    path and its files' names, sizes and mtimes, so another model at the same relative path, or a
-    changed one, gets a package of its own."""
-    import hashlib
-
-    path = Path(source).expanduser()
-    if not path.exists():
-        return re.sub(r"[^A-Za-z0-9_.-]+", "--", source.strip("/"))
-    path = path.resolve()
-    digest = hashlib.sha256(str(path).encode())
-    for f in sorted(p for p in (path.iterdir() if path.is_dir() else [path]) if p.is_file()):
-        st = f.stat()
-        digest.update(f"{f.name}\0{st.st_size}\0{st.st_mtime_ns}\0".encode())
-    return f"{re.sub(r'[^A-Za-z0-9_.-]+', '--', path.name)}-{digest.hexdigest()[:12]}"
-
-
 def _cmd_demo(args: argparse.Namespace) -> int:
     from nextoken.exporters import export
+    from nextoken.exporters.hf import cache_key
     from nextoken.exporters.tiny import DEMO_CONFIG, make_tiny_checkpoint
 
     cache = _cache_dir()
     if args.source:
         source = args.source
-        package = cache / "packages" / _demo_key(source)
+        package = cache / "packages" / cache_key(source)
         label = source
     else:
         source = str(cache / "checkpoints" / "tiny-llama-untrained")
-        package = cache / "packages" / "tiny-llama-untrained"
         label = "tiny-llama-untrained (random weights: no model given, so the text is noise)"
         if not (Path(source) / "config.json").is_file():
             print(f"nextoken: building an untrained tiny Llama in {source}", file=sys.stderr)
             make_tiny_checkpoint(source, "llama", **DEMO_CONFIG)
+        package = cache / "packages" / cache_key(source)
     if args.force or not (package / "nextoken.json").is_file():
         export(source, package)
     print(f"nextoken: model {label}; package {package}", file=sys.stderr)

@@ -205,11 +205,12 @@ def test_a_bad_flag_prints_the_commands_usage(tiny_llama):
     assert "unrecognized arguments: --bogus" in bad.stderr
 
 
-def test_demo_keys_local_checkpoints_by_what_they_are(tmp_path, tiny_llama):
-    """Two models reached through the same relative path get packages of their own."""
+def test_cached_packages_are_keyed_by_what_they_are(tmp_path, tiny_llama):
+    """Two models reached through the same relative path get packages of their own (the demo's and
+    the bench's caches)."""
     import os
 
-    from nextoken.cli import _demo_key
+    from nextoken.exporters.hf import cache_key as _demo_key
 
     first = _demo_key(str(tiny_llama[0]))
     link = tmp_path / "model"
@@ -221,7 +222,11 @@ def test_demo_keys_local_checkpoints_by_what_they_are(tmp_path, tiny_llama):
     link.unlink()
     os.symlink(other, link)
     assert _demo_key(str(link)) != first                       # another model at that path
-    assert _demo_key("HuggingFaceTB/SmolLM2-135M") == "HuggingFaceTB--SmolLM2-135M"
+    hub = _demo_key("HuggingFaceTB/SmolLM2-135M")
+    assert hub.startswith("HuggingFaceTB--SmolLM2-135M-") and _demo_key("HuggingFaceTB/SmolLM2-135M", "int4") != hub
+    # the exporter's own code is part of the key (a package of an older exporter is not reused);
+    # the peers' builds do not depend on it
+    assert _demo_key(str(tiny_llama[0]), exporter=False) != first
 
 
 def test_control_characters_are_escaped_on_a_terminal():
