@@ -91,6 +91,12 @@ class _Shape:
     norm: str                   # "rms" or "layer"
     act: str                    # "silu", "gelu_tanh" or "gelu" (erf)
 
+    @property
+    def stored_head(self) -> int:
+        """The head size the graph runs: GroupQueryAttention needs a multiple of 16, so a smaller
+        or odd head is padded with zero dimensions (they add nothing to q.k or to the output)."""
+        return -(-self.head // 16) * 16
+
 
 def _config(folder: Path) -> dict[str, Any]:
     path = folder / "config.json"
@@ -130,9 +136,6 @@ def _shape(config: dict[str, Any]) -> _Shape:
                        config.get("num_key_value_heads") or heads, config.get("head_dim") or config["hidden_size"] // heads,
                        float(config.get("rms_norm_eps", 1e-6)), int(config.get("max_position_embeddings", 2048)),
                        float(config.get("rope_theta", 10000.0)), int(window) if window else None, "rms", acts[act])
-    if shape.head % 16:
-        raise BuilderUnavailable(f"onnxruntime's GroupQueryAttention needs a head size that is a multiple of 16, "
-                                 f"and this model's is {shape.head}")
     return shape
 
 
@@ -142,9 +145,31 @@ def covers(config: dict[str, Any]) -> None:
     _shape(config)
 
 
+def _pad_heads(w: np.ndarray, counts: tuple[int, ...], head: int, stored: int, axis: int) -> np.ndarray:
+    """``w``'s ``axis`` holds groups of ``counts[g]`` heads of ``head`` dimensions one after another
+    (q, k, v); each head is padded with zeros to ``stored`` dimensions."""
+    if stored == head:
+        return w
+    w = np.moveaxis(w, axis, 0)
+    parts, start = [], 0
+    for count in counts:
+        block = w[start: start + count * head].reshape(count, head, *w.shape[1:])
+        pad = np.zeros((count, stored - head, *w.shape[1:]), dtype=w.dtype)
+        parts.append(np.concatenate([block, pad], axis=1).reshape(count * stored, *w.shape[1:]))
+        start += count * head
+    return np.moveaxis(np.concatenate(parts), 0, axis)
+
+
 def _layer(shape: _Shape, weights: dict[str, np.ndarray], i: int) -> dict[str, np.ndarray]:
     """Layer ``i``'s weights under one set of names, oriented for ``x @ W``: ln1 (+ ln1_b), qkv
-    (+ qkv_b), o (+ o_b), ln2 (+ ln2_b), then gate/up/down (gated MLP) or fc (+ fc_b)/proj (+ proj_b)."""
+    (+ qkv_b), o (+ o_b), ln2 (+ ln2_b), then gate/up/down (gated MLP) or fc (+ fc_b)/proj (+ proj_b);
+    o's input heads padded to the stored head size (the graph pads q, k and v after the rotary)."""
+    out = _layer_weights(shape, weights, i)
+    out["o"] = _pad_heads(out["o"], (shape.heads,), shape.head, shape.stored_head, axis=0)
+    return out
+
+
+def _layer_weights(shape: _Shape, weights: dict[str, np.ndarray], i: int) -> dict[str, np.ndarray]:
     def w(name: str) -> np.ndarray:
         try:
             return weights[name]
@@ -196,7 +221,7 @@ def build(checkpoint: str | Path, output: str | Path, dtype: str = "fp32", untie
         weights = {k.removeprefix("transformer."): v for k, v in weights.items()}
     float_t = np.float16 if dtype == "fp16" else np.float32
     elem = TensorProto.FLOAT16 if dtype == "fp16" else TensorProto.FLOAT
-    hidden, heads, kv_heads, head, eps = shape.hidden, shape.heads, shape.kv_heads, shape.head, shape.eps
+    hidden, heads, kv_heads, head, eps = shape.hidden, shape.heads, shape.kv_heads, shape.stored_head, shape.eps
     emb = weights["wte.weight" if shape.arch == "gpt2" else "model.embed_tokens.weight"]
     vocab = emb.shape[0]
     head_name = "lm_head.weight"
@@ -251,18 +276,22 @@ def build(checkpoint: str | Path, output: str | Path, dtype: str = "fp32", untie
     node("Gather", ["embed", "input_ids"], ["tok_emb"])
     gqa_extra: list[str] = []
     attrs: dict[str, Any] = dict(num_heads=heads, kv_num_heads=kv_heads)
+    padded = shape.stored_head != shape.head
     if shape.theta is not None:
-        inv = 1.0 / shape.theta ** (np.arange(0, head, 2, dtype=np.float64) / head)
+        # rotary over the model's own head dimensions
+        inv = 1.0 / shape.theta ** (np.arange(0, shape.head, 2, dtype=np.float64) / shape.head)
         angles = np.outer(np.arange(shape.context, dtype=np.float64), inv)
-        gqa_extra = [init("cos_cache", np.cos(angles)), init("sin_cache", np.sin(angles))]
-        attrs.update(do_rotary=1, rotary_interleaved=0)
+        rotary = [init("cos_cache", np.cos(angles)), init("sin_cache", np.sin(angles))]
+        if not padded:                       # inside GroupQueryAttention
+            gqa_extra = rotary
+            attrs.update(do_rotary=1, rotary_interleaved=0)
     if shape.window:
         attrs["local_window_size"] = shape.window
-    if shape.arch == "gemma":
-        node("Mul", ["tok_emb", init("emb_scale", np.array(hidden ** 0.5))], ["h0"])
-    elif shape.arch == "gpt2":
-        # learned positions as GroupQueryAttention counts them: 0.. for a first prompt, else the
-        # row's length so far minus the new tokens
+    if padded:
+        attrs["scale"] = float(shape.head ** -0.5)
+    if shape.theta is None or padded:
+        # positions as GroupQueryAttention counts them: 0.. for a first prompt, else the row's
+        # length so far minus the new tokens
         node("Shape", ["input_ids"], ["ids_shape"])
         node("Gather", ["ids_shape", "one"], ["new64"])
         node("Equal", ["new64", "total64"], ["first_prompt"])
@@ -272,10 +301,18 @@ def build(checkpoint: str | Path, output: str | Path, dtype: str = "fp32", untie
         node("Add", ["before2d", "steps"], ["later_raw"])
         node("Max", ["later_raw", "zero"], ["later"])
         node("Where", ["first_prompt", "steps", "later"], ["positions"])
+    if shape.arch == "gemma":
+        node("Mul", ["tok_emb", init("emb_scale", np.array(hidden ** 0.5))], ["h0"])
+    elif shape.arch == "gpt2":
         node("Gather", [init("wpe", weights["wpe.weight"][: shape.context]), "positions"], ["pos_emb"])
         node("Add", ["tok_emb", "pos_emb"], ["h0"])
     else:
         node("Identity", ["tok_emb"], ["h0"])
+    if padded:
+        init("split_qkv", np.array([heads * shape.head, kv_heads * shape.head, kv_heads * shape.head], dtype=np.int64))
+        init("by_head", np.array([0, 0, -1, shape.head], dtype=np.int64))
+        init("head_pad", np.array([0, 0, 0, 0, 0, 0, 0, head - shape.head], dtype=np.int64))
+        init("by_row", np.array([0, 0, -1], dtype=np.int64))
 
     residual, pending, pending_bias = "h0", None, None      # pending: the last block's output, not yet added
     for i in range(shape.layers):
@@ -290,6 +327,21 @@ def build(checkpoint: str | Path, output: str | Path, dtype: str = "fp32", untie
         if "qkv_b" in lw:
             node("Add", [qkv_out, init(f"bqkv{i}", lw["qkv_b"])], [f"qkvb{i}"])
             qkv_out = f"qkvb{i}"
+        if padded:
+            # GroupQueryAttention runs head sizes that are multiples of 16 (and rotary widths that
+            # are multiples of 16): rotate q and k at the model's head size, then pad every head
+            if shape.theta is not None:
+                node("Split", [qkv_out, "split_qkv"], [f"q{i}", f"k{i}", f"v{i}"], axis=-1)
+                node("RotaryEmbedding", [f"q{i}", "positions", *rotary], [f"qr{i}"], domain="com.microsoft",
+                     num_heads=heads, interleaved=0)
+                node("RotaryEmbedding", [f"k{i}", "positions", *rotary], [f"kr{i}"], domain="com.microsoft",
+                     num_heads=kv_heads, interleaved=0)
+                node("Concat", [f"qr{i}", f"kr{i}", f"v{i}"], [f"qkvr{i}"], axis=-1)
+                qkv_out = f"qkvr{i}"
+            node("Reshape", [qkv_out, "by_head"], [f"qkvh{i}"])
+            node("Pad", [f"qkvh{i}", "head_pad"], [f"qkvp{i}"])
+            node("Reshape", [f"qkvp{i}", "by_row"], [f"qkvs{i}"])
+            qkv_out = f"qkvs{i}"
         node("GroupQueryAttention", [qkv_out, "", "", f"past_key_values.{i}.key", f"past_key_values.{i}.value",
                                      "seqlens_k", "total_len", *gqa_extra],
              [f"attn{i}", f"present.{i}.key", f"present.{i}.value"], domain="com.microsoft", **attrs)

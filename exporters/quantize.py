@@ -69,8 +69,13 @@ def quantize_model(source: Path, target: Path, method: str, block_size: int = DE
         if method == "int8":
             from onnxruntime.quantization import QuantType, quantize_dynamic
 
+            import onnx
+
+            # contrib operators (RotaryEmbedding, GroupQueryAttention) stop shape inference: untyped
+            # tensors are fp32, as every tensor of an fp32 export is
             quantize_dynamic(str(source), str(target), weight_type=QuantType.QInt8, op_types_to_quantize=["MatMul"],
-                             per_channel=True, use_external_data_format=big)
+                             per_channel=True, use_external_data_format=big,
+                             extra_options={"DefaultTensorType": onnx.TensorProto.FLOAT})
         else:
             import onnx
             from onnxruntime.quantization.matmul_nbits_quantizer import MatMulNBitsQuantizer

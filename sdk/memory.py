@@ -148,9 +148,11 @@ class ModelSpec:
             ctx = c.get("max_position_embeddings") or 2048
         tie = c.get("tie_word_embeddings", mt in ("gpt2", "gemma", "gemma2", "gemma3_text"))
         dtype = {"float16": "fp16", "bfloat16": "bf16"}.get(str(c.get("torch_dtype") or c.get("dtype")), "fp32")
+        fused = _builder_covers(c)
+        if fused:           # the fused graph stores heads padded to a multiple of 16 (stories260k's 8: 16)
+            head_dim = -(-int(head_dim) // 16) * 16
         return cls(mt or "unknown", int(layers), int(hidden), int(inter), int(heads), int(kv), int(head_dim),
-                   int(c["vocab_size"]), int(ctx), count_parameters(c), bool(tie), dtype=dtype,
-                   fused=_builder_covers(c))
+                   int(c["vocab_size"]), int(ctx), count_parameters(c), bool(tie), dtype=dtype, fused=fused)
 
     @classmethod
     def load(cls, source: str | os.PathLike) -> "ModelSpec":

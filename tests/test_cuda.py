@@ -135,7 +135,7 @@ def test_gpu_check_script_runs_its_whole_path_on_the_cpu(stories_dir, tmp_path):
     assert all(r["batch_row_equals_alone"] for r in report["parity"])
     assert report["parity"][0]["identical_to_cpu_fp32"] and report["parity"][0]["max_abs_logit_diff_vs_cpu_fp32"] == 0
     assert [r["batch"] for r in report["bench"]] == [1, 2] and all(r["decode_tok_s"] > 0 for r in report["bench"])
-    assert report["scheduler"] == [{"package": "stories260k-fp32", "device": "cpu", "kv_backend": "concat",
+    assert report["scheduler"] == [{"package": "stories260k-fp32", "device": "cpu", "kv_backend": "slots",
                                     "identical": 4, "requests": 4}]
     assert report["finished"] is True
     assert "| nextoken | stories260k-fp32 | 1 |" in done.stdout
