@@ -216,7 +216,8 @@ def _usable_cores() -> int:
 def spin_policy(threads: int | None = None) -> tuple[bool, str]:
     """(spin, why): NEXTOKEN_SPIN when it is set (1/true/yes or 0/false/no); else on when the
     host's other work leaves the ``threads`` intra-op threads their cores (the 1-minute load
-    average plus ``threads`` within the usable cores, half a core of slack), off when it does not:
+    average, or the tasks runnable right now when more, plus ``threads`` within the usable cores,
+    half a core of slack), off when it does not:
     spinning wins on a quiet host and loses on a busy one. Decided once, when an engine starts."""
     raw = os.environ.get("NEXTOKEN_SPIN", "").strip().lower()
     if raw:
@@ -227,5 +228,16 @@ def spin_policy(threads: int | None = None) -> tuple[bool, str]:
         load = os.getloadavg()[0]
     except (AttributeError, OSError):
         return False, "no load average on this host"
+    load = max(load, _running_now())
     quiet = load + want <= cores + 0.5
     return quiet, f"load {load:.2f} with {want} threads on {cores} cores: {'quiet' if quiet else 'busy'}"
+
+
+def _running_now() -> float:
+    """Other tasks runnable at this instant (Linux's /proc/loadavg, less this reader): the 1-minute
+    average lags a burst of work that began seconds ago. 0 where the host does not say."""
+    try:
+        with open("/proc/loadavg") as fh:
+            return max(0.0, float(fh.read().split()[3].split("/")[0]) - 1)
+    except (OSError, ValueError, IndexError):
+        return 0.0

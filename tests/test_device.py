@@ -62,9 +62,7 @@ def test_spinning_and_threads_are_set():
 
 
 def test_engine_spin_default_comes_from_the_environment_then_the_load(tiny_llama, monkeypatch):
-    import os
-
-    from nextoken import Engine
+    from nextoken import Engine, device
 
     monkeypatch.setenv("NEXTOKEN_SPIN", "1")
     with Engine(tiny_llama[1], device="cpu", threads=1) as engine:
@@ -74,6 +72,7 @@ def test_engine_spin_default_comes_from_the_environment_then_the_load(tiny_llama
         assert engine.spin is False
     monkeypatch.delenv("NEXTOKEN_SPIN")
     monkeypatch.setattr(os, "sched_getaffinity", lambda _pid: {0, 1}, raising=False)
+    monkeypatch.setattr(device, "_running_now", lambda: 0.0)
     for load, want in ((0.2, True), (1.5, False)):          # 2 threads on 2 cores: quiet, then busy
         monkeypatch.setattr(os, "getloadavg", lambda: (load, load, load))
         with Engine(tiny_llama[1], device="cpu", threads=2) as engine:
@@ -81,6 +80,9 @@ def test_engine_spin_default_comes_from_the_environment_then_the_load(tiny_llama
             assert engine.spin_reason == f"load {load:.2f} with 2 threads on 2 cores: {'quiet' if want else 'busy'}"
             assert engine.session.get_session_options().get_session_config_entry(
                 "session.intra_op.allow_spinning") == ("1" if want else "0")
+    monkeypatch.setattr(device, "_running_now", lambda: 2.0)    # a burst the 1-minute average has not seen yet
+    with Engine(tiny_llama[1], device="cpu", threads=2) as engine:
+        assert engine.spin is False and engine.spin_reason == "load 2.00 with 2 threads on 2 cores: busy"
     with Engine(tiny_llama[1], device="cpu", spin=False) as engine:
         assert engine.spin is False and engine.spin_reason == "given"
 
