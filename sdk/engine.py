@@ -33,6 +33,16 @@ SMALL_MODEL_BYTES = 16 << 20
 Prompt = Union[str, Sequence[int]]
 
 
+def device_notes(device: str, manifest: Manifest) -> list[str]:
+    """What the user should know about running ``manifest`` 's package on ``device`` (logged as
+    warnings when an engine starts)."""
+    notes = []
+    if device == "cuda" and manifest.padding_side == "right" and manifest.kv_dtype == "float32":
+        notes.append("onnxruntime runs GroupQueryAttention on CUDA in fp16/bf16 only, so this fp32 package's "
+                     "attention runs on the CPU, with copies each step; export it with --dtype fp16 for a GPU")
+    return notes
+
+
 class Engine:
     """A model package loaded into an ONNX Runtime session, with its plugins, ready to generate.
 
@@ -118,6 +128,8 @@ class Engine:
         pad = self.manifest.pad_token_id
         self.pad_token_id = pad if pad is not None else (self.eos_token_ids[0] if self.eos_token_ids else 0)
         log.info("nextoken: %s", self.device.describe())
+        for note in device_notes(self.device.device, self.manifest):
+            log.warning("nextoken: %s", note)
 
     # -- lifecycle ------------------------------------------------------------------------------------
     def close(self) -> None:

@@ -7,6 +7,7 @@ CUDA libraries); elsewhere they skip with the reason the probe gave.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import subprocess
@@ -145,3 +146,17 @@ def test_gpu_check_script_runs_its_whole_path_on_the_cpu(stories_dir, tmp_path):
 def test_gpu_check_script_says_when_cuda_is_not_usable(tmp_path):
     done = _gpu_check("--quick", tmp_path=tmp_path)
     assert done.returncode == 2 and "CUDA: " in done.stdout and "Traceback" not in done.stderr
+
+
+def test_an_fp32_fused_package_on_cuda_is_told_to_export_fp16(tiny_llama, optimum_llama):
+    """onnxruntime's CUDA GroupQueryAttention is fp16/bf16 only: an fp32 fused package would run its
+    attention on the CPU; the engine says so when it starts on CUDA (and says nothing elsewhere)."""
+    from nextoken.engine import device_notes
+    from nextoken.manifest import Manifest
+
+    fused = Manifest.load(tiny_llama[1])
+    (note,) = device_notes("cuda", fused)
+    assert "fp16/bf16 only" in note and "--dtype fp16" in note
+    assert device_notes("cpu", fused) == []
+    assert device_notes("cuda", Manifest.load(optimum_llama[1])) == []
+    assert device_notes("cuda", dataclasses.replace(fused, kv_dtype="float16")) == []
