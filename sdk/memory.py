@@ -273,17 +273,22 @@ def _bytes_per(dtype: str) -> float:
     return DTYPE_BYTES[dtype]
 
 
-def _activation_bytes(spec: ModelSpec, batch: int, context: int, act: int) -> int:
+def _activation_bytes(spec: ModelSpec, batch: int, context: int, act: int, dtype: str = "fp32") -> int:
     """The peak of one request beyond weights. Optimum's generic graph: the larger of prefill (the
     cache being filled, plus one layer's temporaries: attention scores [B, heads, S, S], MLP
     [B, S, I], hidden [B, S, H], several of each alive at once) and decode (the graph concatenates
     past and new keys/values, so a step holds the cache twice). The fused graph: the cache, written
     in place, plus one row's prefill temporaries (MLP and hidden; GroupQueryAttention keeps no
-    [S, S] scores alive, measured: see tests/test_memory.py)."""
+    [S, S] scores alive, measured: see tests/test_memory.py), plus the prepacked copy of a tied
+    LM head."""
     kv = 2 * spec.num_layers * spec.num_kv_heads * spec.head_dim * act * batch * context
     logits = act * batch * spec.vocab_size
     if spec.fused:
-        return kv + act * context * (4 * spec.intermediate_size + 8 * spec.hidden_size) + logits
+        # a tied LM head is a Gemm over the embedding, and onnxruntime prepacks its weight: a second
+        # copy of the matrix in memory (the quantised builds share one int4 copy instead)
+        prepacked = act * spec.vocab_size * spec.hidden_size \
+            if spec.tie_word_embeddings and dtype in ("fp32", "fp16", "bf16") else 0
+        return kv + act * context * (4 * spec.intermediate_size + 8 * spec.hidden_size) + logits + prepacked
     per_layer = act * batch * context * (4 * spec.num_heads * context + 4 * spec.intermediate_size + 8 * spec.hidden_size)
     return max(kv + per_layer + logits, 2 * kv + logits)
 
@@ -291,7 +296,7 @@ def _activation_bytes(spec: ModelSpec, batch: int, context: int, act: int) -> in
 def _total(spec: ModelSpec, batch: int, context: int, dtype: str, device: str, weights: int) -> tuple[int, int, int]:
     act = 2 if dtype in ("fp16", "bf16") else 4
     kv_cache = 2 * spec.num_layers * spec.num_kv_heads * spec.head_dim * act * batch * context
-    working = RUNTIME_BASELINE[device] + SESSION_OVERHEAD[device] + _activation_bytes(spec, batch, context, act) - kv_cache
+    working = RUNTIME_BASELINE[device] + SESSION_OVERHEAD[device] + _activation_bytes(spec, batch, context, act, dtype) - kv_cache
     return kv_cache, working, weights + kv_cache + working
 
 
