@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import json
 import struct
+from collections.abc import Iterator, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -39,39 +40,69 @@ ARCHITECTURES = ("llama", "mistral", "qwen2", "phi3", "gemma", "gpt2")
 TIED_HEAD = "tied_head"
 DTYPES = ("fp32", "fp16")
 
-_DTYPES = {"F32": np.float32, "F16": np.float16, "BF16": "bf16", "F64": np.float64}
+_DTYPES = {"F32": np.float32, "F16": np.float16, "BF16": np.uint16, "F64": np.float64}
 
 
 class BuilderUnavailable(ExportError):
     """nextoken's builder does not cover this model (architecture, head size, rotary scaling ...)."""
 
 
-def read_safetensors(folder: Path) -> dict[str, np.ndarray]:
+class Tensors(Mapping):
+    """The tensors of a checkpoint's ``*.safetensors`` files, read on access from memory maps: an
+    fp32 tensor is a view of the file (no copy), a bf16/fp16 one is widened to fp32 when asked for,
+    so building a graph holds one layer's weights at a time, not the checkpoint twice over. Names
+    can be given a prefix to drop (hub gpt2 checkpoints lack ``transformer.``); ``overrides`` hold
+    tensors set by the builder."""
+
+    def __init__(self, folder: Path) -> None:
+        files = sorted(folder.glob("*.safetensors"))
+        if not files:
+            raise BuilderUnavailable(f"{folder} has no .safetensors weights")
+        self._where: dict[str, tuple[np.ndarray, str, int, int, list[int]]] = {}
+        self.overrides: dict[str, np.ndarray] = {}
+        for path in files:
+            data = np.memmap(path, dtype=np.uint8, mode="r")
+            (size,) = struct.unpack("<Q", bytes(data[:8]))
+            header = json.loads(bytes(data[8:8 + size]))
+            for name, info in header.items():
+                if name == "__metadata__":
+                    continue
+                if info["dtype"] not in _DTYPES:
+                    raise BuilderUnavailable(f"{path.name}: tensor {name} is {info['dtype']}, which the builder does not read")
+                start, end = info["data_offsets"]
+                self._where[name] = (data, info["dtype"], 8 + size + start, 8 + size + end, list(info["shape"]))
+
+    def drop_prefix(self, prefix: str) -> None:
+        self._where = {k.removeprefix(prefix): v for k, v in self._where.items()}
+
+    def nbytes(self) -> int:
+        """The tensors' size once widened to fp32."""
+        return sum(4 * int(np.prod(shape)) for *_, shape in self._where.values())
+
+    def __getitem__(self, name: str) -> np.ndarray:
+        if name in self.overrides:
+            return self.overrides[name]
+        data, kind, start, end, shape = self._where[name]
+        raw = data[start:end]
+        if kind == "BF16":
+            return (raw.view(np.uint16).astype(np.uint32) << 16).view(np.float32).reshape(shape)
+        array = raw.view(_DTYPES[kind]).reshape(shape)
+        return array if array.dtype == np.float32 else array.astype(np.float32)
+
+    def __setitem__(self, name: str, array: np.ndarray) -> None:
+        self.overrides[name] = array
+
+    def __iter__(self) -> Iterator[str]:
+        return iter({**self._where, **self.overrides})
+
+    def __len__(self) -> int:
+        return len({**self._where, **self.overrides})
+
+
+def read_safetensors(folder: Path) -> Tensors:
     """Every tensor of the checkpoint's ``*.safetensors`` files as float32 numpy arrays (bf16 and
-    fp16 widened), read directly: the format is an 8-byte header length, a JSON header, the data."""
-    files = sorted(folder.glob("*.safetensors"))
-    if not files:
-        raise BuilderUnavailable(f"{folder} has no .safetensors weights")
-    out: dict[str, np.ndarray] = {}
-    for path in files:
-        data = path.read_bytes()
-        (size,) = struct.unpack("<Q", data[:8])
-        header = json.loads(data[8:8 + size])
-        base = 8 + size
-        for name, info in header.items():
-            if name == "__metadata__":
-                continue
-            kind = _DTYPES.get(info["dtype"])
-            if kind is None:
-                raise BuilderUnavailable(f"{path.name}: tensor {name} is {info['dtype']}, which the builder does not read")
-            start, end = info["data_offsets"]
-            raw = data[base + start: base + end]
-            if kind == "bf16":
-                array = (np.frombuffer(raw, dtype=np.uint16).astype(np.uint32) << 16).view(np.float32)
-            else:
-                array = np.frombuffer(raw, dtype=kind).astype(np.float32)
-            out[name] = array.reshape(info["shape"])
-    return out
+    fp16 widened), read on access (see :class:`Tensors`)."""
+    return Tensors(folder)
 
 
 @dataclass
@@ -160,7 +191,7 @@ def _pad_heads(w: np.ndarray, counts: tuple[int, ...], head: int, stored: int, a
     return np.moveaxis(np.concatenate(parts), 0, axis)
 
 
-def _layer(shape: _Shape, weights: dict[str, np.ndarray], i: int) -> dict[str, np.ndarray]:
+def _layer(shape: _Shape, weights: Mapping[str, np.ndarray], i: int) -> dict[str, np.ndarray]:
     """Layer ``i``'s weights under one set of names, oriented for ``x @ W``: ln1 (+ ln1_b), qkv
     (+ qkv_b), o (+ o_b), ln2 (+ ln2_b), then gate/up/down (gated MLP) or fc (+ fc_b)/proj (+ proj_b);
     o's input heads padded to the stored head size (the graph pads q, k and v after the rotary)."""
@@ -169,7 +200,7 @@ def _layer(shape: _Shape, weights: dict[str, np.ndarray], i: int) -> dict[str, n
     return out
 
 
-def _layer_weights(shape: _Shape, weights: dict[str, np.ndarray], i: int) -> dict[str, np.ndarray]:
+def _layer_weights(shape: _Shape, weights: Mapping[str, np.ndarray], i: int) -> dict[str, np.ndarray]:
     def w(name: str) -> np.ndarray:
         try:
             return weights[name]
@@ -202,13 +233,23 @@ def _layer_weights(shape: _Shape, weights: dict[str, np.ndarray], i: int) -> dic
     return out
 
 
-def build(checkpoint: str | Path, output: str | Path, dtype: str = "fp32", untie_head: bool = False) -> dict[str, Any]:
+#: Weights over this many bytes go to ``model.onnx_data`` beside the graph, written as they are made
+#: and page-aligned: on the 135M model (538 MB) the export took 0.8 s and 0.6 GB of memory instead
+#: of 6.1 s and 3.1 GB through one protobuf, and the engine loads in 0.54 s instead of 1.23 s
+#: (protobuf cannot hold over 2 GB at all).
+EXTERNAL_ABOVE = 32 << 20
+
+
+def build(checkpoint: str | Path, output: str | Path, dtype: str = "fp32", untie_head: bool = False,
+          external_data: bool | None = None) -> dict[str, Any]:
     """Write ``output``/model.onnx for the checkpoint folder ``checkpoint``; returns what the
     manifest needs (layers, heads, head size, context, vocabulary). ``dtype``: ``fp32``, or ``fp16``
     weights, activations and KV cache (the CUDA precision; logits come out in fp16 and the engine
     samples from them in fp32). ``untie_head``: write a tied LM head as a MatMul of its own (for a
     package about to be quantised: the quantiser then writes it in int4/int8, at an eighth or a
-    quarter of the embedding's size, while the lookup stays fp32)."""
+    quarter of the embedding's size, while the lookup stays fp32). ``external_data``: write the
+    weights to ``model.onnx_data`` as they are made, one tensor at a time (None: when they are over
+    :data:`EXTERNAL_ABOVE`), so a model larger than memory allows twice over still builds."""
     import onnx
     from onnx import TensorProto, helper, numpy_helper
 
@@ -218,7 +259,7 @@ def build(checkpoint: str | Path, output: str | Path, dtype: str = "fp32", untie
     shape = _shape(_config(folder))
     weights = read_safetensors(folder)
     if shape.arch == "gpt2":            # hub gpt2 checkpoints name their tensors without the prefix
-        weights = {k.removeprefix("transformer."): v for k, v in weights.items()}
+        weights.drop_prefix("transformer.")
     float_t = np.float16 if dtype == "fp16" else np.float32
     elem = TensorProto.FLOAT16 if dtype == "fp16" else TensorProto.FLOAT
     hidden, heads, kv_heads, head, eps = shape.hidden, shape.heads, shape.kv_heads, shape.stored_head, shape.eps
@@ -234,11 +275,26 @@ def build(checkpoint: str | Path, output: str | Path, dtype: str = "fp32", untie
 
     inits: list = []
     nodes: list = []
+    external = weights.nbytes() * np.dtype(float_t).itemsize // 4 > EXTERNAL_ABOVE if external_data is None \
+        else external_data
+    output.mkdir(parents=True, exist_ok=True)
+    data_file = open(output / "model.onnx_data", "wb") if external else None
 
     def init(name: str, array: np.ndarray) -> str:
         if array.dtype.kind == "f":
-            array = array.astype(float_t)
-        inits.append(numpy_helper.from_array(np.ascontiguousarray(array), name))
+            array = array.astype(float_t, copy=False)
+        array = np.ascontiguousarray(array)
+        if data_file is None or array.nbytes < 4096:
+            inits.append(numpy_helper.from_array(array, name))
+            return name
+        offset = -(-data_file.tell() // 4096) * 4096          # page-aligned, for memory mapping
+        data_file.seek(offset)
+        data_file.write(memoryview(array).cast("B"))
+        tensor = onnx.TensorProto(name=name, data_type=helper.np_dtype_to_tensor_dtype(array.dtype),
+                                  dims=array.shape, data_location=onnx.TensorProto.EXTERNAL)
+        for key, value in (("location", "model.onnx_data"), ("offset", str(offset)), ("length", str(array.nbytes))):
+            tensor.external_data.add(key=key, value=value)
+        inits.append(tensor)
         return name
 
     def node(op: str, inputs: list[str], outputs: list[str], domain: str = "", **attrs) -> None:
@@ -397,10 +453,9 @@ def build(checkpoint: str | Path, output: str | Path, dtype: str = "fp32", untie
                               opset_imports=[helper.make_opsetid("", 17), helper.make_opsetid("com.microsoft", 1)],
                               producer_name="nextoken")
     model.ir_version = 9
-    output.mkdir(parents=True, exist_ok=True)
-    big = sum(t.nbytes for t in weights.values()) * np.dtype(float_t).itemsize // 4 > (1 << 31) - (64 << 20)
-    onnx.save(model, str(output / "model.onnx"), save_as_external_data=big, all_tensors_to_one_file=True,
-              location="model.onnx_data" if big else None)
+    if data_file is not None:
+        data_file.close()
+    onnx.save(model, str(output / "model.onnx"))
     return {"architecture": shape.arch, "num_layers": shape.layers, "num_kv_heads": kv_heads, "head_dim": head,
             "vocab_size": vocab, "context_length": shape.context, "kv_dtype": "float16" if dtype == "fp16" else "float32",
             "inputs": tuple(i.name for i in inputs), "outputs": tuple(o.name for o in outputs)}

@@ -68,11 +68,10 @@ class ExportReport:
 
     def summary(self) -> str:
         m = self.manifest
-        return (
-            f"exported {m.architecture} ({m.num_layers} layers, {m.num_kv_heads} KV heads x {m.head_dim}, "
-            f"context {m.context_length}) to {self.output}; parity over {self.parity_tokens} positions: "
-            f"max |Δ logits| = {self.max_abs_diff:.2e} (tolerance {self.atol:.1e})"
-        )
+        parity = (f"parity over {self.parity_tokens} positions: max |Δ logits| = {self.max_abs_diff:.2e} "
+                  f"(tolerance {self.atol:.1e})" if self.parity_tokens else "parity not checked (--no-check)")
+        return (f"exported {m.architecture} ({m.num_layers} layers, {m.num_kv_heads} KV heads x {m.head_dim}, "
+                f"context {m.context_length}) to {self.output}; {parity}")
 
 
 def _stderr(msg: str) -> None:

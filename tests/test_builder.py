@@ -179,3 +179,36 @@ def test_heads_smaller_than_groupqueryattention_runs_are_padded(stories_package)
     assert manifest["padding_side"] == "right" and manifest["parity"]["max_abs_diff"] < 1e-4
     ops = {n.op_type for n in onnx.load(str(stories_package / "model.onnx")).graph.node}
     assert {"GroupQueryAttention", "RotaryEmbedding", "Pad"} <= ops
+
+
+@pytest.mark.parametrize("dtype", ["fp32", "fp16"])
+def test_weights_written_to_external_data_as_they_are_made(tmp_path, dtype):
+    """A model over 2 GB has its weights streamed to model.onnx_data, one tensor at a time (forced
+    here on a tiny one): the same logits as the single-file graph, a small model.onnx, and the
+    checkpoint's bf16 weights read as well as its fp32 ones."""
+    import torch as _torch
+    from transformers import AutoModelForCausalLM
+
+    ckpt = make_tiny_checkpoint(tmp_path / "ckpt", "qwen2")
+    half = tmp_path / "bf16"
+    AutoModelForCausalLM.from_pretrained(ckpt, dtype=_torch.bfloat16).save_pretrained(half)
+    for name in ("tokenizer.json", "tokenizer_config.json", "generation_config.json"):
+        (half / name).write_bytes((ckpt / name).read_bytes())
+    one = build(ckpt, tmp_path / "one", dtype=dtype)
+    two = build(ckpt, tmp_path / "two", dtype=dtype, external_data=True)
+    assert one == two and (tmp_path / "two" / "model.onnx_data").stat().st_size > 100_000
+    assert (tmp_path / "two" / "model.onnx").stat().st_size < 20_000 < (tmp_path / "one" / "model.onnx").stat().st_size
+    build(half, tmp_path / "half", dtype=dtype, external_data=True)
+    import onnxruntime as ort
+
+    feeds = {"input_ids": np.array([[5, 9, 200, 17]]), "attention_mask": np.ones((1, 4), dtype=np.int64),
+             "logits_to_keep": np.array([4])}
+    kv = np.float16 if dtype == "fp16" else np.float32
+    for i in range(2):
+        for kind in ("key", "value"):
+            feeds[f"past_key_values.{i}.{kind}"] = np.zeros((1, 2, 0, 16), dtype=kv)
+    logits = [ort.InferenceSession(str(tmp_path / d / "model.onnx")).run(["logits"], feeds)[0].astype(np.float32)
+              for d in ("one", "two", "half")]
+    np.testing.assert_array_equal(logits[0], logits[1])
+    assert np.abs(logits[2] - logits[0]).max() < 0.2 * np.abs(logits[0]).max()      # bf16 weights: close, not equal
+    assert not np.array_equal(logits[2], logits[0])
