@@ -247,7 +247,8 @@ def build(checkpoint: str | Path, output: str | Path, dtype: str = "fp32", untie
     weights, activations and KV cache (the CUDA precision; logits come out in fp16 and the engine
     samples from them in fp32). ``untie_head``: write a tied LM head as a MatMul of its own (for a
     package about to be quantised: the quantiser then writes it in int4/int8, at an eighth or a
-    quarter of the embedding's size, while the lookup stays fp32). ``external_data``: write the
+    quarter of the embedding's size; at int4 the lookup then reads that copy too, see
+    :func:`~nextoken.exporters.quantize.share_embedding`). ``external_data``: write the
     weights to ``model.onnx_data`` as they are made, one tensor at a time (None: when they are over
     :data:`EXTERNAL_ABOVE`), so a model larger than memory allows twice over still builds."""
     import onnx
