@@ -523,7 +523,7 @@ def _quantized(package: Path, manifest: Manifest, method: str, block_size: int):
     accuracy = quantize_package(package, method, block_size, PARITY_PROMPT)
     manifest = dataclasses.replace(
         manifest, precision=method,
-        quantization={"method": method, "block_size": block_size if method == "int4" else None, **accuracy.to_dict()},
+        quantization={"method": method, "block_size": block_size, **accuracy.to_dict()},
     ).with_files(package)
     manifest.save(package)
     return manifest, accuracy

@@ -475,9 +475,9 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--device", choices=("cpu", "cuda"), default="cpu",
                    help="where PyTorch traces the model and the parity check runs (default cpu)")
     p.add_argument("--quantize", choices=("int8", "int4"), default=None,
-                   help="quantise the weights (int8: dynamic, one scale per output channel; int4: MatMulNBits blocks) "
+                   help="quantise the weights (MatMulNBits blocks of 8 or 4 bits, int8 activations per row) "
                         "and report accuracy")
-    p.add_argument("--block-size", type=int, default=32, help="int4 block size (default 32)")
+    p.add_argument("--block-size", type=int, default=32, help="quantisation block size (default 32)")
     p.add_argument("--backend", choices=("nextoken", "optimum", "genai"), default="nextoken",
                    help="nextoken (default): our own builder, fused operators, KV in place (llama, mistral, qwen2, "
                         "phi3, gemma, gpt2; fp32/fp16; optimum's graph, with a note, otherwise); optimum: optimum's "

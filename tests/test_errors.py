@@ -237,7 +237,7 @@ def test_control_characters_are_escaped_on_a_terminal():
 
 def test_demo_help_says_what_it_makes():
     assert "(default 64)" in run_cli("demo", "--help").stdout
-    assert "one scale per output channel" in " ".join(run_cli("export", "--help").stdout.split())
+    assert "MatMulNBits blocks of 8 or 4 bits, int8 activations per row" in " ".join(run_cli("export", "--help").stdout.split())
 
 
 def test_the_top_logprobs_table_has_a_header(tiny_llama):
