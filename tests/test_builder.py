@@ -32,6 +32,13 @@ def _tolerance(engine, model, ids, expected):
     return max(FP16_RTOL * float(np.abs(expected).max()), 2 * float(np.abs(half - expected).max()))
 
 
+def _export_tiny(tmp_path_factory, arch: str, tag: str, **options):
+    """A tiny checkpoint of ``arch`` (windowed where the architecture has one) through the default export."""
+    root = tmp_path_factory.mktemp(f"{tag}-{arch}")
+    ckpt = make_tiny_checkpoint(root / "ckpt", arch, **WINDOWED.get(arch, {}))
+    return ckpt, export(ckpt, root / "pkg", progress=None, **options)
+
+
 @pytest.fixture(scope="module", params=[(arch, dtype) for arch in ARCHITECTURES for dtype in ("fp32", "fp16")],
                 ids=lambda p: f"{p[0]}-{p[1]}")
 def built(request, tmp_path_factory):
@@ -39,9 +46,7 @@ def built(request, tmp_path_factory):
     from transformers import AutoModelForCausalLM
 
     arch, dtype = request.param
-    root = tmp_path_factory.mktemp(f"built-{arch}-{dtype}")
-    ckpt = make_tiny_checkpoint(root / "ckpt", arch, **WINDOWED.get(arch, {}))
-    report = export(ckpt, root / "pkg", dtype=dtype, progress=None)
+    ckpt, report = _export_tiny(tmp_path_factory, arch, dtype, dtype=dtype)
     assert report.manifest.exported_by.get("builder") == "nextoken"
     model = AutoModelForCausalLM.from_pretrained(ckpt).eval()
     with Engine(report.output, device="cpu") as engine:
@@ -218,9 +223,7 @@ def test_weights_written_to_external_data_as_they_are_made(tmp_path, dtype):
                 ids=lambda p: f"{p[0]}-{p[1]}")
 def quantized(request, tmp_path_factory):
     arch, method = request.param
-    root = tmp_path_factory.mktemp(f"q-{arch}-{method}")
-    ckpt = make_tiny_checkpoint(root / "ckpt", arch, **WINDOWED.get(arch, {}))
-    report = export(ckpt, root / "pkg", quantize=method, block_size=16, progress=None)
+    _, report = _export_tiny(tmp_path_factory, arch, method, quantize=method, block_size=16)
     with Engine(report.output, device="cpu") as engine:
         yield arch, method, engine, report
 
