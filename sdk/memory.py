@@ -96,8 +96,9 @@ __all__ += ["ModelSpec", "MemoryPlan", "plan_memory", "count_parameters", "devic
 
 MiB = 1 << 20
 
-#: Bytes per weight for each precision (int4 and int8 include their per-block scales).
-DTYPE_BYTES = {"fp32": 4.0, "fp16": 2.0, "bf16": 2.0, "int8": 1.0625, "int4": 0.5625}
+#: Bytes per weight for each precision (int8 and int4 include one fp32 scale per block of 32, as
+#: ``nextoken export --quantize`` writes them).
+DTYPE_BYTES = {"fp32": 4.0, "fp16": 2.0, "bf16": 2.0, "int8": 1.125, "int4": 0.625}
 
 #: Resident memory of a process that has imported nextoken and ONNX Runtime and probed the devices,
 #: before any model (measured on Linux x86_64 with onnxruntime-gpu 1.31: 65-69 MiB).
