@@ -1,4 +1,5 @@
-"""Every supported architecture against transformers on the same random weights."""
+"""Every supported architecture against transformers on the same random weights, through both
+export routes: nextoken's builder (the default) and optimum's graph (``--backend optimum``)."""
 
 from __future__ import annotations
 
@@ -18,13 +19,16 @@ def _hf(ckpt):
     return model.eval()
 
 
-@pytest.fixture(scope="module", params=ARCHITECTURES)
+@pytest.fixture(scope="module", params=[(a, b) for b in ("nextoken", "optimum") for a in ARCHITECTURES],
+                ids=lambda p: f"{p[0]}-{p[1]}")
 def arch_setup(request, tiny_model):
     from nextoken import Engine
 
-    ckpt, pkg = tiny_model(request.param)
+    arch, backend = request.param
+    ckpt, pkg = tiny_model(arch, backend)
     with Engine(pkg, device="cpu") as engine:
-        yield request.param, engine, _hf(ckpt)
+        assert (engine.manifest.exported_by.get("builder") == "nextoken") == (backend == "nextoken")
+        yield arch, engine, _hf(ckpt)
 
 
 def test_logits_match_transformers(arch_setup):
