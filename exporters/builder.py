@@ -61,16 +61,29 @@ class Tensors(Mapping):
         self._where: dict[str, tuple[np.ndarray, str, int, int, list[int]]] = {}
         self.overrides: dict[str, np.ndarray] = {}
         for path in files:
-            data = np.memmap(path, dtype=np.uint8, mode="r")
+            def bad(why: str) -> ExportError:     # a broken file is an error, not a case for another exporter
+                return ExportError(f"{path} is not a valid safetensors file ({why}); download or save the checkpoint again")
+
+            data = np.memmap(path, dtype=np.uint8, mode="r") if path.stat().st_size else np.zeros(0, np.uint8)
+            if len(data) < 8:
+                raise bad("shorter than its 8-byte header length")
             (size,) = struct.unpack("<Q", bytes(data[:8]))
-            header = json.loads(bytes(data[8:8 + size]))
-            for name, info in header.items():
-                if name == "__metadata__":
-                    continue
-                if info["dtype"] not in _DTYPES:
-                    raise BuilderUnavailable(f"{path.name}: tensor {name} is {info['dtype']}, which the builder does not read")
-                start, end = info["data_offsets"]
-                self._where[name] = (data, info["dtype"], 8 + size + start, 8 + size + end, list(info["shape"]))
+            if 8 + size > len(data):
+                raise bad(f"its header claims {size} bytes, the file has {len(data) - 8}")
+            try:
+                header = json.loads(bytes(data[8:8 + size]))
+                entries = [(name, info["dtype"], *map(int, info["data_offsets"]), [int(d) for d in info["shape"]])
+                           for name, info in header.items() if name != "__metadata__"]
+            except (ValueError, KeyError, TypeError, AttributeError) as exc:
+                raise bad(f"unreadable header: {type(exc).__name__}: {exc}") from None
+            for name, kind, start, end, shape in entries:
+                if kind not in _DTYPES:
+                    raise BuilderUnavailable(f"{path.name}: tensor {name} is {kind}, which the builder does not read")
+                width = 2 if kind in ("F16", "BF16") else np.dtype(_DTYPES[kind]).itemsize
+                if not 0 <= start <= end or end - start != width * int(np.prod(shape)) or 8 + size + end > len(data):
+                    raise bad(f"tensor {name}'s bytes [{start}, {end}) do not fit its shape {shape} or the file "
+                              "(a truncated download?)")
+                self._where[name] = (data, kind, 8 + size + start, 8 + size + end, shape)
 
     def drop_prefix(self, prefix: str) -> None:
         self._where = {k.removeprefix(prefix): v for k, v in self._where.items()}
@@ -133,11 +146,26 @@ def _config(folder: Path) -> dict[str, Any]:
     path = folder / "config.json"
     if not path.is_file():
         raise BuilderUnavailable(f"{folder} has no config.json")
-    return json.loads(path.read_text())
+    try:
+        config = json.loads(path.read_text())
+    except (ValueError, UnicodeDecodeError) as exc:
+        raise ExportError(f"{path} is not valid JSON ({exc}); download or save the checkpoint again") from None
+    if not isinstance(config, dict):
+        raise ExportError(f"{path} holds a {type(config).__name__}, not a config object")
+    return config
 
 
 def _shape(config: dict[str, Any]) -> _Shape:
-    """What the builder needs from ``config``; :class:`BuilderUnavailable` for what it does not build."""
+    """What the builder needs from ``config``; :class:`BuilderUnavailable` for what it does not
+    build, :class:`ExportError` for a config that lacks what its architecture needs."""
+    try:
+        return _read_shape(config)
+    except (KeyError, TypeError, ValueError, ZeroDivisionError) as exc:
+        what = f"lacks {exc.args[0]}" if isinstance(exc, KeyError) else f"has a bad value ({exc})"
+        raise ExportError(f"config.json {what}; is it a complete {config.get('model_type')} config?") from None
+
+
+def _read_shape(config: dict[str, Any]) -> _Shape:
     arch = config.get("model_type")
     if arch not in ARCHITECTURES:
         raise BuilderUnavailable(f"the builder covers {', '.join(ARCHITECTURES)}, not {arch!r}")

@@ -193,11 +193,12 @@ class ModelSpec:
 
 def _builder_covers(config: Mapping[str, Any]) -> bool:
     """Whether ``nextoken export`` writes this model with its own (fused) builder."""
-    from .exporters.builder import BuilderUnavailable, covers
+    from .errors import ExportError
+    from .exporters.builder import covers
 
     try:
         covers(dict(config))
-    except (BuilderUnavailable, KeyError, TypeError, ValueError):
+    except ExportError:              # not covered (BuilderUnavailable), or a config it cannot read
         return False
     return True
 

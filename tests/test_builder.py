@@ -251,3 +251,39 @@ def test_every_architecture_quantises_on_the_fused_graph(quantized):
     while scheduler.step():
         pass
     assert [h.result().token_ids for h in handles] == alone
+
+
+def test_a_broken_checkpoint_is_one_clear_error_and_leaves_nothing(tiny_llama, tmp_path):
+    """A truncated or garbled safetensors file, a config that lacks a field or is not JSON: one line
+    naming the file and what to do, no traceback, no fallback to another exporter, nothing written."""
+    import shutil
+
+    def broken(name, damage):
+        ckpt = tmp_path / name
+        shutil.copytree(tiny_llama[0], ckpt)
+        damage(ckpt)
+        out = tmp_path / f"out-{name}"
+        result = run_cli("export", str(ckpt), "-o", str(out))
+        assert result.returncode == 1 and "Traceback" not in result.stderr, result.stderr
+        assert not out.exists() and "optimum" not in result.stderr
+        return result.stderr.strip().splitlines()[-1]
+
+    def cut(ckpt):
+        data = (ckpt / "model.safetensors").read_bytes()
+        (ckpt / "model.safetensors").write_bytes(data[: len(data) // 2])
+
+    def garble(ckpt):
+        data = bytearray((ckpt / "model.safetensors").read_bytes())
+        data[10:20] = b"xxxxxxxxxx"
+        (ckpt / "model.safetensors").write_bytes(bytes(data))
+
+    def drop_field(ckpt):
+        config = json.loads((ckpt / "config.json").read_text())
+        del config["num_hidden_layers"]
+        (ckpt / "config.json").write_text(json.dumps(config))
+
+    assert "a truncated download?" in broken("cut", cut)
+    assert "is not a valid safetensors file (unreadable header" in broken("garbled", garble)
+    assert broken("nofield", drop_field) == ("nextoken: error: config.json lacks num_hidden_layers; "
+                                             "is it a complete llama config?")
+    assert "config.json is not valid JSON" in broken("notjson", lambda c: (c / "config.json").write_text("{"))
