@@ -224,6 +224,15 @@ def _layer(shape: _Shape, weights: Mapping[str, np.ndarray], i: int) -> dict[str
     (+ qkv_b), o (+ o_b), ln2 (+ ln2_b), then gate/up/down (gated MLP) or fc (+ fc_b)/proj (+ proj_b);
     o's input heads padded to the stored head size (the graph pads q, k and v after the rotary)."""
     out = _layer_weights(shape, weights, i)
+    h, q, kv = shape.hidden, shape.heads * shape.head, shape.kv_heads * shape.head
+    inner = (out["fc"] if "fc" in out else out["gate"]).shape[1]
+    want = {"qkv": (h, q + 2 * kv), "o": (q, h), **({"fc": (h, inner), "proj": (inner, h)} if "fc" in out else
+                                                   {"gate": (h, inner), "up": (h, inner), "down": (inner, h)})}
+    for name, expected in want.items():
+        if out[name].shape != expected:
+            raise ExportError(f"the checkpoint's weights do not match its config.json: layer {i}'s {name} is "
+                              f"{list(out[name].shape)} (as x @ W), the config says {list(expected)} (hidden "
+                              f"{h}, {shape.heads} heads and {shape.kv_heads} KV heads of {shape.head})")
     out["o"] = _pad_heads(out["o"], (shape.heads,), shape.head, shape.stored_head, axis=0)
     return out
 

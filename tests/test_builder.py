@@ -254,8 +254,9 @@ def test_every_architecture_quantises_on_the_fused_graph(quantized):
 
 
 def test_a_broken_checkpoint_is_one_clear_error_and_leaves_nothing(tiny_llama, tmp_path):
-    """A truncated or garbled safetensors file, a config that lacks a field or is not JSON: one line
-    naming the file and what to do, no traceback, no fallback to another exporter, nothing written."""
+    """A truncated or garbled safetensors file, a config that lacks a field, is not JSON or does not
+    match the weights: one line naming what is wrong and what to do, no traceback, no fallback to
+    another exporter, nothing written."""
     import shutil
 
     def broken(name, damage):
@@ -287,3 +288,12 @@ def test_a_broken_checkpoint_is_one_clear_error_and_leaves_nothing(tiny_llama, t
     assert broken("nofield", drop_field) == ("nextoken: error: config.json lacks num_hidden_layers; "
                                              "is it a complete llama config?")
     assert "config.json is not valid JSON" in broken("notjson", lambda c: (c / "config.json").write_text("{"))
+
+    def more_kv_heads(ckpt):
+        config = json.loads((ckpt / "config.json").read_text())
+        config["num_key_value_heads"] = 4
+        (ckpt / "config.json").write_text(json.dumps(config))
+
+    assert broken("mismatch", more_kv_heads) == (
+        "nextoken: error: the checkpoint's weights do not match its config.json: layer 0's qkv is [64, 128] "
+        "(as x @ W), the config says [64, 192] (hidden 64, 4 heads and 4 KV heads of 16)")
