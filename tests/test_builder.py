@@ -154,27 +154,6 @@ def test_quantised_builds_quantise_the_lm_head_too(tmp_path):
     with Engine(tmp_path / "pkg", device="cpu") as engine:
         assert len(engine.generate("Hello", max_new_tokens=8, ignore_eos=True).token_ids) == 8
 
-
-def test_the_default_export_needs_no_torch_without_the_parity_check(tiny_llama, tmp_path):
-    """With torch, transformers and optimum unimportable, `export --no-check` still writes a
-    package that runs, and asking for the check names the extra to install."""
-    import subprocess
-    import sys
-
-    block = "import sys; [sys.modules.__setitem__(m, None) for m in ('torch', 'transformers', 'optimum')]; "
-    run = ("from nextoken.cli import main; sys.exit(main(['export', sys.argv[1], '-o', sys.argv[2]] + sys.argv[3:]))")
-    ok = subprocess.run([sys.executable, "-c", block + run, str(tiny_llama[0]), str(tmp_path / "pkg"), "--no-check"],
-                        capture_output=True, text=True)
-    assert ok.returncode == 0, ok.stderr
-    with Engine(tmp_path / "pkg", device="cpu") as engine, Engine(tiny_llama[1], device="cpu") as checked:
-        assert engine.generate("abc", max_new_tokens=8, ignore_eos=True).token_ids == \
-            checked.generate("abc", max_new_tokens=8, ignore_eos=True).token_ids
-    refused = subprocess.run([sys.executable, "-c", block + run, str(tiny_llama[0]), str(tmp_path / "other")],
-                             capture_output=True, text=True)
-    assert refused.returncode == 1 and "install the export extra" in refused.stderr, refused.stderr
-    assert "Traceback" not in refused.stderr
-
-
 def test_heads_smaller_than_groupqueryattention_runs_are_padded(stories_package):
     """stories260k's head size is 8; GroupQueryAttention runs multiples of 16 (its rotary too): the
     graph rotates q and k at 8, pads every head with zeros to 16 (nothing added to q.k or to the

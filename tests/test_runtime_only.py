@@ -57,3 +57,21 @@ def test_cli_generate_without_torch(tiny_llama):
     """)
     assert result.returncode == 0, result.stderr
     assert '"token_ids"' in result.stdout
+
+
+def test_the_default_export_needs_no_torch_without_its_parity_check(tiny_llama, tmp_path):
+    """With torch, transformers and optimum blocked, `export --no-check` (nextoken's builder: numpy
+    and onnx) writes a package that generates what the checked export's does; asking for the check
+    names the extra to install."""
+    from nextoken import Engine
+
+    run = "from nextoken.cli import main; raise SystemExit(main(['export', {!r}, '-o', {!r}] + {!r}))"
+    ok = _run(run.format(str(tiny_llama[0]), str(tmp_path / "pkg"), ["--no-check"]))
+    assert ok.returncode == 0, ok.stderr
+    assert "parity not checked (--no-check)" in ok.stderr
+    with Engine(tmp_path / "pkg", device="cpu") as engine, Engine(tiny_llama[1], device="cpu") as checked:
+        assert engine.generate("abc", max_new_tokens=8, ignore_eos=True).token_ids == \
+            checked.generate("abc", max_new_tokens=8, ignore_eos=True).token_ids
+    refused = _run(run.format(str(tiny_llama[0]), str(tmp_path / "other"), []))
+    assert refused.returncode == 1 and "install the export extra" in refused.stderr, refused.stderr
+    assert "Traceback" not in refused.stderr
