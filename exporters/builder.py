@@ -204,19 +204,14 @@ def covers(config: dict[str, Any]) -> None:
     _shape(config)
 
 
-def _pad_heads(w: np.ndarray, counts: tuple[int, ...], head: int, stored: int, axis: int) -> np.ndarray:
-    """``w``'s ``axis`` holds groups of ``counts[g]`` heads of ``head`` dimensions one after another
-    (q, k, v); each head is padded with zeros to ``stored`` dimensions."""
+def _pad_heads(w: np.ndarray, heads: int, head: int, stored: int) -> np.ndarray:
+    """``w`` ``[heads * head, out]`` (the rows that read attention's output, head after head) with
+    each head's rows padded with zeros to ``stored``: the padded dimensions add nothing."""
     if stored == head:
         return w
-    w = np.moveaxis(w, axis, 0)
-    parts, start = [], 0
-    for count in counts:
-        block = w[start: start + count * head].reshape(count, head, *w.shape[1:])
-        pad = np.zeros((count, stored - head, *w.shape[1:]), dtype=w.dtype)
-        parts.append(np.concatenate([block, pad], axis=1).reshape(count * stored, *w.shape[1:]))
-        start += count * head
-    return np.moveaxis(np.concatenate(parts), 0, axis)
+    padded = np.zeros((heads, stored, w.shape[1]), dtype=w.dtype)
+    padded[:, :head] = w.reshape(heads, head, w.shape[1])
+    return padded.reshape(heads * stored, w.shape[1])
 
 
 def _layer(shape: _Shape, weights: Mapping[str, np.ndarray], i: int) -> dict[str, np.ndarray]:
@@ -233,7 +228,7 @@ def _layer(shape: _Shape, weights: Mapping[str, np.ndarray], i: int) -> dict[str
             raise ExportError(f"the checkpoint's weights do not match its config.json: layer {i}'s {name} is "
                               f"{list(out[name].shape)} (as x @ W), the config says {list(expected)} (hidden "
                               f"{h}, {shape.heads} heads and {shape.kv_heads} KV heads of {shape.head})")
-    out["o"] = _pad_heads(out["o"], (shape.heads,), shape.head, shape.stored_head, axis=0)
+    out["o"] = _pad_heads(out["o"], shape.heads, shape.head, shape.stored_head)
     return out
 
 
@@ -526,8 +521,7 @@ def build_package(source: str, package: Path, *, output: Path | None = None, che
 
     from nextoken.manifest import Manifest
 
-    from .hf import (DEFAULT_ATOL, FP16_RTOL, PACKAGE_FILES, ExportReport, Stages, eos_ids, export_versions,
-                     parity_check, parity_failure, record_parity)
+    from .hf import PACKAGE_FILES, ExportReport, Stages, checked_parity, eos_ids, export_versions
 
     folder = _local_folder(source, offline)
     stages = Stages(3 if check else 2, say)
@@ -554,14 +548,7 @@ def build_package(source: str, package: Path, *, output: Path | None = None, che
             source=str(source), exported_by={**export_versions(), "builder": "nextoken"}, padding_side="right",
         ).with_files(package)
         manifest.save(package)
-    diff, n = float("nan"), 0
-    tolerance = DEFAULT_ATOL if atol is None else atol
-    if check:
-        with stages(f"checking ONNX logits against PyTorch (on {device})"):
-            diff, n, scale = parity_check(str(folder), package, offline, device)
-        if atol is None and dtype == "fp16":
-            tolerance = FP16_RTOL * max(1.0, scale)
-        if not diff <= tolerance:
-            raise parity_failure(diff, tolerance, dtype, output or package)
-        manifest = record_parity(package, manifest, diff, tolerance, n, device)
+    manifest, diff, tolerance, n = checked_parity(str(folder), package, manifest, stages, check=check, atol=atol,
+                                                  dtype=dtype, device=device, offline=offline,
+                                                  output=output or package)
     return ExportReport(package, manifest, diff, tolerance, n, stages.seconds)

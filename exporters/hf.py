@@ -446,11 +446,25 @@ def parity_check(source: str, package: Path, offline: bool = False, device: str 
     return diff, len(ids), float(np.abs(expected).max())
 
 
-def parity_failure(diff: float, tolerance: float, dtype: str, output: Path) -> ExportError:
-    """The error of a parity check over its tolerance (nothing is moved into ``output``)."""
-    where = f"{output} keeps the package it had" if output.exists() else f"nothing was written to {output}"
-    return ExportError(f"parity check failed: max |Δ logits| between ONNX ({dtype}) and PyTorch (fp32) is {diff:.3e}, "
-                       f"over the tolerance {tolerance:.1e}; the export is not trustworthy, and {where}")
+def checked_parity(source: str, package: Path, manifest: Manifest, stages: "Stages", *, check: bool,
+                   atol: float | None, dtype: str, device: str, offline: bool,
+                   output: Path) -> tuple[Manifest, float, float, int]:
+    """The parity check of a staged ``package`` as one of ``stages`` (when ``check``): over the
+    tolerance (``atol``; None: :data:`DEFAULT_ATOL` for fp32, :data:`FP16_RTOL` of the largest
+    |logit| for fp16) an :class:`ExportError` (nothing is moved into ``output``), else recorded in
+    the manifest. Returns (manifest, max |Δ logits|, tolerance, positions)."""
+    tolerance = DEFAULT_ATOL if atol is None else atol
+    if not check:
+        return manifest, float("nan"), tolerance, 0
+    with stages(f"checking ONNX logits against PyTorch (on {device})"):
+        diff, n, scale = parity_check(source, package, offline, device)
+    if atol is None and dtype == "fp16":
+        tolerance = FP16_RTOL * max(1.0, scale)
+    if not diff <= tolerance:
+        where = f"{output} keeps the package it had" if output.exists() else f"nothing was written to {output}"
+        raise ExportError(f"parity check failed: max |Δ logits| between ONNX ({dtype}) and PyTorch (fp32) is "
+                          f"{diff:.3e}, over the tolerance {tolerance:.1e}; the export is not trustworthy, and {where}")
+    return record_parity(package, manifest, diff, tolerance, n, device), diff, tolerance, n
 
 
 def record_parity(package: Path, manifest: Manifest, diff: float, tolerance: float, positions: int,
@@ -577,15 +591,15 @@ def export(source: str | os.PathLike, output: str | os.PathLike, *, atol: float 
         if not torch.cuda.is_available():
             raise ExportError("export on cuda needs a CUDA build of PyTorch and a GPU, and this host has neither "
                               "usable; export with --device cpu (the package runs on CUDA all the same)")
+    if quantize is not None:
+        from .quantize import check_method
+
+        check_method(quantize, block_size)
     if backend == "nextoken":
         from .builder import BuilderUnavailable, build_package
 
         if check:                                  # the builder itself needs no torch; the parity check does
             _require_export_stack(("torch", "transformers"))
-        if quantize is not None:
-            from .quantize import check_method
-
-            check_method(quantize, block_size)
         try:
             with staged(output) as package:
                 report = build_package(source, package, output=output, check=check, atol=atol, dtype=dtype, device=device,
@@ -614,10 +628,6 @@ def export(source: str | os.PathLike, output: str | os.PathLike, *, atol: float 
             return report
         except RouteUnavailable as exc:
             say(f"warning: the genai backend does not apply here ({exc}); exporting the plain optimum graph instead")
-    from .quantize import check_method
-
-    if quantize is not None:
-        check_method(quantize, block_size)
     stages = Stages((4 if check else 3) + (1 if quantize else 0), say)
     local = _looks_local(source)
     with _quiet(), staged(output) as package:
@@ -647,17 +657,8 @@ def export(source: str | os.PathLike, output: str | os.PathLike, *, atol: float 
             _keep_last_logits(package / "model.onnx")
             manifest = _manifest_from_graph(package / "model.onnx", config, package, source)
             manifest.save(package)
-        diff, n = float("nan"), 0
-        tolerance = DEFAULT_ATOL if atol is None else atol
-        if check:
-            parity_device = "cuda" if device == "cuda" else "cpu"
-            with stages(f"checking ONNX logits against PyTorch (on {device})"):
-                diff, n, scale = parity_check(source, package, offline, parity_device)
-            if atol is None and dtype == "fp16":
-                tolerance = FP16_RTOL * max(1.0, scale)
-            if not diff <= tolerance:
-                raise parity_failure(diff, tolerance, dtype, output)
-            manifest = record_parity(package, manifest, diff, tolerance, n, parity_device)
+        manifest, diff, tolerance, n = checked_parity(source, package, manifest, stages, check=check, atol=atol,
+                                                      dtype=dtype, device=device, offline=offline, output=output)
         accuracy = None
         if quantize:
             with stages(f"quantising to {quantize} and measuring it against fp32"):

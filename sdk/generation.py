@@ -764,8 +764,7 @@ class Generation:
                 # [B, 1] in place: each live row writes at its own length; a finished row rewrites
                 # its last position (it is ignored), so no row outgrows its slot.
                 held = slots.lengths + state.alive
-                window = (np.arange(slots.length)[None, :] < held[:, None]).astype(np.int64)
-                logits = self.runner.step(slots, tokens[:, None], window, (held - 1)[:, None], in_place=True)
+                logits = self.runner.step(slots, tokens[:, None], slots.mask(held), (held - 1)[:, None], in_place=True)
                 slots.lengths = held
                 continue
             # Decode step [B, 1]; finished rows ride along on their last token and are ignored.
@@ -784,10 +783,8 @@ class Generation:
         slots = SlotCache(self.runner, len(prompts), length)
         rows = []
         for row, prompt in enumerate(prompts):
-            window = np.zeros((1, length), dtype=np.int64)
-            window[0, :len(prompt)] = 1
-            rows.append(self.runner.step(slots, np.asarray([prompt], dtype=np.int64), window, None, in_place=True,
-                                         rows=1, first_row=row))
+            rows.append(self.runner.step(slots, np.asarray([prompt], dtype=np.int64), slots.mask(lengths[row:row + 1]),
+                                         None, in_place=True, rows=1, first_row=row))
         slots.lengths = lengths
         return slots, np.concatenate(rows, axis=0)
 

@@ -201,6 +201,7 @@ class StepRunner:
         self._run(binding, cache)
         return logits[:, -1, :].astype(np.float32)      # a copy: the buffer is the next step's
 
+
 class CacheOps:
     """Row and column surgery on :class:`KVCache` s where they live (the GPU on CUDA).
 
@@ -323,3 +324,7 @@ class SlotCache(KVCache):
         super().__init__(runner.manifest, slots, runner.device, runner.device_id, length)
         self.lengths = np.zeros(slots, dtype=np.int64)     # positions each slot holds
 
+    def mask(self, lengths: np.ndarray) -> np.ndarray:
+        """The attention mask of rows holding ``lengths`` positions: ``[len(lengths), buffer length]``,
+        1 where a row has a position (the graph reads each row's length from it)."""
+        return (np.arange(self.length)[None, :] < np.asarray(lengths)[:, None]).astype(np.int64)

@@ -432,7 +432,7 @@ class Scheduler:
         ids[rows, 0] = self._last
         lengths = np.ones(used, dtype=np.int64)
         lengths[rows] = slots.lengths[rows] + 1
-        mask = (np.arange(slots.length)[None, :] < lengths[:, None]).astype(np.int64)
+        mask = slots.mask(lengths)
         before = slots.run_seconds
         try:
             logits = runner.step(slots, ids, mask, (lengths - 1)[:, None], in_place=True, rows=used)
