@@ -431,13 +431,7 @@ def parity_check(source: str, package: Path, offline: bool = False, device: str 
         if problem:
             raise ExportError(f"the parity check cannot judge this export: {problem}")
         full = engine.forward(ids)
-        # The same prompt through the cache: prefill all but the last token, then one decode step.
-        runner = engine.runner
-        cache = runner.new_cache(1)
-        head = np.asarray([ids[:-1]], dtype=np.int64)
-        runner.step(cache, head, np.ones_like(head), np.arange(head.shape[1])[None, :])
-        step = runner.step(cache, np.asarray([[ids[-1]]]), np.ones((1, len(ids)), dtype=np.int64),
-                           np.asarray([[len(ids) - 1]]))
+        step = engine.forward(ids, cached=True)        # through the KV cache, as generation runs it
     finally:
         engine.close()
     diff = max(float(np.abs(full - expected).max()), float(np.abs(step[0] - expected[-1]).max()))

@@ -4,7 +4,7 @@ device_hour (the request's device seconds times an hourly rate)."""
 from __future__ import annotations
 
 import nextoken
-from nextoken.generation import Charge
+from nextoken import Charge
 from nextoken.errors import InvalidRequestError
 
 

@@ -8,7 +8,7 @@ import time
 import numpy as np
 
 import nextoken
-from nextoken.generation import Stop
+from nextoken import Stop
 
 
 def make_eos(params, options):

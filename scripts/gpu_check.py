@@ -218,7 +218,7 @@ def cuda_usable(device: str) -> bool:
     import os
 
     from nextoken.device import _nvidia_library_dirs, cuda_status
-    from nextoken.memory import gpu_memory
+    from nextoken.probes import gpu_memory
 
     device_id = int(device.split(":")[1]) if ":" in device else 0
     usable, why = cuda_status(device_id)

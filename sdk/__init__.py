@@ -18,11 +18,11 @@ from .errors import (
     ModelPackageError,
     NextokenError,
 )
-from .generation import (
+from .generation import Generation, Timings
+from .types import (
     BatchState,
     Charge,
     Completion,
-    Generation,
     SamplingParams,
     Stop,
     StreamEvent,
@@ -38,7 +38,7 @@ from .tokenizer import IncrementalDecoder, Tokenizer
 __version__ = "0.1.0"
 
 __all__ = [
-    "Engine", "Prompt", "SamplingParams", "Completion", "StreamEvent", "Usage", "Generation",
+    "Engine", "Prompt", "SamplingParams", "Completion", "StreamEvent", "Usage", "Generation", "Timings",
     "BatchState", "Stop", "Charge", "TokenLogprob", "Registry", "hookimpl", "hookspec", "Scheduler", "RequestHandle",
     "Manifest", "FORMAT_VERSION", "Tokenizer", "IncrementalDecoder", "DeviceChoice", "resolve_device",
     "NextokenError", "ModelPackageError", "ManifestMismatchError", "InvalidRequestError",

@@ -15,7 +15,7 @@ from typing import Any, Dict, List, Optional, Union
 
 from pydantic import BaseModel, ConfigDict, Field, create_model
 
-from .generation import MAX_TOP_LOGPROBS, SamplingParams
+from .types import MAX_TOP_LOGPROBS, SamplingParams
 
 __all__ = ["NEXTOKEN_FIELDS", "REFUSED", "CompletionRequest", "ChatRequest", "NextokenOptions"]
 
@@ -38,9 +38,9 @@ class StreamOptions(_Strict):
 
 
 def _nextoken_options() -> type:
-    from . import generation      # SamplingParams.__module__ is "nextoken": read its hints where they were written
+    from . import types      # SamplingParams.__module__ is "nextoken": read its hints where they were written
 
-    hints = typing.get_type_hints(SamplingParams, globalns=vars(generation))
+    hints = typing.get_type_hints(SamplingParams, globalns=vars(types))
     fields = {name: (Optional[hints[name]], None) for name in NEXTOKEN_FIELDS}
     model = create_model("NextokenOptions", __base__=_Strict, **fields)
     model.__doc__ = "nextoken's own parameters, as SamplingParams defines them."

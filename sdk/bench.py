@@ -17,7 +17,7 @@ import numpy as np
 
 from .engine import Engine
 from .errors import InvalidRequestError, NextokenError
-from .generation import SamplingParams
+from .types import SamplingParams
 
 __all__ = ["run_bench", "BenchRow", "BenchReport", "CHAIN", "run_compare", "CompareReport", "PeerRow", "PEERS"]
 

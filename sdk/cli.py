@@ -92,7 +92,7 @@ def _logit_bias(items: list[str] | None) -> dict[int, float]:
 
 
 def _params(args: argparse.Namespace):
-    from .generation import SamplingParams
+    from .types import SamplingParams
 
     options = _options(args)
     return SamplingParams(

@@ -12,12 +12,14 @@ import onnxruntime as ort
 from .chat import Message, render_chat
 from .device import DeviceChoice, resolve_device, session_options, spin_policy
 from .errors import InvalidRequestError, ModelPackageError
-from .generation import Completion, Generation, Pipeline, SamplingParams, StreamEvent
+from .generation import Generation
+from .kvbackends import for_request
 from .kvcache import StepRunner
 from .manifest import Manifest, TensorSpec
-from .memory import release_free_heap
-from .registry import Registry, resolve_names
+from .probes import release_free_heap
+from .registry import Pipeline, Registry, resolve_names
 from .tokenizer import GuardedTokenizer, Tokenizer
+from .types import Completion, SamplingParams, StreamEvent
 
 __all__ = ["Engine", "Prompt"]
 
@@ -253,17 +255,25 @@ class Engine:
         """Answer a conversation (``[{"role": "user", "content": "..."}, ...]``) with the model's chat template."""
         return self.generate(self.apply_chat_template(messages), params, **overrides)
 
-    def forward(self, input_ids: Sequence[int] | np.ndarray) -> np.ndarray:
-        """Logits ``[S, V]`` for every position of one sequence, in one pass with an empty cache.
+    def forward(self, input_ids: Sequence[int] | np.ndarray, cached: bool = False) -> np.ndarray:
+        """Logits ``[S, V]`` for every position of one sequence, in one pass with an empty cache;
+        ``cached``: the last position's only ``[1, V]``, as generation computes it (all but the last
+        token prefilled into the KV cache generation uses, then one decode step).
 
         For checks (parity with the source model); generation never needs all positions.
         """
         if self.runner is None:
             raise InvalidRequestError("this engine is closed; load the package again")
-        ids = np.asarray(self._prompt_ids(list(np.asarray(input_ids).reshape(-1))), dtype=np.int64)[None, :]
-        mask = np.ones_like(ids)
-        positions = np.arange(ids.shape[1], dtype=np.int64)[None, :]
-        return self.runner.step(self.runner.new_cache(1), ids, mask, positions, all_logits=True)[0]
+        ids = self._prompt_ids(list(np.asarray(input_ids).reshape(-1)))
+        if cached:
+            if len(ids) < 2:
+                raise InvalidRequestError("forward(cached=True) needs at least two token ids: a prefill and a step")
+            kv = for_request(self.runner, 1, len(ids), self.pad_token_id)
+            kv.join(kv.prefill([ids[:-1]]))
+            return kv.decode(np.asarray(ids[-1:], dtype=np.int64))
+        row = np.asarray([ids], dtype=np.int64)
+        positions = np.arange(row.shape[1], dtype=np.int64)[None, :]
+        return self.runner.prefill(self.runner.new_cache(1), row, np.ones_like(row), positions, all_logits=True)[0]
 
 
 def _is_single(prompts: Any) -> bool:

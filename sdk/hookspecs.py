@@ -28,7 +28,7 @@ from typing import TYPE_CHECKING, Any, Callable
 import pluggy
 
 if TYPE_CHECKING:  # pragma: no cover
-    from .generation import BatchState, Completion
+    from .types import BatchState, Completion
 
 __all__ = ["hookspec", "hookimpl", "PROJECT"]
 

@@ -15,12 +15,12 @@ from typing import Sequence
 import numpy as np
 import onnxruntime as ort
 
+from .dtypes import DTYPES, kv_dtype
 from .errors import NextokenError
 from .manifest import Manifest
+from .ortbind import Binder
 
 __all__ = ["KVCache", "SlotCache", "StepRunner", "CacheOps", "pad_batch", "grow_mask"]
-
-_NUMPY_DTYPES = {"float32": np.float32, "float16": np.float16, "float64": np.float64}
 
 
 def pad_batch(prompts: Sequence[list[int]], pad_id: int, side: str = "left") -> tuple[np.ndarray, np.ndarray]:
@@ -54,16 +54,13 @@ class KVCache:
 
     def __init__(self, manifest: Manifest, batch_size: int, device: str = "cpu", device_id: int = 0,
                  length: int = 0) -> None:
-        dtype = _NUMPY_DTYPES.get(manifest.kv_dtype)
-        if dtype is None:
-            raise NextokenError(f"KV dtype {manifest.kv_dtype} is not supported yet")
-        self.dtype = dtype
+        self.dtype = kv_dtype(manifest.kv_dtype).numpy
         self.run_seconds = 0.0  # time spent inside ONNX Runtime for this cache's request
         #: a one-token in-place step's binding, kept while its rows stay the same (StepRunner's)
         self.decode_binding: tuple | None = None
         shape = [batch_size, manifest.num_kv_heads, length, manifest.head_dim]   # uninitialised past 0
         self.values: list[ort.OrtValue] = [
-            ort.OrtValue.ortvalue_from_shape_and_type(shape, dtype, device, device_id)
+            ort.OrtValue.ortvalue_from_shape_and_type(shape, self.dtype, device, device_id)
             for _ in manifest.past_names()
         ]
 
@@ -72,6 +69,11 @@ class KVCache:
         """Positions held (past sequence length)."""
         return int(self.values[0].shape()[2]) if self.values else 0
 
+    @property
+    def rows(self) -> int:
+        """Rows (sequences) of the buffers."""
+        return int(self.values[0].shape()[0]) if self.values else 0
+
     def nbytes(self) -> int:
         """Bytes the cache holds now."""
         itemsize = np.dtype(self.dtype).itemsize
@@ -79,7 +81,15 @@ class KVCache:
 
 
 class StepRunner:
-    """Runs the graph one step at a time with IOBinding, carrying a :class:`KVCache` forward."""
+    """Runs the graph one step at a time with IOBinding, carrying a :class:`KVCache` forward.
+
+    Two ways to carry the cache: as new values each step (:meth:`prefill`, :meth:`decode`: present
+    = concat(past, new), any graph), or in place in a fixed-size :class:`SlotCache`
+    (:meth:`prefill_in_place`, :meth:`decode_in_place`: GroupQueryAttention graphs, which write
+    each row's new keys and values at the row's own length, read from the attention mask).
+    Every call returns float32 logits of the last position ``[B, V]`` (all positions with
+    ``all_logits``), and adds its time inside ONNX Runtime to the cache's ``run_seconds``.
+    """
 
     def __init__(self, session: ort.InferenceSession, manifest: Manifest, device: str = "cpu", device_id: int = 0):
         self.session = session
@@ -89,79 +99,101 @@ class StepRunner:
         self._past = manifest.past_names()
         self._present = manifest.present_names()
         self._int_dtypes = {a.name: (np.int32 if a.type == "tensor(int32)" else np.int64) for a in session.get_inputs()}
-        # The device handles of ONNX Runtime's binding, made once: its Python wrappers make them
-        # again for every output of every step, which is a tenth of a tiny model's step.
-        # (None where this onnxruntime lays its wrappers out differently: the public calls are used.)
-        try:
-            self._c_devices = (ort.OrtDevice.make("cpu", 0)._get_c_device(),
-                               ort.OrtDevice.make(device, device_id)._get_c_device())
-        except Exception:
-            self._c_devices = None
+        self.binder = Binder(device, device_id)
         logits_type = next((o.type for o in session.get_outputs() if o.name == "logits"), "tensor(float)")
         self._logits_dtype = np.float16 if logits_type == "tensor(float16)" else np.float32
 
     def new_cache(self, batch_size: int) -> KVCache:
+        """An empty cache of ``batch_size`` rows, for :meth:`prefill`."""
         return KVCache(self.manifest, batch_size, self.device, self.device_id)
 
-    def step(self, cache: KVCache, input_ids: np.ndarray, attention_mask: np.ndarray,
-             position_ids: np.ndarray | None, all_logits: bool = False, in_place: bool = False,
-             rows: int | None = None, first_row: int = 0) -> np.ndarray:
-        """One forward pass. Returns the logits of the last position ``[B, V]`` (or all ``[B, S, V]``).
+    # -- the public steps -----------------------------------------------------------------------------
+    def prefill(self, cache: KVCache, input_ids: np.ndarray, attention_mask: np.ndarray,
+                position_ids: np.ndarray | None, all_logits: bool = False) -> np.ndarray:
+        """Run ``input_ids [B, S]`` over ``cache`` (empty, or holding earlier chunks) and replace its
+        values by the longer ones. ``attention_mask`` is ``[B, cache.length + S]``."""
+        return self._concat(cache, input_ids, attention_mask, position_ids, all_logits)
 
-        ``input_ids``/``position_ids`` are ``[B, S]``; ``attention_mask`` is ``[B, cache.length + S]``.
-        The cache is advanced to hold the S new positions: as new values, or (``in_place``, for
-        GroupQueryAttention graphs over a fixed-size buffer, ``attention_mask`` as wide as the
-        buffer) written into the same buffers, each row at its own length; ``rows`` then runs only
-        ``rows`` of the buffers' rows from ``first_row`` on (a contiguous part of their memory, bound
-        by address).
-        """
-        if in_place and not all_logits and input_ids.shape[1] == 1 and self.device == "cpu":
-            return self._decode_in_place(cache, input_ids, attention_mask, position_ids, rows, first_row)
+    def decode(self, cache: KVCache, input_ids: np.ndarray, attention_mask: np.ndarray,
+               position_ids: np.ndarray | None) -> np.ndarray:
+        """One token a row (``input_ids [B, 1]``) over ``cache``: a prefill of one position."""
+        return self._concat(cache, input_ids, attention_mask, position_ids, False)
+
+    def _concat(self, cache: KVCache, input_ids: np.ndarray, attention_mask: np.ndarray,
+                position_ids: np.ndarray | None, all_logits: bool) -> np.ndarray:
         binding = self.session.io_binding()
-        binding.bind_cpu_input("input_ids", np.ascontiguousarray(input_ids, dtype=self._int_dtypes["input_ids"]))
-        binding.bind_cpu_input(
-            "attention_mask", np.ascontiguousarray(attention_mask, dtype=self._int_dtypes["attention_mask"])
-        )
+        self._bind_ids(binding, input_ids, attention_mask, position_ids)
         if "logits_to_keep" in self._int_dtypes:
             keep = np.array([input_ids.shape[1] if all_logits else 1], dtype=np.int64)
             binding.bind_cpu_input("logits_to_keep", keep)
-        if position_ids is not None and "position_ids" in self._int_dtypes:
-            binding.bind_cpu_input(
-                "position_ids", np.ascontiguousarray(position_ids, dtype=self._int_dtypes["position_ids"])
-            )
-        if self._c_devices is not None:
-            binding._iobinding.bind_output("logits", self._c_devices[0])
-        else:
-            binding.bind_output("logits", "cpu")
+        self.binder.logits_to_host(binding, "logits")
         for past, present, value in zip(self._past, self._present, cache.values):
-            if in_place:
-                shape = value.shape()
-                address = value.data_ptr() + first_row * int(np.prod(shape[1:])) * np.dtype(cache.dtype).itemsize
-                shape = [rows if rows is not None else shape[0]] + list(shape[1:])
-                binding.bind_input(past, self.device, self.device_id, cache.dtype, shape, address)
-                binding.bind_output(present, self.device, self.device_id, cache.dtype, shape, address)
-            elif self._c_devices is not None:
-                raw = binding._iobinding
-                raw.bind_ortvalue_input(past, value._ortvalue)
-                raw.bind_output(present, self._c_devices[1])
-            else:
-                binding.bind_ortvalue_input(past, value)
-                binding.bind_output(present, self.device, self.device_id)
+            self.binder.value_in_out(binding, past, present, value)
         self._run(binding, cache)
-        if self._c_devices is not None and not in_place:
-            raw_outputs = binding._iobinding.get_outputs()
-            cache.values = [ort.OrtValue(raw_outputs[i]) for i in range(1, len(raw_outputs))]
-            logits = raw_outputs[0].numpy()
-        else:
-            outputs = binding.get_outputs()
-            if not in_place:
-                cache.values = list(outputs[1:])
-            logits = outputs[0].numpy()                 # [B, S, V], or [B, 1, V] with logits_to_keep
-        if logits.dtype != np.float32:                  # fp16 graphs: sampling works in fp32
-            logits = logits.astype(np.float32)
-        return logits if all_logits else logits[:, -1, :]
+        logits, cache.values = self.binder.outputs(binding)     # [B, S, V], or [B, 1, V] with logits_to_keep
+        return _float32(logits if all_logits else logits[:, -1, :])
 
-    def _run(self, binding, cache: KVCache) -> None:
+    def prefill_in_place(self, slots: "SlotCache", prompt: Sequence[int], row: int) -> np.ndarray:
+        """Prefill one prompt straight into row ``row`` of ``slots`` (from position 0; the row's
+        length becomes the prompt's). Returns its last logits ``[1, V]``."""
+        ids = np.asarray([prompt], dtype=np.int64)
+        binding = self.session.io_binding()
+        self._bind_ids(binding, ids, slots.mask([len(prompt)]), None)
+        if "logits_to_keep" in self._int_dtypes:
+            binding.bind_cpu_input("logits_to_keep", np.array([1], dtype=np.int64))
+        self.binder.logits_to_host(binding, "logits")
+        self._bind_rows(binding, slots, 1, row)
+        self._run(binding, slots)
+        slots.lengths[row] = len(prompt)
+        logits, _ = self.binder.outputs(binding)
+        return _float32(logits[:, -1, :])
+
+    def decode_in_place(self, slots: "SlotCache", input_ids: np.ndarray, lengths: np.ndarray) -> np.ndarray:
+        """One token for each of the first ``len(lengths)`` rows of ``slots``, written in place at
+        position ``lengths - 1`` (each row's length after the step; a row whose length does not
+        grow rewrites its last position). On the CPU the binding is kept on the cache: the keys and
+        values stay bound by address and the logits land in a buffer of the binding's own, so a
+        step binds only its ids and mask (binding 2 x layers tensors a step cost 0.6 ms, a tenth of
+        a 135M int4 step)."""
+        n = len(lengths)
+        mask, positions = slots.mask(lengths), (np.asarray(lengths) - 1)[:, None]
+        kept = slots.decode_binding if self.device == "cpu" else None
+        if kept is None or kept[0] != n:
+            binding = self.session.io_binding()
+            self._bind_rows(binding, slots, n, 0)
+            if "logits_to_keep" in self._int_dtypes:
+                binding.bind_cpu_input("logits_to_keep", np.array([1], dtype=np.int64))
+            logits = np.empty((n, 1, self.manifest.vocab_size), dtype=self._logits_dtype)
+            binding.bind_output("logits", "cpu", 0, logits.dtype, list(logits.shape), logits.ctypes.data)
+            kept = (n, binding, logits)
+            if self.device == "cpu":
+                slots.decode_binding = kept
+        _, binding, logits = kept
+        self._bind_ids(binding, input_ids, mask, positions)
+        self._run(binding, slots)
+        slots.lengths[:n] = lengths
+        return logits[:, -1, :].astype(np.float32)      # a copy: the buffer is the next step's
+
+    # -- binding ---------------------------------------------------------------------------------------
+    def _bind_ids(self, binding: ort.IOBinding, input_ids: np.ndarray, mask: np.ndarray,
+                  positions: np.ndarray | None) -> None:
+        dtypes = self._int_dtypes
+        binding.bind_cpu_input("input_ids", np.ascontiguousarray(input_ids, dtype=dtypes["input_ids"]))
+        binding.bind_cpu_input("attention_mask", np.ascontiguousarray(mask, dtype=dtypes["attention_mask"]))
+        if positions is not None and "position_ids" in dtypes:
+            binding.bind_cpu_input("position_ids", np.ascontiguousarray(positions, dtype=dtypes["position_ids"]))
+
+    def _bind_rows(self, binding: ort.IOBinding, slots: "SlotCache", n: int, first_row: int) -> None:
+        """Bind ``n`` rows of the slot buffers from ``first_row`` on (a contiguous part of their
+        memory, by address) as both past and present: the graph writes in place."""
+        shape = list(slots.values[0].shape())
+        stride = int(np.prod(shape[1:])) * np.dtype(slots.dtype).itemsize
+        for past, present, value in zip(self._past, self._present, slots.values):
+            address = value.data_ptr() + first_row * stride
+            binding.bind_input(past, self.device, self.device_id, slots.dtype, [n] + shape[1:], address)
+            binding.bind_output(present, self.device, self.device_id, slots.dtype, [n] + shape[1:], address)
+
+    def _run(self, binding: ort.IOBinding, cache: KVCache) -> None:
         """Run the bound step, its time counted to ``cache``; ONNX Runtime's failure as nextoken's."""
         start = time.perf_counter()
         try:
@@ -170,36 +202,10 @@ class StepRunner:
             raise NextokenError(f"the model failed to run a step: {str(exc).splitlines()[0][:300]}") from None
         cache.run_seconds += time.perf_counter() - start
 
-    def _decode_in_place(self, cache: KVCache, input_ids: np.ndarray, attention_mask: np.ndarray,
-                         position_ids: np.ndarray | None, rows: int | None, first_row: int) -> np.ndarray:
-        """A one-token step over a fixed buffer, on the CPU, through a binding kept on the cache:
-        the keys and values stay bound by address and the logits land in a buffer of the binding's
-        own, so a step binds only its ids and mask (binding 2 x layers tensors a step cost 0.6 ms,
-        a tenth of a 135M int4 step)."""
-        n = rows if rows is not None else int(cache.values[0].shape()[0])
-        kept = cache.decode_binding
-        if kept is None or kept[0] != (n, first_row):
-            binding = self.session.io_binding()
-            shape = list(cache.values[0].shape())
-            stride = int(np.prod(shape[1:])) * np.dtype(cache.dtype).itemsize
-            for past, present, value in zip(self._past, self._present, cache.values):
-                address = value.data_ptr() + first_row * stride
-                binding.bind_input(past, self.device, self.device_id, cache.dtype, [n] + shape[1:], address)
-                binding.bind_output(present, self.device, self.device_id, cache.dtype, [n] + shape[1:], address)
-            if "logits_to_keep" in self._int_dtypes:
-                binding.bind_cpu_input("logits_to_keep", np.array([1], dtype=np.int64))
-            logits = np.empty((n, 1, self.manifest.vocab_size), dtype=self._logits_dtype)
-            binding.bind_output("logits", "cpu", 0, logits.dtype, list(logits.shape), logits.ctypes.data)
-            kept = cache.decode_binding = ((n, first_row), binding, logits)
-        _, binding, logits = kept
-        binding.bind_cpu_input("input_ids", np.ascontiguousarray(input_ids, dtype=self._int_dtypes["input_ids"]))
-        binding.bind_cpu_input("attention_mask",
-                               np.ascontiguousarray(attention_mask, dtype=self._int_dtypes["attention_mask"]))
-        if position_ids is not None and "position_ids" in self._int_dtypes:
-            binding.bind_cpu_input("position_ids",
-                                   np.ascontiguousarray(position_ids, dtype=self._int_dtypes["position_ids"]))
-        self._run(binding, cache)
-        return logits[:, -1, :].astype(np.float32)      # a copy: the buffer is the next step's
+
+def _float32(logits: np.ndarray) -> np.ndarray:
+    """fp16 graphs' logits widened: sampling works in fp32."""
+    return logits if logits.dtype == np.float32 else logits.astype(np.float32)
 
 
 class CacheOps:
@@ -218,8 +224,7 @@ class CacheOps:
 
         self.runner = runner
         names = runner.manifest.past_names()
-        elem = {"float32": TensorProto.FLOAT, "float16": TensorProto.FLOAT16,
-                "bfloat16": TensorProto.BFLOAT16}[runner.manifest.kv_dtype]
+        elem = DTYPES[runner.manifest.kv_dtype].onnx
         # Each group of tensors gets its own symbolic batch and length: inputs and outputs differ.
         kv = lambda name: helper.make_tensor_value_info(name, elem, [f"{name[0]}_rows", "heads", f"{name[0]}_len", "dim"])  # noqa: E731
         idx = lambda name: helper.make_tensor_value_info(name, TensorProto.INT64, ["n"])   # noqa: E731

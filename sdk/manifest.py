@@ -19,6 +19,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Mapping, Sequence
 
+from .dtypes import DTYPES, by_ort_type
 from .errors import ManifestMismatchError, ModelPackageError
 
 __all__ = ["FORMAT_VERSION", "MANIFEST_NAME", "VERIFIED_STAMP", "Manifest", "TensorSpec"]
@@ -29,15 +30,6 @@ MANIFEST_NAME = "nextoken.json"
 #: While they are unchanged, loading trusts the files without hashing them again.
 VERIFIED_STAMP = ".nextoken-verified.json"
 
-# ONNX Runtime's type strings <-> the manifest's dtype names.
-ORT_TYPES = {
-    "tensor(float)": "float32",
-    "tensor(float16)": "float16",
-    "tensor(bfloat16)": "bfloat16",
-    "tensor(double)": "float64",
-    "tensor(int64)": "int64",
-    "tensor(int32)": "int32",
-}
 
 
 def sha256_file(path: str | Path) -> str:
@@ -69,7 +61,8 @@ class TensorSpec:
 
     @classmethod
     def from_node_arg(cls, arg: Any) -> "TensorSpec":
-        return cls(arg.name, ORT_TYPES.get(arg.type, arg.type), tuple(arg.shape))
+        entry = by_ort_type(arg.type)
+        return cls(arg.name, entry.name if entry else arg.type, tuple(arg.shape))
 
 
 @dataclass(frozen=True)
@@ -120,7 +113,8 @@ class Manifest:
 
     def kv_bytes_per_token(self) -> int:
         """Bytes of KV cache one token costs one sequence (all layers, keys and values)."""
-        itemsize = {"float32": 4, "float16": 2, "bfloat16": 2, "float64": 8}.get(self.kv_dtype, 4)
+        entry = DTYPES.get(self.kv_dtype)
+        itemsize = entry.itemsize if entry else 4
         return 2 * self.num_layers * self.num_kv_heads * self.head_dim * itemsize
 
     # -- (de)serialisation ---------------------------------------------------------------------

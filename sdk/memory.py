@@ -1,86 +1,7 @@
 """Memory: model weights + working memory + KV cache ("conversation memory"), planned before
-loading and measured while generating."""
+loading and checked against what a run measures."""
 
 from __future__ import annotations
-
-import ctypes
-import ctypes.util
-import functools
-import sys
-
-__all__ = ["release_free_heap", "peak_rss_bytes", "reset_peak_rss", "rss_bytes"]
-
-
-@functools.lru_cache(maxsize=1)
-def _libc():
-    if not sys.platform.startswith("linux"):
-        return None
-    try:
-        libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
-        return libc if hasattr(libc, "malloc_trim") else None
-    except OSError:
-        return None
-
-
-def release_free_heap() -> None:
-    """Give freed heap memory back to the OS (glibc ``malloc_trim``).
-
-    Loading a session parses the graph and optimises it; the transient buffers are freed but glibc
-    may keep them mapped, so a process's resident memory after loading the same model varied by
-    ~190 MB between runs (135M-parameter model). Trimming once after loading makes it repeatable.
-    """
-    libc = _libc()
-    if libc is not None:
-        libc.malloc_trim(0)
-
-
-def _proc_bytes(path: str, field: str) -> int | None:
-    """A ``Field:  N kB`` line of a /proc file, in bytes (None where there is no such file or line)."""
-    try:
-        with open(path) as fh:
-            for line in fh:
-                if line.startswith(field + ":"):
-                    return int(line.split()[1]) * 1024
-    except OSError:
-        return None
-    return None
-
-
-def _status(field: str) -> int | None:
-    return _proc_bytes("/proc/self/status", field)
-
-
-def rss_bytes() -> int | None:
-    """The process's resident memory now (Linux), else None."""
-    return _status("VmRSS")
-
-
-def reset_peak_rss() -> bool:
-    """Start a new peak-resident-memory window (Linux ``clear_refs``); False where unsupported."""
-    try:
-        with open("/proc/self/clear_refs", "w") as fh:
-            fh.write("5")
-        return True
-    except OSError:
-        return False
-
-
-def peak_rss_bytes() -> int | None:
-    """The process's peak resident memory since the last :func:`reset_peak_rss` (Linux), else the
-    lifetime peak from ``getrusage``, else None."""
-    peak = _status("VmHWM")
-    if peak is not None:
-        return peak
-    try:
-        import resource
-
-        scale = 1 if sys.platform == "darwin" else 1024
-        return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * scale
-    except Exception:
-        return None
-
-
-# -- the planner ------------------------------------------------------------------------------------
 
 import json
 import math
@@ -90,9 +11,10 @@ from pathlib import Path
 from typing import Any, Mapping
 
 from .errors import InvalidRequestError, ModelPackageError
+from .probes import GPUMemory, gpu_memory, meminfo_bytes, peak_rss_bytes, reset_peak_rss
 
-__all__ += ["ModelSpec", "MemoryPlan", "plan_memory", "count_parameters", "device_capacity", "DTYPE_BYTES", "measure_peak",
-            "GPUMemory", "gpu_memory"]
+__all__ = ["ModelSpec", "MemoryPlan", "plan_memory", "count_parameters", "device_capacity", "DTYPE_BYTES", "measure_peak",
+           "GPUMemory", "gpu_memory"]
 
 MiB = 1 << 20
 
@@ -302,81 +224,11 @@ def _total(spec: ModelSpec, batch: int, context: int, dtype: str, device: str, w
     return kv_cache, working, weights + kv_cache + working
 
 
-@dataclass(frozen=True)
-class GPUMemory:
-    """A CUDA device's memory as its driver reports it (NVML), in bytes."""
-
-    name: str
-    total: int
-    free: int
-    used: int
-    process: int | None      # what this process holds on it (None where the driver does not say)
-
-
-class _NVMLMemory(ctypes.Structure):
-    _fields_ = [("total", ctypes.c_ulonglong), ("free", ctypes.c_ulonglong), ("used", ctypes.c_ulonglong)]
-
-
-class _NVMLProcess(ctypes.Structure):
-    _fields_ = [("pid", ctypes.c_uint), ("usedGpuMemory", ctypes.c_ulonglong),
-                ("gpuInstanceId", ctypes.c_uint), ("computeInstanceId", ctypes.c_uint)]
-
-
-@functools.lru_cache(maxsize=1)
-def _nvml():
-    """The NVIDIA driver's management library, initialised; None where there is no NVIDIA driver."""
-    names = ("nvml.dll",) if sys.platform == "win32" else ("libnvidia-ml.so.1", "libnvidia-ml.so")
-    for name in names:
-        try:
-            lib = ctypes.CDLL(name)
-        except OSError:
-            continue
-        init = getattr(lib, "nvmlInit_v2", None) or getattr(lib, "nvmlInit", None)
-        if init is not None and init() == 0:
-            return lib
-    return None
-
-
-def _nvml_index(device_id: int) -> int:
-    """The NVML index of CUDA device ``device_id``: CUDA_VISIBLE_DEVICES renumbers what CUDA sees."""
-    visible = [v.strip() for v in os.environ.get("CUDA_VISIBLE_DEVICES", "").split(",") if v.strip()]
-    if device_id < len(visible) and visible[device_id].isdigit():
-        return int(visible[device_id])
-    return device_id
-
-
-def gpu_memory(device_id: int = 0) -> GPUMemory | None:
-    """Memory of CUDA device ``device_id`` (free, total, this process's share), read from the driver
-    through NVML; None where there is no NVIDIA driver or no such device."""
-    lib = _nvml()
-    if lib is None:
-        return None
-    handle = ctypes.c_void_p()
-    get = getattr(lib, "nvmlDeviceGetHandleByIndex_v2", None) or lib.nvmlDeviceGetHandleByIndex
-    if get(ctypes.c_uint(_nvml_index(device_id)), ctypes.byref(handle)) != 0:
-        return None
-    mem = _NVMLMemory()
-    if lib.nvmlDeviceGetMemoryInfo(handle, ctypes.byref(mem)) != 0:
-        return None
-    name = ctypes.create_string_buffer(96)
-    label = name.value.decode(errors="replace") if lib.nvmlDeviceGetName(handle, name, ctypes.c_uint(96)) == 0 else ""
-    process = None
-    running = getattr(lib, "nvmlDeviceGetComputeRunningProcesses_v3", None) or \
-        getattr(lib, "nvmlDeviceGetComputeRunningProcesses_v2", None)
-    if running is not None:
-        count = ctypes.c_uint(64)
-        infos = (_NVMLProcess * 64)()
-        if running(handle, ctypes.byref(count), infos) == 0:
-            mine = [infos[i].usedGpuMemory for i in range(min(count.value, 64)) if infos[i].pid == os.getpid()]
-            process = int(mine[0]) if mine and mine[0] < (1 << 62) else None
-    return GPUMemory(label or f"cuda:{device_id}", int(mem.total), int(mem.free), int(mem.used), process)
-
-
 def device_capacity(device: str, device_id: int = 0) -> int | None:
     """Memory a model can use on ``device``: the host's RAM for cpu; for cuda, what is free on the
     GPU now (NVML), since other processes and earlier sessions hold the rest. None if unknown."""
     if device == "cpu":
-        total = _proc_bytes("/proc/meminfo", "MemTotal")
+        total = meminfo_bytes("MemTotal")
         if total is not None:
             return total
         try:

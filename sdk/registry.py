@@ -5,16 +5,18 @@ from __future__ import annotations
 import importlib
 import importlib.metadata
 import os
+import time
 import types
 from dataclasses import dataclass
-from typing import Any, Callable, Iterable, Sequence
+from typing import Any, Callable, Iterable, Mapping, Sequence
 
 import pluggy
 
 from . import hookspecs
 from .errors import InvalidRequestError, PluginError
+from .types import SamplingParams
 
-__all__ = ["Registry", "Provided", "DEFAULT_PLUGINS", "ENV_PLUGINS", "KINDS"]
+__all__ = ["Registry", "Provided", "Pipeline", "DEFAULT_PLUGINS", "ENV_PLUGINS", "KINDS", "resolve_names"]
 
 #: The built-in plugins, registered exactly like third-party ones.
 DEFAULT_PLUGINS = (
@@ -261,3 +263,92 @@ def resolve_names(kind: str, names: Iterable[str], registry: Registry) -> list[P
         out.append(piece)
     return out
 
+
+
+@dataclass
+class Active:
+    """A resolved plugin piece: the callable the loop calls, and where it came from (for errors)."""
+
+    fn: Callable[..., Any]
+    provided: Provided
+    holdback: Callable[[str], int] | None = None
+
+
+def _timed(fn: Callable[..., Any], key: str, table: dict[str, float]) -> Callable[..., Any]:
+    """``fn`` with its time added to ``table[key]`` (only made when a request asks for timings)."""
+    table.setdefault(key, 0.0)
+    clock = time.perf_counter
+
+    def call(*args: Any) -> Any:
+        start = clock()
+        try:
+            return fn(*args)
+        finally:
+            table[key] += clock() - start
+
+    return call
+
+
+class Pipeline:
+    """What one request runs, resolved once from the registry: processors in order, the strategy,
+    the stop conditions, the cost meters, and the observers (None when no plugin listens).
+
+    With ``params.hook_timings``, every callable is wrapped to add its time to :attr:`seconds`
+    (by ``"<kind>:<name>"``); without, nothing is wrapped, so the loop pays nothing."""
+
+    def __init__(self, registry: Registry, params: SamplingParams,
+                 engine_meters: Mapping[str, Mapping[str, Any]] | None = None) -> None:
+        #: seconds spent in each plugin, when timed (else None)
+        self.seconds: dict[str, float] | None = {} if params.hook_timings else None
+
+        def piece(provided: Provided, fn: Any) -> Active:
+            holdback = getattr(fn, "holdback", None)
+            if self.seconds is not None:
+                key = f"{provided.kind}:{provided.name}"
+                fn = _timed(fn, key, self.seconds)
+                holdback = holdback and _timed(holdback, key, self.seconds)
+            return Active(fn, provided, holdback)
+
+        def active(kind: str, named: Sequence[str]) -> list[Active]:
+            table = registry.provided(kind)
+            chosen = {p.name: p for p in resolve_names(kind, named, registry)}
+            chosen.update({n: p for n, p in table.items() if p.auto})
+            out = []
+            for provided in sorted(chosen.values(), key=lambda p: (p.order, p.name)):
+                fn = provided.make(params, params.options.get(provided.name, {}))
+                if fn is not None:
+                    if not callable(fn):
+                        raise provided.error(TypeError(f"its factory returned {type(fn).__name__}, not a callable"))
+                    out.append(piece(provided, fn))
+            return out
+
+        self.processors = active("logits_processor", params.processors)
+        self.stops = active("stop_condition", params.stop_conditions)
+        self.text_stops = [s for s in self.stops if s.holdback is not None]
+        (strategy,) = resolve_names("strategy", [params.strategy_name], registry)
+        self.strategy = piece(strategy, strategy.make(params, params.options.get(strategy.name, {})))
+        meters = {**(engine_meters or {}), **params.cost_meters}
+        self.meters = [(provided.name, piece(provided, provided.make(dict(meters[provided.name]))))
+                       for provided in resolve_names("cost_meter", list(meters), registry)]
+        self.top_logprobs = params.top_logprobs
+        self.registry = registry
+        self.on_start = registry.observers("on_request_start")
+        self.on_step = registry.observers("on_step")
+        self.on_end = registry.observers("on_request_end")
+
+    def observe(self, hook_name: str, caller: pluggy.HookCaller, **kwargs: Any) -> None:
+        """Call an observer hook (timed as ``observer:<hook>`` when timings are on)."""
+        if self.seconds is None:
+            self.registry.call_observer(hook_name, caller, **kwargs)
+            return
+        key = f"observer:{hook_name}"
+        start = time.perf_counter()
+        try:
+            self.registry.call_observer(hook_name, caller, **kwargs)
+        finally:
+            self.seconds[key] = self.seconds.get(key, 0.0) + time.perf_counter() - start
+
+    def timed(self, key: str, start: float) -> None:
+        """Add the time since ``start`` to ``key`` (the loop's own timings: the tokenizer)."""
+        if self.seconds is not None:
+            self.seconds[key] = self.seconds.get(key, 0.0) + time.perf_counter() - start

@@ -15,17 +15,13 @@ A prompt longer than ``max_prefill_tokens`` is prefilled in chunks of that many 
 per step, between the running batch's decode steps, so a long newcomer delays the others by one
 chunk a step instead of its whole prompt at once; it joins the batch when its last chunk is done.
 
-Two KV-cache backends (``kv_backend``). ``concat``, for every graph (present = concat(past, new)):
-a joining request's cache is
-padded to the batch's length on the graph's padding side (masked out, so attention never sees the
-padding), a leaving one's row is dropped, and padding every row shares is trimmed. Joining and
-leaving run small ONNX graphs on the cache's device (:class:`~nextoken.kvcache.CacheOps`): the
-cache never passes through host memory. ``slots``, for graphs with GroupQueryAttention (packages
-from ``import-genai``; the default for them): one fixed buffer ``[max_batch, kv_heads,
-slot_length, head_dim]`` per layer (:class:`~nextoken.kvcache.SlotCache`), each request in a slot
-of its own; every decode step writes each row's keys and values in place at that row's own length
-(no concatenation, no padding, nothing trimmed), a newcomer's prefilled cache is copied into a
-free slot, and a leaving request just frees its slot.
+The batch's KV cache lives in a backend (:mod:`nextoken.kvbackends`, ``kv_backend``): ``concat``
+for every graph (a joining request's cache padded to the batch's length, a leaving one's row
+dropped), or ``slots`` for GroupQueryAttention graphs (the default for them: one fixed buffer
+``[max_batch, kv_heads, slot_length, head_dim]`` per layer, each request in a slot of its own,
+written in place). The scheduler keeps admission, chunked prefill and the order of work; each
+request's step is its own :class:`~nextoken.Generation`'s :meth:`~nextoken.Generation.advance`,
+the same one ``Engine.generate`` runs.
 """
 
 from __future__ import annotations
@@ -34,14 +30,16 @@ import asyncio
 import collections
 import queue
 import threading
-import time
 from typing import Any, Iterator
 
 import numpy as np
 
 from .errors import InvalidRequestError, NextokenError, SchedulerStoppedError
-from .generation import Completion, Generation, SamplingParams, StreamEvent
-from .kvcache import CacheOps, KVCache, SlotCache, grow_mask
+from .generation import Generation
+from .kvbackends import ConcatBackend, KVBackend, Prefilled, SlotBackend
+from .kvcache import CacheOps, KVCache
+from .probes import MemorySampler
+from .types import Completion, SamplingParams, StreamEvent
 
 __all__ = ["Scheduler", "RequestHandle"]
 
@@ -134,38 +132,40 @@ class Scheduler:
         gqa = engine.manifest.padding_side == "right"     # the graph places keys by the mask: GroupQueryAttention
         if kv_backend == "slots" and not gqa:
             raise InvalidRequestError("kv_backend='slots' needs a graph with GroupQueryAttention (a package made by "
-                                      "nextoken import-genai or export --backend genai); use 'concat'")
-        self.kv_backend = "slots" if kv_backend == "slots" or (kv_backend == "auto" and gqa) else "concat"
+                                      "nextoken export or import-genai); use 'concat'")
         window = engine.manifest.context_length
         if slot_length is not None and not 1 <= slot_length <= window:
             raise InvalidRequestError(f"slot_length must be between 1 and the model's window ({window}), not {slot_length}")
         self.slot_length = slot_length or min(window, 2048)
-        self._slots: SlotCache | None = None
-        self._slot_ids: list[int] = []
         self.engine = engine
         self.max_batch = max_batch
         self.max_prefill_tokens = max_prefill_tokens
+        self._cache_ops: CacheOps | None = None
+        #: the running batch's KV cache (:mod:`nextoken.kvbackends`)
+        self.kv: KVBackend
+        if kv_backend == "slots" or (kv_backend == "auto" and gqa):
+            self.kv = SlotBackend(engine.runner, max_batch, self.slot_length, engine.pad_token_id, self._ops)
+        else:
+            self.kv = ConcatBackend(engine.runner, engine.pad_token_id, self._ops)
+        self.kv_backend: str = self.kv.name
         self._waiting: collections.deque[RequestHandle] = collections.deque()
         self._active: list[RequestHandle] = []
+        self._last = np.zeros(0, dtype=np.int64)           # each row's last token, fed at the next step
         self._cond = threading.Condition()
         self._thread: threading.Thread | None = None
         self._stop = False
-        self._cache: KVCache | None = None
-        self._cache_ops: CacheOps | None = None
-        #: a long prompt being prefilled a chunk a step: (handle, its own cache, tokens done)
+        #: a long prompt being prefilled a chunk a step: (handle, its own cache, tokens done, ids, a refill)
         self._chunking: tuple[RequestHandle, KVCache, int, list[int], bool] | None = None
         #: running requests whose window slid (context_policy "slide"): their kept tokens, to prefill again
         self._refill: collections.deque[tuple[RequestHandle, list[int]]] = collections.deque()
         self._sliding: set[int] = set()
         #: newcomers being prefilled now (popped from the queue, not yet in the batch)
         self._admitting: list[RequestHandle] = []
+        self._memory = MemorySampler(engine.device.device, engine.runner.device_id)
         #: why the loop stopped, when it died (None while it runs or was closed in order)
         self.error: BaseException | None = None
         #: requests ended, by how: finished (their own stop), cancelled (by the caller), failed
         self.ended = {"finished": 0, "cancelled": 0, "failed": 0}
-        self._mask = np.zeros((0, 0), dtype=np.int64)
-        self._next_pos = np.zeros((0, 1), dtype=np.int64)
-        self._last = np.zeros(0, dtype=np.int64)
 
     # -- submitting -----------------------------------------------------------------------------------
     def submit(self, prompt: Any, params: SamplingParams | None = None, **overrides: Any) -> RequestHandle:
@@ -188,7 +188,7 @@ class Scheduler:
                     f"prompt ({len(generation.state.prompts[0])} tokens) + max_new_tokens "
                     f"({generation.params.max_new_tokens}) exceed the slot length ({self.slot_length}); ask for fewer "
                     "tokens, or make the Scheduler with a larger slot_length")
-        generation._events = iter(())        # the scheduler drives it; iterating it must not run it again
+        generation.hand_over()
         handle = RequestHandle(generation)
         with self._cond:
             if self._stop:
@@ -245,13 +245,16 @@ class Scheduler:
             self._thread = None
         for handle in self._pending():
             handle._finish(SchedulerStoppedError("the scheduler was closed before this request finished"))
+        self._clear()
+
+    def _clear(self) -> None:
         self._waiting.clear()
         self._active.clear()
         self._chunking = None
         self._refill.clear()
-        self._cache = None
-        self._slots = None
-        self._slot_ids = []
+        self._admitting = []
+        self.kv.keep([])
+        self._last = np.zeros(0, dtype=np.int64)
 
     def _pending(self) -> list[RequestHandle]:
         return (list(self._waiting) + self._active + ([self._chunking[0]] if self._chunking else [])
@@ -280,11 +283,7 @@ class Scheduler:
                     self._stop = True
                     self.error = error
                     pending = self._pending()
-                    self._waiting.clear()
-                    self._active.clear()
-                    self._chunking = None
-                    self._refill.clear()
-                    self._admitting = []
+                    self._clear()
                 for handle in pending:
                     if not handle.done:
                         self.ended["failed"] += 1
@@ -302,14 +301,14 @@ class Scheduler:
                 self._end_early(handle, None)
         self._compact()
         if self._active:
-            self._decode(runner)
+            self._decode()
             self._compact()                                # rows that finished or slid leave before anyone joins
         budget = self.max_prefill_tokens
         if self._chunking is None and self._refill:        # slid windows go before newcomers
             handle, ids = self._refill.popleft()
             self._chunking = (handle, runner.new_cache(1), 0, ids, True)
         if self._chunking is not None:
-            budget -= self._next_chunk(runner, budget)
+            budget -= self._next_chunk(budget)
         admit: list[RequestHandle] = []
         with self._cond:
             while self._waiting and (len(self._active) + len(admit) + (self._chunking is not None) + len(self._refill)
@@ -325,7 +324,7 @@ class Scheduler:
                         break
                     self._waiting.popleft()
                     try:
-                        handle.generation._begin()
+                        handle.generation.begin()
                     except Exception as exc:
                         self._end_early(handle, exc)
                         continue
@@ -337,35 +336,25 @@ class Scheduler:
                 admit.append(handle)
                 budget -= size
         if admit:
-            self._admit(runner, admit)
+            self._admit(admit)
         if self._chunking is not None and budget > 0 and self._chunking[2] == 0:
-            self._next_chunk(runner, budget)               # a long prompt starts with what is left this step
+            self._next_chunk(budget)                       # a long prompt starts with what is left this step
         self._compact()
         return bool(self._active or self._waiting or self._chunking or self._refill)
 
-    def _consume(self, handle: RequestHandle, logits: np.ndarray, row: int) -> None:
+    def _advance(self, handle: RequestHandle, logits: np.ndarray, row: int) -> None:
         """The handle's own step on its row of logits. Anything that fails here (its plugins, its
         numbers, its cost meters, its observers) ends that request only."""
         gen = handle.generation
-        slide = gen.params.context_policy == "slide"
         try:
-            if slide:       # as alone: the model's own length decides when the window slides
-                lengths = np.array([self._tokens_held(row)])
-                tokens, events = gen._consume(logits, lengths, slide=True)
-            else:
-                tokens, events = gen._consume(logits)
+            tokens, events = gen.advance(logits)
             self._last[row] = tokens[0]
-            if slide and not gen.finished and lengths[0] >= self.engine.manifest.context_length:
-                ids = gen.state.prompts[0] + gen.state.generated[0]
-                window = gen._window(ids)
-                gen.slides.append((gen.state.step, 0, list(window)))
-                gen.kv_cache_bytes = max(gen.kv_cache_bytes,
-                                         self._tokens_held(row) * self.engine.manifest.kv_bytes_per_token())
+            if gen.needs_slide:      # it leaves the batch, and comes back with its window prefilled again
+                gen.kv_cache_bytes = max(gen.kv_cache_bytes, self._kv_bytes(row))
                 self._sliding.add(id(handle))
-                self._refill.append((handle, window))
+                self._refill.append((handle, gen.slide()[0]))
             if gen.finished:
-                kv = self._tokens_held(row) * self.engine.manifest.kv_bytes_per_token()
-                gen._end(handle.model_seconds, kv)
+                gen.end(handle.model_seconds, self._kv_bytes(row), self._memory.sample())
         except Exception as exc:
             self._end_early(handle, exc)
             return
@@ -374,6 +363,10 @@ class Scheduler:
             self.ended["finished"] += 1
             handle._finish()
 
+    def _kv_bytes(self, row: int) -> int:
+        """Bytes of KV cache row ``row`` holds (its positions, whatever the backend)."""
+        return self.kv.held(row) * self.engine.manifest.kv_bytes_per_token()
+
     def _end_early(self, handle: RequestHandle, error: BaseException | None) -> None:
         """End a request before its own stop: cancelled by the caller (``error`` None: finish
         reason ``cancelled``, a completion with what it had) or failed (its iteration raises)."""
@@ -381,16 +374,13 @@ class Scheduler:
             return
         gen = handle.generation
         if error is None and not gen.finished:
-            from .generation import Stop
-
-            gen.seqs[0].finish = Stop("cancelled", "cancelled by the caller")
-            gen.state.alive[:] = False
+            events = gen.cancel()
             try:
-                gen._end(handle.model_seconds, 0)
+                gen.end(handle.model_seconds, 0, self._memory.sample())
             except Exception as exc:          # its cost meter or observer failed: it fails instead
                 error = exc
             else:
-                handle._deliver([StreamEvent(0, None, "", "cancelled")])
+                handle._deliver(events)
         self.ended["failed" if error is not None else "cancelled"] += 1
         handle._finish(error)
 
@@ -399,60 +389,26 @@ class Scheduler:
         for handle in handles:
             self._end_early(handle, error)
 
-    def _tokens_held(self, row: int) -> int:
-        """Positions row ``row`` of the batch holds in the cache."""
-        if self.kv_backend == "slots":
-            return int(self._slots.lengths[self._slot_ids[row]]) if row < len(self._slot_ids) else 0
-        return int(self._mask[row].sum()) if row < len(self._mask) else 0
-
-    def _decode(self, runner) -> None:
-        if self.kv_backend == "slots":
-            self._decode_slots(runner)
-            return
-        self._mask = grow_mask(self._mask, self.engine.manifest.padding_side)
-        before = self._cache.run_seconds
+    def _decode(self) -> None:
+        """One token for every row of the batch, then each request's own step on its row."""
         try:
-            logits = runner.step(self._cache, self._last[:, None], self._mask, self._next_pos)
+            logits = self.kv.decode(self._last)
         except Exception as exc:
             self._fail_all(self._active, exc)
             return
-        self._next_pos = self._next_pos + 1
-        spent = self._cache.run_seconds - before
+        spent = self.kv.last_seconds
         for row, handle in enumerate(self._active):
             handle.model_seconds += spent
-            self._consume(handle, logits[row:row + 1], row)
+            self._advance(handle, logits[row:row + 1], row)
 
-    def _decode_slots(self, runner) -> None:
-        """One decode step, in place, over the slots up to the highest one in use (newcomers take
-        the lowest free slot); an idle slot among them decodes a pad token at position 0."""
-        slots = self._slots
-        rows = np.asarray(self._slot_ids)
-        used = int(rows.max()) + 1
-        ids = np.full((used, 1), self.engine.pad_token_id, dtype=np.int64)
-        ids[rows, 0] = self._last
-        lengths = np.ones(used, dtype=np.int64)
-        lengths[rows] = slots.lengths[rows] + 1
-        mask = slots.mask(lengths)
-        before = slots.run_seconds
-        try:
-            logits = runner.step(slots, ids, mask, (lengths - 1)[:, None], in_place=True, rows=used)
-        except Exception as exc:
-            self._fail_all(self._active, exc)
-            return
-        slots.lengths[rows] += 1
-        spent = slots.run_seconds - before
-        for row, handle in enumerate(self._active):
-            handle.model_seconds += spent
-            self._consume(handle, logits[self._slot_ids[row]][None, :], row)
-
-    def _admit(self, runner, admit: list[RequestHandle]) -> None:
+    def _admit(self, admit: list[RequestHandle]) -> None:
         """Prefill newcomers together and join them to the batch. A request whose start fails (its
         observer) ends alone; when the batched prefill fails, each is prefilled alone, so only the
         requests that fail by themselves end, with their own cause."""
         started = []
         for handle in admit:
             try:
-                handle.generation._begin()
+                handle.generation.begin()
             except Exception as exc:
                 self._end_early(handle, exc)
             else:
@@ -462,49 +418,48 @@ class Scheduler:
             group = groups.pop()
             self._admitting = group
             try:
-                prompts = [h.generation.state.prompts[0] for h in group]
-                cache, mask, next_pos, logits = group[0].generation._prefill(prompts)
-                self._join(group, cache, mask, next_pos, logits)
+                pre = self.kv.prefill([h.generation.state.prompts[0] for h in group])
             except Exception as exc:
-                joined = [h for h in group if h in self._active]
-                if joined:                         # the prefill ran; joining failed: no one request's fault
-                    self._fail_all(group, exc)
-                elif len(group) > 1:
+                if len(group) > 1:
                     groups.extend([h] for h in reversed(group))
                 else:
                     self._end_early(group[0], exc)
+                continue
             finally:
                 self._admitting = []
+            try:
+                self._join(group, pre)
+            except Exception as exc:               # the prefill ran; joining failed: no one request's fault
+                self._fail_all(group, exc)
 
-    def _join(self, handles: list[RequestHandle], cache: KVCache, mask: np.ndarray, next_pos: np.ndarray,
-              logits: np.ndarray, refill: bool = False) -> None:
-        """Merge prefilled requests into the batch and take their first tokens (``refill``: a
+    def _join(self, handles: list[RequestHandle], pre: Prefilled, refill: bool = False) -> None:
+        """Join prefilled requests to the batch and take their first tokens (``refill``: a
         running request back with its slid window)."""
-        done = time.perf_counter()
         start_row = len(self._active)
-        self._merge(cache, mask, next_pos, len(handles))
+        self.kv.join(pre)
         self._active.extend(handles)
+        self._last = np.concatenate([self._last, np.zeros(len(handles), dtype=np.int64)])
         for i, handle in enumerate(handles):
-            gen = handle.generation
             if refill:
-                handle.model_seconds += cache.run_seconds
+                handle.model_seconds += pre.seconds
             else:
-                gen.prefill_done = done
-                gen.prefill_model_seconds = handle.model_seconds = cache.run_seconds
-            self._consume(handle, logits[i:i + 1], start_row + i)
+                handle.generation.prefilled(pre.seconds)
+                handle.model_seconds = pre.seconds
+            self._advance(handle, pre.logits[i:i + 1], start_row + i)
 
-    def _next_chunk(self, runner, budget: int | None = None) -> int:
-        """Prefill the next chunk (at most ``budget`` tokens, default ``max_prefill_tokens``) of the
-        long prompt in progress; join the batch after the last. Returns the tokens prefilled."""
+    def _next_chunk(self, budget: int) -> int:
+        """Prefill the next chunk (at most ``budget`` tokens) of the long prompt in progress; join
+        the batch after the last. Returns the tokens prefilled."""
         handle, cache, done, prompt, refill = self._chunking
         if handle.cancelled:
             self._chunking = None
             self._end_early(handle, None)
             return 0
-        end = min(len(prompt), done + (budget or self.max_prefill_tokens))
+        end = min(len(prompt), done + budget)
         ids = np.asarray([prompt[done:end]], dtype=np.int64)
         try:
-            logits = runner.step(cache, ids, np.ones((1, end), dtype=np.int64), np.arange(done, end)[None, :])
+            logits = self.engine.runner.prefill(cache, ids, np.ones((1, end), dtype=np.int64),
+                                                np.arange(done, end)[None, :])
         except Exception as exc:
             self._chunking = None
             self._end_early(handle, exc)
@@ -514,7 +469,8 @@ class Scheduler:
         else:
             self._chunking = None
             try:
-                self._join([handle], cache, np.ones((1, end), dtype=np.int64), np.array([[end]]), logits, refill)
+                self._join([handle], Prefilled(logits, np.array([end]), cache.run_seconds, cache=cache,
+                                               mask=np.ones((1, end), dtype=np.int64)), refill)
             except Exception as exc:
                 self._end_early(handle, exc)
         return end - done
@@ -526,72 +482,12 @@ class Scheduler:
             self._cache_ops = CacheOps(self.engine.runner, self.engine.device.providers)
         return self._cache_ops
 
-    def _merge(self, cache: KVCache, mask: np.ndarray, next_pos: np.ndarray, n: int) -> None:
-        """Append ``n`` prefilled rows to the batch, padding the shorter side's cache and mask (on the
-        graph's padding side)."""
-        new_tokens = np.zeros(n, dtype=np.int64)
-        if self.kv_backend == "slots":
-            self._place(cache, mask, new_tokens)
-            return
-        if self._cache is None or not self._active:
-            self._cache, self._mask, self._next_pos = cache, mask, next_pos
-            self._last = new_tokens
-            return
-        width = max(self._mask.shape[1], mask.shape[1])
-        left = self.engine.manifest.padding_side == "left"
-        self._cache = self._ops().merge(self._cache, cache, width, left)
-
-        def pad(a: np.ndarray, axis: int) -> np.ndarray:
-            missing = width - a.shape[axis]
-            if missing == 0:
-                return a
-            shape = list(a.shape)
-            shape[axis] = missing
-            zeros = np.zeros(shape, dtype=a.dtype)
-            return np.concatenate([zeros, a] if left else [a, zeros], axis=axis)
-
-        self._mask = np.concatenate([pad(self._mask, 1), pad(mask, 1)], axis=0)
-        self._next_pos = np.concatenate([self._next_pos, next_pos], axis=0)
-        self._last = np.concatenate([self._last, new_tokens])
-
-    def _place(self, cache: KVCache, mask: np.ndarray, new_tokens: np.ndarray) -> None:
-        """Copy prefilled rows into free slots (the slot buffer is made at the first request)."""
-        if self._slots is None:
-            self._slots = SlotCache(self.engine.runner, self.max_batch, self.slot_length)
-        taken = set(self._slot_ids)
-        free = [i for i in range(self.max_batch) if i not in taken][: len(new_tokens)]
-        self._ops().write(self._slots, cache, free)
-        self._slots.lengths[free] = mask.sum(axis=1)
-        self._slot_ids.extend(free)
-        self._last = np.concatenate([self._last, new_tokens])
-
     def _compact(self) -> None:
-        """Drop finished rows, and the padding columns every remaining row shares (with slots:
-        free their slots)."""
+        """Drop finished rows and rows that slid (they come back through the refill queue)."""
         keep = [i for i, h in enumerate(self._active) if not h.done and id(h) not in self._sliding]
-        self._sliding.clear()          # rows that slid leave now; they come back through _refill
+        self._sliding.clear()
         if len(keep) == len(self._active):
             return
         self._active = [self._active[i] for i in keep]
-        if self.kv_backend == "slots":
-            for i, slot in enumerate(self._slot_ids):
-                if i not in keep:
-                    self._slots.lengths[slot] = 0
-            self._slot_ids = [self._slot_ids[i] for i in keep]
-            self._last = self._last[keep]
-            return
-        if not keep:
-            self._cache = None
-            self._mask = np.zeros((0, 0), dtype=np.int64)
-            self._next_pos = np.zeros((0, 1), dtype=np.int64)
-            self._last = np.zeros(0, dtype=np.int64)
-            return
-        mask = self._mask[keep]
-        if self.engine.manifest.padding_side == "left":
-            cols = slice(int(np.argmax(mask.any(axis=0))), None)    # leading columns no remaining row uses
-        else:
-            cols = slice(0, int(mask.sum(axis=1).max()))            # trailing columns no remaining row uses
-        self._cache = self._ops().select(self._cache, keep, cols.start, cols.stop if cols.stop is not None else mask.shape[1])
-        self._mask = np.ascontiguousarray(mask[:, cols])
-        self._next_pos = self._next_pos[keep]
+        self.kv.keep(keep)
         self._last = self._last[keep]

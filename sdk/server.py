@@ -29,7 +29,7 @@ from pathlib import Path
 from typing import Any
 
 from .errors import InvalidRequestError, ModelPackageError, NextokenError, PluginError, SchedulerStoppedError
-from .generation import Completion, SamplingParams
+from .types import Completion, SamplingParams
 from .scheduler import RequestHandle, Scheduler
 
 __all__ = ["create_app", "serve", "sampling_defaults"]

@@ -39,3 +39,19 @@ def rehash(package: Path) -> Path:
 
     Manifest.load(package).with_files(package).save(package)
     return package
+
+
+STEPS = ("prefill", "decode", "prefill_in_place", "decode_in_place")
+
+
+def wrap_steps(monkeypatch, runner, around) -> None:
+    """Route every model step of ``runner`` through ``around(kind, real, *args)`` (kind: one of
+    :data:`STEPS`; ``real`` takes the same arguments), to watch steps or inject faults into them
+    whatever the KV backend."""
+    for kind in STEPS:
+        real = getattr(runner, kind)
+
+        def step(*args, _kind=kind, _real=real, **kwargs):
+            return around(_kind, lambda *a: _real(*a, **kwargs), *args)
+
+        monkeypatch.setattr(runner, kind, step)

@@ -18,7 +18,7 @@ import numpy as np
 import pytest
 
 from nextoken import Engine
-from nextoken import memory
+from nextoken import memory, probes
 from nextoken.device import cuda_status
 
 CUDA_OK, CUDA_WHY = cuda_status(0)
@@ -58,7 +58,7 @@ class FakeNVML:
 @pytest.fixture()
 def fake_gpu(monkeypatch):
     fake = FakeNVML()
-    monkeypatch.setattr(memory, "_nvml", lambda: fake)
+    monkeypatch.setattr(probes, "_nvml", lambda: fake)
     monkeypatch.delenv("CUDA_VISIBLE_DEVICES", raising=False)
     return fake
 
@@ -87,7 +87,7 @@ def test_planner_takes_the_free_gpu_memory_as_capacity(fake_gpu, stories_package
 
 
 def test_planner_without_a_driver_says_so(monkeypatch, stories_package):
-    monkeypatch.setattr(memory, "_nvml", lambda: None)
+    monkeypatch.setattr(probes, "_nvml", lambda: None)
     plan = memory.plan_memory(stories_package, batch=1, context=64, device="cuda")
     assert plan.capacity_bytes is None and plan.fits is None
     assert plan.capacity_source == "unknown: no NVIDIA driver answers for cuda:0"
@@ -112,7 +112,7 @@ def test_cuda_cache_stays_on_the_device(stories_package):
         runner = gpu.runner
         cache = runner.new_cache(1)
         ids = np.asarray([gpu.encode("Once upon a time")])
-        logits = runner.step(cache, ids, np.ones_like(ids), np.arange(ids.shape[1])[None, :])
+        logits = runner.prefill(cache, ids, np.ones_like(ids), np.arange(ids.shape[1])[None, :])
         assert logits.shape == (1, gpu.manifest.vocab_size)
         assert all(v.device_name().lower() == "cuda" for v in cache.values)
 

@@ -15,7 +15,8 @@ import pytest
 
 import nextoken
 from nextoken import Engine, NextokenError, PluginError, Scheduler, SchedulerStoppedError, Stop
-from nextoken.generation import Charge
+from nextoken import Charge
+from helpers import wrap_steps
 
 PROMPTS = ["Hello there", "A much longer prompt than the first", "abc", "Streaming joins late", "one two three",
            "The cat sat", "zz", "Last of eight prompts here"]
@@ -302,17 +303,16 @@ def test_a_faulty_tokenizer_ends_only_the_request_it_fails(tiny_llama, gqa_packa
 
 def test_a_failing_model_step_fails_that_step_and_the_scheduler_serves_on(backend, monkeypatch):
     engine, kv_backend, alone = backend
-    step = engine.runner.step
     calls = {"n": 0}
 
-    def flaky(cache, input_ids, *args, **kwargs):
-        if input_ids.shape[1] == 1:                    # decode steps only: a failed prefill is retried alone
+    def flaky(kind, real, *args):
+        if kind.startswith("decode"):                  # decode steps only: a failed prefill is retried alone
             calls["n"] += 1
             if calls["n"] == 3:
                 raise NextokenError("the model failed to run a step: injected")
-        return step(cache, input_ids, *args, **kwargs)
+        return real(*args)
 
-    monkeypatch.setattr(engine.runner, "step", flaky)
+    wrap_steps(monkeypatch, engine.runner, flaky)
     scheduler = Scheduler(engine, max_batch=8, kv_backend=kv_backend, slot_length=64 if kv_backend == "slots" else None)
     with scheduler:
         handles = [scheduler.submit(p, **KW) for p in PROMPTS[:4]]
@@ -394,17 +394,16 @@ def test_a_temperature_that_underflows_is_greedy(llama_engine):
 
 
 def test_non_finite_model_logits_are_an_error_naming_the_step(llama_engine, monkeypatch):
-    step = llama_engine.runner.step
     calls = []
 
-    def nan_at_third(*args, **kwargs):                 # the prefill, decode step 1, then step 2
-        logits = step(*args, **kwargs)
-        calls.append(1)
+    def nan_at_third(kind, real, *args):               # the prefill, decode step 1, then step 2
+        logits = real(*args)
+        calls.append(kind)
         if len(calls) >= 3:
             logits[...] = np.nan
         return logits
 
-    monkeypatch.setattr(llama_engine.runner, "step", nan_at_third)
+    wrap_steps(monkeypatch, llama_engine.runner, nan_at_third)
     with pytest.raises(NextokenError, match=r"the model's logits at step 2 of request req-\d+ are NaN in row 0"):
         llama_engine.generate(PROMPTS[0], **KW)
     monkeypatch.undo()
@@ -449,16 +448,15 @@ def test_a_failed_batched_prefill_is_retried_request_by_request(backend, monkeyp
     """A prefill of several newcomers that fails is no one request's fault until one fails alone:
     each is prefilled by itself, and those that succeed join with the tokens they get alone."""
     engine, kv_backend, alone = backend
-    step = engine.runner.step
     failed = {"n": 0}
 
-    def no_batched_prefill(cache, input_ids, *args, **kwargs):
-        if input_ids.shape[0] > 1 and input_ids.shape[1] > 1 and not kwargs.get("in_place"):
+    def no_batched_prefill(kind, real, *args):
+        if kind == "prefill" and args[1].shape[0] > 1 and args[1].shape[1] > 1:
             failed["n"] += 1
             raise NextokenError("the model failed to run a step: injected into a batched prefill")
-        return step(cache, input_ids, *args, **kwargs)
+        return real(*args)
 
-    monkeypatch.setattr(engine.runner, "step", no_batched_prefill)
+    wrap_steps(monkeypatch, engine.runner, no_batched_prefill)
     scheduler = Scheduler(engine, max_batch=8, kv_backend=kv_backend, slot_length=64 if kv_backend == "slots" else None)
     handles = [scheduler.submit(p, **KW) for p in PROMPTS]
     while scheduler.step():

@@ -81,7 +81,7 @@ def test_slots_are_the_default_for_gqa_graphs_and_are_reused(gqa_engine, optimum
     assert [h.result().token_ids for h in handles] == alone
     assert all(h.result().usage.kv_cache_bytes == (h.result().usage.prompt_tokens + n - 1)
                * gqa_engine.manifest.kv_bytes_per_token() for h, n in zip(handles, lengths))
-    assert scheduler._slots.lengths.tolist() == [0, 0]            # every slot free again
+    assert scheduler.kv.slot_lengths == [0, 0]            # every slot free again
     with pytest.raises(InvalidRequestError, match=r"exceed the slot length \(96\)"):
         scheduler.submit("Hi", max_new_tokens=95)
     with pytest.raises(InvalidRequestError, match="kv_backend='slots' needs a graph with GroupQueryAttention"):
@@ -94,19 +94,18 @@ def test_slots_are_the_default_for_gqa_graphs_and_are_reused(gqa_engine, optimum
 def test_slot_decode_runs_only_the_slots_in_use(gqa_engine, monkeypatch):
     """One request in an 8-slot scheduler decodes one row, not eight idle ones."""
     calls = []
-    step = gqa_engine.runner.step
+    decode = gqa_engine.runner.decode_in_place
 
-    def spy(*args, **kwargs):
-        calls.append((kwargs.get("rows"), args[1].shape[0]))
-        return step(*args, **kwargs)
+    def spy(slots, ids, lengths):
+        calls.append(ids.shape)
+        return decode(slots, ids, lengths)
 
-    monkeypatch.setattr(gqa_engine.runner, "step", spy)
+    monkeypatch.setattr(gqa_engine.runner, "decode_in_place", spy)
     scheduler = Scheduler(gqa_engine, max_batch=8, slot_length=64)
     handle = scheduler.submit(PROMPTS[1], max_new_tokens=6, ignore_eos=True)
     while scheduler.step():
         pass
-    decode = [c for c in calls if c[0] is not None]
-    assert len(decode) == 5 and all(c == (1, 1) for c in decode)
+    assert calls == [(1, 1)] * 5
     assert handle.result().token_ids == gqa_engine.generate(PROMPTS[1], max_new_tokens=6, ignore_eos=True).token_ids
 
 

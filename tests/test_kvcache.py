@@ -7,6 +7,8 @@ import numpy as np
 import onnxruntime as ort
 
 from nextoken.kvcache import KVCache
+from nextoken.ortbind import Binder
+from helpers import wrap_steps
 
 
 def test_tokens_equal_a_naive_recompute_loop(llama_engine):
@@ -23,7 +25,7 @@ def test_present_values_are_bound_back_as_past_without_numpy(optimum_engine, mon
     step returned as present.*; the only tensors turned into numpy are the logits, and only the
     last position's (the exported graph slices before the LM head). Watched through onnxruntime's
     public binding calls (the step's fallback path; the fast path is checked equal below)."""
-    monkeypatch.setattr(optimum_engine.runner, "_c_devices", None)
+    monkeypatch.setattr(optimum_engine.runner, "binder", Binder("cpu", 0, fast=False))
     bound: list[dict[str, int]] = []
     to_numpy: list[tuple[int, ...]] = []
     real_bind = ort.IOBinding.bind_ortvalue_input
@@ -45,15 +47,14 @@ def test_present_values_are_bound_back_as_past_without_numpy(optimum_engine, mon
 
     runner = optimum_engine.runner
     presents: list[dict[str, int]] = []
-    real_step = runner.step
 
-    def step(cache: KVCache, *args, **kwargs):
-        out = real_step(cache, *args, **kwargs)
-        assert all(isinstance(v, ort.OrtValue) for v in cache.values)
+    def watch(kind, real, cache: KVCache, *args):
+        out = real(cache, *args)
+        assert kind in ("prefill", "decode") and all(isinstance(v, ort.OrtValue) for v in cache.values)
         presents.append(dict(zip(runner.manifest.past_names(), (v.data_ptr() for v in cache.values))))
         return out
 
-    monkeypatch.setattr(runner, "step", step)
+    wrap_steps(monkeypatch, runner, watch)
     steps = 12
     got = optimum_engine.generate(["Cache check", "and a second, longer row"], max_new_tokens=steps, ignore_eos=True)
     assert all(len(c.token_ids) == steps for c in got)
@@ -71,11 +72,11 @@ def test_cache_grows_one_position_a_step(llama_engine):
     cache = runner.new_cache(2)
     assert cache.length == 0 and cache.nbytes() == 0
     ids = np.array([[5, 6, 7], [8, 9, 10]])
-    runner.step(cache, ids, np.ones_like(ids), np.tile(np.arange(3), (2, 1)))
+    runner.prefill(cache, ids, np.ones_like(ids), np.tile(np.arange(3), (2, 1)))
     m = llama_engine.manifest
     assert cache.length == 3
     assert cache.nbytes() == 2 * 3 * m.kv_bytes_per_token()
-    runner.step(cache, np.array([[1], [2]]), np.ones((2, 4), np.int64), np.array([[3], [3]]))
+    runner.decode(cache, np.array([[1], [2]]), np.ones((2, 4), np.int64), np.array([[3], [3]]))
     assert cache.length == 4
 
 
@@ -112,7 +113,7 @@ def test_the_fast_binding_path_equals_the_public_one(llama_engine, monkeypatch):
     """The step binds through ONNX Runtime's raw binding object with device handles made once;
     onnxruntime's public wrappers (the fallback) give the same tokens and cache."""
     fast = llama_engine.generate("Hello there", max_new_tokens=16, ignore_eos=True)
-    assert llama_engine.runner._c_devices is not None
-    monkeypatch.setattr(llama_engine.runner, "_c_devices", None)
+    assert llama_engine.runner.binder.fast
+    monkeypatch.setattr(llama_engine.runner, "binder", Binder("cpu", 0, fast=False))
     public = llama_engine.generate("Hello there", max_new_tokens=16, ignore_eos=True)
     assert fast.token_ids == public.token_ids and fast.usage.kv_cache_bytes == public.usage.kv_cache_bytes

@@ -233,7 +233,7 @@ def test_deadline(engine):
 
 
 def test_cost_meters_and_the_daily_projection(engine):
-    from nextoken.generation import Usage
+    from nextoken import Usage
 
     usage = Usage(prompt_tokens=1000, completion_tokens=500, time_to_first_token_ms=1, prefill_ms=1,
                   decode_tokens_per_s=1, wall_ms=3_600_000, model_ms=1, steps=500, batch_size=1, device="cpu")

@@ -1,0 +1,270 @@
+"""Where a running batch keeps its KV cache: one protocol, two backends.
+
+A backend owns the cache of the rows being decoded together, with their attention mask, positions
+and buffers. Whoever drives generation (:meth:`Generation.__iter__ <nextoken.Generation>` for one
+request, the :class:`~nextoken.Scheduler` for many) asks it for the same five things:
+
+    pre = kv.prefill(prompts)      # run the prompts; not part of the batch yet
+    kv.join(pre)                   # their rows join the batch, after the rows already there
+    logits = kv.decode(tokens)     # one token a row, every row of the batch
+    kv.keep(rows)                  # the others leave
+    kv.held(row), kv.nbytes()      # positions a row holds; bytes of cache
+
+:class:`ConcatBackend` (any graph: present = concat(past, new)) pads a joining cache to the
+batch's length on the graph's padding side and trims the padding every remaining row shares.
+:class:`SlotBackend` (GroupQueryAttention graphs) keeps one fixed buffer of ``slots`` rows, each
+request in a slot of its own, written in place at its own length: nothing is concatenated, padded
+or trimmed. Joining and leaving run small ONNX graphs on the cache's device
+(:class:`~nextoken.kvcache.CacheOps`), so the cache never passes through host memory.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Callable, Protocol, Sequence
+
+import numpy as np
+
+from .kvcache import CacheOps, KVCache, SlotCache, StepRunner, grow_mask, pad_batch
+
+__all__ = ["KVBackend", "Prefilled", "ConcatBackend", "SlotBackend", "BACKENDS", "prefill_padded", "for_request"]
+
+#: The backends by name (``Scheduler(kv_backend=...)``).
+BACKENDS = ("concat", "slots")
+
+
+@dataclass
+class Prefilled:
+    """Prompts run through the model, ready to join a batch: each one's last ``logits`` ``[n, V]``,
+    the positions each row holds, the model time it took, and where the keys and values are (a
+    padded ``cache`` with its ``mask``, or ``slots`` already written in place)."""
+
+    logits: np.ndarray
+    lengths: np.ndarray
+    seconds: float
+    cache: KVCache | None = None
+    mask: np.ndarray | None = None
+    slots: list[int] | None = None
+
+
+class KVBackend(Protocol):
+    """What a driver asks of the running batch's cache (see the module's doc)."""
+
+    name: str
+    #: the model time of the last :meth:`decode`, seconds
+    last_seconds: float
+
+    @property
+    def rows(self) -> int: ...
+    def prefill(self, prompts: Sequence[list[int]]) -> Prefilled: ...
+    def join(self, pre: Prefilled) -> None: ...
+    def decode(self, tokens: np.ndarray, grow: np.ndarray | None = None) -> np.ndarray: ...
+    def keep(self, rows: Sequence[int]) -> None: ...
+    def held(self, row: int) -> int: ...
+    def nbytes(self) -> int: ...
+
+
+def prefill_padded(runner: StepRunner, prompts: Sequence[list[int]], pad_id: int) -> Prefilled:
+    """Prefill prompts of any lengths together into a new cache, padded on the graph's side."""
+    side = runner.manifest.padding_side
+    input_ids, mask = pad_batch(prompts, pad_id, side)
+    positions = np.cumsum(mask, axis=1) - 1
+    positions[mask == 0] = 1
+    cache = runner.new_cache(len(prompts))
+    lengths = mask.sum(axis=1)
+    if side == "left":
+        logits = runner.prefill(cache, input_ids, mask, positions)
+    else:  # each row's last token is in its own column
+        every = runner.prefill(cache, input_ids, mask, positions, all_logits=True)
+        logits = np.ascontiguousarray(every[np.arange(len(prompts)), lengths - 1])
+    return Prefilled(logits, lengths, cache.run_seconds, cache=cache, mask=mask)
+
+
+class ConcatBackend:
+    """The batch's cache as values that grow by one position a step (any graph)."""
+
+    name = "concat"
+
+    def __init__(self, runner: StepRunner, pad_id: int, ops: Callable[[], CacheOps]) -> None:
+        self.runner, self.pad_id, self._ops = runner, pad_id, ops
+        self.left = runner.manifest.padding_side == "left"
+        self.cache: KVCache | None = None
+        self.mask = np.zeros((0, 0), dtype=np.int64)
+        self.next_pos = np.zeros((0, 1), dtype=np.int64)
+        self.last_seconds = 0.0
+
+    @property
+    def rows(self) -> int:
+        return len(self.mask)
+
+    def prefill(self, prompts: Sequence[list[int]]) -> Prefilled:
+        return prefill_padded(self.runner, prompts, self.pad_id)
+
+    def join(self, pre: Prefilled) -> None:
+        """Append the rows, each side padded to the longer one (masked out)."""
+        next_pos = pre.mask.sum(axis=1, keepdims=True)
+        if self.cache is None or not self.rows:
+            self.cache, self.mask, self.next_pos = pre.cache, pre.mask, next_pos
+            return
+        width = max(self.mask.shape[1], pre.mask.shape[1])
+        self.cache = self._ops().merge(self.cache, pre.cache, width, self.left)
+
+        def pad(a: np.ndarray) -> np.ndarray:
+            missing = width - a.shape[1]
+            if missing == 0:
+                return a
+            zeros = np.zeros((a.shape[0], missing), dtype=a.dtype)
+            return np.concatenate([zeros, a] if self.left else [a, zeros], axis=1)
+
+        self.mask = np.concatenate([pad(self.mask), pad(pre.mask)], axis=0)
+        self.next_pos = np.concatenate([self.next_pos, next_pos], axis=0)
+
+    def decode(self, tokens: np.ndarray, grow: np.ndarray | None = None) -> np.ndarray:
+        """Every row one position longer (``grow`` is not needed: finished rows ride along)."""
+        mask = grow_mask(self.mask, self.runner.manifest.padding_side)
+        before = self.cache.run_seconds
+        logits = self.runner.decode(self.cache, np.asarray(tokens, dtype=np.int64)[:, None], mask, self.next_pos)
+        self.last_seconds = self.cache.run_seconds - before
+        self.mask, self.next_pos = mask, self.next_pos + 1
+        return logits
+
+    def keep(self, rows: Sequence[int]) -> None:
+        """Drop the other rows, and the padding columns every remaining row shares."""
+        rows = list(rows)
+        if len(rows) == self.rows:
+            return
+        if not rows:
+            self.cache = None
+            self.mask = np.zeros((0, 0), dtype=np.int64)
+            self.next_pos = np.zeros((0, 1), dtype=np.int64)
+            return
+        mask = self.mask[rows]
+        if self.left:
+            start, stop = int(np.argmax(mask.any(axis=0))), mask.shape[1]   # leading columns no row uses
+        else:
+            start, stop = 0, int(mask.sum(axis=1).max())                   # trailing columns no row uses
+        self.cache = self._ops().select(self.cache, rows, start, stop)
+        self.mask = np.ascontiguousarray(mask[:, start:stop])
+        self.next_pos = self.next_pos[rows]
+
+    def held(self, row: int) -> int:
+        return int(self.mask[row].sum()) if row < self.rows else 0
+
+    def nbytes(self) -> int:
+        return self.cache.nbytes() if self.cache is not None else 0
+
+
+class SlotBackend:
+    """The batch's cache in a fixed buffer of ``slots`` rows of ``length`` positions, written in
+    place (GroupQueryAttention graphs). Row ``i`` of the batch lives in slot ``slot_ids[i]``; a
+    newcomer takes the lowest free slot, a leaver frees its own. The buffer is made at the first
+    prefill and held while the backend lives.
+
+    One prompt is prefilled straight into its slot; several are prefilled together and copied into
+    their slots with ``ops`` (one batched run beats several) when ``ops`` is given, else each in
+    place."""
+
+    name = "slots"
+
+    def __init__(self, runner: StepRunner, slots: int, length: int, pad_id: int,
+                 ops: Callable[[], CacheOps] | None = None) -> None:
+        self.runner, self.slots, self.length, self.pad_id, self._ops = runner, slots, length, pad_id, ops
+        self.buffer: SlotCache | None = None
+        self.slot_ids: list[int] = []
+        self.last_seconds = 0.0
+        self._kept: tuple | None = None
+
+    @property
+    def rows(self) -> int:
+        return len(self.slot_ids)
+
+    def _buffer(self) -> SlotCache:
+        if self.buffer is None:
+            self.buffer = SlotCache(self.runner, self.slots, self.length)
+        return self.buffer
+
+    def _free(self, n: int) -> list[int]:
+        taken = set(self.slot_ids)
+        return [i for i in range(self.slots) if i not in taken][:n]
+
+    def prefill(self, prompts: Sequence[list[int]]) -> Prefilled:
+        if len(prompts) > 1 and self._ops is not None:
+            return prefill_padded(self.runner, prompts, self.pad_id)
+        buffer = self._buffer()
+        before = buffer.run_seconds
+        free = self._free(len(prompts))
+        logits = [self.runner.prefill_in_place(buffer, p, slot) for p, slot in zip(prompts, free)]
+        return Prefilled(np.concatenate(logits, axis=0), np.array([len(p) for p in prompts]),
+                         buffer.run_seconds - before, slots=free)
+
+    def join(self, pre: Prefilled) -> None:
+        buffer = self._buffer()
+        if pre.slots is None:                        # a padded cache: copied into free slots
+            free = self._free(len(pre.lengths))
+            self._ops().write(buffer, pre.cache, free)
+        else:
+            free = pre.slots
+        buffer.lengths[free] = pre.lengths
+        self.slot_ids.extend(free)
+
+    def decode(self, tokens: np.ndarray, grow: np.ndarray | None = None) -> np.ndarray:
+        """One step over the slots up to the highest in use: each row writes at its own length (a
+        row where ``grow`` is False rewrites its last position; an idle slot among them decodes a
+        pad token at position 0). Returns the batch's rows' logits, in order."""
+        buffer, (rows, used, idle, in_order) = self.buffer, self._layout()
+        step = 1 if grow is None else grow
+        if in_order:                                  # rows are slots 0..n-1: no gathering
+            ids, lengths = np.asarray(tokens, dtype=np.int64)[:, None], buffer.lengths[:used] + step
+        else:
+            ids = np.full((used, 1), self.pad_id, dtype=np.int64)
+            ids[rows, 0] = tokens
+            lengths = np.ones(used, dtype=np.int64)
+            lengths[rows] = buffer.lengths[rows] + step
+        before = buffer.run_seconds
+        logits = self.runner.decode_in_place(buffer, ids, lengths)
+        self.last_seconds = buffer.run_seconds - before
+        if len(idle):
+            buffer.lengths[idle] = 0
+        return logits if in_order else logits[rows]
+
+    def _layout(self) -> tuple[np.ndarray, int, np.ndarray, bool]:
+        """(the rows' slots, slots a step runs, idle slots among them, rows == slots 0..n-1),
+        worked out again only when rows join or leave."""
+        if self._kept is None or self._kept[0] != self.slot_ids:
+            rows = np.asarray(self.slot_ids, dtype=np.int64)
+            used = int(rows.max()) + 1
+            idle = np.setdiff1d(np.arange(used), rows)
+            self._kept = (list(self.slot_ids), (rows, used, idle, used == len(rows) and bool((rows == np.arange(used)).all())))
+        return self._kept[1]
+
+    def keep(self, rows: Sequence[int]) -> None:
+        kept = set(rows)
+        for i, slot in enumerate(self.slot_ids):
+            if i not in kept:
+                self.buffer.lengths[slot] = 0
+        self.slot_ids = [self.slot_ids[i] for i in rows]
+
+    def held(self, row: int) -> int:
+        return int(self.buffer.lengths[self.slot_ids[row]]) if row < self.rows else 0
+
+    def nbytes(self) -> int:
+        return self.buffer.nbytes() if self.buffer is not None else 0
+
+    @property
+    def slot_lengths(self) -> list[int]:
+        """Positions each slot holds (0: free)."""
+        return self.buffer.lengths.tolist() if self.buffer is not None else [0] * self.slots
+
+
+def _no_surgery() -> CacheOps:
+    raise RuntimeError("a request on its own never joins or drops cache rows")
+
+
+def for_request(runner: StepRunner, rows: int, length: int, pad_id: int, slide: bool = False) -> KVBackend:
+    """The cache of one request of ``rows`` sequences, up to ``length`` positions each:
+    GroupQueryAttention graphs (keys placed by the mask) run in place in a fixed buffer that long
+    (nothing concatenated per step); other graphs, and a request that slides its window (it is
+    prefilled again), grow the cache by concatenation."""
+    if not slide and runner.manifest.padding_side == "right":
+        return SlotBackend(runner, rows, length, pad_id)
+    return ConcatBackend(runner, pad_id, _no_surgery)

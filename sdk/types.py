@@ -1,0 +1,415 @@
+"""The data types of a request, shared by the engine, the loop, plugins and the server: what a
+request asks for (:class:`SamplingParams`), what plugins see and return (:class:`BatchState`,
+:class:`Stop`, :class:`Charge`), and what a request gives back (:class:`StreamEvent`,
+:class:`Completion`, :class:`Usage`, :class:`TokenLogprob`). A leaf: it imports nothing else of
+nextoken but its errors.
+"""
+
+from __future__ import annotations
+
+import itertools
+import math
+import time
+from dataclasses import asdict, dataclass, field, fields, replace
+from typing import Any, Mapping, Sequence
+
+import numpy as np
+
+from .errors import InvalidRequestError
+
+__all__ = [
+    "CONTEXT_POLICIES", "FINISH_REASONS", "SamplingParams", "Usage", "Completion", "StreamEvent", "Stop", "Charge",
+    "TokenLogprob", "BatchState",
+]
+
+#: ``stop``: EOS, a stop id or a stop string; ``length``: max_new_tokens; ``context``: the window
+#: is full; ``deadline``: the request's wall-time limit. Plugins may add their own.
+FINISH_REASONS = ("stop", "length", "context", "deadline")
+
+MAX_TOP_LOGPROBS = 20
+#: Stop strings one request may bring, and the characters of each: every step checks each of them,
+#: so a request with thousands would slow every request it shares a batch with.
+MAX_STOP_STRINGS = 64
+MAX_STOP_LENGTH = 1000
+#: logit_bias entries one request may bring, and the range of each bias (OpenAI's).
+MAX_LOGIT_BIAS = 1024
+LOGIT_BIAS_RANGE = 100.0
+
+#: What happens when a sequence outgrows the model's context window:
+#: ``error`` (the default): a prompt longer than the window is refused before any work, naming both
+#: lengths; a generation that fills the window ends with finish reason ``context``. Nothing the
+#: caller sent is ever dropped silently.
+#: ``truncate``: the oldest prompt tokens after the protected prefix are dropped so that the prompt
+#: plus max_new_tokens fits.
+#: ``slide``: when a generation fills the window, the oldest tokens after the protected prefix are
+#: dropped (the window keeps its newest half) and the kept tokens are prefilled again from position
+#: 0, so positions stay correct; generation goes on for as long as max_new_tokens allows.
+CONTEXT_POLICIES = ("error", "truncate", "slide")
+_ids = itertools.count(1)
+
+
+def _frozen_options(value: Any, name: str) -> dict[str, dict[str, Any]]:
+    if value is None:
+        return {}
+    if not isinstance(value, Mapping) or not all(isinstance(v, Mapping) for v in value.values()):
+        raise InvalidRequestError(f"{name} must map plugin names to option dicts, e.g. {{'top_k': {{'k': 5}}}}")
+    return {str(k): dict(v) for k, v in value.items()}
+
+
+def _logit_bias(value: Any) -> dict[int, float]:
+    """``{token id: bias}`` checked: integer ids (JSON's string keys too), finite biases in range."""
+    if value is None:
+        return {}
+    if not isinstance(value, Mapping):
+        raise InvalidRequestError(f"logit_bias must map token ids to biases, e.g. {{50256: -100}}, not {value!r}"[:200])
+    if len(value) > MAX_LOGIT_BIAS:
+        raise InvalidRequestError(f"logit_bias may hold at most {MAX_LOGIT_BIAS} tokens, not {len(value)}")
+    out = {}
+    for key, bias in value.items():
+        try:
+            token = int(key)
+            if isinstance(key, (bool, float)) or token < 0 or (isinstance(key, str) and not key.strip().isdigit()):
+                raise ValueError
+        except (TypeError, ValueError):
+            raise InvalidRequestError(f"logit_bias keys must be token ids (non-negative integers), not {key!r}") from None
+        if isinstance(bias, bool) or not isinstance(bias, (int, float, np.integer, np.floating)) \
+                or not -LOGIT_BIAS_RANGE <= bias <= LOGIT_BIAS_RANGE:
+            raise InvalidRequestError(f"logit_bias[{token}] must be a number in [-100, 100], not {bias!r}")
+        out[token] = float(bias)
+    return out
+
+
+@dataclass(frozen=True)
+class SamplingParams:
+    """How to generate: one typed object, validated when made, before any work.
+
+    ``max_new_tokens`` (>= 1) tokens at most per sequence. ``temperature`` 0 means greedy (the
+    default): the most likely token every time; above 0, tokens are sampled from
+    softmax(logits / temperature) after ``top_k`` (0: off), ``top_p`` (1: off), ``min_p`` (0: off).
+    ``repetition_penalty`` (1: off) divides positive logits of seen tokens and multiplies negative
+    ones. ``presence_penalty`` / ``frequency_penalty`` (0: off, each in [-2, 2], OpenAI's rule) subtract
+    from the logit of every token already generated: once, or once per time it was generated.
+    ``logit_bias`` maps token ids to a bias in [-100, 100] added to their logits (-100 bans a token).
+    ``seed`` makes sampling reproducible, per sequence, whatever batch it runs in.
+    ``strategy`` names the decoding strategy (None: ``greedy`` at temperature 0, else ``sample``).
+    ``stop`` strings (at most 64, each at most 1000 characters) end a sequence and are cut from its text; ``stop_token_ids`` and the model's EOS
+    ids (unless ``ignore_eos``) end it too; ``deadline_s`` bounds a request's wall time.
+    ``top_logprobs``: None (off), 0 (each token's own log-probability) or N (and the N likeliest).
+    ``processors`` / ``stop_conditions`` name third-party plugins to use; ``options`` holds each
+    plugin's own options by name; ``cost_meters`` maps meter names to their options.
+    ``context_policy``: what happens when a sequence outgrows the model's window (see
+    :data:`CONTEXT_POLICIES`); ``protected_prefix``: how many leading prompt tokens (e.g. the
+    system prompt) ``truncate`` and ``slide`` never drop. ``hook_timings``: time every plugin the
+    request uses (``usage.hook_ms``; off: nothing is timed and nothing is paid).
+    """
+
+    max_new_tokens: int = 128
+    temperature: float = 0.0
+    top_k: int = 0
+    top_p: float = 1.0
+    min_p: float = 0.0
+    repetition_penalty: float = 1.0
+    presence_penalty: float = 0.0
+    frequency_penalty: float = 0.0
+    logit_bias: Mapping[int, float] = field(default_factory=dict)
+    seed: int | None = None
+    strategy: str | None = None
+    stop: tuple[str, ...] = ()
+    stop_token_ids: tuple[int, ...] = ()
+    ignore_eos: bool = False
+    deadline_s: float | None = None
+    top_logprobs: int | None = None
+    processors: tuple[str, ...] = ()
+    stop_conditions: tuple[str, ...] = ()
+    options: Mapping[str, Mapping[str, Any]] = field(default_factory=dict)
+    cost_meters: Mapping[str, Mapping[str, Any]] = field(default_factory=dict)
+    context_policy: str = "error"
+    protected_prefix: int = 0
+    hook_timings: bool = False
+
+    def __post_init__(self) -> None:
+        def fail(msg: str) -> None:
+            raise InvalidRequestError(msg)
+
+        def number(name: str) -> float:
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, (int, float, np.integer, np.floating)) or math.isnan(value):
+                fail(f"{name} must be a number, not {value!r}")
+            return float(value)
+
+        def integer(name: str) -> int:
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, (int, np.integer)):
+                fail(f"{name} must be an integer, not {value!r}")
+            return int(value)
+
+        if integer("max_new_tokens") < 1:
+            fail(f"max_new_tokens must be >= 1, not {self.max_new_tokens}")
+        if number("temperature") < 0 or math.isinf(self.temperature):
+            fail(f"temperature must be >= 0 (0 means greedy), not {self.temperature}")
+        if integer("top_k") < 0:
+            fail(f"top_k must be >= 0 (0: off), not {self.top_k}")
+        if not 0 < number("top_p") <= 1:
+            fail(f"top_p must be in (0, 1] (1: off), not {self.top_p}")
+        if not 0 <= number("min_p") < 1:
+            fail(f"min_p must be in [0, 1) (0: off), not {self.min_p}")
+        if not 0 < number("repetition_penalty") or math.isinf(self.repetition_penalty):
+            fail(f"repetition_penalty must be > 0 (1: off), not {self.repetition_penalty}")
+        for name in ("presence_penalty", "frequency_penalty"):
+            if not -2 <= number(name) <= 2:
+                fail(f"{name} must be in [-2, 2] (0: off), not {getattr(self, name)}")
+        object.__setattr__(self, "logit_bias", _logit_bias(self.logit_bias))
+        if self.seed is not None and (integer("seed") < 0):
+            fail(f"seed must be a non-negative integer, not {self.seed}")
+        if self.deadline_s is not None and not number("deadline_s") > 0:
+            fail(f"deadline_s must be > 0 seconds, not {self.deadline_s}")
+        if self.context_policy not in CONTEXT_POLICIES:
+            fail(f"context_policy must be one of {', '.join(CONTEXT_POLICIES)}, not {self.context_policy!r}")
+        if integer("protected_prefix") < 0:
+            fail(f"protected_prefix must be >= 0 tokens, not {self.protected_prefix}")
+        if self.top_logprobs is not None and not 0 <= integer("top_logprobs") <= MAX_TOP_LOGPROBS:
+            fail(f"top_logprobs must be in [0, {MAX_TOP_LOGPROBS}], not {self.top_logprobs}")
+        if self.temperature == 0 and self.strategy in (None, "greedy"):
+            for name, off in (("top_k", 0), ("top_p", 1.0), ("min_p", 0.0)):
+                if getattr(self, name) != off:
+                    fail(f"{name} only matters when sampling: temperature is 0 (greedy); set temperature > 0")
+        if self.stop is None:
+            stop: tuple = ()
+        elif isinstance(self.stop, str):
+            stop = (self.stop,)
+        elif isinstance(self.stop, (list, tuple)):
+            stop = tuple(self.stop)
+        else:
+            fail(f"stop must be a string or a list of strings, not {type(self.stop).__name__}")
+        if not all(isinstance(s, str) and s for s in stop):
+            fail(f"stop strings must be non-empty strings, not {self.stop!r}")
+        if len(stop) > MAX_STOP_STRINGS:
+            fail(f"at most {MAX_STOP_STRINGS} stop strings, not {len(stop)}")
+        if any(len(s) > MAX_STOP_LENGTH for s in stop):
+            fail(f"a stop string may have at most {MAX_STOP_LENGTH} characters")
+        object.__setattr__(self, "stop", stop)
+        try:
+            object.__setattr__(self, "stop_token_ids", tuple(int(t) for t in (self.stop_token_ids or ())))
+        except (TypeError, ValueError):
+            fail(f"stop_token_ids must be integers, not {self.stop_token_ids!r}")
+        for name in ("processors", "stop_conditions"):
+            value = getattr(self, name)
+            if value is None:
+                value = ()
+            elif isinstance(value, str):
+                value = (value,)
+            elif isinstance(value, (list, tuple)):
+                value = tuple(value)
+            else:
+                fail(f"{name} must be a plugin name or a list of them, not {type(value).__name__}")
+            object.__setattr__(self, name, value)
+        object.__setattr__(self, "options", _frozen_options(self.options, "options"))
+        object.__setattr__(self, "cost_meters", _frozen_options(self.cost_meters, "cost_meters"))
+
+    @property
+    def strategy_name(self) -> str:
+        """The strategy this request uses: ``strategy``, or greedy at temperature 0 and sample above."""
+        return self.strategy or ("greedy" if self.temperature == 0 else "sample")
+
+    def replace(self, **changes: Any) -> "SamplingParams":
+        """A copy with ``changes``; unknown names are an error listing the known ones."""
+        known = {f.name for f in fields(self)}
+        unknown = sorted(set(changes) - known)
+        if unknown:
+            raise InvalidRequestError(
+                f"unknown generation option(s) {', '.join(unknown)}; known: {', '.join(sorted(known))}"
+            )
+        return replace(self, **changes)
+
+
+@dataclass(frozen=True)
+class Stop:
+    """Why a sequence stops: the finish ``reason``, a ``detail`` for people, and where to cut its
+    text (``text_end``, a character index; None keeps all of it)."""
+
+    reason: str
+    detail: str = ""
+    text_end: int | None = None
+
+
+@dataclass(frozen=True)
+class Charge:
+    """What a cost meter charges for one completion."""
+
+    amount: float
+    currency: str = "USD"
+    detail: str = ""
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+@dataclass(frozen=True)
+class TokenLogprob:
+    """A generated token's log-probability under the final distribution (after the processors),
+    and the ``top`` alternatives as ``(token_id, token_text, logprob)``, likeliest first."""
+
+    token_id: int
+    token: str
+    logprob: float
+    top: tuple[tuple[int, str, float], ...] = ()
+
+    @property
+    def prob(self) -> float:
+        return math.exp(self.logprob)
+
+    def to_dict(self) -> dict:
+        return {
+            "token_id": self.token_id, "token": self.token, "logprob": self.logprob,
+            "top_logprobs": [{"token_id": i, "token": t, "logprob": lp} for i, t, lp in self.top],
+        }
+
+
+@dataclass
+class Usage:
+    """What one sequence of a request used. Times are milliseconds of wall clock; ``model_ms`` is
+    the part spent inside ONNX Runtime (the rest is tokenising, sampling, plugins, streaming)."""
+
+    prompt_tokens: int
+    completion_tokens: int
+    time_to_first_token_ms: float
+    prefill_ms: float
+    decode_tokens_per_s: float
+    wall_ms: float
+    model_ms: float
+    steps: int
+    batch_size: int
+    device: str
+    provider: str = ""                 # the ONNX Runtime execution provider that ran it
+    kv_cache_bytes: int = 0            # the request's KV cache at its largest (the whole batch)
+    #: the process's peak resident memory so far (its high-water mark, Linux), sampled when the
+    #: request ended: a figure of the process, not of the request (requests share it; under the
+    #: scheduler it is sampled at most once a second); ``nextoken.probes.reset_peak_rss`` starts a new window
+    peak_memory_bytes: int | None = None
+    #: on CUDA: this process's memory on the GPU when the request ended (ONNX Runtime's arena keeps its
+    #: high-water mark), from NVML; the whole device's used memory where the driver lists no processes
+    device_memory_bytes: int | None = None
+    #: with ``hook_timings``: milliseconds spent in each plugin the request used, by
+    #: ``"<hook kind>:<name>"`` (e.g. ``"logits_processor:top_k"``, ``"tokenizer:decode"``)
+    hook_ms: dict[str, float] | None = None
+
+    @property
+    def total_tokens(self) -> int:
+        return self.prompt_tokens + self.completion_tokens
+
+    def to_dict(self) -> dict:
+        return {**asdict(self), "total_tokens": self.total_tokens}
+
+    def line(self) -> str:
+        """The one-line summary the CLI prints."""
+        return (
+            f"prompt {self.prompt_tokens} tok, completion {self.completion_tokens} tok, "
+            f"prefill {self.prefill_ms:.1f} ms, ttft {self.time_to_first_token_ms:.1f} ms, "
+            f"decode {self.decode_tokens_per_s:.1f} tok/s, wall {self.wall_ms:.1f} ms, "
+            f"batch {self.batch_size}, KV {self.kv_cache_bytes / (1 << 20):.1f} MiB"
+            + (f", peak {self.peak_memory_bytes / (1 << 20):.0f} MiB" if self.peak_memory_bytes else "")
+            + (f", GPU {self.device_memory_bytes / (1 << 20):.0f} MiB" if self.device_memory_bytes else "")
+            + f", {self.device}"
+        )
+
+
+@dataclass
+class Completion:
+    """The result for one prompt: the generated text and ids, why it ended, its usage and cost.
+
+    ``token_ids`` are the generated ids, including the EOS/stop id that ended the sequence (as
+    transformers' ``generate`` returns them); ``text`` leaves special tokens and stop strings out.
+    ``stop_detail`` says exactly what stopped it; ``logprobs`` is filled when requested;
+    ``cost`` has each configured meter's :class:`Charge`.
+    """
+
+    text: str
+    token_ids: list[int]
+    finish_reason: str
+    usage: Usage
+    prompt_token_ids: list[int] = field(default_factory=list)
+    stop_detail: str = ""
+    logprobs: list[TokenLogprob] | None = None
+    cost: dict[str, Charge] = field(default_factory=dict)
+
+    def to_dict(self) -> dict:
+        out = {
+            "text": self.text,
+            "token_ids": list(self.token_ids),
+            "finish_reason": self.finish_reason,
+            "stop_detail": self.stop_detail,
+            "usage": self.usage.to_dict(),
+            "cost": {k: v.to_dict() for k, v in self.cost.items()},
+        }
+        if self.logprobs is not None:
+            out["logprobs"] = [lp.to_dict() for lp in self.logprobs]
+        return out
+
+
+@dataclass(frozen=True)
+class StreamEvent:
+    """One step's news for one sequence: ``index`` in the batch, the token it got, the ``text``
+    delta now safe to show, ``finish_reason`` once it ends, and ``logprob`` when requested."""
+
+    index: int
+    token_id: int | None
+    text: str
+    finish_reason: str | None = None
+    logprob: TokenLogprob | None = None
+
+
+class BatchState:
+    """A running request, as plugins see it: ``params``, ``prompts`` and ``generated`` ids and
+    ``texts`` per sequence, ``alive`` rows, ``step`` (tokens generated so far), ``eos_token_ids``,
+    ``vocab_size``, ``start_time`` (``time.perf_counter()``) and ``request_id``."""
+
+    def __init__(self, params: SamplingParams, prompts: list[list[int]], eos_token_ids: Sequence[int],
+                 vocab_size: int) -> None:
+        self.request_id = f"req-{next(_ids)}"
+        self.params = params
+        self.prompts = prompts
+        self.generated: list[list[int]] = [[] for _ in prompts]
+        self.texts: list[str] = ["" for _ in prompts]
+        self.alive = np.ones(len(prompts), dtype=bool)
+        self.step = 0
+        self.eos_token_ids = tuple(eos_token_ids)
+        self.vocab_size = vocab_size
+        self.start_time = time.perf_counter()
+        self._presence: np.ndarray | None = None
+        self._counts: np.ndarray | None = None
+
+    @property
+    def batch_size(self) -> int:
+        return len(self.prompts)
+
+    def presence(self) -> np.ndarray:
+        """``[B, V]`` bool: which tokens each sequence holds (prompt and generated). Built on first
+        use, then kept up to date each step."""
+        if self._presence is None:
+            mask = np.zeros((self.batch_size, self.vocab_size), dtype=bool)
+            for row, (prompt, gen) in enumerate(zip(self.prompts, self.generated)):
+                mask[row, prompt] = True
+                mask[row, gen] = True
+            self._presence = mask
+        return self._presence
+
+    def counts(self) -> np.ndarray:
+        """``[B, V]`` int32: how many times each sequence has generated each token (the prompt not
+        counted). Built on first use, then kept up to date each step."""
+        if self._counts is None:
+            counts = np.zeros((self.batch_size, self.vocab_size), dtype=np.int32)
+            for row, gen in enumerate(self.generated):
+                np.add.at(counts[row], gen, 1)
+            self._counts = counts
+        return self._counts
+
+    def append(self, tokens: np.ndarray) -> None:
+        """Record one step's tokens ``[B]`` on the rows still alive (the loop's call; plugins only read)."""
+        self.step += 1
+        rows = np.flatnonzero(self.alive)
+        for row in rows:
+            self.generated[row].append(int(tokens[row]))
+        if self._presence is not None:
+            self._presence[rows, tokens[rows]] = True
+        if self._counts is not None:
+            self._counts[rows, tokens[rows]] += 1
