@@ -521,7 +521,7 @@ def build_package(source: str, package: Path, *, output: Path | None = None, che
 
     from nextoken.manifest import Manifest
 
-    from .hf import PACKAGE_FILES, ExportReport, Stages, checked_parity, eos_ids, export_versions
+    from .package import PACKAGE_FILES, ExportReport, Stages, checked_parity, eos_ids, export_versions
 
     folder = _local_folder(source, offline)
     stages = Stages(3 if check else 2, say)

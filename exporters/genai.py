@@ -57,7 +57,7 @@ def import_genai(source: str | Path, output: str | Path) -> Manifest:
                           f"model's is {head}; export it with the optimum backend")
     if output.exists() and any(output.iterdir()) and not (output / MANIFEST_NAME).exists():
         raise ExportError(f"output {output} exists and is not an empty directory or a nextoken package; choose another")
-    from .hf import staged
+    from .package import staged
 
     final = output
     with staged(final) as output:
@@ -125,7 +125,7 @@ def build_with_genai(source: str, output: Path, genai_python: str | None, precis
     import tempfile
     import time
 
-    from .hf import ExportReport, parity_check, record_parity
+    from .package import ExportReport, parity_check, record_parity
 
     if not genai_python or not Path(genai_python).is_file():
         raise ExportError(

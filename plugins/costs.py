@@ -4,8 +4,7 @@ device_hour (the request's device seconds times an hourly rate)."""
 from __future__ import annotations
 
 import nextoken
-from nextoken import Charge
-from nextoken.errors import InvalidRequestError
+from nextoken import Charge, InvalidRequestError
 
 
 def _price(options: dict, key: str, default: float | None = None) -> float:

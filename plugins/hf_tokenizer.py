@@ -9,8 +9,7 @@ from typing import Any, Sequence
 from tokenizers import Tokenizer as _Backend
 
 import nextoken
-from nextoken.errors import ModelPackageError
-from nextoken.tokenizer import IncrementalDecoder
+from nextoken import IncrementalDecoder, ModelPackageError
 
 
 class HFTokenizer:

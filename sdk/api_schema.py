@@ -10,6 +10,7 @@ refused with a 400 that names the parameter instead of being silently ignored (:
 """
 # No `from __future__ import annotations`: pydantic reads these annotations at run time.
 
+import dataclasses
 import typing
 from typing import Any, Dict, List, Optional, Union
 
@@ -19,9 +20,8 @@ from .types import MAX_TOP_LOGPROBS, SamplingParams
 
 __all__ = ["NEXTOKEN_FIELDS", "REFUSED", "CompletionRequest", "ChatRequest", "NextokenOptions"]
 
-#: SamplingParams fields a request may set in its ``nextoken`` object.
-NEXTOKEN_FIELDS = ("top_k", "min_p", "repetition_penalty", "strategy", "processors", "stop_conditions", "options",
-                   "cost_meters", "context_policy", "protected_prefix", "ignore_eos", "deadline_s")
+#: SamplingParams fields a request may set in its ``nextoken`` object (their ``api`` metadata).
+NEXTOKEN_FIELDS = tuple(f.name for f in dataclasses.fields(SamplingParams) if f.metadata.get("api") == "nextoken")
 
 #: OpenAI parameters refused with a 400 until nextoken implements them (value that means "unused").
 REFUSED = {"best_of": 1, "suffix": None, "response_format": None, "tools": None, "tool_choice": None,

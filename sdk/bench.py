@@ -9,7 +9,7 @@ import os
 import statistics
 import subprocess
 import sys
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Sequence
 
@@ -53,10 +53,31 @@ class BenchReport:
     threads: int | None
     spin: bool
     rows: list[BenchRow]
+    #: with ``chain``: milliseconds per decode step spent in each plugin, by batch size then hook
+    hooks: dict[int, dict[str, float]] = field(default_factory=dict)
 
     def to_dict(self) -> dict[str, Any]:
         return {"package": self.package, "device": self.device, "threads": self.threads, "spin": self.spin,
-                "rows": [{**asdict(r), "outside_share": r.outside_share} for r in self.rows]}
+                "rows": [{**asdict(r), "outside_share": r.outside_share} for r in self.rows],
+                "hooks_ms_per_step": {str(b): h for b, h in self.hooks.items()}}
+
+    def hook_table(self) -> str:
+        """Time per decode step in each plugin of the chain, at each batch size, and its share of the step."""
+        if not self.hooks:
+            return ""
+        batches = sorted(self.hooks)
+        steps = {r.batch: r.step_ms for r in self.rows if r.setting == "chain"}
+        names = sorted({k for h in self.hooks.values() for k in h}, key=lambda k: -self.hooks[batches[0]].get(k, 0.0))
+        lines = ["per hook, ms per decode step (share of the chain's step)",
+                 f"{'hook':36}" + "".join(f" {'batch ' + str(b):>17}" for b in batches)]
+        for name in names + ["all plugins"]:
+            cells = []
+            for b in batches:
+                ms = sum(self.hooks[b].values()) if name == "all plugins" else self.hooks[b].get(name, 0.0)
+                share = 100 * ms / steps[b] if steps.get(b) else 0.0
+                cells.append(f" {ms:>9.4f} ({share:4.1f}%)")
+            lines.append(f"{name:36}" + "".join(cells))
+        return "\n".join(lines)
 
     def table(self) -> str:
         head = (f"{'setting':8} {'batch':>5} {'prompt':>6} {'new':>4} {'prefill ms':>10} {'tok/s/seq':>9} "
@@ -83,11 +104,12 @@ def _one(engine: Engine, prompts: list[list[int]], params: SamplingParams) -> di
     gen = engine.start(prompts, params)
     completions = gen.completions()
     steps = gen.state.step
-    decode_wall = max(gen.seqs[i].last_token_time for i in range(len(prompts))) - gen.first_token_time
-    decode_model = gen.model_seconds - gen.prefill_model_seconds
+    t = gen.timings()
+    decode_wall = max(t.last_tokens) - t.first_token
+    decode_model = t.model_seconds - t.prefill_model_seconds
     n_decode = max(steps - 1, 1)
     return {
-        "prefill_ms": (gen.prefill_done - gen.start) * 1e3,
+        "prefill_ms": (t.prefilled - t.start) * 1e3,
         "decode_tokens_per_s": statistics.median(c.usage.decode_tokens_per_s for c in completions),
         "total_tokens_per_s": len(prompts) * (steps - 1) / decode_wall if decode_wall > 0 else 0.0,
         "step_ms": decode_wall / n_decode * 1e3,
@@ -110,7 +132,7 @@ def run_bench(engine: Engine, batches: Sequence[int] = (1, 8), prompt_tokens: in
     settings = [("greedy", SamplingParams(max_new_tokens=new_tokens, ignore_eos=True))]
     if chain:
         settings.append(("chain", SamplingParams(max_new_tokens=new_tokens, ignore_eos=True, **CHAIN)))
-    rows = []
+    rows, hooks = [], {}
     for batch in batches:
         prompts = _prompts(engine, batch, prompt_tokens)
         for name, params in settings:
@@ -118,7 +140,10 @@ def run_bench(engine: Engine, batches: Sequence[int] = (1, 8), prompt_tokens: in
             runs = [_one(engine, prompts, params) for _ in range(repeat)]
             med = {k: statistics.median(r[k] for r in runs) for k in runs[0]}
             rows.append(BenchRow(name, batch, prompt_tokens, new_tokens, **med))
-    return BenchReport(str(engine.path), engine.device.describe(), engine.threads, engine.spin, rows)
+            if name == "chain":                 # one more run, timed per hook (not in the figures above)
+                usage = engine.generate(prompts, params.replace(hook_timings=True))[0].usage
+                hooks[batch] = {k: v / max(usage.steps, 1) for k, v in (usage.hook_ms or {}).items()}
+    return BenchReport(str(engine.path), engine.device.describe(), engine.threads, engine.spin, rows, hooks)
 
 
 # -- comparing with peers ------------------------------------------------------------------------------

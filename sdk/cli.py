@@ -15,6 +15,7 @@
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import math
 import os
@@ -63,7 +64,7 @@ def _value(text: str):
 
 def _options(args: argparse.Namespace) -> dict[str, dict]:
     out: dict[str, dict] = {}
-    for item in getattr(args, "option", None) or []:
+    for item in getattr(args, "options", None) or []:
         name, sep, rest = item.partition(".")
         key, eq, value = rest.partition("=")
         if not (sep and eq and name and key):
@@ -74,7 +75,7 @@ def _options(args: argparse.Namespace) -> dict[str, dict]:
 
 def _meters(args: argparse.Namespace) -> dict[str, dict]:
     options = _options(args)
-    return {name: options.get(name, {}) for name in getattr(args, "cost", None) or []}
+    return {name: options.get(name, {}) for name in getattr(args, "cost_meters", None) or []}
 
 
 def _logit_bias(items: list[str] | None) -> dict[int, float]:
@@ -91,21 +92,55 @@ def _logit_bias(items: list[str] | None) -> dict[int, float]:
     return out
 
 
+def _flagged() -> list:
+    """SamplingParams' fields that have a CLI flag, with the flag."""
+    from .types import SamplingParams
+
+    return [(f, f.metadata["flag"] or "--" + f.name.replace("_", "-"))
+            for f in dataclasses.fields(SamplingParams) if f.metadata.get("flag") is not None]
+
+
+def sampling_flags(p: argparse.ArgumentParser, max_new_tokens: int = 128) -> None:
+    """One flag per SamplingParams field, generated from the field: its type, default, doc, metavar, choices."""
+    for f, flag in _flagged():
+        default = f.default_factory() if callable(f.default_factory) else f.default
+        doc = f.metadata["doc"]
+        kw: dict = {"dest": f.name, "metavar": f.metadata["metavar"], "help": doc}
+        if f.name == "max_new_tokens":
+            default = max_new_tokens
+        if isinstance(default, bool):
+            p.add_argument(flag, action="store_true", dest=f.name, help=doc)
+            continue
+        if isinstance(default, (tuple, dict)):               # repeatable: items, or NAME=VALUE pairs
+            kind = int if "int" in str(f.type).split("[")[-1] and "tuple" in str(f.type) else str
+            p.add_argument(flag, action="append", type=kind, **kw)
+            continue
+        hint = str(f.type)
+        kind = int if hint.startswith("int") else float if hint.startswith("float") else str
+        if f.name == "max_new_tokens":
+            kind = _positive_int
+        p.add_argument(flag, type=kind, default=default, choices=f.metadata["choices"],
+                       **{**kw, "help": f"{doc} (default {default})" if default not in (None, "") else doc})
+
+
 def _params(args: argparse.Namespace):
+    """SamplingParams from the flags :func:`sampling_flags` made."""
     from .types import SamplingParams
 
     options = _options(args)
-    return SamplingParams(
-        max_new_tokens=args.max_new_tokens, ignore_eos=args.ignore_eos, temperature=args.temperature,
-        top_k=args.top_k, top_p=args.top_p, min_p=args.min_p, repetition_penalty=args.repetition_penalty,
-        presence_penalty=args.presence_penalty, frequency_penalty=args.frequency_penalty,
-        logit_bias=_logit_bias(args.logit_bias), seed=args.seed, strategy=args.strategy, stop=tuple(args.stop or ()),
-        stop_token_ids=tuple(args.stop_token_id or ()), deadline_s=args.deadline,
-        top_logprobs=args.top_logprobs, processors=tuple(args.processor or ()),
-        stop_conditions=tuple(args.stop_condition or ()),
-        options={k: v for k, v in options.items() if k not in (args.cost or [])},
-        context_policy=args.context_policy, protected_prefix=args.protected_prefix,
-    )
+    meters = getattr(args, "cost_meters", None) or []
+    special = {"logit_bias": lambda items: _logit_bias(items),
+               "options": lambda items: {k: v for k, v in options.items() if k not in meters},
+               "cost_meters": lambda items: {}}
+    kwargs = {}
+    for f, _ in _flagged():
+        value = getattr(args, f.name)
+        if f.name in special:
+            value = special[f.name](value)
+        elif isinstance(f.default, tuple):
+            value = tuple(value or ())
+        kwargs[f.name] = value
+    return SamplingParams(**kwargs)
 
 
 def _cmd_export(args: argparse.Namespace) -> int:
@@ -302,6 +337,8 @@ def _cmd_bench(args: argparse.Namespace) -> int:
         report = run_bench(engine, batches=args.batch, prompt_tokens=args.prompt_tokens, new_tokens=args.new,
                            repeat=args.repeat, chain=args.chain)
     print(report.table())
+    if report.hooks:
+        print(report.hook_table())
     if args.json:
         Path(args.json).write_text(json.dumps(report.to_dict(), indent=2) + "\n")
     return 0
@@ -429,39 +466,9 @@ def _parser() -> argparse.ArgumentParser:
                        help="which entry-point plugins load (default: NEXTOKEN_PLUGINS, else all)")
 
     def generation_options(p: argparse.ArgumentParser, max_new_tokens: int = 128) -> None:
-        p.add_argument("--max-new-tokens", type=_positive_int, default=max_new_tokens, metavar="N",
-                       help=f"most tokens to generate (default {max_new_tokens})")
-        p.add_argument("--ignore-eos", action="store_true", help="do not stop at EOS: generate exactly N tokens")
         p.add_argument("--json", action="store_true",
                        help="print one JSON object (text, token_ids, finish_reason, usage, cost, logprobs)")
-        p.add_argument("--strategy", default=None, help="decoding strategy (default: greedy at temperature 0, else sample)")
-        p.add_argument("--temperature", type=float, default=0.0, help="0 (default) is greedy; > 0 samples")
-        p.add_argument("--top-k", type=int, default=0, help="keep the k likeliest tokens (0: off)")
-        p.add_argument("--top-p", type=float, default=1.0, help="keep the likeliest tokens with this much mass (1: off)")
-        p.add_argument("--min-p", type=float, default=0.0, help="drop tokens under min-p x the top probability (0: off)")
-        p.add_argument("--repetition-penalty", type=float, default=1.0, help="penalise seen tokens (1: off)")
-        p.add_argument("--presence-penalty", type=float, default=0.0,
-                       help="subtract from the logit of every token generated so far, in [-2, 2] (0: off)")
-        p.add_argument("--frequency-penalty", type=float, default=0.0,
-                       help="subtract this times each token's count so far, in [-2, 2] (0: off)")
-        p.add_argument("--logit-bias", action="append", metavar="ID=BIAS",
-                       help="add BIAS in [-100, 100] to token ID's logit (repeatable; -100 bans it)")
-        p.add_argument("--seed", type=int, default=None, help="seed for reproducible sampling")
-        p.add_argument("--stop", action="append", metavar="TEXT", help="stop string (repeatable); cut from the text")
-        p.add_argument("--stop-token-id", action="append", type=int, metavar="ID", help="stop token id (repeatable)")
-        p.add_argument("--deadline", type=float, default=None, metavar="SECONDS", help="wall-time limit")
-        p.add_argument("--top-logprobs", type=int, default=None, metavar="N",
-                       help="each token's probability and the N likeliest alternatives")
-        p.add_argument("--processor", action="append", metavar="NAME", help="a plugin's logits processor (repeatable)")
-        p.add_argument("--stop-condition", action="append", metavar="NAME", help="a plugin's stop condition (repeatable)")
-        p.add_argument("--context-policy", choices=("error", "truncate", "slide"), default="error",
-                       help="when a sequence outgrows the window: refuse a prompt that does not fit (default), "
-                            "drop its oldest tokens, or slide the window during generation")
-        p.add_argument("--protected-prefix", type=int, default=0, metavar="N",
-                       help="leading prompt tokens truncate/slide never drop (e.g. the system prompt)")
-        p.add_argument("--cost", action="append", metavar="METER", help="charge with this cost meter (repeatable)")
-        p.add_argument("--option", action="append", metavar="NAME.KEY=VALUE",
-                       help="a plugin's own option, e.g. per_token.output_per_million=0.6 (repeatable)")
+        sampling_flags(p, max_new_tokens)
         plugin_options(p)
 
     p = sub.add_parser("export", help="export a Hugging Face model (hub id or local checkpoint) to a model package")
@@ -598,15 +605,8 @@ def _parser() -> argparse.ArgumentParser:
     generation_options(p, max_new_tokens=64)
     runtime_options(p)
     p.set_defaults(func=_cmd_demo)
+    parser.set_defaults(commands=dict(sub.choices))      # each command's own parser, for its usage on errors
     return parser
-
-
-def _subparsers(parser: argparse.ArgumentParser) -> dict[str, argparse.ArgumentParser]:
-    """Each command's own parser, by name."""
-    for action in parser._actions:          # argparse keeps them only here
-        if isinstance(action, argparse._SubParsersAction):
-            return dict(action.choices)
-    return {}
 
 
 def _version() -> str:
@@ -619,7 +619,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     """Run the CLI; returns the exit status."""
     parser = _parser()
     args, extra = parser.parse_known_args(argv)
-    command = _subparsers(parser).get(args.command, parser)
+    command = getattr(args, "commands", {}).get(args.command, parser)
     if extra:
         command.error(f"unrecognized arguments: {' '.join(extra)}")      # the command's usage, exit 2
     try:

@@ -88,7 +88,8 @@ def run_nextoken(a) -> dict:
         gen.completions()
         end = time.perf_counter()
         settings = _ort_settings(engine.session.get_session_options())
-        return _result(gen.first_token_time - gen.start, end - gen.start, a.batch, a.new, settings)
+        t = gen.timings()
+        return _result(t.first_token - t.start, end - t.start, a.batch, a.new, settings)
 
 
 def _hf_generate(model, prompts, new, torch):

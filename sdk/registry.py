@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import importlib
 import importlib.metadata
+import inspect
 import os
 import time
 import types
@@ -175,36 +176,38 @@ class Registry:
         return self._provided[kind]
 
     def _collect(self) -> dict[str, dict[str, Provided]]:
+        """Call each registration hook once, through pluggy (so its wrappers, tracing and hook
+        monitoring apply), and gather what every plugin registered, each piece named by the plugin
+        whose hook implementation registered it."""
         out: dict[str, dict[str, Provided]] = {kind: {} for kind in KINDS}
         for kind, hook_name in KINDS.items():
             caller = getattr(self.pm.hook, hook_name)
-            for impl in reversed(caller.get_hookimpls()):
-                plugin = impl.plugin_name
+            codes = _implementation_codes(caller)
+
+            def register(name: str, factory: Callable[..., Any], *, order: int = 100, auto: bool = False,
+                         description: str = "", _kind: str = kind, _codes: dict = codes) -> None:
+                plugin = _registering_plugin(_codes)
+                if not isinstance(name, str) or not name:
+                    raise PluginError(f"plugin {plugin!r} registered a {_kind} without a name")
+                if not callable(factory):
+                    raise PluginError(f"plugin {plugin!r} registered {_kind} {name!r} with a factory that is not callable")
+                existing = out[_kind].get(name)
+                if existing is not None:
+                    raise PluginError(
+                        f"{_kind} {name!r} is registered twice: by {existing.plugin!r} and by {plugin!r}; "
+                        f"leave one out ({ENV_PLUGINS}) or unregister it"
+                    )
+                doc = description or next(iter((factory.__doc__ or "").strip().splitlines()), "")
                 dist = self.distributions.get(plugin, "?")
+                out[_kind][name] = Provided(_kind, name, factory, plugin, dist, order, auto, doc)
 
-                def register(name: str, factory: Callable[..., Any], *, order: int = 100,
-                             auto: bool = False, description: str = "", _kind=kind, _plugin=plugin,
-                             _dist=dist) -> None:
-                    if not isinstance(name, str) or not name:
-                        raise PluginError(f"plugin {_plugin!r} registered a {_kind} without a name")
-                    if not callable(factory):
-                        raise PluginError(f"plugin {_plugin!r} registered {_kind} {name!r} with a factory that is not callable")
-                    existing = out[_kind].get(name)
-                    if existing is not None:
-                        raise PluginError(
-                            f"{_kind} {name!r} is registered twice: by {existing.plugin!r} and by {_plugin!r}; "
-                            f"leave one out ({ENV_PLUGINS}) or unregister it"
-                        )
-                    doc = description or next(iter((factory.__doc__ or "").strip().splitlines()), "")
-                    out[_kind][name] = Provided(_kind, name, factory, _plugin, _dist, order, auto, doc)
-
-                kwargs = {"register": register}
-                try:
-                    impl.function(*[kwargs[a] for a in impl.argnames])
-                except PluginError:
-                    raise
-                except Exception as exc:
-                    raise PluginError(f"plugin {plugin!r} failed in {hook_name}: {type(exc).__name__}: {exc}") from exc
+            try:
+                caller(register=register)
+            except PluginError:
+                raise
+            except Exception as exc:
+                raise PluginError(f"plugin {_blame(exc, caller)!r} failed in {hook_name}: "
+                                  f"{type(exc).__name__}: {exc}") from exc
         return out
 
     def listing(self) -> list[dict[str, Any]]:
@@ -236,10 +239,29 @@ class Registry:
             ) from exc
 
 
+def _implementation_codes(caller: pluggy.HookCaller) -> dict[types.CodeType, str]:
+    """The code object of each implementation of a hook, and the plugin it belongs to."""
+    functions = ((getattr(impl.function, "__func__", impl.function), impl.plugin_name) for impl in caller.get_hookimpls())
+    return {fn.__code__: name for fn, name in functions if isinstance(fn, types.FunctionType)}
+
+
+def _registering_plugin(codes: dict[types.CodeType, str]) -> str:
+    """The plugin whose hook implementation is calling ``register`` now (found on the stack)."""
+    frame = inspect.currentframe()
+    try:
+        while frame is not None:
+            name = codes.get(frame.f_code)
+            if name is not None:
+                return name
+            frame = frame.f_back
+    finally:
+        del frame
+    return "?"
+
+
 def _blame(exc: BaseException, caller: pluggy.HookCaller) -> str:
     """The plugin whose hook implementation raised ``exc`` (found in the traceback)."""
-    functions = ((getattr(impl.function, "__func__", impl.function), impl.plugin_name) for impl in caller.get_hookimpls())
-    codes = {fn.__code__: name for fn, name in functions if isinstance(fn, types.FunctionType)}
+    codes = _implementation_codes(caller)
     tb = exc.__traceback__
     blamed = "?"
     while tb is not None:

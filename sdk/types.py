@@ -79,53 +79,66 @@ def _logit_bias(value: Any) -> dict[int, float]:
     return out
 
 
+def _field(default: Any, doc: str, *, flag: str | None = "", metavar: str | None = None,
+           choices: Sequence[str] | None = None, api: str | None = "nextoken") -> Any:
+    """A SamplingParams field with its documentation, CLI flag ("" : ``--`` and the name with
+    dashes; None: none), metavar and choices, and where the server takes it (``api``)."""
+    meta = {"doc": doc, "flag": flag, "metavar": metavar, "choices": tuple(choices) if choices else None, "api": api}
+    if callable(default):
+        return field(default_factory=default, metadata=meta)
+    return field(default=default, metadata=meta)
+
+
 @dataclass(frozen=True)
 class SamplingParams:
     """How to generate: one typed object, validated when made, before any work.
 
-    ``max_new_tokens`` (>= 1) tokens at most per sequence. ``temperature`` 0 means greedy (the
-    default): the most likely token every time; above 0, tokens are sampled from
-    softmax(logits / temperature) after ``top_k`` (0: off), ``top_p`` (1: off), ``min_p`` (0: off).
-    ``repetition_penalty`` (1: off) divides positive logits of seen tokens and multiplies negative
-    ones. ``presence_penalty`` / ``frequency_penalty`` (0: off, each in [-2, 2], OpenAI's rule) subtract
-    from the logit of every token already generated: once, or once per time it was generated.
-    ``logit_bias`` maps token ids to a bias in [-100, 100] added to their logits (-100 bans a token).
-    ``seed`` makes sampling reproducible, per sequence, whatever batch it runs in.
-    ``strategy`` names the decoding strategy (None: ``greedy`` at temperature 0, else ``sample``).
-    ``stop`` strings (at most 64, each at most 1000 characters) end a sequence and are cut from its text; ``stop_token_ids`` and the model's EOS
-    ids (unless ``ignore_eos``) end it too; ``deadline_s`` bounds a request's wall time.
-    ``top_logprobs``: None (off), 0 (each token's own log-probability) or N (and the N likeliest).
-    ``processors`` / ``stop_conditions`` name third-party plugins to use; ``options`` holds each
-    plugin's own options by name; ``cost_meters`` maps meter names to their options.
-    ``context_policy``: what happens when a sequence outgrows the model's window (see
-    :data:`CONTEXT_POLICIES`); ``protected_prefix``: how many leading prompt tokens (e.g. the
-    system prompt) ``truncate`` and ``slide`` never drop. ``hook_timings``: time every plugin the
-    request uses (``usage.hook_ms``; off: nothing is timed and nothing is paid).
+    Each field carries its own documentation (below, and ``dataclasses.fields`` metadata
+    ``doc``), its CLI flag (``flag``) and where the server takes it (``api``: ``openai``, a top-level
+    OpenAI field; ``nextoken``, the request's ``nextoken`` object); the CLI's flags and the server's
+    schema are generated from them, and the ranges are checked here once.
     """
 
-    max_new_tokens: int = 128
-    temperature: float = 0.0
-    top_k: int = 0
-    top_p: float = 1.0
-    min_p: float = 0.0
-    repetition_penalty: float = 1.0
-    presence_penalty: float = 0.0
-    frequency_penalty: float = 0.0
-    logit_bias: Mapping[int, float] = field(default_factory=dict)
-    seed: int | None = None
-    strategy: str | None = None
-    stop: tuple[str, ...] = ()
-    stop_token_ids: tuple[int, ...] = ()
-    ignore_eos: bool = False
-    deadline_s: float | None = None
-    top_logprobs: int | None = None
-    processors: tuple[str, ...] = ()
-    stop_conditions: tuple[str, ...] = ()
-    options: Mapping[str, Mapping[str, Any]] = field(default_factory=dict)
-    cost_meters: Mapping[str, Mapping[str, Any]] = field(default_factory=dict)
-    context_policy: str = "error"
-    protected_prefix: int = 0
-    hook_timings: bool = False
+    max_new_tokens: int = _field(128, "(>= 1) tokens at most per sequence", metavar="N", api="openai")
+    temperature: float = _field(0.0, "0 means greedy (the most likely token every time); above 0, tokens are sampled "
+                                "from softmax(logits / temperature)", api="openai")
+    top_k: int = _field(0, "keep the k likeliest tokens (0: off)")
+    top_p: float = _field(1.0, "keep the likeliest tokens holding this much probability (1: off)", api="openai")
+    min_p: float = _field(0.0, "drop tokens under min_p x the top token's probability (0: off)")
+    repetition_penalty: float = _field(1.0, "divide positive logits of tokens seen (prompt and generated) and "
+                                       "multiply negative ones by this (1: off)")
+    presence_penalty: float = _field(0.0, "subtract from the logit of every token generated so far, in [-2, 2] "
+                                     "(0: off; OpenAI's rule)", api="openai")
+    frequency_penalty: float = _field(0.0, "subtract this times each token's count so far, in [-2, 2] (0: off)",
+                                      api="openai")
+    logit_bias: Mapping[int, float] = _field(dict, "add a bias in [-100, 100] to token ids' logits (-100 bans a "
+                                             "token); CLI: ID=BIAS, repeatable", metavar="ID=BIAS", api="openai")
+    seed: int | None = _field(None, "makes sampling reproducible, per sequence, whatever batch it runs in", api="openai")
+    strategy: str | None = _field(None, "the decoding strategy's name (default: greedy at temperature 0, else sample)")
+    stop: tuple[str, ...] = _field((), f"strings that end a sequence, cut from its text (at most {MAX_STOP_STRINGS}, "
+                                   f"each at most {MAX_STOP_LENGTH} characters)", metavar="TEXT", api="openai")
+    stop_token_ids: tuple[int, ...] = _field((), "token ids that end a sequence", flag="--stop-token-id", metavar="ID")
+    ignore_eos: bool = _field(False, "do not stop at the model's EOS ids: generate max_new_tokens")
+    deadline_s: float | None = _field(None, "a request's wall-time limit, seconds", flag="--deadline", metavar="SECONDS")
+    top_logprobs: int | None = _field(None, f"None (off), 0 (each token's own log-probability) or N <= "
+                                      f"{MAX_TOP_LOGPROBS} (and the N likeliest alternatives)", metavar="N", api=None)
+    processors: tuple[str, ...] = _field((), "third-party logits processors to use, by name", flag="--processor",
+                                         metavar="NAME")
+    stop_conditions: tuple[str, ...] = _field((), "third-party stop conditions to use, by name",
+                                              flag="--stop-condition", metavar="NAME")
+    options: Mapping[str, Mapping[str, Any]] = _field(dict, "each plugin's own options, by plugin name; CLI: "
+                                                      "NAME.KEY=VALUE, repeatable", flag="--option",
+                                                      metavar="NAME.KEY=VALUE")
+    cost_meters: Mapping[str, Mapping[str, Any]] = _field(dict, "cost meters to charge, with their options; CLI: a "
+                                                          "meter's name, repeatable (its options by --option)",
+                                                          flag="--cost", metavar="METER")
+    context_policy: str = _field("error", "when a sequence outgrows the window: error (refuse a prompt that does not "
+                                 "fit), truncate (drop its oldest tokens) or slide (the window, while generating)",
+                                 choices=CONTEXT_POLICIES)
+    protected_prefix: int = _field(0, "leading prompt tokens (e.g. the system prompt) truncate and slide never drop",
+                                   metavar="N")
+    hook_timings: bool = _field(False, "time every plugin the request uses (usage.hook_ms; off: nothing is timed "
+                                "and nothing is paid)")
 
     def __post_init__(self) -> None:
         def fail(msg: str) -> None:
@@ -203,6 +216,8 @@ class SamplingParams:
             else:
                 fail(f"{name} must be a plugin name or a list of them, not {type(value).__name__}")
             object.__setattr__(self, name, value)
+        if not isinstance(self.hook_timings, (bool, np.bool_)):
+            fail(f"hook_timings must be true or false, not {self.hook_timings!r}")
         object.__setattr__(self, "options", _frozen_options(self.options, "options"))
         object.__setattr__(self, "cost_meters", _frozen_options(self.cost_meters, "cost_meters"))
 
@@ -221,6 +236,18 @@ class SamplingParams:
             )
         return replace(self, **changes)
 
+
+
+def _document_fields(cls: type) -> None:
+    """Append each field's documentation to the class's (the one place it is written)."""
+    lines = []
+    for f in fields(cls):
+        default = f.default_factory() if callable(f.default_factory) else f.default  # type: ignore[misc]
+        lines.append(f"    ``{f.name}`` (default {default!r}): {f.metadata['doc']}.")
+    cls.__doc__ = (cls.__doc__ or "").rstrip() + "\n\n" + "\n".join(lines) + "\n"
+
+
+_document_fields(SamplingParams)
 
 @dataclass(frozen=True)
 class Stop:

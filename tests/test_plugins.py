@@ -13,6 +13,7 @@ import pytest
 import nextoken
 from nextoken import Engine, PluginError
 from nextoken.cost import project
+from nextoken.testing import CharTokenizer, FakeEngine, ScriptedModel
 from helpers import REPO, run_cli
 
 EXAMPLE = REPO / "examples" / "nextoken-example-plugin"
@@ -26,6 +27,15 @@ def _plugin(**hooks) -> types.SimpleNamespace:
 @pytest.fixture()
 def engine(tiny_llama):
     with Engine(tiny_llama[1], device="cpu", plugins=False) as e:
+        yield e
+
+
+@pytest.fixture()
+def fake():
+    """An engine over a scripted model (nextoken.testing): for plugin tests where weights add nothing."""
+    tokenizer = CharTokenizer()
+    model = ScriptedModel(lambda prompt, generated: 3 + len(generated) % 20, vocab_size=len(tokenizer.alphabet))
+    with FakeEngine(model, tokenizer=tokenizer) as e:
         yield e
 
 
@@ -72,7 +82,7 @@ def test_a_custom_strategy_by_name(engine):
     assert got.token_ids[0] == int(np.argsort(engine.forward(ids)[-1])[-2])
 
 
-def test_a_processor_that_raises_names_the_plugin_and_the_engine_goes_on(engine):
+def test_a_processor_that_raises_names_the_plugin_and_the_engine_goes_on(fake):
     def make_broken(params, options):
         def broken(logits, state):
             if state.step == 3:
@@ -80,49 +90,49 @@ def test_a_processor_that_raises_names_the_plugin_and_the_engine_goes_on(engine)
             return logits
         return broken
 
-    engine.register(_plugin(register_logits_processors=lambda register: register("broken", make_broken)), "bad-plugin")
+    fake.register(_plugin(register_logits_processors=lambda register: register("broken", make_broken)), "bad-plugin")
     with pytest.raises(PluginError, match=r"plugin 'bad-plugin' failed in logits_processor 'broken' "
                                           r"\(register_logits_processors\): RuntimeError: boom at step 3"):
-        engine.generate("abc", max_new_tokens=10, ignore_eos=True, processors=("broken",))
-    assert len(engine.generate("abc", max_new_tokens=5, ignore_eos=True).token_ids) == 5
+        fake.generate("abc", max_new_tokens=10, ignore_eos=True, processors=("broken",))
+    assert len(fake.generate("abc", max_new_tokens=5, ignore_eos=True).token_ids) == 5
 
 
-def test_a_factory_and_a_registration_that_raise(engine):
+def test_a_factory_and_a_registration_that_raise(fake):
     def make_bad(params, options):
         raise ValueError("bad options")
 
-    engine.register(_plugin(register_stop_conditions=lambda register: register("bad", make_bad)), "bad-factory")
+    fake.register(_plugin(register_stop_conditions=lambda register: register("bad", make_bad)), "bad-factory")
     with pytest.raises(PluginError, match="plugin 'bad-factory' failed in stop_condition 'bad'.*bad options"):
-        engine.generate("abc", stop_conditions=("bad",))
-    engine.unregister("bad-factory")
+        fake.generate("abc", stop_conditions=("bad",))
+    fake.unregister("bad-factory")
 
     def explode(register):
         raise KeyError("oops")
 
-    engine.register(_plugin(register_cost_meters=explode), "exploding")
+    fake.register(_plugin(register_cost_meters=explode), "exploding")
     with pytest.raises(PluginError, match="plugin 'exploding' failed in register_cost_meters"):
-        engine.generate("abc", max_new_tokens=2)
-    engine.unregister("exploding")
-    assert engine.generate("abc", max_new_tokens=2).token_ids
+        fake.generate("abc", max_new_tokens=2)
+    fake.unregister("exploding")
+    assert fake.generate("abc", max_new_tokens=2).token_ids
 
 
-def test_two_plugins_claiming_one_name(engine):
-    engine.register(_plugin(register_strategies=lambda register: register("greedy", lambda p, o: None)), "impostor")
+def test_two_plugins_claiming_one_name(fake):
+    fake.register(_plugin(register_strategies=lambda register: register("greedy", lambda p, o: None)), "impostor")
     with pytest.raises(PluginError, match="strategy 'greedy' is registered twice: by .* and by .*"):
-        engine.generate("abc")
-    engine.unregister("impostor")
+        fake.generate("abc")
+    fake.unregister("impostor")
 
 
-def test_lifecycle_observers(engine):
+def test_lifecycle_observers(fake):
     seen: list = []
     observer = _plugin(
         on_request_start=lambda state: seen.append(("start", state.request_id, len(state.prompts))),
         on_step=lambda state, tokens: seen.append(("step", state.step, tokens.shape)),
         on_request_end=lambda state, completions: seen.append(("end", [c.finish_reason for c in completions])),
     )
-    assert engine.start("abc").pipeline.on_step is None       # nobody listens: the loop skips the hook
-    engine.register(observer, "observer")
-    engine.generate(["abc", "de"], max_new_tokens=4, ignore_eos=True)
+    assert fake.start("abc").pipeline.on_step is None       # nobody listens: the loop skips the hook
+    fake.register(observer, "observer")
+    fake.generate(["abc", "de"], max_new_tokens=4, ignore_eos=True)
     assert seen[0][0] == "start" and seen[0][2] == 2
     assert [s[1] for s in seen if s[0] == "step"] == [1, 2, 3, 4]
     assert seen[-1] == ("end", ["length", "length"])
@@ -130,11 +140,11 @@ def test_lifecycle_observers(engine):
     def broken_step(state, tokens):
         raise ValueError("observer broke")
 
-    engine.register(_plugin(on_step=broken_step), "broken-observer")
+    fake.register(_plugin(on_step=broken_step), "broken-observer")
     with pytest.raises(PluginError, match="plugin 'broken-observer' failed in on_step: ValueError: observer broke"):
-        engine.generate("abc", max_new_tokens=3)
-    engine.unregister("broken-observer")
-    assert engine.generate("abc", max_new_tokens=3).token_ids
+        fake.generate("abc", max_new_tokens=3)
+    fake.unregister("broken-observer")
+    assert fake.generate("abc", max_new_tokens=3).token_ids
 
 
 def test_a_package_can_name_its_tokenizer(tiny_llama, tmp_path):

@@ -1,0 +1,332 @@
+"""One loop: the public step API, the KV backends behind one protocol, per-hook timings, the test
+double for plugin authors, registration through pluggy, and the layout's rules (no module reads
+another's private names; no import cycles; the runtime never imports exporters or tooling)."""
+
+from __future__ import annotations
+
+import ast
+import pathlib
+
+import numpy as np
+import pluggy
+import pytest
+
+import nextoken
+from nextoken import Engine, InvalidRequestError, PluginError, Scheduler
+from nextoken.kvbackends import for_request
+from nextoken.testing import CharTokenizer, FakeEngine, ScriptedModel
+from helpers import REPO, run_cli
+
+PROMPT = "A much longer prompt than the first"
+
+
+# -- the step API ------------------------------------------------------------------------------------
+
+def _drive(engine: Engine, prompts, **kw):
+    """A request driven by hand through the public step API, as any driver would."""
+    gen = engine.start(prompts, **kw)
+    gen.hand_over()
+    assert list(gen) == []                                  # handed over: iterating it runs nothing
+    gen.begin()
+    longest = max(len(p) for p in gen.state.prompts)
+    kv = for_request(engine.runner, gen.state.batch_size, longest + gen.params.max_new_tokens, engine.pad_token_id)
+    pre = kv.prefill(gen.state.prompts)
+    kv.join(pre)
+    gen.prefilled(pre.seconds)
+    logits, events = pre.logits, []
+    while True:
+        tokens, step_events = gen.advance(logits)
+        events += step_events
+        if gen.finished:
+            break
+        logits = kv.decode(tokens, gen.state.alive)
+    return gen.end(pre.seconds, kv.nbytes()), events
+
+
+@pytest.mark.parametrize("kw", [dict(), dict(temperature=0.8, top_k=20, seed=7, stop=["e"])])
+def test_a_request_driven_through_the_step_api_equals_generate(llama_engine, kw):
+    prompts = [PROMPT, "Hello there"]
+    by_hand, events = _drive(llama_engine, prompts, max_new_tokens=12, **kw)
+    alone = llama_engine.generate(prompts, max_new_tokens=12, **kw)
+    assert [c.token_ids for c in by_hand] == [c.token_ids for c in alone]
+    assert [c.text for c in by_hand] == [c.text for c in alone]
+    assert "".join(e.text for e in events if e.index == 0) == alone[0].text
+
+
+def test_a_handed_over_request_cannot_be_run_twice(llama_engine):
+    gen = llama_engine.start(PROMPT, max_new_tokens=2)
+    next(iter(gen))
+    with pytest.raises(InvalidRequestError, match="already running"):
+        gen.hand_over()
+
+
+def test_cancel_ends_every_live_sequence_with_its_reason(llama_engine):
+    gen = llama_engine.start([PROMPT, "Hi"], max_new_tokens=20)
+    gen.hand_over()
+    events = gen.cancel()
+    assert gen.finished and [e.finish_reason for e in events] == ["cancelled", "cancelled"]
+
+
+def test_the_scheduler_and_generate_run_one_backend_protocol(llama_engine, optimum_engine):
+    assert Scheduler(llama_engine).kv.name == "slots" and Scheduler(optimum_engine).kv.name == "concat"
+    assert type(for_request(llama_engine.runner, 1, 32, 0)).__name__ == "SlotBackend"
+    assert type(for_request(optimum_engine.runner, 1, 32, 0)).__name__ == "ConcatBackend"
+
+
+def test_cached_forward_decodes_through_the_generation_backend(llama_engine):
+    ids = llama_engine.encode(PROMPT)
+    full, step = llama_engine.forward(ids), llama_engine.forward(ids, cached=True)
+    assert step.shape == (1, llama_engine.manifest.vocab_size)
+    np.testing.assert_allclose(step[0], full[-1], atol=1e-4)
+    with pytest.raises(InvalidRequestError, match="at least two token ids"):
+        llama_engine.forward(ids[:1], cached=True)
+
+
+# -- per-hook timings ----------------------------------------------------------------------------------
+
+CHAIN = dict(temperature=0.8, top_k=20, top_p=0.9, repetition_penalty=1.1, seed=0, stop=["zzz"])
+
+
+def test_hook_timings_name_every_plugin_the_request_used(llama_engine):
+    got = llama_engine.generate(PROMPT, max_new_tokens=8, hook_timings=True, **CHAIN)
+    hooks = got.usage.hook_ms
+    for key in ("logits_processor:temperature", "logits_processor:top_k", "logits_processor:top_p",
+                "logits_processor:repetition_penalty", "strategy:sample", "stop_condition:stop_strings",
+                "stop_condition:max_new_tokens", "tokenizer:decode"):
+        assert key in hooks, (key, sorted(hooks))
+    assert all(v >= 0 for v in hooks.values()) and sum(hooks.values()) < got.usage.wall_ms
+    # the same tokens as without timings: timing watches, it changes nothing
+    assert got.token_ids == llama_engine.generate(PROMPT, max_new_tokens=8, **CHAIN).token_ids
+
+
+def test_without_hook_timings_nothing_is_wrapped(llama_engine):
+    gen = llama_engine.start(PROMPT, max_new_tokens=4, **CHAIN)
+    assert gen.pipeline.seconds is None
+    pieces = gen.pipeline.processors + [gen.pipeline.strategy]
+    assert all("_timed" not in getattr(p.fn, "__qualname__", "") for p in pieces)
+    assert gen.completions()[0].usage.hook_ms is None
+    with pytest.raises(InvalidRequestError, match="hook_timings must be true or false"):
+        nextoken.SamplingParams(hook_timings="yes")
+
+
+def test_bench_chain_prints_the_per_hook_table(tiny_llama):
+    out = run_cli("bench", str(tiny_llama[1]), "--chain", "--batch", "1,2", "--prompt-tokens", "8", "--new", "8",
+                  "--repeat", "1")
+    assert out.returncode == 0, out.stderr
+    assert "per hook, ms per decode step" in out.stdout
+    for key in ("logits_processor:top_k", "strategy:sample", "tokenizer:decode", "all plugins"):
+        assert key in out.stdout, out.stdout
+
+
+# -- the test double -----------------------------------------------------------------------------------
+
+def test_a_scripted_model_runs_the_real_loop():
+    model = ScriptedModel([5, 6, 7, 2], vocab_size=16)
+    with FakeEngine(model, eos_token_ids=(2,)) as engine:
+        got = engine.generate([1, 3], max_new_tokens=8)
+        assert got.token_ids == [5, 6, 7, 2] and got.finish_reason == "stop"
+        assert model.prefills == 1 and model.decode_steps == 3 and model.seen == [[1, 3, 5, 6, 7]]
+        batch = engine.generate([[1, 3], [4]], max_new_tokens=3, temperature=0.5, seed=4)
+        assert batch[1].token_ids == engine.generate([4], max_new_tokens=3, temperature=0.5, seed=4).token_ids
+
+
+def test_a_plugin_tested_on_the_scripted_model():
+    """What a plugin author writes: a processor that bans a token, checked in milliseconds."""
+    def make_ban(params, options):
+        banned = options.get("token", 6)
+
+        def ban(logits, state):
+            logits = logits.copy()
+            logits[:, banned] = -np.inf
+            return logits
+        return ban
+
+    plugin = type("Ban", (), {"register_logits_processors": nextoken.hookimpl(
+        lambda self, register: register("ban", make_ban))})()
+    tokenizer = CharTokenizer()
+    model = ScriptedModel(lambda prompt, generated: tokenizer.encode("abab")[len(generated) % 4],
+                          vocab_size=len(tokenizer.alphabet))
+    with FakeEngine(model, tokenizer=tokenizer, extra_plugins=[plugin]) as engine:
+        free = engine.generate("hi", max_new_tokens=4)
+        banned = engine.generate("hi", max_new_tokens=4, processors=["ban"], options={"ban": {"token": tokenizer.encode("b")[0]}})
+        assert free.text == "abab" and "b" not in banned.text and banned.text.startswith("a")
+        stopped = engine.generate("hi", max_new_tokens=10, stop=["ba"])
+        assert stopped.text == "a" and stopped.finish_reason == "stop"
+
+
+# -- registration through pluggy -------------------------------------------------------------------------
+
+def test_registration_hooks_run_through_pluggy_wrappers_and_monitoring(tiny_llama):
+    seen = []
+
+    class Wrapper:
+        @nextoken.hookimpl(wrapper=True)
+        def register_strategies(self, register):
+            seen.append("wrapper before")
+            result = yield
+            seen.append("wrapper after")
+            return result
+
+    with Engine(tiny_llama[1], plugins=False) as engine:
+        calls = []
+        undo = engine.plugins.pm.add_hookcall_monitoring(
+            lambda name, impls, kwargs: calls.append(name), lambda outcome, name, impls, kwargs: None)
+        engine.register(Wrapper())                      # what is provided is collected again, through pluggy
+        assert engine.generate(PROMPT, max_new_tokens=2).token_ids
+        undo()
+        assert seen == ["wrapper before", "wrapper after"]
+        assert {"register_strategies", "register_logits_processors"} <= set(calls)
+        rows = {r["plugin"]: r for r in engine.plugins.listing()}
+        assert rows["nextoken.plugins.sampling"]["provides"]["strategy"] == ["greedy", "sample"]
+
+
+def test_a_registration_that_raises_is_blamed_on_its_plugin(tiny_llama):
+    def explode(register):
+        raise KeyError("oops")
+
+    with Engine(tiny_llama[1], plugins=False) as engine:
+        engine.register(type("P", (), {"register_strategies": nextoken.hookimpl(lambda self, register: explode(register))})(),
+                        "exploding")
+        with pytest.raises(PluginError, match="plugin 'exploding' failed in register_strategies: KeyError"):
+            engine.generate(PROMPT, max_new_tokens=2)
+
+
+# -- the layout's rules ----------------------------------------------------------------------------------
+
+ROOTS = {"sdk": "nextoken", "plugins": "nextoken.plugins", "exporters": "nextoken.exporters"}
+#: The runtime: what a deployed engine imports. Tooling (bench, peers, the planner, cost projection),
+#: serving, the CLI and the exporters sit above it.
+RUNTIME = {"nextoken." + m for m in ("chat", "device", "dtypes", "engine", "errors", "generation", "hookspecs",
+                                     "kvbackends", "kvcache", "manifest", "ortbind", "probes", "registry",
+                                     "scheduler", "tokenizer", "types")}
+#: Private names read on purpose, with why: onnxruntime's own, kept in the one module made for them.
+ALLOWED_PRIVATE = {("ortbind.py", "_iobinding"), ("ortbind.py", "_ortvalue"), ("ortbind.py", "_get_c_device")}
+
+
+def _modules() -> dict[str, pathlib.Path]:
+    mods = {}
+    for folder, package in ROOTS.items():
+        for path in sorted((REPO / folder).glob("*.py")):
+            mods[package if path.stem == "__init__" else f"{package}.{path.stem}"] = path
+    return mods
+
+
+def _imports(name: str, path: pathlib.Path, mods: dict[str, pathlib.Path]) -> set[str]:
+    """nextoken modules ``name`` imports anywhere (lazy imports too), leaving out TYPE_CHECKING blocks."""
+    tree = ast.parse(path.read_text())
+    skip = {id(n) for node in ast.walk(tree) if isinstance(node, ast.If) and "TYPE_CHECKING" in ast.unparse(node.test)
+            for n in ast.walk(node)}
+    package = name if path.stem == "__init__" else name.rsplit(".", 1)[0]
+    out = set()
+    for node in ast.walk(tree):
+        if id(node) in skip:
+            continue
+        if isinstance(node, ast.ImportFrom):
+            base = package
+            for _ in range(max(node.level - 1, 0)):
+                base = base.rsplit(".", 1)[0]
+            target = (f"{base}.{node.module}" if node.module else base) if node.level else (node.module or "")
+            for alias in node.names:
+                full = f"{target}.{alias.name}"
+                out.add(full if full in mods else target)
+        elif isinstance(node, ast.Import):
+            out.update(a.name for a in node.names)
+    return {m for m in out if m in mods and m != name}
+
+
+def test_the_import_graph_has_no_cycles_and_the_runtime_imports_nothing_above_it():
+    mods = _modules()
+    graph = {m: _imports(m, p, mods) for m, p in mods.items()}
+    state: dict[str, int] = {}
+
+    def visit(node: str, path: list[str]) -> None:
+        state[node] = 1
+        for nxt in sorted(graph[node]):
+            if state.get(nxt) == 1:
+                raise AssertionError("import cycle: " + " -> ".join(path[path.index(nxt):] + [node, nxt]))
+            if nxt not in state:
+                visit(nxt, path + [node])
+        state[node] = 2
+
+    for module in sorted(graph):
+        if module not in state:
+            visit(module, [])
+    for module in sorted(RUNTIME):
+        above = graph[module] - RUNTIME
+        assert not above, f"{module} (runtime) imports {sorted(above)}"
+
+
+def test_no_module_reads_another_modules_private_names():
+    problems = []
+    for path in _modules().values():
+        tree = ast.parse(path.read_text())
+        own = {n.name for n in ast.walk(tree) if isinstance(n, (ast.FunctionDef, ast.ClassDef, ast.AsyncFunctionDef))}
+        own |= {n.attr for n in ast.walk(tree) if isinstance(n, ast.Attribute) and isinstance(n.value, ast.Name)
+                and n.value.id == "self"}
+        for node in ast.walk(tree):
+            if isinstance(node, ast.Attribute) and node.attr.startswith("_") and not node.attr.startswith("__"):
+                mine = isinstance(node.value, ast.Name) and node.value.id in ("self", "cls")
+                if not mine and node.attr not in own and (path.name, node.attr) not in ALLOWED_PRIVATE:
+                    problems.append(f"{path.relative_to(REPO)}:{node.lineno} reads {ast.unparse(node)}")
+            if isinstance(node, ast.ImportFrom) and (node.module or "").startswith(("nextoken", "")) and node.level:
+                problems += [f"{path.relative_to(REPO)}:{node.lineno} imports {a.name}" for a in node.names
+                             if a.name.startswith("_") and not a.name.startswith("__")]
+    assert not problems, "\n".join(problems)
+
+
+def test_builtin_plugins_import_only_the_public_api():
+    for path in sorted((REPO / "plugins").glob("*.py")):
+        tree = ast.parse(path.read_text())
+        for node in ast.walk(tree):
+            if isinstance(node, ast.ImportFrom) and (node.module or "").startswith("nextoken"):
+                assert node.module == "nextoken", f"{path.name} imports from {node.module}: use the nextoken API"
+            if isinstance(node, ast.Import):
+                assert all(a.name == "nextoken" or not a.name.startswith("nextoken") for a in node.names), path.name
+
+
+def test_pluggy_is_what_the_registry_calls():
+    assert isinstance(nextoken.Registry(False).pm, pluggy.PluginManager)
+
+
+def test_memory_figures_are_the_process_s_and_sampled_outside_the_loop(llama_engine, monkeypatch):
+    """Requests never reset the process's peak (under the scheduler an admission would reset every
+    running request's figure), and the scheduler reads /proc at most once a second, not once a request."""
+    from nextoken import probes
+
+    reads = []
+    real = probes.peak_rss_bytes
+    monkeypatch.setattr(probes, "reset_peak_rss", lambda: pytest.fail("a request reset the process's peak"))
+    monkeypatch.setattr(probes, "peak_rss_bytes", lambda: reads.append(1) or real())
+    alone = llama_engine.generate(PROMPT, max_new_tokens=4)
+    assert alone.usage.peak_memory_bytes and len(reads) == 1
+    reads.clear()
+    scheduler = Scheduler(llama_engine, max_batch=4)
+    handles = [scheduler.submit(PROMPT, max_new_tokens=3 + i) for i in range(8)]
+    while scheduler.step():
+        pass
+    assert all(h.result().usage.peak_memory_bytes for h in handles) and len(reads) <= 2
+
+
+def test_request_fields_are_defined_once_and_the_cli_and_server_follow(tiny_llama):
+    """SamplingParams' field metadata makes the CLI flags and the server's nextoken object."""
+    import dataclasses
+
+    from nextoken.api_schema import NEXTOKEN_FIELDS, NextokenOptions
+
+    fields = dataclasses.fields(nextoken.SamplingParams)
+    out = run_cli("generate", "--help")
+    for f in fields:
+        assert f.metadata["doc"] and f.metadata["doc"][:30].split()[0] in (nextoken.SamplingParams.__doc__ or "")
+        if f.metadata["flag"] is not None:
+            flag = f.metadata["flag"] or "--" + f.name.replace("_", "-")
+            assert flag in out.stdout, flag
+    assert set(NEXTOKEN_FIELDS) == {f.name for f in fields if f.metadata["api"] == "nextoken"}
+    assert set(NEXTOKEN_FIELDS) <= set(NextokenOptions.model_fields)
+    assert {"stop_token_ids", "hook_timings"} <= set(NEXTOKEN_FIELDS)
+    got = run_cli("generate", str(tiny_llama[1]), "Hello", "--max-new-tokens", "3", "--hook-timings", "--json",
+                  "--stop-token-id", "99999", "--temperature", "0.5", "--seed", "1")
+    assert got.returncode == 0, got.stderr
+    import json
+
+    usage = json.loads(got.stdout)["usage"]
+    assert usage["completion_tokens"] == 3 and "strategy:sample" in usage["hook_ms"]
