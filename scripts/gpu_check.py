@@ -142,7 +142,7 @@ def scheduler_parity(key: str, pkg: Path, device: str, reference_device: str, to
 def bench(packages: dict[str, Path], device: str, batches: tuple[int, ...], prompt: int, new: int,
           repeat: int) -> list[dict]:
     from nextoken import Engine
-    from nextoken.bench import run_bench
+    from nextoken.tools.bench import run_bench
 
     rows = []
     runs = []
@@ -181,7 +181,7 @@ def bench_genai(python: str, checkpoint: Path, work: Path, batches, prompt: int,
             say(f"genai {precision}: could not build ({exc})")
             continue
         for batch in batches:
-            done = subprocess.run([python, str(REPO / "sdk" / "peers.py"), "genai", "--model", str(target),
+            done = subprocess.run([python, str(REPO / "sdk" / "tools" / "peers.py"), "genai", "--model", str(target),
                                    "--batch", str(batch), "--prompt", str(prompt), "--new", str(new)],
                                   capture_output=True, text=True)
             if done.returncode != 0:

@@ -1,6 +1,6 @@
 """What the process and its GPU hold now, read from the OS and the driver: resident memory and its
 peak (/proc), and a CUDA device's memory (NVML). The runtime samples these around requests; the
-planner (:mod:`nextoken.memory`) uses them to check its figures."""
+planner (:mod:`nextoken.tools.memory`) uses them to check its figures."""
 
 from __future__ import annotations
 

@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-from nextoken.cost import per_answer_from_bench, per_answer_from_tokens, project
+from nextoken.tools.cost import per_answer_from_bench, per_answer_from_tokens, project
 from helpers import run_cli
 
 
@@ -103,7 +103,7 @@ def test_gguf_conversion_for_the_llamacpp_contender(tiny_llama, tmp_path):
     import numpy as np
     from safetensors.numpy import load_file
 
-    from nextoken import bench
+    from nextoken.tools import bench
 
     out = tmp_path / "m.gguf"
     peers = str(Path(bench.__file__).with_name("peers.py"))
@@ -187,7 +187,7 @@ def test_bench_settings_reach_onnxruntime_genai(tmp_path):
     model.mkdir()
     (model / "genai_config.json").write_text(json.dumps({"model": {"vocab_size": 300}}))
     record = tmp_path / "overlay.json"
-    out = subprocess.run([sys.executable, str(REPO / "sdk" / "peers.py"), "genai", "--model", str(model),
+    out = subprocess.run([sys.executable, str(REPO / "sdk" / "tools" / "peers.py"), "genai", "--model", str(model),
                           "--batch", "1", "--prompt", "4", "--new", "4", "--threads", "3", "--spin"],
                          capture_output=True, text=True, env={"PYTHONPATH": str(stub), "GENAI_STUB_RECORD": str(record),
                                                               "PATH": "/usr/bin:/bin"})

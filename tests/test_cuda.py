@@ -18,7 +18,8 @@ import numpy as np
 import pytest
 
 from nextoken import Engine
-from nextoken import memory, probes
+from nextoken import probes
+from nextoken.tools import memory
 from nextoken.device import cuda_status
 
 CUDA_OK, CUDA_WHY = cuda_status(0)

@@ -175,12 +175,14 @@ def test_with_a_driver_but_no_cuda_libraries_the_reason_says_what_to_install(tmp
 
 def test_cli_runtime_options_reach_the_engine_and_the_server(monkeypatch):
     """--spin and --tf32 are runtime options of every command that loads a model, serve included."""
-    from nextoken import cli, engine, server
+    from nextoken import cli, engine
+    from nextoken.cli.common import open_engine
+    from nextoken.serving import server
 
     engines, serves = [], []
     monkeypatch.setattr(engine, "Engine", lambda *a, **k: engines.append(k))
-    cli._engine(cli._parser().parse_args(["generate", "pkg", "hi", "--tf32", "--spin"]))
-    cli._engine(cli._parser().parse_args(["generate", "pkg", "hi"]))
+    open_engine(cli._parser().parse_args(["generate", "pkg", "hi", "--tf32", "--spin"]))
+    open_engine(cli._parser().parse_args(["generate", "pkg", "hi"]))
     assert [(k["tf32"], k["spin"]) for k in engines] == [(True, True), (None, None)]   # None: the environment's
     monkeypatch.setattr(server, "serve", lambda *a, **k: serves.append(k))
     assert cli.main(["serve", "pkg", "--no-tf32", "--spin"]) == 0

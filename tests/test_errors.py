@@ -230,7 +230,7 @@ def test_cached_packages_are_keyed_by_what_they_are(tmp_path, tiny_llama):
 
 
 def test_control_characters_are_escaped_on_a_terminal():
-    from nextoken.cli import _printable
+    from nextoken.cli.common import printable as _printable
 
     assert _printable("a\x1b[31mb\nc\td\x00") == "a\\x1b[31mb\nc\td\\x00"
 

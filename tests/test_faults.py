@@ -354,7 +354,7 @@ def test_the_server_keeps_serving_around_a_faulty_request(tiny_llama):
 
     from fastapi.testclient import TestClient
 
-    from nextoken.server import create_app
+    from nextoken.serving.server import create_app
 
     with Engine(tiny_llama[1], device="cpu", plugins=False, extra_plugins=[Faulty()]) as engine:
         alone = [engine.generate(p, **KW).token_ids for p in PROMPTS]

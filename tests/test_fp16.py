@@ -13,7 +13,7 @@ import pytest
 
 from nextoken import Engine, ExportError
 from nextoken.exporters import FP16_RTOL, export
-from nextoken.memory import plan_memory
+from nextoken.tools.memory import plan_memory
 from helpers import run_cli
 
 

@@ -9,7 +9,7 @@ import sys
 import pytest
 
 from nextoken import Engine, InvalidRequestError
-from nextoken.memory import ModelSpec, count_parameters, plan_memory
+from nextoken.tools.memory import ModelSpec, count_parameters, plan_memory
 from helpers import REPO, run_cli
 
 CONFIGS = REPO / "tests" / "data" / "configs"

@@ -16,7 +16,8 @@ FOLDERS = {"nextoken": "sdk", "nextoken.plugins": "plugins", "nextoken.exporters
 
 
 def _modules(folder: Path, package: str) -> set[str]:
-    return {f"{package}/{p.name}" for p in folder.glob("*.py")}
+    """Every module under ``folder``, subpackages included (cli/, serving/, tools/), as the wheel names them."""
+    return {f"{package}/{p.relative_to(folder).as_posix()}" for p in folder.rglob("*.py")}
 
 
 def test_imports_resolve_to_the_source_folders():

@@ -12,7 +12,7 @@ import pytest
 
 import nextoken
 from nextoken import Engine, PluginError
-from nextoken.cost import project
+from nextoken.tools.cost import project
 from nextoken.testing import CharTokenizer, FakeEngine, ScriptedModel
 from helpers import REPO, run_cli
 

@@ -17,7 +17,7 @@ def test_two_replicas_serve_the_openai_api(stories_package):
     from ray import serve
 
     from nextoken import Engine
-    from nextoken.ray_serve import serve_ray
+    from nextoken.serving.ray_serve import serve_ray
 
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))

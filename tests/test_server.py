@@ -14,7 +14,7 @@ import pytest
 
 import nextoken
 from nextoken import Engine, Scheduler
-from nextoken.server import create_app
+from nextoken.serving.server import create_app
 from helpers import with_chat_template
 
 KEY = "test-key"

@@ -206,8 +206,10 @@ ALLOWED_PRIVATE = {("ortbind.py", "_iobinding"), ("ortbind.py", "_ortvalue"), ("
 def _modules() -> dict[str, pathlib.Path]:
     mods = {}
     for folder, package in ROOTS.items():
-        for path in sorted((REPO / folder).glob("*.py")):
-            mods[package if path.stem == "__init__" else f"{package}.{path.stem}"] = path
+        for path in sorted((REPO / folder).rglob("*.py")):
+            parts = path.relative_to(REPO / folder).with_suffix("").parts
+            parts = parts[:-1] if parts[-1] == "__init__" else parts
+            mods[".".join((package,) + parts)] = path
     return mods
 
 
@@ -311,7 +313,7 @@ def test_request_fields_are_defined_once_and_the_cli_and_server_follow(tiny_llam
     """SamplingParams' field metadata makes the CLI flags and the server's nextoken object."""
     import dataclasses
 
-    from nextoken.api_schema import NEXTOKEN_FIELDS, NextokenOptions
+    from nextoken.serving.api_schema import NEXTOKEN_FIELDS, NextokenOptions
 
     fields = dataclasses.fields(nextoken.SamplingParams)
     out = run_cli("generate", "--help")

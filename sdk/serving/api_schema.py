@@ -16,7 +16,7 @@ from typing import Any, Dict, List, Optional, Union
 
 from pydantic import BaseModel, ConfigDict, Field, create_model
 
-from .types import MAX_TOP_LOGPROBS, SamplingParams
+from ..types import MAX_TOP_LOGPROBS, SamplingParams
 
 __all__ = ["NEXTOKEN_FIELDS", "REFUSED", "CompletionRequest", "ChatRequest", "NextokenOptions"]
 
@@ -38,7 +38,7 @@ class StreamOptions(_Strict):
 
 
 def _nextoken_options() -> type:
-    from . import types      # SamplingParams.__module__ is "nextoken": read its hints where they were written
+    from .. import types      # SamplingParams.__module__ is "nextoken": read its hints where they were written
 
     hints = typing.get_type_hints(SamplingParams, globalns=vars(types))
     fields = {name: (Optional[hints[name]], None) for name in NEXTOKEN_FIELDS}

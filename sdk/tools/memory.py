@@ -10,8 +10,8 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any, Mapping
 
-from .errors import InvalidRequestError, ModelPackageError
-from .probes import GPUMemory, gpu_memory, meminfo_bytes, peak_rss_bytes, reset_peak_rss
+from ..errors import InvalidRequestError, ModelPackageError
+from ..probes import GPUMemory, gpu_memory, meminfo_bytes, peak_rss_bytes, reset_peak_rss
 
 __all__ = ["ModelSpec", "MemoryPlan", "plan_memory", "count_parameters", "device_capacity", "DTYPE_BYTES", "measure_peak",
            "GPUMemory", "gpu_memory"]
@@ -83,7 +83,7 @@ class ModelSpec:
         config.json alone is fetched, which needs network access and the ``export`` extra)."""
         path = Path(source).expanduser()
         if path.is_dir() and (path / "nextoken.json").is_file():
-            from .manifest import Manifest
+            from ..manifest import Manifest
 
             manifest = Manifest.load(path)
             if not (path / "config.json").is_file():
@@ -115,8 +115,8 @@ class ModelSpec:
 
 def _builder_covers(config: Mapping[str, Any]) -> bool:
     """Whether ``nextoken export`` writes this model with its own (fused) builder."""
-    from .errors import ExportError
-    from .exporters.builder import covers
+    from ..errors import ExportError
+    from ..exporters.builder import covers
 
     try:
         covers(dict(config))
@@ -312,7 +312,7 @@ def measure_peak(package: str | os.PathLike, batch: int, context: int, threads: 
     over its whole life (loading included). Meant for a fresh process (``nextoken memory --measure``)."""
     import numpy as np
 
-    from .engine import Engine
+    from ..engine import Engine
 
     if context <= new_tokens:
         raise InvalidRequestError(f"context must be > {new_tokens} to measure")

@@ -8,7 +8,7 @@ chat template), with ``stream: true`` as server-sent events ending in ``data: [D
 request (``top_k``, ``min_p``, ``repetition_penalty``, ``strategy``, ``processors``,
 ``stop_conditions``, ``options``, ``cost_meters``, ``context_policy``, ``protected_prefix``,
 ``ignore_eos``), and each response carries a ``nextoken`` object (its full usage, cost, and the
-exact stop detail). Bodies are validated against typed schemas (:mod:`nextoken.api_schema`);
+exact stop detail). Bodies are validated against typed schemas (:mod:`nextoken.serving.api_schema`);
 client mistakes are OpenAI-shaped errors with 4xx codes, OpenAI parameters nextoken does not
 implement are refused by name, and the body limit holds while a chunked upload is read. A client
 that disconnects cancels its request (one log line, no traceback).
@@ -28,13 +28,13 @@ import uuid
 from pathlib import Path
 from typing import Any
 
-from .errors import InvalidRequestError, ModelPackageError, NextokenError, PluginError, SchedulerStoppedError
-from .types import Completion, SamplingParams
-from .scheduler import RequestHandle, Scheduler
+from ..errors import InvalidRequestError, ModelPackageError, NextokenError, PluginError, SchedulerStoppedError
+from ..types import Completion, SamplingParams
+from ..scheduler import RequestHandle, Scheduler
 
 __all__ = ["create_app", "serve", "sampling_defaults"]
 
-log = logging.getLogger("nextoken.server")
+log = logging.getLogger("nextoken.serving.server")
 
 #: OpenAI's finish reasons for nextoken's.
 FINISH = {"stop": "stop", "length": "length", "context": "length", "deadline": "length", "cancelled": "stop"}
@@ -435,7 +435,7 @@ def serve(package: str, host: str = "127.0.0.1", port: int = 8000, max_batch: in
         raise NextokenError("serving needs FastAPI and uvicorn: pip install 'nextoken[serve]'") from None
     from pathlib import Path
 
-    from .engine import Engine
+    from ..engine import Engine
 
     engine = Engine(package, device=device, threads=threads, spin=spin, tf32=tf32)
     name = model_name or Path(package).resolve().name

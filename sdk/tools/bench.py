@@ -15,9 +15,9 @@ from typing import Any, Sequence
 
 import numpy as np
 
-from .engine import Engine
-from .errors import InvalidRequestError, NextokenError
-from .types import SamplingParams
+from ..engine import Engine
+from ..errors import InvalidRequestError, NextokenError
+from ..types import SamplingParams
 
 __all__ = ["run_bench", "BenchRow", "BenchReport", "CHAIN", "run_compare", "CompareReport", "PeerRow", "PEERS"]
 
@@ -365,7 +365,7 @@ def run_compare(model: str, contenders: Sequence[str], batches: Sequence[int] = 
     from, when ``model`` is a package that does not record it (e.g. one from ``import-genai``)."""
     from nextoken.exporters.hf import cache_key
 
-    from .manifest import Manifest
+    from ..manifest import Manifest
 
     say = progress or (lambda _m: None)
     threads = threads or os.cpu_count() or 1      # one explicit count for every contender, never each one's default

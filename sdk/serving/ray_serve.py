@@ -5,7 +5,7 @@ the same FastAPI app as ``nextoken serve``.
 
 Each replica loads the package, runs its own continuous-batching :class:`~nextoken.Scheduler`
 (not ``@serve.batch``, which cannot add requests to a running batch, nor ``ray.serve.llm``, which
-is built for vLLM) and answers through the app of :func:`nextoken.server.create_app`; Ray's HTTP
+is built for vLLM) and answers through the app of :func:`nextoken.serving.server.create_app`; Ray's HTTP
 proxy spreads requests over the replicas. A replica reserves as many CPUs as its engine has
 intra-op threads.
 
@@ -24,7 +24,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
-from .errors import NextokenError
+from ..errors import NextokenError
 
 __all__ = ["serve_ray", "replica_deployment"]
 
@@ -52,8 +52,8 @@ def replica_deployment(package: str, *, replicas: int = 2, threads: int = 1, max
     @serve.ingress()
     class NextokenReplica:
         def __init__(self) -> None:
-            from .engine import Engine
-            from .scheduler import Scheduler
+            from ..engine import Engine
+            from ..scheduler import Scheduler
             from .server import create_app
 
             self.engine = Engine(package, device=device, threads=threads, spin=spin, tf32=tf32)

@@ -18,7 +18,7 @@ import time
 
 
 def _peak_rss() -> int:
-    # nextoken.memory has the same reading, but this file must not import nextoken (foreign venvs).
+    # nextoken.tools.memory has the same reading, but this file must not import nextoken (foreign venvs).
     try:
         with open("/proc/self/status") as fh:
             for line in fh:

@@ -1,0 +1,116 @@
+"""Commands that run a model: generate, chat, demo, serve."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+from .common import cache_dir, generate, generation_options, open_engine, positive_int, runtime_options
+
+def _cmd_generate(args: argparse.Namespace) -> int:
+    with open_engine(args) as engine:
+        return generate(engine, args.prompt, args)
+
+
+def _cmd_chat(args: argparse.Namespace) -> int:
+    with open_engine(args) as engine:
+        messages = ([{"role": "system", "content": args.system}] if args.system else [])
+        messages.append({"role": "user", "content": args.message})
+        return generate(engine, engine.apply_chat_template(messages), args)
+
+
+def _cmd_serve(args: argparse.Namespace) -> int:
+    if args.ray:
+        from ..serving.ray_serve import serve_ray
+
+        serve_ray(args.package, host=args.host, port=args.port, replicas=args.replicas, threads=args.threads or 1,
+                  max_batch=args.max_batch, api_key=args.api_key, model_name=args.model_name, device=args.device,
+                  address=args.ray_address, scheduler_options=_scheduler_options(args), spin=args.spin, tf32=args.tf32)
+        return 0
+    from ..serving.server import serve
+
+    serve(args.package, host=args.host, port=args.port, max_batch=args.max_batch, api_key=args.api_key,
+          model_name=args.model_name, device=args.device, threads=args.threads,
+          scheduler_options=_scheduler_options(args), spin=args.spin, tf32=args.tf32,
+          header_timeout_s=args.header_timeout)
+    return 0
+
+
+def _scheduler_options(args: argparse.Namespace) -> dict:
+    return {"max_prefill_tokens": args.max_prefill_tokens, "kv_backend": args.kv_backend,
+            "slot_length": args.slot_length}
+
+
+def _cmd_demo(args: argparse.Namespace) -> int:
+    from nextoken.exporters import export
+    from nextoken.exporters.hf import cache_key
+    from nextoken.exporters.tiny import DEMO_CONFIG, make_tiny_checkpoint
+
+    cache = cache_dir()
+    if args.source:
+        source = args.source
+        package = cache / "packages" / cache_key(source)
+        label = source
+    else:
+        source = str(cache / "checkpoints" / "tiny-llama-untrained")
+        label = "tiny-llama-untrained (random weights: no model given, so the text is noise)"
+        if not (Path(source) / "config.json").is_file():
+            print(f"nextoken: building an untrained tiny Llama in {source}", file=sys.stderr)
+            make_tiny_checkpoint(source, "llama", **DEMO_CONFIG)
+        package = cache / "packages" / cache_key(source)
+    if args.force or not (package / "nextoken.json").is_file():
+        export(source, package)
+    print(f"nextoken: model {label}; package {package}", file=sys.stderr)
+    args.package = package
+    with open_engine(args, package) as engine:
+        print(f"nextoken: {engine.device.describe()}", file=sys.stderr)
+        print(f"nextoken: prompt {args.prompt!r}", file=sys.stderr)
+        return generate(engine, args.prompt, args)
+
+
+def add_commands(sub) -> None:
+    """Add this group's commands to the CLI."""
+    p = sub.add_parser("generate", help="generate a continuation of PROMPT, streamed to stdout")
+    p.add_argument("package", help="model package directory (from `nextoken export`)")
+    p.add_argument("prompt", help="the prompt text")
+    generation_options(p)
+    runtime_options(p)
+    p.set_defaults(func=_cmd_generate)
+
+    p = sub.add_parser("chat", help="one chat turn, with the model's chat template")
+    p.add_argument("package", help="model package directory")
+    p.add_argument("message", help="the user's message")
+    p.add_argument("--system", default=None, help="a system message")
+    generation_options(p)
+    runtime_options(p)
+    p.set_defaults(func=_cmd_chat)
+
+    p = sub.add_parser("serve", help="serve a package over an OpenAI-compatible HTTP API (extra: serve)")
+    p.add_argument("package", help="model package directory")
+    p.add_argument("--host", default="127.0.0.1", help="address to listen on (default: loopback only)")
+    p.add_argument("--port", type=int, default=8000)
+    p.add_argument("--max-batch", type=positive_int, default=8, help="sequences decoded together (default 8)")
+    p.add_argument("--max-prefill-tokens", type=positive_int, default=4096,
+                   help="prompt tokens prefilled a step; longer prompts go in chunks (default 4096)")
+    p.add_argument("--kv-backend", choices=("auto", "concat", "slots"), default="auto",
+                   help="KV cache under batching: auto (slots for GroupQueryAttention graphs), concat, slots")
+    p.add_argument("--slot-length", type=positive_int, default=None,
+                   help="with slots: positions per slot (default: the window, at most 2048)")
+    p.add_argument("--api-key", default=None, help="require 'Authorization: Bearer KEY'")
+    p.add_argument("--model-name", default=None, help="the model id clients use (default: the package folder's name)")
+    p.add_argument("--header-timeout", type=float, default=10.0, metavar="SECONDS",
+                   help="close a connection that has not sent a complete request head in this time (default 10)")
+    p.add_argument("--ray", action="store_true", help="scale out on Ray Serve (extra: ray): one engine per replica")
+    p.add_argument("--replicas", type=positive_int, default=2, help="with --ray: replicas (default 2)")
+    p.add_argument("--ray-address", default=None, help="with --ray: join this cluster instead of starting Ray locally")
+    runtime_options(p)
+    p.set_defaults(func=_cmd_serve)
+
+    p = sub.add_parser("demo", help="export a model (default: an untrained tiny Llama, no download) and generate")
+    p.add_argument("source", nargs="?", default=None, help="hub id or local checkpoint (default: untrained tiny Llama)")
+    p.add_argument("--prompt", default="Once upon a time", help="prompt (default: 'Once upon a time')")
+    p.add_argument("--force", action="store_true", help="export again even if the package is cached")
+    generation_options(p, max_new_tokens=64)
+    runtime_options(p)
+    p.set_defaults(func=_cmd_demo)
