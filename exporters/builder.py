@@ -272,6 +272,66 @@ def _layer_weights(shape: _Shape, weights: Mapping[str, np.ndarray], i: int) -> 
 EXTERNAL_ABOVE = 32 << 20
 
 
+class _Graph:
+    """The graph being written: its initializers (external data written as they are made) and nodes."""
+
+    def __init__(self, shape: _Shape, dtype: str, data_file) -> None:
+        from onnx import TensorProto
+
+        self.shape, self.data_file = shape, data_file
+        self.float_t = np.float16 if dtype == "fp16" else np.float32
+        self.elem = TensorProto.FLOAT16 if dtype == "fp16" else TensorProto.FLOAT
+        self.inits: list = []
+        self.nodes: list = []
+
+    def init(self, name: str, array: np.ndarray) -> str:
+        """An initializer (floats in the graph's precision); returns its name."""
+        import onnx
+        from onnx import helper, numpy_helper
+
+        if array.dtype.kind == "f":
+            array = array.astype(self.float_t, copy=False)
+        array = np.ascontiguousarray(array)
+        if self.data_file is None or array.nbytes < 4096:
+            self.inits.append(numpy_helper.from_array(array, name))
+            return name
+        data_file = self.data_file
+        offset = -(-data_file.tell() // 4096) * 4096          # page-aligned, for memory mapping
+        data_file.seek(offset)
+        data_file.write(memoryview(array).cast("B"))
+        tensor = onnx.TensorProto(name=name, data_type=helper.np_dtype_to_tensor_dtype(array.dtype),
+                                  dims=array.shape, data_location=onnx.TensorProto.EXTERNAL)
+        for key, value in (("location", "model.onnx_data"), ("offset", str(offset)), ("length", str(array.nbytes))):
+            tensor.external_data.add(key=key, value=value)
+        self.inits.append(tensor)
+        return name
+
+    def node(self, op: str, inputs: list[str], outputs: list[str], domain: str = "", **attrs) -> None:
+        from onnx import helper
+
+        self.nodes.append(helper.make_node(op, inputs, outputs, name=f"{op}_{len(self.nodes)}", domain=domain, **attrs))
+
+    def first_norm(self, x: str, gamma: np.ndarray, beta: np.ndarray | None, out: str, tag: str) -> None:
+        eps = self.shape.eps
+        if self.shape.norm == "rms":
+            self.node("SimplifiedLayerNormalization", [x, self.init(tag, gamma)], [out], axis=-1, epsilon=eps)
+        else:
+            self.node("LayerNormalization", [x, self.init(tag, gamma), self.init(tag + "_b", beta)], [out], axis=-1,
+                      epsilon=eps)
+
+    def skip_norm(self, x: str, skip: str, gamma: np.ndarray, beta: np.ndarray | None, bias: np.ndarray | None,
+                  out: str, tag: str, residual_out: str = "") -> None:
+        """out = norm(x + skip (+ bias)); residual_out = the sum."""
+        eps = self.shape.eps
+        if self.shape.norm == "rms":
+            self.node("SkipSimplifiedLayerNormalization", [x, skip, self.init(tag, gamma)], [out, "", "", residual_out],
+                      domain="com.microsoft", epsilon=eps)
+        else:
+            ins = [x, skip, self.init(tag, gamma), self.init(tag + "_b", beta)] + (
+                [self.init(tag + "_bias", bias)] if bias is not None else [])
+            self.node("SkipLayerNormalization", ins, [out, "", "", residual_out], domain="com.microsoft", epsilon=eps)
+
+
 def build(checkpoint: str | Path, output: str | Path, dtype: str = "fp32", untie_head: bool = False,
           external_data: bool | None = None) -> dict[str, Any]:
     """Write ``output``/model.onnx for the checkpoint folder ``checkpoint``; returns what the
@@ -284,7 +344,7 @@ def build(checkpoint: str | Path, output: str | Path, dtype: str = "fp32", untie
     weights to ``model.onnx_data`` as they are made, one tensor at a time (None: when they are over
     :data:`EXTERNAL_ABOVE`), so a model larger than memory allows twice over still builds."""
     import onnx
-    from onnx import TensorProto, helper, numpy_helper
+    from onnx import helper
 
     if dtype not in DTYPES:
         raise BuilderUnavailable(f"the builder writes {' or '.join(DTYPES)} graphs, not {dtype}")
@@ -293,68 +353,51 @@ def build(checkpoint: str | Path, output: str | Path, dtype: str = "fp32", untie
     weights = read_safetensors(folder)
     if shape.arch == "gpt2":            # hub gpt2 checkpoints name their tensors without the prefix
         weights.drop_prefix("transformer.")
-    float_t = np.float16 if dtype == "fp16" else np.float32
-    elem = TensorProto.FLOAT16 if dtype == "fp16" else TensorProto.FLOAT
-    hidden, heads, kv_heads, head, eps = shape.hidden, shape.heads, shape.kv_heads, shape.stored_head, shape.eps
     emb = weights["wte.weight" if shape.arch == "gpt2" else "model.embed_tokens.weight"]
-    vocab = emb.shape[0]
-    head_name = "lm_head.weight"
-    tied = head_name not in weights
     head_init = "lm_head"
-    if tied and untie_head:
-        weights[head_name] = emb
-        tied = False
+    if "lm_head.weight" not in weights and untie_head:
+        weights["lm_head.weight"] = emb
         head_init = TIED_HEAD      # the quantiser's int4 copy of it then serves the lookup too
-
-    inits: list = []
-    nodes: list = []
+    float_t = np.float16 if dtype == "fp16" else np.float32
     external = weights.nbytes() * np.dtype(float_t).itemsize // 4 > EXTERNAL_ABOVE if external_data is None \
         else external_data
     output.mkdir(parents=True, exist_ok=True)
     data_file = open(output / "model.onnx_data", "wb") if external else None
+    try:
+        g = _Graph(shape, dtype, data_file)
+        rotary, attrs, gqa_extra = _inputs_and_positions(g, shape, weights, emb)
+        residual, pending, pending_bias = "h0", None, None      # pending: the last block's output, not yet added
+        for i in range(shape.layers):
+            residual, pending, pending_bias = _block(g, shape, _layer(shape, weights, i), i, residual, pending,
+                                                     pending_bias, rotary, attrs, gqa_extra)
+        vocab = _lm_head(g, shape, weights, emb, head_init, residual, pending, pending_bias)
+        inputs, outputs = _graph_io(g, shape, vocab)
+        model = helper.make_model(helper.make_graph(g.nodes, f"nextoken-{shape.arch}", inputs, outputs, g.inits),
+                                  opset_imports=[helper.make_opsetid("", 17), helper.make_opsetid("com.microsoft", 1)],
+                                  producer_name="nextoken")
+        model.ir_version = 9
+    finally:
+        if data_file is not None:
+            data_file.close()
+    onnx.save(model, str(output / "model.onnx"))
+    return {"architecture": shape.arch, "num_layers": shape.layers, "num_kv_heads": shape.kv_heads,
+            "head_dim": shape.stored_head, "vocab_size": vocab, "context_length": shape.context,
+            "kv_dtype": "float16" if dtype == "fp16" else "float32",
+            "inputs": tuple(i.name for i in inputs), "outputs": tuple(o.name for o in outputs)}
 
-    def init(name: str, array: np.ndarray) -> str:
-        if array.dtype.kind == "f":
-            array = array.astype(float_t, copy=False)
-        array = np.ascontiguousarray(array)
-        if data_file is None or array.nbytes < 4096:
-            inits.append(numpy_helper.from_array(array, name))
-            return name
-        offset = -(-data_file.tell() // 4096) * 4096          # page-aligned, for memory mapping
-        data_file.seek(offset)
-        data_file.write(memoryview(array).cast("B"))
-        tensor = onnx.TensorProto(name=name, data_type=helper.np_dtype_to_tensor_dtype(array.dtype),
-                                  dims=array.shape, data_location=onnx.TensorProto.EXTERNAL)
-        for key, value in (("location", "model.onnx_data"), ("offset", str(offset)), ("length", str(array.nbytes))):
-            tensor.external_data.add(key=key, value=value)
-        inits.append(tensor)
-        return name
 
-    def node(op: str, inputs: list[str], outputs: list[str], domain: str = "", **attrs) -> None:
-        nodes.append(helper.make_node(op, inputs, outputs, name=f"{op}_{len(nodes)}", domain=domain, **attrs))
+def _inputs_and_positions(g: _Graph, shape: _Shape, weights: Tensors, emb: np.ndarray):
+    """Lengths from the mask, positions where the graph needs them, the embeddings (``h0``), and
+    GroupQueryAttention's attributes. Returns (rotary caches, attributes, GQA's extra inputs)."""
+    from onnx import TensorProto
 
-    def first_norm(x: str, gamma: np.ndarray, beta: np.ndarray | None, out: str, tag: str) -> None:
-        if shape.norm == "rms":
-            node("SimplifiedLayerNormalization", [x, init(tag, gamma)], [out], axis=-1, epsilon=eps)
-        else:
-            node("LayerNormalization", [x, init(tag, gamma), init(tag + "_b", beta)], [out], axis=-1, epsilon=eps)
-
-    def skip_norm(x: str, skip: str, gamma: np.ndarray, beta: np.ndarray | None, bias: np.ndarray | None,
-                  out: str, tag: str, residual_out: str = "") -> None:
-        """out = norm(x + skip (+ bias)); residual_out = the sum."""
-        if shape.norm == "rms":
-            node("SkipSimplifiedLayerNormalization", [x, skip, init(tag, gamma)], [out, "", "", residual_out],
-                 domain="com.microsoft", epsilon=eps)
-        else:
-            ins = [x, skip, init(tag, gamma), init(tag + "_b", beta)] + ([init(tag + "_bias", bias)] if bias is not None else [])
-            node("SkipLayerNormalization", ins, [out, "", "", residual_out], domain="com.microsoft", epsilon=eps)
-
+    node, init = g.node, g.init
+    heads, kv_heads, head, hidden = shape.heads, shape.kv_heads, shape.stored_head, shape.hidden
     init("embed", emb)
     init("one", np.array(1, dtype=np.int64))
     init("axis1", np.array([1], dtype=np.int64))
     init("big", np.array([np.iinfo(np.int64).max], dtype=np.int64))
     init("zero1", np.array([0], dtype=np.int64))
-
     # lengths from the mask (padding on the right): seqlens_k = tokens per row - 1, total = the mask's width
     node("ReduceSum", ["attention_mask", "axis1"], ["mask_sum"], keepdims=0)
     node("Sub", ["mask_sum", "one"], ["mask_sum_1"])
@@ -364,6 +407,7 @@ def build(checkpoint: str | Path, output: str | Path, dtype: str = "fp32", untie
     node("Cast", ["total64"], ["total_len"], to=TensorProto.INT32)
     node("Gather", ["embed", "input_ids"], ["tok_emb"])
     gqa_extra: list[str] = []
+    rotary: list[str] = []
     attrs: dict[str, Any] = dict(num_heads=heads, kv_num_heads=kv_heads)
     padded = shape.stored_head != shape.head
     if shape.theta is not None:
@@ -402,63 +446,78 @@ def build(checkpoint: str | Path, output: str | Path, dtype: str = "fp32", untie
         init("by_head", np.array([0, 0, -1, shape.head], dtype=np.int64))
         init("head_pad", np.array([0, 0, 0, 0, 0, 0, 0, head - shape.head], dtype=np.int64))
         init("by_row", np.array([0, 0, -1], dtype=np.int64))
+    return rotary, attrs, gqa_extra
 
-    residual, pending, pending_bias = "h0", None, None      # pending: the last block's output, not yet added
-    for i in range(shape.layers):
-        lw = _layer(shape, weights, i)
-        if pending is None:
-            first_norm(residual, lw["ln1"], lw.get("ln1_b"), f"x{i}", f"ln_in{i}")
-        else:
-            skip_norm(pending, residual, lw["ln1"], lw.get("ln1_b"), pending_bias, f"x{i}", f"ln_in{i}", f"res{i}a")
-            residual = f"res{i}a"
-        node("MatMul", [f"x{i}", init(f"wqkv{i}", lw["qkv"])], [f"qkv{i}"])
-        qkv_out = f"qkv{i}"
-        if "qkv_b" in lw:
-            node("Add", [qkv_out, init(f"bqkv{i}", lw["qkv_b"])], [f"qkvb{i}"])
-            qkv_out = f"qkvb{i}"
-        if padded:
-            # GroupQueryAttention runs head sizes that are multiples of 16 (and rotary widths that
-            # are multiples of 16): rotate q and k at the model's head size, then pad every head
-            if shape.theta is not None:
-                node("Split", [qkv_out, "split_qkv"], [f"q{i}", f"k{i}", f"v{i}"], axis=-1)
-                node("RotaryEmbedding", [f"q{i}", "positions", *rotary], [f"qr{i}"], domain="com.microsoft",
-                     num_heads=heads, interleaved=0)
-                node("RotaryEmbedding", [f"k{i}", "positions", *rotary], [f"kr{i}"], domain="com.microsoft",
-                     num_heads=kv_heads, interleaved=0)
-                node("Concat", [f"qr{i}", f"kr{i}", f"v{i}"], [f"qkvr{i}"], axis=-1)
-                qkv_out = f"qkvr{i}"
-            node("Reshape", [qkv_out, "by_head"], [f"qkvh{i}"])
-            node("Pad", [f"qkvh{i}", "head_pad"], [f"qkvp{i}"])
-            node("Reshape", [f"qkvp{i}", "by_row"], [f"qkvs{i}"])
-            qkv_out = f"qkvs{i}"
-        node("GroupQueryAttention", [qkv_out, "", "", f"past_key_values.{i}.key", f"past_key_values.{i}.value",
-                                     "seqlens_k", "total_len", *gqa_extra],
-             [f"attn{i}", f"present.{i}.key", f"present.{i}.value"], domain="com.microsoft", **attrs)
-        node("MatMul", [f"attn{i}", init(f"wo{i}", lw["o"])], [f"o{i}"])
-        skip_norm(f"o{i}", residual, lw["ln2"], lw.get("ln2_b"), lw.get("o_b"), f"m{i}", f"ln_post{i}", f"res{i}b")
-        residual = f"res{i}b"
-        if "fc" in lw:                                   # gpt2: fc -> gelu(tanh) with its bias fused -> proj
-            node("MatMul", [f"m{i}", init(f"wfc{i}", lw["fc"])], [f"fc{i}"])
-            node("FastGelu", [f"fc{i}", init(f"bfc{i}", lw["fc_b"])], [f"act{i}"], domain="com.microsoft")
-            node("MatMul", [f"act{i}", init(f"wd{i}", lw["proj"])], [f"d{i}"])
-            pending_bias = lw["proj_b"]
-        else:
-            node("MatMul", [f"m{i}", init(f"wg{i}", lw["gate"])], [f"g{i}"])
-            node("MatMul", [f"m{i}", init(f"wu{i}", lw["up"])], [f"u{i}"])
-            if shape.act == "silu":
-                node("Sigmoid", [f"g{i}"], [f"gs{i}"])
-                node("Mul", [f"g{i}", f"gs{i}"], [f"ga{i}"])
-            else:
-                node("FastGelu" if shape.act == "gelu_tanh" else "Gelu", [f"g{i}"], [f"ga{i}"], domain="com.microsoft")
-            node("Mul", [f"ga{i}", f"u{i}"], [f"act{i}"])
-            node("MatMul", [f"act{i}", init(f"wd{i}", lw["down"])], [f"d{i}"])
-        pending = f"d{i}"
 
+def _block(g: _Graph, shape: _Shape, lw: dict, i: int, residual: str, pending: str | None,
+           pending_bias: np.ndarray | None, rotary: list[str], attrs: dict, gqa_extra: list[str]):
+    """Decoder block ``i``: norm, attention (GroupQueryAttention, KV in place), norm, MLP. Its output
+    is added to the residual by the next norm. Returns (residual, output, output's pending bias)."""
+    node, init = g.node, g.init
+    heads, kv_heads = shape.heads, shape.kv_heads
+    if pending is None:
+        g.first_norm(residual, lw["ln1"], lw.get("ln1_b"), f"x{i}", f"ln_in{i}")
+    else:
+        g.skip_norm(pending, residual, lw["ln1"], lw.get("ln1_b"), pending_bias, f"x{i}", f"ln_in{i}", f"res{i}a")
+        residual = f"res{i}a"
+    node("MatMul", [f"x{i}", init(f"wqkv{i}", lw["qkv"])], [f"qkv{i}"])
+    qkv_out = f"qkv{i}"
+    if "qkv_b" in lw:
+        node("Add", [qkv_out, init(f"bqkv{i}", lw["qkv_b"])], [f"qkvb{i}"])
+        qkv_out = f"qkvb{i}"
+    if shape.stored_head != shape.head:
+        # GroupQueryAttention runs head sizes that are multiples of 16 (and rotary widths that
+        # are multiples of 16): rotate q and k at the model's head size, then pad every head
+        if shape.theta is not None:
+            node("Split", [qkv_out, "split_qkv"], [f"q{i}", f"k{i}", f"v{i}"], axis=-1)
+            node("RotaryEmbedding", [f"q{i}", "positions", *rotary], [f"qr{i}"], domain="com.microsoft",
+                 num_heads=heads, interleaved=0)
+            node("RotaryEmbedding", [f"k{i}", "positions", *rotary], [f"kr{i}"], domain="com.microsoft",
+                 num_heads=kv_heads, interleaved=0)
+            node("Concat", [f"qr{i}", f"kr{i}", f"v{i}"], [f"qkvr{i}"], axis=-1)
+            qkv_out = f"qkvr{i}"
+        node("Reshape", [qkv_out, "by_head"], [f"qkvh{i}"])
+        node("Pad", [f"qkvh{i}", "head_pad"], [f"qkvp{i}"])
+        node("Reshape", [f"qkvp{i}", "by_row"], [f"qkvs{i}"])
+        qkv_out = f"qkvs{i}"
+    node("GroupQueryAttention", [qkv_out, "", "", f"past_key_values.{i}.key", f"past_key_values.{i}.value",
+                                 "seqlens_k", "total_len", *gqa_extra],
+         [f"attn{i}", f"present.{i}.key", f"present.{i}.value"], domain="com.microsoft", **attrs)
+    node("MatMul", [f"attn{i}", init(f"wo{i}", lw["o"])], [f"o{i}"])
+    g.skip_norm(f"o{i}", residual, lw["ln2"], lw.get("ln2_b"), lw.get("o_b"), f"m{i}", f"ln_post{i}", f"res{i}b")
+    residual = f"res{i}b"
+    pending_bias = None
+    if "fc" in lw:                                   # gpt2: fc -> gelu(tanh) with its bias fused -> proj
+        node("MatMul", [f"m{i}", init(f"wfc{i}", lw["fc"])], [f"fc{i}"])
+        node("FastGelu", [f"fc{i}", init(f"bfc{i}", lw["fc_b"])], [f"act{i}"], domain="com.microsoft")
+        node("MatMul", [f"act{i}", init(f"wd{i}", lw["proj"])], [f"d{i}"])
+        pending_bias = lw["proj_b"]
+    else:
+        node("MatMul", [f"m{i}", init(f"wg{i}", lw["gate"])], [f"g{i}"])
+        node("MatMul", [f"m{i}", init(f"wu{i}", lw["up"])], [f"u{i}"])
+        if shape.act == "silu":
+            node("Sigmoid", [f"g{i}"], [f"gs{i}"])
+            node("Mul", [f"g{i}", f"gs{i}"], [f"ga{i}"])
+        else:
+            node("FastGelu" if shape.act == "gelu_tanh" else "Gelu", [f"g{i}"], [f"ga{i}"], domain="com.microsoft")
+        node("Mul", [f"ga{i}", f"u{i}"], [f"act{i}"])
+        node("MatMul", [f"act{i}", init(f"wd{i}", lw["down"])], [f"d{i}"])
+    return residual, f"d{i}", pending_bias
+
+
+def _lm_head(g: _Graph, shape: _Shape, weights: Tensors, emb: np.ndarray, head_init: str, residual: str,
+             pending: str, pending_bias: np.ndarray | None) -> int:
+    """The final norm and the LM head over the last ``logits_to_keep`` positions (a tied head reads
+    the embedding; an untied one is ``head_init``); returns the vocabulary size."""
+    node, init = g.node, g.init
+    vocab, hidden = emb.shape[0], shape.hidden
+    head_name = "lm_head.weight"
+    tied = head_name not in weights
     if shape.arch == "gpt2":
         final_w, final_b = weights["ln_f.weight"], weights["ln_f.bias"]
     else:
         final_w, final_b = weights["model.norm.weight"] + (1.0 if shape.arch == "gemma" else 0.0), None
-    skip_norm(pending, residual, final_w, final_b, pending_bias, "final", "ln_final")
+    g.skip_norm(pending, residual, final_w, final_b, pending_bias, "final", "ln_final")
     # only the last logits_to_keep positions reach the LM head
     node("Neg", ["logits_to_keep"], ["keep_neg"])
     node("Slice", ["final", "keep_neg", "big", "axis1"], ["kept"])
@@ -471,7 +530,14 @@ def build(checkpoint: str | Path, output: str | Path, dtype: str = "fp32", untie
         node("Reshape", ["logits2d", "logits_shape"], ["logits"])
     else:
         node("MatMul", ["kept", init(head_init, weights[head_name].T)], ["logits"])
+    return vocab
 
+
+def _graph_io(g: _Graph, shape: _Shape, vocab: int) -> tuple[list, list]:
+    """The graph's inputs and outputs: ids, mask, logits_to_keep, the cache in; logits, the cache out."""
+    from onnx import TensorProto, helper
+
+    kv_heads, head, elem = shape.kv_heads, shape.stored_head, g.elem
     inputs = [helper.make_tensor_value_info("input_ids", TensorProto.INT64, ["batch_size", "sequence_length"]),
               helper.make_tensor_value_info("attention_mask", TensorProto.INT64, ["batch_size", "total_sequence_length"]),
               helper.make_tensor_value_info("logits_to_keep", TensorProto.INT64, [1])]
@@ -482,16 +548,7 @@ def build(checkpoint: str | Path, output: str | Path, dtype: str = "fp32", untie
                                                         ["batch_size", kv_heads, "past_sequence_length", head]))
             outputs.append(helper.make_tensor_value_info(f"present.{i}.{kind}", elem,
                                                          ["batch_size", kv_heads, "total_sequence_length", head]))
-    model = helper.make_model(helper.make_graph(nodes, f"nextoken-{shape.arch}", inputs, outputs, inits),
-                              opset_imports=[helper.make_opsetid("", 17), helper.make_opsetid("com.microsoft", 1)],
-                              producer_name="nextoken")
-    model.ir_version = 9
-    if data_file is not None:
-        data_file.close()
-    onnx.save(model, str(output / "model.onnx"))
-    return {"architecture": shape.arch, "num_layers": shape.layers, "num_kv_heads": kv_heads, "head_dim": head,
-            "vocab_size": vocab, "context_length": shape.context, "kv_dtype": "float16" if dtype == "fp16" else "float32",
-            "inputs": tuple(i.name for i in inputs), "outputs": tuple(o.name for o in outputs)}
+    return inputs, outputs
 
 
 def _local_folder(source: str, offline: bool) -> Path:

@@ -88,7 +88,7 @@ def import_genai(source: str | Path, output: str | Path) -> Manifest:
             eos_token_ids=tuple(int(e) for e in (eos if isinstance(eos, list) else [eos])),
             bos_token_id=config.get("bos_token_id"),
             pad_token_id=config.get("pad_token_id"),
-            precision="int4" if "MatMulNBits" in ops else {"float16": "fp16"}.get(kv_dtype, "fp32"),
+            precision="int4" if "MatMulNBits" in ops else ("fp16" if kv_dtype == "float16" else "fp32"),
             model_file=filename,
             tokenizer_file="tokenizer.json" if (output / "tokenizer.json").is_file() else None,
             source=str(source),

@@ -13,6 +13,7 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Any, Iterator
 
+from nextoken.dtypes import DTYPES as ELEMENT_TYPES
 from nextoken.errors import ExportError
 from nextoken.manifest import MANIFEST_NAME, Manifest
 
@@ -294,7 +295,7 @@ def _manifest_from_graph(model_path: Path, config, package: Path, source: str) -
         eos_token_ids=eos_ids(config, generation),
         bos_token_id=None if bos is None else int(bos),
         pad_token_id=None if pad is None else int(pad),
-        precision={"float32": "fp32", "float16": "fp16", "bfloat16": "bf16"}.get(kv_dtype, kv_dtype),
+        precision=(ELEMENT_TYPES[kv_dtype].short if kv_dtype in ELEMENT_TYPES else kv_dtype),
         model_file=model_path.name,
         tokenizer_file="tokenizer.json" if (package / "tokenizer.json").is_file() else None,
         source=source,

@@ -11,13 +11,14 @@ import onnxruntime as ort
 
 from .chat import Message, render_chat
 from .device import DeviceChoice, resolve_device, session_options, spin_policy
+from .dtypes import kv_dtype
 from .errors import InvalidRequestError, ModelPackageError
 from .generation import Generation
 from .kvbackends import for_request
 from .kvcache import StepRunner
 from .manifest import Manifest, TensorSpec
 from .probes import release_free_heap
-from .registry import Pipeline, Registry, resolve_names
+from .registry import Pipeline, Registry
 from .tokenizer import GuardedTokenizer, Tokenizer
 from .types import Completion, SamplingParams, StreamEvent
 
@@ -87,6 +88,7 @@ class Engine:
             raise ModelPackageError(f"{model_file} is missing; re-export the package with `nextoken export`")
         #: how the files were checked at load: "sha256", "stamp", "sizes" or "none (...)"
         self.verified = self.manifest.verify_at_load(self.path, verify)
+        kv_dtype(self.manifest.kv_dtype)                  # a cache the runtime cannot hold: refused here, by name
         self.manifest.check_values(self.path)
         self.plugins = Registry(plugins)
         for plugin in extra_plugins:
@@ -96,12 +98,11 @@ class Engine:
         #: the same, with every answer checked where it enters the engine (what the engine uses)
         self._tokenizer: GuardedTokenizer | None = None
         if self.manifest.tokenizer_file:
-            (loader,) = resolve_names("tokenizer", [self.manifest.tokenizer], self.plugins)
-            self.tokenizer = loader.make(self.path, self.manifest)
+            self.tokenizer, loader = self.plugins.tokenizer(self.manifest.tokenizer, self.path, self.manifest)
             self._tokenizer = GuardedTokenizer(self.tokenizer, f"plugin {loader.plugin!r} (tokenizer {loader.name!r})",
                                                self.manifest.vocab_size)
         self.cost_meters = {k: dict(v) for k, v in (cost_meters or {}).items()}
-        resolve_names("cost_meter", list(self.cost_meters), self.plugins)
+        self.plugins.check("cost_meter", self.cost_meters)
         self.device: DeviceChoice = resolve_device(device, tf32)
         if threads is None and self.device.device == "cpu":
             weights = sum(p.stat().st_size for p in self.path.iterdir() if p.name.startswith(self.manifest.model_file))

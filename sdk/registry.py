@@ -210,6 +210,16 @@ class Registry:
                                   f"{type(exc).__name__}: {exc}") from exc
         return out
 
+    def tokenizer(self, name: str, *args: Any) -> tuple[Any, Provided]:
+        """The tokenizer of tokenizer plugin ``name``, made from ``args`` (a package's path and manifest),
+        and the piece that made it."""
+        (loader,) = resolve_names("tokenizer", [name], self)
+        return loader.make(*args), loader
+
+    def check(self, kind: str, names: Iterable[str]) -> None:
+        """Every one of ``names`` is a registered piece of ``kind`` (else an error listing those that are)."""
+        resolve_names(kind, list(names), self)
+
     def listing(self) -> list[dict[str, Any]]:
         """Every plugin: its name, distribution, and what it provides (for ``nextoken plugins``)."""
         rows: dict[str, dict[str, Any]] = {}

@@ -31,7 +31,7 @@ from .device import DeviceChoice
 from .engine import Engine
 from .errors import InvalidRequestError
 from .manifest import Manifest
-from .registry import Registry, resolve_names
+from .registry import Registry
 from .tokenizer import GuardedTokenizer, IncrementalDecoder
 
 __all__ = ["ScriptedModel", "FakeEngine", "CharTokenizer", "Script"]
@@ -179,7 +179,7 @@ class FakeEngine(Engine):
         self.tokenizer = tokenizer
         self._tokenizer = GuardedTokenizer(tokenizer, "the test's tokenizer", model.vocab_size) if tokenizer else None
         self.cost_meters = {k: dict(v) for k, v in (cost_meters or {}).items()}
-        resolve_names("cost_meter", list(self.cost_meters), self.plugins)
+        self.plugins.check("cost_meter", self.cost_meters)
         self.device = DeviceChoice("cpu", ("ScriptedModel",), "a scripted model: no ONNX Runtime session")
         self.threads, self.spin, self.spin_reason = 1, False, "a scripted model"
         self.session = None

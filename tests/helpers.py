@@ -55,3 +55,16 @@ def wrap_steps(monkeypatch, runner, around) -> None:
             return around(_kind, lambda *a: _real(*a, **kwargs), *args)
 
         monkeypatch.setattr(runner, kind, step)
+
+
+def with_manifest(package: Path, target: Path, **changes) -> Path:
+    """A copy of ``package`` at ``target`` whose manifest has ``changes`` (its checksums unchanged:
+    :func:`rehash` it where loading must get past them)."""
+    import json
+    import shutil
+
+    shutil.copytree(package, target)
+    data = json.loads((target / "nextoken.json").read_text())
+    data.update(changes)
+    (target / "nextoken.json").write_text(json.dumps(data))
+    return target

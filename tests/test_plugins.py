@@ -14,7 +14,7 @@ import nextoken
 from nextoken import Engine, PluginError
 from nextoken.tools.cost import project
 from nextoken.testing import CharTokenizer, FakeEngine, ScriptedModel
-from helpers import REPO, run_cli
+from helpers import REPO, run_cli, with_manifest
 
 EXAMPLE = REPO / "examples" / "nextoken-example-plugin"
 
@@ -148,13 +148,7 @@ def test_lifecycle_observers(fake):
 
 
 def test_a_package_can_name_its_tokenizer(tiny_llama, tmp_path):
-    import shutil
-
-    pkg = tmp_path / "pkg"
-    shutil.copytree(tiny_llama[1], pkg)
-    data = json.loads((pkg / "nextoken.json").read_text())
-    data["tokenizer"] = "upper"
-    (pkg / "nextoken.json").write_text(json.dumps(data))
+    pkg = with_manifest(tiny_llama[1], tmp_path / "pkg", tokenizer="upper")
     with pytest.raises(nextoken.InvalidRequestError, match="unknown tokenizer 'upper'; registered: hf"):
         Engine(pkg, plugins=False)
 

@@ -332,3 +332,17 @@ def test_request_fields_are_defined_once_and_the_cli_and_server_follow(tiny_llam
 
     usage = json.loads(got.stdout)["usage"]
     assert usage["completion_tokens"] == 3 and "strategy:sample" in usage["hook_ms"]
+
+
+def test_one_dtype_table_refuses_a_cache_the_runtime_cannot_hold_at_load(tiny_llama, tmp_path):
+    from helpers import rehash, with_manifest
+    from nextoken import ModelPackageError
+    from nextoken.dtypes import DTYPES
+
+    pkg = with_manifest(tiny_llama[1], tmp_path / "bf16", kv_dtype="bfloat16")
+    manifest = nextoken.Manifest.load(pkg).to_dict()
+    with pytest.raises(ModelPackageError, match="keeps its KV cache in bfloat16, which nextoken cannot hold yet"):
+        Engine(rehash(pkg))
+    # and it counts 2 bytes an element, as every other reader of the one table does
+    keys_and_values = 2 * manifest["num_layers"] * manifest["num_kv_heads"] * manifest["head_dim"]
+    assert nextoken.Manifest.load(pkg).kv_bytes_per_token() == keys_and_values * DTYPES["bfloat16"].itemsize == keys_and_values * 2

@@ -5,10 +5,8 @@
 Endpoints: ``GET /v1/models``, ``POST /v1/completions``, ``POST /v1/chat/completions`` (the model's
 chat template), with ``stream: true`` as server-sent events ending in ``data: [DONE]`` and
 ``stream_options.include_usage``. nextoken's own parameters go in a ``nextoken`` object in the
-request (``top_k``, ``min_p``, ``repetition_penalty``, ``strategy``, ``processors``,
-``stop_conditions``, ``options``, ``cost_meters``, ``context_policy``, ``protected_prefix``,
-``ignore_eos``), and each response carries a ``nextoken`` object (its full usage, cost, and the
-exact stop detail). Bodies are validated against typed schemas (:mod:`nextoken.serving.api_schema`);
+request (the SamplingParams fields marked for it: :data:`~nextoken.serving.api_schema.NEXTOKEN_FIELDS`),
+and each response carries a ``nextoken`` object (its full usage, cost, and the exact stop detail). Bodies are validated against typed schemas (:mod:`nextoken.serving.api_schema`);
 client mistakes are OpenAI-shaped errors with 4xx codes, OpenAI parameters nextoken does not
 implement are refused by name, and the body limit holds while a chunked upload is read. A client
 that disconnects cancels its request (one log line, no traceback).
@@ -32,7 +30,7 @@ from ..errors import InvalidRequestError, ModelPackageError, NextokenError, Plug
 from ..types import Completion, SamplingParams
 from ..scheduler import RequestHandle, Scheduler
 
-__all__ = ["create_app", "serve", "sampling_defaults"]
+__all__ = ["create_app", "Service", "serve", "sampling_defaults"]
 
 log = logging.getLogger("nextoken.serving.server")
 
@@ -153,120 +151,88 @@ def _failure(exc: NextokenError) -> APIError:
     return APIError(500, str(exc), "server_error", code=code)
 
 
-def create_app(scheduler: Scheduler, model_name: str, api_key: str | None = None, max_body_bytes: int = 1 << 20,
-               max_pending: int = 256, body_timeout_s: float = 30.0):
-    """The FastAPI application serving ``scheduler``'s engine as ``model_name``.
+class _ClientGone(Exception):
+    """The client went away while its body was read."""
 
-    ``max_body_bytes``: the largest request body (413 beyond, checked while it is read);
-    ``body_timeout_s``: how long a body may stall between two chunks before the request is a 408
-    (a half-open upload); ``max_pending``: requests in hand before new ones get a 503.
-    """
-    try:
-        from fastapi import FastAPI, Request
-        from fastapi.exceptions import RequestValidationError
-        from fastapi.responses import JSONResponse, StreamingResponse
-    except ImportError:
-        raise NextokenError("serving needs FastAPI and uvicorn: pip install 'nextoken[serve]'") from None
 
-    from concurrent.futures import ThreadPoolExecutor
+def _error(status: int, message: str, kind: str = "invalid_request_error", param=None, code=None):
+    """An OpenAI-shaped error response."""
+    from fastapi.responses import JSONResponse
 
-    from starlette.requests import ClientDisconnect
+    return JSONResponse({"error": {"message": message, "type": kind, "param": param, "code": code}}, status_code=status)
 
-    from .api_schema import ChatRequest, CompletionRequest
 
-    engine = scheduler.engine
-    defaults = sampling_defaults(engine.path)
-    app = FastAPI(title="nextoken", version="1")
-    # Waiting on a request's events blocks a thread; give every request in hand one (the default
-    # executor has only cpu_count + 4, which would couple unrelated streams).
-    waiters = ThreadPoolExecutor(max_workers=max_pending + 4, thread_name_prefix="nextoken-wait")
-    created = int(time.time())
+class Service:
+    """What the server does for each endpoint, over one :class:`~nextoken.Scheduler` (the FastAPI
+    routes of :func:`create_app` call these). ``max_body_bytes``: the largest request body (413
+    beyond, checked while it is read); ``body_timeout_s``: how long a body may stall between two
+    chunks before the request is a 408 (a half-open upload); ``max_pending``: requests in hand
+    before new ones get a 503."""
 
-    def error(status: int, message: str, kind: str = "invalid_request_error", param=None, code=None):
-        return JSONResponse({"error": {"message": message, "type": kind, "param": param, "code": code}}, status_code=status)
+    def __init__(self, scheduler: Scheduler, model_name: str, api_key: str | None = None,
+                 max_body_bytes: int = 1 << 20, max_pending: int = 256, body_timeout_s: float = 30.0) -> None:
+        from concurrent.futures import ThreadPoolExecutor
 
-    @app.exception_handler(APIError)
-    async def _api_error(_request, exc: APIError):
-        return error(exc.status, exc.message, exc.kind, exc.param, exc.code)
+        self.scheduler, self.engine, self.model_name = scheduler, scheduler.engine, model_name
+        self.api_key, self.max_body_bytes, self.max_pending, self.body_timeout_s = (
+            api_key, max_body_bytes, max_pending, body_timeout_s)
+        self.defaults = sampling_defaults(self.engine.path)
+        # Waiting on a request's events blocks a thread; give every request in hand one (the default
+        # executor has only cpu_count + 4, which would couple unrelated streams).
+        self.waiters = ThreadPoolExecutor(max_workers=max_pending + 4, thread_name_prefix="nextoken-wait")
+        self.created = int(time.time())
 
-    @app.exception_handler(InvalidRequestError)
-    async def _invalid(_request, exc: InvalidRequestError):
-        return error(400, str(exc))
-
-    @app.exception_handler(RequestValidationError)
-    async def _validation(_request, exc):
-        return error(400, f"invalid request: {exc.errors()[:1]}")
-
-    class _Gone(Exception):
-        """The client went away while its body was read."""
-
-    @app.exception_handler(_Gone)
-    async def _gone(request, _exc):
-        log.info("client %s disconnected before its request body arrived (%s)",
-                 request.client.host if request.client else "?", request.url.path)
-        return error(499, "client closed the request", code="client_closed")
-
-    @app.middleware("http")
-    async def _guard(request: Request, call_next):
-        if api_key is not None and request.url.path != "/health":
-            if request.headers.get("authorization", "") != f"Bearer {api_key}":
-                return error(401, "missing or wrong API key (Authorization: Bearer ...)", "authentication_error",
-                             code="invalid_api_key")
+    # -- around every request --------------------------------------------------------------------------
+    def refuse(self, request) -> Any:
+        """The error response for a request without the API key or with a declared body over the
+        limit, else None."""
+        if self.api_key is not None and request.url.path != "/health":
+            if request.headers.get("authorization", "") != f"Bearer {self.api_key}":
+                return _error(401, "missing or wrong API key (Authorization: Bearer ...)", "authentication_error",
+                              code="invalid_api_key")
         length = request.headers.get("content-length")
-        if length is not None and length.isdigit() and int(length) > max_body_bytes:
-            return error(413, f"request body over {max_body_bytes} bytes", code="request_too_large")
-        return await call_next(request)
+        if length is not None and length.isdigit() and int(length) > self.max_body_bytes:
+            return _error(413, f"request body over {self.max_body_bytes} bytes", code="request_too_large")
+        return None
 
-    @app.get("/health")
-    async def health():
-        """Liveness and load, for balancers and operators (no API key needed): 200 while the
-        scheduler serves, 503 with the reason once its loop has stopped."""
-        body = {"status": "ok", "model": model_name, "running": scheduler.running, "waiting": scheduler.waiting,
-                "ended": dict(scheduler.ended), "max_sequence_length": scheduler.max_sequence_length}
-        if not scheduler.alive:
-            body["status"] = "failed"
-            body["error"] = str(scheduler.error or "the scheduler is closed")
-            return JSONResponse(body, status_code=503)
-        return body
-
-    @app.get("/v1/models")
-    async def models():
-        return {"object": "list", "data": [{"id": model_name, "object": "model", "created": created, "owned_by": "nextoken"}]}
-
-    async def _body(request: Request, schema):
+    async def body(self, request, schema):
         """The body, read a chunk at a time (the size limit holds for chunked uploads too, and a
         body that stalls is a 408), validated against ``schema``."""
+        from starlette.requests import ClientDisconnect
+
         chunks, size = [], 0
         stream = request.stream().__aiter__()
         while True:
             try:
-                chunk = await asyncio.wait_for(stream.__anext__(), timeout=body_timeout_s)
+                chunk = await asyncio.wait_for(stream.__anext__(), timeout=self.body_timeout_s)
             except StopAsyncIteration:
                 break
             except asyncio.TimeoutError:
-                raise APIError(408, f"the request body stalled for {body_timeout_s:g} s", code="request_timeout") from None
+                raise APIError(408, f"the request body stalled for {self.body_timeout_s:g} s",
+                               code="request_timeout") from None
             except ClientDisconnect:
-                raise _Gone() from None
+                raise _ClientGone() from None
             size += len(chunk)
-            if size > max_body_bytes:
-                raise APIError(413, f"request body over {max_body_bytes} bytes", code="request_too_large")
+            if size > self.max_body_bytes:
+                raise APIError(413, f"request body over {self.max_body_bytes} bytes", code="request_too_large")
             chunks.append(chunk)
         body = _parse(b"".join(chunks), schema)
-        if body.model not in (None, model_name):
-            raise APIError(404, f"model {body.model!r} is not served here; GET /v1/models lists {model_name!r}",
+        if body.model not in (None, self.model_name):
+            raise APIError(404, f"model {body.model!r} is not served here; GET /v1/models lists {self.model_name!r}",
                            code="model_not_found", param="model")
         return body
 
-    def _submit(prompt: Any, params: SamplingParams) -> RequestHandle:
-        window = scheduler.max_sequence_length
+    def submit(self, prompt: Any, params: SamplingParams) -> RequestHandle:
+        """Hand a request to the scheduler, or the 400/503 that says why not."""
+        scheduler, window = self.scheduler, self.scheduler.max_sequence_length
         if params.max_new_tokens > window:
             raise APIError(400, f"max_tokens {params.max_new_tokens} is more than a whole sequence may hold here "
                                 f"({window} tokens); ask for at most {window}", param="max_tokens")
         if not scheduler.alive:
             raise APIError(503, f"the server cannot take requests: {scheduler.error or 'its scheduler is closed'}",
                            "server_error", code="scheduler_stopped")
-        if scheduler.running + scheduler.waiting >= max_pending:
-            raise APIError(503, f"the server has {max_pending} requests in hand; retry later", "server_busy")
+        if scheduler.running + scheduler.waiting >= self.max_pending:
+            raise APIError(503, f"the server has {self.max_pending} requests in hand; retry later", "server_busy")
         try:
             return scheduler.submit(prompt, params)
         except SchedulerStoppedError as exc:
@@ -274,19 +240,83 @@ def create_app(scheduler: Scheduler, model_name: str, api_key: str | None = None
         except (InvalidRequestError, ModelPackageError, PluginError) as exc:
             raise APIError(400, str(exc)) from None
 
-    def _usage(c: Completion) -> dict:
-        return {"prompt_tokens": c.usage.prompt_tokens, "completion_tokens": c.usage.completion_tokens,
-                "total_tokens": c.usage.total_tokens}
+    # -- the endpoints ---------------------------------------------------------------------------------
+    def health(self):
+        """Liveness and load, for balancers and operators (no API key needed): 200 while the
+        scheduler serves, 503 with the reason once its loop has stopped."""
+        from fastapi.responses import JSONResponse
 
-    def _extras(c: Completion) -> dict:
-        return {"finish_reason": c.finish_reason, "stop_detail": c.stop_detail, "token_ids": list(c.token_ids),
-                "usage": c.usage.to_dict(),
-                "cost": {k: v.to_dict() for k, v in c.cost.items()}}
+        scheduler = self.scheduler
+        body = {"status": "ok", "model": self.model_name, "running": scheduler.running, "waiting": scheduler.waiting,
+                "ended": dict(scheduler.ended), "max_sequence_length": scheduler.max_sequence_length}
+        if not scheduler.alive:
+            body["status"] = "failed"
+            body["error"] = str(scheduler.error or "the scheduler is closed")
+            return JSONResponse(body, status_code=503)
+        return body
 
-    async def _wait_or_cancel(request: Request, handle: RequestHandle, rid: str) -> Completion:
+    def models(self) -> dict:
+        return {"object": "list", "data": [{"id": self.model_name, "object": "model", "created": self.created,
+                                            "owned_by": "nextoken"}]}
+
+    async def completions(self, request):
+        from .api_schema import CompletionRequest
+
+        req = await self.body(request, CompletionRequest)
+        prompt = req.prompt
+        if isinstance(prompt, list) and prompt and all(isinstance(p, str) for p in prompt):
+            if len(prompt) != 1:
+                raise APIError(400, "prompt: one prompt per request (a list of one string, or of token ids)",
+                               param="prompt")
+            prompt = prompt[0]
+        params = _params(req, False, self.defaults)
+        if req.echo and params.top_logprobs is not None:
+            raise APIError(400, "echo with logprobs is not supported (it needs the prompt's log-probabilities)",
+                           param="echo")
+        handle = self.submit(prompt, params)
+        echo = ""
+        if req.echo:
+            echo = prompt if isinstance(prompt, str) else self.engine.decode(prompt)
+        include_usage = bool(req.stream_options and req.stream_options.include_usage)
+        return await self.respond(request, handle, False, req.stream, include_usage, echo)
+
+    async def chat_completions(self, request):
+        from .api_schema import ChatRequest
+
+        req = await self.body(request, ChatRequest)
+        params = _params(req, True, self.defaults)
+        messages = [{"role": m.role, "content": m.text()} for m in req.messages]
+        try:
+            ids = self.engine.apply_chat_template(messages)
+        except (InvalidRequestError, ModelPackageError) as exc:
+            raise APIError(400, str(exc), param="messages") from None
+        if req.max_completion_tokens is None and req.max_tokens is None:
+            room = self.scheduler.max_sequence_length - len(ids)
+            params = params.replace(max_new_tokens=max(1, min(params.max_new_tokens, room)))
+        include_usage = bool(req.stream_options and req.stream_options.include_usage)
+        return await self.respond(request, self.submit(ids, params), True, req.stream, include_usage)
+
+    # -- answers ---------------------------------------------------------------------------------------
+    async def respond(self, request, handle: RequestHandle, chat: bool, stream: bool, include_usage: bool,
+                      echo: str = ""):
+        """The stream, or the whole answer, of one submitted request, in the OpenAI shape."""
+        rid = f"{'chatcmpl' if chat else 'cmpl'}-{uuid.uuid4().hex[:24]}"
+        if stream:
+            return self.stream(handle, chat, rid, include_usage, echo)
+        c = await self.wait_or_cancel(request, handle, rid)
+        choice: dict[str, Any] = {"index": 0, "finish_reason": FINISH.get(c.finish_reason, c.finish_reason),
+                                  "logprobs": _logprobs(c.logprobs, chat, len(echo))}
+        if chat:
+            choice["message"] = {"role": "assistant", "content": c.text}
+        else:
+            choice["text"] = echo + c.text
+        return {"id": rid, "object": "chat.completion" if chat else "text_completion", "created": int(time.time()),
+                "model": self.model_name, "choices": [choice], "usage": _usage(c), "nextoken": _extras(c)}
+
+    async def wait_or_cancel(self, request, handle: RequestHandle, rid: str) -> Completion:
         """The completion, unless the client goes away first (then the request is cancelled)."""
         loop = asyncio.get_running_loop()
-        result = loop.run_in_executor(waiters, handle.result)
+        result = loop.run_in_executor(self.waiters, handle.result)
 
         async def disconnected():
             while True:
@@ -306,14 +336,13 @@ def create_app(scheduler: Scheduler, model_name: str, api_key: str | None = None
         except NextokenError as exc:
             raise _failure(exc) from None
 
-    def _logprobs(items: list | None, chat: bool, offset: int) -> dict | None:
-        if items is None:
-            return None
-        return _chat_logprobs(items) if chat else _completion_logprobs(items, offset)
+    def stream(self, handle: RequestHandle, chat: bool, rid: str, include_usage: bool, echo: str = ""):
+        """Server-sent events of one request: a chunk per text delta, usage at the end when asked."""
+        from fastapi.responses import StreamingResponse
 
-    def _stream(handle: RequestHandle, chat: bool, rid: str, include_usage: bool, echo: str = ""):
         obj = "chat.completion.chunk" if chat else "text_completion"
         wants_logprobs = handle.generation.params.top_logprobs is not None
+        model_name, waiters = self.model_name, self.waiters
 
         def chunk(choices: list, usage: dict | None = None, extra: dict | None = None) -> str:
             data = {"id": rid, "object": obj, "created": int(time.time()), "model": model_name, "choices": choices}
@@ -366,56 +395,74 @@ def create_app(scheduler: Scheduler, model_name: str, api_key: str | None = None
 
         return StreamingResponse(events(), media_type="text/event-stream")
 
-    async def _respond(request: Request, handle: RequestHandle, chat: bool, stream: bool, include_usage: bool,
-                       echo: str = ""):
-        """The stream, or the whole answer, of one submitted request, in the OpenAI shape."""
-        rid = f"{'chatcmpl' if chat else 'cmpl'}-{uuid.uuid4().hex[:24]}"
-        if stream:
-            return _stream(handle, chat, rid, include_usage, echo)
-        c = await _wait_or_cancel(request, handle, rid)
-        choice: dict[str, Any] = {"index": 0, "finish_reason": FINISH.get(c.finish_reason, c.finish_reason),
-                                  "logprobs": _logprobs(c.logprobs, chat, len(echo))}
-        if chat:
-            choice["message"] = {"role": "assistant", "content": c.text}
-        else:
-            choice["text"] = echo + c.text
-        return {"id": rid, "object": "chat.completion" if chat else "text_completion", "created": int(time.time()),
-                "model": model_name, "choices": [choice], "usage": _usage(c), "nextoken": _extras(c)}
+
+def _usage(c: Completion) -> dict:
+    return {"prompt_tokens": c.usage.prompt_tokens, "completion_tokens": c.usage.completion_tokens,
+            "total_tokens": c.usage.total_tokens}
+
+
+def _extras(c: Completion) -> dict:
+    return {"finish_reason": c.finish_reason, "stop_detail": c.stop_detail, "token_ids": list(c.token_ids),
+            "usage": c.usage.to_dict(), "cost": {k: v.to_dict() for k, v in c.cost.items()}}
+
+
+def _logprobs(items: list | None, chat: bool, offset: int) -> dict | None:
+    if items is None:
+        return None
+    return _chat_logprobs(items) if chat else _completion_logprobs(items, offset)
+
+
+def create_app(scheduler: Scheduler, model_name: str, api_key: str | None = None, max_body_bytes: int = 1 << 20,
+               max_pending: int = 256, body_timeout_s: float = 30.0):
+    """The FastAPI application serving ``scheduler``'s engine as ``model_name``: the routes, each
+    calling its :class:`Service` method, and the errors in OpenAI's shape (arguments: :class:`Service`'s)."""
+    try:
+        from fastapi import FastAPI, Request
+        from fastapi.exceptions import RequestValidationError
+    except ImportError:
+        raise NextokenError("serving needs FastAPI and uvicorn: pip install 'nextoken[serve]'") from None
+
+    service = Service(scheduler, model_name, api_key, max_body_bytes, max_pending, body_timeout_s)
+    app = FastAPI(title="nextoken", version="1")
+
+    @app.exception_handler(APIError)
+    async def _api_error(_request, exc: APIError):
+        return _error(exc.status, exc.message, exc.kind, exc.param, exc.code)
+
+    @app.exception_handler(InvalidRequestError)
+    async def _invalid(_request, exc: InvalidRequestError):
+        return _error(400, str(exc))
+
+    @app.exception_handler(RequestValidationError)
+    async def _validation(_request, exc):
+        return _error(400, f"invalid request: {exc.errors()[:1]}")
+
+    @app.exception_handler(_ClientGone)
+    async def _gone(request, _exc):
+        log.info("client %s disconnected before its request body arrived (%s)",
+                 request.client.host if request.client else "?", request.url.path)
+        return _error(499, "client closed the request", code="client_closed")
+
+    @app.middleware("http")
+    async def _guard(request: Request, call_next):
+        refused = service.refuse(request)
+        return refused if refused is not None else await call_next(request)
+
+    @app.get("/health")
+    async def health():
+        return service.health()
+
+    @app.get("/v1/models")
+    async def models():
+        return service.models()
 
     @app.post("/v1/completions")
     async def completions(request: Request):
-        req = await _body(request, CompletionRequest)
-        prompt = req.prompt
-        if isinstance(prompt, list) and prompt and all(isinstance(p, str) for p in prompt):
-            if len(prompt) != 1:
-                raise APIError(400, "prompt: one prompt per request (a list of one string, or of token ids)",
-                               param="prompt")
-            prompt = prompt[0]
-        params = _params(req, False, defaults)
-        if req.echo and params.top_logprobs is not None:
-            raise APIError(400, "echo with logprobs is not supported (it needs the prompt's log-probabilities)",
-                           param="echo")
-        handle = _submit(prompt, params)
-        echo = ""
-        if req.echo:
-            echo = prompt if isinstance(prompt, str) else engine.decode(prompt)
-        include_usage = bool(req.stream_options and req.stream_options.include_usage)
-        return await _respond(request, handle, False, req.stream, include_usage, echo)
+        return await service.completions(request)
 
     @app.post("/v1/chat/completions")
     async def chat_completions(request: Request):
-        req = await _body(request, ChatRequest)
-        params = _params(req, True, defaults)
-        messages = [{"role": m.role, "content": m.text()} for m in req.messages]
-        try:
-            ids = engine.apply_chat_template(messages)
-        except (InvalidRequestError, ModelPackageError) as exc:
-            raise APIError(400, str(exc), param="messages") from None
-        if req.max_completion_tokens is None and req.max_tokens is None:
-            room = scheduler.max_sequence_length - len(ids)
-            params = params.replace(max_new_tokens=max(1, min(params.max_new_tokens, room)))
-        include_usage = bool(req.stream_options and req.stream_options.include_usage)
-        return await _respond(request, _submit(ids, params), True, req.stream, include_usage)
+        return await service.chat_completions(request)
 
     return app
 
