@@ -19,6 +19,7 @@ from .kvcache import StepRunner
 from .manifest import Manifest, TensorSpec
 from .probes import release_free_heap
 from .registry import Pipeline, Registry
+from .scheduler import Scheduler
 from .tokenizer import GuardedTokenizer, Tokenizer
 from .types import Completion, SamplingParams, StreamEvent
 
@@ -233,8 +234,12 @@ class Engine:
         ids = self._batch(prompts)
         return Generation(
             self.runner, ids, params, pipeline, self._tokenizer, self.eos_token_ids, self.pad_token_id,
-            self.manifest.context_length, self.device.device, self.device.provider,
+            self.manifest.context_length, self.device.device, self.device.provider, driver=self._drive,
         )
+
+    def _drive(self, generation: Generation) -> Iterator[StreamEvent]:
+        """Run a request on the caller's thread: the scheduler, made for it alone, run to its end."""
+        return Scheduler.alone(self, generation).run(generation)
 
     def stream(self, prompts: Prompt | Sequence[Prompt], params: SamplingParams | None = None,
                **overrides: Any) -> Iterator[StreamEvent]:

@@ -14,12 +14,11 @@ from __future__ import annotations
 import math
 import time
 from dataclasses import dataclass
-from typing import Any, Iterator, Mapping, Sequence
+from typing import Any, Callable, Iterator, Mapping, Sequence
 
 import numpy as np
 
 from .errors import ContextWindowError, InvalidRequestError, NextokenError, describe
-from .kvbackends import for_request
 from .kvcache import StepRunner
 from .probes import MemorySampler
 from .registry import Pipeline
@@ -152,8 +151,9 @@ class Generation:
     """One request over a batch of prompts: iterate it for :class:`StreamEvent` s; afterwards
     :meth:`completions` gives the results (it runs the rest of the request if needed).
 
-    Iterating runs the request on the caller's thread. Another driver (the
-    :class:`~nextoken.Scheduler`) runs it through the step API instead, in this order::
+    Iterating runs the request on the caller's thread, through ``driver`` (the engine's: a
+    :class:`~nextoken.Scheduler` made for this request alone, :meth:`Scheduler.alone
+    <nextoken.Scheduler.alone>`). A driver runs it through the step API, in this order::
 
         gen.hand_over()                        # iterating it no longer runs it
         gen.begin()                            # its clock and observers start
@@ -163,12 +163,14 @@ class Generation:
         gen.end(model_seconds, kv_cache_bytes) # when gen.finished (or gen.cancel())
 
     :meth:`advance` is the one implementation of a step: processors, strategy, text, stop
-    conditions, the context window; every driver calls it.
+    conditions, the context window. There is one driver, the scheduler: a request alone and a
+    thousand sharing a batch take the same path.
     """
 
     def __init__(self, runner: StepRunner, prompts: Sequence[list[int]], params: SamplingParams,
                  pipeline: Pipeline, tokenizer: Tokenizer | None, eos_token_ids: Sequence[int],
-                 pad_token_id: int, context_length: int, device: str, provider: str = "") -> None:
+                 pad_token_id: int, context_length: int, device: str, provider: str = "",
+                 driver: Callable[["Generation"], Iterator[StreamEvent]] | None = None) -> None:
         prompts = [fit_prompt(list(p), params, context_length, i if len(prompts) > 1 else None)
                    for i, p in enumerate(prompts)]
         self.runner = runner
@@ -197,12 +199,16 @@ class Generation:
         self._prefilled = [(list(p), 0) for p in self.state.prompts]
         self._slide = params.context_policy == "slide"
         self._full = False
+        self._driver = driver
         self._events: Iterator[StreamEvent] | None = None
         self._completions: list[Completion] | None = None
 
     def __iter__(self) -> Iterator[StreamEvent]:
         if self._events is None:
-            self._events = self._run()
+            if self._driver is None:
+                raise InvalidRequestError("nothing drives this request: run it through the step API, or start it "
+                                          "with Engine.start")
+            self._events = self._driver(self)
         return self._events
 
     def hand_over(self) -> None:
@@ -371,34 +377,6 @@ class Generation:
         """When its phases happened, and the model time (for benchmarks)."""
         return Timings(self.start, self.prefill_done, self.first_token_time,
                        tuple(s.last_token_time for s in self.seqs), self.model_seconds, self.prefill_model_seconds)
-
-    # -- this request on the caller's thread ------------------------------------------------------------
-    def _run(self) -> Iterator[StreamEvent]:
-        state = self.state
-        self.begin()
-        longest = max(len(p) for p in state.prompts)
-        kv = for_request(self.runner, state.batch_size, min(longest + self.params.max_new_tokens, self.context_length),
-                         self.pad_token_id, self._slide)
-        pre = kv.prefill(state.prompts)
-        kv.join(pre)
-        self.prefilled(pre.seconds)
-        seconds, logits = pre.seconds, pre.logits
-        while True:
-            tokens, events = self.advance(logits)
-            yield from events
-            if self.finished:
-                break
-            if self.needs_slide:
-                self.kv_cache_bytes = max(self.kv_cache_bytes, kv.nbytes())
-                kv = for_request(self.runner, state.batch_size, self.context_length, self.pad_token_id, slide=True)
-                pre = kv.prefill(self.slide())
-                kv.join(pre)
-                seconds, logits = seconds + pre.seconds, pre.logits
-                continue
-            # every row one token; a finished row rides along on its last token and is ignored
-            logits = kv.decode(tokens, state.alive)
-            seconds += kv.last_seconds
-        self.end(seconds, kv.nbytes())
 
     def _logprobs(self, logits: np.ndarray, tokens: np.ndarray) -> list[TokenLogprob]:
         """Each row's chosen token and top-N alternatives under the final distribution."""

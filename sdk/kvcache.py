@@ -328,8 +328,9 @@ class SlotCache(KVCache):
         # attention reads a row only up to its length (a free slot decodes at position 0 only).
         super().__init__(runner.manifest, slots, runner.device, runner.device_id, length)
         self.lengths = np.zeros(slots, dtype=np.int64)     # positions each slot holds
+        self._positions = np.arange(length)[None, :]
 
     def mask(self, lengths: np.ndarray) -> np.ndarray:
         """The attention mask of rows holding ``lengths`` positions: ``[len(lengths), buffer length]``,
         1 where a row has a position (the graph reads each row's length from it)."""
-        return (np.arange(self.length)[None, :] < np.asarray(lengths)[:, None]).astype(np.int64)
+        return (self._positions < np.asarray(lengths)[:, None]).astype(np.int64)

@@ -15,6 +15,11 @@ A prompt longer than ``max_prefill_tokens`` is prefilled in chunks of that many 
 per step, between the running batch's decode steps, so a long newcomer delays the others by one
 chunk a step instead of its whole prompt at once; it joins the batch when its last chunk is done.
 
+It is the one driver of generation: ``Engine.generate`` and ``Engine.stream`` run a scheduler made
+for their request (:meth:`Scheduler.alone`; a list of prompts is one request of several sequences)
+to its end on the caller's thread (:meth:`Scheduler.run`), so a request alone and a thousand
+sharing a batch take the same path.
+
 The batch's KV cache lives in a backend (:mod:`nextoken.kvbackends`, ``kv_backend``): ``concat``
 for every graph (a joining request's cache padded to the batch's length, a leaving one's row
 dropped), or ``slots`` for GroupQueryAttention graphs (the default for them: one fixed buffer
@@ -36,7 +41,7 @@ import numpy as np
 
 from .errors import InvalidRequestError, NextokenError, SchedulerStoppedError
 from .generation import Generation
-from .kvbackends import ConcatBackend, KVBackend, Prefilled, SlotBackend
+from .kvbackends import ConcatBackend, KVBackend, Prefilled, SlotBackend, for_request
 from .kvcache import CacheOps, KVCache
 from .probes import MemorySampler
 from .types import Completion, SamplingParams, StreamEvent
@@ -50,8 +55,11 @@ class RequestHandle:
     """One submitted request: iterate it (or ``async for``) for its :class:`StreamEvent` s;
     :meth:`result` waits for its :class:`Completion`; :meth:`cancel` ends it at the next step."""
 
-    def __init__(self, generation: Generation) -> None:
+    def __init__(self, generation: Generation, sink: list[StreamEvent] | None = None) -> None:
         self.generation = generation
+        #: sequences (rows of the batch) the request has: one for a submitted request
+        self.rows = generation.state.batch_size
+        self._sink = sink                       # events for a driver on this thread (Scheduler.run)
         self._events: queue.Queue = queue.Queue()
         self._done = threading.Event()
         self._error: BaseException | None = None
@@ -99,13 +107,17 @@ class RequestHandle:
 
     # -- scheduler side -----------------------------------------------------------------------------
     def _deliver(self, events: list[StreamEvent]) -> None:
+        if self._sink is not None:
+            self._sink.extend(events)
+            return
         for event in events:
             self._events.put(event)
 
     def _finish(self, error: BaseException | None = None) -> None:
         self._error = error
         self._done.set()
-        self._events.put(_DONE)
+        if self._sink is None:
+            self._events.put(_DONE)
 
 
 class Scheduler:
@@ -122,7 +134,7 @@ class Scheduler:
     """
 
     def __init__(self, engine: Any, max_batch: int = 8, max_prefill_tokens: int = 4096, kv_backend: str = "auto",
-                 slot_length: int | None = None) -> None:
+                 slot_length: int | None = None, kv: KVBackend | None = None) -> None:
         if max_batch < 1:
             raise InvalidRequestError(f"max_batch must be >= 1, not {max_batch}")
         if max_prefill_tokens < 1:
@@ -143,13 +155,18 @@ class Scheduler:
         self._cache_ops: CacheOps | None = None
         #: the running batch's KV cache (:mod:`nextoken.kvbackends`)
         self.kv: KVBackend
-        if kv_backend == "slots" or (kv_backend == "auto" and gqa):
+        if kv is not None:                                 # made for one request (Scheduler.alone)
+            self.kv = kv
+        elif kv_backend == "slots" or (kv_backend == "auto" and gqa):
             self.kv = SlotBackend(engine.runner, max_batch, self.slot_length, engine.pad_token_id, self._ops)
         else:
             self.kv = ConcatBackend(engine.runner, engine.pad_token_id, self._ops)
         self.kv_backend: str = self.kv.name
         self._waiting: collections.deque[RequestHandle] = collections.deque()
         self._active: list[RequestHandle] = []
+        self._rows = 0                                     # rows of the batch: the active requests' sequences
+        self._leaving = 0                                  # active requests that ended or slid this step
+        self._alone = False                                # made for one request: its whole cache is its own
         self._last = np.zeros(0, dtype=np.int64)           # each row's last token, fed at the next step
         self._cond = threading.Condition()
         self._thread: threading.Thread | None = None
@@ -200,6 +217,35 @@ class Scheduler:
             self._cond.notify()
         return handle
 
+    @classmethod
+    def alone(cls, engine: Any, generation: Generation) -> "Scheduler":
+        """A scheduler for one request of any number of sequences, run on the caller's thread by
+        :meth:`run` (what ``Engine.generate`` and ``Engine.stream`` do): its KV cache is made for that
+        request (:func:`~nextoken.kvbackends.for_request`) and counted to it whole, and its prompts are
+        prefilled whole, never in chunks."""
+        state, params = generation.state, generation.params
+        window = engine.manifest.context_length
+        length = min(max(len(p) for p in state.prompts) + params.max_new_tokens, window)
+        slide = params.context_policy == "slide"
+        kv = for_request(engine.runner, state.batch_size, length, engine.pad_token_id, slide)
+        scheduler = cls(engine, max_batch=state.batch_size, max_prefill_tokens=max(window, sum(map(len, state.prompts))),
+                        slot_length=length if kv.name == "slots" else None, kv=kv)
+        scheduler._alone = True
+        return scheduler
+
+    def run(self, generation: Generation) -> Iterator[StreamEvent]:
+        """Run ``generation`` to its end on this thread, yielding its events as they come."""
+        events: list[StreamEvent] = []
+        handle = RequestHandle(generation, sink=events)
+        self._waiting.append(handle)
+        while not handle.done:
+            self.step()
+            if events:
+                yield from events
+                events.clear()
+        if handle._error is not None:
+            raise handle._error
+
     @property
     def max_sequence_length(self) -> int:
         """Prompt + generated tokens one request may reach here: the window, or the slot length."""
@@ -220,7 +266,7 @@ class Scheduler:
     @property
     def running(self) -> int:
         """Sequences in the batch now."""
-        return len(self._active)
+        return self._rows
 
     @property
     def waiting(self) -> int:
@@ -250,6 +296,7 @@ class Scheduler:
     def _clear(self) -> None:
         self._waiting.clear()
         self._active.clear()
+        self._rows = self._leaving = 0
         self._chunking = None
         self._refill.clear()
         self._admitting = []
@@ -303,23 +350,34 @@ class Scheduler:
         if self._active:
             self._decode()
             self._compact()                                # rows that finished or slid leave before anyone joins
+        if self._waiting or self._refill or self._chunking is not None:
+            self._schedule(runner)
+        return bool(self._active or self._waiting or self._chunking or self._refill)
+
+    def _schedule(self, runner) -> None:
+        """Bring in what waits, within the step's prefill budget and the batch's rows: slid windows
+        first, then the long prompt in chunks, then newcomers in the order they came."""
         budget = self.max_prefill_tokens
         if self._chunking is None and self._refill:        # slid windows go before newcomers
-            handle, ids = self._refill.popleft()
-            self._chunking = (handle, runner.new_cache(1), 0, ids, True)
+            handle, windows = self._refill.popleft()
+            if handle.rows == 1:
+                self._chunking = (handle, runner.new_cache(1), 0, windows[0], True)
+            else:                                          # several sequences: prefilled again together
+                budget -= sum(map(len, windows))
+                self._prefill_and_join([handle], windows, refill=True)
         if self._chunking is not None:
             budget -= self._next_chunk(budget)
         admit: list[RequestHandle] = []
         with self._cond:
-            while self._waiting and (len(self._active) + len(admit) + (self._chunking is not None) + len(self._refill)
-                                     < self.max_batch):
+            in_hand = self._rows + (self._chunking is not None) + sum(h.rows for h, _ in self._refill)
+            while self._waiting and in_hand + self._waiting[0].rows <= self.max_batch:
                 handle = self._waiting[0]
                 if handle.cancelled:
                     self._waiting.popleft()
                     self._end_early(handle, None)
                     continue
-                size = len(handle.generation.state.prompts[0])
-                if size > self.max_prefill_tokens:         # long: prefilled in chunks, one at a time
+                size = sum(map(len, handle.generation.state.prompts))
+                if size > self.max_prefill_tokens and handle.rows == 1:   # long: prefilled in chunks, one at a time
                     if self._chunking is not None or budget <= 0:
                         break
                     self._waiting.popleft()
@@ -329,43 +387,51 @@ class Scheduler:
                         self._end_early(handle, exc)
                         continue
                     self._chunking = (handle, runner.new_cache(1), 0, list(handle.generation.state.prompts[0]), False)
+                    in_hand += 1
                     continue
-                if size > budget:
+                if size > budget and (admit or budget < self.max_prefill_tokens):
                     break                                  # the rest waits for the next step's budget
                 self._waiting.popleft()
                 admit.append(handle)
                 budget -= size
+                in_hand += handle.rows
         if admit:
             self._admit(admit)
         if self._chunking is not None and budget > 0 and self._chunking[2] == 0:
             self._next_chunk(budget)                       # a long prompt starts with what is left this step
         self._compact()
-        return bool(self._active or self._waiting or self._chunking or self._refill)
 
-    def _advance(self, handle: RequestHandle, logits: np.ndarray, row: int) -> None:
-        """The handle's own step on its row of logits. Anything that fails here (its plugins, its
-        numbers, its cost meters, its observers) ends that request only."""
+    def _advance(self, handle: RequestHandle, logits: np.ndarray, start: int) -> None:
+        """The handle's own step on its rows of logits (from row ``start``). Anything that fails here
+        (its plugins, its numbers, its cost meters, its observers) ends that request only."""
         gen = handle.generation
         try:
             tokens, events = gen.advance(logits)
-            self._last[row] = tokens[0]
-            if gen.needs_slide:      # it leaves the batch, and comes back with its window prefilled again
-                gen.kv_cache_bytes = max(gen.kv_cache_bytes, self._kv_bytes(row))
+            self._last[start:start + handle.rows] = tokens
+            if gen.needs_slide:      # it leaves the batch, and comes back with its windows prefilled again
+                gen.kv_cache_bytes = max(gen.kv_cache_bytes, self._kv_bytes(handle, start))
                 self._sliding.add(id(handle))
-                self._refill.append((handle, gen.slide()[0]))
-            if gen.finished:
-                gen.end(handle.model_seconds, self._kv_bytes(row), self._memory.sample())
+                self._leaving += 1
+                self._refill.append((handle, gen.slide()))
+            finished = gen.finished
+            if finished:
+                gen.end(handle.model_seconds, self._kv_bytes(handle, start), self._memory.sample())
         except Exception as exc:
             self._end_early(handle, exc)
             return
         handle._deliver(events)
-        if gen.finished:
+        if finished:
             self.ended["finished"] += 1
+            self._leaving += 1
             handle._finish()
 
-    def _kv_bytes(self, row: int) -> int:
-        """Bytes of KV cache row ``row`` holds (its positions, whatever the backend)."""
-        return self.kv.held(row) * self.engine.manifest.kv_bytes_per_token()
+    def _kv_bytes(self, handle: RequestHandle, start: int) -> int:
+        """Bytes of KV cache a request holds: the whole cache of a scheduler made for it alone, else
+        its rows' positions."""
+        if self._alone:
+            return self.kv.nbytes()
+        per_token = self.engine.manifest.kv_bytes_per_token()
+        return sum(self.kv.held(row) for row in range(start, start + handle.rows)) * per_token
 
     def _end_early(self, handle: RequestHandle, error: BaseException | None) -> None:
         """End a request before its own stop: cancelled by the caller (``error`` None: finish
@@ -382,6 +448,7 @@ class Scheduler:
             else:
                 handle._deliver(events)
         self.ended["failed" if error is not None else "cancelled"] += 1
+        self._leaving += 1
         handle._finish(error)
 
     def _fail_all(self, handles: list[RequestHandle], error: BaseException) -> None:
@@ -390,16 +457,22 @@ class Scheduler:
             self._end_early(handle, error)
 
     def _decode(self) -> None:
-        """One token for every row of the batch, then each request's own step on its row."""
+        """One token for every row of the batch, then each request's own step on its rows (a
+        finished sequence of a request that goes on rides along on its last token)."""
+        active = self._active
+        grow = None
+        if self._rows != len(active):                      # requests of several sequences
+            grow = np.concatenate([h.generation.state.alive for h in active])
         try:
-            logits = self.kv.decode(self._last)
+            logits = self.kv.decode(self._last, grow)
         except Exception as exc:
-            self._fail_all(self._active, exc)
+            self._fail_all(active, exc)
             return
-        spent = self.kv.last_seconds
-        for row, handle in enumerate(self._active):
+        spent, start = self.kv.last_seconds, 0
+        for handle in active:
             handle.model_seconds += spent
-            self._advance(handle, logits[row:row + 1], row)
+            self._advance(handle, logits[start:start + handle.rows], start)
+            start += handle.rows
 
     def _admit(self, admit: list[RequestHandle]) -> None:
         """Prefill newcomers together and join them to the batch. A request whose start fails (its
@@ -416,36 +489,49 @@ class Scheduler:
         groups = [started] if started else []
         while groups:
             group = groups.pop()
-            self._admitting = group
-            try:
-                pre = self.kv.prefill([h.generation.state.prompts[0] for h in group])
-            except Exception as exc:
+            failed = self._prefill_and_join(group, [p for h in group for p in h.generation.state.prompts])
+            if failed is not None:
                 if len(group) > 1:
                     groups.extend([h] for h in reversed(group))
                 else:
-                    self._end_early(group[0], exc)
-                continue
-            finally:
-                self._admitting = []
-            try:
-                self._join(group, pre)
-            except Exception as exc:               # the prefill ran; joining failed: no one request's fault
-                self._fail_all(group, exc)
+                    self._end_early(group[0], failed)
+
+    def _prefill_and_join(self, group: list[RequestHandle], prompts: list[list[int]],
+                          refill: bool = False) -> BaseException | None:
+        """Prefill ``prompts`` (the group's sequences, in order) and join the group to the batch.
+        Returns the prefill's failure (nothing joined); a failure to join is no one request's
+        fault: it ends the whole group."""
+        self._admitting = group
+        try:
+            pre = self.kv.prefill(prompts)
+        except Exception as exc:
+            return exc
+        finally:
+            self._admitting = []
+        try:
+            self._join(group, pre, refill)
+        except Exception as exc:
+            self._fail_all(group, exc)
+        return None
 
     def _join(self, handles: list[RequestHandle], pre: Prefilled, refill: bool = False) -> None:
         """Join prefilled requests to the batch and take their first tokens (``refill``: a
-        running request back with its slid window)."""
-        start_row = len(self._active)
+        running request back with its slid windows)."""
+        start = self._rows
         self.kv.join(pre)
         self._active.extend(handles)
-        self._last = np.concatenate([self._last, np.zeros(len(handles), dtype=np.int64)])
-        for i, handle in enumerate(handles):
+        rows = sum(h.rows for h in handles)
+        self._rows += rows
+        self._last = np.concatenate([self._last, np.zeros(rows, dtype=np.int64)])
+        offset = 0
+        for handle in handles:
             if refill:
                 handle.model_seconds += pre.seconds
             else:
                 handle.generation.prefilled(pre.seconds)
                 handle.model_seconds = pre.seconds
-            self._advance(handle, pre.logits[i:i + 1], start_row + i)
+            self._advance(handle, pre.logits[offset:offset + handle.rows], start + offset)
+            offset += handle.rows
 
     def _next_chunk(self, budget: int) -> int:
         """Prefill the next chunk (at most ``budget`` tokens) of the long prompt in progress; join
@@ -483,11 +569,20 @@ class Scheduler:
         return self._cache_ops
 
     def _compact(self) -> None:
-        """Drop finished rows and rows that slid (they come back through the refill queue)."""
-        keep = [i for i, h in enumerate(self._active) if not h.done and id(h) not in self._sliding]
-        self._sliding.clear()
-        if len(keep) == len(self._active):
+        """Drop the rows of requests that ended and of requests that slid (they come back through
+        the refill queue)."""
+        if not self._leaving:
             return
-        self._active = [self._active[i] for i in keep]
-        self.kv.keep(keep)
-        self._last = self._last[keep]
+        self._leaving = 0
+        rows, kept, start = [], [], 0
+        for handle in self._active:
+            if not handle.done and id(handle) not in self._sliding:
+                kept.append(handle)
+                rows.extend(range(start, start + handle.rows))
+            start += handle.rows
+        self._sliding.clear()
+        if len(rows) == self._rows:
+            return
+        self._active, self._rows = kept, len(rows)
+        self.kv.keep(rows)
+        self._last = self._last[rows]

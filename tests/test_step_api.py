@@ -346,3 +346,22 @@ def test_one_dtype_table_refuses_a_cache_the_runtime_cannot_hold_at_load(tiny_ll
     # and it counts 2 bytes an element, as every other reader of the one table does
     keys_and_values = 2 * manifest["num_layers"] * manifest["num_kv_heads"] * manifest["head_dim"]
     assert nextoken.Manifest.load(pkg).kv_bytes_per_token() == keys_and_values * DTYPES["bfloat16"].itemsize == keys_and_values * 2
+
+
+def test_generate_is_the_scheduler_run_to_completion_on_the_callers_thread(llama_engine, monkeypatch):
+    """One driver: Engine.generate/stream run a Scheduler made for the request (a batch of prompts
+    is one request of several sequences), stepping it on the caller's thread."""
+    import threading
+
+    steps = []
+    real = Scheduler.step
+    monkeypatch.setattr(Scheduler, "step", lambda self: steps.append(threading.current_thread()) or real(self))
+    got = llama_engine.generate([PROMPT, "Hi"], max_new_tokens=5, ignore_eos=True)
+    assert len(steps) == 5 and set(steps) == {threading.current_thread()}     # a prefill step, then 4 decode steps
+    events = list(llama_engine.stream(PROMPT, max_new_tokens=3, ignore_eos=True))
+    assert [e.index for e in events] == [0, 0, 0] and len(steps) == 8
+    scheduler = Scheduler.alone(llama_engine, llama_engine.start([PROMPT, "Hi"], max_new_tokens=5))
+    assert scheduler.max_batch == 2 and scheduler.kv.name == "slots" and scheduler.slot_length == len(
+        llama_engine.encode(PROMPT)) + 5
+    assert [c.token_ids for c in got] == [c.token_ids for c in
+                                          [llama_engine.generate(p, max_new_tokens=5, ignore_eos=True) for p in (PROMPT, "Hi")]]
