@@ -271,15 +271,15 @@ class Generation:
         if state.step == 0:
             self.first_token_time = now
         logprobs = self._logprobs(logits, tokens) if pipe.top_logprobs is not None else None
-        state.append(tokens)
-        alive_rows = np.flatnonzero(state.alive)
+        alive_rows = state.append(tokens)
+        rows, picked = alive_rows.tolist(), tokens.tolist()        # Python ints: the per-row loops index them
         timing = pipe.seconds is not None
         decoding = time.perf_counter() if timing else 0.0
-        for row in alive_rows:
+        for row in rows:
             seq = seqs[row]
             seq.last_token_time = now
             if seq.decoder is not None:
-                state.texts[row] += seq.decoder.add(int(tokens[row]))
+                state.texts[row] += seq.decoder.add(picked[row])
         if timing:
             pipe.timed("tokenizer:decode", decoding)
         if pipe.on_step is not None:
@@ -299,11 +299,11 @@ class Generation:
                         seqs[row].finish = stop
         lengths = self._lengths
         lengths[alive_rows] += 1
-        full = lengths >= self.context_length
+        full = lengths >= self.context_length if lengths.max() >= self.context_length else None
         events = []
-        for row in alive_rows:
+        for row in rows:
             seq = seqs[row]
-            if seq.finish is None and full[row] and not self._slide:
+            if seq.finish is None and full is not None and full[row] and not self._slide:
                 seq.finish = Stop("context", f"context window of {self.context_length} tokens is full")
             if seq.finish is not None:
                 state.alive[row] = False
@@ -323,8 +323,8 @@ class Generation:
             if logprobs is not None:
                 lp = logprobs[row]
                 seq.logprobs.append(lp)
-            events.append(StreamEvent(int(row), int(tokens[row]), delta, seq.finish.reason if seq.finish else None, lp))
-        self._full = self._slide and bool((full & state.alive).any())
+            events.append(StreamEvent(row, picked[row], delta, seq.finish.reason if seq.finish else None, lp))
+        self._full = self._slide and full is not None and bool((full & state.alive).any())
         return tokens, events
 
     def slide(self) -> list[list[int]]:

@@ -125,7 +125,7 @@ class StepRunner:
         self._bind_ids(binding, input_ids, attention_mask, position_ids)
         if "logits_to_keep" in self._int_dtypes:
             keep = np.array([input_ids.shape[1] if all_logits else 1], dtype=np.int64)
-            binding.bind_cpu_input("logits_to_keep", keep)
+            self.binder.host_input(binding, "logits_to_keep", keep)
         self.binder.logits_to_host(binding, "logits")
         for past, present, value in zip(self._past, self._present, cache.values):
             self.binder.value_in_out(binding, past, present, value)
@@ -140,7 +140,7 @@ class StepRunner:
         binding = self.session.io_binding()
         self._bind_ids(binding, ids, slots.mask([len(prompt)]), None)
         if "logits_to_keep" in self._int_dtypes:
-            binding.bind_cpu_input("logits_to_keep", np.array([1], dtype=np.int64))
+            self.binder.host_input(binding, "logits_to_keep", np.array([1], dtype=np.int64))
         self.binder.logits_to_host(binding, "logits")
         self._bind_rows(binding, slots, 1, row)
         self._run(binding, slots)
@@ -162,7 +162,7 @@ class StepRunner:
             binding = self.session.io_binding()
             self._bind_rows(binding, slots, n, 0)
             if "logits_to_keep" in self._int_dtypes:
-                binding.bind_cpu_input("logits_to_keep", np.array([1], dtype=np.int64))
+                self.binder.host_input(binding, "logits_to_keep", np.array([1], dtype=np.int64))
             logits = np.empty((n, 1, self.manifest.vocab_size), dtype=self._logits_dtype)
             binding.bind_output("logits", "cpu", 0, logits.dtype, list(logits.shape), logits.ctypes.data)
             kept = (n, binding, logits)
@@ -178,10 +178,11 @@ class StepRunner:
     def _bind_ids(self, binding: ort.IOBinding, input_ids: np.ndarray, mask: np.ndarray,
                   positions: np.ndarray | None) -> None:
         dtypes = self._int_dtypes
-        binding.bind_cpu_input("input_ids", np.ascontiguousarray(input_ids, dtype=dtypes["input_ids"]))
-        binding.bind_cpu_input("attention_mask", np.ascontiguousarray(mask, dtype=dtypes["attention_mask"]))
+        bind = self.binder.host_input
+        bind(binding, "input_ids", np.ascontiguousarray(input_ids, dtype=dtypes["input_ids"]))
+        bind(binding, "attention_mask", np.ascontiguousarray(mask, dtype=dtypes["attention_mask"]))
         if positions is not None and "position_ids" in dtypes:
-            binding.bind_cpu_input("position_ids", np.ascontiguousarray(positions, dtype=dtypes["position_ids"]))
+            bind(binding, "position_ids", np.ascontiguousarray(positions, dtype=dtypes["position_ids"]))
 
     def _bind_rows(self, binding: ort.IOBinding, slots: "SlotCache", n: int, first_row: int) -> None:
         """Bind ``n`` rows of the slot buffers from ``first_row`` on (a contiguous part of their
@@ -197,7 +198,7 @@ class StepRunner:
         """Run the bound step, its time counted to ``cache``; ONNX Runtime's failure as nextoken's."""
         start = time.perf_counter()
         try:
-            self.session.run_with_iobinding(binding)
+            self.binder.run(self.session, binding)
         except Exception as exc:
             raise NextokenError(f"the model failed to run a step: {str(exc).splitlines()[0][:300]}") from None
         cache.run_seconds += time.perf_counter() - start

@@ -53,6 +53,26 @@ class Binder:
             binding.bind_ortvalue_input(past, value)
             binding.bind_output(present, self.device, self.device_id)
 
+    def host_input(self, binding: ort.IOBinding, name: str, array: np.ndarray) -> None:
+        """Bind a host array as input ``name``: the array stays referenced by the binding (the
+        value reads its memory) until the name is bound again. The public call also checks for
+        WebGPU graph capture, which nextoken never uses."""
+        if self._handles is not None:
+            refs = binding.__dict__.setdefault("nextoken_inputs", {})
+            refs[name] = array
+            binding._iobinding.bind_input(name, array)
+        else:
+            binding.bind_cpu_input(name, array)
+
+    def run(self, session: ort.InferenceSession, binding: ort.IOBinding) -> None:
+        """Run the bound step (straight on the session's own object on the fast path, which skips the
+        public wrapper's WebGPU capture bookkeeping)."""
+        raw = getattr(session, "_sess", None) if self._handles is not None else None
+        if raw is not None:
+            raw.run_with_iobinding(binding._iobinding, None)
+        else:
+            session.run_with_iobinding(binding)
+
     def outputs(self, binding: ort.IOBinding) -> tuple[np.ndarray, list[ort.OrtValue]]:
         """The first output as a host array, and the others as values."""
         if self._handles is not None:

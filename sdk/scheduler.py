@@ -55,7 +55,7 @@ class RequestHandle:
     """One submitted request: iterate it (or ``async for``) for its :class:`StreamEvent` s;
     :meth:`result` waits for its :class:`Completion`; :meth:`cancel` ends it at the next step."""
 
-    def __init__(self, generation: Generation, sink: list[StreamEvent] | None = None) -> None:
+    def __init__(self, generation: Generation, sink: list[list[StreamEvent]] | None = None) -> None:
         self.generation = generation
         #: sequences (rows of the batch) the request has: one for a submitted request
         self.rows = generation.state.batch_size
@@ -108,7 +108,7 @@ class RequestHandle:
     # -- scheduler side -----------------------------------------------------------------------------
     def _deliver(self, events: list[StreamEvent]) -> None:
         if self._sink is not None:
-            self._sink.extend(events)
+            self._sink.append(events)
             return
         for event in events:
             self._events.put(event)
@@ -235,14 +235,15 @@ class Scheduler:
 
     def run(self, generation: Generation) -> Iterator[StreamEvent]:
         """Run ``generation`` to its end on this thread, yielding its events as they come."""
-        events: list[StreamEvent] = []
-        handle = RequestHandle(generation, sink=events)
+        steps: list[list[StreamEvent]] = []                # each step's events, as the step made them
+        handle = RequestHandle(generation, sink=steps)
         self._waiting.append(handle)
-        while not handle.done:
+        done = handle._done.is_set
+        while not done():
             self.step()
-            if events:
+            for events in steps:
                 yield from events
-                events.clear()
+            steps.clear()
         if handle._error is not None:
             raise handle._error
 
@@ -407,7 +408,10 @@ class Scheduler:
         gen = handle.generation
         try:
             tokens, events = gen.advance(logits)
-            self._last[start:start + handle.rows] = tokens
+            if handle.rows == self._rows:                  # the whole batch: its tokens are the next inputs
+                self._last = tokens
+            else:
+                self._last[start:start + handle.rows] = tokens
             if gen.needs_slide:      # it leaves the batch, and comes back with its windows prefilled again
                 gen.kv_cache_bytes = max(gen.kv_cache_bytes, self._kv_bytes(handle, start))
                 self._sliding.add(id(handle))
@@ -462,7 +466,8 @@ class Scheduler:
         active = self._active
         grow = None
         if self._rows != len(active):                      # requests of several sequences
-            grow = np.concatenate([h.generation.state.alive for h in active])
+            grow = (active[0].generation.state.alive if len(active) == 1
+                    else np.concatenate([h.generation.state.alive for h in active]))
         try:
             logits = self.kv.decode(self._last, grow)
         except Exception as exc:

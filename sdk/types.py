@@ -430,13 +430,16 @@ class BatchState:
             self._counts = counts
         return self._counts
 
-    def append(self, tokens: np.ndarray) -> None:
-        """Record one step's tokens ``[B]`` on the rows still alive (the loop's call; plugins only read)."""
+    def append(self, tokens: np.ndarray) -> np.ndarray:
+        """Record one step's tokens ``[B]`` on the rows still alive (the loop's call; plugins only
+        read); returns those rows."""
         self.step += 1
         rows = np.flatnonzero(self.alive)
-        for row in rows:
-            self.generated[row].append(int(tokens[row]))
+        picked = tokens.tolist()
+        for row in rows.tolist():
+            self.generated[row].append(picked[row])
         if self._presence is not None:
             self._presence[rows, tokens[rows]] = True
         if self._counts is not None:
             self._counts[rows, tokens[rows]] += 1
+        return rows
