@@ -25,6 +25,7 @@ from typing import Callable, Protocol, Sequence
 
 import numpy as np
 
+from .errors import NextokenError
 from .kvcache import CacheOps, KVCache, SlotCache, StepRunner, grow_mask, pad_batch
 
 __all__ = ["KVBackend", "Prefilled", "ConcatBackend", "SlotBackend", "BACKENDS", "prefill_padded", "for_request"]
@@ -78,6 +79,11 @@ def prefill_padded(runner: StepRunner, prompts: Sequence[list[int]], pad_id: int
         every = runner.prefill(cache, input_ids, mask, positions, all_logits=True)
         logits = np.ascontiguousarray(every[np.arange(len(prompts)), lengths - 1])
     return Prefilled(logits, lengths, cache.run_seconds, cache=cache, mask=mask)
+
+
+def _no_surgery() -> CacheOps:
+    """The cache surgery of a backend made for one request: it never joins or drops rows."""
+    raise NextokenError("this KV cache was made for one request alone; it cannot take rows from another")
 
 
 class ConcatBackend:
@@ -201,7 +207,7 @@ class SlotBackend:
         buffer = self._buffer()
         if pre.slots is None:                        # a padded cache: copied into free slots
             free = self._free(len(pre.lengths))
-            self._ops().write(buffer, pre.cache, free)
+            (self._ops or _no_surgery)().write(buffer, pre.cache, free)
         else:
             free = pre.slots
         buffer.lengths[free] = pre.lengths
@@ -254,10 +260,6 @@ class SlotBackend:
     def slot_lengths(self) -> list[int]:
         """Positions each slot holds (0: free)."""
         return self.buffer.lengths.tolist() if self.buffer is not None else [0] * self.slots
-
-
-def _no_surgery() -> CacheOps:
-    raise RuntimeError("a request on its own never joins or drops cache rows")
 
 
 def for_request(runner: StepRunner, rows: int, length: int, pad_id: int, slide: bool = False) -> KVBackend:

@@ -129,8 +129,10 @@ class Scheduler:
     size, one a step. ``kv_backend``: ``auto`` (``slots`` for GroupQueryAttention graphs, else
     ``concat``), ``concat`` or ``slots``. ``slot_length``: positions per slot (default: the
     model's window, at most 2048); with slots, prompt + max_new_tokens must fit in it, and the
-    buffer (:attr:`kv_buffer_bytes`) is held while the scheduler lives.
-    Use :meth:`step` to drive it yourself, or :meth:`start` to run it on a background thread.
+    buffer (:attr:`kv_buffer_bytes`) is held while the scheduler lives. ``kv``: a KV backend to use
+    instead of making one (:meth:`alone` passes one made for its request).
+    Use :meth:`step` to drive it yourself, :meth:`start` to run it on a background thread, or
+    :meth:`run` to run one request on this thread.
     """
 
     def __init__(self, engine: Any, max_batch: int = 8, max_prefill_tokens: int = 4096, kv_backend: str = "auto",
@@ -173,8 +175,8 @@ class Scheduler:
         self._stop = False
         #: a long prompt being prefilled a chunk a step: (handle, its own cache, tokens done, ids, a refill)
         self._chunking: tuple[RequestHandle, KVCache, int, list[int], bool] | None = None
-        #: running requests whose window slid (context_policy "slide"): their kept tokens, to prefill again
-        self._refill: collections.deque[tuple[RequestHandle, list[int]]] = collections.deque()
+        #: running requests whose window slid (context_policy "slide"): each sequence's kept tokens, to prefill again
+        self._refill: collections.deque[tuple[RequestHandle, list[list[int]]]] = collections.deque()
         self._sliding: set[int] = set()
         #: newcomers being prefilled now (popped from the queue, not yet in the batch)
         self._admitting: list[RequestHandle] = []
@@ -235,6 +237,8 @@ class Scheduler:
 
     def run(self, generation: Generation) -> Iterator[StreamEvent]:
         """Run ``generation`` to its end on this thread, yielding its events as they come."""
+        if self._thread is not None:
+            raise InvalidRequestError("this scheduler runs on its own thread (start()); submit() to it instead of run()")
         steps: list[list[StreamEvent]] = []                # each step's events, as the step made them
         handle = RequestHandle(generation, sink=steps)
         self._waiting.append(handle)

@@ -365,3 +365,10 @@ def test_generate_is_the_scheduler_run_to_completion_on_the_callers_thread(llama
         llama_engine.encode(PROMPT)) + 5
     assert [c.token_ids for c in got] == [c.token_ids for c in
                                           [llama_engine.generate(p, max_new_tokens=5, ignore_eos=True) for p in (PROMPT, "Hi")]]
+
+
+def test_run_refuses_a_scheduler_that_runs_on_its_own_thread(llama_engine):
+    with Scheduler(llama_engine) as scheduler:
+        with pytest.raises(InvalidRequestError, match="submit\\(\\) to it instead of run\\(\\)"):
+            next(scheduler.run(llama_engine.start(PROMPT, max_new_tokens=2)))
+        assert scheduler.submit(PROMPT, max_new_tokens=2).result(timeout=60).token_ids
