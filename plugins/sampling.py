@@ -27,9 +27,11 @@ def greedy(logits: np.ndarray, state=None) -> np.ndarray:
 class Sampler:
     """Draws each row's token from softmax(logits) with the row's own random generator.
 
-    With a seed, every sequence gets ``numpy.random.default_rng(seed)``: the same seed, prompt and
-    parameters give the same tokens whatever batch the sequence runs in. One uniform draw per row
-    per step, inverted through the row's cumulative distribution.
+    With a seed, every sequence gets ``numpy.random.default_rng(seed + its choice index)`` (the
+    choice index is 0 unless the request asks for ``n`` > 1 choices): the same seed, prompt and
+    parameters give the same tokens whatever batch the sequence runs in, and choice ``i`` of a
+    request is the same request alone with ``seed + i``. One uniform draw per row per step,
+    inverted through the row's cumulative distribution.
     """
 
     def __init__(self, seed: int | None) -> None:
@@ -39,7 +41,9 @@ class Sampler:
     def __call__(self, logits: np.ndarray, state) -> np.ndarray:
         batch, vocab = logits.shape
         if self.rngs is None:
-            self.rngs = [np.random.default_rng(self.seed) for _ in range(batch)]
+            choices = getattr(state, "choices", None) or [0] * batch
+            self.rngs = [np.random.default_rng(None if self.seed is None else self.seed + choices[row])
+                         for row in range(batch)]
         u = np.fromiter((1.0 - rng.random() for rng in self.rngs), dtype=np.float64, count=batch)  # (0, 1]
         if vocab <= SMALL_VOCAB:
             cdf = np.cumsum(np.exp(logits - logits.max(axis=1, keepdims=True)), axis=1, dtype=np.float64)

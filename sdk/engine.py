@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import threading
 from pathlib import Path
 from typing import Any, Iterator, Mapping, Sequence, Union, overload
 
@@ -15,7 +16,7 @@ from .dtypes import kv_dtype
 from .errors import InvalidRequestError, ModelPackageError
 from .generation import Generation
 from .kvbackends import for_request
-from .kvcache import StepRunner
+from .kvcache import CacheOps, StepRunner
 from .manifest import Manifest, TensorSpec
 from .probes import release_free_heap
 from .registry import Pipeline, Registry
@@ -128,6 +129,8 @@ class Engine:
         if self.device.device == "cuda":
             device_id = int(dict(self.device.providers[0][1]).get("device_id", 0))
         self.runner = StepRunner(self.session, self.manifest, self.device.device, device_id)
+        self._cache_ops: CacheOps | None = None
+        self._cache_ops_lock = threading.Lock()
         self.eos_token_ids: tuple[int, ...] = tuple(self.manifest.eos_token_ids)
         pad = self.manifest.pad_token_id
         self.pad_token_id = pad if pad is not None else (self.eos_token_ids[0] if self.eos_token_ids else 0)
@@ -140,6 +143,15 @@ class Engine:
         """Release the ONNX Runtime session. The engine cannot generate afterwards."""
         self.session = None  # type: ignore[assignment]
         self.runner = None  # type: ignore[assignment]
+        self._cache_ops = None
+
+    def cache_ops(self) -> CacheOps:
+        """The KV cache surgery graphs (join, drop, copy rows where the cache lives), on this
+        engine's execution provider; made at the first use and kept."""
+        with self._cache_ops_lock:
+            if self._cache_ops is None:
+                self._cache_ops = CacheOps(self.runner, self.device.providers)
+            return self._cache_ops
 
     def __enter__(self) -> "Engine":
         return self
@@ -253,11 +265,14 @@ class Engine:
                  **overrides: Any) -> Completion | list[Completion]: ...
 
     def generate(self, prompts, params=None, **overrides):
-        """Generate to the end. One prompt (text or ids) gives a :class:`Completion`; a list gives a list."""
-        completions = self.start(prompts, params, **overrides).completions()
-        return completions[0] if _is_single(prompts) else completions
+        """Generate to the end. One prompt (text or ids) gives a :class:`Completion`; a list gives a
+        list; with ``n`` > 1, each prompt gives ``n`` choices in a row (a list, even for one prompt)."""
+        generation = self.start(prompts, params, **overrides)
+        completions = generation.completions()
+        return completions[0] if _is_single(prompts) and generation.params.n == 1 else completions
 
-    def chat(self, messages: Sequence[Message], params: SamplingParams | None = None, **overrides: Any) -> Completion:
+    def chat(self, messages: Sequence[Message], params: SamplingParams | None = None,
+             **overrides: Any) -> Completion | list[Completion]:
         """Answer a conversation (``[{"role": "user", "content": "..."}, ...]``) with the model's chat template."""
         return self.generate(self.apply_chat_template(messages), params, **overrides)
 

@@ -173,6 +173,10 @@ class Generation:
                  driver: Callable[["Generation"], Iterator[StreamEvent]] | None = None) -> None:
         prompts = [fit_prompt(list(p), params, context_length, i if len(prompts) > 1 else None)
                    for i, p in enumerate(prompts)]
+        # n choices a prompt: rows prompt 0 choice 0..n-1, prompt 1 choice 0..n-1, ...
+        n = params.n
+        choices = [j for _ in prompts for j in range(n)]
+        prompts = [p for p in prompts for _ in range(n)]
         self.runner = runner
         self.params = params
         self.pipeline = pipeline
@@ -181,7 +185,7 @@ class Generation:
         self.pad_token_id = pad_token_id
         self.device = device
         self.provider = provider
-        self.state = BatchState(params, [list(p) for p in prompts], eos_token_ids, runner.manifest.vocab_size)
+        self.state = BatchState(params, [list(p) for p in prompts], eos_token_ids, runner.manifest.vocab_size, choices)
         self.seqs = [
             _Sequence(tokenizer.decoder(p) if tokenizer else None, params.top_logprobs is not None)
             for p in self.state.prompts

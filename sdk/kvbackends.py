@@ -47,6 +47,12 @@ class Prefilled:
     mask: np.ndarray | None = None
     slots: list[int] | None = None
 
+    def forked(self, rows: Sequence[int], ops: CacheOps) -> "Prefilled":
+        """The prefilled rows ``rows`` (an index may repeat: a prompt's ``n`` choices share its
+        prefill), the cache copied where it lives."""
+        cache = ops.select(self.cache, rows, 0, self.cache.length)
+        return Prefilled(self.logits[rows], self.lengths[rows], self.seconds, cache=cache, mask=self.mask[rows])
+
 
 class KVBackend(Protocol):
     """What a driver asks of the running batch's cache (see the module's doc)."""
@@ -57,7 +63,7 @@ class KVBackend(Protocol):
 
     @property
     def rows(self) -> int: ...
-    def prefill(self, prompts: Sequence[list[int]]) -> Prefilled: ...
+    def prefill(self, prompts: Sequence[list[int]], fork: Sequence[int] | None = None) -> Prefilled: ...
     def join(self, pre: Prefilled) -> None: ...
     def decode(self, tokens: np.ndarray, grow: np.ndarray | None = None) -> np.ndarray: ...
     def keep(self, rows: Sequence[int]) -> None: ...
@@ -103,8 +109,11 @@ class ConcatBackend:
     def rows(self) -> int:
         return len(self.mask)
 
-    def prefill(self, prompts: Sequence[list[int]]) -> Prefilled:
-        return prefill_padded(self.runner, prompts, self.pad_id)
+    def prefill(self, prompts: Sequence[list[int]], fork: Sequence[int] | None = None) -> Prefilled:
+        """Run ``prompts``; ``fork``: the rows to make of them (indices into ``prompts``, repeated for
+        the choices that share a prompt), copied from the one prefill."""
+        pre = prefill_padded(self.runner, prompts, self.pad_id)
+        return pre if fork is None else pre.forked(fork, self._ops())
 
     def join(self, pre: Prefilled) -> None:
         """Append the rows, each side padded to the longer one (masked out)."""
@@ -167,14 +176,16 @@ class SlotBackend:
     prefill and held while the backend lives.
 
     One prompt is prefilled straight into its slot; several are prefilled together and copied into
-    their slots with ``ops`` (one batched run beats several) when ``ops`` is given, else each in
-    place."""
+    their slots with ``ops`` (one batched run beats several) when ``batched``, else each in place;
+    choices that share a prompt (``fork``) get copies of its one prefill."""
 
     name = "slots"
 
     def __init__(self, runner: StepRunner, slots: int, length: int, pad_id: int,
-                 ops: Callable[[], CacheOps] | None = None) -> None:
-        self.runner, self.slots, self.length, self.pad_id, self._ops = runner, slots, length, pad_id, ops
+                 ops: Callable[[], CacheOps] | None = None, batched: bool = True) -> None:
+        self.runner, self.slots, self.length, self.pad_id = runner, slots, length, pad_id
+        self._ops = ops or _no_surgery
+        self.batched = batched and ops is not None
         self.buffer: SlotCache | None = None
         self.slot_ids: list[int] = []
         self.last_seconds = 0.0
@@ -193,8 +204,10 @@ class SlotBackend:
         taken = set(self.slot_ids)
         return [i for i in range(self.slots) if i not in taken][:n]
 
-    def prefill(self, prompts: Sequence[list[int]]) -> Prefilled:
-        if len(prompts) > 1 and self._ops is not None:
+    def prefill(self, prompts: Sequence[list[int]], fork: Sequence[int] | None = None) -> Prefilled:
+        if fork is not None:
+            return prefill_padded(self.runner, prompts, self.pad_id).forked(fork, self._ops())
+        if len(prompts) > 1 and self.batched:
             return prefill_padded(self.runner, prompts, self.pad_id)
         buffer = self._buffer()
         before = buffer.run_seconds
@@ -207,7 +220,7 @@ class SlotBackend:
         buffer = self._buffer()
         if pre.slots is None:                        # a padded cache: copied into free slots
             free = self._free(len(pre.lengths))
-            (self._ops or _no_surgery)().write(buffer, pre.cache, free)
+            self._ops().write(buffer, pre.cache, free)
         else:
             free = pre.slots
         buffer.lengths[free] = pre.lengths
@@ -262,11 +275,13 @@ class SlotBackend:
         return self.buffer.lengths.tolist() if self.buffer is not None else [0] * self.slots
 
 
-def for_request(runner: StepRunner, rows: int, length: int, pad_id: int, slide: bool = False) -> KVBackend:
+def for_request(runner: StepRunner, rows: int, length: int, pad_id: int, slide: bool = False,
+                ops: Callable[[], CacheOps] | None = None) -> KVBackend:
     """The cache of one request of ``rows`` sequences, up to ``length`` positions each:
     GroupQueryAttention graphs (keys placed by the mask) run in place in a fixed buffer that long
-    (nothing concatenated per step); other graphs, and a request that slides its window (it is
-    prefilled again), grow the cache by concatenation."""
+    (nothing concatenated per step; each prompt prefilled in place in its row); other graphs, and a
+    request that slides its window (it is prefilled again), grow the cache by concatenation.
+    ``ops``: the cache surgery that copies a prompt's prefill to its other choices (``n`` > 1)."""
     if not slide and runner.manifest.padding_side == "right":
-        return SlotBackend(runner, rows, length, pad_id)
-    return ConcatBackend(runner, pad_id, _no_surgery)
+        return SlotBackend(runner, rows, length, pad_id, ops, batched=False)
+    return ConcatBackend(runner, pad_id, ops or _no_surgery)

@@ -90,12 +90,17 @@ class RequestHandle:
             yield item
 
     def result(self, timeout: float | None = None) -> Completion:
-        """The completion, once the request has finished (raises what the request raised)."""
+        """The completion (the first choice's, with ``n`` > 1), once the request has finished
+        (raises what the request raised)."""
+        return self.results(timeout)[0]
+
+    def results(self, timeout: float | None = None) -> list[Completion]:
+        """Every choice's completion (``n`` of them), once the request has finished."""
         if not self._done.wait(timeout):
             raise TimeoutError("the request has not finished")
         if self._error is not None:
             raise self._error
-        return self.generation.completions()[0]
+        return self.generation.completions()
 
     def cancel(self) -> None:
         """End the request at the next step boundary (finish reason ``cancelled``); its slot is freed."""
@@ -154,7 +159,6 @@ class Scheduler:
         self.engine = engine
         self.max_batch = max_batch
         self.max_prefill_tokens = max_prefill_tokens
-        self._cache_ops: CacheOps | None = None
         #: the running batch's KV cache (:mod:`nextoken.kvbackends`)
         self.kv: KVBackend
         if kv is not None:                                 # made for one request (Scheduler.alone)
@@ -190,8 +194,11 @@ class Scheduler:
     def submit(self, prompt: Any, params: SamplingParams | None = None, **overrides: Any) -> RequestHandle:
         """Queue one prompt (text or token ids); validated here, so a bad request raises at once."""
         generation = self.engine.start(prompt, params, **overrides)
-        if generation.state.batch_size != 1:
+        if generation.state.batch_size != generation.params.n:
             raise InvalidRequestError("submit one prompt per request; submit a list's prompts one by one")
+        if generation.params.n > self.max_batch:
+            raise InvalidRequestError(f"n={generation.params.n} choices need {generation.params.n} sequences at once, "
+                                      f"more than this scheduler's max_batch ({self.max_batch})")
         slide = generation.params.context_policy == "slide"
         window = self.engine.manifest.context_length
         if slide and self.kv_backend == "slots" and self.slot_length < window:
@@ -229,7 +236,7 @@ class Scheduler:
         window = engine.manifest.context_length
         length = min(max(len(p) for p in state.prompts) + params.max_new_tokens, window)
         slide = params.context_policy == "slide"
-        kv = for_request(engine.runner, state.batch_size, length, engine.pad_token_id, slide)
+        kv = for_request(engine.runner, state.batch_size, length, engine.pad_token_id, slide, engine.cache_ops)
         scheduler = cls(engine, max_batch=state.batch_size, max_prefill_tokens=max(window, sum(map(len, state.prompts))),
                         slot_length=length if kv.name == "slots" else None, kv=kv)
         scheduler._alone = True
@@ -498,7 +505,7 @@ class Scheduler:
         groups = [started] if started else []
         while groups:
             group = groups.pop()
-            failed = self._prefill_and_join(group, [p for h in group for p in h.generation.state.prompts])
+            failed = self._prefill_and_join(group, *_shared_prefills(group))
             if failed is not None:
                 if len(group) > 1:
                     groups.extend([h] for h in reversed(group))
@@ -506,13 +513,13 @@ class Scheduler:
                     self._end_early(group[0], failed)
 
     def _prefill_and_join(self, group: list[RequestHandle], prompts: list[list[int]],
-                          refill: bool = False) -> BaseException | None:
-        """Prefill ``prompts`` (the group's sequences, in order) and join the group to the batch.
-        Returns the prefill's failure (nothing joined); a failure to join is no one request's
-        fault: it ends the whole group."""
+                          fork: list[int] | None = None, refill: bool = False) -> BaseException | None:
+        """Prefill ``prompts`` and join the group to the batch (``fork``: which prompt each of the
+        group's sequences starts from, when choices share one). Returns the prefill's failure
+        (nothing joined); a failure to join is no one request's fault: it ends the whole group."""
         self._admitting = group
         try:
-            pre = self.kv.prefill(prompts)
+            pre = self.kv.prefill(prompts, fork)
         except Exception as exc:
             return exc
         finally:
@@ -572,10 +579,8 @@ class Scheduler:
 
     # -- the shared cache ----------------------------------------------------------------------------
     def _ops(self) -> CacheOps:
-        """The cache surgery session, made on first use on the engine's execution provider."""
-        if self._cache_ops is None or self._cache_ops.runner is not self.engine.runner:
-            self._cache_ops = CacheOps(self.engine.runner, self.engine.device.providers)
-        return self._cache_ops
+        """The engine's cache surgery graphs."""
+        return self.engine.cache_ops()
 
     def _compact(self) -> None:
         """Drop the rows of requests that ended and of requests that slid (they come back through
@@ -595,3 +600,17 @@ class Scheduler:
         self._active, self._rows = kept, len(rows)
         self.kv.keep(rows)
         self._last = self._last[rows]
+
+
+def _shared_prefills(group: list[RequestHandle]) -> tuple[list[list[int]], list[int] | None]:
+    """The prompts a group needs prefilled (a prompt's ``n`` choices share one), and which of them
+    each sequence starts from (None: one each)."""
+    prompts: list[list[int]] = []
+    fork: list[int] = []
+    for handle in group:
+        state = handle.generation.state
+        for prompt, choice in zip(state.prompts, state.choices):
+            if choice == 0:
+                prompts.append(prompt)
+            fork.append(len(prompts) - 1)
+    return prompts, (fork if len(fork) != len(prompts) else None)

@@ -127,6 +127,17 @@ class _Runner:
         return np.stack([self.model.logits(p, f) for p, f in zip(cache.prompts, cache.fed)])
 
 
+class _Surgery:
+    """The cache surgery a scripted model needs: copying rows (a prompt's ``n`` choices)."""
+
+    def select(self, cache: _Cache, rows: Sequence[int], start: int, stop: int) -> _Cache:
+        out = _Cache(len(rows))
+        out.prompts = [list(cache.prompts[r]) for r in rows]
+        out.fed = [list(cache.fed[r]) for r in rows]
+        out.run_seconds = cache.run_seconds
+        return out
+
+
 class CharTokenizer:
     """One token a character: id ``i`` is ``alphabet[i]``; ids past the alphabet (and ``bos``) have no text."""
 
@@ -186,3 +197,7 @@ class FakeEngine(Engine):
         self.runner = _Runner(model, self.manifest)  # type: ignore[assignment]
         self.eos_token_ids = tuple(eos_token_ids)
         self.pad_token_id = pad_token_id
+
+    def cache_ops(self) -> Any:
+        """Row copies of the scripted model's "cache" (for ``n`` > 1)."""
+        return _Surgery()

@@ -19,7 +19,7 @@ from .errors import InvalidRequestError
 
 __all__ = [
     "CONTEXT_POLICIES", "FINISH_REASONS", "SamplingParams", "Usage", "Completion", "StreamEvent", "Stop", "Charge",
-    "TokenLogprob", "BatchState",
+    "TokenLogprob", "BatchState", "MAX_CHOICES",
 ]
 
 #: ``stop``: EOS, a stop id or a stop string; ``length``: max_new_tokens; ``context``: the window
@@ -27,6 +27,8 @@ __all__ = [
 FINISH_REASONS = ("stop", "length", "context", "deadline")
 
 MAX_TOP_LOGPROBS = 20
+#: Choices one request may ask for (``n``): each is a sequence of the batch.
+MAX_CHOICES = 64
 #: Stop strings one request may bring, and the characters of each: every step checks each of them,
 #: so a request with thousands would slow every request it shares a batch with.
 MAX_STOP_STRINGS = 64
@@ -137,6 +139,8 @@ class SamplingParams:
                                  choices=CONTEXT_POLICIES)
     protected_prefix: int = _field(0, "leading prompt tokens (e.g. the system prompt) truncate and slide never drop",
                                    metavar="N")
+    n: int = _field(1, f"choices for each prompt (at most {MAX_CHOICES}): each its own sequence, from one prefill of "
+                    "the prompt; a seeded sampler draws choice i with seed + i", metavar="N", api="openai")
     hook_timings: bool = _field(False, "time every plugin the request uses (usage.hook_ms; off: nothing is timed "
                                 "and nothing is paid)")
 
@@ -216,6 +220,8 @@ class SamplingParams:
             else:
                 fail(f"{name} must be a plugin name or a list of them, not {type(value).__name__}")
             object.__setattr__(self, name, value)
+        if not 1 <= integer("n") <= MAX_CHOICES:
+            fail(f"n must be between 1 and {MAX_CHOICES} choices, not {self.n}")
         if not isinstance(self.hook_timings, (bool, np.bool_)):
             fail(f"hook_timings must be true or false, not {self.hook_timings!r}")
         object.__setattr__(self, "options", _frozen_options(self.options, "options"))
@@ -388,13 +394,16 @@ class StreamEvent:
 class BatchState:
     """A running request, as plugins see it: ``params``, ``prompts`` and ``generated`` ids and
     ``texts`` per sequence, ``alive`` rows, ``step`` (tokens generated so far), ``eos_token_ids``,
-    ``vocab_size``, ``start_time`` (``time.perf_counter()``) and ``request_id``."""
+    ``vocab_size``, ``start_time`` (``time.perf_counter()``), ``request_id``, and ``choices``: each
+    sequence's choice index among its prompt's ``n`` (0 when ``n`` is 1; a seeded sampler draws
+    choice ``i`` with ``seed + i``)."""
 
     def __init__(self, params: SamplingParams, prompts: list[list[int]], eos_token_ids: Sequence[int],
-                 vocab_size: int) -> None:
+                 vocab_size: int, choices: Sequence[int] | None = None) -> None:
         self.request_id = f"req-{next(_ids)}"
         self.params = params
         self.prompts = prompts
+        self.choices: list[int] = list(choices) if choices is not None else [0] * len(prompts)
         self.generated: list[list[int]] = [[] for _ in prompts]
         self.texts: list[str] = ["" for _ in prompts]
         self.alive = np.ones(len(prompts), dtype=bool)

@@ -125,10 +125,45 @@ def test_seeded_sampling_and_nextoken_extras(server):
     assert a.model_extra["nextoken"]["cost"]["per_token"]["amount"] == pytest.approx(10.0)
 
 
+def test_n_choices_from_one_prompt(server):
+    """n > 1 on both endpoints, streamed and not: choice i is the request alone with seed + i, the
+    prompt counted once in the usage."""
+    client, engine, *_ = server
+    body = {"nextoken": {"ignore_eos": True}}
+    alone = [engine.generate("Sample", max_new_tokens=8, temperature=0.9, seed=7 + i, ignore_eos=True) for i in range(3)]
+    got = client.completions.create(model="tiny", prompt="Sample", max_tokens=8, temperature=0.9, seed=7, n=3,
+                                    extra_body=body)
+    assert [c.index for c in got.choices] == [0, 1, 2]
+    assert [c.text for c in got.choices] == [a.text for a in alone]
+    assert got.usage.prompt_tokens == len(alone[0].prompt_token_ids) and got.usage.completion_tokens == 24
+    assert [c["token_ids"] for c in got.model_extra["nextoken"]["choices"]] == [a.token_ids for a in alone]
+    stream = client.completions.create(model="tiny", prompt="Sample", max_tokens=8, temperature=0.9, seed=7, n=3,
+                                       stream=True, stream_options={"include_usage": True}, extra_body=body)
+    texts = ["", "", ""]
+    chunks = list(stream)
+    for chunk in chunks:
+        for choice in chunk.choices:
+            texts[choice.index] += choice.text
+    assert texts == [a.text for a in alone] and chunks[-1].usage.completion_tokens == 24
+    messages = [{"role": "user", "content": "Hi!"}]
+    chat_alone = [engine.chat(messages, max_new_tokens=6, temperature=0.9, seed=3 + i, ignore_eos=True) for i in range(2)]
+    chat = client.chat.completions.create(model="tiny", messages=messages, max_tokens=6, temperature=0.9, seed=3, n=2,
+                                          extra_body=body)
+    assert [c.message.content for c in chat.choices] == [a.text for a in chat_alone]
+    stream = client.chat.completions.create(model="tiny", messages=messages, max_tokens=6, temperature=0.9, seed=3,
+                                            n=2, stream=True, extra_body=body)
+    texts = ["", ""]
+    for chunk in stream:
+        for choice in chunk.choices:
+            texts[choice.index] += choice.delta.content or ""
+    assert texts == [a.text for a in chat_alone]
+
+
 @pytest.mark.parametrize("kwargs, words", [
     (dict(prompt="x", temperature=-1), "temperature: Input should be greater than or equal to 0"),
     (dict(prompt="x", max_tokens=0), "max_tokens: Input should be greater than or equal to 1"),
-    (dict(prompt="x", n=2), "only n=1"),
+    (dict(prompt="x", n=5), "n=5 choices need 5 sequences at once, more than this scheduler's max_batch (4)"),
+    (dict(prompt="x", n=0), "n: Input should be greater than or equal to 1"),
     (dict(prompt="x", extra_body={"nextoken": {"bogus": 1}}), "unknown nextoken parameter"),
     (dict(prompt="x" * 400), "context window"),
     (dict(prompt="x", extra_body={"nextoken": {"strategy": "beam"}}), "unknown strategy"),

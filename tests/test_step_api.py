@@ -372,3 +372,64 @@ def test_run_refuses_a_scheduler_that_runs_on_its_own_thread(llama_engine):
         with pytest.raises(InvalidRequestError, match="submit\\(\\) to it instead of run\\(\\)"):
             next(scheduler.run(llama_engine.start(PROMPT, max_new_tokens=2)))
         assert scheduler.submit(PROMPT, max_new_tokens=2).result(timeout=60).token_ids
+
+
+# -- n > 1: choices from one prefill ---------------------------------------------------------------
+
+@pytest.mark.parametrize("which", ["llama_engine", "optimum_engine"])
+def test_n_choices_share_one_prefill_and_equal_seed_plus_index_alone(which, request, monkeypatch):
+    """Both KV backends: the prompt is prefilled once and its cache copied to the n sequences;
+    choice i is the same request alone with seed + i (greedy: n identical answers)."""
+    from helpers import wrap_steps
+
+    engine = request.getfixturevalue(which)
+    alone = [engine.generate(PROMPT, max_new_tokens=10, temperature=0.9, seed=11 + i, ignore_eos=True) for i in range(3)]
+    steps = []
+    wrap_steps(monkeypatch, engine.runner, lambda kind, real, *a: steps.append(kind) or real(*a))
+    got = engine.generate(PROMPT, max_new_tokens=10, temperature=0.9, seed=11, ignore_eos=True, n=3)
+    assert [k for k in steps if k.startswith("prefill")] == ["prefill"]          # one prefill for three choices
+    assert [c.token_ids for c in got] == [a.token_ids for a in alone]
+    assert all(c.usage.prompt_tokens == len(engine.encode(PROMPT)) for c in got)
+    monkeypatch.undo()
+    two = engine.generate([PROMPT, "Hi"], max_new_tokens=6, temperature=0.7, seed=2, n=2, ignore_eos=True)
+    assert [c.token_ids for c in two] == [engine.generate(p, max_new_tokens=6, temperature=0.7, seed=2 + i,
+                                                          ignore_eos=True).token_ids for p in (PROMPT, "Hi") for i in range(2)]
+    greedy = engine.generate(PROMPT, max_new_tokens=6, n=2)
+    assert greedy[0].token_ids == greedy[1].token_ids
+
+
+def test_n_choices_under_the_scheduler_and_its_limits(llama_engine):
+    scheduler = Scheduler(llama_engine, max_batch=4)
+    handle = scheduler.submit(PROMPT, max_new_tokens=8, temperature=0.8, seed=4, n=3, ignore_eos=True)
+    other = scheduler.submit("Hi", max_new_tokens=5, temperature=0.8, seed=1, ignore_eos=True)
+    while scheduler.step():
+        pass
+    assert [c.token_ids for c in handle.results()] == [
+        llama_engine.generate(PROMPT, max_new_tokens=8, temperature=0.8, seed=4 + i, ignore_eos=True).token_ids
+        for i in range(3)]
+    assert other.result().token_ids == llama_engine.generate("Hi", max_new_tokens=5, temperature=0.8, seed=1,
+                                                             ignore_eos=True).token_ids
+    with pytest.raises(InvalidRequestError, match=r"n=5 choices need 5 sequences at once, more than this scheduler's"):
+        scheduler.submit(PROMPT, n=5)
+    for bad in (0, 65, 1.5):
+        with pytest.raises(InvalidRequestError, match="n must be"):
+            llama_engine.generate(PROMPT, n=bad)
+
+
+def test_n_choices_on_the_scripted_model():
+    model = ScriptedModel(lambda prompt, generated: 3 + len(generated), vocab_size=16)
+    with FakeEngine(model) as engine:
+        got = engine.generate([1, 2], max_new_tokens=3, n=2)
+        assert [c.token_ids for c in got] == [[3, 4, 5], [3, 4, 5]] and model.prefills == 1
+
+
+def test_cli_n_prints_each_choice(tiny_llama):
+    import json
+
+    got = run_cli("generate", str(tiny_llama[1]), "Hello", "--max-new-tokens", "4", "--n", "3", "--temperature", "0.9",
+                  "--seed", "2", "--ignore-eos", "--json")
+    assert got.returncode == 0, got.stderr
+    choices = json.loads(got.stdout)
+    assert len(choices) == 3 and all(len(c["token_ids"]) == 4 for c in choices)
+    shown = run_cli("generate", str(tiny_llama[1]), "Hello", "--max-new-tokens", "4", "--n", "2", "--temperature", "0.9")
+    assert shown.returncode == 0 and shown.stdout.count("[choice ") == 2

@@ -130,29 +130,35 @@ def params_of(args: argparse.Namespace):
 
 
 def generate(engine, prompt, args: argparse.Namespace) -> int:
+    """Print a generation: streamed (one choice), each choice in turn (``--n`` > 1), or JSON
+    (one object; a list of them with ``--n`` > 1); usage and cost on stderr."""
     generation = engine.start(prompt, params_of(args))
+    n = generation.params.n
     if args.json:
-        completion = generation.completions()[0]
-        print(json.dumps(completion.to_dict(), ensure_ascii=False))
+        dicts = [c.to_dict() for c in generation.completions()]
+        print(json.dumps(dicts[0] if n == 1 else dicts, ensure_ascii=False))
         return 0
     out = sys.stdout
     shown = printable if out.isatty() else (lambda text: text)
-    for event in generation:
-        if event.text:
-            out.write(shown(event.text))
-            out.flush()
-    out.write("\n")
-    out.flush()
-    completion = generation.completions()[0]
-    if completion.logprobs is not None:
-        print(f"  {'token':>16} {'prob':>4}   alternatives (token prob), likeliest first", file=sys.stderr)
-        for lp in completion.logprobs:
-            alternatives = "  ".join(f"{t!r} {math.exp(v):.2f}" for _, t, v in lp.top)
-            print(f"  {lp.token!r:>16} {lp.prob:.2f}   {alternatives}", file=sys.stderr)
-    line = f"[{completion.finish_reason}] {completion.usage.line()}"
-    if completion.cost:
-        line += ", cost " + ", ".join(f"{c.amount:.6g} {c.currency} ({name})" for name, c in completion.cost.items())
-    print(line, file=sys.stderr)
+    if n == 1:
+        for event in generation:
+            if event.text:
+                out.write(shown(event.text))
+                out.flush()
+        out.write("\n")
+        out.flush()
+    for index, completion in enumerate(generation.completions()):
+        if n > 1:
+            print(f"[choice {index}] {shown(completion.text)}", flush=True)
+        if completion.logprobs is not None:
+            print(f"  {'token':>16} {'prob':>4}   alternatives (token prob), likeliest first", file=sys.stderr)
+            for lp in completion.logprobs:
+                alternatives = "  ".join(f"{t!r} {math.exp(v):.2f}" for _, t, v in lp.top)
+                print(f"  {lp.token!r:>16} {lp.prob:.2f}   {alternatives}", file=sys.stderr)
+        line = f"[{completion.finish_reason}] {completion.usage.line()}"
+        if completion.cost:
+            line += ", cost " + ", ".join(f"{c.amount:.6g} {c.currency} ({name})" for name, c in completion.cost.items())
+        print(line, file=sys.stderr)
     return 0
 
 

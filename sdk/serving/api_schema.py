@@ -16,7 +16,7 @@ from typing import Any, Dict, List, Optional, Union
 
 from pydantic import BaseModel, ConfigDict, Field, create_model
 
-from ..types import MAX_TOP_LOGPROBS, SamplingParams
+from ..types import MAX_CHOICES, MAX_TOP_LOGPROBS, SamplingParams
 
 __all__ = ["NEXTOKEN_FIELDS", "REFUSED", "CompletionRequest", "ChatRequest", "NextokenOptions"]
 
@@ -55,7 +55,7 @@ class _Common(_Strict):
     max_tokens: Optional[int] = Field(None, ge=1)
     temperature: Optional[float] = Field(None, ge=0, le=100)
     top_p: Optional[float] = None
-    n: int = 1
+    n: int = Field(1, ge=1, le=MAX_CHOICES)
     stream: bool = False
     stream_options: Optional[StreamOptions] = None
     stop: Union[str, List[str], None] = None

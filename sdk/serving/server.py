@@ -87,8 +87,6 @@ def _params(req, chat: bool, defaults: dict[str, float]) -> SamplingParams:
         value = getattr(req, name, None)
         if value is not None and value != unused:
             raise APIError(400, f"{name} is not supported by this server yet; leave it out", param=name)
-    if req.n != 1:
-        raise APIError(400, "only n=1 is supported", param="n")
     extras = ({k: getattr(req.nextoken, k) for k in req.nextoken.model_fields_set
                if getattr(req.nextoken, k) is not None} if req.nextoken else {})
     max_tokens = (req.max_completion_tokens or req.max_tokens) if chat else (req.max_tokens or 16)
@@ -103,7 +101,7 @@ def _params(req, chat: bool, defaults: dict[str, float]) -> SamplingParams:
                                  and k not in extras}, **extras}
     temperature = req.temperature if req.temperature is not None else defaults.get("temperature", 1.0)
     top_p = req.top_p if req.top_p is not None else defaults.get("top_p", 1.0)
-    kwargs.update(temperature=temperature, top_p=top_p, stop=stop, seed=req.seed, top_logprobs=logprobs,
+    kwargs.update(temperature=temperature, top_p=top_p, stop=stop, seed=req.seed, top_logprobs=logprobs, n=req.n,
                   presence_penalty=req.presence_penalty or 0.0, frequency_penalty=req.frequency_penalty or 0.0,
                   logit_bias=req.logit_bias or {})
     if max_tokens is not None:
@@ -303,20 +301,24 @@ class Service:
         rid = f"{'chatcmpl' if chat else 'cmpl'}-{uuid.uuid4().hex[:24]}"
         if stream:
             return self.stream(handle, chat, rid, include_usage, echo)
-        c = await self.wait_or_cancel(request, handle, rid)
-        choice: dict[str, Any] = {"index": 0, "finish_reason": FINISH.get(c.finish_reason, c.finish_reason),
-                                  "logprobs": _logprobs(c.logprobs, chat, len(echo))}
-        if chat:
-            choice["message"] = {"role": "assistant", "content": c.text}
-        else:
-            choice["text"] = echo + c.text
+        completions = await self.wait_or_cancel(request, handle, rid)
+        choices = []
+        for index, c in enumerate(completions):
+            choice: dict[str, Any] = {"index": index, "finish_reason": FINISH.get(c.finish_reason, c.finish_reason),
+                                      "logprobs": _logprobs(c.logprobs, chat, len(echo))}
+            if chat:
+                choice["message"] = {"role": "assistant", "content": c.text}
+            else:
+                choice["text"] = echo + c.text
+            choices.append(choice)
         return {"id": rid, "object": "chat.completion" if chat else "text_completion", "created": int(time.time()),
-                "model": self.model_name, "choices": [choice], "usage": _usage(c), "nextoken": _extras(c)}
+                "model": self.model_name, "choices": choices, "usage": _usage(completions),
+                "nextoken": _extras(completions)}
 
-    async def wait_or_cancel(self, request, handle: RequestHandle, rid: str) -> Completion:
-        """The completion, unless the client goes away first (then the request is cancelled)."""
+    async def wait_or_cancel(self, request, handle: RequestHandle, rid: str) -> list[Completion]:
+        """Every choice's completion, unless the client goes away first (then the request is cancelled)."""
         loop = asyncio.get_running_loop()
-        result = loop.run_in_executor(self.waiters, handle.result)
+        result = loop.run_in_executor(self.waiters, handle.results)
 
         async def disconnected():
             while True:
@@ -342,6 +344,7 @@ class Service:
 
         obj = "chat.completion.chunk" if chat else "text_completion"
         wants_logprobs = handle.generation.params.top_logprobs is not None
+        n = handle.generation.params.n
         model_name, waiters = self.model_name, self.waiters
 
         def chunk(choices: list, usage: dict | None = None, extra: dict | None = None) -> str:
@@ -355,34 +358,36 @@ class Service:
         async def events():
             loop = asyncio.get_running_loop()
             iterator = iter(handle)
-            offset = len(echo)
+            offsets = [len(echo)] * n                      # each choice's text so far
+            first = [True] * n         # a choice's first token is always sent, even while its text is held back
             try:
-                if chat:
-                    yield chunk([{"index": 0, "delta": {"role": "assistant", "content": ""}, "finish_reason": None}])
-                elif echo:
-                    yield chunk([{"index": 0, "text": echo, "logprobs": None, "finish_reason": None}])
-                first = True           # the first token is always sent, even while its text is held back
+                for index in range(n):
+                    if chat:
+                        yield chunk([{"index": index, "delta": {"role": "assistant", "content": ""}, "finish_reason": None}])
+                    elif echo:
+                        yield chunk([{"index": index, "text": echo, "logprobs": None, "finish_reason": None}])
                 while True:
                     event = await loop.run_in_executor(waiters, next, iterator, None)
                     if event is None:
                         break
+                    index = event.index
                     finish = FINISH.get(event.finish_reason, event.finish_reason) if event.finish_reason else None
                     lps = [event.logprob] if (wants_logprobs and event.logprob is not None) else None
-                    if event.text or finish or first or lps:
-                        first = False
-                        body = {"index": 0, "finish_reason": finish}
+                    if event.text or finish or first[index] or lps:
+                        first[index] = False
+                        body = {"index": index, "finish_reason": finish}
                         if chat:
                             body["delta"] = {"content": event.text} if event.text else {}
                             if lps:
                                 body["logprobs"] = _chat_logprobs(lps)
                         else:
                             body["text"] = event.text
-                            body["logprobs"] = _completion_logprobs(lps, offset) if lps else None
-                        offset += len(event.text)
+                            body["logprobs"] = _completion_logprobs(lps, offsets[index]) if lps else None
+                        offsets[index] += len(event.text)
                         yield chunk([body])
-                completion = handle.result()
+                completions = handle.results()
                 if include_usage:
-                    yield chunk([], _usage(completion), _extras(completion))
+                    yield chunk([], _usage(completions), _extras(completions))
                 yield "data: [DONE]\n\n"
             except NextokenError as exc:
                 failure = _failure(exc)
@@ -396,14 +401,24 @@ class Service:
         return StreamingResponse(events(), media_type="text/event-stream")
 
 
-def _usage(c: Completion) -> dict:
-    return {"prompt_tokens": c.usage.prompt_tokens, "completion_tokens": c.usage.completion_tokens,
-            "total_tokens": c.usage.total_tokens}
+def _usage(completions: list[Completion]) -> dict:
+    """OpenAI's usage of a request: its prompt counted once, every choice's tokens."""
+    prompt = completions[0].usage.prompt_tokens
+    generated = sum(c.usage.completion_tokens for c in completions)
+    return {"prompt_tokens": prompt, "completion_tokens": generated, "total_tokens": prompt + generated}
 
 
-def _extras(c: Completion) -> dict:
-    return {"finish_reason": c.finish_reason, "stop_detail": c.stop_detail, "token_ids": list(c.token_ids),
-            "usage": c.usage.to_dict(), "cost": {k: v.to_dict() for k, v in c.cost.items()}}
+def _extras(completions: list[Completion]) -> dict:
+    """nextoken's own: the first choice's stop detail, ids, full usage and cost, and with ``n`` > 1
+    the same for every choice (``choices``)."""
+    def one(c: Completion) -> dict:
+        return {"finish_reason": c.finish_reason, "stop_detail": c.stop_detail, "token_ids": list(c.token_ids),
+                "usage": c.usage.to_dict(), "cost": {k: v.to_dict() for k, v in c.cost.items()}}
+
+    out = one(completions[0])
+    if len(completions) > 1:
+        out["choices"] = [one(c) for c in completions]
+    return out
 
 
 def _logprobs(items: list | None, chat: bool, offset: int) -> dict | None:
