@@ -59,6 +59,10 @@ class HFTokenizer:
     def id_to_token(self, token_id: int) -> str | None:
         return self._tok.id_to_token(int(token_id))
 
+    def to_json(self) -> str:
+        """The tokenizer as ``tokenizer.json`` text (what constrained decoding builds its vocabulary from)."""
+        return self._tok.to_str()
+
     def token_to_id(self, token: str) -> int | None:
         return self._tok.token_to_id(token)
 

@@ -185,7 +185,8 @@ class Generation:
         self.pad_token_id = pad_token_id
         self.device = device
         self.provider = provider
-        self.state = BatchState(params, [list(p) for p in prompts], eos_token_ids, runner.manifest.vocab_size, choices)
+        self.state = BatchState(params, [list(p) for p in prompts], eos_token_ids, runner.manifest.vocab_size, choices,
+                                tokenizer)
         self.seqs = [
             _Sequence(tokenizer.decoder(p) if tokenizer else None, params.top_logprobs is not None)
             for p in self.state.prompts

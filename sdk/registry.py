@@ -25,6 +25,7 @@ DEFAULT_PLUGINS = (
     "nextoken.plugins.sampling",
     "nextoken.plugins.stopping",
     "nextoken.plugins.costs",
+    "nextoken.plugins.structured",
 )
 
 #: Which external (entry-point) plugins load: unset or "all": every one; "none": none;

@@ -11,7 +11,7 @@ import itertools
 import math
 import time
 from dataclasses import asdict, dataclass, field, fields, replace
-from typing import Any, Mapping, Sequence
+from typing import Any, Callable, Mapping, Sequence
 
 import numpy as np
 
@@ -81,6 +81,34 @@ def _logit_bias(value: Any) -> dict[int, float]:
     return out
 
 
+def _check_constraint(params: "SamplingParams", fail: Callable[[str], None]) -> None:
+    """The shape of a structured-output request (whether llguidance accepts it is the structured
+    plugin's to say, before any work): at most one of response_format, regex, choice, grammar."""
+    fmt = params.response_format
+    if fmt is not None:
+        if not isinstance(fmt, Mapping) or fmt.get("type") not in ("text", "json_object", "json_schema"):
+            fail("response_format must be {'type': 'text'}, {'type': 'json_object'} or {'type': 'json_schema', "
+                 f"'json_schema': {{'schema': {{...}}}}}}, not {fmt!r}"[:300])
+        if fmt["type"] == "json_schema":
+            spec = fmt.get("json_schema")
+            if not isinstance(spec, Mapping) or not isinstance(spec.get("schema"), (Mapping, bool)):
+                fail("response_format json_schema needs 'json_schema': {'name': ..., 'schema': {...}} with the schema "
+                     "as a JSON object")
+        object.__setattr__(params, "response_format", None if fmt["type"] == "text" else dict(fmt))
+    if params.regex is not None and (not isinstance(params.regex, str) or not params.regex):
+        fail(f"regex must be a non-empty string, not {params.regex!r}")
+    if params.grammar is not None and (not isinstance(params.grammar, str) or not params.grammar.strip()):
+        fail(f"grammar must be the text of a Lark grammar, not {params.grammar!r}"[:200])
+    choice = params.choice
+    choice = () if choice is None else (choice,) if isinstance(choice, str) else choice
+    if not isinstance(choice, (list, tuple)) or not all(isinstance(c, str) and c for c in choice):
+        fail(f"choice must be a list of non-empty strings, not {params.choice!r}"[:200])
+    object.__setattr__(params, "choice", tuple(choice))
+    given = [name for name in ("response_format", "regex", "choice", "grammar") if getattr(params, name)]
+    if len(given) > 1:
+        fail(f"give one constraint at most, not {' and '.join(given)}")
+
+
 def _field(default: Any, doc: str, *, flag: str | None = "", metavar: str | None = None,
            choices: Sequence[str] | None = None, api: str | None = "nextoken") -> Any:
     """A SamplingParams field with its documentation, CLI flag ("" : ``--`` and the name with
@@ -139,6 +167,14 @@ class SamplingParams:
                                  choices=CONTEXT_POLICIES)
     protected_prefix: int = _field(0, "leading prompt tokens (e.g. the system prompt) truncate and slide never drop",
                                    metavar="N")
+    response_format: Mapping[str, Any] | None = _field(
+        None, "structured output, OpenAI's shape: {'type': 'json_object'} or {'type': 'json_schema', 'json_schema': "
+        "{'name': ..., 'schema': {...}}} ({'type': 'text'}: none); CLI: a JSON schema file", flag="--json-schema",
+        metavar="FILE", api="openai")
+    regex: str | None = _field(None, "the text must match this regular expression (Rust regex syntax)", metavar="REGEX")
+    choice: tuple[str, ...] = _field((), "the text must be one of these strings; CLI: repeatable", metavar="TEXT")
+    grammar: str | None = _field(None, "the text must follow this Lark grammar (llguidance's dialect); CLI: a file",
+                                 metavar="FILE")
     n: int = _field(1, f"choices for each prompt (at most {MAX_CHOICES}): each its own sequence, from one prefill of "
                     "the prompt; a seeded sampler draws choice i with seed + i", metavar="N", api="openai")
     hook_timings: bool = _field(False, "time every plugin the request uses (usage.hook_ms; off: nothing is timed "
@@ -220,6 +256,7 @@ class SamplingParams:
             else:
                 fail(f"{name} must be a plugin name or a list of them, not {type(value).__name__}")
             object.__setattr__(self, name, value)
+        _check_constraint(self, fail)
         if not 1 <= integer("n") <= MAX_CHOICES:
             fail(f"n must be between 1 and {MAX_CHOICES} choices, not {self.n}")
         if not isinstance(self.hook_timings, (bool, np.bool_)):
@@ -399,11 +436,13 @@ class BatchState:
     choice ``i`` with ``seed + i``)."""
 
     def __init__(self, params: SamplingParams, prompts: list[list[int]], eos_token_ids: Sequence[int],
-                 vocab_size: int, choices: Sequence[int] | None = None) -> None:
+                 vocab_size: int, choices: Sequence[int] | None = None, tokenizer: Any = None) -> None:
         self.request_id = f"req-{next(_ids)}"
         self.params = params
         self.prompts = prompts
         self.choices: list[int] = list(choices) if choices is not None else [0] * len(prompts)
+        #: the request's tokenizer (None for a package without one), for plugins that need the vocabulary
+        self.tokenizer = tokenizer
         self.generated: list[list[int]] = [[] for _ in prompts]
         self.texts: list[str] = ["" for _ in prompts]
         self.alive = np.ones(len(prompts), dtype=bool)

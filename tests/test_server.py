@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 import socket
 import threading
 import time
@@ -159,6 +160,39 @@ def test_n_choices_from_one_prompt(server):
     assert texts == [a.text for a in chat_alone]
 
 
+def test_response_format_and_nextoken_constraints(server):
+    """response_format on both endpoints (json_schema, json_object), nextoken's regex and choice,
+    and a schema llguidance rejects is a 400 with its message."""
+    import jsonschema
+
+    client, engine, *_ = server
+    schema = {"type": "object", "properties": {"ok": {"type": "boolean"}, "n": {"type": "integer", "minimum": 0,
+                                                                               "maximum": 9}},
+              "required": ["ok", "n"], "additionalProperties": False}
+    fmt = {"type": "json_schema", "json_schema": {"name": "answer", "schema": schema, "strict": True}}
+    chat = client.chat.completions.create(model="tiny", messages=[{"role": "user", "content": "Hi!"}], max_tokens=40,
+                                          response_format=fmt, temperature=0.7, seed=1)
+    jsonschema.validate(json.loads(chat.choices[0].message.content), schema)
+    assert chat.choices[0].finish_reason == "stop"
+    done = client.completions.create(model="tiny", prompt="Answer:", max_tokens=40, temperature=0.7, seed=2,
+                                     extra_body={"response_format": fmt})
+    jsonschema.validate(json.loads(done.choices[0].text), schema)
+    stream = client.chat.completions.create(model="tiny", messages=[{"role": "user", "content": "Hi!"}], max_tokens=40,
+                                            response_format=fmt, temperature=0.7, seed=1, stream=True)
+    assert "".join(c.choices[0].delta.content or "" for c in stream if c.choices) == chat.choices[0].message.content
+    picked = client.completions.create(model="tiny", prompt="Pick:", max_tokens=10, temperature=1.0, seed=4,
+                                       extra_body={"nextoken": {"choice": ["left", "right"]}})
+    assert picked.choices[0].text in ("left", "right")
+    digits = client.completions.create(model="tiny", prompt="Code:", max_tokens=10, temperature=1.0, seed=4,
+                                       extra_body={"nextoken": {"regex": "[0-9]{4}"}})
+    assert re.fullmatch("[0-9]{4}", digits.choices[0].text)
+    with pytest.raises(openai.BadRequestError) as err:
+        client.chat.completions.create(model="tiny", messages=[{"role": "user", "content": "Hi!"}], max_tokens=5,
+                                       response_format={"type": "json_schema",
+                                                        "json_schema": {"name": "x", "schema": {"type": "strin"}}})
+    assert "the JSON schema cannot be used: Invalid type: strin" in err.value.body["message"]
+
+
 @pytest.mark.parametrize("kwargs, words", [
     (dict(prompt="x", temperature=-1), "temperature: Input should be greater than or equal to 0"),
     (dict(prompt="x", max_tokens=0), "max_tokens: Input should be greater than or equal to 1"),
@@ -266,7 +300,7 @@ def test_malformed_bodies_are_openai_shaped_400s(server, content, words):
     assert words in err["message"] and err["type"] == "invalid_request_error", err
 
 
-@pytest.mark.parametrize("field, value", [("response_format", {"type": "json_object"}), ("tools", []),
+@pytest.mark.parametrize("field, value", [("tools", []),
                                           ("tool_choice", "auto"), ("best_of", 2), ("suffix", "end"),
                                           ("functions", [{"name": "f"}])])
 def test_openai_parameters_not_built_yet_are_refused_by_name(server, field, value):

@@ -116,6 +116,8 @@ def params_of(args: argparse.Namespace):
     options = options_of(args)
     meters = getattr(args, "cost_meters", None) or []
     special = {"logit_bias": lambda items: logit_bias_of(items),
+               "response_format": lambda path: path and _schema_file(path),
+               "grammar": lambda path: path and _read(path, "--grammar"),
                "options": lambda items: {k: v for k, v in options.items() if k not in meters},
                "cost_meters": lambda items: {}}
     kwargs = {}
@@ -127,6 +129,22 @@ def params_of(args: argparse.Namespace):
             value = tuple(value or ())
         kwargs[f.name] = value
     return SamplingParams(**kwargs)
+
+
+def _read(path: str, flag: str) -> str:
+    try:
+        return Path(path).read_text()
+    except OSError as exc:
+        raise UsageError(f"{flag} {path}: {exc.strerror or exc}") from None
+
+
+def _schema_file(path: str) -> dict:
+    """``--json-schema FILE`` as a response_format."""
+    try:
+        schema = json.loads(_read(path, "--json-schema"))
+    except ValueError as exc:
+        raise UsageError(f"--json-schema {path} is not JSON: {exc}") from None
+    return {"type": "json_schema", "json_schema": {"name": Path(path).stem, "schema": schema}}
 
 
 def generate(engine, prompt, args: argparse.Namespace) -> int:

@@ -37,7 +37,7 @@ def _cmd_bench(args: argparse.Namespace) -> int:
         return 0
     with open_engine(args) as engine:
         report = run_bench(engine, batches=args.batch, prompt_tokens=args.prompt_tokens, new_tokens=args.new,
-                           repeat=args.repeat, chain=args.chain)
+                           repeat=args.repeat, chain=args.chain, constrained=args.constrained)
     print(report.table())
     if report.hooks:
         print(report.hook_table())
@@ -122,6 +122,8 @@ def add_commands(sub) -> None:
     p.add_argument("--repeat", type=positive_int, default=3, metavar="N", help="runs per setting; medians (default 3)")
     p.add_argument("--chain", action="store_true",
                    help="also run the full built-in chain (temperature, top-k, top-p, repetition penalty, 2 stop strings)")
+    p.add_argument("--constrained", action="store_true",
+                   help="also run under a JSON schema (constrained decoding; setting 'json')")
     p.add_argument("--compare", default=None, metavar="optimum,transformers,genai,llamacpp",
                    help="also run these from the same checkpoint, each in its own process, alternating")
     p.add_argument("--precision", choices=("fp32", "int8", "int4"), default="fp32",

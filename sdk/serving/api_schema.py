@@ -24,7 +24,7 @@ __all__ = ["NEXTOKEN_FIELDS", "REFUSED", "CompletionRequest", "ChatRequest", "Ne
 NEXTOKEN_FIELDS = tuple(f.name for f in dataclasses.fields(SamplingParams) if f.metadata.get("api") == "nextoken")
 
 #: OpenAI parameters refused with a 400 until nextoken implements them (value that means "unused").
-REFUSED = {"best_of": 1, "suffix": None, "response_format": None, "tools": None, "tool_choice": None,
+REFUSED = {"best_of": 1, "suffix": None, "tools": None, "tool_choice": None,
            "parallel_tool_calls": None, "functions": None, "function_call": None, "audio": None,
            "modalities": None, "prediction": None}
 

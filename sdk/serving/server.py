@@ -102,6 +102,7 @@ def _params(req, chat: bool, defaults: dict[str, float]) -> SamplingParams:
     temperature = req.temperature if req.temperature is not None else defaults.get("temperature", 1.0)
     top_p = req.top_p if req.top_p is not None else defaults.get("top_p", 1.0)
     kwargs.update(temperature=temperature, top_p=top_p, stop=stop, seed=req.seed, top_logprobs=logprobs, n=req.n,
+                  response_format=req.response_format,
                   presence_penalty=req.presence_penalty or 0.0, frequency_penalty=req.frequency_penalty or 0.0,
                   logit_bias=req.logit_bias or {})
     if max_tokens is not None:

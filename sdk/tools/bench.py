@@ -24,6 +24,10 @@ __all__ = ["run_bench", "BenchRow", "BenchReport", "CHAIN", "run_compare", "Comp
 #: The full built-in chain: every processor that changes a distribution, sampling, two stop strings.
 CHAIN = dict(temperature=0.8, top_k=50, top_p=0.9, repetition_penalty=1.1, seed=0,
              stop=("<<no such stop>>", "THE END OF IT ALL"))
+#: Constrained decoding: a JSON schema whose free string field outlasts any run (greedy, EOS ignored).
+CONSTRAINED = dict(response_format={"type": "json_schema", "json_schema": {"name": "bench", "schema": {
+    "type": "object", "properties": {"title": {"type": "string"}, "story": {"type": "string"}},
+    "required": ["title", "story"]}}})
 
 
 @dataclass
@@ -119,9 +123,10 @@ def _one(engine: Engine, prompts: list[list[int]], params: SamplingParams) -> di
 
 
 def run_bench(engine: Engine, batches: Sequence[int] = (1, 8), prompt_tokens: int = 128, new_tokens: int = 128,
-              repeat: int = 3, chain: bool = False) -> BenchReport:
+              repeat: int = 3, chain: bool = False, constrained: bool = False) -> BenchReport:
     """Generate ``new_tokens`` (EOS ignored) after a ``prompt_tokens`` prompt at each batch size,
-    ``repeat`` times after one warm-up; medians. ``chain`` adds the full built-in chain's runs."""
+    ``repeat`` times after one warm-up; medians. ``chain`` adds the full built-in chain's runs,
+    ``constrained`` runs under a JSON schema (:data:`CONSTRAINED`)."""
     if prompt_tokens + new_tokens > engine.manifest.context_length:
         raise InvalidRequestError(
             f"prompt {prompt_tokens} + new {new_tokens} tokens exceed the context window "
@@ -132,6 +137,8 @@ def run_bench(engine: Engine, batches: Sequence[int] = (1, 8), prompt_tokens: in
     settings = [("greedy", SamplingParams(max_new_tokens=new_tokens, ignore_eos=True))]
     if chain:
         settings.append(("chain", SamplingParams(max_new_tokens=new_tokens, ignore_eos=True, **CHAIN)))
+    if constrained:
+        settings.append(("json", SamplingParams(max_new_tokens=new_tokens, ignore_eos=True, **CONSTRAINED)))
     rows, hooks = [], {}
     for batch in batches:
         prompts = _prompts(engine, batch, prompt_tokens)
