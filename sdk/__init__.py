@@ -27,6 +27,7 @@ from .types import (
     Stop,
     StreamEvent,
     TokenLogprob,
+    ToolCall,
     Usage,
 )
 from .hookspecs import hookimpl, hookspec
@@ -39,7 +40,7 @@ __version__ = "0.1.0"
 
 __all__ = [
     "Engine", "Prompt", "SamplingParams", "Completion", "StreamEvent", "Usage", "Generation", "Timings",
-    "BatchState", "Stop", "Charge", "TokenLogprob", "Registry", "hookimpl", "hookspec", "Scheduler", "RequestHandle",
+    "BatchState", "Stop", "Charge", "TokenLogprob", "ToolCall", "Registry", "hookimpl", "hookspec", "Scheduler", "RequestHandle",
     "Manifest", "FORMAT_VERSION", "Tokenizer", "IncrementalDecoder", "DeviceChoice", "resolve_device",
     "NextokenError", "ModelPackageError", "ManifestMismatchError", "InvalidRequestError",
     "ContextWindowError", "ExportError", "DeviceError", "PluginError", "SchedulerStoppedError", "__version__",

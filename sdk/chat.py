@@ -19,7 +19,7 @@ from .errors import InvalidRequestError, ModelPackageError
 
 __all__ = ["render_chat", "Message", "MAX_RENDER_SECONDS", "MAX_RENDER_CHARS"]
 
-Message = Mapping[str, str]
+Message = Mapping[str, Any]
 
 #: The longest a chat template may render, and the most characters it may produce.
 MAX_RENDER_SECONDS = 2.0
@@ -41,9 +41,21 @@ def _check_messages(messages: Any) -> list[dict[str, str]]:
         raise InvalidRequestError("messages must be a non-empty list of {'role': ..., 'content': ...} dicts")
     out = []
     for i, m in enumerate(messages):
-        if not isinstance(m, Mapping) or not isinstance(m.get("role"), str) or not isinstance(m.get("content"), str):
+        calls = m.get("tool_calls") if isinstance(m, Mapping) else None
+        content = m.get("content") if isinstance(m, Mapping) else None
+        if content is None and calls:             # an assistant turn that only called tools
+            content = ""
+        if not isinstance(m, Mapping) or not isinstance(m.get("role"), str) or not isinstance(content, str):
             raise InvalidRequestError(f"message {i} must be a dict with string 'role' and 'content', not {m!r}")
-        out.append({"role": m["role"], "content": m["content"]})
+        checked: dict[str, Any] = {"role": m["role"], "content": content}
+        if calls is not None:
+            if not isinstance(calls, list) or not all(isinstance(c, Mapping) for c in calls):
+                raise InvalidRequestError(f"message {i}: tool_calls must be a list of calls")
+            checked["tool_calls"] = [dict(c) for c in calls]
+        for key in ("tool_call_id", "name"):
+            if isinstance(m.get(key), str):
+                checked[key] = m[key]
+        out.append(checked)
     return out
 
 
@@ -92,9 +104,9 @@ def _compile(template: str):
 
 
 def render_chat(template: str | None, messages: Sequence[Message], special_tokens: Mapping[str, str],
-                add_generation_prompt: bool = True) -> str:
-    """Render ``messages`` with ``template`` in a sandbox, within the render limits; a model without
-    a template is a clear error."""
+                add_generation_prompt: bool = True, tools: Sequence[Mapping[str, Any]] | None = None) -> str:
+    """Render ``messages`` (and ``tools``, as transformers passes them) with ``template`` in a
+    sandbox, within the render limits; a model without a template is a clear error."""
     if not template:
         raise ModelPackageError(
             "this model has no chat template (tokenizer_config.json has no chat_template), so it cannot take "
@@ -108,7 +120,7 @@ def render_chat(template: str | None, messages: Sequence[Message], special_token
         compiled = _compile(template)
         out, size = [], 0
         for piece in compiled.generate(
-            messages=checked, add_generation_prompt=add_generation_prompt,
+            messages=checked, add_generation_prompt=add_generation_prompt, **({"tools": list(tools)} if tools else {}),
             **{k: v for k, v in special_tokens.items() if isinstance(v, str)},
         ):
             size += len(piece)

@@ -22,6 +22,7 @@ from .probes import release_free_heap
 from .registry import Pipeline, Registry
 from .scheduler import Scheduler
 from .tokenizer import GuardedTokenizer, Tokenizer
+from .toolcalls import ToolRequest
 from .types import Completion, SamplingParams, StreamEvent
 
 __all__ = ["Engine", "Prompt"]
@@ -185,10 +186,16 @@ class Engine:
             )
         return self._tokenizer
 
-    def apply_chat_template(self, messages: Sequence[Message], add_generation_prompt: bool = True) -> list[int]:
-        """Token ids of ``messages`` rendered with the model's chat template (in a sandbox)."""
+    def apply_chat_template(self, messages: Sequence[Message], add_generation_prompt: bool = True,
+                            tools: ToolRequest | None = None) -> list[int]:
+        """Token ids of ``messages`` rendered with the model's chat template (in a sandbox); with
+        ``tools``, the tools as the template takes them (or nextoken's fallback system message)."""
         tok = self._need_tokenizer()
-        text = render_chat(tok.chat_template, messages, tok.special_tokens, add_generation_prompt)
+        template_tools = None
+        if tools is not None and tools.active:
+            messages = tools.messages(messages, tok.chat_template)
+            template_tools = tools.template_tools(tok.chat_template)
+        text = render_chat(tok.chat_template, messages, tok.special_tokens, add_generation_prompt, template_tools)
         ids = tok.encode(text, add_special_tokens=False)
         if not ids:
             raise InvalidRequestError("the chat template rendered these messages to nothing")
@@ -271,10 +278,31 @@ class Engine:
         completions = generation.completions()
         return completions[0] if _is_single(prompts) and generation.params.n == 1 else completions
 
-    def chat(self, messages: Sequence[Message], params: SamplingParams | None = None,
+    def chat(self, messages: Sequence[Message], params: SamplingParams | None = None, *, tools: Any = None,
+             tool_choice: Any = None, parallel_tool_calls: bool = True, tool_fallback: bool = False,
              **overrides: Any) -> Completion | list[Completion]:
-        """Answer a conversation (``[{"role": "user", "content": "..."}, ...]``) with the model's chat template."""
-        return self.generate(self.apply_chat_template(messages), params, **overrides)
+        """Answer a conversation (``[{"role": "user", "content": "..."}, ...]``) with the model's chat template.
+
+        ``tools`` (OpenAI's ``[{"type": "function", "function": {"name", "description", "parameters"}}]``)
+        go to the model through its template; ``tool_choice`` ``auto`` (default), ``none``,
+        ``required`` or ``{"type": "function", "function": {"name": ...}}`` (the last two enforced by a
+        grammar); the calls come back in ``completion.tool_calls`` (finish reason ``tool_calls``).
+        ``tool_fallback``: for a template that does not take tools, describe them in a system
+        message of nextoken's own (:mod:`nextoken.toolcalls`) instead of refusing.
+        """
+        request = None if tools is None else ToolRequest(tools, tool_choice, parallel_tool_calls, tool_fallback)
+        if request is not None and request.grammar() is not None:
+            constrained = [k for k in ("response_format", "regex", "choice", "grammar") if overrides.get(k)]
+            if constrained or (params is not None and any(getattr(params, k) for k in ("response_format", "regex",
+                                                                                      "choice", "grammar"))):
+                raise InvalidRequestError(f"tool_choice {request.choice!r} constrains the answer to tool calls; "
+                                          "leave out response_format, regex, choice and grammar")
+            overrides = {**overrides, "grammar": request.grammar()}
+        completions = self.generate(self.apply_chat_template(messages, tools=request), params, **overrides)
+        if request is None:
+            return completions
+        finished = request.finish(completions if isinstance(completions, list) else [completions])
+        return finished if isinstance(completions, list) else finished[0]
 
     def forward(self, input_ids: Sequence[int] | np.ndarray, cached: bool = False) -> np.ndarray:
         """Logits ``[S, V]`` for every position of one sequence, in one pass with an empty cache;

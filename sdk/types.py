@@ -19,12 +19,13 @@ from .errors import InvalidRequestError
 
 __all__ = [
     "CONTEXT_POLICIES", "FINISH_REASONS", "SamplingParams", "Usage", "Completion", "StreamEvent", "Stop", "Charge",
-    "TokenLogprob", "BatchState", "MAX_CHOICES",
+    "TokenLogprob", "BatchState", "MAX_CHOICES", "ToolCall",
 ]
 
 #: ``stop``: EOS, a stop id or a stop string; ``length``: max_new_tokens; ``context``: the window
-#: is full; ``deadline``: the request's wall-time limit. Plugins may add their own.
-FINISH_REASONS = ("stop", "length", "context", "deadline")
+#: is full; ``deadline``: the request's wall-time limit; ``tool_calls``: a chat answer that called
+#: tools. Plugins may add their own.
+FINISH_REASONS = ("stop", "length", "context", "deadline", "tool_calls")
 
 MAX_TOP_LOGPROBS = 20
 #: Choices one request may ask for (``n``): each is a sequence of the batch.
@@ -383,6 +384,26 @@ class Usage:
         )
 
 
+@dataclass(frozen=True)
+class ToolCall:
+    """One call the model made: an ``id`` for the answer's ``tool`` message, the function's
+    ``name``, and its ``arguments`` as JSON text."""
+
+    id: str
+    name: str
+    arguments: str
+
+    def parsed_arguments(self) -> Any:
+        """The arguments as Python values."""
+        import json
+
+        return json.loads(self.arguments)
+
+    def to_dict(self) -> dict:
+        """OpenAI's shape: ``{"id", "type": "function", "function": {"name", "arguments"}}``."""
+        return {"id": self.id, "type": "function", "function": {"name": self.name, "arguments": self.arguments}}
+
+
 @dataclass
 class Completion:
     """The result for one prompt: the generated text and ids, why it ended, its usage and cost.
@@ -401,6 +422,8 @@ class Completion:
     stop_detail: str = ""
     logprobs: list[TokenLogprob] | None = None
     cost: dict[str, Charge] = field(default_factory=dict)
+    #: the calls a chat answer made (``tools``), parsed out of its text; finish reason ``tool_calls``
+    tool_calls: list[ToolCall] | None = None
 
     def to_dict(self) -> dict:
         out = {
@@ -413,6 +436,8 @@ class Completion:
         }
         if self.logprobs is not None:
             out["logprobs"] = [lp.to_dict() for lp in self.logprobs]
+        if self.tool_calls is not None:
+            out["tool_calls"] = [call.to_dict() for call in self.tool_calls]
         return out
 
 

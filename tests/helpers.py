@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
 import subprocess
 import sys
@@ -68,3 +69,41 @@ def with_manifest(package: Path, target: Path, **changes) -> Path:
     data.update(changes)
     (target / "nextoken.json").write_text(json.dumps(data))
     return target
+
+
+@contextlib.contextmanager
+def serving(package: Path, model: str, max_batch: int = 4, **app_options):
+    """``nextoken.serving`` over ``package`` on a free loopback port, in this process:
+    (an openai client, the engine, the scheduler, the base URL)."""
+    import socket
+    import threading
+    import time
+
+    import openai
+    import uvicorn
+
+    from nextoken import Engine, Scheduler
+    from nextoken.serving.server import create_app
+
+    engine = Engine(package, device="cpu", plugins=False)
+    scheduler = Scheduler(engine, max_batch=max_batch).start()
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    config = uvicorn.Config(create_app(scheduler, model, **app_options), host="127.0.0.1", port=port, log_level="error")
+    server = uvicorn.Server(config)
+    thread = threading.Thread(target=server.run, daemon=True)
+    thread.start()
+    for _ in range(100):
+        if server.started:
+            break
+        time.sleep(0.05)
+    key = app_options.get("api_key") or "none"
+    client = openai.OpenAI(base_url=f"http://127.0.0.1:{port}/v1", api_key=key, max_retries=0, timeout=60)
+    try:
+        yield client, engine, scheduler, f"http://127.0.0.1:{port}"
+    finally:
+        server.should_exit = True
+        thread.join(timeout=10)
+        scheduler.close()
+        engine.close()

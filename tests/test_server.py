@@ -16,7 +16,7 @@ import pytest
 import nextoken
 from nextoken import Engine, Scheduler
 from nextoken.serving.server import create_app
-from helpers import with_chat_template
+from helpers import serving, with_chat_template
 
 KEY = "test-key"
 TEMPLATE = ("{{ bos_token }}{% for m in messages %}<|{{ m['role'] }}|>\n{{ m['content'] }}{{ eos_token }}\n{% endfor %}"
@@ -51,26 +51,9 @@ def _free_port() -> int:
 
 @pytest.fixture(scope="module")
 def server(tiny_llama, tmp_path_factory):
-    import uvicorn
-
     pkg = with_chat_template(tiny_llama[1], tmp_path_factory.mktemp("served") / "tiny", TEMPLATE)
-    engine = Engine(pkg, device="cpu", plugins=False)
-    scheduler = Scheduler(engine, max_batch=4).start()
-    port = _free_port()
-    config = uvicorn.Config(create_app(scheduler, "tiny", api_key=KEY), host="127.0.0.1", port=port, log_level="error")
-    srv = uvicorn.Server(config)
-    thread = threading.Thread(target=srv.run, daemon=True)
-    thread.start()
-    for _ in range(100):
-        if srv.started:
-            break
-        time.sleep(0.05)
-    client = openai.OpenAI(base_url=f"http://127.0.0.1:{port}/v1", api_key=KEY, max_retries=0, timeout=60)
-    yield client, engine, scheduler, f"http://127.0.0.1:{port}"
-    srv.should_exit = True
-    thread.join(timeout=10)
-    scheduler.close()
-    engine.close()
+    with serving(pkg, "tiny", api_key=KEY) as served:
+        yield served
 
 
 def test_models(server):
@@ -300,9 +283,7 @@ def test_malformed_bodies_are_openai_shaped_400s(server, content, words):
     assert words in err["message"] and err["type"] == "invalid_request_error", err
 
 
-@pytest.mark.parametrize("field, value", [("tools", []),
-                                          ("tool_choice", "auto"), ("best_of", 2), ("suffix", "end"),
-                                          ("functions", [{"name": "f"}])])
+@pytest.mark.parametrize("field, value", [("best_of", 2), ("suffix", "end"), ("functions", [{"name": "f"}])])
 def test_openai_parameters_not_built_yet_are_refused_by_name(server, field, value):
     *_, base = server
     path = "/v1/completions" if field in ("best_of", "suffix") else "/v1/chat/completions"

@@ -24,9 +24,10 @@ __all__ = ["NEXTOKEN_FIELDS", "REFUSED", "CompletionRequest", "ChatRequest", "Ne
 NEXTOKEN_FIELDS = tuple(f.name for f in dataclasses.fields(SamplingParams) if f.metadata.get("api") == "nextoken")
 
 #: OpenAI parameters refused with a 400 until nextoken implements them (value that means "unused").
-REFUSED = {"best_of": 1, "suffix": None, "tools": None, "tool_choice": None,
-           "parallel_tool_calls": None, "functions": None, "function_call": None, "audio": None,
+REFUSED = {"best_of": 1, "suffix": None, "functions": None, "function_call": None, "audio": None,
            "modalities": None, "prediction": None}
+#: nextoken object fields that are the server's, not SamplingParams' (how a chat request takes tools).
+SERVER_FIELDS = ("tool_fallback",)
 
 
 class _Strict(BaseModel):
@@ -42,6 +43,7 @@ def _nextoken_options() -> type:
 
     hints = typing.get_type_hints(SamplingParams, globalns=vars(types))
     fields = {name: (Optional[hints[name]], None) for name in NEXTOKEN_FIELDS}
+    fields["tool_fallback"] = (Optional[bool], None)
     model = create_model("NextokenOptions", __base__=_Strict, **fields)
     model.__doc__ = "nextoken's own parameters, as SamplingParams defines them."
     return model
@@ -70,7 +72,7 @@ class _Common(_Strict):
     response_format: Optional[Any] = None
     tools: Optional[Any] = None
     tool_choice: Optional[Any] = None
-    parallel_tool_calls: Optional[Any] = None
+    parallel_tool_calls: Optional[bool] = None
     functions: Optional[Any] = None
     function_call: Optional[Any] = None
     audio: Optional[Any] = None

@@ -29,13 +29,15 @@ from typing import Any
 from ..errors import InvalidRequestError, ModelPackageError, NextokenError, PluginError, SchedulerStoppedError
 from ..types import Completion, SamplingParams
 from ..scheduler import RequestHandle, Scheduler
+from ..toolcalls import ToolRequest
 
 __all__ = ["create_app", "Service", "serve", "sampling_defaults"]
 
 log = logging.getLogger("nextoken.serving.server")
 
 #: OpenAI's finish reasons for nextoken's.
-FINISH = {"stop": "stop", "length": "length", "context": "length", "deadline": "length", "cancelled": "stop"}
+FINISH = {"stop": "stop", "length": "length", "context": "length", "deadline": "length", "cancelled": "stop",
+          "tool_calls": "tool_calls"}
 #: generation_config.json keys the server takes as sampling defaults, and their SamplingParams names
 GENERATION_DEFAULTS = ("temperature", "top_p", "top_k", "min_p", "repetition_penalty")
 
@@ -87,8 +89,10 @@ def _params(req, chat: bool, defaults: dict[str, float]) -> SamplingParams:
         value = getattr(req, name, None)
         if value is not None and value != unused:
             raise APIError(400, f"{name} is not supported by this server yet; leave it out", param=name)
+    from .api_schema import SERVER_FIELDS
+
     extras = ({k: getattr(req.nextoken, k) for k in req.nextoken.model_fields_set
-               if getattr(req.nextoken, k) is not None} if req.nextoken else {})
+               if getattr(req.nextoken, k) is not None and k not in SERVER_FIELDS} if req.nextoken else {})
     max_tokens = (req.max_completion_tokens or req.max_tokens) if chat else (req.max_tokens or 16)
     if chat:
         logprobs = (req.top_logprobs or 0) if req.logprobs else None
@@ -262,6 +266,8 @@ class Service:
         from .api_schema import CompletionRequest
 
         req = await self.body(request, CompletionRequest)
+        if req.tools is not None or req.tool_choice is not None:
+            raise APIError(400, "tools take a conversation: use /v1/chat/completions", param="tools")
         prompt = req.prompt
         if isinstance(prompt, list) and prompt and all(isinstance(p, str) for p in prompt):
             if len(prompt) != 1:
@@ -284,31 +290,58 @@ class Service:
 
         req = await self.body(request, ChatRequest)
         params = _params(req, True, self.defaults)
-        messages = [{"role": m.role, "content": m.text()} for m in req.messages]
+        tools = self.tool_request(req)
+        if tools is not None and tools.grammar() is not None:
+            if any(getattr(params, k) for k in ("response_format", "regex", "choice", "grammar")):
+                raise APIError(400, f"tool_choice {tools.choice!r} constrains the answer to tool calls; leave out "
+                                    "response_format, regex, choice and grammar", param="tool_choice")
+            params = params.replace(grammar=tools.grammar())
+        messages = [{"role": m.role, "content": m.text(), **{k: v for k, v in (m.model_extra or {}).items()
+                                                              if k in ("tool_calls", "tool_call_id", "name")}}
+                    for m in req.messages]
         try:
-            ids = self.engine.apply_chat_template(messages)
+            ids = self.engine.apply_chat_template(messages, tools=tools)
         except (InvalidRequestError, ModelPackageError) as exc:
             raise APIError(400, str(exc), param="messages") from None
         if req.max_completion_tokens is None and req.max_tokens is None:
             room = self.scheduler.max_sequence_length - len(ids)
             params = params.replace(max_new_tokens=max(1, min(params.max_new_tokens, room)))
         include_usage = bool(req.stream_options and req.stream_options.include_usage)
-        return await self.respond(request, self.submit(ids, params), True, req.stream, include_usage)
+        return await self.respond(request, self.submit(ids, params), True, req.stream, include_usage, tools=tools)
+
+    @staticmethod
+    def tool_request(req) -> ToolRequest | None:
+        """The request's tools (None without them, or with tool_choice "none"), or a 400 saying what is wrong."""
+        if req.tools is None:
+            if req.tool_choice not in (None, "none"):
+                raise APIError(400, "tool_choice needs tools", param="tool_choice")
+            return None
+        fallback = bool(req.nextoken and req.nextoken.tool_fallback)
+        try:
+            tools = ToolRequest(req.tools, req.tool_choice, req.parallel_tool_calls is not False, fallback)
+        except InvalidRequestError as exc:
+            raise APIError(400, str(exc), param="tools") from None
+        return tools if tools.active else None
 
     # -- answers ---------------------------------------------------------------------------------------
     async def respond(self, request, handle: RequestHandle, chat: bool, stream: bool, include_usage: bool,
-                      echo: str = ""):
-        """The stream, or the whole answer, of one submitted request, in the OpenAI shape."""
+                      echo: str = "", tools: ToolRequest | None = None):
+        """The stream, or the whole answer, of one submitted request, in the OpenAI shape (with
+        ``tools``: its calls parsed out of its text)."""
         rid = f"{'chatcmpl' if chat else 'cmpl'}-{uuid.uuid4().hex[:24]}"
         if stream:
-            return self.stream(handle, chat, rid, include_usage, echo)
+            return self.stream(handle, chat, rid, include_usage, echo, tools)
         completions = await self.wait_or_cancel(request, handle, rid)
+        if tools is not None:
+            tools.finish(completions)
         choices = []
         for index, c in enumerate(completions):
             choice: dict[str, Any] = {"index": index, "finish_reason": FINISH.get(c.finish_reason, c.finish_reason),
                                       "logprobs": _logprobs(c.logprobs, chat, len(echo))}
             if chat:
-                choice["message"] = {"role": "assistant", "content": c.text}
+                choice["message"] = {"role": "assistant", "content": c.text if c.text or not c.tool_calls else None}
+                if c.tool_calls:
+                    choice["message"]["tool_calls"] = [call.to_dict() for call in c.tool_calls]
             else:
                 choice["text"] = echo + c.text
             choices.append(choice)
@@ -339,8 +372,11 @@ class Service:
         except NextokenError as exc:
             raise _failure(exc) from None
 
-    def stream(self, handle: RequestHandle, chat: bool, rid: str, include_usage: bool, echo: str = ""):
-        """Server-sent events of one request: a chunk per text delta, usage at the end when asked."""
+    def stream(self, handle: RequestHandle, chat: bool, rid: str, include_usage: bool, echo: str = "",
+               tools: ToolRequest | None = None):
+        """Server-sent events of one request: a chunk per text delta, usage at the end when asked.
+        With ``tools`` the text is held until the answer ends, then sent as content or as tool-call
+        deltas (a call whole in one delta: id, name and arguments)."""
         from fastapi.responses import StreamingResponse
 
         obj = "chat.completion.chunk" if chat else "text_completion"
@@ -367,7 +403,7 @@ class Service:
                         yield chunk([{"index": index, "delta": {"role": "assistant", "content": ""}, "finish_reason": None}])
                     elif echo:
                         yield chunk([{"index": index, "text": echo, "logprobs": None, "finish_reason": None}])
-                while True:
+                while tools is None:
                     event = await loop.run_in_executor(waiters, next, iterator, None)
                     if event is None:
                         break
@@ -386,6 +422,11 @@ class Service:
                             body["logprobs"] = _completion_logprobs(lps, offsets[index]) if lps else None
                         offsets[index] += len(event.text)
                         yield chunk([body])
+                if tools is not None:
+                    while await loop.run_in_executor(waiters, next, iterator, None) is not None:
+                        pass
+                    for body in _tool_chunks(tools.finish(handle.results())):
+                        yield chunk([body])
                 completions = handle.results()
                 if include_usage:
                     yield chunk([], _usage(completions), _extras(completions))
@@ -400,6 +441,18 @@ class Service:
                     handle.cancel()          # the client went away mid-stream
 
         return StreamingResponse(events(), media_type="text/event-stream")
+
+
+def _tool_chunks(completions: list[Completion]):
+    """The streamed answer of a tools request, each choice's at once: its content, its calls as
+    tool-call deltas, its finish reason."""
+    for index, c in enumerate(completions):
+        if c.text:
+            yield {"index": index, "delta": {"content": c.text}, "finish_reason": None}
+        if c.tool_calls:
+            yield {"index": index, "finish_reason": None, "delta": {"tool_calls": [
+                {"index": k, **call.to_dict()} for k, call in enumerate(c.tool_calls)]}}
+        yield {"index": index, "delta": {}, "finish_reason": FINISH.get(c.finish_reason, c.finish_reason)}
 
 
 def _usage(completions: list[Completion]) -> dict:
