@@ -18,6 +18,7 @@ from .generation import Generation
 from .kvbackends import for_request
 from .kvcache import CacheOps, StepRunner
 from .manifest import Manifest, TensorSpec
+from .prefixcache import PrefixCache
 from .probes import release_free_heap
 from .registry import Pipeline, Registry
 from .scheduler import Scheduler
@@ -67,8 +68,10 @@ class Engine:
     request, ``{name: options}``, e.g. ``{"per_token": {"input_per_million": 0.15, "output_per_million": 0.6}}``.
     ``tf32``: on CUDA, let fp32 matrix products run in TensorFloat-32 (faster, ~1e-3 relative error;
     None: the NEXTOKEN_TF32 environment variable, off when unset: fp32 stays fp32).
-    ``verify``: how the package's files are checked against the checksums of its export before
-    anything is loaded (None: sha256 once, then trusted while sizes and mtimes are unchanged;
+    ``prefix_cache_bytes``: keep the KV cache of prompt prefixes (blocks of 32 tokens) up to this
+    many bytes and reuse it for later prompts that start the same way (0, the default: off; see
+    :mod:`nextoken.prefixcache`). ``verify``: how the package's files are checked against the
+    checksums of its export before anything is loaded (None: sha256 once, then trusted while sizes and mtimes are unchanged;
     True: sha256 every load; False: sizes only); a changed file is a :class:`ModelPackageError`.
 
     The engine is heavy and shared; each request's state (its KV cache) lives in the request, so one
@@ -79,7 +82,7 @@ class Engine:
                  spin: bool | None = None, plugins: bool | Sequence[str] | None = None,
                  extra_plugins: Sequence[Any] = (),
                  cost_meters: Mapping[str, Mapping[str, Any]] | None = None, tf32: bool | None = None,
-                 verify: bool | None = None) -> None:
+                 verify: bool | None = None, prefix_cache_bytes: int = 0) -> None:
         self.path = Path(path)
         if not self.path.exists():
             raise ModelPackageError(f"model package {self.path} does not exist")
@@ -132,6 +135,8 @@ class Engine:
         self.runner = StepRunner(self.session, self.manifest, self.device.device, device_id)
         self._cache_ops: CacheOps | None = None
         self._cache_ops_lock = threading.Lock()
+        #: prompt prefixes' KV caches reused across requests (None: off, ``prefix_cache_bytes=0``)
+        self.prefix_cache: PrefixCache | None = PrefixCache(prefix_cache_bytes) if prefix_cache_bytes > 0 else None
         self.eos_token_ids: tuple[int, ...] = tuple(self.manifest.eos_token_ids)
         pad = self.manifest.pad_token_id
         self.pad_token_id = pad if pad is not None else (self.eos_token_ids[0] if self.eos_token_ids else 0)

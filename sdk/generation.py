@@ -196,6 +196,8 @@ class Generation:
         self.slides: list[tuple[int, int, list[int]]] = []
         self.model_seconds = self.prefill_model_seconds = 0.0
         self.kv_cache_bytes = 0
+        #: per sequence: prompt tokens taken from the prefix cache
+        self.cached_tokens = [0] * self.state.batch_size
         self.peak_memory_bytes: int | None = None
         self.device_memory_bytes: int | None = None
         # per row: tokens the model has seen or will see next; the ids it was last prefilled with,
@@ -427,6 +429,7 @@ class Generation:
                 kv_cache_bytes=self.kv_cache_bytes,
                 peak_memory_bytes=self.peak_memory_bytes,
                 device_memory_bytes=self.device_memory_bytes,
+                cached_tokens=self.cached_tokens[row],
             )
             finish = seq.finish or Stop("length")
             completion = Completion(self.state.texts[row], list(ids), finish.reason, usage,

@@ -43,6 +43,7 @@ from .errors import InvalidRequestError, NextokenError, SchedulerStoppedError
 from .generation import Generation
 from .kvbackends import ConcatBackend, KVBackend, Prefilled, SlotBackend, for_request
 from .kvcache import CacheOps, KVCache
+from .prefixcache import PrefixCache
 from .probes import MemorySampler
 from .types import Completion, SamplingParams, StreamEvent
 
@@ -502,6 +503,12 @@ class Scheduler:
                 self._end_early(handle, exc)
             else:
                 started.append(handle)
+        cache = getattr(self.engine, "prefix_cache", None)
+        if cache is not None:                      # a single prompt's sequences go through the prefix cache
+            single = [h for h in started if h.rows == h.generation.params.n]
+            for handle in single:
+                self._admit_cached(handle, cache)
+            started = [h for h in started if h not in single]
         groups = [started] if started else []
         while groups:
             group = groups.pop()
@@ -511,6 +518,41 @@ class Scheduler:
                     groups.extend([h] for h in reversed(group))
                 else:
                     self._end_early(group[0], failed)
+
+    def _admit_cached(self, handle: RequestHandle, cache: PrefixCache) -> None:
+        """Prefill one prompt (its ``n`` sequences copy it) through the prefix cache: only the part
+        after the longest cached prefix runs, over that prefix's keys and values; the prompt's own
+        keys and values are stored for later requests."""
+        gen, runner = handle.generation, self.engine.runner
+        prompt = gen.state.prompts[0]
+        self._admitting = [handle]
+        try:
+            reused, entry = cache.lookup(prompt)
+            past = runner.new_cache(1)
+            if entry is not None and entry.length == reused:
+                past.values = list(entry.values)          # read, never written: the step makes new values
+            elif entry is not None:                       # a longer prefix's entry: its first positions
+                past.values = self._ops().select(entry, [0], 0, reused).values
+            ids = np.asarray([prompt[reused:]], dtype=np.int64)
+            mask = np.ones((1, len(prompt)), dtype=np.int64)
+            logits = runner.prefill(past, ids, mask, np.arange(reused, len(prompt))[None, :])
+            if cache.wants(prompt):                       # the prompt's own values, as the prefill made them
+                stored = runner.new_cache(1)
+                stored.values = list(past.values)
+                cache.insert(prompt, stored)
+            pre = Prefilled(logits, np.array([len(prompt)]), past.run_seconds, cache=past, mask=mask)
+            if handle.rows > 1:
+                pre = pre.forked([0] * handle.rows, self._ops())
+        except Exception as exc:
+            self._end_early(handle, exc)
+            return
+        finally:
+            self._admitting = []
+        gen.cached_tokens[:] = [reused] * handle.rows
+        try:
+            self._join([handle], pre)
+        except Exception as exc:
+            self._fail_all([handle], exc)
 
     def _prefill_and_join(self, group: list[RequestHandle], prompts: list[list[int]],
                           fork: list[int] | None = None, refill: bool = False) -> BaseException | None:

@@ -360,6 +360,8 @@ class Usage:
     #: on CUDA: this process's memory on the GPU when the request ended (ONNX Runtime's arena keeps its
     #: high-water mark), from NVML; the whole device's used memory where the driver lists no processes
     device_memory_bytes: int | None = None
+    #: prompt tokens whose KV cache came from the prefix cache instead of a prefill
+    cached_tokens: int = 0
     #: with ``hook_timings``: milliseconds spent in each plugin the request used, by
     #: ``"<hook kind>:<name>"`` (e.g. ``"logits_processor:top_k"``, ``"tokenizer:decode"``)
     hook_ms: dict[str, float] | None = None

@@ -72,7 +72,7 @@ def with_manifest(package: Path, target: Path, **changes) -> Path:
 
 
 @contextlib.contextmanager
-def serving(package: Path, model: str, max_batch: int = 4, **app_options):
+def serving(package: Path, model: str, max_batch: int = 4, engine_options: dict | None = None, **app_options):
     """``nextoken.serving`` over ``package`` on a free loopback port, in this process:
     (an openai client, the engine, the scheduler, the base URL)."""
     import socket
@@ -85,7 +85,7 @@ def serving(package: Path, model: str, max_batch: int = 4, **app_options):
     from nextoken import Engine, Scheduler
     from nextoken.serving.server import create_app
 
-    engine = Engine(package, device="cpu", plugins=False)
+    engine = Engine(package, device="cpu", plugins=False, **(engine_options or {}))
     scheduler = Scheduler(engine, max_batch=max_batch).start()
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))

@@ -459,7 +459,8 @@ def _usage(completions: list[Completion]) -> dict:
     """OpenAI's usage of a request: its prompt counted once, every choice's tokens."""
     prompt = completions[0].usage.prompt_tokens
     generated = sum(c.usage.completion_tokens for c in completions)
-    return {"prompt_tokens": prompt, "completion_tokens": generated, "total_tokens": prompt + generated}
+    return {"prompt_tokens": prompt, "completion_tokens": generated, "total_tokens": prompt + generated,
+            "prompt_tokens_details": {"cached_tokens": completions[0].usage.cached_tokens}}
 
 
 def _extras(completions: list[Completion]) -> dict:
@@ -539,12 +540,13 @@ def create_app(scheduler: Scheduler, model_name: str, api_key: str | None = None
 def serve(package: str, host: str = "127.0.0.1", port: int = 8000, max_batch: int = 8, api_key: str | None = None,
           model_name: str | None = None, device: str = "auto", threads: int | None = None,
           scheduler_options: dict[str, Any] | None = None, spin: bool | None = None,
-          tf32: bool | None = None, header_timeout_s: float = 10.0) -> None:
+          tf32: bool | None = None, header_timeout_s: float = 10.0, prefix_cache_bytes: int = 0) -> None:
     """Load ``package`` and serve it until interrupted (``scheduler_options``: more
     :class:`~nextoken.Scheduler` arguments: ``max_prefill_tokens``, ``kv_backend``, ``slot_length``;
     ``spin``, ``tf32``: as :class:`~nextoken.Engine` takes them). Connections: idle ones close after 5 s
     between requests, and one that has not sent a whole request head within ``header_timeout_s``
-    (half-open, or a client that stalls in its headers) is closed."""
+    (half-open, or a client that stalls in its headers) is closed. ``prefix_cache_bytes``: the
+    engine's prefix cache (0: off)."""
     try:
         import uvicorn
     except ImportError:
@@ -553,7 +555,7 @@ def serve(package: str, host: str = "127.0.0.1", port: int = 8000, max_batch: in
 
     from ..engine import Engine
 
-    engine = Engine(package, device=device, threads=threads, spin=spin, tf32=tf32)
+    engine = Engine(package, device=device, threads=threads, spin=spin, tf32=tf32, prefix_cache_bytes=prefix_cache_bytes)
     name = model_name or Path(package).resolve().name
     with Scheduler(engine, max_batch=max_batch, **(scheduler_options or {})) as scheduler:
         app = create_app(scheduler, name, api_key=api_key)

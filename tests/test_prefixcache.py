@@ -1,0 +1,99 @@
+"""The prefix cache: prompts that start like an earlier one reuse its KV cache instead of
+prefilling it; the same tokens as without the cache, on both KV backends, alone, batched, under the
+scheduler and through the server."""
+
+from __future__ import annotations
+
+import pytest
+
+from nextoken import Engine, Scheduler
+from nextoken.prefixcache import PrefixCache
+from helpers import serving, wrap_steps
+
+SYSTEM = list(range(3, 83))                 # an 80-token "system prompt" of byte ids: blocks of 32 -> 64 reusable
+
+
+class _Entry:
+    """A stand-in for a KVCache: its bytes."""
+
+    def __init__(self, size: int) -> None:
+        self.size = size
+
+    def nbytes(self) -> int:
+        return self.size
+
+
+def test_hits_need_an_identical_history_and_whole_blocks():
+    cache = PrefixCache(1 << 20, block=4)
+    assert cache.cut(9) == 8 and cache.cut(8) == 4 and cache.cut(4) == 0      # at least one token left to run
+    cache.insert([1, 2, 3, 4, 5, 6, 7, 8], _Entry(10))
+    assert cache.lookup([1, 2, 3, 4, 5, 6, 7, 8, 9])[0] == 8
+    assert cache.lookup([1, 2, 3, 4, 5, 6, 7, 8])[0] == 4                   # 8 tokens: the last one must run
+    assert cache.lookup([9, 2, 3, 4, 5, 6, 7, 8, 9])[0] == 0                # same tail, other history: a miss
+    assert cache.lookup([1, 2, 3, 4, 5, 6, 0, 0])[0] == 4                   # a partial block: the whole one before it
+    assert (cache.stats.hits, cache.stats.misses) == (3, 1)
+    assert cache.lookup([1, 2, 3, 4, 5, 6, 7, 8, 9])[1].size == 10          # a longer entry serves a shorter prefix
+    longer = PrefixCache(1 << 20, block=4)
+    longer.insert([1, 2, 3, 4, 5, 6, 7, 8], _Entry(10))
+    assert longer.lookup([1, 2, 3, 4, 0, 0])[0] == 4
+    assert not longer.wants([1, 2, 3, 4, 5, 6, 7, 8]) and longer.wants([1, 2, 3, 4, 5])
+    turn = PrefixCache(1 << 20, block=4)                                     # a chat's next turn: the whole
+    turn.insert([1, 2, 3, 4, 5, 6], _Entry(10))                              # previous prompt, off the blocks
+    assert turn.lookup([1, 2, 3, 4, 5, 6, 7, 8, 9])[0] == 6 and turn.lookup([1, 2, 3, 4, 5, 6])[0] == 4
+
+
+def test_least_recently_used_go_first_within_the_bytes():
+    cache = PrefixCache(25, block=2)
+    for first in (1, 2, 3):
+        cache.insert([first, 0], _Entry(10))
+    assert cache.stats.entries == 2 and cache.stats.bytes == 20 and cache.stats.evicted == 1
+    assert cache.lookup([1, 0, 5])[0] == 0 and cache.lookup([3, 0, 5])[0] == 2     # its boundaries went with it
+    cache.insert([9, 9, 9, 9], _Entry(26))                                    # larger than the whole cache: not kept
+    assert cache.stats.entries == 2
+
+
+@pytest.fixture(params=["nextoken", "optimum"])
+def cached_engine(request, tiny_model):
+    """Both KV backends: the fused graph (slots) and optimum's (concatenation)."""
+    with Engine(tiny_model("llama", request.param)[1], plugins=False, prefix_cache_bytes=64 << 20) as cached, \
+            Engine(tiny_model("llama", request.param)[1], plugins=False) as plain:
+        yield cached, plain
+
+
+def test_the_same_tokens_with_and_without_the_cache(cached_engine, monkeypatch):
+    cached, plain = cached_engine
+    prompts = [SYSTEM + [90, 91, 92], SYSTEM + [100], SYSTEM[:70] + [5, 6], SYSTEM[:40] + [1]]
+    for kw in (dict(), dict(temperature=0.9, seed=4)):
+        for prompt in prompts:
+            want = plain.generate(prompt, max_new_tokens=12, ignore_eos=True, **kw)
+            got = cached.generate(prompt, max_new_tokens=12, ignore_eos=True, **kw)
+            assert got.token_ids == want.token_ids
+    ran = []
+    wrap_steps(monkeypatch, cached.runner, lambda kind, real, *a: ran.append((kind, a[1].shape)) or real(*a))
+    got = cached.generate(SYSTEM + [7, 8], max_new_tokens=3, ignore_eos=True, n=2, temperature=0.7, seed=1)
+    assert [c.usage.cached_tokens for c in got] == [64, 64]
+    assert ran[0] == ("prefill", (1, len(SYSTEM) + 2 - 64))                  # only what follows the cached prefix
+    monkeypatch.undo()
+    assert [c.token_ids for c in got] == [c.token_ids for c in plain.generate(
+        SYSTEM + [7, 8], max_new_tokens=3, ignore_eos=True, n=2, temperature=0.7, seed=1)]
+    assert cached.prefix_cache.stats.hits >= 6
+
+
+def test_requests_sharing_a_prefix_under_the_scheduler(cached_engine):
+    cached, plain = cached_engine
+    scheduler = Scheduler(cached, max_batch=4)
+    handles = [scheduler.submit(SYSTEM + [50 + i], max_new_tokens=10, ignore_eos=True) for i in range(6)]
+    while scheduler.step():
+        pass
+    assert [h.result().token_ids for h in handles] == [
+        plain.generate(SYSTEM + [50 + i], max_new_tokens=10, ignore_eos=True).token_ids for i in range(6)]
+    assert sum(h.result().usage.cached_tokens == 64 for h in handles) >= 5     # the first stored it
+
+
+def test_cached_tokens_through_the_server(tiny_llama):
+    with serving(tiny_llama[1], "tiny", engine_options={"prefix_cache_bytes": 64 << 20}) as (client, engine, *_):
+        first = client.completions.create(model="tiny", prompt=SYSTEM + [9], max_tokens=4, temperature=0)
+        second = client.completions.create(model="tiny", prompt=SYSTEM + [10], max_tokens=4, temperature=0)
+        assert first.usage.prompt_tokens_details.cached_tokens == 0
+        assert second.usage.prompt_tokens_details.cached_tokens == 64
+        assert second.choices[0].text == engine.generate(SYSTEM + [10], max_new_tokens=4).text
