@@ -45,6 +45,8 @@ def test_kv_cache_arithmetic():
     assert plan.kv_bytes_per_sequence == plan.kv_bytes_per_token * 4096  # 2 GiB a sequence
     assert plan.kv_cache_bytes == 4 * plan.kv_bytes_per_sequence
     assert plan.total_bytes == plan.weights_bytes + plan.kv_cache_bytes + plan.working_bytes
+    cached = plan_memory(spec, batch=4, context=4096, dtype="fp16", capacity=80 << 30, prefix_cache_bytes=8 << 30)
+    assert cached.total_bytes == plan.total_bytes + (8 << 30) and cached.max_batch < plan.max_batch
 
 
 def test_fits_largest_batch_and_longest_context():

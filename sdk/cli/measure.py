@@ -51,7 +51,7 @@ def _cmd_memory(args: argparse.Namespace) -> int:
 
     capacity = int(args.capacity * (1 << 30)) if args.capacity is not None else None
     plan = plan_memory(args.model, batch=args.batch, context=args.context, dtype=args.dtype,
-                       device=args.device, capacity=capacity)
+                       device=args.device, capacity=capacity, prefix_cache_bytes=int(args.prefix_cache_mb * (1 << 20)))
     out = plan.to_dict()
     if args.measure:
         from ..tools.memory import measure_peak
@@ -150,6 +150,8 @@ def add_commands(sub) -> None:
     p.add_argument("--measure", action="store_true",
                    help="also load the package on the CPU, generate at this batch and context, and measure the peak")
     p.add_argument("--threads", type=int, default=None, help="intra-op threads for --measure")
+    p.add_argument("--prefix-cache-mb", type=float, default=0, metavar="MB",
+                   help="plan a prefix cache of this many MiB too (serve --prefix-cache-mb; default 0: off)")
     p.add_argument("--json", action="store_true", help="print JSON")
     p.set_defaults(func=_cmd_memory)
 

@@ -161,13 +161,14 @@ class MemoryPlan:
     kv_bytes_per_sequence: int         # at `context` tokens
     kv_cache_bytes: int                # the whole batch at `context` tokens
     working_bytes: int                 # runtime + session + activations at the peak
-    total_bytes: int
+    total_bytes: int                   # weights + KV cache + working memory + the prefix cache
     capacity_bytes: int | None
     fits: bool | None
     max_batch: int | None              # at this context
     max_context: int | None            # at this batch (at most the model's window)
     model_context_length: int
     capacity_source: str = ""          # where the capacity came from: given, host RAM, free on a GPU
+    prefix_cache_bytes: int = 0        # the prefix cache's budget (Engine(prefix_cache_bytes=...)), held at most
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -182,6 +183,7 @@ class MemoryPlan:
             ("KV cache", f"{gib(self.kv_cache_bytes)}  ({self.kv_bytes_per_token / 1024:.1f} KiB/token, "
                          f"{gib(self.kv_bytes_per_sequence)}/sequence)"),
             ("working memory", gib(self.working_bytes)),
+            ("prefix cache", gib(self.prefix_cache_bytes) + ("  (at most; off)" if not self.prefix_cache_bytes else "  (at most)")),
             ("total", gib(self.total_bytes)),
             ("capacity", gib(self.capacity_bytes) + (f"  ({self.capacity_source})" if self.capacity_source else "")),
             ("fits", {True: "yes", False: "NO", None: "-"}[self.fits]),
@@ -240,13 +242,15 @@ def device_capacity(device: str, device_id: int = 0) -> int | None:
 
 
 def plan_memory(model: str | os.PathLike | ModelSpec, batch: int = 1, context: int | None = None,
-                dtype: str | None = None, device: str = "cpu", capacity: int | None = None) -> MemoryPlan:
+                dtype: str | None = None, device: str = "cpu", capacity: int | None = None,
+                prefix_cache_bytes: int = 0) -> MemoryPlan:
     """Plan memory for ``batch`` sequences of ``context`` tokens (default: the model's window).
 
     ``model``: a :class:`ModelSpec`, a package, a checkpoint, a config.json or a hub id. ``dtype``:
     the weights' precision (default: the package's, else fp32). ``capacity``: bytes available
     (default: the host's RAM, or the memory free on the GPU now). Weights are a package's real file size, or
-    parameters x bytes per parameter from a config.
+    parameters x bytes per parameter from a config. ``prefix_cache_bytes``: a prefix cache's budget,
+    planned as held whole.
     """
     spec = model if isinstance(model, ModelSpec) else ModelSpec.load(model)
     device_id = 0
@@ -266,6 +270,7 @@ def plan_memory(model: str | os.PathLike | ModelSpec, batch: int = 1, context: i
     else:
         weights = int(math.ceil(spec.parameters * per_param))
     kv_cache, working, total = _total(spec, batch, context, dtype, device, weights)
+    total += prefix_cache_bytes
     if capacity is not None:
         source = "given"
     else:
@@ -281,14 +286,14 @@ def plan_memory(model: str | os.PathLike | ModelSpec, batch: int = 1, context: i
         fits = total <= capacity and context <= spec.context_length
 
         def ok(b: int, t: int) -> bool:
-            return _total(spec, b, t, dtype, device, weights)[2] <= capacity
+            return _total(spec, b, t, dtype, device, weights)[2] + prefix_cache_bytes <= capacity
 
         max_batch = _largest(lambda b: ok(b, context), 1 << 20)
         max_context = _largest(lambda t: ok(batch, t), spec.context_length)
     name = str(model) if not isinstance(model, ModelSpec) else spec.architecture
     return MemoryPlan(name, device, dtype, batch, context, spec.parameters, weights, per_token,
                       per_token * context, kv_cache, working, total, capacity, fits, max_batch, max_context,
-                      spec.context_length, source)
+                      spec.context_length, source, prefix_cache_bytes)
 
 
 def _largest(ok, limit: int) -> int:
