@@ -11,6 +11,7 @@ yields :class:`StreamEvent` s, and the finished request's :class:`Completion` s 
 
 from __future__ import annotations
 
+import collections
 import math
 import time
 from dataclasses import dataclass
@@ -25,7 +26,7 @@ from .registry import Pipeline
 from .tokenizer import IncrementalDecoder, Tokenizer
 from .types import (BatchState, Charge, Completion, SamplingParams, Stop, StreamEvent, TokenLogprob, Usage)
 
-__all__ = ["fit_prompt", "Generation", "Timings"]
+__all__ = ["fit_prompt", "Generation", "Speculation", "Timings"]
 
 def fit_prompt(prompt: list[int], params: SamplingParams, window: int, index: int | None = None) -> list[int]:
     """Apply the context policy to one prompt before any work: refuse it (``error``), cut it
@@ -133,6 +134,45 @@ def _log_softmax(logits: np.ndarray) -> np.ndarray:
         return shifted - np.log(np.exp(shifted).sum(axis=1, keepdims=True))
 
 
+class Speculation:
+    """A request's speculative decoding: its proposer (a plugin), how many tokens to guess next
+    (``k``: one more after a step that kept every guess, one more than were kept after one that did
+    not), what was guessed and kept, and whether it stopped (under a quarter of the last eight
+    steps' guesses kept: a step that checks guesses costs more than a plain one, so plain decoding
+    is faster then)."""
+
+    def __init__(self, proposer: Any, k: int) -> None:
+        self.proposer, self.k_max, self.k = proposer, k, k
+        self.proposed = self.accepted = 0
+        self.off = False
+        self._recent: collections.deque[tuple[int, int]] = collections.deque(maxlen=8)
+
+    def propose(self, state: BatchState, room: int) -> list[int]:
+        """Up to ``min(k, room)`` guesses for sequence 0 (``[]``: decode plainly this step)."""
+        if self.off or room < 1:
+            return []
+        k = min(self.k, room)
+        try:
+            guess = self.proposer.fn(state, 0, k)
+        except Exception as exc:
+            raise self.proposer.provided.error(exc) from exc
+        if not isinstance(guess, (list, tuple)) or not all(
+                isinstance(t, (int, np.integer)) and 0 <= t < state.vocab_size for t in guess):
+            raise self.proposer.provided.error(ValueError(
+                f"returned {describe(guess)}, not a list of token ids in [0, {state.vocab_size})"))
+        return [int(t) for t in guess[:k]]
+
+    def record(self, proposed: int, accepted: int) -> None:
+        """One checking step's outcome: ``accepted`` of ``proposed`` guesses kept."""
+        self.proposed += proposed
+        self.accepted += accepted
+        self.k = min(self.k_max, self.k + 1) if accepted == proposed else max(1, accepted + 1)
+        self._recent.append((proposed, accepted))
+        if len(self._recent) == self._recent.maxlen and \
+                4 * sum(a for _, a in self._recent) < sum(p for p, _ in self._recent):
+            self.off = True
+
+
 @dataclass(frozen=True)
 class Timings:
     """When a request's phases happened (``time.perf_counter()`` seconds) and the model time in
@@ -198,6 +238,9 @@ class Generation:
         self.kv_cache_bytes = 0
         #: per sequence: prompt tokens taken from the prefix cache
         self.cached_tokens = [0] * self.state.batch_size
+        #: speculative decoding (None: off); the scheduler uses it while the request decodes alone
+        self.speculation = (Speculation(pipeline.proposer, params.speculative["k"])
+                            if pipeline.proposer is not None else None)
         self.peak_memory_bytes: int | None = None
         self.device_memory_bytes: int | None = None
         # per row: tokens the model has seen or will see next; the ids it was last prefilled with,
@@ -430,6 +473,8 @@ class Generation:
                 peak_memory_bytes=self.peak_memory_bytes,
                 device_memory_bytes=self.device_memory_bytes,
                 cached_tokens=self.cached_tokens[row],
+                proposed_tokens=self.speculation.proposed if self.speculation and row == 0 else 0,
+                accepted_tokens=self.speculation.accepted if self.speculation and row == 0 else 0,
             )
             finish = seq.finish or Stop("length")
             completion = Completion(self.state.texts[row], list(ids), finish.reason, usage,

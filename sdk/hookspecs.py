@@ -105,6 +105,17 @@ def register_cost_meters(register: Callable[..., None]) -> None:
     """
 
 
+@hookspec
+def register_proposers(register: Callable[..., None]) -> None:
+    """Provide speculative-decoding proposers: ``register(name, factory)``.
+
+    ``factory(params: SamplingParams, options: dict) -> proposer``; ``proposer(state, row, k) ->
+    list[int]`` guesses up to ``k`` tokens that may follow sequence ``row`` (``[]``: no guess). The
+    model checks every guess in one step and keeps those it would have chosen itself, so a proposer
+    changes speed, never the text. The request's ``SamplingParams.speculative["method"]`` names it.
+    """
+
+
 # -- what a plugin observes ---------------------------------------------------------------------------
 
 @hookspec

@@ -69,6 +69,8 @@ class KVBackend(Protocol):
     def keep(self, rows: Sequence[int]) -> None: ...
     def held(self, row: int) -> int: ...
     def nbytes(self) -> int: ...
+    def extend(self, row: int, tokens: Sequence[int]) -> np.ndarray: ...
+    def truncate(self, row: int, length: int) -> None: ...
 
 
 def prefill_padded(runner: StepRunner, prompts: Sequence[list[int]], pad_id: int) -> Prefilled:
@@ -167,6 +169,28 @@ class ConcatBackend:
 
     def nbytes(self) -> int:
         return self.cache.nbytes() if self.cache is not None else 0
+
+    def extend(self, row: int, tokens: Sequence[int]) -> np.ndarray:
+        """Run ``tokens`` after the batch's one row (speculative decoding runs alone); the logits
+        after each ``[len(tokens), V]``."""
+        if self.rows != 1:
+            raise NextokenError("a concatenated cache extends a batch of one sequence only")
+        n = len(tokens)
+        mask = np.concatenate([self.mask, np.ones((1, n), dtype=self.mask.dtype)], axis=1)
+        positions = self.next_pos + np.arange(n)[None, :]
+        before = self.cache.run_seconds
+        logits = self.runner.prefill(self.cache, np.asarray([tokens], dtype=np.int64), mask, positions, all_logits=True)
+        self.last_seconds = self.cache.run_seconds - before
+        self.mask, self.next_pos = mask, self.next_pos + n
+        return logits[0]
+
+    def truncate(self, row: int, length: int) -> None:
+        """Keep the first ``length`` positions of the batch's one row (what a rejected guess left goes)."""
+        drop = self.held(row) - length
+        if drop > 0:
+            self.cache = self._ops().select(self.cache, [0], 0, self.mask.shape[1] - drop)
+            self.mask = np.ascontiguousarray(self.mask[:, :-drop])
+            self.next_pos = self.next_pos - drop
 
 
 class SlotBackend:
@@ -268,6 +292,18 @@ class SlotBackend:
 
     def nbytes(self) -> int:
         return self.buffer.nbytes() if self.buffer is not None else 0
+
+    def extend(self, row: int, tokens: Sequence[int]) -> np.ndarray:
+        """Run ``tokens`` after row ``row``, in place in its slot; the logits after each ``[len(tokens), V]``."""
+        before = self.buffer.run_seconds
+        logits = self.runner.extend_in_place(self.buffer, self.slot_ids[row], tokens)
+        self.last_seconds = self.buffer.run_seconds - before
+        return logits
+
+    def truncate(self, row: int, length: int) -> None:
+        """Row ``row`` holds its first ``length`` positions only: a length, nothing copied."""
+        slot = self.slot_ids[row]
+        self.buffer.lengths[slot] = min(int(self.buffer.lengths[slot]), length)
 
     @property
     def slot_lengths(self) -> list[int]:

@@ -174,6 +174,29 @@ class StepRunner:
         slots.lengths[:n] = lengths
         return logits[:, -1, :].astype(np.float32)      # a copy: the buffer is the next step's
 
+    def extend_in_place(self, slots: "SlotCache", row: int, tokens: Sequence[int]) -> np.ndarray:
+        """Run ``tokens`` after what row ``row`` of ``slots`` holds, in place (its length grows by
+        their count), and return the logits after each of them ``[len(tokens), V]`` (speculative
+        decoding checks its guesses with them in one step)."""
+        n = len(tokens)
+        length = int(slots.lengths[row]) + n
+        kept = slots.extend_bindings.get((row, n)) if self.device == "cpu" else None
+        if kept is None:                  # kept per (row, count) on the CPU, as decode_in_place keeps its own
+            binding = self.session.io_binding()
+            if "logits_to_keep" in self._int_dtypes:
+                self.binder.host_input(binding, "logits_to_keep", np.array([n], dtype=np.int64))
+            logits = np.empty((1, n, self.manifest.vocab_size), dtype=self._logits_dtype)
+            binding.bind_output("logits", "cpu", 0, logits.dtype, list(logits.shape), logits.ctypes.data)
+            self._bind_rows(binding, slots, 1, row)
+            kept = (binding, logits)
+            if self.device == "cpu":
+                slots.extend_bindings[(row, n)] = kept
+        binding, logits = kept
+        self._bind_ids(binding, np.asarray([tokens], dtype=np.int64), slots.mask([length]), None)
+        self._run(binding, slots)
+        slots.lengths[row] = length
+        return logits[0].astype(np.float32)            # a copy: the buffer is the next step's
+
     # -- binding ---------------------------------------------------------------------------------------
     def _bind_ids(self, binding: ort.IOBinding, input_ids: np.ndarray, mask: np.ndarray,
                   positions: np.ndarray | None) -> None:
@@ -330,6 +353,8 @@ class SlotCache(KVCache):
         super().__init__(runner.manifest, slots, runner.device, runner.device_id, length)
         self.lengths = np.zeros(slots, dtype=np.int64)     # positions each slot holds
         self._positions = np.arange(length)[None, :]
+        #: speculative steps' bindings, by (row, tokens) (StepRunner.extend_in_place's)
+        self.extend_bindings: dict[tuple[int, int], tuple] = {}
 
     def mask(self, lengths: np.ndarray) -> np.ndarray:
         """The attention mask of rows holding ``lengths`` positions: ``[len(lengths), buffer length]``,

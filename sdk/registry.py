@@ -26,6 +26,7 @@ DEFAULT_PLUGINS = (
     "nextoken.plugins.stopping",
     "nextoken.plugins.costs",
     "nextoken.plugins.structured",
+    "nextoken.plugins.speculative",
 )
 
 #: Which external (entry-point) plugins load: unset or "all": every one; "none": none;
@@ -39,6 +40,7 @@ KINDS = {
     "strategy": "register_strategies",
     "stop_condition": "register_stop_conditions",
     "cost_meter": "register_cost_meters",
+    "proposer": "register_proposers",
 }
 
 
@@ -363,6 +365,10 @@ class Pipeline:
         meters = {**(engine_meters or {}), **params.cost_meters}
         self.meters = [(provided.name, piece(provided, provided.make(dict(meters[provided.name]))))
                        for provided in resolve_names("cost_meter", list(meters), registry)]
+        self.proposer: Active | None = None
+        if params.speculative is not None:
+            (proposer,) = resolve_names("proposer", [params.speculative["method"]], registry)
+            self.proposer = piece(proposer, proposer.make(params, params.options.get(proposer.name, {})))
         self.top_logprobs = params.top_logprobs
         self.registry = registry
         self.on_start = registry.observers("on_request_start")

@@ -476,6 +476,8 @@ class Scheduler:
         """One token for every row of the batch, then each request's own step on its rows (a
         finished sequence of a request that goes on rides along on its last token)."""
         active = self._active
+        if self._rows == 1 and active[0].generation.speculation is not None and self._speculate(active[0]):
+            return
         grow = None
         if self._rows != len(active):                      # requests of several sequences
             grow = (active[0].generation.state.alive if len(active) == 1
@@ -490,6 +492,45 @@ class Scheduler:
             handle.model_seconds += spent
             self._advance(handle, logits[start:start + handle.rows], start)
             start += handle.rows
+
+    def _speculate(self, handle: RequestHandle) -> bool:
+        """A speculative step for the batch's one sequence: its proposer guesses up to k tokens, the
+        model runs the last token and the guesses in one step, and the request takes its own step on
+        each position's logits in turn while its token is the guess (the first that differs, or the
+        one after the last guess, is its own choice): the same tokens as plain decoding, fewer
+        steps. What the guesses left in the cache past that is cut (a length, with slots). Returns
+        False when there was no guess (the caller decodes plainly)."""
+        gen = handle.generation
+        spec = gen.speculation
+        held = self.kv.held(0)
+        room = min(self.max_sequence_length, self.engine.manifest.context_length) - held - 1
+        room = min(room, gen.params.max_new_tokens - len(gen.state.generated[0]) - 1)
+        try:
+            guess = spec.propose(gen.state, room)
+        except Exception as exc:
+            self._end_early(handle, exc)
+            return True
+        if not guess:
+            return False
+        try:
+            logits = self.kv.extend(0, [int(self._last[0])] + guess)
+        except Exception as exc:
+            self._fail_all([handle], exc)
+            return True
+        handle.model_seconds += self.kv.last_seconds
+        taken = kept = 0
+        for i in range(len(guess) + 1):
+            self._advance(handle, logits[i:i + 1], 0)
+            taken += 1
+            if handle.done or gen.finished or gen.needs_slide:
+                break
+            if i == len(guess) or int(self._last[0]) != guess[i]:
+                break
+            kept += 1
+        spec.record(len(guess), kept)
+        if not handle.done and id(handle) not in self._sliding:
+            self.kv.truncate(0, held + taken)
+        return True
 
     def _admit(self, admit: list[RequestHandle]) -> None:
         """Prefill newcomers together and join them to the batch. A request whose start fails (its

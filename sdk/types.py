@@ -30,6 +30,8 @@ FINISH_REASONS = ("stop", "length", "context", "deadline", "tool_calls")
 MAX_TOP_LOGPROBS = 20
 #: Choices one request may ask for (``n``): each is a sequence of the batch.
 MAX_CHOICES = 64
+#: Tokens a speculative step may guess at most.
+MAX_SPECULATIVE = 16
 #: Stop strings one request may bring, and the characters of each: every step checks each of them,
 #: so a request with thousands would slow every request it shares a batch with.
 MAX_STOP_STRINGS = 64
@@ -176,6 +178,9 @@ class SamplingParams:
     choice: tuple[str, ...] = _field((), "the text must be one of these strings; CLI: repeatable", metavar="TEXT")
     grammar: str | None = _field(None, "the text must follow this Lark grammar (llguidance's dialect); CLI: a file",
                                  metavar="FILE")
+    speculative: Mapping[str, Any] | None = _field(
+        None, "speculative decoding: {'method': 'prompt_lookup', 'k': 4} (a proposer plugin guesses up to k tokens "
+        "the model checks in one step; the same text, fewer steps); CLI: METHOD[:K]", metavar="METHOD[:K]")
     n: int = _field(1, f"choices for each prompt (at most {MAX_CHOICES}): each its own sequence, from one prefill of "
                     "the prompt; a seeded sampler draws choice i with seed + i", metavar="N", api="openai")
     hook_timings: bool = _field(False, "time every plugin the request uses (usage.hook_ms; off: nothing is timed "
@@ -258,6 +263,14 @@ class SamplingParams:
                 fail(f"{name} must be a plugin name or a list of them, not {type(value).__name__}")
             object.__setattr__(self, name, value)
         _check_constraint(self, fail)
+        spec = self.speculative
+        if spec is not None:
+            if not isinstance(spec, Mapping) or not isinstance(spec.get("method"), str):
+                fail(f"speculative must be {{'method': 'prompt_lookup', 'k': 4}}, not {spec!r}"[:200])
+            k = spec.get("k", 4)
+            if isinstance(k, bool) or not isinstance(k, (int, np.integer)) or not 1 <= k <= MAX_SPECULATIVE:
+                fail(f"speculative k must be an integer in [1, {MAX_SPECULATIVE}], not {k!r}")
+            object.__setattr__(self, "speculative", {**spec, "k": int(k)})
         if not 1 <= integer("n") <= MAX_CHOICES:
             fail(f"n must be between 1 and {MAX_CHOICES} choices, not {self.n}")
         if not isinstance(self.hook_timings, (bool, np.bool_)):
@@ -362,6 +375,9 @@ class Usage:
     device_memory_bytes: int | None = None
     #: prompt tokens whose KV cache came from the prefix cache instead of a prefill
     cached_tokens: int = 0
+    #: speculative decoding: tokens the proposer guessed, and how many of them the model kept
+    proposed_tokens: int = 0
+    accepted_tokens: int = 0
     #: with ``hook_timings``: milliseconds spent in each plugin the request used, by
     #: ``"<hook kind>:<name>"`` (e.g. ``"logits_processor:top_k"``, ``"tokenizer:decode"``)
     hook_ms: dict[str, float] | None = None

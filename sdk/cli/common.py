@@ -118,6 +118,7 @@ def params_of(args: argparse.Namespace):
     special = {"logit_bias": lambda items: logit_bias_of(items),
                "response_format": lambda path: path and _schema_file(path),
                "grammar": lambda path: path and _read(path, "--grammar"),
+               "speculative": lambda text: text and _speculative(text),
                "options": lambda items: {k: v for k, v in options.items() if k not in meters},
                "cost_meters": lambda items: {}}
     kwargs = {}
@@ -136,6 +137,15 @@ def _read(path: str, flag: str) -> str:
         return Path(path).read_text()
     except OSError as exc:
         raise UsageError(f"{flag} {path}: {exc.strerror or exc}") from None
+
+
+def _speculative(text: str) -> dict:
+    """``--speculative METHOD[:K]`` as SamplingParams.speculative."""
+    method, _, k = text.partition(":")
+    try:
+        return {"method": method, **({"k": int(k)} if k else {})}
+    except ValueError:
+        raise UsageError(f"--speculative takes METHOD[:K] (e.g. prompt_lookup:4), not {text!r}") from None
 
 
 def _schema_file(path: str) -> dict:

@@ -1,0 +1,107 @@
+"""Speculative decoding with prompt lookup: a proposer plugin guesses, the model checks the guesses
+in one step; the tokens are exactly plain decoding's (greedy and seeded), on both KV backends, with
+stop strings, logprobs and constraints, alone and under the scheduler; the cache is cut back past
+rejected guesses; a proposer that misbehaves fails its request by name."""
+
+from __future__ import annotations
+
+import pytest
+
+import nextoken
+from nextoken import Engine, InvalidRequestError, PluginError, Scheduler
+from nextoken.generation import Speculation
+from helpers import run_cli
+
+SPEC = {"method": "prompt_lookup", "k": 4}
+
+
+@pytest.fixture(scope="module")
+def copy_prompt(stories_engine):
+    """A story, then its first words again: the model continues much as it went on the first time."""
+    base = stories_engine.encode("Once upon a time")
+    story = stories_engine.generate(base, max_new_tokens=200).token_ids
+    return base + story[:150] + base + story[:24]
+
+
+@pytest.mark.parametrize("kw", [dict(), dict(temperature=0.8, seed=5), dict(temperature=1.0, top_k=20, seed=9),
+                                dict(stop=["park"]), dict(top_logprobs=2)])
+def test_the_same_tokens_as_plain_decoding(stories_engine, copy_prompt, kw):
+    plain = stories_engine.generate(copy_prompt, max_new_tokens=80, **kw)
+    spec = stories_engine.generate(copy_prompt, max_new_tokens=80, speculative=SPEC, **kw)
+    assert spec.token_ids == plain.token_ids and spec.text == plain.text and spec.finish_reason == plain.finish_reason
+    if "top_logprobs" in kw:
+        assert [lp.logprob for lp in spec.logprobs] == pytest.approx([lp.logprob for lp in plain.logprobs], abs=1e-4)
+    assert spec.usage.accepted_tokens > 0 and spec.usage.proposed_tokens >= spec.usage.accepted_tokens
+
+
+def test_with_a_constraint_and_on_both_backends(tiny_model, stories_engine, copy_prompt):
+    schema = {"type": "json_schema", "json_schema": {"name": "s", "schema": {
+        "type": "object", "properties": {"story": {"type": "string", "maxLength": 60}}, "required": ["story"]}}}
+    a = stories_engine.generate(copy_prompt, max_new_tokens=60, response_format=schema)
+    b = stories_engine.generate(copy_prompt, max_new_tokens=60, response_format=schema, speculative=SPEC)
+    assert a.token_ids == b.token_ids
+    for backend in ("nextoken", "optimum"):                  # slots (a length cut) and concatenation (a slice)
+        with Engine(tiny_model("llama", backend)[1], plugins=False) as engine:
+            prompt = list(range(5, 25)) * 3
+            for kw in (dict(), dict(temperature=0.9, seed=2)):
+                plain = engine.generate(prompt, max_new_tokens=30, ignore_eos=True, **kw)
+                spec = engine.generate(prompt, max_new_tokens=30, ignore_eos=True, speculative=SPEC, **kw)
+                assert spec.token_ids == plain.token_ids, (backend, kw)
+
+
+def test_under_the_scheduler_speculation_runs_while_a_request_decodes_alone(stories_engine, copy_prompt):
+    alone = stories_engine.generate(copy_prompt, max_new_tokens=60)
+    other = stories_engine.generate("The dog", max_new_tokens=10)
+    scheduler = Scheduler(stories_engine, max_batch=4)
+    first = scheduler.submit(copy_prompt, max_new_tokens=60, speculative=SPEC)
+    second = scheduler.submit("The dog", max_new_tokens=10, speculative=SPEC)
+    while scheduler.step():
+        pass
+    assert first.result().token_ids == alone.token_ids and second.result().token_ids == other.token_ids
+    assert first.result().usage.accepted_tokens > 0               # it went on alone once the other ended
+
+
+def test_adaptive_k_and_the_fallback():
+    spec = Speculation(proposer=None, k=4)
+    spec.record(4, 4)
+    assert spec.k == 4                                         # at most k_max
+    spec.record(4, 1)
+    assert spec.k == 2 and not spec.off
+    for _ in range(8):
+        spec.record(2, 0)
+    assert spec.off and spec.propose(None, 10) == []           # plain decoding from here on
+
+
+def test_bad_speculation_requests(stories_engine):
+    with pytest.raises(InvalidRequestError, match="unknown proposer 'draft'; registered: prompt_lookup"):
+        stories_engine.generate("Hi", speculative={"method": "draft"})
+    with pytest.raises(InvalidRequestError, match=r"speculative k must be an integer in \[1, 16\]"):
+        stories_engine.generate("Hi", speculative={"method": "prompt_lookup", "k": 0})
+
+    class Liar:
+        @nextoken.hookimpl
+        def register_proposers(self, register):
+            register("liar", lambda params, options: lambda state, row, k: ["x"])
+
+    with Engine(stories_engine.path, plugins=False, extra_plugins=[Liar()]) as engine:
+        with pytest.raises(PluginError, match="proposer 'liar'.*not a list of token ids"):
+            engine.generate("Once upon a time", max_new_tokens=5, speculative={"method": "liar"})
+        assert engine.generate("Once upon a time", max_new_tokens=5).token_ids       # the engine goes on
+
+
+def test_cli_speculative(stories_package):
+    got = run_cli("generate", str(stories_package), "Once upon a time", "--max-new-tokens", "20",
+                  "--speculative", "prompt_lookup:3", "--json")
+    assert got.returncode == 0, got.stderr
+    bad = run_cli("generate", str(stories_package), "Hi", "--speculative", "prompt_lookup:x")
+    assert bad.returncode == 2 and "METHOD[:K]" in bad.stderr
+
+
+def test_through_the_server(stories_package, stories_engine, copy_prompt):
+    from helpers import serving
+
+    with serving(stories_package, "stories") as (client, *_):
+        got = client.completions.create(model="stories", prompt=copy_prompt, max_tokens=40, temperature=0,
+                                        extra_body={"nextoken": {"speculative": SPEC}})
+        assert got.choices[0].text == stories_engine.generate(copy_prompt, max_new_tokens=40).text
+        assert got.model_extra["nextoken"]["usage"]["accepted_tokens"] > 0
