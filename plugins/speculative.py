@@ -1,16 +1,21 @@
-"""Speculative decoding's built-in proposer: prompt lookup (no second model).
+"""Speculative decoding's built-in proposers: prompt lookup (no second model) and a draft model.
 
     engine.generate(prompt, speculative={"method": "prompt_lookup", "k": 4})
+    engine.generate(prompt, speculative={"method": "draft", "model": "path/to/small-package", "k": 4})
 
-It looks for the last few tokens of the sequence earlier in the prompt and the text so far, and
-guesses that what followed them then follows them again: the next ``k`` tokens. The model checks
-the guesses in one step and keeps the ones it would have chosen itself, so the text is the same as
-without speculation; text that repeats its prompt (quoting, editing, summarising) takes fewer steps.
+Prompt lookup looks for the last few tokens of the sequence earlier in the prompt and the text so
+far, and guesses that what followed them then follows them again: the next ``k`` tokens. A draft
+model (a smaller package with the same vocabulary) guesses its own greedy continuation. The model
+checks the guesses in one step and keeps the ones it would have chosen itself, so the text is the
+same as without speculation; only the number of steps changes.
 """
 
 from __future__ import annotations
 
+import threading
+
 import nextoken
+from nextoken import InvalidRequestError, NextokenError
 
 #: the n-gram lengths tried, longest first (a single token's last occurrence guesses too often wrong)
 NGRAMS = (3, 2)
@@ -50,6 +55,44 @@ def make_prompt_lookup(params, options):
     return PromptLookup(tuple(options.get("ngrams", NGRAMS)))
 
 
+#: draft packages loaded, by path: one engine each for the process (a request only reads it)
+_DRAFTS: dict[str, nextoken.Engine] = {}
+_DRAFTS_LOCK = threading.Lock()
+
+
+class DraftModel:
+    """Guesses with a smaller package's greedy continuation (its window's worth of the sequence)."""
+
+    def __init__(self, engine: nextoken.Engine) -> None:
+        self.engine = engine
+
+    def __call__(self, state, row: int, k: int) -> list[int]:
+        manifest = self.engine.manifest
+        if manifest.vocab_size != state.vocab_size:
+            raise ValueError(f"the draft model's vocabulary ({manifest.vocab_size} tokens) is not the model's "
+                             f"({state.vocab_size}); a draft must share the tokenizer")
+        ids = state.prompts[row] + state.generated[row]
+        ids = ids[-max(1, manifest.context_length - k):]
+        return self.engine.generate(ids, max_new_tokens=k, ignore_eos=True).token_ids
+
+
+def make_draft(params, options):
+    """Guess with a smaller package of the same vocabulary (speculative={"method": "draft", "model": PKG})."""
+    path = params.speculative.get("model")
+    if not isinstance(path, str) or not path:
+        raise InvalidRequestError("speculative method 'draft' needs 'model': the path of a smaller package "
+                                  "with the same tokenizer")
+    with _DRAFTS_LOCK:
+        engine = _DRAFTS.get(path)
+        if engine is None:
+            try:
+                engine = _DRAFTS[path] = nextoken.Engine(path, plugins=False, threads=options.get("threads"))
+            except NextokenError as exc:
+                raise InvalidRequestError(f"the draft model {path}: {exc}") from None
+    return DraftModel(engine)
+
+
 @nextoken.hookimpl
 def register_proposers(register):
     register("prompt_lookup", make_prompt_lookup)
+    register("draft", make_draft)

@@ -73,8 +73,12 @@ def test_adaptive_k_and_the_fallback():
 
 
 def test_bad_speculation_requests(stories_engine):
-    with pytest.raises(InvalidRequestError, match="unknown proposer 'draft'; registered: prompt_lookup"):
+    with pytest.raises(InvalidRequestError, match="unknown proposer 'medusa'; registered: draft, prompt_lookup"):
+        stories_engine.generate("Hi", speculative={"method": "medusa"})
+    with pytest.raises(InvalidRequestError, match="'draft' needs 'model'"):
         stories_engine.generate("Hi", speculative={"method": "draft"})
+    with pytest.raises(InvalidRequestError, match="the draft model /nowhere: model package /nowhere does not exist"):
+        stories_engine.generate("Hi", speculative={"method": "draft", "model": "/nowhere"})
     with pytest.raises(InvalidRequestError, match=r"speculative k must be an integer in \[1, 16\]"):
         stories_engine.generate("Hi", speculative={"method": "prompt_lookup", "k": 0})
 
@@ -105,3 +109,21 @@ def test_through_the_server(stories_package, stories_engine, copy_prompt):
                                         extra_body={"nextoken": {"speculative": SPEC}})
         assert got.choices[0].text == stories_engine.generate(copy_prompt, max_new_tokens=40).text
         assert got.model_extra["nextoken"]["usage"]["accepted_tokens"] > 0
+
+
+def test_a_draft_model_proposes_and_the_tokens_stay_the_model_s(tiny_model):
+    """A draft that is the model itself keeps nearly every guess; another tiny model (same byte
+    vocabulary) keeps fewer; both give exactly plain decoding's tokens."""
+    target = tiny_model("llama")[1]
+    prompt = list(range(5, 25))
+    with Engine(target, plugins=False) as engine:
+        for draft in (target, tiny_model("qwen2")[1]):
+            for kw in (dict(), dict(temperature=0.9, seed=3)):
+                plain = engine.generate(prompt, max_new_tokens=24, ignore_eos=True, **kw)
+                spec = engine.generate(prompt, max_new_tokens=24, ignore_eos=True,
+                                       speculative={"method": "draft", "model": str(draft), "k": 4}, **kw)
+                assert spec.token_ids == plain.token_ids, (draft, kw)
+            if draft == target:
+                greedy = engine.generate(prompt, max_new_tokens=24, ignore_eos=True,
+                                         speculative={"method": "draft", "model": str(draft), "k": 4})
+                assert greedy.usage.accepted_tokens >= 0.8 * greedy.usage.proposed_tokens > 0
