@@ -17,23 +17,30 @@ def make_eos(params, options):
         return None
 
     def eos(tokens: np.ndarray, state):
-        if not state.eos_token_ids:
-            return None
-        hit = np.flatnonzero(np.isin(tokens, state.eos_token_ids) & state.alive)
-        return {int(r): Stop("stop", f"eos token {int(tokens[r])}") for r in hit} or None
+        return _hits(tokens, state, frozenset(state.eos_token_ids), "eos token")
 
     return eos
 
 
+def _hits(tokens: np.ndarray, state, ids: frozenset, what: str):
+    """``{row: Stop}`` for the live rows whose token is one of ``ids`` (a set lookup a row: numpy's
+    ``isin`` cost 20 us a step for a handful of ids)."""
+    if not ids:
+        return None
+    alive = state.alive
+    hit = {row: Stop("stop", f"{what} {token}") for row, token in enumerate(tokens.tolist())
+           if token in ids and alive[row]}
+    return hit or None
+
+
 def make_stop_token_ids(params, options):
     """Stop at any of SamplingParams.stop_token_ids."""
-    ids = np.asarray(params.stop_token_ids, dtype=np.int64)
-    if ids.size == 0:
+    ids = frozenset(int(t) for t in params.stop_token_ids)
+    if not ids:
         return None
 
     def stop_token_ids(tokens: np.ndarray, state):
-        hit = np.flatnonzero(np.isin(tokens, ids) & state.alive)
-        return {int(r): Stop("stop", f"stop token {int(tokens[r])}") for r in hit} or None
+        return _hits(tokens, state, ids, "stop token")
 
     return stop_token_ids
 
