@@ -97,3 +97,20 @@ def test_cached_tokens_through_the_server(tiny_llama):
         assert first.usage.prompt_tokens_details.cached_tokens == 0
         assert second.usage.prompt_tokens_details.cached_tokens == 64
         assert second.choices[0].text == engine.generate(SYSTEM + [10], max_new_tokens=4).text
+
+
+def test_concurrent_requests_sharing_a_prefix_through_the_server(tiny_llama):
+    from concurrent.futures import ThreadPoolExecutor
+
+    with serving(tiny_llama[1], "tiny", engine_options={"prefix_cache_bytes": 64 << 20}) as (client, engine, *_):
+        client.completions.create(model="tiny", prompt=SYSTEM + [1], max_tokens=2, temperature=0)   # stores it
+
+        def ask(i: int):
+            return client.completions.create(model="tiny", prompt=SYSTEM + [20 + i], max_tokens=6, temperature=0)
+
+        with ThreadPoolExecutor(6) as pool:
+            answers = list(pool.map(ask, range(6)))
+        assert all(a.usage.prompt_tokens_details.cached_tokens == 64 for a in answers)
+        with Engine(tiny_llama[1], plugins=False) as plain:
+            assert [a.choices[0].text for a in answers] == [
+                plain.generate(SYSTEM + [20 + i], max_new_tokens=6).text for i in range(6)]

@@ -127,3 +127,15 @@ def test_a_draft_model_proposes_and_the_tokens_stay_the_model_s(tiny_model):
                 greedy = engine.generate(prompt, max_new_tokens=24, ignore_eos=True,
                                          speculative={"method": "draft", "model": str(draft), "k": 4})
                 assert greedy.usage.accepted_tokens >= 0.8 * greedy.usage.proposed_tokens > 0
+
+
+def test_a_server_wide_default(stories_package, stories_engine, copy_prompt):
+    from helpers import serving
+
+    with serving(stories_package, "stories", speculative=SPEC) as (client, *_):
+        got = client.completions.create(model="stories", prompt=copy_prompt, max_tokens=40, temperature=0)
+        assert got.choices[0].text == stories_engine.generate(copy_prompt, max_new_tokens=40).text
+        assert got.model_extra["nextoken"]["usage"]["accepted_tokens"] > 0
+        off = client.completions.create(model="stories", prompt=copy_prompt, max_tokens=10, temperature=0,
+                                        extra_body={"nextoken": {"speculative": {"method": "prompt_lookup", "k": 1}}})
+        assert off.model_extra["nextoken"]["usage"]["proposed_tokens"] <= 9          # the request's own setting

@@ -118,7 +118,7 @@ def params_of(args: argparse.Namespace):
     special = {"logit_bias": lambda items: logit_bias_of(items),
                "response_format": lambda path: path and _schema_file(path),
                "grammar": lambda path: path and _read(path, "--grammar"),
-               "speculative": lambda text: text and _speculative(text),
+               "speculative": lambda text: text and speculative_of(text),
                "options": lambda items: {k: v for k, v in options.items() if k not in meters},
                "cost_meters": lambda items: {}}
     kwargs = {}
@@ -139,7 +139,7 @@ def _read(path: str, flag: str) -> str:
         raise UsageError(f"{flag} {path}: {exc.strerror or exc}") from None
 
 
-def _speculative(text: str) -> dict:
+def speculative_of(text: str) -> dict:
     """``--speculative METHOD[:K]`` as SamplingParams.speculative."""
     method, _, k = text.partition(":")
     try:

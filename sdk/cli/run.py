@@ -6,7 +6,7 @@ import argparse
 import sys
 from pathlib import Path
 
-from .common import cache_dir, generate, generation_options, open_engine, positive_int, runtime_options
+from .common import cache_dir, generate, speculative_of, generation_options, open_engine, positive_int, runtime_options
 
 def _cmd_generate(args: argparse.Namespace) -> int:
     with open_engine(args) as engine:
@@ -33,7 +33,8 @@ def _cmd_serve(args: argparse.Namespace) -> int:
     serve(args.package, host=args.host, port=args.port, max_batch=args.max_batch, api_key=args.api_key,
           model_name=args.model_name, device=args.device, threads=args.threads,
           scheduler_options=_scheduler_options(args), spin=args.spin, tf32=args.tf32,
-          header_timeout_s=args.header_timeout, prefix_cache_bytes=int(args.prefix_cache_mb * (1 << 20)))
+          header_timeout_s=args.header_timeout, prefix_cache_bytes=int(args.prefix_cache_mb * (1 << 20)),
+          speculative=args.speculative and speculative_of(args.speculative))
     return 0
 
 
@@ -99,6 +100,8 @@ def add_commands(sub) -> None:
                    help="with slots: positions per slot (default: the window, at most 2048)")
     p.add_argument("--api-key", default=None, help="require 'Authorization: Bearer KEY'")
     p.add_argument("--model-name", default=None, help="the model id clients use (default: the package folder's name)")
+    p.add_argument("--speculative", default=None, metavar="METHOD[:K]",
+                   help="speculative decoding for requests that do not ask otherwise, e.g. prompt_lookup:4")
     p.add_argument("--prefix-cache-mb", type=float, default=0, metavar="MB",
                    help="reuse the KV cache of prompt prefixes across requests, up to this many MiB (default 0: off)")
     p.add_argument("--header-timeout", type=float, default=10.0, metavar="SECONDS",

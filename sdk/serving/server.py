@@ -24,7 +24,7 @@ import logging
 import time
 import uuid
 from pathlib import Path
-from typing import Any
+from typing import Any, Mapping
 
 from ..errors import InvalidRequestError, ModelPackageError, NextokenError, PluginError, SchedulerStoppedError
 from ..types import Completion, SamplingParams
@@ -101,8 +101,9 @@ def _params(req, chat: bool, defaults: dict[str, float]) -> SamplingParams:
     else:
         logprobs = req.logprobs
     stop = (req.stop,) if isinstance(req.stop, str) else tuple(req.stop or ())
-    kwargs: dict[str, Any] = {**{k: v for k, v in defaults.items() if k in ("top_k", "min_p", "repetition_penalty")
-                                 and k not in extras}, **extras}
+    kwargs: dict[str, Any] = {**{k: v for k, v in defaults.items()
+                                 if k in ("top_k", "min_p", "repetition_penalty", "speculative") and k not in extras},
+                              **extras}
     temperature = req.temperature if req.temperature is not None else defaults.get("temperature", 1.0)
     top_p = req.top_p if req.top_p is not None else defaults.get("top_p", 1.0)
     kwargs.update(temperature=temperature, top_p=top_p, stop=stop, seed=req.seed, top_logprobs=logprobs, n=req.n,
@@ -173,13 +174,16 @@ class Service:
     before new ones get a 503."""
 
     def __init__(self, scheduler: Scheduler, model_name: str, api_key: str | None = None,
-                 max_body_bytes: int = 1 << 20, max_pending: int = 256, body_timeout_s: float = 30.0) -> None:
+                 max_body_bytes: int = 1 << 20, max_pending: int = 256, body_timeout_s: float = 30.0,
+                 speculative: Mapping[str, Any] | None = None) -> None:
         from concurrent.futures import ThreadPoolExecutor
 
         self.scheduler, self.engine, self.model_name = scheduler, scheduler.engine, model_name
         self.api_key, self.max_body_bytes, self.max_pending, self.body_timeout_s = (
             api_key, max_body_bytes, max_pending, body_timeout_s)
-        self.defaults = sampling_defaults(self.engine.path)
+        self.defaults: dict[str, Any] = sampling_defaults(self.engine.path)
+        if speculative:                       # the server's default; a request's own nextoken.speculative wins
+            self.defaults["speculative"] = dict(speculative)
         # Waiting on a request's events blocks a thread; give every request in hand one (the default
         # executor has only cpu_count + 4, which would couple unrelated streams).
         self.waiters = ThreadPoolExecutor(max_workers=max_pending + 4, thread_name_prefix="nextoken-wait")
@@ -483,7 +487,7 @@ def _logprobs(items: list | None, chat: bool, offset: int) -> dict | None:
 
 
 def create_app(scheduler: Scheduler, model_name: str, api_key: str | None = None, max_body_bytes: int = 1 << 20,
-               max_pending: int = 256, body_timeout_s: float = 30.0):
+               max_pending: int = 256, body_timeout_s: float = 30.0, speculative: Mapping[str, Any] | None = None):
     """The FastAPI application serving ``scheduler``'s engine as ``model_name``: the routes, each
     calling its :class:`Service` method, and the errors in OpenAI's shape (arguments: :class:`Service`'s)."""
     try:
@@ -492,7 +496,7 @@ def create_app(scheduler: Scheduler, model_name: str, api_key: str | None = None
     except ImportError:
         raise NextokenError("serving needs FastAPI and uvicorn: pip install 'nextoken[serve]'") from None
 
-    service = Service(scheduler, model_name, api_key, max_body_bytes, max_pending, body_timeout_s)
+    service = Service(scheduler, model_name, api_key, max_body_bytes, max_pending, body_timeout_s, speculative)
     app = FastAPI(title="nextoken", version="1")
 
     @app.exception_handler(APIError)
@@ -540,13 +544,15 @@ def create_app(scheduler: Scheduler, model_name: str, api_key: str | None = None
 def serve(package: str, host: str = "127.0.0.1", port: int = 8000, max_batch: int = 8, api_key: str | None = None,
           model_name: str | None = None, device: str = "auto", threads: int | None = None,
           scheduler_options: dict[str, Any] | None = None, spin: bool | None = None,
-          tf32: bool | None = None, header_timeout_s: float = 10.0, prefix_cache_bytes: int = 0) -> None:
+          tf32: bool | None = None, header_timeout_s: float = 10.0, prefix_cache_bytes: int = 0,
+          speculative: Mapping[str, Any] | None = None) -> None:
     """Load ``package`` and serve it until interrupted (``scheduler_options``: more
     :class:`~nextoken.Scheduler` arguments: ``max_prefill_tokens``, ``kv_backend``, ``slot_length``;
     ``spin``, ``tf32``: as :class:`~nextoken.Engine` takes them). Connections: idle ones close after 5 s
     between requests, and one that has not sent a whole request head within ``header_timeout_s``
     (half-open, or a client that stalls in its headers) is closed. ``prefix_cache_bytes``: the
-    engine's prefix cache (0: off)."""
+    engine's prefix cache (0: off). ``speculative``: speculative decoding for requests that do not
+    set their own (e.g. ``{"method": "prompt_lookup", "k": 4}``)."""
     try:
         import uvicorn
     except ImportError:
@@ -558,7 +564,7 @@ def serve(package: str, host: str = "127.0.0.1", port: int = 8000, max_batch: in
     engine = Engine(package, device=device, threads=threads, spin=spin, tf32=tf32, prefix_cache_bytes=prefix_cache_bytes)
     name = model_name or Path(package).resolve().name
     with Scheduler(engine, max_batch=max_batch, **(scheduler_options or {})) as scheduler:
-        app = create_app(scheduler, name, api_key=api_key)
+        app = create_app(scheduler, name, api_key=api_key, speculative=speculative)
         slots = (f"{scheduler.max_batch} slots of {scheduler.slot_length} positions"
                  if scheduler.kv_backend == "slots" else f"batches of up to {scheduler.max_batch}")
         print(f"nextoken: serving {name} ({engine.path}) at http://{host}:{port}/v1 on {engine.device.provider}; "
