@@ -44,7 +44,12 @@ class DeviceError(NextokenError):
 
 
 class PluginError(NextokenError):
-    """A plugin failed; the message names the plugin and the hook or piece that raised."""
+    """A plugin failed; the message names the plugin and the hook or piece that raised
+    (``plugin``: its name, where it is known)."""
+
+    def __init__(self, message: str, plugin: str | None = None) -> None:
+        super().__init__(message)
+        self.plugin = plugin
 
 
 class SchedulerStoppedError(NextokenError):

@@ -73,7 +73,7 @@ class Provided:
     def error(self, exc: BaseException) -> PluginError:
         return PluginError(
             f"plugin {self.plugin!r} failed in {self.kind} {self.name!r} ({KINDS[self.kind]}): "
-            f"{type(exc).__name__}: {exc}"
+            f"{type(exc).__name__}: {exc}", plugin=self.plugin
         )
 
 
@@ -247,9 +247,9 @@ class Registry:
         try:
             caller(**kwargs)
         except Exception as exc:
-            raise PluginError(
-                f"plugin {_blame(exc, caller)!r} failed in {hook_name}: {type(exc).__name__}: {exc}"
-            ) from exc
+            blamed = _blame(exc, caller)
+            raise PluginError(f"plugin {blamed!r} failed in {hook_name}: {type(exc).__name__}: {exc}",
+                              plugin=blamed) from exc
 
 
 def _implementation_codes(caller: pluggy.HookCaller) -> dict[types.CodeType, str]:

@@ -43,6 +43,7 @@ from .errors import InvalidRequestError, NextokenError, SchedulerStoppedError
 from .generation import Generation
 from .kvbackends import ConcatBackend, KVBackend, Prefilled, SlotBackend, for_request
 from .kvcache import CacheOps, KVCache
+from .metrics import Metrics
 from .prefixcache import PrefixCache
 from .probes import MemorySampler
 from .types import Completion, SamplingParams, StreamEvent
@@ -190,6 +191,8 @@ class Scheduler:
         self.error: BaseException | None = None
         #: requests ended, by how: finished (their own stop), cancelled (by the caller), failed
         self.ended = {"finished": 0, "cancelled": 0, "failed": 0}
+        #: what the scheduler has done, for :meth:`metrics` and the server's /metrics
+        self.stats = Metrics()
 
     # -- submitting -----------------------------------------------------------------------------------
     def submit(self, prompt: Any, params: SamplingParams | None = None, **overrides: Any) -> RequestHandle:
@@ -258,6 +261,25 @@ class Scheduler:
             steps.clear()
         if handle._error is not None:
             raise handle._error
+
+    def metrics(self) -> dict[str, Any]:
+        """What the scheduler has done (:class:`~nextoken.metrics.Metrics`) and holds now: running and
+        waiting requests, KV cache bytes in use and allocated, slots in use, prefix-cache hits."""
+        out = self.stats.snapshot()
+        rows = self._rows
+        try:
+            held = sum(self.kv.held(row) for row in range(rows))
+        except (IndexError, ValueError):            # rows joined or left while this was read
+            held = 0
+        out.update(running=rows, waiting=self.waiting, kv_cache_bytes=held * self.engine.manifest.kv_bytes_per_token(),
+                   kv_buffer_bytes=self.kv.nbytes(), slots=self.max_batch if self.kv_backend == "slots" else 0,
+                   slots_used=rows if self.kv_backend == "slots" else 0)
+        cache = getattr(self.engine, "prefix_cache", None)
+        if cache is not None:
+            stats = cache.stats
+            out["prefix_cache"] = {"hits": stats.hits, "misses": stats.misses, "cached_tokens": stats.cached_tokens,
+                                   "bytes": stats.bytes, "entries": stats.entries, "evicted": stats.evicted}
+        return out
 
     @property
     def max_sequence_length(self) -> int:
@@ -348,6 +370,7 @@ class Scheduler:
                     if not handle.done:
                         self.ended["failed"] += 1
                         handle._finish(error)
+                        self.stats.failed(error)
                 return
 
     def step(self) -> bool:
@@ -440,6 +463,7 @@ class Scheduler:
             self.ended["finished"] += 1
             self._leaving += 1
             handle._finish()
+            self.stats.ended(gen.completions(), "finished")
 
     def _kv_bytes(self, handle: RequestHandle, start: int) -> int:
         """Bytes of KV cache a request holds: the whole cache of a scheduler made for it alone, else
@@ -466,6 +490,10 @@ class Scheduler:
         self.ended["failed" if error is not None else "cancelled"] += 1
         self._leaving += 1
         handle._finish(error)
+        if error is not None:
+            self.stats.failed(error)
+        else:
+            self.stats.ended(gen.completions(), "cancelled")
 
     def _fail_all(self, handles: list[RequestHandle], error: BaseException) -> None:
         """A step that is no one request's fault failed: end the requests in it with the cause."""

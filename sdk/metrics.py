@@ -1,0 +1,111 @@
+"""What a scheduler has done, counted as it ends requests: by finish reason and status, tokens in
+and out, time to first token, inter-token latency and end-to-end latency (histograms, seconds),
+plugin errors by plugin, cost by meter. ``Scheduler.metrics()`` adds what it holds now (running and
+waiting requests, KV cache bytes, slot occupancy, prefix-cache hits); the server exports the same
+numbers at ``GET /metrics`` in Prometheus' text format. Labels take bounded values only (finish
+reasons, statuses, plugin and meter names), never a request's own.
+"""
+
+from __future__ import annotations
+
+import collections
+import threading
+from dataclasses import dataclass, field
+from typing import Any
+
+from .errors import PluginError
+from .types import Completion
+
+__all__ = ["Histogram", "Metrics", "LATENCY_BUCKETS", "TOKEN_BUCKETS"]
+
+#: seconds: time to first token and end-to-end latency
+LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 120.0)
+#: seconds: the time between two tokens of a sequence
+TOKEN_BUCKETS = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0)
+
+
+@dataclass
+class Histogram:
+    """Observations in buckets (upper bounds, seconds), with their sum and count."""
+
+    bounds: tuple[float, ...]
+    counts: list[int] = field(default_factory=list)
+    total: float = 0.0
+    count: int = 0
+
+    def __post_init__(self) -> None:
+        self.counts = [0] * len(self.bounds)
+
+    def observe(self, value: float) -> None:
+        for i, bound in enumerate(self.bounds):
+            if value <= bound:
+                self.counts[i] += 1
+                break
+        self.total += value
+        self.count += 1
+
+    def cumulative(self) -> list[tuple[str, int]]:
+        """Prometheus' buckets: (upper bound, observations at or under it), ``+Inf`` last."""
+        out, running = [], 0
+        for bound, n in zip(self.bounds, self.counts):
+            running += n
+            out.append((repr(float(bound)), running))
+        out.append(("+Inf", self.count))
+        return out
+
+
+class Metrics:
+    """A scheduler's counters (see the module's doc); updated by the scheduler's thread, read by any."""
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self.requests: collections.Counter[tuple[str, str]] = collections.Counter()
+        self.prompt_tokens = 0
+        self.generation_tokens = 0
+        self.time_to_first_token = Histogram(LATENCY_BUCKETS)
+        self.inter_token_latency = Histogram(TOKEN_BUCKETS)
+        self.request_duration = Histogram(LATENCY_BUCKETS)
+        self.plugin_errors: collections.Counter[str] = collections.Counter()
+        self.cost: collections.Counter[tuple[str, str]] = collections.Counter()
+
+    def ended(self, completions: list[Completion], status: str) -> None:
+        """A request ended with ``completions`` (``status``: finished or cancelled)."""
+        with self._lock:
+            self.prompt_tokens += completions[0].usage.prompt_tokens if completions else 0
+            for c in completions:
+                u = c.usage
+                self.requests[(c.finish_reason, status)] += 1
+                self.generation_tokens += u.completion_tokens
+                if u.completion_tokens:
+                    self.time_to_first_token.observe(u.time_to_first_token_ms / 1e3)
+                    self.request_duration.observe(u.wall_ms / 1e3)
+                if u.completion_tokens > 1:
+                    self.inter_token_latency.observe((u.wall_ms - u.time_to_first_token_ms) / 1e3
+                                                     / (u.completion_tokens - 1))
+                for name, charge in c.cost.items():
+                    self.cost[(name, charge.currency)] += charge.amount
+
+    def failed(self, error: BaseException) -> None:
+        """A request failed with ``error`` (a plugin's failure is counted to the plugin)."""
+        with self._lock:
+            self.requests[("error", "failed")] += 1
+            if isinstance(error, PluginError):
+                self.plugin_errors[error.plugin or "unknown"] += 1
+
+    def snapshot(self) -> dict[str, Any]:
+        """The counters as plain values."""
+        with self._lock:
+            return {
+                "requests": {f"{reason}/{status}": n for (reason, status), n in sorted(self.requests.items())},
+                "prompt_tokens": self.prompt_tokens,
+                "generation_tokens": self.generation_tokens,
+                "time_to_first_token_seconds": _histogram(self.time_to_first_token),
+                "inter_token_latency_seconds": _histogram(self.inter_token_latency),
+                "request_duration_seconds": _histogram(self.request_duration),
+                "plugin_errors": dict(self.plugin_errors),
+                "cost": {f"{meter}/{currency}": amount for (meter, currency), amount in sorted(self.cost.items())},
+            }
+
+
+def _histogram(h: Histogram) -> dict[str, Any]:
+    return {"buckets": h.cumulative(), "sum": h.total, "count": h.count}
