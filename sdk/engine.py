@@ -281,6 +281,11 @@ class Engine:
         list; with ``n`` > 1, each prompt gives ``n`` choices in a row (a list, even for one prompt)."""
         generation = self.start(prompts, params, **overrides)
         completions = generation.completions()
+        if generation.params.record:
+            from .records import records_of
+
+            for completion, record in zip(completions, records_of(self, generation)):
+                completion.record = record
         return completions[0] if _is_single(prompts) and generation.params.n == 1 else completions
 
     def chat(self, messages: Sequence[Message], params: SamplingParams | None = None, *, tools: Any = None,

@@ -181,6 +181,8 @@ class SamplingParams:
     speculative: Mapping[str, Any] | None = _field(
         None, "speculative decoding: {'method': 'prompt_lookup', 'k': 4} (a proposer plugin guesses up to k tokens "
         "the model checks in one step; the same text, fewer steps); CLI: METHOD[:K]", metavar="METHOD[:K]")
+    record: bool = _field(False, "keep a record of the request (completion.record) to replay it later; it holds the "
+                          "prompt", flag=None, api=None)
     n: int = _field(1, f"choices for each prompt (at most {MAX_CHOICES}): each its own sequence, from one prefill of "
                     "the prompt; a seeded sampler draws choice i with seed + i", metavar="N", api="openai")
     hook_timings: bool = _field(False, "time every plugin the request uses (usage.hook_ms; off: nothing is timed "
@@ -273,6 +275,8 @@ class SamplingParams:
             object.__setattr__(self, "speculative", {**spec, "k": int(k)})
         if not 1 <= integer("n") <= MAX_CHOICES:
             fail(f"n must be between 1 and {MAX_CHOICES} choices, not {self.n}")
+        if not isinstance(self.record, (bool, np.bool_)):
+            fail(f"record must be true or false, not {self.record!r}")
         if not isinstance(self.hook_timings, (bool, np.bool_)):
             fail(f"hook_timings must be true or false, not {self.hook_timings!r}")
         object.__setattr__(self, "options", _frozen_options(self.options, "options"))
@@ -442,6 +446,8 @@ class Completion:
     cost: dict[str, Charge] = field(default_factory=dict)
     #: the calls a chat answer made (``tools``), parsed out of its text; finish reason ``tool_calls``
     tool_calls: list[ToolCall] | None = None
+    #: with ``record=True``: the request's record (:mod:`nextoken.records`), to replay it later
+    record: dict | None = None
 
     def to_dict(self) -> dict:
         out = {
@@ -456,6 +462,8 @@ class Completion:
             out["logprobs"] = [lp.to_dict() for lp in self.logprobs]
         if self.tool_calls is not None:
             out["tool_calls"] = [call.to_dict() for call in self.tool_calls]
+        if self.record is not None:
+            out["record"] = self.record
         return out
 
 

@@ -162,6 +162,12 @@ def generate(engine, prompt, args: argparse.Namespace) -> int:
     (one object; a list of them with ``--n`` > 1); usage and cost on stderr."""
     generation = engine.start(prompt, params_of(args))
     n = generation.params.n
+    if getattr(args, "record", None):
+        from ..records import records_of
+
+        records = records_of(engine, generation)
+        Path(args.record).write_text(json.dumps(records[0] if n == 1 else records, indent=1) + "\n")
+        print(f"nextoken: record written to {args.record} (it holds the prompt)", file=sys.stderr)
     if args.json:
         dicts = [c.to_dict() for c in generation.completions()]
         print(json.dumps(dicts[0] if n == 1 else dicts, ensure_ascii=False))
@@ -235,5 +241,7 @@ def plugin_options(p: argparse.ArgumentParser) -> None:
 def generation_options(p: argparse.ArgumentParser, max_new_tokens: int = 128) -> None:
     p.add_argument("--json", action="store_true",
                    help="print one JSON object (text, token_ids, finish_reason, usage, cost, logprobs)")
+    p.add_argument("--record", default=None, metavar="FILE",
+                   help="write the request's record (it holds the prompt) for `nextoken replay`")
     sampling_flags(p, max_new_tokens)
     plugin_options(p)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import json
 import sys
 from pathlib import Path
 
@@ -34,7 +35,7 @@ def _cmd_serve(args: argparse.Namespace) -> int:
           model_name=args.model_name, device=args.device, threads=args.threads,
           scheduler_options=_scheduler_options(args), spin=args.spin, tf32=args.tf32,
           header_timeout_s=args.header_timeout, prefix_cache_bytes=int(args.prefix_cache_mb * (1 << 20)),
-          speculative=args.speculative and speculative_of(args.speculative))
+          speculative=args.speculative and speculative_of(args.speculative), record_dir=args.record_dir)
     return 0
 
 
@@ -70,8 +71,25 @@ def _cmd_demo(args: argparse.Namespace) -> int:
         return generate(engine, args.prompt, args)
 
 
+def _cmd_replay(args: argparse.Namespace) -> int:
+    from ..tools.replay import replay
+
+    report = replay(args.record, package=args.package)
+    if args.json:
+        print(json.dumps(report.to_dict(), indent=2))
+    else:
+        print(report.line())
+    return 0 if report.identical else 3
+
+
 def add_commands(sub) -> None:
     """Add this group's commands to the CLI."""
+    p = sub.add_parser("replay", help="run a request's record again: the same tokens, or where and why they differ")
+    p.add_argument("record", help="a record (generate --record FILE, or the server's --record-dir)")
+    p.add_argument("--package", default=None, help="replay on this package instead of the recorded one")
+    p.add_argument("--json", action="store_true", help="print JSON")
+    p.set_defaults(func=_cmd_replay)
+
     p = sub.add_parser("generate", help="generate a continuation of PROMPT, streamed to stdout")
     p.add_argument("package", help="model package directory (from `nextoken export`)")
     p.add_argument("prompt", help="the prompt text")
@@ -102,6 +120,8 @@ def add_commands(sub) -> None:
     p.add_argument("--model-name", default=None, help="the model id clients use (default: the package folder's name)")
     p.add_argument("--speculative", default=None, metavar="METHOD[:K]",
                    help="speculative decoding for requests that do not ask otherwise, e.g. prompt_lookup:4")
+    p.add_argument("--record-dir", default=None, metavar="DIR",
+                   help="write every request's record here, for `nextoken replay` (they hold prompts: protect DIR)")
     p.add_argument("--prefix-cache-mb", type=float, default=0, metavar="MB",
                    help="reuse the KV cache of prompt prefixes across requests, up to this many MiB (default 0: off)")
     p.add_argument("--header-timeout", type=float, default=10.0, metavar="SECONDS",

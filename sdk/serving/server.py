@@ -175,7 +175,7 @@ class Service:
 
     def __init__(self, scheduler: Scheduler, model_name: str, api_key: str | None = None,
                  max_body_bytes: int = 1 << 20, max_pending: int = 256, body_timeout_s: float = 30.0,
-                 speculative: Mapping[str, Any] | None = None) -> None:
+                 speculative: Mapping[str, Any] | None = None, record_dir: str | Path | None = None) -> None:
         from concurrent.futures import ThreadPoolExecutor
 
         self.scheduler, self.engine, self.model_name = scheduler, scheduler.engine, model_name
@@ -188,6 +188,10 @@ class Service:
         # executor has only cpu_count + 4, which would couple unrelated streams).
         self.waiters = ThreadPoolExecutor(max_workers=max_pending + 4, thread_name_prefix="nextoken-wait")
         self.created = int(time.time())
+        #: where each request's record goes (None: nowhere); the records hold prompts: the operator's to protect
+        self.record_dir = Path(record_dir) if record_dir else None
+        if self.record_dir is not None:
+            self.record_dir.mkdir(parents=True, exist_ok=True)
 
     # -- around every request --------------------------------------------------------------------------
     def refuse(self, request) -> Any:
@@ -261,6 +265,15 @@ class Service:
             body["error"] = str(scheduler.error or "the scheduler is closed")
             return JSONResponse(body, status_code=503)
         return body
+
+    def keep_record(self, handle: RequestHandle, rid: str) -> None:
+        """Write the request's record to ``record_dir/<id>.json`` (when the server keeps records)."""
+        if self.record_dir is None:
+            return
+        from ..records import records_of
+
+        records = records_of(self.engine, handle.generation)
+        (self.record_dir / f"{rid}.json").write_text(json.dumps(records[0] if len(records) == 1 else records) + "\n")
 
     def metrics_text(self) -> tuple[bytes, str]:
         """``scheduler.metrics()`` in Prometheus' text format, and its content type."""
@@ -389,6 +402,7 @@ class Service:
         if stream:
             return self.stream(handle, chat, rid, include_usage, echo, tools)
         completions = await self.wait_or_cancel(request, handle, rid)
+        self.keep_record(handle, rid)
         if tools is not None:
             tools.finish(completions)
         choices = []
@@ -437,6 +451,7 @@ class Service:
         from fastapi.responses import StreamingResponse
 
         obj = "chat.completion.chunk" if chat else "text_completion"
+        service = self
         wants_logprobs = handle.generation.params.top_logprobs is not None
         n = handle.generation.params.n
         model_name, waiters = self.model_name, self.waiters
@@ -485,6 +500,7 @@ class Service:
                     for body in _tool_chunks(tools.finish(handle.results())):
                         yield chunk([body])
                 completions = handle.results()
+                service.keep_record(handle, rid)
                 if include_usage:
                     yield chunk([], _usage(completions), _extras(completions))
                 yield "data: [DONE]\n\n"
@@ -540,7 +556,8 @@ def _logprobs(items: list | None, chat: bool, offset: int) -> dict | None:
 
 
 def create_app(scheduler: Scheduler, model_name: str, api_key: str | None = None, max_body_bytes: int = 1 << 20,
-               max_pending: int = 256, body_timeout_s: float = 30.0, speculative: Mapping[str, Any] | None = None):
+               max_pending: int = 256, body_timeout_s: float = 30.0, speculative: Mapping[str, Any] | None = None,
+               record_dir: str | Path | None = None):
     """The FastAPI application serving ``scheduler``'s engine as ``model_name``: the routes, each
     calling its :class:`Service` method, and the errors in OpenAI's shape (arguments: :class:`Service`'s)."""
     try:
@@ -549,7 +566,8 @@ def create_app(scheduler: Scheduler, model_name: str, api_key: str | None = None
     except ImportError:
         raise NextokenError("serving needs FastAPI and uvicorn: pip install 'nextoken[serve]'") from None
 
-    service = Service(scheduler, model_name, api_key, max_body_bytes, max_pending, body_timeout_s, speculative)
+    service = Service(scheduler, model_name, api_key, max_body_bytes, max_pending, body_timeout_s, speculative,
+                      record_dir)
     app = FastAPI(title="nextoken", version="1")
 
     @app.exception_handler(APIError)
@@ -605,7 +623,7 @@ def serve(package: str, host: str = "127.0.0.1", port: int = 8000, max_batch: in
           model_name: str | None = None, device: str = "auto", threads: int | None = None,
           scheduler_options: dict[str, Any] | None = None, spin: bool | None = None,
           tf32: bool | None = None, header_timeout_s: float = 10.0, prefix_cache_bytes: int = 0,
-          speculative: Mapping[str, Any] | None = None) -> None:
+          speculative: Mapping[str, Any] | None = None, record_dir: str | None = None) -> None:
     """Load ``package`` and serve it until interrupted (``scheduler_options``: more
     :class:`~nextoken.Scheduler` arguments: ``max_prefill_tokens``, ``kv_backend``, ``slot_length``;
     ``spin``, ``tf32``: as :class:`~nextoken.Engine` takes them). Connections: idle ones close after 5 s
@@ -624,7 +642,7 @@ def serve(package: str, host: str = "127.0.0.1", port: int = 8000, max_batch: in
     engine = Engine(package, device=device, threads=threads, spin=spin, tf32=tf32, prefix_cache_bytes=prefix_cache_bytes)
     name = model_name or Path(package).resolve().name
     with Scheduler(engine, max_batch=max_batch, **(scheduler_options or {})) as scheduler:
-        app = create_app(scheduler, name, api_key=api_key, speculative=speculative)
+        app = create_app(scheduler, name, api_key=api_key, speculative=speculative, record_dir=record_dir)
         slots = (f"{scheduler.max_batch} slots of {scheduler.slot_length} positions"
                  if scheduler.kv_backend == "slots" else f"batches of up to {scheduler.max_batch}")
         print(f"nextoken: serving {name} ({engine.path}) at http://{host}:{port}/v1 on {engine.device.provider}; "
