@@ -241,3 +241,21 @@ def _running_now() -> float:
             return max(0.0, float(fh.read().split()[3].split("/")[0]) - 1)
     except (OSError, ValueError, IndexError):
         return 0.0
+
+
+#: Op types whose work grows with the model (a CUDA session should not leave them on the CPU).
+COMPUTE_OPS = frozenset({
+    "MatMul", "Gemm", "MatMulNBits", "MatMulInteger", "Attention", "MultiHeadAttention", "GroupQueryAttention",
+    "Conv", "LayerNormalization", "SimplifiedLayerNormalization", "SkipLayerNormalization",
+    "SkipSimplifiedLayerNormalization", "Softmax", "RotaryEmbedding", "GatherBlockQuantized", "FastGelu", "Gelu"})
+
+
+def heavy_on_cpu(session: ort.InferenceSession) -> list[tuple[str, str]]:
+    """(node, op type) of the compute nodes assigned to the CPU in a session that records its graph
+    assignment (``session.record_ep_graph_assignment_info``); [] where it does not."""
+    try:
+        subgraphs = session.get_provider_graph_assignment_info()
+    except Exception:
+        return []
+    return [(n.name, n.op_type) for sub in subgraphs if sub.ep_name == "CPUExecutionProvider"
+            for n in sub.get_nodes() if n.op_type in COMPUTE_OPS]

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import collections
 import logging
 import threading
 from pathlib import Path
@@ -11,7 +12,7 @@ import numpy as np
 import onnxruntime as ort
 
 from .chat import Message, render_chat
-from .device import DeviceChoice, resolve_device, session_options, spin_policy
+from .device import DeviceChoice, heavy_on_cpu, resolve_device, session_options, spin_policy
 from .dtypes import kv_dtype
 from .errors import InvalidRequestError, ModelPackageError
 from .generation import Generation
@@ -117,6 +118,8 @@ class Engine:
         #: whether the session's threads spin within a step, and why (given, NEXTOKEN_SPIN, or the host's load)
         self.spin, self.spin_reason = spin_policy(threads) if spin is None else (bool(spin), "given")
         options = session_options(threads, self.spin)
+        if self.device.device == "cuda":          # to say at load if compute nodes stay on the CPU
+            options.add_session_config_entry("session.record_ep_graph_assignment_info", "1")
         try:
             self.session = ort.InferenceSession(str(model_file), options, providers=list(self.device.providers))
         except Exception as exc:
@@ -143,6 +146,13 @@ class Engine:
         log.info("nextoken: %s", self.device.describe())
         for note in device_notes(self.device.device, self.manifest):
             log.warning("nextoken: %s", note)
+        if self.device.device == "cuda":
+            heavy = heavy_on_cpu(self.session)
+            if heavy:
+                ops = collections.Counter(op for _, op in heavy)
+                log.warning("nextoken: this CUDA session runs %d compute nodes on the CPU (%s); "
+                            "`nextoken info %s --placement --device cuda` lists them", len(heavy),
+                            ", ".join(f"{op} x{n}" for op, n in ops.most_common()), self.path)
 
     # -- lifecycle ------------------------------------------------------------------------------------
     def close(self) -> None:

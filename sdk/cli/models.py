@@ -45,6 +45,12 @@ def _cmd_plugins(args: argparse.Namespace) -> int:
 
 
 def _cmd_info(args: argparse.Namespace) -> int:
+    if args.placement:              # where each node runs, and what fell back
+        from ..tools.placement import placement
+
+        report = placement(args.package, args.device, args.threads)
+        print(json.dumps(report.to_dict(), indent=2) if args.json else report.summary())
+        return 0
     if args.verify:                 # every file re-hashed, all that differ named (loading stops at the first)
         from ..manifest import Manifest
 
@@ -136,6 +142,9 @@ def add_commands(sub) -> None:
     p.add_argument("package", help="model package directory")
     p.add_argument("--json", action="store_true", help="print JSON")
     p.add_argument("--verify", action="store_true", help="re-hash every file against the manifest's checksums")
+    p.add_argument("--placement", action="store_true",
+                   help="which execution provider runs each node, the time share of each, and the fallbacks "
+                        "(one prefill and one decode step, profiled; --json: every node)")
     runtime_options(p)
     plugin_options(p)
     p.set_defaults(func=_cmd_info)
