@@ -311,14 +311,10 @@ class Engine:
         message of nextoken's own (:mod:`nextoken.toolcalls`) instead of refusing.
         """
         request = None if tools is None else ToolRequest(tools, tool_choice, parallel_tool_calls, tool_fallback)
-        if request is not None and request.grammar() is not None:
-            constrained = [k for k in ("response_format", "regex", "choice", "grammar") if overrides.get(k)]
-            if constrained or (params is not None and any(getattr(params, k) for k in ("response_format", "regex",
-                                                                                      "choice", "grammar"))):
-                raise InvalidRequestError(f"tool_choice {request.choice!r} constrains the answer to tool calls; "
-                                          "leave out response_format, regex, choice and grammar")
-            overrides = {**overrides, "grammar": request.grammar()}
-        completions = self.generate(self.apply_chat_template(messages, tools=request), params, **overrides)
+        params = _params(params, overrides)
+        if request is not None:
+            params = request.constrain(params)
+        completions = self.generate(self.apply_chat_template(messages, tools=request), params)
         if request is None:
             return completions
         finished = request.finish(completions if isinstance(completions, list) else [completions])

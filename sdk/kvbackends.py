@@ -47,6 +47,16 @@ class Prefilled:
     mask: np.ndarray | None = None
     slots: list[int] | None = None
 
+    @classmethod
+    def after(cls, runner: StepRunner, cache: KVCache, prompt: Sequence[int], start: int, end: int) -> "Prefilled":
+        """Run ``prompt[start:end]`` over ``cache``, which holds its first ``start`` tokens (earlier
+        chunks, or a cached prefix): one row of ``end`` positions; ``seconds`` is all the model
+        time the cache has taken (every chunk)."""
+        mask = np.ones((1, end), dtype=np.int64)
+        logits = runner.prefill(cache, np.asarray([prompt[start:end]], dtype=np.int64), mask,
+                                np.arange(start, end)[None, :])
+        return cls(logits, np.array([end]), cache.run_seconds, cache=cache, mask=mask)
+
     def forked(self, rows: Sequence[int], ops: CacheOps) -> "Prefilled":
         """The prefilled rows ``rows`` (an index may repeat: a prompt's ``n`` choices share its
         prefill), the cache copied where it lives."""

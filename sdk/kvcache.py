@@ -69,11 +69,6 @@ class KVCache:
         """Positions held (past sequence length)."""
         return int(self.values[0].shape()[2]) if self.values else 0
 
-    @property
-    def rows(self) -> int:
-        """Rows (sequences) of the buffers."""
-        return int(self.values[0].shape()[0]) if self.values else 0
-
     def nbytes(self) -> int:
         """Bytes the cache holds now."""
         itemsize = np.dtype(self.dtype).itemsize
@@ -136,17 +131,8 @@ class StepRunner:
     def prefill_in_place(self, slots: "SlotCache", prompt: Sequence[int], row: int) -> np.ndarray:
         """Prefill one prompt straight into row ``row`` of ``slots`` (from position 0; the row's
         length becomes the prompt's). Returns its last logits ``[1, V]``."""
-        ids = np.asarray([prompt], dtype=np.int64)
-        binding = self.session.io_binding()
-        self._bind_ids(binding, ids, slots.mask([len(prompt)]), None)
-        if "logits_to_keep" in self._int_dtypes:
-            self.binder.host_input(binding, "logits_to_keep", np.array([1], dtype=np.int64))
-        self.binder.logits_to_host(binding, "logits")
-        self._bind_rows(binding, slots, 1, row)
-        self._run(binding, slots)
-        slots.lengths[row] = len(prompt)
-        logits, _ = self.binder.outputs(binding)
-        return _float32(logits[:, -1, :])
+        slots.lengths[row] = 0
+        return self._in_place(slots, row, prompt, keep=1)
 
     def decode_in_place(self, slots: "SlotCache", input_ids: np.ndarray, lengths: np.ndarray) -> np.ndarray:
         """One token for each of the first ``len(lengths)`` rows of ``slots``, written in place at
@@ -178,24 +164,33 @@ class StepRunner:
         """Run ``tokens`` after what row ``row`` of ``slots`` holds, in place (its length grows by
         their count), and return the logits after each of them ``[len(tokens), V]`` (speculative
         decoding checks its guesses with them in one step)."""
+        return self._in_place(slots, row, tokens, keep=len(tokens))
+
+    def _in_place(self, slots: "SlotCache", row: int, tokens: Sequence[int], keep: int) -> np.ndarray:
+        """Run ``tokens`` after row ``row``'s positions, in place; the last ``keep`` positions'
+        logits ``[keep, V]``. A speculative step's binding (all its positions kept) is kept per
+        (row, count) on the CPU, as decode_in_place keeps its own; a prompt's is made each time."""
         n = len(tokens)
         length = int(slots.lengths[row]) + n
-        kept = slots.extend_bindings.get((row, n)) if self.device == "cpu" else None
-        if kept is None:                  # kept per (row, count) on the CPU, as decode_in_place keeps its own
+        reuse = self.device == "cpu" and keep == n
+        kept = slots.extend_bindings.get((row, n)) if reuse else None
+        if kept is None:
             binding = self.session.io_binding()
+            positions = n
             if "logits_to_keep" in self._int_dtypes:
-                self.binder.host_input(binding, "logits_to_keep", np.array([n], dtype=np.int64))
-            logits = np.empty((1, n, self.manifest.vocab_size), dtype=self._logits_dtype)
+                self.binder.host_input(binding, "logits_to_keep", np.array([keep], dtype=np.int64))
+                positions = keep
+            logits = np.empty((1, positions, self.manifest.vocab_size), dtype=self._logits_dtype)
             binding.bind_output("logits", "cpu", 0, logits.dtype, list(logits.shape), logits.ctypes.data)
             self._bind_rows(binding, slots, 1, row)
             kept = (binding, logits)
-            if self.device == "cpu":
+            if reuse:
                 slots.extend_bindings[(row, n)] = kept
         binding, logits = kept
         self._bind_ids(binding, np.asarray([tokens], dtype=np.int64), slots.mask([length]), None)
         self._run(binding, slots)
         slots.lengths[row] = length
-        return logits[0].astype(np.float32)            # a copy: the buffer is the next step's
+        return logits[0, -keep:].astype(np.float32)    # a copy: a kept buffer is the next step's
 
     # -- binding ---------------------------------------------------------------------------------------
     def _bind_ids(self, binding: ort.IOBinding, input_ids: np.ndarray, mask: np.ndarray,
@@ -353,7 +348,7 @@ class SlotCache(KVCache):
         super().__init__(runner.manifest, slots, runner.device, runner.device_id, length)
         self.lengths = np.zeros(slots, dtype=np.int64)     # positions each slot holds
         self._positions = np.arange(length)[None, :]
-        #: speculative steps' bindings, by (row, tokens) (StepRunner.extend_in_place's)
+        #: speculative steps' bindings, by (row, tokens) (StepRunner._in_place's)
         self.extend_bindings: dict[tuple[int, int], tuple] = {}
 
     def mask(self, lengths: np.ndarray) -> np.ndarray:

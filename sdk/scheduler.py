@@ -41,7 +41,7 @@ import numpy as np
 
 from .errors import InvalidRequestError, NextokenError, SchedulerStoppedError
 from .generation import Generation
-from .kvbackends import ConcatBackend, KVBackend, Prefilled, SlotBackend, for_request
+from .kvbackends import BACKENDS, ConcatBackend, KVBackend, Prefilled, SlotBackend, for_request
 from .kvcache import CacheOps, KVCache
 from .metrics import Metrics
 from .prefixcache import PrefixCache
@@ -112,15 +112,22 @@ class RequestHandle:
     def done(self) -> bool:
         return self._done.is_set()
 
+    @property
+    def error(self) -> BaseException | None:
+        """What ended the request, when it failed (None while it runs, or when it ended well)."""
+        return self._error
+
     # -- scheduler side -----------------------------------------------------------------------------
-    def _deliver(self, events: list[StreamEvent]) -> None:
+    def deliver(self, events: list[StreamEvent]) -> None:
+        """Hand a step's events to the consumer (the scheduler's call)."""
         if self._sink is not None:
             self._sink.append(events)
             return
         for event in events:
             self._events.put(event)
 
-    def _finish(self, error: BaseException | None = None) -> None:
+    def complete(self, error: BaseException | None = None) -> None:
+        """End the request, with ``error`` when it failed (the scheduler's call)."""
         self._error = error
         self._done.set()
         if self._sink is None:
@@ -136,8 +143,9 @@ class Scheduler:
     size, one a step. ``kv_backend``: ``auto`` (``slots`` for GroupQueryAttention graphs, else
     ``concat``), ``concat`` or ``slots``. ``slot_length``: positions per slot (default: the
     model's window, at most 2048); with slots, prompt + max_new_tokens must fit in it, and the
-    buffer (:attr:`kv_buffer_bytes`) is held while the scheduler lives. ``kv``: a KV backend to use
-    instead of making one (:meth:`alone` passes one made for its request).
+    buffer (:attr:`kv_buffer_bytes`) is held while the scheduler lives. ``kv``: a KV backend made for
+    one request, used instead of making one (:meth:`alone` passes it); that request's usage counts
+    the backend's whole cache.
     Use :meth:`step` to drive it yourself, :meth:`start` to run it on a background thread, or
     :meth:`run` to run one request on this thread.
     """
@@ -148,7 +156,7 @@ class Scheduler:
             raise InvalidRequestError(f"max_batch must be >= 1, not {max_batch}")
         if max_prefill_tokens < 1:
             raise InvalidRequestError(f"max_prefill_tokens must be >= 1, not {max_prefill_tokens}")
-        if kv_backend not in ("auto", "concat", "slots"):
+        if kv_backend not in ("auto", *BACKENDS):
             raise InvalidRequestError(f"kv_backend must be auto, concat or slots, not {kv_backend!r}")
         gqa = engine.manifest.padding_side == "right"     # the graph places keys by the mask: GroupQueryAttention
         if kv_backend == "slots" and not gqa:
@@ -174,7 +182,7 @@ class Scheduler:
         self._active: list[RequestHandle] = []
         self._rows = 0                                     # rows of the batch: the active requests' sequences
         self._leaving = 0                                  # active requests that ended or slid this step
-        self._alone = False                                # made for one request: its whole cache is its own
+        self._alone = kv is not None                       # a backend made for one request: its whole cache is its own
         self._last = np.zeros(0, dtype=np.int64)           # each row's last token, fed at the next step
         self._cond = threading.Condition()
         self._thread: threading.Thread | None = None
@@ -241,10 +249,8 @@ class Scheduler:
         length = min(max(len(p) for p in state.prompts) + params.max_new_tokens, window)
         slide = params.context_policy == "slide"
         kv = for_request(engine.runner, state.batch_size, length, engine.pad_token_id, slide, engine.cache_ops)
-        scheduler = cls(engine, max_batch=state.batch_size, max_prefill_tokens=max(window, sum(map(len, state.prompts))),
-                        slot_length=length if kv.name == "slots" else None, kv=kv)
-        scheduler._alone = True
-        return scheduler
+        return cls(engine, max_batch=state.batch_size, max_prefill_tokens=max(window, sum(map(len, state.prompts))),
+                   slot_length=length if kv.name == "slots" else None, kv=kv)
 
     def run(self, generation: Generation) -> Iterator[StreamEvent]:
         """Run ``generation`` to its end on this thread, yielding its events as they come."""
@@ -253,14 +259,13 @@ class Scheduler:
         steps: list[list[StreamEvent]] = []                # each step's events, as the step made them
         handle = RequestHandle(generation, sink=steps)
         self._waiting.append(handle)
-        done = handle._done.is_set
-        while not done():
+        while not handle.done:
             self.step()
             for events in steps:
                 yield from events
             steps.clear()
-        if handle._error is not None:
-            raise handle._error
+        if handle.error is not None:
+            raise handle.error
 
     def metrics(self) -> dict[str, Any]:
         """What the scheduler has done (:class:`~nextoken.metrics.Metrics`) and holds now: running and
@@ -325,7 +330,7 @@ class Scheduler:
             self._thread.join()
             self._thread = None
         for handle in self._pending():
-            handle._finish(SchedulerStoppedError("the scheduler was closed before this request finished"))
+            handle.complete(SchedulerStoppedError("the scheduler was closed before this request finished"))
         self._clear()
 
     def _clear(self) -> None:
@@ -369,7 +374,7 @@ class Scheduler:
                 for handle in pending:
                     if not handle.done:
                         self.ended["failed"] += 1
-                        handle._finish(error)
+                        handle.complete(error)
                         self.stats.failed(error)
                 return
 
@@ -458,11 +463,11 @@ class Scheduler:
         except Exception as exc:
             self._end_early(handle, exc)
             return
-        handle._deliver(events)
+        handle.deliver(events)
         if finished:
             self.ended["finished"] += 1
             self._leaving += 1
-            handle._finish()
+            handle.complete()
             self.stats.ended(gen.completions(), "finished")
 
     def _kv_bytes(self, handle: RequestHandle, start: int) -> int:
@@ -486,10 +491,10 @@ class Scheduler:
             except Exception as exc:          # its cost meter or observer failed: it fails instead
                 error = exc
             else:
-                handle._deliver(events)
+                handle.deliver(events)
         self.ended["failed" if error is not None else "cancelled"] += 1
         self._leaving += 1
-        handle._finish(error)
+        handle.complete(error)
         if error is not None:
             self.stats.failed(error)
         else:
@@ -602,14 +607,11 @@ class Scheduler:
                 past.values = list(entry.values)          # read, never written: the step makes new values
             elif entry is not None:                       # a longer prefix's entry: its first positions
                 past.values = self._ops().select(entry, [0], 0, reused).values
-            ids = np.asarray([prompt[reused:]], dtype=np.int64)
-            mask = np.ones((1, len(prompt)), dtype=np.int64)
-            logits = runner.prefill(past, ids, mask, np.arange(reused, len(prompt))[None, :])
+            pre = Prefilled.after(runner, past, prompt, reused, len(prompt))
             if cache.wants(prompt):                       # the prompt's own values, as the prefill made them
                 stored = runner.new_cache(1)
                 stored.values = list(past.values)
                 cache.insert(prompt, stored)
-            pre = Prefilled(logits, np.array([len(prompt)]), past.run_seconds, cache=past, mask=mask)
             if handle.rows > 1:
                 pre = pre.forked([0] * handle.rows, self._ops())
         except Exception as exc:
@@ -669,10 +671,8 @@ class Scheduler:
             self._end_early(handle, None)
             return 0
         end = min(len(prompt), done + budget)
-        ids = np.asarray([prompt[done:end]], dtype=np.int64)
         try:
-            logits = self.engine.runner.prefill(cache, ids, np.ones((1, end), dtype=np.int64),
-                                                np.arange(done, end)[None, :])
+            pre = Prefilled.after(self.engine.runner, cache, prompt, done, end)
         except Exception as exc:
             self._chunking = None
             self._end_early(handle, exc)
@@ -682,8 +682,7 @@ class Scheduler:
         else:
             self._chunking = None
             try:
-                self._join([handle], Prefilled(logits, np.array([end]), cache.run_seconds, cache=cache,
-                                               mask=np.ones((1, end), dtype=np.int64)), refill)
+                self._join([handle], pre, refill)
             except Exception as exc:
                 self._end_early(handle, exc)
         return end - done

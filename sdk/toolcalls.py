@@ -21,7 +21,7 @@ import uuid
 from typing import Any, Mapping, Sequence
 
 from .errors import InvalidRequestError
-from .types import Completion, ToolCall
+from .types import Completion, SamplingParams, ToolCall
 
 __all__ = ["ToolRequest", "FALLBACK_PROMPT"]
 
@@ -111,6 +111,17 @@ class ToolRequest:
         calls = "call+" if self.parallel and self.choice == "required" else "call"
         return (f'start: {calls}\ncall: "<tool_call>" obj "</tool_call>"\n'
                 f"obj: %json {json.dumps(schema, ensure_ascii=False)}")
+
+    def constrain(self, params: SamplingParams) -> SamplingParams:
+        """``params`` held to the calls ``required`` or a named function asks for (as they are for
+        ``auto`` and ``none``); another constraint beside them is an error."""
+        grammar = self.grammar()
+        if grammar is None:
+            return params
+        if any(getattr(params, k) for k in ("response_format", "regex", "choice", "grammar")):
+            raise InvalidRequestError(f"tool_choice {self.choice!r} constrains the answer to tool calls; "
+                                      "leave out response_format, regex, choice and grammar")
+        return params.replace(grammar=grammar)
 
     def parse(self, text: str) -> tuple[str, list[ToolCall]]:
         """(the text outside the calls, the calls) of an answer; a block that is not a call of one of

@@ -361,11 +361,11 @@ class Service:
         req = await self.body(request, ChatRequest)
         params = _params(req, True, self.defaults)
         tools = self.tool_request(req)
-        if tools is not None and tools.grammar() is not None:
-            if any(getattr(params, k) for k in ("response_format", "regex", "choice", "grammar")):
-                raise APIError(400, f"tool_choice {tools.choice!r} constrains the answer to tool calls; leave out "
-                                    "response_format, regex, choice and grammar", param="tool_choice")
-            params = params.replace(grammar=tools.grammar())
+        if tools is not None:
+            try:
+                params = tools.constrain(params)
+            except InvalidRequestError as exc:
+                raise APIError(400, str(exc), param="tool_choice") from None
         messages = [{"role": m.role, "content": m.text(), **{k: v for k, v in (m.model_extra or {}).items()
                                                               if k in ("tool_calls", "tool_call_id", "name")}}
                     for m in req.messages]
