@@ -75,3 +75,25 @@ def test_metrics_endpoint(tiny_llama):
         assert "nextoken_requests_running" in after and "nextoken_kv_buffer_bytes" in after
         labels = {k for f in after.values() for s in f.samples for k in s.labels}
         assert labels <= {"finish_reason", "status", "plugin", "meter", "currency", "le"}       # nothing per request
+
+
+def test_a_histogram_copied_by_its_changes_keeps_buckets_and_count():
+    """Ray's metrics export takes observations, not buckets: the mirror observes each bucket's new
+    observations at a value inside that bucket, so the copy's buckets and count equal the original's."""
+    import random
+
+    from nextoken.metrics import LATENCY_BUCKETS, Histogram
+    from nextoken.serving.ray_serve import in_buckets
+
+    rng = random.Random(0)
+    original, copy = Histogram(LATENCY_BUCKETS), Histogram(LATENCY_BUCKETS)
+    before_counts = [0] * (len(LATENCY_BUCKETS) + 1)
+    for batch in ([0.003, 0.2, 0.2, 7.0], [rng.expovariate(1.0) for _ in range(50)], [500.0, 0.01, 0.01], [],
+                  [LATENCY_BUCKETS[3], 120.0, 121.0]):
+        for v in batch:
+            original.observe(v)
+        counts = [n for _, n in original.cumulative()]
+        for v in in_buckets(LATENCY_BUCKETS, counts, before_counts):
+            copy.observe(v)
+        assert copy.cumulative() == original.cumulative()
+        before_counts = counts

@@ -27,7 +27,8 @@ def _cmd_serve(args: argparse.Namespace) -> int:
 
         serve_ray(args.package, host=args.host, port=args.port, replicas=args.replicas, threads=args.threads or 1,
                   max_batch=args.max_batch, api_key=args.api_key, model_name=args.model_name, device=args.device,
-                  address=args.ray_address, scheduler_options=_scheduler_options(args), spin=args.spin, tf32=args.tf32)
+                  address=args.ray_address, scheduler_options=_scheduler_options(args), spin=args.spin, tf32=args.tf32,
+                  metrics_port=args.ray_metrics_port, metrics_interval=args.ray_metrics_interval)
         return 0
     from ..serving.server import serve
 
@@ -129,6 +130,10 @@ def add_commands(sub) -> None:
     p.add_argument("--ray", action="store_true", help="scale out on Ray Serve (extra: ray): one engine per replica")
     p.add_argument("--replicas", type=positive_int, default=2, help="with --ray: replicas (default 2)")
     p.add_argument("--ray-address", default=None, help="with --ray: join this cluster instead of starting Ray locally")
+    p.add_argument("--ray-metrics-port", type=positive_int, default=None, metavar="PORT",
+                   help="with --ray, Ray started here: serve Ray's metrics export (every replica's metrics) on this port")
+    p.add_argument("--ray-metrics-interval", type=float, default=5.0, metavar="SECONDS",
+                   help="with --ray: seconds between two copies of a replica's metrics into Ray's export (default 5)")
     runtime_options(p)
     p.set_defaults(func=_cmd_serve)
 

@@ -17,16 +17,30 @@ this module starts Ray bound to 127.0.0.1 with the dashboard off; on a cluster, 
 with ``--node-ip-address`` on a private interface, ``--dashboard-host 127.0.0.1`` (or
 ``--include-dashboard false``) and firewall the Ray ports (6379, 8265, 10001 and the worker port
 range) to the cluster's own addresses.
+
+Metrics: each replica serves its own ``GET /metrics`` (through the proxy, whichever replica answers),
+and mirrors the same numbers into Ray's metrics export every ``metrics_interval`` seconds
+(:class:`RayMetricsMirror`), where every sample carries the replica's ``deployment``, ``replica`` and
+``application`` tags and Ray's ``ray_`` prefix: ``ray_nextoken_requests_total``,
+``ray_nextoken_time_to_first_token_seconds_bucket``, ... Ray serves them on each node at
+``http://NODE:METRICS_PORT/metrics`` (``nextoken serve --ray --ray-metrics-port 8080`` on one host,
+``ray start --metrics-export-port 8080`` on a cluster's nodes): scrape that address on every node.
 """
 
 from __future__ import annotations
 
+import logging
+import math
+import threading
 from pathlib import Path
-from typing import Any
+from typing import Any, Sequence
 
 from ..errors import NextokenError
+from ..metrics import families
 
-__all__ = ["serve_ray", "replica_deployment"]
+__all__ = ["serve_ray", "replica_deployment", "RayMetricsMirror"]
+
+log = logging.getLogger("nextoken")
 
 
 def _ray():
@@ -38,13 +52,88 @@ def _ray():
     return ray, serve
 
 
+class RayMetricsMirror:
+    """Copies a scheduler's metrics into Ray's metrics export every ``interval`` seconds, under the
+    names, docs and labels of ``GET /metrics`` (:func:`nextoken.metrics.families`). Counters move by
+    what changed since the last copy; a histogram by its new observations per bucket, so Ray's
+    buckets and count equal the scheduler's (Ray estimates every histogram's sum from its buckets'
+    midpoints, so its ``_sum`` is approximate).
+    ``ray.serve.metrics`` adds the replica's tags inside a Serve replica."""
+
+    def __init__(self, scheduler: Any, interval: float = 5.0) -> None:
+        self.scheduler = scheduler
+        self.interval = interval
+        self._metrics: dict[str, Any] = {}
+        self._last: dict[tuple[str, tuple[str, ...]], Any] = {}
+        self._stop = threading.Event()
+
+    def start(self) -> "RayMetricsMirror":
+        """Copy every ``interval`` seconds from a daemon thread, until :meth:`close`."""
+        threading.Thread(target=self._run, name="nextoken-ray-metrics", daemon=True).start()
+        return self
+
+    def close(self) -> None:
+        """Stop copying."""
+        self._stop.set()
+
+    def _run(self) -> None:
+        while not self._stop.wait(self.interval):
+            try:
+                self.copy()
+            except Exception as e:                   # the mirror must never take serving down
+                log.warning("copying metrics to Ray failed (%s); trying again in %ss", e, self.interval)
+
+    def copy(self) -> None:
+        """One copy of what changed since the last."""
+        from ray.serve import metrics as ray_metrics
+
+        for family in families(self.scheduler.metrics()):
+            metric = self._metrics.get(family.name)
+            for labels, value in family.samples:
+                if family.kind == "histogram":
+                    bounds = [float(b) for b, _ in value["buckets"][:-1]]
+                if metric is None:
+                    if family.kind == "histogram":
+                        metric = ray_metrics.Histogram(family.name, family.doc, boundaries=bounds,
+                                                       tag_keys=family.labels)
+                    else:
+                        kind = ray_metrics.Counter if family.kind == "counter" else ray_metrics.Gauge
+                        metric = kind(family.name, family.doc, tag_keys=family.labels)
+                    self._metrics[family.name] = metric
+                tags = dict(zip(family.labels, labels)) or None
+                key = (family.name, labels)
+                if family.kind == "gauge":
+                    metric.set(value, tags=tags)
+                elif family.kind == "counter":
+                    if value > self._last.get(key, 0):
+                        metric.inc(value - self._last.get(key, 0), tags=tags)
+                        self._last[key] = value
+                else:
+                    counts = [n for _, n in value["buckets"]]
+                    for v in in_buckets(bounds, counts, self._last.get(key, [0] * len(counts))):
+                        metric.observe(v, tags=tags)
+                    self._last[key] = counts
+
+
+def in_buckets(bounds: Sequence[float], now: Sequence[int], before: Sequence[int]) -> list[float]:
+    """A value inside its bucket for each observation a histogram gained from ``before`` to ``now``
+    (cumulative counts per upper bound in ``bounds``, then ``+Inf``): the bucket's upper bound, or
+    just past the last bound."""
+    values = [*bounds, math.nextafter(bounds[-1], math.inf)]
+    gained = [(n - m) - (p - q) for n, m, p, q in zip(now, [0, *now[:-1]], before, [0, *before[:-1]])]
+    return [v for v, n in zip(values, gained) for _ in range(n)]
+
+
 def replica_deployment(package: str, *, replicas: int = 2, threads: int = 1, max_batch: int = 8,
                        api_key: str | None = None, model_name: str | None = None, device: str = "auto",
                        scheduler_options: dict[str, Any] | None = None, spin: bool | None = None,
-                       tf32: bool | None = None) -> Any:
+                       tf32: bool | None = None, metrics_interval: float = 5.0) -> Any:
     """A bound Ray Serve application: ``replicas`` copies of one engine + scheduler + app each
     (``scheduler_options``: more :class:`~nextoken.Scheduler` arguments, e.g. ``kv_backend``;
-    ``spin``, ``tf32``: as :class:`~nextoken.Engine` takes them)."""
+    ``spin``, ``tf32``: as :class:`~nextoken.Engine` takes them; ``metrics_interval``: seconds
+    between two copies of each replica's metrics into Ray's metrics export)."""
+    if not metrics_interval > 0:
+        raise NextokenError(f"metrics_interval must be a positive number of seconds, not {metrics_interval!r}")
     options = dict(scheduler_options or {})
     _, serve = _ray()
     name = model_name or Path(package).resolve().name
@@ -59,11 +148,14 @@ def replica_deployment(package: str, *, replicas: int = 2, threads: int = 1, max
             self.engine = Engine(package, device=device, threads=threads, spin=spin, tf32=tf32)
             self.scheduler = Scheduler(self.engine, max_batch=max_batch, **options).start()
             self._asgi = create_app(self.scheduler, name, api_key=api_key)
+            self.metrics = RayMetricsMirror(self.scheduler, metrics_interval).start()
 
         def __serve_build_asgi_app__(self):
             return self._asgi
 
         def __del__(self) -> None:
+            if getattr(self, "metrics", None) is not None:
+                self.metrics.close()
             scheduler = getattr(self, "scheduler", None)
             if scheduler is not None:
                 scheduler.close()
@@ -76,17 +168,21 @@ def replica_deployment(package: str, *, replicas: int = 2, threads: int = 1, max
 def serve_ray(package: str, *, host: str = "127.0.0.1", port: int = 8000, replicas: int = 2, threads: int = 1,
               max_batch: int = 8, api_key: str | None = None, model_name: str | None = None, device: str = "auto",
               address: str | None = None, blocking: bool = True, scheduler_options: dict[str, Any] | None = None,
-              spin: bool | None = None, tf32: bool | None = None) -> None:
-    """Start (or join, with ``address``) Ray, and serve ``package`` from ``replicas`` replicas on ``host:port``."""
+              spin: bool | None = None, tf32: bool | None = None, metrics_port: int | None = None,
+              metrics_interval: float = 5.0) -> None:
+    """Start (or join, with ``address``) Ray, and serve ``package`` from ``replicas`` replicas on
+    ``host:port`` (``metrics_port``: where a Ray started here serves its metrics export; a cluster's
+    nodes take ``ray start --metrics-export-port``)."""
     ray, serve = _ray()
     package = str(Path(package).resolve())
     if not ray.is_initialized():
         if address:
             ray.init(address=address)
         else:
-            ray.init(include_dashboard=False, _node_ip_address="127.0.0.1", configure_logging=False)
+            ray.init(include_dashboard=False, _node_ip_address="127.0.0.1", configure_logging=False,
+                     _metrics_export_port=metrics_port)
     serve.start(http_options={"host": host, "port": port})
     serve.run(replica_deployment(package, replicas=replicas, threads=threads, max_batch=max_batch, api_key=api_key,
                                  model_name=model_name, device=device, scheduler_options=scheduler_options,
-                                 spin=spin, tf32=tf32),
+                                 spin=spin, tf32=tf32, metrics_interval=metrics_interval),
               name="nextoken", route_prefix="/", blocking=blocking)

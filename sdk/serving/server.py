@@ -282,47 +282,23 @@ class Service:
             from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, HistogramMetricFamily
         except ImportError:
             raise APIError(501, "metrics need prometheus_client: pip install 'nextoken[serve]'", "server_error") from None
-        m = self.scheduler.metrics()
+        from ..metrics import families
 
-        def families():
-            requests = CounterMetricFamily("nextoken_requests", "Requests ended, by finish reason and status",
-                                           labels=["finish_reason", "status"])
-            for key, n in m["requests"].items():
-                requests.add_metric(key.split("/", 1), n)
-            yield requests
-            yield CounterMetricFamily("nextoken_prompt_tokens", "Prompt tokens of ended requests", value=m["prompt_tokens"])
-            yield CounterMetricFamily("nextoken_generation_tokens", "Tokens generated", value=m["generation_tokens"])
-            for name, doc in (("time_to_first_token_seconds", "Time to the first token"),
-                              ("inter_token_latency_seconds", "Mean time between two tokens of a sequence"),
-                              ("request_duration_seconds", "Time from a request's start to its last token")):
-                h = m[name]
-                yield HistogramMetricFamily(f"nextoken_{name}", doc, buckets=h["buckets"], sum_value=h["sum"])
-            errors = CounterMetricFamily("nextoken_plugin_errors", "Requests failed by a plugin", labels=["plugin"])
-            for plugin, n in m["plugin_errors"].items():
-                errors.add_metric([plugin], n)
-            yield errors
-            cost = CounterMetricFamily("nextoken_cost", "Cost charged by each meter", labels=["meter", "currency"])
-            for key, amount in m["cost"].items():
-                cost.add_metric(key.split("/", 1), amount)
-            yield cost
-            for name, doc in (("running", "Sequences decoding now"), ("waiting", "Requests not decoding yet"),
-                              ("kv_cache_bytes", "KV cache bytes the running sequences hold"),
-                              ("kv_buffer_bytes", "KV cache bytes allocated"), ("slots", "KV slots"),
-                              ("slots_used", "KV slots in use")):
-                yield GaugeMetricFamily(f"nextoken_{'requests_' if name in ('running', 'waiting') else ''}{name}",
-                                        doc, value=m[name])
-            prefix = m.get("prefix_cache")
-            if prefix is not None:
-                yield CounterMetricFamily("nextoken_prefix_cache_hits", "Prompts that reused a cached prefix",
-                                          value=prefix["hits"])
-                yield CounterMetricFamily("nextoken_prefix_cache_misses", "Prompts that found none", value=prefix["misses"])
-                yield CounterMetricFamily("nextoken_prefix_cache_tokens", "Prompt tokens reused",
-                                          value=prefix["cached_tokens"])
-                yield GaugeMetricFamily("nextoken_prefix_cache_bytes", "Bytes the prefix cache holds", value=prefix["bytes"])
+        kinds = {"counter": CounterMetricFamily, "gauge": GaugeMetricFamily, "histogram": HistogramMetricFamily}
+
+        def collect():
+            for family in families(self.scheduler.metrics()):
+                out = kinds[family.kind](family.name, family.doc, labels=list(family.labels))
+                for labels, value in family.samples:
+                    if family.kind == "histogram":
+                        out.add_metric(list(labels), value["buckets"], value["sum"])
+                    else:
+                        out.add_metric(list(labels), value)
+                yield out
 
         class _Now:
             def collect(self):
-                return families()
+                return collect()
 
         registry = CollectorRegistry(auto_describe=False)
         registry.register(_Now())
