@@ -51,3 +51,21 @@ def test_cli_placement(stories_package):
 
 def test_a_session_without_the_record_says_nothing(stories_engine):
     assert heavy_on_cpu(stories_engine.session) == []      # a CPU engine does not record (and is on the CPU)
+
+
+def test_a_recording_session_lists_the_compute_nodes_on_the_cpu(stories_package):
+    """What a CUDA engine warns of and ``--placement --device cuda`` reports: compute nodes the CPU
+    provider holds. A CPU session that records its assignment holds them all."""
+    import onnxruntime as ort
+
+    from nextoken.device import COMPUTE_OPS
+    from nextoken.manifest import Manifest
+
+    options = ort.SessionOptions()
+    options.add_session_config_entry("session.record_ep_graph_assignment_info", "1")
+    session = ort.InferenceSession(str(stories_package / Manifest.load(stories_package).model_file), options,
+                                   providers=["CPUExecutionProvider"])
+    heavy = heavy_on_cpu(session)
+    assert heavy and {op for _, op in heavy} <= COMPUTE_OPS and "MatMul" in {op for _, op in heavy}
+    every = [n for sub in session.get_provider_graph_assignment_info() for n in sub.get_nodes()]
+    assert len(heavy) == sum(n.op_type in COMPUTE_OPS for n in every)

@@ -19,7 +19,7 @@ from typing import Any
 import numpy as np
 import onnxruntime as ort
 
-from ..device import COMPUTE_OPS, resolve_device, session_options
+from ..device import heavy_on_cpu, resolve_device, session_options
 from ..kvbackends import for_request
 from ..kvcache import StepRunner
 from ..manifest import Manifest
@@ -104,7 +104,7 @@ def placement(package: str | Path, device: str = "auto", threads: int | None = N
     if choice.device == "cuda":
         report.fallbacks += [{"kind": "cpu_on_cuda", "node": n, "op_type": op,
                               "detail": "a compute node the CUDA provider did not take"}
-                             for n, (ep, op) in sorted(nodes.items()) if ep == "CPUExecutionProvider" and op in COMPUTE_OPS]
+                             for n, op in sorted(heavy_on_cpu(session))]
     casts = sorted(n for n in nodes if n.startswith(_INSERTED_CAST))
     if casts:
         report.cast_ops = _cast_ops(package / manifest.model_file, [n[len(_INSERTED_CAST):] for n in casts])
