@@ -135,17 +135,30 @@ def _log_softmax(logits: np.ndarray) -> np.ndarray:
 
 
 class Speculation:
-    """A request's speculative decoding: its proposer (a plugin), how many tokens to guess next
-    (``k``: one more after a step that kept every guess, one more than were kept after one that did
-    not), what was guessed and kept, and whether it stopped (under a quarter of the last eight
-    steps' guesses kept: a step that checks guesses costs more than a plain one, so plain decoding
-    is faster then)."""
+    """A request's speculative decoding: its proposer (a plugin), what was guessed and kept, and how
+    many tokens to guess next (``k``, at most ``k_max``): the count expected to make the most
+    tokens per second. A guessed position is kept with probability ``alpha`` once
+    the ones before it were (kept / (kept + misses) over the last eight checks, from one of each),
+    so a guess of k keeps ``alpha + ... + alpha**k`` on average, and a step of n positions takes
+    ``a + b * n`` seconds (a line through the request's last 32 steps, plain and checking, guessing
+    and binding included: on a CPU a big model's extra positions cost little, a tiny model's a tenth of a step
+    each; a request starts from the line the last one left on ``runner.step_cost``, as the line is
+    the model's and the host's). When no guess beats a plain step (``alpha`` under ``b / (a + b)``)
+    it stops (``off``: plain decoding from then on, as prompt lookup on text with nothing to copy
+    should)."""
 
-    def __init__(self, proposer: Any, k: int) -> None:
+    def __init__(self, proposer: Any, k: int, runner: Any = None) -> None:
         self.proposer, self.k_max, self.k = proposer, k, k
         self.proposed = self.accepted = 0
         self.off = False
-        self._recent: collections.deque[tuple[int, int]] = collections.deque(maxlen=8)
+        self._checks: collections.deque[tuple[int, int]] = collections.deque(maxlen=8)
+        self._steps: collections.deque[tuple[int, float]] = collections.deque(maxlen=32)
+        self._sums = [0.0, 0.0, 0.0, 0.0]            # of n, t, n*n, n*t over _steps
+        self._counts = [0, 0]                         # plain steps and checks in _steps
+        self._seen = [False, False]
+        self.runner = runner
+        if runner is not None and runner.step_cost is not None:
+            self.k = max(1, self._best(0.5, *runner.step_cost))    # even odds until it has guessed
 
     def propose(self, state: BatchState, room: int) -> list[int]:
         """Up to ``min(k, room)`` guesses for sequence 0 (``[]``: decode plainly this step)."""
@@ -162,15 +175,59 @@ class Speculation:
                 f"returned {describe(guess)}, not a list of token ids in [0, {state.vocab_size})"))
         return [int(t) for t in guess[:k]]
 
-    def record(self, proposed: int, accepted: int) -> None:
-        """One checking step's outcome: ``accepted`` of ``proposed`` guesses kept."""
+    def stepped(self, positions: int, seconds: float) -> None:
+        """A step of ``positions`` positions took ``seconds``: a check (``positions`` > 1) or a
+        plain step, whose cost anchors the line. The request's first of each is not counted: it
+        makes its binding."""
+        kind = positions > 1
+        if not self._seen[kind]:
+            self._seen[kind] = True
+            return
+        self._counts[kind] += 1
+        if len(self._steps) == self._steps.maxlen:
+            n, t = self._steps[0]
+            self._counts[n > 1] -= 1
+            self._sums = [self._sums[0] - n, self._sums[1] - t, self._sums[2] - n * n, self._sums[3] - n * t]
+        self._steps.append((positions, seconds))
+        s = self._sums
+        self._sums = [s[0] + positions, s[1] + seconds, s[2] + positions * positions, s[3] + positions * seconds]
+
+    def record(self, proposed: int, accepted: int, seconds: float | None = None) -> None:
+        """One checking step's outcome: ``accepted`` of ``proposed`` guesses kept (the step took
+        ``seconds``); then the next ``k``."""
         self.proposed += proposed
         self.accepted += accepted
-        self.k = min(self.k_max, self.k + 1) if accepted == proposed else max(1, accepted + 1)
-        self._recent.append((proposed, accepted))
-        if len(self._recent) == self._recent.maxlen and \
-                4 * sum(a for _, a in self._recent) < sum(p for p, _ in self._recent):
+        self._checks.append((accepted, int(accepted < proposed)))
+        if seconds is not None:
+            self.stepped(proposed + 1, seconds)
+        kept = 1 + sum(a for a, _ in self._checks)
+        self.k = self._best(kept / (kept + 1 + sum(m for _, m in self._checks)), *self.cost())
+        if self.k == 0:
             self.off = True
+
+    def _best(self, alpha: float, a: float, b: float) -> int:
+        """The guess that makes the most tokens per second (0: a plain step)."""
+        best, count, gain = 1 / (a + b), 0, 1.0
+        for k in range(1, self.k_max + 1):
+            gain += alpha ** k
+            if gain / (a + b * (k + 1)) > best:
+                best, count = gain / (a + b * (k + 1)), k
+        return count
+
+    def cost(self) -> tuple[float, float]:
+        """(a, b): a step of n positions takes about ``a + b * n`` seconds: least squares over the
+        request's last 32 steps once 4 plain steps and 4 checks were timed (from 8 each on, left on
+        the runner for the next request); before, the last request's line, else b = 0."""
+        count = len(self._steps)
+        if min(self._counts) < 4:
+            known = self.runner.step_cost if self.runner is not None else None
+            return known if known is not None else (self._sums[1] / count if count else 1.0, 0.0)
+        n, t, nn, nt = self._sums
+        b = max((nt - n * t / count) / max(nn - n * n / count, 1e-9), 0.0)
+        line = (max((t - b * n) / count, 1e-3 * t / count, 1e-12), b)
+        if self.runner is not None and min(self._counts) >= 8:
+            self.runner.step_cost = line
+        return line
 
 
 @dataclass(frozen=True)
@@ -239,7 +296,7 @@ class Generation:
         #: per sequence: prompt tokens taken from the prefix cache
         self.cached_tokens = [0] * self.state.batch_size
         #: speculative decoding (None: off); the scheduler uses it while the request decodes alone
-        self.speculation = (Speculation(pipeline.proposer, params.speculative["k"])
+        self.speculation = (Speculation(pipeline.proposer, params.speculative["k"], runner)
                             if pipeline.proposer is not None else None)
         self.peak_memory_bytes: int | None = None
         self.device_memory_bytes: int | None = None

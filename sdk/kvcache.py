@@ -97,6 +97,9 @@ class StepRunner:
         self.binder = Binder(device, device_id)
         logits_type = next((o.type for o in session.get_outputs() if o.name == "logits"), "tensor(float)")
         self._logits_dtype = np.float16 if logits_type == "tensor(float16)" else np.float32
+        #: (a, b): a step of n positions took about a + b * n seconds, as the last speculative
+        #: request fitted it (the model and host's, so the next request starts from it); None before
+        self.step_cost: tuple[float, float] | None = None
 
     def new_cache(self, batch_size: int) -> KVCache:
         """An empty cache of ``batch_size`` rows, for :meth:`prefill`."""
@@ -168,25 +171,29 @@ class StepRunner:
 
     def _in_place(self, slots: "SlotCache", row: int, tokens: Sequence[int], keep: int) -> np.ndarray:
         """Run ``tokens`` after row ``row``'s positions, in place; the last ``keep`` positions'
-        logits ``[keep, V]``. A speculative step's binding (all its positions kept) is kept per
-        (row, count) on the CPU, as decode_in_place keeps its own; a prompt's is made each time."""
+        logits ``[keep, V]``. On the CPU a speculative step's binding (all its positions kept) is
+        kept per row with a logits buffer, its keys and values bound once (as decode_in_place keeps
+        its own): a step binds its ids and mask, and its logits when its count differs from the
+        last. A prompt's binding is made each time."""
         n = len(tokens)
         length = int(slots.lengths[row]) + n
         reuse = self.device == "cpu" and keep == n
-        kept = slots.extend_bindings.get((row, n)) if reuse else None
-        if kept is None:
-            binding = self.session.io_binding()
-            positions = n
+        kept = slots.extend_bindings.get(row) if reuse else None
+        if kept is None or kept[1].shape[1] < n:
+            binding = self.session.io_binding() if kept is None else kept[0]
+            if kept is None:
+                self._bind_rows(binding, slots, 1, row)
+            buffer = np.empty((1, max(n, 8) if reuse else n, self.manifest.vocab_size), dtype=self._logits_dtype)
+            kept = [binding, buffer, 0]
+            if reuse:
+                slots.extend_bindings[row] = kept
+        binding, buffer, bound = kept
+        logits = buffer[:, :keep if "logits_to_keep" in self._int_dtypes else n]
+        if bound != n:
             if "logits_to_keep" in self._int_dtypes:
                 self.binder.host_input(binding, "logits_to_keep", np.array([keep], dtype=np.int64))
-                positions = keep
-            logits = np.empty((1, positions, self.manifest.vocab_size), dtype=self._logits_dtype)
-            binding.bind_output("logits", "cpu", 0, logits.dtype, list(logits.shape), logits.ctypes.data)
-            self._bind_rows(binding, slots, 1, row)
-            kept = (binding, logits)
-            if reuse:
-                slots.extend_bindings[(row, n)] = kept
-        binding, logits = kept
+            self.binder.host_output(binding, "logits", logits)
+            kept[2] = n
         self._bind_ids(binding, np.asarray([tokens], dtype=np.int64), slots.mask([length]), None)
         self._run(binding, slots)
         slots.lengths[row] = length
@@ -348,8 +355,8 @@ class SlotCache(KVCache):
         super().__init__(runner.manifest, slots, runner.device, runner.device_id, length)
         self.lengths = np.zeros(slots, dtype=np.int64)     # positions each slot holds
         self._positions = np.arange(length)[None, :]
-        #: speculative steps' bindings, by (row, tokens) (StepRunner._in_place's)
-        self.extend_bindings: dict[tuple[int, int], tuple] = {}
+        #: speculative steps' bindings, by row: [binding, logits buffer, positions bound] (StepRunner._in_place's)
+        self.extend_bindings: dict[int, list] = {}
 
     def mask(self, lengths: np.ndarray) -> np.ndarray:
         """The attention mask of rows holding ``lengths`` positions: ``[len(lengths), buffer length]``,

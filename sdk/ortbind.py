@@ -64,6 +64,14 @@ class Binder:
         else:
             binding.bind_cpu_input(name, array)
 
+    def host_output(self, binding: ort.IOBinding, name: str, array: np.ndarray) -> None:
+        """Bind output ``name`` to ``array`` (host memory the caller keeps alive): the step writes
+        into it."""
+        if self._handles is not None:
+            binding._iobinding.bind_output(name, self._handles[0], array.dtype, list(array.shape), array.ctypes.data)
+        else:
+            binding.bind_output(name, "cpu", 0, array.dtype, list(array.shape), array.ctypes.data)
+
     def run(self, session: ort.InferenceSession, binding: ort.IOBinding) -> None:
         """Run the bound step (straight on the session's own object on the fast path, which skips the
         public wrapper's WebGPU capture bookkeeping)."""

@@ -35,6 +35,7 @@ import asyncio
 import collections
 import queue
 import threading
+import time
 from typing import Any, Iterator
 
 import numpy as np
@@ -509,17 +510,23 @@ class Scheduler:
         """One token for every row of the batch, then each request's own step on its rows (a
         finished sequence of a request that goes on rides along on its last token)."""
         active = self._active
-        if self._rows == 1 and active[0].generation.speculation is not None and self._speculate(active[0]):
+        spec = active[0].generation.speculation if self._rows == 1 else None
+        if spec is not None and spec.off:               # it stopped guessing: a plain step, as without
+            spec = None
+        if spec is not None and self._speculate(active[0]):
             return
         grow = None
         if self._rows != len(active):                      # requests of several sequences
             grow = (active[0].generation.state.alive if len(active) == 1
                     else np.concatenate([h.generation.state.alive for h in active]))
+        began = time.perf_counter()
         try:
             logits = self.kv.decode(self._last, grow)
         except Exception as exc:
             self._fail_all(active, exc)
             return
+        if spec is not None:                             # a plain step of a request that speculates
+            spec.stepped(1, time.perf_counter() - began)
         spent, start = self.kv.last_seconds, 0
         for handle in active:
             handle.model_seconds += spent
@@ -533,6 +540,7 @@ class Scheduler:
         one after the last guess, is its own choice): the same tokens as plain decoding, fewer
         steps. What the guesses left in the cache past that is cut (a length, with slots). Returns
         False when there was no guess (the caller decodes plainly)."""
+        start = time.perf_counter()                 # a step's cost is its wall time: guessing and binding too
         gen = handle.generation
         spec = gen.speculation
         held = self.kv.held(0)
@@ -550,6 +558,7 @@ class Scheduler:
         except Exception as exc:
             self._fail_all([handle], exc)
             return True
+        seconds = time.perf_counter() - start
         handle.model_seconds += self.kv.last_seconds
         taken = kept = 0
         for i in range(len(guess) + 1):
@@ -560,7 +569,7 @@ class Scheduler:
             if i == len(guess) or int(self._last[0]) != guess[i]:
                 break
             kept += 1
-        spec.record(len(guess), kept)
+        spec.record(len(guess), kept, seconds)
         if not handle.done and id(handle) not in self._sliding:
             self.kv.truncate(0, held + taken)
         return True

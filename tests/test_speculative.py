@@ -61,15 +61,32 @@ def test_under_the_scheduler_speculation_runs_while_a_request_decodes_alone(stor
     assert first.result().usage.accepted_tokens > 0               # it went on alone once the other ended
 
 
-def test_adaptive_k_and_the_fallback():
-    spec = Speculation(proposer=None, k=4)
-    spec.record(4, 4)
-    assert spec.k == 4                                         # at most k_max
-    spec.record(4, 1)
-    assert spec.k == 2 and not spec.off
+def test_adaptive_k_follows_acceptance_and_step_cost_and_falls_back():
+    """k is the guess that makes the most tokens per second: with nothing known of the cost every
+    guess is free (k_max); once plain steps and checks of several sizes were timed, a + b * n and
+    how often a guessed position was kept pick it; when no guess beats a plain step, speculation
+    stops; the line is left on the runner for the next request."""
+    from types import SimpleNamespace
+
+    runner = SimpleNamespace(step_cost=None)
+    spec = Speculation(proposer=None, k=8, runner=runner)
+    a, b = 75e-6, 25e-6                                         # a position costs a quarter of a plain step
+    spec.stepped(1, 1.0)                                        # a request's first plain step and first
+    spec.record(8, 8, 1.0)                                      # check make their bindings: not counted
+    assert spec.k == 8 and spec.cost() == (1.0, 0.0)            # nothing known: every guess free, k_max
     for _ in range(8):
-        spec.record(2, 0)
-    assert spec.off and spec.propose(None, 10) == []           # plain decoding from here on
+        spec.stepped(1, a + b)
+    for n in (2, 5, 9):
+        spec.record(n - 1, n - 1, a + b * n)
+    assert spec.k == 8 and runner.step_cost is None             # 3 checks timed: not yet a line
+    spec.record(8, 3, a + b * 9)
+    assert spec.cost() == pytest.approx((a, b))
+    assert 1 <= spec.k < 8 and not spec.off                     # alpha 25/27: a guess of 7 pays more than 8
+    for _ in range(8):
+        spec.record(max(spec.k, 1), 0, a + b * (max(spec.k, 1) + 1))
+    assert spec.off and spec.propose(None, 10) == []            # alpha 0.1 < b / (a + b): plain decoding
+    assert runner.step_cost == pytest.approx((a, b))            # 8 of each timed: the runner's line
+    assert Speculation(proposer=None, k=8, runner=runner).k == 1   # the next request starts from it
 
 
 def test_bad_speculation_requests(stories_engine):
@@ -139,3 +156,18 @@ def test_a_server_wide_default(stories_package, stories_engine, copy_prompt):
         off = client.completions.create(model="stories", prompt=copy_prompt, max_tokens=10, temperature=0,
                                         extra_body={"nextoken": {"speculative": {"method": "prompt_lookup", "k": 1}}})
         assert off.model_extra["nextoken"]["usage"]["proposed_tokens"] <= 9          # the request's own setting
+
+
+def test_bench_speculative(stories_package):
+    """``nextoken bench --speculative``: both tasks, plain and speculative side by side, the settings printed."""
+    import json
+
+    got = run_cli("bench", str(stories_package), "--speculative", "prompt_lookup:4", "--new", "30", "--repeat", "1",
+                  "--threads", "1", "--no-spin", "--json", "/dev/stdout")
+    assert got.returncode == 0, got.stderr
+    report = json.loads(got.stdout[got.stdout.index("{"):])
+    assert report["threads"] == 1 and report["spin"] is False
+    rows = {r["task"]: r for r in report["rows"]}
+    assert set(rows) == {"copies its prompt", "nothing to copy"}
+    assert all(r["identical"] and r["k"] == 4 and r["plain_tok_s"] > 0 and r["speculative_tok_s"] > 0 for r in rows.values())
+    assert rows["copies its prompt"]["kept"] > 0

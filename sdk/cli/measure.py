@@ -9,7 +9,7 @@ import sys
 from pathlib import Path
 
 from ..errors import NextokenError
-from .common import UsageError, open_engine, plugin_options, positive_int, runtime_options
+from .common import UsageError, open_engine, plugin_options, positive_int, runtime_options, speculative_of
 
 def _cmd_bench(args: argparse.Namespace) -> int:
     from ..tools.bench import run_bench, run_compare
@@ -34,6 +34,16 @@ def _cmd_bench(args: argparse.Namespace) -> int:
             from ..tools.bench import plot_compare
 
             print(f"chart: {plot_compare(report, args.plot)}", file=sys.stderr)
+        return 0
+    if args.speculative:
+        from ..tools.bench import run_speculative
+
+        with open_engine(args) as engine:
+            report = run_speculative(engine, [speculative_of(t) for t in args.speculative], new_tokens=args.new,
+                                     repeat=args.repeat)
+        print(report.table())
+        if args.json:
+            Path(args.json).write_text(json.dumps(report.to_dict(), indent=2) + "\n")
         return 0
     with open_engine(args) as engine:
         report = run_bench(engine, batches=args.batch, prompt_tokens=args.prompt_tokens, new_tokens=args.new,
@@ -124,6 +134,9 @@ def add_commands(sub) -> None:
                    help="also run the full built-in chain (temperature, top-k, top-p, repetition penalty, 2 stop strings)")
     p.add_argument("--constrained", action="store_true",
                    help="also run under a JSON schema (constrained decoding; setting 'json')")
+    p.add_argument("--speculative", action="append", default=None, metavar="METHOD[:K]",
+                   help="instead: decode tok/s at batch 1 with this speculation against plain decoding, on a prompt "
+                        "the model's story repeats and on one with nothing to copy (repeatable: one row each)")
     p.add_argument("--compare", default=None, metavar="optimum,transformers,genai,llamacpp",
                    help="also run these from the same checkpoint, each in its own process, alternating")
     p.add_argument("--precision", choices=("fp32", "int8", "int4"), default="fp32",

@@ -19,7 +19,8 @@ from ..engine import Engine
 from ..errors import InvalidRequestError, NextokenError
 from ..types import SamplingParams
 
-__all__ = ["run_bench", "BenchRow", "BenchReport", "CHAIN", "run_compare", "CompareReport", "PeerRow", "PEERS"]
+__all__ = ["run_bench", "BenchRow", "BenchReport", "CHAIN", "run_compare", "CompareReport", "PeerRow", "PEERS",
+           "run_speculative", "SpeculativeReport"]
 
 #: The full built-in chain: every processor that changes a distribution, sampling, two stop strings.
 CHAIN = dict(temperature=0.8, top_k=50, top_p=0.9, repetition_penalty=1.1, seed=0,
@@ -151,6 +152,74 @@ def run_bench(engine: Engine, batches: Sequence[int] = (1, 8), prompt_tokens: in
                 usage = engine.generate(prompts, params.replace(hook_timings=True))[0].usage
                 hooks[batch] = {k: v / max(usage.steps, 1) for k, v in (usage.hook_ms or {}).items()}
     return BenchReport(str(engine.path), engine.device.describe(), engine.threads, engine.spin, rows, hooks)
+
+
+# -- speculative decoding against plain ----------------------------------------------------------------
+
+@dataclass
+class SpeculativeReport:
+    """Decode tok/s at batch 1 with and without speculation, side by side in one run: by task and
+    setting, medians over the runs, the guesses kept and made (last run), and whether the tokens
+    were identical in every run."""
+
+    package: str
+    device: str
+    threads: int | None
+    spin: bool
+    new_tokens: int
+    #: (task, method, k, prompt tokens, plain tok/s, speculative tok/s, kept, guessed, identical)
+    rows: list[tuple[str, str, int, int, float, float, int, int, bool]]
+
+    def to_dict(self) -> dict[str, Any]:
+        keys = ("task", "method", "k", "prompt_tokens", "plain_tok_s", "speculative_tok_s", "kept", "guessed",
+                "identical")
+        return {"package": self.package, "device": self.device, "threads": self.threads, "spin": self.spin,
+                "new_tokens": self.new_tokens, "rows": [dict(zip(keys, r)) for r in self.rows]}
+
+    def table(self) -> str:
+        lines = [f"{self.package} on {self.device} (threads {self.threads or 'default'}, spin "
+                 f"{'on' if self.spin else 'off'}), batch 1, {self.new_tokens} new tokens, greedy",
+                 f"{'task':18} {'method':14} {'k':>3} {'prompt':>6} {'plain tok/s':>11} {'spec tok/s':>10} "
+                 f"{'ratio':>6} {'kept/guessed':>12} identical"]
+        for task, method, k, prompt, plain, spec, kept, guessed, same in self.rows:
+            lines.append(f"{task:18} {method:14} {k:>3} {prompt:>6} {plain:>11.0f} {spec:>10.0f} "
+                         f"{spec / plain if plain else 0.0:>5.2f}x {f'{kept}/{guessed}':>12} {same}")
+        return "\n".join(lines)
+
+
+def speculative_tasks(engine: Engine, story_tokens: int = 300) -> dict[str, list[int]]:
+    """Two prompts: one whose continuation largely repeats it (the model's own greedy story from a
+    seed, then the seed and the story's first words again: it goes on much as it did the first
+    time) and one with nothing to copy (the seed alone)."""
+    seed = engine.encode("Once upon a time") if engine.tokenizer is not None else _prompts(engine, 1, 8)[0]
+    story = engine.generate(seed, max_new_tokens=story_tokens + 24, ignore_eos=True).token_ids
+    return {"copies its prompt": seed + story[:story_tokens] + seed + story[:24], "nothing to copy": seed}
+
+
+def run_speculative(engine: Engine, settings: Sequence[dict], new_tokens: int = 150, repeat: int = 5,
+                    tasks: dict[str, list[int]] | None = None) -> SpeculativeReport:
+    """Each task (default :func:`speculative_tasks`) decoded plainly and with each speculative
+    setting (``{"method": ..., "k": ...}``), alternating, ``repeat`` times after a warm-up; greedy."""
+    tasks = tasks if tasks is not None else speculative_tasks(engine)
+    room = engine.manifest.context_length - max(len(p) for p in tasks.values())
+    if room < 2:
+        raise InvalidRequestError(f"the tasks' prompts fill the context window ({engine.manifest.context_length})")
+    new_tokens = min(new_tokens, room)
+    rows = []
+    for task, prompt in tasks.items():
+        for setting in settings:
+            params = SamplingParams(max_new_tokens=new_tokens)
+            speculative = params.replace(speculative=dict(setting))
+            engine.generate(prompt, params), engine.generate(prompt, speculative)          # warm-up
+            plain, spec, same = [], [], True
+            for _ in range(repeat):
+                a, b = engine.generate(prompt, params), engine.generate(prompt, speculative)
+                plain.append(a.usage.decode_tokens_per_s)
+                spec.append(b.usage.decode_tokens_per_s)
+                same &= a.token_ids == b.token_ids
+            rows.append((task, setting["method"], speculative.speculative["k"], len(prompt), statistics.median(plain),
+                         statistics.median(spec), b.usage.accepted_tokens, b.usage.proposed_tokens, same))
+    return SpeculativeReport(str(engine.path), engine.device.describe(), engine.threads, engine.spin, new_tokens, rows)
 
 
 # -- comparing with peers ------------------------------------------------------------------------------
