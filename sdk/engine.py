@@ -14,12 +14,12 @@ import onnxruntime as ort
 from .chat import Message, render_chat
 from .device import DeviceChoice, heavy_on_cpu, resolve_device, session_options, spin_policy
 from .dtypes import kv_dtype
-from .errors import InvalidRequestError, ModelPackageError
+from .errors import InvalidRequestError, ModelPackageError, NextokenError
 from .generation import Generation
 from .kvbackends import for_request
 from .kvcache import CacheOps, StepRunner
 from .manifest import Manifest, TensorSpec
-from .prefixcache import PrefixCache
+from .prefixcache import DiskTier, PrefixCache, package_identity
 from .probes import release_free_heap
 from .registry import Pipeline, Registry
 from .scheduler import Scheduler
@@ -71,7 +71,9 @@ class Engine:
     None: the NEXTOKEN_TF32 environment variable, off when unset: fp32 stays fp32).
     ``prefix_cache_bytes``: keep the KV cache of prompt prefixes (blocks of 32 tokens) up to this
     many bytes and reuse it for later prompts that start the same way (0, the default: off; see
-    :mod:`nextoken.prefixcache`). ``verify``: how the package's files are checked against the
+    :mod:`nextoken.prefixcache`); ``prefix_cache_dir``: also keep them on disk there, up to
+    ``prefix_cache_disk_bytes``, for later engines of the same package (e.g. after a restart).
+    ``verify``: how the package's files are checked against the
     checksums of its export before anything is loaded (None: sha256 once, then trusted while sizes and mtimes are unchanged;
     True: sha256 every load; False: sizes only); a changed file is a :class:`ModelPackageError`.
 
@@ -83,7 +85,8 @@ class Engine:
                  spin: bool | None = None, plugins: bool | Sequence[str] | None = None,
                  extra_plugins: Sequence[Any] = (),
                  cost_meters: Mapping[str, Mapping[str, Any]] | None = None, tf32: bool | None = None,
-                 verify: bool | None = None, prefix_cache_bytes: int = 0) -> None:
+                 verify: bool | None = None, prefix_cache_bytes: int = 0,
+                 prefix_cache_dir: str | Path | None = None, prefix_cache_disk_bytes: int = 1 << 30) -> None:
         self.path = Path(path)
         if not self.path.exists():
             raise ModelPackageError(f"model package {self.path} does not exist")
@@ -139,7 +142,19 @@ class Engine:
         self._cache_ops: CacheOps | None = None
         self._cache_ops_lock = threading.Lock()
         #: prompt prefixes' KV caches reused across requests (None: off, ``prefix_cache_bytes=0``)
-        self.prefix_cache: PrefixCache | None = PrefixCache(prefix_cache_bytes) if prefix_cache_bytes > 0 else None
+        self.prefix_cache: PrefixCache | None = None
+        if prefix_cache_dir is not None and prefix_cache_bytes <= 0:
+            raise NextokenError("prefix_cache_dir needs prefix_cache_bytes > 0: the disk tier's entries are loaded "
+                                "into the memory tier (--prefix-cache-mb)")
+        if prefix_cache_bytes > 0:
+            disk = None
+            if prefix_cache_dir is not None:
+                if not self.manifest.checksums:
+                    raise ModelPackageError(f"{self.path} records no checksums, so the prefix cache's disk tier "
+                                            "cannot tell it from a changed package; export it again")
+                identity = package_identity(self.manifest.checksums, self.manifest.kv_dtype, self.device.provider)
+                disk = DiskTier(prefix_cache_dir, identity, prefix_cache_disk_bytes, 32, self.runner.cache_of)
+            self.prefix_cache = PrefixCache(prefix_cache_bytes, disk=disk)
         self.eos_token_ids: tuple[int, ...] = tuple(self.manifest.eos_token_ids)
         pad = self.manifest.pad_token_id
         self.pad_token_id = pad if pad is not None else (self.eos_token_ids[0] if self.eos_token_ids else 0)
@@ -156,7 +171,10 @@ class Engine:
 
     # -- lifecycle ------------------------------------------------------------------------------------
     def close(self) -> None:
-        """Release the ONNX Runtime session. The engine cannot generate afterwards."""
+        """Release the ONNX Runtime session (after the prefix cache's disk writes end). The engine
+        cannot generate afterwards."""
+        if self.prefix_cache is not None and self.prefix_cache.disk is not None:
+            self.prefix_cache.disk.flush()
         self.session = None  # type: ignore[assignment]
         self.runner = None  # type: ignore[assignment]
         self._cache_ops = None

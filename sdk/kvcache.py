@@ -105,6 +105,17 @@ class StepRunner:
         """An empty cache of ``batch_size`` rows, for :meth:`prefill`."""
         return KVCache(self.manifest, batch_size, self.device, self.device_id)
 
+    def cache_of(self, arrays: Sequence[np.ndarray]) -> KVCache:
+        """A cache holding ``arrays`` (host keys and values, in the past-input order) where this
+        runner's caches live."""
+        cache = self.new_cache(int(arrays[0].shape[0]))
+        if len(arrays) != len(cache.values) or any(np.dtype(a.dtype) != np.dtype(cache.dtype) for a in arrays):
+            raise NextokenError(f"{len(arrays)} arrays of {sorted({str(a.dtype) for a in arrays})} are not this "
+                                f"package's {len(cache.values)} {np.dtype(cache.dtype)} key and value tensors")
+        cache.values = [ort.OrtValue.ortvalue_from_numpy(np.ascontiguousarray(a), self.device, self.device_id)
+                        for a in arrays]
+        return cache
+
     # -- the public steps -----------------------------------------------------------------------------
     def prefill(self, cache: KVCache, input_ids: np.ndarray, attention_mask: np.ndarray,
                 position_ids: np.ndarray | None, all_logits: bool = False) -> np.ndarray:

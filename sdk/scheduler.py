@@ -280,7 +280,7 @@ class Scheduler:
         out.update(running=rows, waiting=self.waiting, kv_cache_bytes=held * self.engine.manifest.kv_bytes_per_token(),
                    kv_buffer_bytes=self.kv.nbytes(), slots=self.max_batch if self.kv_backend == "slots" else 0,
                    slots_used=rows if self.kv_backend == "slots" else 0)
-        cache = getattr(self.engine, "prefix_cache", None)
+        cache = self.engine.prefix_cache
         if cache is not None:
             stats = cache.stats
             out["prefix_cache"] = {"hits": stats.hits, "misses": stats.misses, "cached_tokens": stats.cached_tokens,
@@ -586,7 +586,7 @@ class Scheduler:
                 self._end_early(handle, exc)
             else:
                 started.append(handle)
-        cache = getattr(self.engine, "prefix_cache", None)
+        cache = self.engine.prefix_cache
         if cache is not None:                      # a single prompt's sequences go through the prefix cache
             single = [h for h in started if h.rows == h.generation.params.n]
             for handle in single:

@@ -97,6 +97,7 @@ class _Runner:
 
     def __init__(self, model: ScriptedModel, manifest: Manifest) -> None:
         self.model, self.manifest = model, manifest
+        self.step_cost = None                        # as StepRunner's: speculation's cost line
 
     def new_cache(self, batch_size: int) -> _Cache:
         return _Cache(batch_size)
@@ -195,6 +196,7 @@ class FakeEngine(Engine):
         self.threads, self.spin, self.spin_reason = 1, False, "a scripted model"
         self.session = None
         self.runner = _Runner(model, self.manifest)  # type: ignore[assignment]
+        self.prefix_cache = None
         self.eos_token_ids = tuple(eos_token_ids)
         self.pad_token_id = pad_token_id
 

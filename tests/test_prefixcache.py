@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import pytest
 
+import nextoken
 from nextoken import Engine, Scheduler
 from nextoken.prefixcache import PrefixCache
 from helpers import serving, wrap_steps
@@ -114,3 +115,69 @@ def test_concurrent_requests_sharing_a_prefix_through_the_server(tiny_llama):
         with Engine(tiny_llama[1], plugins=False) as plain:
             assert [a.choices[0].text for a in answers] == [
                 plain.generate(SYSTEM + [20 + i], max_new_tokens=6).text for i in range(6)]
+
+
+# -- the disk tier ------------------------------------------------------------------------------------
+
+def _disk_engine(package, directory, **kw):
+    return Engine(package, plugins=False, prefix_cache_bytes=16 << 20, prefix_cache_dir=directory, **kw)
+
+
+def test_the_disk_tier_serves_a_later_engine_with_the_same_tokens(stories_package, stories_engine, tmp_path):
+    """A long system prompt written by one engine is read by the next (a restart): its tokens are
+    reused and the answer is what a fresh prefill gives, greedy and seeded."""
+    system = stories_engine.encode("Once upon a time, there was a little girl named Lily. " * 6)
+    with _disk_engine(stories_package, tmp_path) as first:
+        assert first.generate(system + stories_engine.encode(" She"), max_new_tokens=5).usage.cached_tokens == 0
+    (folder,) = tmp_path.iterdir()                                  # one folder: this package's identity
+    assert [p.suffix for p in folder.iterdir()] == [".npz"]
+    for kw in (dict(), dict(temperature=0.9, seed=4)):
+        prompt = system + stories_engine.encode(" The dog")
+        with _disk_engine(stories_package, tmp_path) as later:
+            got = later.generate(prompt, max_new_tokens=24, **kw)
+            stats = later.prefix_cache.stats
+        assert 64 <= got.usage.cached_tokens < len(prompt) and stats.disk_hits == 1
+        assert got.token_ids == stories_engine.generate(prompt, max_new_tokens=24, **kw).token_ids
+
+
+def test_a_changed_package_never_reads_the_disk_tier(stories_package, stories_engine, tmp_path):
+    import shutil
+
+    from nextoken.manifest import Manifest
+
+    system = stories_engine.encode("Once upon a time, there was a little girl named Lily. " * 6)
+    with _disk_engine(stories_package, tmp_path / "kv") as first:
+        first.generate(system + [5], max_new_tokens=2)
+    changed = tmp_path / "changed"
+    shutil.copytree(stories_package, changed)
+    config = changed / "generation_config.json"
+    config.write_text(config.read_text().rstrip().rstrip("}") + ', "note": "edited"}\n')
+    Manifest.load(changed).with_files(changed).save(changed)        # a consistent package, one file changed
+    with _disk_engine(changed, tmp_path / "kv") as other:
+        got = other.generate(system + [5], max_new_tokens=2)
+        assert got.usage.cached_tokens == 0 and other.prefix_cache.stats.disk_hits == 0
+    assert len(list((tmp_path / "kv").iterdir())) == 2              # its own folder, nothing shared
+    with _disk_engine(stories_package, tmp_path / "kv", device="cpu") as same:   # the original still hits
+        assert same.generate(system + [5], max_new_tokens=2).usage.cached_tokens > 0
+
+
+def test_the_disk_tier_skips_foreign_files_and_keeps_within_its_bytes(stories_package, stories_engine, tmp_path, caplog):
+    import numpy as np
+
+    prompts = [stories_engine.encode(f"{word} upon a time, there was a little girl named Lily. " * 4)
+               for word in ("Once", "Twice", "Thrice")]
+    with _disk_engine(stories_package, tmp_path) as engine:
+        engine.generate(prompts[0] + [5], max_new_tokens=1)
+        engine.prefix_cache.disk.flush()
+        size = engine.prefix_cache.stats.disk_bytes
+    (folder,) = tmp_path.iterdir()
+    np.savez(folder / "f00.npz", meta=np.array('{"format": "nextoken-prefix-kv", "version": 2}'), ids=np.arange(3))
+    (folder / "junk.npz").write_bytes(b"not an archive")
+    with _disk_engine(stories_package, tmp_path, prefix_cache_disk_bytes=int(size * 1.5)) as engine:
+        assert "skipped" in caplog.text and engine.prefix_cache.stats.disk_entries == 1
+        for prompt in prompts[1:]:                                  # each new entry pushes out the oldest
+            engine.generate(prompt + [5], max_new_tokens=1)
+            engine.prefix_cache.disk.flush()
+        assert engine.prefix_cache.stats.disk_entries == 1 and engine.prefix_cache.stats.disk_bytes <= size * 1.5
+    with pytest.raises(nextoken.NextokenError, match="prefix_cache_dir needs prefix_cache_bytes"):
+        Engine(stories_package, plugins=False, prefix_cache_dir=tmp_path)

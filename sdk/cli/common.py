@@ -38,7 +38,16 @@ def open_engine(args: argparse.Namespace, package=None):
     from ..engine import Engine
 
     return Engine(package or args.package, device=args.device, threads=args.threads, spin=args.spin,
-                  plugins=external_plugins(args), cost_meters=meters_of(args), tf32=args.tf32)
+                  plugins=external_plugins(args), cost_meters=meters_of(args), tf32=args.tf32,
+                  **prefix_cache_of(args))
+
+
+def prefix_cache_of(args: argparse.Namespace) -> dict:
+    """The prefix-cache flags (:func:`prefix_cache_options`) as Engine arguments (none when absent)."""
+    if getattr(args, "prefix_cache_mb", None) is None:
+        return {}
+    return {"prefix_cache_bytes": int(args.prefix_cache_mb * (1 << 20)), "prefix_cache_dir": args.prefix_cache_dir,
+            "prefix_cache_disk_bytes": int(args.prefix_cache_disk_mb * (1 << 20))}
 
 
 def option_value(text: str):
@@ -231,6 +240,15 @@ def runtime_options(p: argparse.ArgumentParser) -> None:
                         "NEXTOKEN_SPIN when set, else on when the host's load leaves the threads their cores)")
     p.add_argument("--tf32", action=argparse.BooleanOptionalAction, default=None,
                    help="CUDA: fp32 matrix products in TensorFloat-32, faster and less exact (default: off, or NEXTOKEN_TF32)")
+
+
+def prefix_cache_options(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--prefix-cache-mb", type=float, default=0, metavar="MB",
+                   help="reuse the KV cache of prompt prefixes across requests, up to this many MiB (default 0: off)")
+    p.add_argument("--prefix-cache-dir", default=None, metavar="DIR",
+                   help="with --prefix-cache-mb: also keep them on disk here, for later runs of the same package")
+    p.add_argument("--prefix-cache-disk-mb", type=float, default=1024, metavar="MB",
+                   help="with --prefix-cache-dir: at most this many MiB of files (default 1024)")
 
 
 def plugin_options(p: argparse.ArgumentParser) -> None:

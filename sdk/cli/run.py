@@ -7,7 +7,8 @@ import json
 import sys
 from pathlib import Path
 
-from .common import cache_dir, generate, speculative_of, generation_options, open_engine, positive_int, runtime_options
+from .common import (cache_dir, generate, generation_options, open_engine, positive_int, prefix_cache_of,
+                     prefix_cache_options, runtime_options, speculative_of)
 
 def _cmd_generate(args: argparse.Namespace) -> int:
     with open_engine(args) as engine:
@@ -35,7 +36,7 @@ def _cmd_serve(args: argparse.Namespace) -> int:
     serve(args.package, host=args.host, port=args.port, max_batch=args.max_batch, api_key=args.api_key,
           model_name=args.model_name, device=args.device, threads=args.threads,
           scheduler_options=_scheduler_options(args), spin=args.spin, tf32=args.tf32,
-          header_timeout_s=args.header_timeout, prefix_cache_bytes=int(args.prefix_cache_mb * (1 << 20)),
+          header_timeout_s=args.header_timeout, **prefix_cache_of(args),
           speculative=args.speculative and speculative_of(args.speculative), record_dir=args.record_dir)
     return 0
 
@@ -96,6 +97,7 @@ def add_commands(sub) -> None:
     p.add_argument("prompt", help="the prompt text")
     generation_options(p)
     runtime_options(p)
+    prefix_cache_options(p)
     p.set_defaults(func=_cmd_generate)
 
     p = sub.add_parser("chat", help="one chat turn, with the model's chat template")
@@ -104,6 +106,7 @@ def add_commands(sub) -> None:
     p.add_argument("--system", default=None, help="a system message")
     generation_options(p)
     runtime_options(p)
+    prefix_cache_options(p)
     p.set_defaults(func=_cmd_chat)
 
     p = sub.add_parser("serve", help="serve a package over an OpenAI-compatible HTTP API (extra: serve)")
@@ -123,8 +126,6 @@ def add_commands(sub) -> None:
                    help="speculative decoding for requests that do not ask otherwise, e.g. prompt_lookup:4")
     p.add_argument("--record-dir", default=None, metavar="DIR",
                    help="write every request's record here, for `nextoken replay` (they hold prompts: protect DIR)")
-    p.add_argument("--prefix-cache-mb", type=float, default=0, metavar="MB",
-                   help="reuse the KV cache of prompt prefixes across requests, up to this many MiB (default 0: off)")
     p.add_argument("--header-timeout", type=float, default=10.0, metavar="SECONDS",
                    help="close a connection that has not sent a complete request head in this time (default 10)")
     p.add_argument("--ray", action="store_true", help="scale out on Ray Serve (extra: ray): one engine per replica")
@@ -135,6 +136,7 @@ def add_commands(sub) -> None:
     p.add_argument("--ray-metrics-interval", type=float, default=5.0, metavar="SECONDS",
                    help="with --ray: seconds between two copies of a replica's metrics into Ray's export (default 5)")
     runtime_options(p)
+    prefix_cache_options(p)
     p.set_defaults(func=_cmd_serve)
 
     p = sub.add_parser("demo", help="export a model (default: an untrained tiny Llama, no download) and generate")

@@ -599,13 +599,15 @@ def serve(package: str, host: str = "127.0.0.1", port: int = 8000, max_batch: in
           model_name: str | None = None, device: str = "auto", threads: int | None = None,
           scheduler_options: dict[str, Any] | None = None, spin: bool | None = None,
           tf32: bool | None = None, header_timeout_s: float = 10.0, prefix_cache_bytes: int = 0,
-          speculative: Mapping[str, Any] | None = None, record_dir: str | None = None) -> None:
+          speculative: Mapping[str, Any] | None = None, record_dir: str | None = None,
+          prefix_cache_dir: str | None = None, prefix_cache_disk_bytes: int = 1 << 30) -> None:
     """Load ``package`` and serve it until interrupted (``scheduler_options``: more
     :class:`~nextoken.Scheduler` arguments: ``max_prefill_tokens``, ``kv_backend``, ``slot_length``;
     ``spin``, ``tf32``: as :class:`~nextoken.Engine` takes them). Connections: idle ones close after 5 s
     between requests, and one that has not sent a whole request head within ``header_timeout_s``
-    (half-open, or a client that stalls in its headers) is closed. ``prefix_cache_bytes``: the
-    engine's prefix cache (0: off). ``speculative``: speculative decoding for requests that do not
+    (half-open, or a client that stalls in its headers) is closed. ``prefix_cache_bytes``,
+    ``prefix_cache_dir``, ``prefix_cache_disk_bytes``: the engine's prefix cache (0: off) and its
+    disk tier. ``speculative``: speculative decoding for requests that do not
     set their own (e.g. ``{"method": "prompt_lookup", "k": 4}``)."""
     try:
         import uvicorn
@@ -615,9 +617,10 @@ def serve(package: str, host: str = "127.0.0.1", port: int = 8000, max_batch: in
 
     from ..engine import Engine
 
-    engine = Engine(package, device=device, threads=threads, spin=spin, tf32=tf32, prefix_cache_bytes=prefix_cache_bytes)
+    engine = Engine(package, device=device, threads=threads, spin=spin, tf32=tf32, prefix_cache_bytes=prefix_cache_bytes,
+                    prefix_cache_dir=prefix_cache_dir, prefix_cache_disk_bytes=prefix_cache_disk_bytes)
     name = model_name or Path(package).resolve().name
-    with Scheduler(engine, max_batch=max_batch, **(scheduler_options or {})) as scheduler:
+    with engine, Scheduler(engine, max_batch=max_batch, **(scheduler_options or {})) as scheduler:
         app = create_app(scheduler, name, api_key=api_key, speculative=speculative, record_dir=record_dir)
         slots = (f"{scheduler.max_batch} slots of {scheduler.slot_length} positions"
                  if scheduler.kv_backend == "slots" else f"batches of up to {scheduler.max_batch}")
