@@ -61,10 +61,15 @@ _DRAFTS_LOCK = threading.Lock()
 
 
 class DraftModel:
-    """Guesses with a smaller package's greedy continuation (its window's worth of the sequence)."""
+    """Guesses with a smaller package's greedy continuation. Per sequence the draft keeps its own
+    KV cache (:meth:`nextoken.Engine.cached_forward`): a guess runs only the tokens the model kept
+    since the last one, then one draft step a guessed token; the draft's guesses the model did not
+    keep are cut away. A sequence longer than the draft's window is guessed from its newest
+    tokens, prefilled each time."""
 
     def __init__(self, engine: nextoken.Engine) -> None:
         self.engine = engine
+        self.rows: dict[int, tuple] = {}           # row -> (its cached forward, tokens certainly common)
 
     def __call__(self, state, row: int, k: int) -> list[int]:
         manifest = self.engine.manifest
@@ -72,8 +77,21 @@ class DraftModel:
             raise ValueError(f"the draft model's vocabulary ({manifest.vocab_size} tokens) is not the model's "
                              f"({state.vocab_size}); a draft must share the tokenizer")
         ids = state.prompts[row] + state.generated[row]
-        ids = ids[-max(1, manifest.context_length - k):]
-        return self.engine.generate(ids, max_new_tokens=k, ignore_eos=True).token_ids
+        window = max(1, manifest.context_length - k)
+        if len(ids) > window:                      # positions move with the window: no cache to keep
+            self.rows.pop(row, None)
+            return self.engine.generate(ids[-window:], max_new_tokens=k, ignore_eos=True).token_ids
+        forward, common = self.rows.get(row) or (self.engine.cached_forward(), 0)
+        held = forward.tokens                      # the sequence only grows: what it held then is common
+        while common < len(held) and common < len(ids) and held[common] == ids[common]:
+            common += 1
+        forward.truncate(min(common, len(ids) - 1))   # the last token runs again: its logits are the guess's
+        logits = forward.feed(ids[len(forward.tokens):])[-1]
+        guess = [int(logits.argmax())]
+        while len(guess) < k:
+            guess.append(int(forward.feed(guess[-1:])[-1].argmax()))
+        self.rows[row] = (forward, len(ids))
+        return guess
 
 
 def make_draft(params, options):

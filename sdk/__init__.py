@@ -6,7 +6,7 @@
 """
 
 from .device import DeviceChoice, resolve_device
-from .engine import Engine, Prompt
+from .engine import CachedForward, Engine, Prompt
 from .errors import (
     ContextWindowError,
     DeviceError,
@@ -39,7 +39,7 @@ from .tokenizer import IncrementalDecoder, Tokenizer
 __version__ = "0.1.0"
 
 __all__ = [
-    "Engine", "Prompt", "SamplingParams", "Completion", "StreamEvent", "Usage", "Generation", "Timings",
+    "Engine", "CachedForward", "Prompt", "SamplingParams", "Completion", "StreamEvent", "Usage", "Generation", "Timings",
     "BatchState", "Stop", "Charge", "TokenLogprob", "ToolCall", "Registry", "hookimpl", "hookspec", "Scheduler", "RequestHandle",
     "Manifest", "FORMAT_VERSION", "Tokenizer", "IncrementalDecoder", "DeviceChoice", "resolve_device",
     "NextokenError", "ModelPackageError", "ManifestMismatchError", "InvalidRequestError",

@@ -14,7 +14,7 @@ import onnxruntime as ort
 from .chat import Message, render_chat
 from .device import DeviceChoice, heavy_on_cpu, resolve_device, session_options, spin_policy
 from .dtypes import kv_dtype
-from .errors import InvalidRequestError, ModelPackageError, NextokenError
+from .errors import ContextWindowError, InvalidRequestError, ModelPackageError, NextokenError
 from .generation import Generation
 from .kvbackends import for_request
 from .kvcache import CacheOps, StepRunner
@@ -357,6 +357,54 @@ class Engine:
         row = np.asarray([ids], dtype=np.int64)
         positions = np.arange(row.shape[1], dtype=np.int64)[None, :]
         return self.runner.prefill(self.runner.new_cache(1), row, np.ones_like(row), positions, all_logits=True)[0]
+
+    def cached_forward(self, max_length: int | None = None) -> "CachedForward":
+        """One sequence run piece by piece over a KV cache kept between calls (up to ``max_length``
+        positions, default the context window): :meth:`CachedForward.feed` tokens for the logits
+        after them, :meth:`CachedForward.truncate` back to a prefix. For plugins that run a model
+        alongside generation (a draft model's guesses)."""
+        if self.runner is None:
+            raise InvalidRequestError("this engine is closed; load the package again")
+        return CachedForward(self, max_length or self.manifest.context_length)
+
+
+class CachedForward:
+    """A sequence's keys and values kept between forward passes (:meth:`Engine.cached_forward`):
+    ``tokens`` is what the cache holds."""
+
+    def __init__(self, engine: Engine, max_length: int) -> None:
+        if not 1 <= max_length <= engine.manifest.context_length:
+            raise InvalidRequestError(f"max_length must be in [1, {engine.manifest.context_length}], not {max_length}")
+        self.engine, self.max_length = engine, max_length
+        self.tokens: list[int] = []
+        self._kv: Any = None
+
+    def feed(self, ids: Sequence[int]) -> np.ndarray:
+        """Run ``ids`` after what the cache holds; the logits after each of them ``[len(ids), V]``
+        (after the last only when the cache was empty: a prefill)."""
+        ids = [int(t) for t in ids]
+        if not ids:
+            raise InvalidRequestError("feed needs at least one token id")
+        if len(self.tokens) + len(ids) > self.max_length:
+            raise ContextWindowError(f"{len(self.tokens)} + {len(ids)} tokens exceed this cache's {self.max_length} "
+                                     "positions; truncate it first")
+        if self._kv is None or not self.tokens:
+            self._kv = for_request(self.engine.runner, 1, self.max_length, self.engine.pad_token_id,
+                                   ops=self.engine.cache_ops)
+            pre = self._kv.prefill([ids])
+            self._kv.join(pre)
+            logits = pre.logits
+        else:
+            logits = self._kv.extend(0, ids)
+        self.tokens += ids
+        return logits
+
+    def truncate(self, length: int) -> None:
+        """Keep the first ``length`` tokens' keys and values."""
+        if length < len(self.tokens):
+            if length > 0:
+                self._kv.truncate(0, length)
+            self.tokens = self.tokens[:length]
 
 
 def _is_single(prompts: Any) -> bool:

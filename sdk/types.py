@@ -180,7 +180,8 @@ class SamplingParams:
                                  metavar="FILE")
     speculative: Mapping[str, Any] | None = _field(
         None, "speculative decoding: {'method': 'prompt_lookup', 'k': 4} (a proposer plugin guesses up to k tokens "
-        "the model checks in one step; the same text, fewer steps); CLI: METHOD[:K]", metavar="METHOD[:K]")
+        "the model checks in one step; the same text, fewer steps); CLI: METHOD[:K[:MODEL]], MODEL a draft package",
+        metavar="METHOD[:K[:MODEL]]")
     record: bool = _field(False, "keep a record of the request (completion.record) to replay it later; it holds the "
                           "prompt", flag=None, api=None)
     n: int = _field(1, f"choices for each prompt (at most {MAX_CHOICES}): each its own sequence, from one prefill of "

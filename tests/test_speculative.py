@@ -115,7 +115,7 @@ def test_cli_speculative(stories_package):
                   "--speculative", "prompt_lookup:3", "--json")
     assert got.returncode == 0, got.stderr
     bad = run_cli("generate", str(stories_package), "Hi", "--speculative", "prompt_lookup:x")
-    assert bad.returncode == 2 and "METHOD[:K]" in bad.stderr
+    assert bad.returncode == 2 and "METHOD[:K[:MODEL]]" in bad.stderr
 
 
 def test_through_the_server(stories_package, stories_engine, copy_prompt):
@@ -144,6 +144,28 @@ def test_a_draft_model_proposes_and_the_tokens_stay_the_model_s(tiny_model):
                 greedy = engine.generate(prompt, max_new_tokens=24, ignore_eos=True,
                                          speculative={"method": "draft", "model": str(draft), "k": 4})
                 assert greedy.usage.accepted_tokens >= 0.8 * greedy.usage.proposed_tokens > 0
+
+
+def test_cached_forward_runs_a_sequence_piece_by_piece(tiny_model):
+    """What the draft proposer keeps per sequence: fed in pieces, with a cut back and a different
+    continuation, the logits are a one-pass forward's (both KV backends)."""
+    import numpy as np
+
+    for backend in ("nextoken", "optimum"):
+        with Engine(tiny_model("llama", backend)[1], plugins=False) as engine:
+            ids = list(range(5, 30))
+            whole = engine.forward(ids)
+            forward = engine.cached_forward(64)
+            first = forward.feed(ids[:10])                          # a prefill: the last position's logits
+            rest = forward.feed(ids[10:20])                         # an extension: each position's
+            np.testing.assert_allclose(first[-1], whole[9], atol=1e-4)
+            np.testing.assert_allclose(rest, whole[10:20], atol=1e-4)
+            forward.truncate(15)
+            other = [7, 8, 9]
+            np.testing.assert_allclose(forward.feed(other), engine.forward(ids[:15] + other)[15:], atol=1e-4)
+            assert forward.tokens == ids[:15] + other
+            with pytest.raises(nextoken.ContextWindowError, match="exceed this cache's 64 positions"):
+                forward.feed(list(range(50)))
 
 
 def test_a_server_wide_default(stories_package, stories_engine, copy_prompt):

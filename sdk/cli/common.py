@@ -149,12 +149,14 @@ def _read(path: str, flag: str) -> str:
 
 
 def speculative_of(text: str) -> dict:
-    """``--speculative METHOD[:K]`` as SamplingParams.speculative."""
-    method, _, k = text.partition(":")
+    """``--speculative METHOD[:K[:MODEL]]`` as SamplingParams.speculative (MODEL: a draft package)."""
+    method, _, rest = text.partition(":")
+    k, _, model = rest.partition(":")
     try:
-        return {"method": method, **({"k": int(k)} if k else {})}
+        return {"method": method, **({"k": int(k)} if k else {}), **({"model": model} if model else {})}
     except ValueError:
-        raise UsageError(f"--speculative takes METHOD[:K] (e.g. prompt_lookup:4), not {text!r}") from None
+        raise UsageError(f"--speculative takes METHOD[:K[:MODEL]] (e.g. prompt_lookup:4, draft:4:path/to/small-package), "
+                         f"not {text!r}") from None
 
 
 def _schema_file(path: str) -> dict:

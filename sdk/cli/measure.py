@@ -134,7 +134,7 @@ def add_commands(sub) -> None:
                    help="also run the full built-in chain (temperature, top-k, top-p, repetition penalty, 2 stop strings)")
     p.add_argument("--constrained", action="store_true",
                    help="also run under a JSON schema (constrained decoding; setting 'json')")
-    p.add_argument("--speculative", action="append", default=None, metavar="METHOD[:K]",
+    p.add_argument("--speculative", action="append", default=None, metavar="METHOD[:K[:MODEL]]",
                    help="instead: decode tok/s at batch 1 with this speculation against plain decoding, on a prompt "
                         "the model's story repeats and on one with nothing to copy (repeatable: one row each)")
     p.add_argument("--compare", default=None, metavar="optimum,transformers,genai,llamacpp",

@@ -122,7 +122,7 @@ def add_commands(sub) -> None:
                    help="with slots: positions per slot (default: the window, at most 2048)")
     p.add_argument("--api-key", default=None, help="require 'Authorization: Bearer KEY'")
     p.add_argument("--model-name", default=None, help="the model id clients use (default: the package folder's name)")
-    p.add_argument("--speculative", default=None, metavar="METHOD[:K]",
+    p.add_argument("--speculative", default=None, metavar="METHOD[:K[:MODEL]]",
                    help="speculative decoding for requests that do not ask otherwise, e.g. prompt_lookup:4")
     p.add_argument("--record-dir", default=None, metavar="DIR",
                    help="write every request's record here, for `nextoken replay` (they hold prompts: protect DIR)")
