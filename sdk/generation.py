@@ -137,15 +137,16 @@ def _log_softmax(logits: np.ndarray) -> np.ndarray:
 class Speculation:
     """A request's speculative decoding: its proposer (a plugin), what was guessed and kept, and how
     many tokens to guess next (``k``, at most ``k_max``): the count expected to make the most
-    tokens per second. A guessed position is kept with probability ``alpha`` once
-    the ones before it were (kept / (kept + misses) over the last eight checks, from one of each),
-    so a guess of k keeps ``alpha + ... + alpha**k`` on average, and a step of n positions takes
-    ``a + b * n`` seconds (a line through the request's last 32 steps, plain and checking, guessing
-    and binding included: on a CPU a big model's extra positions cost little, a tiny model's a tenth of a step
-    each; a request starts from the line the last one left on ``runner.step_cost``, as the line is
-    the model's and the host's). When no guess beats a plain step (``alpha`` under ``b / (a + b)``)
+    tokens per second. A guessed position is kept with probability ``alpha`` once the ones before
+    it were (kept / (kept + misses) over the last eight checks, from one of each), so a guess of k
+    keeps ``alpha + ... + alpha**k`` on average, and a step of n positions takes ``a + b * n``
+    seconds (a line through the request's last 32 steps, plain and checking, guessing and binding
+    included: on a CPU a big model's extra positions cost little, a tiny model's a tenth of a step
+    each). A request starts from the line the last one left on ``runner.step_cost``: the line is
+    the model's and the host's. When no guess beats a plain step (``alpha`` under ``b / (a + b)``)
     it stops (``off``: plain decoding from then on, as prompt lookup on text with nothing to copy
-    should)."""
+    should).
+    """
 
     def __init__(self, proposer: Any, k: int, runner: Any = None) -> None:
         self.proposer, self.k_max, self.k = proposer, k, k
@@ -200,8 +201,11 @@ class Speculation:
         self._checks.append((accepted, int(accepted < proposed)))
         if seconds is not None:
             self.stepped(proposed + 1, seconds)
+        fitted = self._fit()
+        if fitted is not None and self.runner is not None and min(self._counts) >= 8:
+            self.runner.step_cost = fitted
         kept = 1 + sum(a for a, _ in self._checks)
-        self.k = self._best(kept / (kept + 1 + sum(m for _, m in self._checks)), *self.cost())
+        self.k = self._best(kept / (kept + 1 + sum(m for _, m in self._checks)), *(fitted or self.cost()))
         if self.k == 0:
             self.off = True
 
@@ -216,18 +220,23 @@ class Speculation:
 
     def cost(self) -> tuple[float, float]:
         """(a, b): a step of n positions takes about ``a + b * n`` seconds: least squares over the
-        request's last 32 steps once 4 plain steps and 4 checks were timed (from 8 each on, left on
-        the runner for the next request); before, the last request's line, else b = 0."""
-        count = len(self._steps)
+        request's last 32 steps once 4 plain steps and 4 checks were timed (from 8 each on, it is
+        left on the runner for the next request); before, the last request's line, else b = 0."""
+        fitted = self._fit()
+        if fitted is not None:
+            return fitted
+        if self.runner is not None and self.runner.step_cost is not None:
+            return self.runner.step_cost
+        return (self._sums[1] / len(self._steps) if self._steps else 1.0), 0.0
+
+    def _fit(self) -> tuple[float, float] | None:
+        """The request's own line, once 4 plain steps and 4 checks were timed."""
         if min(self._counts) < 4:
-            known = self.runner.step_cost if self.runner is not None else None
-            return known if known is not None else (self._sums[1] / count if count else 1.0, 0.0)
+            return None
+        count = len(self._steps)
         n, t, nn, nt = self._sums
         b = max((nt - n * t / count) / max(nn - n * n / count, 1e-9), 0.0)
-        line = (max((t - b * n) / count, 1e-3 * t / count, 1e-12), b)
-        if self.runner is not None and min(self._counts) >= 8:
-            self.runner.step_cost = line
-        return line
+        return max((t - b * n) / count, 1e-3 * t / count, 1e-12), b
 
 
 @dataclass(frozen=True)
