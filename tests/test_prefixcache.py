@@ -181,3 +181,22 @@ def test_the_disk_tier_skips_foreign_files_and_keeps_within_its_bytes(stories_pa
         assert engine.prefix_cache.stats.disk_entries == 1 and engine.prefix_cache.stats.disk_bytes <= size * 1.5
     with pytest.raises(nextoken.NextokenError, match="prefix_cache_dir needs prefix_cache_bytes"):
         Engine(stories_package, plugins=False, prefix_cache_dir=tmp_path)
+
+
+def test_concurrent_requests_through_a_restarted_server_read_the_disk_tier(tiny_llama, tmp_path):
+    from concurrent.futures import ThreadPoolExecutor
+
+    options = {"prefix_cache_bytes": 64 << 20, "prefix_cache_dir": tmp_path}
+    with serving(tiny_llama[1], "tiny", engine_options=options) as (client, *_):
+        client.completions.create(model="tiny", prompt=SYSTEM + [1], max_tokens=2, temperature=0)   # written
+    with serving(tiny_llama[1], "tiny", engine_options=options) as (client, engine, *_):           # a restart
+        def ask(i: int):
+            return client.completions.create(model="tiny", prompt=SYSTEM + [20 + i], max_tokens=6, temperature=0)
+
+        with ThreadPoolExecutor(6) as pool:
+            answers = list(pool.map(ask, range(6)))
+        assert all(a.usage.prompt_tokens_details.cached_tokens == 64 for a in answers)
+        assert engine.prefix_cache.stats.disk_hits >= 1
+    with Engine(tiny_llama[1], plugins=False) as plain:
+        assert [a.choices[0].text for a in answers] == [
+            plain.generate(SYSTEM + [20 + i], max_new_tokens=6).text for i in range(6)]
