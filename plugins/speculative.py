@@ -12,6 +12,7 @@ same as without speculation; only the number of steps changes.
 
 from __future__ import annotations
 
+import os
 import threading
 
 import nextoken
@@ -55,9 +56,26 @@ def make_prompt_lookup(params, options):
     return PromptLookup(tuple(options.get("ngrams", NGRAMS)))
 
 
-#: draft packages loaded, by path: one engine each for the process (a request only reads it)
+#: draft packages loaded, by real path: one engine each for the process (a request only reads it)
 _DRAFTS: dict[str, nextoken.Engine] = {}
 _DRAFTS_LOCK = threading.Lock()
+
+
+def draft_engine(path: str, threads: int | None = None) -> nextoken.Engine:
+    """The process's engine for the draft package at ``path`` (loaded once per real path, however
+    it is spelt; ``threads`` count only for the load that makes it)."""
+    if not isinstance(path, str) or not path:
+        raise InvalidRequestError("speculative method 'draft' needs 'model': the path of a smaller package "
+                                  "with the same tokenizer")
+    key = os.path.realpath(path)
+    with _DRAFTS_LOCK:
+        engine = _DRAFTS.get(key)
+        if engine is None:
+            try:
+                engine = _DRAFTS[key] = nextoken.Engine(key, plugins=False, threads=threads)
+            except NextokenError as exc:
+                raise InvalidRequestError(f"the draft model {path}: {exc}") from None
+    return engine
 
 
 class DraftModel:
@@ -96,18 +114,7 @@ class DraftModel:
 
 def make_draft(params, options):
     """Guess with a smaller package of the same vocabulary (speculative={"method": "draft", "model": PKG})."""
-    path = params.speculative.get("model")
-    if not isinstance(path, str) or not path:
-        raise InvalidRequestError("speculative method 'draft' needs 'model': the path of a smaller package "
-                                  "with the same tokenizer")
-    with _DRAFTS_LOCK:
-        engine = _DRAFTS.get(path)
-        if engine is None:
-            try:
-                engine = _DRAFTS[path] = nextoken.Engine(path, plugins=False, threads=options.get("threads"))
-            except NextokenError as exc:
-                raise InvalidRequestError(f"the draft model {path}: {exc}") from None
-    return DraftModel(engine)
+    return DraftModel(draft_engine(params.speculative.get("model"), options.get("threads")))
 
 
 @nextoken.hookimpl

@@ -49,29 +49,47 @@ def _lark_string(text: str) -> str:
     return json.dumps(text, ensure_ascii=False)
 
 
+#: The request fields that constrain the text, and what each is called in messages.
+FIELDS = {"response_format": "JSON schema", "regex": "regular expression", "choice": "choice", "grammar": "grammar"}
+
+
+def constrained_field(params) -> str | None:
+    """The field that constrains ``params``' text (one of :data:`FIELDS`), or None."""
+    return next((name for name in FIELDS if getattr(params, name)), None)
+
+
 def grammar_of(params) -> tuple[str, str] | None:
-    """(what the request constrains the text to, llguidance's grammar for it), or None."""
+    """(the field that constrains the text, llguidance's grammar for it), or None; an
+    :class:`~nextoken.InvalidRequestError` naming the field when llguidance cannot read it."""
+    field = constrained_field(params)
+    if field is None:
+        return None
     matcher = _llguidance().LLMatcher
-    fmt = params.response_format
-    if fmt is not None:
-        schema = fmt["json_schema"]["schema"] if fmt["type"] == "json_schema" else {"type": "object"}
-        try:
+    try:
+        if field == "response_format":
+            fmt = params.response_format
+            schema = fmt["json_schema"]["schema"] if fmt["type"] == "json_schema" else {"type": "object"}
             # compact JSON (", " and ": " between items): flexible whitespace lets a model wander in
             # newlines until max_new_tokens; schema "x-guidance" options still apply
-            return "JSON schema", matcher.grammar_from_json_schema(json.dumps(schema), defaults=JSON_STYLE)
-        except (TypeError, ValueError) as exc:
-            raise InvalidRequestError(f"the JSON schema is not valid: {exc}") from None
-    if params.regex is not None:
-        return "regular expression", matcher.grammar_from_regex(params.regex)
-    if params.choice:
-        return "choice", matcher.grammar_from_lark("start: " + " | ".join(_lark_string(c) for c in params.choice))
-    if params.grammar is not None:
-        return "grammar", matcher.grammar_from_lark(params.grammar)
-    return None
+            grammar = matcher.grammar_from_json_schema(json.dumps(schema), defaults=JSON_STYLE)
+        elif field == "regex":
+            grammar = matcher.grammar_from_regex(params.regex)
+        elif field == "choice":
+            grammar = matcher.grammar_from_lark("start: " + " | ".join(_lark_string(c) for c in params.choice))
+        else:
+            grammar = matcher.grammar_from_lark(params.grammar)
+    except (TypeError, ValueError, RecursionError) as exc:
+        raise InvalidRequestError(f"{field}: the {FIELDS[field]} is not valid: {clean(str(exc))}") from None
+    return field, grammar
+
+
+def vocabulary(tokenizer_json: str, vocab_size: int, eos_token_ids: list[int] | None = None):
+    """llguidance's tokenizer for a Hugging Face ``tokenizer.json`` and the model's vocabulary size."""
+    return _llguidance().LLTokenizer(tokenizer_json, n_vocab=vocab_size, eos_token=list(eos_token_ids or []) or None)
 
 
 def _vocabulary(state):
-    """llguidance's tokenizer for the request's tokenizer and the model's vocabulary."""
+    """llguidance's tokenizer for the request's tokenizer and the model's vocabulary (made once per tokenizer)."""
     tokenizer = state.tokenizer
     to_json = getattr(tokenizer, "to_json", None)
     if to_json is None:
@@ -79,24 +97,50 @@ def _vocabulary(state):
                                   "tokenizer); this package's tokenizer cannot give it")
     key = getattr(tokenizer, "inner", tokenizer)
     with _LOCK:
-        vocabulary = _VOCABULARIES.get(key)
-        if vocabulary is None or vocabulary.vocab_size != state.vocab_size:
-            eos = list(state.eos_token_ids) or None
-            vocabulary = _llguidance().LLTokenizer(to_json(), n_vocab=state.vocab_size, eos_token=eos)
-            _VOCABULARIES[key] = vocabulary
-    return vocabulary
+        found = _VOCABULARIES.get(key)
+        if found is None or found.vocab_size != state.vocab_size:
+            found = _VOCABULARIES[key] = vocabulary(to_json(), state.vocab_size, list(state.eos_token_ids))
+    return found
+
+
+def clean(message: str) -> str:
+    """llguidance's message for a client: its first lines, without the parser state it appends."""
+    return message.split("<state>")[0].strip().replace("\n", " ")[:500]
+
+
+def check(grammar: str, vocab, steps: int = 8) -> str | None:
+    """What is wrong with ``grammar`` over ``vocab`` (an :func:`vocabulary`), or None: llguidance's
+    validation, then a matcher's masks along ``steps`` tokens it allows (the lowest id each step),
+    where the limits of its parser and lexer show (too many alternatives in a row, too many lexer
+    states, too many items for a token)."""
+    llg = _llguidance()
+    problem = llg.LLMatcher.validate_grammar(grammar, vocab)
+    if problem:
+        return clean(problem)
+    matcher = llg.LLMatcher(vocab, grammar, log_level=0)
+    bits = np.empty((vocab.vocab_size + 31) // 32, dtype=np.int32)
+    for _ in range(steps):
+        if matcher.is_error() or matcher.is_stopped():
+            break
+        matcher.unsafe_compute_mask_ptr(bits.ctypes.data, bits.nbytes)
+        allowed = np.flatnonzero(np.unpackbits(bits.view(np.uint8), bitorder="little")[:vocab.vocab_size])
+        if matcher.is_error() or not allowed.size:
+            break
+        matcher.consume_token(int(allowed[0]))
+    return clean(matcher.get_error()) if matcher.is_error() else None
 
 
 class _Run:
     """One request's matchers, a sequence each, and the bitmask they fill."""
 
-    def __init__(self, grammar: str, state) -> None:
+    def __init__(self, grammar: str, state, field: str) -> None:
         llg = _llguidance()
+        self.field = field
         vocabulary = _vocabulary(state)
         self.matchers = [llg.LLMatcher(vocabulary, grammar, log_level=0) for _ in range(state.batch_size)]
         bad = next((m.get_error() for m in self.matchers if m.is_error()), None)
         if bad:
-            raise InvalidRequestError(f"the grammar cannot be used: {bad}")
+            raise InvalidRequestError(f"{field}: the {FIELDS[field]} cannot be used: {clean(bad)}")
         self.bitmask = np.full((state.batch_size, (state.vocab_size + 31) // 32), -1, dtype=np.int32)
 
     def apply(self, logits: np.ndarray, alive: np.ndarray) -> None:
@@ -107,18 +151,22 @@ class _Run:
         for row, live in enumerate(alive.tolist()):
             bits = bitmask[row]
             if live:
-                self.matchers[row].unsafe_compute_mask_ptr(bits.ctypes.data, bits.nbytes)
+                matcher = self.matchers[row]
+                matcher.unsafe_compute_mask_ptr(bits.ctypes.data, bits.nbytes)
+                if matcher.is_error():
+                    raise InvalidRequestError(f"{self.field}: the {FIELDS[self.field]} cannot be followed here: "
+                                              f"{clean(matcher.get_error())}")
             else:
                 bits[:] = -1
         allowed = np.unpackbits(bitmask.view(np.uint8), axis=1, bitorder="little")[:, :logits.shape[1]]
         np.putmask(logits, allowed == 0, -np.inf)
 
 
-def _run(state, grammar: str) -> _Run:
+def _run(state, grammar: str, field: str) -> _Run:
     with _LOCK:
         run = _RUNS.get(state)
     if run is None:
-        run = _Run(grammar, state)
+        run = _Run(grammar, state, field)
         with _LOCK:
             _RUNS[state] = run
     return run
@@ -129,13 +177,13 @@ def make_constraint(params, options):
     found = grammar_of(params)
     if found is None:
         return None
-    what, grammar = found
+    field, grammar = found
     problem = _llguidance().LLMatcher.validate_grammar(grammar)
     if problem:
-        raise InvalidRequestError(f"the {what} cannot be used: {problem.strip()}"[:1000])
+        raise InvalidRequestError(f"{field}: the {FIELDS[field]} cannot be used: {clean(problem)}")
 
     def structured(logits: np.ndarray, state) -> np.ndarray:
-        _run(state, grammar).apply(logits, state.alive)
+        _run(state, grammar, field).apply(logits, state.alive)
         return logits
 
     return structured
@@ -146,17 +194,20 @@ def make_complete(params, options):
     found = grammar_of(params)
     if found is None:
         return None
-    grammar = found[1]
+    field, grammar = found
 
     def complete(tokens: np.ndarray, state):
-        run = _run(state, grammar)
+        run = _run(state, grammar, field)
         stops = {}
         for row in np.flatnonzero(state.alive).tolist():
-            matcher = run.matchers[row]
-            matcher.consume_token(int(tokens[row]))
+            matcher, token = run.matchers[row], int(tokens[row])
+            matcher.consume_token(token)
             if matcher.is_error():
-                raise ValueError(f"token {int(tokens[row])} of row {row} is not allowed by the grammar "
-                                 f"({matcher.get_error()}); a processor or strategy overrode the mask")
+                if (int(run.bitmask[row, token >> 5]) >> (token & 31)) & 1:   # the mask allowed it: a limit
+                    raise InvalidRequestError(f"{field}: the {FIELDS[field]} cannot be followed here: "
+                                              f"{clean(matcher.get_error())}")
+                raise ValueError(f"token {token} of row {row} is not allowed by the grammar "
+                                 f"({clean(matcher.get_error())}); a processor or strategy overrode the mask")
             if matcher.is_stopped():
                 stops[row] = Stop("stop", "the grammar is complete")
         return stops or None

@@ -19,7 +19,7 @@ from .generation import Generation
 from .kvbackends import for_request
 from .kvcache import CacheOps, StepRunner
 from .manifest import Manifest, TensorSpec
-from .prefixcache import DiskTier, PrefixCache, package_identity
+from .prefixcache import DiskTier, Layout, PrefixCache, package_identity
 from .probes import release_free_heap
 from .registry import Pipeline, Registry
 from .scheduler import Scheduler
@@ -153,7 +153,13 @@ class Engine:
                     raise ModelPackageError(f"{self.path} records no checksums, so the prefix cache's disk tier "
                                             "cannot tell it from a changed package; export it again")
                 identity = package_identity(self.manifest.checksums, self.manifest.kv_dtype, self.device.provider)
-                disk = DiskTier(prefix_cache_dir, identity, prefix_cache_disk_bytes, 32, self.runner.cache_of)
+                m = self.manifest
+                layout = Layout(2 * m.num_layers, m.num_kv_heads, m.head_dim, str(np.dtype(self.runner.new_cache(1).dtype)),
+                                m.context_length)
+                try:
+                    disk = DiskTier(prefix_cache_dir, identity, prefix_cache_disk_bytes, 32, self.runner.cache_of, layout)
+                except OSError as exc:
+                    raise NextokenError(f"prefix_cache_dir {prefix_cache_dir}: {exc.strerror or exc}") from None
             self.prefix_cache = PrefixCache(prefix_cache_bytes, disk=disk)
         self.eos_token_ids: tuple[int, ...] = tuple(self.manifest.eos_token_ids)
         pad = self.manifest.pad_token_id

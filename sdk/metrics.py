@@ -69,16 +69,21 @@ class Metrics:
         self.cost: collections.Counter[tuple[str, str]] = collections.Counter()
 
     def ended(self, completions: list[Completion], status: str) -> None:
-        """A request ended with ``completions`` (``status``: finished or cancelled)."""
+        """A request ended with ``completions`` (``status``: finished or cancelled). It counts once,
+        by its first choice's finish reason, time to first token and duration; tokens, inter-token
+        latency and cost count every choice's."""
+        if not completions:
+            return
         with self._lock:
-            self.prompt_tokens += completions[0].usage.prompt_tokens if completions else 0
+            first = completions[0].usage
+            self.prompt_tokens += first.prompt_tokens
+            self.requests[(completions[0].finish_reason, status)] += 1
+            if first.completion_tokens:
+                self.time_to_first_token.observe(first.time_to_first_token_ms / 1e3)
+                self.request_duration.observe(first.wall_ms / 1e3)
             for c in completions:
                 u = c.usage
-                self.requests[(c.finish_reason, status)] += 1
                 self.generation_tokens += u.completion_tokens
-                if u.completion_tokens:
-                    self.time_to_first_token.observe(u.time_to_first_token_ms / 1e3)
-                    self.request_duration.observe(u.wall_ms / 1e3)
                 if u.completion_tokens > 1:
                     self.inter_token_latency.observe((u.wall_ms - u.time_to_first_token_ms) / 1e3
                                                      / (u.completion_tokens - 1))

@@ -16,12 +16,18 @@ Its directory holds one folder per package identity (:func:`package_identity`: t
 checksums, the KV dtype, the execution provider and the format version), so a changed model, or
 another provider whose numbers differ, never reads another's keys and values.
 
-Disk format, version 1: ``DIR/<identity>/<key>.npz``, an uncompressed NumPy archive per entry,
+Disk format, version 2: ``DIR/<identity>/<key>.npz``, an uncompressed NumPy archive per entry,
 ``<key>`` the hex hash of its tokens, with members ``meta`` (JSON: ``format``
-``"nextoken-prefix-kv"``, ``version`` 1, ``identity``, ``length``), ``ids`` (int64 ``[length]``,
-compared on load: a hash collision never serves another prefix) and ``kv_0`` ... ``kv_{2L-1}``
-(``[1, kv_heads, length, head_dim]`` in the KV dtype, in the package's past-input order: each
-layer's keys, then its values). A file that does not read back so is skipped with a warning.
+``"nextoken-prefix-kv"``, ``version`` 2, ``identity``, ``length``, ``checksum``: the SHA-256 of
+the ids' and then every array's bytes), ``ids`` (int64 ``[length]``, compared on load: a hash
+collision never serves another prefix) and ``kv_0`` ... ``kv_{2L-1}`` (``[1, kv_heads, length,
+head_dim]`` in the KV dtype, in the package's past-input order: each layer's keys, then its
+values). An entry is used only when its shapes, dtype and checksum are right; a file that does
+not read back so is skipped with one warning (and removed, when it is an entry of this package).
+
+Trust: the checksum catches damage (a truncated, edited or half-copied file), not a writer: who
+may write the folder decides what the engine computes from, as who may write the package does.
+Keep it writable by the serving user only.
 """
 
 from __future__ import annotations
@@ -32,7 +38,9 @@ import json
 import logging
 import os
 import queue
+import stat
 import threading
+import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Mapping, Sequence
@@ -41,12 +49,14 @@ import numpy as np
 
 from .kvcache import KVCache
 
-__all__ = ["PrefixCache", "PrefixStats", "DiskTier", "package_identity", "DISK_FORMAT", "DISK_VERSION"]
+__all__ = ["PrefixCache", "PrefixStats", "DiskTier", "Layout", "package_identity", "DISK_FORMAT", "DISK_VERSION"]
 
 log = logging.getLogger("nextoken")
 
 DISK_FORMAT = "nextoken-prefix-kv"
-DISK_VERSION = 1
+DISK_VERSION = 2
+#: a partial file (``.<name>.<pid>.<thread>.part``) older than this is a write that died: removed
+PARTIAL_AGE_S = 600.0
 
 
 @dataclass
@@ -69,6 +79,19 @@ def _key(ids: Sequence[int]) -> bytes:
     return hashlib.blake2b(np.asarray(ids, dtype=np.int64).tobytes(), digest_size=16).digest()
 
 
+def _keys(ids: Sequence[int], lengths: Sequence[int]) -> dict[int, bytes]:
+    """``{n: _key(ids[:n])}`` for each of ``lengths``, in one pass over ``ids`` (linear in its length:
+    the hash is fed block by block and read at each length)."""
+    data = np.asarray(ids, dtype=np.int64)
+    h = hashlib.blake2b(digest_size=16)
+    out, at = {}, 0
+    for n in sorted(set(lengths)):
+        h.update(data[at:n].tobytes())
+        at = n
+        out[n] = h.copy().digest()
+    return out
+
+
 def _boundaries(length: int, block: int) -> list[int]:
     """The prefix lengths an entry of ``length`` tokens serves: each whole block, and all of it."""
     return sorted({*range(block, length + 1, block), length})
@@ -82,32 +105,67 @@ def package_identity(checksums: Mapping[str, str], kv_dtype: str, provider: str)
     return hashlib.sha256(text.encode()).hexdigest()[:32]
 
 
+@dataclass(frozen=True)
+class Layout:
+    """What an entry of a package holds: ``arrays`` tensors (keys and values, two a layer), each
+    ``[1, kv_heads, length, head_dim]`` of ``dtype``, ``length`` at most ``max_length`` (the window)."""
+
+    arrays: int
+    kv_heads: int
+    head_dim: int
+    dtype: str
+    max_length: int
+
+
+def _checksum(ids: np.ndarray, arrays: Sequence[np.ndarray]) -> str:
+    h = hashlib.sha256(np.ascontiguousarray(ids, dtype=np.int64))
+    for array in arrays:
+        h.update(np.ascontiguousarray(array))
+    return h.hexdigest()
+
+
+def _open_file(path: Path):
+    """``path`` opened for reading when it is a regular file (not a link, a FIFO, a device), else
+    None; gone between listing and opening (another server evicted it): None."""
+    flags = os.O_RDONLY | getattr(os, "O_NONBLOCK", 0) | getattr(os, "O_NOFOLLOW", 0) | getattr(os, "O_BINARY", 0)
+    try:
+        fd = os.open(path, flags)
+    except OSError:
+        return None
+    if not stat.S_ISREG(os.fstat(fd).st_mode):
+        os.close(fd)
+        return None
+    return os.fdopen(fd, "rb")
+
+
 class DiskTier:
     """Prefix-cache entries as files (format in the module's doc) under ``directory/identity``,
     the oldest used first out beyond ``capacity_bytes``. ``load`` makes a :class:`KVCache` where
-    the engine's cache lives from an entry's arrays. Writes go through one background thread
-    (:meth:`flush` waits for them); reads happen when the memory tier misses."""
+    the engine's cache lives from an entry's arrays; ``layout``: what an entry must hold (checked
+    before use; None: not checked). Writes go through one background thread (:meth:`flush` waits
+    for them); reads happen when the memory tier misses.
+
+    The folder may be shared by several engines (servers) of the same package: each write ends
+    with a scan of the folder, which takes in the entries others wrote, forgets the ones they
+    removed and removes the oldest until the folder is within ``capacity_bytes``. Whatever else
+    the folder holds (links, FIFOs, files of another format or version, partial files of a write
+    that died, entries that do not fit the layout or their checksum) is skipped, never followed
+    or waited on; a bad entry is removed, with one warning."""
 
     def __init__(self, directory: str | Path, identity: str, capacity_bytes: int, block: int,
-                 load: Callable[[list[np.ndarray]], KVCache]) -> None:
+                 load: Callable[[list[np.ndarray]], KVCache], layout: Layout | None = None) -> None:
         self.directory = Path(directory) / identity
         self.directory.mkdir(parents=True, exist_ok=True)
         self.identity, self.capacity_bytes, self.block, self._load = identity, int(capacity_bytes), block, load
+        self.layout = layout
         self._lock = threading.Lock()
         self._index: dict[bytes, tuple[str, int]] = {}      # boundary key -> (file, entry length)
         self._files: dict[str, tuple[list[bytes], int, int]] = {}  # file -> (its boundary keys, bytes, length)
+        self._skipped: set[str] = set()                     # files warned about once, not read again
         self.lengths: collections.Counter[int] = collections.Counter()
         self._queue: queue.Queue = queue.Queue(maxsize=16)
         self._writer: threading.Thread | None = None
-        for path in sorted(self.directory.glob("*.npz"), key=lambda p: p.stat().st_mtime):
-            try:
-                with np.load(path, allow_pickle=False) as archive:
-                    self._check(path, archive)
-                    ids = archive["ids"]
-            except Exception as exc:
-                log.warning("nextoken: prefix cache file %s skipped: %s", path, exc)
-                continue
-            self._register(path.name, ids.tolist(), path.stat().st_size)
+        self.scan()
 
     @property
     def bytes(self) -> int:
@@ -120,15 +178,91 @@ class DiskTier:
         """Files held."""
         return len(self._files)
 
-    def _check(self, path: Path, archive) -> dict:
+    def _skip(self, name: str, why: str, remove: bool = False) -> None:
+        if name not in self._skipped:
+            self._skipped.add(name)
+            log.warning("nextoken: prefix cache file %s skipped%s: %s", self.directory / name,
+                        " and removed" if remove else "", why)
+        if remove:
+            (self.directory / name).unlink(missing_ok=True)
+        self._forget(name)
+
+    def _meta(self, archive) -> dict:
         meta = json.loads(str(archive["meta"]))
-        if meta.get("format") != DISK_FORMAT or meta.get("version") != DISK_VERSION or \
+        if not isinstance(meta, dict) or meta.get("format") != DISK_FORMAT or meta.get("version") != DISK_VERSION or \
                 meta.get("identity") != self.identity:
-            raise ValueError(f"not a {DISK_FORMAT} version {DISK_VERSION} file of this package ({meta})")
+            raise ValueError(f"not a {DISK_FORMAT} version {DISK_VERSION} file of this package")
+        length = meta.get("length")
+        limit = self.layout.max_length if self.layout is not None else None
+        if not isinstance(length, int) or length < 1 or (limit is not None and length > limit):
+            raise ValueError(f"its length {length!r} is not one this package's window ({limit}) holds")
         return meta
 
+    def _ids(self, archive, meta: dict) -> np.ndarray:
+        ids = archive["ids"]
+        if ids.dtype != np.int64 or ids.shape != (meta["length"],):
+            raise ValueError(f"its ids ({ids.dtype} {list(ids.shape)}) are not int64 [{meta['length']}]")
+        return ids
+
+    def scan(self) -> None:
+        """Bring the index in line with the folder: take in entries not indexed (written by another
+        engine, or before a restart), forget the ones gone, remove partial files older than
+        :data:`PARTIAL_AGE_S` and the oldest entries beyond the capacity. Linear in what it reads."""
+        found = []
+        now = time.time()
+        try:
+            listing = list(os.scandir(self.directory))
+        except OSError as exc:
+            log.warning("nextoken: prefix cache folder %s unreadable: %s", self.directory, exc)
+            return
+        for entry in listing:
+            try:
+                info = entry.stat(follow_symlinks=False)
+            except OSError:
+                continue                                         # gone since the listing
+            if entry.name.endswith(".part") and stat.S_ISREG(info.st_mode) and now - info.st_mtime > PARTIAL_AGE_S:
+                Path(entry.path).unlink(missing_ok=True)         # a write that died
+            elif entry.name.endswith(".npz") and stat.S_ISREG(info.st_mode):
+                found.append((info.st_mtime, info.st_size, entry.name))
+            elif entry.name.endswith(".npz") and entry.name not in self._skipped:
+                self._skip(entry.name, "not a regular file")
+        on_disk = {name for _, _, name in found}
+        with self._lock:
+            held = list(self._files)
+        for name in [n for n in held if n not in on_disk]:
+            self._forget(name)                                   # another engine removed it
+        for _, size, name in sorted(found):
+            if name not in self._files and name not in self._skipped:
+                self._take(name, size)
+        with self._lock:
+            held = set(self._files)
+        total = sum(size for _, size, name in found if name in held)
+        for _, size, name in sorted(found):                      # oldest used first
+            if total <= self.capacity_bytes:
+                break
+            if name in held:
+                self._forget(name)
+                (self.directory / name).unlink(missing_ok=True)
+                total -= size
+
+    def _take(self, name: str, size: int) -> None:
+        """Index the entry in file ``name`` (reading its meta and ids only)."""
+        if size > self.capacity_bytes:
+            self._skip(name, f"{size} bytes, more than the tier's {self.capacity_bytes}")
+            return
+        handle = _open_file(self.directory / name)
+        if handle is None:
+            return
+        try:
+            with handle, np.load(handle, allow_pickle=False) as archive:
+                ids = self._ids(archive, self._meta(archive))
+        except Exception as exc:  # noqa: BLE001 - any unreadable file is skipped
+            self._skip(name, str(exc)[:200])
+            return
+        self._register(name, ids.tolist(), size)
+
     def _register(self, name: str, ids: list[int], size: int) -> None:
-        keys = [_key(ids[:n]) for n in _boundaries(len(ids), self.block)]
+        keys = list(_keys(ids, _boundaries(len(ids), self.block)).values())
         with self._lock:
             for key in keys:
                 self._index.setdefault(key, (name, len(ids)))
@@ -146,21 +280,42 @@ class DiskTier:
         return f"{_key(ids).hex()}.npz" in self._files
 
     def read(self, name: str) -> tuple[list[int], KVCache] | None:
-        """An entry's tokens and keys and values (where the engine's cache lives); None when the
-        file no longer reads back (it is forgotten)."""
+        """An entry's tokens and keys and values (where the engine's cache lives), checked against
+        the layout and its checksum; None when the file is gone (forgotten) or bad (removed, one
+        warning)."""
         path = self.directory / name
-        try:
-            with np.load(path, allow_pickle=False) as archive:
-                self._check(path, archive)
-                ids = archive["ids"].tolist()
-                count = sum(1 for member in archive.files if member.startswith("kv_"))
-                arrays = [archive[f"kv_{i}"] for i in range(count)]
-            os.utime(path)                                  # used: the last to go
-        except Exception as exc:
-            log.warning("nextoken: prefix cache file %s unreadable, forgotten: %s", path, exc)
+        handle = _open_file(path)
+        if handle is None:
             self._forget(name)
             return None
-        return ids, self._load(arrays)
+        try:
+            with handle, np.load(handle, allow_pickle=False) as archive:
+                meta = self._meta(archive)
+                ids = self._ids(archive, meta)
+                count = sum(1 for member in archive.files if member.startswith("kv_"))
+                arrays = [archive[f"kv_{i}"] for i in range(count)]
+            self._check_arrays(meta, ids, arrays)
+            cache = self._load(arrays)
+        except Exception as exc:  # noqa: BLE001 - a bad file is the file's fault, never the request's
+            self._skip(name, str(exc)[:200], remove=True)
+            return None
+        try:
+            os.utime(path)                                  # used: the last to go
+        except OSError:
+            pass
+        return ids.tolist(), cache
+
+    def _check_arrays(self, meta: dict, ids: np.ndarray, arrays: list[np.ndarray]) -> None:
+        layout = self.layout
+        if layout is not None:
+            shape = (1, layout.kv_heads, meta["length"], layout.head_dim)
+            if len(arrays) != layout.arrays:
+                raise ValueError(f"{len(arrays)} key and value arrays, not this package's {layout.arrays}")
+            bad = next((a for a in arrays if a.shape != shape or a.dtype != np.dtype(layout.dtype)), None)
+            if bad is not None:
+                raise ValueError(f"an array of {bad.dtype} {list(bad.shape)}, not {layout.dtype} {list(shape)}")
+        if meta.get("checksum") != _checksum(ids, arrays):
+            raise ValueError("its arrays do not match its checksum (changed or damaged)")
 
     def write(self, ids: Sequence[int], cache: KVCache) -> None:
         """Write the entry of exactly ``ids`` (its values are never written again: read later, on
@@ -194,22 +349,23 @@ class DiskTier:
         name = f"{_key(ids).hex()}.npz"
         if name in self._files:
             return
-        meta = {"format": DISK_FORMAT, "version": DISK_VERSION, "identity": self.identity, "length": len(ids)}
         arrays = {f"kv_{i}": value.numpy() for i, value in enumerate(values)}
         size = sum(a.nbytes for a in arrays.values())
         if size > self.capacity_bytes:
             return
-        partial = self.directory / f".{name}.{os.getpid()}.part"
-        with open(partial, "wb") as out:
-            np.savez(out, meta=np.array(json.dumps(meta)), ids=np.asarray(ids, dtype=np.int64), **arrays)
-        os.replace(partial, self.directory / name)          # whole or absent: no half-written entry is read
+        ids_array = np.asarray(ids, dtype=np.int64)
+        meta = {"format": DISK_FORMAT, "version": DISK_VERSION, "identity": self.identity, "length": len(ids),
+                "checksum": _checksum(ids_array, list(arrays.values()))}
+        partial = self.directory / f".{name}.{os.getpid()}.{threading.get_ident()}.part"
+        try:
+            with open(partial, "wb") as out:
+                np.savez(out, meta=np.array(json.dumps(meta)), ids=ids_array, **arrays)
+            os.replace(partial, self.directory / name)      # whole or absent: no half-written entry is read
+        finally:
+            partial.unlink(missing_ok=True)
+        self._skipped.discard(name)
         self._register(name, ids, (self.directory / name).stat().st_size)
-        while self.bytes > self.capacity_bytes:
-            with self._lock:
-                names = list(self._files)
-            oldest = min(names, key=lambda n: (self.directory / n).stat().st_mtime)
-            self._forget(oldest)
-            (self.directory / oldest).unlink(missing_ok=True)
+        self.scan()
 
     def _forget(self, name: str) -> None:
         with self._lock:
@@ -257,8 +413,10 @@ class PrefixCache:
         with self._lock:
             lengths = set(self._lengths) | (set(self.disk.lengths) if self.disk is not None else set())
             whole = [n for n in lengths if n < len(ids) and n % self.block]
-            for length in sorted(set(whole) | set(range(self.cut(len(ids)), 0, -self.block)), reverse=True):
-                key = _key(ids[:length])
+            candidates = set(whole) | set(range(self.cut(len(ids)), 0, -self.block))
+            keys = _keys(ids, candidates)                   # one pass over the prompt
+            for length in sorted(candidates, reverse=True):
+                key = keys[length]
                 found = self._index.get(key)
                 if found is None and self.disk is not None and (name := self.disk.find(key)) is not None:
                     loaded = self.disk.read(name)
@@ -304,8 +462,7 @@ class PrefixCache:
         if size > self.capacity_bytes or whole in self._entries:
             return False
         boundaries = []
-        for length in _boundaries(len(ids), self.block):
-            key = _key(ids[:length])
+        for length, key in _keys(ids, _boundaries(len(ids), self.block)).items():
             if key not in self._index:
                 self._index[key] = (whole, length)
                 boundaries.append(key)

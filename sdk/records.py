@@ -45,8 +45,10 @@ def engine_settings(engine: Any) -> dict[str, Any]:
             "kv_dtype": engine.manifest.kv_dtype}
 
 
-def make_record(engine: Any, completion: Completion, params: SamplingParams, plugins: list[Any]) -> dict[str, Any]:
-    """The record of one completion (``plugins``: the registry pieces the request used)."""
+def make_record(engine: Any, completion: Completion, params: SamplingParams, plugins: list[Any],
+                choice: int = 0) -> dict[str, Any]:
+    """The record of one completion, the request's choice ``choice`` (``plugins``: the registry
+    pieces the request used)."""
     fields = {f.name: getattr(params, f.name) for f in dataclasses.fields(params) if f.name not in _NOT_REPLAYED}
     fields = json.loads(json.dumps(fields, default=list))
     return {
@@ -61,13 +63,14 @@ def make_record(engine: Any, completion: Completion, params: SamplingParams, plu
         "token_ids": list(completion.token_ids),
         "logprobs": [lp.logprob for lp in completion.logprobs] if completion.logprobs is not None else None,
         "finish_reason": completion.finish_reason,
+        "choice": choice,
     }
 
 
 def records_of(engine: Any, generation: Any) -> list[dict[str, Any]]:
     """The record of each of a finished request's completions."""
     used = pieces(generation.pipeline)
-    return [make_record(engine, c, generation.params, used) for c in generation.completions()]
+    return [make_record(engine, c, generation.params, used, i) for i, c in enumerate(generation.completions())]
 
 
 def pieces(pipeline: Any) -> list[Any]:

@@ -70,7 +70,11 @@ class Provided:
         except Exception as exc:
             raise self.error(exc) from exc
 
-    def error(self, exc: BaseException) -> PluginError:
+    def error(self, exc: BaseException) -> PluginError | InvalidRequestError:
+        """The error a failure of this piece is raised as: a PluginError naming it, or the
+        InvalidRequestError it raised (the piece found the request at fault)."""
+        if isinstance(exc, InvalidRequestError):
+            return exc
         return PluginError(
             f"plugin {self.plugin!r} failed in {self.kind} {self.name!r} ({KINDS[self.kind]}): "
             f"{type(exc).__name__}: {exc}", plugin=self.plugin

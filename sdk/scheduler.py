@@ -40,6 +40,7 @@ from typing import Any, Iterator
 
 import numpy as np
 
+from . import threads
 from .errors import InvalidRequestError, NextokenError, SchedulerStoppedError
 from .generation import Generation
 from .kvbackends import BACKENDS, ConcatBackend, KVBackend, Prefilled, SlotBackend, for_request
@@ -318,8 +319,8 @@ class Scheduler:
     def start(self) -> "Scheduler":
         """Run :meth:`step` on a background thread until :meth:`close`."""
         if self._thread is None:
-            self._thread = threading.Thread(target=self._loop, name="nextoken-scheduler", daemon=True)
-            self._thread.start()
+            # a large stack: the structured plugin compiles requests' grammars on this thread
+            self._thread = threads.start(threading.Thread(target=self._loop, name="nextoken-scheduler", daemon=True))
         return self
 
     def close(self) -> None:

@@ -66,7 +66,11 @@ class ToolRequest:
         self.names = [t["function"]["name"] for t in self.tools]
         choice = "auto" if tool_choice is None else tool_choice
         if isinstance(choice, Mapping):
-            name = (choice.get("function") or {}).get("name") if choice.get("type") == "function" else None
+            function = choice.get("function") if choice.get("type") == "function" else None
+            name = function.get("name") if isinstance(function, Mapping) else None
+            if not isinstance(name, str):
+                raise InvalidRequestError("tool_choice must be 'none', 'auto', 'required' or "
+                                          "{'type': 'function', 'function': {'name': ...}}")
             if name not in self.names:
                 raise InvalidRequestError(f"tool_choice names function {name!r}, which is not among the tools "
                                           f"({', '.join(self.names)})")

@@ -38,6 +38,8 @@ MAX_STOP_STRINGS = 64
 MAX_STOP_LENGTH = 1000
 #: logit_bias entries one request may bring, and the range of each bias (OpenAI's).
 MAX_LOGIT_BIAS = 1024
+#: Strings a ``choice`` constraint may list (llguidance's parser takes fewer than 2,000 alternatives in a rule).
+MAX_CONSTRAINT_CHOICES = 1000
 LOGIT_BIAS_RANGE = 100.0
 
 #: What happens when a sequence outgrows the model's context window:
@@ -106,6 +108,8 @@ def _check_constraint(params: "SamplingParams", fail: Callable[[str], None]) -> 
     choice = () if choice is None else (choice,) if isinstance(choice, str) else choice
     if not isinstance(choice, (list, tuple)) or not all(isinstance(c, str) and c for c in choice):
         fail(f"choice must be a list of non-empty strings, not {params.choice!r}"[:200])
+    if len(choice) > MAX_CONSTRAINT_CHOICES:
+        fail(f"choice lists {len(choice)} strings; at most {MAX_CONSTRAINT_CHOICES} (for more, a regex or a grammar)")
     object.__setattr__(params, "choice", tuple(choice))
     given = [name for name in ("response_format", "regex", "choice", "grammar") if getattr(params, name)]
     if len(given) > 1:

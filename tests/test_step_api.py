@@ -198,7 +198,7 @@ ROOTS = {"sdk": "nextoken", "plugins": "nextoken.plugins", "exporters": "nextoke
 #: serving, the CLI and the exporters sit above it.
 RUNTIME = {"nextoken." + m for m in ("chat", "device", "dtypes", "engine", "errors", "generation", "hookspecs",
                                      "kvbackends", "kvcache", "manifest", "metrics", "ortbind", "prefixcache", "probes", "records", "registry",
-                                     "scheduler", "tokenizer", "toolcalls", "types")}
+                                     "scheduler", "threads", "tokenizer", "toolcalls", "types")}
 #: Private names read on purpose, with why: onnxruntime's own, kept in the one module made for them.
 ALLOWED_PRIVATE = {("ortbind.py", "_iobinding"), ("ortbind.py", "_ortvalue"), ("ortbind.py", "_get_c_device")}
 

@@ -173,12 +173,18 @@ def generate(engine, prompt, args: argparse.Namespace) -> int:
     (one object; a list of them with ``--n`` > 1); usage and cost on stderr."""
     generation = engine.start(prompt, params_of(args))
     n = generation.params.n
-    if getattr(args, "record", None):
+    code = _print_generation(generation, args)
+    if getattr(args, "record", None):                 # after the text: the record reads the finished request
         from ..records import records_of
 
         records = records_of(engine, generation)
         Path(args.record).write_text(json.dumps(records[0] if n == 1 else records, indent=1) + "\n")
         print(f"nextoken: record written to {args.record} (it holds the prompt)", file=sys.stderr)
+    return code
+
+
+def _print_generation(generation, args: argparse.Namespace) -> int:
+    n = generation.params.n
     if args.json:
         dicts = [c.to_dict() for c in generation.completions()]
         print(json.dumps(dicts[0] if n == 1 else dicts, ensure_ascii=False))
@@ -231,6 +237,16 @@ def positive_int(text: str) -> int:
         raise argparse.ArgumentTypeError(f"{text!r} is not an integer") from None
     if value < 1:
         raise argparse.ArgumentTypeError(f"must be >= 1, not {value}")
+    return value
+
+
+def positive_float(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a number") from None
+    if not value > 0 or value == float("inf"):
+        raise argparse.ArgumentTypeError(f"must be a positive number, not {text}")
     return value
 
 

@@ -7,8 +7,8 @@ import json
 import sys
 from pathlib import Path
 
-from .common import (cache_dir, generate, generation_options, open_engine, positive_int, prefix_cache_of,
-                     prefix_cache_options, runtime_options, speculative_of)
+from .common import (UsageError, cache_dir, generate, generation_options, open_engine, positive_int,
+                     positive_float, prefix_cache_of, prefix_cache_options, runtime_options, speculative_of)
 
 def _cmd_generate(args: argparse.Namespace) -> int:
     with open_engine(args) as engine:
@@ -23,21 +23,39 @@ def _cmd_chat(args: argparse.Namespace) -> int:
 
 
 def _cmd_serve(args: argparse.Namespace) -> int:
+    from ..serving.server import ServeOptions
+
+    drafts = {}
+    for item in args.draft or ():
+        name, sep, path = item.partition("=")
+        if not sep or not name or not path:
+            raise UsageError(f"--draft takes NAME=PATH (a name requests use, a package's path), not {item!r}")
+        drafts[name] = path
+    speculative = args.speculative and speculative_of(args.speculative)
+    if speculative and "model" in speculative and speculative["model"] not in drafts:
+        path = speculative["model"]                       # a path: offered under its folder's name
+        speculative["model"] = Path(path).name or path
+        drafts.setdefault(speculative["model"], path)
+    options = ServeOptions(api_key=args.api_key, speculative=speculative or None, drafts=drafts,
+                           record_dir=args.record_dir, constraint_budget_s=args.constraint_budget)
+    engine_options = {"device": args.device, "threads": args.threads, "spin": args.spin, "tf32": args.tf32,
+                      **prefix_cache_of(args)}
     if args.ray:
         from ..serving.ray_serve import serve_ray
 
-        serve_ray(args.package, host=args.host, port=args.port, replicas=args.replicas, threads=args.threads or 1,
-                  max_batch=args.max_batch, api_key=args.api_key, model_name=args.model_name, device=args.device,
-                  address=args.ray_address, scheduler_options=_scheduler_options(args), spin=args.spin, tf32=args.tf32,
+        if args.header_timeout is not None:
+            raise UsageError("--header-timeout is not taken with --ray: Ray Serve's HTTP proxy reads the requests")
+        engine_options["threads"] = args.threads or 1
+        serve_ray(args.package, host=args.host, port=args.port, replicas=args.replicas, max_batch=args.max_batch,
+                  model_name=args.model_name, address=args.ray_address, engine_options=engine_options,
+                  scheduler_options=_scheduler_options(args), options=options,
                   metrics_port=args.ray_metrics_port, metrics_interval=args.ray_metrics_interval)
         return 0
     from ..serving.server import serve
 
-    serve(args.package, host=args.host, port=args.port, max_batch=args.max_batch, api_key=args.api_key,
-          model_name=args.model_name, device=args.device, threads=args.threads,
-          scheduler_options=_scheduler_options(args), spin=args.spin, tf32=args.tf32,
-          header_timeout_s=args.header_timeout, **prefix_cache_of(args),
-          speculative=args.speculative and speculative_of(args.speculative), record_dir=args.record_dir)
+    serve(args.package, host=args.host, port=args.port, max_batch=args.max_batch, model_name=args.model_name,
+          engine_options=engine_options, scheduler_options=_scheduler_options(args), options=options,
+          header_timeout_s=10.0 if args.header_timeout is None else args.header_timeout)
     return 0
 
 
@@ -74,14 +92,16 @@ def _cmd_demo(args: argparse.Namespace) -> int:
 
 
 def _cmd_replay(args: argparse.Namespace) -> int:
-    from ..tools.replay import replay
+    from ..tools.replay import replay_all
 
-    report = replay(args.record, package=args.package)
+    reports = replay_all(args.record, package=args.package)
     if args.json:
-        print(json.dumps(report.to_dict(), indent=2))
+        dicts = [r.to_dict() for r in reports]
+        print(json.dumps(dicts[0] if len(dicts) == 1 else dicts, indent=2))
     else:
-        print(report.line())
-    return 0 if report.identical else 3
+        for i, report in enumerate(reports):
+            print(report.line() if len(reports) == 1 else f"[choice {i}] {report.line()}")
+    return 0 if all(r.identical for r in reports) else 3
 
 
 def add_commands(sub) -> None:
@@ -123,10 +143,17 @@ def add_commands(sub) -> None:
     p.add_argument("--api-key", default=None, help="require 'Authorization: Bearer KEY'")
     p.add_argument("--model-name", default=None, help="the model id clients use (default: the package folder's name)")
     p.add_argument("--speculative", default=None, metavar="METHOD[:K[:MODEL]]",
-                   help="speculative decoding for requests that do not ask otherwise, e.g. prompt_lookup:4")
+                   help="speculative decoding for requests that do not ask otherwise, e.g. prompt_lookup:4; MODEL a "
+                        "--draft name, or a path (offered under its folder's name)")
+    p.add_argument("--draft", action="append", default=None, metavar="NAME=PATH",
+                   help="a draft package requests may name (nextoken.speculative.model: NAME), loaded at start; "
+                        "repeatable. Requests never name paths")
+    p.add_argument("--constraint-budget", type=positive_float, default=2.0, metavar="SECONDS",
+                   help="the longest a request's grammar or schema may take to compile, in a checker process "
+                        "(default 2)")
     p.add_argument("--record-dir", default=None, metavar="DIR",
                    help="write every request's record here, for `nextoken replay` (they hold prompts: protect DIR)")
-    p.add_argument("--header-timeout", type=float, default=10.0, metavar="SECONDS",
+    p.add_argument("--header-timeout", type=positive_float, default=None, metavar="SECONDS",
                    help="close a connection that has not sent a complete request head in this time (default 10)")
     p.add_argument("--ray", action="store_true", help="scale out on Ray Serve (extra: ray): one engine per replica")
     p.add_argument("--replicas", type=positive_int, default=2, help="with --ray: replicas (default 2)")

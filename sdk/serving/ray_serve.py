@@ -124,17 +124,19 @@ def in_buckets(bounds: Sequence[float], now: Sequence[int], before: Sequence[int
     return [v for v, n in zip(values, gained) for _ in range(n)]
 
 
-def replica_deployment(package: str, *, replicas: int = 2, threads: int = 1, max_batch: int = 8,
-                       api_key: str | None = None, model_name: str | None = None, device: str = "auto",
-                       scheduler_options: dict[str, Any] | None = None, spin: bool | None = None,
-                       tf32: bool | None = None, metrics_interval: float = 5.0) -> Any:
-    """A bound Ray Serve application: ``replicas`` copies of one engine + scheduler + app each
-    (``scheduler_options``: more :class:`~nextoken.Scheduler` arguments, e.g. ``kv_backend``;
-    ``spin``, ``tf32``: as :class:`~nextoken.Engine` takes them; ``metrics_interval``: seconds
-    between two copies of each replica's metrics into Ray's metrics export)."""
+def replica_deployment(package: str, *, replicas: int = 2, max_batch: int = 8, model_name: str | None = None,
+                       engine_options: dict[str, Any] | None = None, scheduler_options: dict[str, Any] | None = None,
+                       options: Any = None, metrics_interval: float = 5.0) -> Any:
+    """A bound Ray Serve application: ``replicas`` copies of one engine + scheduler + app each,
+    made as ``nextoken serve`` makes its one (``engine_options``: :class:`~nextoken.Engine`
+    arguments, ``threads`` the CPUs each replica asks of Ray; ``scheduler_options``: more
+    :class:`~nextoken.Scheduler` arguments; ``options``: the app's
+    :class:`~nextoken.serving.server.ServeOptions`; ``metrics_interval``: seconds between two
+    copies of each replica's metrics into Ray's metrics export)."""
     if not metrics_interval > 0:
         raise NextokenError(f"metrics_interval must be a positive number of seconds, not {metrics_interval!r}")
-    options = dict(scheduler_options or {})
+    engine_options = {"threads": 1, **(engine_options or {})}
+    scheduler_options = dict(scheduler_options or {})
     _, serve = _ray()
     name = model_name or Path(package).resolve().name
 
@@ -145,9 +147,9 @@ def replica_deployment(package: str, *, replicas: int = 2, threads: int = 1, max
             from ..scheduler import Scheduler
             from .server import create_app
 
-            self.engine = Engine(package, device=device, threads=threads, spin=spin, tf32=tf32)
-            self.scheduler = Scheduler(self.engine, max_batch=max_batch, **options).start()
-            self._asgi = create_app(self.scheduler, name, api_key=api_key)
+            self.engine = Engine(package, **engine_options)
+            self.scheduler = Scheduler(self.engine, max_batch=max_batch, **scheduler_options).start()
+            self._asgi = create_app(self.scheduler, name, options)
             self.metrics = RayMetricsMirror(self.scheduler, metrics_interval).start()
 
         def __serve_build_asgi_app__(self):
@@ -161,18 +163,17 @@ def replica_deployment(package: str, *, replicas: int = 2, threads: int = 1, max
                 scheduler.close()
 
     deployment = serve.deployment(NextokenReplica, name="nextoken", num_replicas=replicas,
-                                  ray_actor_options={"num_cpus": threads})
+                                  ray_actor_options={"num_cpus": engine_options["threads"] or 1})
     return deployment.bind()
 
 
-def serve_ray(package: str, *, host: str = "127.0.0.1", port: int = 8000, replicas: int = 2, threads: int = 1,
-              max_batch: int = 8, api_key: str | None = None, model_name: str | None = None, device: str = "auto",
-              address: str | None = None, blocking: bool = True, scheduler_options: dict[str, Any] | None = None,
-              spin: bool | None = None, tf32: bool | None = None, metrics_port: int | None = None,
-              metrics_interval: float = 5.0) -> None:
+def serve_ray(package: str, *, host: str = "127.0.0.1", port: int = 8000, replicas: int = 2, max_batch: int = 8,
+              model_name: str | None = None, address: str | None = None, blocking: bool = True,
+              engine_options: dict[str, Any] | None = None, scheduler_options: dict[str, Any] | None = None,
+              options: Any = None, metrics_port: int | None = None, metrics_interval: float = 5.0) -> None:
     """Start (or join, with ``address``) Ray, and serve ``package`` from ``replicas`` replicas on
     ``host:port`` (``metrics_port``: where a Ray started here serves its metrics export; a cluster's
-    nodes take ``ray start --metrics-export-port``)."""
+    nodes take ``ray start --metrics-export-port``; the rest: :func:`replica_deployment`'s)."""
     ray, serve = _ray()
     package = str(Path(package).resolve())
     if not ray.is_initialized():
@@ -182,7 +183,7 @@ def serve_ray(package: str, *, host: str = "127.0.0.1", port: int = 8000, replic
             ray.init(include_dashboard=False, _node_ip_address="127.0.0.1", configure_logging=False,
                      _metrics_export_port=metrics_port)
     serve.start(http_options={"host": host, "port": port})
-    serve.run(replica_deployment(package, replicas=replicas, threads=threads, max_batch=max_batch, api_key=api_key,
-                                 model_name=model_name, device=device, scheduler_options=scheduler_options,
-                                 spin=spin, tf32=tf32, metrics_interval=metrics_interval),
+    serve.run(replica_deployment(package, replicas=replicas, max_batch=max_batch, model_name=model_name,
+                                 engine_options=engine_options, scheduler_options=scheduler_options, options=options,
+                                 metrics_interval=metrics_interval),
               name="nextoken", route_prefix="/", blocking=blocking)

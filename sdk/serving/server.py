@@ -19,8 +19,10 @@ leaves one out gets the model's value, as vLLM does.
 
 
 import asyncio
+import dataclasses
 import json
 import logging
+import os
 import time
 import uuid
 from pathlib import Path
@@ -166,49 +168,134 @@ def _error(status: int, message: str, kind: str = "invalid_request_error", param
     return JSONResponse({"error": {"message": message, "type": kind, "param": param, "code": code}}, status_code=status)
 
 
+@dataclasses.dataclass(frozen=True)
+class ServeOptions:
+    """What the operator sets for a server (the same for ``nextoken serve`` and every Ray replica).
+
+    ``api_key``: required as ``Authorization: Bearer KEY`` (every path but ``/health``);
+    ``max_body_bytes``: the largest request body (413 beyond, checked while it is read);
+    ``max_pending``: requests in hand before new ones get a 503; ``body_timeout_s``: how long a
+    body may stall between two chunks (408); ``speculative``: speculative decoding for requests
+    that set none (its ``model`` a name of ``drafts``); ``drafts``: the draft packages requests may
+    name (name -> path, loaded at start; a request never names a path); ``record_dir``: where each
+    request's record goes; ``constraint_budget_s``: the longest a request's constraint may take
+    to compile (:mod:`nextoken.serving.constraints`); ``prep_workers``: threads that parse,
+    render, tokenise and check requests, off the event loop."""
+
+    api_key: str | None = None
+    max_body_bytes: int = 1 << 20
+    max_pending: int = 256
+    body_timeout_s: float = 30.0
+    speculative: Mapping[str, Any] | None = None
+    drafts: Mapping[str, str] = dataclasses.field(default_factory=dict)
+    record_dir: str | None = None
+    constraint_budget_s: float = 2.0
+    prep_workers: int = 2
+
+
+def load_drafts(engine: Any, drafts: Mapping[str, str]) -> dict[str, str]:
+    """The draft packages a server offers (name -> path), each loaded now and checked to share the
+    served model's vocabulary; an error naming the option otherwise."""
+    from ..plugins.speculative import draft_engine
+
+    out = {}
+    for name, path in dict(drafts).items():
+        try:
+            draft = draft_engine(path, engine.threads)
+        except InvalidRequestError as exc:
+            raise NextokenError(f"--draft {name}={path}: {exc}") from None
+        if draft.manifest.vocab_size != engine.manifest.vocab_size:
+            raise NextokenError(f"--draft {name}={path}: its vocabulary ({draft.manifest.vocab_size} tokens) is not the "
+                                f"served model's ({engine.manifest.vocab_size}); a draft must share the tokenizer")
+        out[name] = path
+    return out
+
+
 class Service:
     """What the server does for each endpoint, over one :class:`~nextoken.Scheduler` (the FastAPI
-    routes of :func:`create_app` call these). ``max_body_bytes``: the largest request body (413
-    beyond, checked while it is read); ``body_timeout_s``: how long a body may stall between two
-    chunks before the request is a 408 (a half-open upload); ``max_pending``: requests in hand
-    before new ones get a 503."""
+    routes of :func:`create_app` call these), as :class:`ServeOptions` says. The event loop only
+    moves bytes: a request's body is parsed, its prompt rendered and tokenised, its constraint
+    checked and the request submitted on the preparation workers."""
 
-    def __init__(self, scheduler: Scheduler, model_name: str, api_key: str | None = None,
-                 max_body_bytes: int = 1 << 20, max_pending: int = 256, body_timeout_s: float = 30.0,
-                 speculative: Mapping[str, Any] | None = None, record_dir: str | Path | None = None) -> None:
+    def __init__(self, scheduler: Scheduler, model_name: str, options: ServeOptions | None = None) -> None:
         from concurrent.futures import ThreadPoolExecutor
 
+        from .constraints import ConstraintChecker, StackPool
+
+        options = options or ServeOptions()
+        self.options = options
         self.scheduler, self.engine, self.model_name = scheduler, scheduler.engine, model_name
         self.api_key, self.max_body_bytes, self.max_pending, self.body_timeout_s = (
-            api_key, max_body_bytes, max_pending, body_timeout_s)
+            options.api_key, options.max_body_bytes, options.max_pending, options.body_timeout_s)
         self.defaults: dict[str, Any] = sampling_defaults(self.engine.path)
-        if speculative:                       # the server's default; a request's own nextoken.speculative wins
-            self.defaults["speculative"] = dict(speculative)
+        self.drafts = load_drafts(self.engine, options.drafts)
+        if options.speculative:               # the server's default; a request's own nextoken.speculative wins
+            self.defaults["speculative"] = self.check_speculative(options.speculative)
         # Waiting on a request's events blocks a thread; give every request in hand one (the default
         # executor has only cpu_count + 4, which would couple unrelated streams).
-        self.waiters = ThreadPoolExecutor(max_workers=max_pending + 4, thread_name_prefix="nextoken-wait")
+        self.waiters = ThreadPoolExecutor(max_workers=options.max_pending + 4, thread_name_prefix="nextoken-wait")
+        self.prep = StackPool(max(1, options.prep_workers))
+        self.checker = ConstraintChecker.for_engine(self.engine, options.constraint_budget_s)
         self.created = int(time.time())
         #: where each request's record goes (None: nowhere); the records hold prompts: the operator's to protect
-        self.record_dir = Path(record_dir) if record_dir else None
+        self.record_dir = Path(options.record_dir) if options.record_dir else None
         if self.record_dir is not None:
-            self.record_dir.mkdir(parents=True, exist_ok=True)
+            try:
+                self.record_dir.mkdir(parents=True, exist_ok=True)
+                if not os.access(self.record_dir, os.W_OK | os.X_OK):
+                    raise PermissionError(13, "not writable by this user")
+            except OSError as exc:
+                raise NextokenError(f"--record-dir {self.record_dir}: {exc.strerror or exc}") from None
+
+    def check_speculative(self, spec: Mapping[str, Any]) -> dict:
+        """The server's default ``speculative``, checked now (method, k, draft name) as a request's
+        would be; an error naming --speculative otherwise."""
+        spec = dict(spec)
+        try:
+            params = SamplingParams(max_new_tokens=1, speculative=spec)
+            if "model" in spec:
+                if spec["model"] not in self.drafts:
+                    raise InvalidRequestError(f"draft model {spec['model']!r} is not among --draft's names "
+                                              f"({', '.join(self.drafts) or 'none'})")
+                params = params.replace(speculative={**spec, "model": self.drafts[spec["model"]]})
+            self.engine.start([self.engine.pad_token_id], params)
+        except NextokenError as exc:
+            raise NextokenError(f"--speculative {spec}: {exc}") from None
+        return spec
+
+    def close(self) -> None:
+        """Stop the constraint checker and the workers."""
+        if self.checker is not None:
+            self.checker.close()
+        self.prep.shutdown()
+        self.waiters.shutdown(wait=False)
+
+    async def off_loop(self, fn, *args):
+        """``fn(*args)`` on a preparation worker, awaited."""
+        return await asyncio.wrap_future(self.prep.submit(fn, *args))
 
     # -- around every request --------------------------------------------------------------------------
     def refuse(self, request) -> Any:
         """The error response for a request without the API key or with a declared body over the
         limit, else None."""
-        if self.api_key is not None and request.url.path != "/health":
-            if request.headers.get("authorization", "") != f"Bearer {self.api_key}":
-                return _error(401, "missing or wrong API key (Authorization: Bearer ...)", "authentication_error",
-                              code="invalid_api_key")
+        if self.api_key is not None and request.url.path != "/health" and not self.authorized(request):
+            return _error(401, "missing or wrong API key (Authorization: Bearer ...)", "authentication_error",
+                          code="invalid_api_key")
         length = request.headers.get("content-length")
         if length is not None and length.isdigit() and int(length) > self.max_body_bytes:
             return _error(413, f"request body over {self.max_body_bytes} bytes", code="request_too_large")
         return None
 
-    async def body(self, request, schema):
+    def authorized(self, request) -> bool:
+        """Whether the request carries the API key (the scheme in any case; compared in constant time)."""
+        import hmac
+
+        scheme, _, key = request.headers.get("authorization", "").strip().partition(" ")
+        return scheme.lower() == "bearer" and hmac.compare_digest(key.strip().encode(), self.api_key.encode())
+
+    async def read(self, request) -> bytes:
         """The body, read a chunk at a time (the size limit holds for chunked uploads too, and a
-        body that stalls is a 408), validated against ``schema``."""
+        body that stalls is a 408)."""
         from starlette.requests import ClientDisconnect
 
         chunks, size = [], 0
@@ -227,7 +314,11 @@ class Service:
             if size > self.max_body_bytes:
                 raise APIError(413, f"request body over {self.max_body_bytes} bytes", code="request_too_large")
             chunks.append(chunk)
-        body = _parse(b"".join(chunks), schema)
+        return b"".join(chunks)
+
+    def parse(self, raw: bytes, schema):
+        """The body validated against ``schema``, for this server's model."""
+        body = _parse(raw, schema)
         if body.model not in (None, self.model_name):
             raise APIError(404, f"model {body.model!r} is not served here; GET /v1/models lists {self.model_name!r}",
                            code="model_not_found", param="model")
@@ -309,9 +400,15 @@ class Service:
                                             "owned_by": "nextoken"}]}
 
     async def completions(self, request):
+        raw = await self.read(request)
+        handle, stream, include_usage, echo = await self.off_loop(self.prepare_completion, raw)
+        return await self.respond(request, handle, False, stream, include_usage, echo)
+
+    def prepare_completion(self, raw: bytes) -> tuple[RequestHandle, bool, bool, str]:
+        """A completions body, parsed, checked and submitted: (its handle, stream, include_usage, echo)."""
         from .api_schema import CompletionRequest
 
-        req = await self.body(request, CompletionRequest)
+        req = self.parse(raw, CompletionRequest)
         if req.tools is not None or req.tool_choice is not None:
             raise APIError(400, "tools take a conversation: use /v1/chat/completions", param="tools")
         prompt = req.prompt
@@ -320,7 +417,7 @@ class Service:
                 raise APIError(400, "prompt: one prompt per request (a list of one string, or of token ids)",
                                param="prompt")
             prompt = prompt[0]
-        params = _params(req, False, self.defaults)
+        params = self.params(req, False)
         if req.echo and params.top_logprobs is not None:
             raise APIError(400, "echo with logprobs is not supported (it needs the prompt's log-probabilities)",
                            param="echo")
@@ -328,20 +425,26 @@ class Service:
         echo = ""
         if req.echo:
             echo = prompt if isinstance(prompt, str) else self.engine.decode(prompt)
-        include_usage = bool(req.stream_options and req.stream_options.include_usage)
-        return await self.respond(request, handle, False, req.stream, include_usage, echo)
+        return handle, req.stream, bool(req.stream_options and req.stream_options.include_usage), echo
 
     async def chat_completions(self, request):
+        raw = await self.read(request)
+        handle, stream, include_usage, tools = await self.off_loop(self.prepare_chat, raw)
+        return await self.respond(request, handle, True, stream, include_usage, tools=tools)
+
+    def prepare_chat(self, raw: bytes) -> tuple[RequestHandle, bool, bool, ToolRequest | None]:
+        """A chat body, parsed, rendered, checked and submitted: (its handle, stream, include_usage, tools)."""
         from .api_schema import ChatRequest
 
-        req = await self.body(request, ChatRequest)
-        params = _params(req, True, self.defaults)
+        req = self.parse(raw, ChatRequest)
+        params = self.params(req, True)
         tools = self.tool_request(req)
         if tools is not None:
             try:
                 params = tools.constrain(params)
             except InvalidRequestError as exc:
                 raise APIError(400, str(exc), param="tool_choice") from None
+            self.check_constraint(params, "tool_choice")
         messages = [{"role": m.role, "content": m.text(), **{k: v for k, v in (m.model_extra or {}).items()
                                                               if k in ("tool_calls", "tool_call_id", "name")}}
                     for m in req.messages]
@@ -353,7 +456,37 @@ class Service:
             room = self.scheduler.max_sequence_length - len(ids)
             params = params.replace(max_new_tokens=max(1, min(params.max_new_tokens, room)))
         include_usage = bool(req.stream_options and req.stream_options.include_usage)
-        return await self.respond(request, self.submit(ids, params), True, req.stream, include_usage, tools=tools)
+        return self.submit(ids, params), req.stream, include_usage, tools
+
+    def params(self, req, chat: bool) -> SamplingParams:
+        """The request's SamplingParams, its draft model resolved from the server's names and its
+        constraint checked (:meth:`check_constraint`)."""
+        options = req.nextoken.options if req.nextoken is not None and req.nextoken.options else {}
+        if "draft" in options:
+            raise APIError(400, "nextoken.options.draft: the draft model's settings are the server's "
+                                "(nextoken serve --draft NAME=PATH)", param="nextoken.options")
+        params = _params(req, chat, self.defaults)
+        spec = params.speculative
+        if spec is not None and "model" in spec:
+            name = spec["model"]
+            if not isinstance(name, str) or name not in self.drafts:
+                offered = ", ".join(sorted(self.drafts)) or "none (nextoken serve --draft NAME=PATH offers one)"
+                raise APIError(400, f"nextoken.speculative.model names a draft model this server offers: {offered}",
+                               param="nextoken.speculative.model")
+            params = params.replace(speculative={**spec, "model": self.drafts[name]})
+        self.check_constraint(params)
+        return params
+
+    def check_constraint(self, params: SamplingParams, param: str | None = None) -> None:
+        """The request's constraint compiled in the checker process, or the 400 naming its field."""
+        if self.checker is None:
+            return
+        try:
+            self.checker.check(params)
+        except InvalidRequestError as exc:
+            field = str(exc).split(":", 1)[0]
+            raise APIError(400, f"{param}: {exc}" if param else str(exc),
+                           param=param or ("response_format" if field == "response_format" else f"nextoken.{field}")) from None
 
     @staticmethod
     def tool_request(req) -> ToolRequest | None:
@@ -531,20 +664,25 @@ def _logprobs(items: list | None, chat: bool, offset: int) -> dict | None:
     return _chat_logprobs(items) if chat else _completion_logprobs(items, offset)
 
 
-def create_app(scheduler: Scheduler, model_name: str, api_key: str | None = None, max_body_bytes: int = 1 << 20,
-               max_pending: int = 256, body_timeout_s: float = 30.0, speculative: Mapping[str, Any] | None = None,
-               record_dir: str | Path | None = None):
+def create_app(scheduler: Scheduler, model_name: str, options: ServeOptions | None = None, **settings: Any):
     """The FastAPI application serving ``scheduler``'s engine as ``model_name``: the routes, each
-    calling its :class:`Service` method, and the errors in OpenAI's shape (arguments: :class:`Service`'s)."""
+    calling its :class:`Service` method, and the errors in OpenAI's shape. ``options`` (or its
+    fields as keywords: ``api_key=``, ``max_body_bytes=`` ...): :class:`ServeOptions`. The app's
+    ``state.service`` is closed when the app shuts down."""
     try:
         from fastapi import FastAPI, Request
         from fastapi.exceptions import RequestValidationError
     except ImportError:
         raise NextokenError("serving needs FastAPI and uvicorn: pip install 'nextoken[serve]'") from None
 
-    service = Service(scheduler, model_name, api_key, max_body_bytes, max_pending, body_timeout_s, speculative,
-                      record_dir)
-    app = FastAPI(title="nextoken", version="1")
+    try:
+        options = dataclasses.replace(options or ServeOptions(), **settings)
+    except TypeError as exc:
+        raise InvalidRequestError(f"create_app: {exc}") from None
+    service = Service(scheduler, model_name, options)
+    app = FastAPI(title="nextoken", version="1", docs_url=None, redoc_url=None, openapi_url=None,
+                  on_shutdown=[service.close])
+    app.state.service = service
 
     @app.exception_handler(APIError)
     async def _api_error(_request, exc: APIError):
@@ -573,6 +711,16 @@ def create_app(scheduler: Scheduler, model_name: str, api_key: str | None = None
     async def health():
         return service.health()
 
+    @app.get("/openapi.json", include_in_schema=False)
+    async def openapi():
+        return app.openapi()
+
+    @app.get("/docs", include_in_schema=False)
+    async def docs():
+        from fastapi.openapi.docs import get_swagger_ui_html
+
+        return get_swagger_ui_html(openapi_url="/openapi.json", title="nextoken")
+
     @app.get("/v1/models")
     async def models():
         return service.models()
@@ -595,38 +743,33 @@ def create_app(scheduler: Scheduler, model_name: str, api_key: str | None = None
     return app
 
 
-def serve(package: str, host: str = "127.0.0.1", port: int = 8000, max_batch: int = 8, api_key: str | None = None,
-          model_name: str | None = None, device: str = "auto", threads: int | None = None,
-          scheduler_options: dict[str, Any] | None = None, spin: bool | None = None,
-          tf32: bool | None = None, header_timeout_s: float = 10.0, prefix_cache_bytes: int = 0,
-          speculative: Mapping[str, Any] | None = None, record_dir: str | None = None,
-          prefix_cache_dir: str | None = None, prefix_cache_disk_bytes: int = 1 << 30) -> None:
-    """Load ``package`` and serve it until interrupted (``scheduler_options``: more
-    :class:`~nextoken.Scheduler` arguments: ``max_prefill_tokens``, ``kv_backend``, ``slot_length``;
-    ``spin``, ``tf32``: as :class:`~nextoken.Engine` takes them). Connections: idle ones close after 5 s
-    between requests, and one that has not sent a whole request head within ``header_timeout_s``
-    (half-open, or a client that stalls in its headers) is closed. ``prefix_cache_bytes``,
-    ``prefix_cache_dir``, ``prefix_cache_disk_bytes``: the engine's prefix cache (0: off) and its
-    disk tier. ``speculative``: speculative decoding for requests that do not
-    set their own (e.g. ``{"method": "prompt_lookup", "k": 4}``)."""
+def serve(package: str, host: str = "127.0.0.1", port: int = 8000, max_batch: int = 8, model_name: str | None = None,
+          engine_options: dict[str, Any] | None = None, scheduler_options: dict[str, Any] | None = None,
+          options: ServeOptions | None = None, header_timeout_s: float = 10.0) -> None:
+    """Load ``package`` and serve it until interrupted. ``engine_options``: :class:`~nextoken.Engine`
+    arguments (``device``, ``threads``, ``spin``, ``tf32``, the prefix cache's); ``scheduler_options``:
+    more :class:`~nextoken.Scheduler` arguments (``max_prefill_tokens``, ``kv_backend``,
+    ``slot_length``); ``options``: :class:`ServeOptions`, checked before the server listens.
+    Connections: idle ones close after 5 s between requests, and one that has not sent a whole
+    request head within ``header_timeout_s`` (half-open, or a client that stalls in its headers) is
+    closed."""
     try:
         import uvicorn
     except ImportError:
         raise NextokenError("serving needs FastAPI and uvicorn: pip install 'nextoken[serve]'") from None
-    from pathlib import Path
-
     from ..engine import Engine
 
-    engine = Engine(package, device=device, threads=threads, spin=spin, tf32=tf32, prefix_cache_bytes=prefix_cache_bytes,
-                    prefix_cache_dir=prefix_cache_dir, prefix_cache_disk_bytes=prefix_cache_disk_bytes)
+    options = options or ServeOptions()
+    engine = Engine(package, **(engine_options or {}))
     name = model_name or Path(package).resolve().name
     with engine, Scheduler(engine, max_batch=max_batch, **(scheduler_options or {})) as scheduler:
-        app = create_app(scheduler, name, api_key=api_key, speculative=speculative, record_dir=record_dir)
+        app = create_app(scheduler, name, options)
         slots = (f"{scheduler.max_batch} slots of {scheduler.slot_length} positions"
                  if scheduler.kv_backend == "slots" else f"batches of up to {scheduler.max_batch}")
         print(f"nextoken: serving {name} ({engine.path}) at http://{host}:{port}/v1 on {engine.device.provider}; "
               f"KV backend {scheduler.kv_backend}, {slots}; spin {'on' if engine.spin else 'off'} ({engine.spin_reason})"
-              + ("; API key required" if api_key else ""),
+              + ("; API key required" if options.api_key else "")
+              + (f"; drafts {', '.join(options.drafts)}" if options.drafts else ""),
               flush=True)
         logging.basicConfig(level=logging.INFO, format="%(levelname)s: %(message)s")
         uvicorn.run(app, host=host, port=port, log_level=None, access_log=True, timeout_keep_alive=5,

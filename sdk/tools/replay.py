@@ -18,7 +18,7 @@ from ..errors import InvalidRequestError
 from ..records import RECORD_VERSION, engine_settings, pieces, version_of
 from ..types import SamplingParams
 
-__all__ = ["replay", "ReplayReport"]
+__all__ = ["replay", "replay_all", "read_records", "ReplayReport"]
 
 
 @dataclass
@@ -49,32 +49,81 @@ class ReplayReport:
         return head + ("; differs: " + "; ".join(self.differences) if self.differences else "")
 
 
-def replay(record: dict[str, Any] | str | Path, engine: Any = None, package: str | Path | None = None) -> ReplayReport:
-    """Run ``record`` again on ``engine`` (or a new engine on ``package``, else the recorded one)."""
-    if not isinstance(record, dict):
+#: what every record holds, and the type of each
+_KEYS = {"package": dict, "engine": dict, "params": dict, "prompt_token_ids": list, "token_ids": list, "plugins": list}
+
+
+def read_records(source: dict[str, Any] | list | str | Path) -> list[dict[str, Any]]:
+    """The records of one request: a record, the list nextoken writes for n > 1, or a file of
+    either; an :class:`~nextoken.InvalidRequestError` in one line saying what is wrong otherwise."""
+    where = "the record"
+    if isinstance(source, (str, Path)):
+        where = f"the record {source}"
         try:
-            record = json.loads(Path(record).read_text())
+            source = json.loads(Path(source).read_text())
         except (OSError, ValueError) as exc:
-            raise InvalidRequestError(f"cannot read the record {record}: {exc}") from None
-    if record.get("nextoken_record") != RECORD_VERSION:
-        raise InvalidRequestError(f"not a nextoken record of version {RECORD_VERSION}")
+            raise InvalidRequestError(f"cannot read {where}: {exc}") from None
+    records = source if isinstance(source, list) else [source]
+    if not records:
+        raise InvalidRequestError(f"{where} is an empty list")
+    for i, record in enumerate(records):
+        name = where if len(records) == 1 else f"{where} (choice {i})"
+        if not isinstance(record, dict) or record.get("nextoken_record") != RECORD_VERSION:
+            raise InvalidRequestError(f"{name} is not a nextoken record of version {RECORD_VERSION}")
+        for key, kind in _KEYS.items():
+            if not isinstance(record.get(key), kind):
+                raise InvalidRequestError(f"{name} lacks {key!r} (a JSON {'object' if kind is dict else 'list'}): "
+                                          "not a whole nextoken record")
+        if not isinstance(record["package"].get("checksums"), dict):
+            raise InvalidRequestError(f"{name} lacks its package's checksums: not a whole nextoken record")
+    return records
+
+
+def replay(record: dict[str, Any] | str | Path, engine: Any = None, package: str | Path | None = None) -> ReplayReport:
+    """Run ``record`` again on ``engine`` (or a new engine on ``package``, else the recorded one);
+    a file of several choices' records: the first's report (:func:`replay_all` gives each)."""
+    return replay_all(record, engine, package)[0]
+
+
+def replay_all(source: dict[str, Any] | list | str | Path, engine: Any = None,
+               package: str | Path | None = None) -> list[ReplayReport]:
+    """Run a request's records (:func:`read_records`) again, the request once: a report per choice."""
+    records = read_records(source)
+    first = records[0]
     own = engine is None
     if own:
-        engine = Engine(package or record["package"]["path"])
+        path = package or first["package"].get("path")
+        if not isinstance(path, (str, Path)):
+            raise InvalidRequestError("the record names no package path; give one (--package)")
+        engine = Engine(path)
     try:
-        params = SamplingParams(**{**record["params"], "top_logprobs": record["params"].get("top_logprobs") or 0})
-        generation = engine.start(record["prompt_token_ids"], params)
-        got = generation.completions()[0]
-        differences = _differences(record, engine, generation.pipeline)
+        try:
+            params = SamplingParams(**{**first["params"], "top_logprobs": first["params"].get("top_logprobs") or 0})
+        except TypeError as exc:
+            raise InvalidRequestError(f"the record's params are not this nextoken's: {exc}") from None
+        generation = engine.start(first["prompt_token_ids"], params)
+        completions = generation.completions()
+        differences = _differences(first, engine, generation.pipeline)
     finally:
         if own:
             engine.close()
+    reports = []
+    for i, record in enumerate(records):
+        choice = record.get("choice", i)
+        if not isinstance(choice, int) or not 0 <= choice < len(completions):
+            raise InvalidRequestError(f"the record of choice {choice!r} names no choice of the replayed request")
+        reports.append(_compare(record, completions[choice], differences))
+    return reports
+
+
+def _compare(record: dict[str, Any], got: Any, differences: list[str]) -> ReplayReport:
     want, have = record["token_ids"], got.token_ids
     logprobs = [lp.logprob for lp in got.logprobs or []]
+    recorded = record.get("logprobs")
     for step, (a, b) in enumerate(zip(want, have)):
         if a != b:
-            recorded = record.get("logprobs")
-            return ReplayReport(False, len(have), step, a, b, recorded[step] if recorded else None,
+            return ReplayReport(False, len(have), step, a, b,
+                                recorded[step] if isinstance(recorded, list) and step < len(recorded) else None,
                                 logprobs[step] if step < len(logprobs) else None, differences)
     if len(want) != len(have):
         step = min(len(want), len(have))
@@ -96,7 +145,7 @@ def _differences(record: dict[str, Any], engine: Any, pipeline: Any) -> list[str
     now = engine_settings(engine)
     out += [f"{key}: recorded {value!r}, now {now.get(key)!r}" for key, value in record["engine"].items()
             if now.get(key) != value]
-    recorded = {(kind, name): (plugin, version) for kind, name, plugin, _, version in record["plugins"]}
+    recorded = {(p[0], p[1]): (p[2], p[4]) for p in record["plugins"] if isinstance(p, list) and len(p) == 5}
     for piece in pieces(pipeline):
         was = recorded.get((piece.kind, piece.name))
         version = version_of(piece.distribution)
