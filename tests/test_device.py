@@ -186,4 +186,4 @@ def test_cli_runtime_options_reach_the_engine_and_the_server(monkeypatch):
     assert [(k["tf32"], k["spin"]) for k in engines] == [(True, True), (None, None)]   # None: the environment's
     monkeypatch.setattr(server, "serve", lambda *a, **k: serves.append(k))
     assert cli.main(["serve", "pkg", "--no-tf32", "--spin"]) == 0
-    assert (serves[0]["tf32"], serves[0]["spin"]) == (False, True)
+    assert (serves[0]["engine_options"]["tf32"], serves[0]["engine_options"]["spin"]) == (False, True)

@@ -54,7 +54,7 @@ def test_two_replicas_serve_the_openai_api_and_export_metrics_to_ray(stories_pac
         for _ in range(4):                                   # spread over both replicas
             got = client.completions.create(model="stories", prompt="Once upon a time", max_tokens=12, temperature=0)
             assert got.choices[0].text == expected
-        copying = client.completions.create(model="stories", prompt="Once upon a time. " * 3, max_tokens=12,
+        copying = client.completions.create(model="stories", prompt="Once upon a time, Lily. " * 2 + "Once upon a time,", max_tokens=12,
                                             temperature=0, extra_body={"nextoken": {"ignore_eos": True}})
         assert copying.model_extra["nextoken"]["usage"]["proposed_tokens"] > 0     # the server's --speculative
         stream = client.completions.create(model="stories", prompt="Once upon a time", max_tokens=12, temperature=0,

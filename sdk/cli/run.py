@@ -7,6 +7,7 @@ import json
 import sys
 from pathlib import Path
 
+from ..serving.constraints import BUDGET_S
 from .common import (UsageError, cache_dir, generate, generation_options, open_engine, positive_int,
                      positive_float, prefix_cache_of, prefix_cache_options, runtime_options, speculative_of)
 
@@ -148,9 +149,9 @@ def add_commands(sub) -> None:
     p.add_argument("--draft", action="append", default=None, metavar="NAME=PATH",
                    help="a draft package requests may name (nextoken.speculative.model: NAME), loaded at start; "
                         "repeatable. Requests never name paths")
-    p.add_argument("--constraint-budget", type=positive_float, default=2.0, metavar="SECONDS",
+    p.add_argument("--constraint-budget", type=positive_float, default=BUDGET_S, metavar="SECONDS",
                    help="the longest a request's grammar or schema may take to compile, in a checker process "
-                        "(default 2)")
+                        f"(default {BUDGET_S:g})")
     p.add_argument("--record-dir", default=None, metavar="DIR",
                    help="write every request's record here, for `nextoken replay` (they hold prompts: protect DIR)")
     p.add_argument("--header-timeout", type=positive_float, default=None, metavar="SECONDS",

@@ -7,8 +7,10 @@ compile and then fail at their first mask (too many alternatives in a row, too m
 states). So the server checks every constraint (``response_format``, ``regex``, ``choice``,
 ``grammar``, and the grammar ``tool_choice`` makes) in a child process before the request goes
 anywhere: the child validates it, builds a matcher over the model's vocabulary and computes its
-first mask, on a thread of :data:`CHECK_STACK` bytes, within ``budget_s`` seconds. A child that
-dies or runs over is killed and started again, and the request is a 400 naming its field.
+masks along a few tokens it allows, on a thread of :data:`CHECK_STACK` bytes, within
+``budget_s`` seconds and :data:`MEMORY` bytes. A child that dies or runs over is killed and
+started again, and the request is a 400 naming its field. Two children (``workers``) check at
+once, so one slow constraint does not hold every other request's.
 
 What passes is compiled again in the server (by the ``structured`` plugin) on threads of
 :data:`nextoken.threads.STACK` bytes, four times the checker's, so a grammar's depth that the checker
@@ -33,18 +35,30 @@ from typing import Any, Callable
 from ..errors import InvalidRequestError
 from ..threads import STACK, start
 
-__all__ = ["ConstraintChecker", "StackPool", "CHECK_STACK"]
+__all__ = ["ConstraintChecker", "StackPool", "CHECK_STACK", "BUDGET_S"]
 
 #: The stack of the checker's compiling thread: a quarter of the server's (:data:`nextoken.threads.STACK`).
 CHECK_STACK = STACK // 4
+#: The longest a constraint may take to compile, by default (seconds).
+BUDGET_S = 0.8
+#: The checker's address space at most (its own Python and llguidance take ~1 GiB of it).
+MEMORY = 4 << 30
 #: What each checked field is called in messages (the structured plugin's names).
 _FIELDS = ("response_format", "regex", "choice", "grammar")
 
 
-def child_main(read_fd: int, write_fd: int) -> None:
+def child_main(read_fd: int, write_fd: int, memory_bytes: int = 0) -> None:
     """The checker process (``python -c``, started by :class:`ConstraintChecker`): read the
-    vocabulary's spec, then answer each constraint sent with ("ok", None) or ("error", message)."""
+    vocabulary's spec, then answer each constraint sent with ("ok", None) or ("error", message).
+    ``memory_bytes``: its address space at most (0: as inherited), so a grammar that would take
+    the host's memory ends the child instead."""
     from multiprocessing.connection import Connection
+
+    if memory_bytes:
+        import resource
+
+        resource.setrlimit(resource.RLIMIT_AS, (memory_bytes, memory_bytes))
+        resource.setrlimit(resource.RLIMIT_CORE, (0, 0))        # a crash here is expected: no core file
 
     conn_in, conn_out = Connection(read_fd, writable=False), Connection(write_fd, readable=False)
 
@@ -72,78 +86,121 @@ def child_main(read_fd: int, write_fd: int) -> None:
     start(threading.Thread(target=serve, name="nextoken-constraint-check"), CHECK_STACK).join()
 
 
+class _Child:
+    """One checker process and its two pipes, started again after it dies or is killed."""
+
+    def __init__(self, spec: tuple, memory_bytes: int) -> None:
+        self.spec, self.memory_bytes = spec, memory_bytes
+        self.process: Any = None
+        self.send: Any = None
+        self.recv: Any = None
+
+    def ensure(self) -> None:
+        if self.process is not None and self.process.poll() is None:
+            return
+        self.stop()
+        # a plain child (not multiprocessing's spawn, which runs the parent's main script again)
+        # that imports only what checking needs; two pipes of its own, stdout left alone
+        from_parent, to_child = os.pipe()
+        from_child, to_parent = os.pipe()
+        code = (f"from nextoken.serving.constraints import child_main; "
+                f"child_main({from_parent}, {to_parent}, {self.memory_bytes if os.name == 'posix' else 0})")
+        try:
+            self.process = subprocess.Popen([sys.executable, "-c", code], pass_fds=(from_parent, to_parent),
+                                            stdin=subprocess.DEVNULL, close_fds=True)
+        finally:
+            os.close(from_parent)
+            os.close(to_parent)
+        self.send, self.recv = Connection(to_child, readable=False), Connection(from_child, writable=False)
+        self.send.send(self.spec)
+        if not self.recv.poll(120) or self.recv.recv()[0] != "ready":
+            self.stop()
+            raise InvalidRequestError("the constraint checker did not start; constrained requests cannot be served")
+
+    def stop(self) -> None:
+        if self.process is not None:
+            self.process.kill()
+            self.process.wait()
+            self.send.close()
+            self.recv.close()
+        self.process = self.send = self.recv = None
+
+    def ask(self, fields: dict, budget_s: float) -> tuple[str | None, str]:
+        """(the verdict, how it came: "answered", "died" or "timeout")."""
+        self.ensure()
+        try:
+            self.send.send(fields)
+            answered = self.recv.poll(budget_s)
+            verdict = self.recv.recv() if answered else None
+        except (EOFError, OSError):
+            try:
+                code = self.process.wait(5)
+            except subprocess.TimeoutExpired:
+                code = None
+            self.stop()
+            return (f"the constraint is too deep or too large to compile (the checker died, exit code {code}); "
+                    "make it smaller or flatter", "died")
+        if verdict is None:
+            self.stop()
+            return f"the constraint took over {budget_s:g} s to compile; make it smaller or simpler", "timeout"
+        return verdict[1], "answered"
+
+
 class ConstraintChecker:
-    """Checks requests' constraints in a child process (see the module's doc). ``budget_s``: the
-    longest a check may take; ``cache``: verdicts kept. :meth:`check` raises the 400's
-    :class:`~nextoken.InvalidRequestError`, its message starting with the field's name."""
+    """Checks requests' constraints in ``workers`` child processes (see the module's doc), one
+    check at a time each. ``budget_s``: the longest a check may take; ``cache``: verdicts kept
+    (a constraint that ran over is refused again while its verdict is kept); ``memory_bytes``:
+    each child's address space at most (a check that needs more ends it: a 400). :meth:`check`
+    raises the 400's :class:`~nextoken.InvalidRequestError`, its message starting with the field's
+    name."""
 
     def __init__(self, tokenizer_json: str, vocab_size: int, eos_token_ids: list[int] | None = None,
-                 budget_s: float = 2.0, cache: int = 1024) -> None:
+                 budget_s: float = BUDGET_S, cache: int = 1024, memory_bytes: int = MEMORY, workers: int = 2) -> None:
+        import queue
+
         if not budget_s > 0:
             raise InvalidRequestError(f"the constraint budget must be a positive number of seconds, not {budget_s!r}")
-        self.budget_s, self.cache = float(budget_s), int(cache)
-        self._spec = (tokenizer_json, int(vocab_size), list(eos_token_ids or []))
+        self.budget_s, self.cache, self.memory_bytes = float(budget_s), int(cache), int(memory_bytes)
+        spec = (tokenizer_json, int(vocab_size), list(eos_token_ids or []))
+        self._children = [_Child(spec, self.memory_bytes) for _ in range(max(1, workers))]
+        self._idle: queue.SimpleQueue = queue.SimpleQueue()
+        for child in self._children:
+            self._idle.put(child)
         self._lock = threading.Lock()
         self._verdicts: collections.OrderedDict[bytes, str | None] = collections.OrderedDict()
-        self._process: Any = None
-        self._send: Any = None
-        self._recv: Any = None
-        #: checks that killed or outran the child (each started a new one)
+        #: checks that killed or outran a child (each started a new one)
         self.restarts = 0
 
     @classmethod
-    def for_engine(cls, engine: Any, budget_s: float = 2.0) -> "ConstraintChecker | None":
+    def for_engine(cls, engine: Any, budget_s: float = BUDGET_S, workers: int = 2) -> "ConstraintChecker | None":
         """A checker over ``engine``'s tokenizer and vocabulary (None when its tokenizer cannot give
         its ``tokenizer.json``: the structured plugin refuses constraints there anyway)."""
         to_json = getattr(engine.tokenizer, "to_json", None)
         if to_json is None:
             return None
-        return cls(to_json(), engine.manifest.vocab_size, list(engine.eos_token_ids), budget_s)
+        return cls(to_json(), engine.manifest.vocab_size, list(engine.eos_token_ids), budget_s, workers=workers)
 
     def start(self) -> "ConstraintChecker":
-        """Start the child now (else the first check does)."""
-        with self._lock:
-            self._ensure()
+        """Start the children now (else the first checks do)."""
+        for child in self._children:
+            child.ensure()
         return self
 
-    def _ensure(self) -> None:
-        if self._process is not None and self._process.poll() is None:
-            return
-        self._stop()
-        # a plain child (not multiprocessing's spawn, which runs the parent's main script again)
-        # that imports only what checking needs; two pipes of its own, stdout left alone
-        from_parent, to_child = os.pipe()
-        from_child, to_parent = os.pipe()
-        code = f"from nextoken.serving.constraints import child_main; child_main({from_parent}, {to_parent})"
+    def _restart(self, child: _Child) -> None:
         try:
-            process = subprocess.Popen([sys.executable, "-c", code], pass_fds=(from_parent, to_parent),
-                                       stdin=subprocess.DEVNULL, close_fds=True)
-        finally:
-            os.close(from_parent)
-            os.close(to_parent)
-        self._process = process
-        self._send, self._recv = Connection(to_child, readable=False), Connection(from_child, writable=False)
-        self._send.send(self._spec)
-        if not self._recv.poll(120) or self._recv.recv()[0] != "ready":
-            self._stop()
-            raise InvalidRequestError("the constraint checker did not start; constrained requests cannot be served")
-
-    def _stop(self) -> None:
-        if self._process is not None:
-            self._process.kill()
-            self._process.wait()
-            self._send.close()
-            self._recv.close()
-        self._process = self._send = self._recv = None
+            child.ensure()
+        except InvalidRequestError:
+            pass                                    # the next check that takes it tries again
+        self._idle.put(child)
 
     def close(self) -> None:
-        """Stop the child."""
-        with self._lock:
-            self._stop()
+        """Stop the children."""
+        for child in self._children:
+            child.stop()
 
     def check(self, params: Any) -> None:
-        """Nothing when ``params``' constraint compiles and gives a first mask within the budget
-        (or it has none); else an :class:`~nextoken.InvalidRequestError` naming the field."""
+        """Nothing when ``params``' constraint compiles and gives its first masks within the
+        budget (or it has none); else an :class:`~nextoken.InvalidRequestError` naming the field."""
         field = next((name for name in _FIELDS if getattr(params, name, None)), None)
         if field is None:
             return
@@ -153,39 +210,27 @@ class ConstraintChecker:
         except (TypeError, ValueError, RecursionError):
             raise InvalidRequestError(f"{field}: the constraint is not plain JSON data") from None
         with self._lock:
-            if key in self._verdicts:
+            known = key in self._verdicts
+            if known:
                 self._verdicts.move_to_end(key)
                 problem = self._verdicts[key]
-            else:
-                problem, keep = self._ask(field, fields)
-                if keep:
-                    self._verdicts[key] = problem
-                    while len(self._verdicts) > self.cache:
-                        self._verdicts.popitem(last=False)
+        if not known:
+            child = self._idle.get()
+            how = "died"
+            try:
+                problem, how = child.ask(fields, self.budget_s)
+            finally:
+                if how == "answered":
+                    self._idle.put(child)
+                else:                               # started again off this request's time
+                    threading.Thread(target=self._restart, args=(child,), daemon=True).start()
+            with self._lock:
+                self.restarts += how != "answered"
+                self._verdicts[key] = problem
+                while len(self._verdicts) > self.cache:
+                    self._verdicts.popitem(last=False)
         if problem is not None:
             raise InvalidRequestError(f"{field}: {problem}")
-
-    def _ask(self, field: str, fields: dict) -> tuple[str | None, bool]:
-        """(the child's verdict, whether to keep it); the lock held."""
-        self._ensure()
-        try:
-            self._send.send(fields)
-            answered = self._recv.poll(self.budget_s)
-            verdict = self._recv.recv() if answered else None
-        except (EOFError, OSError):
-            try:
-                code = self._process.wait(5)
-            except subprocess.TimeoutExpired:
-                code = None
-            self._stop()
-            self.restarts += 1
-            return (f"the constraint is too deep or too large to compile (the checker died, exit code {code}); "
-                    "make it smaller or flatter", True)
-        if verdict is None:
-            self._stop()
-            self.restarts += 1
-            return (f"the constraint took over {self.budget_s:g} s to compile; make it smaller or simpler", False)
-        return verdict[1], True
 
 
 class StackPool:

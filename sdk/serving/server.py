@@ -32,6 +32,7 @@ from ..errors import InvalidRequestError, ModelPackageError, NextokenError, Plug
 from ..types import Completion, SamplingParams
 from ..scheduler import RequestHandle, Scheduler
 from ..toolcalls import ToolRequest
+from .constraints import BUDGET_S
 
 __all__ = ["create_app", "Service", "serve", "sampling_defaults"]
 
@@ -189,7 +190,7 @@ class ServeOptions:
     speculative: Mapping[str, Any] | None = None
     drafts: Mapping[str, str] = dataclasses.field(default_factory=dict)
     record_dir: str | None = None
-    constraint_budget_s: float = 2.0
+    constraint_budget_s: float = BUDGET_S
     prep_workers: int = 2
 
 
