@@ -150,7 +150,7 @@ class DiskTier:
     removed and removes the oldest until the folder is within ``capacity_bytes``. Whatever else
     the folder holds (links, FIFOs, files of another format or version, partial files of a write
     that died, entries that do not fit the layout or their checksum) is skipped, never followed
-    or waited on; a bad entry is removed, with one warning."""
+    or waited on; an entry that does not read back whole and right is removed, with one warning."""
 
     def __init__(self, directory: str | Path, identity: str, capacity_bytes: int, block: int,
                  load: Callable[[list[np.ndarray]], KVCache], layout: Layout | None = None) -> None:
@@ -257,7 +257,8 @@ class DiskTier:
             with handle, np.load(handle, allow_pickle=False) as archive:
                 ids = self._ids(archive, self._meta(archive))
         except Exception as exc:  # noqa: BLE001 - any unreadable file is skipped
-            self._skip(name, str(exc)[:200])
+            # an entry appears whole (written aside, then renamed): one that does not read is damaged
+            self._skip(name, str(exc)[:200], remove=True)
             return
         self._register(name, ids.tolist(), size)
 

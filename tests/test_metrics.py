@@ -38,6 +38,12 @@ def test_the_scheduler_counts_what_it_did(llama_engine):
     assert m["prompt_tokens"] == 3 * handles[0].result().usage.prompt_tokens + cancelled.result().usage.prompt_tokens
     assert m["time_to_first_token_seconds"]["count"] == 3 and m["inter_token_latency_seconds"]["count"] == 3
     assert m["running"] == 0 and m["waiting"] == 0 and m["slots"] == 4
+    choices = scheduler.submit("Hello there", max_new_tokens=3, ignore_eos=True, n=3, temperature=0.8, seed=1)
+    while scheduler.step():
+        pass
+    m = scheduler.metrics()                                  # a request of three choices counts once
+    assert m["requests"]["length/finished"] == 4 and m["generation_tokens"] == 15 + 9
+    assert m["time_to_first_token_seconds"]["count"] == 4 and len(choices.results()) == 3
 
 
 def test_metrics_endpoint(tiny_llama):

@@ -4,6 +4,8 @@ scheduler and through the server."""
 
 from __future__ import annotations
 
+import json
+
 import pytest
 
 import nextoken
@@ -200,3 +202,129 @@ def test_concurrent_requests_through_a_restarted_server_read_the_disk_tier(tiny_
     with Engine(tiny_llama[1], plugins=False) as plain:
         assert [a.choices[0].text for a in answers] == [
             plain.generate(SYSTEM + [20 + i], max_new_tokens=6).text for i in range(6)]
+
+
+# -- the disk tier under damage, sharing and strange folders -------------------------------------------
+
+def _entry_file(package, directory, prompt) -> "Path":
+    with _disk_engine(package, directory) as engine:
+        engine.generate(prompt + [5], max_new_tokens=1)
+    (folder,) = directory.iterdir()
+    (entry,) = folder.glob("*.npz")
+    return entry
+
+
+def _rewrite(entry, change) -> None:
+    """Write ``entry`` again with ``change(members)`` applied (its meta, checksum included, kept)."""
+    import numpy as np
+
+    with np.load(entry) as archive:
+        members = {name: archive[name] for name in archive.files}
+    change(members)
+    with open(entry, "wb") as out:
+        np.savez(out, **members)
+
+
+@pytest.mark.parametrize("damage", ["values", "shape", "dtype", "truncated", "arrays"])
+def test_a_damaged_entry_is_never_served_and_never_fails_a_request(stories_package, stories_engine, tmp_path,
+                                                                     caplog, damage):
+    """Altered values (the checksum), the wrong shape or dtype, a cut file, an array missing: the
+    entry is skipped with one warning and removed; the answer is the one without the cache."""
+    import numpy as np
+
+    system = stories_engine.encode("Once upon a time, there was a little girl named Lily. " * 6)
+    entry = _entry_file(stories_package, tmp_path, system)
+    if damage == "values":
+        _rewrite(entry, lambda m: m.update(kv_0=m["kv_0"] + np.float32(0.5)))
+    elif damage == "shape":
+        _rewrite(entry, lambda m: m.update(kv_0=m["kv_0"][:, :1]))
+    elif damage == "dtype":
+        _rewrite(entry, lambda m: m.update({k: v.astype(np.float16) for k, v in m.items() if k.startswith("kv_")}))
+    elif damage == "arrays":
+        _rewrite(entry, lambda m: m.pop("kv_3"))
+    else:
+        entry.write_bytes(entry.read_bytes()[: entry.stat().st_size // 2])
+    prompt = system + stories_engine.encode(" The dog")
+    with _disk_engine(stories_package, tmp_path) as later:
+        for _ in range(2):                                          # the second: the entry is gone, quietly
+            got = later.generate(prompt, max_new_tokens=16)
+            assert got.token_ids == stories_engine.generate(prompt, max_new_tokens=16).token_ids
+        assert later.prefix_cache.stats.disk_hits == 0
+    assert not entry.exists()
+    assert caplog.text.count(entry.name) == 1, caplog.text
+
+
+def test_start_up_takes_whatever_the_folder_holds(stories_package, stories_engine, tmp_path, caplog):
+    """Links, a FIFO, an entry of two million ids, partial files of a write that died: start-up
+    skips them without following, waiting or hashing for long, and cleans the old partials."""
+    import os
+    import threading
+    import time
+
+    import numpy as np
+
+    system = stories_engine.encode("Once upon a time, there was a little girl named Lily. " * 6)
+    entry = _entry_file(stories_package, tmp_path, system)
+    folder = entry.parent
+    (folder / "dangling.npz").symlink_to(folder / "nowhere.npz")
+    (folder / "link.npz").symlink_to(entry)
+    os.mkfifo(folder / "fifo.npz")
+    meta = json.dumps({"format": "nextoken-prefix-kv", "version": 2, "identity": folder.name, "length": 2_000_000})
+    np.savez(folder / "huge.npz", meta=np.array(meta), ids=np.zeros(2_000_000, dtype=np.int64))
+    old, new = folder / ".x.npz.1.2.part", folder / ".y.npz.1.2.part"
+    old.write_bytes(b"half")
+    new.write_bytes(b"half")
+    os.utime(old, (time.time() - 3600, time.time() - 3600))
+    made = []
+    loader = threading.Thread(target=lambda: made.append(_disk_engine(stories_package, tmp_path)))
+    loader.start()
+    loader.join(timeout=120)
+    assert not loader.is_alive(), "start-up waited on the folder"
+    with made[0] as engine:
+        assert engine.prefix_cache.stats.disk_entries == 1
+        got = engine.generate(system + [5], max_new_tokens=4)
+        assert got.usage.cached_tokens > 0
+    assert not old.exists() and new.exists()                        # another writer's may still be running
+    assert "fifo.npz" in caplog.text and "huge.npz" in caplog.text
+
+
+@pytest.mark.parametrize("servers", [2, 4])
+def test_engines_sharing_a_folder_keep_its_budget(stories_package, stories_engine, tmp_path, caplog, servers):
+    """Several engines (servers) write to one folder: each write's scan takes in the others' entries
+    and removes the oldest, so the folder stays within the budget, and none stops evicting."""
+    prompts = [stories_engine.encode(f"{i} upon a time, there was a little girl named Lily. " * 4) for i in range(12)]
+    with _disk_engine(stories_package, tmp_path / "probe") as probe:
+        probe.generate(prompts[0] + [5], max_new_tokens=1)
+        size = probe.prefix_cache.stats.disk_bytes
+    budget = int(size * 2.5)
+    engines = [_disk_engine(stories_package, tmp_path / "kv", prefix_cache_disk_bytes=budget) for _ in range(servers)]
+    try:
+        for i, prompt in enumerate(prompts):
+            engine = engines[i % servers]
+            engine.generate(prompt + [5], max_new_tokens=1)
+            engine.prefix_cache.disk.flush()
+            (folder,) = (tmp_path / "kv").iterdir()
+            on_disk = sum(p.stat().st_size for p in folder.glob("*.npz"))
+            assert on_disk <= budget, f"{on_disk} bytes on disk after write {i}, budget {budget}"
+        for engine in engines:                                     # each sees the folder as it is
+            engine.prefix_cache.disk.scan()
+            assert engine.prefix_cache.stats.disk_bytes <= budget
+        later = engines[0]
+        got = later.generate(prompts[-1] + [7], max_new_tokens=2)   # written by another engine: found
+        assert got.usage.cached_tokens > 0
+    finally:
+        for engine in engines:
+            engine.close()
+    assert "not written" not in caplog.text
+
+
+def test_prefix_keys_are_hashed_in_one_pass():
+    from nextoken.prefixcache import _boundaries, _key, _keys
+
+    ids = list(range(1000, 1300))
+    lengths = _boundaries(len(ids), 32) + [5, 77]
+    assert _keys(ids, lengths) == {n: _key(ids[:n]) for n in lengths}
+    cache = PrefixCache(1 << 30, block=32)
+    cache.insert(ids[:96], _Entry(10))
+    long_prompt = ids[:96] + list(range(131_072))                  # found in one pass over 131k tokens
+    assert cache.lookup(long_prompt)[0] == 96
