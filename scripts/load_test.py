@@ -11,7 +11,11 @@ Starts the server in its own process (`nextoken serve PACKAGE`, or `--ray --repl
 3. cancellation: ``--cancel`` streams dropped after their first tokens; afterwards nothing may be
    running and the server's memory may not have grown;
 4. soak: ``--soak`` short requests; resident memory after the warm-up vs at the end;
-5. bad requests: each must be a 4xx with an OpenAI error object, and the next good request served.
+5. bad requests: each must be a 4xx with an OpenAI error object, and the next good request served;
+6. hostile requests (``--hostile N``): each of tests/test_hostile.py's once (status, time), then N
+   of them (every 25th a new spelling of a path as a draft model), the server's threads and memory
+   before and after; then fuzzed constraints from 8 seeds, 4 clients at once, while /health is
+   polled (its p50/p99) and 8 plain streams run (token-identical to alone).
 Everything is bounded in count and time; phases with a count of 0 are skipped.
 """
 
@@ -19,6 +23,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import collections
 import json
 import random
 import socket
@@ -281,6 +286,89 @@ def bad_requests(server: Server) -> list[dict]:
     return rows
 
 
+def _threads(pid: int) -> int:
+    with open(f"/proc/{pid}/status") as fh:
+        return next(int(line.split()[1]) for line in fh if line.startswith("Threads:"))
+
+
+def hostile(server: Server, count: int) -> dict:
+    """Phase 6 (see the module's doc): the requests and generators of tests/test_hostile.py."""
+    import threading
+
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
+    from test_hostile import COMPLETION, HOSTILE, _fuzz_body
+
+    out: dict = {"each": {}}
+    with httpx.Client(base_url=server.base, timeout=120) as client:
+        for name, (endpoint, body, _) in HOSTILE.items():
+            start = time.perf_counter()
+            r = client.post(f"/v1/{endpoint}", json=body)
+            out["each"][name] = {"status": r.status_code, "ms": (time.perf_counter() - start) * 1e3}
+            print(f"  {name:48} -> {r.status_code} in {out['each'][name]['ms']:6.0f} ms", flush=True)
+        threads, rss = _threads(server.proc.pid), server.rss()
+        bodies, statuses = list(HOSTILE.values()), collections.Counter()
+        start = time.perf_counter()
+        for i in range(count):
+            endpoint, body, _ = bodies[i % len(bodies)]
+            if i % 25 == 0:
+                body = {**COMPLETION, "nextoken": {"speculative": {"method": "draft", "model": "/tmp" + "/." * i}}}
+            statuses[client.post(f"/v1/{endpoint}", json=body).status_code] += 1
+        time.sleep(2)
+        out["many"] = {"count": count, "seconds": time.perf_counter() - start, "statuses": dict(statuses),
+                       "threads_before": threads, "threads_after": _threads(server.proc.pid),
+                       "rss_before_mib": rss / 2**20, "rss_after_mib": server.rss() / 2**20}
+        print(f"  {count} hostile requests: {dict(statuses)}; threads {threads} -> {out['many']['threads_after']}, "
+              f"RSS {rss / 2**20:.0f} -> {server.rss() / 2**20:.0f} MiB", flush=True)
+        prompts = [f"Stream {i}" for i in range(8)]
+        alone = [client.post("/v1/completions", json={"model": "m", "prompt": p, "max_tokens": 24, "temperature": 0,
+                                                       "nextoken": {"ignore_eos": True}}).json()["choices"][0]["text"]
+                 for p in prompts]
+    stop, health, fuzzed, streamed = threading.Event(), [], collections.Counter(), {}
+
+    def poll() -> None:
+        with httpx.Client(base_url=server.base, timeout=10) as c:
+            while not stop.is_set():
+                t = time.perf_counter()
+                c.get("/health")
+                health.append(time.perf_counter() - t)
+                time.sleep(0.01)
+
+    def fuzz(seed: int) -> None:
+        rng = random.Random(seed)
+        with httpx.Client(base_url=server.base, timeout=120) as c:
+            for _ in range(12):
+                endpoint, body = _fuzz_body(rng)
+                fuzzed[c.post(f"/v1/{endpoint}", json=body).status_code] += 1
+
+    def stream(i: int) -> None:
+        body = {"model": "m", "prompt": prompts[i], "max_tokens": 24, "temperature": 0, "stream": True,
+                "nextoken": {"ignore_eos": True}}
+        text = ""
+        with httpx.Client(base_url=server.base, timeout=120) as c, c.stream("POST", "/v1/completions", json=body) as r:
+            for line in r.iter_lines():
+                if line.startswith("data: {"):
+                    text += json.loads(line[6:])["choices"][0]["text"]
+        streamed[i] = text
+
+    poller = threading.Thread(target=poll)
+    poller.start()
+    workers = [threading.Thread(target=fuzz, args=(seed,)) for seed in range(8)]
+    workers += [threading.Thread(target=stream, args=(i,)) for i in range(8)]
+    for w in workers:
+        w.start()
+    for w in workers:
+        w.join(timeout=900)
+    stop.set()
+    poller.join()
+    out["fuzz"] = {"statuses": dict(fuzzed), "health_polls": len(health), "health_p50_ms": _pct(health, 0.5) * 1e3,
+                   "health_p99_ms": _pct(health, 0.99) * 1e3, "health_max_ms": max(health) * 1e3,
+                   "streams_identical": [streamed.get(i) for i in range(8)] == alone}
+    print(f"  fuzz: {dict(fuzzed)}; /health p50 {out['fuzz']['health_p50_ms']:.1f} ms, p99 "
+          f"{out['fuzz']['health_p99_ms']:.1f} ms, max {out['fuzz']['health_max_ms']:.1f} ms over {len(health)} polls; "
+          f"8 streams identical to alone: {out['fuzz']['streams_identical']}", flush=True)
+    return out
+
+
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("package")
@@ -292,6 +380,7 @@ def main(argv=None) -> int:
     p.add_argument("--cancel", type=int, default=50)
     p.add_argument("--soak", type=int, default=2000)
     p.add_argument("--bad", action=argparse.BooleanOptionalAction, default=True)
+    p.add_argument("--hostile", type=int, default=0, metavar="N", help="hostile requests (phase 6; 0: skipped)")
     p.add_argument("--threads", type=int, default=None)
     p.add_argument("--ray", action="store_true", help="serve with Ray Serve (--replicas)")
     p.add_argument("--replicas", type=int, default=2)
@@ -320,6 +409,10 @@ def main(argv=None) -> int:
         if a.bad:
             report["bad_requests"] = b = bad_requests(server)
             ok &= all(400 <= r["status"] < 500 and r["openai_error"] and r["next_good_request"] == 200 for r in b)
+        if a.hostile:
+            report["hostile"] = h = hostile(server, a.hostile)
+            ok &= all(400 <= r["status"] < 500 for r in h["each"].values()) and set(h["many"]["statuses"]) <= {400}
+            ok &= max(h["fuzz"]["statuses"]) < 500 and h["fuzz"]["streams_identical"] and server.proc.poll() is None
     finally:
         server.stop()
     report["passed"] = ok

@@ -29,6 +29,10 @@ MANIFEST_NAME = "nextoken.json"
 #: Written beside the manifest once every file's sha256 matched: each file's size and mtime then.
 #: While they are unchanged, loading trusts the files without hashing them again.
 VERIFIED_STAMP = ".nextoken-verified.json"
+#: Files beside the graph that loading reads when present (the tokenizer, its chat template, the
+#: sampling defaults): one that the export did not record is refused, not read unchecked.
+READ_FILES = ("tokenizer.json", "tokenizer_config.json", "chat_template.jinja", "special_tokens_map.json",
+              "generation_config.json")
 
 
 
@@ -212,6 +216,10 @@ class Manifest:
         directory = Path(directory)
         if not self.checksums:
             return "none (the manifest records no checksums)"
+        unlisted = [name for name in READ_FILES if name not in self.checksums and (directory / name).is_file()]
+        if unlisted:
+            raise ModelPackageError(f"{directory}: {', '.join(unlisted)} would be read but is not among the files "
+                                    "its export recorded (added since?); remove it, or export the package again")
         stats = {}
         for name in sorted(self.checksums):
             try:

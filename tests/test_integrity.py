@@ -102,6 +102,15 @@ def test_a_changed_file_is_refused_at_load(package):
         assert engine.verified == "sizes"
 
 
+def test_a_file_loading_would_read_that_the_export_did_not_record_is_refused(package):
+    (package / "chat_template.jinja").write_text("{{ messages[0]['content'] }}")
+    with pytest.raises(ModelPackageError, match=r"chat_template.jinja would be read but is not among the files"):
+        Engine(package, device="cpu")
+    rehash(package)                                      # recorded, as an export would: it loads
+    with Engine(package, device="cpu") as engine:
+        assert engine.decode(engine.apply_chat_template([{"role": "user", "content": "Hello"}])) == "Hello"
+
+
 def test_a_package_that_cannot_hold_its_stamp_keeps_it_in_the_user_cache(package, tmp_path, monkeypatch):
     monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "cache"))
     (package / VERIFIED_STAMP).mkdir()             # unwritable there (as a read-only package is, even for root)

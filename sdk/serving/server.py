@@ -11,6 +11,11 @@ client mistakes are OpenAI-shaped errors with 4xx codes, OpenAI parameters nexto
 implement are refused by name, and the body limit holds while a chunked upload is read. A client
 that disconnects cancels its request (one log line, no traceback).
 
+Requests are not trusted: the event loop only moves bytes (a body is parsed, rendered, tokenised,
+checked and submitted on the preparation workers of :class:`Service`), every constraint is
+compiled first in a checker process (:mod:`nextoken.serving.constraints`), and what a request can
+name (draft models) is the operator's, by name (:class:`ServeOptions`).
+
 Sampling defaults: OpenAI's (temperature 1, top_p 1), except where the package's
 generation_config.json sets temperature, top_p, top_k, min_p or repetition_penalty: a request that
 leaves one out gets the model's value, as vLLM does.
@@ -34,7 +39,7 @@ from ..scheduler import RequestHandle, Scheduler
 from ..toolcalls import ToolRequest
 from .constraints import BUDGET_S
 
-__all__ = ["create_app", "Service", "serve", "sampling_defaults"]
+__all__ = ["create_app", "Service", "ServeOptions", "serve", "sampling_defaults", "load_drafts"]
 
 log = logging.getLogger("nextoken.serving.server")
 
