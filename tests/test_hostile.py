@@ -189,58 +189,67 @@ def _fuzz_body(rng: random.Random) -> tuple[str, dict]:
     return "chat/completions", {**CHAT, "tools": tools, "tool_choice": choice, "nextoken": {"tool_fallback": True}}
 
 
-def test_fuzzed_constraints_against_a_live_server(hostile_server):
-    """Constraints made from seeds (nested and huge), four clients at once, while 8 plain streams run
-    and /health is polled: no 5xx, no crash, /health answering, the streams as they are alone."""
-    _, engine, scheduler, base = hostile_server
-    prompts = [f"Stream {i}" for i in range(8)]
-    alone = [engine.generate(p, max_new_tokens=24, ignore_eos=True).text for p in prompts]
+def fuzz_live(base: str, alone: dict[str, str], seeds: int = 4, per_seed: int = 12) -> dict:
+    """Constraints from ``seeds`` seeds (``per_seed`` each, one client a seed, all at once) against the
+    server at ``base``, while each prompt of ``alone`` streams greedily (24 tokens, EOS ignored) and
+    /health is polled: {"statuses": Counter, "failures": [...], "health": [seconds...], "streamed":
+    {prompt: text}} (a failure: a 5xx, a panic text, /health not 200)."""
+    import collections
+
     stop = threading.Event()
-    health: list[float] = []
-    failures: list[str] = []
-    streamed: dict[int, str] = {}
+    out: dict = {"statuses": collections.Counter(), "failures": [], "health": [], "streamed": {}}
 
     def poll() -> None:
         with httpx.Client(base_url=base, timeout=10) as client:
             while not stop.is_set():
                 t = time.perf_counter()
                 r = client.get("/health")
-                health.append(time.perf_counter() - t)
+                out["health"].append(time.perf_counter() - t)
                 if r.status_code != 200:
-                    failures.append(f"/health {r.status_code}")
+                    out["failures"].append(f"/health {r.status_code}")
                 time.sleep(0.01)
 
-    def stream(i: int) -> None:
-        body = {"prompt": prompts[i], "max_tokens": 24, "temperature": 0, "stream": True, "nextoken": {"ignore_eos": True}}
+    def stream(prompt: str) -> None:
+        body = {"prompt": prompt, "max_tokens": 24, "temperature": 0, "stream": True, "nextoken": {"ignore_eos": True}}
         text = ""
         with httpx.Client(base_url=base, timeout=120) as client, client.stream("POST", "/v1/completions", json=body) as r:
             for line in r.iter_lines():
                 if line.startswith("data: {"):
                     text += json.loads(line[6:])["choices"][0]["text"]
-        streamed[i] = text
+        out["streamed"][prompt] = text
 
     def fuzz(seed: int) -> None:
         rng = random.Random(seed)
         with httpx.Client(base_url=base, timeout=120) as client:
-            for _ in range(12):
+            for _ in range(per_seed):
                 endpoint, body = _fuzz_body(rng)
                 r = client.post(f"/v1/{endpoint}", json=body)
+                out["statuses"][r.status_code] += 1
                 if r.status_code >= 500 or (r.status_code >= 400 and "panicked" in r.text):
-                    failures.append(f"seed {seed}: {r.status_code} {r.text[:300]}")
+                    out["failures"].append(f"seed {seed}: {r.status_code} {r.text[:300]}")
 
     poller = threading.Thread(target=poll)
     poller.start()
-    workers = [threading.Thread(target=fuzz, args=(seed,)) for seed in range(4)]
-    workers += [threading.Thread(target=stream, args=(i,)) for i in range(8)]
+    workers = [threading.Thread(target=fuzz, args=(seed,)) for seed in range(seeds)]
+    workers += [threading.Thread(target=stream, args=(prompt,)) for prompt in alone]
     for w in workers:
         w.start()
     for w in workers:
         w.join(timeout=600)
     stop.set()
     poller.join()
-    assert not failures, failures
-    assert [streamed.get(i) for i in range(8)] == alone
-    health.sort()
+    return out
+
+
+def test_fuzzed_constraints_against_a_live_server(hostile_server):
+    """Constraints made from seeds (nested and huge), four clients at once, while 8 plain streams run
+    and /health is polled: no 5xx, no crash, /health answering, the streams as they are alone."""
+    _, engine, scheduler, base = hostile_server
+    alone = {f"Stream {i}": engine.generate(f"Stream {i}", max_new_tokens=24, ignore_eos=True).text for i in range(8)}
+    got = fuzz_live(base, alone)
+    assert not got["failures"], got["failures"]
+    assert got["streamed"] == alone
+    health = sorted(got["health"])
     p99 = health[int(0.99 * (len(health) - 1))]
     # the event loop only moves bytes: /health answers between any two chunks of work (50 ms on a quiet
     # host, the issue's target; bounded loosely here, where CI's two cores also run the fuzzing)

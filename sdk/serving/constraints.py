@@ -91,11 +91,16 @@ class _Child:
 
     def __init__(self, spec: tuple, memory_bytes: int) -> None:
         self.spec, self.memory_bytes = spec, memory_bytes
+        self.lock = threading.RLock()               # a check, a start and a stop (close) exclude each other
         self.process: Any = None
         self.send: Any = None
         self.recv: Any = None
 
     def ensure(self) -> None:
+        with self.lock:
+            self._ensure()
+
+    def _ensure(self) -> None:
         if self.process is not None and self.process.poll() is None:
             return
         self.stop()
@@ -112,12 +117,20 @@ class _Child:
             os.close(from_parent)
             os.close(to_parent)
         self.send, self.recv = Connection(to_child, readable=False), Connection(from_child, writable=False)
-        self.send.send(self.spec)
-        if not self.recv.poll(120) or self.recv.recv()[0] != "ready":
+        try:
+            self.send.send(self.spec)
+            ready = self.recv.poll(120) and self.recv.recv()[0] == "ready"
+        except (EOFError, OSError):
+            ready = False
+        if not ready:
             self.stop()
             raise InvalidRequestError("the constraint checker did not start; constrained requests cannot be served")
 
     def stop(self) -> None:
+        with self.lock:
+            self._stop()
+
+    def _stop(self) -> None:
         if self.process is not None:
             self.process.kill()
             self.process.wait()
@@ -127,7 +140,11 @@ class _Child:
 
     def ask(self, fields: dict, budget_s: float) -> tuple[str | None, str]:
         """(the verdict, how it came: "answered", "died" or "timeout")."""
-        self.ensure()
+        with self.lock:
+            return self._ask(fields, budget_s)
+
+    def _ask(self, fields: dict, budget_s: float) -> tuple[str | None, str]:
+        self._ensure()
         try:
             self.send.send(fields)
             answered = self.recv.poll(budget_s)
@@ -170,6 +187,7 @@ class ConstraintChecker:
         self._verdicts: collections.OrderedDict[bytes, str | None] = collections.OrderedDict()
         #: checks that killed or outran a child (each started a new one)
         self.restarts = 0
+        self._closed = False
 
     @classmethod
     def for_engine(cls, engine: Any, budget_s: float = BUDGET_S, workers: int = 2) -> "ConstraintChecker | None":
@@ -187,14 +205,23 @@ class ConstraintChecker:
         return self
 
     def _restart(self, child: _Child) -> None:
+        with self._lock:
+            if self._closed:
+                return
         try:
             child.ensure()
         except InvalidRequestError:
             pass                                    # the next check that takes it tries again
+        with self._lock:
+            if self._closed:
+                child.stop()
+                return
         self._idle.put(child)
 
     def close(self) -> None:
-        """Stop the children."""
+        """Stop the children (a check after this fails)."""
+        with self._lock:
+            self._closed = True
         for child in self._children:
             child.stop()
 
