@@ -29,6 +29,7 @@ import random
 import socket
 import subprocess
 import sys
+import tempfile
 import time
 from pathlib import Path
 
@@ -84,12 +85,15 @@ class Server:
         if ray:
             cmd += ["--ray", "--replicas", str(replicas)]
         self.started = time.perf_counter()
-        self.proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+        # its log to a file: a pipe nobody reads fills up (an access line a request) and stalls the server
+        self.log = tempfile.TemporaryFile(mode="w+")
+        self.proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=self.log, text=True)
         self.base = f"http://127.0.0.1:{self.port}"
         deadline = time.time() + 180
         while time.time() < deadline:
             if self.proc.poll() is not None:
-                raise SystemExit(f"the server exited: {self.proc.stderr.read()[-2000:]}")
+                self.log.seek(0)
+                raise SystemExit(f"the server exited: {self.log.read()[-2000:]}")
             try:
                 if httpx.get(f"{self.base}/health", timeout=2).status_code == 200:
                     break
@@ -286,9 +290,11 @@ def bad_requests(server: Server) -> list[dict]:
     return rows
 
 
-def _threads(pid: int) -> int:
+def _status(pid: int, key: str) -> int:
+    """A number of /proc/PID/status (``Threads``; ``VmRSS`` in bytes)."""
     with open(f"/proc/{pid}/status") as fh:
-        return next(int(line.split()[1]) for line in fh if line.startswith("Threads:"))
+        value = next(int(line.split()[1]) for line in fh if line.startswith(key + ":"))
+    return value * 1024 if key.startswith("Vm") else value
 
 
 def hostile(server: Server, count: int) -> dict:
@@ -303,7 +309,8 @@ def hostile(server: Server, count: int) -> dict:
             r = client.post(f"/v1/{endpoint}", json=body)
             out["each"][name] = {"status": r.status_code, "ms": (time.perf_counter() - start) * 1e3}
             print(f"  {name:48} -> {r.status_code} in {out['each'][name]['ms']:6.0f} ms", flush=True)
-        threads, rss = _threads(server.proc.pid), server.rss()
+        pid = server.proc.pid
+        threads, rss, own = _status(pid, "Threads"), server.rss(), _status(pid, "VmRSS")
         bodies, statuses = list(HOSTILE.values()), collections.Counter()
         start = time.perf_counter()
         for i in range(count):
@@ -313,10 +320,14 @@ def hostile(server: Server, count: int) -> dict:
             statuses[client.post(f"/v1/{endpoint}", json=body).status_code] += 1
         time.sleep(2)
         out["many"] = {"count": count, "seconds": time.perf_counter() - start, "statuses": dict(statuses),
-                       "threads_before": threads, "threads_after": _threads(server.proc.pid),
-                       "rss_before_mib": rss / 2**20, "rss_after_mib": server.rss() / 2**20}
-        print(f"  {count} hostile requests: {dict(statuses)}; threads {threads} -> {out['many']['threads_after']}, "
-              f"RSS {rss / 2**20:.0f} -> {server.rss() / 2**20:.0f} MiB", flush=True)
+                       "threads_before": threads, "threads_after": _status(pid, "Threads"),
+                       "server_rss_before_mib": own / 2**20, "server_rss_after_mib": _status(pid, "VmRSS") / 2**20,
+                       "with_checkers_before_mib": rss / 2**20, "with_checkers_after_mib": server.rss() / 2**20}
+        m = out["many"]
+        print(f"  {count} hostile requests in {m['seconds']:.1f} s: {dict(statuses)}; threads {threads} -> "
+              f"{m['threads_after']}; the server's RSS {m['server_rss_before_mib']:.0f} -> "
+              f"{m['server_rss_after_mib']:.0f} MiB (with its constraint checkers {m['with_checkers_before_mib']:.0f} -> "
+              f"{m['with_checkers_after_mib']:.0f} MiB)", flush=True)
         prompts = [f"Stream {i}" for i in range(8)]
         alone = {p: client.post("/v1/completions", json={"model": "m", "prompt": p, "max_tokens": 24, "temperature": 0,
                                                          "nextoken": {"ignore_eos": True}}).json()["choices"][0]["text"]
