@@ -23,6 +23,7 @@ nextoken`` then exports optimum's graph, saying so.
 from __future__ import annotations
 
 import json
+import math
 import struct
 from collections.abc import Iterator, Mapping
 from dataclasses import dataclass
@@ -134,6 +135,16 @@ class _Shape:
     window: int | None
     norm: str                   # "rms" or "layer"
     act: str                    # "silu", "gelu_tanh" or "gelu" (erf)
+    #: the rotary inverse frequencies (over the rotated dimensions: a prefix of each head when the
+    #: rotation is partial) and the factor on cos and sin, as the checkpoint's rope scaling makes them
+    inv_freq: np.ndarray | None = None
+    rope_factor: float = 1.0
+    #: what the graph uses beyond the family's plain recipe, for the export's summary
+    features: tuple[str, ...] = ()
+
+    @property
+    def rotary_dim(self) -> int:
+        return 2 * len(self.inv_freq) if self.inv_freq is not None else 0
 
     @property
     def stored_head(self) -> int:
@@ -165,6 +176,71 @@ def _shape(config: dict[str, Any]) -> _Shape:
         raise ExportError(f"config.json {what}; is it a complete {config.get('model_type')} config?") from None
 
 
+#: rotary scaling the builder writes (transformers' ``rope_type`` names); the rest is optimum's
+ROPE_TYPES = ("default", "linear", "dynamic", "llama3", "yarn")
+
+
+def rotary(config: dict[str, Any], head: int) -> tuple[np.ndarray, float, tuple[str, ...]]:
+    """(inverse frequencies, the factor on cos and sin, the features used) of ``config``'s rotary
+    embedding, as transformers computes them (``modeling_rope_utils``): over ``partial_rotary_factor``
+    of each head; ``linear`` divides the frequencies, ``llama3`` divides the long wavelengths and
+    blends the middle ones, ``yarn`` blends interpolation and extrapolation by a ramp and scales cos
+    and sin, ``dynamic`` is the plain rotation up to the model's window (the package's length)."""
+    base = float(config.get("rope_theta", 10000.0))
+    partial = float(config.get("partial_rotary_factor", 1.0))
+    dim = int(head * partial)
+    if dim < 2 or dim > head or dim % 2:
+        raise ExportError(f"partial_rotary_factor {partial} rotates {dim} of {head} head dimensions")
+    inv = 1.0 / base ** (np.arange(0, dim, 2, dtype=np.float64) / dim)
+    features = (f"partial rotary {dim}/{head}",) if dim != head else ()
+    scaling = config.get("rope_scaling") or {}
+    kind = scaling.get("rope_type") or scaling.get("type") or "default"
+    if kind not in ROPE_TYPES:
+        raise BuilderUnavailable(f"rotary scaling {kind!r} is not built yet")
+    if kind == "default":
+        return inv, 1.0, features
+    factor = float(scaling["factor"])
+    features += (f"{kind} rope scaling",)
+    if kind == "linear":
+        return inv / factor, 1.0, features
+    if kind == "dynamic":
+        # transformers grows the base only past max_position_embeddings, the package's window
+        return inv, 1.0, features
+    if kind == "llama3":
+        low, high = float(scaling["low_freq_factor"]), float(scaling["high_freq_factor"])
+        old = float(scaling["original_max_position_embeddings"])
+        wavelen = 2 * math.pi / inv
+        scaled = np.where(wavelen > old / low, inv / factor, inv)
+        smooth = (old / wavelen - low) / (high - low)
+        medium = ~(wavelen < old / high) & ~(wavelen > old / low)
+        return np.where(medium, (1 - smooth) * scaled / factor + smooth * scaled, scaled), 1.0, features
+    # yarn
+    original = scaling.get("original_max_position_embeddings") or config.get("max_position_embeddings", 2048)
+
+    def mscale(scale: float, m: float = 1.0) -> float:
+        return 1.0 if scale <= 1 else 0.1 * m * math.log(scale) + 1.0
+
+    attention = scaling.get("attention_factor")
+    if attention is None:
+        m, m_all = scaling.get("mscale"), scaling.get("mscale_all_dim")
+        attention = mscale(factor, m) / mscale(factor, m_all) if m and m_all else mscale(factor)
+    fast, slow = scaling.get("beta_fast") or 32, scaling.get("beta_slow") or 1
+
+    def correction(rotations: float) -> float:
+        return dim * math.log(original / (rotations * 2 * math.pi)) / (2 * math.log(base))
+
+    lo, hi = correction(fast), correction(slow)
+    if scaling.get("truncate", True):
+        lo, hi = math.floor(lo), math.ceil(hi)
+    lo, hi = max(lo, 0), min(hi, dim - 1)
+    if lo == hi:
+        hi += 0.001
+    ramp = np.clip((np.arange(dim // 2, dtype=np.float64) - lo) / (hi - lo), 0, 1)
+    extrapolation = 1 - ramp
+    blended = inv / factor * (1 - extrapolation) + inv * extrapolation
+    return blended, float(attention), features
+
+
 def _read_shape(config: dict[str, Any]) -> _Shape:
     arch = config.get("model_type")
     if arch not in ARCHITECTURES:
@@ -180,21 +256,25 @@ def _read_shape(config: dict[str, Any]) -> _Shape:
                        float(config.get("layer_norm_epsilon", 1e-5)), int(config.get("n_positions", 1024)),
                        None, None, "layer", "gelu_tanh")
     else:
-        scaling = config.get("rope_scaling")
-        if scaling and (scaling.get("rope_type") or scaling.get("type")) not in (None, "default"):
-            raise BuilderUnavailable(f"rotary scaling {scaling.get('rope_type') or scaling.get('type')!r} is not built yet")
-        if float(config.get("partial_rotary_factor", 1.0)) != 1.0:
-            raise BuilderUnavailable("partial rotary embeddings are not built yet")
         act = config.get("hidden_act", "silu")            # what transformers runs (gemma's too)
         acts = {"silu": "silu", "swish": "silu", "gelu_pytorch_tanh": "gelu_tanh", "gelu": "gelu"}
         if act not in acts:
             raise BuilderUnavailable(f"activation {act!r} is not built yet")
         heads = config["num_attention_heads"]
         window = config.get("sliding_window") if arch in ("mistral", "phi3") or config.get("use_sliding_window") else None
+        head = config.get("head_dim") or config["hidden_size"] // heads
+        if float(config.get("partial_rotary_factor", 1.0)) != 1.0 and arch != "phi3":
+            raise BuilderUnavailable(f"partial rotary embeddings are built for phi3, not {arch}")
+        inv_freq, factor, features = rotary(config, head)
+        if 2 * len(inv_freq) != head and (head % 16 or len(inv_freq) % 8):
+            # GroupQueryAttention rotates a prefix of the head whose half is a multiple of 8
+            raise BuilderUnavailable(f"partial rotary of {2 * len(inv_freq)} of a head of {head} is not built yet "
+                                     "(GroupQueryAttention rotates multiples of 16 in heads of multiples of 16)")
         shape = _Shape(arch, config["hidden_size"], config["num_hidden_layers"], heads,
-                       config.get("num_key_value_heads") or heads, config.get("head_dim") or config["hidden_size"] // heads,
+                       config.get("num_key_value_heads") or heads, head,
                        float(config.get("rms_norm_eps", 1e-6)), int(config.get("max_position_embeddings", 2048)),
-                       float(config.get("rope_theta", 10000.0)), int(window) if window else None, "rms", acts[act])
+                       float(config.get("rope_theta", 10000.0)), int(window) if window else None, "rms", acts[act],
+                       inv_freq, factor, features)
     return shape
 
 
@@ -383,7 +463,8 @@ def build(checkpoint: str | Path, output: str | Path, dtype: str = "fp32", untie
     return {"architecture": shape.arch, "num_layers": shape.layers, "num_kv_heads": shape.kv_heads,
             "head_dim": shape.stored_head, "vocab_size": vocab, "context_length": shape.context,
             "kv_dtype": "float16" if dtype == "fp16" else "float32",
-            "inputs": tuple(i.name for i in inputs), "outputs": tuple(o.name for o in outputs)}
+            "inputs": tuple(i.name for i in inputs), "outputs": tuple(o.name for o in outputs),
+            "features": shape.features}
 
 
 def _inputs_and_positions(g: _Graph, shape: _Shape, weights: Tensors, emb: np.ndarray):
@@ -411,10 +492,11 @@ def _inputs_and_positions(g: _Graph, shape: _Shape, weights: Tensors, emb: np.nd
     attrs: dict[str, Any] = dict(num_heads=heads, kv_num_heads=kv_heads)
     padded = shape.stored_head != shape.head
     if shape.theta is not None:
-        # rotary over the model's own head dimensions
-        inv = 1.0 / shape.theta ** (np.arange(0, shape.head, 2, dtype=np.float64) / shape.head)
-        angles = np.outer(np.arange(shape.context, dtype=np.float64), inv)
-        rotary = [init("cos_cache", np.cos(angles)), init("sin_cache", np.sin(angles))]
+        # rotary over the model's own head dimensions (their first rotary_dim when partial), with
+        # the rope scaling's frequencies and its factor on cos and sin
+        angles = np.outer(np.arange(shape.context, dtype=np.float64), shape.inv_freq)
+        rotary = [init("cos_cache", np.cos(angles) * shape.rope_factor),
+                  init("sin_cache", np.sin(angles) * shape.rope_factor)]
         if not padded:                       # inside GroupQueryAttention
             gqa_extra = rotary
             attrs.update(do_rotary=1, rotary_interleaved=0)
@@ -602,7 +684,9 @@ def build_package(source: str, package: Path, *, output: Path | None = None, che
             eos_token_ids=eos_ids(SimpleNamespace(**config), generation),
             bos_token_id=first("bos_token_id"), pad_token_id=first("pad_token_id"), precision=dtype,
             tokenizer_file="tokenizer.json" if (package / "tokenizer.json").is_file() else None,
-            source=str(source), exported_by={**export_versions(), "builder": "nextoken"}, padding_side="right",
+            source=str(source), padding_side="right",
+            exported_by={**export_versions(), "builder": "nextoken",
+                         **({"features": ", ".join(shape["features"])} if shape["features"] else {})},
         ).with_files(package)
         manifest.save(package)
     manifest, diff, tolerance, n = checked_parity(str(folder), package, manifest, stages, check=check, atol=atol,

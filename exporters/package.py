@@ -56,8 +56,9 @@ class ExportReport:
         m = self.manifest
         parity = (f"parity over {self.parity_tokens} positions: max |Δ logits| = {self.max_abs_diff:.2e} "
                   f"(tolerance {self.atol:.1e})" if self.parity_tokens else "parity not checked (--no-check)")
+        features = f"{m.exported_by['features']}; " if m.exported_by.get("features") else ""
         return (f"exported {m.architecture} ({m.num_layers} layers, {m.num_kv_heads} KV heads x {m.head_dim}, "
-                f"context {m.context_length}) to {self.output}; {parity}")
+                f"context {m.context_length}; {features}{m.route}) to {self.output}; {parity}")
 
 
 def say(msg: str) -> None:

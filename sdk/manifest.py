@@ -197,6 +197,13 @@ class Manifest:
                 bad.append(f"{name} (changed)")
         return bad
 
+    @property
+    def route(self) -> str:
+        """Which graph the package holds: ``fused`` (nextoken's builder), onnxruntime-genai's, or optimum's."""
+        if self.exported_by.get("builder") == "nextoken":
+            return "fused"
+        return "onnxruntime-genai's graph" if "onnxruntime-genai model builder" in self.exported_by else "optimum's graph"
+
     def with_files(self, directory: str | Path) -> "Manifest":
         """This manifest with the checksums and sizes of the package's files as they are now."""
         files = sorted(p for p in Path(directory).iterdir()

@@ -104,20 +104,57 @@ def test_tied_embeddings_are_stored_once(tmp_path):
 
 def test_what_the_builder_does_not_cover_falls_back_to_optimum(stories_dir, tmp_path):
     """The default export says in one line why it writes optimum's graph instead, and that graph works."""
-    scaled = make_tiny_checkpoint(tmp_path / "scaled", "llama", rope_scaling={"rope_type": "linear", "factor": 2.0})
-    with pytest.raises(BuilderUnavailable, match="rotary scaling 'linear' is not built yet"):
+    scaled = make_tiny_checkpoint(tmp_path / "scaled", "phi3", partial_rotary_factor=0.5)
+    with pytest.raises(BuilderUnavailable, match="partial rotary of 8 of a head of 16 is not built yet"):
         build(scaled, tmp_path / "x")
     config = json.loads((stories_dir / "config.json").read_text())
     with pytest.raises(BuilderUnavailable, match="covers llama, mistral, qwen2, phi3, gemma, gpt2, not 'falcon'"):
         covers({**config, "model_type": "falcon"})
+    with pytest.raises(BuilderUnavailable, match="rotary scaling 'longrope' is not built yet"):
+        covers({**config, "rope_scaling": {"rope_type": "longrope", "factor": 2.0}})
     result = run_cli("export", str(scaled), "-o", str(tmp_path / "fallback"))
     assert result.returncode == 0, result.stderr
     notes = [line for line in result.stderr.splitlines() if "builder does not cover" in line]
-    assert notes == ["note: nextoken's builder does not cover this model (rotary scaling 'linear' is not built yet); "
-                     "exporting optimum's graph instead"]
+    assert len(notes) == 1 and notes[0].startswith(
+        "note: nextoken's builder does not cover this model (partial rotary of 8 of a head of 16 is not built yet")
+    assert notes[0].endswith("exporting optimum's graph instead")
+    assert "; optimum's graph) to" in result.stderr
     manifest = json.loads((tmp_path / "fallback" / "nextoken.json").read_text())
     assert manifest["padding_side"] == "left" and "builder" not in manifest["exported_by"]
     assert manifest["parity"]["max_abs_diff"] < 1e-3
+
+
+#: rotary variants the builder writes, each as a checkpoint of the family that uses it (Llama 3.1/3.2's
+#: llama3 scaling, linear and dynamic scaling, Qwen's YaRN, Phi-4-mini's partial rotation); original
+#: windows shorter than the prompt, so the scaled frequencies are the ones at work
+ROPE_CASES = {
+    "llama3": ("llama", dict(rope_theta=500000.0, rope_scaling={
+        "rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0,
+        "original_max_position_embeddings": 32})),
+    "linear": ("llama", dict(rope_scaling={"rope_type": "linear", "factor": 2.0})),
+    "dynamic": ("llama", dict(rope_scaling={"rope_type": "dynamic", "factor": 2.0})),
+    "yarn": ("qwen2", dict(rope_scaling={"rope_type": "yarn", "factor": 4.0, "original_max_position_embeddings": 32})),
+    "partial rotary": ("phi3", dict(partial_rotary_factor=0.5, hidden_size=128)),
+}
+
+
+@pytest.mark.parametrize("case", list(ROPE_CASES))
+def test_rotary_scaling_and_partial_rotation_take_the_fused_path(case, tmp_path):
+    from transformers import AutoModelForCausalLM
+
+    arch, fields = ROPE_CASES[case]
+    ckpt = make_tiny_checkpoint(tmp_path / "ckpt", arch, **fields)
+    report = export(ckpt, tmp_path / "pkg", progress=None)
+    assert report.manifest.route == "fused" and case.split()[0] in report.summary() and "; fused)" in report.summary()
+    model = AutoModelForCausalLM.from_pretrained(ckpt).eval()
+    with Engine(report.output, device="cpu") as engine:
+        ids = engine.encode(PROMPTS[1] + ", long enough to pass the original window of thirty-two tokens")
+        with torch.no_grad():
+            expected = model(torch.tensor([ids])).logits[0].numpy()
+            out = model.generate(torch.tensor([ids[:8]]), max_new_tokens=32, eos_token_id=None, do_sample=False,
+                                 pad_token_id=0)
+        assert len(ids) > 64 and np.abs(engine.forward(ids) - expected).max() <= 1e-4
+        assert engine.generate(ids[:8], max_new_tokens=32, ignore_eos=True).token_ids == out[0, 8:].tolist()
 
 
 def test_in_place_generation_when_rows_finish_at_different_steps(built):

@@ -80,6 +80,7 @@ def _cmd_info(args: argparse.Namespace) -> int:
             "provider": engine.device.provider,
             "device_reason": engine.device.reason,
             "source": m.source,
+            "route": m.route,
             "exported_by": dict(m.exported_by),
             "parity": dict(m.parity) if m.parity else None,
             "verified_at_load": engine.verified,
