@@ -1,8 +1,8 @@
 """nextoken's own graph builder: a checkpoint's safetensors written straight into an ONNX graph on
 onnxruntime's fused operators, with no torch at all (numpy, onnx, and the checkpoint's files).
 
-Covered: ``llama``, ``mistral``, ``qwen2``, ``phi3``, ``gemma`` and ``gpt2``, in fp32 and fp16,
-where onnxruntime's GroupQueryAttention can run the head size (a multiple of 16). Per layer:
+Covered: ``llama``, ``mistral``, ``qwen2``, ``qwen3``, ``phi3``, ``gemma``, ``granite``, ``smollm3``
+and ``gpt2``, in fp32 and fp16 (rotary scaling and partial rotation: :func:`rotary`). Per layer:
 
     SimplifiedLayerNormalization / SkipSimplifiedLayerNormalization (residual fused; gpt2:
     LayerNormalization / SkipLayerNormalization with the previous projection's bias fused)
@@ -14,7 +14,10 @@ where onnxruntime's GroupQueryAttention can run the head size (a multiple of 16)
 
 then the final norm, the last ``logits_to_keep`` positions only, and the LM head as a Gemm over
 the embedding matrix when the checkpoint ties them (stored once). gemma's (1 + weight) norms are
-folded into the weights, its embedding scale is one Mul. Positions come from the attention
+folded into the weights, its embedding scale is one Mul; qwen3's per-head q/k norms run between
+the QKV MatMul and attention; granite's multipliers are folded into the weights (residual, logits)
+or are one Mul (embedding) and attention's scale; smollm3's layers without rotary leave it out of
+their attention. Positions come from the attention
 mask (padding on the right), as in onnxruntime-genai's graphs, so continuous batching can use the
 fixed-slot KV backend. Anything else is :class:`BuilderUnavailable`; ``nextoken export --backend
 nextoken`` then exports optimum's graph, saying so.
@@ -36,7 +39,10 @@ from nextoken.errors import ExportError
 
 __all__ = ["BuilderUnavailable", "ARCHITECTURES", "build", "covers", "read_safetensors"]
 
-ARCHITECTURES = ("llama", "mistral", "qwen2", "phi3", "gemma", "gpt2")
+ARCHITECTURES = ("llama", "mistral", "qwen2", "qwen3", "phi3", "gemma", "granite", "smollm3", "gpt2")
+#: config fields that scale a family's activations (Granite's multipliers), by what they scale
+MULTIPLIERS = {"granite": {"emb_scale": "embedding_multiplier", "attn_scale": "attention_multiplier",
+                           "residual_scale": "residual_multiplier", "logit_divisor": "logits_scaling"}}
 #: The initializer of an LM head untied from the embedding for quantisation (``untie_head``).
 TIED_HEAD = "tied_head"
 DTYPES = ("fp32", "fp16")
@@ -141,6 +147,15 @@ class _Shape:
     rope_factor: float = 1.0
     #: what the graph uses beyond the family's plain recipe, for the export's summary
     features: tuple[str, ...] = ()
+    #: the embedding's factor, attention's softmax scale (None: 1/sqrt(head)), the factor on what each
+    #: block adds to the residual (folded into o_proj and down_proj), and the logits' divisor (folded
+    #: into the final norm's weight)
+    emb_scale: float = 1.0
+    attn_scale: float | None = None
+    residual_scale: float = 1.0
+    logit_divisor: float = 1.0
+    #: which layers rotate q and k (None: all; SmolLM3 leaves every fourth without)
+    rope_layers: tuple[bool, ...] | None = None
 
     @property
     def rotary_dim(self) -> int:
@@ -263,18 +278,37 @@ def _read_shape(config: dict[str, Any]) -> _Shape:
         heads = config["num_attention_heads"]
         window = config.get("sliding_window") if arch in ("mistral", "phi3") or config.get("use_sliding_window") else None
         head = config.get("head_dim") or config["hidden_size"] // heads
+        if arch == "qwen3" and (head % 16 or config.get("use_sliding_window")):
+            raise BuilderUnavailable("qwen3 with heads that are not multiples of 16, or sliding windows, is not built yet")
         if float(config.get("partial_rotary_factor", 1.0)) != 1.0 and arch != "phi3":
             raise BuilderUnavailable(f"partial rotary embeddings are built for phi3, not {arch}")
         inv_freq, factor, features = rotary(config, head)
+        if arch == "qwen3":
+            features = ("q/k norms",) + features
         if 2 * len(inv_freq) != head and (head % 16 or len(inv_freq) % 8):
             # GroupQueryAttention rotates a prefix of the head whose half is a multiple of 8
             raise BuilderUnavailable(f"partial rotary of {2 * len(inv_freq)} of a head of {head} is not built yet "
                                      "(GroupQueryAttention rotates multiples of 16 in heads of multiples of 16)")
-        shape = _Shape(arch, config["hidden_size"], config["num_hidden_layers"], heads,
+        if arch == "smollm3" and config.get("use_sliding_window"):
+            raise BuilderUnavailable("smollm3 with sliding windows is not built yet")
+        if config.get("mlp_bias") or (config.get("attention_bias") and arch not in ("qwen2",)):
+            raise BuilderUnavailable(f"{arch} with attention or MLP biases is not built yet")
+        scales = {key: float(config.get(field, 1.0)) for key, field in MULTIPLIERS.get(arch, {}).items()}
+        if scales:
+            features = (f"{arch} multipliers",) + features
+        layers = config["num_hidden_layers"]
+        rope_layers = None
+        if arch == "smollm3":
+            rope_layers = tuple(bool(x) for x in config["no_rope_layers"][:layers])
+            if len(rope_layers) != layers:
+                raise ExportError(f"no_rope_layers names {len(rope_layers)} layers, the model has {layers}")
+            if not all(rope_layers):
+                features = (f"{rope_layers.count(False)}/{layers} layers without rotary",) + features
+        shape = _Shape(arch, config["hidden_size"], layers, heads,
                        config.get("num_key_value_heads") or heads, head,
                        float(config.get("rms_norm_eps", 1e-6)), int(config.get("max_position_embeddings", 2048)),
                        float(config.get("rope_theta", 10000.0)), int(window) if window else None, "rms", acts[act],
-                       inv_freq, factor, features)
+                       inv_freq, factor, features, rope_layers=rope_layers, **scales)
     return shape
 
 
@@ -309,6 +343,8 @@ def _layer(shape: _Shape, weights: Mapping[str, np.ndarray], i: int) -> dict[str
                               f"{list(out[name].shape)} (as x @ W), the config says {list(expected)} (hidden "
                               f"{h}, {shape.heads} heads and {shape.kv_heads} KV heads of {shape.head})")
     out["o"] = _pad_heads(out["o"], shape.heads, shape.head, shape.stored_head)
+    if shape.residual_scale != 1.0:                  # what a block adds to the residual, scaled
+        out["o"], out["down"] = out["o"] * shape.residual_scale, out["down"] * shape.residual_scale
     return out
 
 
@@ -342,6 +378,8 @@ def _layer_weights(shape: _Shape, weights: Mapping[str, np.ndarray], i: int) -> 
         if p + "self_attn.q_proj.bias" in weights:
             out["qkv_b"] = np.concatenate([w(p + "self_attn.q_proj.bias"), w(p + "self_attn.k_proj.bias"),
                                            w(p + "self_attn.v_proj.bias")])
+    if shape.arch == "qwen3":                           # RMS norms over each head of q and of k
+        out["q_norm"], out["k_norm"] = w(p + "self_attn.q_norm.weight"), w(p + "self_attn.k_norm.weight")
     return out
 
 
@@ -504,6 +542,8 @@ def _inputs_and_positions(g: _Graph, shape: _Shape, weights: Tensors, emb: np.nd
         attrs["local_window_size"] = shape.window
     if padded:
         attrs["scale"] = float(shape.head ** -0.5)
+    if shape.attn_scale is not None:
+        attrs["scale"] = float(shape.attn_scale)
     if shape.theta is None or padded:
         # positions as GroupQueryAttention counts them: 0.. for a first prompt, else the row's
         # length so far minus the new tokens
@@ -518,11 +558,17 @@ def _inputs_and_positions(g: _Graph, shape: _Shape, weights: Tensors, emb: np.nd
         node("Where", ["first_prompt", "steps", "later"], ["positions"])
     if shape.arch == "gemma":
         node("Mul", ["tok_emb", init("emb_scale", np.array(hidden ** 0.5))], ["h0"])
+    elif shape.emb_scale != 1.0:
+        node("Mul", ["tok_emb", init("emb_scale", np.array(shape.emb_scale))], ["h0"])
     elif shape.arch == "gpt2":
         node("Gather", [init("wpe", weights["wpe.weight"][: shape.context]), "positions"], ["pos_emb"])
         node("Add", ["tok_emb", "pos_emb"], ["h0"])
     else:
         node("Identity", ["tok_emb"], ["h0"])
+    if shape.arch == "qwen3":                   # the per-head q/k norms' shapes
+        init("split_qkv_n", np.array([heads * shape.head, kv_heads * shape.head, kv_heads * shape.head], dtype=np.int64))
+        init("per_head", np.array([0, 0, -1, shape.head], dtype=np.int64))
+        init("per_row", np.array([0, 0, -1], dtype=np.int64))
     if padded:
         init("split_qkv", np.array([heads * shape.head, kv_heads * shape.head, kv_heads * shape.head], dtype=np.int64))
         init("by_head", np.array([0, 0, -1, shape.head], dtype=np.int64))
@@ -537,6 +583,10 @@ def _block(g: _Graph, shape: _Shape, lw: dict, i: int, residual: str, pending: s
     is added to the residual by the next norm. Returns (residual, output, output's pending bias)."""
     node, init = g.node, g.init
     heads, kv_heads = shape.heads, shape.kv_heads
+    rotates = shape.rope_layers is None or shape.rope_layers[i]
+    if not rotates:                                   # a layer without rotary (SmolLM3's every fourth)
+        attrs = {k: v for k, v in attrs.items() if k not in ("do_rotary", "rotary_interleaved")}
+        gqa_extra = []
     if pending is None:
         g.first_norm(residual, lw["ln1"], lw.get("ln1_b"), f"x{i}", f"ln_in{i}")
     else:
@@ -550,7 +600,7 @@ def _block(g: _Graph, shape: _Shape, lw: dict, i: int, residual: str, pending: s
     if shape.stored_head != shape.head:
         # GroupQueryAttention runs head sizes that are multiples of 16 (and rotary widths that
         # are multiples of 16): rotate q and k at the model's head size, then pad every head
-        if shape.theta is not None:
+        if shape.theta is not None and rotates:
             node("Split", [qkv_out, "split_qkv"], [f"q{i}", f"k{i}", f"v{i}"], axis=-1)
             node("RotaryEmbedding", [f"q{i}", "positions", *rotary], [f"qr{i}"], domain="com.microsoft",
                  num_heads=heads, interleaved=0)
@@ -562,6 +612,17 @@ def _block(g: _Graph, shape: _Shape, lw: dict, i: int, residual: str, pending: s
         node("Pad", [f"qkvh{i}", "head_pad"], [f"qkvp{i}"])
         node("Reshape", [f"qkvp{i}", "by_row"], [f"qkvs{i}"])
         qkv_out = f"qkvs{i}"
+    if "q_norm" in lw:
+        # per-head RMS norms of q and k, before the rotation (GroupQueryAttention's own q/k norm
+        # inputs have no CPU kernel in onnxruntime 1.31): each head a row of a norm over head_dim
+        node("Split", [qkv_out, "split_qkv_n"], [f"qn_in{i}", f"kn_in{i}", f"vn{i}"], axis=-1)
+        for part in ("q", "k"):
+            node("Reshape", [f"{part}n_in{i}", "per_head"], [f"{part}h{i}"])
+            node("SimplifiedLayerNormalization", [f"{part}h{i}", init(f"{part}_norm{i}", lw[f"{part}_norm"])],
+                 [f"{part}hn{i}"], axis=-1, epsilon=shape.eps)
+            node("Reshape", [f"{part}hn{i}", "per_row"], [f"{part}n{i}"])
+        node("Concat", [f"qn{i}", f"kn{i}", f"vn{i}"], [f"qkvn{i}"], axis=-1)
+        qkv_out = f"qkvn{i}"
     node("GroupQueryAttention", [qkv_out, "", "", f"past_key_values.{i}.key", f"past_key_values.{i}.value",
                                  "seqlens_k", "total_len", *gqa_extra],
          [f"attn{i}", f"present.{i}.key", f"present.{i}.value"], domain="com.microsoft", **attrs)
@@ -599,6 +660,7 @@ def _lm_head(g: _Graph, shape: _Shape, weights: Tensors, emb: np.ndarray, head_i
         final_w, final_b = weights["ln_f.weight"], weights["ln_f.bias"]
     else:
         final_w, final_b = weights["model.norm.weight"] + (1.0 if shape.arch == "gemma" else 0.0), None
+        final_w = final_w / shape.logit_divisor          # logits = norm(x) @ head / divisor
     g.skip_norm(pending, residual, final_w, final_b, pending_bias, "final", "ln_final")
     # only the last logits_to_keep positions reach the LM head
     node("Neg", ["logits_to_keep"], ["keep_neg"])

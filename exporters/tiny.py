@@ -26,6 +26,11 @@ TINY_CONFIGS: dict[str, dict[str, Any]] = {
     "llama": dict(_COMMON),
     "mistral": dict(_COMMON, sliding_window=None),
     "qwen2": dict(_COMMON),
+    "qwen3": dict(_COMMON, head_dim=16),
+    # multipliers away from 1, so that each is checked
+    "granite": dict(_COMMON, embedding_multiplier=4.0, attention_multiplier=0.3, residual_multiplier=0.5,
+                    logits_scaling=2.0),
+    "smollm3": dict(_COMMON, no_rope_layers=[1, 0]),
     "phi3": dict(_COMMON),
     "gemma": dict(_COMMON, head_dim=16),
 }
