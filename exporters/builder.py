@@ -39,7 +39,7 @@ from nextoken.errors import ExportError
 
 __all__ = ["BuilderUnavailable", "ARCHITECTURES", "build", "covers", "read_safetensors"]
 
-ARCHITECTURES = ("llama", "mistral", "qwen2", "qwen3", "phi3", "gemma", "granite", "smollm3", "gpt2")
+ARCHITECTURES = ("llama", "mistral", "qwen2", "qwen3", "phi3", "gemma", "granite", "smollm3", "olmo2", "gpt2")
 #: config fields that scale a family's activations (Granite's multipliers), by what they scale
 MULTIPLIERS = {"granite": {"emb_scale": "embedding_multiplier", "attn_scale": "attention_multiplier",
                            "residual_scale": "residual_multiplier", "logit_divisor": "logits_scaling"}}
@@ -156,6 +156,11 @@ class _Shape:
     logit_divisor: float = 1.0
     #: which layers rotate q and k (None: all; SmolLM3 leaves every fourth without)
     rope_layers: tuple[bool, ...] | None = None
+    #: RMS norms of q and k before the rotation: over each head ("head": qwen3) or over all of q and
+    #: of k ("all": olmo2); None: none
+    qk_norm: str | None = None
+    #: norms on what attention and the MLP add to the residual instead of on their inputs (olmo2)
+    post_norms: bool = False
 
     @property
     def rotary_dim(self) -> int:
@@ -283,8 +288,11 @@ def _read_shape(config: dict[str, Any]) -> _Shape:
         if float(config.get("partial_rotary_factor", 1.0)) != 1.0 and arch != "phi3":
             raise BuilderUnavailable(f"partial rotary embeddings are built for phi3, not {arch}")
         inv_freq, factor, features = rotary(config, head)
-        if arch == "qwen3":
-            features = ("q/k norms",) + features
+        qk_norm = {"qwen3": "head", "olmo2": "all"}.get(arch)
+        if qk_norm:
+            features = (f"q/k norms ({'per head' if qk_norm == 'head' else 'whole'})",) + features
+        if arch == "olmo2":
+            features = ("norms after attention and MLP",) + features
         if 2 * len(inv_freq) != head and (head % 16 or len(inv_freq) % 8):
             # GroupQueryAttention rotates a prefix of the head whose half is a multiple of 8
             raise BuilderUnavailable(f"partial rotary of {2 * len(inv_freq)} of a head of {head} is not built yet "
@@ -308,7 +316,8 @@ def _read_shape(config: dict[str, Any]) -> _Shape:
                        config.get("num_key_value_heads") or heads, head,
                        float(config.get("rms_norm_eps", 1e-6)), int(config.get("max_position_embeddings", 2048)),
                        float(config.get("rope_theta", 10000.0)), int(window) if window else None, "rms", acts[act],
-                       inv_freq, factor, features, rope_layers=rope_layers, **scales)
+                       inv_freq, factor, features, rope_layers=rope_layers, qk_norm=qk_norm,
+                       post_norms=arch == "olmo2", **scales)
     return shape
 
 
@@ -365,8 +374,13 @@ def _layer_weights(shape: _Shape, weights: Mapping[str, np.ndarray], i: int) -> 
                 "proj": w(p + "mlp.c_proj.weight"), "proj_b": w(p + "mlp.c_proj.bias")}
     p = f"model.layers.{i}."
     shift = 1.0 if shape.arch == "gemma" else 0.0          # gemma's norms scale by (1 + weight)
-    out = {"ln1": w(p + "input_layernorm.weight") + shift, "o": w(p + "self_attn.o_proj.weight").T,
-           "ln2": w(p + "post_attention_layernorm.weight") + shift, "down": w(p + "mlp.down_proj.weight").T}
+    if shape.post_norms:                                    # olmo2: a norm on what each part adds
+        out = {"attn_out_norm": w(p + "post_attention_layernorm.weight"),
+               "mlp_out_norm": w(p + "post_feedforward_layernorm.weight"),
+               "o": w(p + "self_attn.o_proj.weight").T, "down": w(p + "mlp.down_proj.weight").T}
+    else:
+        out = {"ln1": w(p + "input_layernorm.weight") + shift, "o": w(p + "self_attn.o_proj.weight").T,
+               "ln2": w(p + "post_attention_layernorm.weight") + shift, "down": w(p + "mlp.down_proj.weight").T}
     if shape.arch == "phi3":
         out["qkv"] = w(p + "self_attn.qkv_proj.weight").T
         gate_up = w(p + "mlp.gate_up_proj.weight")
@@ -378,7 +392,7 @@ def _layer_weights(shape: _Shape, weights: Mapping[str, np.ndarray], i: int) -> 
         if p + "self_attn.q_proj.bias" in weights:
             out["qkv_b"] = np.concatenate([w(p + "self_attn.q_proj.bias"), w(p + "self_attn.k_proj.bias"),
                                            w(p + "self_attn.v_proj.bias")])
-    if shape.arch == "qwen3":                           # RMS norms over each head of q and of k
+    if shape.qk_norm:                                   # RMS norms of q and of k (per head or whole)
         out["q_norm"], out["k_norm"] = w(p + "self_attn.q_norm.weight"), w(p + "self_attn.k_norm.weight")
     return out
 
@@ -565,7 +579,7 @@ def _inputs_and_positions(g: _Graph, shape: _Shape, weights: Tensors, emb: np.nd
         node("Add", ["tok_emb", "pos_emb"], ["h0"])
     else:
         node("Identity", ["tok_emb"], ["h0"])
-    if shape.arch == "qwen3":                   # the per-head q/k norms' shapes
+    if shape.qk_norm:                           # the q/k norms' shapes
         init("split_qkv_n", np.array([heads * shape.head, kv_heads * shape.head, kv_heads * shape.head], dtype=np.int64))
         init("per_head", np.array([0, 0, -1, shape.head], dtype=np.int64))
         init("per_row", np.array([0, 0, -1], dtype=np.int64))
@@ -587,12 +601,18 @@ def _block(g: _Graph, shape: _Shape, lw: dict, i: int, residual: str, pending: s
     if not rotates:                                   # a layer without rotary (SmolLM3's every fourth)
         attrs = {k: v for k, v in attrs.items() if k not in ("do_rotary", "rotary_interleaved")}
         gqa_extra = []
-    if pending is None:
+    if shape.post_norms:                              # no norm before attention: the residual itself
+        if pending is not None:
+            node("Add", [residual, pending], [f"res{i}a"])
+            residual = f"res{i}a"
+        x = residual
+    elif pending is None:
         g.first_norm(residual, lw["ln1"], lw.get("ln1_b"), f"x{i}", f"ln_in{i}")
+        x = f"x{i}"
     else:
         g.skip_norm(pending, residual, lw["ln1"], lw.get("ln1_b"), pending_bias, f"x{i}", f"ln_in{i}", f"res{i}a")
-        residual = f"res{i}a"
-    node("MatMul", [f"x{i}", init(f"wqkv{i}", lw["qkv"])], [f"qkv{i}"])
+        residual, x = f"res{i}a", f"x{i}"
+    node("MatMul", [x, init(f"wqkv{i}", lw["qkv"])], [f"qkv{i}"])
     qkv_out = f"qkv{i}"
     if "qkv_b" in lw:
         node("Add", [qkv_out, init(f"bqkv{i}", lw["qkv_b"])], [f"qkvb{i}"])
@@ -612,23 +632,34 @@ def _block(g: _Graph, shape: _Shape, lw: dict, i: int, residual: str, pending: s
         node("Pad", [f"qkvh{i}", "head_pad"], [f"qkvp{i}"])
         node("Reshape", [f"qkvp{i}", "by_row"], [f"qkvs{i}"])
         qkv_out = f"qkvs{i}"
-    if "q_norm" in lw:
-        # per-head RMS norms of q and k, before the rotation (GroupQueryAttention's own q/k norm
-        # inputs have no CPU kernel in onnxruntime 1.31): each head a row of a norm over head_dim
+    if shape.qk_norm:
+        # RMS norms of q and k before the rotation (GroupQueryAttention's own q/k norm inputs have no
+        # CPU kernel in onnxruntime 1.31): per head, each head a row of a norm over head_dim; or whole
         node("Split", [qkv_out, "split_qkv_n"], [f"qn_in{i}", f"kn_in{i}", f"vn{i}"], axis=-1)
         for part in ("q", "k"):
-            node("Reshape", [f"{part}n_in{i}", "per_head"], [f"{part}h{i}"])
-            node("SimplifiedLayerNormalization", [f"{part}h{i}", init(f"{part}_norm{i}", lw[f"{part}_norm"])],
-                 [f"{part}hn{i}"], axis=-1, epsilon=shape.eps)
-            node("Reshape", [f"{part}hn{i}", "per_row"], [f"{part}n{i}"])
+            weight = init(f"{part}_norm{i}", lw[f"{part}_norm"])
+            if shape.qk_norm == "head":
+                node("Reshape", [f"{part}n_in{i}", "per_head"], [f"{part}h{i}"])
+                node("SimplifiedLayerNormalization", [f"{part}h{i}", weight], [f"{part}hn{i}"], axis=-1,
+                     epsilon=shape.eps)
+                node("Reshape", [f"{part}hn{i}", "per_row"], [f"{part}n{i}"])
+            else:
+                node("SimplifiedLayerNormalization", [f"{part}n_in{i}", weight], [f"{part}n{i}"], axis=-1,
+                     epsilon=shape.eps)
         node("Concat", [f"qn{i}", f"kn{i}", f"vn{i}"], [f"qkvn{i}"], axis=-1)
         qkv_out = f"qkvn{i}"
     node("GroupQueryAttention", [qkv_out, "", "", f"past_key_values.{i}.key", f"past_key_values.{i}.value",
                                  "seqlens_k", "total_len", *gqa_extra],
          [f"attn{i}", f"present.{i}.key", f"present.{i}.value"], domain="com.microsoft", **attrs)
     node("MatMul", [f"attn{i}", init(f"wo{i}", lw["o"])], [f"o{i}"])
-    g.skip_norm(f"o{i}", residual, lw["ln2"], lw.get("ln2_b"), lw.get("o_b"), f"m{i}", f"ln_post{i}", f"res{i}b")
-    residual = f"res{i}b"
+    if shape.post_norms:                              # residual + norm(attention's output); the MLP reads the sum
+        node("SimplifiedLayerNormalization", [f"o{i}", init(f"ln_attn_out{i}", lw["attn_out_norm"])], [f"on{i}"],
+             axis=-1, epsilon=shape.eps)
+        node("Add", [residual, f"on{i}"], [f"m{i}"])
+        residual = f"m{i}"
+    else:
+        g.skip_norm(f"o{i}", residual, lw["ln2"], lw.get("ln2_b"), lw.get("o_b"), f"m{i}", f"ln_post{i}", f"res{i}b")
+        residual = f"res{i}b"
     pending_bias = None
     if "fc" in lw:                                   # gpt2: fc -> gelu(tanh) with its bias fused -> proj
         node("MatMul", [f"m{i}", init(f"wfc{i}", lw["fc"])], [f"fc{i}"])
@@ -645,6 +676,10 @@ def _block(g: _Graph, shape: _Shape, lw: dict, i: int, residual: str, pending: s
             node("FastGelu" if shape.act == "gelu_tanh" else "Gelu", [f"g{i}"], [f"ga{i}"], domain="com.microsoft")
         node("Mul", [f"ga{i}", f"u{i}"], [f"act{i}"])
         node("MatMul", [f"act{i}", init(f"wd{i}", lw["down"])], [f"d{i}"])
+    if shape.post_norms:                             # the next block (or the final norm) adds it
+        node("SimplifiedLayerNormalization", [f"d{i}", init(f"ln_mlp_out{i}", lw["mlp_out_norm"])], [f"dn{i}"],
+             axis=-1, epsilon=shape.eps)
+        return residual, f"dn{i}", None
     return residual, f"d{i}", pending_bias
 
 

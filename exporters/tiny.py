@@ -31,6 +31,7 @@ TINY_CONFIGS: dict[str, dict[str, Any]] = {
     "granite": dict(_COMMON, embedding_multiplier=4.0, attention_multiplier=0.3, residual_multiplier=0.5,
                     logits_scaling=2.0),
     "smollm3": dict(_COMMON, no_rope_layers=[1, 0]),
+    "olmo2": dict(_COMMON),
     "phi3": dict(_COMMON),
     "gemma": dict(_COMMON, head_dim=16),
 }
