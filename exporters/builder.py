@@ -39,7 +39,10 @@ from nextoken.errors import ExportError
 
 __all__ = ["BuilderUnavailable", "ARCHITECTURES", "build", "covers", "read_safetensors"]
 
-ARCHITECTURES = ("llama", "mistral", "qwen2", "qwen3", "phi3", "gemma", "granite", "smollm3", "olmo2", "gpt2")
+ARCHITECTURES = ("llama", "mistral", "qwen2", "qwen3", "phi3", "gemma", "gemma2", "gemma3_text", "granite", "smollm3",
+                 "olmo2", "gpt2")
+#: families whose norms scale by (1 + weight) and whose embeddings are scaled by sqrt(hidden)
+GEMMAS = ("gemma", "gemma2", "gemma3_text")
 #: config fields that scale a family's activations (Granite's multipliers), by what they scale
 MULTIPLIERS = {"granite": {"emb_scale": "embedding_multiplier", "attn_scale": "attention_multiplier",
                            "residual_scale": "residual_multiplier", "logit_divisor": "logits_scaling"}}
@@ -159,8 +162,20 @@ class _Shape:
     #: RMS norms of q and k before the rotation: over each head ("head": qwen3) or over all of q and
     #: of k ("all": olmo2); None: none
     qk_norm: str | None = None
-    #: norms on what attention and the MLP add to the residual instead of on their inputs (olmo2)
-    post_norms: bool = False
+    #: where the norms of a block are: before attention and the MLP ("pre"), on what they add to
+    #: the residual instead ("post": olmo2), or both ("sandwich": gemma2, gemma3)
+    norms: str = "pre"
+    #: per layer: its sliding window (None: full attention), where layers differ (gemma2, gemma3)
+    layer_windows: tuple[int | None, ...] | None = None
+    #: the rotary inverse frequencies of the sliding layers, where they have their own base (gemma3)
+    local_inv_freq: np.ndarray | None = None
+    #: attention's logit soft-cap and the final logits' (0: none)
+    attn_softcap: float = 0.0
+    final_softcap: float = 0.0
+
+    @property
+    def post_norms(self) -> bool:
+        return self.norms in ("post", "sandwich")
 
     @property
     def rotary_dim(self) -> int:
@@ -276,7 +291,8 @@ def _read_shape(config: dict[str, Any]) -> _Shape:
                        float(config.get("layer_norm_epsilon", 1e-5)), int(config.get("n_positions", 1024)),
                        None, None, "layer", "gelu_tanh")
     else:
-        act = config.get("hidden_act", "silu")            # what transformers runs (gemma's too)
+        act = (config.get("hidden_activation") if arch in ("gemma2", "gemma3_text") else None) or \
+            config.get("hidden_act", "silu")            # what transformers runs
         acts = {"silu": "silu", "swish": "silu", "gelu_pytorch_tanh": "gelu_tanh", "gelu": "gelu"}
         if act not in acts:
             raise BuilderUnavailable(f"activation {act!r} is not built yet")
@@ -288,7 +304,7 @@ def _read_shape(config: dict[str, Any]) -> _Shape:
         if float(config.get("partial_rotary_factor", 1.0)) != 1.0 and arch != "phi3":
             raise BuilderUnavailable(f"partial rotary embeddings are built for phi3, not {arch}")
         inv_freq, factor, features = rotary(config, head)
-        qk_norm = {"qwen3": "head", "olmo2": "all"}.get(arch)
+        qk_norm = {"qwen3": "head", "olmo2": "all", "gemma3_text": "head"}.get(arch)
         if qk_norm:
             features = (f"q/k norms ({'per head' if qk_norm == 'head' else 'whole'})",) + features
         if arch == "olmo2":
@@ -312,12 +328,33 @@ def _read_shape(config: dict[str, Any]) -> _Shape:
                 raise ExportError(f"no_rope_layers names {len(rope_layers)} layers, the model has {layers}")
             if not all(rope_layers):
                 features = (f"{rope_layers.count(False)}/{layers} layers without rotary",) + features
+        gemma = {}
+        if arch in GEMMAS:
+            gemma["emb_scale"] = config["hidden_size"] ** 0.5
+        if arch in ("gemma2", "gemma3_text"):
+            kinds = list(config.get("layer_types") or [])
+            if len(kinds) != layers or not set(kinds) <= {"sliding_attention", "full_attention"}:
+                raise BuilderUnavailable(f"{arch} layer_types {kinds!r} are not built yet")
+            slide = int(config["sliding_window"])
+            gemma.update(norms="sandwich", attn_scale=float(config["query_pre_attn_scalar"]) ** -0.5,
+                         layer_windows=tuple(slide if k == "sliding_attention" else None for k in kinds),
+                         attn_softcap=float(config.get("attn_logit_softcapping") or 0.0),
+                         final_softcap=float(config.get("final_logit_softcapping") or 0.0))
+            window = None
+            features = (f"{kinds.count('sliding_attention')}/{layers} layers in a {slide}-token window",
+                        "four norms a layer") + features
+            if gemma["attn_softcap"] or gemma["final_softcap"]:
+                features += ("soft-capping",)
+            if arch == "gemma3_text":
+                local = dict(config, rope_theta=config.get("rope_local_base_freq", 10000.0), rope_scaling=None)
+                gemma["local_inv_freq"] = rotary(local, head)[0]
+                features += ("local rotary base",)
         shape = _Shape(arch, config["hidden_size"], layers, heads,
                        config.get("num_key_value_heads") or heads, head,
                        float(config.get("rms_norm_eps", 1e-6)), int(config.get("max_position_embeddings", 2048)),
                        float(config.get("rope_theta", 10000.0)), int(window) if window else None, "rms", acts[act],
                        inv_freq, factor, features, rope_layers=rope_layers, qk_norm=qk_norm,
-                       post_norms=arch == "olmo2", **scales)
+                       **({"norms": "post"} if arch == "olmo2" else {}), **scales, **gemma)
     return shape
 
 
@@ -373,10 +410,16 @@ def _layer_weights(shape: _Shape, weights: Mapping[str, np.ndarray], i: int) -> 
                 "fc": w(p + "mlp.c_fc.weight"), "fc_b": w(p + "mlp.c_fc.bias"),
                 "proj": w(p + "mlp.c_proj.weight"), "proj_b": w(p + "mlp.c_proj.bias")}
     p = f"model.layers.{i}."
-    shift = 1.0 if shape.arch == "gemma" else 0.0          # gemma's norms scale by (1 + weight)
-    if shape.post_norms:                                    # olmo2: a norm on what each part adds
+    shift = 1.0 if shape.arch in GEMMAS else 0.0           # gemma's norms scale by (1 + weight)
+    if shape.norms == "post":                               # olmo2: a norm on what each part adds
         out = {"attn_out_norm": w(p + "post_attention_layernorm.weight"),
                "mlp_out_norm": w(p + "post_feedforward_layernorm.weight"),
+               "o": w(p + "self_attn.o_proj.weight").T, "down": w(p + "mlp.down_proj.weight").T}
+    elif shape.norms == "sandwich":                         # gemma2/3: before and after each part
+        out = {"ln1": w(p + "input_layernorm.weight") + shift,
+               "attn_out_norm": w(p + "post_attention_layernorm.weight") + shift,
+               "ln2": w(p + "pre_feedforward_layernorm.weight") + shift,
+               "mlp_out_norm": w(p + "post_feedforward_layernorm.weight") + shift,
                "o": w(p + "self_attn.o_proj.weight").T, "down": w(p + "mlp.down_proj.weight").T}
     else:
         out = {"ln1": w(p + "input_layernorm.weight") + shift, "o": w(p + "self_attn.o_proj.weight").T,
@@ -393,7 +436,8 @@ def _layer_weights(shape: _Shape, weights: Mapping[str, np.ndarray], i: int) -> 
             out["qkv_b"] = np.concatenate([w(p + "self_attn.q_proj.bias"), w(p + "self_attn.k_proj.bias"),
                                            w(p + "self_attn.v_proj.bias")])
     if shape.qk_norm:                                   # RMS norms of q and of k (per head or whole)
-        out["q_norm"], out["k_norm"] = w(p + "self_attn.q_norm.weight"), w(p + "self_attn.k_norm.weight")
+        out["q_norm"] = w(p + "self_attn.q_norm.weight") + shift
+        out["k_norm"] = w(p + "self_attn.k_norm.weight") + shift
     return out
 
 
@@ -549,11 +593,17 @@ def _inputs_and_positions(g: _Graph, shape: _Shape, weights: Tensors, emb: np.nd
         angles = np.outer(np.arange(shape.context, dtype=np.float64), shape.inv_freq)
         rotary = [init("cos_cache", np.cos(angles) * shape.rope_factor),
                   init("sin_cache", np.sin(angles) * shape.rope_factor)]
+        if shape.local_inv_freq is not None:     # the sliding layers' own base (gemma3)
+            local = np.outer(np.arange(shape.context, dtype=np.float64), shape.local_inv_freq)
+            init("cos_local", np.cos(local))
+            init("sin_local", np.sin(local))
         if not padded:                       # inside GroupQueryAttention
             gqa_extra = rotary
             attrs.update(do_rotary=1, rotary_interleaved=0)
     if shape.window:
         attrs["local_window_size"] = shape.window
+    if shape.attn_softcap:
+        attrs["softcap"] = shape.attn_softcap
     if padded:
         attrs["scale"] = float(shape.head ** -0.5)
     if shape.attn_scale is not None:
@@ -570,9 +620,7 @@ def _inputs_and_positions(g: _Graph, shape: _Shape, weights: Tensors, emb: np.nd
         node("Add", ["before2d", "steps"], ["later_raw"])
         node("Max", ["later_raw", "zero"], ["later"])
         node("Where", ["first_prompt", "steps", "later"], ["positions"])
-    if shape.arch == "gemma":
-        node("Mul", ["tok_emb", init("emb_scale", np.array(hidden ** 0.5))], ["h0"])
-    elif shape.emb_scale != 1.0:
+    if shape.emb_scale != 1.0:                  # gemma's sqrt(hidden), granite's multiplier
         node("Mul", ["tok_emb", init("emb_scale", np.array(shape.emb_scale))], ["h0"])
     elif shape.arch == "gpt2":
         node("Gather", [init("wpe", weights["wpe.weight"][: shape.context]), "positions"], ["pos_emb"])
@@ -601,7 +649,13 @@ def _block(g: _Graph, shape: _Shape, lw: dict, i: int, residual: str, pending: s
     if not rotates:                                   # a layer without rotary (SmolLM3's every fourth)
         attrs = {k: v for k, v in attrs.items() if k not in ("do_rotary", "rotary_interleaved")}
         gqa_extra = []
-    if shape.post_norms:                              # no norm before attention: the residual itself
+    if shape.layer_windows is not None:               # gemma2/3: sliding and full layers
+        window = shape.layer_windows[i]
+        attrs = {**{k: v for k, v in attrs.items() if k != "local_window_size"},
+                 **({"local_window_size": window} if window else {})}
+        if window and shape.local_inv_freq is not None and gqa_extra:
+            gqa_extra = rotary = ["cos_local", "sin_local"]
+    if shape.norms == "post":                         # no norm before attention: the residual itself
         if pending is not None:
             node("Add", [residual, pending], [f"res{i}a"])
             residual = f"res{i}a"
@@ -652,11 +706,15 @@ def _block(g: _Graph, shape: _Shape, lw: dict, i: int, residual: str, pending: s
                                  "seqlens_k", "total_len", *gqa_extra],
          [f"attn{i}", f"present.{i}.key", f"present.{i}.value"], domain="com.microsoft", **attrs)
     node("MatMul", [f"attn{i}", init(f"wo{i}", lw["o"])], [f"o{i}"])
-    if shape.post_norms:                              # residual + norm(attention's output); the MLP reads the sum
+    if shape.post_norms:                              # attention's output normed before the residual takes it
         node("SimplifiedLayerNormalization", [f"o{i}", init(f"ln_attn_out{i}", lw["attn_out_norm"])], [f"on{i}"],
              axis=-1, epsilon=shape.eps)
+    if shape.norms == "post":                         # the MLP reads the sum itself
         node("Add", [residual, f"on{i}"], [f"m{i}"])
         residual = f"m{i}"
+    elif shape.norms == "sandwich":                   # the sum, normed before the MLP
+        g.skip_norm(f"on{i}", residual, lw["ln2"], None, None, f"m{i}", f"ln_post{i}", f"res{i}b")
+        residual = f"res{i}b"
     else:
         g.skip_norm(f"o{i}", residual, lw["ln2"], lw.get("ln2_b"), lw.get("o_b"), f"m{i}", f"ln_post{i}", f"res{i}b")
         residual = f"res{i}b"
@@ -691,10 +749,11 @@ def _lm_head(g: _Graph, shape: _Shape, weights: Tensors, emb: np.ndarray, head_i
     vocab, hidden = emb.shape[0], shape.hidden
     head_name = "lm_head.weight"
     tied = head_name not in weights
+    head_out = "logits_raw" if shape.final_softcap else "logits"
     if shape.arch == "gpt2":
         final_w, final_b = weights["ln_f.weight"], weights["ln_f.bias"]
     else:
-        final_w, final_b = weights["model.norm.weight"] + (1.0 if shape.arch == "gemma" else 0.0), None
+        final_w, final_b = weights["model.norm.weight"] + (1.0 if shape.arch in GEMMAS else 0.0), None
         final_w = final_w / shape.logit_divisor          # logits = norm(x) @ head / divisor
     g.skip_norm(pending, residual, final_w, final_b, pending_bias, "final", "ln_final")
     # only the last logits_to_keep positions reach the LM head
@@ -706,9 +765,13 @@ def _lm_head(g: _Graph, shape: _Shape, weights: Tensors, emb: np.ndarray, head_i
         node("Reshape", ["kept", init("flat", np.array([-1, hidden], dtype=np.int64))], ["kept2d"])
         node("Gemm", ["kept2d", "embed"], ["logits2d"], transB=1)
         node("Concat", ["bs", init("vocab1", np.array([vocab], dtype=np.int64))], ["logits_shape"], axis=0)
-        node("Reshape", ["logits2d", "logits_shape"], ["logits"])
+        node("Reshape", ["logits2d", "logits_shape"], [head_out])
     else:
-        node("MatMul", ["kept", init(head_init, weights[head_name].T)], ["logits"])
+        node("MatMul", ["kept", init(head_init, weights[head_name].T)], [head_out])
+    if shape.final_softcap:                           # cap * tanh(logits / cap)
+        node("Div", [head_out, init("final_cap", np.array(shape.final_softcap))], ["logits_capped"])
+        node("Tanh", ["logits_capped"], ["logits_tanh"])
+        node("Mul", ["logits_tanh", "final_cap"], ["logits"])
     return vocab
 
 

@@ -26,7 +26,8 @@ __all__ = ["export", "ExportReport", "TASK", "SUPPORTED_ARCHITECTURES", "DEFAULT
 TASK = "text-generation-with-past"
 
 #: Architectures tested end to end (logits and greedy tokens against transformers).
-SUPPORTED_ARCHITECTURES = ("gpt2", "llama", "mistral", "qwen2", "qwen3", "phi3", "gemma", "granite", "smollm3", "olmo2")
+SUPPORTED_ARCHITECTURES = ("gpt2", "llama", "mistral", "qwen2", "qwen3", "phi3", "gemma", "gemma2", "gemma3_text", "granite", "smollm3",
+                           "olmo2")
 
 #: Where an export's graph comes from: nextoken's own builder (the default: fused operators, KV in
 #: place, no torch; optimum's graph, with a note, for what it does not cover), optimum's exporter,

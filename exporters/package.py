@@ -61,6 +61,17 @@ class ExportReport:
                 f"context {m.context_length}; {features}{m.route}) to {self.output}; {parity}")
 
 
+def reference_model(source: str, offline: bool = False):
+    """The checkpoint in transformers, fp32, as its authors run it: with the eager attention where
+    the model soft-caps attention's logits (gemma2), which transformers' default (SDPA) leaves out."""
+    import torch
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    config = AutoConfig.from_pretrained(source, local_files_only=offline)
+    eager = {"attn_implementation": "eager"} if getattr(config, "attn_logit_softcapping", None) else {}
+    return AutoModelForCausalLM.from_pretrained(source, dtype=torch.float32, local_files_only=offline, **eager).eval()
+
+
 def say(msg: str) -> None:
     print(msg, file=sys.stderr, flush=True)
 
@@ -141,8 +152,7 @@ def parity_check(source: str, package: Path, offline: bool = False, device: str 
     engine = Engine(package, device=device, plugins=False, verify=False)
     try:
         ids = parity_ids(engine)
-        model = AutoModelForCausalLM.from_pretrained(source, dtype=torch.float32, local_files_only=offline)
-        model.eval()
+        model = reference_model(source, offline)
         with torch.no_grad():
             expected = model(torch.tensor([ids])).logits[0].numpy()
         problem = _vacuous(expected)

@@ -34,6 +34,15 @@ TINY_CONFIGS: dict[str, dict[str, Any]] = {
     "olmo2": dict(_COMMON),
     "phi3": dict(_COMMON),
     "gemma": dict(_COMMON, head_dim=16),
+    # windows shorter than the tests' prompts; soft-caps low enough to bend the numbers; an untied
+    # head: with a tied one the embedding (scaled by sqrt(hidden)) outweighs the blocks, whose every
+    # output is normed, and greedy decoding repeats the last token, which tests nothing
+    "gemma2": dict(_COMMON, head_dim=16, query_pre_attn_scalar=32, sliding_window=8, attn_logit_softcapping=5.0,
+                   final_logit_softcapping=10.0, layer_types=["sliding_attention", "full_attention"],
+                   tie_word_embeddings=False),
+    "gemma3_text": dict(_COMMON, head_dim=16, query_pre_attn_scalar=32, sliding_window=8, rope_theta=1e6,
+                        rope_local_base_freq=10000.0, layer_types=["sliding_attention", "full_attention"],
+                        tie_word_embeddings=False),
 }
 
 #: The offline demo's model: an untrained Llama a little larger than the test ones.
