@@ -37,10 +37,39 @@ import numpy as np
 
 from nextoken.errors import ExportError
 
-__all__ = ["BuilderUnavailable", "ARCHITECTURES", "build", "covers", "read_safetensors"]
+__all__ = ["BuilderUnavailable", "ARCHITECTURES", "FAMILIES", "build", "covers", "coverage_table", "read_safetensors",
+           "rotary"]
 
 ARCHITECTURES = ("llama", "mistral", "qwen2", "qwen3", "phi3", "gemma", "gemma2", "gemma3_text", "granite", "smollm3",
                  "olmo2", "gpt2")
+#: what each family stands for and what of it the builder writes beyond the plain recipe (the
+#: README's table is :func:`coverage_table`, tested to match)
+FAMILIES = {
+    "llama": ("Llama 2, Llama 3.1 / 3.2, SmolLM2", "llama3, linear, yarn, dynamic rope scaling"),
+    "mistral": ("Mistral 7B", "sliding window"),
+    "qwen2": ("Qwen2.5", "QKV bias"),
+    "qwen3": ("Qwen3", "per-head q/k norms"),
+    "phi3": ("Phi-3-mini-4k, Phi-4-mini (partial rotary)", "packed QKV and gate/up, partial rotary, sliding window"),
+    "gemma": ("Gemma 1", "(1 + weight) norms, embedding scale"),
+    "gemma2": ("Gemma 2", "four norms a layer, alternating windows, attention and final soft-caps"),
+    "gemma3_text": ("Gemma 3 (270M, 1B, text)", "four norms, per-head q/k norms, local and global rotary bases"),
+    "granite": ("Granite 3", "embedding, attention, residual and logit multipliers"),
+    "smollm3": ("SmolLM3", "layers without rotary"),
+    "olmo2": ("OLMo 2", "norms after attention and MLP, whole q/k norms"),
+    "gpt2": ("GPT-2", "learned positions, LayerNorm, biases"),
+}
+
+
+def coverage_table() -> str:
+    """The README's table: each family the builder writes, what it stands for, what it uses, and
+    the precisions every test runs it in (all on the fused path)."""
+    rows = ["| family | stands for | what the graph uses | fp32 | fp16 | int8 | int4 | route |",
+            "|---|---|---|---|---|---|---|---|"]
+    rows += [f"| {arch} | {FAMILIES[arch][0]} | {FAMILIES[arch][1]} | yes | yes | yes | yes | fused |"
+             for arch in ARCHITECTURES]
+    return "\n".join(rows)
+
+
 #: families whose norms scale by (1 + weight) and whose embeddings are scaled by sqrt(hidden)
 GEMMAS = ("gemma", "gemma2", "gemma3_text")
 #: config fields that scale a family's activations (Granite's multipliers), by what they scale

@@ -40,8 +40,15 @@ def _export_tiny(tmp_path_factory, arch: str, tag: str, **options):
     return ckpt, export(ckpt, root / "pkg", progress=None, **options)
 
 
-@pytest.fixture(scope="module", params=[(arch, dtype) for arch in ARCHITECTURES for dtype in ("fp32", "fp16")],
-                ids=lambda p: f"{p[0]}-{p[1]}")
+def built_params() -> list[tuple[str, str]]:
+    return [(arch, dtype) for arch in ARCHITECTURES for dtype in ("fp32", "fp16")]
+
+
+def quantized_params() -> list[tuple[str, str]]:
+    return [(arch, q) for arch in ARCHITECTURES for q in ("int8", "int4")]
+
+
+@pytest.fixture(scope="module", params=built_params(), ids=lambda p: f"{p[0]}-{p[1]}")
 def built(request, tmp_path_factory):
     """(architecture, transformers model, engine over the default export's package)."""
     arch, dtype = request.param
@@ -90,6 +97,17 @@ def test_batch_and_continuous_batching_equal_alone(built):
     while scheduler.step():
         pass
     assert [h.result().token_ids for h in handles] == alone
+
+
+def test_the_readme_table_is_the_builders_own():
+    """The README's family table is coverage_table(), and its precisions are the ones these tests run."""
+    from helpers import REPO
+    from nextoken.exporters.builder import coverage_table
+
+    assert coverage_table() in (REPO / "README.md").read_text()
+    tested = {dtype for _, dtype in built_params()} | {q for _, q in quantized_params()}
+    assert tested == {"fp32", "fp16", "int8", "int4"}
+    assert {arch for arch, _ in built_params()} == {arch for arch, _ in quantized_params()} == set(ARCHITECTURES)
 
 
 def test_tied_embeddings_are_stored_once(tmp_path):
@@ -234,7 +252,7 @@ def test_weights_written_to_external_data_as_they_are_made(tmp_path, dtype):
     assert not np.array_equal(logits[2], logits[0])
 
 
-@pytest.fixture(scope="module", params=[(arch, q) for arch in ARCHITECTURES for q in ("int8", "int4")],
+@pytest.fixture(scope="module", params=quantized_params(),
                 ids=lambda p: f"{p[0]}-{p[1]}")
 def quantized(request, tmp_path_factory):
     arch, method = request.param
