@@ -198,6 +198,9 @@ class _Shape:
     layer_windows: tuple[int | None, ...] | None = None
     #: the rotary inverse frequencies of the sliding layers, where they have their own base (gemma3)
     local_inv_freq: np.ndarray | None = None
+    #: longrope: the long factors' frequencies, used by a row once it is longer than ``rope_switch``
+    long_inv_freq: np.ndarray | None = None
+    rope_switch: int = 0
     #: attention's logit soft-cap and the final logits' (0: none)
     attn_softcap: float = 0.0
     final_softcap: float = 0.0
@@ -241,7 +244,7 @@ def _shape(config: dict[str, Any]) -> _Shape:
 
 
 #: rotary scaling the builder writes (transformers' ``rope_type`` names); the rest is optimum's
-ROPE_TYPES = ("default", "linear", "dynamic", "llama3", "yarn")
+ROPE_TYPES = ("default", "linear", "dynamic", "llama3", "yarn", "longrope")
 
 
 def rotary(config: dict[str, Any], head: int) -> tuple[np.ndarray, float, tuple[str, ...]]:
@@ -263,6 +266,9 @@ def rotary(config: dict[str, Any], head: int) -> tuple[np.ndarray, float, tuple[
         raise BuilderUnavailable(f"rotary scaling {kind!r} is not built yet")
     if kind == "default":
         return inv, 1.0, features
+    if kind == "longrope":                   # the short factors here; the long ones: longrope()
+        short, _, attention, switch = longrope(config, head)
+        return short, attention, features + (f"longrope (long factors past {switch})",)
     factor = float(scaling["factor"])
     features += (f"{kind} rope scaling",)
     if kind == "linear":
@@ -303,6 +309,30 @@ def rotary(config: dict[str, Any], head: int) -> tuple[np.ndarray, float, tuple[
     extrapolation = 1 - ramp
     blended = inv / factor * (1 - extrapolation) + inv * extrapolation
     return blended, float(attention), features
+
+
+def longrope(config: dict[str, Any], head: int) -> tuple[np.ndarray, np.ndarray, float, int]:
+    """(short inverse frequencies, long ones, the factor on cos and sin, the length past which the
+    long ones rotate) of a ``longrope`` config (Phi-3.5, Phi-3-128k, Phi-4-mini), as transformers
+    computes them: the long factors once the sequence is longer than
+    ``original_max_position_embeddings``."""
+    scaling = config["rope_scaling"]
+    base = float(config.get("rope_theta", 10000.0))
+    dim = int(head * float(config.get("partial_rotary_factor", 1.0)))
+    exponents = np.arange(0, dim, 2, dtype=np.float64) / dim
+    short, long = (np.asarray(scaling[k], dtype=np.float64) for k in ("short_factor", "long_factor"))
+    if short.shape != (dim // 2,) or long.shape != (dim // 2,):
+        raise ExportError(f"longrope factors must hold {dim // 2} values each (rotary dimension {dim})")
+    original = config.get("original_max_position_embeddings")
+    factor = scaling.get("factor")
+    if original:
+        factor = config["max_position_embeddings"] / original
+    else:
+        original = config["max_position_embeddings"]
+    attention = scaling.get("attention_factor")
+    if attention is None:
+        attention = 1.0 if factor <= 1.0 else math.sqrt(1 + math.log(factor) / math.log(original))
+    return 1.0 / (short * base ** exponents), 1.0 / (long * base ** exponents), float(attention), int(original)
 
 
 def _read_shape(config: dict[str, Any]) -> _Shape:
@@ -357,6 +387,11 @@ def _read_shape(config: dict[str, Any]) -> _Shape:
                 raise ExportError(f"no_rope_layers names {len(rope_layers)} layers, the model has {layers}")
             if not all(rope_layers):
                 features = (f"{rope_layers.count(False)}/{layers} layers without rotary",) + features
+        long = {}
+        kind = (config.get("rope_scaling") or {}).get("rope_type") or (config.get("rope_scaling") or {}).get("type")
+        if kind == "longrope":
+            _, long_inv, _, switch = longrope(config, head)
+            long = {"long_inv_freq": long_inv, "rope_switch": switch}
         gemma = {}
         if arch in GEMMAS:
             gemma["emb_scale"] = config["hidden_size"] ** 0.5
@@ -383,7 +418,7 @@ def _read_shape(config: dict[str, Any]) -> _Shape:
                        float(config.get("rms_norm_eps", 1e-6)), int(config.get("max_position_embeddings", 2048)),
                        float(config.get("rope_theta", 10000.0)), int(window) if window else None, "rms", acts[act],
                        inv_freq, factor, features, rope_layers=rope_layers, qk_norm=qk_norm,
-                       **({"norms": "post"} if arch == "olmo2" else {}), **scales, **gemma)
+                       **({"norms": "post"} if arch == "olmo2" else {}), **scales, **gemma, **long)
     return shape
 
 
@@ -589,7 +624,7 @@ def build(checkpoint: str | Path, output: str | Path, dtype: str = "fp32", untie
             "head_dim": shape.stored_head, "vocab_size": vocab, "context_length": shape.context,
             "kv_dtype": "float16" if dtype == "fp16" else "float32",
             "inputs": tuple(i.name for i in inputs), "outputs": tuple(o.name for o in outputs),
-            "features": shape.features}
+            "features": shape.features, "rope_switch": shape.rope_switch or None}
 
 
 def _inputs_and_positions(g: _Graph, shape: _Shape, weights: Tensors, emb: np.ndarray):
@@ -620,6 +655,10 @@ def _inputs_and_positions(g: _Graph, shape: _Shape, weights: Tensors, emb: np.nd
         # rotary over the model's own head dimensions (their first rotary_dim when partial), with
         # the rope scaling's frequencies and its factor on cos and sin
         angles = np.outer(np.arange(shape.context, dtype=np.float64), shape.inv_freq)
+        if shape.long_inv_freq is not None:
+            # longrope: the long factors' rows after the short ones; a row longer than the switch
+            # reads them (its positions offset by the window, below)
+            angles = np.concatenate([angles, np.outer(np.arange(shape.context, dtype=np.float64), shape.long_inv_freq)])
         rotary = [init("cos_cache", np.cos(angles) * shape.rope_factor),
                   init("sin_cache", np.sin(angles) * shape.rope_factor)]
         if shape.local_inv_freq is not None:     # the sliding layers' own base (gemma3)
@@ -637,7 +676,8 @@ def _inputs_and_positions(g: _Graph, shape: _Shape, weights: Tensors, emb: np.nd
         attrs["scale"] = float(shape.head ** -0.5)
     if shape.attn_scale is not None:
         attrs["scale"] = float(shape.attn_scale)
-    if shape.theta is None or padded:
+    longrope_rows = shape.long_inv_freq is not None
+    if shape.theta is None or padded or longrope_rows:
         # positions as GroupQueryAttention counts them: 0.. for a first prompt, else the row's
         # length so far minus the new tokens
         node("Shape", ["input_ids"], ["ids_shape"])
@@ -649,6 +689,16 @@ def _inputs_and_positions(g: _Graph, shape: _Shape, weights: Tensors, emb: np.nd
         node("Add", ["before2d", "steps"], ["later_raw"])
         node("Max", ["later_raw", "zero"], ["later"])
         node("Where", ["first_prompt", "steps", "later"], ["positions"])
+    if longrope_rows:
+        # as transformers switches: a row longer than original_max_position_embeddings rotates its
+        # new tokens with the long factors (the keys it cached before keep theirs)
+        node("Greater", ["mask_sum", init("rope_switch", np.array(shape.rope_switch, dtype=np.int64))], ["long_row"])
+        node("Cast", ["long_row"], ["long_row64"], to=TensorProto.INT64)
+        node("Mul", ["long_row64", init("rope_rows", np.array(shape.context, dtype=np.int64))], ["rope_offset"])
+        node("Unsqueeze", ["rope_offset", "axis1"], ["rope_offset2d"])
+        node("Add", ["positions", "rope_offset2d"], ["rope_positions"])
+        if gqa_extra:
+            gqa_extra = [*gqa_extra, "rope_positions"]
     if shape.emb_scale != 1.0:                  # gemma's sqrt(hidden), granite's multiplier
         node("Mul", ["tok_emb", init("emb_scale", np.array(shape.emb_scale))], ["h0"])
     elif shape.arch == "gpt2":
@@ -705,9 +755,10 @@ def _block(g: _Graph, shape: _Shape, lw: dict, i: int, residual: str, pending: s
         # are multiples of 16): rotate q and k at the model's head size, then pad every head
         if shape.theta is not None and rotates:
             node("Split", [qkv_out, "split_qkv"], [f"q{i}", f"k{i}", f"v{i}"], axis=-1)
-            node("RotaryEmbedding", [f"q{i}", "positions", *rotary], [f"qr{i}"], domain="com.microsoft",
+            positions = "rope_positions" if shape.long_inv_freq is not None else "positions"
+            node("RotaryEmbedding", [f"q{i}", positions, *rotary], [f"qr{i}"], domain="com.microsoft",
                  num_heads=heads, interleaved=0)
-            node("RotaryEmbedding", [f"k{i}", "positions", *rotary], [f"kr{i}"], domain="com.microsoft",
+            node("RotaryEmbedding", [f"k{i}", positions, *rotary], [f"kr{i}"], domain="com.microsoft",
                  num_heads=kv_heads, interleaved=0)
             node("Concat", [f"qr{i}", f"kr{i}", f"v{i}"], [f"qkvr{i}"], axis=-1)
             qkv_out = f"qkvr{i}"
@@ -873,7 +924,7 @@ def build_package(source: str, package: Path, *, output: Path | None = None, che
             eos_token_ids=eos_ids(SimpleNamespace(**config), generation),
             bos_token_id=first("bos_token_id"), pad_token_id=first("pad_token_id"), precision=dtype,
             tokenizer_file="tokenizer.json" if (package / "tokenizer.json").is_file() else None,
-            source=str(source), padding_side="right",
+            source=str(source), padding_side="right", rope_switch=shape["rope_switch"],
             exported_by={**export_versions(), "builder": "nextoken",
                          **({"features": ", ".join(shape["features"])} if shape["features"] else {})},
         ).with_files(package)

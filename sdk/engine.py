@@ -146,6 +146,10 @@ class Engine:
         if prefix_cache_dir is not None and prefix_cache_bytes <= 0:
             raise NextokenError("prefix_cache_dir needs prefix_cache_bytes > 0: the disk tier's entries are loaded "
                                 "into the memory tier (--prefix-cache-mb)")
+        if prefix_cache_bytes > 0 and self.manifest.rope_switch:
+            raise NextokenError(f"{self.path} switches its rotary factors at {self.manifest.rope_switch} tokens "
+                                "(longrope), so a cached prefix cannot serve a prompt on the other side; leave the "
+                                "prefix cache off for it")
         if prefix_cache_bytes > 0:
             disk = None
             if prefix_cache_dir is not None:

@@ -315,6 +315,8 @@ class Generation:
         self._prefilled = [(list(p), 0) for p in self.state.prompts]
         self._slide = params.context_policy == "slide"
         self._full = False
+        #: longrope packages: the length past which a sequence rotates with the long factors
+        self._rope_switch = runner.manifest.rope_switch or 0
         self._driver = driver
         self._events: Iterator[StreamEvent] | None = None
         self._completions: list[Completion] | None = None
@@ -353,8 +355,9 @@ class Generation:
 
     @property
     def needs_slide(self) -> bool:
-        """Whether a live sequence filled the window at the last step (policy ``slide``):
-        call :meth:`slide` and prefill what it returns before the next step."""
+        """Whether a live sequence filled the window at the last step (policy ``slide``), or passed
+        a longrope package's switch: call :meth:`slide` and prefill what it returns before the next
+        step."""
         return self._full
 
     def advance(self, logits: np.ndarray) -> tuple[np.ndarray, list[StreamEvent]]:
@@ -441,12 +444,17 @@ class Generation:
                 seq.logprobs.append(lp)
             events.append(StreamEvent(row, picked[row], delta, seq.finish.reason if seq.finish else None, lp))
         self._full = self._slide and full is not None and bool((full & state.alive).any())
+        if self._rope_switch and not self._full:
+            # a longrope sequence that just passed the switch: its keys were rotated with the short
+            # factors; it is prefilled again whole (the long ones), as transformers does then
+            self._full = bool(((lengths == self._rope_switch + 1) & state.alive).any())
         return tokens, events
 
     def slide(self) -> list[list[int]]:
-        """The window is full: what each row is prefilled with again. A full row keeps its protected
-        prefix and its newest tokens, half a window in all (recorded in :attr:`slides`); another
-        live row keeps what it holds; a finished row its last token (it rides along)."""
+        """The window is full (or a row passed the rope switch): what each row is prefilled with
+        again. A full row keeps its protected prefix and its newest tokens, half a window in all
+        (recorded in :attr:`slides`); another live row keeps what it holds; a finished row its last
+        token (it rides along)."""
         state, windows = self.state, []
         for row in range(state.batch_size):
             ids, at = self._prefilled[row]

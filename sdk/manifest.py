@@ -100,6 +100,9 @@ class Manifest:
     #: bytes of each file named in ``checksums`` (checked at every load: cheap)
     file_sizes: Mapping[str, int] = field(default_factory=dict)
     padding_side: str = "left"
+    #: longrope packages: a sequence longer than this many tokens rotates with the long factors, and
+    #: the first step past it runs the whole sequence again (as transformers does); None: no switch
+    rope_switch: int | None = None
     format_version: int = FORMAT_VERSION
 
     # -- names -----------------------------------------------------------------------------
@@ -169,6 +172,9 @@ class Manifest:
         for key in ("num_layers", "num_kv_heads", "head_dim", "vocab_size", "context_length"):
             if not isinstance(kwargs[key], int) or kwargs[key] <= 0:
                 raise ModelPackageError(f"{where}: {key} must be a positive integer, not {kwargs[key]!r}.")
+        switch = kwargs.get("rope_switch")
+        if switch is not None and (not isinstance(switch, int) or isinstance(switch, bool) or switch <= 0):
+            raise ModelPackageError(f"{where}: rope_switch must be a positive integer or null, not {switch!r}.")
         return cls(**kwargs)
 
     @classmethod

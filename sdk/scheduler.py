@@ -547,6 +547,9 @@ class Scheduler:
         held = self.kv.held(0)
         room = min(self.max_sequence_length, self.engine.manifest.context_length) - held - 1
         room = min(room, gen.params.max_new_tokens - len(gen.state.generated[0]) - 1)
+        switch = self.engine.manifest.rope_switch
+        if switch and held < switch:       # a longrope check step stays on the short side of the switch
+            room = min(room, switch - held - 1)
         try:
             guess = spec.propose(gen.state, room)
         except Exception as exc:
@@ -681,6 +684,9 @@ class Scheduler:
             self._end_early(handle, None)
             return 0
         end = min(len(prompt), done + budget)
+        switch = self.engine.manifest.rope_switch
+        if switch and len(prompt) > switch:
+            end = len(prompt)    # longrope: all of a prompt past the switch rotates with the long factors
         try:
             pre = Prefilled.after(self.engine.runner, cache, prompt, done, end)
         except Exception as exc:

@@ -9,6 +9,7 @@ import onnx
 import pytest
 import torch
 
+import nextoken
 from nextoken import Engine, Scheduler
 from nextoken.exporters import export, make_tiny_checkpoint
 from nextoken.exporters import FP16_RTOL
@@ -170,6 +171,44 @@ def test_rotary_scaling_and_partial_rotation_take_the_fused_path(case, tmp_path)
                                  pad_token_id=0)
         assert len(ids) > 64 and np.abs(engine.forward(ids) - expected).max() <= 1e-4
         assert engine.generate(ids[:8], max_new_tokens=32, ignore_eos=True).token_ids == out[0, 8:].tolist()
+
+
+LONGROPE = {"type": "longrope", "short_factor": [1.0, 1.1, 1.3, 1.6, 2.0, 2.5, 3.0, 4.0],
+            "long_factor": [1.0, 1.5, 2.0, 3.0, 4.5, 6.0, 8.0, 12.0]}
+
+
+def test_longrope_switches_where_transformers_switches(tmp_path):
+    """Phi-3.5's longrope: short factors up to original_max_position_embeddings, then the long
+    ones, the sequence run again whole at the first step past it (as transformers' generate does);
+    batched, continuous batching with chunked prefill, and speculation give the tokens alone gives."""
+    ckpt = make_tiny_checkpoint(tmp_path / "ckpt", "phi3", original_max_position_embeddings=32, rope_scaling=LONGROPE)
+    report = export(ckpt, tmp_path / "pkg", progress=None)
+    assert report.manifest.route == "fused" and report.manifest.rope_switch == 32 and "longrope" in report.summary()
+    model = reference_model(str(ckpt))
+    with Engine(report.output, device="cpu") as engine:
+        short, long = engine.encode("Hello there"), engine.encode(PROMPTS[1] + ", long enough to pass the window")
+        assert len(short) < 32 < len(long)
+        kw = dict(max_new_tokens=40, ignore_eos=True)
+        alone = []
+        for ids in (short, long):
+            with torch.no_grad():
+                expected = model(torch.tensor([ids])).logits[0].numpy()
+                out = model.generate(torch.tensor([ids]), eos_token_id=None, do_sample=False, pad_token_id=0, **{
+                    "max_new_tokens": 40})
+            assert np.abs(engine.forward(ids) - expected).max() <= 1e-4
+            alone.append(engine.generate(ids, **kw).token_ids)
+            assert alone[-1] == out[0, len(ids):].tolist()          # the short prompt crosses the switch
+        assert [c.token_ids for c in engine.generate([short, long], **kw)] == alone
+        scheduler = Scheduler(engine, max_batch=4, max_prefill_tokens=16)   # the long prompt: never chunked
+        handles = [scheduler.submit(ids, **kw) for ids in (short, long)]
+        while scheduler.step():
+            pass
+        assert [h.result().token_ids for h in handles] == alone
+        copying = short + short                                    # speculates up to the switch, then past it
+        plain = engine.generate(copying, **kw).token_ids
+        assert engine.generate(copying, speculative={"method": "prompt_lookup", "k": 4}, **kw).token_ids == plain
+    with pytest.raises(nextoken.NextokenError, match="switches its rotary factors at 32 tokens"):
+        Engine(report.output, prefix_cache_bytes=1 << 20)
 
 
 def test_in_place_generation_when_rows_finish_at_different_steps(built):
