@@ -128,8 +128,10 @@ def test_what_the_builder_does_not_cover_falls_back_to_optimum(stories_dir, tmp_
     config = json.loads((stories_dir / "config.json").read_text())
     with pytest.raises(BuilderUnavailable, match=f"covers {', '.join(ARCHITECTURES)}, not 'falcon'"):
         covers({**config, "model_type": "falcon"})
-    with pytest.raises(BuilderUnavailable, match="rotary scaling 'longrope' is not built yet"):
-        covers({**config, "rope_scaling": {"rope_type": "longrope", "factor": 2.0}})
+    with pytest.raises(BuilderUnavailable, match="rotary scaling 'proportional' is not built yet"):
+        covers({**config, "rope_scaling": {"rope_type": "proportional", "factor": 2.0}})
+    with pytest.raises(BuilderUnavailable, match="not 'qwen3_moe'"):          # mixture-of-experts: optimum's
+        covers({**config, "model_type": "qwen3_moe"})
     result = run_cli("export", str(scaled), "-o", str(tmp_path / "fallback"))
     assert result.returncode == 0, result.stderr
     notes = [line for line in result.stderr.splitlines() if "builder does not cover" in line]
