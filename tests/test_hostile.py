@@ -299,6 +299,13 @@ def test_serve_checks_its_options_before_it_listens(tiny_llama, stories_package)
         assert "Traceback" not in result.stderr, result.stderr
 
 
+@pytest.mark.parametrize("flags", [["--prefix-cache-mb", "-5"], ["--prefix-cache-mb", "8", "--prefix-cache-disk-mb", "-1"],
+                                   ["--port", "99999"], ["--constraint-budget", "0"], ["--ray-metrics-interval", "-1"]])
+def test_serve_refuses_a_budget_or_port_that_cannot_work(tiny_llama, flags):
+    result = run_cli("serve", str(tiny_llama[1]), *flags, timeout=60)
+    assert result.returncode == 2 and flags[-2] in result.stderr.splitlines()[-1], result.stderr
+
+
 def test_ray_refuses_what_its_replicas_cannot_take(tiny_llama):
     result = run_cli("serve", str(tiny_llama[1]), "--ray", "--header-timeout", "3", timeout=120)
     assert result.returncode == 2 and "--header-timeout" in result.stderr

@@ -250,6 +250,26 @@ def positive_float(text: str) -> float:
     return value
 
 
+def nonnegative_float(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a number") from None
+    if not value >= 0 or value == float("inf"):
+        raise argparse.ArgumentTypeError(f"must be a number >= 0, not {text}")
+    return value
+
+
+def port(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a port number") from None
+    if not 0 <= value <= 65535:
+        raise argparse.ArgumentTypeError(f"a port is between 0 and 65535, not {value}")
+    return value
+
+
 def runtime_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--device", default="auto", help="auto (default: CUDA when usable, else CPU), cpu, cuda, cuda:N")
     p.add_argument("--threads", type=int, default=None, help="intra-op threads (default: 1 for a model under 16 MB, else one per physical core)")
@@ -261,11 +281,11 @@ def runtime_options(p: argparse.ArgumentParser) -> None:
 
 
 def prefix_cache_options(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--prefix-cache-mb", type=float, default=0, metavar="MB",
+    p.add_argument("--prefix-cache-mb", type=nonnegative_float, default=0, metavar="MB",
                    help="reuse the KV cache of prompt prefixes across requests, up to this many MiB (default 0: off)")
     p.add_argument("--prefix-cache-dir", default=None, metavar="DIR",
                    help="with --prefix-cache-mb: also keep them on disk here, for later runs of the same package")
-    p.add_argument("--prefix-cache-disk-mb", type=float, default=1024, metavar="MB",
+    p.add_argument("--prefix-cache-disk-mb", type=positive_float, default=1024, metavar="MB",
                    help="with --prefix-cache-dir: at most this many MiB of files (default 1024)")
 
 

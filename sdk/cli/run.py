@@ -8,8 +8,8 @@ import sys
 from pathlib import Path
 
 from ..serving.constraints import BUDGET_S
-from .common import (UsageError, cache_dir, generate, generation_options, open_engine, positive_int,
-                     positive_float, prefix_cache_of, prefix_cache_options, runtime_options, speculative_of)
+from .common import (UsageError, cache_dir, generate, generation_options, open_engine, port, positive_float,
+                     positive_int, prefix_cache_of, prefix_cache_options, runtime_options, speculative_of)
 
 def _cmd_generate(args: argparse.Namespace) -> int:
     with open_engine(args) as engine:
@@ -133,7 +133,7 @@ def add_commands(sub) -> None:
     p = sub.add_parser("serve", help="serve a package over an OpenAI-compatible HTTP API (extra: serve)")
     p.add_argument("package", help="model package directory")
     p.add_argument("--host", default="127.0.0.1", help="address to listen on (default: loopback only)")
-    p.add_argument("--port", type=int, default=8000)
+    p.add_argument("--port", type=port, default=8000)
     p.add_argument("--max-batch", type=positive_int, default=8, help="sequences decoded together (default 8)")
     p.add_argument("--max-prefill-tokens", type=positive_int, default=4096,
                    help="prompt tokens prefilled a step; longer prompts go in chunks (default 4096)")
@@ -159,9 +159,9 @@ def add_commands(sub) -> None:
     p.add_argument("--ray", action="store_true", help="scale out on Ray Serve (extra: ray): one engine per replica")
     p.add_argument("--replicas", type=positive_int, default=2, help="with --ray: replicas (default 2)")
     p.add_argument("--ray-address", default=None, help="with --ray: join this cluster instead of starting Ray locally")
-    p.add_argument("--ray-metrics-port", type=positive_int, default=None, metavar="PORT",
+    p.add_argument("--ray-metrics-port", type=port, default=None, metavar="PORT",
                    help="with --ray, Ray started here: serve Ray's metrics export (every replica's metrics) on this port")
-    p.add_argument("--ray-metrics-interval", type=float, default=5.0, metavar="SECONDS",
+    p.add_argument("--ray-metrics-interval", type=positive_float, default=5.0, metavar="SECONDS",
                    help="with --ray: seconds between two copies of a replica's metrics into Ray's export (default 5)")
     runtime_options(p)
     prefix_cache_options(p)
