@@ -770,6 +770,8 @@ def serve(package: str, host: str = "127.0.0.1", port: int = 8000, max_batch: in
     name = model_name or Path(package).resolve().name
     with engine, Scheduler(engine, max_batch=max_batch, **(scheduler_options or {})) as scheduler:
         app = create_app(scheduler, name, options)
+        if app.state.service.checker is not None:
+            app.state.service.checker.start()    # the first constrained request does not wait for it
         slots = (f"{scheduler.max_batch} slots of {scheduler.slot_length} positions"
                  if scheduler.kv_backend == "slots" else f"batches of up to {scheduler.max_batch}")
         print(f"nextoken: serving {name} ({engine.path}) at http://{host}:{port}/v1 on {engine.device.provider}; "
