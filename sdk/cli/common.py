@@ -230,44 +230,31 @@ def cache_dir() -> Path:
     return Path(os.environ.get("NEXTOKEN_CACHE", Path.home() / ".cache" / "nextoken")).expanduser()
 
 
-def positive_int(text: str) -> int:
+def _within(text: str, kind: type, ok, what: str):
+    """``text`` as ``kind`` when ``ok`` of it (and finite), else argparse's error saying it must be ``what``."""
     try:
-        value = int(text)
+        value = kind(text)
     except ValueError:
-        raise argparse.ArgumentTypeError(f"{text!r} is not an integer") from None
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"must be >= 1, not {value}")
+        raise argparse.ArgumentTypeError(f"{text!r} is not {'an integer' if kind is int else 'a number'}") from None
+    if not ok(value) or value == float("inf"):
+        raise argparse.ArgumentTypeError(f"must be {what}, not {text}")
     return value
+
+
+def positive_int(text: str) -> int:
+    return _within(text, int, lambda v: v >= 1, ">= 1")
 
 
 def positive_float(text: str) -> float:
-    try:
-        value = float(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"{text!r} is not a number") from None
-    if not value > 0 or value == float("inf"):
-        raise argparse.ArgumentTypeError(f"must be a positive number, not {text}")
-    return value
+    return _within(text, float, lambda v: v > 0, "a positive number")
 
 
 def nonnegative_float(text: str) -> float:
-    try:
-        value = float(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"{text!r} is not a number") from None
-    if not value >= 0 or value == float("inf"):
-        raise argparse.ArgumentTypeError(f"must be a number >= 0, not {text}")
-    return value
+    return _within(text, float, lambda v: v >= 0, "a number >= 0")
 
 
 def port(text: str) -> int:
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"{text!r} is not a port number") from None
-    if not 0 <= value <= 65535:
-        raise argparse.ArgumentTypeError(f"a port is between 0 and 65535, not {value}")
-    return value
+    return _within(text, int, lambda v: 0 <= v <= 65535, "a port between 0 and 65535")
 
 
 def runtime_options(p: argparse.ArgumentParser) -> None:

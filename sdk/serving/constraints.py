@@ -33,6 +33,7 @@ from multiprocessing.connection import Connection
 from typing import Any, Callable
 
 from ..errors import InvalidRequestError
+from ..plugins.structured import FIELDS, constrained_field
 from ..threads import STACK, start
 
 __all__ = ["ConstraintChecker", "StackPool", "CHECK_STACK", "BUDGET_S"]
@@ -43,8 +44,6 @@ CHECK_STACK = STACK // 4
 BUDGET_S = 0.8
 #: The checker's address space at most (its own Python and llguidance take ~1 GiB of it).
 MEMORY = 4 << 30
-#: What each checked field is called in messages (the structured plugin's names).
-_FIELDS = ("response_format", "regex", "choice", "grammar")
 
 
 def child_main(read_fd: int, write_fd: int, memory_bytes: int = 0) -> None:
@@ -78,8 +77,8 @@ def child_main(read_fd: int, write_fd: int, memory_bytes: int = 0) -> None:
                 problem = structured.check(found[1], vocab) if found else None
                 conn_out.send(("ok", None) if problem is None else
                               ("error", f"the {structured.FIELDS[found[0]]} cannot be used: {problem}"))
-            except InvalidRequestError as exc:
-                conn_out.send(("error", str(exc)))
+            except InvalidRequestError as exc:                 # its message names the field: the caller does
+                conn_out.send(("error", str(exc).split(": ", 1)[-1]))
             except Exception as exc:  # noqa: BLE001 - whatever llguidance raises is the constraint's fault
                 conn_out.send(("error", f"the constraint cannot be used: {structured.clean(str(exc))}"))
 
@@ -167,9 +166,8 @@ class ConstraintChecker:
     """Checks requests' constraints in ``workers`` child processes (see the module's doc), one
     check at a time each. ``budget_s``: the longest a check may take; ``cache``: verdicts kept
     (a constraint that ran over is refused again while its verdict is kept); ``memory_bytes``:
-    each child's address space at most (a check that needs more ends it: a 400). :meth:`check`
-    raises the 400's :class:`~nextoken.InvalidRequestError`, its message starting with the field's
-    name."""
+    each child's address space at most (a check that needs more ends it: a 400). :meth:`problem`
+    says what is wrong, and with which field."""
 
     def __init__(self, tokenizer_json: str, vocab_size: int, eos_token_ids: list[int] | None = None,
                  budget_s: float = BUDGET_S, cache: int = 1024, memory_bytes: int = MEMORY, workers: int = 2) -> None:
@@ -225,17 +223,17 @@ class ConstraintChecker:
         for child in self._children:
             child.stop()
 
-    def check(self, params: Any) -> None:
-        """Nothing when ``params``' constraint compiles and gives its first masks within the
-        budget (or it has none); else an :class:`~nextoken.InvalidRequestError` naming the field."""
-        field = next((name for name in _FIELDS if getattr(params, name, None)), None)
+    def problem(self, params: Any) -> tuple[str, str] | None:
+        """None when ``params``' constraint compiles and gives its first masks within the budget
+        (or it has none); else (the field, what is wrong with it)."""
+        field = constrained_field(params)
         if field is None:
-            return
-        fields = {name: getattr(params, name, None) for name in _FIELDS}
+            return None
+        fields = {name: getattr(params, name, None) for name in FIELDS}
         try:
             key = hashlib.sha256(json.dumps(fields, sort_keys=True, default=list).encode()).digest()
         except (TypeError, ValueError, RecursionError):
-            raise InvalidRequestError(f"{field}: the constraint is not plain JSON data") from None
+            return field, "the constraint is not plain JSON data"
         with self._lock:
             known = key in self._verdicts
             if known:
@@ -256,8 +254,7 @@ class ConstraintChecker:
                 self._verdicts[key] = problem
                 while len(self._verdicts) > self.cache:
                     self._verdicts.popitem(last=False)
-        if problem is not None:
-            raise InvalidRequestError(f"{field}: {problem}")
+        return None if problem is None else (field, problem)
 
 
 class StackPool:

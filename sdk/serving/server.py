@@ -258,16 +258,22 @@ class Service:
         would be; an error naming --speculative otherwise."""
         spec = dict(spec)
         try:
-            params = SamplingParams(max_new_tokens=1, speculative=spec)
-            if "model" in spec:
-                if spec["model"] not in self.drafts:
-                    raise InvalidRequestError(f"draft model {spec['model']!r} is not among --draft's names "
-                                              f"({', '.join(self.drafts) or 'none'})")
-                params = params.replace(speculative={**spec, "model": self.drafts[spec["model"]]})
-            self.engine.start([self.engine.pad_token_id], params)
+            self.engine.start([self.engine.pad_token_id],
+                              SamplingParams(max_new_tokens=1, speculative=self.with_draft_path(spec)))
         except NextokenError as exc:
             raise NextokenError(f"--speculative {spec}: {exc}") from None
         return spec
+
+    def with_draft_path(self, spec: Mapping[str, Any] | None) -> Mapping[str, Any] | None:
+        """``spec`` with the draft it names (by one of the server's names) as that draft's path; an
+        InvalidRequestError when it names another."""
+        if spec is None or "model" not in spec:
+            return spec
+        name = spec["model"]
+        if not isinstance(name, str) or name not in self.drafts:
+            offered = ", ".join(sorted(self.drafts)) or "none (nextoken serve --draft NAME=PATH offers one)"
+            raise InvalidRequestError(f"nextoken.speculative.model names a draft model this server offers: {offered}")
+        return {**spec, "model": self.drafts[name]}
 
     def close(self) -> None:
         """Stop the constraint checker and the workers."""
@@ -472,27 +478,20 @@ class Service:
             raise APIError(400, "nextoken.options.draft: the draft model's settings are the server's "
                                 "(nextoken serve --draft NAME=PATH)", param="nextoken.options")
         params = _params(req, chat, self.defaults)
-        spec = params.speculative
-        if spec is not None and "model" in spec:
-            name = spec["model"]
-            if not isinstance(name, str) or name not in self.drafts:
-                offered = ", ".join(sorted(self.drafts)) or "none (nextoken serve --draft NAME=PATH offers one)"
-                raise APIError(400, f"nextoken.speculative.model names a draft model this server offers: {offered}",
-                               param="nextoken.speculative.model")
-            params = params.replace(speculative={**spec, "model": self.drafts[name]})
+        try:
+            params = params.replace(speculative=self.with_draft_path(params.speculative))
+        except InvalidRequestError as exc:
+            raise APIError(400, str(exc), param="nextoken.speculative.model") from None
         self.check_constraint(params)
         return params
 
     def check_constraint(self, params: SamplingParams, param: str | None = None) -> None:
         """The request's constraint compiled in the checker process, or the 400 naming its field."""
-        if self.checker is None:
-            return
-        try:
-            self.checker.check(params)
-        except InvalidRequestError as exc:
-            field = str(exc).split(":", 1)[0]
-            raise APIError(400, f"{param}: {exc}" if param else str(exc),
-                           param=param or ("response_format" if field == "response_format" else f"nextoken.{field}")) from None
+        found = self.checker.problem(params) if self.checker is not None else None
+        if found is not None:
+            field, problem = found
+            name = param or (field if field == "response_format" else f"nextoken.{field}")
+            raise APIError(400, f"{name}: {problem}", param=name)
 
     @staticmethod
     def tool_request(req) -> ToolRequest | None:
