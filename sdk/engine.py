@@ -158,7 +158,7 @@ class Engine:
                                             "cannot tell it from a changed package; export it again")
                 identity = package_identity(self.manifest.checksums, self.manifest.kv_dtype, self.device.provider)
                 m = self.manifest
-                layout = Layout(2 * m.num_layers, m.num_kv_heads, m.head_dim, str(np.dtype(self.runner.new_cache(1).dtype)),
+                layout = Layout(2 * m.num_layers, m.num_kv_heads, m.head_dim, kv_dtype(m.kv_dtype).name,
                                 m.context_length)
                 try:
                     disk = DiskTier(prefix_cache_dir, identity, prefix_cache_disk_bytes, 32, self.runner.cache_of, layout)
