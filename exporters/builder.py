@@ -1,16 +1,17 @@
 """nextoken's own graph builder: a checkpoint's safetensors written straight into an ONNX graph on
 onnxruntime's fused operators, with no torch at all (numpy, onnx, and the checkpoint's files).
 
-Covered: ``llama``, ``mistral``, ``qwen2``, ``qwen3``, ``phi3``, ``gemma``, ``granite``, ``smollm3``
-and ``gpt2``, in fp32 and fp16 (rotary scaling and partial rotation: :func:`rotary`). Per layer:
+Covered: the :data:`ARCHITECTURES` (what each uses: :data:`FAMILIES`), in fp32 and fp16 (rotary
+scaling and partial rotation: :func:`rotary`). Per layer:
 
     SimplifiedLayerNormalization / SkipSimplifiedLayerNormalization (residual fused; gpt2:
     LayerNormalization / SkipLayerNormalization with the previous projection's bias fused)
     -> one QKV MatMul (+ bias: qwen2, gpt2) -> GroupQueryAttention (KV cache, causal; rotary
-       inside, or gpt2's learned positions added to the embeddings; sliding window for mistral and
-       phi3) -> MatMul -> Skip(Simplified)LayerNormalization
+       inside, or gpt2's learned positions added to the embeddings; sliding window for mistral,
+       mixtral and phi3, per layer for gemma2/3) -> MatMul -> Skip(Simplified)LayerNormalization
     -> gate and up MatMuls -> SiLU or GELU(gate) * up -> down MatMul (gpt2: MatMul -> FastGelu
-       with its bias -> MatMul)
+       with its bias -> MatMul; qwen3_moe and mixtral: the router's MatMul -> MoE, the experts'
+       gate/up interleaved, top-k of the softmax)
 
 then the final norm, the last ``logits_to_keep`` positions only, and the LM head as a Gemm over
 the embedding matrix when the checkpoint ties them (stored once). gemma's (1 + weight) norms are
@@ -41,7 +42,7 @@ __all__ = ["BuilderUnavailable", "ARCHITECTURES", "FAMILIES", "build", "covers",
            "rotary"]
 
 ARCHITECTURES = ("llama", "mistral", "qwen2", "qwen3", "phi3", "gemma", "gemma2", "gemma3_text", "granite", "smollm3",
-                 "olmo2", "gpt2")
+                 "olmo2", "qwen3_moe", "mixtral", "gpt2")
 #: what each family stands for and what of it the builder writes beyond the plain recipe (the
 #: README's table is :func:`coverage_table`, tested to match)
 FAMILIES = {
@@ -57,6 +58,8 @@ FAMILIES = {
     "granite": ("Granite 3", "embedding, attention, residual and logit multipliers"),
     "smollm3": ("SmolLM3", "layers without rotary"),
     "olmo2": ("OLMo 2", "norms after attention and MLP, whole q/k norms"),
+    "qwen3_moe": ("Qwen3-MoE (30B-A3B, 235B-A22B)", "per-head q/k norms, experts on MoE (int4/int8: QMoE), dense layers"),
+    "mixtral": ("Mixtral 8x7B, 8x22B", "experts on MoE (int4/int8: QMoE), sliding window"),
     "gpt2": ("GPT-2", "learned positions, LayerNorm, biases"),
 }
 
@@ -76,6 +79,12 @@ GEMMAS = ("gemma", "gemma2", "gemma3_text")
 #: config fields that scale a family's activations (Granite's multipliers), by what they scale
 MULTIPLIERS = {"granite": {"emb_scale": "embedding_multiplier", "attn_scale": "attention_multiplier",
                            "residual_scale": "residual_multiplier", "logit_divisor": "logits_scaling"}}
+#: mixture-of-experts families: the config fields naming the expert count and an expert's width
+#: (the router's top-k is ``num_experts_per_tok`` in both)
+MOES = {"qwen3_moe": ("num_experts", "moe_intermediate_size"), "mixtral": ("num_local_experts", "intermediate_size")}
+#: the router's MatMul of layer i is named ROUTER + i: quantisation leaves it in float (an int4
+#: router's rounding changes which experts a token takes, a larger error than any expert's own)
+ROUTER = "router"
 #: The initializer of an LM head untied from the embedding for quantisation (``untie_head``).
 TIED_HEAD = "tied_head"
 DTYPES = ("fp32", "fp16")
@@ -205,6 +214,12 @@ class _Shape:
     #: attention's logit soft-cap and the final logits' (0: none)
     attn_softcap: float = 0.0
     final_softcap: float = 0.0
+    #: mixture of experts: how many, how many a token takes, whether their weights are renormalised
+    #: over those taken, and which layers have them (the others have a dense MLP)
+    experts: int = 0
+    top_k: int = 0
+    renormalize: bool = True
+    moe_layers: tuple[bool, ...] = ()
 
     @property
     def post_norms(self) -> bool:
@@ -357,14 +372,14 @@ def _read_shape(config: dict[str, Any]) -> _Shape:
         if act not in acts:
             raise BuilderUnavailable(f"activation {act!r} is not built yet")
         heads = config["num_attention_heads"]
-        window = config.get("sliding_window") if arch in ("mistral", "phi3") or config.get("use_sliding_window") else None
+        window = config.get("sliding_window") if arch in ("mistral", "phi3", "mixtral") or config.get("use_sliding_window") else None
         head = config.get("head_dim") or config["hidden_size"] // heads
-        if arch == "qwen3" and (head % 16 or config.get("use_sliding_window")):
-            raise BuilderUnavailable("qwen3 with heads that are not multiples of 16, or sliding windows, is not built yet")
+        if arch in ("qwen3", "qwen3_moe") and (head % 16 or config.get("use_sliding_window")):
+            raise BuilderUnavailable(f"{arch} with heads that are not multiples of 16, or sliding windows, is not built yet")
         if float(config.get("partial_rotary_factor", 1.0)) != 1.0 and arch != "phi3":
             raise BuilderUnavailable(f"partial rotary embeddings are built for phi3, not {arch}")
         inv_freq, factor, features = rotary(config, head)
-        qk_norm = {"qwen3": "head", "olmo2": "all", "gemma3_text": "head"}.get(arch)
+        qk_norm = {"qwen3": "head", "qwen3_moe": "head", "olmo2": "all", "gemma3_text": "head"}.get(arch)
         if qk_norm:
             features = (f"q/k norms ({'per head' if qk_norm == 'head' else 'whole'})",) + features
         if arch == "olmo2":
@@ -388,6 +403,10 @@ def _read_shape(config: dict[str, Any]) -> _Shape:
                 raise ExportError(f"no_rope_layers names {len(rope_layers)} layers, the model has {layers}")
             if not all(rope_layers):
                 features = (f"{rope_layers.count(False)}/{layers} layers without rotary",) + features
+        moe = _experts(config, arch, layers) if arch in MOES else {}
+        if moe:
+            features = (f"{moe['experts']} experts, top {moe['top_k']}"
+                        + (f", {sum(moe['moe_layers'])}/{layers} layers" if not all(moe["moe_layers"]) else ""),) + features
         long = {}
         kind = (config.get("rope_scaling") or {}).get("rope_type") or (config.get("rope_scaling") or {}).get("type")
         if kind == "longrope":
@@ -419,8 +438,22 @@ def _read_shape(config: dict[str, Any]) -> _Shape:
                        float(config.get("rms_norm_eps", 1e-6)), int(config.get("max_position_embeddings", 2048)),
                        float(config.get("rope_theta", 10000.0)), int(window) if window else None, "rms", acts[act],
                        inv_freq, factor, features, rope_layers=rope_layers, qk_norm=qk_norm,
-                       **({"norms": "post"} if arch == "olmo2" else {}), **scales, **gemma, **long)
+                       **({"norms": "post"} if arch == "olmo2" else {}), **scales, **gemma, **long, **moe)
     return shape
+
+
+def _experts(config: dict[str, Any], arch: str, layers: int) -> dict[str, Any]:
+    """The mixture of experts of a :data:`MOES` family: count, top-k, renormalisation, and which
+    layers have experts (Qwen3-MoE: every ``decoder_sparse_step``-th, less ``mlp_only_layers``)."""
+    count_field, _ = MOES[arch]
+    experts, top_k = int(config[count_field]), int(config["num_experts_per_tok"])
+    if not 0 < top_k <= experts:
+        raise ExportError(f"num_experts_per_tok {top_k} is not between 1 and {count_field} {experts}")
+    if arch == "mixtral":
+        return dict(experts=experts, top_k=top_k, renormalize=True, moe_layers=(True,) * layers)
+    step, dense = int(config.get("decoder_sparse_step", 1)), set(config.get("mlp_only_layers") or ())
+    return dict(experts=experts, top_k=top_k, renormalize=bool(config.get("norm_topk_prob", False)),
+                moe_layers=tuple(i not in dense and (i + 1) % step == 0 for i in range(layers)))
 
 
 def covers(config: dict[str, Any]) -> None:
@@ -445,9 +478,16 @@ def _layer(shape: _Shape, weights: Mapping[str, np.ndarray], i: int) -> dict[str
     o's input heads padded to the stored head size (the graph pads q, k and v after the rotary)."""
     out = _layer_weights(shape, weights, i)
     h, q, kv = shape.hidden, shape.heads * shape.head, shape.kv_heads * shape.head
-    inner = (out["fc"] if "fc" in out else out["gate"]).shape[1]
-    want = {"qkv": (h, q + 2 * kv), "o": (q, h), **({"fc": (h, inner), "proj": (inner, h)} if "fc" in out else
-                                                   {"gate": (h, inner), "up": (h, inner), "down": (inner, h)})}
+    if "fc1" in out:                                  # experts: [E, 2 x inner (gate, up interleaved), h], [E, h, inner]
+        e, inner = shape.experts, out["fc2"].shape[-1]
+        mlp = {"router": (h, e), "fc1": (e, 2 * inner, h), "fc2": (e, h, inner)}
+    elif "fc" in out:
+        inner = out["fc"].shape[1]
+        mlp = {"fc": (h, inner), "proj": (inner, h)}
+    else:
+        inner = out["gate"].shape[1]
+        mlp = {"gate": (h, inner), "up": (h, inner), "down": (inner, h)}
+    want = {"qkv": (h, q + 2 * kv), "o": (q, h), **mlp}
     for name, expected in want.items():
         if out[name].shape != expected:
             raise ExportError(f"the checkpoint's weights do not match its config.json: layer {i}'s {name} is "
@@ -479,16 +519,28 @@ def _layer_weights(shape: _Shape, weights: Mapping[str, np.ndarray], i: int) -> 
     if shape.norms == "post":                               # olmo2: a norm on what each part adds
         out = {"attn_out_norm": w(p + "post_attention_layernorm.weight"),
                "mlp_out_norm": w(p + "post_feedforward_layernorm.weight"),
-               "o": w(p + "self_attn.o_proj.weight").T, "down": w(p + "mlp.down_proj.weight").T}
+               "o": w(p + "self_attn.o_proj.weight").T}
     elif shape.norms == "sandwich":                         # gemma2/3: before and after each part
         out = {"ln1": w(p + "input_layernorm.weight") + shift,
                "attn_out_norm": w(p + "post_attention_layernorm.weight") + shift,
                "ln2": w(p + "pre_feedforward_layernorm.weight") + shift,
                "mlp_out_norm": w(p + "post_feedforward_layernorm.weight") + shift,
-               "o": w(p + "self_attn.o_proj.weight").T, "down": w(p + "mlp.down_proj.weight").T}
+               "o": w(p + "self_attn.o_proj.weight").T}
     else:
         out = {"ln1": w(p + "input_layernorm.weight") + shift, "o": w(p + "self_attn.o_proj.weight").T,
-               "ln2": w(p + "post_attention_layernorm.weight") + shift, "down": w(p + "mlp.down_proj.weight").T}
+               "ln2": w(p + "post_attention_layernorm.weight") + shift}
+    if shape.moe_layers and shape.moe_layers[i]:
+        # the router ([E, h] as x @ W.T) and the experts as MoE reads them: each expert's gate and
+        # up rows interleaved in one [2 x inner, h] (the CPU kernel's only layout), down as [h, inner]
+        moe, (gate, up, down) = ("block_sparse_moe.", ("w1", "w3", "w2")) if shape.arch == "mixtral" else \
+            ("mlp.", ("gate_proj", "up_proj", "down_proj"))
+        experts = [p + f"{moe}experts.{e}." for e in range(shape.experts)]
+        out["router"] = w(p + moe + "gate.weight").T
+        out["fc1"] = np.stack([np.stack([w(x + gate + ".weight"), w(x + up + ".weight")], axis=1).reshape(
+            -1, shape.hidden) for x in experts])
+        out["fc2"] = np.stack([w(x + down + ".weight") for x in experts])
+    else:
+        out["down"] = w(p + "mlp.down_proj.weight").T
     if shape.arch == "phi3":
         out["qkv"] = w(p + "self_attn.qkv_proj.weight").T
         gate_up = w(p + "mlp.gate_up_proj.weight")
@@ -496,7 +548,8 @@ def _layer_weights(shape: _Shape, weights: Mapping[str, np.ndarray], i: int) -> 
     else:
         out["qkv"] = np.concatenate([w(p + "self_attn.q_proj.weight"), w(p + "self_attn.k_proj.weight"),
                                      w(p + "self_attn.v_proj.weight")], axis=0).T
-        out["gate"], out["up"] = w(p + "mlp.gate_proj.weight").T, w(p + "mlp.up_proj.weight").T
+        if "fc1" not in out:
+            out["gate"], out["up"] = w(p + "mlp.gate_proj.weight").T, w(p + "mlp.up_proj.weight").T
         if p + "self_attn.q_proj.bias" in weights:
             out["qkv_b"] = np.concatenate([w(p + "self_attn.q_proj.bias"), w(p + "self_attn.k_proj.bias"),
                                            w(p + "self_attn.v_proj.bias")])
@@ -547,10 +600,11 @@ class _Graph:
         self.inits.append(tensor)
         return name
 
-    def node(self, op: str, inputs: list[str], outputs: list[str], domain: str = "", **attrs) -> None:
+    def node(self, op: str, inputs: list[str], outputs: list[str], domain: str = "", name: str = "", **attrs) -> None:
         from onnx import helper
 
-        self.nodes.append(helper.make_node(op, inputs, outputs, name=f"{op}_{len(self.nodes)}", domain=domain, **attrs))
+        self.nodes.append(helper.make_node(op, inputs, outputs, name=name or f"{op}_{len(self.nodes)}", domain=domain,
+                                           **attrs))
 
     def first_norm(self, x: str, gamma: np.ndarray, beta: np.ndarray | None, out: str, tag: str) -> None:
         eps = self.shape.eps
@@ -805,6 +859,17 @@ def _block(g: _Graph, shape: _Shape, lw: dict, i: int, residual: str, pending: s
         node("FastGelu", [f"fc{i}", init(f"bfc{i}", lw["fc_b"])], [f"act{i}"], domain="com.microsoft")
         node("MatMul", [f"act{i}", init(f"wd{i}", lw["proj"])], [f"d{i}"])
         pending_bias = lw["proj_b"]
+    elif "fc1" in lw:                                # experts: the router's logits pick top-k per token
+        node("MatMul", [f"m{i}", init(f"wr{i}", lw["router"])], [f"r{i}"], name=f"{ROUTER}{i}")
+        node("Reshape", [f"r{i}", init("by_expert", np.array([-1, shape.experts], dtype=np.int64))], [f"r2d{i}"])
+        # softmax over all experts, the top k, renormalised over them or not; SiLU(gate) * up
+        node("MoE", [f"m{i}", f"r2d{i}", init(f"experts_fc1_{i}", lw["fc1"]), "", init(f"experts_fc2_{i}", lw["fc2"])],
+             [f"moe{i}"], domain="com.microsoft", k=shape.top_k, activation_type="swiglu", swiglu_fusion=1,
+             activation_alpha=1.0, activation_beta=0.0, normalize_routing_weights=int(shape.renormalize))
+        # onnxruntime 1.31's CPU MoE may write its output over its input (it declares it may) and
+        # then reads zeros: measured, a layer's experts silently added nothing. A node that reads the
+        # input after the MoE keeps that buffer the input's alone (a select that passes the output on)
+        node("Where", [init("never", np.array(False)), f"m{i}", f"moe{i}"], [f"d{i}"])
     else:
         node("MatMul", [f"m{i}", init(f"wg{i}", lw["gate"])], [f"g{i}"])
         node("MatMul", [f"m{i}", init(f"wu{i}", lw["up"])], [f"u{i}"])

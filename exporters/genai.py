@@ -149,7 +149,7 @@ def build_with_genai(source: str, output: Path, genai_python: str | None, precis
     diff, n = float("nan"), 0
     if check and precision == "fp32":
         say("[3/3] checking ONNX logits against PyTorch ...")
-        diff, n, _ = parity_check(str(source), output)
+        diff, n, _, _ = parity_check(str(source), output)
         if not diff <= atol:
             raise ExportError(f"parity check failed: max |Δ logits| between the genai graph and PyTorch is {diff:.3e}, "
                               f"over the tolerance {atol:.0e}")

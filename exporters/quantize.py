@@ -23,7 +23,7 @@ from pathlib import Path
 from nextoken.errors import ExportError
 
 __all__ = ["QUANTIZATIONS", "DEFAULT_BLOCK_SIZE", "Accuracy", "check_method", "quantize_model", "compare_accuracy",
-           "quantize_package", "share_embedding"]
+           "quantize_package", "quantize_experts", "share_embedding"]
 
 QUANTIZATIONS = ("int8", "int4")
 DEFAULT_BLOCK_SIZE = 32
@@ -72,10 +72,15 @@ def quantize_model(source: Path, target: Path, method: str, block_size: int = DE
         import onnx
         from onnxruntime.quantization.matmul_nbits_quantizer import MatMulNBitsQuantizer
 
+        from .builder import ROUTER
+
         bits = 8 if method == "int8" else 4
-        quantizer = MatMulNBitsQuantizer(onnx.load(str(source)), bits=bits, block_size=block_size,
-                                         is_symmetric=True, accuracy_level=4)
+        model = onnx.load(str(source))
+        routers = [n.name for n in model.graph.node if n.op_type == "MatMul" and n.name.startswith(ROUTER)]
+        quantizer = MatMulNBitsQuantizer(model, bits=bits, block_size=block_size, is_symmetric=True,
+                                         accuracy_level=4, nodes_to_exclude=routers)
         quantizer.process()
+        quantize_experts(quantizer.model.model, block_size, bits)
         share_embedding(quantizer.model.model, block_size, bits)
         quantizer.model.save_model_to_file(str(target), use_external_data_format=big)
     except ImportError as exc:
@@ -84,6 +89,58 @@ def quantize_model(source: Path, target: Path, method: str, block_size: int = DE
         raise
     except Exception as exc:
         raise ExportError(f"onnxruntime could not quantise the model to {method}: {type(exc).__name__}: {exc}") from None
+
+
+def _blocks(w, block_size: int, bits: int):
+    """``w`` [..., N, K] as symmetric ``bits``-bit blocks of ``block_size`` along K, as MatMulNBits'
+    own quantiser makes them: the block's largest magnitude maps to -2^(bits-1), so the whole
+    range is used (its scale may be negative). Returns the bytes [..., N, K * bits / 8] (two 4-bit
+    values a byte, the first in the low nibble; zero point 2^(bits-1), the default) and one scale a
+    block [..., N, K / block_size]."""
+    import numpy as np
+
+    half = 1 << (bits - 1)
+    blocks = w.astype(np.float32).reshape(*w.shape[:-1], w.shape[-1] // block_size, block_size)
+    peak = np.take_along_axis(blocks, np.abs(blocks).argmax(-1)[..., None], -1)[..., 0]
+    scale = peak / -half
+    scale[scale == 0] = 1.0
+    q = (np.clip(np.rint(blocks / scale[..., None]), -half, half - 1) + half).astype(np.uint8).reshape(w.shape)
+    if bits == 4:
+        q = q[..., 0::2] | (q[..., 1::2] << 4)
+    return np.ascontiguousarray(q), scale.astype(np.float32)
+
+
+def quantize_experts(model, block_size: int, bits: int = 4) -> int:
+    """Rewrite each MoE node (the builder's experts, float) as QMoE over ``bits``-bit blocks of
+    ``block_size`` along each expert's input, with int8 activations as the MatMulNBits beside it
+    (accuracy_level 4). Returns how many it rewrote."""
+    from onnx import helper, numpy_helper
+
+    graph = model.graph
+    inits = {i.name: i for i in graph.initializer}
+    done = 0
+    for index, moe in enumerate(list(graph.node)):
+        if moe.op_type != "MoE":
+            continue
+        names = []
+        for slot, tag in ((2, "fc1"), (4, "fc2")):
+            weight = numpy_helper.to_array(inits[moe.input[slot]])
+            if weight.shape[-1] % block_size:
+                raise ExportError(f"the experts' inputs ({weight.shape[-1]}) are not a multiple of the block size "
+                                  f"{block_size}; choose a block size that divides them")
+            packed, scale = _blocks(weight, block_size, bits)
+            graph.initializer.remove(inits[moe.input[slot]])
+            graph.initializer.extend([numpy_helper.from_array(packed, f"{moe.input[slot]}_q{bits}"),
+                                      numpy_helper.from_array(scale, f"{moe.input[slot]}_scales")])
+            names += [f"{moe.input[slot]}_q{bits}", f"{moe.input[slot]}_scales"]
+        attrs = {a.name: helper.get_attribute_value(a) for a in moe.attribute}
+        qmoe = helper.make_node("QMoE", [moe.input[0], moe.input[1], names[0], names[1], "", names[2], names[3]],
+                                list(moe.output), name=f"{moe.name}_q{bits}", domain="com.microsoft", **attrs,
+                                expert_weight_bits=bits, block_size=block_size, accuracy_level=4)
+        graph.node.remove(moe)
+        graph.node.insert(index, qmoe)
+        done += 1
+    return done
 
 
 def share_embedding(model, block_size: int, bits: int = 4) -> bool:

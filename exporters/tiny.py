@@ -34,6 +34,10 @@ TINY_CONFIGS: dict[str, dict[str, Any]] = {
     "olmo2": dict(_COMMON),
     "phi3": dict(_COMMON),
     "gemma": dict(_COMMON, head_dim=16),
+    # the second layer dense, and the top-k weights not renormalised (Qwen3's option): both paths
+    "qwen3_moe": dict(_COMMON, head_dim=16, num_experts=4, num_experts_per_tok=2, moe_intermediate_size=64,
+                      norm_topk_prob=False, mlp_only_layers=[1]),
+    "mixtral": dict(_COMMON, num_local_experts=4, num_experts_per_tok=2, sliding_window=None),
     # windows shorter than the tests' prompts; soft-caps low enough to bend the numbers; an untied
     # head: with a tied one the embedding (scaled by sqrt(hidden)) outweighs the blocks, whose every
     # output is normed, and greedy decoding repeats the last token, which tests nothing

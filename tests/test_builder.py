@@ -19,7 +19,7 @@ from helpers import run_cli
 
 PROMPTS = ["Hello there", "A much longer prompt than the first one", "abc"]
 #: windows shorter than the prompts, so that the sliding window is checked against transformers
-WINDOWED = {"mistral": {"sliding_window": 8}, "phi3": {"sliding_window": 8}}
+WINDOWED = {"mistral": {"sliding_window": 8}, "phi3": {"sliding_window": 8}, "mixtral": {"sliding_window": 8}}
 
 
 def _tolerance(engine, model, ids, expected):
@@ -100,6 +100,21 @@ def test_batch_and_continuous_batching_equal_alone(built):
     assert [h.result().token_ids for h in handles] == alone
 
 
+def test_a_prefix_cache_hit_and_speculation_decode_as_plain_decoding(built):
+    """Every family and precision: a request that finds its prefix cached, and one decoded
+    speculatively (the package as its own draft), give plain decoding's tokens."""
+    _, _, engine, report = built
+    shared = engine.encode("the cat sat on the mat, the cat sat on the mat, the cat sat")
+    tails = engine.encode(" o")[-1:], engine.encode(" m")[-1:]
+    kw = dict(max_new_tokens=16, ignore_eos=True)
+    plain = [engine.generate(shared + tail, **kw).token_ids for tail in tails]
+    spec = engine.generate(shared + tails[0], speculative={"method": "draft", "model": str(report.output), "k": 4}, **kw)
+    assert spec.token_ids == plain[0] and spec.usage.accepted_tokens > 0
+    with Engine(report.output, device="cpu", plugins=False, prefix_cache_bytes=16 << 20) as cached:
+        first, second = (cached.generate(shared + tail, **kw) for tail in tails)
+        assert [first.token_ids, second.token_ids] == plain and second.usage.cached_tokens > 0
+
+
 def test_the_readme_table_is_the_builders_own():
     """The README's family table is coverage_table(), and its precisions are the ones these tests run."""
     from helpers import REPO
@@ -130,8 +145,8 @@ def test_what_the_builder_does_not_cover_falls_back_to_optimum(stories_dir, tmp_
         covers({**config, "model_type": "falcon"})
     with pytest.raises(BuilderUnavailable, match="rotary scaling 'proportional' is not built yet"):
         covers({**config, "rope_scaling": {"rope_type": "proportional", "factor": 2.0}})
-    with pytest.raises(BuilderUnavailable, match="not 'qwen3_moe'"):          # mixture-of-experts: optimum's
-        covers({**config, "model_type": "qwen3_moe"})
+    with pytest.raises(BuilderUnavailable, match="not 'qwen2_moe'"):          # shared experts: optimum's
+        covers({**config, "model_type": "qwen2_moe"})
     result = run_cli("export", str(scaled), "-o", str(tmp_path / "fallback"))
     assert result.returncode == 0, result.stderr
     notes = [line for line in result.stderr.splitlines() if "builder does not cover" in line]
@@ -308,9 +323,15 @@ def test_every_architecture_quantises_on_the_fused_graph(quantized):
     token-identical to each prompt alone (activations are quantised per row: dynamic int8, one
     scale per tensor, failed this on five of the six), and the accuracy report in the manifest."""
     arch, method, engine, report = quantized
-    ops = [n.op_type for n in onnx.load(str(report.output / "model.onnx")).graph.node]
+    nodes = onnx.load(str(report.output / "model.onnx")).graph.node
+    ops = [n.op_type for n in nodes]
     layers = engine.manifest.num_layers
-    assert ops.count("MatMulNBits") == layers * (4 if arch == "gpt2" else 5) + 1 and "MatMul" not in ops, ops
+    # experts' layers: one QMoE, and the router left in float (MatMul); the others' MLPs quantised
+    routers = [n.name for n in nodes if n.op_type == "MatMul"]
+    assert all(name.startswith("router") for name in routers) and ops.count("QMoE") == len(routers)
+    assert "MoE" not in ops and (len(routers) > 0) == (arch in ("qwen3_moe", "mixtral"))
+    per_layer = 4 if arch == "gpt2" else 5
+    assert ops.count("MatMulNBits") == layers * per_layer - 3 * len(routers) + 1, ops
     # the tied heads (gpt2, gemma) are read by the lookup too: no fp32 embedding is left
     tied = "lm_head.weight" not in read_safetensors(report.output.parent / "ckpt")
     assert ("GatherBlockQuantized" in ops) == tied
