@@ -45,14 +45,26 @@ class Accuracy:
     teacher_forced_agreement: float
     mean_abs_logit_diff: float
     max_abs_logit_diff: float
+    #: the MatMuls (by the activation they read) given fp32 activations by :func:`activation_remedy`,
+    #: and its measurement: mean |Δ logit| against fp32 with int8 activations everywhere, with fp32
+    #: activations everywhere, and as shipped
+    fp32_activations: tuple[str, ...] = ()
+    remedy: dict | None = None
 
     def to_dict(self) -> dict:
         return asdict(self)
 
     def line(self) -> str:
-        return (f"greedy {self.greedy_agreement}/{self.tokens} identical, teacher-forced agreement "
+        line = (f"greedy {self.greedy_agreement}/{self.tokens} identical, teacher-forced agreement "
                 f"{100 * self.teacher_forced_agreement:.1f}%, mean |Δ logit| {self.mean_abs_logit_diff:.4f} "
                 f"(max {self.max_abs_logit_diff:.3f})")
+        if self.fp32_activations:
+            r = self.remedy or {}
+            line += (f"; {len(self.fp32_activations)} of {r.get('matmuls')} MatMuls keep fp32 activations "
+                     f"({', '.join(self.fp32_activations[:4])}{', ...' if len(self.fp32_activations) > 4 else ''}: "
+                     f"int8 activations there took mean |Δ logit| from {r.get('fp32_activations'):.4f} to "
+                     f"{r.get('int8_activations'):.4f})")
+        return line
 
 
 def check_method(method: str, block_size: int = DEFAULT_BLOCK_SIZE) -> None:
@@ -174,6 +186,18 @@ def share_embedding(model, block_size: int, bits: int = 4) -> bool:
     return True
 
 
+def _sample(ref, prompt: str, tokens: int) -> tuple[list[int], list[int]]:
+    """The ids of ``prompt`` (random ids without a tokenizer) and the fp32 engine ``ref``'s
+    ``tokens`` greedy tokens after them: the sequence every accuracy figure reads."""
+    import numpy as np
+
+    ids = ref.encode(prompt) if ref.tokenizer is not None else []
+    if not ids:
+        ids = [int(i) for i in np.random.default_rng(0).integers(0, ref.manifest.vocab_size, size=12)]
+    ids = ids[: max(1, ref.manifest.context_length - tokens)]
+    return ids, ref.generate(ids, max_new_tokens=tokens, ignore_eos=True).token_ids
+
+
 def compare_accuracy(fp32_package: Path, quantized_package: Path, prompt: str, tokens: int = 64) -> Accuracy:
     """Greedy and teacher-forced agreement, and logit differences, of two packages on ``prompt``."""
     import numpy as np
@@ -183,11 +207,7 @@ def compare_accuracy(fp32_package: Path, quantized_package: Path, prompt: str, t
     # Both are checked by the export itself (the quantised one's manifest is rewritten afterwards).
     with Engine(fp32_package, device="cpu", plugins=False, verify=False) as ref, \
             Engine(quantized_package, device="cpu", plugins=False, verify=False) as q:
-        ids = ref.encode(prompt) if ref.tokenizer is not None else []
-        if not ids:
-            ids = [int(i) for i in np.random.default_rng(0).integers(0, ref.manifest.vocab_size, size=12)]
-        ids = ids[: max(1, ref.manifest.context_length - tokens)]
-        expected = ref.generate(ids, max_new_tokens=tokens, ignore_eos=True).token_ids
+        ids, expected = _sample(ref, prompt, tokens)
         got = q.generate(ids, max_new_tokens=tokens, ignore_eos=True).token_ids
         same = next((i for i, (a, b) in enumerate(zip(expected, got)) if a != b), len(expected))
         seq = ids + expected[:-1]
@@ -196,6 +216,142 @@ def compare_accuracy(fp32_package: Path, quantized_package: Path, prompt: str, t
         forced = float(np.mean(a[gen].argmax(-1) == b[gen].argmax(-1)))
         diff = np.abs(a - b)
     return Accuracy(len(expected), same, forced, float(diff.mean()), float(diff.max()))
+
+
+#: int8 activations (MatMulNBits' accuracy_level 4) are blamed when they make the logits' mean
+#: |Δ| against fp32 more than this many times what the same weights give with fp32 activations
+#: (they add a few percent where activations are tame; models with very large activations flip
+#: greedy tokens, onnxruntime issue 29849)
+ACTIVATION_EXCESS = 1.25
+
+
+def _activation_errors(fp32_package: Path, names: list[str], ids: list[int], block_size: int) -> dict[str, float]:
+    """For each activation in ``names`` (tensors of the fp32 graph), the relative error that int8
+    quantisation per row and block of ``block_size`` (what accuracy_level 4 does) makes on ``ids``
+    in the output of the MatMuls reading it (in the activation itself where no plain MatMul does,
+    e.g. the experts)."""
+    import numpy as np
+    import onnx
+    import onnxruntime as ort
+    from onnx import helper, numpy_helper
+
+    model = onnx.load(str(fp32_package / "model.onnx"), load_external_data=False)
+    inits = {i.name: i for i in model.graph.initializer}
+    readers = {name: [n.input[1] for n in model.graph.node if n.op_type == "MatMul" and n.input[0] == name
+                      and n.input[1] in inits] for name in names}
+    model.graph.output.extend(helper.make_empty_tensor_value_info(name) for name in names)
+    probe = fp32_package / "probe.onnx"                       # beside model.onnx_data, which it reads
+    onnx.save(model, str(probe))
+    session = ort.InferenceSession(str(probe), providers=["CPUExecutionProvider"])
+    row = np.asarray([ids], dtype=np.int64)
+    feeds = {}
+    for meta in session.get_inputs():
+        if meta.name == "input_ids":
+            feeds[meta.name] = row
+        elif meta.name == "attention_mask":
+            feeds[meta.name] = np.ones_like(row)
+        elif meta.name == "position_ids":
+            feeds[meta.name] = np.arange(len(ids), dtype=np.int64)[None]
+        elif meta.name == "logits_to_keep":
+            feeds[meta.name] = np.asarray([1], dtype=np.int64)
+        else:                                                 # an empty past
+            shape = [d if isinstance(d, int) else (1 if i == 0 else 0) for i, d in enumerate(meta.shape)]
+            feeds[meta.name] = np.zeros(shape, dtype=np.float16 if "float16" in meta.type else np.float32)
+    errors = {}
+    for name, x in zip(names, session.run(names, feeds)):
+        x = x.astype(np.float32).reshape(-1, x.shape[-1])
+        k = x.shape[1]
+        blocks = np.pad(x, ((0, 0), (0, -k % block_size))).reshape(x.shape[0], -1, block_size)
+        scale = np.abs(blocks).max(-1, keepdims=True) / 127
+        scale[scale == 0] = 1.0
+        lost = (blocks - np.rint(blocks / scale) * scale).reshape(x.shape[0], -1)[:, :k]
+        pairs = [(x, lost)] if not readers[name] else [
+            (x @ w, lost @ w) for w in (numpy_helper.to_array(inits[i], str(fp32_package)) for i in readers[name])]
+        errors[name] = max(float(np.linalg.norm(e) / max(np.linalg.norm(y), 1e-30)) for y, e in pairs)
+    probe.unlink()
+    return errors
+
+
+#: what reads each activation of the builder's graphs (layer i's x, attn, m and act)
+_READERS = {"x": "qkv", "attn": "o", "m": "mlp in", "act": "down", "moe": "experts"}
+
+
+def _label(activation: str) -> str:
+    """A reader's name for the MatMuls reading ``activation``: "layer 3 mlp in" for the builder's
+    graphs, the tensor's own name otherwise."""
+    import re
+
+    match = re.fullmatch(r"([a-z]+)(\d+)", activation)
+    if match and match.group(1) in _READERS:
+        return f"layer {match.group(2)} {_READERS[match.group(1)]}"
+    return {"kept": "lm_head", "kept2d": "lm_head"}.get(activation, activation)
+
+
+def activation_remedy(fp32_package: Path, package: Path, ids: list[int], block_size: int) -> tuple[list[str], dict]:
+    """Where int8 activations (accuracy_level 4) cost the quantised ``package`` accuracy, give fp32
+    activations (accuracy_level 0) to the MatMuls whose activations int8 loses most, as few as
+    bring the mean |Δ logit| against fp32 (teacher-forced over ``ids``) within
+    :data:`ACTIVATION_EXCESS` of fp32 activations everywhere: 1, 2, 4 ... of them, ranked by the
+    activations' own int8 error on ``ids``. Rewrites ``package``'s graph when it helps; returns the
+    activations named and the measurements."""
+    import os
+
+    import numpy as np
+    import onnx
+
+    from nextoken.engine import Engine
+
+    model = onnx.load(str(package / "model.onnx"), load_external_data=False)
+    matmuls = [n for n in model.graph.node if n.op_type in ("MatMulNBits", "QMoE")]
+    trial = Path(tempfile.mkdtemp(prefix=".nextoken-remedy-", dir=package.parent))
+    try:
+        import dataclasses
+
+        from nextoken.manifest import MANIFEST_NAME, Manifest
+
+        for p in package.iterdir():
+            if p.is_file() and p.name not in ("model.onnx", MANIFEST_NAME):
+                os.link(p, trial / p.name)
+        # the trial graphs are this process's own: no checksums to hold them to
+        dataclasses.replace(Manifest.load(package), checksums={}, file_sizes={}).save(trial)
+
+        def level(node, value: int) -> None:
+            for a in node.attribute:
+                if a.name == "accuracy_level":
+                    a.i = value
+
+        def error(fp32_inputs: set[str]) -> float:
+            for node in matmuls:
+                level(node, 0 if node.input[0] in fp32_inputs else 4)
+            onnx.save(model, str(trial / "model.onnx"))
+            with Engine(trial, device="cpu", plugins=False, verify=False) as engine:
+                return float(np.abs(engine.forward(ids) - reference).mean())
+
+        with Engine(fp32_package, device="cpu", plugins=False, verify=False) as ref:
+            reference = ref.forward(ids)
+        activations = list(dict.fromkeys(n.input[0] for n in matmuls))
+        int8, fp32 = error(set()), error(set(activations))
+        measured = {"matmuls": len(matmuls), "int8_activations": int8, "fp32_activations": fp32,
+                    "excess_allowed": ACTIVATION_EXCESS}
+        chosen: list[str] = []
+        if int8 > ACTIVATION_EXCESS * fp32:
+            ranked = sorted(activations, key=_activation_errors(fp32_package, activations, ids, block_size).get,
+                            reverse=True)
+            k = 1
+            while True:
+                chosen = ranked[:k]
+                shipped = error(set(chosen))
+                if shipped <= ACTIVATION_EXCESS * fp32 or k >= len(ranked):
+                    break
+                k *= 2
+            measured["shipped"] = shipped
+        for node in matmuls:
+            level(node, 0 if node.input[0] in chosen else 4)
+        if chosen:
+            onnx.save(model, str(package / "model.onnx"))
+        return [_label(name) for name in chosen], measured
+    finally:
+        shutil.rmtree(trial, ignore_errors=True)
 
 
 def quantize_package(package: Path, method: str, block_size: int, prompt: str) -> Accuracy:
@@ -216,7 +372,16 @@ def quantize_package(package: Path, method: str, block_size: int, prompt: str) -
             raise
         from nextoken.manifest import Manifest
 
+        chosen, measured = [], None
+        if method == "int4":                      # int8 weights run int8 activations at every level
+            from nextoken.engine import Engine
+
+            with Engine(aside, device="cpu", plugins=False, verify=False) as ref:
+                ids, expected = _sample(ref, prompt, 64)
+            chosen, measured = activation_remedy(aside, package, ids + expected[:-1], block_size)
         Manifest.load(package).with_files(package).save(package)
-        return compare_accuracy(aside, package, prompt)
+        accuracy = compare_accuracy(aside, package, prompt)
+        accuracy.fp32_activations, accuracy.remedy = tuple(chosen), measured
+        return accuracy
     finally:
         shutil.rmtree(aside, ignore_errors=True)

@@ -47,3 +47,35 @@ def test_unknown_quantisation(tiny_llama, tmp_path):
         export(tiny_llama[0], tmp_path / "q2", quantize="int4", block_size=24, progress=None)
     with pytest.raises(ExportError, match="int8 block size must be a power of two >= 16"):
         export(tiny_llama[0], tmp_path / "q3", quantize="int8", block_size=8, progress=None)
+
+
+def test_int4_gives_fp32_activations_where_int8_ones_cost_accuracy(tmp_path):
+    """A massive activation (onnxruntime issue 29849's kind): one channel of layer 0's MLP input at
+    1000x (the weights reading it zero, which int4 keeps exactly, so the fp32 model is unmoved).
+    int8 activations (accuracy level 4) then round the other 15 of its block away; the export names
+    that layer, gives its MatMuls fp32 activations (level 0), and ships within the bound; the
+    rest stay at level 4."""
+    import onnx
+    from safetensors.numpy import load_file, save_file
+
+    from nextoken.exporters import make_tiny_checkpoint
+    from nextoken.exporters.quantize import ACTIVATION_EXCESS
+
+    ckpt = make_tiny_checkpoint(tmp_path / "ckpt", "llama")
+    weights = load_file(ckpt / "model.safetensors")
+    weights["model.layers.0.post_attention_layernorm.weight"][0] *= 1000.0
+    for name in ("gate_proj", "up_proj"):
+        weights[f"model.layers.0.mlp.{name}.weight"][:, 0] = 0.0          # [out, in]
+    save_file(weights, ckpt / "model.safetensors", metadata={"format": "pt"})
+    report = export(ckpt, tmp_path / "pkg", progress=None, quantize="int4", block_size=16)
+    accuracy, remedy = report.accuracy, report.accuracy.remedy
+    assert accuracy.fp32_activations == ("layer 0 mlp in",), remedy
+    assert remedy["int8_activations"] > ACTIVATION_EXCESS * remedy["fp32_activations"] >= remedy["shipped"]
+    levels = {n.input[0]: a.i for n in onnx.load(str(report.output / "model.onnx")).graph.node
+              if n.op_type == "MatMulNBits" for a in n.attribute if a.name == "accuracy_level"}
+    assert levels.pop("m0") == 0 and set(levels.values()) == {4}
+    assert "1 of 11 MatMuls keep fp32 activations (layer 0 mlp in" in accuracy.line()
+    saved = json.loads((report.output / "nextoken.json").read_text())["quantization"]
+    assert saved["fp32_activations"] == ["layer 0 mlp in"] and saved["remedy"]["shipped"] == remedy["shipped"]
+    with Engine(report.output, device="cpu") as engine:             # and the package runs as shipped
+        assert len(engine.generate("abc", max_new_tokens=4, ignore_eos=True).token_ids) == 4
