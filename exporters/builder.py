@@ -42,7 +42,7 @@ __all__ = ["BuilderUnavailable", "ARCHITECTURES", "FAMILIES", "build", "covers",
            "rotary"]
 
 ARCHITECTURES = ("llama", "mistral", "qwen2", "qwen3", "phi3", "gemma", "gemma2", "gemma3_text", "granite", "smollm3",
-                 "olmo2", "qwen3_moe", "mixtral", "gpt2")
+                 "olmo2", "qwen3_moe", "mixtral", "gpt_oss", "gpt2")
 #: what each family stands for and what of it the builder writes beyond the plain recipe (the
 #: README's table is :func:`coverage_table`, tested to match)
 FAMILIES = {
@@ -60,6 +60,8 @@ FAMILIES = {
     "olmo2": ("OLMo 2", "norms after attention and MLP, whole q/k norms"),
     "qwen3_moe": ("Qwen3-MoE (30B-A3B, 235B-A22B)", "per-head q/k norms, experts on MoE (int4/int8: QMoE), dense layers"),
     "mixtral": ("Mixtral 8x7B, 8x22B", "experts on MoE (int4/int8: QMoE), sliding window"),
+    "gpt_oss": ("gpt-oss (20B, 120B)", "attention sinks, alternating windows, clamped SwiGLU experts with biases, "
+                "router and attention biases, yarn"),
     "gpt2": ("GPT-2", "learned positions, LayerNorm, biases"),
 }
 
@@ -81,7 +83,11 @@ MULTIPLIERS = {"granite": {"emb_scale": "embedding_multiplier", "attn_scale": "a
                            "residual_scale": "residual_multiplier", "logit_divisor": "logits_scaling"}}
 #: mixture-of-experts families: the config fields naming the expert count and an expert's width
 #: (the router's top-k is ``num_experts_per_tok`` in both)
-MOES = {"qwen3_moe": ("num_experts", "moe_intermediate_size"), "mixtral": ("num_local_experts", "intermediate_size")}
+MOES = {"qwen3_moe": ("num_experts", "moe_intermediate_size"), "mixtral": ("num_local_experts", "intermediate_size"),
+        "gpt_oss": ("num_local_experts", "intermediate_size")}
+#: gpt-oss's expert activation: (up + 1) * gate * sigmoid(1.702 gate), gate clamped above at 7 and
+#: up within +-7 (transformers' GptOssExperts), as MoE's swiglu (alpha, beta, limit)
+GPT_OSS_SWIGLU = (1.702, 1.0, 7.0)
 #: the router's MatMul of layer i is named ROUTER + i: quantisation leaves it in float (an int4
 #: router's rounding changes which experts a token takes, a larger error than any expert's own)
 ROUTER = "router"
@@ -220,6 +226,10 @@ class _Shape:
     top_k: int = 0
     renormalize: bool = True
     moe_layers: tuple[bool, ...] = ()
+    #: the experts' SwiGLU as MoE takes it: (alpha, beta, limit or None): silu(gate) * up is (1, 0, None)
+    swiglu: tuple[float, float, float | None] = (1.0, 0.0, None)
+    #: attention sinks (gpt-oss): a learned logit per head that takes its share of the softmax
+    sinks: bool = False
 
     @property
     def post_norms(self) -> bool:
@@ -390,7 +400,7 @@ def _read_shape(config: dict[str, Any]) -> _Shape:
                                      "(GroupQueryAttention rotates multiples of 16 in heads of multiples of 16)")
         if arch == "smollm3" and config.get("use_sliding_window"):
             raise BuilderUnavailable("smollm3 with sliding windows is not built yet")
-        if config.get("mlp_bias") or (config.get("attention_bias") and arch not in ("qwen2",)):
+        if config.get("mlp_bias") or (config.get("attention_bias") and arch not in ("qwen2", "gpt_oss")):
             raise BuilderUnavailable(f"{arch} with attention or MLP biases is not built yet")
         scales = {key: float(config.get(field, 1.0)) for key, field in MULTIPLIERS.get(arch, {}).items()}
         if scales:
@@ -412,21 +422,25 @@ def _read_shape(config: dict[str, Any]) -> _Shape:
         if kind == "longrope":
             _, long_inv, _, switch = longrope(config, head)
             long = {"long_inv_freq": long_inv, "rope_switch": switch}
-        gemma = {}
+        gemma: dict[str, Any] = {}
         if arch in GEMMAS:
             gemma["emb_scale"] = config["hidden_size"] ** 0.5
-        if arch in ("gemma2", "gemma3_text"):
+        if arch in ("gemma2", "gemma3_text", "gpt_oss"):
             kinds = list(config.get("layer_types") or [])
             if len(kinds) != layers or not set(kinds) <= {"sliding_attention", "full_attention"}:
                 raise BuilderUnavailable(f"{arch} layer_types {kinds!r} are not built yet")
             slide = int(config["sliding_window"])
+            gemma["layer_windows"] = tuple(slide if k == "sliding_attention" else None for k in kinds)
+            window = None
+            features = (f"{kinds.count('sliding_attention')}/{layers} layers in a {slide}-token window",) + features
+        if arch == "gpt_oss":
+            gemma.update(sinks=True, swiglu=GPT_OSS_SWIGLU)
+            features = ("attention sinks", "clamped SwiGLU experts") + features
+        if arch in ("gemma2", "gemma3_text"):
             gemma.update(norms="sandwich", attn_scale=float(config["query_pre_attn_scalar"]) ** -0.5,
-                         layer_windows=tuple(slide if k == "sliding_attention" else None for k in kinds),
                          attn_softcap=float(config.get("attn_logit_softcapping") or 0.0),
                          final_softcap=float(config.get("final_logit_softcapping") or 0.0))
-            window = None
-            features = (f"{kinds.count('sliding_attention')}/{layers} layers in a {slide}-token window",
-                        "four norms a layer") + features
+            features = features[:1] + ("four norms a layer",) + features[1:]
             if gemma["attn_softcap"] or gemma["final_softcap"]:
                 features += ("soft-capping",)
             if arch == "gemma3_text":
@@ -449,7 +463,7 @@ def _experts(config: dict[str, Any], arch: str, layers: int) -> dict[str, Any]:
     experts, top_k = int(config[count_field]), int(config["num_experts_per_tok"])
     if not 0 < top_k <= experts:
         raise ExportError(f"num_experts_per_tok {top_k} is not between 1 and {count_field} {experts}")
-    if arch == "mixtral":
+    if arch in ("mixtral", "gpt_oss"):      # gpt-oss: a softmax over the top k's logits, the same thing
         return dict(experts=experts, top_k=top_k, renormalize=True, moe_layers=(True,) * layers)
     step, dense = int(config.get("decoder_sparse_step", 1)), set(config.get("mlp_only_layers") or ())
     return dict(experts=experts, top_k=top_k, renormalize=bool(config.get("norm_topk_prob", False)),
@@ -529,7 +543,17 @@ def _layer_weights(shape: _Shape, weights: Mapping[str, np.ndarray], i: int) -> 
     else:
         out = {"ln1": w(p + "input_layernorm.weight") + shift, "o": w(p + "self_attn.o_proj.weight").T,
                "ln2": w(p + "post_attention_layernorm.weight") + shift}
-    if shape.moe_layers and shape.moe_layers[i]:
+    if shape.arch == "gpt_oss":
+        # one tensor for all experts, as x @ W: gate_up [E, h, 2 x inner] with gate and up already
+        # interleaved (MoE's layout once turned), down [E, inner, h]; biases for both and the router
+        out["router"], out["router_b"] = w(p + "mlp.router.weight").T, w(p + "mlp.router.bias")
+        out["fc1"] = np.ascontiguousarray(w(p + "mlp.experts.gate_up_proj").transpose(0, 2, 1))
+        out["fc1_b"] = w(p + "mlp.experts.gate_up_proj_bias")
+        out["fc2"] = np.ascontiguousarray(w(p + "mlp.experts.down_proj").transpose(0, 2, 1))
+        out["fc2_b"] = w(p + "mlp.experts.down_proj_bias")
+        out["sinks"] = w(p + "self_attn.sinks")
+        out["o_b"] = w(p + "self_attn.o_proj.bias")
+    elif shape.moe_layers and shape.moe_layers[i]:
         # the router ([E, h] as x @ W.T) and the experts as MoE reads them: each expert's gate and
         # up rows interleaved in one [2 x inner, h] (the CPU kernel's only layout), down as [h, inner]
         moe, (gate, up, down) = ("block_sparse_moe.", ("w1", "w3", "w2")) if shape.arch == "mixtral" else \
@@ -619,8 +643,9 @@ class _Graph:
         """out = norm(x + skip (+ bias)); residual_out = the sum."""
         eps = self.shape.eps
         if self.shape.norm == "rms":
-            self.node("SkipSimplifiedLayerNormalization", [x, skip, self.init(tag, gamma)], [out, "", "", residual_out],
-                      domain="com.microsoft", epsilon=eps)
+            bias_in = [self.init(tag + "_bias", bias)] if bias is not None else []
+            self.node("SkipSimplifiedLayerNormalization", [x, skip, self.init(tag, gamma), *bias_in],
+                      [out, "", "", residual_out], domain="com.microsoft", epsilon=eps)
         else:
             ins = [x, skip, self.init(tag, gamma), self.init(tag + "_b", beta)] + (
                 [self.init(tag + "_bias", bias)] if bias is not None else [])
@@ -837,6 +862,8 @@ def _block(g: _Graph, shape: _Shape, lw: dict, i: int, residual: str, pending: s
                      epsilon=shape.eps)
         node("Concat", [f"qn{i}", f"kn{i}", f"vn{i}"], [f"qkvn{i}"], axis=-1)
         qkv_out = f"qkvn{i}"
+    if "sinks" in lw:                               # inputs 7-10 (rotary, positions, bias) as far as given
+        gqa_extra = [*gqa_extra, *[""] * (4 - len(gqa_extra)), init(f"sinks{i}", lw["sinks"])]
     node("GroupQueryAttention", [qkv_out, "", "", f"past_key_values.{i}.key", f"past_key_values.{i}.value",
                                  "seqlens_k", "total_len", *gqa_extra],
          [f"attn{i}", f"present.{i}.key", f"present.{i}.value"], domain="com.microsoft", **attrs)
@@ -861,11 +888,20 @@ def _block(g: _Graph, shape: _Shape, lw: dict, i: int, residual: str, pending: s
         pending_bias = lw["proj_b"]
     elif "fc1" in lw:                                # experts: the router's logits pick top-k per token
         node("MatMul", [f"m{i}", init(f"wr{i}", lw["router"])], [f"r{i}"], name=f"{ROUTER}{i}")
-        node("Reshape", [f"r{i}", init("by_expert", np.array([-1, shape.experts], dtype=np.int64))], [f"r2d{i}"])
-        # softmax over all experts, the top k, renormalised over them or not; SiLU(gate) * up
-        node("MoE", [f"m{i}", f"r2d{i}", init(f"experts_fc1_{i}", lw["fc1"]), "", init(f"experts_fc2_{i}", lw["fc2"])],
+        if "router_b" in lw:
+            node("Add", [f"r{i}", init(f"br{i}", lw["router_b"])], [f"rb{i}"])
+        node("Reshape", [f"rb{i}" if "router_b" in lw else f"r{i}",
+                         init("by_expert", np.array([-1, shape.experts], dtype=np.int64))], [f"r2d{i}"])
+        # softmax over all experts, the top k, renormalised over them or not; SiLU(gate) * up, or
+        # gpt-oss's clamped form
+        alpha, beta, limit = shape.swiglu
+        biases = [init(f"experts_fc1_b{i}", lw["fc1_b"]) if "fc1_b" in lw else "",
+                  init(f"experts_fc2_b{i}", lw["fc2_b"]) if "fc2_b" in lw else ""]
+        node("MoE", [f"m{i}", f"r2d{i}", init(f"experts_fc1_{i}", lw["fc1"]), biases[0],
+                     init(f"experts_fc2_{i}", lw["fc2"]), biases[1]],
              [f"moe{i}"], domain="com.microsoft", k=shape.top_k, activation_type="swiglu", swiglu_fusion=1,
-             activation_alpha=1.0, activation_beta=0.0, normalize_routing_weights=int(shape.renormalize))
+             activation_alpha=alpha, activation_beta=beta, normalize_routing_weights=int(shape.renormalize),
+             **({"swiglu_limit": limit} if limit is not None else {}))
         # onnxruntime 1.31's CPU MoE may write its output over its input (it declares it may) and
         # then reads zeros: measured, a layer's experts silently added nothing. A node that reads the
         # input after the MoE keeps that buffer the input's alone (a select that passes the output on)

@@ -146,7 +146,9 @@ def quantize_experts(model, block_size: int, bits: int = 4) -> int:
                                       numpy_helper.from_array(scale, f"{moe.input[slot]}_scales")])
             names += [f"{moe.input[slot]}_q{bits}", f"{moe.input[slot]}_scales"]
         attrs = {a.name: helper.get_attribute_value(a) for a in moe.attribute}
-        qmoe = helper.make_node("QMoE", [moe.input[0], moe.input[1], names[0], names[1], "", names[2], names[3]],
+        bias = [moe.input[slot] if len(moe.input) > slot else "" for slot in (3, 5)]
+        qmoe = helper.make_node("QMoE", [moe.input[0], moe.input[1], names[0], names[1], bias[0], names[2], names[3],
+                                         bias[1]],
                                 list(moe.output), name=f"{moe.name}_q{bits}", domain="com.microsoft", **attrs,
                                 expert_weight_bits=bits, block_size=block_size, accuracy_level=4)
         graph.node.remove(moe)

@@ -38,6 +38,12 @@ TINY_CONFIGS: dict[str, dict[str, Any]] = {
     "qwen3_moe": dict(_COMMON, head_dim=16, num_experts=4, num_experts_per_tok=2, moe_intermediate_size=64,
                       norm_topk_prob=False, mlp_only_layers=[1]),
     "mixtral": dict(_COMMON, num_local_experts=4, num_experts_per_tok=2, sliding_window=None),
+    # a window shorter than the tests' prompts; yarn acting within them; experts as wide as the dense
+    # MLPs (narrower ones left greedy choices within 0.003 of a tie on the tests' prompts)
+    "gpt_oss": dict(_COMMON, head_dim=16, num_local_experts=4, num_experts_per_tok=2,
+                    sliding_window=8, layer_types=["sliding_attention", "full_attention"],
+                    rope_scaling={"rope_type": "yarn", "factor": 4.0, "beta_fast": 32.0, "beta_slow": 1.0,
+                                  "truncate": False, "original_max_position_embeddings": 32}),
     # windows shorter than the tests' prompts; soft-caps low enough to bend the numbers; an untied
     # head: with a tied one the embedding (scaled by sqrt(hidden)) outweighs the blocks, whose every
     # output is normed, and greedy decoding repeats the last token, which tests nothing

@@ -329,7 +329,7 @@ def test_every_architecture_quantises_on_the_fused_graph(quantized):
     # experts' layers: one QMoE, and the router left in float (MatMul); the others' MLPs quantised
     routers = [n.name for n in nodes if n.op_type == "MatMul"]
     assert all(name.startswith("router") for name in routers) and ops.count("QMoE") == len(routers)
-    assert "MoE" not in ops and (len(routers) > 0) == (arch in ("qwen3_moe", "mixtral"))
+    assert "MoE" not in ops and (len(routers) > 0) == (arch in ("qwen3_moe", "mixtral", "gpt_oss"))
     per_layer = 4 if arch == "gpt2" else 5
     assert ops.count("MatMulNBits") == layers * per_layer - 3 * len(routers) + 1, ops
     # the tied heads (gpt2, gemma) are read by the lookup too: no fp32 embedding is left

@@ -245,18 +245,43 @@ class PeerRow:
     settings: dict[str, Any] | None = None
 
 
-def memory_bandwidth(size_mb: int = 256) -> float:
-    """Bytes per second this host copies (reading and writing), best of three numpy copies."""
+def memory_bandwidth(threads: int | None = None, size_mb: int = 256) -> float:
+    """Bytes per second this host reads weights at: batch-1 products with ``size_mb`` of fp32
+    weights (far past the caches) on onnxruntime with ``threads`` intra-op threads (None: its
+    default, one per physical core), spinning on: x @ W in three shapes and x @ W.T, the best of
+    six runs each, the best shape. That is decode's own access pattern and kernels, read-only.
+    A one-thread numpy copy, the probe before, counted 2 bytes a byte copied where the hardware
+    moves 3 (the write allocates) and used one core: 28 GB/s on a 2-core host where these read
+    32-39 (by shape), and a 0.6B decode measured at 137% of its "bound"."""
     import time
 
-    a = np.ones(size_mb * (1 << 20) // 4, dtype=np.float32)
-    b = np.empty_like(a)
+    import onnxruntime as ort
+    from onnx import TensorProto, helper
+
+    from nextoken.device import session_options
+
+    elements = size_mb * (1 << 20) // 4
+    weights = np.random.default_rng(0).standard_normal(elements, dtype=np.float32)
+    x = np.ones((1, 32768), dtype=np.float32)
     best = float("inf")
-    for _ in range(3):
-        t = time.perf_counter()
-        np.copyto(b, a)
-        best = min(best, time.perf_counter() - t)
-    return 2 * a.nbytes / best
+    for k, transposed in ((8192, False), (1024, False), (32768, False), (2048, True)):
+        n = elements // k
+        w = weights[: k * n].reshape((n, k) if transposed else (k, n))
+        node = helper.make_node("Gemm", ["x", "w"], ["y"], transB=1) if transposed else \
+            helper.make_node("MatMul", ["x", "w"], ["y"])
+        graph = helper.make_graph([node], "gemv", [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, k]),
+                                                   helper.make_tensor_value_info("w", TensorProto.FLOAT, list(w.shape))],
+                                  [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1, n])])
+        model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+        model.ir_version = 9
+        session = ort.InferenceSession(model.SerializeToString(), session_options(threads, spin=True),
+                                       providers=["CPUExecutionProvider"])
+        feeds = {"x": x[:, :k], "w": w}
+        for _ in range(6):
+            t = time.perf_counter()
+            session.run(None, feeds)
+            best = min(best, (time.perf_counter() - t) / w.nbytes)
+    return 1 / best
 
 
 def _cache() -> Path:
@@ -362,7 +387,9 @@ class CompareReport:
         lines = [
             f"{self.checkpoint} ({self.precision}): prompt {self.prompt_tokens}, {self.new_tokens} new tokens, threads "
             f"{self.threads or 'default'}, spin {'on' if self.spin else 'off'}; medians [min-max]",
-            f"memory bandwidth {self.bandwidth_bytes_per_s / 1e9:.1f} GB/s, nextoken's weights "
+            f"weights read at {self.bandwidth_bytes_per_s / 1e9:.1f} GB/s (batch-1 MatMuls, same threads, best of "
+            f"before and after), "
+            f"nextoken's weights "
             f"{self.weights_bytes / 1e6:.0f} MB: batch-1 decode bound ~{self.bound_tok_s:.1f} tok/s",
             f"{'contender':13} {'batch':>5} {'TTFT ms':>18} {'tok/s/seq':>18} {'tok/s total':>11} "
             f"{'e2e ms':>9} {'peak MB':>8} {'of bound':>8}",
@@ -476,6 +503,9 @@ def run_compare(model: str, contenders: Sequence[str], batches: Sequence[int] = 
     results: dict[tuple[str, int], list[dict]] = {}
     errors: dict[tuple[str, int], str] = {}
     runnable = [n for n in names if not isinstance(prepared[n], str)]
+    # read before the runs and after them, the faster kept: on a shared host one probe alone read
+    # 33 GB/s where the decode then ran at 35
+    bandwidth = memory_bandwidth(threads)
     total = len(runnable) * len(batches) * repeat
     done = 0
     for rep in range(repeat):
@@ -510,4 +540,4 @@ def run_compare(model: str, contenders: Sequence[str], batches: Sequence[int] = 
                                     med["e2e_ms"], int(statistics.median(r["peak_rss_bytes"] for r in runs)), spread,
                                     settings=runs[0].get("settings")))
     return CompareReport(checkpoint, str(package), prompt_tokens, new_tokens, threads, spin, weights,
-                         memory_bandwidth(), rows, precision)
+                         max(bandwidth, memory_bandwidth(threads)), rows, precision)
