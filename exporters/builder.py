@@ -365,6 +365,12 @@ def _read_shape(config: dict[str, Any]) -> _Shape:
     arch = config.get("model_type")
     if arch not in ARCHITECTURES:
         raise BuilderUnavailable(f"the builder covers {', '.join(ARCHITECTURES)}, not {arch!r}")
+    quantized = config.get("quantization_config")
+    if quantized:            # e.g. gpt-oss's MXFP4 experts, GPTQ, AWQ: other tensors than the float ones
+        method = quantized.get("quant_method", "?") if isinstance(quantized, dict) else "?"
+        raise BuilderUnavailable(f"the checkpoint's weights are quantised ({method}); the builder reads float "
+                                 "checkpoints (fp32, fp16, bf16): export a dequantised copy (transformers can save "
+                                 "one) and quantise with --quantize")
     if arch == "gpt2":
         hidden, heads = config["n_embd"], config["n_head"]
         if config.get("activation_function", "gelu_new") not in ("gelu_new", "gelu_pytorch_tanh"):

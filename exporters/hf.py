@@ -17,6 +17,7 @@ from nextoken.dtypes import DTYPES as ELEMENT_TYPES
 from nextoken.errors import ExportError
 from nextoken.manifest import MANIFEST_NAME, Manifest
 
+from .builder import ARCHITECTURES
 from .package import (DEFAULT_ATOL, FP16_RTOL, PACKAGE_FILES, PARITY_PROMPT, ExportReport, Progress, Stages,
                       checked_parity, eos_ids, export_versions, say, staged)
 
@@ -25,9 +26,8 @@ __all__ = ["export", "ExportReport", "TASK", "SUPPORTED_ARCHITECTURES", "DEFAULT
 
 TASK = "text-generation-with-past"
 
-#: Architectures tested end to end (logits and greedy tokens against transformers).
-SUPPORTED_ARCHITECTURES = ("gpt2", "llama", "mistral", "qwen2", "qwen3", "phi3", "gemma", "gemma2", "gemma3_text", "granite", "smollm3",
-                           "olmo2")
+#: Architectures tested end to end (logits and greedy tokens against transformers): the builder's
+SUPPORTED_ARCHITECTURES = ARCHITECTURES
 
 #: Where an export's graph comes from: nextoken's own builder (the default: fused operators, KV in
 #: place, no torch; optimum's graph, with a note, for what it does not cover), optimum's exporter,
@@ -181,8 +181,8 @@ def _onnx_config(config, dtype: str = "fp32"):
         tasks = {}
     if TASK not in tasks:
         raise ExportError(
-            f"optimum cannot export {model_type!r} with past key values (task {TASK}); "
-            f"nextoken supports {', '.join(SUPPORTED_ARCHITECTURES)}"
+            f"optimum cannot export {model_type!r} with past key values (task {TASK}), and nextoken's builder "
+            f"covers {', '.join(SUPPORTED_ARCHITECTURES)}"
         )
     base = type(tasks[TASK](config))
 

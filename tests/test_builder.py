@@ -147,6 +147,8 @@ def test_what_the_builder_does_not_cover_falls_back_to_optimum(stories_dir, tmp_
         covers({**config, "rope_scaling": {"rope_type": "proportional", "factor": 2.0}})
     with pytest.raises(BuilderUnavailable, match="not 'qwen2_moe'"):          # shared experts: optimum's
         covers({**config, "model_type": "qwen2_moe"})
+    with pytest.raises(BuilderUnavailable, match=r"weights are quantised \(mxfp4\); the builder reads float"):
+        covers({**config, "quantization_config": {"quant_method": "mxfp4"}})     # gpt-oss as published
     result = run_cli("export", str(scaled), "-o", str(tmp_path / "fallback"))
     assert result.returncode == 0, result.stderr
     notes = [line for line in result.stderr.splitlines() if "builder does not cover" in line]
