@@ -12,6 +12,7 @@ Importing this module is cheap; torch, transformers and optimum load when an exp
 their absence is one clear :class:`~nextoken.ExportError` naming the extra to install.
 """
 
+from .genai import import_genai
 from .hf import (
     DEFAULT_ATOL,
     DTYPES,
@@ -21,11 +22,21 @@ from .hf import (
     ExportReport,
     export,
 )
-from .genai import import_genai
 from .quantize import QUANTIZATIONS, Accuracy
 from .tiny import make_byte_tokenizer, make_random_checkpoint, make_tiny_checkpoint
 
 __all__ = [
-    "export", "ExportReport", "DEFAULT_ATOL", "DTYPES", "FP16_RTOL", "SUPPORTED_ARCHITECTURES", "TASK",
-    "make_tiny_checkpoint", "make_random_checkpoint", "make_byte_tokenizer", "QUANTIZATIONS", "Accuracy", "import_genai",
+    "DEFAULT_ATOL",
+    "DTYPES",
+    "FP16_RTOL",
+    "QUANTIZATIONS",
+    "SUPPORTED_ARCHITECTURES",
+    "TASK",
+    "Accuracy",
+    "ExportReport",
+    "export",
+    "import_genai",
+    "make_byte_tokenizer",
+    "make_random_checkpoint",
+    "make_tiny_checkpoint",
 ]

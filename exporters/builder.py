@@ -38,11 +38,34 @@ import numpy as np
 
 from nextoken.errors import ExportError
 
-__all__ = ["BuilderUnavailable", "ARCHITECTURES", "FAMILIES", "build", "covers", "coverage_table", "read_safetensors",
-           "rotary"]
+__all__ = [
+    "ARCHITECTURES",
+    "FAMILIES",
+    "BuilderUnavailable",
+    "build",
+    "coverage_table",
+    "covers",
+    "read_safetensors",
+    "rotary",
+]
 
-ARCHITECTURES = ("llama", "mistral", "qwen2", "qwen3", "phi3", "gemma", "gemma2", "gemma3_text", "granite", "smollm3",
-                 "olmo2", "qwen3_moe", "mixtral", "gpt_oss", "gpt2")
+ARCHITECTURES = (
+    "llama",
+    "mistral",
+    "qwen2",
+    "qwen3",
+    "phi3",
+    "gemma",
+    "gemma2",
+    "gemma3_text",
+    "granite",
+    "smollm3",
+    "olmo2",
+    "qwen3_moe",
+    "mixtral",
+    "gpt_oss",
+    "gpt2",
+)
 #: what each family stands for and what of it the builder writes beyond the plain recipe (the
 #: README's table is :func:`coverage_table`, tested to match)
 FAMILIES = {
@@ -50,18 +73,25 @@ FAMILIES = {
     "mistral": ("Mistral 7B", "sliding window"),
     "qwen2": ("Qwen2.5", "QKV bias"),
     "qwen3": ("Qwen3", "per-head q/k norms"),
-    "phi3": ("Phi-3-mini, Phi-3.5-mini, Phi-3-128k, Phi-4-mini",
-             "packed QKV and gate/up, longrope (run again at the switch), partial rotary, sliding window"),
+    "phi3": (
+        "Phi-3-mini, Phi-3.5-mini, Phi-3-128k, Phi-4-mini",
+        "packed QKV and gate/up, longrope (run again at the switch), partial rotary, sliding window",
+    ),
     "gemma": ("Gemma 1", "(1 + weight) norms, embedding scale"),
     "gemma2": ("Gemma 2", "four norms a layer, alternating windows, attention and final soft-caps"),
     "gemma3_text": ("Gemma 3 (270M, 1B, text)", "four norms, per-head q/k norms, local and global rotary bases"),
     "granite": ("Granite 3", "embedding, attention, residual and logit multipliers"),
     "smollm3": ("SmolLM3", "layers without rotary"),
     "olmo2": ("OLMo 2", "norms after attention and MLP, whole q/k norms"),
-    "qwen3_moe": ("Qwen3-MoE (30B-A3B, 235B-A22B)", "per-head q/k norms, experts on MoE (int4/int8: QMoE), dense layers"),
+    "qwen3_moe": (
+        "Qwen3-MoE (30B-A3B, 235B-A22B)",
+        "per-head q/k norms, experts on MoE (int4/int8: QMoE), dense layers",
+    ),
     "mixtral": ("Mixtral 8x7B, 8x22B", "experts on MoE (int4/int8: QMoE), sliding window"),
-    "gpt_oss": ("gpt-oss (20B, 120B)", "attention sinks, alternating windows, clamped SwiGLU experts with biases, "
-                "router and attention biases, yarn"),
+    "gpt_oss": (
+        "gpt-oss (20B, 120B)",
+        "attention sinks, alternating windows, clamped SwiGLU experts with biases, router and attention biases, yarn",
+    ),
     "gpt2": ("GPT-2", "learned positions, LayerNorm, biases"),
 }
 
@@ -69,22 +99,35 @@ FAMILIES = {
 def coverage_table() -> str:
     """The README's table: each family the builder writes, what it stands for, what it uses, and
     the precisions every test runs it in (all on the fused path)."""
-    rows = ["| family | stands for | what the graph uses | fp32 | fp16 | int8 | int4 | route |",
-            "|---|---|---|---|---|---|---|---|"]
-    rows += [f"| {arch} | {FAMILIES[arch][0]} | {FAMILIES[arch][1]} | yes | yes | yes | yes | fused |"
-             for arch in ARCHITECTURES]
+    rows = [
+        "| family | stands for | what the graph uses | fp32 | fp16 | int8 | int4 | route |",
+        "|---|---|---|---|---|---|---|---|",
+    ]
+    rows += [
+        f"| {arch} | {FAMILIES[arch][0]} | {FAMILIES[arch][1]} | yes | yes | yes | yes | fused |"
+        for arch in ARCHITECTURES
+    ]
     return "\n".join(rows)
 
 
 #: families whose norms scale by (1 + weight) and whose embeddings are scaled by sqrt(hidden)
 GEMMAS = ("gemma", "gemma2", "gemma3_text")
 #: config fields that scale a family's activations (Granite's multipliers), by what they scale
-MULTIPLIERS = {"granite": {"emb_scale": "embedding_multiplier", "attn_scale": "attention_multiplier",
-                           "residual_scale": "residual_multiplier", "logit_divisor": "logits_scaling"}}
+MULTIPLIERS = {
+    "granite": {
+        "emb_scale": "embedding_multiplier",
+        "attn_scale": "attention_multiplier",
+        "residual_scale": "residual_multiplier",
+        "logit_divisor": "logits_scaling",
+    }
+}
 #: mixture-of-experts families: the config fields naming the expert count and an expert's width
 #: (the router's top-k is ``num_experts_per_tok`` in both)
-MOES = {"qwen3_moe": ("num_experts", "moe_intermediate_size"), "mixtral": ("num_local_experts", "intermediate_size"),
-        "gpt_oss": ("num_local_experts", "intermediate_size")}
+MOES = {
+    "qwen3_moe": ("num_experts", "moe_intermediate_size"),
+    "mixtral": ("num_local_experts", "intermediate_size"),
+    "gpt_oss": ("num_local_experts", "intermediate_size"),
+}
 #: gpt-oss's expert activation: (up + 1) * gate * sigmoid(1.702 gate), gate clamped above at 7 and
 #: up within +-7 (transformers' GptOssExperts), as MoE's swiglu (alpha, beta, limit)
 GPT_OSS_SWIGLU = (1.702, 1.0, 7.0)
@@ -116,8 +159,13 @@ class Tensors(Mapping):
         self._where: dict[str, tuple[np.ndarray, str, int, int, list[int]]] = {}
         self.overrides: dict[str, np.ndarray] = {}
         for path in files:
-            def bad(why: str) -> ExportError:     # a broken file is an error, not a case for another exporter
-                return ExportError(f"{path} is not a valid safetensors file ({why}); download or save the checkpoint again")
+
+            def bad(
+                why: str, path: Path = path
+            ) -> ExportError:  # a broken file is an error, not a case for another exporter
+                return ExportError(
+                    f"{path} is not a valid safetensors file ({why}); download or save the checkpoint again"
+                )
 
             data = np.memmap(path, dtype=np.uint8, mode="r") if path.stat().st_size else np.zeros(0, np.uint8)
             if len(data) < 8:
@@ -126,9 +174,12 @@ class Tensors(Mapping):
             if 8 + size > len(data):
                 raise bad(f"its header claims {size} bytes, the file has {len(data) - 8}")
             try:
-                header = json.loads(bytes(data[8:8 + size]))
-                entries = [(name, info["dtype"], *map(int, info["data_offsets"]), [int(d) for d in info["shape"]])
-                           for name, info in header.items() if name != "__metadata__"]
+                header = json.loads(bytes(data[8 : 8 + size]))
+                entries = [
+                    (name, info["dtype"], *map(int, info["data_offsets"]), [int(d) for d in info["shape"]])
+                    for name, info in header.items()
+                    if name != "__metadata__"
+                ]
             except (ValueError, KeyError, TypeError, AttributeError) as exc:
                 raise bad(f"unreadable header: {type(exc).__name__}: {exc}") from None
             for name, kind, start, end, shape in entries:
@@ -136,8 +187,10 @@ class Tensors(Mapping):
                     raise BuilderUnavailable(f"{path.name}: tensor {name} is {kind}, which the builder does not read")
                 width = 2 if kind in ("F16", "BF16") else np.dtype(_DTYPES[kind]).itemsize
                 if not 0 <= start <= end or end - start != width * int(np.prod(shape)) or 8 + size + end > len(data):
-                    raise bad(f"tensor {name}'s bytes [{start}, {end}) do not fit its shape {shape} or the file "
-                              "(a truncated download?)")
+                    raise bad(
+                        f"tensor {name}'s bytes [{start}, {end}) do not fit its shape {shape} or the file "
+                        "(a truncated download?)"
+                    )
                 self._where[name] = (data, kind, 8 + size + start, 8 + size + end, shape)
 
     def drop_prefix(self, prefix: str) -> None:
@@ -185,10 +238,10 @@ class _Shape:
     head: int
     eps: float
     context: int
-    theta: float | None         # None: no rotary (gpt2's learned positions)
+    theta: float | None  # None: no rotary (gpt2's learned positions)
     window: int | None
-    norm: str                   # "rms" or "layer"
-    act: str                    # "silu", "gelu_tanh" or "gelu" (erf)
+    norm: str  # "rms" or "layer"
+    act: str  # "silu", "gelu_tanh" or "gelu" (erf)
     #: the rotary inverse frequencies (over the rotated dimensions: a prefix of each head when the
     #: rotation is partial) and the factor on cos and sin, as the checkpoint's rope scaling makes them
     inv_freq: np.ndarray | None = None
@@ -292,7 +345,7 @@ def rotary(config: dict[str, Any], head: int) -> tuple[np.ndarray, float, tuple[
         raise BuilderUnavailable(f"rotary scaling {kind!r} is not built yet")
     if kind == "default":
         return inv, 1.0, features
-    if kind == "longrope":                   # the short factors here; the long ones: longrope()
+    if kind == "longrope":  # the short factors here; the long ones: longrope()
         short, _, attention, switch = longrope(config, head)
         return short, attention, features + (f"longrope (long factors past {switch})",)
     factor = float(scaling["factor"])
@@ -358,7 +411,7 @@ def longrope(config: dict[str, Any], head: int) -> tuple[np.ndarray, np.ndarray,
     attention = scaling.get("attention_factor")
     if attention is None:
         attention = 1.0 if factor <= 1.0 else math.sqrt(1 + math.log(factor) / math.log(original))
-    return 1.0 / (short * base ** exponents), 1.0 / (long * base ** exponents), float(attention), int(original)
+    return 1.0 / (short * base**exponents), 1.0 / (long * base**exponents), float(attention), int(original)
 
 
 def _read_shape(config: dict[str, Any]) -> _Shape:
@@ -366,32 +419,55 @@ def _read_shape(config: dict[str, Any]) -> _Shape:
     if arch not in ARCHITECTURES:
         raise BuilderUnavailable(f"the builder covers {', '.join(ARCHITECTURES)}, not {arch!r}")
     quantized = config.get("quantization_config")
-    if quantized:            # e.g. gpt-oss's MXFP4 experts, GPTQ, AWQ: other tensors than the float ones
+    if quantized:  # e.g. gpt-oss's MXFP4 experts, GPTQ, AWQ: other tensors than the float ones
         method = quantized.get("quant_method", "?") if isinstance(quantized, dict) else "?"
-        raise BuilderUnavailable(f"the checkpoint's weights are quantised ({method}); the builder reads float "
-                                 "checkpoints (fp32, fp16, bf16): export a dequantised copy (transformers can save "
-                                 "one) and quantise with --quantize")
+        raise BuilderUnavailable(
+            f"the checkpoint's weights are quantised ({method}); the builder reads float "
+            "checkpoints (fp32, fp16, bf16): export a dequantised copy (transformers can save "
+            "one) and quantise with --quantize"
+        )
     if arch == "gpt2":
         hidden, heads = config["n_embd"], config["n_head"]
         if config.get("activation_function", "gelu_new") not in ("gelu_new", "gelu_pytorch_tanh"):
             raise BuilderUnavailable(f"activation {config.get('activation_function')!r} is not built yet")
-        if config.get("scale_attn_by_inverse_layer_idx") or config.get("reorder_and_upcast_attn") \
-                or not config.get("scale_attn_weights", True):
+        if (
+            config.get("scale_attn_by_inverse_layer_idx")
+            or config.get("reorder_and_upcast_attn")
+            or not config.get("scale_attn_weights", True)
+        ):
             raise BuilderUnavailable("gpt2's attention scaling variants are not built yet")
-        shape = _Shape(arch, hidden, config["n_layer"], heads, heads, hidden // heads,
-                       float(config.get("layer_norm_epsilon", 1e-5)), int(config.get("n_positions", 1024)),
-                       None, None, "layer", "gelu_tanh")
+        shape = _Shape(
+            arch,
+            hidden,
+            config["n_layer"],
+            heads,
+            heads,
+            hidden // heads,
+            float(config.get("layer_norm_epsilon", 1e-5)),
+            int(config.get("n_positions", 1024)),
+            None,
+            None,
+            "layer",
+            "gelu_tanh",
+        )
     else:
-        act = (config.get("hidden_activation") if arch in ("gemma2", "gemma3_text") else None) or \
-            config.get("hidden_act", "silu")            # what transformers runs
+        act = (config.get("hidden_activation") if arch in ("gemma2", "gemma3_text") else None) or config.get(
+            "hidden_act", "silu"
+        )  # what transformers runs
         acts = {"silu": "silu", "swish": "silu", "gelu_pytorch_tanh": "gelu_tanh", "gelu": "gelu"}
         if act not in acts:
             raise BuilderUnavailable(f"activation {act!r} is not built yet")
         heads = config["num_attention_heads"]
-        window = config.get("sliding_window") if arch in ("mistral", "phi3", "mixtral") or config.get("use_sliding_window") else None
+        window = (
+            config.get("sliding_window")
+            if arch in ("mistral", "phi3", "mixtral") or config.get("use_sliding_window")
+            else None
+        )
         head = config.get("head_dim") or config["hidden_size"] // heads
         if arch in ("qwen3", "qwen3_moe") and (head % 16 or config.get("use_sliding_window")):
-            raise BuilderUnavailable(f"{arch} with heads that are not multiples of 16, or sliding windows, is not built yet")
+            raise BuilderUnavailable(
+                f"{arch} with heads that are not multiples of 16, or sliding windows, is not built yet"
+            )
         if float(config.get("partial_rotary_factor", 1.0)) != 1.0 and arch != "phi3":
             raise BuilderUnavailable(f"partial rotary embeddings are built for phi3, not {arch}")
         inv_freq, factor, features = rotary(config, head)
@@ -402,8 +478,10 @@ def _read_shape(config: dict[str, Any]) -> _Shape:
             features = ("norms after attention and MLP",) + features
         if 2 * len(inv_freq) != head and (head % 16 or len(inv_freq) % 8):
             # GroupQueryAttention rotates a prefix of the head whose half is a multiple of 8
-            raise BuilderUnavailable(f"partial rotary of {2 * len(inv_freq)} of a head of {head} is not built yet "
-                                     "(GroupQueryAttention rotates multiples of 16 in heads of multiples of 16)")
+            raise BuilderUnavailable(
+                f"partial rotary of {2 * len(inv_freq)} of a head of {head} is not built yet "
+                "(GroupQueryAttention rotates multiples of 16 in heads of multiples of 16)"
+            )
         if arch == "smollm3" and config.get("use_sliding_window"):
             raise BuilderUnavailable("smollm3 with sliding windows is not built yet")
         if config.get("mlp_bias") or (config.get("attention_bias") and arch not in ("qwen2", "gpt_oss")):
@@ -421,8 +499,10 @@ def _read_shape(config: dict[str, Any]) -> _Shape:
                 features = (f"{rope_layers.count(False)}/{layers} layers without rotary",) + features
         moe = _experts(config, arch, layers) if arch in MOES else {}
         if moe:
-            features = (f"{moe['experts']} experts, top {moe['top_k']}"
-                        + (f", {sum(moe['moe_layers'])}/{layers} layers" if not all(moe["moe_layers"]) else ""),) + features
+            features = (
+                f"{moe['experts']} experts, top {moe['top_k']}"
+                + (f", {sum(moe['moe_layers'])}/{layers} layers" if not all(moe["moe_layers"]) else ""),
+            ) + features
         long = {}
         kind = (config.get("rope_scaling") or {}).get("rope_type") or (config.get("rope_scaling") or {}).get("type")
         if kind == "longrope":
@@ -443,9 +523,12 @@ def _read_shape(config: dict[str, Any]) -> _Shape:
             gemma.update(sinks=True, swiglu=GPT_OSS_SWIGLU)
             features = ("attention sinks", "clamped SwiGLU experts") + features
         if arch in ("gemma2", "gemma3_text"):
-            gemma.update(norms="sandwich", attn_scale=float(config["query_pre_attn_scalar"]) ** -0.5,
-                         attn_softcap=float(config.get("attn_logit_softcapping") or 0.0),
-                         final_softcap=float(config.get("final_logit_softcapping") or 0.0))
+            gemma.update(
+                norms="sandwich",
+                attn_scale=float(config["query_pre_attn_scalar"]) ** -0.5,
+                attn_softcap=float(config.get("attn_logit_softcapping") or 0.0),
+                final_softcap=float(config.get("final_logit_softcapping") or 0.0),
+            )
             features = features[:1] + ("four norms a layer",) + features[1:]
             if gemma["attn_softcap"] or gemma["final_softcap"]:
                 features += ("soft-capping",)
@@ -453,12 +536,30 @@ def _read_shape(config: dict[str, Any]) -> _Shape:
                 local = dict(config, rope_theta=config.get("rope_local_base_freq", 10000.0), rope_scaling=None)
                 gemma["local_inv_freq"] = rotary(local, head)[0]
                 features += ("local rotary base",)
-        shape = _Shape(arch, config["hidden_size"], layers, heads,
-                       config.get("num_key_value_heads") or heads, head,
-                       float(config.get("rms_norm_eps", 1e-6)), int(config.get("max_position_embeddings", 2048)),
-                       float(config.get("rope_theta", 10000.0)), int(window) if window else None, "rms", acts[act],
-                       inv_freq, factor, features, rope_layers=rope_layers, qk_norm=qk_norm,
-                       **({"norms": "post"} if arch == "olmo2" else {}), **scales, **gemma, **long, **moe)
+        shape = _Shape(
+            arch,
+            config["hidden_size"],
+            layers,
+            heads,
+            config.get("num_key_value_heads") or heads,
+            head,
+            float(config.get("rms_norm_eps", 1e-6)),
+            int(config.get("max_position_embeddings", 2048)),
+            float(config.get("rope_theta", 10000.0)),
+            int(window) if window else None,
+            "rms",
+            acts[act],
+            inv_freq,
+            factor,
+            features,
+            rope_layers=rope_layers,
+            qk_norm=qk_norm,
+            **({"norms": "post"} if arch == "olmo2" else {}),
+            **scales,
+            **gemma,
+            **long,
+            **moe,
+        )
     return shape
 
 
@@ -469,11 +570,15 @@ def _experts(config: dict[str, Any], arch: str, layers: int) -> dict[str, Any]:
     experts, top_k = int(config[count_field]), int(config["num_experts_per_tok"])
     if not 0 < top_k <= experts:
         raise ExportError(f"num_experts_per_tok {top_k} is not between 1 and {count_field} {experts}")
-    if arch in ("mixtral", "gpt_oss"):      # gpt-oss: a softmax over the top k's logits, the same thing
+    if arch in ("mixtral", "gpt_oss"):  # gpt-oss: a softmax over the top k's logits, the same thing
         return dict(experts=experts, top_k=top_k, renormalize=True, moe_layers=(True,) * layers)
     step, dense = int(config.get("decoder_sparse_step", 1)), set(config.get("mlp_only_layers") or ())
-    return dict(experts=experts, top_k=top_k, renormalize=bool(config.get("norm_topk_prob", False)),
-                moe_layers=tuple(i not in dense and (i + 1) % step == 0 for i in range(layers)))
+    return dict(
+        experts=experts,
+        top_k=top_k,
+        renormalize=bool(config.get("norm_topk_prob", False)),
+        moe_layers=tuple(i not in dense and (i + 1) % step == 0 for i in range(layers)),
+    )
 
 
 def covers(config: dict[str, Any]) -> None:
@@ -498,7 +603,7 @@ def _layer(shape: _Shape, weights: Mapping[str, np.ndarray], i: int) -> dict[str
     o's input heads padded to the stored head size (the graph pads q, k and v after the rotary)."""
     out = _layer_weights(shape, weights, i)
     h, q, kv = shape.hidden, shape.heads * shape.head, shape.kv_heads * shape.head
-    if "fc1" in out:                                  # experts: [E, 2 x inner (gate, up interleaved), h], [E, h, inner]
+    if "fc1" in out:  # experts: [E, 2 x inner (gate, up interleaved), h], [E, h, inner]
         e, inner = shape.experts, out["fc2"].shape[-1]
         mlp = {"router": (h, e), "fc1": (e, 2 * inner, h), "fc2": (e, h, inner)}
     elif "fc" in out:
@@ -510,11 +615,13 @@ def _layer(shape: _Shape, weights: Mapping[str, np.ndarray], i: int) -> dict[str
     want = {"qkv": (h, q + 2 * kv), "o": (q, h), **mlp}
     for name, expected in want.items():
         if out[name].shape != expected:
-            raise ExportError(f"the checkpoint's weights do not match its config.json: layer {i}'s {name} is "
-                              f"{list(out[name].shape)} (as x @ W), the config says {list(expected)} (hidden "
-                              f"{h}, {shape.heads} heads and {shape.kv_heads} KV heads of {shape.head})")
+            raise ExportError(
+                f"the checkpoint's weights do not match its config.json: layer {i}'s {name} is "
+                f"{list(out[name].shape)} (as x @ W), the config says {list(expected)} (hidden "
+                f"{h}, {shape.heads} heads and {shape.kv_heads} KV heads of {shape.head})"
+            )
     out["o"] = _pad_heads(out["o"], shape.heads, shape.head, shape.stored_head)
-    if shape.residual_scale != 1.0:                  # what a block adds to the residual, scaled
+    if shape.residual_scale != 1.0:  # what a block adds to the residual, scaled
         out["o"], out["down"] = out["o"] * shape.residual_scale, out["down"] * shape.residual_scale
     return out
 
@@ -528,27 +635,42 @@ def _layer_weights(shape: _Shape, weights: Mapping[str, np.ndarray], i: int) -> 
 
     if shape.arch == "gpt2":
         p = f"h.{i}."
-        return {"ln1": w(p + "ln_1.weight"), "ln1_b": w(p + "ln_1.bias"),
-                "qkv": w(p + "attn.c_attn.weight"), "qkv_b": w(p + "attn.c_attn.bias"),
-                "o": w(p + "attn.c_proj.weight"), "o_b": w(p + "attn.c_proj.bias"),
-                "ln2": w(p + "ln_2.weight"), "ln2_b": w(p + "ln_2.bias"),
-                "fc": w(p + "mlp.c_fc.weight"), "fc_b": w(p + "mlp.c_fc.bias"),
-                "proj": w(p + "mlp.c_proj.weight"), "proj_b": w(p + "mlp.c_proj.bias")}
+        return {
+            "ln1": w(p + "ln_1.weight"),
+            "ln1_b": w(p + "ln_1.bias"),
+            "qkv": w(p + "attn.c_attn.weight"),
+            "qkv_b": w(p + "attn.c_attn.bias"),
+            "o": w(p + "attn.c_proj.weight"),
+            "o_b": w(p + "attn.c_proj.bias"),
+            "ln2": w(p + "ln_2.weight"),
+            "ln2_b": w(p + "ln_2.bias"),
+            "fc": w(p + "mlp.c_fc.weight"),
+            "fc_b": w(p + "mlp.c_fc.bias"),
+            "proj": w(p + "mlp.c_proj.weight"),
+            "proj_b": w(p + "mlp.c_proj.bias"),
+        }
     p = f"model.layers.{i}."
-    shift = 1.0 if shape.arch in GEMMAS else 0.0           # gemma's norms scale by (1 + weight)
-    if shape.norms == "post":                               # olmo2: a norm on what each part adds
-        out = {"attn_out_norm": w(p + "post_attention_layernorm.weight"),
-               "mlp_out_norm": w(p + "post_feedforward_layernorm.weight"),
-               "o": w(p + "self_attn.o_proj.weight").T}
-    elif shape.norms == "sandwich":                         # gemma2/3: before and after each part
-        out = {"ln1": w(p + "input_layernorm.weight") + shift,
-               "attn_out_norm": w(p + "post_attention_layernorm.weight") + shift,
-               "ln2": w(p + "pre_feedforward_layernorm.weight") + shift,
-               "mlp_out_norm": w(p + "post_feedforward_layernorm.weight") + shift,
-               "o": w(p + "self_attn.o_proj.weight").T}
+    shift = 1.0 if shape.arch in GEMMAS else 0.0  # gemma's norms scale by (1 + weight)
+    if shape.norms == "post":  # olmo2: a norm on what each part adds
+        out = {
+            "attn_out_norm": w(p + "post_attention_layernorm.weight"),
+            "mlp_out_norm": w(p + "post_feedforward_layernorm.weight"),
+            "o": w(p + "self_attn.o_proj.weight").T,
+        }
+    elif shape.norms == "sandwich":  # gemma2/3: before and after each part
+        out = {
+            "ln1": w(p + "input_layernorm.weight") + shift,
+            "attn_out_norm": w(p + "post_attention_layernorm.weight") + shift,
+            "ln2": w(p + "pre_feedforward_layernorm.weight") + shift,
+            "mlp_out_norm": w(p + "post_feedforward_layernorm.weight") + shift,
+            "o": w(p + "self_attn.o_proj.weight").T,
+        }
     else:
-        out = {"ln1": w(p + "input_layernorm.weight") + shift, "o": w(p + "self_attn.o_proj.weight").T,
-               "ln2": w(p + "post_attention_layernorm.weight") + shift}
+        out = {
+            "ln1": w(p + "input_layernorm.weight") + shift,
+            "o": w(p + "self_attn.o_proj.weight").T,
+            "ln2": w(p + "post_attention_layernorm.weight") + shift,
+        }
     if shape.arch == "gpt_oss":
         # one tensor for all experts, as x @ W: gate_up [E, h, 2 x inner] with gate and up already
         # interleaved (MoE's layout once turned), down [E, inner, h]; biases for both and the router
@@ -562,28 +684,38 @@ def _layer_weights(shape: _Shape, weights: Mapping[str, np.ndarray], i: int) -> 
     elif shape.moe_layers and shape.moe_layers[i]:
         # the router ([E, h] as x @ W.T) and the experts as MoE reads them: each expert's gate and
         # up rows interleaved in one [2 x inner, h] (the CPU kernel's only layout), down as [h, inner]
-        moe, (gate, up, down) = ("block_sparse_moe.", ("w1", "w3", "w2")) if shape.arch == "mixtral" else \
-            ("mlp.", ("gate_proj", "up_proj", "down_proj"))
+        moe, (gate, up, down) = (
+            ("block_sparse_moe.", ("w1", "w3", "w2"))
+            if shape.arch == "mixtral"
+            else ("mlp.", ("gate_proj", "up_proj", "down_proj"))
+        )
         experts = [p + f"{moe}experts.{e}." for e in range(shape.experts)]
         out["router"] = w(p + moe + "gate.weight").T
-        out["fc1"] = np.stack([np.stack([w(x + gate + ".weight"), w(x + up + ".weight")], axis=1).reshape(
-            -1, shape.hidden) for x in experts])
+        out["fc1"] = np.stack(
+            [
+                np.stack([w(x + gate + ".weight"), w(x + up + ".weight")], axis=1).reshape(-1, shape.hidden)
+                for x in experts
+            ]
+        )
         out["fc2"] = np.stack([w(x + down + ".weight") for x in experts])
     else:
         out["down"] = w(p + "mlp.down_proj.weight").T
     if shape.arch == "phi3":
         out["qkv"] = w(p + "self_attn.qkv_proj.weight").T
         gate_up = w(p + "mlp.gate_up_proj.weight")
-        out["gate"], out["up"] = gate_up[: len(gate_up) // 2].T, gate_up[len(gate_up) // 2:].T
+        out["gate"], out["up"] = gate_up[: len(gate_up) // 2].T, gate_up[len(gate_up) // 2 :].T
     else:
-        out["qkv"] = np.concatenate([w(p + "self_attn.q_proj.weight"), w(p + "self_attn.k_proj.weight"),
-                                     w(p + "self_attn.v_proj.weight")], axis=0).T
+        out["qkv"] = np.concatenate(
+            [w(p + "self_attn.q_proj.weight"), w(p + "self_attn.k_proj.weight"), w(p + "self_attn.v_proj.weight")],
+            axis=0,
+        ).T
         if "fc1" not in out:
             out["gate"], out["up"] = w(p + "mlp.gate_proj.weight").T, w(p + "mlp.up_proj.weight").T
         if p + "self_attn.q_proj.bias" in weights:
-            out["qkv_b"] = np.concatenate([w(p + "self_attn.q_proj.bias"), w(p + "self_attn.k_proj.bias"),
-                                           w(p + "self_attn.v_proj.bias")])
-    if shape.qk_norm:                                   # RMS norms of q and of k (per head or whole)
+            out["qkv_b"] = np.concatenate(
+                [w(p + "self_attn.q_proj.bias"), w(p + "self_attn.k_proj.bias"), w(p + "self_attn.v_proj.bias")]
+            )
+    if shape.qk_norm:  # RMS norms of q and of k (per head or whole)
         out["q_norm"] = w(p + "self_attn.q_norm.weight") + shift
         out["k_norm"] = w(p + "self_attn.k_norm.weight") + shift
     return out
@@ -620,11 +752,15 @@ class _Graph:
             self.inits.append(numpy_helper.from_array(array, name))
             return name
         data_file = self.data_file
-        offset = -(-data_file.tell() // 4096) * 4096          # page-aligned, for memory mapping
+        offset = -(-data_file.tell() // 4096) * 4096  # page-aligned, for memory mapping
         data_file.seek(offset)
         data_file.write(memoryview(array).cast("B"))
-        tensor = onnx.TensorProto(name=name, data_type=helper.np_dtype_to_tensor_dtype(array.dtype),
-                                  dims=array.shape, data_location=onnx.TensorProto.EXTERNAL)
+        tensor = onnx.TensorProto(
+            name=name,
+            data_type=helper.np_dtype_to_tensor_dtype(array.dtype),
+            dims=array.shape,
+            data_location=onnx.TensorProto.EXTERNAL,
+        )
         for key, value in (("location", "model.onnx_data"), ("offset", str(offset)), ("length", str(array.nbytes))):
             tensor.external_data.add(key=key, value=value)
         self.inits.append(tensor)
@@ -633,33 +769,59 @@ class _Graph:
     def node(self, op: str, inputs: list[str], outputs: list[str], domain: str = "", name: str = "", **attrs) -> None:
         from onnx import helper
 
-        self.nodes.append(helper.make_node(op, inputs, outputs, name=name or f"{op}_{len(self.nodes)}", domain=domain,
-                                           **attrs))
+        self.nodes.append(
+            helper.make_node(op, inputs, outputs, name=name or f"{op}_{len(self.nodes)}", domain=domain, **attrs)
+        )
 
     def first_norm(self, x: str, gamma: np.ndarray, beta: np.ndarray | None, out: str, tag: str) -> None:
         eps = self.shape.eps
         if self.shape.norm == "rms":
             self.node("SimplifiedLayerNormalization", [x, self.init(tag, gamma)], [out], axis=-1, epsilon=eps)
         else:
-            self.node("LayerNormalization", [x, self.init(tag, gamma), self.init(tag + "_b", beta)], [out], axis=-1,
-                      epsilon=eps)
+            self.node(
+                "LayerNormalization",
+                [x, self.init(tag, gamma), self.init(tag + "_b", beta)],
+                [out],
+                axis=-1,
+                epsilon=eps,
+            )
 
-    def skip_norm(self, x: str, skip: str, gamma: np.ndarray, beta: np.ndarray | None, bias: np.ndarray | None,
-                  out: str, tag: str, residual_out: str = "") -> None:
+    def skip_norm(
+        self,
+        x: str,
+        skip: str,
+        gamma: np.ndarray,
+        beta: np.ndarray | None,
+        bias: np.ndarray | None,
+        out: str,
+        tag: str,
+        residual_out: str = "",
+    ) -> None:
         """out = norm(x + skip (+ bias)); residual_out = the sum."""
         eps = self.shape.eps
         if self.shape.norm == "rms":
             bias_in = [self.init(tag + "_bias", bias)] if bias is not None else []
-            self.node("SkipSimplifiedLayerNormalization", [x, skip, self.init(tag, gamma), *bias_in],
-                      [out, "", "", residual_out], domain="com.microsoft", epsilon=eps)
+            self.node(
+                "SkipSimplifiedLayerNormalization",
+                [x, skip, self.init(tag, gamma), *bias_in],
+                [out, "", "", residual_out],
+                domain="com.microsoft",
+                epsilon=eps,
+            )
         else:
             ins = [x, skip, self.init(tag, gamma), self.init(tag + "_b", beta)] + (
-                [self.init(tag + "_bias", bias)] if bias is not None else [])
+                [self.init(tag + "_bias", bias)] if bias is not None else []
+            )
             self.node("SkipLayerNormalization", ins, [out, "", "", residual_out], domain="com.microsoft", epsilon=eps)
 
 
-def build(checkpoint: str | Path, output: str | Path, dtype: str = "fp32", untie_head: bool = False,
-          external_data: bool | None = None) -> dict[str, Any]:
+def build(
+    checkpoint: str | Path,
+    output: str | Path,
+    dtype: str = "fp32",
+    untie_head: bool = False,
+    external_data: bool | None = None,
+) -> dict[str, Any]:
     """Write ``output``/model.onnx for the checkpoint folder ``checkpoint``; returns what the
     manifest needs (layers, heads, head size, context, vocabulary). ``dtype``: ``fp32``, or ``fp16``
     weights, activations and KV cache (the CUDA precision; logits come out in fp16 and the engine
@@ -677,40 +839,52 @@ def build(checkpoint: str | Path, output: str | Path, dtype: str = "fp32", untie
     folder, output = Path(checkpoint), Path(output)
     shape = _shape(_config(folder))
     weights = read_safetensors(folder)
-    if shape.arch == "gpt2":            # hub gpt2 checkpoints name their tensors without the prefix
+    if shape.arch == "gpt2":  # hub gpt2 checkpoints name their tensors without the prefix
         weights.drop_prefix("transformer.")
     emb = weights["wte.weight" if shape.arch == "gpt2" else "model.embed_tokens.weight"]
     head_init = "lm_head"
     if "lm_head.weight" not in weights and untie_head:
         weights["lm_head.weight"] = emb
-        head_init = TIED_HEAD      # the quantiser's int4 copy of it then serves the lookup too
+        head_init = TIED_HEAD  # the quantiser's int4 copy of it then serves the lookup too
     float_t = np.float16 if dtype == "fp16" else np.float32
-    external = weights.nbytes() * np.dtype(float_t).itemsize // 4 > EXTERNAL_ABOVE if external_data is None \
-        else external_data
+    external = (
+        weights.nbytes() * np.dtype(float_t).itemsize // 4 > EXTERNAL_ABOVE if external_data is None else external_data
+    )
     output.mkdir(parents=True, exist_ok=True)
-    data_file = open(output / "model.onnx_data", "wb") if external else None
+    data_file = open(output / "model.onnx_data", "wb") if external else None  # noqa: SIM115 - closed in the finally below
     try:
         g = _Graph(shape, dtype, data_file)
         rotary, attrs, gqa_extra = _inputs_and_positions(g, shape, weights, emb)
-        residual, pending, pending_bias = "h0", None, None      # pending: the last block's output, not yet added
+        residual, pending, pending_bias = "h0", None, None  # pending: the last block's output, not yet added
         for i in range(shape.layers):
-            residual, pending, pending_bias = _block(g, shape, _layer(shape, weights, i), i, residual, pending,
-                                                     pending_bias, rotary, attrs, gqa_extra)
+            residual, pending, pending_bias = _block(
+                g, shape, _layer(shape, weights, i), i, residual, pending, pending_bias, rotary, attrs, gqa_extra
+            )
         vocab = _lm_head(g, shape, weights, emb, head_init, residual, pending, pending_bias)
         inputs, outputs = _graph_io(g, shape, vocab)
-        model = helper.make_model(helper.make_graph(g.nodes, f"nextoken-{shape.arch}", inputs, outputs, g.inits),
-                                  opset_imports=[helper.make_opsetid("", 17), helper.make_opsetid("com.microsoft", 1)],
-                                  producer_name="nextoken")
+        model = helper.make_model(
+            helper.make_graph(g.nodes, f"nextoken-{shape.arch}", inputs, outputs, g.inits),
+            opset_imports=[helper.make_opsetid("", 17), helper.make_opsetid("com.microsoft", 1)],
+            producer_name="nextoken",
+        )
         model.ir_version = 9
     finally:
         if data_file is not None:
             data_file.close()
     onnx.save(model, str(output / "model.onnx"))
-    return {"architecture": shape.arch, "num_layers": shape.layers, "num_kv_heads": shape.kv_heads,
-            "head_dim": shape.stored_head, "vocab_size": vocab, "context_length": shape.context,
-            "kv_dtype": "float16" if dtype == "fp16" else "float32",
-            "inputs": tuple(i.name for i in inputs), "outputs": tuple(o.name for o in outputs),
-            "features": shape.features, "rope_switch": shape.rope_switch or None}
+    return {
+        "architecture": shape.arch,
+        "num_layers": shape.layers,
+        "num_kv_heads": shape.kv_heads,
+        "head_dim": shape.stored_head,
+        "vocab_size": vocab,
+        "context_length": shape.context,
+        "kv_dtype": "float16" if dtype == "fp16" else "float32",
+        "inputs": tuple(i.name for i in inputs),
+        "outputs": tuple(o.name for o in outputs),
+        "features": shape.features,
+        "rope_switch": shape.rope_switch or None,
+    }
 
 
 def _inputs_and_positions(g: _Graph, shape: _Shape, weights: Tensors, emb: np.ndarray):
@@ -719,7 +893,7 @@ def _inputs_and_positions(g: _Graph, shape: _Shape, weights: Tensors, emb: np.nd
     from onnx import TensorProto
 
     node, init = g.node, g.init
-    heads, kv_heads, head, hidden = shape.heads, shape.kv_heads, shape.stored_head, shape.hidden
+    heads, kv_heads, head = shape.heads, shape.kv_heads, shape.stored_head
     init("embed", emb)
     init("one", np.array(1, dtype=np.int64))
     init("axis1", np.array([1], dtype=np.int64))
@@ -745,13 +919,15 @@ def _inputs_and_positions(g: _Graph, shape: _Shape, weights: Tensors, emb: np.nd
             # longrope: the long factors' rows after the short ones; a row longer than the switch
             # reads them (its positions offset by the window, below)
             angles = np.concatenate([angles, np.outer(np.arange(shape.context, dtype=np.float64), shape.long_inv_freq)])
-        rotary = [init("cos_cache", np.cos(angles) * shape.rope_factor),
-                  init("sin_cache", np.sin(angles) * shape.rope_factor)]
-        if shape.local_inv_freq is not None:     # the sliding layers' own base (gemma3)
+        rotary = [
+            init("cos_cache", np.cos(angles) * shape.rope_factor),
+            init("sin_cache", np.sin(angles) * shape.rope_factor),
+        ]
+        if shape.local_inv_freq is not None:  # the sliding layers' own base (gemma3)
             local = np.outer(np.arange(shape.context, dtype=np.float64), shape.local_inv_freq)
             init("cos_local", np.cos(local))
             init("sin_local", np.sin(local))
-        if not padded:                       # inside GroupQueryAttention
+        if not padded:  # inside GroupQueryAttention
             gqa_extra = rotary
             attrs.update(do_rotary=1, rotary_interleaved=0)
     if shape.window:
@@ -759,7 +935,7 @@ def _inputs_and_positions(g: _Graph, shape: _Shape, weights: Tensors, emb: np.nd
     if shape.attn_softcap:
         attrs["softcap"] = shape.attn_softcap
     if padded:
-        attrs["scale"] = float(shape.head ** -0.5)
+        attrs["scale"] = float(shape.head**-0.5)
     if shape.attn_scale is not None:
         attrs["scale"] = float(shape.attn_scale)
     longrope_rows = shape.long_inv_freq is not None
@@ -785,15 +961,17 @@ def _inputs_and_positions(g: _Graph, shape: _Shape, weights: Tensors, emb: np.nd
         node("Add", ["positions", "rope_offset2d"], ["rope_positions"])
         if gqa_extra:
             gqa_extra = [*gqa_extra, "rope_positions"]
-    if shape.emb_scale != 1.0:                  # gemma's sqrt(hidden), granite's multiplier
+    if shape.emb_scale != 1.0:  # gemma's sqrt(hidden), granite's multiplier
         node("Mul", ["tok_emb", init("emb_scale", np.array(shape.emb_scale))], ["h0"])
     elif shape.arch == "gpt2":
         node("Gather", [init("wpe", weights["wpe.weight"][: shape.context]), "positions"], ["pos_emb"])
         node("Add", ["tok_emb", "pos_emb"], ["h0"])
     else:
         node("Identity", ["tok_emb"], ["h0"])
-    if shape.qk_norm:                           # the q/k norms' shapes
-        init("split_qkv_n", np.array([heads * shape.head, kv_heads * shape.head, kv_heads * shape.head], dtype=np.int64))
+    if shape.qk_norm:  # the q/k norms' shapes
+        init(
+            "split_qkv_n", np.array([heads * shape.head, kv_heads * shape.head, kv_heads * shape.head], dtype=np.int64)
+        )
         init("per_head", np.array([0, 0, -1, shape.head], dtype=np.int64))
         init("per_row", np.array([0, 0, -1], dtype=np.int64))
     if padded:
@@ -804,23 +982,35 @@ def _inputs_and_positions(g: _Graph, shape: _Shape, weights: Tensors, emb: np.nd
     return rotary, attrs, gqa_extra
 
 
-def _block(g: _Graph, shape: _Shape, lw: dict, i: int, residual: str, pending: str | None,
-           pending_bias: np.ndarray | None, rotary: list[str], attrs: dict, gqa_extra: list[str]):
+def _block(
+    g: _Graph,
+    shape: _Shape,
+    lw: dict,
+    i: int,
+    residual: str,
+    pending: str | None,
+    pending_bias: np.ndarray | None,
+    rotary: list[str],
+    attrs: dict,
+    gqa_extra: list[str],
+):
     """Decoder block ``i``: norm, attention (GroupQueryAttention, KV in place), norm, MLP. Its output
     is added to the residual by the next norm. Returns (residual, output, output's pending bias)."""
     node, init = g.node, g.init
     heads, kv_heads = shape.heads, shape.kv_heads
     rotates = shape.rope_layers is None or shape.rope_layers[i]
-    if not rotates:                                   # a layer without rotary (SmolLM3's every fourth)
+    if not rotates:  # a layer without rotary (SmolLM3's every fourth)
         attrs = {k: v for k, v in attrs.items() if k not in ("do_rotary", "rotary_interleaved")}
         gqa_extra = []
-    if shape.layer_windows is not None:               # gemma2/3: sliding and full layers
+    if shape.layer_windows is not None:  # gemma2/3: sliding and full layers
         window = shape.layer_windows[i]
-        attrs = {**{k: v for k, v in attrs.items() if k != "local_window_size"},
-                 **({"local_window_size": window} if window else {})}
+        attrs = {
+            **{k: v for k, v in attrs.items() if k != "local_window_size"},
+            **({"local_window_size": window} if window else {}),
+        }
         if window and shape.local_inv_freq is not None and gqa_extra:
             gqa_extra = rotary = ["cos_local", "sin_local"]
-    if shape.norms == "post":                         # no norm before attention: the residual itself
+    if shape.norms == "post":  # no norm before attention: the residual itself
         if pending is not None:
             node("Add", [residual, pending], [f"res{i}a"])
             residual = f"res{i}a"
@@ -842,10 +1032,22 @@ def _block(g: _Graph, shape: _Shape, lw: dict, i: int, residual: str, pending: s
         if shape.theta is not None and rotates:
             node("Split", [qkv_out, "split_qkv"], [f"q{i}", f"k{i}", f"v{i}"], axis=-1)
             positions = "rope_positions" if shape.long_inv_freq is not None else "positions"
-            node("RotaryEmbedding", [f"q{i}", positions, *rotary], [f"qr{i}"], domain="com.microsoft",
-                 num_heads=heads, interleaved=0)
-            node("RotaryEmbedding", [f"k{i}", positions, *rotary], [f"kr{i}"], domain="com.microsoft",
-                 num_heads=kv_heads, interleaved=0)
+            node(
+                "RotaryEmbedding",
+                [f"q{i}", positions, *rotary],
+                [f"qr{i}"],
+                domain="com.microsoft",
+                num_heads=heads,
+                interleaved=0,
+            )
+            node(
+                "RotaryEmbedding",
+                [f"k{i}", positions, *rotary],
+                [f"kr{i}"],
+                domain="com.microsoft",
+                num_heads=kv_heads,
+                interleaved=0,
+            )
             node("Concat", [f"qr{i}", f"kr{i}", f"v{i}"], [f"qkvr{i}"], axis=-1)
             qkv_out = f"qkvr{i}"
         node("Reshape", [qkv_out, "by_head"], [f"qkvh{i}"])
@@ -860,54 +1062,105 @@ def _block(g: _Graph, shape: _Shape, lw: dict, i: int, residual: str, pending: s
             weight = init(f"{part}_norm{i}", lw[f"{part}_norm"])
             if shape.qk_norm == "head":
                 node("Reshape", [f"{part}n_in{i}", "per_head"], [f"{part}h{i}"])
-                node("SimplifiedLayerNormalization", [f"{part}h{i}", weight], [f"{part}hn{i}"], axis=-1,
-                     epsilon=shape.eps)
+                node(
+                    "SimplifiedLayerNormalization",
+                    [f"{part}h{i}", weight],
+                    [f"{part}hn{i}"],
+                    axis=-1,
+                    epsilon=shape.eps,
+                )
                 node("Reshape", [f"{part}hn{i}", "per_row"], [f"{part}n{i}"])
             else:
-                node("SimplifiedLayerNormalization", [f"{part}n_in{i}", weight], [f"{part}n{i}"], axis=-1,
-                     epsilon=shape.eps)
+                node(
+                    "SimplifiedLayerNormalization",
+                    [f"{part}n_in{i}", weight],
+                    [f"{part}n{i}"],
+                    axis=-1,
+                    epsilon=shape.eps,
+                )
         node("Concat", [f"qn{i}", f"kn{i}", f"vn{i}"], [f"qkvn{i}"], axis=-1)
         qkv_out = f"qkvn{i}"
-    if "sinks" in lw:                               # inputs 7-10 (rotary, positions, bias) as far as given
+    if "sinks" in lw:  # inputs 7-10 (rotary, positions, bias) as far as given
         gqa_extra = [*gqa_extra, *[""] * (4 - len(gqa_extra)), init(f"sinks{i}", lw["sinks"])]
-    node("GroupQueryAttention", [qkv_out, "", "", f"past_key_values.{i}.key", f"past_key_values.{i}.value",
-                                 "seqlens_k", "total_len", *gqa_extra],
-         [f"attn{i}", f"present.{i}.key", f"present.{i}.value"], domain="com.microsoft", **attrs)
+    node(
+        "GroupQueryAttention",
+        [
+            qkv_out,
+            "",
+            "",
+            f"past_key_values.{i}.key",
+            f"past_key_values.{i}.value",
+            "seqlens_k",
+            "total_len",
+            *gqa_extra,
+        ],
+        [f"attn{i}", f"present.{i}.key", f"present.{i}.value"],
+        domain="com.microsoft",
+        **attrs,
+    )
     node("MatMul", [f"attn{i}", init(f"wo{i}", lw["o"])], [f"o{i}"])
-    if shape.post_norms:                              # attention's output normed before the residual takes it
-        node("SimplifiedLayerNormalization", [f"o{i}", init(f"ln_attn_out{i}", lw["attn_out_norm"])], [f"on{i}"],
-             axis=-1, epsilon=shape.eps)
-    if shape.norms == "post":                         # the MLP reads the sum itself
+    if shape.post_norms:  # attention's output normed before the residual takes it
+        node(
+            "SimplifiedLayerNormalization",
+            [f"o{i}", init(f"ln_attn_out{i}", lw["attn_out_norm"])],
+            [f"on{i}"],
+            axis=-1,
+            epsilon=shape.eps,
+        )
+    if shape.norms == "post":  # the MLP reads the sum itself
         node("Add", [residual, f"on{i}"], [f"m{i}"])
         residual = f"m{i}"
-    elif shape.norms == "sandwich":                   # the sum, normed before the MLP
+    elif shape.norms == "sandwich":  # the sum, normed before the MLP
         g.skip_norm(f"on{i}", residual, lw["ln2"], None, None, f"m{i}", f"ln_post{i}", f"res{i}b")
         residual = f"res{i}b"
     else:
         g.skip_norm(f"o{i}", residual, lw["ln2"], lw.get("ln2_b"), lw.get("o_b"), f"m{i}", f"ln_post{i}", f"res{i}b")
         residual = f"res{i}b"
     pending_bias = None
-    if "fc" in lw:                                   # gpt2: fc -> gelu(tanh) with its bias fused -> proj
+    if "fc" in lw:  # gpt2: fc -> gelu(tanh) with its bias fused -> proj
         node("MatMul", [f"m{i}", init(f"wfc{i}", lw["fc"])], [f"fc{i}"])
         node("FastGelu", [f"fc{i}", init(f"bfc{i}", lw["fc_b"])], [f"act{i}"], domain="com.microsoft")
         node("MatMul", [f"act{i}", init(f"wd{i}", lw["proj"])], [f"d{i}"])
         pending_bias = lw["proj_b"]
-    elif "fc1" in lw:                                # experts: the router's logits pick top-k per token
+    elif "fc1" in lw:  # experts: the router's logits pick top-k per token
         node("MatMul", [f"m{i}", init(f"wr{i}", lw["router"])], [f"r{i}"], name=f"{ROUTER}{i}")
         if "router_b" in lw:
             node("Add", [f"r{i}", init(f"br{i}", lw["router_b"])], [f"rb{i}"])
-        node("Reshape", [f"rb{i}" if "router_b" in lw else f"r{i}",
-                         init("by_expert", np.array([-1, shape.experts], dtype=np.int64))], [f"r2d{i}"])
+        node(
+            "Reshape",
+            [
+                f"rb{i}" if "router_b" in lw else f"r{i}",
+                init("by_expert", np.array([-1, shape.experts], dtype=np.int64)),
+            ],
+            [f"r2d{i}"],
+        )
         # softmax over all experts, the top k, renormalised over them or not; SiLU(gate) * up, or
         # gpt-oss's clamped form
         alpha, beta, limit = shape.swiglu
-        biases = [init(f"experts_fc1_b{i}", lw["fc1_b"]) if "fc1_b" in lw else "",
-                  init(f"experts_fc2_b{i}", lw["fc2_b"]) if "fc2_b" in lw else ""]
-        node("MoE", [f"m{i}", f"r2d{i}", init(f"experts_fc1_{i}", lw["fc1"]), biases[0],
-                     init(f"experts_fc2_{i}", lw["fc2"]), biases[1]],
-             [f"moe{i}"], domain="com.microsoft", k=shape.top_k, activation_type="swiglu", swiglu_fusion=1,
-             activation_alpha=alpha, activation_beta=beta, normalize_routing_weights=int(shape.renormalize),
-             **({"swiglu_limit": limit} if limit is not None else {}))
+        biases = [
+            init(f"experts_fc1_b{i}", lw["fc1_b"]) if "fc1_b" in lw else "",
+            init(f"experts_fc2_b{i}", lw["fc2_b"]) if "fc2_b" in lw else "",
+        ]
+        node(
+            "MoE",
+            [
+                f"m{i}",
+                f"r2d{i}",
+                init(f"experts_fc1_{i}", lw["fc1"]),
+                biases[0],
+                init(f"experts_fc2_{i}", lw["fc2"]),
+                biases[1],
+            ],
+            [f"moe{i}"],
+            domain="com.microsoft",
+            k=shape.top_k,
+            activation_type="swiglu",
+            swiglu_fusion=1,
+            activation_alpha=alpha,
+            activation_beta=beta,
+            normalize_routing_weights=int(shape.renormalize),
+            **({"swiglu_limit": limit} if limit is not None else {}),
+        )
         # onnxruntime 1.31's CPU MoE may write its output over its input (it declares it may) and
         # then reads zeros: measured, a layer's experts silently added nothing. A node that reads the
         # input after the MoE keeps that buffer the input's alone (a select that passes the output on)
@@ -922,15 +1175,28 @@ def _block(g: _Graph, shape: _Shape, lw: dict, i: int, residual: str, pending: s
             node("FastGelu" if shape.act == "gelu_tanh" else "Gelu", [f"g{i}"], [f"ga{i}"], domain="com.microsoft")
         node("Mul", [f"ga{i}", f"u{i}"], [f"act{i}"])
         node("MatMul", [f"act{i}", init(f"wd{i}", lw["down"])], [f"d{i}"])
-    if shape.post_norms:                             # the next block (or the final norm) adds it
-        node("SimplifiedLayerNormalization", [f"d{i}", init(f"ln_mlp_out{i}", lw["mlp_out_norm"])], [f"dn{i}"],
-             axis=-1, epsilon=shape.eps)
+    if shape.post_norms:  # the next block (or the final norm) adds it
+        node(
+            "SimplifiedLayerNormalization",
+            [f"d{i}", init(f"ln_mlp_out{i}", lw["mlp_out_norm"])],
+            [f"dn{i}"],
+            axis=-1,
+            epsilon=shape.eps,
+        )
         return residual, f"dn{i}", None
     return residual, f"d{i}", pending_bias
 
 
-def _lm_head(g: _Graph, shape: _Shape, weights: Tensors, emb: np.ndarray, head_init: str, residual: str,
-             pending: str, pending_bias: np.ndarray | None) -> int:
+def _lm_head(
+    g: _Graph,
+    shape: _Shape,
+    weights: Tensors,
+    emb: np.ndarray,
+    head_init: str,
+    residual: str,
+    pending: str,
+    pending_bias: np.ndarray | None,
+) -> int:
     """The final norm and the LM head over the last ``logits_to_keep`` positions (a tied head reads
     the embedding; an untied one is ``head_init``); returns the vocabulary size."""
     node, init = g.node, g.init
@@ -942,7 +1208,7 @@ def _lm_head(g: _Graph, shape: _Shape, weights: Tensors, emb: np.ndarray, head_i
         final_w, final_b = weights["ln_f.weight"], weights["ln_f.bias"]
     else:
         final_w, final_b = weights["model.norm.weight"] + (1.0 if shape.arch in GEMMAS else 0.0), None
-        final_w = final_w / shape.logit_divisor          # logits = norm(x) @ head / divisor
+        final_w = final_w / shape.logit_divisor  # logits = norm(x) @ head / divisor
     g.skip_norm(pending, residual, final_w, final_b, pending_bias, "final", "ln_final")
     # only the last logits_to_keep positions reach the LM head
     node("Neg", ["logits_to_keep"], ["keep_neg"])
@@ -956,7 +1222,7 @@ def _lm_head(g: _Graph, shape: _Shape, weights: Tensors, emb: np.ndarray, head_i
         node("Reshape", ["logits2d", "logits_shape"], [head_out])
     else:
         node("MatMul", ["kept", init(head_init, weights[head_name].T)], [head_out])
-    if shape.final_softcap:                           # cap * tanh(logits / cap)
+    if shape.final_softcap:  # cap * tanh(logits / cap)
         node("Div", [head_out, init("final_cap", np.array(shape.final_softcap))], ["logits_capped"])
         node("Tanh", ["logits_capped"], ["logits_tanh"])
         node("Mul", ["logits_tanh", "final_cap"], ["logits"])
@@ -968,16 +1234,24 @@ def _graph_io(g: _Graph, shape: _Shape, vocab: int) -> tuple[list, list]:
     from onnx import TensorProto, helper
 
     kv_heads, head, elem = shape.kv_heads, shape.stored_head, g.elem
-    inputs = [helper.make_tensor_value_info("input_ids", TensorProto.INT64, ["batch_size", "sequence_length"]),
-              helper.make_tensor_value_info("attention_mask", TensorProto.INT64, ["batch_size", "total_sequence_length"]),
-              helper.make_tensor_value_info("logits_to_keep", TensorProto.INT64, [1])]
+    inputs = [
+        helper.make_tensor_value_info("input_ids", TensorProto.INT64, ["batch_size", "sequence_length"]),
+        helper.make_tensor_value_info("attention_mask", TensorProto.INT64, ["batch_size", "total_sequence_length"]),
+        helper.make_tensor_value_info("logits_to_keep", TensorProto.INT64, [1]),
+    ]
     outputs = [helper.make_tensor_value_info("logits", elem, ["batch_size", "kept_length", vocab])]
     for i in range(shape.layers):
         for kind in ("key", "value"):
-            inputs.append(helper.make_tensor_value_info(f"past_key_values.{i}.{kind}", elem,
-                                                        ["batch_size", kv_heads, "past_sequence_length", head]))
-            outputs.append(helper.make_tensor_value_info(f"present.{i}.{kind}", elem,
-                                                         ["batch_size", kv_heads, "total_sequence_length", head]))
+            inputs.append(
+                helper.make_tensor_value_info(
+                    f"past_key_values.{i}.{kind}", elem, ["batch_size", kv_heads, "past_sequence_length", head]
+                )
+            )
+            outputs.append(
+                helper.make_tensor_value_info(
+                    f"present.{i}.{kind}", elem, ["batch_size", kv_heads, "total_sequence_length", head]
+                )
+            )
     return inputs, outputs
 
 
@@ -989,16 +1263,30 @@ def _local_folder(source: str, offline: bool) -> Path:
     try:
         from huggingface_hub import snapshot_download
 
-        return Path(snapshot_download(source, allow_patterns=["*.json", "*.safetensors", "*.jinja", "*.model"],
-                                      local_files_only=offline))
+        return Path(
+            snapshot_download(
+                source, allow_patterns=["*.json", "*.safetensors", "*.jinja", "*.model"], local_files_only=offline
+            )
+        )
     except Exception as exc:
-        raise BuilderUnavailable(f"cannot read {source!r} as a local checkpoint or a hub snapshot "
-                                 f"({type(exc).__name__})") from None
+        raise BuilderUnavailable(
+            f"cannot read {source!r} as a local checkpoint or a hub snapshot ({type(exc).__name__})"
+        ) from None
 
 
-def build_package(source: str, package: Path, *, output: Path | None = None, check: bool = True,
-                  atol: float | None = None, dtype: str = "fp32", device: str = "cpu", offline: bool = False,
-                  untie_head: bool = False, say=lambda _m: None):
+def build_package(
+    source: str,
+    package: Path,
+    *,
+    output: Path | None = None,
+    check: bool = True,
+    atol: float | None = None,
+    dtype: str = "fp32",
+    device: str = "cpu",
+    offline: bool = False,
+    untie_head: bool = False,
+    say=lambda _m: None,
+):
     """A whole package at ``package`` (the stage of ``output``) from ``source``: the builder's graph,
     the tokenizer and config files, the manifest, and (``check``) the parity check against PyTorch
     in fp32, with the package running on ``device``, recorded (``atol`` None: 1e-3 for fp32; for
@@ -1027,17 +1315,45 @@ def build_package(source: str, package: Path, *, output: Path | None = None, che
             return (value[0] if value else None) if isinstance(value, list) else value
 
         manifest = Manifest(
-            **{k: shape[k] for k in ("architecture", "num_layers", "num_kv_heads", "head_dim", "vocab_size",
-                                     "context_length", "kv_dtype", "inputs", "outputs")},
+            **{
+                k: shape[k]
+                for k in (
+                    "architecture",
+                    "num_layers",
+                    "num_kv_heads",
+                    "head_dim",
+                    "vocab_size",
+                    "context_length",
+                    "kv_dtype",
+                    "inputs",
+                    "outputs",
+                )
+            },
             eos_token_ids=eos_ids(SimpleNamespace(**config), generation),
-            bos_token_id=first("bos_token_id"), pad_token_id=first("pad_token_id"), precision=dtype,
+            bos_token_id=first("bos_token_id"),
+            pad_token_id=first("pad_token_id"),
+            precision=dtype,
             tokenizer_file="tokenizer.json" if (package / "tokenizer.json").is_file() else None,
-            source=str(source), padding_side="right", rope_switch=shape["rope_switch"],
-            exported_by={**export_versions(), "builder": "nextoken",
-                         **({"features": ", ".join(shape["features"])} if shape["features"] else {})},
+            source=str(source),
+            padding_side="right",
+            rope_switch=shape["rope_switch"],
+            exported_by={
+                **export_versions(),
+                "builder": "nextoken",
+                **({"features": ", ".join(shape["features"])} if shape["features"] else {}),
+            },
         ).with_files(package)
         manifest.save(package)
-    manifest, diff, tolerance, n = checked_parity(str(folder), package, manifest, stages, check=check, atol=atol,
-                                                  dtype=dtype, device=device, offline=offline,
-                                                  output=output or package)
+    manifest, diff, tolerance, n = checked_parity(
+        str(folder),
+        package,
+        manifest,
+        stages,
+        check=check,
+        atol=atol,
+        dtype=dtype,
+        device=device,
+        offline=offline,
+        output=output or package,
+    )
     return ExportReport(package, manifest, diff, tolerance, n, stages.seconds)

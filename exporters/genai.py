@@ -22,10 +22,16 @@ from pathlib import Path
 from nextoken.errors import ExportError
 from nextoken.manifest import MANIFEST_NAME, Manifest
 
-__all__ = ["import_genai", "run_builder", "build_with_genai"]
+__all__ = ["build_with_genai", "import_genai", "run_builder"]
 
-_COPY = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "genai_config.json",
-         "chat_template.jinja", "config.json")
+_COPY = (
+    "tokenizer.json",
+    "tokenizer_config.json",
+    "special_tokens_map.json",
+    "genai_config.json",
+    "chat_template.jinja",
+    "config.json",
+)
 
 
 def import_genai(source: str | Path, output: str | Path) -> Manifest:
@@ -45,16 +51,22 @@ def import_genai(source: str | Path, output: str | Path) -> Manifest:
     if not (source / filename).is_file():
         raise ExportError(f"{source / filename} is missing")
     names = {**decoder.get("inputs", {}), **decoder.get("outputs", {})}
-    expected = {"past_key_names": "past_key_values.%d.key", "past_value_names": "past_key_values.%d.value",
-                "present_key_names": "present.%d.key", "present_value_names": "present.%d.value"}
+    expected = {
+        "past_key_names": "past_key_values.%d.key",
+        "past_value_names": "past_key_values.%d.value",
+        "present_key_names": "present.%d.key",
+        "present_value_names": "present.%d.value",
+    }
     for key, name in expected.items():
         if names.get(key, name) != name:
             raise ExportError(f"genai_config names its KV tensors {names[key]!r}; nextoken reads {name!r}")
     graph = onnx.load(str(source / filename), load_external_data=False).graph
     head = int(decoder.get("head_size", 0))
     if any(n.op_type == "GroupQueryAttention" for n in graph.node) and head % 16:
-        raise RouteUnavailable(f"onnxruntime's GroupQueryAttention needs a head size that is a multiple of 16, and this "
-                          f"model's is {head}; export it with the optimum backend")
+        raise RouteUnavailable(
+            f"onnxruntime's GroupQueryAttention needs a head size that is a multiple of 16, and this "
+            f"model's is {head}; export it with the optimum backend"
+        )
     if output.exists() and any(output.iterdir()) and not (output / MANIFEST_NAME).exists():
         raise ExportError(f"output {output} exists and is not an empty directory or a nextoken package; choose another")
     from .package import staged
@@ -104,22 +116,45 @@ class RouteUnavailable(ExportError):
     cannot run what it built): ``export`` falls back to the plain optimum graph with a warning."""
 
 
-def run_builder(python: str | Path, source: str, target: Path, precision: str = "fp32",
-                execution_provider: str = "cpu") -> None:
+def run_builder(
+    python: str | Path, source: str, target: Path, precision: str = "fp32", execution_provider: str = "cpu"
+) -> None:
     """Run onnxruntime-genai's model builder with ``python`` (its own environment's) into ``target``
     (graphs at ``precision`` for ``execution_provider``: cpu or cuda); a failure is an
     :class:`ExportError` with the builder's last line."""
     import subprocess
 
-    done = subprocess.run([str(python), "-m", "onnxruntime_genai.models.builder", "-m", str(source),
-                           "-o", str(target), "-p", precision, "-e", execution_provider], capture_output=True, text=True)
+    done = subprocess.run(
+        [
+            str(python),
+            "-m",
+            "onnxruntime_genai.models.builder",
+            "-m",
+            str(source),
+            "-o",
+            str(target),
+            "-p",
+            precision,
+            "-e",
+            execution_provider,
+        ],
+        capture_output=True,
+        text=True,
+    )
     if done.returncode != 0:
         tail = (done.stderr or done.stdout).strip().splitlines()[-1:] or ["no output"]
         raise RouteUnavailable(f"onnxruntime-genai's model builder failed: {tail[0][:300]}")
 
 
-def build_with_genai(source: str, output: Path, genai_python: str | None, precision: str = "fp32",
-                     check: bool = True, atol: float = 1e-3, say=print):
+def build_with_genai(
+    source: str,
+    output: Path,
+    genai_python: str | None,
+    precision: str = "fp32",
+    check: bool = True,
+    atol: float = 1e-3,
+    say=print,
+):
     """Run onnxruntime-genai's model builder with ``genai_python`` (an interpreter of its own virtual
     environment) on ``source``, import the result into ``output``, and check fp32 parity with PyTorch."""
     import tempfile
@@ -151,8 +186,10 @@ def build_with_genai(source: str, output: Path, genai_python: str | None, precis
         say("[3/3] checking ONNX logits against PyTorch ...")
         diff, n, _, _ = parity_check(str(source), output)
         if not diff <= atol:
-            raise ExportError(f"parity check failed: max |Δ logits| between the genai graph and PyTorch is {diff:.3e}, "
-                              f"over the tolerance {atol:.0e}")
+            raise ExportError(
+                f"parity check failed: max |Δ logits| between the genai graph and PyTorch is {diff:.3e}, "
+                f"over the tolerance {atol:.0e}"
+            )
         manifest = record_parity(output, manifest, diff, atol, n, "cpu")
     report = ExportReport(output, manifest, diff, atol, n, seconds)
     say(report.summary())

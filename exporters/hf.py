@@ -9,20 +9,42 @@ import logging
 import os
 import shutil
 import warnings
+from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any
 
 from nextoken.dtypes import DTYPES as ELEMENT_TYPES
 from nextoken.errors import ExportError
 from nextoken.manifest import MANIFEST_NAME, Manifest
 
 from .builder import ARCHITECTURES
-from .package import (DEFAULT_ATOL, FP16_RTOL, PACKAGE_FILES, PARITY_PROMPT, ExportReport, Progress, Stages,
-                      checked_parity, eos_ids, export_versions, say, staged)
+from .package import (
+    DEFAULT_ATOL,
+    FP16_RTOL,
+    PACKAGE_FILES,
+    PARITY_PROMPT,
+    ExportReport,
+    Progress,
+    Stages,
+    checked_parity,
+    eos_ids,
+    export_versions,
+    say,
+    staged,
+)
 
-__all__ = ["export", "ExportReport", "TASK", "SUPPORTED_ARCHITECTURES", "DEFAULT_ATOL", "FP16_RTOL", "DTYPES",
-           "BACKENDS", "cache_key"]
+__all__ = [
+    "BACKENDS",
+    "DEFAULT_ATOL",
+    "DTYPES",
+    "FP16_RTOL",
+    "SUPPORTED_ARCHITECTURES",
+    "TASK",
+    "ExportReport",
+    "cache_key",
+    "export",
+]
 
 TASK = "text-generation-with-past"
 
@@ -36,6 +58,7 @@ BACKENDS = ("nextoken", "optimum", "genai")
 
 #: Weight and KV-cache precisions an export can produce directly.
 DTYPES = ("fp32", "fp16")
+
 
 def _require_export_stack(modules: tuple[str, ...] = ("torch", "transformers", "optimum.exporters.onnx")) -> None:
     missing = []
@@ -55,7 +78,7 @@ def _quiet() -> Iterator[None]:
     """Silence the tracer warnings and info logs of torch/transformers/optimum during export."""
     from optimum.utils import logging as optimum_logging
 
-    optimum_logging.get_logger()     # optimum sets its root logger's level at its first logger: let it, then override
+    optimum_logging.get_logger()  # optimum sets its root logger's level at its first logger: let it, then override
 
     loggers = [logging.getLogger(n) for n in ("transformers", "optimum", "torch.onnx", "huggingface_hub", "root")]
     levels = [lg.level for lg in loggers]
@@ -117,8 +140,10 @@ def _hub_reachable(timeout: float = 3.0) -> tuple[bool, str]:
     from urllib.parse import urlparse
 
     endpoint = os.environ.get("HF_ENDPOINT", "https://huggingface.co")
-    if any(os.environ.get(v) for v in ("HTTPS_PROXY", "https_proxy", "HTTP_PROXY", "http_proxy", "ALL_PROXY", "all_proxy")):
-        return True, endpoint          # through a proxy a direct connection says nothing; let the hub client try
+    if any(
+        os.environ.get(v) for v in ("HTTPS_PROXY", "https_proxy", "HTTP_PROXY", "http_proxy", "ALL_PROXY", "all_proxy")
+    ):
+        return True, endpoint  # through a proxy a direct connection says nothing; let the hub client try
     url = urlparse(endpoint)
     host, port = url.hostname or "huggingface.co", url.port or (80 if url.scheme == "http" else 443)
     try:
@@ -233,16 +258,24 @@ def _keep_last_logits(model_path: Path) -> bool:
     import numpy as np
 
     hidden = node.input[0]
-    graph.initializer.extend([
-        numpy_helper.from_array(np.array([np.iinfo(np.int64).max], dtype=np.int64), "nextoken_keep_ends"),
-        numpy_helper.from_array(np.array([1], dtype=np.int64), "nextoken_keep_axes"),
-    ])
+    graph.initializer.extend(
+        [
+            numpy_helper.from_array(np.array([np.iinfo(np.int64).max], dtype=np.int64), "nextoken_keep_ends"),
+            numpy_helper.from_array(np.array([1], dtype=np.int64), "nextoken_keep_axes"),
+        ]
+    )
     graph.input.append(helper.make_tensor_value_info("logits_to_keep", TensorProto.INT64, [1]))
-    graph.node.extend([
-        helper.make_node("Neg", ["logits_to_keep"], ["nextoken_keep_starts"], name="nextoken_keep_neg"),
-        helper.make_node("Slice", [hidden, "nextoken_keep_starts", "nextoken_keep_ends", "nextoken_keep_axes"],
-                         ["nextoken_kept_hidden"], name="nextoken_keep_slice"),
-    ])
+    graph.node.extend(
+        [
+            helper.make_node("Neg", ["logits_to_keep"], ["nextoken_keep_starts"], name="nextoken_keep_neg"),
+            helper.make_node(
+                "Slice",
+                [hidden, "nextoken_keep_starts", "nextoken_keep_ends", "nextoken_keep_axes"],
+                ["nextoken_kept_hidden"],
+                name="nextoken_keep_slice",
+            ),
+        ]
+    )
     node.input[0] = "nextoken_kept_hidden"
     # Keep the nodes in topological order: move the head after the new nodes.
     nodes = list(graph.node)
@@ -314,18 +347,28 @@ def _quantized(package: Path, manifest: Manifest, method: str, block_size: int):
 
     accuracy = quantize_package(package, method, block_size, PARITY_PROMPT)
     manifest = dataclasses.replace(
-        manifest, precision=method,
+        manifest,
+        precision=method,
         quantization={"method": method, "block_size": block_size, **accuracy.to_dict()},
     ).with_files(package)
     manifest.save(package)
     return manifest, accuracy
 
 
-def export(source: str | os.PathLike, output: str | os.PathLike, *, atol: float | None = None,
-           check: bool = True, dtype: str = "fp32", device: str = "cpu",
-           quantize: str | None = None, block_size: int = 32,
-           backend: str = "nextoken", genai_python: str | None = None,
-           progress: Progress | None = say) -> ExportReport:
+def export(
+    source: str | os.PathLike,
+    output: str | os.PathLike,
+    *,
+    atol: float | None = None,
+    check: bool = True,
+    dtype: str = "fp32",
+    device: str = "cpu",
+    quantize: str | None = None,
+    block_size: int = 32,
+    backend: str = "nextoken",
+    genai_python: str | None = None,
+    progress: Progress | None = say,
+) -> ExportReport:
     """Export ``source`` (a hub id or a local transformers checkpoint) to the package directory ``output``.
 
     ``backend="nextoken"`` (the default) writes the graph with nextoken's own builder
@@ -367,8 +410,10 @@ def export(source: str | os.PathLike, output: str | os.PathLike, *, atol: float 
         import torch
 
         if not torch.cuda.is_available():
-            raise ExportError("export on cuda needs a CUDA build of PyTorch and a GPU, and this host has neither "
-                              "usable; export with --device cpu (the package runs on CUDA all the same)")
+            raise ExportError(
+                "export on cuda needs a CUDA build of PyTorch and a GPU, and this host has neither "
+                "usable; export with --device cpu (the package runs on CUDA all the same)"
+            )
     if quantize is not None:
         from .quantize import check_method
 
@@ -376,13 +421,22 @@ def export(source: str | os.PathLike, output: str | os.PathLike, *, atol: float 
     if backend == "nextoken":
         from .builder import BuilderUnavailable, build_package
 
-        if check:                                  # the builder itself needs no torch; the parity check does
+        if check:  # the builder itself needs no torch; the parity check does
             _require_export_stack(("torch", "transformers"))
         try:
             with staged(output) as package:
-                report = build_package(source, package, output=output, check=check, atol=atol, dtype=dtype, device=device,
-                                       offline=not _looks_local(source) and not _hub_reachable()[0],
-                                       untie_head=quantize is not None, say=say)
+                report = build_package(
+                    source,
+                    package,
+                    output=output,
+                    check=check,
+                    atol=atol,
+                    dtype=dtype,
+                    device=device,
+                    offline=not _looks_local(source) and not _hub_reachable()[0],
+                    untie_head=quantize is not None,
+                    say=say,
+                )
                 if quantize:
                     say(f"quantising to {quantize} and measuring it against fp32 ...")
                     report.manifest, report.accuracy = _quantized(package, report.manifest, quantize, block_size)
@@ -398,9 +452,15 @@ def export(source: str | os.PathLike, output: str | os.PathLike, *, atol: float 
 
         try:
             with staged(output) as package:
-                report = build_with_genai(source, package, genai_python, precision=quantize or "fp32", check=check,
-                                          atol=DEFAULT_ATOL if atol is None else atol, say=lambda _m: None if
-                                          _m.startswith("exported ") else say(_m))
+                report = build_with_genai(
+                    source,
+                    package,
+                    genai_python,
+                    precision=quantize or "fp32",
+                    check=check,
+                    atol=DEFAULT_ATOL if atol is None else atol,
+                    say=lambda _m: None if _m.startswith("exported ") else say(_m),
+                )
             report.output = output
             say(report.summary())
             return report
@@ -417,8 +477,16 @@ def export(source: str | os.PathLike, output: str | os.PathLike, *, atol: float 
             from optimum.exporters.onnx import main_export
 
             try:
-                main_export(source, work, task=TASK, do_validation=False, local_files_only=offline,
-                            custom_onnx_configs={"model": onnx_config}, dtype=dtype, device=device)
+                main_export(
+                    source,
+                    work,
+                    task=TASK,
+                    do_validation=False,
+                    local_files_only=offline,
+                    custom_onnx_configs={"model": onnx_config},
+                    dtype=dtype,
+                    device=device,
+                )
             except ExportError:
                 raise
             except Exception as exc:
@@ -435,8 +503,18 @@ def export(source: str | os.PathLike, output: str | os.PathLike, *, atol: float 
             _keep_last_logits(package / "model.onnx")
             manifest = _manifest_from_graph(package / "model.onnx", config, package, source)
             manifest.save(package)
-        manifest, diff, tolerance, n = checked_parity(source, package, manifest, stages, check=check, atol=atol,
-                                                      dtype=dtype, device=device, offline=offline, output=output)
+        manifest, diff, tolerance, n = checked_parity(
+            source,
+            package,
+            manifest,
+            stages,
+            check=check,
+            atol=atol,
+            dtype=dtype,
+            device=device,
+            offline=offline,
+            output=output,
+        )
         accuracy = None
         if quantize:
             with stages(f"quantising to {quantize} and measuring it against fp32"):

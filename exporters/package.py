@@ -11,16 +11,32 @@ import shutil
 import sys
 import tempfile
 import time
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Iterator
+from typing import Any
 
 from nextoken.errors import ExportError
 from nextoken.manifest import Manifest
 
-__all__ = ["DEFAULT_ATOL", "FP16_RTOL", "PACKAGE_FILES", "PARITY_PROMPT", "ExportReport", "Progress", "say", "Stages",
-           "export_versions", "eos_ids", "parity_ids", "parity_check", "checked_parity", "record_parity", "staged"]
+__all__ = [
+    "DEFAULT_ATOL",
+    "FP16_RTOL",
+    "PACKAGE_FILES",
+    "PARITY_PROMPT",
+    "ExportReport",
+    "Progress",
+    "Stages",
+    "checked_parity",
+    "eos_ids",
+    "export_versions",
+    "parity_check",
+    "parity_ids",
+    "record_parity",
+    "say",
+    "staged",
+]
 
 Progress = Callable[[str], None]
 
@@ -35,9 +51,14 @@ FP16_RTOL = 1e-2
 
 PARITY_PROMPT = "Once upon a time, in a small town by the sea, there lived"
 
-PACKAGE_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json",
-                  "generation_config.json", "config.json", "chat_template.jinja")
-
+PACKAGE_FILES = (
+    "tokenizer.json",
+    "tokenizer_config.json",
+    "special_tokens_map.json",
+    "generation_config.json",
+    "config.json",
+    "chat_template.jinja",
+)
 
 
 @dataclass
@@ -50,15 +71,21 @@ class ExportReport:
     atol: float
     parity_tokens: int
     seconds: dict[str, float] = field(default_factory=dict)
-    accuracy: Any = None   # quantize.Accuracy when the weights were quantised
+    accuracy: Any = None  # quantize.Accuracy when the weights were quantised
 
     def summary(self) -> str:
         m = self.manifest
-        parity = (f"parity over {self.parity_tokens} positions: max |Δ logits| = {self.max_abs_diff:.2e} "
-                  f"(tolerance {self.atol:.1e})" if self.parity_tokens else "parity not checked (--no-check)")
+        parity = (
+            f"parity over {self.parity_tokens} positions: max |Δ logits| = {self.max_abs_diff:.2e} "
+            f"(tolerance {self.atol:.1e})"
+            if self.parity_tokens
+            else "parity not checked (--no-check)"
+        )
         features = f"{m.exported_by['features']}; " if m.exported_by.get("features") else ""
-        return (f"exported {m.architecture} ({m.num_layers} layers, {m.num_kv_heads} KV heads x {m.head_dim}, "
-                f"context {m.context_length}; {features}{m.route}) to {self.output}; {parity}")
+        return (
+            f"exported {m.architecture} ({m.num_layers} layers, {m.num_kv_heads} KV heads x {m.head_dim}, "
+            f"context {m.context_length}; {features}{m.route}) to {self.output}; {parity}"
+        )
 
 
 def reference_model(source: str, offline: bool = False):
@@ -95,7 +122,16 @@ class Stages:
 
 def export_versions() -> dict[str, str]:
     out = {}
-    for dist in ("nextoken", "optimum-onnx", "optimum", "transformers", "torch", "onnx", "onnxruntime-gpu", "onnxruntime"):
+    for dist in (
+        "nextoken",
+        "optimum-onnx",
+        "optimum",
+        "transformers",
+        "torch",
+        "onnx",
+        "onnxruntime-gpu",
+        "onnxruntime",
+    ):
         try:
             out[dist] = importlib.metadata.version(dist)
         except importlib.metadata.PackageNotFoundError:
@@ -131,16 +167,21 @@ def _vacuous(expected) -> str | None:
         return "PyTorch's own logits are not finite"
     spread = expected.max(axis=-1) - expected.min(axis=-1)
     if spread.max() < 1e-4:
-        return (f"PyTorch's logits are (nearly) constant over the vocabulary at every position (spread "
-                f"{spread.max():.1e}): the checkpoint's weights look empty, so agreeing with them proves nothing")
+        return (
+            f"PyTorch's logits are (nearly) constant over the vocabulary at every position (spread "
+            f"{spread.max():.1e}): the checkpoint's weights look empty, so agreeing with them proves nothing"
+        )
     if np.abs(np.diff(expected, axis=0)).max() < 1e-6:
-        return ("PyTorch's logits are identical at every position of the check's varied input: the model ignores "
-                "its input (zero embeddings?), so agreeing with it proves nothing")
+        return (
+            "PyTorch's logits are identical at every position of the check's varied input: the model ignores "
+            "its input (zero embeddings?), so agreeing with it proves nothing"
+        )
     return None
 
 
-def parity_check(source: str, package: Path, offline: bool = False, device: str = "cpu",
-                 half_above: float | None = None) -> tuple[float, int, float, float | None]:
+def parity_check(
+    source: str, package: Path, offline: bool = False, device: str = "cpu", half_above: float | None = None
+) -> tuple[float, int, float, float | None]:
     """(max |Δ logits|, positions, max |logit|, PyTorch fp16's own max |Δ logits| or None) between
     PyTorch in fp32 and the package running on ``device``, over varied ids (:func:`parity_ids`) in
     one pass and one cached step. ``half_above``: when the difference is over this fraction of the
@@ -162,7 +203,7 @@ def parity_check(source: str, package: Path, offline: bool = False, device: str 
         if problem:
             raise ExportError(f"the parity check cannot judge this export: {problem}")
         full = engine.forward(ids)
-        step = engine.forward(ids, cached=True)        # through the KV cache, as generation runs it
+        step = engine.forward(ids, cached=True)  # through the KV cache, as generation runs it
     finally:
         engine.close()
     diff = max(float(np.abs(full - expected).max()), float(np.abs(step[0] - expected[-1]).max()))
@@ -176,9 +217,19 @@ def parity_check(source: str, package: Path, offline: bool = False, device: str 
     return diff, len(ids), scale, half_diff
 
 
-def checked_parity(source: str, package: Path, manifest: Manifest, stages: "Stages", *, check: bool,
-                   atol: float | None, dtype: str, device: str, offline: bool,
-                   output: Path) -> tuple[Manifest, float, float, int]:
+def checked_parity(
+    source: str,
+    package: Path,
+    manifest: Manifest,
+    stages: "Stages",
+    *,
+    check: bool,
+    atol: float | None,
+    dtype: str,
+    device: str,
+    offline: bool,
+    output: Path,
+) -> tuple[Manifest, float, float, int]:
     """The parity check of a staged ``package`` as one of ``stages`` (when ``check``): over the
     tolerance (``atol``; None: :data:`DEFAULT_ATOL` for fp32; for fp16, :data:`FP16_RTOL` of the
     largest |logit|, or twice what PyTorch's own fp16 run of the same weights is off by, when that
@@ -190,25 +241,36 @@ def checked_parity(source: str, package: Path, manifest: Manifest, stages: "Stag
         return manifest, float("nan"), tolerance, 0
     yardstick = atol is None and dtype == "fp16"
     with stages(f"checking ONNX logits against PyTorch (on {device})"):
-        diff, n, scale, half_diff = parity_check(source, package, offline, device,
-                                                 half_above=FP16_RTOL if yardstick else None)
+        diff, n, scale, half_diff = parity_check(
+            source, package, offline, device, half_above=FP16_RTOL if yardstick else None
+        )
     if yardstick:
         tolerance = max(FP16_RTOL * max(1.0, scale), 2 * (half_diff or 0.0))
     if not diff <= tolerance:
         where = f"{output} keeps the package it had" if output.exists() else f"nothing was written to {output}"
-        raise ExportError(f"parity check failed: max |Δ logits| between ONNX ({dtype}) and PyTorch (fp32) is "
-                          f"{diff:.3e}, over the tolerance {tolerance:.1e}; the export is not trustworthy, and {where}")
+        raise ExportError(
+            f"parity check failed: max |Δ logits| between ONNX ({dtype}) and PyTorch (fp32) is "
+            f"{diff:.3e}, over the tolerance {tolerance:.1e}; the export is not trustworthy, and {where}"
+        )
     return record_parity(package, manifest, diff, tolerance, n, device), diff, tolerance, n
 
 
-def record_parity(package: Path, manifest: Manifest, diff: float, tolerance: float, positions: int,
-                  device: str) -> Manifest:
+def record_parity(
+    package: Path, manifest: Manifest, diff: float, tolerance: float, positions: int, device: str
+) -> Manifest:
     """Write the parity result into the package's manifest (before the package is moved into place)."""
     import dataclasses
 
-    manifest = dataclasses.replace(manifest, parity={
-        "max_abs_diff": diff, "tolerance": tolerance, "positions": positions, "device": device,
-        "reference": "transformers fp32"})
+    manifest = dataclasses.replace(
+        manifest,
+        parity={
+            "max_abs_diff": diff,
+            "tolerance": tolerance,
+            "positions": positions,
+            "device": device,
+            "reference": "transformers fp32",
+        },
+    )
     manifest.save(package)
     return manifest
 
@@ -227,7 +289,7 @@ def _clean_stale_stages(output: Path) -> None:
     prefix = _stage_prefix(output)
     for stale in output.parent.glob(prefix + "*"):
         try:
-            pid = int(stale.name[len(prefix):].split("-")[0])
+            pid = int(stale.name[len(prefix) :].split("-")[0])
         except ValueError:
             continue
         if pid != os.getpid() and not _pid_alive(pid):

@@ -22,8 +22,17 @@ from pathlib import Path
 
 from nextoken.errors import ExportError
 
-__all__ = ["QUANTIZATIONS", "DEFAULT_BLOCK_SIZE", "Accuracy", "check_method", "quantize_model", "compare_accuracy",
-           "quantize_package", "quantize_experts", "share_embedding"]
+__all__ = [
+    "DEFAULT_BLOCK_SIZE",
+    "QUANTIZATIONS",
+    "Accuracy",
+    "check_method",
+    "compare_accuracy",
+    "quantize_experts",
+    "quantize_model",
+    "quantize_package",
+    "share_embedding",
+]
 
 QUANTIZATIONS = ("int8", "int4")
 DEFAULT_BLOCK_SIZE = 32
@@ -55,15 +64,19 @@ class Accuracy:
         return asdict(self)
 
     def line(self) -> str:
-        line = (f"greedy {self.greedy_agreement}/{self.tokens} identical, teacher-forced agreement "
-                f"{100 * self.teacher_forced_agreement:.1f}%, mean |Δ logit| {self.mean_abs_logit_diff:.4f} "
-                f"(max {self.max_abs_logit_diff:.3f})")
+        line = (
+            f"greedy {self.greedy_agreement}/{self.tokens} identical, teacher-forced agreement "
+            f"{100 * self.teacher_forced_agreement:.1f}%, mean |Δ logit| {self.mean_abs_logit_diff:.4f} "
+            f"(max {self.max_abs_logit_diff:.3f})"
+        )
         if self.fp32_activations:
             r = self.remedy or {}
-            line += (f"; {len(self.fp32_activations)} of {r.get('matmuls')} MatMuls keep fp32 activations "
-                     f"({', '.join(self.fp32_activations[:4])}{', ...' if len(self.fp32_activations) > 4 else ''}: "
-                     f"int8 activations there took mean |Δ logit| from {r.get('fp32_activations'):.4f} to "
-                     f"{r.get('int8_activations'):.4f})")
+            line += (
+                f"; {len(self.fp32_activations)} of {r.get('matmuls')} MatMuls keep fp32 activations "
+                f"({', '.join(self.fp32_activations[:4])}{', ...' if len(self.fp32_activations) > 4 else ''}: "
+                f"int8 activations there took mean |Δ logit| from {r.get('fp32_activations'):.4f} to "
+                f"{r.get('int8_activations'):.4f})"
+            )
         return line
 
 
@@ -89,18 +102,23 @@ def quantize_model(source: Path, target: Path, method: str, block_size: int = DE
         bits = 8 if method == "int8" else 4
         model = onnx.load(str(source))
         routers = [n.name for n in model.graph.node if n.op_type == "MatMul" and n.name.startswith(ROUTER)]
-        quantizer = MatMulNBitsQuantizer(model, bits=bits, block_size=block_size, is_symmetric=True,
-                                         accuracy_level=4, nodes_to_exclude=routers)
+        quantizer = MatMulNBitsQuantizer(
+            model, bits=bits, block_size=block_size, is_symmetric=True, accuracy_level=4, nodes_to_exclude=routers
+        )
         quantizer.process()
         quantize_experts(quantizer.model.model, block_size, bits)
         share_embedding(quantizer.model.model, block_size, bits)
         quantizer.model.save_model_to_file(str(target), use_external_data_format=big)
     except ImportError as exc:
-        raise ExportError(f"quantising needs {exc.name}; install the export extra: pip install 'nextoken[export]'") from None
+        raise ExportError(
+            f"quantising needs {exc.name}; install the export extra: pip install 'nextoken[export]'"
+        ) from None
     except ExportError:
         raise
     except Exception as exc:
-        raise ExportError(f"onnxruntime could not quantise the model to {method}: {type(exc).__name__}: {exc}") from None
+        raise ExportError(
+            f"onnxruntime could not quantise the model to {method}: {type(exc).__name__}: {exc}"
+        ) from None
 
 
 def _blocks(w, block_size: int, bits: int):
@@ -135,22 +153,35 @@ def quantize_experts(model, block_size: int, bits: int = 4) -> int:
         if moe.op_type != "MoE":
             continue
         names = []
-        for slot, tag in ((2, "fc1"), (4, "fc2")):
+        for slot in (2, 4):
             weight = numpy_helper.to_array(inits[moe.input[slot]])
             if weight.shape[-1] % block_size:
-                raise ExportError(f"the experts' inputs ({weight.shape[-1]}) are not a multiple of the block size "
-                                  f"{block_size}; choose a block size that divides them")
+                raise ExportError(
+                    f"the experts' inputs ({weight.shape[-1]}) are not a multiple of the block size "
+                    f"{block_size}; choose a block size that divides them"
+                )
             packed, scale = _blocks(weight, block_size, bits)
             graph.initializer.remove(inits[moe.input[slot]])
-            graph.initializer.extend([numpy_helper.from_array(packed, f"{moe.input[slot]}_q{bits}"),
-                                      numpy_helper.from_array(scale, f"{moe.input[slot]}_scales")])
+            graph.initializer.extend(
+                [
+                    numpy_helper.from_array(packed, f"{moe.input[slot]}_q{bits}"),
+                    numpy_helper.from_array(scale, f"{moe.input[slot]}_scales"),
+                ]
+            )
             names += [f"{moe.input[slot]}_q{bits}", f"{moe.input[slot]}_scales"]
         attrs = {a.name: helper.get_attribute_value(a) for a in moe.attribute}
         bias = [moe.input[slot] if len(moe.input) > slot else "" for slot in (3, 5)]
-        qmoe = helper.make_node("QMoE", [moe.input[0], moe.input[1], names[0], names[1], bias[0], names[2], names[3],
-                                         bias[1]],
-                                list(moe.output), name=f"{moe.name}_q{bits}", domain="com.microsoft", **attrs,
-                                expert_weight_bits=bits, block_size=block_size, accuracy_level=4)
+        qmoe = helper.make_node(
+            "QMoE",
+            [moe.input[0], moe.input[1], names[0], names[1], bias[0], names[2], names[3], bias[1]],
+            list(moe.output),
+            name=f"{moe.name}_q{bits}",
+            domain="com.microsoft",
+            **attrs,
+            expert_weight_bits=bits,
+            block_size=block_size,
+            accuracy_level=4,
+        )
         graph.node.remove(moe)
         graph.node.insert(index, qmoe)
         done += 1
@@ -170,17 +201,28 @@ def share_embedding(model, block_size: int, bits: int = 4) -> bool:
     graph = model.graph
     inits = {i.name: i for i in graph.initializer}
     head = next((n for n in graph.node if n.op_type == "MatMulNBits" and n.input[1] == f"{TIED_HEAD}_Q{bits}"), None)
-    index, gather = next(((i, n) for i, n in enumerate(graph.node) if n.op_type == "Gather" and n.input[0] == "embed"),
-                         (None, None))
+    index, gather = next(
+        ((i, n) for i, n in enumerate(graph.node) if n.op_type == "Gather" and n.input[0] == "embed"), (None, None)
+    )
     if head is None or gather is None or "embed" not in inits or head.input[1] not in inits:
         return False
     vocab = inits[head.input[1]].dims[0]
     graph.initializer.append(numpy_helper.from_array(np.array([vocab, -1], dtype=np.int64), "embed_q4_shape"))
-    extra = [head.input[3]] if len(head.input) > 3 and head.input[3] else []          # zero points, if any
-    nodes = [helper.make_node("Reshape", [head.input[1], "embed_q4_shape"], ["embed_q4"], name="embed_q4_Reshape"),
-             helper.make_node("GatherBlockQuantized", ["embed_q4", gather.input[1], head.input[2], *extra],
-                              list(gather.output), name="embed_GatherBlockQuantized", domain="com.microsoft",
-                              gather_axis=0, quantize_axis=1, block_size=block_size, bits=bits)]
+    extra = [head.input[3]] if len(head.input) > 3 and head.input[3] else []  # zero points, if any
+    nodes = [
+        helper.make_node("Reshape", [head.input[1], "embed_q4_shape"], ["embed_q4"], name="embed_q4_Reshape"),
+        helper.make_node(
+            "GatherBlockQuantized",
+            ["embed_q4", gather.input[1], head.input[2], *extra],
+            list(gather.output),
+            name="embed_GatherBlockQuantized",
+            domain="com.microsoft",
+            gather_axis=0,
+            quantize_axis=1,
+            block_size=block_size,
+            bits=bits,
+        ),
+    ]
     del graph.node[index]
     for offset, new in enumerate(nodes):
         graph.node.insert(index + offset, new)
@@ -207,8 +249,10 @@ def compare_accuracy(fp32_package: Path, quantized_package: Path, prompt: str, t
     from nextoken.engine import Engine
 
     # Both are checked by the export itself (the quantised one's manifest is rewritten afterwards).
-    with Engine(fp32_package, device="cpu", plugins=False, verify=False) as ref, \
-            Engine(quantized_package, device="cpu", plugins=False, verify=False) as q:
+    with (
+        Engine(fp32_package, device="cpu", plugins=False, verify=False) as ref,
+        Engine(quantized_package, device="cpu", plugins=False, verify=False) as q,
+    ):
         ids, expected = _sample(ref, prompt, tokens)
         got = q.generate(ids, max_new_tokens=tokens, ignore_eos=True).token_ids
         same = next((i for i, (a, b) in enumerate(zip(expected, got)) if a != b), len(expected))
@@ -239,10 +283,14 @@ def _activation_errors(fp32_package: Path, names: list[str], ids: list[int], blo
 
     model = onnx.load(str(fp32_package / "model.onnx"), load_external_data=False)
     inits = {i.name: i for i in model.graph.initializer}
-    readers = {name: [n.input[1] for n in model.graph.node if n.op_type == "MatMul" and n.input[0] == name
-                      and n.input[1] in inits] for name in names}
+    readers = {
+        name: [
+            n.input[1] for n in model.graph.node if n.op_type == "MatMul" and n.input[0] == name and n.input[1] in inits
+        ]
+        for name in names
+    }
     model.graph.output.extend(helper.make_empty_tensor_value_info(name) for name in names)
-    probe = fp32_package / "probe.onnx"                       # beside model.onnx_data, which it reads
+    probe = fp32_package / "probe.onnx"  # beside model.onnx_data, which it reads
     onnx.save(model, str(probe))
     session = ort.InferenceSession(str(probe), providers=["CPUExecutionProvider"])
     row = np.asarray([ids], dtype=np.int64)
@@ -256,7 +304,7 @@ def _activation_errors(fp32_package: Path, names: list[str], ids: list[int], blo
             feeds[meta.name] = np.arange(len(ids), dtype=np.int64)[None]
         elif meta.name == "logits_to_keep":
             feeds[meta.name] = np.asarray([1], dtype=np.int64)
-        else:                                                 # an empty past
+        else:  # an empty past
             shape = [d if isinstance(d, int) else (1 if i == 0 else 0) for i, d in enumerate(meta.shape)]
             feeds[meta.name] = np.zeros(shape, dtype=np.float16 if "float16" in meta.type else np.float32)
     errors = {}
@@ -267,8 +315,13 @@ def _activation_errors(fp32_package: Path, names: list[str], ids: list[int], blo
         scale = np.abs(blocks).max(-1, keepdims=True) / 127
         scale[scale == 0] = 1.0
         lost = (blocks - np.rint(blocks / scale) * scale).reshape(x.shape[0], -1)[:, :k]
-        pairs = [(x, lost)] if not readers[name] else [
-            (x @ w, lost @ w) for w in (numpy_helper.to_array(inits[i], str(fp32_package)) for i in readers[name])]
+        pairs = (
+            [(x, lost)]
+            if not readers[name]
+            else [
+                (x @ w, lost @ w) for w in (numpy_helper.to_array(inits[i], str(fp32_package)) for i in readers[name])
+            ]
+        )
         errors[name] = max(float(np.linalg.norm(e) / max(np.linalg.norm(y), 1e-30)) for y, e in pairs)
     probe.unlink()
     return errors
@@ -333,12 +386,17 @@ def activation_remedy(fp32_package: Path, package: Path, ids: list[int], block_s
             reference = ref.forward(ids)
         activations = list(dict.fromkeys(n.input[0] for n in matmuls))
         int8, fp32 = error(set()), error(set(activations))
-        measured = {"matmuls": len(matmuls), "int8_activations": int8, "fp32_activations": fp32,
-                    "excess_allowed": ACTIVATION_EXCESS}
+        measured = {
+            "matmuls": len(matmuls),
+            "int8_activations": int8,
+            "fp32_activations": fp32,
+            "excess_allowed": ACTIVATION_EXCESS,
+        }
         chosen: list[str] = []
         if int8 > ACTIVATION_EXCESS * fp32:
-            ranked = sorted(activations, key=_activation_errors(fp32_package, activations, ids, block_size).get,
-                            reverse=True)
+            ranked = sorted(
+                activations, key=_activation_errors(fp32_package, activations, ids, block_size).get, reverse=True
+            )
             k = 1
             while True:
                 chosen = ranked[:k]
@@ -369,13 +427,13 @@ def quantize_package(package: Path, method: str, block_size: int, prompt: str) -
         try:
             quantize_model(aside / "model.onnx", package / "model.onnx", method, block_size)
         except ExportError:
-            for p in aside.iterdir():                   # leave the fp32 package as it was
+            for p in aside.iterdir():  # leave the fp32 package as it was
                 shutil.copy2(p, package / p.name)
             raise
         from nextoken.manifest import Manifest
 
         chosen, measured = [], None
-        if method == "int4":                      # int8 weights run int8 activations at every level
+        if method == "int4":  # int8 weights run int8 activations at every level
             from nextoken.engine import Engine
 
             with Engine(aside, device="cpu", plugins=False, verify=False) as ref:

@@ -24,8 +24,9 @@ def _known(meter: str, options: dict, allowed: tuple[str, ...]) -> str:
     """Reject options the meter does not take; return the currency (USD unless given)."""
     unknown = set(options) - set(allowed) - {"currency"}
     if unknown:
-        raise InvalidRequestError(f"{meter} has no option(s) {', '.join(sorted(unknown))}; "
-                                  f"it takes {', '.join(allowed)}, currency")
+        raise InvalidRequestError(
+            f"{meter} has no option(s) {', '.join(sorted(unknown))}; it takes {', '.join(allowed)}, currency"
+        )
     return str(options.get("currency", "USD"))
 
 
@@ -37,7 +38,9 @@ def make_per_token(options):
 
     def per_token(usage) -> Charge:
         amount = usage.prompt_tokens * inp / 1e6 + usage.completion_tokens * out / 1e6
-        return Charge(amount, currency, f"{usage.prompt_tokens} in x {inp:g}/M + {usage.completion_tokens} out x {out:g}/M")
+        return Charge(
+            amount, currency, f"{usage.prompt_tokens} in x {inp:g}/M + {usage.completion_tokens} out x {out:g}/M"
+        )
 
     return per_token
 

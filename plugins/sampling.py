@@ -19,6 +19,7 @@ SMALL_VOCAB = 4096
 
 # -- strategies -------------------------------------------------------------------------------------
 
+
 def greedy(logits: np.ndarray, state=None) -> np.ndarray:
     """``[B, V]`` -> ``[B]``: each row's largest logit (the first on a tie). Temperature 0."""
     return np.argmax(logits, axis=-1)
@@ -42,8 +43,9 @@ class Sampler:
         batch, vocab = logits.shape
         if self.rngs is None:
             choices = getattr(state, "choices", None) or [0] * batch
-            self.rngs = [np.random.default_rng(None if self.seed is None else self.seed + choices[row])
-                         for row in range(batch)]
+            self.rngs = [
+                np.random.default_rng(None if self.seed is None else self.seed + choices[row]) for row in range(batch)
+            ]
         u = np.fromiter((1.0 - rng.random() for rng in self.rngs), dtype=np.float64, count=batch)  # (0, 1]
         if vocab <= SMALL_VOCAB:
             cdf = np.cumsum(np.exp(logits - logits.max(axis=1, keepdims=True)), axis=1, dtype=np.float64)
@@ -52,7 +54,7 @@ class Sampler:
         counts = finite.sum(axis=1)
         out = np.empty(batch, dtype=np.int64)
         for row in range(batch):
-            if counts[row] < vocab // 4:                          # after top-k/top-p: only the candidates
+            if counts[row] < vocab // 4:  # after top-k/top-p: only the candidates
                 idx = np.flatnonzero(finite[row])
                 vals = logits[row, idx]
             else:
@@ -74,6 +76,7 @@ def make_sampler(params, options):
 
 
 # -- processors --------------------------------------------------------------------------------------
+
 
 def make_repetition_penalty(params, options):
     """Penalise tokens already in the prompt or the output (transformers' rule: positive logits / p, negative * p)."""
@@ -101,7 +104,7 @@ def make_logit_bias(params, options):
     bias = np.fromiter(params.logit_bias.values(), dtype=np.float32)
 
     def logit_bias(logits: np.ndarray, state) -> np.ndarray:
-        logits[:, ids] += bias           # the ids were checked against the vocabulary when the request started
+        logits[:, ids] += bias  # the ids were checked against the vocabulary when the request started
         return logits
 
     return logit_bias
@@ -177,7 +180,7 @@ def kth_largest(logits: np.ndarray, k: int) -> np.ndarray:
     stride = vocab // 1024
     out = np.empty(batch, dtype=logits.dtype)
     sample = logits[:, ::stride]
-    j = min(sample.shape[1], 2 * -(-k // stride) + 8)            # a sample rank safely below k's
+    j = min(sample.shape[1], 2 * -(-k // stride) + 8)  # a sample rank safely below k's
     bars = np.partition(sample, sample.shape[1] - j, axis=1)[:, sample.shape[1] - j]
     for row in range(batch):
         values = logits[row]
@@ -197,7 +200,7 @@ def nucleus(logits: np.ndarray, p: float) -> list[np.ndarray]:
     """
     out = []
     for row in logits:
-        weights = np.exp(row - row.max())                # relative to the likeliest; -inf -> 0
+        weights = np.exp(row - row.max())  # relative to the likeliest; -inf -> 0
         total = weights.sum(dtype=np.float64)
         bar = 1e-4
         while True:

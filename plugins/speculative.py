@@ -35,19 +35,22 @@ class PromptLookup:
         if kept is None:
             kept = self.rows[row] = ([], {})
         seq, index = kept
-        fresh = state.prompts[row] + state.generated[row] if not seq else state.generated[row][
-            len(seq) - len(state.prompts[row]):]
+        fresh = (
+            state.prompts[row] + state.generated[row]
+            if not seq
+            else state.generated[row][len(seq) - len(state.prompts[row]) :]
+        )
         for token in fresh:
-            end = len(seq)               # an n-gram that ends here is followed by this token
+            end = len(seq)  # an n-gram that ends here is followed by this token
             for n in self.ngrams:
                 if end >= n:
-                    index[tuple(seq[end - n:end])] = end
+                    index[tuple(seq[end - n : end])] = end
             seq.append(token)
         for n in self.ngrams:
             if len(seq) > n:
                 start = index.get(tuple(seq[-n:]))
                 if start is not None:
-                    return seq[start:start + k]
+                    return seq[start : start + k]
         return []
 
 
@@ -65,8 +68,9 @@ def draft_engine(path: str, threads: int | None = None) -> nextoken.Engine:
     """The process's engine for the draft package at ``path`` (loaded once per real path, however
     it is spelt; ``threads`` count only for the load that makes it)."""
     if not isinstance(path, str) or not path:
-        raise InvalidRequestError("speculative method 'draft' needs 'model': the path of a smaller package "
-                                  "with the same tokenizer")
+        raise InvalidRequestError(
+            "speculative method 'draft' needs 'model': the path of a smaller package with the same tokenizer"
+        )
     key = os.path.realpath(path)
     with _DRAFTS_LOCK:
         engine = _DRAFTS.get(key)
@@ -87,24 +91,26 @@ class DraftModel:
 
     def __init__(self, engine: nextoken.Engine) -> None:
         self.engine = engine
-        self.rows: dict[int, tuple] = {}           # row -> (its cached forward, tokens certainly common)
+        self.rows: dict[int, tuple] = {}  # row -> (its cached forward, tokens certainly common)
 
     def __call__(self, state, row: int, k: int) -> list[int]:
         manifest = self.engine.manifest
         if manifest.vocab_size != state.vocab_size:
-            raise ValueError(f"the draft model's vocabulary ({manifest.vocab_size} tokens) is not the model's "
-                             f"({state.vocab_size}); a draft must share the tokenizer")
+            raise ValueError(
+                f"the draft model's vocabulary ({manifest.vocab_size} tokens) is not the model's "
+                f"({state.vocab_size}); a draft must share the tokenizer"
+            )
         ids = state.prompts[row] + state.generated[row]
         window = max(1, manifest.context_length - k)
-        if len(ids) > window:                      # positions move with the window: no cache to keep
+        if len(ids) > window:  # positions move with the window: no cache to keep
             self.rows.pop(row, None)
             return self.engine.generate(ids[-window:], max_new_tokens=k, ignore_eos=True).token_ids
         forward, common = self.rows.get(row) or (self.engine.cached_forward(), 0)
-        held = forward.tokens                      # the sequence only grows: what it held then is common
+        held = forward.tokens  # the sequence only grows: what it held then is common
         while common < len(held) and common < len(ids) and held[common] == ids[common]:
             common += 1
-        forward.truncate(min(common, len(ids) - 1))   # the last token runs again: its logits are the guess's
-        logits = forward.feed(ids[len(forward.tokens):])[-1]
+        forward.truncate(min(common, len(ids) - 1))  # the last token runs again: its logits are the guess's
+        logits = forward.feed(ids[len(forward.tokens) :])[-1]
         guess = [int(logits.argmax())]
         while len(guess) < k:
             guess.append(int(forward.feed(guess[-1:])[-1].argmax()))

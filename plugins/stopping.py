@@ -28,8 +28,9 @@ def _hits(tokens: np.ndarray, state, ids: frozenset, what: str):
     if not ids:
         return None
     alive = state.alive
-    hit = {row: Stop("stop", f"{what} {token}") for row, token in enumerate(tokens.tolist())
-           if token in ids and alive[row]}
+    hit = {
+        row: Stop("stop", f"{what} {token}") for row, token in enumerate(tokens.tolist()) if token in ids and alive[row]
+    }
     return hit or None
 
 
@@ -72,7 +73,7 @@ class StopStrings:
 
     def holdback(self, text: str) -> int:
         """Length of the longest tail of ``text`` that is the start of some stop string."""
-        tail = text[len(text) - min(self.longest - 1, len(text)):]
+        tail = text[len(text) - min(self.longest - 1, len(text)) :]
         for i, char in enumerate(tail):
             if char in self.first_chars and any(s.startswith(tail[i:]) for s in self.stops):
                 return len(tail) - i

@@ -93,8 +93,10 @@ def _vocabulary(state):
     tokenizer = state.tokenizer
     to_json = getattr(tokenizer, "to_json", None)
     if to_json is None:
-        raise InvalidRequestError("constrained decoding needs the package's tokenizer.json (a Hugging Face "
-                                  "tokenizer); this package's tokenizer cannot give it")
+        raise InvalidRequestError(
+            "constrained decoding needs the package's tokenizer.json (a Hugging Face "
+            "tokenizer); this package's tokenizer cannot give it"
+        )
     key = getattr(tokenizer, "inner", tokenizer)
     with _LOCK:
         found = _VOCABULARIES.get(key)
@@ -123,7 +125,7 @@ def check(grammar: str, vocab, steps: int = 8) -> str | None:
         if matcher.is_error() or matcher.is_stopped():
             break
         matcher.unsafe_compute_mask_ptr(bits.ctypes.data, bits.nbytes)
-        allowed = np.flatnonzero(np.unpackbits(bits.view(np.uint8), bitorder="little")[:vocab.vocab_size])
+        allowed = np.flatnonzero(np.unpackbits(bits.view(np.uint8), bitorder="little")[: vocab.vocab_size])
         if matcher.is_error() or not allowed.size:
             break
         matcher.consume_token(int(allowed[0]))
@@ -154,11 +156,12 @@ class _Run:
                 matcher = self.matchers[row]
                 matcher.unsafe_compute_mask_ptr(bits.ctypes.data, bits.nbytes)
                 if matcher.is_error():
-                    raise InvalidRequestError(f"{self.field}: the {FIELDS[self.field]} cannot be followed here: "
-                                              f"{clean(matcher.get_error())}")
+                    raise InvalidRequestError(
+                        f"{self.field}: the {FIELDS[self.field]} cannot be followed here: {clean(matcher.get_error())}"
+                    )
             else:
                 bits[:] = -1
-        allowed = np.unpackbits(bitmask.view(np.uint8), axis=1, bitorder="little")[:, :logits.shape[1]]
+        allowed = np.unpackbits(bitmask.view(np.uint8), axis=1, bitorder="little")[:, : logits.shape[1]]
         np.putmask(logits, allowed == 0, -np.inf)
 
 
@@ -203,11 +206,14 @@ def make_complete(params, options):
             matcher, token = run.matchers[row], int(tokens[row])
             matcher.consume_token(token)
             if matcher.is_error():
-                if (int(run.bitmask[row, token >> 5]) >> (token & 31)) & 1:   # the mask allowed it: a limit
-                    raise InvalidRequestError(f"{field}: the {FIELDS[field]} cannot be followed here: "
-                                              f"{clean(matcher.get_error())}")
-                raise ValueError(f"token {token} of row {row} is not allowed by the grammar "
-                                 f"({clean(matcher.get_error())}); a processor or strategy overrode the mask")
+                if (int(run.bitmask[row, token >> 5]) >> (token & 31)) & 1:  # the mask allowed it: a limit
+                    raise InvalidRequestError(
+                        f"{field}: the {FIELDS[field]} cannot be followed here: {clean(matcher.get_error())}"
+                    )
+                raise ValueError(
+                    f"token {token} of row {row} is not allowed by the grammar "
+                    f"({clean(matcher.get_error())}); a processor or strategy overrode the mask"
+                )
             if matcher.is_stopped():
                 stops[row] = Stop("stop", "the grammar is complete")
         return stops or None

@@ -19,17 +19,45 @@ import tempfile
 import time
 from pathlib import Path
 
+from nextoken.exporters.builder import ARCHITECTURES
+
 #: the builder's families and, past them, families it does not cover
-FAMILIES = ("llama", "mistral", "qwen2", "qwen3", "phi3", "gemma", "gemma2", "gemma3_text", "granite", "smollm3",
-            "olmo2", "qwen3_moe", "mixtral", "gpt_oss", "gpt2",
-            "qwen2_moe", "phimoe", "starcoder2", "cohere", "olmo", "stablelm", "gpt_neox", "falcon", "glm",
-            "exaone4", "ernie4_5", "helium")
+FAMILIES = ARCHITECTURES + (
+    "qwen2_moe",
+    "phimoe",
+    "starcoder2",
+    "cohere",
+    "olmo",
+    "stablelm",
+    "gpt_neox",
+    "falcon",
+    "glm",
+    "exaone4",
+    "ernie4_5",
+    "helium",
+)
 
 #: the size a family is shrunk to (only fields its config has are set)
-SHRINK = dict(hidden_size=64, intermediate_size=128, moe_intermediate_size=64, shared_expert_intermediate_size=64,
-              num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2, head_dim=16, vocab_size=259,
-              max_position_embeddings=128, num_experts=4, num_local_experts=4, num_experts_per_tok=2,
-              n_embd=64, n_layer=2, n_head=4, n_positions=128, sliding_window=8)
+SHRINK = dict(
+    hidden_size=64,
+    intermediate_size=128,
+    moe_intermediate_size=64,
+    shared_expert_intermediate_size=64,
+    num_hidden_layers=2,
+    num_attention_heads=4,
+    num_key_value_heads=2,
+    head_dim=16,
+    vocab_size=259,
+    max_position_embeddings=128,
+    num_experts=4,
+    num_local_experts=4,
+    num_experts_per_tok=2,
+    n_embd=64,
+    n_layer=2,
+    n_head=4,
+    n_positions=128,
+    sliding_window=8,
+)
 
 
 def tiny(model_type: str, folder: Path) -> Path:
@@ -46,8 +74,9 @@ def tiny(model_type: str, folder: Path) -> Path:
     if getattr(default, "layer_types", None):
         kinds = list(default.layer_types)
         fields["layer_types"] = (kinds * 2)[:2] if len(set(kinds)) == 1 else ["sliding_attention", "full_attention"]
-    config = AutoConfig.for_model(model_type, **fields, bos_token_id=BOS, eos_token_id=EOS, pad_token_id=PAD,
-                                  initializer_range=0.25)
+    config = AutoConfig.for_model(
+        model_type, **fields, bos_token_id=BOS, eos_token_id=EOS, pad_token_id=PAD, initializer_range=0.25
+    )
     torch.manual_seed(0)
     model = AutoModelForCausalLM.from_config(config, dtype=torch.float32).eval()
     model.save_pretrained(folder)
@@ -62,7 +91,7 @@ def sweep(family: str, root: Path) -> dict:
 
     from nextoken import Engine
     from nextoken.exporters import export
-    from nextoken.exporters.builder import ARCHITECTURES, covers
+    from nextoken.exporters.builder import covers
     from nextoken.exporters.package import reference_model
 
     row: dict = {"family": family}
@@ -72,7 +101,7 @@ def sweep(family: str, root: Path) -> dict:
         try:
             covers(json.loads((ckpt / "config.json").read_text()))
             row["route"] = "fused"
-        except Exception as exc:        # the builder's reason, as the export's note gives it
+        except Exception as exc:  # the builder's reason, as the export's note gives it
             row["route"] = "optimum" + ("" if family not in ARCHITECTURES else f" ({exc})")
         report = export(ckpt, root / family / "pkg", progress=None)
         row["parity"] = report.max_abs_diff
@@ -80,9 +109,16 @@ def sweep(family: str, root: Path) -> dict:
         with Engine(report.output, device="cpu", plugins=False) as engine:
             ids = engine.encode("The quick brown fox jumps")
             with torch.no_grad():
-                out = model.generate(torch.tensor([ids]), max_new_tokens=16, do_sample=False, eos_token_id=None,
-                                     pad_token_id=0, output_scores=True, return_dict_in_generate=True)
-            expected = out.sequences[0, len(ids):].tolist()
+                out = model.generate(
+                    torch.tensor([ids]),
+                    max_new_tokens=16,
+                    do_sample=False,
+                    eos_token_id=None,
+                    pad_token_id=0,
+                    output_scores=True,
+                    return_dict_in_generate=True,
+                )
+            expected = out.sequences[0, len(ids) :].tolist()
             got = engine.generate(ids, max_new_tokens=16, ignore_eos=True).token_ids
         row["greedy"] = next((i for i, (a, b) in enumerate(zip(expected, got)) if a != b), len(expected))
         row["min_gap"] = min(float(np.diff(np.sort(s[0].numpy())[-2:])[0]) for s in out.scores)
@@ -93,8 +129,10 @@ def sweep(family: str, root: Path) -> dict:
 
 
 def table(rows: list[dict]) -> str:
-    lines = ["| family | route | parity max abs diff | greedy (of 16) identical | smallest top-2 gap |",
-             "|---|---|---|---|---|"]
+    lines = [
+        "| family | route | parity max abs diff | greedy (of 16) identical | smallest top-2 gap |",
+        "|---|---|---|---|---|",
+    ]
     for r in rows:
         if "error" in r:
             lines.append(f"| {r['family']} | {r.get('route', '-')} | {r['error'][:90]} | | |")

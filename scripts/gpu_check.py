@@ -71,8 +71,10 @@ def export_model(name: str, source: Path, work: Path, export_device: str, target
             backend = "optimum" if dtype == "fp32" and target.startswith("cuda") else "nextoken"
             start = time.perf_counter()
             report = export(str(source), out, dtype=dtype, device=device, backend=backend, progress=None)
-            say(f"exported {name} {dtype} ({backend}, checked on {device}) in {time.perf_counter() - start:.1f} s: "
-                f"max |Δ logits| vs PyTorch fp32 = {report.max_abs_diff:.2e} (tolerance {report.atol:.1e})")
+            say(
+                f"exported {name} {dtype} ({backend}, checked on {device}) in {time.perf_counter() - start:.1f} s: "
+                f"max |Δ logits| vs PyTorch fp32 = {report.max_abs_diff:.2e} (tolerance {report.atol:.1e})"
+            )
         made[f"{name}-{dtype}"] = out
     return made
 
@@ -95,19 +97,26 @@ def parity(packages: dict[str, Path], device: str, new_tokens: int) -> tuple[lis
             batch = eng.generate([PROMPT, "The dog", "Lily and Ben"], max_new_tokens=new_tokens // 2, ignore_eos=True)
         diff = first_difference(got.token_ids, references[model])
         batch_same = batch[0].token_ids == got.token_ids[: new_tokens // 2]
-        row = {"package": key, "device": device, "tokens": len(got.token_ids),
-               "identical_to_cpu_fp32": diff is None, "first_difference": diff,
-               "max_abs_logit_diff_vs_cpu_fp32": float(np.abs(logits - cpu_logits[model]).max()),
-               "batch_row_equals_alone": batch_same,
-               "device_memory_mib": (got.usage.device_memory_bytes or 0) / 2**20}
+        row = {
+            "package": key,
+            "device": device,
+            "tokens": len(got.token_ids),
+            "identical_to_cpu_fp32": diff is None,
+            "first_difference": diff,
+            "max_abs_logit_diff_vs_cpu_fp32": float(np.abs(logits - cpu_logits[model]).max()),
+            "batch_row_equals_alone": batch_same,
+            "device_memory_mib": (got.usage.device_memory_bytes or 0) / 2**20,
+        }
         rows.append(row)
         must_match = model == "stories260k" and dtype == "fp32"
         if must_match and (diff is not None or not batch_same):
             ok = False
-        say(f"parity {key} on {device}: greedy {len(got.token_ids)} tokens "
+        say(
+            f"parity {key} on {device}: greedy {len(got.token_ids)} tokens "
             f"{'identical to CPU fp32' if diff is None else f'first differs at token {diff}'}, "
             f"max |Δ logits| {row['max_abs_logit_diff_vs_cpu_fp32']:.2e}, batch row == alone: {batch_same}"
-            + ("  <- MUST be identical" if must_match and diff is not None else ""))
+            + ("  <- MUST be identical" if must_match and diff is not None else "")
+        )
     return rows, ok
 
 
@@ -134,13 +143,16 @@ def scheduler_parity(key: str, pkg: Path, device: str, reference_device: str, to
         got = [h.result().token_ids for h in handles]
         backend = scheduler.kv_backend
     same = sum(g == a for g, a in zip(got, alone))
-    say(f"scheduler {key} on {device} ({backend} cache): {same} of {len(got)} requests joining and leaving mid-batch "
-        f"got the tokens they get alone on {reference_device}")
+    say(
+        f"scheduler {key} on {device} ({backend} cache): {same} of {len(got)} requests joining and leaving mid-batch "
+        f"got the tokens they get alone on {reference_device}"
+    )
     return {"package": key, "device": device, "kv_backend": backend, "identical": same, "requests": len(got)}
 
 
-def bench(packages: dict[str, Path], device: str, batches: tuple[int, ...], prompt: int, new: int,
-          repeat: int) -> list[dict]:
+def bench(
+    packages: dict[str, Path], device: str, batches: tuple[int, ...], prompt: int, new: int, repeat: int
+) -> list[dict]:
     from nextoken import Engine
     from nextoken.tools.bench import run_bench
 
@@ -148,24 +160,36 @@ def bench(packages: dict[str, Path], device: str, batches: tuple[int, ...], prom
     runs = []
     for key, pkg in packages.items():
         if key.startswith("stories260k-fp16") or (key.endswith("-fp16") and device == "cpu"):
-            continue   # stories260k is too small for fp16 to matter; CPUs have no fast fp16 kernels
+            continue  # stories260k is too small for fp16 to matter; CPUs have no fast fp16 kernels
         runs.append((key, pkg, False))
         if key.endswith("-fp32") and device.startswith("cuda") and not key.startswith("stories260k"):
-            runs.append((f"{key}+tf32", pkg, True))   # what TensorFloat-32 (off by default) would give
+            runs.append((f"{key}+tf32", pkg, True))  # what TensorFloat-32 (off by default) would give
     for key, pkg, tf32 in runs:
         with Engine(pkg, device=device, tf32=tf32) as eng:
             report = run_bench(eng, batches, prompt_tokens=prompt, new_tokens=new, repeat=repeat)
         for r in report.rows:
-            rows.append({"contender": "nextoken", "package": key, "batch": r.batch, "ttft_ms": r.prefill_ms,
-                         "decode_tok_s": r.decode_tokens_per_s, "total_tok_s": r.total_tokens_per_s,
-                         "step_ms": r.step_ms, "outside_ms": r.outside_step_ms})
-            say(f"bench {key} b{r.batch}: TTFT {r.prefill_ms:.1f} ms, {r.decode_tokens_per_s:.1f} tok/s/seq, "
-                f"{r.total_tokens_per_s:.1f} tok/s total")
+            rows.append(
+                {
+                    "contender": "nextoken",
+                    "package": key,
+                    "batch": r.batch,
+                    "ttft_ms": r.prefill_ms,
+                    "decode_tok_s": r.decode_tokens_per_s,
+                    "total_tok_s": r.total_tokens_per_s,
+                    "step_ms": r.step_ms,
+                    "outside_ms": r.outside_step_ms,
+                }
+            )
+            say(
+                f"bench {key} b{r.batch}: TTFT {r.prefill_ms:.1f} ms, {r.decode_tokens_per_s:.1f} tok/s/seq, "
+                f"{r.total_tokens_per_s:.1f} tok/s total"
+            )
     return rows
 
 
-def bench_genai(python: str, checkpoint: Path, work: Path, batches, prompt: int, new: int, device: str,
-                repeat: int, results: dict) -> list[dict]:
+def bench_genai(
+    python: str, checkpoint: Path, work: Path, batches, prompt: int, new: int, device: str, repeat: int, results: dict
+) -> list[dict]:
     """onnxruntime-genai on its own build of ``checkpoint``, and nextoken on that same graph (imported;
     its continuous batching too, in slots where the graph has GroupQueryAttention)."""
     from nextoken.errors import NextokenError
@@ -181,23 +205,47 @@ def bench_genai(python: str, checkpoint: Path, work: Path, batches, prompt: int,
             say(f"genai {precision}: could not build ({exc})")
             continue
         for batch in batches:
-            done = subprocess.run([python, str(REPO / "sdk" / "tools" / "peers.py"), "genai", "--model", str(target),
-                                   "--batch", str(batch), "--prompt", str(prompt), "--new", str(new)],
-                                  capture_output=True, text=True)
+            done = subprocess.run(
+                [
+                    python,
+                    str(REPO / "sdk" / "tools" / "peers.py"),
+                    "genai",
+                    "--model",
+                    str(target),
+                    "--batch",
+                    str(batch),
+                    "--prompt",
+                    str(prompt),
+                    "--new",
+                    str(new),
+                ],
+                capture_output=True,
+                text=True,
+            )
             if done.returncode != 0:
                 say(f"genai {precision} b{batch}: failed ({(done.stderr or done.stdout).strip().splitlines()[-1:]})")
                 continue
             r = json.loads(done.stdout.strip().splitlines()[-1])
-            rows.append({"contender": "genai", "package": f"135M-{precision}", "batch": batch, "ttft_ms": r["ttft_ms"],
-                         "decode_tok_s": r["decode_tok_s"], "total_tok_s": r["total_tok_s"]})
+            rows.append(
+                {
+                    "contender": "genai",
+                    "package": f"135M-{precision}",
+                    "batch": batch,
+                    "ttft_ms": r["ttft_ms"],
+                    "decode_tok_s": r["decode_tok_s"],
+                    "total_tok_s": r["total_tok_s"],
+                }
+            )
             say(f"bench genai 135M-{precision} b{batch}: TTFT {r['ttft_ms']:.1f} ms, {r['decode_tok_s']:.1f} tok/s/seq")
         imported = work / f"nextoken-on-genai-{precision}"
         try:
             if not (imported / "nextoken.json").is_file():
                 import_genai(target, imported)
             rows += bench({f"135M-{precision}, genai's graph": imported}, device, batches, prompt, new, repeat)
-            results["scheduler"].append(scheduler_parity(f"135M-{precision}, genai's graph", imported, device, device, prompt))
-        except NextokenError as exc:   # e.g. a graph nextoken declines to import, with the reason
+            results["scheduler"].append(
+                scheduler_parity(f"135M-{precision}, genai's graph", imported, device, device, prompt)
+            )
+        except NextokenError as exc:  # e.g. a graph nextoken declines to import, with the reason
             say(f"nextoken on genai's {precision} graph: {exc}")
         except Exception as exc:
             failed(f"nextoken on genai's {precision} graph", exc, results)
@@ -207,8 +255,10 @@ def bench_genai(python: str, checkpoint: Path, work: Path, batches, prompt: int,
 def table(rows: list[dict]) -> str:
     lines = ["| contender | package | batch | TTFT ms | decode tok/s/seq | tok/s total |", "|---|---|---|---|---|---|"]
     for r in rows:
-        lines.append(f"| {r['contender']} | {r['package']} | {r['batch']} | {r['ttft_ms']:.1f} | "
-                     f"{r['decode_tok_s']:.1f} | {r['total_tok_s']:.1f} |")
+        lines.append(
+            f"| {r['contender']} | {r['package']} | {r['batch']} | {r['ttft_ms']:.1f} | "
+            f"{r['decode_tok_s']:.1f} | {r['total_tok_s']:.1f} |"
+        )
     return "\n".join(lines)
 
 
@@ -230,11 +280,13 @@ def cuda_usable(device: str) -> bool:
             import torch
 
             if torch.cuda.is_available():
-                torch.zeros(1, device="cuda")   # loads PyTorch's CUDA runtime, cuBLAS and cuDNN
+                torch.zeros(1, device="cuda")  # loads PyTorch's CUDA runtime, cuBLAS and cuDNN
                 cuda_status.cache_clear()
                 usable, why = cuda_status(device_id)
-                say(f"  after PyTorch {torch.__version__} loaded its CUDA libraries: {why}"
-                    + ("  <- nextoken's own preload missed them: worth a fix" if usable else ""))
+                say(
+                    f"  after PyTorch {torch.__version__} loaded its CUDA libraries: {why}"
+                    + ("  <- nextoken's own preload missed them: worth a fix" if usable else "")
+                )
             else:
                 say(f"  PyTorch {torch.__version__} sees no GPU either")
         except ImportError:
@@ -262,7 +314,7 @@ def measure_model(name, source, work, export_device, args, tokens, new, batches,
     rows, ok = parity(packages, args.device, tokens)
     results["parity"] += rows
     results["passed"] = results["passed"] and ok
-    if name == "stories260k":   # fp32 on the device must batch like the CPU alone, token for token
+    if name == "stories260k":  # fp32 on the device must batch like the CPU alone, token for token
         check = scheduler_parity("stories260k-fp32", packages["stories260k-fp32"], args.device, "cpu", tokens)
         results["scheduler"].append(check)
         results["passed"] = results["passed"] and check["identical"] == check["requests"]
@@ -290,7 +342,9 @@ def main(argv=None) -> int:
 
     import onnxruntime as ort
 
-    say(f"python {platform.python_version()}, onnxruntime {ort.__version__} ({', '.join(ort.get_available_providers())})")
+    say(
+        f"python {platform.python_version()}, onnxruntime {ort.__version__} ({', '.join(ort.get_available_providers())})"
+    )
     if args.device.startswith("cuda") and not cuda_usable(args.device):
         return 2
     if not (args.stories / "config.json").is_file():
@@ -298,6 +352,7 @@ def main(argv=None) -> int:
         return 1
     try:
         import torch
+
         export_device = "cuda" if args.device.startswith("cuda") and torch.cuda.is_available() else "cpu"
     except ImportError:
         say("the export stack is missing: pip install 'nextoken[export]'")
@@ -307,24 +362,34 @@ def main(argv=None) -> int:
     tokens = 32 if args.quick else args.tokens
     new = 16 if args.quick else args.tokens
     batches = (1, 2) if args.quick else tuple(int(b) for b in args.batches.split(","))
-    results = {"device": args.device, "parity": [], "scheduler": [], "bench": [], "errors": [],
-               "passed": True, "finished": False}
+    results = {
+        "device": args.device,
+        "parity": [],
+        "scheduler": [],
+        "bench": [],
+        "errors": [],
+        "passed": True,
+        "finished": False,
+    }
 
-    def stop(signum, frame):   # `timeout` ends a run gone long: keep what was measured
+    def stop(signum, frame):  # `timeout` ends a run gone long: keep what was measured
         raise KeyboardInterrupt(f"signal {signum}")
 
     signal.signal(signal.SIGTERM, stop)
     try:
-        models = {"stories260k": args.stories} if args.quick else {"stories260k": args.stories, "135M": random_135m(work)}
-        for name, source in models.items():   # one model at a time: a run cut short still reports the first
+        models = (
+            {"stories260k": args.stories} if args.quick else {"stories260k": args.stories, "135M": random_135m(work)}
+        )
+        for name, source in models.items():  # one model at a time: a run cut short still reports the first
             try:
                 measure_model(name, source, work, export_device, args, tokens, new, batches, results)
-            except Exception as exc:   # one broken step must not cost the rest of a scarce GPU run
+            except Exception as exc:  # one broken step must not cost the rest of a scarce GPU run
                 failed(f"{name}", exc, results)
         if args.genai_python and not args.quick:
             try:
-                results["bench"] += bench_genai(args.genai_python, work / "smollm2-135m-random", work, batches, tokens,
-                                                new, args.device, 3, results)
+                results["bench"] += bench_genai(
+                    args.genai_python, work / "smollm2-135m-random", work, batches, tokens, new, args.device, 3, results
+                )
             except Exception as exc:
                 failed("genai", exc, results, fatal=False)
         results["finished"] = True
@@ -334,8 +399,10 @@ def main(argv=None) -> int:
         print(table(results["bench"]), flush=True)
         save(args.json, results)
     ok = results["passed"]
-    say(f"check: {'PASSED' if ok else 'FAILED'} (stories260k fp32 on {args.device}: greedy tokens identical to the "
-        f"CPU's, alone and under continuous batching; {len(results['errors'])} step(s) raised)")
+    say(
+        f"check: {'PASSED' if ok else 'FAILED'} (stories260k fp32 on {args.device}: greedy tokens identical to the "
+        f"CPU's, alone and under continuous batching; {len(results['errors'])} step(s) raised)"
+    )
     return (0 if ok else 1) if results["finished"] else 3
 
 

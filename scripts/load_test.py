@@ -36,10 +36,22 @@ from pathlib import Path
 import httpx
 
 PROMPTS = [
-    "Once upon a time", "The little dog", "Lily and Ben went to the park", "One day, a girl named Sue",
-    "The sun was hot and the sky was blue", "Tom had a red ball", "In a small house by the sea lived",
-    "The cat saw a bird", "Mom said", "Sam wanted to fly", "There was a big tree", "The boy and his friend",
-    "Anna found a box", "It was a rainy day", "The bunny hopped", "Max the bear",
+    "Once upon a time",
+    "The little dog",
+    "Lily and Ben went to the park",
+    "One day, a girl named Sue",
+    "The sun was hot and the sky was blue",
+    "Tom had a red ball",
+    "In a small house by the sea lived",
+    "The cat saw a bird",
+    "Mom said",
+    "Sam wanted to fly",
+    "There was a big tree",
+    "The boy and his friend",
+    "Anna found a box",
+    "It was a rainy day",
+    "The bunny hopped",
+    "Max the bear",
 ]
 
 
@@ -71,22 +83,38 @@ def _pct(values: list[float], q: float) -> float:
     if not values:
         return float("nan")
     values = sorted(values)
-    return values[min(len(values) - 1, int(round(q * (len(values) - 1))))]
+    return values[min(len(values) - 1, round(q * (len(values) - 1)))]
 
 
 class Server:
-    def __init__(self, package: str, threads: int | None, max_batch: int, ray: bool, replicas: int,
-                 kv_backend: str = "auto"):
+    def __init__(
+        self, package: str, threads: int | None, max_batch: int, ray: bool, replicas: int, kv_backend: str = "auto"
+    ):
         self.port = _free_port()
-        cmd = [sys.executable, "-m", "nextoken", "serve", package, "--port", str(self.port), "--max-batch", str(max_batch),
-               "--model-name", "m", "--device", "cpu", "--kv-backend", kv_backend]
+        cmd = [
+            sys.executable,
+            "-m",
+            "nextoken",
+            "serve",
+            package,
+            "--port",
+            str(self.port),
+            "--max-batch",
+            str(max_batch),
+            "--model-name",
+            "m",
+            "--device",
+            "cpu",
+            "--kv-backend",
+            kv_backend,
+        ]
         if threads:
             cmd += ["--threads", str(threads)]
         if ray:
             cmd += ["--ray", "--replicas", str(replicas)]
         self.started = time.perf_counter()
         # its log to a file: a pipe nobody reads fills up (an access line a request) and stalls the server
-        self.log = tempfile.TemporaryFile(mode="w+")
+        self.log = tempfile.TemporaryFile(mode="w+")  # noqa: SIM115 - closed when the server stops
         self.proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=self.log, text=True)
         self.base = f"http://127.0.0.1:{self.port}"
         deadline = time.time() + 180
@@ -116,16 +144,26 @@ class Server:
 
 
 async def _request(client: httpx.AsyncClient, prompt: str, max_tokens: int, stream: bool = True) -> dict:
-    body = {"model": "m", "prompt": prompt, "max_tokens": max_tokens, "temperature": 0, "stream": stream,
-            "nextoken": {"ignore_eos": True}}
+    body = {
+        "model": "m",
+        "prompt": prompt,
+        "max_tokens": max_tokens,
+        "temperature": 0,
+        "stream": stream,
+        "nextoken": {"ignore_eos": True},
+    }
     start = time.perf_counter()
     first = None
     if not stream:
         r = await client.post("/v1/completions", json=body)
         r.raise_for_status()
         data = r.json()
-        return {"latency": time.perf_counter() - start, "ttft": None, "tokens": data["usage"]["completion_tokens"],
-                "ids": data["nextoken"]["token_ids"]}
+        return {
+            "latency": time.perf_counter() - start,
+            "ttft": None,
+            "tokens": data["usage"]["completion_tokens"],
+            "ids": data["nextoken"]["token_ids"],
+        }
     body["stream_options"] = {"include_usage": True}
     ids, tokens = None, 0
     async with client.stream("POST", "/v1/completions", json=body) as r:
@@ -144,8 +182,9 @@ async def _request(client: httpx.AsyncClient, prompt: str, max_tokens: int, stre
     return {"latency": time.perf_counter() - start, "ttft": first, "tokens": tokens, "ids": ids}
 
 
-async def _pool(base: str, jobs: list[tuple[str, int]], concurrency: int, stream: bool = True,
-                jitter: float = 0.0) -> tuple[list[dict], float]:
+async def _pool(
+    base: str, jobs: list[tuple[str, int]], concurrency: int, stream: bool = True, jitter: float = 0.0
+) -> tuple[list[dict], float]:
     """Run ``jobs`` (prompt, max_tokens) with ``concurrency`` clients; (results in job order, wall seconds)."""
     results: list[dict | None] = [None] * len(jobs)
     queue: asyncio.Queue = asyncio.Queue()
@@ -170,20 +209,33 @@ async def _pool(base: str, jobs: list[tuple[str, int]], concurrency: int, stream
 def throughput(server: Server, levels: list[int], requests: int, max_tokens: int) -> list[dict]:
     rows = []
     jobs = [(PROMPTS[i % len(PROMPTS)], max_tokens) for i in range(requests)]
-    asyncio.run(_pool(server.base, jobs[:4], 2))                                    # warm-up
+    asyncio.run(_pool(server.base, jobs[:4], 2))  # warm-up
     for level in levels:
         results, wall = asyncio.run(_pool(server.base, jobs, level))
         tokens = sum(r["tokens"] for r in results)
         lat = [r["latency"] * 1e3 for r in results]
         ttft = [r["ttft"] * 1e3 for r in results if r["ttft"] is not None]
-        rows.append({"clients": level, "requests": len(results), "tokens": tokens, "wall_s": wall,
-                     "tok_s": tokens / wall, "p50_ms": _pct(lat, 0.5), "p99_ms": _pct(lat, 0.99),
-                     "ttft_p50_ms": _pct(ttft, 0.5), "ttft_p99_ms": _pct(ttft, 0.99)})
+        rows.append(
+            {
+                "clients": level,
+                "requests": len(results),
+                "tokens": tokens,
+                "wall_s": wall,
+                "tok_s": tokens / wall,
+                "p50_ms": _pct(lat, 0.5),
+                "p99_ms": _pct(lat, 0.99),
+                "ttft_p50_ms": _pct(ttft, 0.5),
+                "ttft_p99_ms": _pct(ttft, 0.99),
+            }
+        )
         base = rows[0]["tok_s"]
         r = rows[-1]
-        print(f"  {level:>3} clients: {r['tok_s']:8.1f} tok/s ({r['tok_s'] / base:.2f}x sequential), "
-              f"latency p50 {r['p50_ms']:.0f} / p99 {r['p99_ms']:.0f} ms, TTFT p50 {r['ttft_p50_ms']:.0f} / "
-              f"p99 {r['ttft_p99_ms']:.0f} ms", flush=True)
+        print(
+            f"  {level:>3} clients: {r['tok_s']:8.1f} tok/s ({r['tok_s'] / base:.2f}x sequential), "
+            f"latency p50 {r['p50_ms']:.0f} / p99 {r['p99_ms']:.0f} ms, TTFT p50 {r['ttft_p50_ms']:.0f} / "
+            f"p99 {r['ttft_p99_ms']:.0f} ms",
+            flush=True,
+        )
     return rows
 
 
@@ -200,28 +252,44 @@ def golden(server: Server, count: int, concurrency: int, max_tokens: int) -> dic
     whole, wall2 = asyncio.run(_pool(server.base, jobs[half:], concurrency, stream=False, jitter=0.05))
     results = streamed + whole
     lost = sum(1 for r in results if r is None or r["ids"] is None)
-    wrong = sum(1 for job, r in zip(jobs, results) if r is not None and r["ids"] is not None and r["ids"] != reference[job])
-    out = {"requests": count, "distinct": len(pairs), "identical": count - lost - wrong, "wrong": wrong, "lost": lost,
-           "wall_s": wall1 + wall2}
+    wrong = sum(
+        1 for job, r in zip(jobs, results) if r is not None and r["ids"] is not None and r["ids"] != reference[job]
+    )
+    out = {
+        "requests": count,
+        "distinct": len(pairs),
+        "identical": count - lost - wrong,
+        "wrong": wrong,
+        "lost": lost,
+        "wall_s": wall1 + wall2,
+    }
     print(f"  golden: {out['identical']}/{count} token-identical to alone, {wrong} wrong, {lost} lost", flush=True)
     return out
 
 
 async def _drop(base: str, n: int, max_tokens: int) -> None:
     async with httpx.AsyncClient(base_url=base, timeout=600, limits=httpx.Limits(max_connections=n + 4)) as client:
+
         async def one(i):
-            body = {"model": "m", "prompt": PROMPTS[i % len(PROMPTS)], "max_tokens": max_tokens, "stream": True,
-                    "temperature": 0, "nextoken": {"ignore_eos": True}}
+            body = {
+                "model": "m",
+                "prompt": PROMPTS[i % len(PROMPTS)],
+                "max_tokens": max_tokens,
+                "stream": True,
+                "temperature": 0,
+                "nextoken": {"ignore_eos": True},
+            }
             async with client.stream("POST", "/v1/completions", json=body) as r:
                 r.raise_for_status()
                 async for line in r.aiter_lines():
                     if line.startswith("data: "):
-                        break                           # after the first token: leaving the block hangs up
+                        break  # after the first token: leaving the block hangs up
+
         await asyncio.gather(*(one(i) for i in range(n)))
 
 
 def cancellation(server: Server, count: int, max_tokens: int) -> dict:
-    asyncio.run(_drop(server.base, count, max_tokens))      # warm-up: the server's threads for `count` streams
+    asyncio.run(_drop(server.base, count, max_tokens))  # warm-up: the server's threads for `count` streams
     time.sleep(1)
     before = server.rss()
     cancelled = httpx.get(f"{server.base}/health").json().get("ended", {}).get("cancelled", 0)
@@ -235,12 +303,21 @@ def cancellation(server: Server, count: int, max_tokens: int) -> dict:
         time.sleep(0.1)
     freed = time.perf_counter() - start
     after = server.rss()
-    out = {"dropped": count, "cancelled": health.get("ended", {}).get("cancelled", 0) - cancelled,
-           "running_after": health.get("running"), "waiting_after": health.get("waiting"),
-           "seconds_to_idle": freed, "rss_before": before, "rss_after": after,
-           "rss_growth_pct": 100 * (after - before) / before if before else None}
-    print(f"  cancellation: {count} streams dropped, {out['cancelled']} cancelled by the server; then running {out['running_after']}, waiting "
-          f"{out['waiting_after']} ({freed:.1f} s); RSS {before / 2**20:.0f} -> {after / 2**20:.0f} MiB", flush=True)
+    out = {
+        "dropped": count,
+        "cancelled": health.get("ended", {}).get("cancelled", 0) - cancelled,
+        "running_after": health.get("running"),
+        "waiting_after": health.get("waiting"),
+        "seconds_to_idle": freed,
+        "rss_before": before,
+        "rss_after": after,
+        "rss_growth_pct": 100 * (after - before) / before if before else None,
+    }
+    print(
+        f"  cancellation: {count} streams dropped, {out['cancelled']} cancelled by the server; then running {out['running_after']}, waiting "
+        f"{out['waiting_after']} ({freed:.1f} s); RSS {before / 2**20:.0f} -> {after / 2**20:.0f} MiB",
+        flush=True,
+    )
     return out
 
 
@@ -251,10 +328,19 @@ def soak(server: Server, count: int, concurrency: int) -> dict:
     after_warmup = server.rss()
     results, wall = asyncio.run(_pool(server.base, jobs[warm:], concurrency, stream=False))
     end = server.rss()
-    out = {"requests": count, "failed": sum(1 for r in results if r is None), "wall_s": wall,
-           "rss_after_warmup": after_warmup, "rss_end": end, "rss_growth_pct": 100 * (end - after_warmup) / after_warmup}
-    print(f"  soak: {count} requests in {wall:.0f} s, RSS {after_warmup / 2**20:.0f} -> {end / 2**20:.0f} MiB "
-          f"({out['rss_growth_pct']:+.1f}%)", flush=True)
+    out = {
+        "requests": count,
+        "failed": sum(1 for r in results if r is None),
+        "wall_s": wall,
+        "rss_after_warmup": after_warmup,
+        "rss_end": end,
+        "rss_growth_pct": 100 * (end - after_warmup) / after_warmup,
+    }
+    print(
+        f"  soak: {count} requests in {wall:.0f} s, RSS {after_warmup / 2**20:.0f} -> {end / 2**20:.0f} MiB "
+        f"({out['rss_growth_pct']:+.1f}%)",
+        flush=True,
+    )
     return out
 
 
@@ -281,12 +367,22 @@ def bad_requests(server: Server) -> list[dict]:
             err = r.json().get("error", {})
         except ValueError:
             err = {}
-        good = httpx.post(server.base + "/v1/completions", json={"model": "m", "prompt": "after", "max_tokens": 2},
-                          timeout=60)
-        rows.append({"case": name, "status": r.status_code, "openai_error": bool(err.get("message") and err.get("type")),
-                     "next_good_request": good.status_code})
-        print(f"  {name:26} -> {r.status_code} {err.get('type', '-')}: {str(err.get('message', ''))[:70]!r}; "
-              f"next request {good.status_code}", flush=True)
+        good = httpx.post(
+            server.base + "/v1/completions", json={"model": "m", "prompt": "after", "max_tokens": 2}, timeout=60
+        )
+        rows.append(
+            {
+                "case": name,
+                "status": r.status_code,
+                "openai_error": bool(err.get("message") and err.get("type")),
+                "next_good_request": good.status_code,
+            }
+        )
+        print(
+            f"  {name:26} -> {r.status_code} {err.get('type', '-')}: {str(err.get('message', ''))[:70]!r}; "
+            f"next request {good.status_code}",
+            flush=True,
+        )
     return rows
 
 
@@ -319,27 +415,50 @@ def hostile(server: Server, count: int) -> dict:
                 body = {**COMPLETION, "nextoken": {"speculative": {"method": "draft", "model": "/tmp" + "/." * i}}}
             statuses[client.post(f"/v1/{endpoint}", json=body).status_code] += 1
         time.sleep(2)
-        out["many"] = {"count": count, "seconds": time.perf_counter() - start, "statuses": dict(statuses),
-                       "threads_before": threads, "threads_after": _status(pid, "Threads"),
-                       "server_rss_before_mib": own / 2**20, "server_rss_after_mib": _status(pid, "VmRSS") / 2**20,
-                       "with_checkers_before_mib": rss / 2**20, "with_checkers_after_mib": server.rss() / 2**20}
+        out["many"] = {
+            "count": count,
+            "seconds": time.perf_counter() - start,
+            "statuses": dict(statuses),
+            "threads_before": threads,
+            "threads_after": _status(pid, "Threads"),
+            "server_rss_before_mib": own / 2**20,
+            "server_rss_after_mib": _status(pid, "VmRSS") / 2**20,
+            "with_checkers_before_mib": rss / 2**20,
+            "with_checkers_after_mib": server.rss() / 2**20,
+        }
         m = out["many"]
-        print(f"  {count} hostile requests in {m['seconds']:.1f} s: {dict(statuses)}; threads {threads} -> "
-              f"{m['threads_after']}; the server's RSS {m['server_rss_before_mib']:.0f} -> "
-              f"{m['server_rss_after_mib']:.0f} MiB (with its constraint checkers {m['with_checkers_before_mib']:.0f} -> "
-              f"{m['with_checkers_after_mib']:.0f} MiB)", flush=True)
+        print(
+            f"  {count} hostile requests in {m['seconds']:.1f} s: {dict(statuses)}; threads {threads} -> "
+            f"{m['threads_after']}; the server's RSS {m['server_rss_before_mib']:.0f} -> "
+            f"{m['server_rss_after_mib']:.0f} MiB (with its constraint checkers {m['with_checkers_before_mib']:.0f} -> "
+            f"{m['with_checkers_after_mib']:.0f} MiB)",
+            flush=True,
+        )
         prompts = [f"Stream {i}" for i in range(8)]
-        alone = {p: client.post("/v1/completions", json={"model": "m", "prompt": p, "max_tokens": 24, "temperature": 0,
-                                                         "nextoken": {"ignore_eos": True}}).json()["choices"][0]["text"]
-                 for p in prompts}
+        alone = {
+            p: client.post(
+                "/v1/completions",
+                json={"model": "m", "prompt": p, "max_tokens": 24, "temperature": 0, "nextoken": {"ignore_eos": True}},
+            ).json()["choices"][0]["text"]
+            for p in prompts
+        }
     got = fuzz_live(server.base, alone, seeds=8)
     health = got["health"]
-    out["fuzz"] = {"statuses": dict(got["statuses"]), "failures": got["failures"], "health_polls": len(health),
-                   "health_p50_ms": _pct(health, 0.5) * 1e3, "health_p99_ms": _pct(health, 0.99) * 1e3,
-                   "health_max_ms": max(health) * 1e3, "streams_identical": got["streamed"] == alone}
-    print(f"  fuzz: {dict(got['statuses'])}; /health p50 {out['fuzz']['health_p50_ms']:.1f} ms, p99 "
-          f"{out['fuzz']['health_p99_ms']:.1f} ms, max {out['fuzz']['health_max_ms']:.1f} ms over {len(health)} polls; "
-          f"8 streams identical to alone: {out['fuzz']['streams_identical']}", flush=True)
+    out["fuzz"] = {
+        "statuses": dict(got["statuses"]),
+        "failures": got["failures"],
+        "health_polls": len(health),
+        "health_p50_ms": _pct(health, 0.5) * 1e3,
+        "health_p99_ms": _pct(health, 0.99) * 1e3,
+        "health_max_ms": max(health) * 1e3,
+        "streams_identical": got["streamed"] == alone,
+    }
+    print(
+        f"  fuzz: {dict(got['statuses'])}; /health p50 {out['fuzz']['health_p50_ms']:.1f} ms, p99 "
+        f"{out['fuzz']['health_p99_ms']:.1f} ms, max {out['fuzz']['health_max_ms']:.1f} ms over {len(health)} polls; "
+        f"8 streams identical to alone: {out['fuzz']['streams_identical']}",
+        flush=True,
+    )
     return out
 
 
@@ -364,8 +483,11 @@ def main(argv=None) -> int:
     levels = [int(x) for x in a.levels.split(",")]
     server = Server(a.package, a.threads, a.max_batch, a.ray, a.replicas, a.kv_backend)
     report: dict = {"package": a.package, "ray": a.ray, "start_s": server.start_seconds}
-    print(f"server up in {server.start_seconds:.1f} s ({'Ray Serve, ' + str(a.replicas) + ' replicas' if a.ray else 'plain'}),"
-          f" RSS {server.rss() / 2**20:.0f} MiB", flush=True)
+    print(
+        f"server up in {server.start_seconds:.1f} s ({'Ray Serve, ' + str(a.replicas) + ' replicas' if a.ray else 'plain'}),"
+        f" RSS {server.rss() / 2**20:.0f} MiB",
+        flush=True,
+    )
     ok = True
     try:
         if a.requests:

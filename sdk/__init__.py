@@ -1,8 +1,8 @@
 """nextoken: portable LLM inference on ONNX Runtime.
 
-    import nextoken
-    with nextoken.Engine("path/to/package") as engine:
-        print(engine.generate("Once upon a time", max_new_tokens=32).text)
+import nextoken
+with nextoken.Engine("path/to/package") as engine:
+    print(engine.generate("Once upon a time", max_new_tokens=32).text)
 """
 
 from .device import DeviceChoice, resolve_device
@@ -12,13 +12,18 @@ from .errors import (
     DeviceError,
     ExportError,
     InvalidRequestError,
-    PluginError,
-    SchedulerStoppedError,
     ManifestMismatchError,
     ModelPackageError,
     NextokenError,
+    PluginError,
+    SchedulerStoppedError,
 )
 from .generation import Generation, Timings
+from .hookspecs import hookimpl, hookspec
+from .manifest import FORMAT_VERSION, Manifest
+from .registry import Registry
+from .scheduler import RequestHandle, Scheduler
+from .tokenizer import IncrementalDecoder, Tokenizer
 from .types import (
     BatchState,
     Charge,
@@ -30,24 +35,44 @@ from .types import (
     ToolCall,
     Usage,
 )
-from .hookspecs import hookimpl, hookspec
-from .manifest import FORMAT_VERSION, Manifest
-from .registry import Registry
-from .scheduler import RequestHandle, Scheduler
-from .tokenizer import IncrementalDecoder, Tokenizer
 
+#: the one version: pyproject reads it from here
 __version__ = "0.1.0"
 
 __all__ = [
-    "Engine", "CachedForward", "Prompt", "SamplingParams", "Completion", "StreamEvent", "Usage", "Generation", "Timings",
-    "BatchState", "Stop", "Charge", "TokenLogprob", "ToolCall", "Registry", "hookimpl", "hookspec", "Scheduler", "RequestHandle",
-    "Manifest", "FORMAT_VERSION", "Tokenizer", "IncrementalDecoder", "DeviceChoice", "resolve_device",
-    "NextokenError", "ModelPackageError", "ManifestMismatchError", "InvalidRequestError",
-    "ContextWindowError", "ExportError", "DeviceError", "PluginError", "SchedulerStoppedError", "__version__",
+    "FORMAT_VERSION",
+    "BatchState",
+    "CachedForward",
+    "Charge",
+    "Completion",
+    "ContextWindowError",
+    "DeviceChoice",
+    "DeviceError",
+    "Engine",
+    "ExportError",
+    "Generation",
+    "IncrementalDecoder",
+    "InvalidRequestError",
+    "Manifest",
+    "ManifestMismatchError",
+    "ModelPackageError",
+    "NextokenError",
+    "PluginError",
+    "Prompt",
+    "Registry",
+    "RequestHandle",
+    "SamplingParams",
+    "Scheduler",
+    "SchedulerStoppedError",
+    "Stop",
+    "StreamEvent",
+    "Timings",
+    "TokenLogprob",
+    "Tokenizer",
+    "ToolCall",
+    "Usage",
+    "__version__",
+    "hookimpl",
+    "hookspec",
+    "resolve_device",
 ]
-
-for _name in __all__:
-    _obj = globals()[_name]
-    if hasattr(_obj, "__module__") and isinstance(_obj, type):
-        _obj.__module__ = "nextoken"
-del _name, _obj

@@ -13,11 +13,12 @@ import functools
 import json
 import threading
 import time
-from typing import Any, Mapping, Sequence
+from collections.abc import Mapping, Sequence
+from typing import Any
 
 from .errors import InvalidRequestError, ModelPackageError
 
-__all__ = ["render_chat", "Message", "MAX_RENDER_SECONDS", "MAX_RENDER_CHARS"]
+__all__ = ["MAX_RENDER_CHARS", "MAX_RENDER_SECONDS", "Message", "render_chat"]
 
 Message = Mapping[str, Any]
 
@@ -43,7 +44,7 @@ def _check_messages(messages: Any) -> list[dict[str, str]]:
     for i, m in enumerate(messages):
         calls = m.get("tool_calls") if isinstance(m, Mapping) else None
         content = m.get("content") if isinstance(m, Mapping) else None
-        if content is None and calls:             # an assistant turn that only called tools
+        if content is None and calls:  # an assistant turn that only called tools
             content = ""
         if not isinstance(m, Mapping) or not isinstance(m.get("role"), str) or not isinstance(content, str):
             raise InvalidRequestError(f"message {i} must be a dict with string 'role' and 'content', not {m!r}")
@@ -91,8 +92,11 @@ def _compile(template: str):
                 raise _RenderLimit(f"the model's chat template raised a number to the power {right}")
             if operator == "*":
                 for seq, times in ((left, right), (right, left)):
-                    if isinstance(seq, (str, list, tuple)) and isinstance(times, int) \
-                            and len(seq) * times > MAX_RENDER_CHARS:
+                    if (
+                        isinstance(seq, (str, list, tuple))
+                        and isinstance(times, int)
+                        and len(seq) * times > MAX_RENDER_CHARS
+                    ):
                         raise _RenderLimit(f"the model's chat template made a value over {MAX_RENDER_CHARS} long")
             return super().call_binop(context, operator, left, right)
 
@@ -103,8 +107,13 @@ def _compile(template: str):
     return env.from_string(template)
 
 
-def render_chat(template: str | None, messages: Sequence[Message], special_tokens: Mapping[str, str],
-                add_generation_prompt: bool = True, tools: Sequence[Mapping[str, Any]] | None = None) -> str:
+def render_chat(
+    template: str | None,
+    messages: Sequence[Message],
+    special_tokens: Mapping[str, str],
+    add_generation_prompt: bool = True,
+    tools: Sequence[Mapping[str, Any]] | None = None,
+) -> str:
     """Render ``messages`` (and ``tools``, as transformers passes them) with ``template`` in a
     sandbox, within the render limits; a model without a template is a clear error."""
     if not template:
@@ -120,7 +129,9 @@ def render_chat(template: str | None, messages: Sequence[Message], special_token
         compiled = _compile(template)
         out, size = [], 0
         for piece in compiled.generate(
-            messages=checked, add_generation_prompt=add_generation_prompt, **({"tools": list(tools)} if tools else {}),
+            messages=checked,
+            add_generation_prompt=add_generation_prompt,
+            **({"tools": list(tools)} if tools else {}),
             **{k: v for k, v in special_tokens.items() if isinstance(v, str)},
         ):
             size += len(piece)

@@ -16,7 +16,7 @@ import onnxruntime as ort
 
 from .errors import DeviceError
 
-__all__ = ["DeviceChoice", "resolve_device", "cuda_status", "session_options"]
+__all__ = ["DeviceChoice", "cuda_status", "resolve_device", "session_options"]
 
 CPU = "CPUExecutionProvider"
 CUDA = "CUDAExecutionProvider"
@@ -45,7 +45,8 @@ def _probe_model() -> bytes:
 
     node = helper.make_node("Add", ["x", "x"], ["y"])
     graph = helper.make_graph(
-        [node], "probe",
+        [node],
+        "probe",
         [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1])],
         [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1])],
     )
@@ -97,7 +98,7 @@ def _why_cuda_provider_fails() -> str:
     import sys
     from pathlib import Path
 
-    if not sys.platform.startswith("linux"):   # the names below are Linux's
+    if not sys.platform.startswith("linux"):  # the names below are Linux's
         return "CUDA libraries or GPU not usable on this host"
     try:
         ctypes.CDLL("libcuda.so.1")
@@ -112,13 +113,16 @@ def _why_cuda_provider_fails() -> str:
         detail = str(exc).replace(f"{library}: ", "")
         try:
             from onnxruntime.capi.build_and_package_info import cuda_version
+
             cuda = f"CUDA {cuda_version.split('.')[0]}"
         except ImportError:
             cuda = "the CUDA version this onnxruntime-gpu was built for"
-        if "undefined symbol" in detail:   # libcuda.so.1 loads but lacks what this CUDA calls
+        if "undefined symbol" in detail:  # libcuda.so.1 loads but lacks what this CUDA calls
             return f"the NVIDIA driver is older than {cuda} needs ({detail}); update the driver"
-        return (f"the CUDA provider cannot load its libraries ({detail}); install them with "
-                f"pip install 'nextoken[cuda]', or put {cuda} and cuDNN 9 on LD_LIBRARY_PATH")
+        return (
+            f"the CUDA provider cannot load its libraries ({detail}); install them with "
+            f"pip install 'nextoken[cuda]', or put {cuda} and cuDNN 9 on LD_LIBRARY_PATH"
+        )
     return "the CUDA libraries load but no usable GPU answered (check nvidia-smi and CUDA_VISIBLE_DEVICES)"
 
 
@@ -133,9 +137,7 @@ def cuda_status(device_id: int = 0) -> tuple[bool, str]:
     previous = 2
     ort.set_default_logger_severity(4)
     try:
-        session = ort.InferenceSession(
-            _probe_model(), options, providers=[(CUDA, {"device_id": str(device_id)}), CPU]
-        )
+        session = ort.InferenceSession(_probe_model(), options, providers=[(CUDA, {"device_id": str(device_id)}), CPU])
         used = session.get_providers()
     except Exception as exc:  # any failure to build the probe means: not usable
         return False, f"CUDA provider failed to start ({str(exc).splitlines()[0][:160]})"
@@ -190,7 +192,7 @@ def session_options(threads: int | None = None, spin: bool = False) -> ort.Sessi
     options = ort.SessionOptions()
     options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
     options.log_severity_level = 3
-    options.inter_op_num_threads = 1        # nodes run one after another (sequential mode): no inter-op pool
+    options.inter_op_num_threads = 1  # nodes run one after another (sequential mode): no inter-op pool
     if threads is not None:
         if threads < 0:
             raise ValueError(f"threads must be >= 0 (0: ONNX Runtime's default), not {threads}")
@@ -244,10 +246,27 @@ def _running_now() -> float:
 
 
 #: Op types whose work grows with the model (a CUDA session should not leave them on the CPU).
-COMPUTE_OPS = frozenset({
-    "MatMul", "Gemm", "MatMulNBits", "MatMulInteger", "Attention", "MultiHeadAttention", "GroupQueryAttention",
-    "Conv", "LayerNormalization", "SimplifiedLayerNormalization", "SkipLayerNormalization",
-    "SkipSimplifiedLayerNormalization", "Softmax", "RotaryEmbedding", "GatherBlockQuantized", "FastGelu", "Gelu"})
+COMPUTE_OPS = frozenset(
+    {
+        "MatMul",
+        "Gemm",
+        "MatMulNBits",
+        "MatMulInteger",
+        "Attention",
+        "MultiHeadAttention",
+        "GroupQueryAttention",
+        "Conv",
+        "LayerNormalization",
+        "SimplifiedLayerNormalization",
+        "SkipLayerNormalization",
+        "SkipSimplifiedLayerNormalization",
+        "Softmax",
+        "RotaryEmbedding",
+        "GatherBlockQuantized",
+        "FastGelu",
+        "Gelu",
+    }
+)
 
 
 def heavy_on_cpu(session: ort.InferenceSession) -> list[tuple[str, str]]:
@@ -257,5 +276,10 @@ def heavy_on_cpu(session: ort.InferenceSession) -> list[tuple[str, str]]:
         subgraphs = session.get_provider_graph_assignment_info()
     except Exception:
         return []
-    return [(n.name, n.op_type) for sub in subgraphs if sub.ep_name == "CPUExecutionProvider"
-            for n in sub.get_nodes() if n.op_type in COMPUTE_OPS]
+    return [
+        (n.name, n.op_type)
+        for sub in subgraphs
+        if sub.ep_name == "CPUExecutionProvider"
+        for n in sub.get_nodes()
+        if n.op_type in COMPUTE_OPS
+    ]

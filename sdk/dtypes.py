@@ -14,7 +14,7 @@ import numpy as np
 
 from .errors import ModelPackageError
 
-__all__ = ["DType", "DTYPES", "by_ort_type", "kv_dtype"]
+__all__ = ["DTYPES", "DType", "by_ort_type", "kv_dtype"]
 
 
 @dataclass(frozen=True)
@@ -32,15 +32,18 @@ class DType:
     kv: bool
 
 
-DTYPES: dict[str, DType] = {d.name: d for d in (
-    DType("float32", "fp32", "tensor(float)", 1, 4, np.float32, True),
-    DType("float16", "fp16", "tensor(float16)", 10, 2, np.float16, True),
-    # numpy has no bfloat16, so the cache cannot be made or copied through it yet
-    DType("bfloat16", "bf16", "tensor(bfloat16)", 16, 2, None, False),
-    DType("float64", "fp64", "tensor(double)", 11, 8, np.float64, True),
-    DType("int64", "int64", "tensor(int64)", 7, 8, np.int64, False),
-    DType("int32", "int32", "tensor(int32)", 6, 4, np.int32, False),
-)}
+DTYPES: dict[str, DType] = {
+    d.name: d
+    for d in (
+        DType("float32", "fp32", "tensor(float)", 1, 4, np.float32, True),
+        DType("float16", "fp16", "tensor(float16)", 10, 2, np.float16, True),
+        # numpy has no bfloat16, so the cache cannot be made or copied through it yet
+        DType("bfloat16", "bf16", "tensor(bfloat16)", 16, 2, None, False),
+        DType("float64", "fp64", "tensor(double)", 11, 8, np.float64, True),
+        DType("int64", "int64", "tensor(int64)", 7, 8, np.int64, False),
+        DType("int32", "int32", "tensor(int32)", 6, 4, np.int32, False),
+    )
+}
 
 _BY_ORT = {d.ort: d for d in DTYPES.values()}
 
@@ -56,6 +59,8 @@ def kv_dtype(name: str) -> DType:
     entry = DTYPES.get(name)
     if entry is None or not entry.kv:
         ok = ", ".join(d.name for d in DTYPES.values() if d.kv)
-        raise ModelPackageError(f"this package keeps its KV cache in {name}, which nextoken cannot hold yet ({ok}); "
-                                "export it with --dtype fp16 or fp32")
+        raise ModelPackageError(
+            f"this package keeps its KV cache in {name}, which nextoken cannot hold yet ({ok}); "
+            "export it with --dtype fp16 or fp32"
+        )
     return entry

@@ -5,11 +5,13 @@ from __future__ import annotations
 import collections
 import logging
 import threading
+from collections.abc import Iterator, Mapping, Sequence
 from pathlib import Path
-from typing import Any, Iterator, Mapping, Sequence, Union, overload
+from typing import Any, overload
 
 import numpy as np
 import onnxruntime as ort
+from typing_extensions import Self
 
 from .chat import Message, render_chat
 from .device import DeviceChoice, heavy_on_cpu, resolve_device, session_options, spin_policy
@@ -38,7 +40,7 @@ log = logging.getLogger("nextoken")
 SMALL_MODEL_BYTES = 16 << 20
 
 #: A prompt is text, or token ids as they go into the model.
-Prompt = Union[str, Sequence[int]]
+Prompt = str | Sequence[int]
 
 
 def device_notes(device: str, manifest: Manifest) -> list[str]:
@@ -46,8 +48,10 @@ def device_notes(device: str, manifest: Manifest) -> list[str]:
     warnings when an engine starts)."""
     notes = []
     if device == "cuda" and manifest.padding_side == "right" and manifest.kv_dtype == "float32":
-        notes.append("onnxruntime runs GroupQueryAttention on CUDA in fp16/bf16 only, so this fp32 package's "
-                     "attention runs on the CPU, with copies each step; export it with --dtype fp16 for a GPU")
+        notes.append(
+            "onnxruntime runs GroupQueryAttention on CUDA in fp16/bf16 only, so this fp32 package's "
+            "attention runs on the CPU, with copies each step; export it with --dtype fp16 for a GPU"
+        )
     return notes
 
 
@@ -81,12 +85,22 @@ class Engine:
     engine serves requests one after another, and a failed request leaves it as it was.
     """
 
-    def __init__(self, path: str | Path, *, device: str = "auto", threads: int | None = None,
-                 spin: bool | None = None, plugins: bool | Sequence[str] | None = None,
-                 extra_plugins: Sequence[Any] = (),
-                 cost_meters: Mapping[str, Mapping[str, Any]] | None = None, tf32: bool | None = None,
-                 verify: bool | None = None, prefix_cache_bytes: int = 0,
-                 prefix_cache_dir: str | Path | None = None, prefix_cache_disk_bytes: int = 1 << 30) -> None:
+    def __init__(
+        self,
+        path: str | Path,
+        *,
+        device: str = "auto",
+        threads: int | None = None,
+        spin: bool | None = None,
+        plugins: bool | Sequence[str] | None = None,
+        extra_plugins: Sequence[Any] = (),
+        cost_meters: Mapping[str, Mapping[str, Any]] | None = None,
+        tf32: bool | None = None,
+        verify: bool | None = None,
+        prefix_cache_bytes: int = 0,
+        prefix_cache_dir: str | Path | None = None,
+        prefix_cache_disk_bytes: int = 1 << 30,
+    ) -> None:
         self.path = Path(path)
         if not self.path.exists():
             raise ModelPackageError(f"model package {self.path} does not exist")
@@ -98,7 +112,7 @@ class Engine:
             raise ModelPackageError(f"{model_file} is missing; re-export the package with `nextoken export`")
         #: how the files were checked at load: "sha256", "stamp", "sizes" or "none (...)"
         self.verified = self.manifest.verify_at_load(self.path, verify)
-        kv_dtype(self.manifest.kv_dtype)                  # a cache the runtime cannot hold: refused here, by name
+        kv_dtype(self.manifest.kv_dtype)  # a cache the runtime cannot hold: refused here, by name
         self.manifest.check_values(self.path)
         self.plugins = Registry(plugins)
         for plugin in extra_plugins:
@@ -109,8 +123,9 @@ class Engine:
         self._tokenizer: GuardedTokenizer | None = None
         if self.manifest.tokenizer_file:
             self.tokenizer, loader = self.plugins.tokenizer(self.manifest.tokenizer, self.path, self.manifest)
-            self._tokenizer = GuardedTokenizer(self.tokenizer, f"plugin {loader.plugin!r} (tokenizer {loader.name!r})",
-                                               self.manifest.vocab_size)
+            self._tokenizer = GuardedTokenizer(
+                self.tokenizer, f"plugin {loader.plugin!r} (tokenizer {loader.name!r})", self.manifest.vocab_size
+            )
         self.cost_meters = {k: dict(v) for k, v in (cost_meters or {}).items()}
         self.plugins.check("cost_meter", self.cost_meters)
         self.device: DeviceChoice = resolve_device(device, tf32)
@@ -121,7 +136,7 @@ class Engine:
         #: whether the session's threads spin within a step, and why (given, NEXTOKEN_SPIN, or the host's load)
         self.spin, self.spin_reason = spin_policy(threads) if spin is None else (bool(spin), "given")
         options = session_options(threads, self.spin)
-        if self.device.device == "cuda":          # to say at load if compute nodes stay on the CPU
+        if self.device.device == "cuda":  # to say at load if compute nodes stay on the CPU
             options.add_session_config_entry("session.record_ep_graph_assignment_info", "1")
         try:
             self.session = ort.InferenceSession(str(model_file), options, providers=list(self.device.providers))
@@ -144,24 +159,33 @@ class Engine:
         #: prompt prefixes' KV caches reused across requests (None: off, ``prefix_cache_bytes=0``)
         self.prefix_cache: PrefixCache | None = None
         if prefix_cache_dir is not None and prefix_cache_bytes <= 0:
-            raise NextokenError("prefix_cache_dir needs prefix_cache_bytes > 0: the disk tier's entries are loaded "
-                                "into the memory tier (--prefix-cache-mb)")
+            raise NextokenError(
+                "prefix_cache_dir needs prefix_cache_bytes > 0: the disk tier's entries are loaded "
+                "into the memory tier (--prefix-cache-mb)"
+            )
         if prefix_cache_bytes > 0 and self.manifest.rope_switch:
-            raise NextokenError(f"{self.path} switches its rotary factors at {self.manifest.rope_switch} tokens "
-                                "(longrope), so a cached prefix cannot serve a prompt on the other side; leave the "
-                                "prefix cache off for it")
+            raise NextokenError(
+                f"{self.path} switches its rotary factors at {self.manifest.rope_switch} tokens "
+                "(longrope), so a cached prefix cannot serve a prompt on the other side; leave the "
+                "prefix cache off for it"
+            )
         if prefix_cache_bytes > 0:
             disk = None
             if prefix_cache_dir is not None:
                 if not self.manifest.checksums:
-                    raise ModelPackageError(f"{self.path} records no checksums, so the prefix cache's disk tier "
-                                            "cannot tell it from a changed package; export it again")
+                    raise ModelPackageError(
+                        f"{self.path} records no checksums, so the prefix cache's disk tier "
+                        "cannot tell it from a changed package; export it again"
+                    )
                 identity = package_identity(self.manifest.checksums, self.manifest.kv_dtype, self.device.provider)
                 m = self.manifest
-                layout = Layout(2 * m.num_layers, m.num_kv_heads, m.head_dim, kv_dtype(m.kv_dtype).name,
-                                m.context_length)
+                layout = Layout(
+                    2 * m.num_layers, m.num_kv_heads, m.head_dim, kv_dtype(m.kv_dtype).name, m.context_length
+                )
                 try:
-                    disk = DiskTier(prefix_cache_dir, identity, prefix_cache_disk_bytes, 32, self.runner.cache_of, layout)
+                    disk = DiskTier(
+                        prefix_cache_dir, identity, prefix_cache_disk_bytes, 32, self.runner.cache_of, layout
+                    )
                 except OSError as exc:
                     raise NextokenError(f"prefix_cache_dir {prefix_cache_dir}: {exc.strerror or exc}") from None
             self.prefix_cache = PrefixCache(prefix_cache_bytes, disk=disk)
@@ -175,9 +199,13 @@ class Engine:
             heavy = heavy_on_cpu(self.session)
             if heavy:
                 ops = collections.Counter(op for _, op in heavy)
-                log.warning("nextoken: this CUDA session runs %d compute nodes on the CPU (%s); "
-                            "`nextoken info %s --placement --device cuda` lists them", len(heavy),
-                            ", ".join(f"{op} x{n}" for op, n in ops.most_common()), self.path)
+                log.warning(
+                    "nextoken: this CUDA session runs %d compute nodes on the CPU (%s); "
+                    "`nextoken info %s --placement --device cuda` lists them",
+                    len(heavy),
+                    ", ".join(f"{op} x{n}" for op, n in ops.most_common()),
+                    self.path,
+                )
 
     # -- lifecycle ------------------------------------------------------------------------------------
     def close(self) -> None:
@@ -197,10 +225,10 @@ class Engine:
                 self._cache_ops = CacheOps(self.runner, self.device.providers)
             return self._cache_ops
 
-    def __enter__(self) -> "Engine":
+    def __enter__(self) -> Self:
         return self
 
-    def __exit__(self, *exc: Any) -> None:
+    def __exit__(self, *exc: object) -> None:
         self.close()
 
     # -- plugins -------------------------------------------------------------------------------------
@@ -229,8 +257,9 @@ class Engine:
             )
         return self._tokenizer
 
-    def apply_chat_template(self, messages: Sequence[Message], add_generation_prompt: bool = True,
-                            tools: ToolRequest | None = None) -> list[int]:
+    def apply_chat_template(
+        self, messages: Sequence[Message], add_generation_prompt: bool = True, tools: ToolRequest | None = None
+    ) -> list[int]:
         """Token ids of ``messages`` rendered with the model's chat template (in a sandbox); with
         ``tools``, the tools as the template takes them (or nextoken's fallback system message)."""
         tok = self._need_tokenizer()
@@ -256,7 +285,9 @@ class Engine:
         try:
             ids = [int(t) for t in prompt]
         except (TypeError, ValueError):
-            raise InvalidRequestError(f"{where} must be text or a sequence of token ids, not {type(prompt).__name__}") from None
+            raise InvalidRequestError(
+                f"{where} must be text or a sequence of token ids, not {type(prompt).__name__}"
+            ) from None
         if not ids:
             raise InvalidRequestError(f"{where} has no token ids; give at least one")
         vocab = self.manifest.vocab_size
@@ -272,14 +303,17 @@ class Engine:
         if _is_single(prompts):
             return [self._prompt_ids(prompts)]
         if not isinstance(prompts, Sequence):
-            raise InvalidRequestError(f"prompt must be text, token ids or a list of those, not {type(prompts).__name__}")
+            raise InvalidRequestError(
+                f"prompt must be text, token ids or a list of those, not {type(prompts).__name__}"
+            )
         if len(prompts) == 0:
             raise InvalidRequestError("no prompt given; pass text, token ids, or a non-empty list of those")
         return [self._prompt_ids(p, i) for i, p in enumerate(prompts)]
 
     # -- generation ------------------------------------------------------------------------------------
-    def start(self, prompts: Prompt | Sequence[Prompt], params: SamplingParams | None = None,
-              **overrides: Any) -> Generation:
+    def start(
+        self, prompts: Prompt | Sequence[Prompt], params: SamplingParams | None = None, **overrides: Any
+    ) -> Generation:
         """A :class:`Generation` for ``prompts``: iterate it for stream events, then ask its completions.
 
         ``params`` or keyword overrides (``max_new_tokens=``, ``temperature=`` ...) set how to generate.
@@ -290,29 +324,41 @@ class Engine:
         params = _params(params, overrides)
         outside = [t for t in params.logit_bias if t >= self.manifest.vocab_size]
         if outside:
-            raise InvalidRequestError(f"logit_bias names token ids outside the vocabulary [0, {self.manifest.vocab_size}): "
-                                      f"{outside[:5]}")
+            raise InvalidRequestError(
+                f"logit_bias names token ids outside the vocabulary [0, {self.manifest.vocab_size}): {outside[:5]}"
+            )
         pipeline = Pipeline(self.plugins, params, self.cost_meters)
         ids = self._batch(prompts)
         return Generation(
-            self.runner, ids, params, pipeline, self._tokenizer, self.eos_token_ids, self.pad_token_id,
-            self.manifest.context_length, self.device.device, self.device.provider, driver=self._drive,
+            self.runner,
+            ids,
+            params,
+            pipeline,
+            self._tokenizer,
+            self.eos_token_ids,
+            self.pad_token_id,
+            self.manifest.context_length,
+            self.device.device,
+            self.device.provider,
+            driver=self._drive,
         )
 
     def _drive(self, generation: Generation) -> Iterator[StreamEvent]:
         """Run a request on the caller's thread: the scheduler, made for it alone, run to its end."""
         return Scheduler.alone(self, generation).run(generation)
 
-    def stream(self, prompts: Prompt | Sequence[Prompt], params: SamplingParams | None = None,
-               **overrides: Any) -> Iterator[StreamEvent]:
+    def stream(
+        self, prompts: Prompt | Sequence[Prompt], params: SamplingParams | None = None, **overrides: Any
+    ) -> Iterator[StreamEvent]:
         """Stream text deltas as they are generated: :class:`StreamEvent` s, ``index`` naming the prompt."""
         return iter(self.start(prompts, params, **overrides))
 
     @overload
     def generate(self, prompts: str, params: SamplingParams | None = None, **overrides: Any) -> Completion: ...
     @overload
-    def generate(self, prompts: Sequence[Prompt], params: SamplingParams | None = None,
-                 **overrides: Any) -> Completion | list[Completion]: ...
+    def generate(
+        self, prompts: Sequence[Prompt], params: SamplingParams | None = None, **overrides: Any
+    ) -> Completion | list[Completion]: ...
 
     def generate(self, prompts, params=None, **overrides):
         """Generate to the end. One prompt (text or ids) gives a :class:`Completion`; a list gives a
@@ -326,9 +372,17 @@ class Engine:
                 completion.record = record
         return completions[0] if _is_single(prompts) and generation.params.n == 1 else completions
 
-    def chat(self, messages: Sequence[Message], params: SamplingParams | None = None, *, tools: Any = None,
-             tool_choice: Any = None, parallel_tool_calls: bool = True, tool_fallback: bool = False,
-             **overrides: Any) -> Completion | list[Completion]:
+    def chat(
+        self,
+        messages: Sequence[Message],
+        params: SamplingParams | None = None,
+        *,
+        tools: Any = None,
+        tool_choice: Any = None,
+        parallel_tool_calls: bool = True,
+        tool_fallback: bool = False,
+        **overrides: Any,
+    ) -> Completion | list[Completion]:
         """Answer a conversation (``[{"role": "user", "content": "..."}, ...]``) with the model's chat template.
 
         ``tools`` (OpenAI's ``[{"type": "function", "function": {"name", "description", "parameters"}}]``)
@@ -396,11 +450,14 @@ class CachedForward:
         if not ids:
             raise InvalidRequestError("feed needs at least one token id")
         if len(self.tokens) + len(ids) > self.max_length:
-            raise ContextWindowError(f"{len(self.tokens)} + {len(ids)} tokens exceed this cache's {self.max_length} "
-                                     "positions; truncate it first")
+            raise ContextWindowError(
+                f"{len(self.tokens)} + {len(ids)} tokens exceed this cache's {self.max_length} "
+                "positions; truncate it first"
+            )
         if self._kv is None or not self.tokens:
-            self._kv = for_request(self.engine.runner, 1, self.max_length, self.engine.pad_token_id,
-                                   ops=self.engine.cache_ops)
+            self._kv = for_request(
+                self.engine.runner, 1, self.max_length, self.engine.pad_token_id, ops=self.engine.cache_ops
+            )
             pre = self._kv.prefill([ids])
             self._kv.join(pre)
             logits = pre.logits
@@ -423,8 +480,7 @@ def _is_single(prompts: Any) -> bool:
         return True
     if isinstance(prompts, np.ndarray):
         return prompts.ndim == 1
-    return isinstance(prompts, Sequence) and len(prompts) > 0 and all(
-        isinstance(p, (int, np.integer)) for p in prompts)
+    return isinstance(prompts, Sequence) and len(prompts) > 0 and all(isinstance(p, (int, np.integer)) for p in prompts)
 
 
 def _params(params: SamplingParams | None, overrides: dict[str, Any]) -> SamplingParams:

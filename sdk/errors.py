@@ -3,13 +3,13 @@
 from __future__ import annotations
 
 __all__ = [
-    "NextokenError",
-    "ModelPackageError",
-    "ManifestMismatchError",
-    "InvalidRequestError",
     "ContextWindowError",
-    "ExportError",
     "DeviceError",
+    "ExportError",
+    "InvalidRequestError",
+    "ManifestMismatchError",
+    "ModelPackageError",
+    "NextokenError",
     "PluginError",
     "SchedulerStoppedError",
 ]

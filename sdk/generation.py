@@ -14,8 +14,9 @@ from __future__ import annotations
 import collections
 import math
 import time
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
-from typing import Any, Callable, Iterator, Mapping, Sequence
+from typing import Any
 
 import numpy as np
 
@@ -24,9 +25,10 @@ from .kvcache import StepRunner
 from .probes import MemorySampler
 from .registry import Pipeline
 from .tokenizer import IncrementalDecoder, Tokenizer
-from .types import (BatchState, Charge, Completion, SamplingParams, Stop, StreamEvent, TokenLogprob, Usage)
+from .types import BatchState, Charge, Completion, SamplingParams, Stop, StreamEvent, TokenLogprob, Usage
 
-__all__ = ["fit_prompt", "Generation", "Speculation", "Timings"]
+__all__ = ["Generation", "Speculation", "Timings", "fit_prompt"]
+
 
 def fit_prompt(prompt: list[int], params: SamplingParams, window: int, index: int | None = None) -> list[int]:
     """Apply the context policy to one prompt before any work: refuse it (``error``), cut it
@@ -40,7 +42,7 @@ def fit_prompt(prompt: list[int], params: SamplingParams, window: int, index: in
                 f"max_new_tokens={params.max_new_tokens} leaves {max(room, 0)} of the {window}-token context window "
                 f"for {which}, not more than its protected prefix of {keep} tokens; lower max_new_tokens"
             )
-        return prompt[:keep] + prompt[len(prompt) - (room - keep):]
+        return prompt[:keep] + prompt[len(prompt) - (room - keep) :]
     if len(prompt) > window or (policy == "slide" and len(prompt) >= window):
         raise ContextWindowError(
             f"{which} has {len(prompt)} tokens but the model's context window is {window}; shorten it, "
@@ -70,6 +72,7 @@ class _Sequence:
 # Each check is a shape test and one reduction over the row (max propagates NaN), so it costs a
 # small fraction of a step; the reason for a failure is found only once something failed.
 
+
 def _logits_problem(logits: Any, batch: int, vocab: int, model: bool = False) -> str | None:
     """Why ``logits`` cannot be used as a ``[batch, vocab]`` float array of scores, or None.
     -inf masks a token; NaN, +inf, or a row with no finite score is a fault."""
@@ -88,8 +91,11 @@ def _logits_problem(logits: Any, batch: int, vocab: int, model: bool = False) ->
         if top[row] == np.inf:
             return f"are +inf in row {row}" if model else f"returned +inf in row {row}"
         if top[row] == -np.inf:
-            return (f"are all -inf in row {row}" if model
-                    else f"masked every token of row {row} (no finite score is left to choose from)")
+            return (
+                f"are all -inf in row {row}"
+                if model
+                else f"masked every token of row {row} (no finite score is left to choose from)"
+            )
     return None
 
 
@@ -124,7 +130,11 @@ def _stops_problem(stops: Any, batch: int) -> str | None:
 
 
 def _finite_number(value: Any) -> bool:
-    return isinstance(value, (int, float, np.integer, np.floating)) and not isinstance(value, bool) and math.isfinite(value)
+    return (
+        isinstance(value, (int, float, np.integer, np.floating))
+        and not isinstance(value, bool)
+        and math.isfinite(value)
+    )
 
 
 def _log_softmax(logits: np.ndarray) -> np.ndarray:
@@ -154,12 +164,12 @@ class Speculation:
         self.off = False
         self._checks: collections.deque[tuple[int, int]] = collections.deque(maxlen=8)
         self._steps: collections.deque[tuple[int, float]] = collections.deque(maxlen=32)
-        self._sums = [0.0, 0.0, 0.0, 0.0]            # of n, t, n*n, n*t over _steps
-        self._counts = [0, 0]                         # plain steps and checks in _steps
+        self._sums = [0.0, 0.0, 0.0, 0.0]  # of n, t, n*n, n*t over _steps
+        self._counts = [0, 0]  # plain steps and checks in _steps
         self._seen = [False, False]
         self.runner = runner
         if runner is not None and runner.step_cost is not None:
-            self.k = max(1, self._best(0.5, *runner.step_cost))    # even odds until it has guessed
+            self.k = max(1, self._best(0.5, *runner.step_cost))  # even odds until it has guessed
 
     def propose(self, state: BatchState, room: int) -> list[int]:
         """Up to ``min(k, room)`` guesses for sequence 0 (``[]``: decode plainly this step)."""
@@ -171,9 +181,11 @@ class Speculation:
         except Exception as exc:
             raise self.proposer.provided.error(exc) from exc
         if not isinstance(guess, (list, tuple)) or not all(
-                isinstance(t, (int, np.integer)) and 0 <= t < state.vocab_size for t in guess):
-            raise self.proposer.provided.error(ValueError(
-                f"returned {describe(guess)}, not a list of token ids in [0, {state.vocab_size})"))
+            isinstance(t, (int, np.integer)) and 0 <= t < state.vocab_size for t in guess
+        ):
+            raise self.proposer.provided.error(
+                ValueError(f"returned {describe(guess)}, not a list of token ids in [0, {state.vocab_size})")
+            )
         return [int(t) for t in guess[:k]]
 
     def stepped(self, positions: int, seconds: float) -> None:
@@ -213,7 +225,7 @@ class Speculation:
         """The guess that makes the most tokens per second (0: a plain step)."""
         best, count, gain = 1 / (a + b), 0, 1.0
         for k in range(1, self.k_max + 1):
-            gain += alpha ** k
+            gain += alpha**k
             if gain / (a + b * (k + 1)) > best:
                 best, count = gain / (a + b * (k + 1)), k
         return count
@@ -273,12 +285,23 @@ class Generation:
     thousand sharing a batch take the same path.
     """
 
-    def __init__(self, runner: StepRunner, prompts: Sequence[list[int]], params: SamplingParams,
-                 pipeline: Pipeline, tokenizer: Tokenizer | None, eos_token_ids: Sequence[int],
-                 pad_token_id: int, context_length: int, device: str, provider: str = "",
-                 driver: Callable[["Generation"], Iterator[StreamEvent]] | None = None) -> None:
-        prompts = [fit_prompt(list(p), params, context_length, i if len(prompts) > 1 else None)
-                   for i, p in enumerate(prompts)]
+    def __init__(
+        self,
+        runner: StepRunner,
+        prompts: Sequence[list[int]],
+        params: SamplingParams,
+        pipeline: Pipeline,
+        tokenizer: Tokenizer | None,
+        eos_token_ids: Sequence[int],
+        pad_token_id: int,
+        context_length: int,
+        device: str,
+        provider: str = "",
+        driver: Callable[["Generation"], Iterator[StreamEvent]] | None = None,
+    ) -> None:
+        prompts = [
+            fit_prompt(list(p), params, context_length, i if len(prompts) > 1 else None) for i, p in enumerate(prompts)
+        ]
         # n choices a prompt: rows prompt 0 choice 0..n-1, prompt 1 choice 0..n-1, ...
         n = params.n
         choices = [j for _ in prompts for j in range(n)]
@@ -291,8 +314,9 @@ class Generation:
         self.pad_token_id = pad_token_id
         self.device = device
         self.provider = provider
-        self.state = BatchState(params, [list(p) for p in prompts], eos_token_ids, runner.manifest.vocab_size, choices,
-                                tokenizer)
+        self.state = BatchState(
+            params, [list(p) for p in prompts], eos_token_ids, runner.manifest.vocab_size, choices, tokenizer
+        )
         self.seqs = [
             _Sequence(tokenizer.decoder(p) if tokenizer else None, params.top_logprobs is not None)
             for p in self.state.prompts
@@ -305,8 +329,9 @@ class Generation:
         #: per sequence: prompt tokens taken from the prefix cache
         self.cached_tokens = [0] * self.state.batch_size
         #: speculative decoding (None: off); the scheduler uses it while the request decodes alone
-        self.speculation = (Speculation(pipeline.proposer, params.speculative["k"], runner)
-                            if pipeline.proposer is not None else None)
+        self.speculation = (
+            Speculation(pipeline.proposer, params.speculative["k"], runner) if pipeline.proposer is not None else None
+        )
         self.peak_memory_bytes: int | None = None
         self.device_memory_bytes: int | None = None
         # per row: tokens the model has seen or will see next; the ids it was last prefilled with,
@@ -324,8 +349,9 @@ class Generation:
     def __iter__(self) -> Iterator[StreamEvent]:
         if self._events is None:
             if self._driver is None:
-                raise InvalidRequestError("nothing drives this request: run it through the step API, or start it "
-                                          "with Engine.start")
+                raise InvalidRequestError(
+                    "nothing drives this request: run it through the step API, or start it with Engine.start"
+                )
             self._events = self._driver(self)
         return self._events
 
@@ -367,9 +393,11 @@ class Generation:
         batch = state.batch_size
         problem = _logits_problem(logits, batch, state.vocab_size, model=True)
         if problem:
-            raise NextokenError(f"the model's logits at step {state.step} of request {state.request_id} {problem}: "
-                                "the package or its precision cannot be trusted on this input; check it with "
-                                "`nextoken info --verify` and its parity report")
+            raise NextokenError(
+                f"the model's logits at step {state.step} of request {state.request_id} {problem}: "
+                "the package or its precision cannot be trusted on this input; check it with "
+                "`nextoken info --verify` and its parity report"
+            )
         for proc in pipe.processors:
             try:
                 out = proc.fn(logits, state)
@@ -391,7 +419,7 @@ class Generation:
             self.first_token_time = now
         logprobs = self._logprobs(logits, tokens) if pipe.top_logprobs is not None else None
         alive_rows = state.append(tokens)
-        rows, picked = alive_rows.tolist(), tokens.tolist()        # Python ints: the per-row loops index them
+        rows, picked = alive_rows.tolist(), tokens.tolist()  # Python ints: the per-row loops index them
         timing = pipe.seconds is not None
         decoding = time.perf_counter() if timing else 0.0
         for row in rows:
@@ -436,7 +464,7 @@ class Generation:
                 end = len(state.texts[row]) - max(c.holdback(state.texts[row]) for c in pipe.text_stops)
             else:
                 end = len(state.texts[row])
-            delta = state.texts[row][seq.emitted:end] if end > seq.emitted else ""
+            delta = state.texts[row][seq.emitted : end] if end > seq.emitted else ""
             seq.emitted = max(seq.emitted, end)
             lp = None
             if logprobs is not None:
@@ -458,13 +486,13 @@ class Generation:
         state, windows = self.state, []
         for row in range(state.batch_size):
             ids, at = self._prefilled[row]
-            held = ids + state.generated[row][at:]          # what the model holds of the row, and its last token
+            held = ids + state.generated[row][at:]  # what the model holds of the row, and its last token
             if not state.alive[row]:
                 windows.append(held[-1:])
             elif self._lengths[row] >= self.context_length:
                 keep = max(self.context_length // 2, self.params.protected_prefix + 1)
                 prefix = held[: self.params.protected_prefix]
-                windows.append(prefix + held[len(held) - (keep - len(prefix)):])
+                windows.append(prefix + held[len(held) - (keep - len(prefix)) :])
                 self.slides.append((state.step, row, list(windows[-1])))
             else:
                 windows.append(held)
@@ -482,8 +510,9 @@ class Generation:
         self.state.alive[:] = False
         return events
 
-    def end(self, model_seconds: float, kv_cache_bytes: int,
-            memory: tuple[int | None, int | None] | None = None) -> list[Completion]:
+    def end(
+        self, model_seconds: float, kv_cache_bytes: int, memory: tuple[int | None, int | None] | None = None
+    ) -> list[Completion]:
         """Close the request: usage, cost, completions, observers. ``memory``: (peak resident bytes,
         GPU bytes) as the driver sampled them (default: read now)."""
         self.model_seconds = model_seconds
@@ -499,8 +528,14 @@ class Generation:
 
     def timings(self) -> Timings:
         """When its phases happened, and the model time (for benchmarks)."""
-        return Timings(self.start, self.prefill_done, self.first_token_time,
-                       tuple(s.last_token_time for s in self.seqs), self.model_seconds, self.prefill_model_seconds)
+        return Timings(
+            self.start,
+            self.prefill_done,
+            self.first_token_time,
+            tuple(s.last_token_time for s in self.seqs),
+            self.model_seconds,
+            self.prefill_model_seconds,
+        )
 
     def _logprobs(self, logits: np.ndarray, tokens: np.ndarray) -> list[TokenLogprob]:
         """Each row's chosen token and top-N alternatives under the final distribution."""
@@ -551,16 +586,24 @@ class Generation:
                 accepted_tokens=self.speculation.accepted if self.speculation and row == 0 else 0,
             )
             finish = seq.finish or Stop("length")
-            completion = Completion(self.state.texts[row], list(ids), finish.reason, usage,
-                                    self.state.prompts[row], finish.detail, seq.logprobs)
+            completion = Completion(
+                self.state.texts[row],
+                list(ids),
+                finish.reason,
+                usage,
+                self.state.prompts[row],
+                finish.detail,
+                seq.logprobs,
+            )
             for name, meter in self.pipeline.meters:
                 try:
                     charge = meter.fn(usage)
                 except Exception as exc:
                     raise meter.provided.error(exc) from exc
                 if not isinstance(charge, Charge) or not _finite_number(charge.amount):
-                    raise meter.provided.error(ValueError(
-                        f"returned {describe(charge)}, not a Charge with a finite amount"))
+                    raise meter.provided.error(
+                        ValueError(f"returned {describe(charge)}, not a Charge with a finite amount")
+                    )
                 completion.cost[name] = charge
             out.append(completion)
         if hook_ms is not None:

@@ -23,14 +23,15 @@ text so far, the step number, the request's :class:`nextoken.SamplingParams`).
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Any, Callable
+from collections.abc import Callable
+from typing import TYPE_CHECKING, Any
 
 import pluggy
 
 if TYPE_CHECKING:  # pragma: no cover
     from .types import BatchState, Completion
 
-__all__ = ["hookspec", "hookimpl", "PROJECT"]
+__all__ = ["PROJECT", "hookimpl", "hookspec"]
 
 PROJECT = "nextoken"
 hookspec = pluggy.HookspecMarker(PROJECT)
@@ -38,6 +39,7 @@ hookimpl = pluggy.HookimplMarker(PROJECT)
 
 
 # -- what a plugin provides --------------------------------------------------------------------------
+
 
 @hookspec
 def register_tokenizers(register: Callable[..., None]) -> None:
@@ -117,6 +119,7 @@ def register_proposers(register: Callable[..., None]) -> None:
 
 
 # -- what a plugin observes ---------------------------------------------------------------------------
+
 
 @hookspec
 def on_request_start(state: "BatchState") -> None:

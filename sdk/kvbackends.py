@@ -20,15 +20,16 @@ or trimmed. Joining and leaving run small ONNX graphs on the cache's device
 
 from __future__ import annotations
 
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from typing import Callable, Protocol, Sequence
+from typing import Protocol
 
 import numpy as np
 
 from .errors import NextokenError
 from .kvcache import CacheOps, KVCache, SlotCache, StepRunner, grow_mask, pad_batch
 
-__all__ = ["KVBackend", "Prefilled", "ConcatBackend", "SlotBackend", "BACKENDS", "prefill_padded", "for_request"]
+__all__ = ["BACKENDS", "ConcatBackend", "KVBackend", "Prefilled", "SlotBackend", "for_request", "prefill_padded"]
 
 #: The backends by name (``Scheduler(kv_backend=...)``).
 BACKENDS = ("concat", "slots")
@@ -53,8 +54,9 @@ class Prefilled:
         chunks, or a cached prefix): one row of ``end`` positions; ``seconds`` is all the model
         time the cache has taken (every chunk)."""
         mask = np.ones((1, end), dtype=np.int64)
-        logits = runner.prefill(cache, np.asarray([prompt[start:end]], dtype=np.int64), mask,
-                                np.arange(start, end)[None, :])
+        logits = runner.prefill(
+            cache, np.asarray([prompt[start:end]], dtype=np.int64), mask, np.arange(start, end)[None, :]
+        )
         return cls(logits, np.array([end]), cache.run_seconds, cache=cache, mask=mask)
 
     def forked(self, rows: Sequence[int], ops: CacheOps) -> "Prefilled":
@@ -167,9 +169,9 @@ class ConcatBackend:
             return
         mask = self.mask[rows]
         if self.left:
-            start, stop = int(np.argmax(mask.any(axis=0))), mask.shape[1]   # leading columns no row uses
+            start, stop = int(np.argmax(mask.any(axis=0))), mask.shape[1]  # leading columns no row uses
         else:
-            start, stop = 0, int(mask.sum(axis=1).max())                   # trailing columns no row uses
+            start, stop = 0, int(mask.sum(axis=1).max())  # trailing columns no row uses
         self.cache = self._ops().select(self.cache, rows, start, stop)
         self.mask = np.ascontiguousarray(mask[:, start:stop])
         self.next_pos = self.next_pos[rows]
@@ -215,8 +217,15 @@ class SlotBackend:
 
     name = "slots"
 
-    def __init__(self, runner: StepRunner, slots: int, length: int, pad_id: int,
-                 ops: Callable[[], CacheOps] | None = None, batched: bool = True) -> None:
+    def __init__(
+        self,
+        runner: StepRunner,
+        slots: int,
+        length: int,
+        pad_id: int,
+        ops: Callable[[], CacheOps] | None = None,
+        batched: bool = True,
+    ) -> None:
         self.runner, self.slots, self.length, self.pad_id = runner, slots, length, pad_id
         self._ops = ops or _no_surgery
         self.batched = batched and ops is not None
@@ -247,12 +256,13 @@ class SlotBackend:
         before = buffer.run_seconds
         free = self._free(len(prompts))
         logits = [self.runner.prefill_in_place(buffer, p, slot) for p, slot in zip(prompts, free)]
-        return Prefilled(np.concatenate(logits, axis=0), np.array([len(p) for p in prompts]),
-                         buffer.run_seconds - before, slots=free)
+        return Prefilled(
+            np.concatenate(logits, axis=0), np.array([len(p) for p in prompts]), buffer.run_seconds - before, slots=free
+        )
 
     def join(self, pre: Prefilled) -> None:
         buffer = self._buffer()
-        if pre.slots is None:                        # a padded cache: copied into free slots
+        if pre.slots is None:  # a padded cache: copied into free slots
             free = self._free(len(pre.lengths))
             self._ops().write(buffer, pre.cache, free)
         else:
@@ -266,7 +276,7 @@ class SlotBackend:
         pad token at position 0). Returns the batch's rows' logits, in order."""
         buffer, (rows, used, idle, in_order) = self.buffer, self._layout()
         step = 1 if grow is None else grow
-        if in_order:                                  # rows are slots 0..n-1: no gathering
+        if in_order:  # rows are slots 0..n-1: no gathering
             ids, lengths = np.asarray(tokens, dtype=np.int64)[:, None], buffer.lengths[:used] + step
         else:
             ids = np.full((used, 1), self.pad_id, dtype=np.int64)
@@ -287,7 +297,10 @@ class SlotBackend:
             rows = np.asarray(self.slot_ids, dtype=np.int64)
             used = int(rows.max()) + 1
             idle = np.setdiff1d(np.arange(used), rows)
-            self._kept = (list(self.slot_ids), (rows, used, idle, used == len(rows) and bool((rows == np.arange(used)).all())))
+            self._kept = (
+                list(self.slot_ids),
+                (rows, used, idle, used == len(rows) and bool((rows == np.arange(used)).all())),
+            )
         return self._kept[1]
 
     def keep(self, rows: Sequence[int]) -> None:
@@ -321,8 +334,14 @@ class SlotBackend:
         return self.buffer.lengths.tolist() if self.buffer is not None else [0] * self.slots
 
 
-def for_request(runner: StepRunner, rows: int, length: int, pad_id: int, slide: bool = False,
-                ops: Callable[[], CacheOps] | None = None) -> KVBackend:
+def for_request(
+    runner: StepRunner,
+    rows: int,
+    length: int,
+    pad_id: int,
+    slide: bool = False,
+    ops: Callable[[], CacheOps] | None = None,
+) -> KVBackend:
     """The cache of one request of ``rows`` sequences, up to ``length`` positions each:
     GroupQueryAttention graphs (keys placed by the mask) run in place in a fixed buffer that long
     (nothing concatenated per step; each prompt prefilled in place in its row); other graphs, and a

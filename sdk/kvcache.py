@@ -10,7 +10,7 @@ stays on the device. Only the last position's logits come back to the host.
 from __future__ import annotations
 
 import time
-from typing import Sequence
+from collections.abc import Sequence
 
 import numpy as np
 import onnxruntime as ort
@@ -20,7 +20,7 @@ from .errors import NextokenError
 from .manifest import Manifest
 from .ortbind import Binder
 
-__all__ = ["KVCache", "SlotCache", "StepRunner", "CacheOps", "pad_batch", "grow_mask"]
+__all__ = ["CacheOps", "KVCache", "SlotCache", "StepRunner", "grow_mask", "pad_batch"]
 
 
 def pad_batch(prompts: Sequence[list[int]], pad_id: int, side: str = "left") -> tuple[np.ndarray, np.ndarray]:
@@ -52,13 +52,14 @@ def grow_mask(mask: np.ndarray, side: str = "left") -> np.ndarray:
 class KVCache:
     """The past keys and values of one batch, layer by layer, as ``ort.OrtValue`` s."""
 
-    def __init__(self, manifest: Manifest, batch_size: int, device: str = "cpu", device_id: int = 0,
-                 length: int = 0) -> None:
+    def __init__(
+        self, manifest: Manifest, batch_size: int, device: str = "cpu", device_id: int = 0, length: int = 0
+    ) -> None:
         self.dtype = kv_dtype(manifest.kv_dtype).numpy
         self.run_seconds = 0.0  # time spent inside ONNX Runtime for this cache's request
         #: a one-token in-place step's binding, kept while its rows stay the same (StepRunner's)
         self.decode_binding: tuple | None = None
-        shape = [batch_size, manifest.num_kv_heads, length, manifest.head_dim]   # uninitialised past 0
+        shape = [batch_size, manifest.num_kv_heads, length, manifest.head_dim]  # uninitialised past 0
         self.values: list[ort.OrtValue] = [
             ort.OrtValue.ortvalue_from_shape_and_type(shape, self.dtype, device, device_id)
             for _ in manifest.past_names()
@@ -110,26 +111,42 @@ class StepRunner:
         runner's caches live."""
         cache = self.new_cache(int(arrays[0].shape[0]))
         if len(arrays) != len(cache.values) or any(np.dtype(a.dtype) != np.dtype(cache.dtype) for a in arrays):
-            raise NextokenError(f"{len(arrays)} arrays of {sorted({str(a.dtype) for a in arrays})} are not this "
-                                f"package's {len(cache.values)} {np.dtype(cache.dtype)} key and value tensors")
-        cache.values = [ort.OrtValue.ortvalue_from_numpy(np.ascontiguousarray(a), self.device, self.device_id)
-                        for a in arrays]
+            raise NextokenError(
+                f"{len(arrays)} arrays of {sorted({str(a.dtype) for a in arrays})} are not this "
+                f"package's {len(cache.values)} {np.dtype(cache.dtype)} key and value tensors"
+            )
+        cache.values = [
+            ort.OrtValue.ortvalue_from_numpy(np.ascontiguousarray(a), self.device, self.device_id) for a in arrays
+        ]
         return cache
 
     # -- the public steps -----------------------------------------------------------------------------
-    def prefill(self, cache: KVCache, input_ids: np.ndarray, attention_mask: np.ndarray,
-                position_ids: np.ndarray | None, all_logits: bool = False) -> np.ndarray:
+    def prefill(
+        self,
+        cache: KVCache,
+        input_ids: np.ndarray,
+        attention_mask: np.ndarray,
+        position_ids: np.ndarray | None,
+        all_logits: bool = False,
+    ) -> np.ndarray:
         """Run ``input_ids [B, S]`` over ``cache`` (empty, or holding earlier chunks) and replace its
         values by the longer ones. ``attention_mask`` is ``[B, cache.length + S]``."""
         return self._concat(cache, input_ids, attention_mask, position_ids, all_logits)
 
-    def decode(self, cache: KVCache, input_ids: np.ndarray, attention_mask: np.ndarray,
-               position_ids: np.ndarray | None) -> np.ndarray:
+    def decode(
+        self, cache: KVCache, input_ids: np.ndarray, attention_mask: np.ndarray, position_ids: np.ndarray | None
+    ) -> np.ndarray:
         """One token a row (``input_ids [B, 1]``) over ``cache``: a prefill of one position."""
         return self._concat(cache, input_ids, attention_mask, position_ids, False)
 
-    def _concat(self, cache: KVCache, input_ids: np.ndarray, attention_mask: np.ndarray,
-                position_ids: np.ndarray | None, all_logits: bool) -> np.ndarray:
+    def _concat(
+        self,
+        cache: KVCache,
+        input_ids: np.ndarray,
+        attention_mask: np.ndarray,
+        position_ids: np.ndarray | None,
+        all_logits: bool,
+    ) -> np.ndarray:
         binding = self.session.io_binding()
         self._bind_ids(binding, input_ids, attention_mask, position_ids)
         if "logits_to_keep" in self._int_dtypes:
@@ -139,7 +156,7 @@ class StepRunner:
         for past, present, value in zip(self._past, self._present, cache.values):
             self.binder.value_in_out(binding, past, present, value)
         self._run(binding, cache)
-        logits, cache.values = self.binder.outputs(binding)     # [B, S, V], or [B, 1, V] with logits_to_keep
+        logits, cache.values = self.binder.outputs(binding)  # [B, S, V], or [B, 1, V] with logits_to_keep
         return _float32(logits if all_logits else logits[:, -1, :])
 
     def prefill_in_place(self, slots: "SlotCache", prompt: Sequence[int], row: int) -> np.ndarray:
@@ -172,7 +189,7 @@ class StepRunner:
         self._bind_ids(binding, input_ids, mask, positions)
         self._run(binding, slots)
         slots.lengths[:n] = lengths
-        return logits[:, -1, :].astype(np.float32)      # a copy: the buffer is the next step's
+        return logits[:, -1, :].astype(np.float32)  # a copy: the buffer is the next step's
 
     def extend_in_place(self, slots: "SlotCache", row: int, tokens: Sequence[int]) -> np.ndarray:
         """Run ``tokens`` after what row ``row`` of ``slots`` holds, in place (its length grows by
@@ -199,7 +216,7 @@ class StepRunner:
             if reuse:
                 slots.extend_bindings[row] = kept
         binding, buffer, bound = kept
-        logits = buffer[:, :keep if "logits_to_keep" in self._int_dtypes else n]
+        logits = buffer[:, : keep if "logits_to_keep" in self._int_dtypes else n]
         if bound != n:
             if "logits_to_keep" in self._int_dtypes:
                 self.binder.host_input(binding, "logits_to_keep", np.array([keep], dtype=np.int64))
@@ -208,11 +225,12 @@ class StepRunner:
         self._bind_ids(binding, np.asarray([tokens], dtype=np.int64), slots.mask([length]), None)
         self._run(binding, slots)
         slots.lengths[row] = length
-        return logits[0, -keep:].astype(np.float32)    # a copy: a kept buffer is the next step's
+        return logits[0, -keep:].astype(np.float32)  # a copy: a kept buffer is the next step's
 
     # -- binding ---------------------------------------------------------------------------------------
-    def _bind_ids(self, binding: ort.IOBinding, input_ids: np.ndarray, mask: np.ndarray,
-                  positions: np.ndarray | None) -> None:
+    def _bind_ids(
+        self, binding: ort.IOBinding, input_ids: np.ndarray, mask: np.ndarray, positions: np.ndarray | None
+    ) -> None:
         dtypes = self._int_dtypes
         bind = self.binder.host_input
         bind(binding, "input_ids", np.ascontiguousarray(input_ids, dtype=dtypes["input_ids"]))
@@ -263,8 +281,10 @@ class CacheOps:
         names = runner.manifest.past_names()
         elem = DTYPES[runner.manifest.kv_dtype].onnx
         # Each group of tensors gets its own symbolic batch and length: inputs and outputs differ.
-        kv = lambda name: helper.make_tensor_value_info(name, elem, [f"{name[0]}_rows", "heads", f"{name[0]}_len", "dim"])  # noqa: E731
-        idx = lambda name: helper.make_tensor_value_info(name, TensorProto.INT64, ["n"])   # noqa: E731
+        kv = lambda name: helper.make_tensor_value_info(
+            name, elem, [f"{name[0]}_rows", "heads", f"{name[0]}_len", "dim"]
+        )  # noqa: E731
+        idx = lambda name: helper.make_tensor_value_info(name, TensorProto.INT64, ["n"])  # noqa: E731
         n = len(names)
 
         def build(nodes, inputs, outputs, inits=()):
@@ -279,27 +299,47 @@ class CacheOps:
 
         merge_nodes = []
         for i in range(n):
-            merge_nodes += [helper.make_node("Pad", [f"a{i}", "pads_a"], [f"pa{i}"]),
-                            helper.make_node("Pad", [f"b{i}", "pads_b"], [f"pb{i}"]),
-                            helper.make_node("Concat", [f"pa{i}", f"pb{i}"], [f"y{i}"], axis=0)]
-        self._merge = build(merge_nodes, [kv(f"a{i}") for i in range(n)] + [kv(f"b{i}") for i in range(n)]
-                            + [idx("pads_a"), idx("pads_b")], [kv(f"y{i}") for i in range(n)])
+            merge_nodes += [
+                helper.make_node("Pad", [f"a{i}", "pads_a"], [f"pa{i}"]),
+                helper.make_node("Pad", [f"b{i}", "pads_b"], [f"pb{i}"]),
+                helper.make_node("Concat", [f"pa{i}", f"pb{i}"], [f"y{i}"], axis=0),
+            ]
+        self._merge = build(
+            merge_nodes,
+            [kv(f"a{i}") for i in range(n)] + [kv(f"b{i}") for i in range(n)] + [idx("pads_a"), idx("pads_b")],
+            [kv(f"y{i}") for i in range(n)],
+        )
         select_nodes = []
         for i in range(n):
-            select_nodes += [helper.make_node("Gather", [f"x{i}", "rows"], [f"g{i}"], axis=0),
-                             helper.make_node("Slice", [f"g{i}", "starts", "ends", "axes"], [f"y{i}"])]
+            select_nodes += [
+                helper.make_node("Gather", [f"x{i}", "rows"], [f"g{i}"], axis=0),
+                helper.make_node("Slice", [f"g{i}", "starts", "ends", "axes"], [f"y{i}"]),
+            ]
         axes = onnx.numpy_helper.from_array(np.array([2], dtype=np.int64), "axes")
-        self._select = build(select_nodes, [kv(f"x{i}") for i in range(n)] + [idx("rows"), idx("starts"), idx("ends")],
-                             [kv(f"y{i}") for i in range(n)], [axes])
+        self._select = build(
+            select_nodes,
+            [kv(f"x{i}") for i in range(n)] + [idx("rows"), idx("starts"), idx("ends")],
+            [kv(f"y{i}") for i in range(n)],
+            [axes],
+        )
         # (slot, head, position) for every written position: only the prefilled positions move
         write_nodes = [helper.make_node("ScatterND", [f"s{i}", "index", f"r{i}"], [f"y{i}"]) for i in range(n)]
         index = helper.make_tensor_value_info("index", TensorProto.INT64, ["n", "heads", "r_len", 3])
-        self._write = build(write_nodes, [kv(f"s{i}") for i in range(n)] + [kv(f"r{i}") for i in range(n)]
-                            + [index], [kv(f"y{i}") for i in range(n)])
+        self._write = build(
+            write_nodes,
+            [kv(f"s{i}") for i in range(n)] + [kv(f"r{i}") for i in range(n)] + [index],
+            [kv(f"y{i}") for i in range(n)],
+        )
         self._n = n
 
-    def _run(self, session: ort.InferenceSession, values: dict[str, ort.OrtValue], arrays: dict[str, np.ndarray],
-             batch_size: int, into: KVCache | None = None) -> KVCache:
+    def _run(
+        self,
+        session: ort.InferenceSession,
+        values: dict[str, ort.OrtValue],
+        arrays: dict[str, np.ndarray],
+        batch_size: int,
+        into: KVCache | None = None,
+    ) -> KVCache:
         """Run one of the graphs; its outputs become a new cache of ``batch_size`` rows, or are
         written over ``into`` 's buffers (in place)."""
         binding = session.io_binding()
@@ -322,9 +362,11 @@ class CacheOps:
 
     def merge(self, a: KVCache, b: KVCache, width: int, left: bool) -> KVCache:
         """``a``'s rows then ``b``'s, each padded with zeros to ``width`` positions (on the left or right)."""
+
         def pads(cache: KVCache) -> np.ndarray:
             missing = width - cache.length
             return np.array([0, 0, missing if left else 0, 0, 0, 0, 0 if left else missing, 0])
+
         rows = int(a.values[0].shape()[0]) + int(b.values[0].shape()[0])
         values = {**{f"a{i}": v for i, v in enumerate(a.values)}, **{f"b{i}": v for i, v in enumerate(b.values)}}
         out = self._run(self._merge, values, {"pads_a": pads(a), "pads_b": pads(b)}, rows)
@@ -334,8 +376,12 @@ class CacheOps:
     def select(self, cache: KVCache, rows: Sequence[int], start: int, stop: int) -> KVCache:
         """The cache of ``rows`` only, positions ``start`` to ``stop``."""
         values = {f"x{i}": v for i, v in enumerate(cache.values)}
-        out = self._run(self._select, values, {"rows": np.asarray(rows), "starts": np.array([start]),
-                                               "ends": np.array([stop])}, len(rows))
+        out = self._run(
+            self._select,
+            values,
+            {"rows": np.asarray(rows), "starts": np.array([start]), "ends": np.array([stop])},
+            len(rows),
+        )
         out.run_seconds = cache.run_seconds
         return out
 
@@ -345,7 +391,10 @@ class CacheOps:
         positions move; the rest of the slot is left as it is (attention reads a slot only up to its
         length). Padding each row to the slot's length first cost a whole slot's copy per newcomer:
         94 MB for the 135M model's 2,048-position slots."""
-        values = {**{f"s{i}": v for i, v in enumerate(buffers.values)}, **{f"r{i}": v for i, v in enumerate(rows.values)}}
+        values = {
+            **{f"s{i}": v for i, v in enumerate(buffers.values)},
+            **{f"r{i}": v for i, v in enumerate(rows.values)},
+        }
         n, heads, length = len(slots), int(rows.values[0].shape()[1]), rows.length
         index = np.empty((n, heads, length, 3), dtype=np.int64)
         index[..., 0] = np.asarray(slots, dtype=np.int64)[:, None, None]
@@ -364,7 +413,7 @@ class SlotCache(KVCache):
         # Left uninitialised: a slot is written whole (zero-padded) when a request takes it, and
         # attention reads a row only up to its length (a free slot decodes at position 0 only).
         super().__init__(runner.manifest, slots, runner.device, runner.device_id, length)
-        self.lengths = np.zeros(slots, dtype=np.int64)     # positions each slot holds
+        self.lengths = np.zeros(slots, dtype=np.int64)  # positions each slot holds
         self._positions = np.arange(length)[None, :]
         #: speculative steps' bindings, by row: [binding, logits buffer, positions bound] (StepRunner._in_place's)
         self.extend_bindings: dict[int, list] = {}

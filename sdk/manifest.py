@@ -15,9 +15,10 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import json
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Mapping, Sequence
+from typing import Any
 
 from .dtypes import DTYPES, by_ort_type
 from .errors import ManifestMismatchError, ModelPackageError
@@ -31,9 +32,13 @@ MANIFEST_NAME = "nextoken.json"
 VERIFIED_STAMP = ".nextoken-verified.json"
 #: Files beside the graph that loading reads when present (the tokenizer, its chat template, the
 #: sampling defaults): one that the export did not record is refused, not read unchecked.
-READ_FILES = ("tokenizer.json", "tokenizer_config.json", "chat_template.jinja", "special_tokens_map.json",
-              "generation_config.json")
-
+READ_FILES = (
+    "tokenizer.json",
+    "tokenizer_config.json",
+    "chat_template.jinja",
+    "special_tokens_map.json",
+    "generation_config.json",
+)
 
 
 def sha256_file(path: str | Path) -> str:
@@ -147,15 +152,18 @@ class Manifest:
             raise ModelPackageError(f"{where} must hold a JSON object; re-export the package with `nextoken export`.")
         version = data.get("format_version")
         if not isinstance(version, int) or version < 1:
-            raise ModelPackageError(f"{where} has no valid format_version; re-export the package with `nextoken export`.")
+            raise ModelPackageError(
+                f"{where} has no valid format_version; re-export the package with `nextoken export`."
+            )
         if version > FORMAT_VERSION:
             raise ModelPackageError(
                 f"{where} has format_version {version}, newer than this nextoken reads ({FORMAT_VERSION}); "
                 "upgrade nextoken."
             )
         names = {f.name: f for f in dataclasses.fields(cls)}
-        required = [n for n, f in names.items()
-                    if f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING]
+        required = [
+            n for n, f in names.items() if f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING
+        ]
         missing = [n for n in required if n not in data]
         if missing:
             raise ModelPackageError(
@@ -208,14 +216,20 @@ class Manifest:
         """Which graph the package holds: ``fused`` (nextoken's builder), onnxruntime-genai's, or optimum's."""
         if self.exported_by.get("builder") == "nextoken":
             return "fused"
-        return "onnxruntime-genai's graph" if "onnxruntime-genai model builder" in self.exported_by else "optimum's graph"
+        return (
+            "onnxruntime-genai's graph" if "onnxruntime-genai model builder" in self.exported_by else "optimum's graph"
+        )
 
     def with_files(self, directory: str | Path) -> "Manifest":
         """This manifest with the checksums and sizes of the package's files as they are now."""
-        files = sorted(p for p in Path(directory).iterdir()
-                       if p.is_file() and p.name not in (MANIFEST_NAME, VERIFIED_STAMP))
-        return dataclasses.replace(self, checksums={p.name: sha256_file(p) for p in files},
-                                   file_sizes={p.name: p.stat().st_size for p in files})
+        files = sorted(
+            p for p in Path(directory).iterdir() if p.is_file() and p.name not in (MANIFEST_NAME, VERIFIED_STAMP)
+        )
+        return dataclasses.replace(
+            self,
+            checksums={p.name: sha256_file(p) for p in files},
+            file_sizes={p.name: p.stat().st_size for p in files},
+        )
 
     def verify_at_load(self, directory: str | Path, full: bool | None = None) -> str:
         """Refuse a package whose files changed since export; returns how it was checked.
@@ -231,15 +245,18 @@ class Manifest:
             return "none (the manifest records no checksums)"
         unlisted = [name for name in READ_FILES if name not in self.checksums and (directory / name).is_file()]
         if unlisted:
-            raise ModelPackageError(f"{directory}: {', '.join(unlisted)} would be read but is not among the files "
-                                    "its export recorded (added since?); remove it, or export the package again")
+            raise ModelPackageError(
+                f"{directory}: {', '.join(unlisted)} would be read but is not among the files "
+                "its export recorded (added since?); remove it, or export the package again"
+            )
         stats = {}
         for name in sorted(self.checksums):
             try:
                 st = (directory / name).stat()
             except OSError:
-                raise ModelPackageError(f"{directory / name} is missing (nextoken.json names it); re-export the "
-                                        "package or restore the file") from None
+                raise ModelPackageError(
+                    f"{directory / name} is missing (nextoken.json names it); re-export the package or restore the file"
+                ) from None
             stats[name] = [st.st_size, st.st_mtime_ns]
         wrong = [n for n, size in self.file_sizes.items() if n in stats and stats[n][0] != size]
         if wrong:
@@ -269,15 +286,20 @@ class Manifest:
 
     @staticmethod
     def _changed(directory: Path, names: Sequence[str], how: str) -> str:
-        return (f"{directory} is not the package that was exported: {', '.join(names)} changed ({how}); "
-                "re-export the package, or restore the file(s)")
+        return (
+            f"{directory} is not the package that was exported: {', '.join(names)} changed ({how}); "
+            "re-export the package, or restore the file(s)"
+        )
 
     def check_values(self, directory: str | Path) -> None:
         """Refuse manifest values the model cannot honour: token ids outside the vocabulary, a
         context longer than the source config's positions (:class:`ManifestMismatchError`)."""
         problems = []
-        ids = {"bos_token_id": [self.bos_token_id], "pad_token_id": [self.pad_token_id],
-               "eos_token_ids": list(self.eos_token_ids)}
+        ids = {
+            "bos_token_id": [self.bos_token_id],
+            "pad_token_id": [self.pad_token_id],
+            "eos_token_ids": list(self.eos_token_ids),
+        }
         for key, values in ids.items():
             for value in values:
                 if value is None:
@@ -291,14 +313,25 @@ class Manifest:
             except (OSError, ValueError):
                 config = {}
             config = config.get("text_config", config) if isinstance(config, dict) else {}
-            positions = next((config[k] for k in ("max_position_embeddings", "n_positions", "n_ctx", "seq_length")
-                              if isinstance(config.get(k), int) and config[k] > 0), None)
+            positions = next(
+                (
+                    config[k]
+                    for k in ("max_position_embeddings", "n_positions", "n_ctx", "seq_length")
+                    if isinstance(config.get(k), int) and config[k] > 0
+                ),
+                None,
+            )
             if positions is not None and self.context_length > positions:
-                problems.append(f"context_length {self.context_length} is longer than the model's "
-                                f"{positions} positions (config.json)")
+                problems.append(
+                    f"context_length {self.context_length} is longer than the model's "
+                    f"{positions} positions (config.json)"
+                )
         if problems:
-            raise ManifestMismatchError("nextoken.json does not fit the model: " + "; ".join(problems)
-                                        + ". Fix nextoken.json or re-export the package with `nextoken export`.")
+            raise ManifestMismatchError(
+                "nextoken.json does not fit the model: "
+                + "; ".join(problems)
+                + ". Fix nextoken.json or re-export the package with `nextoken export`."
+            )
 
     # -- the check against the graph -------------------------------------------------------------
     def check_graph(self, inputs: Sequence[TensorSpec], outputs: Sequence[TensorSpec]) -> None:
@@ -350,6 +383,7 @@ class Manifest:
             problems.append(f"num_layers is {self.num_layers} in the manifest but the graph has more layers")
         if problems:
             raise ManifestMismatchError(
-                "nextoken.json disagrees with the graph: " + "; ".join(problems)
+                "nextoken.json disagrees with the graph: "
+                + "; ".join(problems)
                 + ". Re-export the package with `nextoken export`."
             )

@@ -16,7 +16,7 @@ from typing import Any
 from .errors import PluginError
 from .types import Completion
 
-__all__ = ["Family", "Histogram", "Metrics", "families", "LATENCY_BUCKETS", "TOKEN_BUCKETS"]
+__all__ = ["LATENCY_BUCKETS", "TOKEN_BUCKETS", "Family", "Histogram", "Metrics", "families"]
 
 #: seconds: time to first token and end-to-end latency
 LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 120.0)
@@ -85,8 +85,9 @@ class Metrics:
                 u = c.usage
                 self.generation_tokens += u.completion_tokens
                 if u.completion_tokens > 1:
-                    self.inter_token_latency.observe((u.wall_ms - u.time_to_first_token_ms) / 1e3
-                                                     / (u.completion_tokens - 1))
+                    self.inter_token_latency.observe(
+                        (u.wall_ms - u.time_to_first_token_ms) / 1e3 / (u.completion_tokens - 1)
+                    )
                 for name, charge in c.cost.items():
                     self.cost[(name, charge.currency)] += charge.amount
 
@@ -129,38 +130,75 @@ class Family:
     samples: tuple[tuple[tuple[str, ...], Any], ...] = ()
 
 
-_HISTOGRAMS = (("time_to_first_token_seconds", "Time to the first token"),
-               ("inter_token_latency_seconds", "Mean time between two tokens of a sequence"),
-               ("request_duration_seconds", "Time from a request's start to its last token"))
-_GAUGES = (("requests_running", "running", "Sequences decoding now"),
-           ("requests_waiting", "waiting", "Requests not decoding yet"),
-           ("kv_cache_bytes", "kv_cache_bytes", "KV cache bytes the running sequences hold"),
-           ("kv_buffer_bytes", "kv_buffer_bytes", "KV cache bytes allocated"),
-           ("slots", "slots", "KV slots"), ("slots_used", "slots_used", "KV slots in use"))
+_HISTOGRAMS = (
+    ("time_to_first_token_seconds", "Time to the first token"),
+    ("inter_token_latency_seconds", "Mean time between two tokens of a sequence"),
+    ("request_duration_seconds", "Time from a request's start to its last token"),
+)
+_GAUGES = (
+    ("requests_running", "running", "Sequences decoding now"),
+    ("requests_waiting", "waiting", "Requests not decoding yet"),
+    ("kv_cache_bytes", "kv_cache_bytes", "KV cache bytes the running sequences hold"),
+    ("kv_buffer_bytes", "kv_buffer_bytes", "KV cache bytes allocated"),
+    ("slots", "slots", "KV slots"),
+    ("slots_used", "slots_used", "KV slots in use"),
+)
 
 
 def families(m: dict[str, Any]) -> list[Family]:
     """``Scheduler.metrics()`` as the families every exporter writes (the server's ``/metrics``,
     Ray's metrics export): one table of names, docs and labels."""
-    out = [Family("counter", "nextoken_requests", "Requests ended, by finish reason and status",
-                  ("finish_reason", "status"), tuple((tuple(k.split("/", 1)), n) for k, n in m["requests"].items())),
-           Family("counter", "nextoken_prompt_tokens", "Prompt tokens of ended requests",
-                  samples=(((), m["prompt_tokens"]),)),
-           Family("counter", "nextoken_generation_tokens", "Tokens generated", samples=(((), m["generation_tokens"]),))]
+    out = [
+        Family(
+            "counter",
+            "nextoken_requests",
+            "Requests ended, by finish reason and status",
+            ("finish_reason", "status"),
+            tuple((tuple(k.split("/", 1)), n) for k, n in m["requests"].items()),
+        ),
+        Family(
+            "counter", "nextoken_prompt_tokens", "Prompt tokens of ended requests", samples=(((), m["prompt_tokens"]),)
+        ),
+        Family("counter", "nextoken_generation_tokens", "Tokens generated", samples=(((), m["generation_tokens"]),)),
+    ]
     out += [Family("histogram", f"nextoken_{name}", doc, samples=(((), m[name]),)) for name, doc in _HISTOGRAMS]
-    out += [Family("counter", "nextoken_plugin_errors", "Requests failed by a plugin", ("plugin",),
-                   tuple(((plugin,), n) for plugin, n in m["plugin_errors"].items())),
-            Family("counter", "nextoken_cost", "Cost charged by each meter", ("meter", "currency"),
-                   tuple((tuple(k.split("/", 1)), amount) for k, amount in m["cost"].items()))]
+    out += [
+        Family(
+            "counter",
+            "nextoken_plugin_errors",
+            "Requests failed by a plugin",
+            ("plugin",),
+            tuple(((plugin,), n) for plugin, n in m["plugin_errors"].items()),
+        ),
+        Family(
+            "counter",
+            "nextoken_cost",
+            "Cost charged by each meter",
+            ("meter", "currency"),
+            tuple((tuple(k.split("/", 1)), amount) for k, amount in m["cost"].items()),
+        ),
+    ]
     out += [Family("gauge", f"nextoken_{name}", doc, samples=(((), m[key]),)) for name, key, doc in _GAUGES]
     prefix = m.get("prefix_cache")
     if prefix is not None:
-        out += [Family("counter", "nextoken_prefix_cache_hits", "Prompts that reused a cached prefix",
-                       samples=(((), prefix["hits"]),)),
-                Family("counter", "nextoken_prefix_cache_misses", "Prompts that found none",
-                       samples=(((), prefix["misses"]),)),
-                Family("counter", "nextoken_prefix_cache_tokens", "Prompt tokens reused",
-                       samples=(((), prefix["cached_tokens"]),)),
-                Family("gauge", "nextoken_prefix_cache_bytes", "Bytes the prefix cache holds",
-                       samples=(((), prefix["bytes"]),))]
+        out += [
+            Family(
+                "counter",
+                "nextoken_prefix_cache_hits",
+                "Prompts that reused a cached prefix",
+                samples=(((), prefix["hits"]),),
+            ),
+            Family(
+                "counter", "nextoken_prefix_cache_misses", "Prompts that found none", samples=(((), prefix["misses"]),)
+            ),
+            Family(
+                "counter",
+                "nextoken_prefix_cache_tokens",
+                "Prompt tokens reused",
+                samples=(((), prefix["cached_tokens"]),),
+            ),
+            Family(
+                "gauge", "nextoken_prefix_cache_bytes", "Bytes the prefix cache holds", samples=(((), prefix["bytes"]),)
+            ),
+        ]
     return out

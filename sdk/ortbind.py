@@ -23,11 +23,13 @@ class Binder:
         self.device = device
         self.device_id = device_id
         self._handles = None
-        if not fast:                  # the public calls only
+        if not fast:  # the public calls only
             return
         try:
-            self._handles = (ort.OrtDevice.make("cpu", 0)._get_c_device(),
-                             ort.OrtDevice.make(device, device_id)._get_c_device())
+            self._handles = (
+                ort.OrtDevice.make("cpu", 0)._get_c_device(),
+                ort.OrtDevice.make(device, device_id)._get_c_device(),
+            )
         except Exception:
             self._handles = None
 

@@ -41,15 +41,15 @@ import queue
 import stat
 import threading
 import time
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable, Mapping, Sequence
 
 import numpy as np
 
 from .kvcache import KVCache
 
-__all__ = ["PrefixCache", "PrefixStats", "DiskTier", "Layout", "package_identity", "DISK_FORMAT", "DISK_VERSION"]
+__all__ = ["DISK_FORMAT", "DISK_VERSION", "DiskTier", "Layout", "PrefixCache", "PrefixStats", "package_identity"]
 
 log = logging.getLogger("nextoken")
 
@@ -100,8 +100,16 @@ def _boundaries(length: int, block: int) -> list[int]:
 def package_identity(checksums: Mapping[str, str], kv_dtype: str, provider: str) -> str:
     """The disk tier's folder for a package: a hash of its files' checksums, its KV dtype, the
     execution provider and the format version (any change: another folder, nothing shared)."""
-    text = json.dumps({"format": DISK_FORMAT, "version": DISK_VERSION, "checksums": dict(checksums),
-                       "kv_dtype": kv_dtype, "provider": provider}, sort_keys=True)
+    text = json.dumps(
+        {
+            "format": DISK_FORMAT,
+            "version": DISK_VERSION,
+            "checksums": dict(checksums),
+            "kv_dtype": kv_dtype,
+            "provider": provider,
+        },
+        sort_keys=True,
+    )
     return hashlib.sha256(text.encode()).hexdigest()[:32]
 
 
@@ -152,16 +160,23 @@ class DiskTier:
     that died, entries that do not fit the layout or their checksum) is skipped, never followed
     or waited on; an entry that does not read back whole and right is removed, with one warning."""
 
-    def __init__(self, directory: str | Path, identity: str, capacity_bytes: int, block: int,
-                 load: Callable[[list[np.ndarray]], KVCache], layout: Layout | None = None) -> None:
+    def __init__(
+        self,
+        directory: str | Path,
+        identity: str,
+        capacity_bytes: int,
+        block: int,
+        load: Callable[[list[np.ndarray]], KVCache],
+        layout: Layout | None = None,
+    ) -> None:
         self.directory = Path(directory) / identity
         self.directory.mkdir(parents=True, exist_ok=True)
         self.identity, self.capacity_bytes, self.block, self._load = identity, int(capacity_bytes), block, load
         self.layout = layout
         self._lock = threading.Lock()
-        self._index: dict[bytes, tuple[str, int]] = {}      # boundary key -> (file, entry length)
+        self._index: dict[bytes, tuple[str, int]] = {}  # boundary key -> (file, entry length)
         self._files: dict[str, tuple[list[bytes], int, int]] = {}  # file -> (its boundary keys, bytes, length)
-        self._skipped: set[str] = set()                     # files warned about once, not read again
+        self._skipped: set[str] = set()  # files warned about once, not read again
         self.lengths: collections.Counter[int] = collections.Counter()
         self._queue: queue.Queue = queue.Queue(maxsize=16)
         self._writer: threading.Thread | None = None
@@ -181,16 +196,24 @@ class DiskTier:
     def _skip(self, name: str, why: str, remove: bool = False) -> None:
         if name not in self._skipped:
             self._skipped.add(name)
-            log.warning("nextoken: prefix cache file %s skipped%s: %s", self.directory / name,
-                        " and removed" if remove else "", why)
+            log.warning(
+                "nextoken: prefix cache file %s skipped%s: %s",
+                self.directory / name,
+                " and removed" if remove else "",
+                why,
+            )
         if remove:
             (self.directory / name).unlink(missing_ok=True)
         self._forget(name)
 
     def _meta(self, archive) -> dict:
         meta = json.loads(str(archive["meta"]))
-        if not isinstance(meta, dict) or meta.get("format") != DISK_FORMAT or meta.get("version") != DISK_VERSION or \
-                meta.get("identity") != self.identity:
+        if (
+            not isinstance(meta, dict)
+            or meta.get("format") != DISK_FORMAT
+            or meta.get("version") != DISK_VERSION
+            or meta.get("identity") != self.identity
+        ):
             raise ValueError(f"not a {DISK_FORMAT} version {DISK_VERSION} file of this package")
         length = meta.get("length")
         limit = self.layout.max_length if self.layout is not None else None
@@ -219,9 +242,9 @@ class DiskTier:
             try:
                 info = entry.stat(follow_symlinks=False)
             except OSError:
-                continue                                         # gone since the listing
+                continue  # gone since the listing
             if entry.name.endswith(".part") and stat.S_ISREG(info.st_mode) and now - info.st_mtime > PARTIAL_AGE_S:
-                Path(entry.path).unlink(missing_ok=True)         # a write that died
+                Path(entry.path).unlink(missing_ok=True)  # a write that died
             elif entry.name.endswith(".npz") and stat.S_ISREG(info.st_mode):
                 found.append((info.st_mtime, info.st_size, entry.name))
             elif entry.name.endswith(".npz") and entry.name not in self._skipped:
@@ -230,14 +253,14 @@ class DiskTier:
         with self._lock:
             held = list(self._files)
         for name in [n for n in held if n not in on_disk]:
-            self._forget(name)                                   # another engine removed it
+            self._forget(name)  # another engine removed it
         for _, size, name in sorted(found):
             if name not in self._files and name not in self._skipped:
                 self._take(name, size)
         with self._lock:
             held = set(self._files)
         total = sum(size for _, size, name in found if name in held)
-        for _, size, name in sorted(found):                      # oldest used first
+        for _, size, name in sorted(found):  # oldest used first
             if total <= self.capacity_bytes:
                 break
             if name in held:
@@ -301,7 +324,7 @@ class DiskTier:
             self._skip(name, str(exc)[:200], remove=True)
             return None
         try:
-            os.utime(path)                                  # used: the last to go
+            os.utime(path)  # used: the last to go
         except OSError:
             pass
         return ids.tolist(), cache
@@ -341,7 +364,7 @@ class DiskTier:
             ids, values = self._queue.get()
             try:
                 self._write_one(ids, values)
-            except Exception as exc:                        # a full disk fails the write, not the request
+            except Exception as exc:  # a full disk fails the write, not the request
                 log.warning("nextoken: prefix cache entry not written to %s: %s", self.directory, exc)
             finally:
                 self._queue.task_done()
@@ -355,13 +378,18 @@ class DiskTier:
         if size > self.capacity_bytes:
             return
         ids_array = np.asarray(ids, dtype=np.int64)
-        meta = {"format": DISK_FORMAT, "version": DISK_VERSION, "identity": self.identity, "length": len(ids),
-                "checksum": _checksum(ids_array, list(arrays.values()))}
+        meta = {
+            "format": DISK_FORMAT,
+            "version": DISK_VERSION,
+            "identity": self.identity,
+            "length": len(ids),
+            "checksum": _checksum(ids_array, list(arrays.values())),
+        }
         partial = self.directory / f".{name}.{os.getpid()}.{threading.get_ident()}.part"
         try:
             with open(partial, "wb") as out:
                 np.savez(out, meta=np.array(json.dumps(meta)), ids=ids_array, **arrays)
-            os.replace(partial, self.directory / name)      # whole or absent: no half-written entry is read
+            os.replace(partial, self.directory / name)  # whole or absent: no half-written entry is read
         finally:
             partial.unlink(missing_ok=True)
         self._skipped.discard(name)
@@ -397,7 +425,7 @@ class PrefixCache:
         self._entries: collections.OrderedDict[bytes, tuple[KVCache, list[bytes], int]] = collections.OrderedDict()
         #: every block boundary's key -> (the entry's key, tokens of the entry it may use)
         self._index: dict[bytes, tuple[bytes, int]] = {}
-        self._lengths: collections.Counter[int] = collections.Counter()       # the entries' lengths
+        self._lengths: collections.Counter[int] = collections.Counter()  # the entries' lengths
         self._lock = threading.Lock()
         self._stats = PrefixStats()
 
@@ -415,7 +443,7 @@ class PrefixCache:
             lengths = set(self._lengths) | (set(self.disk.lengths) if self.disk is not None else set())
             whole = [n for n in lengths if n < len(ids) and n % self.block]
             candidates = set(whole) | set(range(self.cut(len(ids)), 0, -self.block))
-            keys = _keys(ids, candidates)                   # one pass over the prompt
+            keys = _keys(ids, candidates)  # one pass over the prompt
             for length in sorted(candidates, reverse=True):
                 key = keys[length]
                 found = self._index.get(key)

@@ -13,8 +13,15 @@ import threading
 import time
 from dataclasses import dataclass
 
-__all__ = ["release_free_heap", "peak_rss_bytes", "reset_peak_rss", "rss_bytes", "GPUMemory", "gpu_memory",
-           "MemorySampler"]
+__all__ = [
+    "GPUMemory",
+    "MemorySampler",
+    "gpu_memory",
+    "peak_rss_bytes",
+    "release_free_heap",
+    "reset_peak_rss",
+    "rss_bytes",
+]
 
 
 @functools.lru_cache(maxsize=1)
@@ -99,7 +106,7 @@ class GPUMemory:
     total: int
     free: int
     used: int
-    process: int | None      # what this process holds on it (None where the driver does not say)
+    process: int | None  # what this process holds on it (None where the driver does not say)
 
 
 class _NVMLMemory(ctypes.Structure):
@@ -107,8 +114,12 @@ class _NVMLMemory(ctypes.Structure):
 
 
 class _NVMLProcess(ctypes.Structure):
-    _fields_ = [("pid", ctypes.c_uint), ("usedGpuMemory", ctypes.c_ulonglong),
-                ("gpuInstanceId", ctypes.c_uint), ("computeInstanceId", ctypes.c_uint)]
+    _fields_ = [
+        ("pid", ctypes.c_uint),
+        ("usedGpuMemory", ctypes.c_ulonglong),
+        ("gpuInstanceId", ctypes.c_uint),
+        ("computeInstanceId", ctypes.c_uint),
+    ]
 
 
 @functools.lru_cache(maxsize=1)
@@ -150,8 +161,9 @@ def gpu_memory(device_id: int = 0) -> GPUMemory | None:
     name = ctypes.create_string_buffer(96)
     label = name.value.decode(errors="replace") if lib.nvmlDeviceGetName(handle, name, ctypes.c_uint(96)) == 0 else ""
     process = None
-    running = getattr(lib, "nvmlDeviceGetComputeRunningProcesses_v3", None) or \
-        getattr(lib, "nvmlDeviceGetComputeRunningProcesses_v2", None)
+    running = getattr(lib, "nvmlDeviceGetComputeRunningProcesses_v3", None) or getattr(
+        lib, "nvmlDeviceGetComputeRunningProcesses_v2", None
+    )
     if running is not None:
         count = ctypes.c_uint(64)
         infos = (_NVMLProcess * 64)()

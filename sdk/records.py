@@ -21,7 +21,7 @@ from typing import Any
 
 from .types import Completion, SamplingParams
 
-__all__ = ["RECORD_VERSION", "make_record", "records_of", "engine_settings", "version_of", "pieces"]
+__all__ = ["RECORD_VERSION", "engine_settings", "make_record", "pieces", "records_of", "version_of"]
 
 RECORD_VERSION = 1
 #: SamplingParams fields a record leaves out (they change nothing of the tokens, or say to record)
@@ -40,21 +40,30 @@ def engine_settings(engine: Any) -> dict[str, Any]:
     """What of the engine can change the numbers: provider, threads, TF32, precision, KV dtype."""
     providers = engine.device.providers
     options = dict(providers[0][1]) if providers and isinstance(providers[0], tuple) else {}
-    return {"device": engine.device.device, "provider": engine.device.provider, "threads": engine.threads,
-            "tf32": options.get("use_tf32") == "1", "precision": engine.manifest.precision,
-            "kv_dtype": engine.manifest.kv_dtype}
+    return {
+        "device": engine.device.device,
+        "provider": engine.device.provider,
+        "threads": engine.threads,
+        "tf32": options.get("use_tf32") == "1",
+        "precision": engine.manifest.precision,
+        "kv_dtype": engine.manifest.kv_dtype,
+    }
 
 
-def make_record(engine: Any, completion: Completion, params: SamplingParams, plugins: list[Any],
-                choice: int = 0) -> dict[str, Any]:
+def make_record(
+    engine: Any, completion: Completion, params: SamplingParams, plugins: list[Any], choice: int = 0
+) -> dict[str, Any]:
     """The record of one completion, the request's choice ``choice`` (``plugins``: the registry
     pieces the request used)."""
     fields = {f.name: getattr(params, f.name) for f in dataclasses.fields(params) if f.name not in _NOT_REPLAYED}
     fields = json.loads(json.dumps(fields, default=list))
     return {
         "nextoken_record": RECORD_VERSION,
-        "package": {"path": str(engine.path), "checksums": dict(engine.manifest.checksums),
-                    "architecture": engine.manifest.architecture},
+        "package": {
+            "path": str(engine.path),
+            "checksums": dict(engine.manifest.checksums),
+            "architecture": engine.manifest.architecture,
+        },
         "engine": engine_settings(engine),
         "nextoken_version": version_of("nextoken"),
         "plugins": sorted({(p.kind, p.name, p.plugin, p.distribution, version_of(p.distribution)) for p in plugins}),

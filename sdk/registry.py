@@ -8,8 +8,9 @@ import inspect
 import os
 import time
 import types
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
-from typing import Any, Callable, Iterable, Mapping, Sequence
+from typing import Any
 
 import pluggy
 
@@ -17,7 +18,7 @@ from . import hookspecs
 from .errors import InvalidRequestError, PluginError
 from .types import SamplingParams
 
-__all__ = ["Registry", "Provided", "Pipeline", "DEFAULT_PLUGINS", "ENV_PLUGINS", "KINDS", "resolve_names"]
+__all__ = ["DEFAULT_PLUGINS", "ENV_PLUGINS", "KINDS", "Pipeline", "Provided", "Registry", "resolve_names"]
 
 #: The built-in plugins, registered exactly like third-party ones.
 DEFAULT_PLUGINS = (
@@ -77,7 +78,8 @@ class Provided:
             return exc
         return PluginError(
             f"plugin {self.plugin!r} failed in {self.kind} {self.name!r} ({KINDS[self.kind]}): "
-            f"{type(exc).__name__}: {exc}", plugin=self.plugin
+            f"{type(exc).__name__}: {exc}",
+            plugin=self.plugin,
         )
 
 
@@ -152,9 +154,13 @@ class Registry:
             base = plugin.__name__
         else:
             cls = plugin if isinstance(plugin, type) else type(plugin)
-            base = f"{cls.__module__}.{cls.__qualname__}" if cls.__module__ not in ("__main__", "builtins") else cls.__qualname__
+            base = (
+                f"{cls.__module__}.{cls.__qualname__}"
+                if cls.__module__ not in ("__main__", "builtins")
+                else cls.__qualname__
+            )
             if not isinstance(plugin, type) and isinstance(getattr(plugin, "__name__", None), str):
-                base = plugin.__name__          # a function or a named object: its own name
+                base = plugin.__name__  # a function or a named object: its own name
         name, n = base, 1
         while self.pm.get_plugin(name) is not None:
             n += 1
@@ -191,13 +197,23 @@ class Registry:
             caller = getattr(self.pm.hook, hook_name)
             codes = _implementation_codes(caller)
 
-            def register(name: str, factory: Callable[..., Any], *, order: int = 100, auto: bool = False,
-                         description: str = "", _kind: str = kind, _codes: dict = codes) -> None:
+            def register(
+                name: str,
+                factory: Callable[..., Any],
+                *,
+                order: int = 100,
+                auto: bool = False,
+                description: str = "",
+                _kind: str = kind,
+                _codes: dict = codes,
+            ) -> None:
                 plugin = _registering_plugin(_codes)
                 if not isinstance(name, str) or not name:
                     raise PluginError(f"plugin {plugin!r} registered a {_kind} without a name")
                 if not callable(factory):
-                    raise PluginError(f"plugin {plugin!r} registered {_kind} {name!r} with a factory that is not callable")
+                    raise PluginError(
+                        f"plugin {plugin!r} registered {_kind} {name!r} with a factory that is not callable"
+                    )
                 existing = out[_kind].get(name)
                 if existing is not None:
                     raise PluginError(
@@ -213,8 +229,9 @@ class Registry:
             except PluginError:
                 raise
             except Exception as exc:
-                raise PluginError(f"plugin {_blame(exc, caller)!r} failed in {hook_name}: "
-                                  f"{type(exc).__name__}: {exc}") from exc
+                raise PluginError(
+                    f"plugin {_blame(exc, caller)!r} failed in {hook_name}: {type(exc).__name__}: {exc}"
+                ) from exc
         return out
 
     def tokenizer(self, name: str, *args: Any) -> tuple[Any, Provided]:
@@ -252,13 +269,16 @@ class Registry:
             caller(**kwargs)
         except Exception as exc:
             blamed = _blame(exc, caller)
-            raise PluginError(f"plugin {blamed!r} failed in {hook_name}: {type(exc).__name__}: {exc}",
-                              plugin=blamed) from exc
+            raise PluginError(
+                f"plugin {blamed!r} failed in {hook_name}: {type(exc).__name__}: {exc}", plugin=blamed
+            ) from exc
 
 
 def _implementation_codes(caller: pluggy.HookCaller) -> dict[types.CodeType, str]:
     """The code object of each implementation of a hook, and the plugin it belongs to."""
-    functions = ((getattr(impl.function, "__func__", impl.function), impl.plugin_name) for impl in caller.get_hookimpls())
+    functions = (
+        (getattr(impl.function, "__func__", impl.function), impl.plugin_name) for impl in caller.get_hookimpls()
+    )
     return {fn.__code__: name for fn, name in functions if isinstance(fn, types.FunctionType)}
 
 
@@ -303,7 +323,6 @@ def resolve_names(kind: str, names: Iterable[str], registry: Registry) -> list[P
     return out
 
 
-
 @dataclass
 class Active:
     """A resolved plugin piece: the callable the loop calls, and where it came from (for errors)."""
@@ -335,8 +354,9 @@ class Pipeline:
     With ``params.hook_timings``, every callable is wrapped to add its time to :attr:`seconds`
     (by ``"<kind>:<name>"``); without, nothing is wrapped, so the loop pays nothing."""
 
-    def __init__(self, registry: Registry, params: SamplingParams,
-                 engine_meters: Mapping[str, Mapping[str, Any]] | None = None) -> None:
+    def __init__(
+        self, registry: Registry, params: SamplingParams, engine_meters: Mapping[str, Mapping[str, Any]] | None = None
+    ) -> None:
         #: seconds spent in each plugin, when timed (else None)
         self.seconds: dict[str, float] | None = {} if params.hook_timings else None
 
@@ -367,8 +387,10 @@ class Pipeline:
         (strategy,) = resolve_names("strategy", [params.strategy_name], registry)
         self.strategy = piece(strategy, strategy.make(params, params.options.get(strategy.name, {})))
         meters = {**(engine_meters or {}), **params.cost_meters}
-        self.meters = [(provided.name, piece(provided, provided.make(dict(meters[provided.name]))))
-                       for provided in resolve_names("cost_meter", list(meters), registry)]
+        self.meters = [
+            (provided.name, piece(provided, provided.make(dict(meters[provided.name]))))
+            for provided in resolve_names("cost_meter", list(meters), registry)
+        ]
         self.proposer: Active | None = None
         if params.speculative is not None:
             (proposer,) = resolve_names("proposer", [params.speculative["method"]], registry)

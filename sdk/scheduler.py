@@ -36,9 +36,11 @@ import collections
 import queue
 import threading
 import time
-from typing import Any, Iterator
+from collections.abc import Iterator
+from typing import Any
 
 import numpy as np
+from typing_extensions import Self
 
 from . import threads
 from .errors import InvalidRequestError, NextokenError, SchedulerStoppedError
@@ -50,7 +52,7 @@ from .prefixcache import PrefixCache
 from .probes import MemorySampler
 from .types import Completion, SamplingParams, StreamEvent
 
-__all__ = ["Scheduler", "RequestHandle"]
+__all__ = ["RequestHandle", "Scheduler"]
 
 _DONE = object()
 
@@ -63,7 +65,7 @@ class RequestHandle:
         self.generation = generation
         #: sequences (rows of the batch) the request has: one for a submitted request
         self.rows = generation.state.batch_size
-        self._sink = sink                       # events for a driver on this thread (Scheduler.run)
+        self._sink = sink  # events for a driver on this thread (Scheduler.run)
         self._events: queue.Queue = queue.Queue()
         self._done = threading.Event()
         self._error: BaseException | None = None
@@ -152,28 +154,39 @@ class Scheduler:
     :meth:`run` to run one request on this thread.
     """
 
-    def __init__(self, engine: Any, max_batch: int = 8, max_prefill_tokens: int = 4096, kv_backend: str = "auto",
-                 slot_length: int | None = None, kv: KVBackend | None = None) -> None:
+    def __init__(
+        self,
+        engine: Any,
+        max_batch: int = 8,
+        max_prefill_tokens: int = 4096,
+        kv_backend: str = "auto",
+        slot_length: int | None = None,
+        kv: KVBackend | None = None,
+    ) -> None:
         if max_batch < 1:
             raise InvalidRequestError(f"max_batch must be >= 1, not {max_batch}")
         if max_prefill_tokens < 1:
             raise InvalidRequestError(f"max_prefill_tokens must be >= 1, not {max_prefill_tokens}")
         if kv_backend not in ("auto", *BACKENDS):
             raise InvalidRequestError(f"kv_backend must be auto, concat or slots, not {kv_backend!r}")
-        gqa = engine.manifest.padding_side == "right"     # the graph places keys by the mask: GroupQueryAttention
+        gqa = engine.manifest.padding_side == "right"  # the graph places keys by the mask: GroupQueryAttention
         if kv_backend == "slots" and not gqa:
-            raise InvalidRequestError("kv_backend='slots' needs a graph with GroupQueryAttention (a package made by "
-                                      "nextoken export or import-genai); use 'concat'")
+            raise InvalidRequestError(
+                "kv_backend='slots' needs a graph with GroupQueryAttention (a package made by "
+                "nextoken export or import-genai); use 'concat'"
+            )
         window = engine.manifest.context_length
         if slot_length is not None and not 1 <= slot_length <= window:
-            raise InvalidRequestError(f"slot_length must be between 1 and the model's window ({window}), not {slot_length}")
+            raise InvalidRequestError(
+                f"slot_length must be between 1 and the model's window ({window}), not {slot_length}"
+            )
         self.slot_length = slot_length or min(window, 2048)
         self.engine = engine
         self.max_batch = max_batch
         self.max_prefill_tokens = max_prefill_tokens
         #: the running batch's KV cache (:mod:`nextoken.kvbackends`)
         self.kv: KVBackend
-        if kv is not None:                                 # made for one request (Scheduler.alone)
+        if kv is not None:  # made for one request (Scheduler.alone)
             self.kv = kv
         elif kv_backend == "slots" or (kv_backend == "auto" and gqa):
             self.kv = SlotBackend(engine.runner, max_batch, self.slot_length, engine.pad_token_id, self._ops)
@@ -182,10 +195,10 @@ class Scheduler:
         self.kv_backend: str = self.kv.name
         self._waiting: collections.deque[RequestHandle] = collections.deque()
         self._active: list[RequestHandle] = []
-        self._rows = 0                                     # rows of the batch: the active requests' sequences
-        self._leaving = 0                                  # active requests that ended or slid this step
-        self._alone = kv is not None                       # a backend made for one request: its whole cache is its own
-        self._last = np.zeros(0, dtype=np.int64)           # each row's last token, fed at the next step
+        self._rows = 0  # rows of the batch: the active requests' sequences
+        self._leaving = 0  # active requests that ended or slid this step
+        self._alone = kv is not None  # a backend made for one request: its whole cache is its own
+        self._last = np.zeros(0, dtype=np.int64)  # each row's last token, fed at the next step
         self._cond = threading.Condition()
         self._thread: threading.Thread | None = None
         self._stop = False
@@ -211,14 +224,18 @@ class Scheduler:
         if generation.state.batch_size != generation.params.n:
             raise InvalidRequestError("submit one prompt per request; submit a list's prompts one by one")
         if generation.params.n > self.max_batch:
-            raise InvalidRequestError(f"n={generation.params.n} choices need {generation.params.n} sequences at once, "
-                                      f"more than this scheduler's max_batch ({self.max_batch})")
+            raise InvalidRequestError(
+                f"n={generation.params.n} choices need {generation.params.n} sequences at once, "
+                f"more than this scheduler's max_batch ({self.max_batch})"
+            )
         slide = generation.params.context_policy == "slide"
         window = self.engine.manifest.context_length
         if slide and self.kv_backend == "slots" and self.slot_length < window:
-            raise InvalidRequestError(f"context_policy='slide' slides at the model's window ({window} tokens), which "
-                                      f"needs slots of that length, not {self.slot_length}: make the Scheduler "
-                                      f"with slot_length={window}")
+            raise InvalidRequestError(
+                f"context_policy='slide' slides at the model's window ({window} tokens), which "
+                f"needs slots of that length, not {self.slot_length}: make the Scheduler "
+                f"with slot_length={window}"
+            )
         if self.kv_backend == "slots" and not slide and self.slot_length < window:
             # slots as long as the window end a request where the window does, as the concat backend
             # does; shorter slots would end it earlier, so a request that needs more is refused
@@ -227,14 +244,16 @@ class Scheduler:
                 raise InvalidRequestError(
                     f"prompt ({len(generation.state.prompts[0])} tokens) + max_new_tokens "
                     f"({generation.params.max_new_tokens}) exceed the slot length ({self.slot_length}); ask for fewer "
-                    "tokens, or make the Scheduler with a larger slot_length")
+                    "tokens, or make the Scheduler with a larger slot_length"
+                )
         generation.hand_over()
         handle = RequestHandle(generation)
         with self._cond:
             if self._stop:
                 if self.error is not None:
-                    raise SchedulerStoppedError(f"this scheduler stopped after a failure ({self.error}); "
-                                                "start a new one") from None
+                    raise SchedulerStoppedError(
+                        f"this scheduler stopped after a failure ({self.error}); start a new one"
+                    ) from None
                 raise SchedulerStoppedError("this scheduler is closed")
             self._waiting.append(handle)
             self._cond.notify()
@@ -251,14 +270,21 @@ class Scheduler:
         length = min(max(len(p) for p in state.prompts) + params.max_new_tokens, window)
         slide = params.context_policy == "slide"
         kv = for_request(engine.runner, state.batch_size, length, engine.pad_token_id, slide, engine.cache_ops)
-        return cls(engine, max_batch=state.batch_size, max_prefill_tokens=max(window, sum(map(len, state.prompts))),
-                   slot_length=length if kv.name == "slots" else None, kv=kv)
+        return cls(
+            engine,
+            max_batch=state.batch_size,
+            max_prefill_tokens=max(window, sum(map(len, state.prompts))),
+            slot_length=length if kv.name == "slots" else None,
+            kv=kv,
+        )
 
     def run(self, generation: Generation) -> Iterator[StreamEvent]:
         """Run ``generation`` to its end on this thread, yielding its events as they come."""
         if self._thread is not None:
-            raise InvalidRequestError("this scheduler runs on its own thread (start()); submit() to it instead of run()")
-        steps: list[list[StreamEvent]] = []                # each step's events, as the step made them
+            raise InvalidRequestError(
+                "this scheduler runs on its own thread (start()); submit() to it instead of run()"
+            )
+        steps: list[list[StreamEvent]] = []  # each step's events, as the step made them
         handle = RequestHandle(generation, sink=steps)
         self._waiting.append(handle)
         while not handle.done:
@@ -276,16 +302,27 @@ class Scheduler:
         rows = self._rows
         try:
             held = sum(self.kv.held(row) for row in range(rows))
-        except (IndexError, ValueError):            # rows joined or left while this was read
+        except (IndexError, ValueError):  # rows joined or left while this was read
             held = 0
-        out.update(running=rows, waiting=self.waiting, kv_cache_bytes=held * self.engine.manifest.kv_bytes_per_token(),
-                   kv_buffer_bytes=self.kv.nbytes(), slots=self.max_batch if self.kv_backend == "slots" else 0,
-                   slots_used=rows if self.kv_backend == "slots" else 0)
+        out.update(
+            running=rows,
+            waiting=self.waiting,
+            kv_cache_bytes=held * self.engine.manifest.kv_bytes_per_token(),
+            kv_buffer_bytes=self.kv.nbytes(),
+            slots=self.max_batch if self.kv_backend == "slots" else 0,
+            slots_used=rows if self.kv_backend == "slots" else 0,
+        )
         cache = self.engine.prefix_cache
         if cache is not None:
             stats = cache.stats
-            out["prefix_cache"] = {"hits": stats.hits, "misses": stats.misses, "cached_tokens": stats.cached_tokens,
-                                   "bytes": stats.bytes, "entries": stats.entries, "evicted": stats.evicted}
+            out["prefix_cache"] = {
+                "hits": stats.hits,
+                "misses": stats.misses,
+                "cached_tokens": stats.cached_tokens,
+                "bytes": stats.bytes,
+                "entries": stats.entries,
+                "evicted": stats.evicted,
+            }
         return out
 
     @property
@@ -346,28 +383,41 @@ class Scheduler:
         self._last = np.zeros(0, dtype=np.int64)
 
     def _pending(self) -> list[RequestHandle]:
-        return (list(self._waiting) + self._active + ([self._chunking[0]] if self._chunking else [])
-                + [h for h, _ in self._refill] + [h for h in self._admitting if h not in self._active])
+        return (
+            list(self._waiting)
+            + self._active
+            + ([self._chunking[0]] if self._chunking else [])
+            + [h for h, _ in self._refill]
+            + [h for h in self._admitting if h not in self._active]
+        )
 
-    def __enter__(self) -> "Scheduler":
+    def __enter__(self) -> Self:
         return self.start()
 
-    def __exit__(self, *exc: Any) -> None:
+    def __exit__(self, *exc: object) -> None:
         self.close()
 
     def _loop(self) -> None:
         while True:
             with self._cond:
-                while (not self._stop and not self._waiting and not self._active and self._chunking is None
-                       and not self._refill):
+                while (
+                    not self._stop
+                    and not self._waiting
+                    and not self._active
+                    and self._chunking is None
+                    and not self._refill
+                ):
                     self._cond.wait()
                 if self._stop:
                     return
             try:
                 self.step()
-            except BaseException as exc:      # e.g. the engine was closed: fail every request, stop
-                error = exc if isinstance(exc, NextokenError) else SchedulerStoppedError(
-                    f"the scheduler stopped: {type(exc).__name__}: {exc}")
+            except BaseException as exc:  # e.g. the engine was closed: fail every request, stop
+                error = (
+                    exc
+                    if isinstance(exc, NextokenError)
+                    else SchedulerStoppedError(f"the scheduler stopped: {type(exc).__name__}: {exc}")
+                )
                 with self._cond:
                     self._stop = True
                     self.error = error
@@ -392,7 +442,7 @@ class Scheduler:
         self._compact()
         if self._active:
             self._decode()
-            self._compact()                                # rows that finished or slid leave before anyone joins
+            self._compact()  # rows that finished or slid leave before anyone joins
         if self._waiting or self._refill or self._chunking is not None:
             self._schedule(runner)
         return bool(self._active or self._waiting or self._chunking or self._refill)
@@ -401,11 +451,11 @@ class Scheduler:
         """Bring in what waits, within the step's prefill budget and the batch's rows: slid windows
         first, then the long prompt in chunks, then newcomers in the order they came."""
         budget = self.max_prefill_tokens
-        if self._chunking is None and self._refill:        # slid windows go before newcomers
+        if self._chunking is None and self._refill:  # slid windows go before newcomers
             handle, windows = self._refill.popleft()
             if handle.rows == 1:
                 self._chunking = (handle, runner.new_cache(1), 0, windows[0], True)
-            else:                                          # several sequences: prefilled again together
+            else:  # several sequences: prefilled again together
                 budget -= sum(map(len, windows))
                 self._prefill_and_join([handle], windows, refill=True)
         if self._chunking is not None:
@@ -420,7 +470,7 @@ class Scheduler:
                     self._end_early(handle, None)
                     continue
                 size = sum(map(len, handle.generation.state.prompts))
-                if size > self.max_prefill_tokens and handle.rows == 1:   # long: prefilled in chunks, one at a time
+                if size > self.max_prefill_tokens and handle.rows == 1:  # long: prefilled in chunks, one at a time
                     if self._chunking is not None or budget <= 0:
                         break
                     self._waiting.popleft()
@@ -433,7 +483,7 @@ class Scheduler:
                     in_hand += 1
                     continue
                 if size > budget and (admit or budget < self.max_prefill_tokens):
-                    break                                  # the rest waits for the next step's budget
+                    break  # the rest waits for the next step's budget
                 self._waiting.popleft()
                 admit.append(handle)
                 budget -= size
@@ -441,7 +491,7 @@ class Scheduler:
         if admit:
             self._admit(admit)
         if self._chunking is not None and budget > 0 and self._chunking[2] == 0:
-            self._next_chunk(budget)                       # a long prompt starts with what is left this step
+            self._next_chunk(budget)  # a long prompt starts with what is left this step
         self._compact()
 
     def _advance(self, handle: RequestHandle, logits: np.ndarray, start: int) -> None:
@@ -450,11 +500,11 @@ class Scheduler:
         gen = handle.generation
         try:
             tokens, events = gen.advance(logits)
-            if handle.rows == self._rows:                  # the whole batch: its tokens are the next inputs
+            if handle.rows == self._rows:  # the whole batch: its tokens are the next inputs
                 self._last = tokens
             else:
-                self._last[start:start + handle.rows] = tokens
-            if gen.needs_slide:      # it leaves the batch, and comes back with its windows prefilled again
+                self._last[start : start + handle.rows] = tokens
+            if gen.needs_slide:  # it leaves the batch, and comes back with its windows prefilled again
                 gen.kv_cache_bytes = max(gen.kv_cache_bytes, self._kv_bytes(handle, start))
                 self._sliding.add(id(handle))
                 self._leaving += 1
@@ -490,7 +540,7 @@ class Scheduler:
             events = gen.cancel()
             try:
                 gen.end(handle.model_seconds, 0, self._memory.sample())
-            except Exception as exc:          # its cost meter or observer failed: it fails instead
+            except Exception as exc:  # its cost meter or observer failed: it fails instead
                 error = exc
             else:
                 handle.deliver(events)
@@ -512,26 +562,29 @@ class Scheduler:
         finished sequence of a request that goes on rides along on its last token)."""
         active = self._active
         spec = active[0].generation.speculation if self._rows == 1 else None
-        if spec is not None and spec.off:               # it stopped guessing: a plain step, as without
+        if spec is not None and spec.off:  # it stopped guessing: a plain step, as without
             spec = None
         if spec is not None and self._speculate(active[0]):
             return
         grow = None
-        if self._rows != len(active):                      # requests of several sequences
-            grow = (active[0].generation.state.alive if len(active) == 1
-                    else np.concatenate([h.generation.state.alive for h in active]))
-        began = time.perf_counter() if spec is not None else 0.0   # timed for speculation's cost line only
+        if self._rows != len(active):  # requests of several sequences
+            grow = (
+                active[0].generation.state.alive
+                if len(active) == 1
+                else np.concatenate([h.generation.state.alive for h in active])
+            )
+        began = time.perf_counter() if spec is not None else 0.0  # timed for speculation's cost line only
         try:
             logits = self.kv.decode(self._last, grow)
         except Exception as exc:
             self._fail_all(active, exc)
             return
-        if spec is not None:                             # a plain step of a request that speculates
+        if spec is not None:  # a plain step of a request that speculates
             spec.stepped(1, time.perf_counter() - began)
         spent, start = self.kv.last_seconds, 0
         for handle in active:
             handle.model_seconds += spent
-            self._advance(handle, logits[start:start + handle.rows], start)
+            self._advance(handle, logits[start : start + handle.rows], start)
             start += handle.rows
 
     def _speculate(self, handle: RequestHandle) -> bool:
@@ -541,14 +594,14 @@ class Scheduler:
         one after the last guess, is its own choice): the same tokens as plain decoding, fewer
         steps. What the guesses left in the cache past that is cut (a length, with slots). Returns
         False when there was no guess (the caller decodes plainly)."""
-        start = time.perf_counter()                 # a step's cost is its wall time: guessing and binding too
+        start = time.perf_counter()  # a step's cost is its wall time: guessing and binding too
         gen = handle.generation
         spec = gen.speculation
         held = self.kv.held(0)
         room = min(self.max_sequence_length, self.engine.manifest.context_length) - held - 1
         room = min(room, gen.params.max_new_tokens - len(gen.state.generated[0]) - 1)
         switch = self.engine.manifest.rope_switch
-        if switch and held < switch:       # a longrope check step stays on the short side of the switch
+        if switch and held < switch:  # a longrope check step stays on the short side of the switch
             room = min(room, switch - held - 1)
         try:
             guess = spec.propose(gen.state, room)
@@ -566,7 +619,7 @@ class Scheduler:
         handle.model_seconds += self.kv.last_seconds
         taken = kept = 0
         for i in range(len(guess) + 1):
-            self._advance(handle, logits[i:i + 1], 0)
+            self._advance(handle, logits[i : i + 1], 0)
             taken += 1
             if handle.done or gen.finished or gen.needs_slide:
                 break
@@ -591,7 +644,7 @@ class Scheduler:
             else:
                 started.append(handle)
         cache = self.engine.prefix_cache
-        if cache is not None:                      # a single prompt's sequences go through the prefix cache
+        if cache is not None:  # a single prompt's sequences go through the prefix cache
             single = [h for h in started if h.rows == h.generation.params.n]
             for handle in single:
                 self._admit_cached(handle, cache)
@@ -617,11 +670,11 @@ class Scheduler:
             reused, entry = cache.lookup(prompt)
             past = runner.new_cache(1)
             if entry is not None and entry.length == reused:
-                past.values = list(entry.values)          # read, never written: the step makes new values
-            elif entry is not None:                       # a longer prefix's entry: its first positions
+                past.values = list(entry.values)  # read, never written: the step makes new values
+            elif entry is not None:  # a longer prefix's entry: its first positions
                 past.values = self._ops().select(entry, [0], 0, reused).values
             pre = Prefilled.after(runner, past, prompt, reused, len(prompt))
-            if cache.wants(prompt):                       # the prompt's own values, as the prefill made them
+            if cache.wants(prompt):  # the prompt's own values, as the prefill made them
                 stored = runner.new_cache(1)
                 stored.values = list(past.values)
                 cache.insert(prompt, stored)
@@ -638,8 +691,9 @@ class Scheduler:
         except Exception as exc:
             self._fail_all([handle], exc)
 
-    def _prefill_and_join(self, group: list[RequestHandle], prompts: list[list[int]],
-                          fork: list[int] | None = None, refill: bool = False) -> BaseException | None:
+    def _prefill_and_join(
+        self, group: list[RequestHandle], prompts: list[list[int]], fork: list[int] | None = None, refill: bool = False
+    ) -> BaseException | None:
         """Prefill ``prompts`` and join the group to the batch (``fork``: which prompt each of the
         group's sequences starts from, when choices share one). Returns the prefill's failure
         (nothing joined); a failure to join is no one request's fault: it ends the whole group."""
@@ -672,7 +726,7 @@ class Scheduler:
             else:
                 handle.generation.prefilled(pre.seconds)
                 handle.model_seconds = pre.seconds
-            self._advance(handle, pre.logits[offset:offset + handle.rows], start + offset)
+            self._advance(handle, pre.logits[offset : offset + handle.rows], start + offset)
             offset += handle.rows
 
     def _next_chunk(self, budget: int) -> int:
@@ -686,7 +740,7 @@ class Scheduler:
         end = min(len(prompt), done + budget)
         switch = self.engine.manifest.rope_switch
         if switch and len(prompt) > switch:
-            end = len(prompt)    # longrope: all of a prompt past the switch rotates with the long factors
+            end = len(prompt)  # longrope: all of a prompt past the switch rotates with the long factors
         try:
             pre = Prefilled.after(self.engine.runner, cache, prompt, done, end)
         except Exception as exc:

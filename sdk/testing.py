@@ -22,8 +22,9 @@ work on text (stop strings, detokenisation).
 from __future__ import annotations
 
 import time
+from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
-from typing import Any, Callable, Mapping, Sequence, Union
+from typing import Any
 
 import numpy as np
 
@@ -34,10 +35,10 @@ from .manifest import Manifest
 from .registry import Registry
 from .tokenizer import GuardedTokenizer, IncrementalDecoder
 
-__all__ = ["ScriptedModel", "FakeEngine", "CharTokenizer", "Script"]
+__all__ = ["CharTokenizer", "FakeEngine", "Script", "ScriptedModel"]
 
 #: What a script answers for a sequence: a token id (made the clear favourite) or logits ``[V]``.
-Script = Callable[[list[int], list[int]], Union[int, np.ndarray]]
+Script = Callable[[list[int], list[int]], int | np.ndarray]
 
 
 class ScriptedModel:
@@ -49,8 +50,9 @@ class ScriptedModel:
     and sampling mostly does. ``prefills`` and ``decode_steps`` count the model's steps; ``seen``
     holds each row's sequence as the model last saw it."""
 
-    def __init__(self, script: Sequence[int] | Script, vocab_size: int = 32, *, context_length: int = 256,
-                 margin: float = 10.0) -> None:
+    def __init__(
+        self, script: Sequence[int] | Script, vocab_size: int = 32, *, context_length: int = 256, margin: float = 10.0
+    ) -> None:
         if not callable(script):
             wanted = [int(t) for t in script]
             if not wanted:
@@ -97,13 +99,19 @@ class _Runner:
 
     def __init__(self, model: ScriptedModel, manifest: Manifest) -> None:
         self.model, self.manifest = model, manifest
-        self.step_cost = None                        # as StepRunner's: speculation's cost line
+        self.step_cost = None  # as StepRunner's: speculation's cost line
 
     def new_cache(self, batch_size: int) -> _Cache:
         return _Cache(batch_size)
 
-    def prefill(self, cache: _Cache, input_ids: np.ndarray, attention_mask: np.ndarray,
-                position_ids: np.ndarray | None, all_logits: bool = False) -> np.ndarray:
+    def prefill(
+        self,
+        cache: _Cache,
+        input_ids: np.ndarray,
+        attention_mask: np.ndarray,
+        position_ids: np.ndarray | None,
+        all_logits: bool = False,
+    ) -> np.ndarray:
         start = time.perf_counter()
         self.model.prefills += 1
         width = input_ids.shape[1]
@@ -113,8 +121,9 @@ class _Runner:
         cache.run_seconds += time.perf_counter() - start
         return out
 
-    def decode(self, cache: _Cache, input_ids: np.ndarray, attention_mask: np.ndarray,
-               position_ids: np.ndarray | None) -> np.ndarray:
+    def decode(
+        self, cache: _Cache, input_ids: np.ndarray, attention_mask: np.ndarray, position_ids: np.ndarray | None
+    ) -> np.ndarray:
         start = time.perf_counter()
         self.model.decode_steps += 1
         for row, token in enumerate(input_ids[:, 0]):
@@ -174,15 +183,33 @@ class FakeEngine(Engine):
     ``cost_meters`` as for :class:`~nextoken.Engine` (entry-point plugins are off by default here:
     a test sees only what it registers)."""
 
-    def __init__(self, model: ScriptedModel, *, tokenizer: Any = None, eos_token_ids: Sequence[int] = (),
-                 pad_token_id: int = 0, plugins: bool | Sequence[str] | None = False,
-                 extra_plugins: Sequence[Any] = (), cost_meters: Mapping[str, Mapping[str, Any]] | None = None) -> None:
+    def __init__(
+        self,
+        model: ScriptedModel,
+        *,
+        tokenizer: Any = None,
+        eos_token_ids: Sequence[int] = (),
+        pad_token_id: int = 0,
+        plugins: bool | Sequence[str] | None = False,
+        extra_plugins: Sequence[Any] = (),
+        cost_meters: Mapping[str, Mapping[str, Any]] | None = None,
+    ) -> None:
         self.path = Path("<scripted model>")
         self.manifest = Manifest(
-            architecture="scripted", num_layers=0, num_kv_heads=0, head_dim=0, kv_dtype="float32",
-            vocab_size=model.vocab_size, context_length=model.context_length, inputs=("input_ids", "attention_mask"),
-            outputs=("logits",), eos_token_ids=tuple(eos_token_ids), pad_token_id=pad_token_id,
-            tokenizer_file=None, padding_side="left")
+            architecture="scripted",
+            num_layers=0,
+            num_kv_heads=0,
+            head_dim=0,
+            kv_dtype="float32",
+            vocab_size=model.vocab_size,
+            context_length=model.context_length,
+            inputs=("input_ids", "attention_mask"),
+            outputs=("logits",),
+            eos_token_ids=tuple(eos_token_ids),
+            pad_token_id=pad_token_id,
+            tokenizer_file=None,
+            padding_side="left",
+        )
         self.verified = "none (a scripted model)"
         self.model = model
         self.plugins = Registry(plugins)

@@ -6,11 +6,12 @@ Tokenizers are plugins (hook ``register_tokenizers``); the built-in one wraps Hu
 
 from __future__ import annotations
 
-from typing import Mapping, Protocol, Sequence, runtime_checkable
+from collections.abc import Mapping, Sequence
+from typing import Protocol, runtime_checkable
 
 from .errors import PluginError, describe
 
-__all__ = ["Tokenizer", "IncrementalDecoder", "GuardedTokenizer"]
+__all__ = ["GuardedTokenizer", "IncrementalDecoder", "Tokenizer"]
 
 # How many tokens before the new ones are decoded with them, so that a token whose text depends on
 # its left neighbour (a leading space, the second half of a UTF-8 character) comes out right.
@@ -50,8 +51,8 @@ class IncrementalDecoder:
     def __init__(self, tokenizer: Tokenizer, context: Sequence[int] = ()) -> None:
         self._tok = tokenizer
         self._ids: list[int] = list(context[-_CONTEXT_TOKENS:])
-        self._prefix = 0               # window start: decoded with the new tokens for context
-        self._read = len(self._ids)    # tokens before this have been released as text
+        self._prefix = 0  # window start: decoded with the new tokens for context
+        self._read = len(self._ids)  # tokens before this have been released as text
 
     def add(self, token_id: int) -> str:
         """Feed one token; return the text it completes ("" while a character is unfinished)."""
@@ -65,11 +66,11 @@ class IncrementalDecoder:
     def _release(self, final: bool) -> str:
         if self._read == len(self._ids):
             return ""
-        before = self._tok.decode(self._ids[self._prefix:self._read])
-        text = self._tok.decode(self._ids[self._prefix:])
+        before = self._tok.decode(self._ids[self._prefix : self._read])
+        text = self._tok.decode(self._ids[self._prefix :])
         if not final and (len(text) <= len(before) or text.endswith("\ufffd")):
             return ""
-        delta = text[len(before):]
+        delta = text[len(before) :]
         # The tokens just released become the next window's context; older ones are not decoded again.
         self._prefix, self._read = self._read, len(self._ids)
         return delta
@@ -102,10 +103,14 @@ class GuardedTokenizer:
             if any(isinstance(t, (bool, float)) for t in ids):
                 raise TypeError
         except (TypeError, ValueError):
-            raise _plugin_failure(self.source, "encode", f"returned {describe(ids)}, not a list of integer token ids") from None
+            raise _plugin_failure(
+                self.source, "encode", f"returned {describe(ids)}, not a list of integer token ids"
+            ) from None
         bad = [t for t in out if not 0 <= t < self.vocab_size]
         if bad:
-            raise _plugin_failure(self.source, "encode", f"returned token ids outside the vocabulary [0, {self.vocab_size}): {bad[:5]}")
+            raise _plugin_failure(
+                self.source, "encode", f"returned token ids outside the vocabulary [0, {self.vocab_size}): {bad[:5]}"
+            )
         return out
 
     def decode(self, ids: Sequence[int]) -> str:
@@ -125,7 +130,7 @@ class GuardedTokenizer:
             inner = make(context)
         except Exception as exc:
             raise _plugin_failure(self.source, "decoder", "", exc) from exc
-        if type(inner) is IncrementalDecoder:       # the stock decoder: run it over the checked decode
+        if type(inner) is IncrementalDecoder:  # the stock decoder: run it over the checked decode
             return IncrementalDecoder(self, context)
         return _GuardedDecoder(inner, self)
 
@@ -150,7 +155,6 @@ class _GuardedDecoder:
 
     def flush(self) -> str:
         return self._checked("decoder.flush", self.inner.flush)
-
 
 
 def _plugin_failure(source: str, what: str, problem: str, exc: BaseException | None = None) -> PluginError:

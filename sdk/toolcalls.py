@@ -18,17 +18,18 @@ from __future__ import annotations
 import json
 import re
 import uuid
-from typing import Any, Mapping, Sequence
+from collections.abc import Mapping, Sequence
+from typing import Any
 
 from .errors import InvalidRequestError
 from .types import Completion, SamplingParams, ToolCall
 
-__all__ = ["ToolRequest", "FALLBACK_PROMPT"]
+__all__ = ["FALLBACK_PROMPT", "ToolRequest"]
 
 #: The fallback's system message (``{tools}``: the tools as JSON, one a line).
 FALLBACK_PROMPT = (
     "You can call these tools:\n{tools}\n"
-    "To call one, answer with <tool_call>{{\"name\": <the tool's name>, \"arguments\": <its arguments as a JSON "
+    'To call one, answer with <tool_call>{{"name": <the tool\'s name>, "arguments": <its arguments as a JSON '
     "object>}}</tool_call> and nothing else; one block per call."
 )
 _BLOCK = re.compile(r"<tool_call>\s*(.*?)\s*</tool_call>", re.S)
@@ -44,8 +45,10 @@ def _check_tools(tools: Any) -> list[dict]:
         function = tool.get("function") if isinstance(tool, Mapping) and tool.get("type") == "function" else None
         name = function.get("name") if isinstance(function, Mapping) else None
         if not isinstance(name, str) or not re.fullmatch(r"[A-Za-z0-9_.-]{1,64}", name):
-            raise InvalidRequestError(f"tools[{i}] must be {{'type': 'function', 'function': {{'name': ..., "
-                                      f"'parameters': {{...}}}}}} with a name of letters, digits, _ . - (at most 64)")
+            raise InvalidRequestError(
+                f"tools[{i}] must be {{'type': 'function', 'function': {{'name': ..., "
+                f"'parameters': {{...}}}}}} with a name of letters, digits, _ . - (at most 64)"
+            )
         if name in names:
             raise InvalidRequestError(f"tools[{i}]: the function name {name!r} is given twice")
         parameters = function.get("parameters", {"type": "object", "properties": {}})
@@ -60,8 +63,9 @@ class ToolRequest:
     """The tools of one chat request and what to do with them: render them, constrain the answer
     (``required`` or a named function), and parse the answer into :class:`ToolCall` s."""
 
-    def __init__(self, tools: Any, tool_choice: Any = None, parallel_tool_calls: bool = True,
-                 fallback: bool = False) -> None:
+    def __init__(
+        self, tools: Any, tool_choice: Any = None, parallel_tool_calls: bool = True, fallback: bool = False
+    ) -> None:
         self.tools = _check_tools(tools)
         self.names = [t["function"]["name"] for t in self.tools]
         choice = "auto" if tool_choice is None else tool_choice
@@ -69,15 +73,19 @@ class ToolRequest:
             function = choice.get("function") if choice.get("type") == "function" else None
             name = function.get("name") if isinstance(function, Mapping) else None
             if not isinstance(name, str):
-                raise InvalidRequestError("tool_choice must be 'none', 'auto', 'required' or "
-                                          "{'type': 'function', 'function': {'name': ...}}")
+                raise InvalidRequestError(
+                    "tool_choice must be 'none', 'auto', 'required' or {'type': 'function', 'function': {'name': ...}}"
+                )
             if name not in self.names:
-                raise InvalidRequestError(f"tool_choice names function {name!r}, which is not among the tools "
-                                          f"({', '.join(self.names)})")
+                raise InvalidRequestError(
+                    f"tool_choice names function {name!r}, which is not among the tools ({', '.join(self.names)})"
+                )
             choice = name
         elif choice not in ("none", "auto", "required"):
-            raise InvalidRequestError("tool_choice must be 'none', 'auto', 'required' or "
-                                      f"{{'type': 'function', 'function': {{'name': ...}}}}, not {tool_choice!r}")
+            raise InvalidRequestError(
+                "tool_choice must be 'none', 'auto', 'required' or "
+                f"{{'type': 'function', 'function': {{'name': ...}}}}, not {tool_choice!r}"
+            )
         self.choice = choice
         self.parallel = bool(parallel_tool_calls)
         self.fallback = bool(fallback)
@@ -93,9 +101,11 @@ class ToolRequest:
         if template and "tools" in template:
             return list(messages)
         if not self.fallback:
-            raise InvalidRequestError("this model's chat template does not take tools; ask for nextoken's fallback "
-                                      "(tool_fallback=True; the server: \"nextoken\": {\"tool_fallback\": true}), which "
-                                      "describes them in a system message")
+            raise InvalidRequestError(
+                "this model's chat template does not take tools; ask for nextoken's fallback "
+                '(tool_fallback=True; the server: "nextoken": {"tool_fallback": true}), which '
+                "describes them in a system message"
+            )
         listing = "\n".join(json.dumps(t["function"], ensure_ascii=False, separators=(",", ":")) for t in self.tools)
         return [{"role": "system", "content": FALLBACK_PROMPT.format(tools=listing)}, *messages]
 
@@ -108,13 +118,23 @@ class ToolRequest:
         if self.choice in ("none", "auto"):
             return None
         allowed = [t for t in self.tools if self.choice == "required" or t["function"]["name"] == self.choice]
-        schema = {"x-guidance": _STYLE, "anyOf": [
-            {"type": "object", "properties": {"name": {"const": t["function"]["name"]},
-                                              "arguments": t["function"]["parameters"]},
-             "required": ["name", "arguments"], "additionalProperties": False} for t in allowed]}
+        schema = {
+            "x-guidance": _STYLE,
+            "anyOf": [
+                {
+                    "type": "object",
+                    "properties": {"name": {"const": t["function"]["name"]}, "arguments": t["function"]["parameters"]},
+                    "required": ["name", "arguments"],
+                    "additionalProperties": False,
+                }
+                for t in allowed
+            ],
+        }
         calls = "call+" if self.parallel and self.choice == "required" else "call"
-        return (f'start: {calls}\ncall: "<tool_call>" obj "</tool_call>"\n'
-                f"obj: %json {json.dumps(schema, ensure_ascii=False)}")
+        return (
+            f'start: {calls}\ncall: "<tool_call>" obj "</tool_call>"\n'
+            f"obj: %json {json.dumps(schema, ensure_ascii=False)}"
+        )
 
     def constrain(self, params: SamplingParams) -> SamplingParams:
         """``params`` held to the calls ``required`` or a named function asks for (as they are for
@@ -123,8 +143,10 @@ class ToolRequest:
         if grammar is None:
             return params
         if any(getattr(params, k) for k in ("response_format", "regex", "choice", "grammar")):
-            raise InvalidRequestError(f"tool_choice {self.choice!r} constrains the answer to tool calls; "
-                                      "leave out response_format, regex, choice and grammar")
+            raise InvalidRequestError(
+                f"tool_choice {self.choice!r} constrains the answer to tool calls; "
+                "leave out response_format, regex, choice and grammar"
+            )
         return params.replace(grammar=grammar)
 
     def parse(self, text: str) -> tuple[str, list[ToolCall]]:
@@ -134,7 +156,7 @@ class ToolRequest:
         for block in _BLOCK.finditer(text):
             call = self._call(block.group(1))
             if call is not None:
-                kept.append(text[end:block.start()])
+                kept.append(text[end : block.start()])
                 end = block.end()
                 calls.append(call)
         if not calls:
@@ -150,8 +172,11 @@ class ToolRequest:
             value = json.loads(body)
         except ValueError:
             return None
-        if not isinstance(value, dict) or value.get("name") not in self.names or not isinstance(
-                value.get("arguments", {}), dict):
+        if (
+            not isinstance(value, dict)
+            or value.get("name") not in self.names
+            or not isinstance(value.get("arguments", {}), dict)
+        ):
             return None
         arguments = json.dumps(value.get("arguments", {}), ensure_ascii=False)
         return ToolCall(f"call_{uuid.uuid4().hex[:24]}", value["name"], arguments)

@@ -10,16 +10,27 @@ from __future__ import annotations
 import itertools
 import math
 import time
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import asdict, dataclass, field, fields, replace
-from typing import Any, Callable, Mapping, Sequence
+from typing import Any
 
 import numpy as np
 
 from .errors import InvalidRequestError
 
 __all__ = [
-    "CONTEXT_POLICIES", "FINISH_REASONS", "SamplingParams", "Usage", "Completion", "StreamEvent", "Stop", "Charge",
-    "TokenLogprob", "BatchState", "MAX_CHOICES", "ToolCall",
+    "CONTEXT_POLICIES",
+    "FINISH_REASONS",
+    "MAX_CHOICES",
+    "BatchState",
+    "Charge",
+    "Completion",
+    "SamplingParams",
+    "Stop",
+    "StreamEvent",
+    "TokenLogprob",
+    "ToolCall",
+    "Usage",
 ]
 
 #: ``stop``: EOS, a stop id or a stop string; ``length``: max_new_tokens; ``context``: the window
@@ -78,9 +89,14 @@ def _logit_bias(value: Any) -> dict[int, float]:
             if isinstance(key, (bool, float)) or token < 0 or (isinstance(key, str) and not key.strip().isdigit()):
                 raise ValueError
         except (TypeError, ValueError):
-            raise InvalidRequestError(f"logit_bias keys must be token ids (non-negative integers), not {key!r}") from None
-        if isinstance(bias, bool) or not isinstance(bias, (int, float, np.integer, np.floating)) \
-                or not -LOGIT_BIAS_RANGE <= bias <= LOGIT_BIAS_RANGE:
+            raise InvalidRequestError(
+                f"logit_bias keys must be token ids (non-negative integers), not {key!r}"
+            ) from None
+        if (
+            isinstance(bias, bool)
+            or not isinstance(bias, (int, float, np.integer, np.floating))
+            or not -LOGIT_BIAS_RANGE <= bias <= LOGIT_BIAS_RANGE
+        ):
             raise InvalidRequestError(f"logit_bias[{token}] must be a number in [-100, 100], not {bias!r}")
         out[token] = float(bias)
     return out
@@ -92,13 +108,17 @@ def _check_constraint(params: "SamplingParams", fail: Callable[[str], None]) -> 
     fmt = params.response_format
     if fmt is not None:
         if not isinstance(fmt, Mapping) or fmt.get("type") not in ("text", "json_object", "json_schema"):
-            fail("response_format must be {'type': 'text'}, {'type': 'json_object'} or {'type': 'json_schema', "
-                 f"'json_schema': {{'schema': {{...}}}}}}, not {fmt!r}"[:300])
+            fail(
+                "response_format must be {'type': 'text'}, {'type': 'json_object'} or {'type': 'json_schema', "
+                f"'json_schema': {{'schema': {{...}}}}}}, not {fmt!r}"[:300]
+            )
         if fmt["type"] == "json_schema":
             spec = fmt.get("json_schema")
             if not isinstance(spec, Mapping) or not isinstance(spec.get("schema"), (Mapping, bool)):
-                fail("response_format json_schema needs 'json_schema': {'name': ..., 'schema': {...}} with the schema "
-                     "as a JSON object")
+                fail(
+                    "response_format json_schema needs 'json_schema': {'name': ..., 'schema': {...}} with the schema "
+                    "as a JSON object"
+                )
         object.__setattr__(params, "response_format", None if fmt["type"] == "text" else dict(fmt))
     if params.regex is not None and (not isinstance(params.regex, str) or not params.regex):
         fail(f"regex must be a non-empty string, not {params.regex!r}")
@@ -116,8 +136,15 @@ def _check_constraint(params: "SamplingParams", fail: Callable[[str], None]) -> 
         fail(f"give one constraint at most, not {' and '.join(given)}")
 
 
-def _field(default: Any, doc: str, *, flag: str | None = "", metavar: str | None = None,
-           choices: Sequence[str] | None = None, api: str | None = "nextoken") -> Any:
+def _field(
+    default: Any,
+    doc: str,
+    *,
+    flag: str | None = "",
+    metavar: str | None = None,
+    choices: Sequence[str] | None = None,
+    api: str | None = "nextoken",
+) -> Any:
     """A SamplingParams field with its documentation, CLI flag ("" : ``--`` and the name with
     dashes; None: none), metavar and choices, and where the server takes it (``api``)."""
     meta = {"doc": doc, "flag": flag, "metavar": metavar, "choices": tuple(choices) if choices else None, "api": api}
@@ -137,61 +164,115 @@ class SamplingParams:
     """
 
     max_new_tokens: int = _field(128, "(>= 1) tokens at most per sequence", metavar="N", api="openai")
-    temperature: float = _field(0.0, "0 means greedy (the most likely token every time); above 0, tokens are sampled "
-                                "from softmax(logits / temperature)", api="openai")
+    temperature: float = _field(
+        0.0,
+        "0 means greedy (the most likely token every time); above 0, tokens are sampled "
+        "from softmax(logits / temperature)",
+        api="openai",
+    )
     top_k: int = _field(0, "keep the k likeliest tokens (0: off)")
     top_p: float = _field(1.0, "keep the likeliest tokens holding this much probability (1: off)", api="openai")
     min_p: float = _field(0.0, "drop tokens under min_p x the top token's probability (0: off)")
-    repetition_penalty: float = _field(1.0, "divide positive logits of tokens seen (prompt and generated) and "
-                                       "multiply negative ones by this (1: off)")
-    presence_penalty: float = _field(0.0, "subtract from the logit of every token generated so far, in [-2, 2] "
-                                     "(0: off; OpenAI's rule)", api="openai")
-    frequency_penalty: float = _field(0.0, "subtract this times each token's count so far, in [-2, 2] (0: off)",
-                                      api="openai")
-    logit_bias: Mapping[int, float] = _field(dict, "add a bias in [-100, 100] to token ids' logits (-100 bans a "
-                                             "token); CLI: ID=BIAS, repeatable", metavar="ID=BIAS", api="openai")
-    seed: int | None = _field(None, "makes sampling reproducible, per sequence, whatever batch it runs in", api="openai")
+    repetition_penalty: float = _field(
+        1.0, "divide positive logits of tokens seen (prompt and generated) and multiply negative ones by this (1: off)"
+    )
+    presence_penalty: float = _field(
+        0.0, "subtract from the logit of every token generated so far, in [-2, 2] (0: off; OpenAI's rule)", api="openai"
+    )
+    frequency_penalty: float = _field(
+        0.0, "subtract this times each token's count so far, in [-2, 2] (0: off)", api="openai"
+    )
+    logit_bias: Mapping[int, float] = _field(
+        dict,
+        "add a bias in [-100, 100] to token ids' logits (-100 bans a token); CLI: ID=BIAS, repeatable",
+        metavar="ID=BIAS",
+        api="openai",
+    )
+    seed: int | None = _field(
+        None, "makes sampling reproducible, per sequence, whatever batch it runs in", api="openai"
+    )
     strategy: str | None = _field(None, "the decoding strategy's name (default: greedy at temperature 0, else sample)")
-    stop: tuple[str, ...] = _field((), f"strings that end a sequence, cut from its text (at most {MAX_STOP_STRINGS}, "
-                                   f"each at most {MAX_STOP_LENGTH} characters)", metavar="TEXT", api="openai")
+    stop: tuple[str, ...] = _field(
+        (),
+        f"strings that end a sequence, cut from its text (at most {MAX_STOP_STRINGS}, "
+        f"each at most {MAX_STOP_LENGTH} characters)",
+        metavar="TEXT",
+        api="openai",
+    )
     stop_token_ids: tuple[int, ...] = _field((), "token ids that end a sequence", flag="--stop-token-id", metavar="ID")
     ignore_eos: bool = _field(False, "do not stop at the model's EOS ids: generate max_new_tokens")
-    deadline_s: float | None = _field(None, "a request's wall-time limit, seconds", flag="--deadline", metavar="SECONDS")
-    top_logprobs: int | None = _field(None, f"None (off), 0 (each token's own log-probability) or N <= "
-                                      f"{MAX_TOP_LOGPROBS} (and the N likeliest alternatives)", metavar="N", api=None)
-    processors: tuple[str, ...] = _field((), "third-party logits processors to use, by name", flag="--processor",
-                                         metavar="NAME")
-    stop_conditions: tuple[str, ...] = _field((), "third-party stop conditions to use, by name",
-                                              flag="--stop-condition", metavar="NAME")
-    options: Mapping[str, Mapping[str, Any]] = _field(dict, "each plugin's own options, by plugin name; CLI: "
-                                                      "NAME.KEY=VALUE, repeatable", flag="--option",
-                                                      metavar="NAME.KEY=VALUE")
-    cost_meters: Mapping[str, Mapping[str, Any]] = _field(dict, "cost meters to charge, with their options; CLI: a "
-                                                          "meter's name, repeatable (its options by --option)",
-                                                          flag="--cost", metavar="METER")
-    context_policy: str = _field("error", "when a sequence outgrows the window: error (refuse a prompt that does not "
-                                 "fit), truncate (drop its oldest tokens) or slide (the window, while generating)",
-                                 choices=CONTEXT_POLICIES)
-    protected_prefix: int = _field(0, "leading prompt tokens (e.g. the system prompt) truncate and slide never drop",
-                                   metavar="N")
+    deadline_s: float | None = _field(
+        None, "a request's wall-time limit, seconds", flag="--deadline", metavar="SECONDS"
+    )
+    top_logprobs: int | None = _field(
+        None,
+        f"None (off), 0 (each token's own log-probability) or N <= "
+        f"{MAX_TOP_LOGPROBS} (and the N likeliest alternatives)",
+        metavar="N",
+        api=None,
+    )
+    processors: tuple[str, ...] = _field(
+        (), "third-party logits processors to use, by name", flag="--processor", metavar="NAME"
+    )
+    stop_conditions: tuple[str, ...] = _field(
+        (), "third-party stop conditions to use, by name", flag="--stop-condition", metavar="NAME"
+    )
+    options: Mapping[str, Mapping[str, Any]] = _field(
+        dict,
+        "each plugin's own options, by plugin name; CLI: NAME.KEY=VALUE, repeatable",
+        flag="--option",
+        metavar="NAME.KEY=VALUE",
+    )
+    cost_meters: Mapping[str, Mapping[str, Any]] = _field(
+        dict,
+        "cost meters to charge, with their options; CLI: a meter's name, repeatable (its options by --option)",
+        flag="--cost",
+        metavar="METER",
+    )
+    context_policy: str = _field(
+        "error",
+        "when a sequence outgrows the window: error (refuse a prompt that does not "
+        "fit), truncate (drop its oldest tokens) or slide (the window, while generating)",
+        choices=CONTEXT_POLICIES,
+    )
+    protected_prefix: int = _field(
+        0, "leading prompt tokens (e.g. the system prompt) truncate and slide never drop", metavar="N"
+    )
     response_format: Mapping[str, Any] | None = _field(
-        None, "structured output, OpenAI's shape: {'type': 'json_object'} or {'type': 'json_schema', 'json_schema': "
-        "{'name': ..., 'schema': {...}}} ({'type': 'text'}: none); CLI: a JSON schema file", flag="--json-schema",
-        metavar="FILE", api="openai")
+        None,
+        "structured output, OpenAI's shape: {'type': 'json_object'} or {'type': 'json_schema', 'json_schema': "
+        "{'name': ..., 'schema': {...}}} ({'type': 'text'}: none); CLI: a JSON schema file",
+        flag="--json-schema",
+        metavar="FILE",
+        api="openai",
+    )
     regex: str | None = _field(None, "the text must match this regular expression (Rust regex syntax)", metavar="REGEX")
     choice: tuple[str, ...] = _field((), "the text must be one of these strings; CLI: repeatable", metavar="TEXT")
-    grammar: str | None = _field(None, "the text must follow this Lark grammar (llguidance's dialect); CLI: a file",
-                                 metavar="FILE")
+    grammar: str | None = _field(
+        None, "the text must follow this Lark grammar (llguidance's dialect); CLI: a file", metavar="FILE"
+    )
     speculative: Mapping[str, Any] | None = _field(
-        None, "speculative decoding: {'method': 'prompt_lookup', 'k': 4} (a proposer plugin guesses up to k tokens "
+        None,
+        "speculative decoding: {'method': 'prompt_lookup', 'k': 4} (a proposer plugin guesses up to k tokens "
         "the model checks in one step; the same text, fewer steps); CLI: METHOD[:K[:MODEL]], MODEL a draft package",
-        metavar="METHOD[:K[:MODEL]]")
-    record: bool = _field(False, "keep a record of the request (completion.record) to replay it later; it holds the "
-                          "prompt", flag=None, api=None)
-    n: int = _field(1, f"choices for each prompt (at most {MAX_CHOICES}): each its own sequence, from one prefill of "
-                    "the prompt; a seeded sampler draws choice i with seed + i", metavar="N", api="openai")
-    hook_timings: bool = _field(False, "time every plugin the request uses (usage.hook_ms; off: nothing is timed "
-                                "and nothing is paid)")
+        metavar="METHOD[:K[:MODEL]]",
+    )
+    record: bool = _field(
+        False,
+        "keep a record of the request (completion.record) to replay it later; it holds the prompt",
+        flag=None,
+        api=None,
+    )
+    n: int = _field(
+        1,
+        f"choices for each prompt (at most {MAX_CHOICES}): each its own sequence, from one prefill of "
+        "the prompt; a seeded sampler draws choice i with seed + i",
+        metavar="N",
+        api="openai",
+    )
+    hook_timings: bool = _field(
+        False, "time every plugin the request uses (usage.hook_ms; off: nothing is timed and nothing is paid)"
+    )
 
     def __post_init__(self) -> None:
         def fail(msg: str) -> None:
@@ -199,7 +280,11 @@ class SamplingParams:
 
         def number(name: str) -> float:
             value = getattr(self, name)
-            if isinstance(value, bool) or not isinstance(value, (int, float, np.integer, np.floating)) or math.isnan(value):
+            if (
+                isinstance(value, bool)
+                or not isinstance(value, (int, float, np.integer, np.floating))
+                or math.isnan(value)
+            ):
                 fail(f"{name} must be a number, not {value!r}")
             return float(value)
 
@@ -219,7 +304,7 @@ class SamplingParams:
             fail(f"top_p must be in (0, 1] (1: off), not {self.top_p}")
         if not 0 <= number("min_p") < 1:
             fail(f"min_p must be in [0, 1) (0: off), not {self.min_p}")
-        if not 0 < number("repetition_penalty") or math.isinf(self.repetition_penalty):
+        if not number("repetition_penalty") > 0 or math.isinf(self.repetition_penalty):
             fail(f"repetition_penalty must be > 0 (1: off), not {self.repetition_penalty}")
         for name in ("presence_penalty", "frequency_penalty"):
             if not -2 <= number(name) <= 2:
@@ -303,7 +388,6 @@ class SamplingParams:
         return replace(self, **changes)
 
 
-
 def _document_fields(cls: type) -> None:
     """Append each field's documentation to the class's (the one place it is written)."""
     lines = []
@@ -314,6 +398,7 @@ def _document_fields(cls: type) -> None:
 
 
 _document_fields(SamplingParams)
+
 
 @dataclass(frozen=True)
 class Stop:
@@ -353,7 +438,9 @@ class TokenLogprob:
 
     def to_dict(self) -> dict:
         return {
-            "token_id": self.token_id, "token": self.token, "logprob": self.logprob,
+            "token_id": self.token_id,
+            "token": self.token,
+            "logprob": self.logprob,
             "top_logprobs": [{"token_id": i, "token": t, "logprob": lp} for i, t, lp in self.top],
         }
 
@@ -373,8 +460,8 @@ class Usage:
     steps: int
     batch_size: int
     device: str
-    provider: str = ""                 # the ONNX Runtime execution provider that ran it
-    kv_cache_bytes: int = 0            # the request's KV cache at its largest (the whole batch)
+    provider: str = ""  # the ONNX Runtime execution provider that ran it
+    kv_cache_bytes: int = 0  # the request's KV cache at its largest (the whole batch)
     #: the process's peak resident memory so far (its high-water mark, Linux), sampled when the
     #: request ended: a figure of the process, not of the request (requests share it; under the
     #: scheduler it is sampled at most once a second); ``nextoken.probes.reset_peak_rss`` starts a new window
@@ -491,8 +578,15 @@ class BatchState:
     sequence's choice index among its prompt's ``n`` (0 when ``n`` is 1; a seeded sampler draws
     choice ``i`` with ``seed + i``)."""
 
-    def __init__(self, params: SamplingParams, prompts: list[list[int]], eos_token_ids: Sequence[int],
-                 vocab_size: int, choices: Sequence[int] | None = None, tokenizer: Any = None) -> None:
+    def __init__(
+        self,
+        params: SamplingParams,
+        prompts: list[list[int]],
+        eos_token_ids: Sequence[int],
+        vocab_size: int,
+        choices: Sequence[int] | None = None,
+        tokenizer: Any = None,
+    ) -> None:
         self.request_id = f"req-{next(_ids)}"
         self.params = params
         self.prompts = prompts

@@ -43,46 +43,100 @@ def build_genai_folder(folder: Path, seed: int = 0) -> Path:
         helper.make_node("Gather", ["mask_shape", "one"], ["total64"]),
         helper.make_node("Cast", ["total64"], ["total"], to=TensorProto.INT32),
     ]
-    inputs = [helper.make_tensor_value_info("input_ids", TensorProto.INT64, ["batch_size", "sequence_length"]),
-              helper.make_tensor_value_info("attention_mask", TensorProto.INT64, ["batch_size", "total_sequence_length"])]
+    inputs = [
+        helper.make_tensor_value_info("input_ids", TensorProto.INT64, ["batch_size", "sequence_length"]),
+        helper.make_tensor_value_info("attention_mask", TensorProto.INT64, ["batch_size", "total_sequence_length"]),
+    ]
     outputs = [helper.make_tensor_value_info("logits", TensorProto.FLOAT, ["batch_size", "sequence_length", VOCAB])]
     x = "x0"
     for i in range(LAYERS):
-        for name, shape in (("q", (HIDDEN, HEADS * HEAD)), ("k", (HIDDEN, KV_HEADS * HEAD)),
-                            ("v", (HIDDEN, KV_HEADS * HEAD)), ("o", (HEADS * HEAD, HIDDEN))):
+        for name, shape in (
+            ("q", (HIDDEN, HEADS * HEAD)),
+            ("k", (HIDDEN, KV_HEADS * HEAD)),
+            ("v", (HIDDEN, KV_HEADS * HEAD)),
+            ("o", (HEADS * HEAD, HIDDEN)),
+        ):
             init(f"w{name}{i}", (rng.standard_normal(shape) * 0.3).astype(np.float32))
         nodes += [
             helper.make_node("MatMul", [x, f"wq{i}"], [f"q{i}"]),
             helper.make_node("MatMul", [x, f"wk{i}"], [f"k{i}"]),
             helper.make_node("MatMul", [x, f"wv{i}"], [f"v{i}"]),
-            helper.make_node("GroupQueryAttention",
-                             [f"q{i}", f"k{i}", f"v{i}", f"past_key_values.{i}.key", f"past_key_values.{i}.value",
-                              "seqlens_k", "total", "cos", "sin"],
-                             [f"a{i}", f"present.{i}.key", f"present.{i}.value"], domain="com.microsoft",
-                             num_heads=HEADS, kv_num_heads=KV_HEADS, do_rotary=1),
+            helper.make_node(
+                "GroupQueryAttention",
+                [
+                    f"q{i}",
+                    f"k{i}",
+                    f"v{i}",
+                    f"past_key_values.{i}.key",
+                    f"past_key_values.{i}.value",
+                    "seqlens_k",
+                    "total",
+                    "cos",
+                    "sin",
+                ],
+                [f"a{i}", f"present.{i}.key", f"present.{i}.value"],
+                domain="com.microsoft",
+                num_heads=HEADS,
+                kv_num_heads=KV_HEADS,
+                do_rotary=1,
+            ),
             helper.make_node("MatMul", [f"a{i}", f"wo{i}"], [f"o{i}"]),
             helper.make_node("Add", [x, f"o{i}"], [f"x{i + 1}"]),
         ]
         x = f"x{i + 1}"
         for kind in ("key", "value"):
-            inputs.append(helper.make_tensor_value_info(f"past_key_values.{i}.{kind}", TensorProto.FLOAT,
-                                                        ["batch_size", KV_HEADS, "past_sequence_length", HEAD]))
-            outputs.append(helper.make_tensor_value_info(f"present.{i}.{kind}", TensorProto.FLOAT,
-                                                         ["batch_size", KV_HEADS, "total_sequence_length", HEAD]))
+            inputs.append(
+                helper.make_tensor_value_info(
+                    f"past_key_values.{i}.{kind}",
+                    TensorProto.FLOAT,
+                    ["batch_size", KV_HEADS, "past_sequence_length", HEAD],
+                )
+            )
+            outputs.append(
+                helper.make_tensor_value_info(
+                    f"present.{i}.{kind}", TensorProto.FLOAT, ["batch_size", KV_HEADS, "total_sequence_length", HEAD]
+                )
+            )
     init("lm_head", (rng.standard_normal((HIDDEN, VOCAB)) * 0.5).astype(np.float32))
     nodes.append(helper.make_node("MatMul", [x, "lm_head"], ["logits"]))
-    model = helper.make_model(helper.make_graph(nodes, "tiny-gqa", inputs, outputs, inits),
-                              opset_imports=[helper.make_opsetid("", 17), helper.make_opsetid("com.microsoft", 1)])
+    model = helper.make_model(
+        helper.make_graph(nodes, "tiny-gqa", inputs, outputs, inits),
+        opset_imports=[helper.make_opsetid("", 17), helper.make_opsetid("com.microsoft", 1)],
+    )
     model.ir_version = 9
     onnx.save(model, str(folder / "model.onnx"))
     make_byte_tokenizer(folder, CONTEXT)
-    (folder / "genai_config.json").write_text(json.dumps({"model": {
-        "bos_token_id": 1, "eos_token_id": 2, "pad_token_id": 0, "context_length": CONTEXT, "type": "llama",
-        "vocab_size": VOCAB, "decoder": {
-            "filename": "model.onnx", "head_size": HEAD, "hidden_size": HIDDEN, "num_attention_heads": HEADS,
-            "num_hidden_layers": LAYERS, "num_key_value_heads": KV_HEADS,
-            "inputs": {"input_ids": "input_ids", "attention_mask": "attention_mask",
-                       "past_key_names": "past_key_values.%d.key", "past_value_names": "past_key_values.%d.value"},
-            "outputs": {"logits": "logits", "present_key_names": "present.%d.key",
-                        "present_value_names": "present.%d.value"}}}}))
+    (folder / "genai_config.json").write_text(
+        json.dumps(
+            {
+                "model": {
+                    "bos_token_id": 1,
+                    "eos_token_id": 2,
+                    "pad_token_id": 0,
+                    "context_length": CONTEXT,
+                    "type": "llama",
+                    "vocab_size": VOCAB,
+                    "decoder": {
+                        "filename": "model.onnx",
+                        "head_size": HEAD,
+                        "hidden_size": HIDDEN,
+                        "num_attention_heads": HEADS,
+                        "num_hidden_layers": LAYERS,
+                        "num_key_value_heads": KV_HEADS,
+                        "inputs": {
+                            "input_ids": "input_ids",
+                            "attention_mask": "attention_mask",
+                            "past_key_names": "past_key_values.%d.key",
+                            "past_value_names": "past_key_values.%d.value",
+                        },
+                        "outputs": {
+                            "logits": "logits",
+                            "present_key_names": "present.%d.key",
+                            "present_value_names": "present.%d.value",
+                        },
+                    },
+                }
+            }
+        )
+    )
     return folder

@@ -16,7 +16,10 @@ ARCHITECTURES = ("gpt2", "llama", "mistral", "qwen2", "phi3", "gemma")
 def run_cli(*args: str, env: dict | None = None, timeout: float = 300) -> subprocess.CompletedProcess:
     """``python -m nextoken ARGS`` in a subprocess, as a user runs it."""
     return subprocess.run(
-        [sys.executable, "-m", "nextoken", *args], capture_output=True, text=True, timeout=timeout,
+        [sys.executable, "-m", "nextoken", *args],
+        capture_output=True,
+        text=True,
+        timeout=timeout,
         env={**os.environ, **(env or {})},
     )
 

@@ -19,8 +19,11 @@ def _hf(ckpt):
     return model.eval()
 
 
-@pytest.fixture(scope="module", params=[(a, b) for b in ("nextoken", "optimum") for a in ARCHITECTURES],
-                ids=lambda p: f"{p[0]}-{p[1]}")
+@pytest.fixture(
+    scope="module",
+    params=[(a, b) for b in ("nextoken", "optimum") for a in ARCHITECTURES],
+    ids=lambda p: f"{p[0]}-{p[1]}",
+)
 def arch_setup(request, tiny_model):
     from nextoken import Engine
 
@@ -63,9 +66,16 @@ def test_greedy_32_tokens_match_transformers_generate(arch_setup):
     _, engine, model = arch_setup
     ids = engine.encode(PROMPTS[1])
     with torch.no_grad():
-        out = model.generate(torch.tensor([ids]), max_new_tokens=32, eos_token_id=None, do_sample=False,
-                             pad_token_id=0, output_scores=True, return_dict_in_generate=True)
-    expected = out.sequences[0, len(ids):].tolist()
+        out = model.generate(
+            torch.tensor([ids]),
+            max_new_tokens=32,
+            eos_token_id=None,
+            do_sample=False,
+            pad_token_id=0,
+            output_scores=True,
+            return_dict_in_generate=True,
+        )
+    expected = out.sequences[0, len(ids) :].tolist()
     # The weights are wide enough that no greedy choice is a near-tie: the top-2 gap dwarfs the
     # ONNX-vs-PyTorch error, so a mismatch would be a real bug and not rounding.
     gaps = [float(np.diff(np.sort(s[0].numpy())[-2:])[0]) for s in out.scores]

@@ -10,12 +10,11 @@ import pytest
 import torch
 
 import nextoken
-from nextoken import Engine, Scheduler
-from nextoken.exporters import export, make_tiny_checkpoint
-from nextoken.exporters import FP16_RTOL
-from nextoken.exporters.package import reference_model
-from nextoken.exporters.builder import ARCHITECTURES, BuilderUnavailable, build, covers, read_safetensors
 from helpers import run_cli
+from nextoken import Engine, Scheduler
+from nextoken.exporters import FP16_RTOL, export, make_tiny_checkpoint
+from nextoken.exporters.builder import ARCHITECTURES, BuilderUnavailable, build, covers, read_safetensors
+from nextoken.exporters.package import reference_model
 
 PROMPTS = ["Hello there", "A much longer prompt than the first one", "abc"]
 #: windows shorter than the prompts, so that the sliding window is checked against transformers
@@ -55,19 +54,24 @@ def built(request, tmp_path_factory):
     arch, dtype = request.param
     ckpt, report = _export_tiny(tmp_path_factory, arch, dtype, dtype=dtype)
     assert report.manifest.exported_by.get("builder") == "nextoken"
-    model = reference_model(str(ckpt))                  # eager attention where the model soft-caps it
+    model = reference_model(str(ckpt))  # eager attention where the model soft-caps it
     with Engine(report.output, device="cpu") as engine:
         yield request.param, model, engine, report
 
 
 def test_the_graph_is_fused(built):
-    (arch, dtype), _, engine, report = built
+    (arch, dtype), _, _engine, report = built
     ops = {n.op_type for n in onnx.load(str(report.output / "model.onnx"), load_external_data=False).graph.node}
-    norms = {"LayerNormalization", "SkipLayerNormalization"} if arch == "gpt2" else \
-        {"SkipSimplifiedLayerNormalization", "SimplifiedLayerNormalization"}
+    norms = (
+        {"LayerNormalization", "SkipLayerNormalization"}
+        if arch == "gpt2"
+        else {"SkipSimplifiedLayerNormalization", "SimplifiedLayerNormalization"}
+    )
     assert {"GroupQueryAttention"} | norms <= ops
     assert report.manifest.padding_side == "right" and report.max_abs_diff <= report.atol
-    assert report.manifest.precision == dtype and report.manifest.kv_dtype == {"fp32": "float32", "fp16": "float16"}[dtype]
+    assert (
+        report.manifest.precision == dtype and report.manifest.kv_dtype == {"fp32": "float32", "fp16": "float16"}[dtype]
+    )
     assert json.loads((report.output / "nextoken.json").read_text())["parity"]["max_abs_diff"] == report.max_abs_diff
 
 
@@ -84,7 +88,7 @@ def test_greedy_tokens_match_transformers_generate(built):
     ids = engine.encode(PROMPTS[0])
     with torch.no_grad():
         out = model.generate(torch.tensor([ids]), max_new_tokens=32, eos_token_id=None, do_sample=False, pad_token_id=0)
-    assert engine.generate(ids, max_new_tokens=32, ignore_eos=True).token_ids == out[0, len(ids):].tolist()
+    assert engine.generate(ids, max_new_tokens=32, ignore_eos=True).token_ids == out[0, len(ids) :].tolist()
 
 
 def test_batch_and_continuous_batching_equal_alone(built):
@@ -93,7 +97,7 @@ def test_batch_and_continuous_batching_equal_alone(built):
     alone = [engine.generate(p, **kw).token_ids for p in PROMPTS]
     assert [c.token_ids for c in engine.generate(PROMPTS, **kw)] == alone
     scheduler = Scheduler(engine, max_batch=4)
-    assert scheduler.kv_backend == "slots"                       # the fixed-slot backend, in place
+    assert scheduler.kv_backend == "slots"  # the fixed-slot backend, in place
     handles = [scheduler.submit(p, **kw) for p in PROMPTS]
     while scheduler.step():
         pass
@@ -108,7 +112,9 @@ def test_a_prefix_cache_hit_and_speculation_decode_as_plain_decoding(built):
     tails = engine.encode(" o")[-1:], engine.encode(" m")[-1:]
     kw = dict(max_new_tokens=16, ignore_eos=True)
     plain = [engine.generate(shared + tail, **kw).token_ids for tail in tails]
-    spec = engine.generate(shared + tails[0], speculative={"method": "draft", "model": str(report.output), "k": 4}, **kw)
+    spec = engine.generate(
+        shared + tails[0], speculative={"method": "draft", "model": str(report.output), "k": 4}, **kw
+    )
     assert spec.token_ids == plain[0] and spec.usage.accepted_tokens > 0
     with Engine(report.output, device="cpu", plugins=False, prefix_cache_bytes=16 << 20) as cached:
         first, second = (cached.generate(shared + tail, **kw) for tail in tails)
@@ -145,15 +151,16 @@ def test_what_the_builder_does_not_cover_falls_back_to_optimum(stories_dir, tmp_
         covers({**config, "model_type": "falcon"})
     with pytest.raises(BuilderUnavailable, match="rotary scaling 'proportional' is not built yet"):
         covers({**config, "rope_scaling": {"rope_type": "proportional", "factor": 2.0}})
-    with pytest.raises(BuilderUnavailable, match="not 'qwen2_moe'"):          # shared experts: optimum's
+    with pytest.raises(BuilderUnavailable, match="not 'qwen2_moe'"):  # shared experts: optimum's
         covers({**config, "model_type": "qwen2_moe"})
     with pytest.raises(BuilderUnavailable, match=r"weights are quantised \(mxfp4\); the builder reads float"):
-        covers({**config, "quantization_config": {"quant_method": "mxfp4"}})     # gpt-oss as published
+        covers({**config, "quantization_config": {"quant_method": "mxfp4"}})  # gpt-oss as published
     result = run_cli("export", str(scaled), "-o", str(tmp_path / "fallback"))
     assert result.returncode == 0, result.stderr
     notes = [line for line in result.stderr.splitlines() if "builder does not cover" in line]
     assert len(notes) == 1 and notes[0].startswith(
-        "note: nextoken's builder does not cover this model (partial rotary of 8 of a head of 16 is not built yet")
+        "note: nextoken's builder does not cover this model (partial rotary of 8 of a head of 16 is not built yet"
+    )
     assert notes[0].endswith("exporting optimum's graph instead")
     assert "; optimum's graph) to" in result.stderr
     manifest = json.loads((tmp_path / "fallback" / "nextoken.json").read_text())
@@ -165,9 +172,19 @@ def test_what_the_builder_does_not_cover_falls_back_to_optimum(stories_dir, tmp_
 #: llama3 scaling, linear and dynamic scaling, Qwen's YaRN, Phi-4-mini's partial rotation); original
 #: windows shorter than the prompt, so the scaled frequencies are the ones at work
 ROPE_CASES = {
-    "llama3": ("llama", dict(rope_theta=500000.0, rope_scaling={
-        "rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0,
-        "original_max_position_embeddings": 32})),
+    "llama3": (
+        "llama",
+        dict(
+            rope_theta=500000.0,
+            rope_scaling={
+                "rope_type": "llama3",
+                "factor": 8.0,
+                "low_freq_factor": 1.0,
+                "high_freq_factor": 4.0,
+                "original_max_position_embeddings": 32,
+            },
+        ),
+    ),
     "linear": ("llama", dict(rope_scaling={"rope_type": "linear", "factor": 2.0})),
     "dynamic": ("llama", dict(rope_scaling={"rope_type": "dynamic", "factor": 2.0})),
     "yarn": ("qwen2", dict(rope_scaling={"rope_type": "yarn", "factor": 4.0, "original_max_position_embeddings": 32})),
@@ -186,14 +203,18 @@ def test_rotary_scaling_and_partial_rotation_take_the_fused_path(case, tmp_path)
         ids = engine.encode(PROMPTS[1] + ", long enough to pass the original window of thirty-two tokens")
         with torch.no_grad():
             expected = model(torch.tensor([ids])).logits[0].numpy()
-            out = model.generate(torch.tensor([ids[:8]]), max_new_tokens=32, eos_token_id=None, do_sample=False,
-                                 pad_token_id=0)
+            out = model.generate(
+                torch.tensor([ids[:8]]), max_new_tokens=32, eos_token_id=None, do_sample=False, pad_token_id=0
+            )
         assert len(ids) > 64 and np.abs(engine.forward(ids) - expected).max() <= 1e-4
         assert engine.generate(ids[:8], max_new_tokens=32, ignore_eos=True).token_ids == out[0, 8:].tolist()
 
 
-LONGROPE = {"type": "longrope", "short_factor": [1.0, 1.1, 1.3, 1.6, 2.0, 2.5, 3.0, 4.0],
-            "long_factor": [1.0, 1.5, 2.0, 3.0, 4.5, 6.0, 8.0, 12.0]}
+LONGROPE = {
+    "type": "longrope",
+    "short_factor": [1.0, 1.1, 1.3, 1.6, 2.0, 2.5, 3.0, 4.0],
+    "long_factor": [1.0, 1.5, 2.0, 3.0, 4.5, 6.0, 8.0, 12.0],
+}
 
 
 def test_longrope_switches_where_transformers_switches(tmp_path):
@@ -212,18 +233,19 @@ def test_longrope_switches_where_transformers_switches(tmp_path):
         for ids in (short, long):
             with torch.no_grad():
                 expected = model(torch.tensor([ids])).logits[0].numpy()
-                out = model.generate(torch.tensor([ids]), eos_token_id=None, do_sample=False, pad_token_id=0, **{
-                    "max_new_tokens": 40})
+                out = model.generate(
+                    torch.tensor([ids]), eos_token_id=None, do_sample=False, pad_token_id=0, max_new_tokens=40
+                )
             assert np.abs(engine.forward(ids) - expected).max() <= 1e-4
             alone.append(engine.generate(ids, **kw).token_ids)
-            assert alone[-1] == out[0, len(ids):].tolist()          # the short prompt crosses the switch
+            assert alone[-1] == out[0, len(ids) :].tolist()  # the short prompt crosses the switch
         assert [c.token_ids for c in engine.generate([short, long], **kw)] == alone
-        scheduler = Scheduler(engine, max_batch=4, max_prefill_tokens=16)   # the long prompt: never chunked
+        scheduler = Scheduler(engine, max_batch=4, max_prefill_tokens=16)  # the long prompt: never chunked
         handles = [scheduler.submit(ids, **kw) for ids in (short, long)]
         while scheduler.step():
             pass
         assert [h.result().token_ids for h in handles] == alone
-        copying = short + short                                    # speculates up to the switch, then past it
+        copying = short + short  # speculates up to the switch, then past it
         plain = engine.generate(copying, **kw).token_ids
         assert engine.generate(copying, speculative={"method": "prompt_lookup", "k": 4}, **kw).token_ids == plain
     with pytest.raises(nextoken.NextokenError, match="switches its rotary factors at 32 tokens"):
@@ -243,8 +265,10 @@ def test_in_place_generation_when_rows_finish_at_different_steps(built):
     assert len(want[0]) == at + 1
     got = engine.generate(PROMPTS, stop_token_ids=[stop], **kw)
     assert [c.token_ids for c in got] == want
-    assert got[0].usage.kv_cache_bytes == 3 * (max(len(engine.encode(p)) for p in PROMPTS) + 16) \
-        * engine.manifest.kv_bytes_per_token()
+    assert (
+        got[0].usage.kv_cache_bytes
+        == 3 * (max(len(engine.encode(p)) for p in PROMPTS) + 16) * engine.manifest.kv_bytes_per_token()
+    )
 
 
 def test_quantised_builds_quantise_the_lm_head_too(tmp_path):
@@ -260,11 +284,12 @@ def test_quantised_builds_quantise_the_lm_head_too(tmp_path):
     assert manifest["quantization"]["teacher_forced_agreement"] >= 0.3 and report.accuracy is not None
     graph = onnx.load(str(tmp_path / "pkg" / "model.onnx")).graph
     ops = [n.op_type for n in graph.node]
-    assert ops.count("MatMulNBits") == 2 * 5 + 1 and "GroupQueryAttention" in ops   # 5 per layer + the head
+    assert ops.count("MatMulNBits") == 2 * 5 + 1 and "GroupQueryAttention" in ops  # 5 per layer + the head
     # the lookup reads the head's int4 blocks: no fp32 copy of the embedding is left
     assert "GatherBlockQuantized" in ops and "embed" not in {i.name for i in graph.initializer}
     with Engine(tmp_path / "pkg", device="cpu") as engine:
         assert len(engine.generate("Hello", max_new_tokens=8, ignore_eos=True).token_ids) == 8
+
 
 def test_heads_smaller_than_groupqueryattention_runs_are_padded(stories_package):
     """stories260k's head size is 8; GroupQueryAttention runs multiples of 16 (its rotary too): the
@@ -297,21 +322,25 @@ def test_weights_written_to_external_data_as_they_are_made(tmp_path, dtype):
     build(half, tmp_path / "half", dtype=dtype, external_data=True)
     import onnxruntime as ort
 
-    feeds = {"input_ids": np.array([[5, 9, 200, 17]]), "attention_mask": np.ones((1, 4), dtype=np.int64),
-             "logits_to_keep": np.array([4])}
+    feeds = {
+        "input_ids": np.array([[5, 9, 200, 17]]),
+        "attention_mask": np.ones((1, 4), dtype=np.int64),
+        "logits_to_keep": np.array([4]),
+    }
     kv = np.float16 if dtype == "fp16" else np.float32
     for i in range(2):
         for kind in ("key", "value"):
             feeds[f"past_key_values.{i}.{kind}"] = np.zeros((1, 2, 0, 16), dtype=kv)
-    logits = [ort.InferenceSession(str(tmp_path / d / "model.onnx")).run(["logits"], feeds)[0].astype(np.float32)
-              for d in ("one", "two", "half")]
+    logits = [
+        ort.InferenceSession(str(tmp_path / d / "model.onnx")).run(["logits"], feeds)[0].astype(np.float32)
+        for d in ("one", "two", "half")
+    ]
     np.testing.assert_array_equal(logits[0], logits[1])
-    assert np.abs(logits[2] - logits[0]).max() < 0.2 * np.abs(logits[0]).max()      # bf16 weights: close, not equal
+    assert np.abs(logits[2] - logits[0]).max() < 0.2 * np.abs(logits[0]).max()  # bf16 weights: close, not equal
     assert not np.array_equal(logits[2], logits[0])
 
 
-@pytest.fixture(scope="module", params=quantized_params(),
-                ids=lambda p: f"{p[0]}-{p[1]}")
+@pytest.fixture(scope="module", params=quantized_params(), ids=lambda p: f"{p[0]}-{p[1]}")
 def quantized(request, tmp_path_factory):
     arch, method = request.param
     _, report = _export_tiny(tmp_path_factory, arch, method, quantize=method, block_size=16)
@@ -382,8 +411,9 @@ def test_a_broken_checkpoint_is_one_clear_error_and_leaves_nothing(tiny_llama, t
 
     assert "a truncated download?" in broken("cut", cut)
     assert "is not a valid safetensors file (unreadable header" in broken("garbled", garble)
-    assert broken("nofield", drop_field) == ("nextoken: error: config.json lacks num_hidden_layers; "
-                                             "is it a complete llama config?")
+    assert broken("nofield", drop_field) == (
+        "nextoken: error: config.json lacks num_hidden_layers; is it a complete llama config?"
+    )
     assert "config.json is not valid JSON" in broken("notjson", lambda c: (c / "config.json").write_text("{"))
 
     def more_kv_heads(ckpt):
@@ -393,4 +423,5 @@ def test_a_broken_checkpoint_is_one_clear_error_and_leaves_nothing(tiny_llama, t
 
     assert broken("mismatch", more_kv_heads) == (
         "nextoken: error: the checkpoint's weights do not match its config.json: layer 0's qkv is [64, 128] "
-        "(as x @ W), the config says [64, 192] (hidden 64, 4 heads and 4 KV heads of 16)")
+        "(as x @ W), the config says [64, 192] (hidden 64, 4 heads and 4 KV heads of 16)"
+    )

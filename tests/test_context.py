@@ -7,8 +7,8 @@ import json
 import pytest
 import torch
 
-from nextoken import ContextWindowError, Engine, InvalidRequestError, SamplingParams
 from helpers import run_cli
+from nextoken import ContextWindowError, Engine, InvalidRequestError, SamplingParams
 
 WINDOW = 64
 
@@ -43,7 +43,7 @@ def test_error_is_the_default_and_names_both_lengths(small_window):
     assert SamplingParams().context_policy == "error"
     with pytest.raises(ContextWindowError, match="has 81 tokens but the model's context window is 64"):
         engine.generate("x" * 80, max_new_tokens=4)
-    got = engine.generate("y" * 40, max_new_tokens=100, ignore_eos=True)    # fits; generation fills the window
+    got = engine.generate("y" * 40, max_new_tokens=100, ignore_eos=True)  # fits; generation fills the window
     assert got.finish_reason == "context" and 41 + len(got.token_ids) == WINDOW
 
 
@@ -54,7 +54,7 @@ def test_truncate_equals_transformers_on_the_truncated_prompt(small_window):
     got = engine.generate(prompt, max_new_tokens=16, ignore_eos=True, context_policy="truncate", protected_prefix=5)
     kept = got.prompt_token_ids
     assert len(kept) + 16 == WINDOW
-    assert kept[:5] == prompt[:5] and kept[5:] == prompt[-(WINDOW - 16 - 5):]
+    assert kept[:5] == prompt[:5] and kept[5:] == prompt[-(WINDOW - 16 - 5) :]
     assert got.token_ids == _greedy(model, kept, 16)
     with pytest.raises(ContextWindowError, match="leaves 4 of the 64-token context window .* protected prefix of 5"):
         engine.generate(prompt, max_new_tokens=60, context_policy="truncate", protected_prefix=5)
@@ -73,8 +73,8 @@ def test_slide_generates_200_tokens_matching_transformers_after_each_slide(small
     bounds = [s[0] for s in gen.slides] + [200]
     for (step, row, kept), end in zip(gen.slides, bounds[1:]):
         assert row == 0 and len(kept) == WINDOW // 2
-        assert kept[:4] == prompt[:4]                                  # the protected prefix stays
-        assert kept[4:] == (prompt + completion.token_ids)[step + len(prompt) - (len(kept) - 4): step + len(prompt)]
+        assert kept[:4] == prompt[:4]  # the protected prefix stays
+        assert kept[4:] == (prompt + completion.token_ids)[step + len(prompt) - (len(kept) - 4) : step + len(prompt)]
         assert completion.token_ids[step:end] == _greedy(model, kept, end - step)
 
 
@@ -109,6 +109,17 @@ def test_cli_context_policy(small_window):
     assert ok.returncode == 0, ok.stderr
     data = json.loads(ok.stdout)
     assert data["usage"]["prompt_tokens"] == WINDOW - 8
-    slide = run_cli("generate", str(pkg), "hello", "--max-new-tokens", "150", "--ignore-eos",
-                    "--context-policy", "slide", "--protected-prefix", "1", "--json")
+    slide = run_cli(
+        "generate",
+        str(pkg),
+        "hello",
+        "--max-new-tokens",
+        "150",
+        "--ignore-eos",
+        "--context-policy",
+        "slide",
+        "--protected-prefix",
+        "1",
+        "--json",
+    )
     assert slide.returncode == 0 and len(json.loads(slide.stdout)["token_ids"]) == 150

@@ -17,10 +17,9 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from nextoken import Engine
-from nextoken import probes
-from nextoken.tools import memory
+from nextoken import Engine, probes
 from nextoken.device import cuda_status
+from nextoken.tools import memory
 
 CUDA_OK, CUDA_WHY = cuda_status(0)
 needs_cuda = pytest.mark.skipif(not CUDA_OK, reason=f"no usable CUDA here: {CUDA_WHY}")
@@ -36,7 +35,7 @@ class FakeNVML:
         self.processes = processes
 
     def nvmlDeviceGetHandleByIndex_v2(self, index, handle_ref):
-        return 0 if index.value == 0 else 2           # NVML_ERROR_INVALID_ARGUMENT
+        return 0 if index.value == 0 else 2  # NVML_ERROR_INVALID_ARGUMENT
 
     def nvmlDeviceGetMemoryInfo(self, handle, mem_ref):
         mem = mem_ref._obj
@@ -49,7 +48,7 @@ class FakeNVML:
 
     def nvmlDeviceGetComputeRunningProcesses_v3(self, handle, count_ref, infos):
         if not self.processes:
-            return 3                                   # NVML_ERROR_NOT_SUPPORTED
+            return 3  # NVML_ERROR_NOT_SUPPORTED
         infos[0].pid, infos[0].usedGpuMemory = os.getpid() + 1, 17 * GiB
         infos[1].pid, infos[1].usedGpuMemory = os.getpid(), 3 * GiB
         count_ref._obj.value = 2
@@ -66,15 +65,21 @@ def fake_gpu(monkeypatch):
 
 def test_gpu_memory_reads_free_total_and_this_process(fake_gpu):
     gpu = memory.gpu_memory(0)
-    assert (gpu.name, gpu.total, gpu.free, gpu.used, gpu.process) == ("NVIDIA Test GPU", 80 * GiB, 60 * GiB, 20 * GiB, 3 * GiB)
-    assert memory.gpu_memory(1) is None                     # no such device
+    assert (gpu.name, gpu.total, gpu.free, gpu.used, gpu.process) == (
+        "NVIDIA Test GPU",
+        80 * GiB,
+        60 * GiB,
+        20 * GiB,
+        3 * GiB,
+    )
+    assert memory.gpu_memory(1) is None  # no such device
     fake_gpu.processes = False
     assert memory.gpu_memory(0).process is None
 
 
 def test_cuda_visible_devices_renumbers(fake_gpu, monkeypatch):
     monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "3,0")
-    assert memory.gpu_memory(0) is None                     # CUDA's 0 is the driver's 3
+    assert memory.gpu_memory(0) is None  # CUDA's 0 is the driver's 3
     assert memory.gpu_memory(1).free == 60 * GiB
 
 
@@ -95,6 +100,7 @@ def test_planner_without_a_driver_says_so(monkeypatch, stories_package):
 
 
 # -- on a GPU ----------------------------------------------------------------------------------------
+
 
 @needs_cuda
 def test_cuda_greedy_equals_cpu_on_stories260k(stories_package, stories_engine):
@@ -120,16 +126,32 @@ def test_cuda_cache_stays_on_the_device(stories_package):
 
 # -- the GPU check script ------------------------------------------------------------------------------
 
+
 def _gpu_check(*args: str, tmp_path) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, str(REPO / "scripts" / "gpu_check.py"), *args],
-                          capture_output=True, text=True, timeout=600, cwd=tmp_path)
+    return subprocess.run(
+        [sys.executable, str(REPO / "scripts" / "gpu_check.py"), *args],
+        capture_output=True,
+        text=True,
+        timeout=600,
+        cwd=tmp_path,
+    )
 
 
 def test_gpu_check_script_runs_its_whole_path_on_the_cpu(stories_dir, tmp_path):
     """The script a lent GPU machine runs: the same path on the CPU, so it cannot rot between GPU runs."""
     out = tmp_path / "check.json"
-    done = _gpu_check("--device", "cpu", "--quick", "--stories", str(stories_dir), "--work", str(tmp_path / "w"),
-                      "--json", str(out), tmp_path=tmp_path)
+    done = _gpu_check(
+        "--device",
+        "cpu",
+        "--quick",
+        "--stories",
+        str(stories_dir),
+        "--work",
+        str(tmp_path / "w"),
+        "--json",
+        str(out),
+        tmp_path=tmp_path,
+    )
     assert done.returncode == 0, done.stdout + done.stderr
     report = json.loads(out.read_text())
     assert report["passed"] is True
@@ -137,8 +159,9 @@ def test_gpu_check_script_runs_its_whole_path_on_the_cpu(stories_dir, tmp_path):
     assert all(r["batch_row_equals_alone"] for r in report["parity"])
     assert report["parity"][0]["identical_to_cpu_fp32"] and report["parity"][0]["max_abs_logit_diff_vs_cpu_fp32"] == 0
     assert [r["batch"] for r in report["bench"]] == [1, 2] and all(r["decode_tok_s"] > 0 for r in report["bench"])
-    assert report["scheduler"] == [{"package": "stories260k-fp32", "device": "cpu", "kv_backend": "slots",
-                                    "identical": 4, "requests": 4}]
+    assert report["scheduler"] == [
+        {"package": "stories260k-fp32", "device": "cpu", "kv_backend": "slots", "identical": 4, "requests": 4}
+    ]
     assert report["finished"] is True
     assert "| nextoken | stories260k-fp32 | 1 |" in done.stdout
 

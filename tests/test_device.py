@@ -35,7 +35,7 @@ def test_explicit_cuda_on_a_host_without_it_is_a_clear_error():
 @pytest.mark.parametrize("bad", ["tpu", "cuda:x", ""])
 def test_invalid_device_names(bad):
     if bad == "":
-        assert resolve_device(bad).device in ("cpu", "cuda")   # empty means auto
+        assert resolve_device(bad).device in ("cpu", "cuda")  # empty means auto
         return
     with pytest.raises(DeviceError, match="not valid"):
         resolve_device(bad)
@@ -56,7 +56,7 @@ def test_spinning_and_threads_are_set():
     assert off.intra_op_num_threads == 2
     assert off.get_session_config_entry("session.intra_op.allow_spinning") == "0"
     assert on.get_session_config_entry("session.intra_op.allow_spinning") == "1"
-    assert on.get_session_config_entry("session.force_spinning_stop") == "1"     # not between steps
+    assert on.get_session_config_entry("session.force_spinning_stop") == "1"  # not between steps
     with pytest.raises(ValueError):
         session_options(threads=-1)
 
@@ -73,14 +73,15 @@ def test_engine_spin_default_comes_from_the_environment_then_the_load(tiny_llama
     monkeypatch.delenv("NEXTOKEN_SPIN")
     monkeypatch.setattr(os, "sched_getaffinity", lambda _pid: {0, 1}, raising=False)
     monkeypatch.setattr(device, "_running_now", lambda: 0.0)
-    for load, want in ((0.2, True), (1.5, False)):          # 2 threads on 2 cores: quiet, then busy
-        monkeypatch.setattr(os, "getloadavg", lambda: (load, load, load))
+    for load, want in ((0.2, True), (1.5, False)):  # 2 threads on 2 cores: quiet, then busy
+        monkeypatch.setattr(os, "getloadavg", lambda load=load: (load, load, load))
         with Engine(tiny_llama[1], device="cpu", threads=2) as engine:
             assert engine.spin is want
             assert engine.spin_reason == f"load {load:.2f} with 2 threads on 2 cores: {'quiet' if want else 'busy'}"
-            assert engine.session.get_session_options().get_session_config_entry(
-                "session.intra_op.allow_spinning") == ("1" if want else "0")
-    monkeypatch.setattr(device, "_running_now", lambda: 2.0)    # a burst the 1-minute average has not seen yet
+            assert engine.session.get_session_options().get_session_config_entry("session.intra_op.allow_spinning") == (
+                "1" if want else "0"
+            )
+    monkeypatch.setattr(device, "_running_now", lambda: 2.0)  # a burst the 1-minute average has not seen yet
     with Engine(tiny_llama[1], device="cpu", threads=2) as engine:
         assert engine.spin is False and engine.spin_reason == "load 2.00 with 2 threads on 2 cores: busy"
     with Engine(tiny_llama[1], device="cpu", spin=False) as engine:
@@ -102,7 +103,7 @@ def test_without_cuda_the_reason_names_what_is_missing():
     usable, why = cuda_status()
     if usable:
         pytest.skip("CUDA is usable on this host")
-    if "no CUDA provider" in why:   # an onnxruntime build without CUDA: nothing to load
+    if "no CUDA provider" in why:  # an onnxruntime build without CUDA: nothing to load
         return
     assert ".so" in why or "GPU" in why, why
     if "cannot load its libraries" in why:
@@ -119,20 +120,24 @@ def test_cuda_wheels_are_found_on_any_site_folder(tmp_path, monkeypatch, capsys)
         (other_site / "nvidia" / sub / "lib").mkdir(parents=True)
     (other_site / "nvidia" / "README").write_text("not a library folder")
     monkeypatch.setattr(sys, "path", [*sys.path, str(other_site)])
-    assert device._nvidia_library_dirs()[-2:] == [str(other_site / "nvidia" / "cu13" / "lib"),
-                                                  str(other_site / "nvidia" / "cudnn" / "lib")]
+    assert device._nvidia_library_dirs()[-2:] == [
+        str(other_site / "nvidia" / "cu13" / "lib"),
+        str(other_site / "nvidia" / "cudnn" / "lib"),
+    ]
     calls = []
 
     def preload(directory=None):
         calls.append(directory)
         if directory is None:
-            raise RuntimeError("the default search failed")   # tolerated: the probe reports it
+            raise RuntimeError("the default search failed")  # tolerated: the probe reports it
         print("noise that must not reach the user")
 
     monkeypatch.setattr(device.ort, "preload_dlls", preload, raising=False)
     device._preload_cuda_libraries()
-    assert calls[0] is None and calls[-2:] == [str(other_site / "nvidia" / "cu13" / "lib"),
-                                               str(other_site / "nvidia" / "cudnn" / "lib")]
+    assert calls[0] is None and calls[-2:] == [
+        str(other_site / "nvidia" / "cu13" / "lib"),
+        str(other_site / "nvidia" / "cudnn" / "lib"),
+    ]
     assert capsys.readouterr() == ("", "")
 
 
@@ -142,7 +147,7 @@ def test_cuda_keeps_fp32_in_fp32_unless_tf32_is_asked_for(monkeypatch):
 
     monkeypatch.setattr(device, "cuda_status", lambda device_id=0: (True, f"CUDA device {device_id} is usable"))
     monkeypatch.delenv("NEXTOKEN_TF32", raising=False)
-    options = lambda choice: dict(choice.providers[0][1])   # noqa: E731
+    options = lambda choice: dict(choice.providers[0][1])  # noqa: E731
     assert options(device.resolve_device("cuda:1")) == {"device_id": "1", "use_tf32": "0"}
     assert options(device.resolve_device("cuda", tf32=True))["use_tf32"] == "1"
     monkeypatch.setenv("NEXTOKEN_TF32", "1")
@@ -169,7 +174,7 @@ def test_with_a_driver_but_no_cuda_libraries_the_reason_says_what_to_install(tmp
     why = done.stdout.strip()
     if "cannot load its libraries" in why:
         assert ".so" in why and "nextoken[cuda]" in why
-    else:   # the CUDA wheels are installed here: the stand-in lacks what CUDA calls
+    else:  # the CUDA wheels are installed here: the stand-in lacks what CUDA calls
         assert "driver is older" in why, why
 
 
@@ -183,7 +188,7 @@ def test_cli_runtime_options_reach_the_engine_and_the_server(monkeypatch):
     monkeypatch.setattr(engine, "Engine", lambda *a, **k: engines.append(k))
     open_engine(cli._parser().parse_args(["generate", "pkg", "hi", "--tf32", "--spin"]))
     open_engine(cli._parser().parse_args(["generate", "pkg", "hi"]))
-    assert [(k["tf32"], k["spin"]) for k in engines] == [(True, True), (None, None)]   # None: the environment's
+    assert [(k["tf32"], k["spin"]) for k in engines] == [(True, True), (None, None)]  # None: the environment's
     monkeypatch.setattr(server, "serve", lambda *a, **k: serves.append(k))
     assert cli.main(["serve", "pkg", "--no-tf32", "--spin"]) == 0
     assert (serves[0]["engine_options"]["tf32"], serves[0]["engine_options"]["spin"]) == (False, True)

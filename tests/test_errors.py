@@ -8,6 +8,7 @@ import shutil
 import pytest
 
 import nextoken
+from helpers import rehash, run_cli
 from nextoken import (
     ContextWindowError,
     Engine,
@@ -17,7 +18,6 @@ from nextoken import (
     ModelPackageError,
     NextokenError,
 )
-from helpers import rehash, run_cli
 
 
 @pytest.fixture()
@@ -55,7 +55,7 @@ def test_corrupt_graph(package_copy):
     (package_copy / "model.onnx").write_bytes(b"\x08\x07garbage, not a protobuf" * 50)
     with pytest.raises(ModelPackageError, match="model.onnx changed .its size differs"):
         Engine(package_copy)
-    rehash(package_copy)                     # a graph that is what its manifest says, but no graph
+    rehash(package_copy)  # a graph that is what its manifest says, but no graph
     with pytest.raises(ModelPackageError, match="not a loadable ONNX graph"):
         Engine(package_copy)
 
@@ -72,14 +72,17 @@ def test_manifest_from_a_newer_nextoken(package_copy):
         Engine(package_copy)
 
 
-@pytest.mark.parametrize("changes, words", [
-    ({"num_kv_heads": 3}, "num_kv_heads is 3 in the manifest but past_key_values.0.key has 2"),
-    ({"head_dim": 7}, "head_dim is 7"),
-    ({"num_layers": 1}, "num_layers is 1 in the manifest but the graph has more layers"),
-    ({"num_layers": 3}, "num_layers=3 needs past_key_values.2.key"),
-    ({"vocab_size": 100}, "vocab_size is 100"),
-    ({"kv_dtype": "float16"}, "kv_dtype is float16"),
-])
+@pytest.mark.parametrize(
+    "changes, words",
+    [
+        ({"num_kv_heads": 3}, "num_kv_heads is 3 in the manifest but past_key_values.0.key has 2"),
+        ({"head_dim": 7}, "head_dim is 7"),
+        ({"num_layers": 1}, "num_layers is 1 in the manifest but the graph has more layers"),
+        ({"num_layers": 3}, "num_layers=3 needs past_key_values.2.key"),
+        ({"vocab_size": 100}, "vocab_size is 100"),
+        ({"kv_dtype": "float16"}, "kv_dtype is float16"),
+    ],
+)
 def test_manifest_that_disagrees_with_the_graph(package_copy, changes, words):
     _edit_manifest(package_copy, **changes)
     with pytest.raises(ManifestMismatchError, match=words.replace(".", r"\.")):
@@ -114,19 +117,26 @@ def test_empty_prompt_without_bos_is_an_error(package_copy):
         _still_works(engine)
 
 
-@pytest.mark.parametrize("request_kwargs, error, words", [
-    (dict(prompts="x" * 300), ContextWindowError, "has 301 tokens but the model's context window is 128"),
-    (dict(prompts="ok", max_new_tokens=0), InvalidRequestError, "max_new_tokens must be >= 1"),
-    (dict(prompts="ok", max_new_tokens=-3), InvalidRequestError, "max_new_tokens must be >= 1"),
-    (dict(prompts="ok", max_new_tokens=2.5), InvalidRequestError, "max_new_tokens must be an integer"),
-    (dict(prompts="ok", temprature=0.5), InvalidRequestError, "unknown generation option.*temprature"),
-    (dict(prompts="ok", strategy="beam"), InvalidRequestError, "unknown strategy 'beam'; registered: greedy, sample"),
-    (dict(prompts=[1, 5, 9999]), InvalidRequestError, r"outside the vocabulary \[0, 259\)"),
-    (dict(prompts=[]), InvalidRequestError, "no prompt given"),
-    (dict(prompts=["fine", ""]), None, None),
-    (dict(prompts=["fine", 3.5]), InvalidRequestError, "prompt 1 must be text or a sequence of token ids"),
-    (dict(prompts=["short", "y" * 200]), ContextWindowError, "prompt 1 has 201 tokens"),
-])
+@pytest.mark.parametrize(
+    "request_kwargs, error, words",
+    [
+        (dict(prompts="x" * 300), ContextWindowError, "has 301 tokens but the model's context window is 128"),
+        (dict(prompts="ok", max_new_tokens=0), InvalidRequestError, "max_new_tokens must be >= 1"),
+        (dict(prompts="ok", max_new_tokens=-3), InvalidRequestError, "max_new_tokens must be >= 1"),
+        (dict(prompts="ok", max_new_tokens=2.5), InvalidRequestError, "max_new_tokens must be an integer"),
+        (dict(prompts="ok", temprature=0.5), InvalidRequestError, "unknown generation option.*temprature"),
+        (
+            dict(prompts="ok", strategy="beam"),
+            InvalidRequestError,
+            "unknown strategy 'beam'; registered: greedy, sample",
+        ),
+        (dict(prompts=[1, 5, 9999]), InvalidRequestError, r"outside the vocabulary \[0, 259\)"),
+        (dict(prompts=[]), InvalidRequestError, "no prompt given"),
+        (dict(prompts=["fine", ""]), None, None),
+        (dict(prompts=["fine", 3.5]), InvalidRequestError, "prompt 1 must be text or a sequence of token ids"),
+        (dict(prompts=["short", "y" * 200]), ContextWindowError, "prompt 1 has 201 tokens"),
+    ],
+)
 def test_bad_requests_then_a_good_one(llama_engine, request_kwargs, error, words):
     if error is None:
         llama_engine.generate(**request_kwargs, max_new_tokens=2)
@@ -162,7 +172,9 @@ def test_export_of_a_directory_without_config(tmp_path):
 def test_export_of_an_architecture_without_past_support(tmp_path):
     from transformers import BertConfig
 
-    BertConfig(hidden_size=32, num_hidden_layers=1, num_attention_heads=2, intermediate_size=32).save_pretrained(tmp_path / "bert")
+    BertConfig(hidden_size=32, num_hidden_layers=1, num_attention_heads=2, intermediate_size=32).save_pretrained(
+        tmp_path / "bert"
+    )
     with pytest.raises(ExportError, match="cannot export 'bert' with past key values"):
         nextoken.exporters.export(tmp_path / "bert", tmp_path / "out", progress=None)
 
@@ -187,7 +199,7 @@ def test_cli_errors_are_one_line_without_traceback(tmp_path, tiny_llama):
         result = run_cli(*args, env={"HF_HUB_OFFLINE": "1"})
         assert result.returncode == 1, (args, result.stderr)
         assert "Traceback" not in result.stderr, result.stderr
-        errors = [l for l in result.stderr.splitlines() if l.startswith("nextoken: error:")]
+        errors = [line for line in result.stderr.splitlines() if line.startswith("nextoken: error:")]
         assert len(errors) == 1, result.stderr
     bad = run_cli("generate", str(tiny_llama[1]), "hi", "--max-new-tokens", "0")
     assert bad.returncode == 2 and "must be >= 1" in bad.stderr and "Traceback" not in bad.stderr
@@ -215,13 +227,13 @@ def test_cached_packages_are_keyed_by_what_they_are(tmp_path, tiny_llama):
     first = _demo_key(str(tiny_llama[0]))
     link = tmp_path / "model"
     os.symlink(tiny_llama[0], link)
-    assert _demo_key(str(link)) == first                       # the same model by another path
+    assert _demo_key(str(link)) == first  # the same model by another path
     other = tmp_path / "other"
     shutil.copytree(tiny_llama[0], other)
     (other / "config.json").write_text((other / "config.json").read_text() + " ")
     link.unlink()
     os.symlink(other, link)
-    assert _demo_key(str(link)) != first                       # another model at that path
+    assert _demo_key(str(link)) != first  # another model at that path
     hub = _demo_key("HuggingFaceTB/SmolLM2-135M")
     assert hub.startswith("HuggingFaceTB--SmolLM2-135M-") and _demo_key("HuggingFaceTB/SmolLM2-135M", "int4") != hub
     # the exporter's own code is part of the key (a package of an older exporter is not reused);
@@ -237,7 +249,9 @@ def test_control_characters_are_escaped_on_a_terminal():
 
 def test_demo_help_says_what_it_makes():
     assert "(default 64)" in run_cli("demo", "--help").stdout
-    assert "MatMulNBits blocks of 8 or 4 bits, int8 activations per row" in " ".join(run_cli("export", "--help").stdout.split())
+    assert "MatMulNBits blocks of 8 or 4 bits, int8 activations per row" in " ".join(
+        run_cli("export", "--help").stdout.split()
+    )
 
 
 def test_the_top_logprobs_table_has_a_header(tiny_llama):

@@ -17,8 +17,12 @@ def test_readme_embedding_example_is_the_example_file():
 
 
 def test_embed_example_runs(stories_package):
-    out = subprocess.run([sys.executable, str(REPO / "examples" / "embed.py"), str(stories_package)],
-                         capture_output=True, text=True, timeout=120)
+    out = subprocess.run(
+        [sys.executable, str(REPO / "examples" / "embed.py"), str(stories_package)],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
     assert out.returncode == 0, out.stderr
     lines = out.stdout.splitlines()
     assert "Lily" in out.stdout
@@ -42,23 +46,23 @@ def test_demo_builds_an_untrained_default_offline(tmp_path):
     assert result.returncode == 0, result.stderr
     assert "untrained" in result.stderr
     assert "[length] prompt" in result.stderr and "completion 12 tok" in result.stderr
-    assert "[1/3] building" in result.stderr                     # the default export: the builder's graph
+    assert "[1/3] building" in result.stderr  # the default export: the builder's graph
     (package,) = (tmp_path / "packages").iterdir()
     assert package.name.startswith("tiny-llama-untrained-") and (package / "nextoken.json").is_file()
-    again = run_cli("demo", "--max-new-tokens", "12", "--ignore-eos", env=env)   # cached: no export
+    again = run_cli("demo", "--max-new-tokens", "12", "--ignore-eos", env=env)  # cached: no export
     assert again.returncode == 0 and "[1/" not in again.stderr
     assert again.stdout == result.stdout
 
 
 def test_demo_with_a_local_checkpoint(stories_dir, tmp_path):
-    result = run_cli("demo", str(stories_dir), "--max-new-tokens", "20",
-                     env={"NEXTOKEN_CACHE": str(tmp_path)})
+    result = run_cli("demo", str(stories_dir), "--max-new-tokens", "20", env={"NEXTOKEN_CACHE": str(tmp_path)})
     assert result.returncode == 0, result.stderr
     assert result.stdout.startswith(", there was")
 
 
 def test_embed_example_without_a_package_says_how_to_run_it():
-    out = subprocess.run([sys.executable, str(REPO / "examples" / "embed.py")], capture_output=True, text=True,
-                         timeout=120)
+    out = subprocess.run(
+        [sys.executable, str(REPO / "examples" / "embed.py")], capture_output=True, text=True, timeout=120
+    )
     assert out.returncode == 1 and out.stderr.startswith("usage: python examples/embed.py PACKAGE")
     assert "Traceback" not in out.stderr

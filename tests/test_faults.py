@@ -14,15 +14,22 @@ import numpy as np
 import pytest
 
 import nextoken
-from nextoken import Engine, NextokenError, PluginError, Scheduler, SchedulerStoppedError, Stop
-from nextoken import Charge
 from helpers import wrap_steps
+from nextoken import Charge, Engine, NextokenError, PluginError, Scheduler, SchedulerStoppedError, Stop
 
-PROMPTS = ["Hello there", "A much longer prompt than the first", "abc", "Streaming joins late", "one two three",
-           "The cat sat", "zz", "Last of eight prompts here"]
-FAULTY = 3                   # the index of the request that brings the fault
+PROMPTS = [
+    "Hello there",
+    "A much longer prompt than the first",
+    "abc",
+    "Streaming joins late",
+    "one two three",
+    "The cat sat",
+    "zz",
+    "Last of eight prompts here",
+]
+FAULTY = 3  # the index of the request that brings the fault
 KW = dict(max_new_tokens=8, ignore_eos=True)
-MARK = "BOOM"                # text that the faulty tokenizer chokes on
+MARK = "BOOM"  # text that the faulty tokenizer chokes on
 
 
 class Faulty:
@@ -54,7 +61,9 @@ class Faulty:
                 if mode == "nan":
                     logits[:] = np.nan
                 return logits
+
             return processor
+
         register("faulty", factory)
 
     @nextoken.hookimpl
@@ -65,13 +74,15 @@ class Faulty:
                 if mode == "raise":
                     raise RuntimeError("strategy exploded")
                 if mode == "garbage":
-                    return np.full(logits.shape[0], logits.shape[1] + 7)      # out of the vocabulary
+                    return np.full(logits.shape[0], logits.shape[1] + 7)  # out of the vocabulary
                 if mode == "shape":
                     return np.zeros((logits.shape[0] + 2,), dtype=np.int64)
                 if mode == "float":
                     return np.zeros(logits.shape[0], dtype=np.float32)
                 return np.argmax(logits, axis=-1)
+
             return strategy
+
         register("faulty", factory)
 
     @nextoken.hookimpl
@@ -86,7 +97,9 @@ class Faulty:
                 if mode == "shape":
                     return {len(tokens) + 4: Stop("stop")}
                 return None
+
             return condition
+
         register("faulty", factory)
 
     @nextoken.hookimpl
@@ -102,7 +115,9 @@ class Faulty:
                 if mode == "shape":
                     return Charge(float("nan"))
                 return Charge(0.0)
+
             return meter
+
         register("faulty", factory)
 
     @nextoken.hookimpl
@@ -122,7 +137,7 @@ class Faulty:
         if mode == "raise":
             raise RuntimeError(f"{hook} exploded")
         if mode in ("garbage", "shape"):
-            return [object()]            # an observer's return value means nothing: it is ignored
+            return [object()]  # an observer's return value means nothing: it is ignored
         return None
 
 
@@ -131,7 +146,11 @@ class FaultyTokenizer:
 
     def __init__(self, inner, mode: str, fault_id: int) -> None:
         self.inner, self.mode, self.fault_id = inner, mode, fault_id
-        self.adds_bos, self.chat_template, self.special_tokens = inner.adds_bos, inner.chat_template, inner.special_tokens
+        self.adds_bos, self.chat_template, self.special_tokens = (
+            inner.adds_bos,
+            inner.chat_template,
+            inner.special_tokens,
+        )
 
     def encode(self, text, add_special_tokens=True):
         ids = self.inner.encode(text, add_special_tokens=add_special_tokens)
@@ -140,8 +159,8 @@ class FaultyTokenizer:
             if kind == "raise":
                 raise RuntimeError("encode exploded")
             if kind == "garbage":
-                return [10 ** 9] + ids
-            return [ids]                # the wrong shape: a nested list
+                return [10**9] + ids
+            return [ids]  # the wrong shape: a nested list
         return ids
 
     def decode(self, ids):
@@ -162,11 +181,15 @@ def tokenizer_plugin(mode: str, fault_id: int):
             from nextoken.plugins.hf_tokenizer import load
 
             register("faulty-tok", lambda package, manifest: FaultyTokenizer(load(package, manifest), mode, fault_id))
+
     return TokenizerPlugin()
 
 
-STEP_FAULTS = [(hook, mode) for hook in ("processor", "strategy", "stop", "on_request_start", "on_step",
-                                         "on_request_end") for mode in ("raise", "garbage", "shape")]
+STEP_FAULTS = [
+    (hook, mode)
+    for hook in ("processor", "strategy", "stop", "on_request_start", "on_step", "on_request_end")
+    for mode in ("raise", "garbage", "shape")
+]
 STEP_FAULTS += [("processor", "nan"), ("strategy", "float")]
 METER_FAULTS = [("meter", mode) for mode in ("raise", "garbage", "shape")]
 
@@ -227,12 +250,12 @@ def test_a_faulty_plugin_ends_only_its_request(backend, hook, mode):
     assert others == [t for i, t in enumerate(alone) if i != FAULTY]
     assert after == alone[0]
     if hook.startswith("on_") and mode != "raise":
-        assert error is None                           # observers' return values are ignored
+        assert error is None  # observers' return values are ignored
         assert scheduler.ended == {"finished": 9, "cancelled": 0, "failed": 0}
         return
     assert isinstance(error, PluginError), error
     message = str(error)
-    assert "test_faults.Faulty" in message, message   # named by its class, never by an id number
+    assert "test_faults.Faulty" in message, message  # named by its class, never by an id number
     assert scheduler.ended == {"finished": 8, "cancelled": 0, "failed": 1}
 
 
@@ -259,8 +282,9 @@ def test_plugin_errors_say_what_was_wrong(backend):
     assert engine.generate(PROMPTS[0], **KW).token_ids == engine.generate(PROMPTS[0], **KW).token_ids
 
 
-@pytest.mark.parametrize("mode", ["encode-raise", "encode-garbage", "encode-shape",
-                                  "decode-raise", "decode-garbage", "decode-shape"])
+@pytest.mark.parametrize(
+    "mode", ["encode-raise", "encode-garbage", "encode-shape", "decode-raise", "decode-garbage", "decode-shape"]
+)
 @pytest.mark.parametrize("kv_backend", ["concat", "slots"])
 def test_a_faulty_tokenizer_ends_only_the_request_it_fails(tiny_llama, gqa_package, tmp_path, mode, kv_backend):
     import json
@@ -281,7 +305,9 @@ def test_a_faulty_tokenizer_ends_only_the_request_it_fails(tiny_llama, gqa_packa
         ids = [plain.encode(p) for p in prompts]
         fault_id = next(t for t in ids[FAULTY][-4:] + alone[FAULTY] if t not in seen)
     with Engine(package, device="cpu", plugins=False, extra_plugins=[tokenizer_plugin(mode, fault_id)]) as engine:
-        scheduler = Scheduler(engine, max_batch=8, kv_backend=kv_backend, slot_length=64 if kv_backend == "slots" else None)
+        scheduler = Scheduler(
+            engine, max_batch=8, kv_backend=kv_backend, slot_length=64 if kv_backend == "slots" else None
+        )
         with scheduler:
             handles, error = [], None
             for i, p in enumerate(prompts):
@@ -306,7 +332,7 @@ def test_a_failing_model_step_fails_that_step_and_the_scheduler_serves_on(backen
     calls = {"n": 0}
 
     def flaky(kind, real, *args):
-        if kind.startswith("decode"):                  # decode steps only: a failed prefill is retried alone
+        if kind.startswith("decode"):  # decode steps only: a failed prefill is retried alone
             calls["n"] += 1
             if calls["n"] == 3:
                 raise NextokenError("the model failed to run a step: injected")
@@ -336,7 +362,7 @@ def test_a_dead_loop_fails_every_request_and_refuses_new_ones(backend, monkeypat
         raise RuntimeError("an internal bug")
 
     monkeypatch.setattr(scheduler, "_compact", broken)
-    handles = [scheduler.submit(p, **KW) for p in PROMPTS]     # all in hand before the loop starts
+    handles = [scheduler.submit(p, **KW) for p in PROMPTS]  # all in hand before the loop starts
     scheduler.start()
     for h in handles:
         with pytest.raises(NextokenError, match="the scheduler stopped: RuntimeError: an internal bug"):
@@ -359,9 +385,14 @@ def test_the_server_keeps_serving_around_a_faulty_request(tiny_llama):
     with Engine(tiny_llama[1], device="cpu", plugins=False, extra_plugins=[Faulty()]) as engine:
         alone = [engine.generate(p, **KW).token_ids for p in PROMPTS]
         with Scheduler(engine, max_batch=8) as scheduler, TestClient(create_app(scheduler, "tiny")) as client:
+
             def post(i):
-                body = {"prompt": PROMPTS[i], "max_tokens": KW["max_new_tokens"], "temperature": 0,
-                        "nextoken": {"ignore_eos": True}}
+                body = {
+                    "prompt": PROMPTS[i],
+                    "max_tokens": KW["max_new_tokens"],
+                    "temperature": 0,
+                    "nextoken": {"ignore_eos": True},
+                }
                 if i == FAULTY:
                     body["nextoken"]["cost_meters"] = {"faulty": {"mode": "raise"}}
                 return client.post("/v1/completions", json=body)
@@ -388,7 +419,7 @@ def test_the_server_keeps_serving_around_a_faulty_request(tiny_llama):
 
 def test_a_temperature_that_underflows_is_greedy(llama_engine):
     greedy = llama_engine.generate(PROMPTS[0], **KW).token_ids
-    for temperature in (1e-30, 1e-38, 1e-45, 1e-300):      # 1/T overflows float32 from 1e-39 on
+    for temperature in (1e-30, 1e-38, 1e-45, 1e-300):  # 1/T overflows float32 from 1e-39 on
         got = llama_engine.generate(PROMPTS[0], temperature=temperature, seed=3, **KW)
         assert got.token_ids == greedy, temperature
 
@@ -396,7 +427,7 @@ def test_a_temperature_that_underflows_is_greedy(llama_engine):
 def test_non_finite_model_logits_are_an_error_naming_the_step(llama_engine, monkeypatch):
     calls = []
 
-    def nan_at_third(kind, real, *args):               # the prefill, decode step 1, then step 2
+    def nan_at_third(kind, real, *args):  # the prefill, decode step 1, then step 2
         logits = real(*args)
         calls.append(kind)
         if len(calls) >= 3:
@@ -433,6 +464,7 @@ class CutBack:
     def register_stop_conditions(self, register):
         def factory(params, options):
             return lambda tokens, state: {0: Stop("stop", "cut", text_end=0)} if state.step == 4 else None
+
         register("cut-back", factory)
 
 
@@ -465,12 +497,21 @@ def test_a_failed_batched_prefill_is_retried_request_by_request(backend, monkeyp
     assert [h.result().token_ids for h in handles] == alone
 
 
-@pytest.mark.parametrize("kw", [
-    dict(temperature=1e-45), dict(temperature=1e30, seed=1), dict(temperature=1.0, top_p=1e-30, seed=1),
-    dict(temperature=1.0, min_p=0.999999, seed=1), dict(temperature=1.0, top_k=10 ** 9, seed=1),
-    dict(repetition_penalty=1e-38), dict(repetition_penalty=1e38), dict(presence_penalty=-2, frequency_penalty=-2),
-    dict(logit_bias={5: 100, 6: -100}), dict(temperature=0.7, seed=2 ** 80),
-])
+@pytest.mark.parametrize(
+    "kw",
+    [
+        dict(temperature=1e-45),
+        dict(temperature=1e30, seed=1),
+        dict(temperature=1.0, top_p=1e-30, seed=1),
+        dict(temperature=1.0, min_p=0.999999, seed=1),
+        dict(temperature=1.0, top_k=10**9, seed=1),
+        dict(repetition_penalty=1e-38),
+        dict(repetition_penalty=1e38),
+        dict(presence_penalty=-2, frequency_penalty=-2),
+        dict(logit_bias={5: 100, 6: -100}),
+        dict(temperature=0.7, seed=2**80),
+    ],
+)
 def test_extreme_but_valid_parameters_behave_as_their_limit(llama_engine, kw):
     got = llama_engine.generate(PROMPTS[1], max_new_tokens=6, ignore_eos=True, **kw)
     assert len(got.token_ids) == 6 and all(0 <= t < llama_engine.manifest.vocab_size for t in got.token_ids)

@@ -11,10 +11,10 @@ import json
 import numpy as np
 import pytest
 
+from helpers import run_cli
 from nextoken import Engine, ExportError
 from nextoken.exporters import FP16_RTOL, export
 from nextoken.tools.memory import plan_memory
-from helpers import run_cli
 
 
 @pytest.fixture(scope="module")
@@ -31,7 +31,7 @@ def test_fp16_package_records_its_precision(stories_fp16):
     assert manifest["precision"] == "fp16" and manifest["kv_dtype"] == "float16"
     assert "parity over" in log and "(on cpu)" in log
     diff = float(log.split("max |Δ logits| = ")[1].split()[0])
-    assert 0 < diff < FP16_RTOL * 20            # stories260k's logits reach ~20
+    assert 0 < diff < FP16_RTOL * 20  # stories260k's logits reach ~20
     assert run_cli("info", str(out), "--verify").returncode == 0
 
 
@@ -41,9 +41,9 @@ def test_fp16_greedy_equals_fp32_on_stories260k(stories_fp16, stories_engine):
         got = half.generate("Once upon a time", max_new_tokens=200)
         want = stories_engine.generate("Once upon a time", max_new_tokens=200)
         assert got.token_ids == want.token_ids
-        assert got.usage.kv_cache_bytes * 2 == want.usage.kv_cache_bytes     # the cache is half the size
+        assert got.usage.kv_cache_bytes * 2 == want.usage.kv_cache_bytes  # the cache is half the size
         logits = half.forward(half.encode("Once upon a time"))
-        assert logits.dtype == np.float32                                      # sampling always sees fp32
+        assert logits.dtype == np.float32  # sampling always sees fp32
         batch = half.generate(["Once upon a time", "The cat"], max_new_tokens=16)
         assert batch[0].token_ids == got.token_ids[:16]
 

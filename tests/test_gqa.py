@@ -8,11 +8,11 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from gqa_graph import build_genai_folder
 
+from helpers import run_cli
 from nextoken import Engine, ExportError, InvalidRequestError, Scheduler
 from nextoken.exporters import import_genai
-from gqa_graph import build_genai_folder
-from helpers import run_cli
 
 PROMPTS = ["Hi", "A much longer prompt than the others", "medium one"]
 
@@ -36,7 +36,7 @@ def test_cached_generation_equals_recomputing(gqa_engine):
     ids = list(prompt)
     for _ in range(16):
         ids.append(int(np.argmax(gqa_engine.forward(ids)[-1])))
-    assert ids[len(prompt):] == cached
+    assert ids[len(prompt) :] == cached
 
 
 def test_right_padded_batch_equals_each_alone(gqa_engine):
@@ -79,9 +79,12 @@ def test_slots_are_the_default_for_gqa_graphs_and_are_reused(gqa_engine, optimum
         assert scheduler.running <= 2
         steps += 1
     assert [h.result().token_ids for h in handles] == alone
-    assert all(h.result().usage.kv_cache_bytes == (h.result().usage.prompt_tokens + n - 1)
-               * gqa_engine.manifest.kv_bytes_per_token() for h, n in zip(handles, lengths))
-    assert scheduler.kv.slot_lengths == [0, 0]            # every slot free again
+    assert all(
+        h.result().usage.kv_cache_bytes
+        == (h.result().usage.prompt_tokens + n - 1) * gqa_engine.manifest.kv_bytes_per_token()
+        for h, n in zip(handles, lengths)
+    )
+    assert scheduler.kv.slot_lengths == [0, 0]  # every slot free again
     with pytest.raises(InvalidRequestError, match=r"exceed the slot length \(96\)"):
         scheduler.submit("Hi", max_new_tokens=95)
     with pytest.raises(InvalidRequestError, match="kv_backend='slots' needs a graph with GroupQueryAttention"):
@@ -128,9 +131,25 @@ def test_import_errors(tmp_path):
 
 def test_bench_compare_of_an_imported_package_names_its_checkpoint(gqa_package, tiny_llama, tmp_path):
     out = tmp_path / "compare.json"
-    result = run_cli("bench", str(gqa_package), "--compare", "transformers", "--checkpoint", str(tiny_llama[0]),
-                     "--batch", "1", "--prompt-tokens", "8", "--new", "4", "--repeat", "1", "--json", str(out),
-                     env={"NEXTOKEN_CACHE": str(tmp_path / "cache")})
+    result = run_cli(
+        "bench",
+        str(gqa_package),
+        "--compare",
+        "transformers",
+        "--checkpoint",
+        str(tiny_llama[0]),
+        "--batch",
+        "1",
+        "--prompt-tokens",
+        "8",
+        "--new",
+        "4",
+        "--repeat",
+        "1",
+        "--json",
+        str(out),
+        env={"NEXTOKEN_CACHE": str(tmp_path / "cache")},
+    )
     assert result.returncode == 0, result.stderr
     data = json.loads(out.read_text())
     assert data["checkpoint"] == str(tiny_llama[0]) and data["package"] == str(gqa_package)
@@ -155,7 +174,9 @@ def test_export_with_the_genai_backend_runs_the_builder_in_its_own_python(tiny_l
         "build_genai_folder(Path(args[args.index('-o') + 1]))\n"
     )
     fake.chmod(0o755)
-    report = export(tiny_llama[0], tmp_path / "pkg", backend="genai", genai_python=str(fake), check=False, progress=None)
+    report = export(
+        tiny_llama[0], tmp_path / "pkg", backend="genai", genai_python=str(fake), check=False, progress=None
+    )
     assert report.manifest.padding_side == "right"
     with Engine(tmp_path / "pkg", device="cpu") as engine:
         assert len(engine.generate("works", max_new_tokens=5, ignore_eos=True).token_ids) == 5
@@ -173,11 +194,34 @@ def test_the_load_test_script_against_nextoken_serve(gqa_package, tmp_path, back
     import sys
 
     out = tmp_path / "load.json"
-    done = subprocess.run([sys.executable, str(Path(__file__).resolve().parent.parent / "scripts" / "load_test.py"),
-                           str(gqa_package), "--levels", "1,3", "--requests", "6", "--max-tokens", "6",
-                           "--golden", "24", "--cancel", "4", "--soak", "20", "--threads", "1",
-                           "--kv-backend", backend, "--json", str(out)],
-                          capture_output=True, text=True, timeout=300)
+    done = subprocess.run(
+        [
+            sys.executable,
+            str(Path(__file__).resolve().parent.parent / "scripts" / "load_test.py"),
+            str(gqa_package),
+            "--levels",
+            "1,3",
+            "--requests",
+            "6",
+            "--max-tokens",
+            "6",
+            "--golden",
+            "24",
+            "--cancel",
+            "4",
+            "--soak",
+            "20",
+            "--threads",
+            "1",
+            "--kv-backend",
+            backend,
+            "--json",
+            str(out),
+        ],
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert done.returncode == 0, done.stdout + done.stderr
     report = json.loads(out.read_text())
     assert report["passed"] and report["golden"]["identical"] == 24
@@ -199,7 +243,9 @@ def test_slide_in_slots(gqa_engine):
     while scheduler.step():
         pass
     assert handles[0].result().token_ids == want and handles[0].generation.slides == alone.slides
-    assert handles[1].result().token_ids == gqa_engine.generate(PROMPTS[0], max_new_tokens=40, ignore_eos=True).token_ids
+    assert (
+        handles[1].result().token_ids == gqa_engine.generate(PROMPTS[0], max_new_tokens=40, ignore_eos=True).token_ids
+    )
     with pytest.raises(InvalidRequestError, match="needs slots of that length"):
         Scheduler(gqa_engine, slot_length=64).submit("x", **kw)
 
@@ -217,5 +263,5 @@ def test_the_genai_route_falls_back_to_the_plain_graph_where_it_does_not_apply(t
     warning = [line for line in lines if line.startswith("warning: the genai backend does not apply here")]
     assert warning and "not currently supported" in warning[0]
     assert report.manifest.padding_side == "left" and report.max_abs_diff < 1e-3
-    with pytest.raises(ExportError, match="needs --genai-python"):      # a missing environment is no fallback
+    with pytest.raises(ExportError, match="needs --genai-python"):  # a missing environment is no fallback
         export(tiny_llama[0], tmp_path / "pkg2", backend="genai", genai_python=None, progress=None)

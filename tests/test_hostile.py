@@ -15,8 +15,10 @@ import pytest
 
 from helpers import run_cli, serving, with_chat_template
 
-TEMPLATE = ("{% for m in messages %}<|{{ m['role'] }}|>\n{{ m['content'] }}\n{% endfor %}"
-            "{% if add_generation_prompt %}<|assistant|>\n{% endif %}")
+TEMPLATE = (
+    "{% for m in messages %}<|{{ m['role'] }}|>\n{{ m['content'] }}\n{% endfor %}"
+    "{% if add_generation_prompt %}<|assistant|>\n{% endif %}"
+)
 
 
 def lark_chain(n: int) -> str:
@@ -35,41 +37,87 @@ def schema_format(schema) -> dict:
     return {"type": "json_schema", "json_schema": {"name": "x", "schema": schema}}
 
 
-SELF_REQUIRED = {"$defs": {"a": {"type": "object", "properties": {"x": {"$ref": "#/$defs/a"}}, "required": ["x"]}},
-                 "$ref": "#/$defs/a"}
+SELF_REQUIRED = {
+    "$defs": {"a": {"type": "object", "properties": {"x": {"$ref": "#/$defs/a"}}, "required": ["x"]}},
+    "$ref": "#/$defs/a",
+}
 CHAT = {"messages": [{"role": "user", "content": "hi"}], "max_tokens": 4}
 COMPLETION = {"prompt": "Hello", "max_tokens": 4}
 
 #: (endpoint, body, the param the 400 names) of every hostile request the issue lists
 HOSTILE = {
     "a Lark grammar of 4,000 chained rules": (
-        "completions", {**COMPLETION, "nextoken": {"grammar": lark_chain(4000)}}, "nextoken.grammar"),
+        "completions",
+        {**COMPLETION, "nextoken": {"grammar": lark_chain(4000)}},
+        "nextoken.grammar",
+    ),
     "a JSON schema of 3,000 chained $refs": (
-        "completions", {**COMPLETION, "response_format": schema_format(ref_chain(3000))}, "response_format"),
+        "completions",
+        {**COMPLETION, "response_format": schema_format(ref_chain(3000))},
+        "response_format",
+    ),
     "the same schema as a required tool's parameters": (
-        "chat/completions", {**CHAT, "tools": [{"type": "function", "function": {"name": "w", "parameters": ref_chain(3000)}}],
-                             "tool_choice": "required", "nextoken": {"tool_fallback": True}}, "tool_choice"),
+        "chat/completions",
+        {
+            **CHAT,
+            "tools": [{"type": "function", "function": {"name": "w", "parameters": ref_chain(3000)}}],
+            "tool_choice": "required",
+            "nextoken": {"tool_fallback": True},
+        },
+        "tool_choice",
+    ),
     "a choice of 20,000 strings": (
-        "completions", {**COMPLETION, "nextoken": {"choice": [f"w{i}" for i in range(20000)]}}, None),
+        "completions",
+        {**COMPLETION, "nextoken": {"choice": [f"w{i}" for i in range(20000)]}},
+        None,
+    ),
     "a regex whose lexer explodes": (
-        "completions", {**COMPLETION, "nextoken": {"regex": "(a{1000}){1000}"}}, "nextoken.regex"),
+        "completions",
+        {**COMPLETION, "nextoken": {"regex": "(a{1000}){1000}"}},
+        "nextoken.regex",
+    ),
     "a schema that requires itself": (
-        "completions", {**COMPLETION, "response_format": schema_format(SELF_REQUIRED)}, "response_format"),
+        "completions",
+        {**COMPLETION, "response_format": schema_format(SELF_REQUIRED)},
+        "response_format",
+    ),
     "a schema of 10,000 properties": (
-        "completions", {**COMPLETION, "response_format": schema_format(
-            {"type": "object", "properties": {f"p{i}": {"type": "string"} for i in range(10000)}})}, "response_format"),
+        "completions",
+        {
+            **COMPLETION,
+            "response_format": schema_format(
+                {"type": "object", "properties": {f"p{i}": {"type": "string"} for i in range(10000)}}
+            ),
+        },
+        "response_format",
+    ),
     "tool_choice with a string where an object belongs": (
-        "chat/completions", {**CHAT, "tools": [{"type": "function", "function": {"name": "w"}}],
-                             "tool_choice": {"type": "function", "function": "w"}}, "tools"),
+        "chat/completions",
+        {
+            **CHAT,
+            "tools": [{"type": "function", "function": {"name": "w"}}],
+            "tool_choice": {"type": "function", "function": "w"},
+        },
+        "tools",
+    ),
     "a draft model by path": (
-        "completions", {**COMPLETION, "nextoken": {"speculative": {"method": "draft", "model": "/etc"}}},
-        "nextoken.speculative.model"),
+        "completions",
+        {**COMPLETION, "nextoken": {"speculative": {"method": "draft", "model": "/etc"}}},
+        "nextoken.speculative.model",
+    ),
     "a draft model by another spelling of a path": (
-        "completions", {**COMPLETION, "nextoken": {"speculative": {"method": "draft", "model": "/tmp/./."}}},
-        "nextoken.speculative.model"),
+        "completions",
+        {**COMPLETION, "nextoken": {"speculative": {"method": "draft", "model": "/tmp/./."}}},
+        "nextoken.speculative.model",
+    ),
     "a thousand draft threads": (
-        "completions", {**COMPLETION, "nextoken": {"options": {"draft": {"threads": 1000}},
-                                                   "speculative": {"method": "prompt_lookup"}}}, "nextoken.options"),
+        "completions",
+        {
+            **COMPLETION,
+            "nextoken": {"options": {"draft": {"threads": 1000}}, "speculative": {"method": "prompt_lookup"}},
+        },
+        "nextoken.options",
+    ),
 }
 
 
@@ -89,7 +137,7 @@ def _threads_settle(baseline: int, deadline_s: float = 10.0) -> int:
 
 @pytest.mark.parametrize("name", list(HOSTILE))
 def test_each_hostile_request_is_a_400_naming_its_field(hostile_server, name):
-    _, engine, scheduler, base = hostile_server
+    _, engine, _scheduler, base = hostile_server
     endpoint, body, param = HOSTILE[name]
     r = httpx.post(f"{base}/v1/{endpoint}", json=body, timeout=60)
     assert r.status_code == 400, r.text
@@ -98,22 +146,22 @@ def test_each_hostile_request_is_a_400_naming_its_field(hostile_server, name):
     if param is not None:
         assert error["param"] == param, error
     assert "panicked" not in error["message"] and "backtrace" not in error["message"].lower()
-    assert "/etc" not in error["message"] or "model" not in str(param)       # no word on the path
+    assert "/etc" not in error["message"] or "model" not in str(param)  # no word on the path
     assert httpx.get(f"{base}/health", timeout=10).json()["status"] == "ok"
     ok = httpx.post(f"{base}/v1/completions", json={"prompt": "Hello", "max_tokens": 6, "temperature": 0}, timeout=60)
     assert ok.status_code == 200 and ok.json()["choices"][0]["text"] == engine.generate("Hello", max_new_tokens=6).text
 
 
 def test_a_thousand_hostile_requests_leave_threads_and_memory_as_they_were(hostile_server):
-    _, engine, scheduler, base = hostile_server
+    _, _engine, _scheduler, base = hostile_server
     with httpx.Client(base_url=base, timeout=60) as client:
-        for endpoint, body, _ in HOSTILE.values():                     # once each: the checker's verdicts kept
+        for endpoint, body, _ in HOSTILE.values():  # once each: the checker's verdicts kept
             assert client.post(f"/v1/{endpoint}", json=body).status_code == 400
         threads, rss = threading.active_count(), resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
         bodies = list(HOSTILE.values())
         for i in range(1000):
             endpoint, body, _ = bodies[i % len(bodies)]
-            if i % 25 == 0:                                            # every spelling of a path: never opened
+            if i % 25 == 0:  # every spelling of a path: never opened
                 body = {**COMPLETION, "nextoken": {"speculative": {"method": "draft", "model": "/tmp" + "/." * i}}}
             assert client.post(f"/v1/{endpoint}", json=body).status_code == 400
     assert _threads_settle(threads) <= threads
@@ -123,6 +171,7 @@ def test_a_thousand_hostile_requests_leave_threads_and_memory_as_they_were(hosti
 
 # -- fuzzing ---------------------------------------------------------------------------------------------
 
+
 def _fuzz_schema(rng: random.Random, depth: int = 0) -> dict:
     """A schema from ``rng``: nested (at most 4 levels of 3 children), or huge in one place."""
     kind = rng.choice(["string", "integer", "object", "array", "anyOf", "ref", "enum", "wide", "bad"])
@@ -130,15 +179,20 @@ def _fuzz_schema(rng: random.Random, depth: int = 0) -> dict:
         return {"type": rng.choice(["string", "integer", "number", "boolean"])}
     if kind == "object":
         n = rng.randint(1, 3)
-        return {"type": "object", "properties": {f"k{i}": _fuzz_schema(rng, depth + 1) for i in range(n)},
-                "required": [f"k{i}" for i in range(rng.randint(0, n))]}
+        return {
+            "type": "object",
+            "properties": {f"k{i}": _fuzz_schema(rng, depth + 1) for i in range(n)},
+            "required": [f"k{i}" for i in range(rng.randint(0, n))],
+        }
     if kind == "wide":
         return {"type": "object", "properties": {f"s{i}": {"type": "string"} for i in range(rng.choice([50, 3000]))}}
     if kind == "array":
         return {"type": "array", "items": _fuzz_schema(rng, depth + 1), "minItems": rng.choice([0, 1, 100000])}
     if kind == "anyOf":
-        return {"anyOf": [_fuzz_schema(rng, depth + 1) for _ in range(rng.randint(2, 3))] +
-                [{"const": f"v{i}"} for i in range(rng.choice([0, 300]))]}
+        return {
+            "anyOf": [_fuzz_schema(rng, depth + 1) for _ in range(rng.randint(2, 3))]
+            + [{"const": f"v{i}"} for i in range(rng.choice([0, 300]))]
+        }
     if kind == "ref":
         return ref_chain(rng.choice([5, 200, 2500, 5000]))
     if kind == "enum":
@@ -179,13 +233,32 @@ def _fuzz_body(rng: random.Random) -> tuple[str, dict]:
         return "completions", {**COMPLETION, "nextoken": {"choice": [f"c{i}" * rng.randint(1, 3) for i in range(n)]}}
     if kind == "grammar":
         return "completions", {**COMPLETION, "nextoken": {"grammar": _fuzz_grammar(rng)}}
-    tools = [{"type": "function", "function": {"name": f"t{i}", "parameters": _fuzz_schema(rng)}}
-             for i in range(rng.choice([1, 3, 40]))]
+    tools = [
+        {"type": "function", "function": {"name": f"t{i}", "parameters": _fuzz_schema(rng)}}
+        for i in range(rng.choice([1, 3, 40]))
+    ]
     if rng.random() < 0.2:
-        tools.append(rng.choice([{"type": "function"}, {"function": {"name": "x"}}, "tool", {"type": "function",
-                                 "function": {"name": "bad name!"}}]))
-    choice = rng.choice(["auto", "required", "none", {"type": "function", "function": {"name": "t0"}},
-                         {"type": "function", "function": "t0"}, {"type": "function"}, 7])
+        tools.append(
+            rng.choice(
+                [
+                    {"type": "function"},
+                    {"function": {"name": "x"}},
+                    "tool",
+                    {"type": "function", "function": {"name": "bad name!"}},
+                ]
+            )
+        )
+    choice = rng.choice(
+        [
+            "auto",
+            "required",
+            "none",
+            {"type": "function", "function": {"name": "t0"}},
+            {"type": "function", "function": "t0"},
+            {"type": "function"},
+            7,
+        ]
+    )
     return "chat/completions", {**CHAT, "tools": tools, "tool_choice": choice, "nextoken": {"tool_fallback": True}}
 
 
@@ -212,7 +285,10 @@ def fuzz_live(base: str, alone: dict[str, str], seeds: int = 4, per_seed: int = 
     def stream(prompt: str) -> None:
         body = {"prompt": prompt, "max_tokens": 24, "temperature": 0, "stream": True, "nextoken": {"ignore_eos": True}}
         text = ""
-        with httpx.Client(base_url=base, timeout=120) as client, client.stream("POST", "/v1/completions", json=body) as r:
+        with (
+            httpx.Client(base_url=base, timeout=120) as client,
+            client.stream("POST", "/v1/completions", json=body) as r,
+        ):
             for line in r.iter_lines():
                 if line.startswith("data: {"):
                     text += json.loads(line[6:])["choices"][0]["text"]
@@ -220,9 +296,13 @@ def fuzz_live(base: str, alone: dict[str, str], seeds: int = 4, per_seed: int = 
 
     # made and encoded before the clock starts: a client busy making a huge schema holds its own
     # process's GIL, and the poller's timings would measure the client instead of the server
-    bodies = {seed: [(endpoint, json.dumps(body, separators=(",", ":")).encode()) for endpoint, body in
-                     (_fuzz_body(rng) for rng in [random.Random(seed)] for _ in range(per_seed))]
-              for seed in range(seeds)}
+    bodies = {
+        seed: [
+            (endpoint, json.dumps(body, separators=(",", ":")).encode())
+            for endpoint, body in (_fuzz_body(rng) for rng in [random.Random(seed)] for _ in range(per_seed))
+        ]
+        for seed in range(seeds)
+    }
 
     def fuzz(seed: int) -> None:
         with httpx.Client(base_url=base, timeout=120, headers={"content-type": "application/json"}) as client:
@@ -263,24 +343,34 @@ def test_fuzzed_constraints_against_a_live_server(hostile_server):
 
 # -- drafts and start-up ---------------------------------------------------------------------------------
 
+
 def test_drafts_are_named_by_the_operator_and_loaded_once(tiny_llama, tmp_path):
     from nextoken.plugins import speculative
 
-    with serving(tiny_llama[1], "tiny", drafts={"self": str(tiny_llama[1])},
-                 speculative={"method": "draft", "k": 3, "model": "self"}) as (client, engine, _, base):
+    with serving(
+        tiny_llama[1],
+        "tiny",
+        drafts={"self": str(tiny_llama[1])},
+        speculative={"method": "draft", "k": 3, "model": "self"},
+    ) as (client, engine, _, base):
         loaded = dict(speculative._DRAFTS)
-        got = client.completions.create(model="tiny", prompt="Hello", max_tokens=8, temperature=0,
-                                        extra_body={"nextoken": {"ignore_eos": True}})
+        got = client.completions.create(
+            model="tiny", prompt="Hello", max_tokens=8, temperature=0, extra_body={"nextoken": {"ignore_eos": True}}
+        )
         assert got.choices[0].text == engine.generate("Hello", max_new_tokens=8, ignore_eos=True).text
         assert got.model_extra["nextoken"]["usage"]["proposed_tokens"] > 0
-        named = httpx.post(f"{base}/v1/completions", json={**COMPLETION, "nextoken": {
-            "speculative": {"method": "draft", "model": "self", "k": 2}}})
+        named = httpx.post(
+            f"{base}/v1/completions",
+            json={**COMPLETION, "nextoken": {"speculative": {"method": "draft", "model": "self", "k": 2}}},
+        )
         assert named.status_code == 200
         for spelling in (str(tiny_llama[1]), str(tiny_llama[1]) + "/.", "../" + str(tiny_llama[1])):
-            r = httpx.post(f"{base}/v1/completions", json={**COMPLETION, "nextoken": {
-                "speculative": {"method": "draft", "model": spelling}}})
+            r = httpx.post(
+                f"{base}/v1/completions",
+                json={**COMPLETION, "nextoken": {"speculative": {"method": "draft", "model": spelling}}},
+            )
             assert r.status_code == 400 and "self" in r.json()["error"]["message"]
-        assert dict(speculative._DRAFTS) == loaded                    # nothing loaded for a request
+        assert dict(speculative._DRAFTS) == loaded  # nothing loaded for a request
 
 
 def test_serve_checks_its_options_before_it_listens(tiny_llama, stories_package):
@@ -299,8 +389,16 @@ def test_serve_checks_its_options_before_it_listens(tiny_llama, stories_package)
         assert "Traceback" not in result.stderr, result.stderr
 
 
-@pytest.mark.parametrize("flags", [["--prefix-cache-mb", "-5"], ["--prefix-cache-mb", "8", "--prefix-cache-disk-mb", "-1"],
-                                   ["--port", "99999"], ["--constraint-budget", "0"], ["--ray-metrics-interval", "-1"]])
+@pytest.mark.parametrize(
+    "flags",
+    [
+        ["--prefix-cache-mb", "-5"],
+        ["--prefix-cache-mb", "8", "--prefix-cache-disk-mb", "-1"],
+        ["--port", "99999"],
+        ["--constraint-budget", "0"],
+        ["--ray-metrics-interval", "-1"],
+    ],
+)
 def test_serve_refuses_a_budget_or_port_that_cannot_work(tiny_llama, flags):
     result = run_cli("serve", str(tiny_llama[1]), *flags, timeout=60)
     assert result.returncode == 2 and flags[-2] in result.stderr.splitlines()[-1], result.stderr
@@ -312,6 +410,7 @@ def test_ray_refuses_what_its_replicas_cannot_take(tiny_llama):
 
 
 # -- the small ones ------------------------------------------------------------------------------------
+
 
 def test_the_key_in_constant_time_any_scheme_case_and_over_the_docs(tiny_llama):
     with serving(tiny_llama[1], "tiny", api_key="sekrit") as (_, _, _, base):

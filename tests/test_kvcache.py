@@ -6,18 +6,18 @@ from __future__ import annotations
 import numpy as np
 import onnxruntime as ort
 
+from helpers import wrap_steps
 from nextoken.kvcache import KVCache
 from nextoken.ortbind import Binder
-from helpers import wrap_steps
 
 
 def test_tokens_equal_a_naive_recompute_loop(llama_engine):
     prompt = llama_engine.encode("Recompute me")
     cached = llama_engine.generate(prompt, max_new_tokens=24, ignore_eos=True).token_ids
     ids = list(prompt)
-    for _ in range(24):                      # no cache: the whole sequence, every step
+    for _ in range(24):  # no cache: the whole sequence, every step
         ids.append(int(np.argmax(llama_engine.forward(ids)[-1])))
-    assert ids[len(prompt):] == cached
+    assert ids[len(prompt) :] == cached
 
 
 def test_present_values_are_bound_back_as_past_without_numpy(optimum_engine, monkeypatch):
@@ -58,13 +58,13 @@ def test_present_values_are_bound_back_as_past_without_numpy(optimum_engine, mon
     steps = 12
     got = optimum_engine.generate(["Cache check", "and a second, longer row"], max_new_tokens=steps, ignore_eos=True)
     assert all(len(c.token_ids) == steps for c in got)
-    assert len(bound) == len(presents) == steps          # a prefill and steps-1 decode steps
+    assert len(bound) == len(presents) == steps  # a prefill and steps-1 decode steps
     for before, now in zip(presents, bound[1:]):
-        assert now == before                             # the same memory, not a copy
+        assert now == before  # the same memory, not a copy
     vocab = optimum_engine.manifest.vocab_size
     assert len(to_numpy) == steps
     assert all(len(shape) == 3 and shape[-1] == vocab for shape in to_numpy)
-    assert all(shape[1] == 1 for shape in to_numpy)     # prefill too: only the last position's logits
+    assert all(shape[1] == 1 for shape in to_numpy)  # prefill too: only the last position's logits
 
 
 def test_cache_grows_one_position_a_step(llama_engine):
@@ -88,7 +88,10 @@ def test_cache_ops_join_and_drop_rows_like_numpy(llama_engine):
     runner = llama_engine.runner
     ops = CacheOps(runner, llama_engine.device.providers)
     rng = np.random.default_rng(0)
-    shape_a, shape_b = (2, llama_engine.manifest.num_kv_heads, 5, llama_engine.manifest.head_dim), (1, llama_engine.manifest.num_kv_heads, 3, llama_engine.manifest.head_dim)
+    shape_a, shape_b = (
+        (2, llama_engine.manifest.num_kv_heads, 5, llama_engine.manifest.head_dim),
+        (1, llama_engine.manifest.num_kv_heads, 3, llama_engine.manifest.head_dim),
+    )
 
     def cache(shape):
         c = runner.new_cache(shape[0])
@@ -101,7 +104,7 @@ def test_cache_ops_join_and_drop_rows_like_numpy(llama_engine):
         merged = ops.merge(a, b, 7, left)
         assert merged.run_seconds == 1.5 and merged.length == 7
         for va, vb, vm in zip(a.values, b.values, merged.values):
-            pad = lambda x, n: np.pad(x.numpy(), [(0, 0), (0, 0), (n, 0) if left else (0, n), (0, 0)])  # noqa: E731
+            pad = lambda x, n, left=left: np.pad(x.numpy(), [(0, 0), (0, 0), (n, 0) if left else (0, n), (0, 0)])  # noqa: E731
             np.testing.assert_array_equal(vm.numpy(), np.concatenate([pad(va, 2), pad(vb, 4)]))
         kept = ops.select(merged, [2, 0], 1, 6)
         assert kept.length == 5

@@ -11,9 +11,23 @@ from nextoken import FORMAT_VERSION, Manifest, ModelPackageError
 
 def test_export_records_what_the_design_asks(tiny_llama):
     data = json.loads((tiny_llama[1] / "nextoken.json").read_text())
-    for key in ("format_version", "architecture", "num_layers", "num_kv_heads", "head_dim", "kv_dtype",
-                "inputs", "outputs", "context_length", "bos_token_id", "eos_token_ids", "pad_token_id",
-                "precision", "exported_by", "checksums"):
+    for key in (
+        "format_version",
+        "architecture",
+        "num_layers",
+        "num_kv_heads",
+        "head_dim",
+        "kv_dtype",
+        "inputs",
+        "outputs",
+        "context_length",
+        "bos_token_id",
+        "eos_token_ids",
+        "pad_token_id",
+        "precision",
+        "exported_by",
+        "checksums",
+    ):
         assert key in data, key
     assert data["format_version"] == FORMAT_VERSION
     assert data["architecture"] == "llama" and data["num_layers"] == 2 and data["num_kv_heads"] == 2

@@ -8,19 +8,22 @@ import sys
 
 import pytest
 
+from helpers import REPO, run_cli
 from nextoken import Engine, InvalidRequestError
 from nextoken.tools.memory import ModelSpec, count_parameters, plan_memory
-from helpers import REPO, run_cli
 
 CONFIGS = REPO / "tests" / "data" / "configs"
 GB = 1e9
 
 
-@pytest.mark.parametrize("config, billions, fp16_gb", [
-    ("tinyllama-1.1b.json", 1.1, 2.2),
-    ("llama-2-7b.json", 6.74, 14),
-    ("llama-2-13b.json", 13.0, 26),
-])
+@pytest.mark.parametrize(
+    "config, billions, fp16_gb",
+    [
+        ("tinyllama-1.1b.json", 1.1, 2.2),
+        ("llama-2-7b.json", 6.74, 14),
+        ("llama-2-13b.json", 13.0, 26),
+    ],
+)
 def test_rule_of_thumb_two_bytes_a_parameter_in_fp16(config, billions, fp16_gb):
     plan = plan_memory(CONFIGS / config, batch=1, context=1024, dtype="fp16", capacity=64 << 30)
     assert plan.parameters / 1e9 == pytest.approx(billions, rel=0.02)
@@ -41,7 +44,7 @@ def test_parameter_count_matches_transformers(tiny_model):
 def test_kv_cache_arithmetic():
     spec = ModelSpec.load(CONFIGS / "llama-2-7b.json")
     plan = plan_memory(spec, batch=4, context=4096, dtype="fp16", capacity=80 << 30)
-    assert plan.kv_bytes_per_token == 2 * 32 * 32 * 128 * 2            # 512 KiB a token
+    assert plan.kv_bytes_per_token == 2 * 32 * 32 * 128 * 2  # 512 KiB a token
     assert plan.kv_bytes_per_sequence == plan.kv_bytes_per_token * 4096  # 2 GiB a sequence
     assert plan.kv_cache_bytes == 4 * plan.kv_bytes_per_sequence
     assert plan.total_bytes == plan.weights_bytes + plan.kv_cache_bytes + plan.working_bytes
@@ -59,9 +62,8 @@ def test_fits_largest_batch_and_longest_context():
     assert at_max.fits and not over.fits
     small = plan_memory(spec, batch=1, context=4096, dtype="fp16", device="cuda", capacity=15 << 30)
     assert small.fits is False and small.max_context < 4096
-    assert plan_memory(spec, batch=1, context=small.max_context, dtype="fp16", device="cuda",
-                       capacity=15 << 30).fits
-    assert plan_memory(spec, dtype="fp32", capacity=16 << 30).max_batch == 0   # 27 GB of weights
+    assert plan_memory(spec, batch=1, context=small.max_context, dtype="fp16", device="cuda", capacity=15 << 30).fits
+    assert plan_memory(spec, dtype="fp32", capacity=16 << 30).max_batch == 0  # 27 GB of weights
 
 
 def test_bad_plans():
@@ -75,8 +77,18 @@ def test_bad_plans():
 
 def _measure(package, batch, context):
     """Predicted and measured peak in a fresh process (`nextoken memory --measure`)."""
-    out = run_cli("memory", str(package), "--batch", str(batch), "--context", str(context), "--measure", "--json",
-                  "--threads", "2")
+    out = run_cli(
+        "memory",
+        str(package),
+        "--batch",
+        str(batch),
+        "--context",
+        str(context),
+        "--measure",
+        "--json",
+        "--threads",
+        "2",
+    )
     assert out.returncode == 0, out.stderr
     return json.loads(out.stdout)
 
@@ -93,9 +105,16 @@ def test_prediction_within_15_percent_of_measured_peak_on_stories260k(stories_pa
 def test_prediction_within_15_percent_for_a_larger_tiny_llama(tmp_path):
     from nextoken.exporters import export, make_tiny_checkpoint
 
-    ckpt = make_tiny_checkpoint(tmp_path / "ckpt", "llama", hidden_size=256, intermediate_size=688,
-                                num_hidden_layers=6, num_attention_heads=8, num_key_value_heads=4,
-                                max_position_embeddings=1024)
+    ckpt = make_tiny_checkpoint(
+        tmp_path / "ckpt",
+        "llama",
+        hidden_size=256,
+        intermediate_size=688,
+        num_hidden_layers=6,
+        num_attention_heads=8,
+        num_key_value_heads=4,
+        max_position_embeddings=1024,
+    )
     export(ckpt, tmp_path / "pkg", progress=None)
     data = _measure(tmp_path / "pkg", 4, 512)
     assert 0.85 <= data["measured"]["predicted_over_measured"] <= 1.15, data
@@ -116,7 +135,9 @@ def test_usage_reports_kv_bytes_and_peak(llama_engine, optimum_llama):
 
 
 def test_memory_cli_table_and_json():
-    out = run_cli("memory", str(CONFIGS / "smollm2-135m.json"), "--batch", "8", "--context", "1024", "--capacity", "0.4")
+    out = run_cli(
+        "memory", str(CONFIGS / "smollm2-135m.json"), "--batch", "8", "--context", "1024", "--capacity", "0.4"
+    )
     assert out.returncode == 0, out.stderr
     assert "fits             NO" in out.stdout and "KV cache" in out.stdout
     js = run_cli("memory", str(CONFIGS / "llama-2-7b.json"), "--dtype", "fp16", "--json")

@@ -5,12 +5,13 @@ behind the API key; counters move as requests run, labels stay bounded."""
 from __future__ import annotations
 
 import httpx
-import nextoken
+import openai
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
-from nextoken import Scheduler
+import nextoken
 from helpers import serving
+from nextoken import Scheduler
 
 KEY = "metrics-key"
 
@@ -21,8 +22,11 @@ def _families(text: str) -> dict:
 
 def _value(families: dict, name: str, suffix: str = "", **labels) -> float:
     family = families[name]
-    return sum(s.value for s in family.samples
-               if s.name == name + suffix and all(s.labels.get(k) == v for k, v in labels.items()))
+    return sum(
+        s.value
+        for s in family.samples
+        if s.name == name + suffix and all(s.labels.get(k) == v for k, v in labels.items())
+    )
 
 
 def test_the_scheduler_counts_what_it_did(llama_engine):
@@ -41,7 +45,7 @@ def test_the_scheduler_counts_what_it_did(llama_engine):
     choices = scheduler.submit("Hello there", max_new_tokens=3, ignore_eos=True, n=3, temperature=0.8, seed=1)
     while scheduler.step():
         pass
-    m = scheduler.metrics()                                  # a request of three choices counts once
+    m = scheduler.metrics()  # a request of three choices counts once
     assert m["requests"]["length/finished"] == 4 and m["generation_tokens"] == 15 + 9
     assert m["time_to_first_token_seconds"]["count"] == 4 and len(choices.results()) == 3
 
@@ -53,21 +57,32 @@ def test_metrics_endpoint(tiny_llama):
             def make(params, options):
                 def fail(logits, state):
                     raise RuntimeError("no")
+
                 return fail
+
             register("broken", make)
 
-    options = {"cost_meters": {"per_token": {"output_per_million": 1e6}}, "extra_plugins": [Broken()],
-               "prefix_cache_bytes": 1 << 20}
-    with serving(tiny_llama[1], "tiny", api_key=KEY, engine_options=options) as (client, engine, scheduler, base):
-        assert httpx.get(f"{base}/metrics").status_code == 401                       # behind the API key
+    options = {
+        "cost_meters": {"per_token": {"output_per_million": 1e6}},
+        "extra_plugins": [Broken()],
+        "prefix_cache_bytes": 1 << 20,
+    }
+    with serving(tiny_llama[1], "tiny", api_key=KEY, engine_options=options) as (client, _engine, _scheduler, base):
+        assert httpx.get(f"{base}/metrics").status_code == 401  # behind the API key
         before = _families(httpx.get(f"{base}/metrics", headers={"Authorization": f"Bearer {KEY}"}).text)
         assert _value(before, "nextoken_requests", "_total") == 0
         for i in range(3):
-            client.completions.create(model="tiny", prompt="Hello " * 20 + str(i), max_tokens=4, temperature=0,
-                                      extra_body={"nextoken": {"ignore_eos": True}})
-        with pytest.raises(Exception):
-            client.completions.create(model="tiny", prompt="x", max_tokens=2,
-                                      extra_body={"nextoken": {"processors": ["broken"]}})
+            client.completions.create(
+                model="tiny",
+                prompt="Hello " * 20 + str(i),
+                max_tokens=4,
+                temperature=0,
+                extra_body={"nextoken": {"ignore_eos": True}},
+            )
+        with pytest.raises(openai.InternalServerError):  # a plugin that fails is the server's 500
+            client.completions.create(
+                model="tiny", prompt="x", max_tokens=2, extra_body={"nextoken": {"processors": ["broken"]}}
+            )
         text = httpx.get(f"{base}/metrics", headers={"Authorization": f"Bearer {KEY}"}).text
         after = _families(text)
         assert _value(after, "nextoken_requests", "_total", finish_reason="length", status="finished") == 3
@@ -80,7 +95,7 @@ def test_metrics_endpoint(tiny_llama):
         assert _value(after, "nextoken_prefix_cache_hits", "_total") >= 1
         assert "nextoken_requests_running" in after and "nextoken_kv_buffer_bytes" in after
         labels = {k for f in after.values() for s in f.samples for k in s.labels}
-        assert labels <= {"finish_reason", "status", "plugin", "meter", "currency", "le"}       # nothing per request
+        assert labels <= {"finish_reason", "status", "plugin", "meter", "currency", "le"}  # nothing per request
 
 
 def test_a_histogram_copied_by_its_changes_keeps_buckets_and_count():
@@ -94,8 +109,13 @@ def test_a_histogram_copied_by_its_changes_keeps_buckets_and_count():
     rng = random.Random(0)
     original, copy = Histogram(LATENCY_BUCKETS), Histogram(LATENCY_BUCKETS)
     before_counts = [0] * (len(LATENCY_BUCKETS) + 1)
-    for batch in ([0.003, 0.2, 0.2, 7.0], [rng.expovariate(1.0) for _ in range(50)], [500.0, 0.01, 0.01], [],
-                  [LATENCY_BUCKETS[3], 120.0, 121.0]):
+    for batch in (
+        [0.003, 0.2, 0.2, 7.0],
+        [rng.expovariate(1.0) for _ in range(50)],
+        [500.0, 0.01, 0.01],
+        [],
+        [LATENCY_BUCKETS[3], 120.0, 121.0],
+    ):
         for v in batch:
             original.observe(v)
         counts = [n for _, n in original.cumulative()]

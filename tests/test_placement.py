@@ -8,9 +8,9 @@ import platform
 
 import pytest
 
+from helpers import run_cli
 from nextoken.device import heavy_on_cpu
 from nextoken.tools.placement import placement
-from helpers import run_cli
 
 
 @pytest.fixture(scope="module")
@@ -30,13 +30,15 @@ def test_an_fp32_package_on_the_cpu_has_no_fallbacks(stories_package):
     assert {"GroupQueryAttention", "MatMul"} <= ops and sum(n["time_us"] for n in report.nodes) > 0
 
 
-@pytest.mark.skipif(platform.machine().lower() not in ("x86_64", "amd64"),
-                    reason="x86 CPUs have no fp16 MatMul kernel in onnxruntime; others may")
+@pytest.mark.skipif(
+    platform.machine().lower() not in ("x86_64", "amd64"),
+    reason="x86 CPUs have no fp16 MatMul kernel in onnxruntime; others may",
+)
 def test_an_fp16_package_on_the_cpu_reports_its_inserted_casts(fp16_package):
     report = placement(fp16_package, "cpu")
     casts = [f for f in report.fallbacks if f["kind"] == "inserted_cast"]
     assert casts and all(f["node"].startswith("InsertedPrecisionFreeCast_") for f in casts)
-    assert "MatMul" in report.cast_ops                     # the op without an fp16 kernel here
+    assert "MatMul" in report.cast_ops  # the op without an fp16 kernel here
     assert "casts inserted around ops without a kernel in this precision: MatMul" in report.summary()
 
 
@@ -50,7 +52,7 @@ def test_cli_placement(stories_package):
 
 
 def test_a_session_without_the_record_says_nothing(stories_engine):
-    assert heavy_on_cpu(stories_engine.session) == []      # a CPU engine does not record (and is on the CPU)
+    assert heavy_on_cpu(stories_engine.session) == []  # a CPU engine does not record (and is on the CPU)
 
 
 def test_a_recording_session_lists_the_compute_nodes_on_the_cpu(stories_package):
@@ -63,8 +65,9 @@ def test_a_recording_session_lists_the_compute_nodes_on_the_cpu(stories_package)
 
     options = ort.SessionOptions()
     options.add_session_config_entry("session.record_ep_graph_assignment_info", "1")
-    session = ort.InferenceSession(str(stories_package / Manifest.load(stories_package).model_file), options,
-                                   providers=["CPUExecutionProvider"])
+    session = ort.InferenceSession(
+        str(stories_package / Manifest.load(stories_package).model_file), options, providers=["CPUExecutionProvider"]
+    )
     heavy = heavy_on_cpu(session)
     assert heavy and {op for _, op in heavy} <= COMPUTE_OPS and "MatMul" in {op for _, op in heavy}
     every = [n for sub in session.get_provider_graph_assignment_info() for n in sub.get_nodes()]

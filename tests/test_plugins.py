@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import itertools
 import json
 import subprocess
 import sys
@@ -11,10 +12,10 @@ import numpy as np
 import pytest
 
 import nextoken
-from nextoken import Engine, PluginError
-from nextoken.tools.cost import project
-from nextoken.testing import CharTokenizer, FakeEngine, ScriptedModel
 from helpers import REPO, run_cli, with_manifest
+from nextoken import Engine, PluginError
+from nextoken.testing import CharTokenizer, FakeEngine, ScriptedModel
+from nextoken.tools.cost import project
 
 EXAMPLE = REPO / "examples" / "nextoken-example-plugin"
 
@@ -43,7 +44,12 @@ def test_builtins_are_registered_through_the_hooks(engine):
     rows = {r["plugin"]: r for r in engine.plugins.listing()}
     assert rows["nextoken.plugins.sampling"]["provides"]["strategy"] == ["greedy", "sample"]
     assert set(rows["nextoken.plugins.stopping"]["provides"]["stop_condition"]) == {
-        "eos", "stop_token_ids", "stop_strings", "max_new_tokens", "deadline"}
+        "eos",
+        "stop_token_ids",
+        "stop_strings",
+        "max_new_tokens",
+        "deadline",
+    }
     assert rows["nextoken.plugins.costs"]["provides"]["cost_meter"] == ["per_token", "device_hour"]
     assert rows["nextoken.plugins.hf_tokenizer"]["provides"]["tokenizer"] == ["hf"]
     assert all(r["distribution"] == "nextoken (built-in)" for r in rows.values())
@@ -56,13 +62,15 @@ def test_a_runtime_plugin_on_one_engine_only(engine, tiny_llama):
         def ban(logits, state):
             logits[:, banned] = -np.inf
             return logits
+
         return ban
 
     free = engine.generate("abc", max_new_tokens=12, ignore_eos=True).token_ids
     name = engine.register(_plugin(register_logits_processors=lambda register: register("ban", make_ban)), "ban-plugin")
     assert name == "ban-plugin"
-    got = engine.generate("abc", max_new_tokens=12, ignore_eos=True, processors=("ban",),
-                          options={"ban": {"ids": free[:3]}})
+    got = engine.generate(
+        "abc", max_new_tokens=12, ignore_eos=True, processors=("ban",), options={"ban": {"ids": free[:3]}}
+    )
     assert not set(free[:3]) & set(got.token_ids)
     with Engine(tiny_llama[1], device="cpu", plugins=False) as other:
         with pytest.raises(nextoken.InvalidRequestError, match="unknown logits processor 'ban'"):
@@ -88,11 +96,15 @@ def test_a_processor_that_raises_names_the_plugin_and_the_engine_goes_on(fake):
             if state.step == 3:
                 raise RuntimeError("boom at step 3")
             return logits
+
         return broken
 
     fake.register(_plugin(register_logits_processors=lambda register: register("broken", make_broken)), "bad-plugin")
-    with pytest.raises(PluginError, match=r"plugin 'bad-plugin' failed in logits_processor 'broken' "
-                                          r"\(register_logits_processors\): RuntimeError: boom at step 3"):
+    with pytest.raises(
+        PluginError,
+        match=r"plugin 'bad-plugin' failed in logits_processor 'broken' "
+        r"\(register_logits_processors\): RuntimeError: boom at step 3",
+    ):
         fake.generate("abc", max_new_tokens=10, ignore_eos=True, processors=("broken",))
     assert len(fake.generate("abc", max_new_tokens=5, ignore_eos=True).token_ids) == 5
 
@@ -130,7 +142,7 @@ def test_lifecycle_observers(fake):
         on_step=lambda state, tokens: seen.append(("step", state.step, tokens.shape)),
         on_request_end=lambda state, completions: seen.append(("end", [c.finish_reason for c in completions])),
     )
-    assert fake.start("abc").pipeline.on_step is None       # nobody listens: the loop skips the hook
+    assert fake.start("abc").pipeline.on_step is None  # nobody listens: the loop skips the hook
     fake.register(observer, "observer")
     fake.generate(["abc", "de"], max_new_tokens=4, ignore_eos=True)
     assert seen[0][0] == "start" and seen[0][2] == 2
@@ -158,11 +170,16 @@ def test_a_package_can_name_its_tokenizer(tiny_llama, tmp_path):
         def encode(self, text, add_special_tokens=True):
             return super().encode(text.upper(), add_special_tokens)
 
-    plugin = _plugin(register_tokenizers=lambda register: register(
-        "upper", lambda path, manifest: Upper.from_file(path / manifest.tokenizer_file)))
+    plugin = _plugin(
+        register_tokenizers=lambda register: register(
+            "upper", lambda path, manifest: Upper.from_file(path / manifest.tokenizer_file)
+        )
+    )
     with Engine(pkg, device="cpu", plugins=False, extra_plugins=[plugin]) as engine:
         assert isinstance(engine.tokenizer, Upper)
-        assert engine.encode("abc") == engine.encode("ABC") != HFTokenizer.from_file(pkg / "tokenizer.json").encode("abc")
+        assert (
+            engine.encode("abc") == engine.encode("ABC") != HFTokenizer.from_file(pkg / "tokenizer.json").encode("abc")
+        )
         assert len(engine.generate("abc", max_new_tokens=3, ignore_eos=True).token_ids) == 3
 
 
@@ -204,9 +221,10 @@ def test_greedy_through_the_plugin_path_and_repetition_penalty_match_transformer
     model = AutoModelForCausalLM.from_pretrained(stories_dir).eval()
     ids = stories_engine.encode("Once upon a time")
     with torch.no_grad():
-        plain = model.generate(torch.tensor([ids]), max_new_tokens=40, do_sample=False)[0, len(ids):].tolist()
-        penalised = model.generate(torch.tensor([ids]), max_new_tokens=40, do_sample=False,
-                                   repetition_penalty=1.3)[0, len(ids):].tolist()
+        plain = model.generate(torch.tensor([ids]), max_new_tokens=40, do_sample=False)[0, len(ids) :].tolist()
+        penalised = model.generate(torch.tensor([ids]), max_new_tokens=40, do_sample=False, repetition_penalty=1.3)[
+            0, len(ids) :
+        ].tolist()
     assert stories_engine.generate(ids, max_new_tokens=40, strategy="greedy").token_ids == plain
     got = stories_engine.generate(ids, max_new_tokens=40, repetition_penalty=1.3).token_ids
     assert got == penalised and got != plain
@@ -215,7 +233,7 @@ def test_greedy_through_the_plugin_path_and_repetition_penalty_match_transformer
 def test_top_logprobs(stories_engine):
     ids = stories_engine.encode("Once upon a time")
     got = stories_engine.generate(ids, max_new_tokens=6, top_logprobs=5)
-    assert stories_engine.generate(ids, max_new_tokens=6).logprobs is None       # off unless asked
+    assert stories_engine.generate(ids, max_new_tokens=6).logprobs is None  # off unless asked
     first = got.logprobs[0]
     logits = stories_engine.forward(ids)[-1].astype(np.float64)
     expected = logits - np.log(np.exp(logits - logits.max()).sum()) - logits.max()
@@ -239,19 +257,34 @@ def test_deadline(engine):
 def test_cost_meters_and_the_daily_projection(engine):
     from nextoken import Usage
 
-    usage = Usage(prompt_tokens=1000, completion_tokens=500, time_to_first_token_ms=1, prefill_ms=1,
-                  decode_tokens_per_s=1, wall_ms=3_600_000, model_ms=1, steps=500, batch_size=1, device="cpu")
+    usage = Usage(
+        prompt_tokens=1000,
+        completion_tokens=500,
+        time_to_first_token_ms=1,
+        prefill_ms=1,
+        decode_tokens_per_s=1,
+        wall_ms=3_600_000,
+        model_ms=1,
+        steps=500,
+        batch_size=1,
+        device="cpu",
+    )
     per_token = engine.plugins.provided("cost_meter")["per_token"].make(
-        {"input_per_million": 2.0, "output_per_million": 16.0})
+        {"input_per_million": 2.0, "output_per_million": 16.0}
+    )
     charge = per_token(usage)
-    assert charge.amount == pytest.approx(0.01)                          # $0.01 an answer
+    assert charge.amount == pytest.approx(0.01)  # $0.01 an answer
     daily = project(charge.amount, answers_per_day=1_000_000)
-    assert daily["per_day"] == pytest.approx(10_000.0)                   # is $10,000 a day
+    assert daily["per_day"] == pytest.approx(10_000.0)  # is $10,000 a day
     hourly = engine.plugins.provided("cost_meter")["device_hour"].make({"hourly_rate": 2.5})
     assert hourly(usage).amount == pytest.approx(2.5)
     # configured on the engine, every completion carries the charge
-    with Engine(engine.path, device="cpu", plugins=False,
-                cost_meters={"per_token": {"input_per_million": 1e6, "output_per_million": 2e6}}) as priced:
+    with Engine(
+        engine.path,
+        device="cpu",
+        plugins=False,
+        cost_meters={"per_token": {"input_per_million": 1e6, "output_per_million": 2e6}},
+    ) as priced:
         got = priced.generate("abcd", max_new_tokens=3, ignore_eos=True)
         assert got.cost["per_token"].amount == pytest.approx(5 * 1 + 3 * 2)
         assert got.to_dict()["cost"]["per_token"]["currency"] == "USD"
@@ -259,11 +292,13 @@ def test_cost_meters_and_the_daily_projection(engine):
 
 # -- a third-party plugin package, installed and found by its entry point ---------------------------
 
+
 @pytest.fixture(scope="module")
 def installed_example():
     pip = [sys.executable, "-m", "pip"]
-    subprocess.run(pip + ["install", "--no-deps", "--no-build-isolation", "-q", str(EXAMPLE)],
-                   check=True, capture_output=True)
+    subprocess.run(
+        pip + ["install", "--no-deps", "--no-build-isolation", "-q", str(EXAMPLE)], check=True, capture_output=True
+    )
     import importlib
 
     importlib.invalidate_caches()
@@ -275,16 +310,24 @@ def test_example_plugin_found_by_entry_point_and_used_by_name(installed_example,
     with Engine(stories_package, device="cpu") as engine:
         row = next(r for r in engine.plugins.listing() if r["plugin"] == "example")
         assert row["distribution"] == installed_example
-        assert row["provides"] == {"logits_processor": ["no_repeat_ngram"], "stop_condition": ["regex"],
-                                   "cost_meter": ["energy"]}
+        assert row["provides"] == {
+            "logits_processor": ["no_repeat_ngram"],
+            "stop_condition": ["regex"],
+            "cost_meter": ["energy"],
+        }
         base = dict(max_new_tokens=120)
         free = engine.generate("Once upon a time", **base)
-        got = engine.generate("Once upon a time", processors=("no_repeat_ngram",),
-                              options={"no_repeat_ngram": {"n": 2}, "regex": {"pattern": r"\bball\b"}},
-                              stop_conditions=("regex",), cost_meters={"energy": {"watts": 100}}, **base)
+        got = engine.generate(
+            "Once upon a time",
+            processors=("no_repeat_ngram",),
+            options={"no_repeat_ngram": {"n": 2}, "regex": {"pattern": r"\bball\b"}},
+            stop_conditions=("regex",),
+            cost_meters={"energy": {"watts": 100}},
+            **base,
+        )
         seq = engine.encode("Once upon a time") + got.token_ids
-        bigrams = list(zip(seq, seq[1:]))
-        assert len(bigrams) == len(set(bigrams))                        # no bigram repeats
+        bigrams = list(itertools.pairwise(seq))
+        assert len(bigrams) == len(set(bigrams))  # no bigram repeats
         assert got.token_ids != free.token_ids
         assert got.finish_reason == "stop" and got.stop_detail.startswith("regex")
         assert "ball" not in got.text
@@ -305,10 +348,26 @@ def test_plugins_cli_lists_the_distribution_and_the_env_var_limits_it(installed_
 
 
 def test_cli_uses_the_example_plugin(installed_example, stories_package):
-    out = run_cli("generate", str(stories_package), "Once upon a time", "--max-new-tokens", "60",
-                  "--processor", "no_repeat_ngram", "--option", "no_repeat_ngram.n=3",
-                  "--stop-condition", "regex", "--option", r"regex.pattern=\bpark\b",
-                  "--cost", "energy", "--option", "energy.watts=65", "--json")
+    out = run_cli(
+        "generate",
+        str(stories_package),
+        "Once upon a time",
+        "--max-new-tokens",
+        "60",
+        "--processor",
+        "no_repeat_ngram",
+        "--option",
+        "no_repeat_ngram.n=3",
+        "--stop-condition",
+        "regex",
+        "--option",
+        r"regex.pattern=\bpark\b",
+        "--cost",
+        "energy",
+        "--option",
+        "energy.watts=65",
+        "--json",
+    )
     assert out.returncode == 0, out.stderr
     data = json.loads(out.stdout)
     assert data["stop_detail"].startswith("regex") and "park" not in data["text"]

@@ -5,15 +5,16 @@ scheduler and through the server."""
 from __future__ import annotations
 
 import json
+import pathlib
 
 import pytest
 
 import nextoken
+from helpers import serving, wrap_steps
 from nextoken import Engine, Scheduler
 from nextoken.prefixcache import PrefixCache
-from helpers import serving, wrap_steps
 
-SYSTEM = list(range(3, 83))                 # an 80-token "system prompt" of byte ids: blocks of 32 -> 64 reusable
+SYSTEM = list(range(3, 83))  # an 80-token "system prompt" of byte ids: blocks of 32 -> 64 reusable
 
 
 class _Entry:
@@ -28,20 +29,20 @@ class _Entry:
 
 def test_hits_need_an_identical_history_and_whole_blocks():
     cache = PrefixCache(1 << 20, block=4)
-    assert cache.cut(9) == 8 and cache.cut(8) == 4 and cache.cut(4) == 0      # at least one token left to run
+    assert cache.cut(9) == 8 and cache.cut(8) == 4 and cache.cut(4) == 0  # at least one token left to run
     cache.insert([1, 2, 3, 4, 5, 6, 7, 8], _Entry(10))
     assert cache.lookup([1, 2, 3, 4, 5, 6, 7, 8, 9])[0] == 8
-    assert cache.lookup([1, 2, 3, 4, 5, 6, 7, 8])[0] == 4                   # 8 tokens: the last one must run
-    assert cache.lookup([9, 2, 3, 4, 5, 6, 7, 8, 9])[0] == 0                # same tail, other history: a miss
-    assert cache.lookup([1, 2, 3, 4, 5, 6, 0, 0])[0] == 4                   # a partial block: the whole one before it
+    assert cache.lookup([1, 2, 3, 4, 5, 6, 7, 8])[0] == 4  # 8 tokens: the last one must run
+    assert cache.lookup([9, 2, 3, 4, 5, 6, 7, 8, 9])[0] == 0  # same tail, other history: a miss
+    assert cache.lookup([1, 2, 3, 4, 5, 6, 0, 0])[0] == 4  # a partial block: the whole one before it
     assert (cache.stats.hits, cache.stats.misses) == (3, 1)
-    assert cache.lookup([1, 2, 3, 4, 5, 6, 7, 8, 9])[1].size == 10          # a longer entry serves a shorter prefix
+    assert cache.lookup([1, 2, 3, 4, 5, 6, 7, 8, 9])[1].size == 10  # a longer entry serves a shorter prefix
     longer = PrefixCache(1 << 20, block=4)
     longer.insert([1, 2, 3, 4, 5, 6, 7, 8], _Entry(10))
     assert longer.lookup([1, 2, 3, 4, 0, 0])[0] == 4
     assert not longer.wants([1, 2, 3, 4, 5, 6, 7, 8]) and longer.wants([1, 2, 3, 4, 5])
-    turn = PrefixCache(1 << 20, block=4)                                     # a chat's next turn: the whole
-    turn.insert([1, 2, 3, 4, 5, 6], _Entry(10))                              # previous prompt, off the blocks
+    turn = PrefixCache(1 << 20, block=4)  # a chat's next turn: the whole
+    turn.insert([1, 2, 3, 4, 5, 6], _Entry(10))  # previous prompt, off the blocks
     assert turn.lookup([1, 2, 3, 4, 5, 6, 7, 8, 9])[0] == 6 and turn.lookup([1, 2, 3, 4, 5, 6])[0] == 4
 
 
@@ -50,16 +51,18 @@ def test_least_recently_used_go_first_within_the_bytes():
     for first in (1, 2, 3):
         cache.insert([first, 0], _Entry(10))
     assert cache.stats.entries == 2 and cache.stats.bytes == 20 and cache.stats.evicted == 1
-    assert cache.lookup([1, 0, 5])[0] == 0 and cache.lookup([3, 0, 5])[0] == 2     # its boundaries went with it
-    cache.insert([9, 9, 9, 9], _Entry(26))                                    # larger than the whole cache: not kept
+    assert cache.lookup([1, 0, 5])[0] == 0 and cache.lookup([3, 0, 5])[0] == 2  # its boundaries went with it
+    cache.insert([9, 9, 9, 9], _Entry(26))  # larger than the whole cache: not kept
     assert cache.stats.entries == 2
 
 
 @pytest.fixture(params=["nextoken", "optimum"])
 def cached_engine(request, tiny_model):
     """Both KV backends: the fused graph (slots) and optimum's (concatenation)."""
-    with Engine(tiny_model("llama", request.param)[1], plugins=False, prefix_cache_bytes=64 << 20) as cached, \
-            Engine(tiny_model("llama", request.param)[1], plugins=False) as plain:
+    with (
+        Engine(tiny_model("llama", request.param)[1], plugins=False, prefix_cache_bytes=64 << 20) as cached,
+        Engine(tiny_model("llama", request.param)[1], plugins=False) as plain,
+    ):
         yield cached, plain
 
 
@@ -75,10 +78,12 @@ def test_the_same_tokens_with_and_without_the_cache(cached_engine, monkeypatch):
     wrap_steps(monkeypatch, cached.runner, lambda kind, real, *a: ran.append((kind, a[1].shape)) or real(*a))
     got = cached.generate(SYSTEM + [7, 8], max_new_tokens=3, ignore_eos=True, n=2, temperature=0.7, seed=1)
     assert [c.usage.cached_tokens for c in got] == [64, 64]
-    assert ran[0] == ("prefill", (1, len(SYSTEM) + 2 - 64))                  # only what follows the cached prefix
+    assert ran[0] == ("prefill", (1, len(SYSTEM) + 2 - 64))  # only what follows the cached prefix
     monkeypatch.undo()
-    assert [c.token_ids for c in got] == [c.token_ids for c in plain.generate(
-        SYSTEM + [7, 8], max_new_tokens=3, ignore_eos=True, n=2, temperature=0.7, seed=1)]
+    assert [c.token_ids for c in got] == [
+        c.token_ids
+        for c in plain.generate(SYSTEM + [7, 8], max_new_tokens=3, ignore_eos=True, n=2, temperature=0.7, seed=1)
+    ]
     assert cached.prefix_cache.stats.hits >= 6
 
 
@@ -89,8 +94,9 @@ def test_requests_sharing_a_prefix_under_the_scheduler(cached_engine):
     while scheduler.step():
         pass
     assert [h.result().token_ids for h in handles] == [
-        plain.generate(SYSTEM + [50 + i], max_new_tokens=10, ignore_eos=True).token_ids for i in range(6)]
-    assert sum(h.result().usage.cached_tokens == 64 for h in handles) >= 5     # the first stored it
+        plain.generate(SYSTEM + [50 + i], max_new_tokens=10, ignore_eos=True).token_ids for i in range(6)
+    ]
+    assert sum(h.result().usage.cached_tokens == 64 for h in handles) >= 5  # the first stored it
 
 
 def test_cached_tokens_through_the_server(tiny_llama):
@@ -105,8 +111,8 @@ def test_cached_tokens_through_the_server(tiny_llama):
 def test_concurrent_requests_sharing_a_prefix_through_the_server(tiny_llama):
     from concurrent.futures import ThreadPoolExecutor
 
-    with serving(tiny_llama[1], "tiny", engine_options={"prefix_cache_bytes": 64 << 20}) as (client, engine, *_):
-        client.completions.create(model="tiny", prompt=SYSTEM + [1], max_tokens=2, temperature=0)   # stores it
+    with serving(tiny_llama[1], "tiny", engine_options={"prefix_cache_bytes": 64 << 20}) as (client, _engine, *_):
+        client.completions.create(model="tiny", prompt=SYSTEM + [1], max_tokens=2, temperature=0)  # stores it
 
         def ask(i: int):
             return client.completions.create(model="tiny", prompt=SYSTEM + [20 + i], max_tokens=6, temperature=0)
@@ -116,10 +122,12 @@ def test_concurrent_requests_sharing_a_prefix_through_the_server(tiny_llama):
         assert all(a.usage.prompt_tokens_details.cached_tokens == 64 for a in answers)
         with Engine(tiny_llama[1], plugins=False) as plain:
             assert [a.choices[0].text for a in answers] == [
-                plain.generate(SYSTEM + [20 + i], max_new_tokens=6).text for i in range(6)]
+                plain.generate(SYSTEM + [20 + i], max_new_tokens=6).text for i in range(6)
+            ]
 
 
 # -- the disk tier ------------------------------------------------------------------------------------
+
 
 def _disk_engine(package, directory, **kw):
     return Engine(package, plugins=False, prefix_cache_bytes=16 << 20, prefix_cache_dir=directory, **kw)
@@ -131,7 +139,7 @@ def test_the_disk_tier_serves_a_later_engine_with_the_same_tokens(stories_packag
     system = stories_engine.encode("Once upon a time, there was a little girl named Lily. " * 6)
     with _disk_engine(stories_package, tmp_path) as first:
         assert first.generate(system + stories_engine.encode(" She"), max_new_tokens=5).usage.cached_tokens == 0
-    (folder,) = tmp_path.iterdir()                                  # one folder: this package's identity
+    (folder,) = tmp_path.iterdir()  # one folder: this package's identity
     assert [p.suffix for p in folder.iterdir()] == [".npz"]
     for kw in (dict(), dict(temperature=0.9, seed=4)):
         prompt = system + stories_engine.encode(" The dog")
@@ -154,20 +162,24 @@ def test_a_changed_package_never_reads_the_disk_tier(stories_package, stories_en
     shutil.copytree(stories_package, changed)
     config = changed / "generation_config.json"
     config.write_text(config.read_text().rstrip().rstrip("}") + ', "note": "edited"}\n')
-    Manifest.load(changed).with_files(changed).save(changed)        # a consistent package, one file changed
+    Manifest.load(changed).with_files(changed).save(changed)  # a consistent package, one file changed
     with _disk_engine(changed, tmp_path / "kv") as other:
         got = other.generate(system + [5], max_new_tokens=2)
         assert got.usage.cached_tokens == 0 and other.prefix_cache.stats.disk_hits == 0
-    assert len(list((tmp_path / "kv").iterdir())) == 2              # its own folder, nothing shared
-    with _disk_engine(stories_package, tmp_path / "kv", device="cpu") as same:   # the original still hits
+    assert len(list((tmp_path / "kv").iterdir())) == 2  # its own folder, nothing shared
+    with _disk_engine(stories_package, tmp_path / "kv", device="cpu") as same:  # the original still hits
         assert same.generate(system + [5], max_new_tokens=2).usage.cached_tokens > 0
 
 
-def test_the_disk_tier_skips_foreign_files_and_keeps_within_its_bytes(stories_package, stories_engine, tmp_path, caplog):
+def test_the_disk_tier_skips_foreign_files_and_keeps_within_its_bytes(
+    stories_package, stories_engine, tmp_path, caplog
+):
     import numpy as np
 
-    prompts = [stories_engine.encode(f"{word} upon a time, there was a little girl named Lily. " * 4)
-               for word in ("Once", "Twice", "Thrice")]
+    prompts = [
+        stories_engine.encode(f"{word} upon a time, there was a little girl named Lily. " * 4)
+        for word in ("Once", "Twice", "Thrice")
+    ]
     with _disk_engine(stories_package, tmp_path) as engine:
         engine.generate(prompts[0] + [5], max_new_tokens=1)
         engine.prefix_cache.disk.flush()
@@ -177,7 +189,7 @@ def test_the_disk_tier_skips_foreign_files_and_keeps_within_its_bytes(stories_pa
     (folder / "junk.npz").write_bytes(b"not an archive")
     with _disk_engine(stories_package, tmp_path, prefix_cache_disk_bytes=int(size * 1.5)) as engine:
         assert "skipped" in caplog.text and engine.prefix_cache.stats.disk_entries == 1
-        for prompt in prompts[1:]:                                  # each new entry pushes out the oldest
+        for prompt in prompts[1:]:  # each new entry pushes out the oldest
             engine.generate(prompt + [5], max_new_tokens=1)
             engine.prefix_cache.disk.flush()
         assert engine.prefix_cache.stats.disk_entries == 1 and engine.prefix_cache.stats.disk_bytes <= size * 1.5
@@ -190,8 +202,9 @@ def test_concurrent_requests_through_a_restarted_server_read_the_disk_tier(tiny_
 
     options = {"prefix_cache_bytes": 64 << 20, "prefix_cache_dir": tmp_path}
     with serving(tiny_llama[1], "tiny", engine_options=options) as (client, *_):
-        client.completions.create(model="tiny", prompt=SYSTEM + [1], max_tokens=2, temperature=0)   # written
-    with serving(tiny_llama[1], "tiny", engine_options=options) as (client, engine, *_):           # a restart
+        client.completions.create(model="tiny", prompt=SYSTEM + [1], max_tokens=2, temperature=0)  # written
+    with serving(tiny_llama[1], "tiny", engine_options=options) as (client, engine, *_):  # a restart
+
         def ask(i: int):
             return client.completions.create(model="tiny", prompt=SYSTEM + [20 + i], max_tokens=6, temperature=0)
 
@@ -201,12 +214,14 @@ def test_concurrent_requests_through_a_restarted_server_read_the_disk_tier(tiny_
         assert engine.prefix_cache.stats.disk_hits >= 1
     with Engine(tiny_llama[1], plugins=False) as plain:
         assert [a.choices[0].text for a in answers] == [
-            plain.generate(SYSTEM + [20 + i], max_new_tokens=6).text for i in range(6)]
+            plain.generate(SYSTEM + [20 + i], max_new_tokens=6).text for i in range(6)
+        ]
 
 
 # -- the disk tier under damage, sharing and strange folders -------------------------------------------
 
-def _entry_file(package, directory, prompt) -> "Path":
+
+def _entry_file(package, directory, prompt) -> "pathlib.Path":
     with _disk_engine(package, directory) as engine:
         engine.generate(prompt + [5], max_new_tokens=1)
     (folder,) = directory.iterdir()
@@ -226,8 +241,9 @@ def _rewrite(entry, change) -> None:
 
 
 @pytest.mark.parametrize("damage", ["values", "shape", "dtype", "truncated", "arrays"])
-def test_a_damaged_entry_is_never_served_and_never_fails_a_request(stories_package, stories_engine, tmp_path,
-                                                                     caplog, damage):
+def test_a_damaged_entry_is_never_served_and_never_fails_a_request(
+    stories_package, stories_engine, tmp_path, caplog, damage
+):
     """Altered values (the checksum), the wrong shape or dtype, a cut file, an array missing: the
     entry is skipped with one warning and removed; the answer is the one without the cache."""
     import numpy as np
@@ -246,7 +262,7 @@ def test_a_damaged_entry_is_never_served_and_never_fails_a_request(stories_packa
         entry.write_bytes(entry.read_bytes()[: entry.stat().st_size // 2])
     prompt = system + stories_engine.encode(" The dog")
     with _disk_engine(stories_package, tmp_path) as later:
-        for _ in range(2):                                          # the second: the entry is gone, quietly
+        for _ in range(2):  # the second: the entry is gone, quietly
             got = later.generate(prompt, max_new_tokens=16)
             assert got.token_ids == stories_engine.generate(prompt, max_new_tokens=16).token_ids
         assert later.prefix_cache.stats.disk_hits == 0
@@ -284,7 +300,7 @@ def test_start_up_takes_whatever_the_folder_holds(stories_package, stories_engin
         assert engine.prefix_cache.stats.disk_entries == 1
         got = engine.generate(system + [5], max_new_tokens=4)
         assert got.usage.cached_tokens > 0
-    assert not old.exists() and new.exists()                        # another writer's may still be running
+    assert not old.exists() and new.exists()  # another writer's may still be running
     assert "fifo.npz" in caplog.text and "huge.npz" in caplog.text
 
 
@@ -306,11 +322,11 @@ def test_engines_sharing_a_folder_keep_its_budget(stories_package, stories_engin
             (folder,) = (tmp_path / "kv").iterdir()
             on_disk = sum(p.stat().st_size for p in folder.glob("*.npz"))
             assert on_disk <= budget, f"{on_disk} bytes on disk after write {i}, budget {budget}"
-        for engine in engines:                                     # each sees the folder as it is
+        for engine in engines:  # each sees the folder as it is
             engine.prefix_cache.disk.scan()
             assert engine.prefix_cache.stats.disk_bytes <= budget
         later = engines[0]
-        got = later.generate(prompts[-1] + [7], max_new_tokens=2)   # written by another engine: found
+        got = later.generate(prompts[-1] + [7], max_new_tokens=2)  # written by another engine: found
         assert got.usage.cached_tokens > 0
     finally:
         for engine in engines:
@@ -326,5 +342,5 @@ def test_prefix_keys_are_hashed_in_one_pass():
     assert _keys(ids, lengths) == {n: _key(ids[:n]) for n in lengths}
     cache = PrefixCache(1 << 30, block=32)
     cache.insert(ids[:96], _Entry(10))
-    long_prompt = ids[:96] + list(range(131_072))                  # found in one pass over 131k tokens
+    long_prompt = ids[:96] + list(range(131_072))  # found in one pass over 131k tokens
     assert cache.lookup(long_prompt)[0] == 96

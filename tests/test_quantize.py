@@ -6,9 +6,9 @@ import json
 
 import pytest
 
+from helpers import run_cli
 from nextoken import Engine, ExportError
 from nextoken.exporters import export
-from helpers import run_cli
 
 
 # The bounds say what a broken quantiser would do, not what one host's kernels happen to give.
@@ -65,17 +65,22 @@ def test_int4_gives_fp32_activations_where_int8_ones_cost_accuracy(tmp_path):
     weights = load_file(ckpt / "model.safetensors")
     weights["model.layers.0.post_attention_layernorm.weight"][0] *= 1000.0
     for name in ("gate_proj", "up_proj"):
-        weights[f"model.layers.0.mlp.{name}.weight"][:, 0] = 0.0          # [out, in]
+        weights[f"model.layers.0.mlp.{name}.weight"][:, 0] = 0.0  # [out, in]
     save_file(weights, ckpt / "model.safetensors", metadata={"format": "pt"})
     report = export(ckpt, tmp_path / "pkg", progress=None, quantize="int4", block_size=16)
     accuracy, remedy = report.accuracy, report.accuracy.remedy
     assert accuracy.fp32_activations == ("layer 0 mlp in",), remedy
     assert remedy["int8_activations"] > ACTIVATION_EXCESS * remedy["fp32_activations"] >= remedy["shipped"]
-    levels = {n.input[0]: a.i for n in onnx.load(str(report.output / "model.onnx")).graph.node
-              if n.op_type == "MatMulNBits" for a in n.attribute if a.name == "accuracy_level"}
+    levels = {
+        n.input[0]: a.i
+        for n in onnx.load(str(report.output / "model.onnx")).graph.node
+        if n.op_type == "MatMulNBits"
+        for a in n.attribute
+        if a.name == "accuracy_level"
+    }
     assert levels.pop("m0") == 0 and set(levels.values()) == {4}
     assert "1 of 11 MatMuls keep fp32 activations (layer 0 mlp in" in accuracy.line()
     saved = json.loads((report.output / "nextoken.json").read_text())["quantization"]
     assert saved["fp32_activations"] == ["layer 0 mlp in"] and saved["remedy"]["shipped"] == remedy["shipped"]
-    with Engine(report.output, device="cpu") as engine:             # and the package runs as shipped
+    with Engine(report.output, device="cpu") as engine:  # and the package runs as shipped
         assert len(engine.generate("abc", max_new_tokens=4, ignore_eos=True).token_ids) == 4

@@ -8,9 +8,9 @@ import json
 
 import pytest
 
+from helpers import run_cli, serving
 from nextoken import InvalidRequestError
 from nextoken.tools.replay import replay
-from helpers import run_cli, serving
 
 PROMPT = list(range(5, 30))
 
@@ -48,8 +48,19 @@ def test_a_replay_names_the_divergence_and_what_differs(llama_engine, other_pack
 
 def test_cli_record_and_replay(tiny_llama, other_package, tmp_path):
     record = tmp_path / "r.json"
-    got = run_cli("generate", str(tiny_llama[1]), "Hello", "--max-new-tokens", "8", "--temperature", "0.8",
-                  "--seed", "3", "--record", str(record))
+    got = run_cli(
+        "generate",
+        str(tiny_llama[1]),
+        "Hello",
+        "--max-new-tokens",
+        "8",
+        "--temperature",
+        "0.8",
+        "--seed",
+        "3",
+        "--record",
+        str(record),
+    )
     assert got.returncode == 0 and "record written" in got.stderr and json.loads(record.read_text())["token_ids"]
     assert got.stdout.strip(), "generate --record printed no text"
     same = run_cli("replay", str(record))
@@ -66,21 +77,38 @@ def test_the_server_keeps_records_when_asked(tiny_llama, tmp_path):
         records = sorted((tmp_path / "records").glob("*.json"))
         assert len(records) == 2
         assert all(replay(p, engine=engine).identical for p in records)
-        client.completions.create(model="tiny", prompt="Hey", max_tokens=4, temperature=1.0)        # no seed
+        client.completions.create(model="tiny", prompt="Hey", max_tokens=4, temperature=1.0)  # no seed
         unseeded = [p for p in (tmp_path / "records").glob("*.json") if p not in records]
         assert "sampled without a seed" in replay(unseeded[0], engine=engine).line()
 
 
 def test_replay_reads_every_record_nextoken_writes_and_names_what_is_wrong_with_others(tiny_llama, tmp_path):
     record = tmp_path / "n3.json"
-    got = run_cli("generate", str(tiny_llama[1]), "Hello", "--max-new-tokens", "6", "--temperature", "0.8",
-                  "--seed", "3", "--n", "3", "--record", str(record))
+    got = run_cli(
+        "generate",
+        str(tiny_llama[1]),
+        "Hello",
+        "--max-new-tokens",
+        "6",
+        "--temperature",
+        "0.8",
+        "--seed",
+        "3",
+        "--n",
+        "3",
+        "--record",
+        str(record),
+    )
     assert got.returncode == 0 and len(json.loads(record.read_text())) == 3
     same = run_cli("replay", str(record))
     assert same.returncode == 0 and same.stdout.splitlines() == [f"[choice {i}] identical: 6 tokens" for i in range(3)]
     whole = json.loads(record.read_text())[0]
-    for name, text in [("list.json", "[]"), ("other.json", '{"a": 1}'), ("cut.json", '{"nextoken_record": 1'),
-                       ("keyless.json", json.dumps({k: v for k, v in whole.items() if k != "token_ids"}))]:
+    for name, text in [
+        ("list.json", "[]"),
+        ("other.json", '{"a": 1}'),
+        ("cut.json", '{"nextoken_record": 1'),
+        ("keyless.json", json.dumps({k: v for k, v in whole.items() if k != "token_ids"})),
+    ]:
         (tmp_path / name).write_text(text)
         bad = run_cli("replay", str(tmp_path / name))
         lines = bad.stderr.strip().splitlines()

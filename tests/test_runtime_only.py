@@ -42,7 +42,7 @@ def test_export_without_the_extra_says_what_to_install(tmp_path):
     result = _run(f"""
         import nextoken.exporters
         try:
-            nextoken.exporters.export("some/model", {str(tmp_path / 'out')!r}, progress=None)
+            nextoken.exporters.export("some/model", {str(tmp_path / "out")!r}, progress=None)
         except nextoken.ExportError as exc:
             print(exc)
     """)
@@ -70,8 +70,10 @@ def test_the_default_export_needs_no_torch_without_its_parity_check(tiny_llama, 
     assert ok.returncode == 0, ok.stderr
     assert "parity not checked (--no-check)" in ok.stderr
     with Engine(tmp_path / "pkg", device="cpu") as engine, Engine(tiny_llama[1], device="cpu") as checked:
-        assert engine.generate("abc", max_new_tokens=8, ignore_eos=True).token_ids == \
-            checked.generate("abc", max_new_tokens=8, ignore_eos=True).token_ids
+        assert (
+            engine.generate("abc", max_new_tokens=8, ignore_eos=True).token_ids
+            == checked.generate("abc", max_new_tokens=8, ignore_eos=True).token_ids
+        )
     refused = _run(run.format(str(tiny_llama[0]), str(tmp_path / "other"), []))
     assert refused.returncode == 1 and "install the export extra" in refused.stderr, refused.stderr
     assert "Traceback" not in refused.stderr

@@ -25,8 +25,17 @@ CHI2_9DOF_0_001 = 27.877
 
 def _draw(params: SamplingParams, logits: np.ndarray = LOGITS, n: int = DRAWS) -> np.ndarray:
     """n draws of one sequence's next token through the processors the params turn on, then the sampler."""
-    procs = [f for f in (make_repetition_penalty(params, {}), make_temperature(params, {}),
-                         make_top_k(params, {}), make_top_p(params, {}), make_min_p(params, {})) if f]
+    procs = [
+        f
+        for f in (
+            make_repetition_penalty(params, {}),
+            make_temperature(params, {}),
+            make_top_k(params, {}),
+            make_top_p(params, {}),
+            make_min_p(params, {}),
+        )
+        if f
+    ]
     sampler = Sampler(params.seed)
     out = np.empty(n, dtype=np.int64)
     for i in range(n):
@@ -58,7 +67,7 @@ def test_top_k_never_leaves_the_k_best():
     # and within them, the renormalised softmax
     observed = np.bincount(draws, minlength=3)[:3]
     expected = _softmax(LOGITS[0, :3] / 1.5) * 5000
-    assert float(((observed - expected) ** 2 / expected).sum()) < 13.816   # 2 dof, 0.001
+    assert float(((observed - expected) ** 2 / expected).sum()) < 13.816  # 2 dof, 0.001
 
 
 @pytest.mark.parametrize("p", [0.3, 0.6, 0.9, 0.99])
@@ -110,22 +119,25 @@ def test_same_seed_same_draws_and_other_seed_other_draws():
     assert np.array_equal(a, b) and not np.array_equal(a, c)
 
 
-@pytest.mark.parametrize("kwargs, words", [
-    (dict(temperature=-0.1), r"temperature must be >= 0 \(0 means greedy\)"),
-    (dict(temperature=float("nan")), "temperature must be a number"),
-    (dict(temperature=1.0, top_p=0.0), r"top_p must be in \(0, 1\]"),
-    (dict(temperature=1.0, top_p=1.5), r"top_p must be in \(0, 1\]"),
-    (dict(temperature=1.0, top_k=-1), "top_k must be >= 0"),
-    (dict(temperature=1.0, min_p=1.0), r"min_p must be in \[0, 1\)"),
-    (dict(repetition_penalty=0), "repetition_penalty must be > 0"),
-    (dict(seed=-1), "seed must be a non-negative integer"),
-    (dict(top_logprobs=21), r"top_logprobs must be in \[0, 20\]"),
-    (dict(deadline_s=0), "deadline_s must be > 0"),
-    (dict(top_k=5), "top_k only matters when sampling: temperature is 0 \\(greedy\\)"),
-    (dict(top_p=0.9), "top_p only matters when sampling"),
-    (dict(stop=("",)), "stop strings must be non-empty"),
-    (dict(options={"x": 1}), "options must map plugin names to option dicts"),
-])
+@pytest.mark.parametrize(
+    "kwargs, words",
+    [
+        (dict(temperature=-0.1), r"temperature must be >= 0 \(0 means greedy\)"),
+        (dict(temperature=float("nan")), "temperature must be a number"),
+        (dict(temperature=1.0, top_p=0.0), r"top_p must be in \(0, 1\]"),
+        (dict(temperature=1.0, top_p=1.5), r"top_p must be in \(0, 1\]"),
+        (dict(temperature=1.0, top_k=-1), "top_k must be >= 0"),
+        (dict(temperature=1.0, min_p=1.0), r"min_p must be in \[0, 1\)"),
+        (dict(repetition_penalty=0), "repetition_penalty must be > 0"),
+        (dict(seed=-1), "seed must be a non-negative integer"),
+        (dict(top_logprobs=21), r"top_logprobs must be in \[0, 20\]"),
+        (dict(deadline_s=0), "deadline_s must be > 0"),
+        (dict(top_k=5), "top_k only matters when sampling: temperature is 0 \\(greedy\\)"),
+        (dict(top_p=0.9), "top_p only matters when sampling"),
+        (dict(stop=("",)), "stop strings must be non-empty"),
+        (dict(options={"x": 1}), "options must map plugin names to option dicts"),
+    ],
+)
 def test_nonsense_is_rejected_before_any_work(kwargs, words):
     with pytest.raises(InvalidRequestError, match=words):
         SamplingParams(**kwargs)
@@ -163,7 +175,7 @@ def test_kth_largest_is_exact_for_narrow_and_wide_logits(scale, k):
     from nextoken.plugins.sampling import kth_largest
 
     logits = (np.random.default_rng(k).normal(0, scale, size=(4, 49152))).astype(np.float32)
-    logits[1, :100] = 50.0                                   # many ties at the top
+    logits[1, :100] = 50.0  # many ties at the top
     expected = -np.sort(-logits, axis=1)[:, k - 1]
     assert np.array_equal(kth_largest(logits, k), expected)
 

@@ -50,9 +50,11 @@ def test_requests_joining_mid_batch_get_what_they_get_alone(engine):
 
 
 def test_each_request_keeps_its_own_sampling_and_seed(engine):
-    specs = [dict(max_new_tokens=16, temperature=0.9, top_k=20, seed=1),
-             dict(max_new_tokens=12, ignore_eos=True),
-             dict(max_new_tokens=16, temperature=1.2, top_p=0.8, seed=7, repetition_penalty=1.2)]
+    specs = [
+        dict(max_new_tokens=16, temperature=0.9, top_k=20, seed=1),
+        dict(max_new_tokens=12, ignore_eos=True),
+        dict(max_new_tokens=16, temperature=1.2, top_p=0.8, seed=7, repetition_penalty=1.2),
+    ]
     alone = [engine.generate(p, **kw).token_ids for p, kw in zip(PROMPTS, specs)]
     scheduler = Scheduler(engine)
     handles = []
@@ -82,7 +84,7 @@ def test_cancel_frees_the_slot_within_one_step(engine):
     a.cancel()
     scheduler.step()
     assert a.done and a.result().finish_reason == "cancelled"
-    assert scheduler.running == 2                      # the waiting request took the freed slot
+    assert scheduler.running == 2  # the waiting request took the freed slot
     _run_until_done(scheduler)
     assert len(b.result().token_ids) == 50 and len(waiting.result().token_ids) == 5
     assert b.result().token_ids == engine.generate(PROMPTS[1], max_new_tokens=50, ignore_eos=True).token_ids
@@ -94,10 +96,15 @@ def test_a_failing_plugin_ends_only_its_request(engine):
             if state.step == 2:
                 raise RuntimeError("boom")
             return logits
+
         return broken
 
-    engine.register(types.SimpleNamespace(register_logits_processors=nextoken.hookimpl(
-        lambda register: register("broken", make_broken))), "broken-plugin")
+    engine.register(
+        types.SimpleNamespace(
+            register_logits_processors=nextoken.hookimpl(lambda register: register("broken", make_broken))
+        ),
+        "broken-plugin",
+    )
     scheduler = Scheduler(engine)
     bad = scheduler.submit(PROMPTS[0], max_new_tokens=8, processors=("broken",))
     good = scheduler.submit(PROMPTS[1], max_new_tokens=8, ignore_eos=True)
@@ -122,6 +129,7 @@ def test_background_thread_with_submitters_on_many_threads(engine):
     alone = {p: engine.generate(p, **kw).token_ids for p in PROMPTS}
     results: dict[str, list[int]] = {}
     with Scheduler(engine, max_batch=3) as scheduler:
+
         def worker(prompt: str) -> None:
             results[prompt] = [e.token_id for e in scheduler.submit(prompt, **kw)]
 
@@ -139,8 +147,10 @@ def test_asyncio_streams(engine):
 
     async def main():
         with Scheduler(engine) as scheduler:
+
             async def one(prompt):
                 return "".join([e.text async for e in scheduler.submit(prompt, **kw)])
+
             return await asyncio.gather(*(one(p) for p in PROMPTS[:2]))
 
     assert asyncio.run(main()) == alone
@@ -201,8 +211,8 @@ def test_a_long_prompt_is_prefilled_in_chunks_between_decode_steps(engine):
         steps_to_join += 1
         tokens.append(len(short.generation.state.generated[0]))
         assert steps_to_join < 20
-    assert steps_to_join == -(-size // 16)                         # ceil(size / chunk) steps
-    assert tokens == list(range(1, len(tokens) + 1))               # the running one never skipped a step
+    assert steps_to_join == -(-size // 16)  # ceil(size / chunk) steps
+    assert tokens == list(range(1, len(tokens) + 1))  # the running one never skipped a step
     _run_until_done(scheduler)
     assert long.result().token_ids == alone_long and short.result().token_ids == alone_short
     assert long.result().usage.prompt_tokens == size

@@ -2,25 +2,26 @@
 
 from __future__ import annotations
 
+import json
 import re
 import socket
 import threading
 import time
-
-import json
 
 import httpx
 import openai
 import pytest
 
 import nextoken
+from helpers import serving, with_chat_template
 from nextoken import Engine, Scheduler
 from nextoken.serving.server import create_app
-from helpers import serving, with_chat_template
 
 KEY = "test-key"
-TEMPLATE = ("{{ bos_token }}{% for m in messages %}<|{{ m['role'] }}|>\n{{ m['content'] }}{{ eos_token }}\n{% endfor %}"
-            "{% if add_generation_prompt %}<|assistant|>\n{% endif %}")
+TEMPLATE = (
+    "{{ bos_token }}{% for m in messages %}<|{{ m['role'] }}|>\n{{ m['content'] }}{{ eos_token }}\n{% endfor %}"
+    "{% if add_generation_prompt %}<|assistant|>\n{% endif %}"
+)
 
 
 def _read_answer(sock: socket.socket) -> bytes:
@@ -33,8 +34,9 @@ def _read_answer(sock: socket.socket) -> bytes:
             return data
         data += part
     head, _, body = data.partition(b"\r\n\r\n")
-    length = next((int(line.split(b":", 1)[1]) for line in head.split(b"\r\n")
-                   if line.lower().startswith(b"content-length:")), 0)
+    length = next(
+        (int(line.split(b":", 1)[1]) for line in head.split(b"\r\n") if line.lower().startswith(b"content-length:")), 0
+    )
     while len(body) < length:
         part = sock.recv(4096)
         if not part:
@@ -63,8 +65,9 @@ def test_models(server):
 
 def test_completion_equals_the_engine(server):
     client, engine, *_ = server
-    got = client.completions.create(model="tiny", prompt="Hello there", max_tokens=12, temperature=0,
-                                    extra_body={"nextoken": {"ignore_eos": True}})
+    got = client.completions.create(
+        model="tiny", prompt="Hello there", max_tokens=12, temperature=0, extra_body={"nextoken": {"ignore_eos": True}}
+    )
     expected = engine.generate("Hello there", max_new_tokens=12, ignore_eos=True)
     assert got.choices[0].text == expected.text
     assert got.choices[0].finish_reason == "length"
@@ -74,9 +77,15 @@ def test_completion_equals_the_engine(server):
 
 def test_streaming_completion_with_usage(server):
     client, engine, *_ = server
-    stream = client.completions.create(model="tiny", prompt="Stream me", max_tokens=10, temperature=0, stream=True,
-                                       stream_options={"include_usage": True},
-                                       extra_body={"nextoken": {"ignore_eos": True}})
+    stream = client.completions.create(
+        model="tiny",
+        prompt="Stream me",
+        max_tokens=10,
+        temperature=0,
+        stream=True,
+        stream_options={"include_usage": True},
+        extra_body={"nextoken": {"ignore_eos": True}},
+    )
     chunks = list(stream)
     text = "".join(c.choices[0].text for c in chunks if c.choices)
     assert text == engine.generate("Stream me", max_new_tokens=10, ignore_eos=True).text
@@ -86,12 +95,19 @@ def test_streaming_completion_with_usage(server):
 def test_chat_and_chat_streaming(server):
     client, engine, *_ = server
     messages = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Hi!"}]
-    got = client.chat.completions.create(model="tiny", messages=messages, max_tokens=8, temperature=0,
-                                         extra_body={"nextoken": {"ignore_eos": True}})
+    got = client.chat.completions.create(
+        model="tiny", messages=messages, max_tokens=8, temperature=0, extra_body={"nextoken": {"ignore_eos": True}}
+    )
     expected = engine.chat(messages, max_new_tokens=8, ignore_eos=True)
     assert got.choices[0].message.role == "assistant" and got.choices[0].message.content == expected.text
-    stream = client.chat.completions.create(model="tiny", messages=messages, max_tokens=8, temperature=0, stream=True,
-                                            extra_body={"nextoken": {"ignore_eos": True}})
+    stream = client.chat.completions.create(
+        model="tiny",
+        messages=messages,
+        max_tokens=8,
+        temperature=0,
+        stream=True,
+        extra_body={"nextoken": {"ignore_eos": True}},
+    )
     chunks = list(stream)
     assert chunks[0].choices[0].delta.role == "assistant"
     assert "".join(c.choices[0].delta.content or "" for c in chunks) == expected.text
@@ -100,12 +116,22 @@ def test_chat_and_chat_streaming(server):
 
 def test_seeded_sampling_and_nextoken_extras(server):
     client, engine, *_ = server
-    kw = dict(model="tiny", prompt="Sample", max_tokens=10, temperature=0.9, seed=5,
-              extra_body={"nextoken": {"top_k": 20, "ignore_eos": True, "cost_meters": {"per_token": {"output_per_million": 1e6}}}})
+    kw = dict(
+        model="tiny",
+        prompt="Sample",
+        max_tokens=10,
+        temperature=0.9,
+        seed=5,
+        extra_body={
+            "nextoken": {"top_k": 20, "ignore_eos": True, "cost_meters": {"per_token": {"output_per_million": 1e6}}}
+        },
+    )
     a, b = client.completions.create(**kw), client.completions.create(**kw)
     assert a.choices[0].text == b.choices[0].text
-    assert a.choices[0].text == engine.generate("Sample", max_new_tokens=10, temperature=0.9, seed=5, top_k=20,
-                                                ignore_eos=True).text
+    assert (
+        a.choices[0].text
+        == engine.generate("Sample", max_new_tokens=10, temperature=0.9, seed=5, top_k=20, ignore_eos=True).text
+    )
     assert a.model_extra["nextoken"]["cost"]["per_token"]["amount"] == pytest.approx(10.0)
 
 
@@ -114,15 +140,27 @@ def test_n_choices_from_one_prompt(server):
     prompt counted once in the usage."""
     client, engine, *_ = server
     body = {"nextoken": {"ignore_eos": True}}
-    alone = [engine.generate("Sample", max_new_tokens=8, temperature=0.9, seed=7 + i, ignore_eos=True) for i in range(3)]
-    got = client.completions.create(model="tiny", prompt="Sample", max_tokens=8, temperature=0.9, seed=7, n=3,
-                                    extra_body=body)
+    alone = [
+        engine.generate("Sample", max_new_tokens=8, temperature=0.9, seed=7 + i, ignore_eos=True) for i in range(3)
+    ]
+    got = client.completions.create(
+        model="tiny", prompt="Sample", max_tokens=8, temperature=0.9, seed=7, n=3, extra_body=body
+    )
     assert [c.index for c in got.choices] == [0, 1, 2]
     assert [c.text for c in got.choices] == [a.text for a in alone]
     assert got.usage.prompt_tokens == len(alone[0].prompt_token_ids) and got.usage.completion_tokens == 24
     assert [c["token_ids"] for c in got.model_extra["nextoken"]["choices"]] == [a.token_ids for a in alone]
-    stream = client.completions.create(model="tiny", prompt="Sample", max_tokens=8, temperature=0.9, seed=7, n=3,
-                                       stream=True, stream_options={"include_usage": True}, extra_body=body)
+    stream = client.completions.create(
+        model="tiny",
+        prompt="Sample",
+        max_tokens=8,
+        temperature=0.9,
+        seed=7,
+        n=3,
+        stream=True,
+        stream_options={"include_usage": True},
+        extra_body=body,
+    )
     texts = ["", "", ""]
     chunks = list(stream)
     for chunk in chunks:
@@ -130,12 +168,16 @@ def test_n_choices_from_one_prompt(server):
             texts[choice.index] += choice.text
     assert texts == [a.text for a in alone] and chunks[-1].usage.completion_tokens == 24
     messages = [{"role": "user", "content": "Hi!"}]
-    chat_alone = [engine.chat(messages, max_new_tokens=6, temperature=0.9, seed=3 + i, ignore_eos=True) for i in range(2)]
-    chat = client.chat.completions.create(model="tiny", messages=messages, max_tokens=6, temperature=0.9, seed=3, n=2,
-                                          extra_body=body)
+    chat_alone = [
+        engine.chat(messages, max_new_tokens=6, temperature=0.9, seed=3 + i, ignore_eos=True) for i in range(2)
+    ]
+    chat = client.chat.completions.create(
+        model="tiny", messages=messages, max_tokens=6, temperature=0.9, seed=3, n=2, extra_body=body
+    )
     assert [c.message.content for c in chat.choices] == [a.text for a in chat_alone]
-    stream = client.chat.completions.create(model="tiny", messages=messages, max_tokens=6, temperature=0.9, seed=3,
-                                            n=2, stream=True, extra_body=body)
+    stream = client.chat.completions.create(
+        model="tiny", messages=messages, max_tokens=6, temperature=0.9, seed=3, n=2, stream=True, extra_body=body
+    )
     texts = ["", ""]
     for chunk in stream:
         for choice in chunk.choices:
@@ -148,43 +190,78 @@ def test_response_format_and_nextoken_constraints(server):
     and a schema llguidance rejects is a 400 with its message."""
     import jsonschema
 
-    client, engine, *_ = server
-    schema = {"type": "object", "properties": {"ok": {"type": "boolean"}, "n": {"type": "integer", "minimum": 0,
-                                                                               "maximum": 9}},
-              "required": ["ok", "n"], "additionalProperties": False}
+    client, _engine, *_ = server
+    schema = {
+        "type": "object",
+        "properties": {"ok": {"type": "boolean"}, "n": {"type": "integer", "minimum": 0, "maximum": 9}},
+        "required": ["ok", "n"],
+        "additionalProperties": False,
+    }
     fmt = {"type": "json_schema", "json_schema": {"name": "answer", "schema": schema, "strict": True}}
-    chat = client.chat.completions.create(model="tiny", messages=[{"role": "user", "content": "Hi!"}], max_tokens=40,
-                                          response_format=fmt, temperature=0.7, seed=1)
+    chat = client.chat.completions.create(
+        model="tiny",
+        messages=[{"role": "user", "content": "Hi!"}],
+        max_tokens=40,
+        response_format=fmt,
+        temperature=0.7,
+        seed=1,
+    )
     jsonschema.validate(json.loads(chat.choices[0].message.content), schema)
     assert chat.choices[0].finish_reason == "stop"
-    done = client.completions.create(model="tiny", prompt="Answer:", max_tokens=40, temperature=0.7, seed=2,
-                                     extra_body={"response_format": fmt})
+    done = client.completions.create(
+        model="tiny", prompt="Answer:", max_tokens=40, temperature=0.7, seed=2, extra_body={"response_format": fmt}
+    )
     jsonschema.validate(json.loads(done.choices[0].text), schema)
-    stream = client.chat.completions.create(model="tiny", messages=[{"role": "user", "content": "Hi!"}], max_tokens=40,
-                                            response_format=fmt, temperature=0.7, seed=1, stream=True)
+    stream = client.chat.completions.create(
+        model="tiny",
+        messages=[{"role": "user", "content": "Hi!"}],
+        max_tokens=40,
+        response_format=fmt,
+        temperature=0.7,
+        seed=1,
+        stream=True,
+    )
     assert "".join(c.choices[0].delta.content or "" for c in stream if c.choices) == chat.choices[0].message.content
-    picked = client.completions.create(model="tiny", prompt="Pick:", max_tokens=10, temperature=1.0, seed=4,
-                                       extra_body={"nextoken": {"choice": ["left", "right"]}})
+    picked = client.completions.create(
+        model="tiny",
+        prompt="Pick:",
+        max_tokens=10,
+        temperature=1.0,
+        seed=4,
+        extra_body={"nextoken": {"choice": ["left", "right"]}},
+    )
     assert picked.choices[0].text in ("left", "right")
-    digits = client.completions.create(model="tiny", prompt="Code:", max_tokens=10, temperature=1.0, seed=4,
-                                       extra_body={"nextoken": {"regex": "[0-9]{4}"}})
+    digits = client.completions.create(
+        model="tiny",
+        prompt="Code:",
+        max_tokens=10,
+        temperature=1.0,
+        seed=4,
+        extra_body={"nextoken": {"regex": "[0-9]{4}"}},
+    )
     assert re.fullmatch("[0-9]{4}", digits.choices[0].text)
     with pytest.raises(openai.BadRequestError) as err:
-        client.chat.completions.create(model="tiny", messages=[{"role": "user", "content": "Hi!"}], max_tokens=5,
-                                       response_format={"type": "json_schema",
-                                                        "json_schema": {"name": "x", "schema": {"type": "strin"}}})
+        client.chat.completions.create(
+            model="tiny",
+            messages=[{"role": "user", "content": "Hi!"}],
+            max_tokens=5,
+            response_format={"type": "json_schema", "json_schema": {"name": "x", "schema": {"type": "strin"}}},
+        )
     assert "the JSON schema cannot be used: Invalid type: strin" in err.value.body["message"]
 
 
-@pytest.mark.parametrize("kwargs, words", [
-    (dict(prompt="x", temperature=-1), "temperature: Input should be greater than or equal to 0"),
-    (dict(prompt="x", max_tokens=0), "max_tokens: Input should be greater than or equal to 1"),
-    (dict(prompt="x", n=5), "n=5 choices need 5 sequences at once, more than this scheduler's max_batch (4)"),
-    (dict(prompt="x", n=0), "n: Input should be greater than or equal to 1"),
-    (dict(prompt="x", extra_body={"nextoken": {"bogus": 1}}), "unknown nextoken parameter"),
-    (dict(prompt="x" * 400), "context window"),
-    (dict(prompt="x", extra_body={"nextoken": {"strategy": "beam"}}), "unknown strategy"),
-])
+@pytest.mark.parametrize(
+    "kwargs, words",
+    [
+        (dict(prompt="x", temperature=-1), "temperature: Input should be greater than or equal to 0"),
+        (dict(prompt="x", max_tokens=0), "max_tokens: Input should be greater than or equal to 1"),
+        (dict(prompt="x", n=5), "n=5 choices need 5 sequences at once, more than this scheduler's max_batch (4)"),
+        (dict(prompt="x", n=0), "n: Input should be greater than or equal to 1"),
+        (dict(prompt="x", extra_body={"nextoken": {"bogus": 1}}), "unknown nextoken parameter"),
+        (dict(prompt="x" * 400), "context window"),
+        (dict(prompt="x", extra_body={"nextoken": {"strategy": "beam"}}), "unknown strategy"),
+    ],
+)
 def test_client_mistakes_are_openai_shaped_400s(server, kwargs, words):
     client, *_ = server
     with pytest.raises(openai.BadRequestError) as err:
@@ -198,11 +275,15 @@ def test_auth_model_and_body_limits(server):
         openai.OpenAI(base_url=f"{base}/v1", api_key="wrong", max_retries=0).models.list()
     with pytest.raises(openai.NotFoundError):
         client.completions.create(model="other", prompt="x")
-    big = httpx.post(f"{base}/v1/completions", headers={"Authorization": f"Bearer {KEY}"},
-                     content=b"{" + b" " * (2 << 20) + b"}")
+    big = httpx.post(
+        f"{base}/v1/completions", headers={"Authorization": f"Bearer {KEY}"}, content=b"{" + b" " * (2 << 20) + b"}"
+    )
     assert big.status_code == 413 and big.json()["error"]["code"] == "request_too_large"
-    bad = httpx.post(f"{base}/v1/chat/completions", headers={"Authorization": f"Bearer {KEY}"},
-                     json={"model": "tiny", "messages": "not a list"})
+    bad = httpx.post(
+        f"{base}/v1/chat/completions",
+        headers={"Authorization": f"Bearer {KEY}"},
+        json={"model": "tiny", "messages": "not a list"},
+    )
     assert bad.status_code == 400 and bad.json()["error"]["param"] == "messages"
 
 
@@ -213,6 +294,7 @@ class Slow:
     def register_stop_conditions(self, register):
         def make(params, options):
             return lambda tokens, state: time.sleep(0.02)
+
         register("slow", make)
 
 
@@ -221,9 +303,19 @@ def test_a_client_that_disconnects_cancels_its_request(server):
     if "slow" not in engine.plugins.provided("stop_condition"):
         engine.register(Slow(), "slow")
     cancelled = scheduler.ended["cancelled"]
-    with httpx.stream("POST", f"{base}/v1/completions", headers={"Authorization": f"Bearer {KEY}"},
-                      json={"model": "tiny", "prompt": "long one", "max_tokens": 120, "stream": True,
-                            "nextoken": {"ignore_eos": True, "stop_conditions": ["slow"]}}, timeout=30) as response:
+    with httpx.stream(
+        "POST",
+        f"{base}/v1/completions",
+        headers={"Authorization": f"Bearer {KEY}"},
+        json={
+            "model": "tiny",
+            "prompt": "long one",
+            "max_tokens": 120,
+            "stream": True,
+            "nextoken": {"ignore_eos": True, "stop_conditions": ["slow"]},
+        },
+        timeout=30,
+    ) as response:
         for line in response.iter_lines():
             if line.startswith("data:"):
                 break
@@ -232,24 +324,44 @@ def test_a_client_that_disconnects_cancels_its_request(server):
             break
         time.sleep(0.05)
     assert scheduler.running == 0 and scheduler.ended["cancelled"] == cancelled + 1
-    assert client.completions.create(model="tiny", prompt="after", max_tokens=3, temperature=0).usage.completion_tokens >= 1
+    assert (
+        client.completions.create(model="tiny", prompt="after", max_tokens=3, temperature=0).usage.completion_tokens
+        >= 1
+    )
 
 
 def test_health_needs_no_key_and_answers_token_ids(server):
     client, engine, scheduler, base = server
     health = httpx.get(f"{base}/health")
     assert health.status_code == 200
-    assert health.json() == {"status": "ok", "model": "tiny", "running": scheduler.running, "waiting": scheduler.waiting,
-                             "ended": scheduler.ended, "max_sequence_length": 128}
-    got = client.completions.create(model="tiny", prompt="ids", max_tokens=5, temperature=0,
-                                    extra_body={"nextoken": {"ignore_eos": True}})
-    assert got.model_extra["nextoken"]["token_ids"] == engine.generate("ids", max_new_tokens=5, ignore_eos=True).token_ids
+    assert health.json() == {
+        "status": "ok",
+        "model": "tiny",
+        "running": scheduler.running,
+        "waiting": scheduler.waiting,
+        "ended": scheduler.ended,
+        "max_sequence_length": 128,
+    }
+    got = client.completions.create(
+        model="tiny", prompt="ids", max_tokens=5, temperature=0, extra_body={"nextoken": {"ignore_eos": True}}
+    )
+    assert (
+        got.model_extra["nextoken"]["token_ids"] == engine.generate("ids", max_new_tokens=5, ignore_eos=True).token_ids
+    )
 
 
 def _post(base, path, body=None, content=None, headers=None):
-    return httpx.post(f"{base}{path}", json=body, content=content, timeout=60,
-                      headers={"Authorization": f"Bearer {KEY}", **({"Content-Type": "application/json"} if content
-                                                                       is not None else {}), **(headers or {})})
+    return httpx.post(
+        f"{base}{path}",
+        json=body,
+        content=content,
+        timeout=60,
+        headers={
+            "Authorization": f"Bearer {KEY}",
+            **({"Content-Type": "application/json"} if content is not None else {}),
+            **(headers or {}),
+        },
+    )
 
 
 MALFORMED = [
@@ -267,8 +379,10 @@ MALFORMED = [
     (b'{"prompt": "x", "logit_bias": {"abc": 1}}', "logit_bias keys must be token ids"),
     (b'{"prompt": "x", "logit_bias": {"5": 1000}}', "logit_bias"),
     (b'{"prompt": "x", "presence_penalty": 3}', "presence_penalty must be in [-2, 2]"),
-    (b'{"prompt": "x", "stop": ["s"] }'.replace(b'["s"]', json.dumps(["s%d" % i for i in range(80000)]).encode()),
-     "at most 64 stop strings"),
+    (
+        b'{"prompt": "x", "stop": ["s"] }'.replace(b'["s"]', json.dumps([f"s{i}" for i in range(80000)]).encode()),
+        "at most 64 stop strings",
+    ),
     (b'"just a string"', "must be a JSON object"),
     (b'{"prompt": "x", "bogus": 1}', "bogus: unknown parameter"),
 ]
@@ -299,15 +413,19 @@ def test_the_body_limit_holds_for_a_chunked_upload(server):
     *_, base = server
     host, port = base.split("//")[1].split(":")
     with socket.create_connection((host, int(port)), timeout=10) as sock:
-        sock.sendall((f"POST /v1/completions HTTP/1.1\r\nHost: {host}\r\nAuthorization: Bearer {KEY}\r\n"
-                      "Content-Type: application/json\r\nTransfer-Encoding: chunked\r\n\r\n").encode())
+        sock.sendall(
+            (
+                f"POST /v1/completions HTTP/1.1\r\nHost: {host}\r\nAuthorization: Bearer {KEY}\r\n"
+                "Content-Type: application/json\r\nTransfer-Encoding: chunked\r\n\r\n"
+            ).encode()
+        )
         chunk = b"x" * (64 << 10)
         try:
-            for _ in range(40):                               # 2.5 MiB of a body that would go on
+            for _ in range(40):  # 2.5 MiB of a body that would go on
                 sock.sendall(b"%x\r\n%s\r\n" % (len(chunk), chunk))
-        except OSError:                                       # the server may close once it has answered
+        except OSError:  # the server may close once it has answered
             pass
-        answer = _read_answer(sock)                            # no terminating chunk was ever sent
+        answer = _read_answer(sock)  # no terminating chunk was ever sent
     assert answer.startswith(b"HTTP/1.1 413"), answer[:200]
     assert b"request_too_large" in answer
 
@@ -315,38 +433,64 @@ def test_the_body_limit_holds_for_a_chunked_upload(server):
 def test_logprobs_in_openai_shapes(server):
     client, engine, *_ = server
     want = engine.generate("Hello there", max_new_tokens=6, ignore_eos=True, top_logprobs=3)
-    got = client.completions.create(model="tiny", prompt="Hello there", max_tokens=6, temperature=0, logprobs=3,
-                                    extra_body={"nextoken": {"ignore_eos": True}})
+    got = client.completions.create(
+        model="tiny",
+        prompt="Hello there",
+        max_tokens=6,
+        temperature=0,
+        logprobs=3,
+        extra_body={"nextoken": {"ignore_eos": True}},
+    )
     lp = got.choices[0].logprobs
     assert lp.tokens == [t.token for t in want.logprobs]
     assert lp.token_logprobs == pytest.approx([t.logprob for t in want.logprobs])
     # keyed by token text, as OpenAI's legacy shape is: two ids with one text share a key
     assert all(1 <= len(d) <= 3 for d in lp.top_logprobs) and lp.text_offset[0] == 0
-    chat = client.chat.completions.create(model="tiny", messages=[{"role": "user", "content": "Hi"}], max_tokens=5,
-                                          temperature=0, logprobs=True, top_logprobs=2,
-                                          extra_body={"nextoken": {"ignore_eos": True}})
+    chat = client.chat.completions.create(
+        model="tiny",
+        messages=[{"role": "user", "content": "Hi"}],
+        max_tokens=5,
+        temperature=0,
+        logprobs=True,
+        top_logprobs=2,
+        extra_body={"nextoken": {"ignore_eos": True}},
+    )
     content = chat.choices[0].logprobs.content
     assert len(content) == 5 and all(len(c.top_logprobs) == 2 and c.logprob <= 0 for c in content)
     assert content[0].top_logprobs[0].logprob >= content[0].top_logprobs[1].logprob
-    stream = client.chat.completions.create(model="tiny", messages=[{"role": "user", "content": "Hi"}], max_tokens=5,
-                                            temperature=0, logprobs=True, stream=True,
-                                            extra_body={"nextoken": {"ignore_eos": True}})
+    stream = client.chat.completions.create(
+        model="tiny",
+        messages=[{"role": "user", "content": "Hi"}],
+        max_tokens=5,
+        temperature=0,
+        logprobs=True,
+        stream=True,
+        extra_body={"nextoken": {"ignore_eos": True}},
+    )
     streamed = [c for ch in stream if ch.choices and ch.choices[0].logprobs for c in ch.choices[0].logprobs.content]
     assert [c.token for c in streamed] == [c.token for c in content]
 
 
 def test_logit_bias_penalties_and_echo_are_honoured(server):
     client, engine, *_ = server
-    kw = dict(model="tiny", prompt="Hello there", max_tokens=8, temperature=0, extra_body={"nextoken": {"ignore_eos": True}})
+    kw = dict(
+        model="tiny", prompt="Hello there", max_tokens=8, temperature=0, extra_body={"nextoken": {"ignore_eos": True}}
+    )
     plain = client.completions.create(**kw)
     ids = plain.model_extra["nextoken"]["token_ids"]
     banned = client.completions.create(**kw, logit_bias={str(ids[0]): -100})
     assert banned.model_extra["nextoken"]["token_ids"][0] != ids[0]
-    assert banned.model_extra["nextoken"]["token_ids"] == engine.generate(
-        "Hello there", max_new_tokens=8, ignore_eos=True, logit_bias={ids[0]: -100}).token_ids
+    assert (
+        banned.model_extra["nextoken"]["token_ids"]
+        == engine.generate("Hello there", max_new_tokens=8, ignore_eos=True, logit_bias={ids[0]: -100}).token_ids
+    )
     penalised = client.completions.create(**kw, frequency_penalty=2.0, presence_penalty=2.0)
-    assert penalised.model_extra["nextoken"]["token_ids"] == engine.generate(
-        "Hello there", max_new_tokens=8, ignore_eos=True, frequency_penalty=2.0, presence_penalty=2.0).token_ids
+    assert (
+        penalised.model_extra["nextoken"]["token_ids"]
+        == engine.generate(
+            "Hello there", max_new_tokens=8, ignore_eos=True, frequency_penalty=2.0, presence_penalty=2.0
+        ).token_ids
+    )
     echoed = client.completions.create(**kw, echo=True)
     assert echoed.choices[0].text == "Hello there" + plain.choices[0].text
 
@@ -356,11 +500,12 @@ def test_generation_config_sampling_defaults_are_the_servers(tiny_llama, tmp_pat
 
     pkg = tmp_path / "pkg"
     import shutil
+
     from helpers import rehash
 
     shutil.copytree(tiny_llama[1], pkg)
     cfg = json.loads((pkg / "generation_config.json").read_text())
-    cfg.update(temperature=0.0)                  # this model's default: greedy
+    cfg.update(temperature=0.0)  # this model's default: greedy
     (pkg / "generation_config.json").write_text(json.dumps(cfg))
     with Engine(rehash(pkg), device="cpu", plugins=False) as engine, Scheduler(engine) as scheduler:
         with TestClient(create_app(scheduler, "tiny")) as client:
@@ -368,8 +513,10 @@ def test_generation_config_sampling_defaults_are_the_servers(tiny_llama, tmp_pat
             a = client.post("/v1/completions", json=body).json()["nextoken"]["token_ids"]
             assert a == engine.generate("Hello there", max_new_tokens=6, ignore_eos=True).token_ids
             sampled = client.post("/v1/completions", json={**body, "temperature": 1.5, "seed": 1}).json()
-            assert sampled["nextoken"]["token_ids"] == engine.generate(
-                "Hello there", max_new_tokens=6, ignore_eos=True, temperature=1.5, seed=1).token_ids
+            assert (
+                sampled["nextoken"]["token_ids"]
+                == engine.generate("Hello there", max_new_tokens=6, ignore_eos=True, temperature=1.5, seed=1).token_ids
+            )
 
 
 def test_the_cli_server_says_where_it_is_logs_requests_and_never_a_traceback_for_clients(tiny_llama):
@@ -380,9 +527,24 @@ def test_the_cli_server_says_where_it_is_logs_requests_and_never_a_traceback_for
     import sys
 
     port = _free_port()
-    proc = subprocess.Popen([sys.executable, "-m", "nextoken", "serve", str(tiny_llama[1]), "--port", str(port),
-                             "--device", "cpu", "--header-timeout", "0.5"],
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    proc = subprocess.Popen(
+        [
+            sys.executable,
+            "-m",
+            "nextoken",
+            "serve",
+            str(tiny_llama[1]),
+            "--port",
+            str(port),
+            "--device",
+            "cpu",
+            "--header-timeout",
+            "0.5",
+        ],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
     base = f"http://127.0.0.1:{port}"
     try:
         for _ in range(200):
@@ -391,16 +553,22 @@ def test_the_cli_server_says_where_it_is_logs_requests_and_never_a_traceback_for
                     break
             except httpx.HTTPError:
                 time.sleep(0.1)
-        assert httpx.post(f"{base}/v1/completions", json={"prompt": "x", "max_tokens": 2}, timeout=30).status_code == 200
+        assert (
+            httpx.post(f"{base}/v1/completions", json={"prompt": "x", "max_tokens": 2}, timeout=30).status_code == 200
+        )
         assert httpx.post(f"{base}/v1/completions", json={"prompt": "x", "stop": 5}, timeout=30).status_code == 400
-        with httpx.stream("POST", f"{base}/v1/completions", timeout=30,
-                          json={"prompt": "x", "max_tokens": 100, "stream": True, "nextoken": {"ignore_eos": True}}) as r:
-            next(r.iter_lines())                 # the first chunk, then hang up
-        with socket.create_connection(("127.0.0.1", port), timeout=10) as sock:   # a body that never completes
-            sock.sendall(b"POST /v1/completions HTTP/1.1\r\nHost: x\r\nContent-Length: 100\r\n\r\n{\"prompt\"")
-        with socket.create_connection(("127.0.0.1", port), timeout=10) as sock:   # a head that never completes
+        with httpx.stream(
+            "POST",
+            f"{base}/v1/completions",
+            timeout=30,
+            json={"prompt": "x", "max_tokens": 100, "stream": True, "nextoken": {"ignore_eos": True}},
+        ) as r:
+            next(r.iter_lines())  # the first chunk, then hang up
+        with socket.create_connection(("127.0.0.1", port), timeout=10) as sock:  # a body that never completes
+            sock.sendall(b'POST /v1/completions HTTP/1.1\r\nHost: x\r\nContent-Length: 100\r\n\r\n{"prompt"')
+        with socket.create_connection(("127.0.0.1", port), timeout=10) as sock:  # a head that never completes
             sock.sendall(b"POST /v1/completions HTTP/1.1\r\nHost: x\r\n")
-            assert sock.recv(1024) == b""                                         # closed by the server
+            assert sock.recv(1024) == b""  # closed by the server
         time.sleep(1.0)
     finally:
         proc.terminate()
@@ -418,15 +586,18 @@ def test_a_stalled_body_is_a_408(tiny_llama):
 
     with Engine(tiny_llama[1], device="cpu", plugins=False) as engine, Scheduler(engine) as scheduler:
         port = _free_port()
-        srv = uvicorn.Server(uvicorn.Config(create_app(scheduler, "tiny", body_timeout_s=0.5), host="127.0.0.1",
-                                            port=port, log_level="error"))
+        srv = uvicorn.Server(
+            uvicorn.Config(
+                create_app(scheduler, "tiny", body_timeout_s=0.5), host="127.0.0.1", port=port, log_level="error"
+            )
+        )
         thread = threading.Thread(target=srv.run, daemon=True)
         thread.start()
         while not srv.started:
             time.sleep(0.05)
         try:
             with socket.create_connection(("127.0.0.1", port), timeout=10) as sock:
-                sock.sendall(b"POST /v1/completions HTTP/1.1\r\nHost: x\r\nContent-Length: 100\r\n\r\n{\"prompt\"")
+                sock.sendall(b'POST /v1/completions HTTP/1.1\r\nHost: x\r\nContent-Length: 100\r\n\r\n{"prompt"')
                 answer = _read_answer(sock)
             assert answer.startswith(b"HTTP/1.1 408") and b"request_timeout" in answer
         finally:

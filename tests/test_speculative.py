@@ -8,9 +8,9 @@ from __future__ import annotations
 import pytest
 
 import nextoken
+from helpers import run_cli
 from nextoken import Engine, InvalidRequestError, PluginError, Scheduler
 from nextoken.generation import Speculation
-from helpers import run_cli
 
 SPEC = {"method": "prompt_lookup", "k": 4}
 
@@ -23,8 +23,16 @@ def copy_prompt(stories_engine):
     return base + story[:150] + base + story[:24]
 
 
-@pytest.mark.parametrize("kw", [dict(), dict(temperature=0.8, seed=5), dict(temperature=1.0, top_k=20, seed=9),
-                                dict(stop=["park"]), dict(top_logprobs=2)])
+@pytest.mark.parametrize(
+    "kw",
+    [
+        dict(),
+        dict(temperature=0.8, seed=5),
+        dict(temperature=1.0, top_k=20, seed=9),
+        dict(stop=["park"]),
+        dict(top_logprobs=2),
+    ],
+)
 def test_the_same_tokens_as_plain_decoding(stories_engine, copy_prompt, kw):
     plain = stories_engine.generate(copy_prompt, max_new_tokens=80, **kw)
     spec = stories_engine.generate(copy_prompt, max_new_tokens=80, speculative=SPEC, **kw)
@@ -35,12 +43,21 @@ def test_the_same_tokens_as_plain_decoding(stories_engine, copy_prompt, kw):
 
 
 def test_with_a_constraint_and_on_both_backends(tiny_model, stories_engine, copy_prompt):
-    schema = {"type": "json_schema", "json_schema": {"name": "s", "schema": {
-        "type": "object", "properties": {"story": {"type": "string", "maxLength": 60}}, "required": ["story"]}}}
+    schema = {
+        "type": "json_schema",
+        "json_schema": {
+            "name": "s",
+            "schema": {
+                "type": "object",
+                "properties": {"story": {"type": "string", "maxLength": 60}},
+                "required": ["story"],
+            },
+        },
+    }
     a = stories_engine.generate(copy_prompt, max_new_tokens=60, response_format=schema)
     b = stories_engine.generate(copy_prompt, max_new_tokens=60, response_format=schema, speculative=SPEC)
     assert a.token_ids == b.token_ids
-    for backend in ("nextoken", "optimum"):                  # slots (a length cut) and concatenation (a slice)
+    for backend in ("nextoken", "optimum"):  # slots (a length cut) and concatenation (a slice)
         with Engine(tiny_model("llama", backend)[1], plugins=False) as engine:
             prompt = list(range(5, 25)) * 3
             for kw in (dict(), dict(temperature=0.9, seed=2)):
@@ -58,7 +75,7 @@ def test_under_the_scheduler_speculation_runs_while_a_request_decodes_alone(stor
     while scheduler.step():
         pass
     assert first.result().token_ids == alone.token_ids and second.result().token_ids == other.token_ids
-    assert first.result().usage.accepted_tokens > 0               # it went on alone once the other ended
+    assert first.result().usage.accepted_tokens > 0  # it went on alone once the other ended
 
 
 def test_adaptive_k_follows_acceptance_and_step_cost_and_falls_back():
@@ -70,23 +87,23 @@ def test_adaptive_k_follows_acceptance_and_step_cost_and_falls_back():
 
     runner = SimpleNamespace(step_cost=None)
     spec = Speculation(proposer=None, k=8, runner=runner)
-    a, b = 75e-6, 25e-6                                         # a position costs a quarter of a plain step
-    spec.stepped(1, 1.0)                                        # a request's first plain step and first
-    spec.record(8, 8, 1.0)                                      # check make their bindings: not counted
-    assert spec.k == 8 and spec.cost() == (1.0, 0.0)            # nothing known: every guess free, k_max
+    a, b = 75e-6, 25e-6  # a position costs a quarter of a plain step
+    spec.stepped(1, 1.0)  # a request's first plain step and first
+    spec.record(8, 8, 1.0)  # check make their bindings: not counted
+    assert spec.k == 8 and spec.cost() == (1.0, 0.0)  # nothing known: every guess free, k_max
     for _ in range(8):
         spec.stepped(1, a + b)
     for n in (2, 5, 9):
         spec.record(n - 1, n - 1, a + b * n)
-    assert spec.k == 8 and runner.step_cost is None             # 3 checks timed: not yet a line
+    assert spec.k == 8 and runner.step_cost is None  # 3 checks timed: not yet a line
     spec.record(8, 3, a + b * 9)
     assert spec.cost() == pytest.approx((a, b))
-    assert 1 <= spec.k < 8 and not spec.off                     # alpha 25/27: a guess of 7 pays more than 8
+    assert 1 <= spec.k < 8 and not spec.off  # alpha 25/27: a guess of 7 pays more than 8
     for _ in range(8):
         spec.record(max(spec.k, 1), 0, a + b * (max(spec.k, 1) + 1))
-    assert spec.off and spec.propose(None, 10) == []            # alpha 0.1 < b / (a + b): plain decoding
-    assert runner.step_cost == pytest.approx((a, b))            # 8 of each timed: the runner's line
-    assert Speculation(proposer=None, k=8, runner=runner).k == 1   # the next request starts from it
+    assert spec.off and spec.propose(None, 10) == []  # alpha 0.1 < b / (a + b): plain decoding
+    assert runner.step_cost == pytest.approx((a, b))  # 8 of each timed: the runner's line
+    assert Speculation(proposer=None, k=8, runner=runner).k == 1  # the next request starts from it
 
 
 def test_bad_speculation_requests(stories_engine):
@@ -107,12 +124,20 @@ def test_bad_speculation_requests(stories_engine):
     with Engine(stories_engine.path, plugins=False, extra_plugins=[Liar()]) as engine:
         with pytest.raises(PluginError, match="proposer 'liar'.*not a list of token ids"):
             engine.generate("Once upon a time", max_new_tokens=5, speculative={"method": "liar"})
-        assert engine.generate("Once upon a time", max_new_tokens=5).token_ids       # the engine goes on
+        assert engine.generate("Once upon a time", max_new_tokens=5).token_ids  # the engine goes on
 
 
 def test_cli_speculative(stories_package):
-    got = run_cli("generate", str(stories_package), "Once upon a time", "--max-new-tokens", "20",
-                  "--speculative", "prompt_lookup:3", "--json")
+    got = run_cli(
+        "generate",
+        str(stories_package),
+        "Once upon a time",
+        "--max-new-tokens",
+        "20",
+        "--speculative",
+        "prompt_lookup:3",
+        "--json",
+    )
     assert got.returncode == 0, got.stderr
     bad = run_cli("generate", str(stories_package), "Hi", "--speculative", "prompt_lookup:x")
     assert bad.returncode == 2 and "METHOD[:K[:MODEL]]" in bad.stderr
@@ -122,8 +147,13 @@ def test_through_the_server(stories_package, stories_engine, copy_prompt):
     from helpers import serving
 
     with serving(stories_package, "stories") as (client, *_):
-        got = client.completions.create(model="stories", prompt=copy_prompt, max_tokens=40, temperature=0,
-                                        extra_body={"nextoken": {"speculative": SPEC}})
+        got = client.completions.create(
+            model="stories",
+            prompt=copy_prompt,
+            max_tokens=40,
+            temperature=0,
+            extra_body={"nextoken": {"speculative": SPEC}},
+        )
         assert got.choices[0].text == stories_engine.generate(copy_prompt, max_new_tokens=40).text
         assert got.model_extra["nextoken"]["usage"]["accepted_tokens"] > 0
 
@@ -137,12 +167,21 @@ def test_a_draft_model_proposes_and_the_tokens_stay_the_model_s(tiny_model):
         for draft in (target, tiny_model("qwen2")[1]):
             for kw in (dict(), dict(temperature=0.9, seed=3)):
                 plain = engine.generate(prompt, max_new_tokens=24, ignore_eos=True, **kw)
-                spec = engine.generate(prompt, max_new_tokens=24, ignore_eos=True,
-                                       speculative={"method": "draft", "model": str(draft), "k": 4}, **kw)
+                spec = engine.generate(
+                    prompt,
+                    max_new_tokens=24,
+                    ignore_eos=True,
+                    speculative={"method": "draft", "model": str(draft), "k": 4},
+                    **kw,
+                )
                 assert spec.token_ids == plain.token_ids, (draft, kw)
             if draft == target:
-                greedy = engine.generate(prompt, max_new_tokens=24, ignore_eos=True,
-                                         speculative={"method": "draft", "model": str(draft), "k": 4})
+                greedy = engine.generate(
+                    prompt,
+                    max_new_tokens=24,
+                    ignore_eos=True,
+                    speculative={"method": "draft", "model": str(draft), "k": 4},
+                )
                 assert greedy.usage.accepted_tokens >= 0.8 * greedy.usage.proposed_tokens > 0
 
 
@@ -156,8 +195,8 @@ def test_cached_forward_runs_a_sequence_piece_by_piece(tiny_model):
             ids = list(range(5, 30))
             whole = engine.forward(ids)
             forward = engine.cached_forward(64)
-            first = forward.feed(ids[:10])                          # a prefill: the last position's logits
-            rest = forward.feed(ids[10:20])                         # an extension: each position's
+            first = forward.feed(ids[:10])  # a prefill: the last position's logits
+            rest = forward.feed(ids[10:20])  # an extension: each position's
             np.testing.assert_allclose(first[-1], whole[9], atol=1e-4)
             np.testing.assert_allclose(rest, whole[10:20], atol=1e-4)
             forward.truncate(15)
@@ -175,21 +214,41 @@ def test_a_server_wide_default(stories_package, stories_engine, copy_prompt):
         got = client.completions.create(model="stories", prompt=copy_prompt, max_tokens=40, temperature=0)
         assert got.choices[0].text == stories_engine.generate(copy_prompt, max_new_tokens=40).text
         assert got.model_extra["nextoken"]["usage"]["accepted_tokens"] > 0
-        off = client.completions.create(model="stories", prompt=copy_prompt, max_tokens=10, temperature=0,
-                                        extra_body={"nextoken": {"speculative": {"method": "prompt_lookup", "k": 1}}})
-        assert off.model_extra["nextoken"]["usage"]["proposed_tokens"] <= 9          # the request's own setting
+        off = client.completions.create(
+            model="stories",
+            prompt=copy_prompt,
+            max_tokens=10,
+            temperature=0,
+            extra_body={"nextoken": {"speculative": {"method": "prompt_lookup", "k": 1}}},
+        )
+        assert off.model_extra["nextoken"]["usage"]["proposed_tokens"] <= 9  # the request's own setting
 
 
 def test_bench_speculative(stories_package):
     """``nextoken bench --speculative``: both tasks, plain and speculative side by side, the settings printed."""
     import json
 
-    got = run_cli("bench", str(stories_package), "--speculative", "prompt_lookup:4", "--new", "30", "--repeat", "1",
-                  "--threads", "1", "--no-spin", "--json", "/dev/stdout")
+    got = run_cli(
+        "bench",
+        str(stories_package),
+        "--speculative",
+        "prompt_lookup:4",
+        "--new",
+        "30",
+        "--repeat",
+        "1",
+        "--threads",
+        "1",
+        "--no-spin",
+        "--json",
+        "/dev/stdout",
+    )
     assert got.returncode == 0, got.stderr
-    report = json.loads(got.stdout[got.stdout.index("{"):])
+    report = json.loads(got.stdout[got.stdout.index("{") :])
     assert report["threads"] == 1 and report["spin"] is False
     rows = {r["task"]: r for r in report["rows"]}
     assert set(rows) == {"copies its prompt", "nothing to copy"}
-    assert all(r["identical"] and r["k"] == 4 and r["plain_tok_s"] > 0 and r["speculative_tok_s"] > 0 for r in rows.values())
+    assert all(
+        r["identical"] and r["k"] == 4 and r["plain_tok_s"] > 0 and r["speculative_tok_s"] > 0 for r in rows.values()
+    )
     assert rows["copies its prompt"]["kept"] > 0

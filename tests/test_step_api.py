@@ -12,21 +12,22 @@ import pluggy
 import pytest
 
 import nextoken
+from helpers import REPO, run_cli
 from nextoken import Engine, InvalidRequestError, PluginError, Scheduler
 from nextoken.kvbackends import for_request
 from nextoken.testing import CharTokenizer, FakeEngine, ScriptedModel
-from helpers import REPO, run_cli
 
 PROMPT = "A much longer prompt than the first"
 
 
 # -- the step API ------------------------------------------------------------------------------------
 
+
 def _drive(engine: Engine, prompts, **kw):
     """A request driven by hand through the public step API, as any driver would."""
     gen = engine.start(prompts, **kw)
     gen.hand_over()
-    assert list(gen) == []                                  # handed over: iterating it runs nothing
+    assert list(gen) == []  # handed over: iterating it runs nothing
     gen.begin()
     longest = max(len(p) for p in gen.state.prompts)
     kv = for_request(engine.runner, gen.state.batch_size, longest + gen.params.max_new_tokens, engine.pad_token_id)
@@ -90,9 +91,16 @@ CHAIN = dict(temperature=0.8, top_k=20, top_p=0.9, repetition_penalty=1.1, seed=
 def test_hook_timings_name_every_plugin_the_request_used(llama_engine):
     got = llama_engine.generate(PROMPT, max_new_tokens=8, hook_timings=True, **CHAIN)
     hooks = got.usage.hook_ms
-    for key in ("logits_processor:temperature", "logits_processor:top_k", "logits_processor:top_p",
-                "logits_processor:repetition_penalty", "strategy:sample", "stop_condition:stop_strings",
-                "stop_condition:max_new_tokens", "tokenizer:decode"):
+    for key in (
+        "logits_processor:temperature",
+        "logits_processor:top_k",
+        "logits_processor:top_p",
+        "logits_processor:repetition_penalty",
+        "strategy:sample",
+        "stop_condition:stop_strings",
+        "stop_condition:max_new_tokens",
+        "tokenizer:decode",
+    ):
         assert key in hooks, (key, sorted(hooks))
     assert all(v >= 0 for v in hooks.values()) and sum(hooks.values()) < got.usage.wall_ms
     # the same tokens as without timings: timing watches, it changes nothing
@@ -110,8 +118,9 @@ def test_without_hook_timings_nothing_is_wrapped(llama_engine):
 
 
 def test_bench_chain_prints_the_per_hook_table(tiny_llama):
-    out = run_cli("bench", str(tiny_llama[1]), "--chain", "--batch", "1,2", "--prompt-tokens", "8", "--new", "8",
-                  "--repeat", "1")
+    out = run_cli(
+        "bench", str(tiny_llama[1]), "--chain", "--batch", "1,2", "--prompt-tokens", "8", "--new", "8", "--repeat", "1"
+    )
     assert out.returncode == 0, out.stderr
     assert "per hook, ms per decode step" in out.stdout
     for key in ("logits_processor:top_k", "strategy:sample", "tokenizer:decode", "all plugins"):
@@ -119,6 +128,7 @@ def test_bench_chain_prints_the_per_hook_table(tiny_llama):
 
 
 # -- the test double -----------------------------------------------------------------------------------
+
 
 def test_a_scripted_model_runs_the_real_loop():
     model = ScriptedModel([5, 6, 7, 2], vocab_size=16)
@@ -132,6 +142,7 @@ def test_a_scripted_model_runs_the_real_loop():
 
 def test_a_plugin_tested_on_the_scripted_model():
     """What a plugin author writes: a processor that bans a token, checked in milliseconds."""
+
     def make_ban(params, options):
         banned = options.get("token", 6)
 
@@ -139,22 +150,28 @@ def test_a_plugin_tested_on_the_scripted_model():
             logits = logits.copy()
             logits[:, banned] = -np.inf
             return logits
+
         return ban
 
-    plugin = type("Ban", (), {"register_logits_processors": nextoken.hookimpl(
-        lambda self, register: register("ban", make_ban))})()
+    plugin = type(
+        "Ban", (), {"register_logits_processors": nextoken.hookimpl(lambda self, register: register("ban", make_ban))}
+    )()
     tokenizer = CharTokenizer()
-    model = ScriptedModel(lambda prompt, generated: tokenizer.encode("abab")[len(generated) % 4],
-                          vocab_size=len(tokenizer.alphabet))
+    model = ScriptedModel(
+        lambda prompt, generated: tokenizer.encode("abab")[len(generated) % 4], vocab_size=len(tokenizer.alphabet)
+    )
     with FakeEngine(model, tokenizer=tokenizer, extra_plugins=[plugin]) as engine:
         free = engine.generate("hi", max_new_tokens=4)
-        banned = engine.generate("hi", max_new_tokens=4, processors=["ban"], options={"ban": {"token": tokenizer.encode("b")[0]}})
+        banned = engine.generate(
+            "hi", max_new_tokens=4, processors=["ban"], options={"ban": {"token": tokenizer.encode("b")[0]}}
+        )
         assert free.text == "abab" and "b" not in banned.text and banned.text.startswith("a")
         stopped = engine.generate("hi", max_new_tokens=10, stop=["ba"])
         assert stopped.text == "a" and stopped.finish_reason == "stop"
 
 
 # -- registration through pluggy -------------------------------------------------------------------------
+
 
 def test_registration_hooks_run_through_pluggy_wrappers_and_monitoring(tiny_llama):
     seen = []
@@ -170,8 +187,9 @@ def test_registration_hooks_run_through_pluggy_wrappers_and_monitoring(tiny_llam
     with Engine(tiny_llama[1], plugins=False) as engine:
         calls = []
         undo = engine.plugins.pm.add_hookcall_monitoring(
-            lambda name, impls, kwargs: calls.append(name), lambda outcome, name, impls, kwargs: None)
-        engine.register(Wrapper())                      # what is provided is collected again, through pluggy
+            lambda name, impls, kwargs: calls.append(name), lambda outcome, name, impls, kwargs: None
+        )
+        engine.register(Wrapper())  # what is provided is collected again, through pluggy
         assert engine.generate(PROMPT, max_new_tokens=2).token_ids
         undo()
         assert seen == ["wrapper before", "wrapper after"]
@@ -185,8 +203,10 @@ def test_a_registration_that_raises_is_blamed_on_its_plugin(tiny_llama):
         raise KeyError("oops")
 
     with Engine(tiny_llama[1], plugins=False) as engine:
-        engine.register(type("P", (), {"register_strategies": nextoken.hookimpl(lambda self, register: explode(register))})(),
-                        "exploding")
+        engine.register(
+            type("P", (), {"register_strategies": nextoken.hookimpl(lambda self, register: explode(register))})(),
+            "exploding",
+        )
         with pytest.raises(PluginError, match="plugin 'exploding' failed in register_strategies: KeyError"):
             engine.generate(PROMPT, max_new_tokens=2)
 
@@ -196,9 +216,32 @@ def test_a_registration_that_raises_is_blamed_on_its_plugin(tiny_llama):
 ROOTS = {"sdk": "nextoken", "plugins": "nextoken.plugins", "exporters": "nextoken.exporters"}
 #: The runtime: what a deployed engine imports. Tooling (bench, peers, the planner, cost projection),
 #: serving, the CLI and the exporters sit above it.
-RUNTIME = {"nextoken." + m for m in ("chat", "device", "dtypes", "engine", "errors", "generation", "hookspecs",
-                                     "kvbackends", "kvcache", "manifest", "metrics", "ortbind", "prefixcache", "probes", "records", "registry",
-                                     "scheduler", "threads", "tokenizer", "toolcalls", "types")}
+RUNTIME = {
+    "nextoken." + m
+    for m in (
+        "chat",
+        "device",
+        "dtypes",
+        "engine",
+        "errors",
+        "generation",
+        "hookspecs",
+        "kvbackends",
+        "kvcache",
+        "manifest",
+        "metrics",
+        "ortbind",
+        "prefixcache",
+        "probes",
+        "records",
+        "registry",
+        "scheduler",
+        "threads",
+        "tokenizer",
+        "toolcalls",
+        "types",
+    )
+}
 #: Private names read on purpose, with why: onnxruntime's own, kept in the one module made for them.
 ALLOWED_PRIVATE = {("ortbind.py", "_iobinding"), ("ortbind.py", "_ortvalue"), ("ortbind.py", "_get_c_device")}
 
@@ -216,8 +259,12 @@ def _modules() -> dict[str, pathlib.Path]:
 def _imports(name: str, path: pathlib.Path, mods: dict[str, pathlib.Path]) -> set[str]:
     """nextoken modules ``name`` imports anywhere (lazy imports too), leaving out TYPE_CHECKING blocks."""
     tree = ast.parse(path.read_text())
-    skip = {id(n) for node in ast.walk(tree) if isinstance(node, ast.If) and "TYPE_CHECKING" in ast.unparse(node.test)
-            for n in ast.walk(node)}
+    skip = {
+        id(n)
+        for node in ast.walk(tree)
+        if isinstance(node, ast.If) and "TYPE_CHECKING" in ast.unparse(node.test)
+        for n in ast.walk(node)
+    }
     package = name if path.stem == "__init__" else name.rsplit(".", 1)[0]
     out = set()
     for node in ast.walk(tree):
@@ -245,7 +292,7 @@ def test_the_import_graph_has_no_cycles_and_the_runtime_imports_nothing_above_it
         state[node] = 1
         for nxt in sorted(graph[node]):
             if state.get(nxt) == 1:
-                raise AssertionError("import cycle: " + " -> ".join(path[path.index(nxt):] + [node, nxt]))
+                raise AssertionError("import cycle: " + " -> ".join(path[path.index(nxt) :] + [node, nxt]))
             if nxt not in state:
                 visit(nxt, path + [node])
         state[node] = 2
@@ -263,16 +310,22 @@ def test_no_module_reads_another_modules_private_names():
     for path in _modules().values():
         tree = ast.parse(path.read_text())
         own = {n.name for n in ast.walk(tree) if isinstance(n, (ast.FunctionDef, ast.ClassDef, ast.AsyncFunctionDef))}
-        own |= {n.attr for n in ast.walk(tree) if isinstance(n, ast.Attribute) and isinstance(n.value, ast.Name)
-                and n.value.id == "self"}
+        own |= {
+            n.attr
+            for n in ast.walk(tree)
+            if isinstance(n, ast.Attribute) and isinstance(n.value, ast.Name) and n.value.id == "self"
+        }
         for node in ast.walk(tree):
             if isinstance(node, ast.Attribute) and node.attr.startswith("_") and not node.attr.startswith("__"):
                 mine = isinstance(node.value, ast.Name) and node.value.id in ("self", "cls")
                 if not mine and node.attr not in own and (path.name, node.attr) not in ALLOWED_PRIVATE:
                     problems.append(f"{path.relative_to(REPO)}:{node.lineno} reads {ast.unparse(node)}")
             if isinstance(node, ast.ImportFrom) and (node.module or "").startswith(("nextoken", "")) and node.level:
-                problems += [f"{path.relative_to(REPO)}:{node.lineno} imports {a.name}" for a in node.names
-                             if a.name.startswith("_") and not a.name.startswith("__")]
+                problems += [
+                    f"{path.relative_to(REPO)}:{node.lineno} imports {a.name}"
+                    for a in node.names
+                    if a.name.startswith("_") and not a.name.startswith("__")
+                ]
     assert not problems, "\n".join(problems)
 
 
@@ -325,8 +378,21 @@ def test_request_fields_are_defined_once_and_the_cli_and_server_follow(tiny_llam
     assert set(NEXTOKEN_FIELDS) == {f.name for f in fields if f.metadata["api"] == "nextoken"}
     assert set(NEXTOKEN_FIELDS) <= set(NextokenOptions.model_fields)
     assert {"stop_token_ids", "hook_timings"} <= set(NEXTOKEN_FIELDS)
-    got = run_cli("generate", str(tiny_llama[1]), "Hello", "--max-new-tokens", "3", "--hook-timings", "--json",
-                  "--stop-token-id", "99999", "--temperature", "0.5", "--seed", "1")
+    got = run_cli(
+        "generate",
+        str(tiny_llama[1]),
+        "Hello",
+        "--max-new-tokens",
+        "3",
+        "--hook-timings",
+        "--json",
+        "--stop-token-id",
+        "99999",
+        "--temperature",
+        "0.5",
+        "--seed",
+        "1",
+    )
     assert got.returncode == 0, got.stderr
     import json
 
@@ -345,7 +411,11 @@ def test_one_dtype_table_refuses_a_cache_the_runtime_cannot_hold_at_load(tiny_ll
         Engine(rehash(pkg))
     # and it counts 2 bytes an element, as every other reader of the one table does
     keys_and_values = 2 * manifest["num_layers"] * manifest["num_kv_heads"] * manifest["head_dim"]
-    assert nextoken.Manifest.load(pkg).kv_bytes_per_token() == keys_and_values * DTYPES["bfloat16"].itemsize == keys_and_values * 2
+    assert (
+        nextoken.Manifest.load(pkg).kv_bytes_per_token()
+        == keys_and_values * DTYPES["bfloat16"].itemsize
+        == keys_and_values * 2
+    )
 
 
 def test_generate_is_the_scheduler_run_to_completion_on_the_callers_thread(llama_engine, monkeypatch):
@@ -357,14 +427,18 @@ def test_generate_is_the_scheduler_run_to_completion_on_the_callers_thread(llama
     real = Scheduler.step
     monkeypatch.setattr(Scheduler, "step", lambda self: steps.append(threading.current_thread()) or real(self))
     got = llama_engine.generate([PROMPT, "Hi"], max_new_tokens=5, ignore_eos=True)
-    assert len(steps) == 5 and set(steps) == {threading.current_thread()}     # a prefill step, then 4 decode steps
+    assert len(steps) == 5 and set(steps) == {threading.current_thread()}  # a prefill step, then 4 decode steps
     events = list(llama_engine.stream(PROMPT, max_new_tokens=3, ignore_eos=True))
     assert [e.index for e in events] == [0, 0, 0] and len(steps) == 8
     scheduler = Scheduler.alone(llama_engine, llama_engine.start([PROMPT, "Hi"], max_new_tokens=5))
-    assert scheduler.max_batch == 2 and scheduler.kv.name == "slots" and scheduler.slot_length == len(
-        llama_engine.encode(PROMPT)) + 5
-    assert [c.token_ids for c in got] == [c.token_ids for c in
-                                          [llama_engine.generate(p, max_new_tokens=5, ignore_eos=True) for p in (PROMPT, "Hi")]]
+    assert (
+        scheduler.max_batch == 2
+        and scheduler.kv.name == "slots"
+        and scheduler.slot_length == len(llama_engine.encode(PROMPT)) + 5
+    )
+    assert [c.token_ids for c in got] == [
+        c.token_ids for c in [llama_engine.generate(p, max_new_tokens=5, ignore_eos=True) for p in (PROMPT, "Hi")]
+    ]
 
 
 def test_run_refuses_a_scheduler_that_runs_on_its_own_thread(llama_engine):
@@ -376,6 +450,7 @@ def test_run_refuses_a_scheduler_that_runs_on_its_own_thread(llama_engine):
 
 # -- n > 1: choices from one prefill ---------------------------------------------------------------
 
+
 @pytest.mark.parametrize("which", ["llama_engine", "optimum_engine"])
 def test_n_choices_share_one_prefill_and_equal_seed_plus_index_alone(which, request, monkeypatch):
     """Both KV backends: the prompt is prefilled once and its cache copied to the n sequences;
@@ -383,17 +458,22 @@ def test_n_choices_share_one_prefill_and_equal_seed_plus_index_alone(which, requ
     from helpers import wrap_steps
 
     engine = request.getfixturevalue(which)
-    alone = [engine.generate(PROMPT, max_new_tokens=10, temperature=0.9, seed=11 + i, ignore_eos=True) for i in range(3)]
+    alone = [
+        engine.generate(PROMPT, max_new_tokens=10, temperature=0.9, seed=11 + i, ignore_eos=True) for i in range(3)
+    ]
     steps = []
     wrap_steps(monkeypatch, engine.runner, lambda kind, real, *a: steps.append(kind) or real(*a))
     got = engine.generate(PROMPT, max_new_tokens=10, temperature=0.9, seed=11, ignore_eos=True, n=3)
-    assert [k for k in steps if k.startswith("prefill")] == ["prefill"]          # one prefill for three choices
+    assert [k for k in steps if k.startswith("prefill")] == ["prefill"]  # one prefill for three choices
     assert [c.token_ids for c in got] == [a.token_ids for a in alone]
     assert all(c.usage.prompt_tokens == len(engine.encode(PROMPT)) for c in got)
     monkeypatch.undo()
     two = engine.generate([PROMPT, "Hi"], max_new_tokens=6, temperature=0.7, seed=2, n=2, ignore_eos=True)
-    assert [c.token_ids for c in two] == [engine.generate(p, max_new_tokens=6, temperature=0.7, seed=2 + i,
-                                                          ignore_eos=True).token_ids for p in (PROMPT, "Hi") for i in range(2)]
+    assert [c.token_ids for c in two] == [
+        engine.generate(p, max_new_tokens=6, temperature=0.7, seed=2 + i, ignore_eos=True).token_ids
+        for p in (PROMPT, "Hi")
+        for i in range(2)
+    ]
     greedy = engine.generate(PROMPT, max_new_tokens=6, n=2)
     assert greedy[0].token_ids == greedy[1].token_ids
 
@@ -406,9 +486,12 @@ def test_n_choices_under_the_scheduler_and_its_limits(llama_engine):
         pass
     assert [c.token_ids for c in handle.results()] == [
         llama_engine.generate(PROMPT, max_new_tokens=8, temperature=0.8, seed=4 + i, ignore_eos=True).token_ids
-        for i in range(3)]
-    assert other.result().token_ids == llama_engine.generate("Hi", max_new_tokens=5, temperature=0.8, seed=1,
-                                                             ignore_eos=True).token_ids
+        for i in range(3)
+    ]
+    assert (
+        other.result().token_ids
+        == llama_engine.generate("Hi", max_new_tokens=5, temperature=0.8, seed=1, ignore_eos=True).token_ids
+    )
     with pytest.raises(InvalidRequestError, match=r"n=5 choices need 5 sequences at once, more than this scheduler's"):
         scheduler.submit(PROMPT, n=5)
     for bad in (0, 65, 1.5):
@@ -426,10 +509,25 @@ def test_n_choices_on_the_scripted_model():
 def test_cli_n_prints_each_choice(tiny_llama):
     import json
 
-    got = run_cli("generate", str(tiny_llama[1]), "Hello", "--max-new-tokens", "4", "--n", "3", "--temperature", "0.9",
-                  "--seed", "2", "--ignore-eos", "--json")
+    got = run_cli(
+        "generate",
+        str(tiny_llama[1]),
+        "Hello",
+        "--max-new-tokens",
+        "4",
+        "--n",
+        "3",
+        "--temperature",
+        "0.9",
+        "--seed",
+        "2",
+        "--ignore-eos",
+        "--json",
+    )
     assert got.returncode == 0, got.stderr
     choices = json.loads(got.stdout)
     assert len(choices) == 3 and all(len(c["token_ids"]) == 4 for c in choices)
-    shown = run_cli("generate", str(tiny_llama[1]), "Hello", "--max-new-tokens", "4", "--n", "2", "--temperature", "0.9")
+    shown = run_cli(
+        "generate", str(tiny_llama[1]), "Hello", "--max-new-tokens", "4", "--n", "2", "--temperature", "0.9"
+    )
     assert shown.returncode == 0 and shown.stdout.count("[choice ") == 2

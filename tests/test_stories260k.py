@@ -27,21 +27,24 @@ def test_greedy_64_tokens_equal_transformers_text(stories_engine, reference):
     assert stories_engine.encode(PROMPT) == ids[0].tolist()
     with torch.no_grad():
         out = model.generate(ids, max_new_tokens=64, do_sample=False)
-    expected_ids = out[0, ids.shape[1]:].tolist()
+    expected_ids = out[0, ids.shape[1] :].tolist()
     got = stories_engine.generate(PROMPT, max_new_tokens=64)
     assert got.token_ids == expected_ids
     assert PROMPT + got.text == tok.decode(out[0], skip_special_tokens=True)
     # A children's story: ordinary English words, not noise.
     words = got.text.split()
     assert len(words) > 30
-    assert sum(w.strip(".,!\"'").lower() in {"the", "a", "she", "he", "was", "to", "and", "her", "play"} for w in words) > 8
+    assert (
+        sum(w.strip(".,!\"'").lower() in {"the", "a", "she", "he", "was", "to", "and", "her", "play"} for w in words)
+        > 8
+    )
 
 
 def test_stops_at_the_second_eos_id_and_ignore_eos_runs_past_it(stories_engine, reference):
     assert stories_engine.eos_token_ids == (2, 1)
     done = stories_engine.generate(PROMPT, max_new_tokens=420)
     assert done.finish_reason == "stop"
-    assert done.token_ids[-1] == 1            # the model ends a story with BOS (id 1)
+    assert done.token_ids[-1] == 1  # the model ends a story with BOS (id 1)
     assert 1 not in done.token_ids[:-1] and 2 not in done.token_ids
     assert "<s>" not in done.text and "</s>" not in done.text
     n = len(done.token_ids)
@@ -51,7 +54,7 @@ def test_stops_at_the_second_eos_id_and_ignore_eos_runs_past_it(stories_engine, 
     ids = tok(PROMPT, return_tensors="pt").input_ids
     with torch.no_grad():
         out = model.generate(ids, max_new_tokens=420, do_sample=False)
-    assert out[0, ids.shape[1]:].tolist() == done.token_ids
+    assert out[0, ids.shape[1] :].tolist() == done.token_ids
 
     past = stories_engine.generate(PROMPT, max_new_tokens=n + 20, ignore_eos=True)
     assert past.finish_reason == "length"
@@ -75,7 +78,7 @@ def test_cli_generate_json_and_ignore_eos(stories_package):
     data = json.loads(result.stdout)
     assert {"text", "token_ids", "finish_reason", "usage"} <= set(data)
     assert len(data["token_ids"]) == 400 and data["finish_reason"] == "length"
-    assert 1 in data["token_ids"]             # it ran past the end of the story
+    assert 1 in data["token_ids"]  # it ran past the end of the story
     usage = data["usage"]
     assert usage["prompt_tokens"] == 5 and usage["completion_tokens"] == 400
     for key in ("time_to_first_token_ms", "decode_tokens_per_s", "wall_ms", "kv_cache_bytes"):

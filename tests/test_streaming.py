@@ -13,7 +13,7 @@ def _check_stream(tok: Tokenizer, context: list[int], ids: list[int]) -> list[st
     deltas.append(decoder.flush())
     for d in deltas:
         assert "\ufffd" not in d, f"half a character was emitted: {deltas}"
-    expected = tok.decode(context + ids)[len(tok.decode(context)):]
+    expected = tok.decode(context + ids)[len(tok.decode(context)) :]
     assert "".join(deltas) == expected
     return deltas
 
@@ -21,23 +21,23 @@ def _check_stream(tok: Tokenizer, context: list[int], ids: list[int]) -> list[st
 def test_byte_tokenizer_splits_characters_and_deltas_hold_them(tiny_llama):
     tok = Tokenizer.from_file(tiny_llama[1] / "tokenizer.json")
     ids = tok.encode(TEXT)
-    assert len(ids) > len(TEXT)                      # multi-byte characters span several tokens
+    assert len(ids) > len(TEXT)  # multi-byte characters span several tokens
     deltas = _check_stream(tok, ids[:1], ids[1:])
     assert "".join(deltas) == TEXT
-    assert "" in deltas                              # some tokens completed no character yet
+    assert "" in deltas  # some tokens completed no character yet
 
 
 def test_byte_fallback_tokenizer_keeps_leading_spaces(stories_package):
     tok = Tokenizer.from_file(stories_package / "tokenizer.json")
     prompt = tok.encode("Once upon a time")
-    rest = tok.encode("Once upon a time there was 🌍 and naïve Zoë in 東京.")[len(prompt):]
+    rest = tok.encode("Once upon a time there was 🌍 and naïve Zoë in 東京.")[len(prompt) :]
     deltas = _check_stream(tok, prompt, rest)
     assert "".join(deltas).startswith(" there")
 
 
 def test_unfinished_character_at_the_end_is_flushed(tiny_llama):
     tok = Tokenizer.from_file(tiny_llama[1] / "tokenizer.json")
-    ids = tok.encode("ab🌍")[:-1]                    # cut inside the 4-byte character
+    ids = tok.encode("ab🌍")[:-1]  # cut inside the 4-byte character
     decoder = tok.decoder(ids[:1])
     deltas = [decoder.add(t) for t in ids[1:]]
     assert "".join(deltas) == "ab"
@@ -58,7 +58,7 @@ def test_engine_stream_concatenates_to_the_completion_text(llama_engine):
     assert [c.text for c in completions] == texts
     for prompt, c in zip(prompts, completions):
         ids = llama_engine.encode(prompt)
-        assert c.text == llama_engine.tokenizer.decode(ids + c.token_ids)[len(llama_engine.tokenizer.decode(ids)):]
+        assert c.text == llama_engine.tokenizer.decode(ids + c.token_ids)[len(llama_engine.tokenizer.decode(ids)) :]
 
 
 def test_sequences_stop_on_their_own(llama_engine):

@@ -11,26 +11,43 @@ import jsonschema
 import openai
 import pytest
 
+from helpers import serving, with_chat_template
 from nextoken import Engine, InvalidRequestError
 from nextoken.toolcalls import ToolRequest
-from helpers import serving, with_chat_template
 
 #: a template that takes tools, as transformers passes them
-TOOLS_TEMPLATE = ("{% if tools %}<|system|>You may call:{% for t in tools %} {{ t.function.name }}{% endfor %}\n"
-                  "{% endif %}{% for m in messages %}<|{{ m.role }}|>{{ m.content }}"
-                  "{% for c in m.tool_calls or [] %}<tool_call>{{ c.function.name }}</tool_call>{% endfor %}\n"
-                  "{% endfor %}{% if add_generation_prompt %}<|assistant|>{% endif %}")
-PLAIN_TEMPLATE = ("{% for m in messages %}<|{{ m.role }}|>{{ m.content }}\n{% endfor %}"
-                  "{% if add_generation_prompt %}<|assistant|>{% endif %}")
-WEATHER = {"type": "object", "properties": {"city": {"type": "string", "maxLength": 12},
-                                            "unit": {"type": "string", "enum": ["C", "F"]}},
-           "required": ["city", "unit"], "additionalProperties": False}
-ADD = {"type": "object", "properties": {"a": {"type": "integer", "minimum": 0, "maximum": 99},
-                                        "b": {"type": "integer", "minimum": 0, "maximum": 99}},
-       "required": ["a", "b"], "additionalProperties": False}
-TOOLS = [{"type": "function", "function": {"name": "get_weather", "description": "The weather in a city",
-                                           "parameters": WEATHER}},
-         {"type": "function", "function": {"name": "add", "description": "Add two numbers", "parameters": ADD}}]
+TOOLS_TEMPLATE = (
+    "{% if tools %}<|system|>You may call:{% for t in tools %} {{ t.function.name }}{% endfor %}\n"
+    "{% endif %}{% for m in messages %}<|{{ m.role }}|>{{ m.content }}"
+    "{% for c in m.tool_calls or [] %}<tool_call>{{ c.function.name }}</tool_call>{% endfor %}\n"
+    "{% endfor %}{% if add_generation_prompt %}<|assistant|>{% endif %}"
+)
+PLAIN_TEMPLATE = (
+    "{% for m in messages %}<|{{ m.role }}|>{{ m.content }}\n{% endfor %}"
+    "{% if add_generation_prompt %}<|assistant|>{% endif %}"
+)
+WEATHER = {
+    "type": "object",
+    "properties": {"city": {"type": "string", "maxLength": 12}, "unit": {"type": "string", "enum": ["C", "F"]}},
+    "required": ["city", "unit"],
+    "additionalProperties": False,
+}
+ADD = {
+    "type": "object",
+    "properties": {
+        "a": {"type": "integer", "minimum": 0, "maximum": 99},
+        "b": {"type": "integer", "minimum": 0, "maximum": 99},
+    },
+    "required": ["a", "b"],
+    "additionalProperties": False,
+}
+TOOLS = [
+    {
+        "type": "function",
+        "function": {"name": "get_weather", "description": "The weather in a city", "parameters": WEATHER},
+    },
+    {"type": "function", "function": {"name": "add", "description": "Add two numbers", "parameters": ADD}},
+]
 SCHEMAS = {"get_weather": WEATHER, "add": ADD}
 ASK = [{"role": "user", "content": "What is the weather in Paris?"}]
 
@@ -58,8 +75,14 @@ def test_required_and_named_tool_choice_give_valid_calls(tool_engine):
         got = tool_engine.chat(ASK, tools=TOOLS, tool_choice="required", max_new_tokens=120, temperature=1.0, seed=seed)
         assert got.finish_reason == "tool_calls" and got.text == ""
         _valid(got.tool_calls)
-        named = tool_engine.chat(ASK, tools=TOOLS, tool_choice={"type": "function", "function": {"name": "add"}},
-                                 max_new_tokens=120, temperature=1.0, seed=seed)
+        named = tool_engine.chat(
+            ASK,
+            tools=TOOLS,
+            tool_choice={"type": "function", "function": {"name": "add"}},
+            max_new_tokens=120,
+            temperature=1.0,
+            seed=seed,
+        )
         assert [c.name for c in named.tool_calls] == ["add"]
         _valid(named.tool_calls)
 
@@ -68,40 +91,48 @@ def test_the_template_receives_the_tools_and_none_leaves_them_out(tool_engine):
     request = ToolRequest(TOOLS)
     with_tools = tool_engine.decode(tool_engine.apply_chat_template(ASK, tools=request))
     assert "You may call: get_weather add" in with_tools
-    assert "You may call" not in tool_engine.decode(tool_engine.apply_chat_template(ASK, tools=ToolRequest(TOOLS, "none")))
+    assert "You may call" not in tool_engine.decode(
+        tool_engine.apply_chat_template(ASK, tools=ToolRequest(TOOLS, "none"))
+    )
     plain = tool_engine.chat(ASK, tools=TOOLS, tool_choice="none", max_new_tokens=8)
     assert plain.tool_calls is None and plain.text == tool_engine.chat(ASK, max_new_tokens=8).text
 
 
 def test_auto_parses_calls_out_of_the_answer():
     request = ToolRequest(TOOLS, parallel_tool_calls=True)
-    text, calls = request.parse('Let me check. <tool_call>{"name": "add", "arguments": {"a": 1, "b": 2}}</tool_call>'
-                                '<tool_call>{"name": "get_weather", "arguments": {"city": "Oslo", "unit": "C"}}</tool_call>')
+    text, calls = request.parse(
+        'Let me check. <tool_call>{"name": "add", "arguments": {"a": 1, "b": 2}}</tool_call>'
+        '<tool_call>{"name": "get_weather", "arguments": {"city": "Oslo", "unit": "C"}}</tool_call>'
+    )
     assert text == "Let me check." and [c.name for c in calls] == ["add", "get_weather"]
     assert calls[0].parsed_arguments() == {"a": 1, "b": 2}
-    assert request.parse('{"name": "add", "arguments": {"a": 3, "b": 4}}')[1][0].name == "add"      # a bare call
-    assert request.parse('<tool_call>{"name": "nope", "arguments": {}}</tool_call>')[1] == []         # not a tool
+    assert request.parse('{"name": "add", "arguments": {"a": 3, "b": 4}}')[1][0].name == "add"  # a bare call
+    assert request.parse('<tool_call>{"name": "nope", "arguments": {}}</tool_call>')[1] == []  # not a tool
     assert request.parse("just words") == ("just words", [])
     single = ToolRequest(TOOLS, parallel_tool_calls=False)
     assert len(single.parse('<tool_call>{"name": "add", "arguments": {}}</tool_call>' * 2)[1]) == 1
 
 
 def test_parallel_calls_with_required(tool_engine):
-    got = tool_engine.chat(ASK, tools=TOOLS, tool_choice="required", parallel_tool_calls=True, max_new_tokens=200,
-                           temperature=1.0, seed=3)
+    got = tool_engine.chat(
+        ASK, tools=TOOLS, tool_choice="required", parallel_tool_calls=True, max_new_tokens=200, temperature=1.0, seed=3
+    )
     _valid(got.tool_calls)
     single = ToolRequest(TOOLS, "required", parallel_tool_calls=False).grammar()
     assert single.startswith("start: call\n") and ToolRequest(TOOLS, "required").grammar().startswith("start: call+")
 
 
-@pytest.mark.parametrize("kw, words", [
-    (dict(tools=[]), "tools must be a non-empty list"),
-    (dict(tools=[{"type": "function", "function": {"name": "bad name"}}]), "with a name of letters"),
-    (dict(tools=TOOLS + TOOLS[:1]), "'get_weather' is given twice"),
-    (dict(tools=TOOLS, tool_choice="sometimes"), "tool_choice must be"),
-    (dict(tools=TOOLS, tool_choice={"type": "function", "function": {"name": "fly"}}), "names function 'fly'"),
-    (dict(tools=TOOLS, tool_choice="required", regex="x"), "constrains the answer to tool calls"),
-])
+@pytest.mark.parametrize(
+    "kw, words",
+    [
+        (dict(tools=[]), "tools must be a non-empty list"),
+        (dict(tools=[{"type": "function", "function": {"name": "bad name"}}]), "with a name of letters"),
+        (dict(tools=TOOLS + TOOLS[:1]), "'get_weather' is given twice"),
+        (dict(tools=TOOLS, tool_choice="sometimes"), "tool_choice must be"),
+        (dict(tools=TOOLS, tool_choice={"type": "function", "function": {"name": "fly"}}), "names function 'fly'"),
+        (dict(tools=TOOLS, tool_choice="required", regex="x"), "constrains the answer to tool calls"),
+    ],
+)
 def test_bad_tool_requests(tool_engine, kw, words):
     with pytest.raises(InvalidRequestError, match=words):
         tool_engine.chat(ASK, max_new_tokens=4, **kw)
@@ -121,17 +152,31 @@ def test_a_template_without_tools_needs_the_fallback(stories_package, tmp_path):
 
 def test_tool_calls_through_the_openai_client(tool_package):
     with serving(tool_package, "tools") as (client, *_):
-        got = client.chat.completions.create(model="tools", messages=ASK, tools=TOOLS, tool_choice="required",
-                                             max_tokens=120, temperature=1.0, seed=2)
+        got = client.chat.completions.create(
+            model="tools", messages=ASK, tools=TOOLS, tool_choice="required", max_tokens=120, temperature=1.0, seed=2
+        )
         choice = got.choices[0]
         assert choice.finish_reason == "tool_calls" and choice.message.content is None
         for call in choice.message.tool_calls:
             jsonschema.validate(json.loads(call.function.arguments), SCHEMAS[call.function.name])
-        named = client.chat.completions.create(model="tools", messages=ASK, tools=TOOLS, max_tokens=120,
-                                               tool_choice={"type": "function", "function": {"name": "get_weather"}})
+        named = client.chat.completions.create(
+            model="tools",
+            messages=ASK,
+            tools=TOOLS,
+            max_tokens=120,
+            tool_choice={"type": "function", "function": {"name": "get_weather"}},
+        )
         assert [c.function.name for c in named.choices[0].message.tool_calls] == ["get_weather"]
-        stream = client.chat.completions.create(model="tools", messages=ASK, tools=TOOLS, tool_choice="required",
-                                                max_tokens=120, temperature=1.0, seed=2, stream=True)
+        stream = client.chat.completions.create(
+            model="tools",
+            messages=ASK,
+            tools=TOOLS,
+            tool_choice="required",
+            max_tokens=120,
+            temperature=1.0,
+            seed=2,
+            stream=True,
+        )
         calls, finish = {}, None
         for chunk in stream:
             for delta_call in chunk.choices[0].delta.tool_calls or []:
@@ -140,15 +185,27 @@ def test_tool_calls_through_the_openai_client(tool_package):
         assert finish == "tool_calls"
         assert list(calls.values()) == [(c.function.name, c.function.arguments) for c in choice.message.tool_calls]
         answered = client.chat.completions.create(
-            model="tools", max_tokens=10, tools=TOOLS, messages=ASK + [
-                {"role": "assistant", "content": None, "tool_calls": [c.model_dump() for c in choice.message.tool_calls]},
-                {"role": "tool", "tool_call_id": choice.message.tool_calls[0].id, "content": "18 C, sunny"}])
+            model="tools",
+            max_tokens=10,
+            tools=TOOLS,
+            messages=ASK
+            + [
+                {
+                    "role": "assistant",
+                    "content": None,
+                    "tool_calls": [c.model_dump() for c in choice.message.tool_calls],
+                },
+                {"role": "tool", "tool_call_id": choice.message.tool_calls[0].id, "content": "18 C, sunny"},
+            ],
+        )
         assert answered.choices[0].finish_reason in ("stop", "length", "tool_calls")
         with pytest.raises(openai.BadRequestError) as err:
             client.completions.create(model="tools", prompt="x", extra_body={"tools": TOOLS})
         assert "use /v1/chat/completions" in err.value.body["message"]
-        for body, words in (({"tools": []}, "tools must be a non-empty list"),
-                            ({"tool_choice": "auto"}, "tool_choice needs tools")):
+        for body, words in (
+            ({"tools": []}, "tools must be a non-empty list"),
+            ({"tool_choice": "auto"}, "tool_choice needs tools"),
+        ):
             with pytest.raises(openai.BadRequestError) as err:
                 client.chat.completions.create(model="tools", messages=ASK, max_tokens=2, extra_body=body)
             assert words in err.value.body["message"]

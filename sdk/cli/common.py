@@ -37,17 +37,27 @@ def external_plugins(args: argparse.Namespace):
 def open_engine(args: argparse.Namespace, package=None):
     from ..engine import Engine
 
-    return Engine(package or args.package, device=args.device, threads=args.threads, spin=args.spin,
-                  plugins=external_plugins(args), cost_meters=meters_of(args), tf32=args.tf32,
-                  **prefix_cache_of(args))
+    return Engine(
+        package or args.package,
+        device=args.device,
+        threads=args.threads,
+        spin=args.spin,
+        plugins=external_plugins(args),
+        cost_meters=meters_of(args),
+        tf32=args.tf32,
+        **prefix_cache_of(args),
+    )
 
 
 def prefix_cache_of(args: argparse.Namespace) -> dict:
     """The prefix-cache flags (:func:`prefix_cache_options`) as Engine arguments (none when absent)."""
     if getattr(args, "prefix_cache_mb", None) is None:
         return {}
-    return {"prefix_cache_bytes": int(args.prefix_cache_mb * (1 << 20)), "prefix_cache_dir": args.prefix_cache_dir,
-            "prefix_cache_disk_bytes": int(args.prefix_cache_disk_mb * (1 << 20))}
+    return {
+        "prefix_cache_bytes": int(args.prefix_cache_mb * (1 << 20)),
+        "prefix_cache_dir": args.prefix_cache_dir,
+        "prefix_cache_disk_bytes": int(args.prefix_cache_disk_mb * (1 << 20)),
+    }
 
 
 def option_value(text: str):
@@ -63,7 +73,9 @@ def options_of(args: argparse.Namespace) -> dict[str, dict]:
         name, sep, rest = item.partition(".")
         key, eq, value = rest.partition("=")
         if not (sep and eq and name and key):
-            raise NextokenError(f"--option {item!r} must look like NAME.KEY=VALUE (e.g. per_token.input_per_million=0.15)")
+            raise NextokenError(
+                f"--option {item!r} must look like NAME.KEY=VALUE (e.g. per_token.input_per_million=0.15)"
+            )
         out.setdefault(name, {})[key] = option_value(value)
     return out
 
@@ -79,7 +91,7 @@ def logit_bias_of(items: list[str] | None) -> dict[int, float]:
 
     out: dict[int, float] = {}
     for item in items or ():
-        token, sep, bias = item.partition("=")
+        token, _sep, bias = item.partition("=")
         try:
             out[int(token)] = float(bias)
         except ValueError:
@@ -91,8 +103,11 @@ def flagged_fields() -> list:
     """SamplingParams' fields that have a CLI flag, with the flag."""
     from ..types import SamplingParams
 
-    return [(f, f.metadata["flag"] or "--" + f.name.replace("_", "-"))
-            for f in dataclasses.fields(SamplingParams) if f.metadata.get("flag") is not None]
+    return [
+        (f, f.metadata["flag"] or "--" + f.name.replace("_", "-"))
+        for f in dataclasses.fields(SamplingParams)
+        if f.metadata.get("flag") is not None
+    ]
 
 
 def sampling_flags(p: argparse.ArgumentParser, max_new_tokens: int = 128) -> None:
@@ -106,7 +121,7 @@ def sampling_flags(p: argparse.ArgumentParser, max_new_tokens: int = 128) -> Non
         if isinstance(default, bool):
             p.add_argument(flag, action="store_true", dest=f.name, help=doc)
             continue
-        if isinstance(default, (tuple, dict)):               # repeatable: items, or NAME=VALUE pairs
+        if isinstance(default, (tuple, dict)):  # repeatable: items, or NAME=VALUE pairs
             kind = int if "int" in str(f.type).split("[")[-1] and "tuple" in str(f.type) else str
             p.add_argument(flag, action="append", type=kind, **kw)
             continue
@@ -114,8 +129,13 @@ def sampling_flags(p: argparse.ArgumentParser, max_new_tokens: int = 128) -> Non
         kind = int if hint.startswith("int") else float if hint.startswith("float") else str
         if f.name == "max_new_tokens":
             kind = positive_int
-        p.add_argument(flag, type=kind, default=default, choices=f.metadata["choices"],
-                       **{**kw, "help": f"{doc} (default {default})" if default not in (None, "") else doc})
+        p.add_argument(
+            flag,
+            type=kind,
+            default=default,
+            choices=f.metadata["choices"],
+            **{**kw, "help": f"{doc} (default {default})" if default not in (None, "") else doc},
+        )
 
 
 def params_of(args: argparse.Namespace):
@@ -124,12 +144,14 @@ def params_of(args: argparse.Namespace):
 
     options = options_of(args)
     meters = getattr(args, "cost_meters", None) or []
-    special = {"logit_bias": lambda items: logit_bias_of(items),
-               "response_format": lambda path: path and _schema_file(path),
-               "grammar": lambda path: path and _read(path, "--grammar"),
-               "speculative": lambda text: text and speculative_of(text),
-               "options": lambda items: {k: v for k, v in options.items() if k not in meters},
-               "cost_meters": lambda items: {}}
+    special = {
+        "logit_bias": lambda items: logit_bias_of(items),
+        "response_format": lambda path: path and _schema_file(path),
+        "grammar": lambda path: path and _read(path, "--grammar"),
+        "speculative": lambda text: text and speculative_of(text),
+        "options": lambda items: {k: v for k, v in options.items() if k not in meters},
+        "cost_meters": lambda items: {},
+    }
     kwargs = {}
     for f, _ in flagged_fields():
         value = getattr(args, f.name)
@@ -155,8 +177,10 @@ def speculative_of(text: str) -> dict:
     try:
         return {"method": method, **({"k": int(k)} if k else {}), **({"model": model} if model else {})}
     except ValueError:
-        raise UsageError(f"--speculative takes METHOD[:K[:MODEL]] (e.g. prompt_lookup:4, draft:4:path/to/small-package), "
-                         f"not {text!r}") from None
+        raise UsageError(
+            f"--speculative takes METHOD[:K[:MODEL]] (e.g. prompt_lookup:4, draft:4:path/to/small-package), "
+            f"not {text!r}"
+        ) from None
 
 
 def _schema_file(path: str) -> dict:
@@ -174,7 +198,7 @@ def generate(engine, prompt, args: argparse.Namespace) -> int:
     generation = engine.start(prompt, params_of(args))
     n = generation.params.n
     code = _print_generation(generation, args)
-    if getattr(args, "record", None):                 # after the text: the record reads the finished request
+    if getattr(args, "record", None):  # after the text: the record reads the finished request
         from ..records import records_of
 
         records = records_of(engine, generation)
@@ -208,7 +232,9 @@ def _print_generation(generation, args: argparse.Namespace) -> int:
                 print(f"  {lp.token!r:>16} {lp.prob:.2f}   {alternatives}", file=sys.stderr)
         line = f"[{completion.finish_reason}] {completion.usage.line()}"
         if completion.cost:
-            line += ", cost " + ", ".join(f"{c.amount:.6g} {c.currency} ({name})" for name, c in completion.cost.items())
+            line += ", cost " + ", ".join(
+                f"{c.amount:.6g} {c.currency} ({name})" for name, c in completion.cost.items()
+            )
         print(line, file=sys.stderr)
     return 0
 
@@ -259,32 +285,70 @@ def port(text: str) -> int:
 
 def runtime_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--device", default="auto", help="auto (default: CUDA when usable, else CPU), cpu, cuda, cuda:N")
-    p.add_argument("--threads", type=int, default=None, help="intra-op threads (default: 1 for a model under 16 MB, else one per physical core)")
-    p.add_argument("--spin", action=argparse.BooleanOptionalAction, default=None,
-                   help="thread spinning within a step: faster on a quiet host, slower on a busy one (default: "
-                        "NEXTOKEN_SPIN when set, else on when the host's load leaves the threads their cores)")
-    p.add_argument("--tf32", action=argparse.BooleanOptionalAction, default=None,
-                   help="CUDA: fp32 matrix products in TensorFloat-32, faster and less exact (default: off, or NEXTOKEN_TF32)")
+    p.add_argument(
+        "--threads",
+        type=int,
+        default=None,
+        help="intra-op threads (default: 1 for a model under 16 MB, else one per physical core)",
+    )
+    p.add_argument(
+        "--spin",
+        action=argparse.BooleanOptionalAction,
+        default=None,
+        help="thread spinning within a step: faster on a quiet host, slower on a busy one (default: "
+        "NEXTOKEN_SPIN when set, else on when the host's load leaves the threads their cores)",
+    )
+    p.add_argument(
+        "--tf32",
+        action=argparse.BooleanOptionalAction,
+        default=None,
+        help="CUDA: fp32 matrix products in TensorFloat-32, faster and less exact (default: off, or NEXTOKEN_TF32)",
+    )
 
 
 def prefix_cache_options(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--prefix-cache-mb", type=nonnegative_float, default=0, metavar="MB",
-                   help="reuse the KV cache of prompt prefixes across requests, up to this many MiB (default 0: off)")
-    p.add_argument("--prefix-cache-dir", default=None, metavar="DIR",
-                   help="with --prefix-cache-mb: also keep them on disk here, for later runs of the same package")
-    p.add_argument("--prefix-cache-disk-mb", type=positive_float, default=1024, metavar="MB",
-                   help="with --prefix-cache-dir: at most this many MiB of files (default 1024)")
+    p.add_argument(
+        "--prefix-cache-mb",
+        type=nonnegative_float,
+        default=0,
+        metavar="MB",
+        help="reuse the KV cache of prompt prefixes across requests, up to this many MiB (default 0: off)",
+    )
+    p.add_argument(
+        "--prefix-cache-dir",
+        default=None,
+        metavar="DIR",
+        help="with --prefix-cache-mb: also keep them on disk here, for later runs of the same package",
+    )
+    p.add_argument(
+        "--prefix-cache-disk-mb",
+        type=positive_float,
+        default=1024,
+        metavar="MB",
+        help="with --prefix-cache-dir: at most this many MiB of files (default 1024)",
+    )
 
 
 def plugin_options(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--plugins", default=None, metavar="all|none|A,B",
-                   help="which entry-point plugins load (default: NEXTOKEN_PLUGINS, else all)")
+    p.add_argument(
+        "--plugins",
+        default=None,
+        metavar="all|none|A,B",
+        help="which entry-point plugins load (default: NEXTOKEN_PLUGINS, else all)",
+    )
 
 
 def generation_options(p: argparse.ArgumentParser, max_new_tokens: int = 128) -> None:
-    p.add_argument("--json", action="store_true",
-                   help="print one JSON object (text, token_ids, finish_reason, usage, cost, logprobs)")
-    p.add_argument("--record", default=None, metavar="FILE",
-                   help="write the request's record (it holds the prompt) for `nextoken replay`")
+    p.add_argument(
+        "--json",
+        action="store_true",
+        help="print one JSON object (text, token_ids, finish_reason, usage, cost, logprobs)",
+    )
+    p.add_argument(
+        "--record",
+        default=None,
+        metavar="FILE",
+        help="write the request's record (it holds the prompt) for `nextoken replay`",
+    )
     sampling_flags(p, max_new_tokens)
     plugin_options(p)

@@ -7,14 +7,24 @@ import json
 import sys
 
 from ..errors import NextokenError
-from .common import open_engine, external_plugins, plugin_options, runtime_options, size
+from .common import external_plugins, open_engine, plugin_options, runtime_options, size
+
 
 def _cmd_export(args: argparse.Namespace) -> int:
     from nextoken.exporters import export
 
-    export(args.source, args.output, atol=args.atol, check=not args.no_check, dtype=args.dtype, device=args.device,
-           quantize=args.quantize,
-           block_size=args.block_size, backend=args.backend, genai_python=args.genai_python)
+    export(
+        args.source,
+        args.output,
+        atol=args.atol,
+        check=not args.no_check,
+        dtype=args.dtype,
+        device=args.device,
+        quantize=args.quantize,
+        block_size=args.block_size,
+        backend=args.backend,
+        genai_python=args.genai_python,
+    )
     return 0
 
 
@@ -22,8 +32,11 @@ def _cmd_import_genai(args: argparse.Namespace) -> int:
     from nextoken.exporters.genai import import_genai
 
     m = import_genai(args.source, args.output)
-    print(f"imported {m.architecture} ({m.num_layers} layers, {m.num_kv_heads} KV heads x {m.head_dim}, {m.precision}, "
-          f"padding {m.padding_side}) to {args.output}", file=sys.stderr)
+    print(
+        f"imported {m.architecture} ({m.num_layers} layers, {m.num_kv_heads} KV heads x {m.head_dim}, {m.precision}, "
+        f"padding {m.padding_side}) to {args.output}",
+        file=sys.stderr,
+    )
     return 0
 
 
@@ -45,13 +58,13 @@ def _cmd_plugins(args: argparse.Namespace) -> int:
 
 
 def _cmd_info(args: argparse.Namespace) -> int:
-    if args.placement:              # where each node runs, and what fell back
+    if args.placement:  # where each node runs, and what fell back
         from ..tools.placement import placement
 
         report = placement(args.package, args.device, args.threads)
         print(json.dumps(report.to_dict(), indent=2) if args.json else report.summary())
         return 0
-    if args.verify:                 # every file re-hashed, all that differ named (loading stops at the first)
+    if args.verify:  # every file re-hashed, all that differ named (loading stops at the first)
         from ..manifest import Manifest
 
         bad = Manifest.load(args.package).verify_files(args.package)
@@ -97,8 +110,10 @@ def _cmd_info(args: argparse.Namespace) -> int:
         elif key == "exported_by":
             value = ", ".join(f"{k} {v}" for k, v in value.items())
         elif key == "parity" and value:
-            value = (f"max |Δ logits| {value['max_abs_diff']:.2e} over {value['positions']} positions against "
-                     f"{value.get('reference', 'PyTorch')} (tolerance {value['tolerance']:.1e}, {value['device']})")
+            value = (
+                f"max |Δ logits| {value['max_abs_diff']:.2e} over {value['positions']} positions against "
+                f"{value.get('reference', 'PyTorch')} (tolerance {value['tolerance']:.1e}, {value['device']})"
+            )
         elif key.startswith("kv_bytes"):
             value = size(value)
         print(f"{key:22} {value}")
@@ -110,23 +125,46 @@ def add_commands(sub) -> None:
     p = sub.add_parser("export", help="export a Hugging Face model (hub id or local checkpoint) to a model package")
     p.add_argument("source", help="hub id (org/name) or local transformers checkpoint directory")
     p.add_argument("-o", "--output", required=True, help="package directory to write")
-    p.add_argument("--atol", type=float, default=None,
-                   help="largest |ONNX - PyTorch| logits allowed (default 1e-3; fp16: 1%% of the largest |logit|)")
+    p.add_argument(
+        "--atol",
+        type=float,
+        default=None,
+        help="largest |ONNX - PyTorch| logits allowed (default 1e-3; fp16: 1%% of the largest |logit|)",
+    )
     p.add_argument("--no-check", action="store_true", help="skip the parity check against PyTorch")
-    p.add_argument("--dtype", choices=("fp32", "fp16"), default="fp32",
-                   help="weights and KV cache precision (default fp32; fp16 is for CUDA hosts)")
-    p.add_argument("--device", choices=("cpu", "cuda"), default="cpu",
-                   help="where PyTorch traces the model and the parity check runs (default cpu)")
-    p.add_argument("--quantize", choices=("int8", "int4"), default=None,
-                   help="quantise the weights (MatMulNBits blocks of 8 or 4 bits, int8 activations per row) "
-                        "and report accuracy")
+    p.add_argument(
+        "--dtype",
+        choices=("fp32", "fp16"),
+        default="fp32",
+        help="weights and KV cache precision (default fp32; fp16 is for CUDA hosts)",
+    )
+    p.add_argument(
+        "--device",
+        choices=("cpu", "cuda"),
+        default="cpu",
+        help="where PyTorch traces the model and the parity check runs (default cpu)",
+    )
+    p.add_argument(
+        "--quantize",
+        choices=("int8", "int4"),
+        default=None,
+        help="quantise the weights (MatMulNBits blocks of 8 or 4 bits, int8 activations per row) and report accuracy",
+    )
     p.add_argument("--block-size", type=int, default=32, help="quantisation block size (default 32)")
-    p.add_argument("--backend", choices=("nextoken", "optimum", "genai"), default="nextoken",
-                   help="nextoken (default): our own builder, fused operators, KV in place (llama, mistral, qwen2, "
-                        "phi3, gemma, gpt2; fp32/fp16; optimum's graph, with a note, otherwise); optimum: optimum's "
-                        "generic graph; genai: onnxruntime-genai's builder in its own venv")
-    p.add_argument("--genai-python", default=None, metavar="PYTHON",
-                   help="with --backend genai: the python of a virtual environment with onnxruntime-genai")
+    p.add_argument(
+        "--backend",
+        choices=("nextoken", "optimum", "genai"),
+        default="nextoken",
+        help="nextoken (default): our own builder, fused operators, KV in place (llama, mistral, qwen2, "
+        "phi3, gemma, gpt2; fp32/fp16; optimum's graph, with a note, otherwise); optimum: optimum's "
+        "generic graph; genai: onnxruntime-genai's builder in its own venv",
+    )
+    p.add_argument(
+        "--genai-python",
+        default=None,
+        metavar="PYTHON",
+        help="with --backend genai: the python of a virtual environment with onnxruntime-genai",
+    )
     p.set_defaults(func=_cmd_export)
 
     p = sub.add_parser("import-genai", help="make a package of a folder built by onnxruntime-genai's model builder")
@@ -143,9 +181,12 @@ def add_commands(sub) -> None:
     p.add_argument("package", help="model package directory")
     p.add_argument("--json", action="store_true", help="print JSON")
     p.add_argument("--verify", action="store_true", help="re-hash every file against the manifest's checksums")
-    p.add_argument("--placement", action="store_true",
-                   help="which execution provider runs each node, the time share of each, and the fallbacks "
-                        "(one prefill and one decode step, profiled; --json: every node)")
+    p.add_argument(
+        "--placement",
+        action="store_true",
+        help="which execution provider runs each node, the time share of each, and the fallbacks "
+        "(one prefill and one decode step, profiled; --json: every node)",
+    )
     runtime_options(p)
     plugin_options(p)
     p.set_defaults(func=_cmd_info)

@@ -8,8 +8,21 @@ import sys
 from pathlib import Path
 
 from ..serving.constraints import BUDGET_S
-from .common import (UsageError, cache_dir, generate, generation_options, open_engine, port, positive_float,
-                     positive_int, prefix_cache_of, prefix_cache_options, runtime_options, speculative_of)
+from .common import (
+    UsageError,
+    cache_dir,
+    generate,
+    generation_options,
+    open_engine,
+    port,
+    positive_float,
+    positive_int,
+    prefix_cache_of,
+    prefix_cache_options,
+    runtime_options,
+    speculative_of,
+)
+
 
 def _cmd_generate(args: argparse.Namespace) -> int:
     with open_engine(args) as engine:
@@ -18,7 +31,7 @@ def _cmd_generate(args: argparse.Namespace) -> int:
 
 def _cmd_chat(args: argparse.Namespace) -> int:
     with open_engine(args) as engine:
-        messages = ([{"role": "system", "content": args.system}] if args.system else [])
+        messages = [{"role": "system", "content": args.system}] if args.system else []
         messages.append({"role": "user", "content": args.message})
         return generate(engine, engine.apply_chat_template(messages), args)
 
@@ -34,35 +47,66 @@ def _cmd_serve(args: argparse.Namespace) -> int:
         drafts[name] = path
     speculative = args.speculative and speculative_of(args.speculative)
     if speculative and "model" in speculative and speculative["model"] not in drafts:
-        path = speculative["model"]                       # a path: offered under its folder's name
+        path = speculative["model"]  # a path: offered under its folder's name
         speculative["model"] = Path(path).name or path
         drafts.setdefault(speculative["model"], path)
-    options = ServeOptions(api_key=args.api_key, speculative=speculative or None, drafts=drafts,
-                           record_dir=args.record_dir, constraint_budget_s=args.constraint_budget)
-    engine_options = {"device": args.device, "threads": args.threads, "spin": args.spin, "tf32": args.tf32,
-                      **prefix_cache_of(args)}
+    options = ServeOptions(
+        api_key=args.api_key,
+        speculative=speculative or None,
+        drafts=drafts,
+        record_dir=args.record_dir,
+        constraint_budget_s=args.constraint_budget,
+    )
+    engine_options = {
+        "device": args.device,
+        "threads": args.threads,
+        "spin": args.spin,
+        "tf32": args.tf32,
+        **prefix_cache_of(args),
+    }
     if args.ray:
         from ..serving.ray_serve import serve_ray
 
         if args.header_timeout is not None:
             raise UsageError("--header-timeout is not taken with --ray: Ray Serve's HTTP proxy reads the requests")
         engine_options["threads"] = args.threads or 1
-        serve_ray(args.package, host=args.host, port=args.port, replicas=args.replicas, max_batch=args.max_batch,
-                  model_name=args.model_name, address=args.ray_address, engine_options=engine_options,
-                  scheduler_options=_scheduler_options(args), options=options,
-                  metrics_port=args.ray_metrics_port, metrics_interval=args.ray_metrics_interval)
+        serve_ray(
+            args.package,
+            host=args.host,
+            port=args.port,
+            replicas=args.replicas,
+            max_batch=args.max_batch,
+            model_name=args.model_name,
+            address=args.ray_address,
+            engine_options=engine_options,
+            scheduler_options=_scheduler_options(args),
+            options=options,
+            metrics_port=args.ray_metrics_port,
+            metrics_interval=args.ray_metrics_interval,
+        )
         return 0
     from ..serving.server import serve
 
-    serve(args.package, host=args.host, port=args.port, max_batch=args.max_batch, model_name=args.model_name,
-          engine_options=engine_options, scheduler_options=_scheduler_options(args), options=options,
-          header_timeout_s=10.0 if args.header_timeout is None else args.header_timeout)
+    serve(
+        args.package,
+        host=args.host,
+        port=args.port,
+        max_batch=args.max_batch,
+        model_name=args.model_name,
+        engine_options=engine_options,
+        scheduler_options=_scheduler_options(args),
+        options=options,
+        header_timeout_s=10.0 if args.header_timeout is None else args.header_timeout,
+    )
     return 0
 
 
 def _scheduler_options(args: argparse.Namespace) -> dict:
-    return {"max_prefill_tokens": args.max_prefill_tokens, "kv_backend": args.kv_backend,
-            "slot_length": args.slot_length}
+    return {
+        "max_prefill_tokens": args.max_prefill_tokens,
+        "kv_backend": args.kv_backend,
+        "slot_length": args.slot_length,
+    }
 
 
 def _cmd_demo(args: argparse.Namespace) -> int:
@@ -135,34 +179,79 @@ def add_commands(sub) -> None:
     p.add_argument("--host", default="127.0.0.1", help="address to listen on (default: loopback only)")
     p.add_argument("--port", type=port, default=8000)
     p.add_argument("--max-batch", type=positive_int, default=8, help="sequences decoded together (default 8)")
-    p.add_argument("--max-prefill-tokens", type=positive_int, default=4096,
-                   help="prompt tokens prefilled a step; longer prompts go in chunks (default 4096)")
-    p.add_argument("--kv-backend", choices=("auto", "concat", "slots"), default="auto",
-                   help="KV cache under batching: auto (slots for GroupQueryAttention graphs), concat, slots")
-    p.add_argument("--slot-length", type=positive_int, default=None,
-                   help="with slots: positions per slot (default: the window, at most 2048)")
+    p.add_argument(
+        "--max-prefill-tokens",
+        type=positive_int,
+        default=4096,
+        help="prompt tokens prefilled a step; longer prompts go in chunks (default 4096)",
+    )
+    p.add_argument(
+        "--kv-backend",
+        choices=("auto", "concat", "slots"),
+        default="auto",
+        help="KV cache under batching: auto (slots for GroupQueryAttention graphs), concat, slots",
+    )
+    p.add_argument(
+        "--slot-length",
+        type=positive_int,
+        default=None,
+        help="with slots: positions per slot (default: the window, at most 2048)",
+    )
     p.add_argument("--api-key", default=None, help="require 'Authorization: Bearer KEY'")
     p.add_argument("--model-name", default=None, help="the model id clients use (default: the package folder's name)")
-    p.add_argument("--speculative", default=None, metavar="METHOD[:K[:MODEL]]",
-                   help="speculative decoding for requests that do not ask otherwise, e.g. prompt_lookup:4; MODEL a "
-                        "--draft name, or a path (offered under its folder's name)")
-    p.add_argument("--draft", action="append", default=None, metavar="NAME=PATH",
-                   help="a draft package requests may name (nextoken.speculative.model: NAME), loaded at start; "
-                        "repeatable. Requests never name paths")
-    p.add_argument("--constraint-budget", type=positive_float, default=BUDGET_S, metavar="SECONDS",
-                   help="the longest a request's grammar or schema may take to compile, in a checker process "
-                        f"(default {BUDGET_S:g})")
-    p.add_argument("--record-dir", default=None, metavar="DIR",
-                   help="write every request's record here, for `nextoken replay` (they hold prompts: protect DIR)")
-    p.add_argument("--header-timeout", type=positive_float, default=None, metavar="SECONDS",
-                   help="close a connection that has not sent a complete request head in this time (default 10)")
+    p.add_argument(
+        "--speculative",
+        default=None,
+        metavar="METHOD[:K[:MODEL]]",
+        help="speculative decoding for requests that do not ask otherwise, e.g. prompt_lookup:4; MODEL a "
+        "--draft name, or a path (offered under its folder's name)",
+    )
+    p.add_argument(
+        "--draft",
+        action="append",
+        default=None,
+        metavar="NAME=PATH",
+        help="a draft package requests may name (nextoken.speculative.model: NAME), loaded at start; "
+        "repeatable. Requests never name paths",
+    )
+    p.add_argument(
+        "--constraint-budget",
+        type=positive_float,
+        default=BUDGET_S,
+        metavar="SECONDS",
+        help="the longest a request's grammar or schema may take to compile, in a checker process "
+        f"(default {BUDGET_S:g})",
+    )
+    p.add_argument(
+        "--record-dir",
+        default=None,
+        metavar="DIR",
+        help="write every request's record here, for `nextoken replay` (they hold prompts: protect DIR)",
+    )
+    p.add_argument(
+        "--header-timeout",
+        type=positive_float,
+        default=None,
+        metavar="SECONDS",
+        help="close a connection that has not sent a complete request head in this time (default 10)",
+    )
     p.add_argument("--ray", action="store_true", help="scale out on Ray Serve (extra: ray): one engine per replica")
     p.add_argument("--replicas", type=positive_int, default=2, help="with --ray: replicas (default 2)")
     p.add_argument("--ray-address", default=None, help="with --ray: join this cluster instead of starting Ray locally")
-    p.add_argument("--ray-metrics-port", type=port, default=None, metavar="PORT",
-                   help="with --ray, Ray started here: serve Ray's metrics export (every replica's metrics) on this port")
-    p.add_argument("--ray-metrics-interval", type=positive_float, default=5.0, metavar="SECONDS",
-                   help="with --ray: seconds between two copies of a replica's metrics into Ray's export (default 5)")
+    p.add_argument(
+        "--ray-metrics-port",
+        type=port,
+        default=None,
+        metavar="PORT",
+        help="with --ray, Ray started here: serve Ray's metrics export (every replica's metrics) on this port",
+    )
+    p.add_argument(
+        "--ray-metrics-interval",
+        type=positive_float,
+        default=5.0,
+        metavar="SECONDS",
+        help="with --ray: seconds between two copies of a replica's metrics into Ray's export (default 5)",
+    )
     runtime_options(p)
     prefix_cache_options(p)
     p.set_defaults(func=_cmd_serve)

@@ -12,20 +12,27 @@ refused with a 400 that names the parameter instead of being silently ignored (:
 
 import dataclasses
 import typing
-from typing import Any, Dict, List, Optional, Union
+from typing import Any
 
 from pydantic import BaseModel, ConfigDict, Field, create_model
 
 from ..types import MAX_CHOICES, MAX_TOP_LOGPROBS, SamplingParams
 
-__all__ = ["NEXTOKEN_FIELDS", "REFUSED", "CompletionRequest", "ChatRequest", "NextokenOptions"]
+__all__ = ["NEXTOKEN_FIELDS", "REFUSED", "ChatRequest", "CompletionRequest", "NextokenOptions"]
 
 #: SamplingParams fields a request may set in its ``nextoken`` object (their ``api`` metadata).
 NEXTOKEN_FIELDS = tuple(f.name for f in dataclasses.fields(SamplingParams) if f.metadata.get("api") == "nextoken")
 
 #: OpenAI parameters refused with a 400 until nextoken implements them (value that means "unused").
-REFUSED = {"best_of": 1, "suffix": None, "functions": None, "function_call": None, "audio": None,
-           "modalities": None, "prediction": None}
+REFUSED = {
+    "best_of": 1,
+    "suffix": None,
+    "functions": None,
+    "function_call": None,
+    "audio": None,
+    "modalities": None,
+    "prediction": None,
+}
 #: nextoken object fields that are the server's, not SamplingParams' (how a chat request takes tools).
 SERVER_FIELDS = ("tool_fallback",)
 
@@ -39,11 +46,9 @@ class StreamOptions(_Strict):
 
 
 def _nextoken_options() -> type:
-    from .. import types      # SamplingParams.__module__ is "nextoken": read its hints where they were written
-
-    hints = typing.get_type_hints(SamplingParams, globalns=vars(types))
-    fields = {name: (Optional[hints[name]], None) for name in NEXTOKEN_FIELDS}
-    fields["tool_fallback"] = (Optional[bool], None)
+    hints = typing.get_type_hints(SamplingParams)
+    fields = {name: (hints[name] | None, None) for name in NEXTOKEN_FIELDS}
+    fields["tool_fallback"] = (bool | None, None)
     model = create_model("NextokenOptions", __base__=_Strict, **fields)
     model.__doc__ = "nextoken's own parameters, as SamplingParams defines them."
     return model
@@ -53,40 +58,40 @@ NextokenOptions = _nextoken_options()
 
 
 class _Common(_Strict):
-    model: Optional[str] = None
-    max_tokens: Optional[int] = Field(None, ge=1)
-    temperature: Optional[float] = Field(None, ge=0, le=100)
-    top_p: Optional[float] = None
+    model: str | None = None
+    max_tokens: int | None = Field(None, ge=1)
+    temperature: float | None = Field(None, ge=0, le=100)
+    top_p: float | None = None
     n: int = Field(1, ge=1, le=MAX_CHOICES)
     stream: bool = False
-    stream_options: Optional[StreamOptions] = None
-    stop: Union[str, List[str], None] = None
-    presence_penalty: Optional[float] = None
-    frequency_penalty: Optional[float] = None
-    logit_bias: Optional[Dict[str, float]] = None
-    seed: Optional[int] = Field(None, ge=0)
-    user: Optional[str] = None
-    nextoken: Optional[NextokenOptions] = None  # type: ignore[valid-type]
+    stream_options: StreamOptions | None = None
+    stop: str | list[str] | None = None
+    presence_penalty: float | None = None
+    frequency_penalty: float | None = None
+    logit_bias: dict[str, float] | None = None
+    seed: int | None = Field(None, ge=0)
+    user: str | None = None
+    nextoken: NextokenOptions | None = None  # type: ignore[valid-type]
     # declared to be refused by name (REFUSED)
-    best_of: Optional[int] = None
-    response_format: Optional[Any] = None
-    tools: Optional[Any] = None
-    tool_choice: Optional[Any] = None
-    parallel_tool_calls: Optional[bool] = None
-    functions: Optional[Any] = None
-    function_call: Optional[Any] = None
-    audio: Optional[Any] = None
-    modalities: Optional[Any] = None
-    prediction: Optional[Any] = None
+    best_of: int | None = None
+    response_format: Any | None = None
+    tools: Any | None = None
+    tool_choice: Any | None = None
+    parallel_tool_calls: bool | None = None
+    functions: Any | None = None
+    function_call: Any | None = None
+    audio: Any | None = None
+    modalities: Any | None = None
+    prediction: Any | None = None
 
 
 class CompletionRequest(_Common):
     """``POST /v1/completions``: one prompt, text or token ids."""
 
-    prompt: Union[str, List[int], List[str]]
-    logprobs: Optional[int] = Field(None, ge=0, le=MAX_TOP_LOGPROBS)
+    prompt: str | list[int] | list[str]
+    logprobs: int | None = Field(None, ge=0, le=MAX_TOP_LOGPROBS)
     echo: bool = False
-    suffix: Optional[str] = None
+    suffix: str | None = None
 
 
 class TextPart(_Strict):
@@ -99,7 +104,7 @@ class Message(BaseModel):
 
     model_config = ConfigDict(extra="allow", strict=True)
     role: str
-    content: Union[str, List[TextPart], None] = None
+    content: str | list[TextPart] | None = None
 
     def text(self) -> str:
         if self.content is None:
@@ -112,7 +117,7 @@ class Message(BaseModel):
 class ChatRequest(_Common):
     """``POST /v1/chat/completions``: a conversation rendered with the model's chat template."""
 
-    messages: List[Message] = Field(min_length=1)
-    max_completion_tokens: Optional[int] = Field(None, ge=1)
+    messages: list[Message] = Field(min_length=1)
+    max_completion_tokens: int | None = Field(None, ge=1)
     logprobs: bool = False
-    top_logprobs: Optional[int] = Field(None, ge=0, le=MAX_TOP_LOGPROBS)
+    top_logprobs: int | None = Field(None, ge=0, le=MAX_TOP_LOGPROBS)

@@ -28,15 +28,16 @@ import subprocess
 import sys
 import threading
 import types
+from collections.abc import Callable
 from concurrent.futures import Future
 from multiprocessing.connection import Connection
-from typing import Any, Callable
+from typing import Any
 
 from ..errors import InvalidRequestError
 from ..plugins.structured import FIELDS, constrained_field
 from ..threads import STACK, start
 
-__all__ = ["ConstraintChecker", "StackPool", "CHECK_STACK", "BUDGET_S"]
+__all__ = ["BUDGET_S", "CHECK_STACK", "ConstraintChecker", "StackPool"]
 
 #: The stack of the checker's compiling thread: a quarter of the server's (:data:`nextoken.threads.STACK`).
 CHECK_STACK = STACK // 4
@@ -57,7 +58,7 @@ def child_main(read_fd: int, write_fd: int, memory_bytes: int = 0) -> None:
         import resource
 
         resource.setrlimit(resource.RLIMIT_AS, (memory_bytes, memory_bytes))
-        resource.setrlimit(resource.RLIMIT_CORE, (0, 0))        # a crash here is expected: no core file
+        resource.setrlimit(resource.RLIMIT_CORE, (0, 0))  # a crash here is expected: no core file
 
     conn_in, conn_out = Connection(read_fd, writable=False), Connection(write_fd, readable=False)
 
@@ -75,9 +76,12 @@ def child_main(read_fd: int, write_fd: int, memory_bytes: int = 0) -> None:
             try:
                 found = structured.grammar_of(types.SimpleNamespace(**fields))
                 problem = structured.check(found[1], vocab) if found else None
-                conn_out.send(("ok", None) if problem is None else
-                              ("error", f"the {structured.FIELDS[found[0]]} cannot be used: {problem}"))
-            except InvalidRequestError as exc:                 # its message names the field: the caller does
+                conn_out.send(
+                    ("ok", None)
+                    if problem is None
+                    else ("error", f"the {structured.FIELDS[found[0]]} cannot be used: {problem}")
+                )
+            except InvalidRequestError as exc:  # its message names the field: the caller does
                 conn_out.send(("error", str(exc).split(": ", 1)[-1]))
             except Exception as exc:  # noqa: BLE001 - whatever llguidance raises is the constraint's fault
                 conn_out.send(("error", f"the constraint cannot be used: {structured.clean(str(exc))}"))
@@ -90,7 +94,7 @@ class _Child:
 
     def __init__(self, spec: tuple, memory_bytes: int) -> None:
         self.spec, self.memory_bytes = spec, memory_bytes
-        self.lock = threading.RLock()               # a check, a start and a stop (close) exclude each other
+        self.lock = threading.RLock()  # a check, a start and a stop (close) exclude each other
         self.process: Any = None
         self.send: Any = None
         self.recv: Any = None
@@ -107,11 +111,17 @@ class _Child:
         # that imports only what checking needs; two pipes of its own, stdout left alone
         from_parent, to_child = os.pipe()
         from_child, to_parent = os.pipe()
-        code = (f"from nextoken.serving.constraints import child_main; "
-                f"child_main({from_parent}, {to_parent}, {self.memory_bytes if os.name == 'posix' else 0})")
+        code = (
+            f"from nextoken.serving.constraints import child_main; "
+            f"child_main({from_parent}, {to_parent}, {self.memory_bytes if os.name == 'posix' else 0})"
+        )
         try:
-            self.process = subprocess.Popen([sys.executable, "-c", code], pass_fds=(from_parent, to_parent),
-                                            stdin=subprocess.DEVNULL, close_fds=True)
+            self.process = subprocess.Popen(
+                [sys.executable, "-c", code],
+                pass_fds=(from_parent, to_parent),
+                stdin=subprocess.DEVNULL,
+                close_fds=True,
+            )
         finally:
             os.close(from_parent)
             os.close(to_parent)
@@ -154,8 +164,11 @@ class _Child:
             except subprocess.TimeoutExpired:
                 code = None
             self.stop()
-            return (f"the constraint is too deep or too large to compile (the checker died, exit code {code}); "
-                    "make it smaller or flatter", "died")
+            return (
+                f"the constraint is too deep or too large to compile (the checker died, exit code {code}); "
+                "make it smaller or flatter",
+                "died",
+            )
         if verdict is None:
             self.stop()
             return f"the constraint took over {budget_s:g} s to compile; make it smaller or simpler", "timeout"
@@ -169,8 +182,16 @@ class ConstraintChecker:
     each child's address space at most (a check that needs more ends it: a 400). :meth:`problem`
     says what is wrong, and with which field."""
 
-    def __init__(self, tokenizer_json: str, vocab_size: int, eos_token_ids: list[int] | None = None,
-                 budget_s: float = BUDGET_S, cache: int = 1024, memory_bytes: int = MEMORY, workers: int = 2) -> None:
+    def __init__(
+        self,
+        tokenizer_json: str,
+        vocab_size: int,
+        eos_token_ids: list[int] | None = None,
+        budget_s: float = BUDGET_S,
+        cache: int = 1024,
+        memory_bytes: int = MEMORY,
+        workers: int = 2,
+    ) -> None:
         import queue
 
         if not budget_s > 0:
@@ -209,7 +230,7 @@ class ConstraintChecker:
         try:
             child.ensure()
         except InvalidRequestError:
-            pass                                    # the next check that takes it tries again
+            pass  # the next check that takes it tries again
         with self._lock:
             if self._closed:
                 child.stop()
@@ -247,7 +268,7 @@ class ConstraintChecker:
             finally:
                 if how == "answered":
                     self._idle.put(child)
-                else:                               # started again off this request's time
+                else:  # started again off this request's time
                     threading.Thread(target=self._restart, args=(child,), daemon=True).start()
             with self._lock:
                 self.restarts += how != "answered"
@@ -265,8 +286,9 @@ class StackPool:
         import queue
 
         self._jobs: queue.SimpleQueue = queue.SimpleQueue()
-        self._threads = [start(threading.Thread(target=self._work, name=f"{name}-{i}", daemon=True), stack)
-                         for i in range(workers)]
+        self._threads = [
+            start(threading.Thread(target=self._work, name=f"{name}-{i}", daemon=True), stack) for i in range(workers)
+        ]
 
     def _work(self) -> None:
         while True:

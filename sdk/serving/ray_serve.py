@@ -32,13 +32,14 @@ from __future__ import annotations
 import logging
 import math
 import threading
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any
 
 from ..errors import NextokenError
 from ..metrics import families
 
-__all__ = ["serve_ray", "replica_deployment", "RayMetricsMirror"]
+__all__ = ["RayMetricsMirror", "replica_deployment", "serve_ray"]
 
 log = logging.getLogger("nextoken")
 
@@ -80,7 +81,7 @@ class RayMetricsMirror:
         while not self._stop.wait(self.interval):
             try:
                 self.copy()
-            except Exception as e:                   # the mirror must never take serving down
+            except Exception as e:  # the mirror must never take serving down
                 log.warning("copying metrics to Ray failed (%s); trying again in %ss", e, self.interval)
 
     def copy(self) -> None:
@@ -94,8 +95,9 @@ class RayMetricsMirror:
                     bounds = [float(b) for b, _ in value["buckets"][:-1]]
                 if metric is None:
                     if family.kind == "histogram":
-                        metric = ray_metrics.Histogram(family.name, family.doc, boundaries=bounds,
-                                                       tag_keys=family.labels)
+                        metric = ray_metrics.Histogram(
+                            family.name, family.doc, boundaries=bounds, tag_keys=family.labels
+                        )
                     else:
                         kind = ray_metrics.Counter if family.kind == "counter" else ray_metrics.Gauge
                         metric = kind(family.name, family.doc, tag_keys=family.labels)
@@ -124,9 +126,17 @@ def in_buckets(bounds: Sequence[float], now: Sequence[int], before: Sequence[int
     return [v for v, n in zip(values, gained) for _ in range(n)]
 
 
-def replica_deployment(package: str, *, replicas: int = 2, max_batch: int = 8, model_name: str | None = None,
-                       engine_options: dict[str, Any] | None = None, scheduler_options: dict[str, Any] | None = None,
-                       options: Any = None, metrics_interval: float = 5.0) -> Any:
+def replica_deployment(
+    package: str,
+    *,
+    replicas: int = 2,
+    max_batch: int = 8,
+    model_name: str | None = None,
+    engine_options: dict[str, Any] | None = None,
+    scheduler_options: dict[str, Any] | None = None,
+    options: Any = None,
+    metrics_interval: float = 5.0,
+) -> Any:
     """A bound Ray Serve application: ``replicas`` copies of one engine + scheduler + app each,
     made as ``nextoken serve`` makes its one (``engine_options``: :class:`~nextoken.Engine`
     arguments, ``threads`` the CPUs each replica asks of Ray; ``scheduler_options``: more
@@ -162,15 +172,31 @@ def replica_deployment(package: str, *, replicas: int = 2, max_batch: int = 8, m
             if scheduler is not None:
                 scheduler.close()
 
-    deployment = serve.deployment(NextokenReplica, name="nextoken", num_replicas=replicas,
-                                  ray_actor_options={"num_cpus": engine_options["threads"] or 1})
+    deployment = serve.deployment(
+        NextokenReplica,
+        name="nextoken",
+        num_replicas=replicas,
+        ray_actor_options={"num_cpus": engine_options["threads"] or 1},
+    )
     return deployment.bind()
 
 
-def serve_ray(package: str, *, host: str = "127.0.0.1", port: int = 8000, replicas: int = 2, max_batch: int = 8,
-              model_name: str | None = None, address: str | None = None, blocking: bool = True,
-              engine_options: dict[str, Any] | None = None, scheduler_options: dict[str, Any] | None = None,
-              options: Any = None, metrics_port: int | None = None, metrics_interval: float = 5.0) -> None:
+def serve_ray(
+    package: str,
+    *,
+    host: str = "127.0.0.1",
+    port: int = 8000,
+    replicas: int = 2,
+    max_batch: int = 8,
+    model_name: str | None = None,
+    address: str | None = None,
+    blocking: bool = True,
+    engine_options: dict[str, Any] | None = None,
+    scheduler_options: dict[str, Any] | None = None,
+    options: Any = None,
+    metrics_port: int | None = None,
+    metrics_interval: float = 5.0,
+) -> None:
     """Start (or join, with ``address``) Ray, and serve ``package`` from ``replicas`` replicas on
     ``host:port`` (``metrics_port``: where a Ray started here serves its metrics export; a cluster's
     nodes take ``ray start --metrics-export-port``; the rest: :func:`replica_deployment`'s)."""
@@ -180,10 +206,25 @@ def serve_ray(package: str, *, host: str = "127.0.0.1", port: int = 8000, replic
         if address:
             ray.init(address=address)
         else:
-            ray.init(include_dashboard=False, _node_ip_address="127.0.0.1", configure_logging=False,
-                     _metrics_export_port=metrics_port)
+            ray.init(
+                include_dashboard=False,
+                _node_ip_address="127.0.0.1",
+                configure_logging=False,
+                _metrics_export_port=metrics_port,
+            )
     serve.start(http_options={"host": host, "port": port})
-    serve.run(replica_deployment(package, replicas=replicas, max_batch=max_batch, model_name=model_name,
-                                 engine_options=engine_options, scheduler_options=scheduler_options, options=options,
-                                 metrics_interval=metrics_interval),
-              name="nextoken", route_prefix="/", blocking=blocking)
+    serve.run(
+        replica_deployment(
+            package,
+            replicas=replicas,
+            max_batch=max_batch,
+            model_name=model_name,
+            engine_options=engine_options,
+            scheduler_options=scheduler_options,
+            options=options,
+            metrics_interval=metrics_interval,
+        ),
+        name="nextoken",
+        route_prefix="/",
+        blocking=blocking,
+    )

@@ -22,7 +22,6 @@ leaves one out gets the model's value, as vLLM does.
 """
 # No `from __future__ import annotations` here: FastAPI reads the endpoints' annotations at run time.
 
-
 import asyncio
 import dataclasses
 import json
@@ -30,29 +29,42 @@ import logging
 import os
 import time
 import uuid
+from collections.abc import Mapping
 from pathlib import Path
-from typing import Any, Mapping
+from typing import Any
 
 from ..errors import InvalidRequestError, ModelPackageError, NextokenError, PluginError, SchedulerStoppedError
-from ..types import Completion, SamplingParams
 from ..scheduler import RequestHandle, Scheduler
 from ..toolcalls import ToolRequest
+from ..types import Completion, SamplingParams
 from .constraints import BUDGET_S
 
-__all__ = ["create_app", "Service", "ServeOptions", "serve", "sampling_defaults", "load_drafts"]
+__all__ = ["ServeOptions", "Service", "create_app", "load_drafts", "sampling_defaults", "serve"]
 
 log = logging.getLogger("nextoken.serving.server")
 
 #: OpenAI's finish reasons for nextoken's.
-FINISH = {"stop": "stop", "length": "length", "context": "length", "deadline": "length", "cancelled": "stop",
-          "tool_calls": "tool_calls"}
+FINISH = {
+    "stop": "stop",
+    "length": "length",
+    "context": "length",
+    "deadline": "length",
+    "cancelled": "stop",
+    "tool_calls": "tool_calls",
+}
 #: generation_config.json keys the server takes as sampling defaults, and their SamplingParams names
 GENERATION_DEFAULTS = ("temperature", "top_p", "top_k", "min_p", "repetition_penalty")
 
 
 class APIError(Exception):
-    def __init__(self, status: int, message: str, kind: str = "invalid_request_error", param: str | None = None,
-                 code: str | None = None) -> None:
+    def __init__(
+        self,
+        status: int,
+        message: str,
+        kind: str = "invalid_request_error",
+        param: str | None = None,
+        code: str | None = None,
+    ) -> None:
         super().__init__(message)
         self.status, self.message, self.kind, self.param, self.code = status, message, kind, param, code
 
@@ -64,8 +76,11 @@ def sampling_defaults(package: Path) -> dict[str, float]:
         config = json.loads(path.read_text()) if path.is_file() else {}
     except (OSError, ValueError):
         return {}
-    return {k: config[k] for k in GENERATION_DEFAULTS
-            if isinstance(config.get(k), (int, float)) and not isinstance(config.get(k), bool)}
+    return {
+        k: config[k]
+        for k in GENERATION_DEFAULTS
+        if isinstance(config.get(k), (int, float)) and not isinstance(config.get(k), bool)
+    }
 
 
 def _parse(raw: bytes, schema):
@@ -99,8 +114,15 @@ def _params(req, chat: bool, defaults: dict[str, float]) -> SamplingParams:
             raise APIError(400, f"{name} is not supported by this server yet; leave it out", param=name)
     from .api_schema import SERVER_FIELDS
 
-    extras = ({k: getattr(req.nextoken, k) for k in req.nextoken.model_fields_set
-               if getattr(req.nextoken, k) is not None and k not in SERVER_FIELDS} if req.nextoken else {})
+    extras = (
+        {
+            k: getattr(req.nextoken, k)
+            for k in req.nextoken.model_fields_set
+            if getattr(req.nextoken, k) is not None and k not in SERVER_FIELDS
+        }
+        if req.nextoken
+        else {}
+    )
     max_tokens = (req.max_completion_tokens or req.max_tokens) if chat else (req.max_tokens or 16)
     if chat:
         logprobs = (req.top_logprobs or 0) if req.logprobs else None
@@ -109,15 +131,28 @@ def _params(req, chat: bool, defaults: dict[str, float]) -> SamplingParams:
     else:
         logprobs = req.logprobs
     stop = (req.stop,) if isinstance(req.stop, str) else tuple(req.stop or ())
-    kwargs: dict[str, Any] = {**{k: v for k, v in defaults.items()
-                                 if k in ("top_k", "min_p", "repetition_penalty", "speculative") and k not in extras},
-                              **extras}
+    kwargs: dict[str, Any] = {
+        **{
+            k: v
+            for k, v in defaults.items()
+            if k in ("top_k", "min_p", "repetition_penalty", "speculative") and k not in extras
+        },
+        **extras,
+    }
     temperature = req.temperature if req.temperature is not None else defaults.get("temperature", 1.0)
     top_p = req.top_p if req.top_p is not None else defaults.get("top_p", 1.0)
-    kwargs.update(temperature=temperature, top_p=top_p, stop=stop, seed=req.seed, top_logprobs=logprobs, n=req.n,
-                  response_format=req.response_format,
-                  presence_penalty=req.presence_penalty or 0.0, frequency_penalty=req.frequency_penalty or 0.0,
-                  logit_bias=req.logit_bias or {})
+    kwargs.update(
+        temperature=temperature,
+        top_p=top_p,
+        stop=stop,
+        seed=req.seed,
+        top_logprobs=logprobs,
+        n=req.n,
+        response_format=req.response_format,
+        presence_penalty=req.presence_penalty or 0.0,
+        frequency_penalty=req.frequency_penalty or 0.0,
+        logit_bias=req.logit_bias or {},
+    )
     if max_tokens is not None:
         kwargs["max_new_tokens"] = max_tokens
     if kwargs["temperature"] == 0:
@@ -139,17 +174,26 @@ def _completion_logprobs(items: list, offset: int) -> dict:
     for lp in items:
         offsets.append(at)
         at += len(lp.token)
-    return {"tokens": [lp.token for lp in items], "token_logprobs": [lp.logprob for lp in items],
-            "top_logprobs": [{t: v for _, t, v in lp.top} for lp in items], "text_offset": offsets}
+    return {
+        "tokens": [lp.token for lp in items],
+        "token_logprobs": [lp.logprob for lp in items],
+        "top_logprobs": [{t: v for _, t, v in lp.top} for lp in items],
+        "text_offset": offsets,
+    }
 
 
 def _chat_logprobs(items: list) -> dict:
     """OpenAI's chat ``logprobs`` object (``content``: one entry per token, with its alternatives)."""
+
     def entry(token: str, logprob: float) -> dict:
         return {"token": token, "logprob": logprob, "bytes": list(token.encode("utf-8", "surrogatepass"))}
 
-    return {"content": [{**entry(lp.token, lp.logprob), "top_logprobs": [entry(t, v) for _, t, v in lp.top]}
-                        for lp in items], "refusal": None}
+    return {
+        "content": [
+            {**entry(lp.token, lp.logprob), "top_logprobs": [entry(t, v) for _, t, v in lp.top]} for lp in items
+        ],
+        "refusal": None,
+    }
 
 
 def _failure(exc: NextokenError) -> APIError:
@@ -211,8 +255,10 @@ def load_drafts(engine: Any, drafts: Mapping[str, str]) -> dict[str, str]:
         except InvalidRequestError as exc:
             raise NextokenError(f"--draft {name}={path}: {exc}") from None
         if draft.manifest.vocab_size != engine.manifest.vocab_size:
-            raise NextokenError(f"--draft {name}={path}: its vocabulary ({draft.manifest.vocab_size} tokens) is not the "
-                                f"served model's ({engine.manifest.vocab_size}); a draft must share the tokenizer")
+            raise NextokenError(
+                f"--draft {name}={path}: its vocabulary ({draft.manifest.vocab_size} tokens) is not the "
+                f"served model's ({engine.manifest.vocab_size}); a draft must share the tokenizer"
+            )
         out[name] = path
     return out
 
@@ -232,10 +278,14 @@ class Service:
         self.options = options
         self.scheduler, self.engine, self.model_name = scheduler, scheduler.engine, model_name
         self.api_key, self.max_body_bytes, self.max_pending, self.body_timeout_s = (
-            options.api_key, options.max_body_bytes, options.max_pending, options.body_timeout_s)
+            options.api_key,
+            options.max_body_bytes,
+            options.max_pending,
+            options.body_timeout_s,
+        )
         self.defaults: dict[str, Any] = sampling_defaults(self.engine.path)
         self.drafts = load_drafts(self.engine, options.drafts)
-        if options.speculative:               # the server's default; a request's own nextoken.speculative wins
+        if options.speculative:  # the server's default; a request's own nextoken.speculative wins
             self.defaults["speculative"] = self.check_speculative(options.speculative)
         # Waiting on a request's events blocks a thread; give every request in hand one (the default
         # executor has only cpu_count + 4, which would couple unrelated streams).
@@ -258,8 +308,9 @@ class Service:
         would be; an error naming --speculative otherwise."""
         spec = dict(spec)
         try:
-            self.engine.start([self.engine.pad_token_id],
-                              SamplingParams(max_new_tokens=1, speculative=self.with_draft_path(spec)))
+            self.engine.start(
+                [self.engine.pad_token_id], SamplingParams(max_new_tokens=1, speculative=self.with_draft_path(spec))
+            )
         except NextokenError as exc:
             raise NextokenError(f"--speculative {spec}: {exc}") from None
         return spec
@@ -291,8 +342,12 @@ class Service:
         """The error response for a request without the API key or with a declared body over the
         limit, else None."""
         if self.api_key is not None and request.url.path != "/health" and not self.authorized(request):
-            return _error(401, "missing or wrong API key (Authorization: Bearer ...)", "authentication_error",
-                          code="invalid_api_key")
+            return _error(
+                401,
+                "missing or wrong API key (Authorization: Bearer ...)",
+                "authentication_error",
+                code="invalid_api_key",
+            )
         length = request.headers.get("content-length")
         if length is not None and length.isdigit() and int(length) > self.max_body_bytes:
             return _error(413, f"request body over {self.max_body_bytes} bytes", code="request_too_large")
@@ -318,8 +373,9 @@ class Service:
             except StopAsyncIteration:
                 break
             except asyncio.TimeoutError:
-                raise APIError(408, f"the request body stalled for {self.body_timeout_s:g} s",
-                               code="request_timeout") from None
+                raise APIError(
+                    408, f"the request body stalled for {self.body_timeout_s:g} s", code="request_timeout"
+                ) from None
             except ClientDisconnect:
                 raise _ClientGone() from None
             size += len(chunk)
@@ -332,19 +388,31 @@ class Service:
         """The body validated against ``schema``, for this server's model."""
         body = _parse(raw, schema)
         if body.model not in (None, self.model_name):
-            raise APIError(404, f"model {body.model!r} is not served here; GET /v1/models lists {self.model_name!r}",
-                           code="model_not_found", param="model")
+            raise APIError(
+                404,
+                f"model {body.model!r} is not served here; GET /v1/models lists {self.model_name!r}",
+                code="model_not_found",
+                param="model",
+            )
         return body
 
     def submit(self, prompt: Any, params: SamplingParams) -> RequestHandle:
         """Hand a request to the scheduler, or the 400/503 that says why not."""
         scheduler, window = self.scheduler, self.scheduler.max_sequence_length
         if params.max_new_tokens > window:
-            raise APIError(400, f"max_tokens {params.max_new_tokens} is more than a whole sequence may hold here "
-                                f"({window} tokens); ask for at most {window}", param="max_tokens")
+            raise APIError(
+                400,
+                f"max_tokens {params.max_new_tokens} is more than a whole sequence may hold here "
+                f"({window} tokens); ask for at most {window}",
+                param="max_tokens",
+            )
         if not scheduler.alive:
-            raise APIError(503, f"the server cannot take requests: {scheduler.error or 'its scheduler is closed'}",
-                           "server_error", code="scheduler_stopped")
+            raise APIError(
+                503,
+                f"the server cannot take requests: {scheduler.error or 'its scheduler is closed'}",
+                "server_error",
+                code="scheduler_stopped",
+            )
         if scheduler.running + scheduler.waiting >= self.max_pending:
             raise APIError(503, f"the server has {self.max_pending} requests in hand; retry later", "server_busy")
         try:
@@ -361,8 +429,14 @@ class Service:
         from fastapi.responses import JSONResponse
 
         scheduler = self.scheduler
-        body = {"status": "ok", "model": self.model_name, "running": scheduler.running, "waiting": scheduler.waiting,
-                "ended": dict(scheduler.ended), "max_sequence_length": scheduler.max_sequence_length}
+        body = {
+            "status": "ok",
+            "model": self.model_name,
+            "running": scheduler.running,
+            "waiting": scheduler.waiting,
+            "ended": dict(scheduler.ended),
+            "max_sequence_length": scheduler.max_sequence_length,
+        }
         if not scheduler.alive:
             body["status"] = "failed"
             body["error"] = str(scheduler.error or "the scheduler is closed")
@@ -384,7 +458,9 @@ class Service:
             from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, generate_latest
             from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, HistogramMetricFamily
         except ImportError:
-            raise APIError(501, "metrics need prometheus_client: pip install 'nextoken[serve]'", "server_error") from None
+            raise APIError(
+                501, "metrics need prometheus_client: pip install 'nextoken[serve]'", "server_error"
+            ) from None
         from ..metrics import families
 
         kinds = {"counter": CounterMetricFamily, "gauge": GaugeMetricFamily, "histogram": HistogramMetricFamily}
@@ -408,8 +484,10 @@ class Service:
         return generate_latest(registry), CONTENT_TYPE_LATEST
 
     def models(self) -> dict:
-        return {"object": "list", "data": [{"id": self.model_name, "object": "model", "created": self.created,
-                                            "owned_by": "nextoken"}]}
+        return {
+            "object": "list",
+            "data": [{"id": self.model_name, "object": "model", "created": self.created, "owned_by": "nextoken"}],
+        }
 
     async def completions(self, request):
         raw = await self.read(request)
@@ -426,13 +504,15 @@ class Service:
         prompt = req.prompt
         if isinstance(prompt, list) and prompt and all(isinstance(p, str) for p in prompt):
             if len(prompt) != 1:
-                raise APIError(400, "prompt: one prompt per request (a list of one string, or of token ids)",
-                               param="prompt")
+                raise APIError(
+                    400, "prompt: one prompt per request (a list of one string, or of token ids)", param="prompt"
+                )
             prompt = prompt[0]
         params = self.params(req, False)
         if req.echo and params.top_logprobs is not None:
-            raise APIError(400, "echo with logprobs is not supported (it needs the prompt's log-probabilities)",
-                           param="echo")
+            raise APIError(
+                400, "echo with logprobs is not supported (it needs the prompt's log-probabilities)", param="echo"
+            )
         handle = self.submit(prompt, params)
         echo = ""
         if req.echo:
@@ -457,9 +537,14 @@ class Service:
             except InvalidRequestError as exc:
                 raise APIError(400, str(exc), param="tool_choice") from None
             self.check_constraint(params, "tool_choice")
-        messages = [{"role": m.role, "content": m.text(), **{k: v for k, v in (m.model_extra or {}).items()
-                                                              if k in ("tool_calls", "tool_call_id", "name")}}
-                    for m in req.messages]
+        messages = [
+            {
+                "role": m.role,
+                "content": m.text(),
+                **{k: v for k, v in (m.model_extra or {}).items() if k in ("tool_calls", "tool_call_id", "name")},
+            }
+            for m in req.messages
+        ]
         try:
             ids = self.engine.apply_chat_template(messages, tools=tools)
         except (InvalidRequestError, ModelPackageError) as exc:
@@ -475,8 +560,12 @@ class Service:
         constraint checked (:meth:`check_constraint`)."""
         options = req.nextoken.options if req.nextoken is not None and req.nextoken.options else {}
         if "draft" in options:
-            raise APIError(400, "nextoken.options.draft: the draft model's settings are the server's "
-                                "(nextoken serve --draft NAME=PATH)", param="nextoken.options")
+            raise APIError(
+                400,
+                "nextoken.options.draft: the draft model's settings are the server's "
+                "(nextoken serve --draft NAME=PATH)",
+                param="nextoken.options",
+            )
         params = _params(req, chat, self.defaults)
         try:
             params = params.replace(speculative=self.with_draft_path(params.speculative))
@@ -508,8 +597,16 @@ class Service:
         return tools if tools.active else None
 
     # -- answers ---------------------------------------------------------------------------------------
-    async def respond(self, request, handle: RequestHandle, chat: bool, stream: bool, include_usage: bool,
-                      echo: str = "", tools: ToolRequest | None = None):
+    async def respond(
+        self,
+        request,
+        handle: RequestHandle,
+        chat: bool,
+        stream: bool,
+        include_usage: bool,
+        echo: str = "",
+        tools: ToolRequest | None = None,
+    ):
         """The stream, or the whole answer, of one submitted request, in the OpenAI shape (with
         ``tools``: its calls parsed out of its text)."""
         rid = f"{'chatcmpl' if chat else 'cmpl'}-{uuid.uuid4().hex[:24]}"
@@ -521,8 +618,11 @@ class Service:
             tools.finish(completions)
         choices = []
         for index, c in enumerate(completions):
-            choice: dict[str, Any] = {"index": index, "finish_reason": FINISH.get(c.finish_reason, c.finish_reason),
-                                      "logprobs": _logprobs(c.logprobs, chat, len(echo))}
+            choice: dict[str, Any] = {
+                "index": index,
+                "finish_reason": FINISH.get(c.finish_reason, c.finish_reason),
+                "logprobs": _logprobs(c.logprobs, chat, len(echo)),
+            }
             if chat:
                 choice["message"] = {"role": "assistant", "content": c.text if c.text or not c.tool_calls else None}
                 if c.tool_calls:
@@ -530,9 +630,15 @@ class Service:
             else:
                 choice["text"] = echo + c.text
             choices.append(choice)
-        return {"id": rid, "object": "chat.completion" if chat else "text_completion", "created": int(time.time()),
-                "model": self.model_name, "choices": choices, "usage": _usage(completions),
-                "nextoken": _extras(completions)}
+        return {
+            "id": rid,
+            "object": "chat.completion" if chat else "text_completion",
+            "created": int(time.time()),
+            "model": self.model_name,
+            "choices": choices,
+            "usage": _usage(completions),
+            "nextoken": _extras(completions),
+        }
 
     async def wait_or_cancel(self, request, handle: RequestHandle, rid: str) -> list[Completion]:
         """Every choice's completion, unless the client goes away first (then the request is cancelled)."""
@@ -557,8 +663,15 @@ class Service:
         except NextokenError as exc:
             raise _failure(exc) from None
 
-    def stream(self, handle: RequestHandle, chat: bool, rid: str, include_usage: bool, echo: str = "",
-               tools: ToolRequest | None = None):
+    def stream(
+        self,
+        handle: RequestHandle,
+        chat: bool,
+        rid: str,
+        include_usage: bool,
+        echo: str = "",
+        tools: ToolRequest | None = None,
+    ):
         """Server-sent events of one request: a chunk per text delta, usage at the end when asked.
         With ``tools`` the text is held until the answer ends, then sent as content or as tool-call
         deltas (a call whole in one delta: id, name and arguments)."""
@@ -581,12 +694,14 @@ class Service:
         async def events():
             loop = asyncio.get_running_loop()
             iterator = iter(handle)
-            offsets = [len(echo)] * n                      # each choice's text so far
-            first = [True] * n         # a choice's first token is always sent, even while its text is held back
+            offsets = [len(echo)] * n  # each choice's text so far
+            first = [True] * n  # a choice's first token is always sent, even while its text is held back
             try:
                 for index in range(n):
                     if chat:
-                        yield chunk([{"index": index, "delta": {"role": "assistant", "content": ""}, "finish_reason": None}])
+                        yield chunk(
+                            [{"index": index, "delta": {"role": "assistant", "content": ""}, "finish_reason": None}]
+                        )
                     elif echo:
                         yield chunk([{"index": index, "text": echo, "logprobs": None, "finish_reason": None}])
                 while tools is None:
@@ -625,7 +740,7 @@ class Service:
             finally:
                 if not handle.done:
                     log.info("client of %s went away mid-stream; its request is cancelled", rid)
-                    handle.cancel()          # the client went away mid-stream
+                    handle.cancel()  # the client went away mid-stream
 
         return StreamingResponse(events(), media_type="text/event-stream")
 
@@ -637,8 +752,11 @@ def _tool_chunks(completions: list[Completion]):
         if c.text:
             yield {"index": index, "delta": {"content": c.text}, "finish_reason": None}
         if c.tool_calls:
-            yield {"index": index, "finish_reason": None, "delta": {"tool_calls": [
-                {"index": k, **call.to_dict()} for k, call in enumerate(c.tool_calls)]}}
+            yield {
+                "index": index,
+                "finish_reason": None,
+                "delta": {"tool_calls": [{"index": k, **call.to_dict()} for k, call in enumerate(c.tool_calls)]},
+            }
         yield {"index": index, "delta": {}, "finish_reason": FINISH.get(c.finish_reason, c.finish_reason)}
 
 
@@ -646,16 +764,26 @@ def _usage(completions: list[Completion]) -> dict:
     """OpenAI's usage of a request: its prompt counted once, every choice's tokens."""
     prompt = completions[0].usage.prompt_tokens
     generated = sum(c.usage.completion_tokens for c in completions)
-    return {"prompt_tokens": prompt, "completion_tokens": generated, "total_tokens": prompt + generated,
-            "prompt_tokens_details": {"cached_tokens": completions[0].usage.cached_tokens}}
+    return {
+        "prompt_tokens": prompt,
+        "completion_tokens": generated,
+        "total_tokens": prompt + generated,
+        "prompt_tokens_details": {"cached_tokens": completions[0].usage.cached_tokens},
+    }
 
 
 def _extras(completions: list[Completion]) -> dict:
     """nextoken's own: the first choice's stop detail, ids, full usage and cost, and with ``n`` > 1
     the same for every choice (``choices``)."""
+
     def one(c: Completion) -> dict:
-        return {"finish_reason": c.finish_reason, "stop_detail": c.stop_detail, "token_ids": list(c.token_ids),
-                "usage": c.usage.to_dict(), "cost": {k: v.to_dict() for k, v in c.cost.items()}}
+        return {
+            "finish_reason": c.finish_reason,
+            "stop_detail": c.stop_detail,
+            "token_ids": list(c.token_ids),
+            "usage": c.usage.to_dict(),
+            "cost": {k: v.to_dict() for k, v in c.cost.items()},
+        }
 
     out = one(completions[0])
     if len(completions) > 1:
@@ -685,8 +813,9 @@ def create_app(scheduler: Scheduler, model_name: str, options: ServeOptions | No
     except TypeError as exc:
         raise InvalidRequestError(f"create_app: {exc}") from None
     service = Service(scheduler, model_name, options)
-    app = FastAPI(title="nextoken", version="1", docs_url=None, redoc_url=None, openapi_url=None,
-                  on_shutdown=[service.close])
+    app = FastAPI(
+        title="nextoken", version="1", docs_url=None, redoc_url=None, openapi_url=None, on_shutdown=[service.close]
+    )
     app.state.service = service
 
     @app.exception_handler(APIError)
@@ -703,8 +832,11 @@ def create_app(scheduler: Scheduler, model_name: str, options: ServeOptions | No
 
     @app.exception_handler(_ClientGone)
     async def _gone(request, _exc):
-        log.info("client %s disconnected before its request body arrived (%s)",
-                 request.client.host if request.client else "?", request.url.path)
+        log.info(
+            "client %s disconnected before its request body arrived (%s)",
+            request.client.host if request.client else "?",
+            request.url.path,
+        )
         return _error(499, "client closed the request", code="client_closed")
 
     @app.middleware("http")
@@ -748,9 +880,17 @@ def create_app(scheduler: Scheduler, model_name: str, options: ServeOptions | No
     return app
 
 
-def serve(package: str, host: str = "127.0.0.1", port: int = 8000, max_batch: int = 8, model_name: str | None = None,
-          engine_options: dict[str, Any] | None = None, scheduler_options: dict[str, Any] | None = None,
-          options: ServeOptions | None = None, header_timeout_s: float = 10.0) -> None:
+def serve(
+    package: str,
+    host: str = "127.0.0.1",
+    port: int = 8000,
+    max_batch: int = 8,
+    model_name: str | None = None,
+    engine_options: dict[str, Any] | None = None,
+    scheduler_options: dict[str, Any] | None = None,
+    options: ServeOptions | None = None,
+    header_timeout_s: float = 10.0,
+) -> None:
     """Load ``package`` and serve it until interrupted. ``engine_options``: :class:`~nextoken.Engine`
     arguments (``device``, ``threads``, ``spin``, ``tf32``, the prefix cache's); ``scheduler_options``:
     more :class:`~nextoken.Scheduler` arguments (``max_prefill_tokens``, ``kv_backend``,
@@ -770,17 +910,30 @@ def serve(package: str, host: str = "127.0.0.1", port: int = 8000, max_batch: in
     with engine, Scheduler(engine, max_batch=max_batch, **(scheduler_options or {})) as scheduler:
         app = create_app(scheduler, name, options)
         if app.state.service.checker is not None:
-            app.state.service.checker.start()    # the first constrained request does not wait for it
-        slots = (f"{scheduler.max_batch} slots of {scheduler.slot_length} positions"
-                 if scheduler.kv_backend == "slots" else f"batches of up to {scheduler.max_batch}")
-        print(f"nextoken: serving {name} ({engine.path}) at http://{host}:{port}/v1 on {engine.device.provider}; "
-              f"KV backend {scheduler.kv_backend}, {slots}; spin {'on' if engine.spin else 'off'} ({engine.spin_reason})"
-              + ("; API key required" if options.api_key else "")
-              + (f"; drafts {', '.join(options.drafts)}" if options.drafts else ""),
-              flush=True)
+            app.state.service.checker.start()  # the first constrained request does not wait for it
+        slots = (
+            f"{scheduler.max_batch} slots of {scheduler.slot_length} positions"
+            if scheduler.kv_backend == "slots"
+            else f"batches of up to {scheduler.max_batch}"
+        )
+        print(
+            f"nextoken: serving {name} ({engine.path}) at http://{host}:{port}/v1 on {engine.device.provider}; "
+            f"KV backend {scheduler.kv_backend}, {slots}; spin {'on' if engine.spin else 'off'} ({engine.spin_reason})"
+            + ("; API key required" if options.api_key else "")
+            + (f"; drafts {', '.join(options.drafts)}" if options.drafts else ""),
+            flush=True,
+        )
         logging.basicConfig(level=logging.INFO, format="%(levelname)s: %(message)s")
-        uvicorn.run(app, host=host, port=port, log_level=None, access_log=True, timeout_keep_alive=5,
-                    log_config=_LOG_CONFIG, http=_head_timeout_protocol(header_timeout_s))
+        uvicorn.run(
+            app,
+            host=host,
+            port=port,
+            log_level=None,
+            access_log=True,
+            timeout_keep_alive=5,
+            log_config=_LOG_CONFIG,
+            http=_head_timeout_protocol(header_timeout_s),
+        )
 
 
 def _head_timeout_protocol(seconds: float):
@@ -802,8 +955,11 @@ def _head_timeout_protocol(seconds: float):
 
         def _expired(self) -> None:
             if self.cycle is None or self.cycle.response_complete:
-                log.info("closed a connection from %s that sent no whole request in %g s",
-                         self.client[0] if self.client else "?", seconds)
+                log.info(
+                    "closed a connection from %s that sent no whole request in %g s",
+                    self.client[0] if self.client else "?",
+                    seconds,
+                )
                 self.transport.close()
 
         def connection_made(self, transport) -> None:
@@ -813,7 +969,7 @@ def _head_timeout_protocol(seconds: float):
         def data_received(self, data: bytes) -> None:
             super().data_received(data)
             if self.cycle is not None and not self.cycle.response_complete:
-                self._disarm()              # a request is in hand: its body has its own timeout
+                self._disarm()  # a request is in hand: its body has its own timeout
 
         def on_response_complete(self) -> None:
             super().on_response_complete()
@@ -828,10 +984,17 @@ def _head_timeout_protocol(seconds: float):
 
 #: uvicorn's loggers: its own at warning, the access log (one line a request) at info.
 _LOG_CONFIG = {
-    "version": 1, "disable_existing_loggers": False,
-    "formatters": {"access": {"()": "uvicorn.logging.AccessFormatter",
-                              "fmt": '%(client_addr)s - "%(request_line)s" %(status_code)s'}},
+    "version": 1,
+    "disable_existing_loggers": False,
+    "formatters": {
+        "access": {
+            "()": "uvicorn.logging.AccessFormatter",
+            "fmt": '%(client_addr)s - "%(request_line)s" %(status_code)s',
+        }
+    },
     "handlers": {"access": {"class": "logging.StreamHandler", "formatter": "access", "stream": "ext://sys.stderr"}},
-    "loggers": {"uvicorn.access": {"handlers": ["access"], "level": "INFO", "propagate": False},
-                "uvicorn.error": {"level": "WARNING"}},
+    "loggers": {
+        "uvicorn.access": {"handlers": ["access"], "level": "INFO", "propagate": False},
+        "uvicorn.error": {"level": "WARNING"},
+    },
 }

@@ -9,9 +9,10 @@ import os
 import statistics
 import subprocess
 import sys
+from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any
 
 import numpy as np
 
@@ -19,16 +20,37 @@ from ..engine import Engine
 from ..errors import InvalidRequestError, NextokenError
 from ..types import SamplingParams
 
-__all__ = ["run_bench", "BenchRow", "BenchReport", "CHAIN", "run_compare", "CompareReport", "PeerRow", "PEERS",
-           "run_speculative", "SpeculativeReport"]
+__all__ = [
+    "CHAIN",
+    "PEERS",
+    "BenchReport",
+    "BenchRow",
+    "CompareReport",
+    "PeerRow",
+    "SpeculativeReport",
+    "run_bench",
+    "run_compare",
+    "run_speculative",
+]
 
 #: The full built-in chain: every processor that changes a distribution, sampling, two stop strings.
-CHAIN = dict(temperature=0.8, top_k=50, top_p=0.9, repetition_penalty=1.1, seed=0,
-             stop=("<<no such stop>>", "THE END OF IT ALL"))
+CHAIN = dict(
+    temperature=0.8, top_k=50, top_p=0.9, repetition_penalty=1.1, seed=0, stop=("<<no such stop>>", "THE END OF IT ALL")
+)
 #: Constrained decoding: a JSON schema whose free string field outlasts any run (greedy, EOS ignored).
-CONSTRAINED = dict(response_format={"type": "json_schema", "json_schema": {"name": "bench", "schema": {
-    "type": "object", "properties": {"title": {"type": "string"}, "story": {"type": "string"}},
-    "required": ["title", "story"]}}})
+CONSTRAINED = dict(
+    response_format={
+        "type": "json_schema",
+        "json_schema": {
+            "name": "bench",
+            "schema": {
+                "type": "object",
+                "properties": {"title": {"type": "string"}, "story": {"type": "string"}},
+                "required": ["title", "story"],
+            },
+        },
+    }
+)
 
 
 @dataclass
@@ -40,11 +62,11 @@ class BenchRow:
     prompt_tokens: int
     new_tokens: int
     prefill_ms: float
-    decode_tokens_per_s: float      # per sequence
-    total_tokens_per_s: float       # the batch together
-    step_ms: float                  # one decode step, wall
-    model_step_ms: float            # of which inside session.run
-    outside_step_ms: float          # of which everything else: processors, sampling, stops, text
+    decode_tokens_per_s: float  # per sequence
+    total_tokens_per_s: float  # the batch together
+    step_ms: float  # one decode step, wall
+    model_step_ms: float  # of which inside session.run
+    outside_step_ms: float  # of which everything else: processors, sampling, stops, text
 
     @property
     def outside_share(self) -> float:
@@ -62,9 +84,14 @@ class BenchReport:
     hooks: dict[int, dict[str, float]] = field(default_factory=dict)
 
     def to_dict(self) -> dict[str, Any]:
-        return {"package": self.package, "device": self.device, "threads": self.threads, "spin": self.spin,
-                "rows": [{**asdict(r), "outside_share": r.outside_share} for r in self.rows],
-                "hooks_ms_per_step": {str(b): h for b, h in self.hooks.items()}}
+        return {
+            "package": self.package,
+            "device": self.device,
+            "threads": self.threads,
+            "spin": self.spin,
+            "rows": [{**asdict(r), "outside_share": r.outside_share} for r in self.rows],
+            "hooks_ms_per_step": {str(b): h for b, h in self.hooks.items()},
+        }
 
     def hook_table(self) -> str:
         """Time per decode step in each plugin of the chain, at each batch size, and its share of the step."""
@@ -73,8 +100,10 @@ class BenchReport:
         batches = sorted(self.hooks)
         steps = {r.batch: r.step_ms for r in self.rows if r.setting == "chain"}
         names = sorted({k for h in self.hooks.values() for k in h}, key=lambda k: -self.hooks[batches[0]].get(k, 0.0))
-        lines = ["per hook, ms per decode step (share of the chain's step)",
-                 f"{'hook':36}" + "".join(f" {'batch ' + str(b):>17}" for b in batches)]
+        lines = [
+            "per hook, ms per decode step (share of the chain's step)",
+            f"{'hook':36}" + "".join(f" {'batch ' + str(b):>17}" for b in batches),
+        ]
         for name in names + ["all plugins"]:
             cells = []
             for b in batches:
@@ -85,10 +114,14 @@ class BenchReport:
         return "\n".join(lines)
 
     def table(self) -> str:
-        head = (f"{'setting':8} {'batch':>5} {'prompt':>6} {'new':>4} {'prefill ms':>10} {'tok/s/seq':>9} "
-                f"{'tok/s':>8} {'step ms':>8} {'in run':>7} {'outside':>8} {'outside%':>8}")
-        lines = [f"{self.package} on {self.device} (threads {self.threads or 'default'}, spin {'on' if self.spin else 'off'})",
-                 head]
+        head = (
+            f"{'setting':8} {'batch':>5} {'prompt':>6} {'new':>4} {'prefill ms':>10} {'tok/s/seq':>9} "
+            f"{'tok/s':>8} {'step ms':>8} {'in run':>7} {'outside':>8} {'outside%':>8}"
+        )
+        lines = [
+            f"{self.package} on {self.device} (threads {self.threads or 'default'}, spin {'on' if self.spin else 'off'})",
+            head,
+        ]
         for r in self.rows:
             lines.append(
                 f"{r.setting:8} {r.batch:>5} {r.prompt_tokens:>6} {r.new_tokens:>4} {r.prefill_ms:>10.2f} "
@@ -123,8 +156,15 @@ def _one(engine: Engine, prompts: list[list[int]], params: SamplingParams) -> di
     }
 
 
-def run_bench(engine: Engine, batches: Sequence[int] = (1, 8), prompt_tokens: int = 128, new_tokens: int = 128,
-              repeat: int = 3, chain: bool = False, constrained: bool = False) -> BenchReport:
+def run_bench(
+    engine: Engine,
+    batches: Sequence[int] = (1, 8),
+    prompt_tokens: int = 128,
+    new_tokens: int = 128,
+    repeat: int = 3,
+    chain: bool = False,
+    constrained: bool = False,
+) -> BenchReport:
     """Generate ``new_tokens`` (EOS ignored) after a ``prompt_tokens`` prompt at each batch size,
     ``repeat`` times after one warm-up; medians. ``chain`` adds the full built-in chain's runs,
     ``constrained`` runs under a JSON schema (:data:`CONSTRAINED`)."""
@@ -144,17 +184,18 @@ def run_bench(engine: Engine, batches: Sequence[int] = (1, 8), prompt_tokens: in
     for batch in batches:
         prompts = _prompts(engine, batch, prompt_tokens)
         for name, params in settings:
-            _one(engine, prompts, params)                                    # warm-up
+            _one(engine, prompts, params)  # warm-up
             runs = [_one(engine, prompts, params) for _ in range(repeat)]
             med = {k: statistics.median(r[k] for r in runs) for k in runs[0]}
             rows.append(BenchRow(name, batch, prompt_tokens, new_tokens, **med))
-            if name == "chain":                 # one more run, timed per hook (not in the figures above)
+            if name == "chain":  # one more run, timed per hook (not in the figures above)
                 usage = engine.generate(prompts, params.replace(hook_timings=True))[0].usage
                 hooks[batch] = {k: v / max(usage.steps, 1) for k, v in (usage.hook_ms or {}).items()}
     return BenchReport(str(engine.path), engine.device.describe(), engine.threads, engine.spin, rows, hooks)
 
 
 # -- speculative decoding against plain ----------------------------------------------------------------
+
 
 @dataclass
 class SpeculativeReport:
@@ -171,19 +212,38 @@ class SpeculativeReport:
     rows: list[tuple[str, str, int, int, float, float, int, int, bool]]
 
     def to_dict(self) -> dict[str, Any]:
-        keys = ("task", "method", "k", "prompt_tokens", "plain_tok_s", "speculative_tok_s", "kept", "guessed",
-                "identical")
-        return {"package": self.package, "device": self.device, "threads": self.threads, "spin": self.spin,
-                "new_tokens": self.new_tokens, "rows": [dict(zip(keys, r)) for r in self.rows]}
+        keys = (
+            "task",
+            "method",
+            "k",
+            "prompt_tokens",
+            "plain_tok_s",
+            "speculative_tok_s",
+            "kept",
+            "guessed",
+            "identical",
+        )
+        return {
+            "package": self.package,
+            "device": self.device,
+            "threads": self.threads,
+            "spin": self.spin,
+            "new_tokens": self.new_tokens,
+            "rows": [dict(zip(keys, r)) for r in self.rows],
+        }
 
     def table(self) -> str:
-        lines = [f"{self.package} on {self.device} (threads {self.threads or 'default'}, spin "
-                 f"{'on' if self.spin else 'off'}), batch 1, {self.new_tokens} new tokens, greedy",
-                 f"{'task':18} {'method':14} {'k':>3} {'prompt':>6} {'plain tok/s':>11} {'spec tok/s':>10} "
-                 f"{'ratio':>6} {'kept/guessed':>12} identical"]
+        lines = [
+            f"{self.package} on {self.device} (threads {self.threads or 'default'}, spin "
+            f"{'on' if self.spin else 'off'}), batch 1, {self.new_tokens} new tokens, greedy",
+            f"{'task':18} {'method':14} {'k':>3} {'prompt':>6} {'plain tok/s':>11} {'spec tok/s':>10} "
+            f"{'ratio':>6} {'kept/guessed':>12} identical",
+        ]
         for task, method, k, prompt, plain, spec, kept, guessed, same in self.rows:
-            lines.append(f"{task:18} {method:14} {k:>3} {prompt:>6} {plain:>11.0f} {spec:>10.0f} "
-                         f"{spec / plain if plain else 0.0:>5.2f}x {f'{kept}/{guessed}':>12} {same}")
+            lines.append(
+                f"{task:18} {method:14} {k:>3} {prompt:>6} {plain:>11.0f} {spec:>10.0f} "
+                f"{spec / plain if plain else 0.0:>5.2f}x {f'{kept}/{guessed}':>12} {same}"
+            )
         return "\n".join(lines)
 
 
@@ -196,8 +256,13 @@ def speculative_tasks(engine: Engine, story_tokens: int = 300) -> dict[str, list
     return {"copies its prompt": seed + story[:story_tokens] + seed + story[:24], "nothing to copy": seed}
 
 
-def run_speculative(engine: Engine, settings: Sequence[dict], new_tokens: int = 150, repeat: int = 5,
-                    tasks: dict[str, list[int]] | None = None) -> SpeculativeReport:
+def run_speculative(
+    engine: Engine,
+    settings: Sequence[dict],
+    new_tokens: int = 150,
+    repeat: int = 5,
+    tasks: dict[str, list[int]] | None = None,
+) -> SpeculativeReport:
     """Each task (default :func:`speculative_tasks`) decoded plainly and with each speculative
     setting (``{"method": ..., "k": ...}``), alternating, ``repeat`` times after a warm-up; greedy."""
     tasks = tasks if tasks is not None else speculative_tasks(engine)
@@ -210,15 +275,26 @@ def run_speculative(engine: Engine, settings: Sequence[dict], new_tokens: int = 
         for setting in settings:
             params = SamplingParams(max_new_tokens=new_tokens)
             speculative = params.replace(speculative=dict(setting))
-            engine.generate(prompt, params), engine.generate(prompt, speculative)          # warm-up
+            engine.generate(prompt, params), engine.generate(prompt, speculative)  # warm-up
             plain, spec, same = [], [], True
             for _ in range(repeat):
                 a, b = engine.generate(prompt, params), engine.generate(prompt, speculative)
                 plain.append(a.usage.decode_tokens_per_s)
                 spec.append(b.usage.decode_tokens_per_s)
                 same &= a.token_ids == b.token_ids
-            rows.append((task, setting["method"], speculative.speculative["k"], len(prompt), statistics.median(plain),
-                         statistics.median(spec), b.usage.accepted_tokens, b.usage.proposed_tokens, same))
+            rows.append(
+                (
+                    task,
+                    setting["method"],
+                    speculative.speculative["k"],
+                    len(prompt),
+                    statistics.median(plain),
+                    statistics.median(spec),
+                    b.usage.accepted_tokens,
+                    b.usage.proposed_tokens,
+                    same,
+                )
+            )
     return SpeculativeReport(str(engine.path), engine.device.describe(), engine.threads, engine.spin, new_tokens, rows)
 
 
@@ -267,15 +343,25 @@ def memory_bandwidth(threads: int | None = None, size_mb: int = 256) -> float:
     for k, transposed in ((8192, False), (1024, False), (32768, False), (2048, True)):
         n = elements // k
         w = weights[: k * n].reshape((n, k) if transposed else (k, n))
-        node = helper.make_node("Gemm", ["x", "w"], ["y"], transB=1) if transposed else \
-            helper.make_node("MatMul", ["x", "w"], ["y"])
-        graph = helper.make_graph([node], "gemv", [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, k]),
-                                                   helper.make_tensor_value_info("w", TensorProto.FLOAT, list(w.shape))],
-                                  [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1, n])])
+        node = (
+            helper.make_node("Gemm", ["x", "w"], ["y"], transB=1)
+            if transposed
+            else helper.make_node("MatMul", ["x", "w"], ["y"])
+        )
+        graph = helper.make_graph(
+            [node],
+            "gemv",
+            [
+                helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, k]),
+                helper.make_tensor_value_info("w", TensorProto.FLOAT, list(w.shape)),
+            ],
+            [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1, n])],
+        )
         model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
         model.ir_version = 9
-        session = ort.InferenceSession(model.SerializeToString(), session_options(threads, spin=True),
-                                       providers=["CPUExecutionProvider"])
+        session = ort.InferenceSession(
+            model.SerializeToString(), session_options(threads, spin=True), providers=["CPUExecutionProvider"]
+        )
         feeds = {"x": x[:, :k], "w": w}
         for _ in range(6):
             t = time.perf_counter()
@@ -295,8 +381,9 @@ def _slug(checkpoint: str) -> str:
     return cache_key(checkpoint, exporter=False)
 
 
-def _prepare(contender: str, checkpoint: str, package: Path, peers_venv: Path | None, say,
-             precision: str = "fp32") -> tuple[list[str], str]:
+def _prepare(
+    contender: str, checkpoint: str, package: Path, peers_venv: Path | None, say, precision: str = "fp32"
+) -> tuple[list[str], str]:
     """(command prefix, model path) to run ``contender``; raises RuntimeError saying why it cannot run."""
     script = str(Path(__file__).with_name("peers.py"))
     if contender == "nextoken":
@@ -339,8 +426,11 @@ def _prepare(contender: str, checkpoint: str, package: Path, peers_venv: Path | 
     if contender == "llamacpp":
         venv = peers_venv or _cache() / "peers" / "llamacpp-venv"
         python = venv / "bin" / "python"
-        probe = subprocess.run([str(python), "-c", "import llama_cpp, gguf, safetensors"], capture_output=True,
-                               text=True) if python.is_file() else None
+        probe = (
+            subprocess.run([str(python), "-c", "import llama_cpp, gguf, safetensors"], capture_output=True, text=True)
+            if python.is_file()
+            else None
+        )
         if probe is None or probe.returncode != 0:
             raise RuntimeError(
                 f"needs llama-cpp-python, gguf and safetensors in a virtual environment of its own ({venv}): "
@@ -352,8 +442,11 @@ def _prepare(contender: str, checkpoint: str, package: Path, peers_venv: Path | 
         if not target.is_file():
             target.parent.mkdir(parents=True, exist_ok=True)
             say(f"converting {checkpoint} to GGUF ({kind}) for llama.cpp ...")
-            done = subprocess.run([str(python), script, "convert-gguf", "--model", checkpoint, "--out", str(target),
-                                   "--type", kind], capture_output=True, text=True)
+            done = subprocess.run(
+                [str(python), script, "convert-gguf", "--model", checkpoint, "--out", str(target), "--type", kind],
+                capture_output=True,
+                text=True,
+            )
             if done.returncode != 0:
                 tail = (done.stderr or done.stdout).strip().splitlines()[-1:] or ["no output"]
                 raise RuntimeError(f"GGUF conversion failed: {tail[0][:200]}")
@@ -380,8 +473,11 @@ class CompareReport:
         return self.bandwidth_bytes_per_s / self.weights_bytes if self.weights_bytes else 0.0
 
     def to_dict(self) -> dict[str, Any]:
-        return {**{k: v for k, v in asdict(self).items() if k != "rows"}, "bound_tok_s": self.bound_tok_s,
-                "rows": [asdict(r) for r in self.rows]}
+        return {
+            **{k: v for k, v in asdict(self).items() if k != "rows"},
+            "bound_tok_s": self.bound_tok_s,
+            "rows": [asdict(r) for r in self.rows],
+        }
 
     def table(self) -> str:
         lines = [
@@ -400,23 +496,31 @@ class CompareReport:
                 continue
             sp = r.spread or {}
             # the bound is nextoken's weights read once a token: a peer's graph may hold fewer bytes
-            bound = (f"{100 * r.decode_tok_s / self.bound_tok_s:.0f}%"
-                     if r.batch == 1 and self.bound_tok_s and r.contender == "nextoken" else "")
+            bound = (
+                f"{100 * r.decode_tok_s / self.bound_tok_s:.0f}%"
+                if r.batch == 1 and self.bound_tok_s and r.contender == "nextoken"
+                else ""
+            )
             ttft = f"{r.ttft_ms:.1f} [{sp['ttft_ms'][0]:.0f}-{sp['ttft_ms'][1]:.0f}]"
             tps = f"{r.decode_tok_s:.1f} [{sp['decode_tok_s'][0]:.1f}-{sp['decode_tok_s'][1]:.1f}]"
-            lines.append(f"{r.contender:13} {r.batch:>5} {ttft:>18} {tps:>18} {r.total_tok_s:>11.1f} "
-                         f"{r.e2e_ms:>9.0f} {r.peak_rss_bytes / 1e6:>8.0f} {bound:>8}")
+            lines.append(
+                f"{r.contender:13} {r.batch:>5} {ttft:>18} {tps:>18} {r.total_tok_s:>11.1f} "
+                f"{r.e2e_ms:>9.0f} {r.peak_rss_bytes / 1e6:>8.0f} {bound:>8}"
+            )
         lines.append("each contender's effective settings (read back from it, or as set where it cannot say):")
         seen = set()
         for r in self.rows:
             if r.settings and r.contender not in seen:
                 seen.add(r.contender)
                 st = r.settings
-                seen_threads = (f"; loading it started {st['threads_started']} threads"
-                                if "threads_started" in st else "")
-                lines.append(f"  {r.contender:11} intra-op threads {st.get('intra_op_threads')}, inter-op threads "
-                             f"{st.get('inter_op_threads')}, spinning {st.get('spinning')}"
-                             f" ({'read back' if st.get('read_back') else 'as set'}{seen_threads})")
+                seen_threads = (
+                    f"; loading it started {st['threads_started']} threads" if "threads_started" in st else ""
+                )
+                lines.append(
+                    f"  {r.contender:11} intra-op threads {st.get('intra_op_threads')}, inter-op threads "
+                    f"{st.get('inter_op_threads')}, spinning {st.get('spinning')}"
+                    f" ({'read back' if st.get('read_back') else 'as set'}{seen_threads})"
+                )
         return "\n".join(lines)
 
 
@@ -437,19 +541,25 @@ def plot_compare(report: "CompareReport", path: str | Path) -> Path:
     batches = sorted({r.batch for r in rows})
     fig, axes = plt.subplots(1, 2, figsize=(11, 4.2))
     width = 0.8 / len(contenders)
-    for ax, key, title in ((axes[0], "total_tok_s", "decode tokens/s (all sequences; higher is better)"),
-                           (axes[1], "ttft_ms", "time to first token, ms (lower is better)")):
+    for ax, key, title in (
+        (axes[0], "total_tok_s", "decode tokens/s (all sequences; higher is better)"),
+        (axes[1], "ttft_ms", "time to first token, ms (lower is better)"),
+    ):
         for i, name in enumerate(contenders):
-            values = [next((getattr(r, key) for r in rows if r.contender == name and r.batch == b), 0.0) for b in batches]
+            values = [
+                next((getattr(r, key) for r in rows if r.contender == name and r.batch == b), 0.0) for b in batches
+            ]
             bars = ax.bar([j + i * width for j in range(len(batches))], values, width, label=name)
             ax.bar_label(bars, fmt="%.0f", fontsize=8)
         ax.set_xticks([j + width * (len(contenders) - 1) / 2 for j in range(len(batches))])
         ax.set_xticklabels([f"batch {b}" for b in batches])
         ax.set_title(title, fontsize=10)
     axes[0].legend(fontsize=9)
-    fig.suptitle(f"{Path(report.checkpoint).name} ({report.precision}), prompt {report.prompt_tokens}, "
-                 f"{report.new_tokens} new tokens, {report.threads} threads, spin {'on' if report.spin else 'off'}",
-                 fontsize=10)
+    fig.suptitle(
+        f"{Path(report.checkpoint).name} ({report.precision}), prompt {report.prompt_tokens}, "
+        f"{report.new_tokens} new tokens, {report.threads} threads, spin {'on' if report.spin else 'off'}",
+        fontsize=10,
+    )
     fig.tight_layout()
     path = Path(path)
     fig.savefig(path, dpi=110)
@@ -457,10 +567,20 @@ def plot_compare(report: "CompareReport", path: str | Path) -> Path:
     return path
 
 
-def run_compare(model: str, contenders: Sequence[str], batches: Sequence[int] = (1, 8), prompt_tokens: int = 128,
-                new_tokens: int = 128, threads: int | None = None, spin: bool = False, repeat: int = 3,
-                peers_venv: str | None = None, precision: str = "fp32", checkpoint: str | None = None,
-                progress=None) -> CompareReport:
+def run_compare(
+    model: str,
+    contenders: Sequence[str],
+    batches: Sequence[int] = (1, 8),
+    prompt_tokens: int = 128,
+    new_tokens: int = 128,
+    threads: int | None = None,
+    spin: bool = False,
+    repeat: int = 3,
+    peers_venv: str | None = None,
+    precision: str = "fp32",
+    checkpoint: str | None = None,
+    progress=None,
+) -> CompareReport:
     """Run nextoken and each of ``contenders`` from the same checkpoint, each in its own process,
     alternating, ``repeat`` times per batch size; medians and spread. ``precision`` int8/int4
     quantises nextoken's package (``nextoken export --quantize``) and builds genai's at the same
@@ -471,7 +591,7 @@ def run_compare(model: str, contenders: Sequence[str], batches: Sequence[int] = 
     from ..manifest import Manifest
 
     say = progress or (lambda _m: None)
-    threads = threads or os.cpu_count() or 1      # one explicit count for every contender, never each one's default
+    threads = threads or os.cpu_count() or 1  # one explicit count for every contender, never each one's default
     path = Path(model).expanduser()
     if (path / "nextoken.json").is_file():
         manifest = Manifest.load(path)
@@ -492,8 +612,9 @@ def run_compare(model: str, contenders: Sequence[str], batches: Sequence[int] = 
     prepared: dict[str, tuple[list[str], str] | str] = {}
     for name in names:
         try:
-            prepared[name] = _prepare(name, checkpoint, package, Path(peers_venv) if peers_venv else None, say,
-                                      precision)
+            prepared[name] = _prepare(
+                name, checkpoint, package, Path(peers_venv) if peers_venv else None, say, precision
+            )
         except RuntimeError as exc:
             prepared[name] = str(exc)
             say(f"{name}: not run: {exc}")
@@ -510,14 +631,28 @@ def run_compare(model: str, contenders: Sequence[str], batches: Sequence[int] = 
     done = 0
     for rep in range(repeat):
         for batch in batches:
-            for name in runnable:                              # alternating: one run of each in turn
+            for name in runnable:  # alternating: one run of each in turn
                 done += 1
                 say(f"[{done}/{total}] {name} batch {batch} (run {rep + 1}/{repeat}) ...")
                 if (name, batch) in errors:
                     continue
                 cmd, target = prepared[name]
-                argv = cmd + ["--model", target, "--batch", str(batch), "--prompt", str(prompt_tokens),
-                              "--new", str(new_tokens), "--threads", str(threads)] + (["--spin"] if spin else [])
+                argv = (
+                    cmd
+                    + [
+                        "--model",
+                        target,
+                        "--batch",
+                        str(batch),
+                        "--prompt",
+                        str(prompt_tokens),
+                        "--new",
+                        str(new_tokens),
+                        "--threads",
+                        str(threads),
+                    ]
+                    + (["--spin"] if spin else [])
+                )
                 out = subprocess.run(argv, capture_output=True, text=True)
                 if out.returncode != 0:
                     tail = (out.stderr or out.stdout).strip().splitlines()[-1:] or ["no output"]
@@ -536,8 +671,29 @@ def run_compare(model: str, contenders: Sequence[str], batches: Sequence[int] = 
                 keys = ("ttft_ms", "decode_tok_s", "total_tok_s", "e2e_ms")
                 med = {k: statistics.median(r[k] for r in runs) for k in keys}
                 spread = {k: (min(r[k] for r in runs), max(r[k] for r in runs)) for k in keys}
-                rows.append(PeerRow(name, batch, len(runs), med["ttft_ms"], med["decode_tok_s"], med["total_tok_s"],
-                                    med["e2e_ms"], int(statistics.median(r["peak_rss_bytes"] for r in runs)), spread,
-                                    settings=runs[0].get("settings")))
-    return CompareReport(checkpoint, str(package), prompt_tokens, new_tokens, threads, spin, weights,
-                         max(bandwidth, memory_bandwidth(threads)), rows, precision)
+                rows.append(
+                    PeerRow(
+                        name,
+                        batch,
+                        len(runs),
+                        med["ttft_ms"],
+                        med["decode_tok_s"],
+                        med["total_tok_s"],
+                        med["e2e_ms"],
+                        int(statistics.median(r["peak_rss_bytes"] for r in runs)),
+                        spread,
+                        settings=runs[0].get("settings"),
+                    )
+                )
+    return CompareReport(
+        checkpoint,
+        str(package),
+        prompt_tokens,
+        new_tokens,
+        threads,
+        spin,
+        weights,
+        max(bandwidth, memory_bandwidth(threads)),
+        rows,
+        precision,
+    )

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-__all__ = ["project", "per_answer_from_tokens", "per_answer_from_bench"]
+__all__ = ["per_answer_from_bench", "per_answer_from_tokens", "project"]
 
 
 def project(cost_per_answer: float, answers_per_day: float) -> dict[str, float]:
@@ -14,18 +14,25 @@ def project(cost_per_answer: float, answers_per_day: float) -> dict[str, float]:
     if cost_per_answer < 0 or answers_per_day < 0:
         raise ValueError("cost per answer and answers per day must be >= 0")
     per_day = cost_per_answer * answers_per_day
-    return {"per_answer": cost_per_answer, "answers_per_day": answers_per_day, "per_day": per_day,
-            "per_month": per_day * 30, "per_year": per_day * 365}
+    return {
+        "per_answer": cost_per_answer,
+        "answers_per_day": answers_per_day,
+        "per_day": per_day,
+        "per_month": per_day * 30,
+        "per_year": per_day * 365,
+    }
 
 
-def per_answer_from_tokens(prompt_tokens: float, completion_tokens: float, input_per_million: float,
-                           output_per_million: float) -> float:
+def per_answer_from_tokens(
+    prompt_tokens: float, completion_tokens: float, input_per_million: float, output_per_million: float
+) -> float:
     """What one answer costs at per-token prices (the ``per_token`` meter's rule)."""
     return prompt_tokens * input_per_million / 1e6 + completion_tokens * output_per_million / 1e6
 
 
-def per_answer_from_bench(bench: dict, completion_tokens: float, hourly_rate: float,
-                          batch: int | None = None) -> dict[str, float]:
+def per_answer_from_bench(
+    bench: dict, completion_tokens: float, hourly_rate: float, batch: int | None = None
+) -> dict[str, float]:
     """Device cost of one answer from a ``nextoken bench --json`` run: the measured batch
     throughput (the best batch, or ``batch``) turned into device seconds per answer x an hourly rate."""
     rows = [r for r in bench.get("rows", []) if r.get("setting") == "greedy" and (batch is None or r["batch"] == batch)]
@@ -34,5 +41,9 @@ def per_answer_from_bench(bench: dict, completion_tokens: float, hourly_rate: fl
     best = max(rows, key=lambda r: r["total_tokens_per_s"])
     prefill_s = best["prefill_ms"] / 1e3 / best["batch"]
     seconds = prefill_s + completion_tokens / best["total_tokens_per_s"]
-    return {"batch": best["batch"], "tokens_per_s": best["total_tokens_per_s"], "device_seconds": seconds,
-            "per_answer": seconds * hourly_rate / 3600.0}
+    return {
+        "batch": best["batch"],
+        "tokens_per_s": best["total_tokens_per_s"],
+        "device_seconds": seconds,
+        "per_answer": seconds * hourly_rate / 3600.0,
+    }

@@ -6,15 +6,25 @@ from __future__ import annotations
 import json
 import math
 import os
+from collections.abc import Mapping
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Any, Mapping
+from typing import Any
 
 from ..errors import InvalidRequestError, ModelPackageError
 from ..probes import GPUMemory, gpu_memory, meminfo_bytes, peak_rss_bytes, reset_peak_rss
 
-__all__ = ["ModelSpec", "MemoryPlan", "plan_memory", "count_parameters", "device_capacity", "DTYPE_BYTES", "measure_peak",
-           "GPUMemory", "gpu_memory"]
+__all__ = [
+    "DTYPE_BYTES",
+    "GPUMemory",
+    "MemoryPlan",
+    "ModelSpec",
+    "count_parameters",
+    "device_capacity",
+    "gpu_memory",
+    "measure_peak",
+    "plan_memory",
+]
 
 MiB = 1 << 20
 
@@ -45,7 +55,7 @@ class ModelSpec:
     context_length: int
     parameters: int
     tie_word_embeddings: bool
-    weights_file_bytes: int | None = None   # a package's real model.onnx (+ data) size
+    weights_file_bytes: int | None = None  # a package's real model.onnx (+ data) size
     dtype: str = "fp32"
     #: nextoken's fused graph (GroupQueryAttention, KV in place, prompts prefilled a row at a time),
     #: as the default export writes it; False: optimum's generic graph
@@ -65,17 +75,32 @@ class ModelSpec:
                 hidden, layers, heads = c["hidden_size"], c["num_hidden_layers"], c["num_attention_heads"]
                 inter = c["intermediate_size"]
             except KeyError as exc:
-                raise InvalidRequestError(f"config.json lacks {exc.args[0]}; is it a decoder-only transformer?") from None
+                raise InvalidRequestError(
+                    f"config.json lacks {exc.args[0]}; is it a decoder-only transformer?"
+                ) from None
             kv = c.get("num_key_value_heads") or heads
             head_dim = c.get("head_dim") or hidden // heads
             ctx = c.get("max_position_embeddings") or 2048
         tie = c.get("tie_word_embeddings", mt in ("gpt2", "gemma", "gemma2", "gemma3_text"))
         dtype = {"float16": "fp16", "bfloat16": "bf16"}.get(str(c.get("torch_dtype") or c.get("dtype")), "fp32")
         fused = _builder_covers(c)
-        if fused:           # the fused graph stores heads padded to a multiple of 16 (stories260k's 8: 16)
+        if fused:  # the fused graph stores heads padded to a multiple of 16 (stories260k's 8: 16)
             head_dim = -(-int(head_dim) // 16) * 16
-        return cls(mt or "unknown", int(layers), int(hidden), int(inter), int(heads), int(kv), int(head_dim),
-                   int(c["vocab_size"]), int(ctx), count_parameters(c), bool(tie), dtype=dtype, fused=fused)
+        return cls(
+            mt or "unknown",
+            int(layers),
+            int(hidden),
+            int(inter),
+            int(heads),
+            int(kv),
+            int(head_dim),
+            int(c["vocab_size"]),
+            int(ctx),
+            count_parameters(c),
+            bool(tie),
+            dtype=dtype,
+            fused=fused,
+        )
 
     @classmethod
     def load(cls, source: str | os.PathLike) -> "ModelSpec":
@@ -90,10 +115,18 @@ class ModelSpec:
                 raise ModelPackageError(f"{path} has no config.json; re-export it with `nextoken export`")
             spec = cls.from_config(json.loads((path / "config.json").read_text()))
             size = sum(p.stat().st_size for p in path.iterdir() if p.name.startswith(manifest.model_file))
-            return cls(**{**asdict(spec), "weights_file_bytes": size, "dtype": manifest.precision,
-                          "num_layers": manifest.num_layers, "num_kv_heads": manifest.num_kv_heads,
-                          "head_dim": manifest.head_dim, "context_length": manifest.context_length,
-                          "fused": manifest.padding_side == "right"})
+            return cls(
+                **{
+                    **asdict(spec),
+                    "weights_file_bytes": size,
+                    "dtype": manifest.precision,
+                    "num_layers": manifest.num_layers,
+                    "num_kv_heads": manifest.num_kv_heads,
+                    "head_dim": manifest.head_dim,
+                    "context_length": manifest.context_length,
+                    "fused": manifest.padding_side == "right",
+                }
+            )
         if path.is_dir():
             path = path / "config.json"
         if path.is_file():
@@ -102,15 +135,21 @@ class ModelSpec:
             except (ValueError, OSError) as exc:
                 raise InvalidRequestError(f"cannot read {path}: {exc}") from None
         if str(source).startswith((".", "/", "~")) or str(source).count("/") > 1:
-            raise InvalidRequestError(f"{source} does not exist (give a package, a checkpoint, a config.json or a hub id)")
+            raise InvalidRequestError(
+                f"{source} does not exist (give a package, a checkpoint, a config.json or a hub id)"
+            )
         try:
             from huggingface_hub import hf_hub_download
 
             return cls.from_config(json.loads(Path(hf_hub_download(str(source), "config.json")).read_text()))
         except ImportError:
-            raise InvalidRequestError("planning from a hub id needs huggingface_hub: pip install 'nextoken[export]'") from None
+            raise InvalidRequestError(
+                "planning from a hub id needs huggingface_hub: pip install 'nextoken[export]'"
+            ) from None
         except Exception as exc:
-            raise InvalidRequestError(f"cannot fetch the config.json of {source!r}: {str(exc).splitlines()[0][:200]}") from None
+            raise InvalidRequestError(
+                f"cannot fetch the config.json of {source!r}: {str(exc).splitlines()[0][:200]}"
+            ) from None
 
 
 def _builder_covers(config: Mapping[str, Any]) -> bool:
@@ -120,7 +159,7 @@ def _builder_covers(config: Mapping[str, Any]) -> bool:
 
     try:
         covers(dict(config))
-    except ExportError:              # not covered (BuilderUnavailable), or a config it cannot read
+    except ExportError:  # not covered (BuilderUnavailable), or a config it cannot read
         return False
     return True
 
@@ -157,18 +196,18 @@ class MemoryPlan:
     context: int
     parameters: int
     weights_bytes: int
-    kv_bytes_per_token: int            # one sequence, all layers, keys and values
-    kv_bytes_per_sequence: int         # at `context` tokens
-    kv_cache_bytes: int                # the whole batch at `context` tokens
-    working_bytes: int                 # runtime + session + activations at the peak
-    total_bytes: int                   # weights + KV cache + working memory + the prefix cache
+    kv_bytes_per_token: int  # one sequence, all layers, keys and values
+    kv_bytes_per_sequence: int  # at `context` tokens
+    kv_cache_bytes: int  # the whole batch at `context` tokens
+    working_bytes: int  # runtime + session + activations at the peak
+    total_bytes: int  # weights + KV cache + working memory + the prefix cache
     capacity_bytes: int | None
     fits: bool | None
-    max_batch: int | None              # at this context
-    max_context: int | None            # at this batch (at most the model's window)
+    max_batch: int | None  # at this context
+    max_context: int | None  # at this batch (at most the model's window)
     model_context_length: int
-    capacity_source: str = ""          # where the capacity came from: given, host RAM, free on a GPU
-    prefix_cache_bytes: int = 0        # the prefix cache's budget (Engine(prefix_cache_bytes=...)), held at most
+    capacity_source: str = ""  # where the capacity came from: given, host RAM, free on a GPU
+    prefix_cache_bytes: int = 0  # the prefix cache's budget (Engine(prefix_cache_bytes=...)), held at most
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -180,15 +219,24 @@ class MemoryPlan:
             ("device / dtype", f"{self.device} / {self.dtype}"),
             ("batch x context", f"{self.batch} x {self.context} tokens (window {self.model_context_length})"),
             ("weights", gib(self.weights_bytes)),
-            ("KV cache", f"{gib(self.kv_cache_bytes)}  ({self.kv_bytes_per_token / 1024:.1f} KiB/token, "
-                         f"{gib(self.kv_bytes_per_sequence)}/sequence)"),
+            (
+                "KV cache",
+                f"{gib(self.kv_cache_bytes)}  ({self.kv_bytes_per_token / 1024:.1f} KiB/token, "
+                f"{gib(self.kv_bytes_per_sequence)}/sequence)",
+            ),
             ("working memory", gib(self.working_bytes)),
-            ("prefix cache", gib(self.prefix_cache_bytes) + ("  (at most; off)" if not self.prefix_cache_bytes else "  (at most)")),
+            (
+                "prefix cache",
+                gib(self.prefix_cache_bytes) + ("  (at most; off)" if not self.prefix_cache_bytes else "  (at most)"),
+            ),
             ("total", gib(self.total_bytes)),
             ("capacity", gib(self.capacity_bytes) + (f"  ({self.capacity_source})" if self.capacity_source else "")),
             ("fits", {True: "yes", False: "NO", None: "-"}[self.fits]),
             ("largest batch", "-" if self.max_batch is None else f"{self.max_batch} at {self.context} tokens"),
-            ("longest context", "-" if self.max_context is None else f"{self.max_context} tokens at batch {self.batch}"),
+            (
+                "longest context",
+                "-" if self.max_context is None else f"{self.max_context} tokens at batch {self.batch}",
+            ),
         ]
         return "\n".join(f"{k:16} {v}" for k, v in rows)
 
@@ -212,17 +260,27 @@ def _activation_bytes(spec: ModelSpec, batch: int, context: int, act: int, dtype
     if spec.fused:
         # a tied LM head is a Gemm over the embedding, and onnxruntime prepacks its weight: a second
         # copy of the matrix in memory (the quantised builds share one int4 copy instead)
-        prepacked = act * spec.vocab_size * spec.hidden_size \
-            if spec.tie_word_embeddings and dtype in ("fp32", "fp16", "bf16") else 0
+        prepacked = (
+            act * spec.vocab_size * spec.hidden_size
+            if spec.tie_word_embeddings and dtype in ("fp32", "fp16", "bf16")
+            else 0
+        )
         return kv + act * context * (4 * spec.intermediate_size + 8 * spec.hidden_size) + logits + prepacked
-    per_layer = act * batch * context * (4 * spec.num_heads * context + 4 * spec.intermediate_size + 8 * spec.hidden_size)
+    per_layer = (
+        act * batch * context * (4 * spec.num_heads * context + 4 * spec.intermediate_size + 8 * spec.hidden_size)
+    )
     return max(kv + per_layer + logits, 2 * kv + logits)
 
 
 def _total(spec: ModelSpec, batch: int, context: int, dtype: str, device: str, weights: int) -> tuple[int, int, int]:
     act = 2 if dtype in ("fp16", "bf16") else 4
     kv_cache = 2 * spec.num_layers * spec.num_kv_heads * spec.head_dim * act * batch * context
-    working = RUNTIME_BASELINE[device] + SESSION_OVERHEAD[device] + _activation_bytes(spec, batch, context, act, dtype) - kv_cache
+    working = (
+        RUNTIME_BASELINE[device]
+        + SESSION_OVERHEAD[device]
+        + _activation_bytes(spec, batch, context, act, dtype)
+        - kv_cache
+    )
     return kv_cache, working, weights + kv_cache + working
 
 
@@ -241,9 +299,15 @@ def device_capacity(device: str, device_id: int = 0) -> int | None:
     return None if gpu is None else gpu.free
 
 
-def plan_memory(model: str | os.PathLike | ModelSpec, batch: int = 1, context: int | None = None,
-                dtype: str | None = None, device: str = "cpu", capacity: int | None = None,
-                prefix_cache_bytes: int = 0) -> MemoryPlan:
+def plan_memory(
+    model: str | os.PathLike | ModelSpec,
+    batch: int = 1,
+    context: int | None = None,
+    dtype: str | None = None,
+    device: str = "cpu",
+    capacity: int | None = None,
+    prefix_cache_bytes: int = 0,
+) -> MemoryPlan:
     """Plan memory for ``batch`` sequences of ``context`` tokens (default: the model's window).
 
     ``model``: a :class:`ModelSpec`, a package, a checkpoint, a config.json or a hub id. ``dtype``:
@@ -268,7 +332,7 @@ def plan_memory(model: str | os.PathLike | ModelSpec, batch: int = 1, context: i
     if spec.weights_file_bytes is not None and dtype == spec.dtype:
         weights = spec.weights_file_bytes
     else:
-        weights = int(math.ceil(spec.parameters * per_param))
+        weights = math.ceil(spec.parameters * per_param)
     kv_cache, working, total = _total(spec, batch, context, dtype, device, weights)
     total += prefix_cache_bytes
     if capacity is not None:
@@ -279,7 +343,11 @@ def plan_memory(model: str | os.PathLike | ModelSpec, batch: int = 1, context: i
             source = "host RAM" if capacity is not None else "unknown"
         else:
             gpu = gpu_memory(device_id) if capacity is not None else None
-            source = f"free on cuda:{device_id} ({gpu.name})" if gpu else f"unknown: no NVIDIA driver answers for cuda:{device_id}"
+            source = (
+                f"free on cuda:{device_id} ({gpu.name})"
+                if gpu
+                else f"unknown: no NVIDIA driver answers for cuda:{device_id}"
+            )
     per_token = kv_cache // (batch * context)
     fits = max_batch = max_context = None
     if capacity is not None:
@@ -291,9 +359,27 @@ def plan_memory(model: str | os.PathLike | ModelSpec, batch: int = 1, context: i
         max_batch = _largest(lambda b: ok(b, context), 1 << 20)
         max_context = _largest(lambda t: ok(batch, t), spec.context_length)
     name = str(model) if not isinstance(model, ModelSpec) else spec.architecture
-    return MemoryPlan(name, device, dtype, batch, context, spec.parameters, weights, per_token,
-                      per_token * context, kv_cache, working, total, capacity, fits, max_batch, max_context,
-                      spec.context_length, source, prefix_cache_bytes)
+    return MemoryPlan(
+        name,
+        device,
+        dtype,
+        batch,
+        context,
+        spec.parameters,
+        weights,
+        per_token,
+        per_token * context,
+        kv_cache,
+        working,
+        total,
+        capacity,
+        fits,
+        max_batch,
+        max_context,
+        spec.context_length,
+        source,
+        prefix_cache_bytes,
+    )
 
 
 def _largest(ok, limit: int) -> int:
@@ -310,8 +396,9 @@ def _largest(ok, limit: int) -> int:
     return lo
 
 
-def measure_peak(package: str | os.PathLike, batch: int, context: int, threads: int | None = None,
-                 new_tokens: int = 8) -> dict[str, int]:
+def measure_peak(
+    package: str | os.PathLike, batch: int, context: int, threads: int | None = None, new_tokens: int = 8
+) -> dict[str, int]:
     """Load ``package`` on the CPU and generate ``new_tokens`` after prompts of ``context -
     new_tokens`` tokens at ``batch``: the process's peak resident memory during generation, and
     over its whole life (loading included). Meant for a fresh process (``nextoken memory --measure``)."""
@@ -329,5 +416,10 @@ def measure_peak(package: str | os.PathLike, batch: int, context: int, threads: 
         reset_peak_rss()
         completion = engine.generate(prompts, max_new_tokens=new_tokens, ignore_eos=True)
         peak = peak_rss_bytes() or 0
-    return {"peak_bytes": peak, "lifetime_peak_bytes": max(peak, lifetime_before), "batch": batch,
-            "context": context, "kv_cache_bytes": completion[0].usage.kv_cache_bytes}
+    return {
+        "peak_bytes": peak,
+        "lifetime_peak_bytes": max(peak, lifetime_before),
+        "batch": batch,
+        "context": context,
+        "kv_cache_bytes": completion[0].usage.kv_cache_bytes,
+    }

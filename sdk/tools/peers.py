@@ -15,6 +15,7 @@ import argparse
 import json
 import sys
 import time
+from pathlib import Path
 
 
 def _peak_rss() -> int:
@@ -41,8 +42,14 @@ def _prompts(vocab: int, batch: int, length: int) -> list[list[int]]:
 def _result(ttft: float, total: float, batch: int, new: int, settings: dict) -> dict:
     decode = total - ttft
     per_seq = (new - 1) / decode if decode > 0 else 0.0
-    return {"ttft_ms": ttft * 1e3, "decode_tok_s": per_seq, "total_tok_s": per_seq * batch,
-            "e2e_ms": total * 1e3, "peak_rss_bytes": _peak_rss(), "settings": settings}
+    return {
+        "ttft_ms": ttft * 1e3,
+        "decode_tok_s": per_seq,
+        "total_tok_s": per_seq * batch,
+        "e2e_ms": total * 1e3,
+        "peak_rss_bytes": _peak_rss(),
+        "settings": settings,
+    }
 
 
 def _os_threads() -> int:
@@ -57,13 +64,19 @@ def _os_threads() -> int:
 
 def _ort_settings(options) -> dict:
     """What an onnxruntime session ran with, read back from its SessionOptions."""
+
     def entry(key: str) -> str:
         try:
             return options.get_session_config_entry(key)
         except Exception:
             return "default"
-    return {"intra_op_threads": options.intra_op_num_threads, "inter_op_threads": options.inter_op_num_threads,
-            "spinning": entry("session.intra_op.allow_spinning"), "read_back": True}
+
+    return {
+        "intra_op_threads": options.intra_op_num_threads,
+        "inter_op_threads": options.inter_op_num_threads,
+        "spinning": entry("session.intra_op.allow_spinning"),
+        "read_back": True,
+    }
 
 
 def _ort_options(a):
@@ -83,7 +96,7 @@ def run_nextoken(a) -> dict:
 
     with nextoken.Engine(a.model, device="cpu", threads=a.threads, spin=a.spin) as engine:
         prompts = _prompts(engine.manifest.vocab_size, a.batch, a.prompt)
-        engine.generate(prompts, max_new_tokens=2, ignore_eos=True)                     # warm-up
+        engine.generate(prompts, max_new_tokens=2, ignore_eos=True)  # warm-up
         gen = engine.start(prompts, max_new_tokens=a.new, ignore_eos=True)
         gen.completions()
         end = time.perf_counter()
@@ -96,7 +109,7 @@ def _hf_generate(model, prompts, new, torch):
     ids = torch.tensor(prompts)
     mask = torch.ones_like(ids)
     kwargs = dict(do_sample=False, eos_token_id=None, pad_token_id=0)
-    model.generate(ids, attention_mask=mask, max_new_tokens=2, **kwargs)                 # warm-up
+    model.generate(ids, attention_mask=mask, max_new_tokens=2, **kwargs)  # warm-up
     start = time.perf_counter()
     model.generate(ids, attention_mask=mask, max_new_tokens=1, **kwargs)
     ttft = time.perf_counter() - start
@@ -117,8 +130,12 @@ def run_transformers(a) -> dict:
     model = AutoModelForCausalLM.from_pretrained(a.model, dtype=torch.float32).eval()
     with torch.no_grad():
         ttft, total = _hf_generate(model, _prompts(vocab, a.batch, a.prompt), a.new, torch)
-    settings = {"intra_op_threads": torch.get_num_threads(), "inter_op_threads": torch.get_num_interop_threads(),
-                "spinning": "n/a (PyTorch)", "read_back": True}
+    settings = {
+        "intra_op_threads": torch.get_num_threads(),
+        "inter_op_threads": torch.get_num_interop_threads(),
+        "spinning": "n/a (PyTorch)",
+        "read_back": True,
+    }
     return _result(ttft, total, a.batch, a.new, settings)
 
 
@@ -128,8 +145,9 @@ def run_optimum(a) -> dict:
     from transformers import AutoConfig
 
     vocab = AutoConfig.from_pretrained(a.model).vocab_size
-    model = ORTModelForCausalLM.from_pretrained(a.model, use_cache=True, use_io_binding=True,
-                                                session_options=_ort_options(a), provider="CPUExecutionProvider")
+    model = ORTModelForCausalLM.from_pretrained(
+        a.model, use_cache=True, use_io_binding=True, session_options=_ort_options(a), provider="CPUExecutionProvider"
+    )
     ttft, total = _hf_generate(model, _prompts(vocab, a.batch, a.prompt), a.new, torch)
     session = getattr(model, "session", None) or getattr(model, "model", None)
     settings = _ort_settings(session.get_session_options()) if hasattr(session, "get_session_options") else {}
@@ -140,22 +158,26 @@ def run_genai(a) -> dict:
     import onnxruntime_genai as og
 
     # genai's session options come from genai_config.json; the overlay sets the comparison's.
-    options = {"intra_op_num_threads": a.threads, "inter_op_num_threads": 1,
-               "session.intra_op.allow_spinning": "1" if a.spin else "0",
-               "session.inter_op.allow_spinning": "1" if a.spin else "0"}
+    options = {
+        "intra_op_num_threads": a.threads,
+        "inter_op_num_threads": 1,
+        "session.intra_op.allow_spinning": "1" if a.spin else "0",
+        "session.inter_op.allow_spinning": "1" if a.spin else "0",
+    }
     og_config = og.Config(a.model)
     og_config.overlay(json.dumps({"model": {"decoder": {"session_options": options}}}))
     before = _os_threads()
     model = og.Model(og_config)
-    started = _os_threads() - before        # measured here: n for an intra-op pool of n (n - 1 workers and one more)
-    config = json.load(open(f"{a.model}/genai_config.json"))
+    started = _os_threads() - before  # measured here: n for an intra-op pool of n (n - 1 workers and one more)
+    config = json.loads(Path(a.model, "genai_config.json").read_text())
     vocab = config["model"]["vocab_size"]
     prompts = _prompts(vocab, a.batch, a.prompt)
 
     def once(new: int) -> tuple[float, float]:
         params = og.GeneratorParams(model)
-        params.set_search_options(max_length=a.prompt + new, min_length=a.prompt + new, batch_size=a.batch,
-                                  do_sample=False)
+        params.set_search_options(
+            max_length=a.prompt + new, min_length=a.prompt + new, batch_size=a.batch, do_sample=False
+        )
         generator = og.Generator(model, params)
         start = time.perf_counter()
         generator.append_tokens(prompts)
@@ -170,8 +192,12 @@ def run_genai(a) -> dict:
     ttft, total = once(a.new)
     # genai reports no session options: these are what its overlay set, with the intra-op threads
     # its session started (seen by the OS) as evidence that the overlay took effect
-    settings = {"intra_op_threads": a.threads, "inter_op_threads": 1, "spinning": options["session.intra_op.allow_spinning"],
-                "read_back": False}
+    settings = {
+        "intra_op_threads": a.threads,
+        "inter_op_threads": 1,
+        "spinning": options["session.intra_op.allow_spinning"],
+        "read_back": False,
+    }
     if before >= 0:
         settings["threads_started"] = started
     return _result(ttft, total, a.batch, a.new, settings)
@@ -182,8 +208,14 @@ def run_llamacpp(a) -> dict:
         raise SystemExit("llama-cpp-python generates one sequence at a time: batch 1 only")
     from llama_cpp import Llama
 
-    llm = Llama(model_path=a.model, n_ctx=a.prompt + a.new + 8, n_batch=max(a.prompt, 32),
-                n_threads=a.threads, n_threads_batch=a.threads, verbose=False)
+    llm = Llama(
+        model_path=a.model,
+        n_ctx=a.prompt + a.new + 8,
+        n_batch=max(a.prompt, 32),
+        n_threads=a.threads,
+        n_threads_batch=a.threads,
+        verbose=False,
+    )
     prompt = _prompts(llm.n_vocab(), 1, a.prompt)[0]
 
     def once(new: int) -> tuple[float, float]:
@@ -201,8 +233,12 @@ def run_llamacpp(a) -> dict:
     ttft, total = once(a.new)
     params = getattr(llm, "context_params", None)
     threads = getattr(params, "n_threads", None)
-    settings = {"intra_op_threads": threads if threads is not None else a.threads, "inter_op_threads": "n/a",
-                "spinning": "llama.cpp's own", "read_back": threads is not None}
+    settings = {
+        "intra_op_threads": threads if threads is not None else a.threads,
+        "inter_op_threads": "n/a",
+        "spinning": "llama.cpp's own",
+        "read_back": threads is not None,
+    }
     return _result(ttft, total, 1, a.new, settings)
 
 
@@ -218,7 +254,7 @@ def convert_gguf(checkpoint: str, out: str, kind: str, threads: int = 0) -> None
     import numpy as np
     from safetensors.numpy import load_file
 
-    config = json.load(open(os.path.join(checkpoint, "config.json")))
+    config = json.loads(Path(checkpoint, "config.json").read_text())
     if config.get("model_type") not in ("llama", "mistral"):
         raise SystemExit(f"the GGUF conversion here handles Llama-style models, not {config.get('model_type')}")
     weights: dict = {}
@@ -256,11 +292,22 @@ def convert_gguf(checkpoint: str, out: str, kind: str, threads: int = 0) -> None
     writer.add_bos_token_id(1)
     writer.add_eos_token_id(2)
     writer.add_unk_token_id(0)
-    names = {"model.embed_tokens.weight": "token_embd.weight", "model.norm.weight": "output_norm.weight",
-             "lm_head.weight": "output.weight"}
-    parts = {"input_layernorm": "attn_norm", "self_attn.q_proj": "attn_q", "self_attn.k_proj": "attn_k",
-             "self_attn.v_proj": "attn_v", "self_attn.o_proj": "attn_output", "post_attention_layernorm": "ffn_norm",
-             "mlp.gate_proj": "ffn_gate", "mlp.up_proj": "ffn_up", "mlp.down_proj": "ffn_down"}
+    names = {
+        "model.embed_tokens.weight": "token_embd.weight",
+        "model.norm.weight": "output_norm.weight",
+        "lm_head.weight": "output.weight",
+    }
+    parts = {
+        "input_layernorm": "attn_norm",
+        "self_attn.q_proj": "attn_q",
+        "self_attn.k_proj": "attn_k",
+        "self_attn.v_proj": "attn_v",
+        "self_attn.o_proj": "attn_output",
+        "post_attention_layernorm": "ffn_norm",
+        "mlp.gate_proj": "ffn_gate",
+        "mlp.up_proj": "ffn_up",
+        "mlp.down_proj": "ffn_down",
+    }
     for name, tensor in weights.items():
         tensor = np.ascontiguousarray(tensor.astype(np.float32))
         if name.startswith("model.layers."):
@@ -289,8 +336,13 @@ def convert_gguf(checkpoint: str, out: str, kind: str, threads: int = 0) -> None
         os.remove(f32)
 
 
-RUNNERS = {"nextoken": run_nextoken, "transformers": run_transformers, "optimum": run_optimum, "genai": run_genai,
-           "llamacpp": run_llamacpp}
+RUNNERS = {
+    "nextoken": run_nextoken,
+    "transformers": run_transformers,
+    "optimum": run_optimum,
+    "genai": run_genai,
+    "llamacpp": run_llamacpp,
+}
 
 
 def main(argv=None) -> int:

@@ -24,7 +24,7 @@ from ..kvbackends import for_request
 from ..kvcache import StepRunner
 from ..manifest import Manifest
 
-__all__ = ["placement", "PlacementReport"]
+__all__ = ["PlacementReport", "placement"]
 
 _INSERTED_CAST = "InsertedPrecisionFreeCast_"
 
@@ -55,11 +55,15 @@ class PlacementReport:
             lines.append("  no fallbacks")
         if by_kind.get("cpu_on_cuda"):
             ops = collections.Counter(f["op_type"] for f in self.fallbacks if f["kind"] == "cpu_on_cuda")
-            lines.append(f"  {by_kind['cpu_on_cuda']} compute nodes on the CPU in a CUDA session: "
-                         + ", ".join(f"{op} x{n}" for op, n in ops.most_common()))
+            lines.append(
+                f"  {by_kind['cpu_on_cuda']} compute nodes on the CPU in a CUDA session: "
+                + ", ".join(f"{op} x{n}" for op, n in ops.most_common())
+            )
         if by_kind.get("inserted_cast"):
-            lines.append(f"  {by_kind['inserted_cast']} casts inserted around ops without a kernel in this precision: "
-                         + ", ".join(f"{op} ({n} casts)" for op, n in sorted(self.cast_ops.items(), key=lambda x: -x[1])))
+            lines.append(
+                f"  {by_kind['inserted_cast']} casts inserted around ops without a kernel in this precision: "
+                + ", ".join(f"{op} ({n} casts)" for op, n in sorted(self.cast_ops.items(), key=lambda x: -x[1]))
+            )
         return "\n".join(lines)
 
 
@@ -75,8 +79,11 @@ def placement(package: str | Path, device: str = "auto", threads: int | None = N
     with tempfile.TemporaryDirectory() as tmp:
         options.profile_file_prefix = str(Path(tmp) / "nextoken-placement")
         session = ort.InferenceSession(str(package / manifest.model_file), options, providers=list(choice.providers))
-        assigned = {n.name: (sub.ep_name, n.op_type) for sub in session.get_provider_graph_assignment_info()
-                    for n in sub.get_nodes()}
+        assigned = {
+            n.name: (sub.ep_name, n.op_type)
+            for sub in session.get_provider_graph_assignment_info()
+            for n in sub.get_nodes()
+        }
         runner = StepRunner(session, manifest, choice.device)
         kv = for_request(runner, 1, min(64, manifest.context_length), manifest.pad_token_id or 0)
         kv.join(kv.prefill([[manifest.bos_token_id or 1] * 8]))
@@ -98,19 +105,33 @@ def placement(package: str | Path, device: str = "auto", threads: int | None = N
         row["time_us"] += times.get(name, 0)
     for row in providers.values():
         row["time_share"] = row["time_us"] / total
-    report = PlacementReport(str(package), choice.device, providers,
-                             [{"name": n, "provider": ep, "op_type": op, "time_us": times.get(n, 0)}
-                              for n, (ep, op) in sorted(nodes.items())])
+    report = PlacementReport(
+        str(package),
+        choice.device,
+        providers,
+        [
+            {"name": n, "provider": ep, "op_type": op, "time_us": times.get(n, 0)}
+            for n, (ep, op) in sorted(nodes.items())
+        ],
+    )
     if choice.device == "cuda":
-        report.fallbacks += [{"kind": "cpu_on_cuda", "node": n, "op_type": op,
-                              "detail": "a compute node the CUDA provider did not take"}
-                             for n, op in sorted(heavy_on_cpu(session))]
+        report.fallbacks += [
+            {"kind": "cpu_on_cuda", "node": n, "op_type": op, "detail": "a compute node the CUDA provider did not take"}
+            for n, op in sorted(heavy_on_cpu(session))
+        ]
     casts = sorted(n for n in nodes if n.startswith(_INSERTED_CAST))
     if casts:
-        report.cast_ops = _cast_ops(package / manifest.model_file, [n[len(_INSERTED_CAST):] for n in casts])
-        report.fallbacks += [{"kind": "inserted_cast", "node": n, "op_type": "Cast",
-                              "detail": f"tensor {n[len(_INSERTED_CAST):]} is cast for an op without a kernel in "
-                                        f"{manifest.kv_dtype} on {choice.provider}"} for n in casts]
+        report.cast_ops = _cast_ops(package / manifest.model_file, [n[len(_INSERTED_CAST) :] for n in casts])
+        report.fallbacks += [
+            {
+                "kind": "inserted_cast",
+                "node": n,
+                "op_type": "Cast",
+                "detail": f"tensor {n[len(_INSERTED_CAST) :]} is cast for an op without a kernel in "
+                f"{manifest.kv_dtype} on {choice.provider}",
+            }
+            for n in casts
+        ]
     return report
 
 

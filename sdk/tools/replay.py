@@ -18,7 +18,7 @@ from ..errors import InvalidRequestError
 from ..records import RECORD_VERSION, engine_settings, pieces, version_of
 from ..types import SamplingParams
 
-__all__ = ["replay", "replay_all", "read_records", "ReplayReport"]
+__all__ = ["ReplayReport", "read_records", "replay", "replay_all"]
 
 
 @dataclass
@@ -44,8 +44,10 @@ class ReplayReport:
             head = f"identical: {self.steps} tokens"
         else:
             lp = lambda v: "-" if v is None else f"{v:.4f}"  # noqa: E731
-            head = (f"diverges at step {self.step}: recorded token {self.recorded_token} (logprob "
-                    f"{lp(self.recorded_logprob)}), replayed {self.replayed_token} (logprob {lp(self.replayed_logprob)})")
+            head = (
+                f"diverges at step {self.step}: recorded token {self.recorded_token} (logprob "
+                f"{lp(self.recorded_logprob)}), replayed {self.replayed_token} (logprob {lp(self.replayed_logprob)})"
+            )
         return head + ("; differs: " + "; ".join(self.differences) if self.differences else "")
 
 
@@ -72,8 +74,9 @@ def read_records(source: dict[str, Any] | list | str | Path) -> list[dict[str, A
             raise InvalidRequestError(f"{name} is not a nextoken record of version {RECORD_VERSION}")
         for key, kind in _KEYS.items():
             if not isinstance(record.get(key), kind):
-                raise InvalidRequestError(f"{name} lacks {key!r} (a JSON {'object' if kind is dict else 'list'}): "
-                                          "not a whole nextoken record")
+                raise InvalidRequestError(
+                    f"{name} lacks {key!r} (a JSON {'object' if kind is dict else 'list'}): not a whole nextoken record"
+                )
         if not isinstance(record["package"].get("checksums"), dict):
             raise InvalidRequestError(f"{name} lacks its package's checksums: not a whole nextoken record")
     return records
@@ -85,8 +88,9 @@ def replay(record: dict[str, Any] | str | Path, engine: Any = None, package: str
     return replay_all(record, engine, package)[0]
 
 
-def replay_all(source: dict[str, Any] | list | str | Path, engine: Any = None,
-               package: str | Path | None = None) -> list[ReplayReport]:
+def replay_all(
+    source: dict[str, Any] | list | str | Path, engine: Any = None, package: str | Path | None = None
+) -> list[ReplayReport]:
     """Run a request's records (:func:`read_records`) again, the request once: a report per choice."""
     records = read_records(source)
     first = records[0]
@@ -122,13 +126,26 @@ def _compare(record: dict[str, Any], got: Any, differences: list[str]) -> Replay
     recorded = record.get("logprobs")
     for step, (a, b) in enumerate(zip(want, have)):
         if a != b:
-            return ReplayReport(False, len(have), step, a, b,
-                                recorded[step] if isinstance(recorded, list) and step < len(recorded) else None,
-                                logprobs[step] if step < len(logprobs) else None, differences)
+            return ReplayReport(
+                False,
+                len(have),
+                step,
+                a,
+                b,
+                recorded[step] if isinstance(recorded, list) and step < len(recorded) else None,
+                logprobs[step] if step < len(logprobs) else None,
+                differences,
+            )
     if len(want) != len(have):
         step = min(len(want), len(have))
-        return ReplayReport(False, len(have), step, want[step] if step < len(want) else None,
-                            have[step] if step < len(have) else None, differences=differences)
+        return ReplayReport(
+            False,
+            len(have),
+            step,
+            want[step] if step < len(want) else None,
+            have[step] if step < len(have) else None,
+            differences=differences,
+        )
     return ReplayReport(True, len(have), differences=differences)
 
 
@@ -138,13 +155,19 @@ def _differences(record: dict[str, Any], engine: Any, pipeline: Any) -> list[str
     if params.get("seed") is None and (params.get("temperature") or 0) > 0:
         out.append("the request sampled without a seed: each run draws other numbers")
     checksums = dict(engine.manifest.checksums)
-    changed = sorted(name for name in set(checksums) | set(record["package"]["checksums"])
-                     if checksums.get(name) != record["package"]["checksums"].get(name))
+    changed = sorted(
+        name
+        for name in set(checksums) | set(record["package"]["checksums"])
+        if checksums.get(name) != record["package"]["checksums"].get(name)
+    )
     if changed:
         out.append(f"the package's files ({', '.join(changed)})")
     now = engine_settings(engine)
-    out += [f"{key}: recorded {value!r}, now {now.get(key)!r}" for key, value in record["engine"].items()
-            if now.get(key) != value]
+    out += [
+        f"{key}: recorded {value!r}, now {now.get(key)!r}"
+        for key, value in record["engine"].items()
+        if now.get(key) != value
+    ]
     recorded = {(p[0], p[1]): (p[2], p[4]) for p in record["plugins"] if isinstance(p, list) and len(p) == 5}
     for piece in pieces(pipeline):
         was = recorded.get((piece.kind, piece.name))

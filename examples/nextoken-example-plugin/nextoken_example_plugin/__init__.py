@@ -8,8 +8,8 @@ import numpy as np
 
 import nextoken
 
-
 # -- a logits processor: no_repeat_ngram ---------------------------------------------------------------
+
 
 def make_no_repeat_ngram(params, options):
     """Ban any token that would repeat an n-gram already in the sequence."""
@@ -22,8 +22,8 @@ def make_no_repeat_ngram(params, options):
             seq = state.prompts[row] + state.generated[row]
             if len(seq) < n:
                 continue
-            prefix = tuple(seq[len(seq) - n + 1:]) if n > 1 else ()
-            banned = [seq[i + n - 1] for i in range(len(seq) - n + 1) if tuple(seq[i:i + n - 1]) == prefix]
+            prefix = tuple(seq[len(seq) - n + 1 :]) if n > 1 else ()
+            banned = [seq[i + n - 1] for i in range(len(seq) - n + 1) if tuple(seq[i : i + n - 1]) == prefix]
             logits[row, banned] = -np.inf
         return logits
 
@@ -31,6 +31,7 @@ def make_no_repeat_ngram(params, options):
 
 
 # -- a stop condition: regex -----------------------------------------------------------------------------
+
 
 def make_regex(params, options):
     """Stop when the text matches a regular expression; cut the match and what follows.
@@ -60,6 +61,7 @@ def make_regex(params, options):
 
 
 # -- a cost meter: energy --------------------------------------------------------------------------------
+
 
 def make_energy(options):
     """Energy: watts x seconds x price per kWh."""
