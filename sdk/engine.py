@@ -7,11 +7,10 @@ import logging
 import threading
 from collections.abc import Iterator, Mapping, Sequence
 from pathlib import Path
-from typing import Any, overload
+from typing import Any, cast, overload
 
 import numpy as np
 import onnxruntime as ort
-from typing_extensions import Self
 
 from .chat import Message, render_chat
 from .device import DeviceChoice, heavy_on_cpu, resolve_device, session_options, spin_policy
@@ -225,7 +224,7 @@ class Engine:
                 self._cache_ops = CacheOps(self.runner, self.device.providers)
             return self._cache_ops
 
-    def __enter__(self) -> Self:
+    def __enter__(self) -> "Engine":
         return self
 
     def __exit__(self, *exc: object) -> None:
@@ -301,14 +300,14 @@ class Engine:
         if isinstance(prompts, np.ndarray):
             prompts = prompts.tolist()
         if _is_single(prompts):
-            return [self._prompt_ids(prompts)]
+            return [self._prompt_ids(cast(Prompt, prompts))]
         if not isinstance(prompts, Sequence):
             raise InvalidRequestError(
                 f"prompt must be text, token ids or a list of those, not {type(prompts).__name__}"
             )
         if len(prompts) == 0:
             raise InvalidRequestError("no prompt given; pass text, token ids, or a non-empty list of those")
-        return [self._prompt_ids(p, i) for i, p in enumerate(prompts)]
+        return [self._prompt_ids(cast(Prompt, p), i) for i, p in enumerate(prompts)]
 
     # -- generation ------------------------------------------------------------------------------------
     def start(
@@ -355,6 +354,10 @@ class Engine:
 
     @overload
     def generate(self, prompts: str, params: SamplingParams | None = None, **overrides: Any) -> Completion: ...
+    @overload
+    def generate(
+        self, prompts: Sequence[int], params: SamplingParams | None = None, **overrides: Any
+    ) -> Completion: ...
     @overload
     def generate(
         self, prompts: Sequence[Prompt], params: SamplingParams | None = None, **overrides: Any

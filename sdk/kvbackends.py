@@ -62,6 +62,8 @@ class Prefilled:
     def forked(self, rows: Sequence[int], ops: CacheOps) -> "Prefilled":
         """The prefilled rows ``rows`` (an index may repeat: a prompt's ``n`` choices share its
         prefill), the cache copied where it lives."""
+        if self.cache is None or self.mask is None:
+            raise NextokenError("only a padded prefill (a cache and its mask) can be forked")
         cache = ops.select(self.cache, rows, 0, self.cache.length)
         return Prefilled(self.logits[rows], self.lengths[rows], self.seconds, cache=cache, mask=self.mask[rows])
 
@@ -123,6 +125,12 @@ class ConcatBackend:
     def rows(self) -> int:
         return len(self.mask)
 
+    def _live(self) -> KVCache:
+        """The batch's cache: there is one while any row runs."""
+        if self.cache is None:
+            raise NextokenError("the batch holds no rows")
+        return self.cache
+
     def prefill(self, prompts: Sequence[list[int]], fork: Sequence[int] | None = None) -> Prefilled:
         """Run ``prompts``; ``fork``: the rows to make of them (indices into ``prompts``, repeated for
         the choices that share a prompt), copied from the one prefill."""
@@ -131,6 +139,8 @@ class ConcatBackend:
 
     def join(self, pre: Prefilled) -> None:
         """Append the rows, each side padded to the longer one (masked out)."""
+        if pre.cache is None or pre.mask is None:
+            raise NextokenError("a concatenated batch joins padded prefills (a cache and its mask) only")
         next_pos = pre.mask.sum(axis=1, keepdims=True)
         if self.cache is None or not self.rows:
             self.cache, self.mask, self.next_pos = pre.cache, pre.mask, next_pos
@@ -150,10 +160,10 @@ class ConcatBackend:
 
     def decode(self, tokens: np.ndarray, grow: np.ndarray | None = None) -> np.ndarray:
         """Every row one position longer (``grow`` is not needed: finished rows ride along)."""
-        mask = grow_mask(self.mask, self.runner.manifest.padding_side)
-        before = self.cache.run_seconds
-        logits = self.runner.decode(self.cache, np.asarray(tokens, dtype=np.int64)[:, None], mask, self.next_pos)
-        self.last_seconds = self.cache.run_seconds - before
+        mask, cache = grow_mask(self.mask, self.runner.manifest.padding_side), self._live()
+        before = cache.run_seconds
+        logits = self.runner.decode(cache, np.asarray(tokens, dtype=np.int64)[:, None], mask, self.next_pos)
+        self.last_seconds = cache.run_seconds - before
         self.mask, self.next_pos = mask, self.next_pos + 1
         return logits
 
@@ -172,7 +182,7 @@ class ConcatBackend:
             start, stop = int(np.argmax(mask.any(axis=0))), mask.shape[1]  # leading columns no row uses
         else:
             start, stop = 0, int(mask.sum(axis=1).max())  # trailing columns no row uses
-        self.cache = self._ops().select(self.cache, rows, start, stop)
+        self.cache = self._ops().select(self._live(), rows, start, stop)
         self.mask = np.ascontiguousarray(mask[:, start:stop])
         self.next_pos = self.next_pos[rows]
 
@@ -190,9 +200,10 @@ class ConcatBackend:
         n = len(tokens)
         mask = np.concatenate([self.mask, np.ones((1, n), dtype=self.mask.dtype)], axis=1)
         positions = self.next_pos + np.arange(n)[None, :]
-        before = self.cache.run_seconds
-        logits = self.runner.prefill(self.cache, np.asarray([tokens], dtype=np.int64), mask, positions, all_logits=True)
-        self.last_seconds = self.cache.run_seconds - before
+        cache = self._live()
+        before = cache.run_seconds
+        logits = self.runner.prefill(cache, np.asarray([tokens], dtype=np.int64), mask, positions, all_logits=True)
+        self.last_seconds = cache.run_seconds - before
         self.mask, self.next_pos = mask, self.next_pos + n
         return logits[0]
 
@@ -200,7 +211,7 @@ class ConcatBackend:
         """Keep the first ``length`` positions of the batch's one row (what a rejected guess left goes)."""
         drop = self.held(row) - length
         if drop > 0:
-            self.cache = self._ops().select(self.cache, [0], 0, self.mask.shape[1] - drop)
+            self.cache = self._ops().select(self._live(), [0], 0, self.mask.shape[1] - drop)
             self.mask = np.ascontiguousarray(self.mask[:, :-drop])
             self.next_pos = self.next_pos - drop
 
@@ -264,6 +275,8 @@ class SlotBackend:
         buffer = self._buffer()
         if pre.slots is None:  # a padded cache: copied into free slots
             free = self._free(len(pre.lengths))
+            if pre.cache is None:
+                raise NextokenError("a prefill without slots brings its padded cache")
             self._ops().write(buffer, pre.cache, free)
         else:
             free = pre.slots
@@ -274,7 +287,7 @@ class SlotBackend:
         """One step over the slots up to the highest in use: each row writes at its own length (a
         row where ``grow`` is False rewrites its last position; an idle slot among them decodes a
         pad token at position 0). Returns the batch's rows' logits, in order."""
-        buffer, (rows, used, idle, in_order) = self.buffer, self._layout()
+        buffer, (rows, used, idle, in_order) = self._buffer(), self._layout()
         step = 1 if grow is None else grow
         if in_order:  # rows are slots 0..n-1: no gathering
             ids, lengths = np.asarray(tokens, dtype=np.int64)[:, None], buffer.lengths[:used] + step
@@ -304,29 +317,30 @@ class SlotBackend:
         return self._kept[1]
 
     def keep(self, rows: Sequence[int]) -> None:
-        kept = set(rows)
+        kept, buffer = set(rows), self._buffer()
         for i, slot in enumerate(self.slot_ids):
             if i not in kept:
-                self.buffer.lengths[slot] = 0
+                buffer.lengths[slot] = 0
         self.slot_ids = [self.slot_ids[i] for i in rows]
 
     def held(self, row: int) -> int:
-        return int(self.buffer.lengths[self.slot_ids[row]]) if row < self.rows else 0
+        return int(self._buffer().lengths[self.slot_ids[row]]) if row < self.rows else 0
 
     def nbytes(self) -> int:
         return self.buffer.nbytes() if self.buffer is not None else 0
 
     def extend(self, row: int, tokens: Sequence[int]) -> np.ndarray:
         """Run ``tokens`` after row ``row``, in place in its slot; the logits after each ``[len(tokens), V]``."""
-        before = self.buffer.run_seconds
-        logits = self.runner.extend_in_place(self.buffer, self.slot_ids[row], tokens)
-        self.last_seconds = self.buffer.run_seconds - before
+        buffer = self._buffer()
+        before = buffer.run_seconds
+        logits = self.runner.extend_in_place(buffer, self.slot_ids[row], tokens)
+        self.last_seconds = buffer.run_seconds - before
         return logits
 
     def truncate(self, row: int, length: int) -> None:
         """Row ``row`` holds its first ``length`` positions only: a length, nothing copied."""
-        slot = self.slot_ids[row]
-        self.buffer.lengths[slot] = min(int(self.buffer.lengths[slot]), length)
+        slot, buffer = self.slot_ids[row], self._buffer()
+        buffer.lengths[slot] = min(int(buffer.lengths[slot]), length)
 
     @property
     def slot_lengths(self) -> list[int]:

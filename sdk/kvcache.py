@@ -222,7 +222,7 @@ class StepRunner:
                 self.binder.host_input(binding, "logits_to_keep", np.array([keep], dtype=np.int64))
             self.binder.host_output(binding, "logits", logits)
             kept[2] = n
-        self._bind_ids(binding, np.asarray([tokens], dtype=np.int64), slots.mask([length]), None)
+        self._bind_ids(binding, np.asarray([tokens], dtype=np.int64), slots.mask(np.array([length])), None)
         self._run(binding, slots)
         slots.lengths[row] = length
         return logits[0, -keep:].astype(np.float32)  # a copy: a kept buffer is the next step's
@@ -385,7 +385,7 @@ class CacheOps:
         out.run_seconds = cache.run_seconds
         return out
 
-    def write(self, buffers: KVCache, rows: KVCache, slots: Sequence[int]) -> None:
+    def write(self, buffers: SlotCache, rows: KVCache, slots: Sequence[int]) -> None:
         """Copy each row of ``rows`` into positions 0.. of slot ``slots[i]`` of the fixed-size
         ``buffers``, in place (ScatterND's output is bound to its input). Only the row's own
         positions move; the rest of the slot is left as it is (attention reads a slot only up to its

@@ -295,7 +295,7 @@ class Manifest:
         """Refuse manifest values the model cannot honour: token ids outside the vocabulary, a
         context longer than the source config's positions (:class:`ManifestMismatchError`)."""
         problems = []
-        ids = {
+        ids: dict[str, list[int | None]] = {
             "bos_token_id": [self.bos_token_id],
             "pad_token_id": [self.pad_token_id],
             "eos_token_ids": list(self.eos_token_ids),

@@ -66,7 +66,7 @@ class Metrics:
         self.inter_token_latency = Histogram(TOKEN_BUCKETS)
         self.request_duration = Histogram(LATENCY_BUCKETS)
         self.plugin_errors: collections.Counter[str] = collections.Counter()
-        self.cost: collections.Counter[tuple[str, str]] = collections.Counter()
+        self.cost: dict[tuple[str, str], float] = collections.defaultdict(float)
 
     def ended(self, completions: list[Completion], status: str) -> None:
         """A request ended with ``completions`` (``status``: finished or cancelled). It counts once,

@@ -126,9 +126,9 @@ class Layout:
 
 
 def _checksum(ids: np.ndarray, arrays: Sequence[np.ndarray]) -> str:
-    h = hashlib.sha256(np.ascontiguousarray(ids, dtype=np.int64))
+    h = hashlib.sha256(np.ascontiguousarray(ids, dtype=np.int64).tobytes())
     for array in arrays:
-        h.update(np.ascontiguousarray(array))
+        h.update(memoryview(np.ascontiguousarray(array)).cast("B"))
     return h.hexdigest()
 
 
@@ -258,12 +258,12 @@ class DiskTier:
             if name not in self._files and name not in self._skipped:
                 self._take(name, size)
         with self._lock:
-            held = set(self._files)
-        total = sum(size for _, size, name in found if name in held)
+            kept = set(self._files)
+        total = sum(size for _, size, name in found if name in kept)
         for _, size, name in sorted(found):  # oldest used first
             if total <= self.capacity_bytes:
                 break
-            if name in held:
+            if name in kept:
                 self._forget(name)
                 (self.directory / name).unlink(missing_ok=True)
                 total -= size
@@ -443,7 +443,7 @@ class PrefixCache:
             lengths = set(self._lengths) | (set(self.disk.lengths) if self.disk is not None else set())
             whole = [n for n in lengths if n < len(ids) and n % self.block]
             candidates = set(whole) | set(range(self.cut(len(ids)), 0, -self.block))
-            keys = _keys(ids, candidates)  # one pass over the prompt
+            keys = _keys(ids, sorted(candidates))  # one pass over the prompt
             for length in sorted(candidates, reverse=True):
                 key = keys[length]
                 found = self._index.get(key)

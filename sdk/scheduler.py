@@ -40,7 +40,6 @@ from collections.abc import Iterator
 from typing import Any
 
 import numpy as np
-from typing_extensions import Self
 
 from . import threads
 from .errors import InvalidRequestError, NextokenError, SchedulerStoppedError
@@ -391,7 +390,7 @@ class Scheduler:
             + [h for h in self._admitting if h not in self._active]
         )
 
-    def __enter__(self) -> Self:
+    def __enter__(self) -> "Scheduler":
         return self.start()
 
     def __exit__(self, *exc: object) -> None:

@@ -122,7 +122,7 @@ class GuardedTokenizer:
             raise _plugin_failure(self.source, "decode", f"returned {describe(text)}, not a string")
         return text
 
-    def decoder(self, context: Sequence[int] = ()) -> "IncrementalDecoder":
+    def decoder(self, context: Sequence[int] = ()) -> "IncrementalDecoder | _GuardedDecoder":
         make = getattr(self.inner, "decoder", None)
         if make is None or isinstance(self.inner, GuardedTokenizer):
             return IncrementalDecoder(self, context)

@@ -51,6 +51,7 @@ def _check_tools(tools: Any) -> list[dict]:
             )
         if name in names:
             raise InvalidRequestError(f"tools[{i}]: the function name {name!r} is given twice")
+        assert isinstance(function, Mapping)  # a name was found in it
         parameters = function.get("parameters", {"type": "object", "properties": {}})
         if not isinstance(parameters, Mapping):
             raise InvalidRequestError(f"tools[{i}] ({name}): parameters must be a JSON schema object")

@@ -34,11 +34,11 @@ __all__ = [
 ]
 
 #: The full built-in chain: every processor that changes a distribution, sampling, two stop strings.
-CHAIN = dict(
+CHAIN: dict[str, Any] = dict(
     temperature=0.8, top_k=50, top_p=0.9, repetition_penalty=1.1, seed=0, stop=("<<no such stop>>", "THE END OF IT ALL")
 )
 #: Constrained decoding: a JSON schema whose free string field outlasts any run (greedy, EOS ignored).
-CONSTRAINED = dict(
+CONSTRAINED: dict[str, Any] = dict(
     response_format={
         "type": "json_schema",
         "json_schema": {
@@ -189,7 +189,7 @@ def run_bench(
             med = {k: statistics.median(r[k] for r in runs) for k in runs[0]}
             rows.append(BenchRow(name, batch, prompt_tokens, new_tokens, **med))
             if name == "chain":  # one more run, timed per hook (not in the figures above)
-                usage = engine.generate(prompts, params.replace(hook_timings=True))[0].usage
+                usage = engine.start(prompts, params.replace(hook_timings=True)).completions()[0].usage
                 hooks[batch] = {k: v / max(usage.steps, 1) for k, v in (usage.hook_ms or {}).items()}
     return BenchReport(str(engine.path), engine.device.describe(), engine.threads, engine.spin, rows, hooks)
 
@@ -286,7 +286,7 @@ def run_speculative(
                 (
                     task,
                     setting["method"],
-                    speculative.speculative["k"],
+                    (speculative.speculative or {}).get("k"),
                     len(prompt),
                     statistics.median(plain),
                     statistics.median(spec),
@@ -636,7 +636,9 @@ def run_compare(
                 say(f"[{done}/{total}] {name} batch {batch} (run {rep + 1}/{repeat}) ...")
                 if (name, batch) in errors:
                     continue
-                cmd, target = prepared[name]
+                entry = prepared[name]
+                assert not isinstance(entry, str)  # runnable
+                cmd, target = entry
                 argv = (
                     cmd
                     + [
@@ -662,8 +664,9 @@ def run_compare(
     rows = []
     for batch in batches:
         for name in names:
-            if isinstance(prepared[name], str):
-                rows.append(PeerRow(name, batch, 0, error=prepared[name]))
+            entry = prepared[name]
+            if isinstance(entry, str):
+                rows.append(PeerRow(name, batch, 0, error=entry))
             elif (name, batch) in errors:
                 rows.append(PeerRow(name, batch, 0, error=errors[(name, batch)]))
             else:
