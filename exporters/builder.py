@@ -338,7 +338,7 @@ def rotary(config: dict[str, Any], head: int) -> tuple[np.ndarray, float, tuple[
     if dim < 2 or dim > head or dim % 2:
         raise ExportError(f"partial_rotary_factor {partial} rotates {dim} of {head} head dimensions")
     inv = 1.0 / base ** (np.arange(0, dim, 2, dtype=np.float64) / dim)
-    features = (f"partial rotary {dim}/{head}",) if dim != head else ()
+    features: tuple[str, ...] = (f"partial rotary {dim}/{head}",) if dim != head else ()
     scaling = config.get("rope_scaling") or {}
     kind = scaling.get("rope_type") or scaling.get("type") or "default"
     if kind not in ROPE_TYPES:
@@ -369,8 +369,10 @@ def rotary(config: dict[str, Any], head: int) -> tuple[np.ndarray, float, tuple[
     def mscale(scale: float, m: float = 1.0) -> float:
         return 1.0 if scale <= 1 else 0.1 * m * math.log(scale) + 1.0
 
-    attention = scaling.get("attention_factor")
-    if attention is None:
+    given = scaling.get("attention_factor")
+    if given is not None:
+        attention = float(given)
+    else:
         m, m_all = scaling.get("mscale"), scaling.get("mscale_all_dim")
         attention = mscale(factor, m) / mscale(factor, m_all) if m and m_all else mscale(factor)
     fast, slow = scaling.get("beta_fast") or 32, scaling.get("beta_slow") or 1
@@ -486,7 +488,9 @@ def _read_shape(config: dict[str, Any]) -> _Shape:
             raise BuilderUnavailable("smollm3 with sliding windows is not built yet")
         if config.get("mlp_bias") or (config.get("attention_bias") and arch not in ("qwen2", "gpt_oss")):
             raise BuilderUnavailable(f"{arch} with attention or MLP biases is not built yet")
-        scales = {key: float(config.get(field, 1.0)) for key, field in MULTIPLIERS.get(arch, {}).items()}
+        scales: dict[str, Any] = {
+            key: float(config.get(field, 1.0)) for key, field in MULTIPLIERS.get(arch, {}).items()
+        }
         if scales:
             features = (f"{arch} multipliers",) + features
         layers = config["num_hidden_layers"]
@@ -497,13 +501,13 @@ def _read_shape(config: dict[str, Any]) -> _Shape:
                 raise ExportError(f"no_rope_layers names {len(rope_layers)} layers, the model has {layers}")
             if not all(rope_layers):
                 features = (f"{rope_layers.count(False)}/{layers} layers without rotary",) + features
-        moe = _experts(config, arch, layers) if arch in MOES else {}
+        moe: dict[str, Any] = _experts(config, arch, layers) if arch in MOES else {}
         if moe:
             features = (
                 f"{moe['experts']} experts, top {moe['top_k']}"
                 + (f", {sum(moe['moe_layers'])}/{layers} layers" if not all(moe["moe_layers"]) else ""),
             ) + features
-        long = {}
+        long: dict[str, Any] = {}
         kind = (config.get("rope_scaling") or {}).get("rope_type") or (config.get("rope_scaling") or {}).get("type")
         if kind == "longrope":
             _, long_inv, _, switch = longrope(config, head)
@@ -554,7 +558,7 @@ def _read_shape(config: dict[str, Any]) -> _Shape:
             features,
             rope_layers=rope_layers,
             qk_norm=qk_norm,
-            **({"norms": "post"} if arch == "olmo2" else {}),
+            **(dict[str, Any](norms="post") if arch == "olmo2" else {}),
             **scales,
             **gemma,
             **long,
@@ -754,7 +758,7 @@ class _Graph:
         data_file = self.data_file
         offset = -(-data_file.tell() // 4096) * 4096  # page-aligned, for memory mapping
         data_file.seek(offset)
-        data_file.write(memoryview(array).cast("B"))
+        data_file.write(array.data.cast("B"))
         tensor = onnx.TensorProto(
             name=name,
             data_type=helper.np_dtype_to_tensor_dtype(array.dtype),
@@ -778,6 +782,7 @@ class _Graph:
         if self.shape.norm == "rms":
             self.node("SimplifiedLayerNormalization", [x, self.init(tag, gamma)], [out], axis=-1, epsilon=eps)
         else:
+            assert beta is not None  # a LayerNorm has its bias
             self.node(
                 "LayerNormalization",
                 [x, self.init(tag, gamma), self.init(tag + "_b", beta)],
@@ -809,6 +814,7 @@ class _Graph:
                 epsilon=eps,
             )
         else:
+            assert beta is not None  # a LayerNorm has its bias
             ins = [x, skip, self.init(tag, gamma), self.init(tag + "_b", beta)] + (
                 [self.init(tag + "_bias", bias)] if bias is not None else []
             )
@@ -860,6 +866,7 @@ def build(
             residual, pending, pending_bias = _block(
                 g, shape, _layer(shape, weights, i), i, residual, pending, pending_bias, rotary, attrs, gqa_extra
             )
+        assert pending is not None  # every model has a layer
         vocab = _lm_head(g, shape, weights, emb, head_init, residual, pending, pending_bias)
         inputs, outputs = _graph_io(g, shape, vocab)
         model = helper.make_model(
@@ -911,7 +918,7 @@ def _inputs_and_positions(g: _Graph, shape: _Shape, weights: Tensors, emb: np.nd
     rotary: list[str] = []
     attrs: dict[str, Any] = dict(num_heads=heads, kv_num_heads=kv_heads)
     padded = shape.stored_head != shape.head
-    if shape.theta is not None:
+    if shape.theta is not None and shape.inv_freq is not None:
         # rotary over the model's own head dimensions (their first rotary_dim when partial), with
         # the rope scaling's frequencies and its factor on cos and sin
         angles = np.outer(np.arange(shape.context, dtype=np.float64), shape.inv_freq)
@@ -1159,7 +1166,7 @@ def _block(
             activation_alpha=alpha,
             activation_beta=beta,
             normalize_routing_weights=int(shape.renormalize),
-            **({"swiglu_limit": limit} if limit is not None else {}),
+            **(dict[str, Any](swiglu_limit=limit) if limit is not None else {}),
         )
         # onnxruntime 1.31's CPU MoE may write its output over its input (it declares it may) and
         # then reads zeros: measured, a layer's experts silently added nothing. A node that reads the

@@ -305,6 +305,9 @@ def _manifest_from_graph(model_path: Path, config, package: Path, source: str) -
         raise ExportError("the exported graph has no past_key_values inputs; it cannot use a KV cache")
     first = past["past_key_values.0.key"].type.tensor_type
     dims = [d.dim_value if d.HasField("dim_value") else None for d in first.shape.dim]
+    kv_heads, head_dim = dims[1], dims[3]
+    if kv_heads is None or head_dim is None:
+        raise ExportError("the exported graph's past_key_values have no fixed KV head count and head size")
     kv_dtype = onnx.helper.tensor_dtype_to_np_dtype(first.elem_type).name
     logits = next(o for o in graph.output if o.name == "logits").type.tensor_type.shape.dim
     vocab = logits[-1].dim_value if logits[-1].HasField("dim_value") else int(config.vocab_size)
@@ -319,8 +322,8 @@ def _manifest_from_graph(model_path: Path, config, package: Path, source: str) -
     return Manifest(
         architecture=config.model_type,
         num_layers=layers,
-        num_kv_heads=int(dims[1]),
-        head_dim=int(dims[3]),
+        num_kv_heads=int(kv_heads),
+        head_dim=int(head_dim),
         kv_dtype=kv_dtype,
         vocab_size=int(vocab),
         context_length=_context_length(config),

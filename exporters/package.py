@@ -107,7 +107,8 @@ class Stages:
     """An export's numbered stages, each said when it starts and ends, with its seconds."""
 
     def __init__(self, total: int, progress: Progress) -> None:
-        self.total, self.n, self.progress, self.seconds = total, 0, progress, {}
+        self.total, self.n, self.progress = total, 0, progress
+        self.seconds: dict[str, float] = {}
 
     @contextmanager
     def __call__(self, name: str) -> Iterator[None]:

@@ -204,7 +204,7 @@ def share_embedding(model, block_size: int, bits: int = 4) -> bool:
     index, gather = next(
         ((i, n) for i, n in enumerate(graph.node) if n.op_type == "Gather" and n.input[0] == "embed"), (None, None)
     )
-    if head is None or gather is None or "embed" not in inits or head.input[1] not in inits:
+    if head is None or gather is None or index is None or "embed" not in inits or head.input[1] not in inits:
         return False
     vocab = inits[head.input[1]].dims[0]
     graph.initializer.append(numpy_helper.from_array(np.array([vocab, -1], dtype=np.int64), "embed_q4_shape"))
@@ -394,9 +394,8 @@ def activation_remedy(fp32_package: Path, package: Path, ids: list[int], block_s
         }
         chosen: list[str] = []
         if int8 > ACTIVATION_EXCESS * fp32:
-            ranked = sorted(
-                activations, key=_activation_errors(fp32_package, activations, ids, block_size).get, reverse=True
-            )
+            errors = _activation_errors(fp32_package, activations, ids, block_size)
+            ranked = sorted(activations, key=lambda name: errors[name], reverse=True)
             k = 1
             while True:
                 chosen = ranked[:k]
@@ -432,7 +431,8 @@ def quantize_package(package: Path, method: str, block_size: int, prompt: str) -
             raise
         from nextoken.manifest import Manifest
 
-        chosen, measured = [], None
+        chosen: list[str] = []
+        measured: dict | None = None
         if method == "int4":  # int8 weights run int8 activations at every level
             from nextoken.engine import Engine
 

@@ -61,7 +61,7 @@ class StopStrings:
 
     def __call__(self, tokens: np.ndarray, state):
         found = {}
-        for row in np.flatnonzero(state.alive):
+        for row in map(int, np.flatnonzero(state.alive)):
             text = state.texts[row]
             start = max(0, self.checked.get(row, 0) - self.longest + 1)
             self.checked[row] = len(text)

@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # mypy over the runtime package as it installs (sdk/ is nextoken, plugins/ and exporters/ inside it):
 # a tree of links in a temporary folder, since the package-dir mapping hides the layout from mypy.
-# Not yet in .ci/run: it reports what is left to type (see CHANGELOG.md).
+# Run by .ci/run before the tests.
 set -euo pipefail
 root="$(cd "$(dirname "$0")/.." && pwd)"
 tree="$(mktemp -d)"

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import collections
 import logging
+import os
 import threading
 from collections.abc import Iterator, Mapping, Sequence
 from pathlib import Path
@@ -86,7 +87,7 @@ class Engine:
 
     def __init__(
         self,
-        path: str | Path,
+        path: str | os.PathLike,
         *,
         device: str = "auto",
         threads: int | None = None,

@@ -24,7 +24,7 @@ from .errors import ContextWindowError, InvalidRequestError, NextokenError, desc
 from .kvcache import StepRunner
 from .probes import MemorySampler
 from .registry import Pipeline
-from .tokenizer import IncrementalDecoder, Tokenizer
+from .tokenizer import Decoder, Tokenizer
 from .types import BatchState, Charge, Completion, SamplingParams, Stop, StreamEvent, TokenLogprob, Usage
 
 __all__ = ["Generation", "Speculation", "Timings", "fit_prompt"]
@@ -60,7 +60,7 @@ class _Sequence:
 
     __slots__ = ("decoder", "emitted", "finish", "last_token_time", "logprobs")
 
-    def __init__(self, decoder: IncrementalDecoder | None, logprobs: bool) -> None:
+    def __init__(self, decoder: Decoder | None, logprobs: bool) -> None:
         self.decoder = decoder
         self.emitted = 0
         self.finish: Stop | None = None
@@ -330,7 +330,9 @@ class Generation:
         self.cached_tokens = [0] * self.state.batch_size
         #: speculative decoding (None: off); the scheduler uses it while the request decodes alone
         self.speculation = (
-            Speculation(pipeline.proposer, params.speculative["k"], runner) if pipeline.proposer is not None else None
+            Speculation(pipeline.proposer, params.speculative["k"], runner)
+            if pipeline.proposer is not None and params.speculative
+            else None
         )
         self.peak_memory_bytes: int | None = None
         self.device_memory_bytes: int | None = None
@@ -461,7 +463,7 @@ class Generation:
                     state.texts[row] += seq.decoder.flush()
                 end = len(state.texts[row])
             elif pipe.text_stops:
-                end = len(state.texts[row]) - max(c.holdback(state.texts[row]) for c in pipe.text_stops)
+                end = len(state.texts[row]) - max(c.holdback(state.texts[row]) for c in pipe.text_stops if c.holdback)
             else:
                 end = len(state.texts[row])
             delta = state.texts[row][seq.emitted : end] if end > seq.emitted else ""

@@ -32,6 +32,7 @@ Keep it writable by the serving user only.
 
 from __future__ import annotations
 
+import builtins
 import collections
 import hashlib
 import json
@@ -128,7 +129,7 @@ class Layout:
 def _checksum(ids: np.ndarray, arrays: Sequence[np.ndarray]) -> str:
     h = hashlib.sha256(np.ascontiguousarray(ids, dtype=np.int64).tobytes())
     for array in arrays:
-        h.update(memoryview(np.ascontiguousarray(array)).cast("B"))
+        h.update(np.ascontiguousarray(array).data.cast("B"))
     return h.hexdigest()
 
 
@@ -293,7 +294,7 @@ class DiskTier:
             self._files[name] = (keys, size, len(ids))
             self.lengths[len(ids)] += 1
 
-    def find(self, key: bytes) -> str | None:
+    def find(self, key: builtins.bytes) -> str | None:
         """The file holding the prefix of boundary ``key``, if any."""
         with self._lock:
             found = self._index.get(key)

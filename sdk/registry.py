@@ -142,7 +142,7 @@ class Registry:
             raise PluginError(f"cannot register plugin {name or plugin!r}: {exc}") from None
         except pluggy.PluginValidationError as exc:
             raise PluginError(f"plugin {name or plugin!r} does not fit nextoken's hooks: {exc}") from None
-        registered = registered or name or self.pm.get_name(plugin)
+        registered = str(registered or name or self.pm.get_name(plugin))
         self.distributions[registered] = distribution
         self._provided = None
         return registered

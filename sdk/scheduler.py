@@ -596,6 +596,8 @@ class Scheduler:
         start = time.perf_counter()  # a step's cost is its wall time: guessing and binding too
         gen = handle.generation
         spec = gen.speculation
+        if spec is None:
+            return False
         held = self.kv.held(0)
         room = min(self.max_sequence_length, self.engine.manifest.context_length) - held - 1
         room = min(room, gen.params.max_new_tokens - len(gen.state.generated[0]) - 1)
@@ -731,6 +733,8 @@ class Scheduler:
     def _next_chunk(self, budget: int) -> int:
         """Prefill the next chunk (at most ``budget`` tokens) of the long prompt in progress; join
         the batch after the last. Returns the tokens prefilled."""
+        if self._chunking is None:
+            return 0
         handle, cache, done, prompt, refill = self._chunking
         if handle.cancelled:
             self._chunking = None
@@ -767,7 +771,9 @@ class Scheduler:
         if not self._leaving:
             return
         self._leaving = 0
-        rows, kept, start = [], [], 0
+        rows: list[int] = []
+        kept: list[RequestHandle] = []
+        start = 0
         for handle in self._active:
             if not handle.done and id(handle) not in self._sliding:
                 kept.append(handle)

@@ -7,7 +7,7 @@ Tokenizers are plugins (hook ``register_tokenizers``); the built-in one wraps Hu
 from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
-from typing import Protocol, runtime_checkable
+from typing import Any, Protocol, runtime_checkable
 
 from .errors import PluginError, describe
 
@@ -18,13 +18,31 @@ __all__ = ["GuardedTokenizer", "IncrementalDecoder", "Tokenizer"]
 _CONTEXT_TOKENS = 4
 
 
+class Decoder(Protocol):
+    """Text deltas from a stream of token ids (:class:`IncrementalDecoder` is the stock one)."""
+
+    def add(self, token_id: int) -> str:
+        """The text token ``token_id`` completes (may be empty while a character is incomplete)."""
+
+    def flush(self) -> str:
+        """Whatever text is held back, at the end."""
+
+
 @runtime_checkable
 class Tokenizer(Protocol):
     """A tokenizer as nextoken uses it."""
 
-    adds_bos: bool
-    chat_template: str | None
-    special_tokens: Mapping[str, str]
+    @property
+    def adds_bos(self) -> bool:
+        """Whether ``encode`` puts a BOS token first."""
+
+    @property
+    def chat_template(self) -> str | None:
+        """The tokenizer's chat template (Jinja), if it has one."""
+
+    @property
+    def special_tokens(self) -> Mapping[str, Any]:
+        """Its special tokens by role (``bos_token``, ``eos_token`` ...)."""
 
     def encode(self, text: str, add_special_tokens: bool = True) -> list[int]:
         """Token ids of ``text`` (with the special tokens, e.g. BOS, the tokenizer adds, unless told not to)."""
@@ -35,8 +53,8 @@ class Tokenizer(Protocol):
     def id_to_token(self, token_id: int) -> str | None:
         """The vocabulary entry of ``token_id``."""
 
-    def decoder(self, context: Sequence[int] = ()) -> "IncrementalDecoder":
-        """An :class:`IncrementalDecoder` for text that continues ``context`` (usually the prompt)."""
+    def decoder(self, context: Sequence[int] = ()) -> Decoder:
+        """A :class:`Decoder` for text that continues ``context`` (usually the prompt)."""
 
 
 class IncrementalDecoder:
@@ -90,6 +108,21 @@ class GuardedTokenizer:
         self.source = source
         self.vocab_size = vocab_size
 
+    @property
+    def adds_bos(self) -> bool:
+        return self.inner.adds_bos
+
+    @property
+    def chat_template(self) -> str | None:
+        return self.inner.chat_template
+
+    @property
+    def special_tokens(self) -> Mapping[str, Any]:
+        return self.inner.special_tokens
+
+    def id_to_token(self, token_id: int) -> str | None:
+        return self.inner.id_to_token(token_id)
+
     def __getattr__(self, name: str):
         return getattr(self.inner, name)
 
@@ -122,7 +155,7 @@ class GuardedTokenizer:
             raise _plugin_failure(self.source, "decode", f"returned {describe(text)}, not a string")
         return text
 
-    def decoder(self, context: Sequence[int] = ()) -> "IncrementalDecoder | _GuardedDecoder":
+    def decoder(self, context: Sequence[int] = ()) -> Decoder:
         make = getattr(self.inner, "decoder", None)
         if make is None or isinstance(self.inner, GuardedTokenizer):
             return IncrementalDecoder(self, context)

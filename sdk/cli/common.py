@@ -10,7 +10,9 @@ import json
 import math
 import os
 import sys
+from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 from ..errors import NextokenError
 
@@ -121,6 +123,7 @@ def sampling_flags(p: argparse.ArgumentParser, max_new_tokens: int = 128) -> Non
         if isinstance(default, bool):
             p.add_argument(flag, action="store_true", dest=f.name, help=doc)
             continue
+        kind: Callable[[str], Any]
         if isinstance(default, (tuple, dict)):  # repeatable: items, or NAME=VALUE pairs
             kind = int if "int" in str(f.type).split("[")[-1] and "tuple" in str(f.type) else str
             p.add_argument(flag, action="append", type=kind, **kw)
@@ -244,7 +247,7 @@ def printable(text: str) -> str:
     return "".join(c if c.isprintable() or c in "\n\t" else c.encode("unicode_escape").decode() for c in text)
 
 
-def size(n: int) -> str:
+def size(n: float) -> str:
     for unit in ("B", "KiB", "MiB", "GiB"):
         if n < 1024 or unit == "GiB":
             return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"

@@ -26,7 +26,7 @@ def _cmd_bench(args: argparse.Namespace) -> int:
                 f"spin {'on' if spin else 'off'} for every contender ({why}; --spin/--no-spin to choose)",
                 file=sys.stderr,
             )
-        report = run_compare(
+        compared = run_compare(
             args.package,
             contenders,
             batches=args.batch,
@@ -40,24 +40,24 @@ def _cmd_bench(args: argparse.Namespace) -> int:
             checkpoint=args.checkpoint,
             progress=lambda m: print(m, file=sys.stderr, flush=True),
         )
-        print(report.table())
+        print(compared.table())
         if args.json:
-            Path(args.json).write_text(json.dumps(report.to_dict(), indent=2) + "\n")
+            Path(args.json).write_text(json.dumps(compared.to_dict(), indent=2) + "\n")
         if args.plot:
             from ..tools.bench import plot_compare
 
-            print(f"chart: {plot_compare(report, args.plot)}", file=sys.stderr)
+            print(f"chart: {plot_compare(compared, args.plot)}", file=sys.stderr)
         return 0
     if args.speculative:
         from ..tools.bench import run_speculative
 
         with open_engine(args) as engine:
-            report = run_speculative(
+            speculated = run_speculative(
                 engine, [speculative_of(t) for t in args.speculative], new_tokens=args.new, repeat=args.repeat
             )
-        print(report.table())
+        print(speculated.table())
         if args.json:
-            Path(args.json).write_text(json.dumps(report.to_dict(), indent=2) + "\n")
+            Path(args.json).write_text(json.dumps(speculated.to_dict(), indent=2) + "\n")
         return 0
     with open_engine(args) as engine:
         report = run_bench(

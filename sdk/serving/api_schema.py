@@ -47,7 +47,7 @@ class StreamOptions(_Strict):
 
 def _nextoken_options() -> type:
     hints = typing.get_type_hints(SamplingParams)
-    fields = {name: (hints[name] | None, None) for name in NEXTOKEN_FIELDS}
+    fields: dict[str, Any] = {name: (hints[name] | None, None) for name in NEXTOKEN_FIELDS}
     fields["tool_fallback"] = (bool | None, None)
     model = create_model("NextokenOptions", __base__=_Strict, **fields)
     model.__doc__ = "nextoken's own parameters, as SamplingParams defines them."

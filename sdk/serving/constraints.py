@@ -78,7 +78,7 @@ def child_main(read_fd: int, write_fd: int, memory_bytes: int = 0) -> None:
                 problem = structured.check(found[1], vocab) if found else None
                 conn_out.send(
                     ("ok", None)
-                    if problem is None
+                    if problem is None or found is None
                     else ("error", f"the {structured.FIELDS[found[0]]} cannot be used: {problem}")
                 )
             except InvalidRequestError as exc:  # its message names the field: the caller does

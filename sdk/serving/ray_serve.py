@@ -89,18 +89,21 @@ class RayMetricsMirror:
         from ray.serve import metrics as ray_metrics
 
         for family in families(self.scheduler.metrics()):
-            metric = self._metrics.get(family.name)
+            metric: Any = self._metrics.get(family.name)
             for labels, value in family.samples:
                 if family.kind == "histogram":
                     bounds = [float(b) for b, _ in value["buckets"][:-1]]
                 if metric is None:
                     if family.kind == "histogram":
                         metric = ray_metrics.Histogram(
-                            family.name, family.doc, boundaries=bounds, tag_keys=family.labels
+                            family.name,
+                            family.doc,
+                            boundaries=bounds,
+                            tag_keys=family.labels,  # type: ignore[arg-type]  # ray means any tuple of names
                         )
                     else:
                         kind = ray_metrics.Counter if family.kind == "counter" else ray_metrics.Gauge
-                        metric = kind(family.name, family.doc, tag_keys=family.labels)
+                        metric = kind(family.name, family.doc, tag_keys=family.labels)  # type: ignore[arg-type]
                     self._metrics[family.name] = metric
                 tags = dict(zip(family.labels, labels)) or None
                 key = (family.name, labels)
@@ -145,8 +148,8 @@ def replica_deployment(
     copies of each replica's metrics into Ray's metrics export)."""
     if not metrics_interval > 0:
         raise NextokenError(f"metrics_interval must be a positive number of seconds, not {metrics_interval!r}")
-    engine_options = {"threads": 1, **(engine_options or {})}
-    scheduler_options = dict(scheduler_options or {})
+    replica_engine: dict[str, Any] = {"threads": 1, **(engine_options or {})}
+    replica_scheduler: dict[str, Any] = dict(scheduler_options or {})
     _, serve = _ray()
     name = model_name or Path(package).resolve().name
 
@@ -157,8 +160,8 @@ def replica_deployment(
             from ..scheduler import Scheduler
             from .server import create_app
 
-            self.engine = Engine(package, **engine_options)
-            self.scheduler = Scheduler(self.engine, max_batch=max_batch, **scheduler_options).start()
+            self.engine = Engine(package, **replica_engine)
+            self.scheduler = Scheduler(self.engine, max_batch=max_batch, **replica_scheduler).start()
             self._asgi = create_app(self.scheduler, name, options)
             self.metrics = RayMetricsMirror(self.scheduler, metrics_interval).start()
 
@@ -176,7 +179,7 @@ def replica_deployment(
         NextokenReplica,
         name="nextoken",
         num_replicas=replicas,
-        ray_actor_options={"num_cpus": engine_options["threads"] or 1},
+        ray_actor_options={"num_cpus": replica_engine["threads"] or 1},
     )
     return deployment.bind()
 

@@ -69,7 +69,7 @@ class APIError(Exception):
         self.status, self.message, self.kind, self.param, self.code = status, message, kind, param, code
 
 
-def sampling_defaults(package: Path) -> dict[str, float]:
+def sampling_defaults(package: Path) -> dict[str, Any]:
     """The sampling defaults a package's generation_config.json sets (the server's defaults for it)."""
     path = Path(package) / "generation_config.json"
     try:
@@ -358,7 +358,7 @@ class Service:
         import hmac
 
         scheme, _, key = request.headers.get("authorization", "").strip().partition(" ")
-        return scheme.lower() == "bearer" and hmac.compare_digest(key.strip().encode(), self.api_key.encode())
+        return scheme.lower() == "bearer" and hmac.compare_digest(key.strip().encode(), (self.api_key or "").encode())
 
     async def read(self, request) -> bytes:
         """The body, read a chunk at a time (the size limit holds for chunked uploads too, and a

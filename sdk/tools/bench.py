@@ -286,7 +286,7 @@ def run_speculative(
                 (
                     task,
                     setting["method"],
-                    (speculative.speculative or {}).get("k"),
+                    int((speculative.speculative or {}).get("k", 0)),
                     len(prompt),
                     statistics.median(plain),
                     statistics.median(spec),

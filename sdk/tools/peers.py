@@ -150,7 +150,11 @@ def run_optimum(a) -> dict:
     )
     ttft, total = _hf_generate(model, _prompts(vocab, a.batch, a.prompt), a.new, torch)
     session = getattr(model, "session", None) or getattr(model, "model", None)
-    settings = _ort_settings(session.get_session_options()) if hasattr(session, "get_session_options") else {}
+    settings = (
+        _ort_settings(session.get_session_options())
+        if session is not None and hasattr(session, "get_session_options")
+        else {}
+    )
     return _result(ttft, total, a.batch, a.new, settings)
 
 

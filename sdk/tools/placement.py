@@ -89,7 +89,7 @@ def placement(package: str | Path, device: str = "auto", threads: int | None = N
         kv.join(kv.prefill([[manifest.bos_token_id or 1] * 8]))
         kv.decode(np.array([manifest.bos_token_id or 1]))
         events = json.loads(Path(session.end_profiling()).read_text())
-    times: dict[str, float] = collections.Counter()
+    times: dict[str, float] = collections.defaultdict(float)
     ran: dict[str, tuple[str, str]] = {}
     for e in events:
         if e.get("cat") == "Node" and e.get("name", "").endswith("_kernel_time"):
@@ -149,7 +149,8 @@ def _cast_ops(model_file: Path, tensors: list[str]) -> dict[str, int]:
             consumers[name].append(node.op_type)
     votes: collections.Counter[str] = collections.Counter()
     for tensor in tensors:
-        for op in {producer.get(tensor), *consumers.get(tensor, [])} - {None}:
-            votes[op] += 1
+        for op in {producer.get(tensor), *consumers.get(tensor, [])}:
+            if op is not None:
+                votes[op] += 1
     top = max(votes.values(), default=0)
     return {op: n for op, n in votes.items() if n * 2 >= top}

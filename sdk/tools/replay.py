@@ -79,7 +79,7 @@ def read_records(source: dict[str, Any] | list | str | Path) -> list[dict[str, A
                 )
         if not isinstance(record["package"].get("checksums"), dict):
             raise InvalidRequestError(f"{name} lacks its package's checksums: not a whole nextoken record")
-    return records
+    return records  # type: ignore[return-value]  # each checked to be a record dict above
 
 
 def replay(record: dict[str, Any] | str | Path, engine: Any = None, package: str | Path | None = None) -> ReplayReport:
