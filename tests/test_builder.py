@@ -122,11 +122,11 @@ def test_a_prefix_cache_hit_and_speculation_decode_as_plain_decoding(built):
 
 
 def test_the_readme_table_is_the_builders_own():
-    """The README's family table is coverage_table(), and its precisions are the ones these tests run."""
+    """The exporting page's family table is coverage_table(), and its precisions are the ones these tests run."""
     from helpers import REPO
     from nextoken.exporters.builder import coverage_table
 
-    assert coverage_table() in (REPO / "README.md").read_text()
+    assert coverage_table() in (REPO / "docs" / "exporting.md").read_text()
     tested = {dtype for _, dtype in built_params()} | {q for _, q in quantized_params()}
     assert tested == {"fp32", "fp16", "int8", "int4"}
     assert {arch for arch, _ in built_params()} == {arch for arch, _ in quantized_params()} == set(ARCHITECTURES)

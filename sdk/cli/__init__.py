@@ -1,15 +1,7 @@
 """The ``nextoken`` command line. Errors are one line on stderr and a non-zero exit, never a traceback.
 
-nextoken export SRC -o DIR [--dtype fp16]       Hugging Face checkpoint or hub id -> model package
-nextoken generate DIR PROMPT [--max-new-tokens N] [--ignore-eos] [--json]
-nextoken chat DIR MESSAGE [--system TEXT]        one chat turn with the model's chat template
-nextoken info DIR                               what the package holds, where it would run
-nextoken plugins [--json]                       every registered plugin and what it provides
-nextoken bench DIR [--batch 1,8] [--new N]      prefill and decode speed, time inside/outside the model
-nextoken memory MODEL [--batch B] [--context N] weights + working memory + KV cache against a capacity
-nextoken serve DIR [--port P] [--ray]           OpenAI-compatible HTTP server (continuous batching)
-nextoken cost --requests-per-day N ...          a workload's cost per answer, day, month, year
-nextoken demo [SRC]                             export (an untrained tiny model by default) and generate
+Every command and flag: ``nextoken COMMAND --help``, or docs/cli.md, whose synopsis is
+:func:`reference` (tested to match).
 """
 
 from __future__ import annotations
@@ -22,7 +14,7 @@ from ..errors import NextokenError
 from . import measure, models, run
 from .common import EXIT_ERROR, EXIT_USAGE, UsageError
 
-__all__ = ["main"]
+__all__ = ["main", "reference"]
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -33,6 +25,15 @@ def _parser() -> argparse.ArgumentParser:
         group.add_commands(sub)
     parser.set_defaults(commands=dict(sub.choices))  # each command's own parser, for its usage on errors
     return parser
+
+
+def reference(width: int = 100) -> str:
+    """Every command's usage as argparse writes it, ``width`` columns wide: docs/cli.md's synopsis."""
+    usages = []
+    for command in _parser().get_default("commands").values():
+        command.formatter_class = lambda prog: argparse.HelpFormatter(prog, width=width)
+        usages.append(command.format_usage().removeprefix("usage: ").rstrip())
+    return "\n".join(usages) + "\n"
 
 
 def _version() -> str:
