@@ -22,7 +22,7 @@ chain = len(sys.argv) > 5 and sys.argv[5] == "chain"
 timings = len(sys.argv) > 6 and sys.argv[6] == "timed"
 engine = Engine(pkg, threads=threads, spin=False, plugins=False)
 inside = [0.0, 0]
-from nextoken.kvcache import StepRunner
+from nextoken.runner import StepRunner
 
 real = StepRunner._run  # the session's run, in both versions: timed from outside it
 

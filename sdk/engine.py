@@ -14,17 +14,27 @@ import numpy as np
 import onnxruntime as ort
 
 from .chat import Message, render_chat
-from .device import DeviceChoice, heavy_on_cpu, resolve_device, session_options, spin_policy
+from .device import (
+    DeviceChoice,
+    default_threads,
+    device_notes,
+    heavy_on_cpu,
+    resolve_device,
+    session_options,
+    spin_policy,
+)
 from .dtypes import kv_dtype
 from .errors import ContextWindowError, InvalidRequestError, ModelPackageError, NextokenError
 from .generation import Generation
 from .kvbackends import for_request
-from .kvcache import CacheOps, StepRunner
+from .kvcache import CacheOps
 from .manifest import Manifest, TensorSpec
 from .prefixcache import DiskTier, Layout, PrefixCache, package_identity
 from .probes import release_free_heap
 from .registry import Pipeline, Registry
+from .runner import StepRunner
 from .scheduler import Scheduler
+from .speculation import StepCost
 from .tokenizer import GuardedTokenizer, Tokenizer
 from .toolcalls import ToolRequest
 from .types import Completion, SamplingParams, StreamEvent
@@ -33,26 +43,8 @@ __all__ = ["Engine", "Prompt"]
 
 log = logging.getLogger("nextoken")
 
-#: Below this many bytes of weights a CPU session runs on one intra-op thread by default: a small
-#: model's step is many tiny ops, and waking a thread pool for each costs more than it saves
-#: (stories260k, 1.3 MB: 0.38 ms a decode step on 1 thread, 0.57 ms on 2; a 135M-parameter model,
-#: 622 MB: 34 ms on 1 thread, 29 ms on 2).
-SMALL_MODEL_BYTES = 16 << 20
-
 #: A prompt is text, or token ids as they go into the model.
 Prompt = str | Sequence[int]
-
-
-def device_notes(device: str, manifest: Manifest) -> list[str]:
-    """What the user should know about running ``manifest`` 's package on ``device`` (logged as
-    warnings when an engine starts)."""
-    notes = []
-    if device == "cuda" and manifest.padding_side == "right" and manifest.kv_dtype == "float32":
-        notes.append(
-            "onnxruntime runs GroupQueryAttention on CUDA in fp16/bf16 only, so this fp32 package's "
-            "attention runs on the CPU, with copies each step; export it with --dtype fp16 for a GPU"
-        )
-    return notes
 
 
 class Engine:
@@ -129,9 +121,9 @@ class Engine:
         self.cost_meters = {k: dict(v) for k, v in (cost_meters or {}).items()}
         self.plugins.check("cost_meter", self.cost_meters)
         self.device: DeviceChoice = resolve_device(device, tf32)
-        if threads is None and self.device.device == "cpu":
+        if threads is None:
             weights = sum(p.stat().st_size for p in self.path.iterdir() if p.name.startswith(self.manifest.model_file))
-            threads = 1 if weights < SMALL_MODEL_BYTES else None
+            threads = default_threads(self.device.device, weights)
         self.threads = threads
         #: whether the session's threads spin within a step, and why (given, NEXTOKEN_SPIN, or the host's load)
         self.spin, self.spin_reason = spin_policy(threads) if spin is None else (bool(spin), "given")
@@ -156,6 +148,8 @@ class Engine:
         self.runner = StepRunner(self.session, self.manifest, self.device.device, device_id)
         self._cache_ops: CacheOps | None = None
         self._cache_ops_lock = threading.Lock()
+        #: what a step of n positions costs this model here, as speculative decoding learns it
+        self.step_cost = StepCost()
         #: prompt prefixes' KV caches reused across requests (None: off, ``prefix_cache_bytes=0``)
         self.prefix_cache: PrefixCache | None = None
         if prefix_cache_dir is not None and prefix_cache_bytes <= 0:
@@ -319,8 +313,7 @@ class Engine:
         ``params`` or keyword overrides (``max_new_tokens=``, ``temperature=`` ...) set how to generate.
         Everything, plugins included, is validated and resolved here, before any model work.
         """
-        if self.runner is None:
-            raise InvalidRequestError("this engine is closed; load the package again")
+        self._check_open()
         params = _params(params, overrides)
         outside = [t for t in params.logit_bias if t >= self.manifest.vocab_size]
         if outside:
@@ -341,7 +334,13 @@ class Engine:
             self.device.device,
             self.device.provider,
             driver=self._drive,
+            step_cost=self.step_cost,
         )
+
+    def _check_open(self) -> None:
+        """Refuse work once the engine is closed (its session is gone)."""
+        if self.runner is None:
+            raise InvalidRequestError("this engine is closed; load the package again")
 
     def _drive(self, generation: Generation) -> Iterator[StreamEvent]:
         """Run a request on the caller's thread: the scheduler, made for it alone, run to its end."""
@@ -413,8 +412,7 @@ class Engine:
 
         For checks (parity with the source model); generation never needs all positions.
         """
-        if self.runner is None:
-            raise InvalidRequestError("this engine is closed; load the package again")
+        self._check_open()
         ids = self._prompt_ids(list(np.asarray(input_ids).reshape(-1)))
         if cached:
             if len(ids) < 2:
@@ -431,8 +429,7 @@ class Engine:
         positions, default the context window): :meth:`CachedForward.feed` tokens for the logits
         after them, :meth:`CachedForward.truncate` back to a prefix. For plugins that run a model
         alongside generation (a draft model's guesses)."""
-        if self.runner is None:
-            raise InvalidRequestError("this engine is closed; load the package again")
+        self._check_open()
         return CachedForward(self, max_length or self.manifest.context_length)
 
 

@@ -12,6 +12,8 @@ __all__ = [
     "NextokenError",
     "PluginError",
     "SchedulerStoppedError",
+    "is_integer",
+    "is_number",
 ]
 
 
@@ -60,3 +62,17 @@ def describe(value: object, limit: int = 60) -> str:
     """A value as an error message shows it: its type and the start of its repr."""
     text = repr(value)
     return f"{type(value).__name__} {text[:limit]}{'...' if len(text) > limit else ''}"
+
+
+def is_integer(value: object) -> bool:
+    """An integer as users pass one: Python's or numpy's, not a bool."""
+    import numbers
+
+    return isinstance(value, numbers.Integral) and not isinstance(value, bool)
+
+
+def is_number(value: object) -> bool:
+    """A real number as users pass one: an integer (not a bool) or a float, Python's or numpy's."""
+    import numbers
+
+    return isinstance(value, numbers.Real) and not isinstance(value, bool)

@@ -11,7 +11,6 @@ yields :class:`StreamEvent` s, and the finished request's :class:`Completion` s 
 
 from __future__ import annotations
 
-import collections
 import math
 import time
 from collections.abc import Callable, Iterator, Mapping, Sequence
@@ -20,10 +19,11 @@ from typing import Any
 
 import numpy as np
 
-from .errors import ContextWindowError, InvalidRequestError, NextokenError, describe
-from .kvcache import StepRunner
+from .errors import ContextWindowError, InvalidRequestError, NextokenError, describe, is_integer, is_number
 from .probes import MemorySampler
 from .registry import Pipeline
+from .runner import StepRunner
+from .speculation import Speculation, StepCost
 from .tokenizer import Decoder, Tokenizer
 from .types import BatchState, Charge, Completion, SamplingParams, Stop, StreamEvent, TokenLogprob, Usage
 
@@ -120,21 +120,17 @@ def _stops_problem(stops: Any, batch: int) -> str | None:
     if not isinstance(stops, Mapping):
         return f"returned {describe(stops)}, not None or a dict of row -> Stop"
     for row, stop in stops.items():
-        if isinstance(row, bool) or not isinstance(row, (int, np.integer)) or not 0 <= row < batch:
+        if not is_integer(row) or not 0 <= row < batch:
             return f"returned a stop for row {row!r}, not a row of the batch [0, {batch})"
         if not isinstance(stop, Stop):
             return f"returned {describe(stop)} for row {row}, not a nextoken.Stop"
-        if stop.text_end is not None and (isinstance(stop.text_end, bool) or not isinstance(stop.text_end, int)):
+        if stop.text_end is not None and not is_integer(stop.text_end):
             return f"returned text_end={stop.text_end!r} for row {row}, not an integer or None"
     return None
 
 
 def _finite_number(value: Any) -> bool:
-    return (
-        isinstance(value, (int, float, np.integer, np.floating))
-        and not isinstance(value, bool)
-        and math.isfinite(value)
-    )
+    return is_number(value) and math.isfinite(value)
 
 
 def _log_softmax(logits: np.ndarray) -> np.ndarray:
@@ -142,113 +138,6 @@ def _log_softmax(logits: np.ndarray) -> np.ndarray:
     shifted = logits - top
     with np.errstate(divide="ignore"):
         return shifted - np.log(np.exp(shifted).sum(axis=1, keepdims=True))
-
-
-class Speculation:
-    """A request's speculative decoding: its proposer (a plugin), what was guessed and kept, and how
-    many tokens to guess next (``k``, at most ``k_max``): the count expected to make the most
-    tokens per second. A guessed position is kept with probability ``alpha`` once the ones before
-    it were (kept / (kept + misses) over the last eight checks, from one of each), so a guess of k
-    keeps ``alpha + ... + alpha**k`` on average, and a step of n positions takes ``a + b * n``
-    seconds (a line through the request's last 32 steps, plain and checking, guessing and binding
-    included: on a CPU a big model's extra positions cost little, a tiny model's a tenth of a step
-    each). A request starts from the line the last one left on ``runner.step_cost``: the line is
-    the model's and the host's. When no guess beats a plain step (``alpha`` under ``b / (a + b)``)
-    it stops (``off``: plain decoding from then on, as prompt lookup on text with nothing to copy
-    should).
-    """
-
-    def __init__(self, proposer: Any, k: int, runner: Any = None) -> None:
-        self.proposer, self.k_max, self.k = proposer, k, k
-        self.proposed = self.accepted = 0
-        self.off = False
-        self._checks: collections.deque[tuple[int, int]] = collections.deque(maxlen=8)
-        self._steps: collections.deque[tuple[int, float]] = collections.deque(maxlen=32)
-        self._sums = [0.0, 0.0, 0.0, 0.0]  # of n, t, n*n, n*t over _steps
-        self._counts = [0, 0]  # plain steps and checks in _steps
-        self._seen = [False, False]
-        self.runner = runner
-        if runner is not None and runner.step_cost is not None:
-            self.k = max(1, self._best(0.5, *runner.step_cost))  # even odds until it has guessed
-
-    def propose(self, state: BatchState, room: int) -> list[int]:
-        """Up to ``min(k, room)`` guesses for sequence 0 (``[]``: decode plainly this step)."""
-        if self.off or room < 1:
-            return []
-        k = min(self.k, room)
-        try:
-            guess = self.proposer.fn(state, 0, k)
-        except Exception as exc:
-            raise self.proposer.provided.error(exc) from exc
-        if not isinstance(guess, (list, tuple)) or not all(
-            isinstance(t, (int, np.integer)) and 0 <= t < state.vocab_size for t in guess
-        ):
-            raise self.proposer.provided.error(
-                ValueError(f"returned {describe(guess)}, not a list of token ids in [0, {state.vocab_size})")
-            )
-        return [int(t) for t in guess[:k]]
-
-    def stepped(self, positions: int, seconds: float) -> None:
-        """A step of ``positions`` positions took ``seconds``: a check (``positions`` > 1) or a
-        plain step, whose cost anchors the line. The request's first of each is not counted: it
-        makes its binding."""
-        kind = positions > 1
-        if not self._seen[kind]:
-            self._seen[kind] = True
-            return
-        self._counts[kind] += 1
-        if len(self._steps) == self._steps.maxlen:
-            n, t = self._steps[0]
-            self._counts[n > 1] -= 1
-            self._sums = [self._sums[0] - n, self._sums[1] - t, self._sums[2] - n * n, self._sums[3] - n * t]
-        self._steps.append((positions, seconds))
-        s = self._sums
-        self._sums = [s[0] + positions, s[1] + seconds, s[2] + positions * positions, s[3] + positions * seconds]
-
-    def record(self, proposed: int, accepted: int, seconds: float | None = None) -> None:
-        """One checking step's outcome: ``accepted`` of ``proposed`` guesses kept (the step took
-        ``seconds``); then the next ``k``."""
-        self.proposed += proposed
-        self.accepted += accepted
-        self._checks.append((accepted, int(accepted < proposed)))
-        if seconds is not None:
-            self.stepped(proposed + 1, seconds)
-        fitted = self._fit()
-        if fitted is not None and self.runner is not None and min(self._counts) >= 8:
-            self.runner.step_cost = fitted
-        kept = 1 + sum(a for a, _ in self._checks)
-        self.k = self._best(kept / (kept + 1 + sum(m for _, m in self._checks)), *(fitted or self.cost()))
-        if self.k == 0:
-            self.off = True
-
-    def _best(self, alpha: float, a: float, b: float) -> int:
-        """The guess that makes the most tokens per second (0: a plain step)."""
-        best, count, gain = 1 / (a + b), 0, 1.0
-        for k in range(1, self.k_max + 1):
-            gain += alpha**k
-            if gain / (a + b * (k + 1)) > best:
-                best, count = gain / (a + b * (k + 1)), k
-        return count
-
-    def cost(self) -> tuple[float, float]:
-        """(a, b): a step of n positions takes about ``a + b * n`` seconds: least squares over the
-        request's last 32 steps once 4 plain steps and 4 checks were timed (from 8 each on, it is
-        left on the runner for the next request); before, the last request's line, else b = 0."""
-        fitted = self._fit()
-        if fitted is not None:
-            return fitted
-        if self.runner is not None and self.runner.step_cost is not None:
-            return self.runner.step_cost
-        return (self._sums[1] / len(self._steps) if self._steps else 1.0), 0.0
-
-    def _fit(self) -> tuple[float, float] | None:
-        """The request's own line, once 4 plain steps and 4 checks were timed."""
-        if min(self._counts) < 4:
-            return None
-        count = len(self._steps)
-        n, t, nn, nt = self._sums
-        b = max((nt - n * t / count) / max(nn - n * n / count, 1e-9), 0.0)
-        return max((t - b * n) / count, 1e-3 * t / count, 1e-12), b
 
 
 @dataclass(frozen=True)
@@ -298,6 +187,7 @@ class Generation:
         device: str,
         provider: str = "",
         driver: Callable[["Generation"], Iterator[StreamEvent]] | None = None,
+        step_cost: StepCost | None = None,
     ) -> None:
         prompts = [
             fit_prompt(list(p), params, context_length, i if len(prompts) > 1 else None) for i, p in enumerate(prompts)
@@ -330,7 +220,7 @@ class Generation:
         self.cached_tokens = [0] * self.state.batch_size
         #: speculative decoding (None: off); the scheduler uses it while the request decodes alone
         self.speculation = (
-            Speculation(pipeline.proposer, params.speculative["k"], runner)
+            Speculation(pipeline.proposer, params.speculative["k"], step_cost)
             if pipeline.proposer is not None and params.speculative
             else None
         )

@@ -27,7 +27,8 @@ from typing import Protocol
 import numpy as np
 
 from .errors import NextokenError
-from .kvcache import CacheOps, KVCache, SlotCache, StepRunner, grow_mask, pad_batch
+from .kvcache import CacheOps, KVCache, SlotCache, grow_mask, pad_batch
+from .runner import StepRunner
 
 __all__ = ["BACKENDS", "ConcatBackend", "KVBackend", "Prefilled", "SlotBackend", "for_request", "prefill_padded"]
 
@@ -77,6 +78,15 @@ class KVBackend(Protocol):
 
     @property
     def rows(self) -> int: ...
+    @property
+    def fixed_length(self) -> int | None:
+        """Positions a row can hold at most when the backend holds them in fixed slots (None: the
+        window's, grown as needed)."""
+
+    @property
+    def slot_count(self) -> int:
+        """Fixed slots the backend holds (0: none, rows come and go)."""
+
     def prefill(self, prompts: Sequence[list[int]], fork: Sequence[int] | None = None) -> Prefilled: ...
     def join(self, pre: Prefilled) -> None: ...
     def decode(self, tokens: np.ndarray, grow: np.ndarray | None = None) -> np.ndarray: ...
@@ -124,6 +134,14 @@ class ConcatBackend:
     @property
     def rows(self) -> int:
         return len(self.mask)
+
+    @property
+    def fixed_length(self) -> int | None:
+        return None
+
+    @property
+    def slot_count(self) -> int:
+        return 0
 
     def _live(self) -> KVCache:
         """The batch's cache: there is one while any row runs."""
@@ -248,6 +266,14 @@ class SlotBackend:
     @property
     def rows(self) -> int:
         return len(self.slot_ids)
+
+    @property
+    def fixed_length(self) -> int | None:
+        return self.length
+
+    @property
+    def slot_count(self) -> int:
+        return self.slots
 
     def _buffer(self) -> SlotCache:
         if self.buffer is None:

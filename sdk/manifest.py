@@ -21,7 +21,7 @@ from pathlib import Path
 from typing import Any
 
 from .dtypes import DTYPES, by_ort_type
-from .errors import ManifestMismatchError, ModelPackageError
+from .errors import ManifestMismatchError, ModelPackageError, is_integer
 
 __all__ = ["FORMAT_VERSION", "MANIFEST_NAME", "VERIFIED_STAMP", "Manifest", "TensorSpec"]
 
@@ -181,7 +181,7 @@ class Manifest:
             if not isinstance(kwargs[key], int) or kwargs[key] <= 0:
                 raise ModelPackageError(f"{where}: {key} must be a positive integer, not {kwargs[key]!r}.")
         switch = kwargs.get("rope_switch")
-        if switch is not None and (not isinstance(switch, int) or isinstance(switch, bool) or switch <= 0):
+        if switch is not None and (not is_integer(switch) or switch <= 0):
             raise ModelPackageError(f"{where}: rope_switch must be a positive integer or null, not {switch!r}.")
         return cls(**kwargs)
 
@@ -304,7 +304,7 @@ class Manifest:
             for value in values:
                 if value is None:
                     continue
-                if isinstance(value, bool) or not isinstance(value, int) or not 0 <= value < self.vocab_size:
+                if not is_integer(value) or not 0 <= value < self.vocab_size:
                     problems.append(f"{key} {value!r} is outside the vocabulary [0, {self.vocab_size})")
         config_path = Path(directory) / "config.json"
         if config_path.is_file():

@@ -16,7 +16,7 @@ from typing import Any
 from .errors import PluginError
 from .types import Completion
 
-__all__ = ["LATENCY_BUCKETS", "TOKEN_BUCKETS", "Family", "Histogram", "Metrics", "families"]
+__all__ = ["LATENCY_BUCKETS", "TOKEN_BUCKETS", "Family", "Histogram", "Metrics", "families", "prometheus_text"]
 
 #: seconds: time to first token and end-to-end latency
 LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 120.0)
@@ -202,3 +202,30 @@ def families(m: dict[str, Any]) -> list[Family]:
             ),
         ]
     return out
+
+
+def prometheus_text(metrics: dict[str, Any]) -> tuple[bytes, str]:
+    """``metrics`` (what ``Scheduler.metrics()`` returns) in Prometheus' text format, and its content
+    type. Needs prometheus_client (the ``serve`` extra): ImportError without it."""
+    from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, generate_latest
+    from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, HistogramMetricFamily
+
+    kinds = {"counter": CounterMetricFamily, "gauge": GaugeMetricFamily, "histogram": HistogramMetricFamily}
+
+    def collect():
+        for family in families(metrics):
+            out = kinds[family.kind](family.name, family.doc, labels=list(family.labels))
+            for labels, value in family.samples:
+                if family.kind == "histogram":
+                    out.add_metric(list(labels), value["buckets"], value["sum"])
+                else:
+                    out.add_metric(list(labels), value)
+            yield out
+
+    class _Now:
+        def collect(self):
+            return collect()
+
+    registry = CollectorRegistry(auto_describe=False)
+    registry.register(_Now())
+    return generate_latest(registry), CONTENT_TYPE_LATEST

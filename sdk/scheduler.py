@@ -37,6 +37,7 @@ import queue
 import threading
 import time
 from collections.abc import Iterator
+from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
@@ -137,6 +138,19 @@ class RequestHandle:
             self._events.put(_DONE)
 
 
+@dataclass
+class Chunking:
+    """A prompt being prefilled a chunk a step (a long prompt, or a slid window coming back): its
+    request, the cache that holds the chunks so far, how many of the prompt's tokens that is, the
+    prompt, and whether it is a refill (a slid window) rather than a newcomer."""
+
+    handle: RequestHandle
+    cache: KVCache
+    done: int
+    prompt: list[int]
+    refill: bool
+
+
 class Scheduler:
     """Continuous batching over one :class:`~nextoken.Engine` (see the module's doc).
 
@@ -202,7 +216,7 @@ class Scheduler:
         self._thread: threading.Thread | None = None
         self._stop = False
         #: a long prompt being prefilled a chunk a step: (handle, its own cache, tokens done, ids, a refill)
-        self._chunking: tuple[RequestHandle, KVCache, int, list[int], bool] | None = None
+        self._chunking: Chunking | None = None
         #: running requests whose window slid (context_policy "slide"): each sequence's kept tokens, to prefill again
         self._refill: collections.deque[tuple[RequestHandle, list[list[int]]]] = collections.deque()
         self._sliding: set[int] = set()
@@ -229,13 +243,14 @@ class Scheduler:
             )
         slide = generation.params.context_policy == "slide"
         window = self.engine.manifest.context_length
-        if slide and self.kv_backend == "slots" and self.slot_length < window:
+        fixed = self.kv.fixed_length
+        if slide and fixed is not None and fixed < window:
             raise InvalidRequestError(
                 f"context_policy='slide' slides at the model's window ({window} tokens), which "
                 f"needs slots of that length, not {self.slot_length}: make the Scheduler "
                 f"with slot_length={window}"
             )
-        if self.kv_backend == "slots" and not slide and self.slot_length < window:
+        if fixed is not None and not slide and fixed < window:
             # slots as long as the window end a request where the window does, as the concat backend
             # does; shorter slots would end it earlier, so a request that needs more is refused
             need = len(generation.state.prompts[0]) + generation.params.max_new_tokens
@@ -273,7 +288,7 @@ class Scheduler:
             engine,
             max_batch=state.batch_size,
             max_prefill_tokens=max(window, sum(map(len, state.prompts))),
-            slot_length=length if kv.name == "slots" else None,
+            slot_length=kv.fixed_length,
             kv=kv,
         )
 
@@ -308,8 +323,8 @@ class Scheduler:
             waiting=self.waiting,
             kv_cache_bytes=held * self.engine.manifest.kv_bytes_per_token(),
             kv_buffer_bytes=self.kv.nbytes(),
-            slots=self.max_batch if self.kv_backend == "slots" else 0,
-            slots_used=rows if self.kv_backend == "slots" else 0,
+            slots=self.kv.slot_count,
+            slots_used=rows if self.kv.slot_count else 0,
         )
         cache = self.engine.prefix_cache
         if cache is not None:
@@ -327,7 +342,7 @@ class Scheduler:
     @property
     def max_sequence_length(self) -> int:
         """Prompt + generated tokens one request may reach here: the window, or the slot length."""
-        return self.slot_length if self.kv_backend == "slots" else self.engine.manifest.context_length
+        return self.kv.fixed_length or self.engine.manifest.context_length
 
     @property
     def kv_buffer_bytes(self) -> int:
@@ -385,7 +400,7 @@ class Scheduler:
         return (
             list(self._waiting)
             + self._active
-            + ([self._chunking[0]] if self._chunking else [])
+            + ([self._chunking.handle] if self._chunking else [])
             + [h for h, _ in self._refill]
             + [h for h in self._admitting if h not in self._active]
         )
@@ -453,7 +468,7 @@ class Scheduler:
         if self._chunking is None and self._refill:  # slid windows go before newcomers
             handle, windows = self._refill.popleft()
             if handle.rows == 1:
-                self._chunking = (handle, runner.new_cache(1), 0, windows[0], True)
+                self._chunking = Chunking(handle, runner.new_cache(1), 0, windows[0], refill=True)
             else:  # several sequences: prefilled again together
                 budget -= sum(map(len, windows))
                 self._prefill_and_join([handle], windows, refill=True)
@@ -478,7 +493,9 @@ class Scheduler:
                     except Exception as exc:
                         self._end_early(handle, exc)
                         continue
-                    self._chunking = (handle, runner.new_cache(1), 0, list(handle.generation.state.prompts[0]), False)
+                    self._chunking = Chunking(
+                        handle, runner.new_cache(1), 0, list(handle.generation.state.prompts[0]), refill=False
+                    )
                     in_hand += 1
                     continue
                 if size > budget and (admit or budget < self.max_prefill_tokens):
@@ -489,7 +506,7 @@ class Scheduler:
                 in_hand += handle.rows
         if admit:
             self._admit(admit)
-        if self._chunking is not None and budget > 0 and self._chunking[2] == 0:
+        if self._chunking is not None and budget > 0 and self._chunking.done == 0:
             self._next_chunk(budget)  # a long prompt starts with what is left this step
         self._compact()
 
@@ -735,7 +752,8 @@ class Scheduler:
         the batch after the last. Returns the tokens prefilled."""
         if self._chunking is None:
             return 0
-        handle, cache, done, prompt, refill = self._chunking
+        chunking = self._chunking
+        handle, cache, done, prompt = chunking.handle, chunking.cache, chunking.done, chunking.prompt
         if handle.cancelled:
             self._chunking = None
             self._end_early(handle, None)
@@ -751,11 +769,11 @@ class Scheduler:
             self._end_early(handle, exc)
             return end - done
         if end < len(prompt):
-            self._chunking = (handle, cache, end, prompt, refill)
+            chunking.done = end
         else:
             self._chunking = None
             try:
-                self._join([handle], pre, refill)
+                self._join([handle], pre, chunking.refill)
             except Exception as exc:
                 self._end_early(handle, exc)
         return end - done

@@ -33,6 +33,7 @@ from .engine import Engine
 from .errors import InvalidRequestError
 from .manifest import Manifest
 from .registry import Registry
+from .speculation import StepCost
 from .tokenizer import GuardedTokenizer, IncrementalDecoder
 
 __all__ = ["CharTokenizer", "FakeEngine", "Script", "ScriptedModel"]
@@ -93,13 +94,12 @@ class _Cache:
 
 
 class _Runner:
-    """The surface of :class:`~nextoken.kvcache.StepRunner` the KV backends use, over a script."""
+    """The surface of :class:`~nextoken.runner.StepRunner` the KV backends use, over a script."""
 
     device, device_id = "cpu", 0
 
     def __init__(self, model: ScriptedModel, manifest: Manifest) -> None:
         self.model, self.manifest = model, manifest
-        self.step_cost = None  # as StepRunner's: speculation's cost line
 
     def new_cache(self, batch_size: int) -> _Cache:
         return _Cache(batch_size)
@@ -212,6 +212,7 @@ class FakeEngine(Engine):
         )
         self.verified = "none (a scripted model)"
         self.model = model
+        self.step_cost = StepCost()  # as Engine's: speculation's cost line
         self.plugins = Registry(plugins)
         for plugin in extra_plugins:
             self.plugins.register(plugin)

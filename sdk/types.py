@@ -16,7 +16,7 @@ from typing import Any
 
 import numpy as np
 
-from .errors import InvalidRequestError
+from .errors import InvalidRequestError, is_integer, is_number
 
 __all__ = [
     "CONTEXT_POLICIES",
@@ -92,11 +92,7 @@ def _logit_bias(value: Any) -> dict[int, float]:
             raise InvalidRequestError(
                 f"logit_bias keys must be token ids (non-negative integers), not {key!r}"
             ) from None
-        if (
-            isinstance(bias, bool)
-            or not isinstance(bias, (int, float, np.integer, np.floating))
-            or not -LOGIT_BIAS_RANGE <= bias <= LOGIT_BIAS_RANGE
-        ):
+        if not is_number(bias) or not -LOGIT_BIAS_RANGE <= bias <= LOGIT_BIAS_RANGE:
             raise InvalidRequestError(f"logit_bias[{token}] must be a number in [-100, 100], not {bias!r}")
         out[token] = float(bias)
     return out
@@ -280,17 +276,13 @@ class SamplingParams:
 
         def number(name: str) -> float:
             value = getattr(self, name)
-            if (
-                isinstance(value, bool)
-                or not isinstance(value, (int, float, np.integer, np.floating))
-                or math.isnan(value)
-            ):
+            if not is_number(value) or math.isnan(value):
                 fail(f"{name} must be a number, not {value!r}")
             return float(value)
 
         def integer(name: str) -> int:
             value = getattr(self, name)
-            if isinstance(value, bool) or not isinstance(value, (int, np.integer)):
+            if not is_integer(value):
                 fail(f"{name} must be an integer, not {value!r}")
             return int(value)
 
@@ -360,7 +352,7 @@ class SamplingParams:
             if not isinstance(spec, Mapping) or not isinstance(spec.get("method"), str):
                 fail(f"speculative must be {{'method': 'prompt_lookup', 'k': 4}}, not {spec!r}"[:200])
             k = spec.get("k", 4)
-            if isinstance(k, bool) or not isinstance(k, (int, np.integer)) or not 1 <= k <= MAX_SPECULATIVE:
+            if not is_integer(k) or not 1 <= k <= MAX_SPECULATIVE:
                 fail(f"speculative k must be an integer in [1, {MAX_SPECULATIVE}], not {k!r}")
             object.__setattr__(self, "speculative", {**spec, "k": int(k)})
         if not 1 <= integer("n") <= MAX_CHOICES:

@@ -175,7 +175,7 @@ def test_gpu_check_script_says_when_cuda_is_not_usable(tmp_path):
 def test_an_fp32_fused_package_on_cuda_is_told_to_export_fp16(tiny_llama, optimum_llama):
     """onnxruntime's CUDA GroupQueryAttention is fp16/bf16 only: an fp32 fused package would run its
     attention on the CPU; the engine says so when it starts on CUDA (and says nothing elsewhere)."""
-    from nextoken.engine import device_notes
+    from nextoken.device import device_notes
     from nextoken.manifest import Manifest
 
     fused = Manifest.load(tiny_llama[1])

@@ -10,7 +10,7 @@ import pytest
 import nextoken
 from helpers import run_cli
 from nextoken import Engine, InvalidRequestError, PluginError, Scheduler
-from nextoken.generation import Speculation
+from nextoken.speculation import Speculation, StepCost
 
 SPEC = {"method": "prompt_lookup", "k": 4}
 
@@ -82,11 +82,10 @@ def test_adaptive_k_follows_acceptance_and_step_cost_and_falls_back():
     """k is the guess that makes the most tokens per second: with nothing known of the cost every
     guess is free (k_max); once plain steps and checks of several sizes were timed, a + b * n and
     how often a guessed position was kept pick it; when no guess beats a plain step, speculation
-    stops; the line is left on the runner for the next request."""
-    from types import SimpleNamespace
+    stops; the line is left in the engine's StepCost for the next request."""
 
-    runner = SimpleNamespace(step_cost=None)
-    spec = Speculation(proposer=None, k=8, runner=runner)
+    shared = StepCost()
+    spec = Speculation(proposer=None, k=8, step_cost=shared)
     a, b = 75e-6, 25e-6  # a position costs a quarter of a plain step
     spec.stepped(1, 1.0)  # a request's first plain step and first
     spec.record(8, 8, 1.0)  # check make their bindings: not counted
@@ -95,15 +94,15 @@ def test_adaptive_k_follows_acceptance_and_step_cost_and_falls_back():
         spec.stepped(1, a + b)
     for n in (2, 5, 9):
         spec.record(n - 1, n - 1, a + b * n)
-    assert spec.k == 8 and runner.step_cost is None  # 3 checks timed: not yet a line
+    assert spec.k == 8 and shared.line is None  # 3 checks timed: not yet a line
     spec.record(8, 3, a + b * 9)
     assert spec.cost() == pytest.approx((a, b))
     assert 1 <= spec.k < 8 and not spec.off  # alpha 25/27: a guess of 7 pays more than 8
     for _ in range(8):
         spec.record(max(spec.k, 1), 0, a + b * (max(spec.k, 1) + 1))
     assert spec.off and spec.propose(None, 10) == []  # alpha 0.1 < b / (a + b): plain decoding
-    assert runner.step_cost == pytest.approx((a, b))  # 8 of each timed: the runner's line
-    assert Speculation(proposer=None, k=8, runner=runner).k == 1  # the next request starts from it
+    assert shared.line == pytest.approx((a, b))  # 8 of each timed: the engine's line
+    assert Speculation(proposer=None, k=8, step_cost=shared).k == 1  # the next request starts from it
 
 
 def test_bad_speculation_requests(stories_engine):

@@ -33,7 +33,14 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
-from ..errors import InvalidRequestError, ModelPackageError, NextokenError, PluginError, SchedulerStoppedError
+from ..errors import (
+    InvalidRequestError,
+    ModelPackageError,
+    NextokenError,
+    PluginError,
+    SchedulerStoppedError,
+    is_number,
+)
 from ..scheduler import RequestHandle, Scheduler
 from ..toolcalls import ToolRequest
 from ..types import Completion, SamplingParams
@@ -76,11 +83,7 @@ def sampling_defaults(package: Path) -> dict[str, Any]:
         config = json.loads(path.read_text()) if path.is_file() else {}
     except (OSError, ValueError):
         return {}
-    return {
-        k: config[k]
-        for k in GENERATION_DEFAULTS
-        if isinstance(config.get(k), (int, float)) and not isinstance(config.get(k), bool)
-    }
+    return {k: config[k] for k in GENERATION_DEFAULTS if is_number(config.get(k))}
 
 
 def _parse(raw: bytes, schema):
@@ -454,34 +457,14 @@ class Service:
 
     def metrics_text(self) -> tuple[bytes, str]:
         """``scheduler.metrics()`` in Prometheus' text format, and its content type."""
+        from ..metrics import prometheus_text
+
         try:
-            from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, generate_latest
-            from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, HistogramMetricFamily
+            return prometheus_text(self.scheduler.metrics())
         except ImportError:
             raise APIError(
                 501, "metrics need prometheus_client: pip install 'nextoken[serve]'", "server_error"
             ) from None
-        from ..metrics import families
-
-        kinds = {"counter": CounterMetricFamily, "gauge": GaugeMetricFamily, "histogram": HistogramMetricFamily}
-
-        def collect():
-            for family in families(self.scheduler.metrics()):
-                out = kinds[family.kind](family.name, family.doc, labels=list(family.labels))
-                for labels, value in family.samples:
-                    if family.kind == "histogram":
-                        out.add_metric(list(labels), value["buckets"], value["sum"])
-                    else:
-                        out.add_metric(list(labels), value)
-                yield out
-
-        class _Now:
-            def collect(self):
-                return collect()
-
-        registry = CollectorRegistry(auto_describe=False)
-        registry.register(_Now())
-        return generate_latest(registry), CONTENT_TYPE_LATEST
 
     def models(self) -> dict:
         return {
@@ -913,7 +896,7 @@ def serve(
             app.state.service.checker.start()  # the first constrained request does not wait for it
         slots = (
             f"{scheduler.max_batch} slots of {scheduler.slot_length} positions"
-            if scheduler.kv_backend == "slots"
+            if scheduler.kv.slot_count
             else f"batches of up to {scheduler.max_batch}"
         )
         print(

@@ -21,8 +21,8 @@ import onnxruntime as ort
 
 from ..device import heavy_on_cpu, resolve_device, session_options
 from ..kvbackends import for_request
-from ..kvcache import StepRunner
 from ..manifest import Manifest
+from ..runner import StepRunner
 
 __all__ = ["PlacementReport", "placement"]
 
