@@ -27,12 +27,11 @@ from .dtypes import kv_dtype
 from .errors import ContextWindowError, InvalidRequestError, ModelPackageError, NextokenError
 from .generation import Generation
 from .kvbackends import for_request
-from .kvcache import CacheOps
 from .manifest import Manifest, TensorSpec
 from .prefixcache import DiskTier, Layout, PrefixCache, package_identity
 from .probes import release_free_heap
 from .registry import Pipeline, Registry
-from .runner import StepRunner
+from .runner import CacheOps, StepRunner
 from .scheduler import Scheduler
 from .speculation import StepCost
 from .tokenizer import GuardedTokenizer, Tokenizer

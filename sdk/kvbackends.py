@@ -27,8 +27,8 @@ from typing import Protocol
 import numpy as np
 
 from .errors import NextokenError
-from .kvcache import CacheOps, KVCache, SlotCache, grow_mask, pad_batch
-from .runner import StepRunner
+from .kvcache import KVCache, SlotCache, grow_mask, pad_batch
+from .runner import CacheOps, StepRunner
 
 __all__ = ["BACKENDS", "ConcatBackend", "KVBackend", "Prefilled", "SlotBackend", "for_request", "prefill_padded"]
 

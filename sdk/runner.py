@@ -15,12 +15,13 @@ from collections.abc import Sequence
 import numpy as np
 import onnxruntime as ort
 
+from .dtypes import DTYPES
 from .errors import NextokenError
 from .kvcache import KVCache, SlotCache
 from .manifest import Manifest
 from .ortbind import Binder
 
-__all__ = ["StepRunner"]
+__all__ = ["CacheOps", "StepRunner"]
 
 
 class StepRunner:
@@ -205,3 +206,143 @@ class StepRunner:
 def _float32(logits: np.ndarray) -> np.ndarray:
     """fp16 graphs' logits widened: sampling works in fp32."""
     return logits if logits.dtype == np.float32 else logits.astype(np.float32)
+
+
+class CacheOps:
+    """Row and column surgery on :class:`KVCache` s where they live (the GPU on CUDA).
+
+    Continuous batching joins caches (a newcomer's rows padded to the batch's length) and drops
+    rows (finished requests) and the padding every remaining row shares. Doing that through numpy
+    would copy the whole cache to the host and back at every join and leave; instead two small
+    ONNX graphs (Pad + Concat, Gather + Slice over every layer's keys and values at once) run in
+    a session on the engine's own execution provider.
+    """
+
+    def __init__(self, runner: StepRunner, providers: Sequence) -> None:
+        import onnx
+        from onnx import TensorProto, helper
+
+        self.runner = runner
+        names = runner.manifest.past_names()
+        elem = DTYPES[runner.manifest.kv_dtype].onnx
+        # Each group of tensors gets its own symbolic batch and length: inputs and outputs differ.
+        kv = lambda name: helper.make_tensor_value_info(
+            name, elem, [f"{name[0]}_rows", "heads", f"{name[0]}_len", "dim"]
+        )  # noqa: E731
+        idx = lambda name: helper.make_tensor_value_info(name, TensorProto.INT64, ["n"])  # noqa: E731
+        n = len(names)
+
+        def build(nodes, inputs, outputs, inits=()):
+            graph = helper.make_graph(nodes, "nextoken_cache_ops", inputs, outputs, list(inits))
+            model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 18)])
+            model.ir_version = 8
+            onnx.checker.check_model(model)
+            options = ort.SessionOptions()
+            options.intra_op_num_threads = 1
+            options.log_severity_level = 3
+            return ort.InferenceSession(model.SerializeToString(), options, providers=list(providers))
+
+        merge_nodes = []
+        for i in range(n):
+            merge_nodes += [
+                helper.make_node("Pad", [f"a{i}", "pads_a"], [f"pa{i}"]),
+                helper.make_node("Pad", [f"b{i}", "pads_b"], [f"pb{i}"]),
+                helper.make_node("Concat", [f"pa{i}", f"pb{i}"], [f"y{i}"], axis=0),
+            ]
+        self._merge = build(
+            merge_nodes,
+            [kv(f"a{i}") for i in range(n)] + [kv(f"b{i}") for i in range(n)] + [idx("pads_a"), idx("pads_b")],
+            [kv(f"y{i}") for i in range(n)],
+        )
+        select_nodes = []
+        for i in range(n):
+            select_nodes += [
+                helper.make_node("Gather", [f"x{i}", "rows"], [f"g{i}"], axis=0),
+                helper.make_node("Slice", [f"g{i}", "starts", "ends", "axes"], [f"y{i}"]),
+            ]
+        axes = onnx.numpy_helper.from_array(np.array([2], dtype=np.int64), "axes")
+        self._select = build(
+            select_nodes,
+            [kv(f"x{i}") for i in range(n)] + [idx("rows"), idx("starts"), idx("ends")],
+            [kv(f"y{i}") for i in range(n)],
+            [axes],
+        )
+        # (slot, head, position) for every written position: only the prefilled positions move
+        write_nodes = [helper.make_node("ScatterND", [f"s{i}", "index", f"r{i}"], [f"y{i}"]) for i in range(n)]
+        index = helper.make_tensor_value_info("index", TensorProto.INT64, ["n", "heads", "r_len", 3])
+        self._write = build(
+            write_nodes,
+            [kv(f"s{i}") for i in range(n)] + [kv(f"r{i}") for i in range(n)] + [index],
+            [kv(f"y{i}") for i in range(n)],
+        )
+        self._n = n
+
+    def _run(
+        self,
+        session: ort.InferenceSession,
+        values: dict[str, ort.OrtValue],
+        arrays: dict[str, np.ndarray],
+        batch_size: int,
+        into: KVCache | None = None,
+    ) -> KVCache:
+        """Run one of the graphs; its outputs become a new cache of ``batch_size`` rows, or are
+        written over ``into`` 's buffers (in place)."""
+        binding = session.io_binding()
+        for name, value in values.items():
+            binding.bind_ortvalue_input(name, value)
+        for name, array in arrays.items():
+            binding.bind_cpu_input(name, np.ascontiguousarray(array, dtype=np.int64))
+        runner = self.runner
+        for i in range(self._n):
+            if into is not None:
+                binding.bind_ortvalue_output(f"y{i}", into.values[i])
+            else:
+                binding.bind_output(f"y{i}", runner.device, runner.device_id)
+        session.run_with_iobinding(binding)
+        if into is not None:
+            return into
+        cache = runner.new_cache(batch_size)
+        cache.values = list(binding.get_outputs())
+        return cache
+
+    def merge(self, a: KVCache, b: KVCache, width: int, left: bool) -> KVCache:
+        """``a``'s rows then ``b``'s, each padded with zeros to ``width`` positions (on the left or right)."""
+
+        def pads(cache: KVCache) -> np.ndarray:
+            missing = width - cache.length
+            return np.array([0, 0, missing if left else 0, 0, 0, 0, 0 if left else missing, 0])
+
+        rows = int(a.values[0].shape()[0]) + int(b.values[0].shape()[0])
+        values = {**{f"a{i}": v for i, v in enumerate(a.values)}, **{f"b{i}": v for i, v in enumerate(b.values)}}
+        out = self._run(self._merge, values, {"pads_a": pads(a), "pads_b": pads(b)}, rows)
+        out.run_seconds = a.run_seconds
+        return out
+
+    def select(self, cache: KVCache, rows: Sequence[int], start: int, stop: int) -> KVCache:
+        """The cache of ``rows`` only, positions ``start`` to ``stop``."""
+        values = {f"x{i}": v for i, v in enumerate(cache.values)}
+        out = self._run(
+            self._select,
+            values,
+            {"rows": np.asarray(rows), "starts": np.array([start]), "ends": np.array([stop])},
+            len(rows),
+        )
+        out.run_seconds = cache.run_seconds
+        return out
+
+    def write(self, buffers: SlotCache, rows: KVCache, slots: Sequence[int]) -> None:
+        """Copy each row of ``rows`` into positions 0.. of slot ``slots[i]`` of the fixed-size
+        ``buffers``, in place (ScatterND's output is bound to its input). Only the row's own
+        positions move; the rest of the slot is left as it is (attention reads a slot only up to its
+        length). Padding each row to the slot's length first cost a whole slot's copy per newcomer:
+        94 MB for the 135M model's 2,048-position slots."""
+        values = {
+            **{f"s{i}": v for i, v in enumerate(buffers.values)},
+            **{f"r{i}": v for i, v in enumerate(rows.values)},
+        }
+        n, heads, length = len(slots), int(rows.values[0].shape()[1]), rows.length
+        index = np.empty((n, heads, length, 3), dtype=np.int64)
+        index[..., 0] = np.asarray(slots, dtype=np.int64)[:, None, None]
+        index[..., 1] = np.arange(heads)[None, :, None]
+        index[..., 2] = np.arange(length)[None, None, :]
+        self._run(self._write, values, {"index": index}, len(buffers.lengths), into=buffers)

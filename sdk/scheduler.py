@@ -46,10 +46,11 @@ from . import threads
 from .errors import InvalidRequestError, NextokenError, SchedulerStoppedError
 from .generation import Generation
 from .kvbackends import BACKENDS, ConcatBackend, KVBackend, Prefilled, SlotBackend, for_request
-from .kvcache import CacheOps, KVCache
+from .kvcache import KVCache
 from .metrics import Metrics
 from .prefixcache import PrefixCache
 from .probes import MemorySampler
+from .runner import CacheOps
 from .types import Completion, SamplingParams, StreamEvent
 
 __all__ = ["RequestHandle", "Scheduler"]

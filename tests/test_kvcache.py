@@ -83,7 +83,7 @@ def test_cache_grows_one_position_a_step(llama_engine):
 def test_cache_ops_join_and_drop_rows_like_numpy(llama_engine):
     """The scheduler's cache surgery runs in ONNX Runtime on the cache's own device; checked
     against the same padding, concatenation, row selection and column slicing in numpy."""
-    from nextoken.kvcache import CacheOps
+    from nextoken.runner import CacheOps
 
     runner = llama_engine.runner
     ops = CacheOps(runner, llama_engine.device.providers)
