@@ -5,10 +5,9 @@ from __future__ import annotations
 import collections
 import logging
 import os
-import threading
 from collections.abc import Iterator, Mapping, Sequence
 from pathlib import Path
-from typing import Any, cast, overload
+from typing import Any, overload
 
 import numpy as np
 import onnxruntime as ort
@@ -26,11 +25,12 @@ from .device import (
 from .dtypes import kv_dtype
 from .errors import ContextWindowError, InvalidRequestError, ModelPackageError, NextokenError
 from .generation import Generation
-from .kvbackends import for_request
+from .intake import Intake, Prompt, is_single, resolve_params
+from .kvbackends import KVBackend, for_request
 from .manifest import Manifest, TensorSpec
 from .prefixcache import DiskTier, Layout, PrefixCache, package_identity
 from .probes import release_free_heap
-from .registry import Pipeline, Registry
+from .registry import Registry
 from .runner import CacheOps, StepRunner
 from .scheduler import Scheduler
 from .speculation import StepCost
@@ -42,9 +42,6 @@ __all__ = ["Engine", "Prompt"]
 
 log = logging.getLogger("nextoken")
 
-#: A prompt is text, or token ids as they go into the model.
-Prompt = str | Sequence[int]
-
 
 class Engine:
     """A model package loaded into an ONNX Runtime session, with its plugins, ready to generate.
@@ -52,28 +49,10 @@ class Engine:
     >>> with Engine("pkg") as engine:                      # doctest: +SKIP
     ...     print(engine.generate("Once upon a time", max_new_tokens=32).text)
 
-    ``device``: ``"auto"`` (CUDA when it really works, else CPU), ``"cpu"``, ``"cuda"`` or ``"cuda:N"``.
-    ``threads``: intra-op threads (None: one for a model under 16 MB on the CPU, where a thread
-    pool costs more than it gives; else one per physical core). ``spin``: thread spinning within a
-    step (None: NEXTOKEN_SPIN when set, else on when the host is quiet, :func:`spin_policy`; the
-    choice and why are ``engine.spin`` and ``engine.spin_reason``).
-    ``plugins``: which entry-point plugins load (None: as NEXTOKEN_PLUGINS says, all when unset;
-    False: none; a list: those entry-point names). ``extra_plugins``: plugin objects registered on
-    this engine only, before anything is resolved (a tokenizer plugin must come this way or by
-    entry point). ``cost_meters``: meters charged on every
-    request, ``{name: options}``, e.g. ``{"per_token": {"input_per_million": 0.15, "output_per_million": 0.6}}``.
-    ``tf32``: on CUDA, let fp32 matrix products run in TensorFloat-32 (faster, ~1e-3 relative error;
-    None: the NEXTOKEN_TF32 environment variable, off when unset: fp32 stays fp32).
-    ``prefix_cache_bytes``: keep the KV cache of prompt prefixes (blocks of 32 tokens) up to this
-    many bytes and reuse it for later prompts that start the same way (0, the default: off; see
-    :mod:`nextoken.prefixcache`); ``prefix_cache_dir``: also keep them on disk there, up to
-    ``prefix_cache_disk_bytes``, for later engines of the same package (e.g. after a restart).
-    ``verify``: how the package's files are checked against the
-    checksums of its export before anything is loaded (None: sha256 once, then trusted while sizes and mtimes are unchanged;
-    True: sha256 every load; False: sizes only); a changed file is a :class:`ModelPackageError`.
-
     The engine is heavy and shared; each request's state (its KV cache) lives in the request, so one
-    engine serves requests one after another, and a failed request leaves it as it was.
+    engine serves requests one after another, and a failed request leaves it as it was. A request
+    flows down from here: :meth:`start` builds it (through :attr:`intake`), :meth:`run` or a
+    :class:`~nextoken.Scheduler` runs it.
     """
 
     def __init__(
@@ -92,6 +71,31 @@ class Engine:
         prefix_cache_dir: str | Path | None = None,
         prefix_cache_disk_bytes: int = 1 << 30,
     ) -> None:
+        """Args:
+        path: the model package (a folder made by ``nextoken export``).
+        device: ``"auto"`` (CUDA when it really works, else CPU), ``"cpu"``, ``"cuda"`` or ``"cuda:N"``.
+        threads: intra-op threads (None: one for a model under 16 MB on the CPU, where a thread
+            pool costs more than it gives; else one per physical core).
+        spin: thread spinning within a step (None: ``NEXTOKEN_SPIN`` when set, else on when the
+            host is quiet, :func:`~nextoken.device.spin_policy`; the choice and why are
+            :attr:`spin` and :attr:`spin_reason`).
+        plugins: which entry-point plugins load (None: as ``NEXTOKEN_PLUGINS`` says, all when
+            unset; False: none; a list: those entry-point names).
+        extra_plugins: plugin objects registered on this engine only, before anything is
+            resolved (a tokenizer plugin must come this way or by entry point).
+        cost_meters: meters charged on every request, ``{name: options}``, e.g.
+            ``{"per_token": {"input_per_million": 0.15, "output_per_million": 0.6}}``.
+        tf32: on CUDA, let fp32 matrix products run in TensorFloat-32 (faster, ~1e-3 relative
+            error; None: ``NEXTOKEN_TF32``, off when unset).
+        verify: how the package's files are checked against their export's checksums before
+            loading (None: sha256 once, then trusted while sizes and mtimes are unchanged; True:
+            sha256 every load; False: sizes only); a changed file is a :class:`ModelPackageError`.
+        prefix_cache_bytes: keep the KV cache of prompt prefixes (blocks of 32 tokens) up to
+            this many bytes and reuse it for prompts that start the same way (0: off; see
+            :mod:`nextoken.prefixcache`).
+        prefix_cache_dir: also keep them on disk there, for later engines of the same package.
+        prefix_cache_disk_bytes: the disk tier's size.
+        """
         self.path = Path(path)
         if not self.path.exists():
             raise ModelPackageError(f"model package {self.path} does not exist")
@@ -144,9 +148,7 @@ class Engine:
         device_id = 0
         if self.device.device == "cuda":
             device_id = int(dict(self.device.providers[0][1]).get("device_id", 0))
-        self.runner = StepRunner(self.session, self.manifest, self.device.device, device_id)
-        self._cache_ops: CacheOps | None = None
-        self._cache_ops_lock = threading.Lock()
+        self.runner = StepRunner(self.session, self.manifest, self.device.device, device_id, self.device.providers)
         #: what a step of n positions costs this model here, as speculative decoding learns it
         self.step_cost = StepCost()
         #: prompt prefixes' KV caches reused across requests (None: off, ``prefix_cache_bytes=0``)
@@ -185,6 +187,8 @@ class Engine:
         self.eos_token_ids: tuple[int, ...] = tuple(self.manifest.eos_token_ids)
         pad = self.manifest.pad_token_id
         self.pad_token_id = pad if pad is not None else (self.eos_token_ids[0] if self.eos_token_ids else 0)
+        #: where requests come in: prompts and parameters checked and built into a Generation
+        self.intake = self._new_intake()
         log.info("nextoken: %s", self.device.describe())
         for note in device_notes(self.device.device, self.manifest):
             log.warning("nextoken: %s", note)
@@ -200,6 +204,20 @@ class Engine:
                     self.path,
                 )
 
+    def _new_intake(self) -> Intake:
+        """The intake over what the engine has loaded (its runner, plugins, tokenizer, ids)."""
+        return Intake(
+            self.runner,
+            self.plugins,
+            self.cost_meters,
+            self._tokenizer,
+            self.eos_token_ids,
+            self.pad_token_id,
+            self.device.provider,
+            self.step_cost,
+            str(self.path),
+        )
+
     # -- lifecycle ------------------------------------------------------------------------------------
     def close(self) -> None:
         """Release the ONNX Runtime session (after the prefix cache's disk writes end). The engine
@@ -207,16 +225,12 @@ class Engine:
         if self.prefix_cache is not None and self.prefix_cache.disk is not None:
             self.prefix_cache.disk.flush()
         self.session = None  # type: ignore[assignment]
-        self.runner = None  # type: ignore[assignment]
-        self._cache_ops = None
+        self.runner.close()
 
     def cache_ops(self) -> CacheOps:
         """The KV cache surgery graphs (join, drop, copy rows where the cache lives), on this
         engine's execution provider; made at the first use and kept."""
-        with self._cache_ops_lock:
-            if self._cache_ops is None:
-                self._cache_ops = CacheOps(self.runner, self.device.providers)
-            return self._cache_ops
+        return self.runner.cache_ops()
 
     def __enter__(self) -> "Engine":
         return self
@@ -237,25 +251,18 @@ class Engine:
     # -- prompts -------------------------------------------------------------------------------------
     def encode(self, text: str) -> list[int]:
         """Token ids of ``text`` as the model gets them (with BOS when the tokenizer adds one)."""
-        return self._need_tokenizer().encode(text)
+        return self.intake.need_tokenizer().encode(text)
 
     def decode(self, ids: Sequence[int]) -> str:
         """Text of token ids (special tokens left out), through the package's tokenizer."""
-        return self._need_tokenizer().decode(ids)
-
-    def _need_tokenizer(self) -> GuardedTokenizer:
-        if self._tokenizer is None:
-            raise InvalidRequestError(
-                f"{self.path} has no tokenizer, so prompts must be token ids; export it from a checkpoint with one"
-            )
-        return self._tokenizer
+        return self.intake.need_tokenizer().decode(ids)
 
     def apply_chat_template(
         self, messages: Sequence[Message], add_generation_prompt: bool = True, tools: ToolRequest | None = None
     ) -> list[int]:
         """Token ids of ``messages`` rendered with the model's chat template (in a sandbox); with
         ``tools``, the tools as the template takes them (or nextoken's fallback system message)."""
-        tok = self._need_tokenizer()
+        tok = self.intake.need_tokenizer()
         template_tools = None
         if tools is not None and tools.active:
             messages = tools.messages(messages, tok.chat_template)
@@ -266,90 +273,37 @@ class Engine:
             raise InvalidRequestError("the chat template rendered these messages to nothing")
         return ids
 
-    def _prompt_ids(self, prompt: Prompt, index: int | None = None) -> list[int]:
-        where = "the prompt" if index is None else f"prompt {index}"
-        if isinstance(prompt, str):
-            ids = self.encode(prompt)
-            if not ids:
-                raise InvalidRequestError(
-                    f"{where} is empty and this tokenizer adds no BOS token to start from; give some text"
-                )
-            return ids
-        try:
-            ids = [int(t) for t in prompt]
-        except (TypeError, ValueError):
-            raise InvalidRequestError(
-                f"{where} must be text or a sequence of token ids, not {type(prompt).__name__}"
-            ) from None
-        if not ids:
-            raise InvalidRequestError(f"{where} has no token ids; give at least one")
-        vocab = self.manifest.vocab_size
-        bad = [t for t in ids if t < 0 or t >= vocab]
-        if bad:
-            raise InvalidRequestError(f"{where} has token ids outside the vocabulary [0, {vocab}): {bad[:5]}")
-        return ids
-
-    def _batch(self, prompts: Prompt | Sequence[Prompt]) -> list[list[int]]:
-        """Token ids per prompt."""
-        if isinstance(prompts, np.ndarray):
-            prompts = prompts.tolist()
-        if _is_single(prompts):
-            return [self._prompt_ids(cast(Prompt, prompts))]
-        if not isinstance(prompts, Sequence):
-            raise InvalidRequestError(
-                f"prompt must be text, token ids or a list of those, not {type(prompts).__name__}"
-            )
-        if len(prompts) == 0:
-            raise InvalidRequestError("no prompt given; pass text, token ids, or a non-empty list of those")
-        return [self._prompt_ids(cast(Prompt, p), i) for i, p in enumerate(prompts)]
-
     # -- generation ------------------------------------------------------------------------------------
     def start(
         self, prompts: Prompt | Sequence[Prompt], params: SamplingParams | None = None, **overrides: Any
     ) -> Generation:
-        """A :class:`Generation` for ``prompts``: iterate it for stream events, then ask its completions.
+        """A request for ``prompts``, built and checked but not run: a passive :class:`Generation`.
+        Run it with :meth:`run` (its events as they come, then ``completions()``), hand it to
+        :meth:`Scheduler.submit <nextoken.Scheduler.submit>`, or drive it through its step API.
 
         ``params`` or keyword overrides (``max_new_tokens=``, ``temperature=`` ...) set how to generate.
         Everything, plugins included, is validated and resolved here, before any model work.
         """
-        self._check_open()
-        params = _params(params, overrides)
-        outside = [t for t in params.logit_bias if t >= self.manifest.vocab_size]
-        if outside:
-            raise InvalidRequestError(
-                f"logit_bias names token ids outside the vocabulary [0, {self.manifest.vocab_size}): {outside[:5]}"
-            )
-        pipeline = Pipeline(self.plugins, params, self.cost_meters)
-        ids = self._batch(prompts)
-        return Generation(
-            self.runner,
-            ids,
-            params,
-            pipeline,
-            self._tokenizer,
-            self.eos_token_ids,
-            self.pad_token_id,
-            self.manifest.context_length,
-            self.device.device,
-            self.device.provider,
-            driver=self._drive,
-            step_cost=self.step_cost,
-        )
+        return self.intake.build(prompts, params, overrides)
 
-    def _check_open(self) -> None:
-        """Refuse work once the engine is closed (its session is gone)."""
-        if self.runner is None:
-            raise InvalidRequestError("this engine is closed; load the package again")
-
-    def _drive(self, generation: Generation) -> Iterator[StreamEvent]:
-        """Run a request on the caller's thread: the scheduler, made for it alone, run to its end."""
+    def run(self, generation: Generation) -> Iterator[StreamEvent]:
+        """Run a request built by :meth:`start` to its end on the caller's thread, yielding its
+        events as they come (a :class:`~nextoken.Scheduler` made for it alone,
+        :meth:`Scheduler.alone <nextoken.Scheduler.alone>`: the one driver)."""
         return Scheduler.alone(self, generation).run(generation)
+
+    def complete(self, generation: Generation) -> list[Completion]:
+        """Run a request built by :meth:`start` to its end on the caller's thread; every sequence's
+        :class:`Completion` (``generation`` keeps its timings and state for a look afterwards)."""
+        for _ in self.run(generation):
+            pass
+        return generation.completions()
 
     def stream(
         self, prompts: Prompt | Sequence[Prompt], params: SamplingParams | None = None, **overrides: Any
     ) -> Iterator[StreamEvent]:
         """Stream text deltas as they are generated: :class:`StreamEvent` s, ``index`` naming the prompt."""
-        return iter(self.start(prompts, params, **overrides))
+        return self.run(self.start(prompts, params, **overrides))
 
     @overload
     def generate(self, prompts: str, params: SamplingParams | None = None, **overrides: Any) -> Completion: ...
@@ -366,13 +320,13 @@ class Engine:
         """Generate to the end. One prompt (text or ids) gives a :class:`Completion`; a list gives a
         list; with ``n`` > 1, each prompt gives ``n`` choices in a row (a list, even for one prompt)."""
         generation = self.start(prompts, params, **overrides)
-        completions = generation.completions()
+        completions = self.complete(generation)
         if generation.params.record:
             from .records import records_of
 
             for completion, record in zip(completions, records_of(self, generation)):
                 completion.record = record
-        return completions[0] if _is_single(prompts) and generation.params.n == 1 else completions
+        return completions[0] if is_single(prompts) and generation.params.n == 1 else completions
 
     def chat(
         self,
@@ -394,15 +348,24 @@ class Engine:
         ``tool_fallback``: for a template that does not take tools, describe them in a system
         message of nextoken's own (:mod:`nextoken.toolcalls`) instead of refusing.
         """
-        request = None if tools is None else ToolRequest(tools, tool_choice, parallel_tool_calls, tool_fallback)
-        params = _params(params, overrides)
-        if request is not None:
-            params = request.constrain(params)
-        completions = self.generate(self.apply_chat_template(messages, tools=request), params)
+        request = ToolRequest.of(tools, tool_choice, parallel_tool_calls, tool_fallback)
+        ids, params = self.chat_prompt(messages, resolve_params(params, overrides), request)
+        completions = self.generate(ids, params)
         if request is None:
             return completions
         finished = request.finish(completions if isinstance(completions, list) else [completions])
         return finished if isinstance(completions, list) else finished[0]
+
+    def chat_prompt(
+        self, messages: Sequence[Message], params: SamplingParams, tools: ToolRequest | None = None
+    ) -> tuple[list[int], SamplingParams]:
+        """A conversation's prompt ids and parameters with its tools (:meth:`ToolRequest.of
+        <nextoken.toolcalls.ToolRequest.of>`): the parameters held to the calls ``tool_choice`` asks
+        for, the tools rendered through the template. What :meth:`chat` generates from and the
+        server's chat endpoint submits; the answer's calls come from ``tools.finish``."""
+        if tools is not None:
+            params = tools.constrain(params)
+        return self.apply_chat_template(messages, tools=tools), params
 
     def forward(self, input_ids: Sequence[int] | np.ndarray, cached: bool = False) -> np.ndarray:
         """Logits ``[S, V]`` for every position of one sequence, in one pass with an empty cache;
@@ -411,8 +374,8 @@ class Engine:
 
         For checks (parity with the source model); generation never needs all positions.
         """
-        self._check_open()
-        ids = self._prompt_ids(list(np.asarray(input_ids).reshape(-1)))
+        self.intake.check_open()
+        ids = self.intake.prompt_ids(list(np.asarray(input_ids).reshape(-1)))
         if cached:
             if len(ids) < 2:
                 raise InvalidRequestError("forward(cached=True) needs at least two token ids: a prefill and a step")
@@ -428,7 +391,7 @@ class Engine:
         positions, default the context window): :meth:`CachedForward.feed` tokens for the logits
         after them, :meth:`CachedForward.truncate` back to a prefix. For plugins that run a model
         alongside generation (a draft model's guesses)."""
-        self._check_open()
+        self.intake.check_open()
         return CachedForward(self, max_length or self.manifest.context_length)
 
 
@@ -437,11 +400,15 @@ class CachedForward:
     ``tokens`` is what the cache holds."""
 
     def __init__(self, engine: Engine, max_length: int) -> None:
+        """Args:
+        engine: the engine whose model runs.
+        max_length: positions the cache holds, at most the model's window.
+        """
         if not 1 <= max_length <= engine.manifest.context_length:
             raise InvalidRequestError(f"max_length must be in [1, {engine.manifest.context_length}], not {max_length}")
         self.engine, self.max_length = engine, max_length
         self.tokens: list[int] = []
-        self._kv: Any = None
+        self._kv: KVBackend | None = None
 
     def feed(self, ids: Sequence[int]) -> np.ndarray:
         """Run ``ids`` after what the cache holds; the logits after each of them ``[len(ids), V]``
@@ -456,7 +423,7 @@ class CachedForward:
             )
         if self._kv is None or not self.tokens:
             self._kv = for_request(
-                self.engine.runner, 1, self.max_length, self.engine.pad_token_id, ops=self.engine.cache_ops
+                self.engine.runner, 1, self.max_length, self.engine.pad_token_id, ops=self.engine.runner.cache_ops
             )
             pre = self._kv.prefill([ids])
             self._kv.join(pre)
@@ -469,22 +436,6 @@ class CachedForward:
     def truncate(self, length: int) -> None:
         """Keep the first ``length`` tokens' keys and values."""
         if length < len(self.tokens):
-            if length > 0:
+            if length > 0 and self._kv is not None:
                 self._kv.truncate(0, length)
             self.tokens = self.tokens[:length]
-
-
-def _is_single(prompts: Any) -> bool:
-    """One prompt (text, or a flat sequence of ids) rather than a batch."""
-    if isinstance(prompts, str):
-        return True
-    if isinstance(prompts, np.ndarray):
-        return prompts.ndim == 1
-    return isinstance(prompts, Sequence) and len(prompts) > 0 and all(isinstance(p, (int, np.integer)) for p in prompts)
-
-
-def _params(params: SamplingParams | None, overrides: dict[str, Any]) -> SamplingParams:
-    if params is not None and not isinstance(params, SamplingParams):
-        raise InvalidRequestError(f"params must be a SamplingParams, not {type(params).__name__}")
-    params = params or SamplingParams()
-    return params.replace(**overrides) if overrides else params

@@ -5,15 +5,16 @@
       -> text deltas (held back while they may be part of a stop string) -> decode step [B, 1] -> ...
 
 Plugins are resolved once per request into a :class:`Pipeline` of plain callables; the loop makes
-one call per processor/strategy/condition per step over the whole batch, and does no I/O: it
-yields :class:`StreamEvent` s, and the finished request's :class:`Completion` s are kept.
+one call per processor/strategy/condition per step over the whole batch, and does no I/O: each
+step returns its :class:`StreamEvent` s, and the finished request's :class:`Completion` s are kept.
+A :class:`Generation` is passive: a driver (the scheduler, or your own) hands it each step's logits.
 """
 
 from __future__ import annotations
 
 import math
 import time
-from collections.abc import Callable, Iterator, Mapping, Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -155,14 +156,11 @@ class Timings:
 
 
 class Generation:
-    """One request over a batch of prompts: iterate it for :class:`StreamEvent` s; afterwards
-    :meth:`completions` gives the results (it runs the rest of the request if needed).
+    """One request over a batch of prompts, as passive data: its state, its step and its results.
+    :meth:`Engine.start <nextoken.Engine.start>` builds one; nothing runs until something drives it:
+    :meth:`Engine.run <nextoken.Engine.run>` (on the caller's thread), :meth:`Scheduler.submit
+    <nextoken.Scheduler.submit>` (in a shared batch), or a driver of your own, in this order::
 
-    Iterating runs the request on the caller's thread, through ``driver`` (the engine's: a
-    :class:`~nextoken.Scheduler` made for this request alone, :meth:`Scheduler.alone
-    <nextoken.Scheduler.alone>`). A driver runs it through the step API, in this order::
-
-        gen.hand_over()                        # iterating it no longer runs it
         gen.begin()                            # its clock and observers start
         gen.prefilled(model_seconds)           # its prompts are in the KV cache
         tokens, events = gen.advance(logits)   # one step on its rows' logits [B, V]; repeat
@@ -170,8 +168,8 @@ class Generation:
         gen.end(model_seconds, kv_cache_bytes) # when gen.finished (or gen.cancel())
 
     :meth:`advance` is the one implementation of a step: processors, strategy, text, stop
-    conditions, the context window. There is one driver, the scheduler: a request alone and a
-    thousand sharing a batch take the same path.
+    conditions, the context window. It calls nothing above it: a driver hands it logits and takes
+    back tokens and events. Afterwards :meth:`completions` gives the results.
     """
 
     def __init__(
@@ -186,9 +184,21 @@ class Generation:
         context_length: int,
         device: str,
         provider: str = "",
-        driver: Callable[["Generation"], Iterator[StreamEvent]] | None = None,
         step_cost: StepCost | None = None,
     ) -> None:
+        """Args:
+        runner: the package's step runner (its manifest: vocabulary, rope switch).
+        prompts: each prompt's token ids (fitted to the window by ``params.context_policy``).
+        params: how to generate.
+        pipeline: the plugins resolved for this request.
+        tokenizer: for text out (None: ids only).
+        eos_token_ids: ids that end a sequence.
+        pad_token_id: the id rows are padded with.
+        context_length: the model's window.
+        device: where it runs, as usage reports it.
+        provider: the execution provider, as usage reports it.
+        step_cost: speculative decoding's learned cost of a step (shared by an engine's requests).
+        """
         prompts = [
             fit_prompt(list(p), params, context_length, i if len(prompts) > 1 else None) for i, p in enumerate(prompts)
         ]
@@ -234,28 +244,18 @@ class Generation:
         self._full = False
         #: longrope packages: the length past which a sequence rotates with the long factors
         self._rope_switch = runner.manifest.rope_switch or 0
-        self._driver = driver
-        self._events: Iterator[StreamEvent] | None = None
         self._completions: list[Completion] | None = None
 
-    def __iter__(self) -> Iterator[StreamEvent]:
-        if self._events is None:
-            if self._driver is None:
-                raise InvalidRequestError(
-                    "nothing drives this request: run it through the step API, or start it with Engine.start"
-                )
-            self._events = self._driver(self)
-        return self._events
-
-    def hand_over(self) -> None:
-        """Let another driver run this request through the step API: iterating it no longer runs it."""
-        if self._events is not None:
-            raise InvalidRequestError("this request is already running; start a new one")
-        self._events = iter(())
-
     # -- the step API --------------------------------------------------------------------------------
+    @property
+    def started(self) -> bool:
+        """Whether a driver has begun it (a request runs once)."""
+        return self.start != 0.0
+
     def begin(self) -> None:
         """Start the request's clock and tell the observers (before its prefill)."""
+        if self.started:
+            raise InvalidRequestError("this request has already run; start a new one")
         pipe = self.pipeline
         if pipe.on_start is not None:
             pipe.observe("on_request_start", pipe.on_start, state=self.state)
@@ -505,10 +505,12 @@ class Generation:
         return out
 
     def completions(self) -> list[Completion]:
-        """The result of every sequence, running the request to its end first if needed."""
+        """The result of every sequence, once the request has ended."""
         if self._completions is None:
-            for _ in self:
-                pass
-        if self._completions is None:
-            raise NextokenError("this request failed part way (see the error it raised); start a new one")
+            if self.started:
+                raise NextokenError("this request has not ended, or it failed part way (see the error it raised)")
+            raise InvalidRequestError(
+                "this request has not run: run it with Engine.run, submit it to a Scheduler, or drive it "
+                "through the step API"
+            )
         return self._completions

@@ -24,11 +24,13 @@ text so far, the step number, the request's :class:`nextoken.SamplingParams`).
 from __future__ import annotations
 
 from collections.abc import Callable
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING
 
 import pluggy
 
 if TYPE_CHECKING:  # pragma: no cover
+    import numpy as np
+
     from .types import BatchState, Completion
 
 __all__ = ["PROJECT", "hookimpl", "hookspec"]
@@ -127,7 +129,7 @@ def on_request_start(state: "BatchState") -> None:
 
 
 @hookspec
-def on_step(state: "BatchState", tokens: Any) -> None:
+def on_step(state: "BatchState", tokens: np.ndarray) -> None:
     """Step ``state.step`` picked ``tokens`` (``[batch]``; rows that already finished included,
     ``state.alive`` tells which are running). The loop asks once per request whether any plugin
     implements this hook and does not call it otherwise, so an unobserved loop pays nothing."""

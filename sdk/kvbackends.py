@@ -1,8 +1,8 @@
 """Where a running batch keeps its KV cache: one protocol, two backends.
 
 A backend owns the cache of the rows being decoded together, with their attention mask, positions
-and buffers. Whoever drives generation (:meth:`Generation.__iter__ <nextoken.Generation>` for one
-request, the :class:`~nextoken.Scheduler` for many) asks it for the same five things:
+and buffers. Whoever drives generation (the :class:`~nextoken.Scheduler`, for one request or many,
+or a driver of your own) asks it for the same five things:
 
     pre = kv.prefill(prompts)      # run the prompts; not part of the batch yet
     kv.join(pre)                   # their rows join the batch, after the rows already there
@@ -124,6 +124,11 @@ class ConcatBackend:
     name = "concat"
 
     def __init__(self, runner: StepRunner, pad_id: int, ops: Callable[[], CacheOps]) -> None:
+        """Args:
+        runner: the step runner.
+        pad_id: the id rows are padded with.
+        ops: the cache surgery that joins and drops rows.
+        """
         self.runner, self.pad_id, self._ops = runner, pad_id, ops
         self.left = runner.manifest.padding_side == "left"
         self.cache: KVCache | None = None
@@ -255,6 +260,14 @@ class SlotBackend:
         ops: Callable[[], CacheOps] | None = None,
         batched: bool = True,
     ) -> None:
+        """Args:
+        runner: the step runner.
+        slots: rows of the buffer (the batch's most).
+        length: positions a slot.
+        pad_id: the id rows are padded with.
+        ops: the cache surgery (copies a batched prefill into slots; None: each prompt in place).
+        batched: whether several prompts are prefilled together.
+        """
         self.runner, self.slots, self.length, self.pad_id = runner, slots, length, pad_id
         self._ops = ops or _no_surgery
         self.batched = batched and ops is not None

@@ -17,9 +17,14 @@ from __future__ import annotations
 import dataclasses
 import importlib.metadata
 import json
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from .types import Completion, SamplingParams
+
+if TYPE_CHECKING:
+    from .engine import Engine
+    from .generation import Generation
+    from .registry import Pipeline, Provided
 
 __all__ = ["RECORD_VERSION", "engine_settings", "make_record", "pieces", "records_of", "version_of"]
 
@@ -36,7 +41,7 @@ def version_of(distribution: str) -> str:
         return "?"
 
 
-def engine_settings(engine: Any) -> dict[str, Any]:
+def engine_settings(engine: Engine) -> dict[str, Any]:
     """What of the engine can change the numbers: provider, threads, TF32, precision, KV dtype."""
     providers = engine.device.providers
     options = dict(providers[0][1]) if providers and isinstance(providers[0], tuple) else {}
@@ -51,7 +56,7 @@ def engine_settings(engine: Any) -> dict[str, Any]:
 
 
 def make_record(
-    engine: Any, completion: Completion, params: SamplingParams, plugins: list[Any], choice: int = 0
+    engine: Engine, completion: Completion, params: SamplingParams, plugins: list[Provided], choice: int = 0
 ) -> dict[str, Any]:
     """The record of one completion, the request's choice ``choice`` (``plugins``: the registry
     pieces the request used)."""
@@ -76,13 +81,13 @@ def make_record(
     }
 
 
-def records_of(engine: Any, generation: Any) -> list[dict[str, Any]]:
+def records_of(engine: Engine, generation: Generation) -> list[dict[str, Any]]:
     """The record of each of a finished request's completions."""
     used = pieces(generation.pipeline)
     return [make_record(engine, c, generation.params, used, i) for i, c in enumerate(generation.completions())]
 
 
-def pieces(pipeline: Any) -> list[Any]:
+def pieces(pipeline: Pipeline) -> list[Provided]:
     """The registry pieces a request's pipeline resolved."""
     active = [*pipeline.processors, pipeline.strategy, *pipeline.stops, *(m for _, m in pipeline.meters)]
     if pipeline.proposer is not None:

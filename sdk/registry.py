@@ -10,13 +10,16 @@ import time
 import types
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any, cast
 
 import pluggy
 
 from . import hookspecs
 from .errors import InvalidRequestError, PluginError
 from .types import SamplingParams
+
+if TYPE_CHECKING:
+    from .tokenizer import Tokenizer
 
 __all__ = ["DEFAULT_PLUGINS", "ENV_PLUGINS", "KINDS", "Pipeline", "Provided", "Registry", "resolve_names"]
 
@@ -108,6 +111,10 @@ class Registry:
     """
 
     def __init__(self, external: bool | Sequence[str] | None = None) -> None:
+        """Args:
+        external: which entry-point plugins load (None: as ``NEXTOKEN_PLUGINS`` says, all when unset;
+            False: none; a list: only those entry-point names).
+        """
         self.pm = pluggy.PluginManager(hookspecs.PROJECT)
         self.pm.add_hookspecs(hookspecs)
         self.distributions: dict[str, str] = {}
@@ -234,11 +241,11 @@ class Registry:
                 ) from exc
         return out
 
-    def tokenizer(self, name: str, *args: Any) -> tuple[Any, Provided]:
+    def tokenizer(self, name: str, *args: Any) -> tuple[Tokenizer, Provided]:
         """The tokenizer of tokenizer plugin ``name``, made from ``args`` (a package's path and manifest),
-        and the piece that made it."""
+        and the piece that made it (what it answers is checked where it enters the engine)."""
         (loader,) = resolve_names("tokenizer", [name], self)
-        return loader.make(*args), loader
+        return cast("Tokenizer", loader.make(*args)), loader
 
     def check(self, kind: str, names: Iterable[str]) -> None:
         """Every one of ``names`` is a registered piece of ``kind`` (else an error listing those that are)."""

@@ -9,6 +9,7 @@ stays on the device. Only the last position's logits come back to the host.
 
 from __future__ import annotations
 
+import threading
 import time
 from collections.abc import Sequence
 
@@ -35,8 +36,25 @@ class StepRunner:
     ``all_logits``), and adds its time inside ONNX Runtime to the cache's ``run_seconds``.
     """
 
-    def __init__(self, session: ort.InferenceSession, manifest: Manifest, device: str = "cpu", device_id: int = 0):
-        self.session = session
+    def __init__(
+        self,
+        session: ort.InferenceSession,
+        manifest: Manifest,
+        device: str = "cpu",
+        device_id: int = 0,
+        providers: Sequence = ("CPUExecutionProvider",),
+    ) -> None:
+        """Args:
+        session: the package's ONNX Runtime session.
+        manifest: the package's manifest (names and shapes of the cache).
+        device: where caches live, ``"cpu"`` or ``"cuda"``.
+        device_id: the CUDA device's index.
+        providers: the session's execution providers, for :meth:`cache_ops`.
+        """
+        self.session: ort.InferenceSession | None = session
+        self.providers = providers
+        self._cache_ops: CacheOps | None = None
+        self._cache_ops_lock = threading.Lock()
         self.manifest = manifest
         self.device = device
         self.device_id = device_id
@@ -46,6 +64,29 @@ class StepRunner:
         self.binder = Binder(device, device_id)
         logits_type = next((o.type for o in session.get_outputs() if o.name == "logits"), "tensor(float)")
         self._logits_dtype = np.float16 if logits_type == "tensor(float16)" else np.float32
+
+    @property
+    def closed(self) -> bool:
+        """Whether :meth:`close` was called (the session is gone: nothing can run)."""
+        return self.session is None
+
+    def close(self) -> None:
+        """Drop the session and the cache surgery's (their memory goes when nothing else holds them)."""
+        self.session = None
+        self._cache_ops = None
+
+    def _live(self) -> ort.InferenceSession:
+        if self.session is None:
+            raise NextokenError("the engine is closed; load the package again")
+        return self.session
+
+    def cache_ops(self) -> "CacheOps":
+        """The KV cache surgery graphs (join, drop, copy rows where the cache lives), on this
+        runner's execution providers; made at the first use and kept."""
+        with self._cache_ops_lock:
+            if self._cache_ops is None:
+                self._cache_ops = CacheOps(self, self.providers)
+            return self._cache_ops
 
     def new_cache(self, batch_size: int) -> KVCache:
         """An empty cache of ``batch_size`` rows, for :meth:`prefill`."""
@@ -92,7 +133,7 @@ class StepRunner:
         position_ids: np.ndarray | None,
         all_logits: bool,
     ) -> np.ndarray:
-        binding = self.session.io_binding()
+        binding = self._live().io_binding()
         self._bind_ids(binding, input_ids, attention_mask, position_ids)
         if "logits_to_keep" in self._int_dtypes:
             keep = np.array([input_ids.shape[1] if all_logits else 1], dtype=np.int64)
@@ -121,7 +162,7 @@ class StepRunner:
         mask, positions = slots.mask(lengths), (np.asarray(lengths) - 1)[:, None]
         kept = slots.decode_binding if self.device == "cpu" else None
         if kept is None or kept[0] != n:
-            binding = self.session.io_binding()
+            binding = self._live().io_binding()
             self._bind_rows(binding, slots, n, 0)
             if "logits_to_keep" in self._int_dtypes:
                 self.binder.host_input(binding, "logits_to_keep", np.array([1], dtype=np.int64))
@@ -153,7 +194,7 @@ class StepRunner:
         reuse = self.device == "cpu" and keep == n
         kept = slots.extend_bindings.get(row) if reuse else None
         if kept is None or kept[1].shape[1] < n:
-            binding = self.session.io_binding() if kept is None else kept[0]
+            binding = self._live().io_binding() if kept is None else kept[0]
             if kept is None:
                 self._bind_rows(binding, slots, 1, row)
             buffer = np.empty((1, max(n, 8) if reuse else n, self.manifest.vocab_size), dtype=self._logits_dtype)
@@ -197,7 +238,7 @@ class StepRunner:
         """Run the bound step, its time counted to ``cache``; ONNX Runtime's failure as nextoken's."""
         start = time.perf_counter()
         try:
-            self.binder.run(self.session, binding)
+            self.binder.run(self._live(), binding)
         except Exception as exc:
             raise NextokenError(f"the model failed to run a step: {str(exc).splitlines()[0][:300]}") from None
         cache.run_seconds += time.perf_counter() - start
@@ -219,6 +260,10 @@ class CacheOps:
     """
 
     def __init__(self, runner: StepRunner, providers: Sequence) -> None:
+        """Args:
+        runner: the runner whose caches it operates on.
+        providers: the execution providers the surgery graphs run on (the session's).
+        """
         import onnx
         from onnx import TensorProto, helper
 

@@ -11,14 +11,22 @@ are waiting, as far as ``max_batch`` allows, and merges them into the batch. Eve
 its own sampling parameters, plugins, stop conditions and seed: its step is its own
 :class:`~nextoken.Generation`'s, on its row of the batch's logits.
 
-A prompt longer than ``max_prefill_tokens`` is prefilled in chunks of that many tokens, one chunk
-per step, between the running batch's decode steps, so a long newcomer delays the others by one
-chunk a step instead of its whole prompt at once; it joins the batch when its last chunk is done.
+Every prompt not in the batch yet is a request whose computed tokens lag its tokens
+(:class:`CatchUp`): a long prompt, a prompt whose prefix the prefix cache holds (it starts from
+there), or a slid window coming back. They catch up in order, at most ``max_prefill_tokens`` a step
+between the running batch's decode steps, so a long newcomer delays the others by one chunk a step
+instead of its whole prompt at once; each joins the batch when it has caught up. Short newcomers
+with nothing cached catch up together, in one run.
 
-It is the one driver of generation: ``Engine.generate`` and ``Engine.stream`` run a scheduler made
-for their request (:meth:`Scheduler.alone`; a list of prompts is one request of several sequences)
-to its end on the caller's thread (:meth:`Scheduler.run`), so a request alone and a thousand
-sharing a batch take the same path.
+It is the one driver of generation: ``Engine.generate``, ``Engine.stream`` and ``Engine.run`` run
+a scheduler made for their request (:meth:`Scheduler.alone`; a list of prompts is one request of
+several sequences) to its end on the caller's thread (:meth:`Scheduler.run`), so a request alone
+and a thousand sharing a batch take the same path.
+
+The request path flows down: the engine builds a passive :class:`~nextoken.Generation` (through its
+:class:`~nextoken.intake.Intake`), the scheduler runs it, the KV backend and the runner run the
+model. The scheduler sees the engine as a :class:`Host` (the runner, the manifest, the intake, the
+prefix cache), read once when it is made; it calls nothing above it.
 
 The batch's KV cache lives in a backend (:mod:`nextoken.kvbackends`, ``kv_backend``): ``concat``
 for every graph (a joining request's cache padded to the batch's length, a leaving one's row
@@ -38,24 +46,45 @@ import threading
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Generic, Protocol, TypeVar
 
 import numpy as np
 
 from . import threads
 from .errors import InvalidRequestError, NextokenError, SchedulerStoppedError
 from .generation import Generation
+from .intake import Intake, Prompt
 from .kvbackends import BACKENDS, ConcatBackend, KVBackend, Prefilled, SlotBackend, for_request
 from .kvcache import KVCache
+from .manifest import Manifest
 from .metrics import Metrics
 from .prefixcache import PrefixCache
 from .probes import MemorySampler
-from .runner import CacheOps
+from .runner import StepRunner
 from .types import Completion, SamplingParams, StreamEvent
 
-__all__ = ["RequestHandle", "Scheduler"]
+__all__ = ["Host", "RequestHandle", "Scheduler"]
 
 _DONE = object()
+
+
+class Host(Protocol):
+    """What a scheduler needs of the engine it serves (an :class:`~nextoken.Engine` is one), read
+    once when the scheduler is made."""
+
+    @property
+    def runner(self) -> StepRunner: ...
+    @property
+    def manifest(self) -> Manifest: ...
+    @property
+    def intake(self) -> Intake: ...
+    @property
+    def prefix_cache(self) -> PrefixCache | None: ...
+    @property
+    def pad_token_id(self) -> int: ...
+
+
+HostT = TypeVar("HostT", bound=Host)
 
 
 class RequestHandle:
@@ -63,6 +92,11 @@ class RequestHandle:
     :meth:`result` waits for its :class:`Completion`; :meth:`cancel` ends it at the next step."""
 
     def __init__(self, generation: Generation, sink: list[list[StreamEvent]] | None = None) -> None:
+        """Args:
+        generation: the request it stands for.
+        sink: where a driver on this thread collects each step's events (:meth:`Scheduler.run`);
+            None: a queue the consumer reads from any thread.
+        """
         self.generation = generation
         #: sequences (rows of the batch) the request has: one for a submitted request
         self.rows = generation.state.batch_size
@@ -140,19 +174,24 @@ class RequestHandle:
 
 
 @dataclass
-class Chunking:
-    """A prompt being prefilled a chunk a step (a long prompt, or a slid window coming back): its
-    request, the cache that holds the chunks so far, how many of the prompt's tokens that is, the
-    prompt, and whether it is a refill (a slid window) rather than a newcomer."""
+class CatchUp:
+    """A request whose computed tokens lag its tokens: its ``cache`` holds the first ``done`` of
+    ``prompt``'s keys and values (none yet, a cached prefix's, or the chunks so far), and it catches
+    up within each step's prefill budget, then joins the batch. One path for a long prompt, a
+    prompt whose prefix is cached, and a slid window coming back (``refill``). ``cached``: it goes
+    through the prefix cache: what that holds of the prompt is looked up when its turn comes (so it
+    finds what the requests before it stored), and its own keys and values are stored when it has
+    caught up."""
 
     handle: RequestHandle
     cache: KVCache
     done: int
     prompt: list[int]
-    refill: bool
+    refill: bool = False
+    cached: bool = False
 
 
-class Scheduler:
+class Scheduler(Generic[HostT]):
     """Continuous batching over one :class:`~nextoken.Engine` (see the module's doc).
 
     ``max_batch``: sequences decoded together at most; more requests wait their turn.
@@ -170,32 +209,43 @@ class Scheduler:
 
     def __init__(
         self,
-        engine: Any,
+        engine: HostT,
         max_batch: int = 8,
         max_prefill_tokens: int = 4096,
         kv_backend: str = "auto",
         slot_length: int | None = None,
         kv: KVBackend | None = None,
     ) -> None:
+        """Args:
+        engine: the engine to serve (any :class:`Host`); kept as :attr:`engine` for its owner.
+        max_batch: sequences decoded together at most.
+        max_prefill_tokens: prompt tokens prefilled in one step at most (longer prompts: chunks).
+        kv_backend: ``auto``, ``concat`` or ``slots``.
+        slot_length: positions per slot (default: the window, at most 2048).
+        kv: a backend made for one request (what :meth:`alone` passes).
+        """
         if max_batch < 1:
             raise InvalidRequestError(f"max_batch must be >= 1, not {max_batch}")
         if max_prefill_tokens < 1:
             raise InvalidRequestError(f"max_prefill_tokens must be >= 1, not {max_prefill_tokens}")
         if kv_backend not in ("auto", *BACKENDS):
             raise InvalidRequestError(f"kv_backend must be auto, concat or slots, not {kv_backend!r}")
-        gqa = engine.manifest.padding_side == "right"  # the graph places keys by the mask: GroupQueryAttention
+        #: the engine served, for its owner (the scheduler reads what it needs of it here, once)
+        self.engine: HostT = engine
+        self.runner, self.manifest, self.intake = engine.runner, engine.manifest, engine.intake
+        self.prefix_cache, self.pad_token_id = engine.prefix_cache, engine.pad_token_id
+        gqa = self.manifest.padding_side == "right"  # the graph places keys by the mask: GroupQueryAttention
         if kv_backend == "slots" and not gqa:
             raise InvalidRequestError(
                 "kv_backend='slots' needs a graph with GroupQueryAttention (a package made by "
                 "nextoken export or import-genai); use 'concat'"
             )
-        window = engine.manifest.context_length
+        window = self.manifest.context_length
         if slot_length is not None and not 1 <= slot_length <= window:
             raise InvalidRequestError(
                 f"slot_length must be between 1 and the model's window ({window}), not {slot_length}"
             )
         self.slot_length = slot_length or min(window, 2048)
-        self.engine = engine
         self.max_batch = max_batch
         self.max_prefill_tokens = max_prefill_tokens
         #: the running batch's KV cache (:mod:`nextoken.kvbackends`)
@@ -203,9 +253,9 @@ class Scheduler:
         if kv is not None:  # made for one request (Scheduler.alone)
             self.kv = kv
         elif kv_backend == "slots" or (kv_backend == "auto" and gqa):
-            self.kv = SlotBackend(engine.runner, max_batch, self.slot_length, engine.pad_token_id, self._ops)
+            self.kv = SlotBackend(self.runner, max_batch, self.slot_length, self.pad_token_id, self.runner.cache_ops)
         else:
-            self.kv = ConcatBackend(engine.runner, engine.pad_token_id, self._ops)
+            self.kv = ConcatBackend(self.runner, self.pad_token_id, self.runner.cache_ops)
         self.kv_backend: str = self.kv.name
         self._waiting: collections.deque[RequestHandle] = collections.deque()
         self._active: list[RequestHandle] = []
@@ -216,14 +266,14 @@ class Scheduler:
         self._cond = threading.Condition()
         self._thread: threading.Thread | None = None
         self._stop = False
-        #: a long prompt being prefilled a chunk a step: (handle, its own cache, tokens done, ids, a refill)
-        self._chunking: Chunking | None = None
+        #: requests catching up to their prompts (slid windows first, then in the order they came)
+        self._catching_up: collections.deque[CatchUp] = collections.deque()
         #: running requests whose window slid (context_policy "slide"): each sequence's kept tokens, to prefill again
         self._refill: collections.deque[tuple[RequestHandle, list[list[int]]]] = collections.deque()
         self._sliding: set[int] = set()
         #: newcomers being prefilled now (popped from the queue, not yet in the batch)
         self._admitting: list[RequestHandle] = []
-        self._memory = MemorySampler(engine.device.device, engine.runner.device_id)
+        self._memory = MemorySampler(self.runner.device, self.runner.device_id)
         #: why the loop stopped, when it died (None while it runs or was closed in order)
         self.error: BaseException | None = None
         #: requests ended, by how: finished (their own stop), cancelled (by the caller), failed
@@ -232,9 +282,22 @@ class Scheduler:
         self.stats = Metrics()
 
     # -- submitting -----------------------------------------------------------------------------------
-    def submit(self, prompt: Any, params: SamplingParams | None = None, **overrides: Any) -> RequestHandle:
-        """Queue one prompt (text or token ids); validated here, so a bad request raises at once."""
-        generation = self.engine.start(prompt, params, **overrides)
+    def submit(
+        self, request: Generation | Prompt, params: SamplingParams | None = None, **overrides: Any
+    ) -> RequestHandle:
+        """Queue one request: a :class:`~nextoken.Generation` the engine built (``engine.start``), or
+        one prompt (text or token ids) with ``params`` / keyword overrides, built here by the
+        engine's intake. Validated now, so a bad request raises at once."""
+        if isinstance(request, Generation):
+            if params is not None or overrides:
+                raise InvalidRequestError(
+                    "a request built by engine.start carries its own parameters; give them to start(), not submit()"
+                )
+            generation = request
+        else:
+            generation = self.intake.build(request, params, overrides)
+        if generation.started:
+            raise InvalidRequestError("this request has already run; start a new one")
         if generation.state.batch_size != generation.params.n:
             raise InvalidRequestError("submit one prompt per request; submit a list's prompts one by one")
         if generation.params.n > self.max_batch:
@@ -243,7 +306,7 @@ class Scheduler:
                 f"more than this scheduler's max_batch ({self.max_batch})"
             )
         slide = generation.params.context_policy == "slide"
-        window = self.engine.manifest.context_length
+        window = self.manifest.context_length
         fixed = self.kv.fixed_length
         if slide and fixed is not None and fixed < window:
             raise InvalidRequestError(
@@ -261,7 +324,6 @@ class Scheduler:
                     f"({generation.params.max_new_tokens}) exceed the slot length ({self.slot_length}); ask for fewer "
                     "tokens, or make the Scheduler with a larger slot_length"
                 )
-        generation.hand_over()
         handle = RequestHandle(generation)
         with self._cond:
             if self._stop:
@@ -275,7 +337,7 @@ class Scheduler:
         return handle
 
     @classmethod
-    def alone(cls, engine: Any, generation: Generation) -> "Scheduler":
+    def alone(cls, engine: HostT, generation: Generation) -> "Scheduler[HostT]":
         """A scheduler for one request of any number of sequences, run on the caller's thread by
         :meth:`run` (what ``Engine.generate`` and ``Engine.stream`` do): its KV cache is made for that
         request (:func:`~nextoken.kvbackends.for_request`) and counted to it whole, and its prompts are
@@ -284,7 +346,8 @@ class Scheduler:
         window = engine.manifest.context_length
         length = min(max(len(p) for p in state.prompts) + params.max_new_tokens, window)
         slide = params.context_policy == "slide"
-        kv = for_request(engine.runner, state.batch_size, length, engine.pad_token_id, slide, engine.cache_ops)
+        runner = engine.runner
+        kv = for_request(runner, state.batch_size, length, engine.pad_token_id, slide, runner.cache_ops)
         return cls(
             engine,
             max_batch=state.batch_size,
@@ -299,6 +362,8 @@ class Scheduler:
             raise InvalidRequestError(
                 "this scheduler runs on its own thread (start()); submit() to it instead of run()"
             )
+        if generation.started:
+            raise InvalidRequestError("this request has already run; start a new one")
         steps: list[list[StreamEvent]] = []  # each step's events, as the step made them
         handle = RequestHandle(generation, sink=steps)
         self._waiting.append(handle)
@@ -322,12 +387,12 @@ class Scheduler:
         out.update(
             running=rows,
             waiting=self.waiting,
-            kv_cache_bytes=held * self.engine.manifest.kv_bytes_per_token(),
+            kv_cache_bytes=held * self.manifest.kv_bytes_per_token(),
             kv_buffer_bytes=self.kv.nbytes(),
             slots=self.kv.slot_count,
             slots_used=rows if self.kv.slot_count else 0,
         )
-        cache = self.engine.prefix_cache
+        cache = self.prefix_cache
         if cache is not None:
             stats = cache.stats
             out["prefix_cache"] = {
@@ -343,14 +408,14 @@ class Scheduler:
     @property
     def max_sequence_length(self) -> int:
         """Prompt + generated tokens one request may reach here: the window, or the slot length."""
-        return self.kv.fixed_length or self.engine.manifest.context_length
+        return self.kv.fixed_length or self.manifest.context_length
 
     @property
     def kv_buffer_bytes(self) -> int:
         """Bytes of the slot buffer (allocated at the first request; 0 with ``concat``)."""
         if self.kv_backend != "slots":
             return 0
-        return self.max_batch * self.slot_length * self.engine.manifest.kv_bytes_per_token()
+        return self.max_batch * self.slot_length * self.manifest.kv_bytes_per_token()
 
     @property
     def alive(self) -> bool:
@@ -365,7 +430,7 @@ class Scheduler:
     @property
     def waiting(self) -> int:
         """Requests not decoding yet: queued, or having a long prompt prefilled in chunks."""
-        return len(self._waiting) + (self._chunking is not None) + len(self._refill)
+        return len(self._waiting) + len(self._catching_up) + len(self._refill)
 
     # -- the loop ---------------------------------------------------------------------------------------
     def start(self) -> "Scheduler":
@@ -391,7 +456,7 @@ class Scheduler:
         self._waiting.clear()
         self._active.clear()
         self._rows = self._leaving = 0
-        self._chunking = None
+        self._catching_up.clear()
         self._refill.clear()
         self._admitting = []
         self.kv.keep([])
@@ -401,7 +466,7 @@ class Scheduler:
         return (
             list(self._waiting)
             + self._active
-            + ([self._chunking.handle] if self._chunking else [])
+            + [c.handle for c in self._catching_up]
             + [h for h, _ in self._refill]
             + [h for h in self._admitting if h not in self._active]
         )
@@ -419,7 +484,7 @@ class Scheduler:
                     not self._stop
                     and not self._waiting
                     and not self._active
-                    and self._chunking is None
+                    and not self._catching_up
                     and not self._refill
                 ):
                     self._cond.wait()
@@ -448,8 +513,8 @@ class Scheduler:
     def step(self) -> bool:
         """One scheduling step: drop cancelled requests, decode the batch, admit waiting requests.
         Returns whether work remains."""
-        runner = self.engine.runner
-        if runner is None:
+        runner = self.runner
+        if runner.closed:
             raise NextokenError("the engine is closed")
         for handle in self._active:
             if handle.cancelled and not handle.done:
@@ -458,46 +523,52 @@ class Scheduler:
         if self._active:
             self._decode()
             self._compact()  # rows that finished or slid leave before anyone joins
-        if self._waiting or self._refill or self._chunking is not None:
+        if self._waiting or self._refill or self._catching_up:
             self._schedule(runner)
-        return bool(self._active or self._waiting or self._chunking or self._refill)
+        return bool(self._active or self._waiting or self._catching_up or self._refill)
 
-    def _schedule(self, runner) -> None:
-        """Bring in what waits, within the step's prefill budget and the batch's rows: slid windows
-        first, then the long prompt in chunks, then newcomers in the order they came."""
+    def _schedule(self, runner: StepRunner) -> None:
+        """Bring in what waits, within the step's prefill budget and the batch's rows. Every prompt
+        not in the batch yet is one idea, a request whose computed tokens lag its tokens
+        (:class:`CatchUp`), caught up in order: slid windows first, then newcomers as they came.
+        Newcomers with nothing cached and a short prompt are caught up together in one run (the
+        cheapest way for several); a long prompt, or one whose prefix is cached, a chunk a step."""
         budget = self.max_prefill_tokens
-        if self._chunking is None and self._refill:  # slid windows go before newcomers
+        refills: list[CatchUp] = []
+        while self._refill:  # slid windows: they go before newcomers
             handle, windows = self._refill.popleft()
             if handle.rows == 1:
-                self._chunking = Chunking(handle, runner.new_cache(1), 0, windows[0], refill=True)
-            else:  # several sequences: prefilled again together
+                refills.append(CatchUp(handle, runner.new_cache(1), 0, windows[0], refill=True))
+            else:  # several sequences: prefilled again together, at once
                 budget -= sum(map(len, windows))
                 self._prefill_and_join([handle], windows, refill=True)
-        if self._chunking is not None:
-            budget -= self._next_chunk(budget)
+        self._catching_up.extendleft(reversed(refills))
+        budget = self._catch_up(budget)
         admit: list[RequestHandle] = []
         with self._cond:
-            in_hand = self._rows + (self._chunking is not None) + sum(h.rows for h, _ in self._refill)
+            in_hand = self._rows + sum(c.handle.rows for c in self._catching_up)
             while self._waiting and in_hand + self._waiting[0].rows <= self.max_batch:
                 handle = self._waiting[0]
                 if handle.cancelled:
                     self._waiting.popleft()
                     self._end_early(handle, None)
                     continue
-                size = sum(map(len, handle.generation.state.prompts))
-                if size > self.max_prefill_tokens and handle.rows == 1:  # long: prefilled in chunks, one at a time
-                    if self._chunking is not None or budget <= 0:
+                gen = handle.generation
+                size = sum(map(len, gen.state.prompts))
+                single = handle.rows == gen.params.n  # one prompt (its n choices share its prefill)
+                if single and (self.prefix_cache is not None or size > self.max_prefill_tokens):
+                    if budget <= 0:
                         break
                     self._waiting.popleft()
+                    in_hand += handle.rows
                     try:
-                        handle.generation.begin()
+                        gen.begin()
                     except Exception as exc:
                         self._end_early(handle, exc)
                         continue
-                    self._chunking = Chunking(
-                        handle, runner.new_cache(1), 0, list(handle.generation.state.prompts[0]), refill=False
-                    )
-                    in_hand += 1
+                    prompt = list(gen.state.prompts[0])
+                    cached = self.prefix_cache is not None
+                    self._catching_up.append(CatchUp(handle, runner.new_cache(1), 0, prompt, cached=cached))
                     continue
                 if size > budget and (admit or budget < self.max_prefill_tokens):
                     break  # the rest waits for the next step's budget
@@ -507,9 +578,68 @@ class Scheduler:
                 in_hand += handle.rows
         if admit:
             self._admit(admit)
-        if self._chunking is not None and budget > 0 and self._chunking.done == 0:
-            self._next_chunk(budget)  # a long prompt starts with what is left this step
+        self._catch_up(budget)  # newcomers start with what is left this step
         self._compact()
+
+    def _reuse(self, item: CatchUp, cache: PrefixCache) -> None:
+        """Start ``item`` from what the prefix cache holds of its prompt (a fresh newcomer's)."""
+        reused, entry = cache.lookup(item.prompt)
+        if entry is not None and entry.length == reused:
+            item.cache.values = list(entry.values)  # read, never written: the step makes new values
+        elif entry is not None:  # a longer prefix's entry: its first positions
+            item.cache.values = self.runner.cache_ops().select(entry, [0], 0, reused).values
+        item.done = reused
+        item.handle.generation.cached_tokens[:] = [reused] * item.handle.rows
+
+    def _catch_up(self, budget: int) -> int:
+        """Run what the catching-up requests lack, in order, at most ``budget`` tokens; each that has
+        caught up joins the batch (its prompt's keys and values stored in the prefix cache first,
+        when asked; copied to its ``n`` choices). Returns the budget left."""
+        while self._catching_up and budget > 0:
+            item = self._catching_up[0]
+            handle, prompt = item.handle, item.prompt
+            if handle.cancelled:
+                self._catching_up.popleft()
+                self._end_early(handle, None)
+                continue
+            cache = self.prefix_cache if item.cached else None
+            try:
+                if cache is not None and item.done == 0:
+                    self._reuse(item, cache)
+                end = min(len(prompt), item.done + budget)
+            except Exception as exc:
+                self._catching_up.popleft()
+                self._end_early(handle, exc)
+                continue
+            switch = self.manifest.rope_switch
+            if switch and len(prompt) > switch:
+                end = len(prompt)  # longrope: all of a prompt past the switch rotates with the long factors
+            budget -= end - item.done
+            try:
+                pre = Prefilled.after(self.runner, item.cache, prompt, item.done, end)
+            except Exception as exc:
+                self._catching_up.popleft()
+                self._end_early(handle, exc)
+                continue
+            if end < len(prompt):
+                item.done = end
+                break  # the budget is spent
+            self._catching_up.popleft()
+            try:
+                if cache is not None and cache.wants(prompt):
+                    stored = self.runner.new_cache(1)
+                    stored.values = list(item.cache.values)  # the prompt's own, as the prefill made them
+                    cache.insert(prompt, stored)
+                if handle.rows > 1:
+                    pre = pre.forked([0] * handle.rows, self.runner.cache_ops())
+            except Exception as exc:
+                self._end_early(handle, exc)
+                continue
+            try:
+                self._join([handle], pre, item.refill)
+            except Exception as exc:
+                self._fail_all([handle], exc)
+        return budget
 
     def _advance(self, handle: RequestHandle, logits: np.ndarray, start: int) -> None:
         """The handle's own step on its rows of logits (from row ``start``). Anything that fails here
@@ -544,7 +674,7 @@ class Scheduler:
         its rows' positions."""
         if self._alone:
             return self.kv.nbytes()
-        per_token = self.engine.manifest.kv_bytes_per_token()
+        per_token = self.manifest.kv_bytes_per_token()
         return sum(self.kv.held(row) for row in range(start, start + handle.rows)) * per_token
 
     def _end_early(self, handle: RequestHandle, error: BaseException | None) -> None:
@@ -617,9 +747,9 @@ class Scheduler:
         if spec is None:
             return False
         held = self.kv.held(0)
-        room = min(self.max_sequence_length, self.engine.manifest.context_length) - held - 1
+        room = min(self.max_sequence_length, self.manifest.context_length) - held - 1
         room = min(room, gen.params.max_new_tokens - len(gen.state.generated[0]) - 1)
-        switch = self.engine.manifest.rope_switch
+        switch = self.manifest.rope_switch
         if switch and held < switch:  # a longrope check step stays on the short side of the switch
             room = min(room, switch - held - 1)
         try:
@@ -662,12 +792,6 @@ class Scheduler:
                 self._end_early(handle, exc)
             else:
                 started.append(handle)
-        cache = self.engine.prefix_cache
-        if cache is not None:  # a single prompt's sequences go through the prefix cache
-            single = [h for h in started if h.rows == h.generation.params.n]
-            for handle in single:
-                self._admit_cached(handle, cache)
-            started = [h for h in started if h not in single]
         groups = [started] if started else []
         while groups:
             group = groups.pop()
@@ -677,38 +801,6 @@ class Scheduler:
                     groups.extend([h] for h in reversed(group))
                 else:
                     self._end_early(group[0], failed)
-
-    def _admit_cached(self, handle: RequestHandle, cache: PrefixCache) -> None:
-        """Prefill one prompt (its ``n`` sequences copy it) through the prefix cache: only the part
-        after the longest cached prefix runs, over that prefix's keys and values; the prompt's own
-        keys and values are stored for later requests."""
-        gen, runner = handle.generation, self.engine.runner
-        prompt = gen.state.prompts[0]
-        self._admitting = [handle]
-        try:
-            reused, entry = cache.lookup(prompt)
-            past = runner.new_cache(1)
-            if entry is not None and entry.length == reused:
-                past.values = list(entry.values)  # read, never written: the step makes new values
-            elif entry is not None:  # a longer prefix's entry: its first positions
-                past.values = self._ops().select(entry, [0], 0, reused).values
-            pre = Prefilled.after(runner, past, prompt, reused, len(prompt))
-            if cache.wants(prompt):  # the prompt's own values, as the prefill made them
-                stored = runner.new_cache(1)
-                stored.values = list(past.values)
-                cache.insert(prompt, stored)
-            if handle.rows > 1:
-                pre = pre.forked([0] * handle.rows, self._ops())
-        except Exception as exc:
-            self._end_early(handle, exc)
-            return
-        finally:
-            self._admitting = []
-        gen.cached_tokens[:] = [reused] * handle.rows
-        try:
-            self._join([handle], pre)
-        except Exception as exc:
-            self._fail_all([handle], exc)
 
     def _prefill_and_join(
         self, group: list[RequestHandle], prompts: list[list[int]], fork: list[int] | None = None, refill: bool = False
@@ -748,42 +840,7 @@ class Scheduler:
             self._advance(handle, pre.logits[offset : offset + handle.rows], start + offset)
             offset += handle.rows
 
-    def _next_chunk(self, budget: int) -> int:
-        """Prefill the next chunk (at most ``budget`` tokens) of the long prompt in progress; join
-        the batch after the last. Returns the tokens prefilled."""
-        if self._chunking is None:
-            return 0
-        chunking = self._chunking
-        handle, cache, done, prompt = chunking.handle, chunking.cache, chunking.done, chunking.prompt
-        if handle.cancelled:
-            self._chunking = None
-            self._end_early(handle, None)
-            return 0
-        end = min(len(prompt), done + budget)
-        switch = self.engine.manifest.rope_switch
-        if switch and len(prompt) > switch:
-            end = len(prompt)  # longrope: all of a prompt past the switch rotates with the long factors
-        try:
-            pre = Prefilled.after(self.engine.runner, cache, prompt, done, end)
-        except Exception as exc:
-            self._chunking = None
-            self._end_early(handle, exc)
-            return end - done
-        if end < len(prompt):
-            chunking.done = end
-        else:
-            self._chunking = None
-            try:
-                self._join([handle], pre, chunking.refill)
-            except Exception as exc:
-                self._end_early(handle, exc)
-        return end - done
-
     # -- the shared cache ----------------------------------------------------------------------------
-    def _ops(self) -> CacheOps:
-        """The engine's cache surgery graphs."""
-        return self.engine.cache_ops()
-
     def _compact(self) -> None:
         """Drop the rows of requests that ended and of requests that slid (they come back through
         the refill queue)."""

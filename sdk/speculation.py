@@ -6,12 +6,15 @@ proposers are plugins."""
 from __future__ import annotations
 
 import collections
-from typing import Any
+from typing import TYPE_CHECKING
 
 import numpy as np
 
 from .errors import describe
 from .types import BatchState
+
+if TYPE_CHECKING:
+    from .registry import Active
 
 __all__ = ["Speculation", "StepCost"]
 
@@ -40,7 +43,12 @@ class Speculation:
     should).
     """
 
-    def __init__(self, proposer: Any, k: int, step_cost: StepCost | None = None) -> None:
+    def __init__(self, proposer: Active, k: int, step_cost: StepCost | None = None) -> None:
+        """Args:
+        proposer: the proposer plugin's resolved piece.
+        k: tokens guessed a step at most.
+        step_cost: the engine's learned cost of a step (a request starts from it).
+        """
         self.proposer, self.k_max, self.k = proposer, k, k
         self.proposed = self.accepted = 0
         self.off = False

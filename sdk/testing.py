@@ -54,6 +54,13 @@ class ScriptedModel:
     def __init__(
         self, script: Sequence[int] | Script, vocab_size: int = 32, *, context_length: int = 256, margin: float = 10.0
     ) -> None:
+        """Args:
+        script: token ids (the favourite at each generated position), or a callable
+            ``(prompt ids, generated ids) -> token id or logits [V]``.
+        vocab_size: the vocabulary.
+        context_length: the window.
+        margin: how far a scripted token's logit stands above the others (0).
+        """
         if not callable(script):
             wanted = [int(t) for t in script]
             if not wanted:
@@ -96,10 +103,17 @@ class _Cache:
 class _Runner:
     """The surface of :class:`~nextoken.runner.StepRunner` the KV backends use, over a script."""
 
-    device, device_id = "cpu", 0
+    device, device_id, closed = "cpu", 0, False
 
     def __init__(self, model: ScriptedModel, manifest: Manifest) -> None:
         self.model, self.manifest = model, manifest
+
+    def close(self) -> None:
+        self.closed = True
+
+    def cache_ops(self) -> "_Surgery":
+        """Row copies of the scripted model's "cache" (for ``n`` > 1)."""
+        return _Surgery()
 
     def new_cache(self, batch_size: int) -> _Cache:
         return _Cache(batch_size)
@@ -156,6 +170,9 @@ class CharTokenizer:
     special_tokens: Mapping[str, str] = {}
 
     def __init__(self, alphabet: str = "\0\n abcdefghijklmnopqrstuvwxyz.,!?") -> None:
+        """Args:
+        alphabet: the characters, id ``i`` being ``alphabet[i]``.
+        """
         self.alphabet = alphabet
         self._ids = {c: i for i, c in enumerate(alphabet)}
 
@@ -194,6 +211,15 @@ class FakeEngine(Engine):
         extra_plugins: Sequence[Any] = (),
         cost_meters: Mapping[str, Mapping[str, Any]] | None = None,
     ) -> None:
+        """Args:
+        model: the scripted model the logits come from.
+        tokenizer: a :class:`~nextoken.Tokenizer` for text in and out, or None (ids only).
+        eos_token_ids: ids that end a sequence.
+        pad_token_id: the id rows are padded with.
+        plugins: which entry-point plugins load (False, the default here: none).
+        extra_plugins: plugin objects registered on this engine only.
+        cost_meters: meters charged on every request, ``{name: options}``.
+        """
         self.path = Path("<scripted model>")
         self.manifest = Manifest(
             architecture="scripted",
@@ -227,7 +253,4 @@ class FakeEngine(Engine):
         self.prefix_cache = None
         self.eos_token_ids = tuple(eos_token_ids)
         self.pad_token_id = pad_token_id
-
-    def cache_ops(self) -> Any:
-        """Row copies of the scripted model's "cache" (for ``n`` > 1)."""
-        return _Surgery()
+        self.intake = self._new_intake()

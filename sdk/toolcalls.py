@@ -39,7 +39,9 @@ _STYLE = {"whitespace_flexible": False, "item_separator": ", ", "key_separator":
 
 def _check_tools(tools: Any) -> list[dict]:
     if not isinstance(tools, Sequence) or isinstance(tools, (str, bytes)) or not tools:
-        raise InvalidRequestError("tools must be a non-empty list of {'type': 'function', 'function': {...}}")
+        raise InvalidRequestError(
+            "tools must be a non-empty list of {'type': 'function', 'function': {...}}", param="tools"
+        )
     out, names = [], set()
     for i, tool in enumerate(tools):
         function = tool.get("function") if isinstance(tool, Mapping) and tool.get("type") == "function" else None
@@ -47,14 +49,15 @@ def _check_tools(tools: Any) -> list[dict]:
         if not isinstance(name, str) or not re.fullmatch(r"[A-Za-z0-9_.-]{1,64}", name):
             raise InvalidRequestError(
                 f"tools[{i}] must be {{'type': 'function', 'function': {{'name': ..., "
-                f"'parameters': {{...}}}}}} with a name of letters, digits, _ . - (at most 64)"
+                f"'parameters': {{...}}}}}} with a name of letters, digits, _ . - (at most 64)",
+                param="tools",
             )
         if name in names:
-            raise InvalidRequestError(f"tools[{i}]: the function name {name!r} is given twice")
+            raise InvalidRequestError(f"tools[{i}]: the function name {name!r} is given twice", param="tools")
         assert isinstance(function, Mapping)  # a name was found in it
         parameters = function.get("parameters", {"type": "object", "properties": {}})
         if not isinstance(parameters, Mapping):
-            raise InvalidRequestError(f"tools[{i}] ({name}): parameters must be a JSON schema object")
+            raise InvalidRequestError(f"tools[{i}] ({name}): parameters must be a JSON schema object", param="tools")
         names.add(name)
         out.append({"type": "function", "function": {**function, "parameters": dict(parameters)}})
     return out
@@ -67,6 +70,12 @@ class ToolRequest:
     def __init__(
         self, tools: Any, tool_choice: Any = None, parallel_tool_calls: bool = True, fallback: bool = False
     ) -> None:
+        """Args:
+        tools: OpenAI's ``[{"type": "function", "function": {"name", "description", "parameters"}}]``.
+        tool_choice: ``auto`` (None), ``none``, ``required`` or ``{"type": "function", "function": {"name": ...}}``.
+        parallel_tool_calls: whether an answer may hold several calls.
+        fallback: describe the tools in a system message of nextoken's own for a template without them.
+        """
         self.tools = _check_tools(tools)
         self.names = [t["function"]["name"] for t in self.tools]
         choice = "auto" if tool_choice is None else tool_choice
@@ -75,21 +84,38 @@ class ToolRequest:
             name = function.get("name") if isinstance(function, Mapping) else None
             if not isinstance(name, str):
                 raise InvalidRequestError(
-                    "tool_choice must be 'none', 'auto', 'required' or {'type': 'function', 'function': {'name': ...}}"
+                    "tool_choice must be 'none', 'auto', 'required' or {'type': 'function', 'function': {'name': ...}}",
+                    param="tool_choice",
                 )
             if name not in self.names:
                 raise InvalidRequestError(
-                    f"tool_choice names function {name!r}, which is not among the tools ({', '.join(self.names)})"
+                    f"tool_choice names function {name!r}, which is not among the tools ({', '.join(self.names)})",
+                    param="tool_choice",
                 )
             choice = name
         elif choice not in ("none", "auto", "required"):
             raise InvalidRequestError(
                 "tool_choice must be 'none', 'auto', 'required' or "
-                f"{{'type': 'function', 'function': {{'name': ...}}}}, not {tool_choice!r}"
+                f"{{'type': 'function', 'function': {{'name': ...}}}}, not {tool_choice!r}",
+                param="tool_choice",
             )
         self.choice = choice
         self.parallel = bool(parallel_tool_calls)
         self.fallback = bool(fallback)
+
+    @classmethod
+    def of(
+        cls, tools: Any, tool_choice: Any = None, parallel_tool_calls: bool = True, fallback: bool = False
+    ) -> "ToolRequest | None":
+        """A request's tools as the model should see them: None without tools (``tool_choice`` must
+        then be absent or ``none``) or with ``tool_choice`` ``none``; the one entry for the library
+        and the server."""
+        if tools is None:
+            if tool_choice not in (None, "none"):
+                raise InvalidRequestError("tool_choice needs tools", param="tool_choice")
+            return None
+        request = cls(tools, tool_choice, parallel_tool_calls, fallback)
+        return request if request.active else None
 
     @property
     def active(self) -> bool:
@@ -105,7 +131,8 @@ class ToolRequest:
             raise InvalidRequestError(
                 "this model's chat template does not take tools; ask for nextoken's fallback "
                 '(tool_fallback=True; the server: "nextoken": {"tool_fallback": true}), which '
-                "describes them in a system message"
+                "describes them in a system message",
+                param="tools",
             )
         listing = "\n".join(json.dumps(t["function"], ensure_ascii=False, separators=(",", ":")) for t in self.tools)
         return [{"role": "system", "content": FALLBACK_PROMPT.format(tools=listing)}, *messages]
@@ -146,7 +173,8 @@ class ToolRequest:
         if any(getattr(params, k) for k in ("response_format", "regex", "choice", "grammar")):
             raise InvalidRequestError(
                 f"tool_choice {self.choice!r} constrains the answer to tool calls; "
-                "leave out response_format, regex, choice and grammar"
+                "leave out response_format, regex, choice and grammar",
+                param="tool_choice",
             )
         return params.replace(grammar=grammar)
 

@@ -12,11 +12,14 @@ import math
 import time
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import asdict, dataclass, field, fields, replace
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
 from .errors import InvalidRequestError, is_integer, is_number
+
+if TYPE_CHECKING:
+    from .tokenizer import Tokenizer
 
 __all__ = [
     "CONTEXT_POLICIES",
@@ -577,8 +580,16 @@ class BatchState:
         eos_token_ids: Sequence[int],
         vocab_size: int,
         choices: Sequence[int] | None = None,
-        tokenizer: Any = None,
+        tokenizer: Tokenizer | None = None,
     ) -> None:
+        """Args:
+        params: the request's sampling parameters.
+        prompts: each sequence's prompt ids.
+        eos_token_ids: ids that end a sequence.
+        vocab_size: the model's vocabulary.
+        choices: each sequence's choice index among its prompt's ``n`` (default: all 0).
+        tokenizer: the request's tokenizer (None for a package without one).
+        """
         self.request_id = f"req-{next(_ids)}"
         self.params = params
         self.prompts = prompts

@@ -64,7 +64,7 @@ def test_slide_generates_200_tokens_matching_transformers_after_each_slide(small
     engine, model, _ = small_window
     prompt = engine.encode("Sys: " + "slide along the window ")[:30]
     gen = engine.start(prompt, max_new_tokens=200, ignore_eos=True, context_policy="slide", protected_prefix=4)
-    completion = gen.completions()[0]
+    completion = engine.complete(gen)[0]
     assert len(completion.token_ids) == 200 and completion.finish_reason == "length"
     assert len(gen.slides) >= 5
     # Before the first slide: transformers on the prompt.

@@ -65,3 +65,43 @@ def test_the_cli_page_is_the_parsers_own():
     }
     assert documented == flags - {"--help"}
     assert all(f"nextoken {name} " in block.group(1) for name in commands)
+
+
+#: Public classes beyond ``nextoken.__all__`` that users construct (plugin tests, the server, caches).
+CONSTRUCTED = {
+    "nextoken.testing": ("FakeEngine", "ScriptedModel", "CharTokenizer"),
+    "nextoken.intake": ("Intake",),
+    "nextoken.toolcalls": ("ToolRequest",),
+    "nextoken.prefixcache": ("PrefixCache", "DiskTier"),
+    "nextoken.runner": ("StepRunner", "CacheOps"),
+    "nextoken.kvbackends": ("SlotBackend", "ConcatBackend"),
+    "nextoken.speculation": ("Speculation",),
+    "nextoken.serving.server": ("Service",),
+}
+
+
+def test_public_constructors_list_their_args():
+    """Every public class with an ``__init__`` of its own documents each parameter in an ``Args:``
+    list (what the API reference renders); dataclasses document their fields instead."""
+    import dataclasses
+    import importlib
+    import inspect
+
+    classes = [c for n in nextoken.__all__ if inspect.isclass(c := getattr(nextoken, n))]
+    for module, names in CONSTRUCTED.items():
+        classes += [getattr(importlib.import_module(module), n) for n in names]
+    missing = {}
+    for cls in classes:
+        init = cls.__dict__.get("__init__")
+        if not inspect.isfunction(init) or dataclasses.is_dataclass(cls):
+            continue
+        named = [
+            p.name
+            for p in inspect.signature(init).parameters.values()
+            if p.name != "self" and p.kind not in (p.VAR_POSITIONAL, p.VAR_KEYWORD)
+        ]
+        found = re.search(r"Args:\n(.*?)(?:\n\s*\n|\Z)", (init.__doc__ or "") + "\n" + (cls.__doc__ or ""), re.S)
+        lacking = [p for p in named if not found or not re.search(rf"^\s+{p}\b[^:\n]*:", found.group(1), re.M)]
+        if lacking:
+            missing[f"{cls.__module__}.{cls.__name__}"] = lacking
+    assert not missing, missing

@@ -471,7 +471,7 @@ class CutBack:
 def test_a_cut_never_takes_back_streamed_text(tiny_llama):
     with Engine(tiny_llama[1], device="cpu", plugins=False, extra_plugins=[CutBack()]) as engine:
         generation = engine.start(PROMPTS[0], stop_conditions=("cut-back",), **KW)
-        streamed = "".join(event.text for event in generation)
+        streamed = "".join(event.text for event in engine.run(generation))
         final = generation.completions()[0]
         assert final.finish_reason == "stop" and final.text == streamed and len(final.token_ids) == 4
 

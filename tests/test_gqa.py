@@ -236,7 +236,7 @@ def test_the_load_test_script_against_nextoken_serve(gqa_package, tmp_path, back
 def test_slide_in_slots(gqa_engine):
     kw = dict(max_new_tokens=180, ignore_eos=True, context_policy="slide")
     alone = gqa_engine.start(PROMPTS[1], **kw)
-    want = alone.completions()[0].token_ids
+    want = gqa_engine.complete(alone)[0].token_ids
     assert alone.slides
     scheduler = Scheduler(gqa_engine, max_batch=3, slot_length=128)
     handles = [scheduler.submit(PROMPTS[1], **kw), scheduler.submit(PROMPTS[0], max_new_tokens=40, ignore_eos=True)]

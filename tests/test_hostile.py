@@ -98,7 +98,7 @@ HOSTILE = {
             "tools": [{"type": "function", "function": {"name": "w"}}],
             "tool_choice": {"type": "function", "function": "w"},
         },
-        "tools",
+        "tool_choice",  # the field the message is about (was "tools" before the error named its field)
     ),
     "a draft model by path": (
         "completions",

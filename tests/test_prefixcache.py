@@ -100,6 +100,28 @@ def test_requests_sharing_a_prefix_under_the_scheduler(cached_engine):
     assert sum(h.result().usage.cached_tokens == 64 for h in handles) >= 5  # the first stored it
 
 
+def test_a_prefix_hit_catches_up_in_chunks_like_any_long_prompt(cached_engine, monkeypatch):
+    """One admission path: a prompt whose prefix is cached starts from there and catches up what
+    follows a chunk a step (at most max_prefill_tokens), between the batch's decode steps."""
+    cached, plain = cached_engine
+    scheduler = Scheduler(cached, max_batch=2, max_prefill_tokens=16)
+    first = scheduler.submit(SYSTEM, max_new_tokens=30, ignore_eos=True)  # stores the system prompt
+    for _ in range(8):  # its 80 tokens in chunks of 16, then it decodes
+        scheduler.step()
+    ran = []
+    wrap_steps(monkeypatch, cached.runner, lambda kind, real, *a: ran.append((kind, a[1].shape)) or real(*a))
+    tail = [90 + i for i in range(40)]
+    second = scheduler.submit(SYSTEM + tail, max_new_tokens=5, ignore_eos=True)
+    while scheduler.step():
+        pass
+    monkeypatch.undo()
+    prefills = [shape[1] for kind, shape in ran if "prefill" in kind]
+    assert prefills[:3] == [16, 16, 8], ran  # 120 tokens, the 80 stored cached: 40 to run, 16 a step
+    assert second.result().usage.cached_tokens == 80
+    for handle, prompt, new in ((first, SYSTEM, 30), (second, SYSTEM + tail, 5)):
+        assert handle.result().token_ids == plain.generate(prompt, max_new_tokens=new, ignore_eos=True).token_ids
+
+
 def test_cached_tokens_through_the_server(tiny_llama):
     with serving(tiny_llama[1], "tiny", engine_options={"prefix_cache_bytes": 64 << 20}) as (client, engine, *_):
         first = client.completions.create(model="tiny", prompt=SYSTEM + [9], max_tokens=4, temperature=0)

@@ -233,7 +233,7 @@ def test_slide_under_continuous_batching_equals_alone(engine):
     is prefilled again (in chunks, before newcomers), and it rejoins: tokens and slides as alone."""
     kw = dict(max_new_tokens=200, ignore_eos=True, context_policy="slide", protected_prefix=3)
     alone = engine.start("Sliding along", **kw)
-    alone_tokens = alone.completions()[0].token_ids
+    alone_tokens = engine.complete(alone)[0].token_ids
     assert len(alone.slides) >= 2
     other_alone = engine.generate(PROMPTS[1], max_new_tokens=150, ignore_eos=True).token_ids
     scheduler = Scheduler(engine, max_batch=4, max_prefill_tokens=24)

@@ -603,3 +603,28 @@ def test_a_stalled_body_is_a_408(tiny_llama):
         finally:
             srv.should_exit = True
             thread.join(timeout=10)
+
+
+def test_one_map_from_errors_to_http_answers():
+    """Every endpoint answers an error through api_error: before a request runs, it is at fault (400,
+    naming the field the error names); while it runs, a plugin or the model failing is a 500 naming
+    the cause; a stopped scheduler is a 503 either way."""
+    from nextoken.errors import (
+        InvalidRequestError,
+        ModelPackageError,
+        NextokenError,
+        PluginError,
+        SchedulerStoppedError,
+    )
+    from nextoken.serving.server import api_error
+
+    field = api_error(InvalidRequestError("tool_choice needs tools", param="tool_choice"), param="messages")
+    assert (field.status, field.param) == (400, "tool_choice")
+    assert api_error(ModelPackageError("no chat template"), param="messages").param == "messages"
+    for running in (False, True):
+        assert api_error(SchedulerStoppedError("closed"), running).status == 503
+        assert api_error(InvalidRequestError("bad"), running).status == 400
+    assert api_error(PluginError("p failed"), running=False).status == 400  # its options, at resolution
+    ran = api_error(PluginError("p failed"), running=True)
+    assert (ran.status, ran.code) == (500, "plugin_error")
+    assert api_error(NextokenError("NaN logits"), running=True).code == "generation_failed"

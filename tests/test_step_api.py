@@ -26,8 +26,6 @@ PROMPT = "A much longer prompt than the first"
 def _drive(engine: Engine, prompts, **kw):
     """A request driven by hand through the public step API, as any driver would."""
     gen = engine.start(prompts, **kw)
-    gen.hand_over()
-    assert list(gen) == []  # handed over: iterating it runs nothing
     gen.begin()
     longest = max(len(p) for p in gen.state.prompts)
     kv = for_request(engine.runner, gen.state.batch_size, longest + gen.params.max_new_tokens, engine.pad_token_id)
@@ -54,16 +52,33 @@ def test_a_request_driven_through_the_step_api_equals_generate(llama_engine, kw)
     assert "".join(e.text for e in events if e.index == 0) == alone[0].text
 
 
-def test_a_handed_over_request_cannot_be_run_twice(llama_engine):
+def test_a_request_is_passive_until_driven_and_runs_once(llama_engine):
     gen = llama_engine.start(PROMPT, max_new_tokens=2)
-    next(iter(gen))
-    with pytest.raises(InvalidRequestError, match="already running"):
-        gen.hand_over()
+    assert not gen.started
+    with pytest.raises(InvalidRequestError, match="has not run: run it with Engine.run"):
+        gen.completions()
+    with pytest.raises(TypeError):
+        iter(gen)  # no driver inside: iterating it is not running it
+    assert len(llama_engine.complete(gen)) == 1 and gen.started
+    for again in (
+        lambda: llama_engine.complete(gen),
+        lambda: Scheduler(llama_engine).submit(gen),
+        gen.begin,
+    ):
+        with pytest.raises(InvalidRequestError, match="already run"):
+            again()
+    with Scheduler(llama_engine) as scheduler:  # what the engine built, submitted as it is
+        built = llama_engine.start(PROMPT, max_new_tokens=3, ignore_eos=True)
+        assert (
+            scheduler.submit(built).result(timeout=60).token_ids
+            == llama_engine.generate(PROMPT, max_new_tokens=3, ignore_eos=True).token_ids
+        )
+        with pytest.raises(InvalidRequestError, match="give them to start\\(\\), not submit\\(\\)"):
+            scheduler.submit(llama_engine.start(PROMPT), max_new_tokens=3)
 
 
 def test_cancel_ends_every_live_sequence_with_its_reason(llama_engine):
     gen = llama_engine.start([PROMPT, "Hi"], max_new_tokens=20)
-    gen.hand_over()
     events = gen.cancel()
     assert gen.finished and [e.finish_reason for e in events] == ["cancelled", "cancelled"]
 
@@ -112,7 +127,7 @@ def test_without_hook_timings_nothing_is_wrapped(llama_engine):
     assert gen.pipeline.seconds is None
     pieces = gen.pipeline.processors + [gen.pipeline.strategy]
     assert all("_timed" not in getattr(p.fn, "__qualname__", "") for p in pieces)
-    assert gen.completions()[0].usage.hook_ms is None
+    assert llama_engine.complete(gen)[0].usage.hook_ms is None
     with pytest.raises(InvalidRequestError, match="hook_timings must be true or false"):
         nextoken.SamplingParams(hook_timings="yes")
 
@@ -226,6 +241,7 @@ RUNTIME = {
         "errors",
         "generation",
         "hookspecs",
+        "intake",
         "kvbackends",
         "kvcache",
         "manifest",
@@ -305,6 +321,42 @@ def test_the_import_graph_has_no_cycles_and_the_runtime_imports_nothing_above_it
     for module in sorted(RUNTIME):
         above = graph[module] - RUNTIME
         assert not above, f"{module} (runtime) imports {sorted(above)}"
+
+
+def test_the_request_path_flows_down_at_run_time(tiny_llama, monkeypatch):
+    """engine -> scheduler -> generation -> backends -> runner: once requests are built and their
+    schedulers made, running them calls nothing of the engine (every Engine method is a tripwire),
+    alone, in a shared batch with a prompt built by the scheduler's intake, in chunks, and through
+    the prefix cache."""
+    from nextoken import Engine
+
+    called: list[str] = []
+    with Engine(tiny_llama[1], device="cpu", prefix_cache_bytes=1 << 20) as engine:
+        kw = dict(max_new_tokens=5, ignore_eos=True)
+        want = {p: engine.generate(p, **kw).token_ids for p in (PROMPT, "Hi", "Hi there")}
+        alone = engine.start(PROMPT, **kw)
+        by_itself = Scheduler.alone(engine, alone)
+        shared = Scheduler(engine, max_batch=3, max_prefill_tokens=4)  # PROMPT comes in chunks
+        built = [engine.start(p, **kw) for p in (PROMPT, "Hi")]
+        for name, value in vars(Engine).items():
+            if callable(value) and not name.startswith("__"):
+                monkeypatch.setattr(Engine, name, lambda *a, _n=name, **k: called.append(_n))
+        assert [e.token_id for e in by_itself.run(alone)] == want[PROMPT]
+        handles = [shared.submit(g) for g in built] + [shared.submit("Hi there", **kw)]
+        while shared.step():
+            pass
+        monkeypatch.undo()
+        assert [h.result().token_ids for h in handles] == [want[PROMPT], want["Hi"], want["Hi there"]]
+        assert engine.prefix_cache is not None and engine.prefix_cache.stats.hits >= 1
+    assert called == []
+    # and in the code: the scheduler keeps the engine for its owner, and never reads it back
+    tree = ast.parse((REPO / "sdk" / "scheduler.py").read_text())
+    reads = [
+        n.lineno
+        for n in ast.walk(tree)
+        if isinstance(n, ast.Attribute) and n.attr == "engine" and isinstance(n.ctx, ast.Load)
+    ]
+    assert reads == [], f"scheduler.py reads self.engine at lines {reads}"
 
 
 def test_no_module_reads_another_modules_private_names():

@@ -49,7 +49,7 @@ def test_engine_stream_concatenates_to_the_completion_text(llama_engine):
     generation = llama_engine.start(prompts, max_new_tokens=24, ignore_eos=True)
     texts = ["", ""]
     finished = {}
-    for event in generation:
+    for event in llama_engine.run(generation):
         texts[event.index] += event.text
         if event.finish_reason:
             finished[event.index] = event.finish_reason

@@ -123,19 +123,27 @@ def test_parallel_calls_with_required(tool_engine):
 
 
 @pytest.mark.parametrize(
-    "kw, words",
+    "kw, words, field",
     [
-        (dict(tools=[]), "tools must be a non-empty list"),
-        (dict(tools=[{"type": "function", "function": {"name": "bad name"}}]), "with a name of letters"),
-        (dict(tools=TOOLS + TOOLS[:1]), "'get_weather' is given twice"),
-        (dict(tools=TOOLS, tool_choice="sometimes"), "tool_choice must be"),
-        (dict(tools=TOOLS, tool_choice={"type": "function", "function": {"name": "fly"}}), "names function 'fly'"),
-        (dict(tools=TOOLS, tool_choice="required", regex="x"), "constrains the answer to tool calls"),
+        (dict(tools=[]), "tools must be a non-empty list", "tools"),
+        (dict(tools=[{"type": "function", "function": {"name": "bad name"}}]), "with a name of letters", "tools"),
+        (dict(tools=TOOLS + TOOLS[:1]), "'get_weather' is given twice", "tools"),
+        (dict(tools=TOOLS, tool_choice="sometimes"), "tool_choice must be", "tool_choice"),
+        (
+            dict(tools=TOOLS, tool_choice={"type": "function", "function": {"name": "fly"}}),
+            "names function 'fly'",
+            "tool_choice",
+        ),
+        (dict(tools=TOOLS, tool_choice="required", regex="x"), "constrains the answer to tool calls", "tool_choice"),
+        (dict(tool_choice="required"), "tool_choice needs tools", "tool_choice"),
     ],
 )
-def test_bad_tool_requests(tool_engine, kw, words):
-    with pytest.raises(InvalidRequestError, match=words):
+def test_bad_tool_requests(tool_engine, kw, words, field):
+    """The library and the server take one path (ToolRequest.of, Engine.chat_prompt): the same
+    refusals, each naming the field the server's 400 names."""
+    with pytest.raises(InvalidRequestError, match=words) as caught:
         tool_engine.chat(ASK, max_new_tokens=4, **kw)
+    assert caught.value.param == field
 
 
 def test_a_template_without_tools_needs_the_fallback(stories_package, tmp_path):

@@ -200,7 +200,7 @@ def generate(engine, prompt, args: argparse.Namespace) -> int:
     (one object; a list of them with ``--n`` > 1); usage and cost on stderr."""
     generation = engine.start(prompt, params_of(args))
     n = generation.params.n
-    code = _print_generation(generation, args)
+    code = _print_generation(engine, generation, args)
     if getattr(args, "record", None):  # after the text: the record reads the finished request
         from ..records import records_of
 
@@ -210,19 +210,19 @@ def generate(engine, prompt, args: argparse.Namespace) -> int:
     return code
 
 
-def _print_generation(generation, args: argparse.Namespace) -> int:
+def _print_generation(engine, generation, args: argparse.Namespace) -> int:
     n = generation.params.n
     if args.json:
-        dicts = [c.to_dict() for c in generation.completions()]
+        dicts = [c.to_dict() for c in engine.complete(generation)]
         print(json.dumps(dicts[0] if n == 1 else dicts, ensure_ascii=False))
         return 0
     out = sys.stdout
     shown = printable if out.isatty() else (lambda text: text)
+    for event in engine.run(generation):
+        if n == 1 and event.text:
+            out.write(shown(event.text))
+            out.flush()
     if n == 1:
-        for event in generation:
-            if event.text:
-                out.write(shown(event.text))
-                out.flush()
         out.write("\n")
         out.flush()
     for index, completion in enumerate(generation.completions()):

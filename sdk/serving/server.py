@@ -33,9 +33,9 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
+from ..engine import Engine
 from ..errors import (
     InvalidRequestError,
-    ModelPackageError,
     NextokenError,
     PluginError,
     SchedulerStoppedError,
@@ -64,6 +64,9 @@ GENERATION_DEFAULTS = ("temperature", "top_p", "top_k", "min_p", "repetition_pen
 
 
 class APIError(Exception):
+    """An HTTP error answer in OpenAI's shape: ``status``, ``message``, ``kind`` (OpenAI's error
+    ``type``), the request field at fault (``param``) and a ``code``."""
+
     def __init__(
         self,
         status: int,
@@ -168,7 +171,7 @@ def _params(req, chat: bool, defaults: dict[str, float]) -> SamplingParams:
     try:
         return SamplingParams(**kwargs)
     except (TypeError, InvalidRequestError) as exc:
-        raise APIError(400, str(exc)) from None
+        raise api_error(exc) from None
 
 
 def _completion_logprobs(items: list, offset: int) -> dict:
@@ -199,13 +202,15 @@ def _chat_logprobs(items: list) -> dict:
     }
 
 
-def _failure(exc: NextokenError) -> APIError:
-    """How a request that failed while it ran is answered: the client's mistake is a 400; a plugin
-    or the model failing is a 500 naming the cause; a scheduler that stopped is a 503."""
-    if isinstance(exc, InvalidRequestError):
-        return APIError(400, str(exc))
+def api_error(exc: Exception, running: bool = False, param: str | None = None) -> APIError:
+    """The one map from an error to its HTTP answer. Before a request runs, what it asks for is at
+    fault: a 400 (naming the field the error names, else ``param``). While it runs (``running``),
+    the client's mistake is still a 400; a plugin or the model failing is a 500 naming the cause.
+    A scheduler that stopped is a 503 either way."""
     if isinstance(exc, SchedulerStoppedError):
         return APIError(503, str(exc), "server_error", code="scheduler_stopped")
+    if isinstance(exc, (InvalidRequestError, TypeError)) or not running:
+        return APIError(400, str(exc), param=getattr(exc, "param", None) or param)
     code = "plugin_error" if isinstance(exc, PluginError) else "generation_failed"
     return APIError(500, str(exc), "server_error", code=code)
 
@@ -272,7 +277,12 @@ class Service:
     moves bytes: a request's body is parsed, its prompt rendered and tokenised, its constraint
     checked and the request submitted on the preparation workers."""
 
-    def __init__(self, scheduler: Scheduler, model_name: str, options: ServeOptions | None = None) -> None:
+    def __init__(self, scheduler: Scheduler[Engine], model_name: str, options: ServeOptions | None = None) -> None:
+        """Args:
+        scheduler: the running scheduler over the served engine.
+        model_name: the name clients ask for.
+        options: the server's settings (default: :class:`ServeOptions`' defaults).
+        """
         from concurrent.futures import ThreadPoolExecutor
 
         from .constraints import ConstraintChecker, StackPool
@@ -420,10 +430,8 @@ class Service:
             raise APIError(503, f"the server has {self.max_pending} requests in hand; retry later", "server_busy")
         try:
             return scheduler.submit(prompt, params)
-        except SchedulerStoppedError as exc:
-            raise APIError(503, str(exc), "server_error", code="scheduler_stopped") from None
-        except (InvalidRequestError, ModelPackageError, PluginError) as exc:
-            raise APIError(400, str(exc)) from None
+        except NextokenError as exc:
+            raise api_error(exc) from None
 
     # -- the endpoints ---------------------------------------------------------------------------------
     def health(self):
@@ -513,13 +521,7 @@ class Service:
 
         req = self.parse(raw, ChatRequest)
         params = self.params(req, True)
-        tools = self.tool_request(req)
-        if tools is not None:
-            try:
-                params = tools.constrain(params)
-            except InvalidRequestError as exc:
-                raise APIError(400, str(exc), param="tool_choice") from None
-            self.check_constraint(params, "tool_choice")
+        fallback = bool(req.nextoken and req.nextoken.tool_fallback)
         messages = [
             {
                 "role": m.role,
@@ -529,9 +531,12 @@ class Service:
             for m in req.messages
         ]
         try:
-            ids = self.engine.apply_chat_template(messages, tools=tools)
-        except (InvalidRequestError, ModelPackageError) as exc:
-            raise APIError(400, str(exc), param="messages") from None
+            tools = ToolRequest.of(req.tools, req.tool_choice, req.parallel_tool_calls is not False, fallback)
+            ids, params = self.engine.chat_prompt(messages, params, tools)
+        except NextokenError as exc:
+            raise api_error(exc, param="messages") from None
+        if tools is not None:
+            self.check_constraint(params, "tool_choice")
         if req.max_completion_tokens is None and req.max_tokens is None:
             room = self.scheduler.max_sequence_length - len(ids)
             params = params.replace(max_new_tokens=max(1, min(params.max_new_tokens, room)))
@@ -553,7 +558,7 @@ class Service:
         try:
             params = params.replace(speculative=self.with_draft_path(params.speculative))
         except InvalidRequestError as exc:
-            raise APIError(400, str(exc), param="nextoken.speculative.model") from None
+            raise api_error(exc, param="nextoken.speculative.model") from None
         self.check_constraint(params)
         return params
 
@@ -564,20 +569,6 @@ class Service:
             field, problem = found
             name = param or (field if field == "response_format" else f"nextoken.{field}")
             raise APIError(400, f"{name}: {problem}", param=name)
-
-    @staticmethod
-    def tool_request(req) -> ToolRequest | None:
-        """The request's tools (None without them, or with tool_choice "none"), or a 400 saying what is wrong."""
-        if req.tools is None:
-            if req.tool_choice not in (None, "none"):
-                raise APIError(400, "tool_choice needs tools", param="tool_choice")
-            return None
-        fallback = bool(req.nextoken and req.nextoken.tool_fallback)
-        try:
-            tools = ToolRequest(req.tools, req.tool_choice, req.parallel_tool_calls is not False, fallback)
-        except InvalidRequestError as exc:
-            raise APIError(400, str(exc), param="tools") from None
-        return tools if tools.active else None
 
     # -- answers ---------------------------------------------------------------------------------------
     async def respond(
@@ -644,7 +635,7 @@ class Service:
         try:
             return result.result()
         except NextokenError as exc:
-            raise _failure(exc) from None
+            raise api_error(exc, running=True) from None
 
     def stream(
         self,
@@ -717,7 +708,7 @@ class Service:
                     yield chunk([], _usage(completions), _extras(completions))
                 yield "data: [DONE]\n\n"
             except NextokenError as exc:
-                failure = _failure(exc)
+                failure = api_error(exc, running=True)
                 err = {"error": {"message": failure.message, "type": failure.kind, "param": None, "code": failure.code}}
                 yield f"data: {json.dumps(err)}\n\n"
             finally:
@@ -780,7 +771,7 @@ def _logprobs(items: list | None, chat: bool, offset: int) -> dict | None:
     return _chat_logprobs(items) if chat else _completion_logprobs(items, offset)
 
 
-def create_app(scheduler: Scheduler, model_name: str, options: ServeOptions | None = None, **settings: Any):
+def create_app(scheduler: Scheduler[Engine], model_name: str, options: ServeOptions | None = None, **settings: Any):
     """The FastAPI application serving ``scheduler``'s engine as ``model_name``: the routes, each
     calling its :class:`Service` method, and the errors in OpenAI's shape. ``options`` (or its
     fields as keywords: ``api_key=``, ``max_body_bytes=`` ...): :class:`ServeOptions`. The app's
@@ -885,7 +876,6 @@ def serve(
         import uvicorn
     except ImportError:
         raise NextokenError("serving needs FastAPI and uvicorn: pip install 'nextoken[serve]'") from None
-    from ..engine import Engine
 
     options = options or ServeOptions()
     engine = Engine(package, **(engine_options or {}))

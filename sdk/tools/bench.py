@@ -140,7 +140,7 @@ def _prompts(engine: Engine, batch: int, length: int) -> list[list[int]]:
 
 def _one(engine: Engine, prompts: list[list[int]], params: SamplingParams) -> dict[str, float]:
     gen = engine.start(prompts, params)
-    completions = gen.completions()
+    completions = engine.complete(gen)
     steps = gen.state.step
     t = gen.timings()
     decode_wall = max(t.last_tokens) - t.first_token
@@ -189,7 +189,7 @@ def run_bench(
             med = {k: statistics.median(r[k] for r in runs) for k in runs[0]}
             rows.append(BenchRow(name, batch, prompt_tokens, new_tokens, **med))
             if name == "chain":  # one more run, timed per hook (not in the figures above)
-                usage = engine.start(prompts, params.replace(hook_timings=True)).completions()[0].usage
+                usage = engine.complete(engine.start(prompts, params.replace(hook_timings=True)))[0].usage
                 hooks[batch] = {k: v / max(usage.steps, 1) for k, v in (usage.hook_ms or {}).items()}
     return BenchReport(str(engine.path), engine.device.describe(), engine.threads, engine.spin, rows, hooks)
 

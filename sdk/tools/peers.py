@@ -98,7 +98,7 @@ def run_nextoken(a) -> dict:
         prompts = _prompts(engine.manifest.vocab_size, a.batch, a.prompt)
         engine.generate(prompts, max_new_tokens=2, ignore_eos=True)  # warm-up
         gen = engine.start(prompts, max_new_tokens=a.new, ignore_eos=True)
-        gen.completions()
+        engine.complete(gen)
         end = time.perf_counter()
         settings = _ort_settings(engine.session.get_session_options())
         t = gen.timings()

@@ -106,7 +106,7 @@ def replay_all(
         except TypeError as exc:
             raise InvalidRequestError(f"the record's params are not this nextoken's: {exc}") from None
         generation = engine.start(first["prompt_token_ids"], params)
-        completions = generation.completions()
+        completions = engine.complete(generation)
         differences = _differences(first, engine, generation.pipeline)
     finally:
         if own:
