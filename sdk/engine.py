@@ -71,30 +71,31 @@ class Engine:
         prefix_cache_dir: str | Path | None = None,
         prefix_cache_disk_bytes: int = 1 << 30,
     ) -> None:
-        """Args:
-        path: the model package (a folder made by ``nextoken export``).
-        device: ``"auto"`` (CUDA when it really works, else CPU), ``"cpu"``, ``"cuda"`` or ``"cuda:N"``.
-        threads: intra-op threads (None: one for a model under 16 MB on the CPU, where a thread
-            pool costs more than it gives; else one per physical core).
-        spin: thread spinning within a step (None: ``NEXTOKEN_SPIN`` when set, else on when the
-            host is quiet, :func:`~nextoken.device.spin_policy`; the choice and why are
-            :attr:`spin` and :attr:`spin_reason`).
-        plugins: which entry-point plugins load (None: as ``NEXTOKEN_PLUGINS`` says, all when
-            unset; False: none; a list: those entry-point names).
-        extra_plugins: plugin objects registered on this engine only, before anything is
-            resolved (a tokenizer plugin must come this way or by entry point).
-        cost_meters: meters charged on every request, ``{name: options}``, e.g.
-            ``{"per_token": {"input_per_million": 0.15, "output_per_million": 0.6}}``.
-        tf32: on CUDA, let fp32 matrix products run in TensorFloat-32 (faster, ~1e-3 relative
-            error; None: ``NEXTOKEN_TF32``, off when unset).
-        verify: how the package's files are checked against their export's checksums before
-            loading (None: sha256 once, then trusted while sizes and mtimes are unchanged; True:
-            sha256 every load; False: sizes only); a changed file is a :class:`ModelPackageError`.
-        prefix_cache_bytes: keep the KV cache of prompt prefixes (blocks of 32 tokens) up to
-            this many bytes and reuse it for prompts that start the same way (0: off; see
-            :mod:`nextoken.prefixcache`).
-        prefix_cache_dir: also keep them on disk there, for later engines of the same package.
-        prefix_cache_disk_bytes: the disk tier's size.
+        """
+        Args:
+            path: the model package (a folder made by ``nextoken export``).
+            device: ``"auto"`` (CUDA when it really works, else CPU), ``"cpu"``, ``"cuda"`` or ``"cuda:N"``.
+            threads: intra-op threads (None: one for a model under 16 MB on the CPU, where a thread
+                pool costs more than it gives; else one per physical core).
+            spin: thread spinning within a step (None: ``NEXTOKEN_SPIN`` when set, else on when the
+                host is quiet, :func:`~nextoken.device.spin_policy`; the choice and why are
+                :attr:`spin` and :attr:`spin_reason`).
+            plugins: which entry-point plugins load (None: as ``NEXTOKEN_PLUGINS`` says, all when
+                unset; False: none; a list: those entry-point names).
+            extra_plugins: plugin objects registered on this engine only, before anything is
+                resolved (a tokenizer plugin must come this way or by entry point).
+            cost_meters: meters charged on every request, ``{name: options}``, e.g.
+                ``{"per_token": {"input_per_million": 0.15, "output_per_million": 0.6}}``.
+            tf32: on CUDA, let fp32 matrix products run in TensorFloat-32 (faster, ~1e-3 relative
+                error; None: ``NEXTOKEN_TF32``, off when unset).
+            verify: how the package's files are checked against their export's checksums before
+                loading (None: sha256 once, then trusted while sizes and mtimes are unchanged; True:
+                sha256 every load; False: sizes only); a changed file is a :class:`ModelPackageError`.
+            prefix_cache_bytes: keep the KV cache of prompt prefixes (blocks of 32 tokens) up to
+                this many bytes and reuse it for prompts that start the same way (0: off; see
+                :mod:`nextoken.prefixcache`).
+            prefix_cache_dir: also keep them on disk there, for later engines of the same package.
+            prefix_cache_disk_bytes: the disk tier's size.
         """
         self.path = Path(path)
         if not self.path.exists():
@@ -400,9 +401,10 @@ class CachedForward:
     ``tokens`` is what the cache holds."""
 
     def __init__(self, engine: Engine, max_length: int) -> None:
-        """Args:
-        engine: the engine whose model runs.
-        max_length: positions the cache holds, at most the model's window.
+        """
+        Args:
+            engine: the engine whose model runs.
+            max_length: positions the cache holds, at most the model's window.
         """
         if not 1 <= max_length <= engine.manifest.context_length:
             raise InvalidRequestError(f"max_length must be in [1, {engine.manifest.context_length}], not {max_length}")

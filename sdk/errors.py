@@ -34,9 +34,10 @@ class InvalidRequestError(NextokenError, ValueError):
     field at fault (e.g. ``"tool_choice"``), where one is (a server's error names it)."""
 
     def __init__(self, message: str, param: str | None = None) -> None:
-        """Args:
-        message: what is wrong and what to do.
-        param: the request's field at fault, where one is.
+        """
+        Args:
+            message: what is wrong and what to do.
+            param: the request's field at fault, where one is.
         """
         super().__init__(message)
         self.param = param
@@ -59,9 +60,10 @@ class PluginError(NextokenError):
     (``plugin``: its name, where it is known)."""
 
     def __init__(self, message: str, plugin: str | None = None) -> None:
-        """Args:
-        message: the plugin, the hook or piece, and what it did.
-        plugin: the plugin's name, where it is known.
+        """
+        Args:
+            message: the plugin, the hook or piece, and what it did.
+            plugin: the plugin's name, where it is known.
         """
         super().__init__(message)
         self.plugin = plugin

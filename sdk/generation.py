@@ -186,18 +186,19 @@ class Generation:
         provider: str = "",
         step_cost: StepCost | None = None,
     ) -> None:
-        """Args:
-        runner: the package's step runner (its manifest: vocabulary, rope switch).
-        prompts: each prompt's token ids (fitted to the window by ``params.context_policy``).
-        params: how to generate.
-        pipeline: the plugins resolved for this request.
-        tokenizer: for text out (None: ids only).
-        eos_token_ids: ids that end a sequence.
-        pad_token_id: the id rows are padded with.
-        context_length: the model's window.
-        device: where it runs, as usage reports it.
-        provider: the execution provider, as usage reports it.
-        step_cost: speculative decoding's learned cost of a step (shared by an engine's requests).
+        """
+        Args:
+            runner: the package's step runner (its manifest: vocabulary, rope switch).
+            prompts: each prompt's token ids (fitted to the window by ``params.context_policy``).
+            params: how to generate.
+            pipeline: the plugins resolved for this request.
+            tokenizer: for text out (None: ids only).
+            eos_token_ids: ids that end a sequence.
+            pad_token_id: the id rows are padded with.
+            context_length: the model's window.
+            device: where it runs, as usage reports it.
+            provider: the execution provider, as usage reports it.
+            step_cost: speculative decoding's learned cost of a step (shared by an engine's requests).
         """
         prompts = [
             fit_prompt(list(p), params, context_length, i if len(prompts) > 1 else None) for i, p in enumerate(prompts)

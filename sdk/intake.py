@@ -45,16 +45,17 @@ class Intake:
         step_cost: StepCost,
         source: str,
     ) -> None:
-        """Args:
-        runner: the package's step runner (its manifest gives the vocabulary and window).
-        plugins: the engine's plugin registry (a request resolves its pipeline from it).
-        cost_meters: meters charged on every request, ``{name: options}``.
-        tokenizer: the checked tokenizer, or None for a package without one.
-        eos_token_ids: the package's end-of-sequence ids.
-        pad_token_id: the id rows are padded with.
-        provider: the execution provider, as usage reports it.
-        step_cost: speculative decoding's learned cost of a step, shared by the engine's requests.
-        source: the package, as errors name it.
+        """
+        Args:
+            runner: the package's step runner (its manifest gives the vocabulary and window).
+            plugins: the engine's plugin registry (a request resolves its pipeline from it).
+            cost_meters: meters charged on every request, ``{name: options}``.
+            tokenizer: the checked tokenizer, or None for a package without one.
+            eos_token_ids: the package's end-of-sequence ids.
+            pad_token_id: the id rows are padded with.
+            provider: the execution provider, as usage reports it.
+            step_cost: speculative decoding's learned cost of a step, shared by the engine's requests.
+            source: the package, as errors name it.
         """
         self.runner, self.plugins, self.cost_meters = runner, plugins, cost_meters
         self.tokenizer, self.eos_token_ids, self.pad_token_id = tokenizer, tuple(eos_token_ids), pad_token_id

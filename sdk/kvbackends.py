@@ -124,10 +124,11 @@ class ConcatBackend:
     name = "concat"
 
     def __init__(self, runner: StepRunner, pad_id: int, ops: Callable[[], CacheOps]) -> None:
-        """Args:
-        runner: the step runner.
-        pad_id: the id rows are padded with.
-        ops: the cache surgery that joins and drops rows.
+        """
+        Args:
+            runner: the step runner.
+            pad_id: the id rows are padded with.
+            ops: the cache surgery that joins and drops rows.
         """
         self.runner, self.pad_id, self._ops = runner, pad_id, ops
         self.left = runner.manifest.padding_side == "left"
@@ -260,13 +261,14 @@ class SlotBackend:
         ops: Callable[[], CacheOps] | None = None,
         batched: bool = True,
     ) -> None:
-        """Args:
-        runner: the step runner.
-        slots: rows of the buffer (the batch's most).
-        length: positions a slot.
-        pad_id: the id rows are padded with.
-        ops: the cache surgery (copies a batched prefill into slots; None: each prompt in place).
-        batched: whether several prompts are prefilled together.
+        """
+        Args:
+            runner: the step runner.
+            slots: rows of the buffer (the batch's most).
+            length: positions a slot.
+            pad_id: the id rows are padded with.
+            ops: the cache surgery (copies a batched prefill into slots; None: each prompt in place).
+            batched: whether several prompts are prefilled together.
         """
         self.runner, self.slots, self.length, self.pad_id = runner, slots, length, pad_id
         self._ops = ops or _no_surgery

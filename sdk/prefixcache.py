@@ -170,13 +170,14 @@ class DiskTier:
         load: Callable[[list[np.ndarray]], KVCache],
         layout: Layout | None = None,
     ) -> None:
-        """Args:
-        directory: the folder (entries go under ``directory/identity``).
-        identity: the package, its KV dtype and provider (:func:`package_identity`).
-        capacity_bytes: bytes of entries kept at most.
-        block: tokens a block.
-        load: makes a :class:`KVCache` where the engine's cache lives from an entry's arrays.
-        layout: what an entry must hold (None: not checked).
+        """
+        Args:
+            directory: the folder (entries go under ``directory/identity``).
+            identity: the package, its KV dtype and provider (:func:`package_identity`).
+            capacity_bytes: bytes of entries kept at most.
+            block: tokens a block.
+            load: makes a :class:`KVCache` where the engine's cache lives from an entry's arrays.
+            layout: what an entry must hold (None: not checked).
         """
         self.directory = Path(directory) / identity
         self.directory.mkdir(parents=True, exist_ok=True)
@@ -425,10 +426,11 @@ class PrefixCache:
     the second tier (written through, read on a miss)."""
 
     def __init__(self, capacity_bytes: int, block: int = 32, disk: DiskTier | None = None) -> None:
-        """Args:
-        capacity_bytes: bytes of KV cache kept at most.
-        block: tokens a block (entries are whole blocks).
-        disk: the second tier, or None.
+        """
+        Args:
+            capacity_bytes: bytes of KV cache kept at most.
+            block: tokens a block (entries are whole blocks).
+            disk: the second tier, or None.
         """
         if capacity_bytes < 0 or block < 1:
             raise ValueError("the prefix cache needs capacity_bytes >= 0 and block >= 1")

@@ -111,9 +111,10 @@ class Registry:
     """
 
     def __init__(self, external: bool | Sequence[str] | None = None) -> None:
-        """Args:
-        external: which entry-point plugins load (None: as ``NEXTOKEN_PLUGINS`` says, all when unset;
-            False: none; a list: only those entry-point names).
+        """
+        Args:
+            external: which entry-point plugins load (None: as ``NEXTOKEN_PLUGINS`` says, all when unset;
+                False: none; a list: only those entry-point names).
         """
         self.pm = pluggy.PluginManager(hookspecs.PROJECT)
         self.pm.add_hookspecs(hookspecs)

@@ -44,12 +44,13 @@ class StepRunner:
         device_id: int = 0,
         providers: Sequence = ("CPUExecutionProvider",),
     ) -> None:
-        """Args:
-        session: the package's ONNX Runtime session.
-        manifest: the package's manifest (names and shapes of the cache).
-        device: where caches live, ``"cpu"`` or ``"cuda"``.
-        device_id: the CUDA device's index.
-        providers: the session's execution providers, for :meth:`cache_ops`.
+        """
+        Args:
+            session: the package's ONNX Runtime session.
+            manifest: the package's manifest (names and shapes of the cache).
+            device: where caches live, ``"cpu"`` or ``"cuda"``.
+            device_id: the CUDA device's index.
+            providers: the session's execution providers, for :meth:`cache_ops`.
         """
         self.session: ort.InferenceSession | None = session
         self.providers = providers
@@ -260,9 +261,10 @@ class CacheOps:
     """
 
     def __init__(self, runner: StepRunner, providers: Sequence) -> None:
-        """Args:
-        runner: the runner whose caches it operates on.
-        providers: the execution providers the surgery graphs run on (the session's).
+        """
+        Args:
+            runner: the runner whose caches it operates on.
+            providers: the execution providers the surgery graphs run on (the session's).
         """
         import onnx
         from onnx import TensorProto, helper

@@ -44,7 +44,7 @@ import collections
 import queue
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from typing import Any, Generic, Protocol, TypeVar
 
@@ -92,16 +92,19 @@ class RequestHandle:
     :meth:`result` waits for its :class:`Completion`; :meth:`cancel` ends it at the next step."""
 
     def __init__(self, generation: Generation, sink: list[list[StreamEvent]] | None = None) -> None:
-        """Args:
-        generation: the request it stands for.
-        sink: where a driver on this thread collects each step's events (:meth:`Scheduler.run`);
-            None: a queue the consumer reads from any thread.
+        """
+        Args:
+            generation: the request it stands for.
+            sink: where a driver on this thread collects each step's events (:meth:`Scheduler.run`);
+                None: a queue the consumer reads from any thread.
         """
         self.generation = generation
         #: sequences (rows of the batch) the request has: one for a submitted request
         self.rows = generation.state.batch_size
         self._sink = sink  # events for a driver on this thread (Scheduler.run)
         self._events: queue.Queue = queue.Queue()
+        self._lock = threading.Lock()
+        self._listener: Callable[[list[StreamEvent] | None], object] | None = None
         self._done = threading.Event()
         self._error: BaseException | None = None
         self.cancelled = False
@@ -156,21 +159,53 @@ class RequestHandle:
         """What ended the request, when it failed (None while it runs, or when it ended well)."""
         return self._error
 
+    def listen(self, listener: Callable[[list[StreamEvent] | None], object]) -> None:
+        """Hand each step's events to ``listener`` instead of queueing them for iteration (what was
+        queued already goes to it now, in order); ``None`` once the request has ended (its
+        :attr:`error` or :meth:`results` are ready). It is called on the scheduler's thread and must
+        not block: an event loop's listener passes the list on with ``call_soon_threadsafe``, so no
+        thread waits for a request. A listener that raises is taken for a consumer gone: the
+        request is cancelled."""
+        with self._lock:
+            self._listener = listener
+            queued = []
+            while not self._events.empty():
+                queued.append(self._events.get_nowait())
+            events = [e for e in queued if e is not _DONE]
+            if events:
+                self._tell(events)
+            if len(events) < len(queued):
+                self._tell(None)
+
+    def _tell(self, events: list[StreamEvent] | None) -> None:
+        try:
+            self._listener(events)  # type: ignore[misc]
+        except Exception:  # the consumer is gone (its loop closed): nobody wants the rest
+            self.cancelled = True
+
     # -- scheduler side -----------------------------------------------------------------------------
     def deliver(self, events: list[StreamEvent]) -> None:
         """Hand a step's events to the consumer (the scheduler's call)."""
         if self._sink is not None:
             self._sink.append(events)
             return
-        for event in events:
-            self._events.put(event)
+        with self._lock:
+            if self._listener is not None:
+                self._tell(list(events))
+                return
+            for event in events:
+                self._events.put(event)
 
     def complete(self, error: BaseException | None = None) -> None:
         """End the request, with ``error`` when it failed (the scheduler's call)."""
         self._error = error
         self._done.set()
         if self._sink is None:
-            self._events.put(_DONE)
+            with self._lock:
+                if self._listener is not None:
+                    self._tell(None)
+                else:
+                    self._events.put(_DONE)
 
 
 @dataclass
@@ -216,13 +251,14 @@ class Scheduler(Generic[HostT]):
         slot_length: int | None = None,
         kv: KVBackend | None = None,
     ) -> None:
-        """Args:
-        engine: the engine to serve (any :class:`Host`); kept as :attr:`engine` for its owner.
-        max_batch: sequences decoded together at most.
-        max_prefill_tokens: prompt tokens prefilled in one step at most (longer prompts: chunks).
-        kv_backend: ``auto``, ``concat`` or ``slots``.
-        slot_length: positions per slot (default: the window, at most 2048).
-        kv: a backend made for one request (what :meth:`alone` passes).
+        """
+        Args:
+            engine: the engine to serve (any :class:`Host`); kept as :attr:`engine` for its owner.
+            max_batch: sequences decoded together at most.
+            max_prefill_tokens: prompt tokens prefilled in one step at most (longer prompts: chunks).
+            kv_backend: ``auto``, ``concat`` or ``slots``.
+            slot_length: positions per slot (default: the window, at most 2048).
+            kv: a backend made for one request (what :meth:`alone` passes).
         """
         if max_batch < 1:
             raise InvalidRequestError(f"max_batch must be >= 1, not {max_batch}")

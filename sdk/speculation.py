@@ -44,10 +44,11 @@ class Speculation:
     """
 
     def __init__(self, proposer: Active, k: int, step_cost: StepCost | None = None) -> None:
-        """Args:
-        proposer: the proposer plugin's resolved piece.
-        k: tokens guessed a step at most.
-        step_cost: the engine's learned cost of a step (a request starts from it).
+        """
+        Args:
+            proposer: the proposer plugin's resolved piece.
+            k: tokens guessed a step at most.
+            step_cost: the engine's learned cost of a step (a request starts from it).
         """
         self.proposer, self.k_max, self.k = proposer, k, k
         self.proposed = self.accepted = 0

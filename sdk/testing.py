@@ -54,12 +54,13 @@ class ScriptedModel:
     def __init__(
         self, script: Sequence[int] | Script, vocab_size: int = 32, *, context_length: int = 256, margin: float = 10.0
     ) -> None:
-        """Args:
-        script: token ids (the favourite at each generated position), or a callable
-            ``(prompt ids, generated ids) -> token id or logits [V]``.
-        vocab_size: the vocabulary.
-        context_length: the window.
-        margin: how far a scripted token's logit stands above the others (0).
+        """
+        Args:
+            script: token ids (the favourite at each generated position), or a callable
+                ``(prompt ids, generated ids) -> token id or logits [V]``.
+            vocab_size: the vocabulary.
+            context_length: the window.
+            margin: how far a scripted token's logit stands above the others (0).
         """
         if not callable(script):
             wanted = [int(t) for t in script]
@@ -170,8 +171,9 @@ class CharTokenizer:
     special_tokens: Mapping[str, str] = {}
 
     def __init__(self, alphabet: str = "\0\n abcdefghijklmnopqrstuvwxyz.,!?") -> None:
-        """Args:
-        alphabet: the characters, id ``i`` being ``alphabet[i]``.
+        """
+        Args:
+            alphabet: the characters, id ``i`` being ``alphabet[i]``.
         """
         self.alphabet = alphabet
         self._ids = {c: i for i, c in enumerate(alphabet)}
@@ -211,14 +213,15 @@ class FakeEngine(Engine):
         extra_plugins: Sequence[Any] = (),
         cost_meters: Mapping[str, Mapping[str, Any]] | None = None,
     ) -> None:
-        """Args:
-        model: the scripted model the logits come from.
-        tokenizer: a :class:`~nextoken.Tokenizer` for text in and out, or None (ids only).
-        eos_token_ids: ids that end a sequence.
-        pad_token_id: the id rows are padded with.
-        plugins: which entry-point plugins load (False, the default here: none).
-        extra_plugins: plugin objects registered on this engine only.
-        cost_meters: meters charged on every request, ``{name: options}``.
+        """
+        Args:
+            model: the scripted model the logits come from.
+            tokenizer: a :class:`~nextoken.Tokenizer` for text in and out, or None (ids only).
+            eos_token_ids: ids that end a sequence.
+            pad_token_id: the id rows are padded with.
+            plugins: which entry-point plugins load (False, the default here: none).
+            extra_plugins: plugin objects registered on this engine only.
+            cost_meters: meters charged on every request, ``{name: options}``.
         """
         self.path = Path("<scripted model>")
         self.manifest = Manifest(

@@ -67,9 +67,10 @@ class IncrementalDecoder:
     """
 
     def __init__(self, tokenizer: Tokenizer, context: Sequence[int] = ()) -> None:
-        """Args:
-        tokenizer: any tokenizer with ``decode``.
-        context: ids before the first one added (a continuation keeps its first token's space).
+        """
+        Args:
+            tokenizer: any tokenizer with ``decode``.
+            context: ids before the first one added (a continuation keeps its first token's space).
         """
         self._tok = tokenizer
         self._ids: list[int] = list(context[-_CONTEXT_TOKENS:])

@@ -70,11 +70,12 @@ class ToolRequest:
     def __init__(
         self, tools: Any, tool_choice: Any = None, parallel_tool_calls: bool = True, fallback: bool = False
     ) -> None:
-        """Args:
-        tools: OpenAI's ``[{"type": "function", "function": {"name", "description", "parameters"}}]``.
-        tool_choice: ``auto`` (None), ``none``, ``required`` or ``{"type": "function", "function": {"name": ...}}``.
-        parallel_tool_calls: whether an answer may hold several calls.
-        fallback: describe the tools in a system message of nextoken's own for a template without them.
+        """
+        Args:
+            tools: OpenAI's ``[{"type": "function", "function": {"name", "description", "parameters"}}]``.
+            tool_choice: ``auto`` (None), ``none``, ``required`` or ``{"type": "function", "function": {"name": ...}}``.
+            parallel_tool_calls: whether an answer may hold several calls.
+            fallback: describe the tools in a system message of nextoken's own for a template without them.
         """
         self.tools = _check_tools(tools)
         self.names = [t["function"]["name"] for t in self.tools]

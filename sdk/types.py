@@ -582,13 +582,14 @@ class BatchState:
         choices: Sequence[int] | None = None,
         tokenizer: Tokenizer | None = None,
     ) -> None:
-        """Args:
-        params: the request's sampling parameters.
-        prompts: each sequence's prompt ids.
-        eos_token_ids: ids that end a sequence.
-        vocab_size: the model's vocabulary.
-        choices: each sequence's choice index among its prompt's ``n`` (default: all 0).
-        tokenizer: the request's tokenizer (None for a package without one).
+        """
+        Args:
+            params: the request's sampling parameters.
+            prompts: each sequence's prompt ids.
+            eos_token_ids: ids that end a sequence.
+            vocab_size: the model's vocabulary.
+            choices: each sequence's choice index among its prompt's ``n`` (default: all 0).
+            tokenizer: the request's tokenizer (None for a package without one).
         """
         self.request_id = f"req-{next(_ids)}"
         self.params = params

@@ -76,7 +76,8 @@ CONSTRUCTED = {
     "nextoken.runner": ("StepRunner", "CacheOps"),
     "nextoken.kvbackends": ("SlotBackend", "ConcatBackend"),
     "nextoken.speculation": ("Speculation",),
-    "nextoken.serving.server": ("Service",),
+    "nextoken.serving.core": ("Service",),
+    "nextoken.serving.openai_api": ("OpenAIService",),
 }
 
 

@@ -628,3 +628,43 @@ def test_one_map_from_errors_to_http_answers():
     ran = api_error(PluginError("p failed"), running=True)
     assert (ran.status, ran.code) == (500, "plugin_error")
     assert api_error(NextokenError("NaN logits"), running=True).code == "generation_failed"
+
+
+def test_idle_streaming_clients_hold_no_thread_each(server, monkeypatch):
+    """Each request's events reach its handler through an asyncio queue fed from the scheduler's
+    thread: 128 streams waiting on a stalled scheduler add no server threads (a thread a waiting
+    request would add 128), and every one of them is answered once it moves on."""
+    import asyncio
+
+    _, _, scheduler, base = server
+    threading_count = threading.active_count
+    gate, real = threading.Event(), scheduler.step
+    monkeypatch.setattr(scheduler, "step", lambda: gate.wait(60) and real())
+    before = threading_count()
+    headers = {"Authorization": f"Bearer {KEY}"}
+    body = {"model": "tiny", "messages": [{"role": "user", "content": "Hi"}], "max_tokens": 3, "stream": True}
+    during, texts = [], []
+
+    async def one(client, opened) -> str:
+        async with client.stream("POST", f"{base}/v1/chat/completions", json=body, headers=headers) as r:
+            lines = r.aiter_lines()
+            first = await lines.__anext__()  # the role chunk: the stream is open and idle
+            opened.append(first)
+            return first + "".join([line async for line in lines])
+
+    async def clients() -> None:
+        opened: list[str] = []
+        async with httpx.AsyncClient(timeout=120, limits=httpx.Limits(max_connections=200)) as client:
+            tasks = [asyncio.ensure_future(one(client, opened)) for _ in range(128)]
+            while len(opened) < 128:
+                await asyncio.sleep(0.05)
+            during.append(threading_count())
+            gate.set()
+            texts.extend(await asyncio.gather(*tasks))
+
+    runner = threading.Thread(target=lambda: asyncio.run(clients()))
+    runner.start()
+    runner.join(180)
+    gate.set()
+    assert during and during[0] - before <= 3, (before, during)  # the client's own thread, and no more
+    assert len(texts) == 128 and all(t.rstrip().endswith("data: [DONE]") for t in texts)

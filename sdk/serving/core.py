@@ -1,0 +1,396 @@
+"""The server's core, shared by every API it speaks (:mod:`nextoken.serving.openai_api` ...):
+the operator's options, admission, request parameters, submission, and each request's events
+delivered to its handler on the event loop."""
+# No `from __future__ import annotations` here: FastAPI reads annotations at run time.
+
+import asyncio
+import dataclasses
+import json
+import logging
+import os
+import time
+from collections.abc import AsyncIterator, Mapping
+from pathlib import Path
+from typing import Any
+
+from ..engine import Engine
+from ..errors import InvalidRequestError, NextokenError, is_number
+from ..scheduler import RequestHandle, Scheduler
+from ..types import Completion, SamplingParams, StreamEvent, TokenLogprob
+from .constraints import BUDGET_S
+from .protocol import APIError, api_error, error_response, openai_params, parse_body
+
+__all__ = ["ClientGone", "Delta", "ServeOptions", "Service", "coalesce", "load_drafts", "sampling_defaults"]
+
+log = logging.getLogger("nextoken.serving")
+
+#: generation_config.json keys the server takes as sampling defaults, and their SamplingParams names
+GENERATION_DEFAULTS = ("temperature", "top_p", "top_k", "min_p", "repetition_penalty")
+
+
+def sampling_defaults(package: Path) -> dict[str, Any]:
+    """The sampling defaults a package's generation_config.json sets (the server's defaults for it)."""
+    path = Path(package) / "generation_config.json"
+    try:
+        config = json.loads(path.read_text()) if path.is_file() else {}
+    except (OSError, ValueError):
+        return {}
+    return {k: config[k] for k in GENERATION_DEFAULTS if is_number(config.get(k))}
+
+
+class ClientGone(Exception):
+    """The client went away while its body was read."""
+
+
+@dataclasses.dataclass(frozen=True)
+class ServeOptions:
+    """What the operator sets for a server (the same for ``nextoken serve`` and every Ray replica).
+
+    ``api_key``: required as ``Authorization: Bearer KEY`` (every path but ``/health``);
+    ``max_body_bytes``: the largest request body (413 beyond, checked while it is read);
+    ``max_pending``: requests in hand before new ones get a 503; ``body_timeout_s``: how long a
+    body may stall between two chunks (408); ``speculative``: speculative decoding for requests
+    that set none (its ``model`` a name of ``drafts``); ``drafts``: the draft packages requests may
+    name (name -> path, loaded at start; a request never names a path); ``record_dir``: where each
+    request's record goes; ``constraint_budget_s``: the longest a request's constraint may take
+    to compile (:mod:`nextoken.serving.constraints`); ``prep_workers``: threads that parse,
+    render, tokenise and check requests, off the event loop."""
+
+    api_key: str | None = None
+    max_body_bytes: int = 1 << 20
+    max_pending: int = 256
+    body_timeout_s: float = 30.0
+    speculative: Mapping[str, Any] | None = None
+    drafts: Mapping[str, str] = dataclasses.field(default_factory=dict)
+    record_dir: str | None = None
+    constraint_budget_s: float = BUDGET_S
+    prep_workers: int = 2
+
+
+def load_drafts(engine: Any, drafts: Mapping[str, str]) -> dict[str, str]:
+    """The draft packages a server offers (name -> path), each loaded now and checked to share the
+    served model's vocabulary; an error naming the option otherwise."""
+    from ..plugins.speculative import draft_engine
+
+    out = {}
+    for name, path in dict(drafts).items():
+        try:
+            draft = draft_engine(path, engine.threads)
+        except InvalidRequestError as exc:
+            raise NextokenError(f"--draft {name}={path}: {exc}") from None
+        if draft.manifest.vocab_size != engine.manifest.vocab_size:
+            raise NextokenError(
+                f"--draft {name}={path}: its vocabulary ({draft.manifest.vocab_size} tokens) is not the "
+                f"served model's ({engine.manifest.vocab_size}); a draft must share the tokenizer"
+            )
+        out[name] = path
+    return out
+
+
+@dataclasses.dataclass
+class Delta:
+    """What one choice made since its handler last looked: its ``text``, its last token, each
+    token's log-probability (when asked), and its finish reason once it has one."""
+
+    index: int
+    text: str = ""
+    token_id: int | None = None
+    logprobs: list[TokenLogprob] = dataclasses.field(default_factory=list)
+    finish_reason: str | None = None
+
+
+def coalesce(events: list[StreamEvent]) -> list[Delta]:
+    """Stream events as one :class:`Delta` a choice, in the order choices first appear."""
+    out: dict[int, Delta] = {}
+    for event in events:
+        delta = out.setdefault(event.index, Delta(event.index))
+        delta.text += event.text
+        if event.token_id is not None:
+            delta.token_id = event.token_id
+        if event.logprob is not None:
+            delta.logprobs.append(event.logprob)
+        if event.finish_reason:
+            delta.finish_reason = event.finish_reason
+    return list(out.values())
+
+
+def _settle(future: asyncio.Future) -> None:
+    if not future.done():
+        future.set_result(None)
+
+
+class Service:
+    """The core every API of the server shares, over one :class:`~nextoken.Scheduler`, as
+    :class:`ServeOptions` says: admission (the key, the body, the model, the load), request
+    parameters and their constraint, submission, and each request's events and result delivered
+    to its handler on the event loop. The event loop only moves bytes: a request's body is parsed,
+    its prompt rendered and tokenised, its constraint checked and the request submitted on the
+    preparation workers; no thread waits for a request (:meth:`events`, :meth:`finished`)."""
+
+    def __init__(self, scheduler: Scheduler[Engine], model_name: str, options: ServeOptions | None = None) -> None:
+        """
+        Args:
+            scheduler: the running scheduler over the served engine.
+            model_name: the name clients ask for.
+            options: the server's settings (default: :class:`ServeOptions`' defaults).
+        """
+        from .constraints import ConstraintChecker, StackPool
+
+        options = options or ServeOptions()
+        self.options = options
+        self.scheduler, self.engine, self.model_name = scheduler, scheduler.engine, model_name
+        self.api_key, self.max_body_bytes, self.max_pending, self.body_timeout_s = (
+            options.api_key,
+            options.max_body_bytes,
+            options.max_pending,
+            options.body_timeout_s,
+        )
+        self.defaults: dict[str, Any] = sampling_defaults(self.engine.path)
+        self.drafts = load_drafts(self.engine, options.drafts)
+        if options.speculative:  # the server's default; a request's own nextoken.speculative wins
+            self.defaults["speculative"] = self.check_speculative(options.speculative)
+        self.prep = StackPool(max(1, options.prep_workers))
+        self.checker = ConstraintChecker.for_engine(self.engine, options.constraint_budget_s)
+        self.created = int(time.time())
+        #: where each request's record goes (None: nowhere); the records hold prompts: the operator's to protect
+        self.record_dir = Path(options.record_dir) if options.record_dir else None
+        if self.record_dir is not None:
+            try:
+                self.record_dir.mkdir(parents=True, exist_ok=True)
+                if not os.access(self.record_dir, os.W_OK | os.X_OK):
+                    raise PermissionError(13, "not writable by this user")
+            except OSError as exc:
+                raise NextokenError(f"--record-dir {self.record_dir}: {exc.strerror or exc}") from None
+
+    def check_speculative(self, spec: Mapping[str, Any]) -> dict:
+        """The server's default ``speculative``, checked now (method, k, draft name) as a request's
+        would be; an error naming --speculative otherwise."""
+        spec = dict(spec)
+        try:
+            self.engine.start(
+                [self.engine.pad_token_id], SamplingParams(max_new_tokens=1, speculative=self.with_draft_path(spec))
+            )
+        except NextokenError as exc:
+            raise NextokenError(f"--speculative {spec}: {exc}") from None
+        return spec
+
+    def with_draft_path(self, spec: Mapping[str, Any] | None) -> Mapping[str, Any] | None:
+        """``spec`` with the draft it names (by one of the server's names) as that draft's path; an
+        InvalidRequestError when it names another."""
+        if spec is None or "model" not in spec:
+            return spec
+        name = spec["model"]
+        if not isinstance(name, str) or name not in self.drafts:
+            offered = ", ".join(sorted(self.drafts)) or "none (nextoken serve --draft NAME=PATH offers one)"
+            raise InvalidRequestError(f"nextoken.speculative.model names a draft model this server offers: {offered}")
+        return {**spec, "model": self.drafts[name]}
+
+    def close(self) -> None:
+        """Stop the constraint checker and the workers."""
+        if self.checker is not None:
+            self.checker.close()
+        self.prep.shutdown()
+
+    async def off_loop(self, fn, *args):
+        """``fn(*args)`` on a preparation worker, awaited."""
+        return await asyncio.wrap_future(self.prep.submit(fn, *args))
+
+    # -- around every request --------------------------------------------------------------------------
+    def refuse(self, request) -> Any:
+        """The error response for a request without the API key or with a declared body over the
+        limit, else None."""
+        if self.api_key is not None and request.url.path != "/health" and not self.authorized(request):
+            return error_response(
+                401,
+                "missing or wrong API key (Authorization: Bearer ...)",
+                "authentication_error",
+                code="invalid_api_key",
+            )
+        length = request.headers.get("content-length")
+        if length is not None and length.isdigit() and int(length) > self.max_body_bytes:
+            return error_response(413, f"request body over {self.max_body_bytes} bytes", code="request_too_large")
+        return None
+
+    def authorized(self, request) -> bool:
+        """Whether the request carries the API key (the scheme in any case; compared in constant time)."""
+        import hmac
+
+        scheme, _, key = request.headers.get("authorization", "").strip().partition(" ")
+        return scheme.lower() == "bearer" and hmac.compare_digest(key.strip().encode(), (self.api_key or "").encode())
+
+    async def read(self, request) -> bytes:
+        """The body, read a chunk at a time (the size limit holds for chunked uploads too, and a
+        body that stalls is a 408)."""
+        from starlette.requests import ClientDisconnect
+
+        chunks, size = [], 0
+        stream = request.stream().__aiter__()
+        while True:
+            try:
+                chunk = await asyncio.wait_for(stream.__anext__(), timeout=self.body_timeout_s)
+            except StopAsyncIteration:
+                break
+            except asyncio.TimeoutError:
+                raise APIError(
+                    408, f"the request body stalled for {self.body_timeout_s:g} s", code="request_timeout"
+                ) from None
+            except ClientDisconnect:
+                raise ClientGone() from None
+            size += len(chunk)
+            if size > self.max_body_bytes:
+                raise APIError(413, f"request body over {self.max_body_bytes} bytes", code="request_too_large")
+            chunks.append(chunk)
+        return b"".join(chunks)
+
+    def parse(self, raw: bytes, schema):
+        """The body validated against ``schema``, for this server's model."""
+        body = parse_body(raw, schema)
+        if body.model not in (None, self.model_name):
+            raise APIError(
+                404,
+                f"model {body.model!r} is not served here; GET /v1/models lists {self.model_name!r}",
+                code="model_not_found",
+                param="model",
+            )
+        return body
+
+    def submit(self, prompt: Any, params: SamplingParams) -> RequestHandle:
+        """Hand a request to the scheduler, or the 400/503 that says why not."""
+        scheduler, window = self.scheduler, self.scheduler.max_sequence_length
+        if params.max_new_tokens > window:
+            raise APIError(
+                400,
+                f"max_tokens {params.max_new_tokens} is more than a whole sequence may hold here "
+                f"({window} tokens); ask for at most {window}",
+                param="max_tokens",
+            )
+        if not scheduler.alive:
+            raise APIError(
+                503,
+                f"the server cannot take requests: {scheduler.error or 'its scheduler is closed'}",
+                "server_error",
+                code="scheduler_stopped",
+            )
+        if scheduler.running + scheduler.waiting >= self.max_pending:
+            raise APIError(503, f"the server has {self.max_pending} requests in hand; retry later", "server_busy")
+        try:
+            return scheduler.submit(prompt, params)
+        except NextokenError as exc:
+            raise api_error(exc) from None
+
+    # -- what every API serves -----------------------------------------------------------------------
+    def health(self):
+        """Liveness and load, for balancers and operators (no API key needed): 200 while the
+        scheduler serves, 503 with the reason once its loop has stopped."""
+        from fastapi.responses import JSONResponse
+
+        scheduler = self.scheduler
+        body = {
+            "status": "ok",
+            "model": self.model_name,
+            "running": scheduler.running,
+            "waiting": scheduler.waiting,
+            "ended": dict(scheduler.ended),
+            "max_sequence_length": scheduler.max_sequence_length,
+        }
+        if not scheduler.alive:
+            body["status"] = "failed"
+            body["error"] = str(scheduler.error or "the scheduler is closed")
+            return JSONResponse(body, status_code=503)
+        return body
+
+    def keep_record(self, handle: RequestHandle, rid: str) -> None:
+        """Write the request's record to ``record_dir/<id>.json`` (when the server keeps records)."""
+        if self.record_dir is None:
+            return
+        from ..records import records_of
+
+        records = records_of(self.engine, handle.generation)
+        (self.record_dir / f"{rid}.json").write_text(json.dumps(records[0] if len(records) == 1 else records) + "\n")
+
+    def metrics_text(self) -> tuple[bytes, str]:
+        """``scheduler.metrics()`` in Prometheus' text format, and its content type."""
+        from ..metrics import prometheus_text
+
+        try:
+            return prometheus_text(self.scheduler.metrics())
+        except ImportError:
+            raise APIError(
+                501, "metrics need prometheus_client: pip install 'nextoken[serve]'", "server_error"
+            ) from None
+
+    def models(self) -> dict:
+        return {
+            "object": "list",
+            "data": [{"id": self.model_name, "object": "model", "created": self.created, "owned_by": "nextoken"}],
+        }
+
+    def params(self, req, chat: bool) -> SamplingParams:
+        """The request's SamplingParams, its draft model resolved from the server's names and its
+        constraint checked (:meth:`check_constraint`)."""
+        options = req.nextoken.options if req.nextoken is not None and req.nextoken.options else {}
+        if "draft" in options:
+            raise APIError(
+                400,
+                "nextoken.options.draft: the draft model's settings are the server's "
+                "(nextoken serve --draft NAME=PATH)",
+                param="nextoken.options",
+            )
+        params = openai_params(req, chat, self.defaults)
+        try:
+            params = params.replace(speculative=self.with_draft_path(params.speculative))
+        except InvalidRequestError as exc:
+            raise api_error(exc, param="nextoken.speculative.model") from None
+        self.check_constraint(params)
+        return params
+
+    def check_constraint(self, params: SamplingParams, param: str | None = None) -> None:
+        """The request's constraint compiled in the checker process, or the 400 naming its field."""
+        found = self.checker.problem(params) if self.checker is not None else None
+        if found is not None:
+            field, problem = found
+            name = param or (field if field == "response_format" else f"nextoken.{field}")
+            raise APIError(400, f"{name}: {problem}", param=name)
+
+    # -- a request's events and result, on the event loop --------------------------------------------
+    async def events(self, handle: RequestHandle) -> AsyncIterator[list[Delta]]:
+        """What a request makes, as its handler can take it: everything that arrived since the
+        handler last looked, one :class:`Delta` a choice (a slow reader gets its text coalesced),
+        until the request ends. Fed from the scheduler's thread through an asyncio queue: no thread
+        waits. Then :meth:`RequestHandle.results <nextoken.RequestHandle.results>` is ready (or
+        raises what failed it)."""
+        loop = asyncio.get_running_loop()
+        arrived: asyncio.Queue[list[StreamEvent] | None] = asyncio.Queue()
+        handle.listen(lambda events: loop.call_soon_threadsafe(arrived.put_nowait, events))
+        ended = False
+        while not ended:
+            batch = [await arrived.get()]
+            while not arrived.empty():
+                batch.append(arrived.get_nowait())
+            ended = batch[-1] is None
+            deltas = coalesce([e for events in batch if events for e in events])
+            if deltas:
+                yield deltas
+
+    async def finished(self, request: Any, handle: RequestHandle, rid: str) -> list[Completion] | None:
+        """Every choice's completion, or None when the client went away first (then the request is
+        cancelled, with one log line); a failure is its HTTP error (:func:`api_error`)."""
+        loop = asyncio.get_running_loop()
+        done = loop.create_future()
+        handle.listen(lambda events: events is None and loop.call_soon_threadsafe(_settle, done))
+
+        async def disconnected() -> None:
+            while (await request.receive())["type"] != "http.disconnect":
+                pass
+
+        gone = asyncio.ensure_future(disconnected())
+        await asyncio.wait({done, gone}, return_when=asyncio.FIRST_COMPLETED)
+        if not done.done():
+            log.info("client of %s went away; its request is cancelled", rid)
+            handle.cancel()
+            return None
+        gone.cancel()
+        try:
+            return handle.results()
+        except NextokenError as exc:
+            raise api_error(exc, running=True) from None
