@@ -21,6 +21,7 @@ from .errors import (
 from .generation import Generation, Timings
 from .hookspecs import hookimpl, hookspec
 from .manifest import FORMAT_VERSION, Manifest
+from .reasoning import ThinkTags
 from .registry import Registry
 from .scheduler import RequestHandle, Scheduler
 from .tokenizer import IncrementalDecoder, Tokenizer
@@ -66,6 +67,7 @@ __all__ = [
     "SchedulerStoppedError",
     "Stop",
     "StreamEvent",
+    "ThinkTags",
     "Timings",
     "TokenLogprob",
     "Tokenizer",

@@ -107,15 +107,42 @@ def _compile(template: str):
     return env.from_string(template)
 
 
+def _check_extra(extra: Mapping[str, Any] | None, special_tokens: Mapping[str, str]) -> dict[str, Any]:
+    """A request's template variables: JSON values under identifiers that the template's own
+    variables (messages, tools, add_generation_prompt, the special tokens) do not use."""
+    if not extra:
+        return {}
+    if not isinstance(extra, Mapping):
+        raise InvalidRequestError("chat_template_kwargs must be an object", param="chat_template_kwargs")
+    reserved = {"messages", "tools", "add_generation_prompt", *special_tokens}
+    for key, value in extra.items():
+        if not isinstance(key, str) or not key.isidentifier() or key in reserved:
+            raise InvalidRequestError(
+                f"chat_template_kwargs: {key!r} is not a name a request may set (an identifier other than "
+                f"{', '.join(sorted(reserved))})",
+                param="chat_template_kwargs",
+            )
+        try:
+            json.dumps(value)
+        except (TypeError, ValueError):
+            raise InvalidRequestError(
+                f"chat_template_kwargs.{key} must be a JSON value", param="chat_template_kwargs"
+            ) from None
+    return dict(extra)
+
+
 def render_chat(
     template: str | None,
     messages: Sequence[Message],
     special_tokens: Mapping[str, str],
     add_generation_prompt: bool = True,
     tools: Sequence[Mapping[str, Any]] | None = None,
+    extra: Mapping[str, Any] | None = None,
 ) -> str:
     """Render ``messages`` (and ``tools``, as transformers passes them) with ``template`` in a
-    sandbox, within the render limits; a model without a template is a clear error."""
+    sandbox, within the render limits; a model without a template is a clear error. ``extra``: more
+    variables for the template (a request's ``chat_template_kwargs``: JSON values, under names the
+    template's own variables do not use)."""
     if not template:
         raise ModelPackageError(
             "this model has no chat template (tokenizer_config.json has no chat_template), so it cannot take "
@@ -124,6 +151,7 @@ def render_chat(
     from jinja2 import TemplateError as JinjaError
 
     checked = _check_messages(messages)
+    variables = _check_extra(extra, special_tokens)
     _deadline.at = time.perf_counter() + MAX_RENDER_SECONDS
     try:
         compiled = _compile(template)
@@ -133,6 +161,7 @@ def render_chat(
             add_generation_prompt=add_generation_prompt,
             **({"tools": list(tools)} if tools else {}),
             **{k: v for k, v in special_tokens.items() if isinstance(v, str)},
+            **variables,
         ):
             size += len(piece)
             if size > MAX_RENDER_CHARS:

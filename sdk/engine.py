@@ -30,7 +30,8 @@ from .kvbackends import KVBackend, for_request
 from .manifest import Manifest, TensorSpec
 from .prefixcache import DiskTier, Layout, PrefixCache, package_identity
 from .probes import release_free_heap
-from .registry import Registry
+from .reasoning import ReasoningParser, pick_parser, split_answer
+from .registry import Registry, resolve_names
 from .runner import CacheOps, StepRunner
 from .scheduler import Scheduler
 from .speculation import StepCost
@@ -70,6 +71,7 @@ class Engine:
         prefix_cache_bytes: int = 0,
         prefix_cache_dir: str | Path | None = None,
         prefix_cache_disk_bytes: int = 1 << 30,
+        chat_template: str | None = None,
     ) -> None:
         """
         Args:
@@ -96,6 +98,7 @@ class Engine:
                 :mod:`nextoken.prefixcache`).
             prefix_cache_dir: also keep them on disk there, for later engines of the same package.
             prefix_cache_disk_bytes: the disk tier's size.
+            chat_template: a Jinja chat template used instead of the package's (None: the package's).
         """
         self.path = Path(path)
         if not self.path.exists():
@@ -124,6 +127,12 @@ class Engine:
             )
         self.cost_meters = {k: dict(v) for k, v in (cost_meters or {}).items()}
         self.plugins.check("cost_meter", self.cost_meters)
+        if chat_template is not None and not isinstance(chat_template, str):
+            raise InvalidRequestError(
+                f"chat_template must be a Jinja template's text, not {type(chat_template).__name__}"
+            )
+        #: a chat template given at load, used instead of the package's (None: the package's)
+        self.chat_template_override = chat_template
         self.device: DeviceChoice = resolve_device(device, tf32)
         if threads is None:
             weights = sum(p.stat().st_size for p in self.path.iterdir() if p.name.startswith(self.manifest.model_file))
@@ -258,17 +267,31 @@ class Engine:
         """Text of token ids (special tokens left out), through the package's tokenizer."""
         return self.intake.need_tokenizer().decode(ids)
 
+    @property
+    def chat_template(self) -> str | None:
+        """The chat template conversations are rendered with: the one given at load, else the package's."""
+        if self.chat_template_override is not None:
+            return self.chat_template_override
+        return self._tokenizer.chat_template if self._tokenizer is not None else None
+
     def apply_chat_template(
-        self, messages: Sequence[Message], add_generation_prompt: bool = True, tools: ToolRequest | None = None
+        self,
+        messages: Sequence[Message],
+        add_generation_prompt: bool = True,
+        tools: ToolRequest | None = None,
+        template_kwargs: Mapping[str, Any] | None = None,
     ) -> list[int]:
         """Token ids of ``messages`` rendered with the model's chat template (in a sandbox); with
         ``tools``, the tools as the template takes them (or nextoken's fallback system message)."""
         tok = self.intake.need_tokenizer()
+        template = self.chat_template
         template_tools = None
         if tools is not None and tools.active:
-            messages = tools.messages(messages, tok.chat_template)
-            template_tools = tools.template_tools(tok.chat_template)
-        text = render_chat(tok.chat_template, messages, tok.special_tokens, add_generation_prompt, template_tools)
+            messages = tools.messages(messages, template)
+            template_tools = tools.template_tools(template)
+        text = render_chat(
+            template, messages, tok.special_tokens, add_generation_prompt, template_tools, template_kwargs
+        )
         ids = tok.encode(text, add_special_tokens=False)
         if not ids:
             raise InvalidRequestError("the chat template rendered these messages to nothing")
@@ -338,6 +361,8 @@ class Engine:
         tool_choice: Any = None,
         parallel_tool_calls: bool = True,
         tool_fallback: bool = False,
+        reasoning: str | None = "auto",
+        chat_template_kwargs: Mapping[str, Any] | None = None,
         **overrides: Any,
     ) -> Completion | list[Completion]:
         """Answer a conversation (``[{"role": "user", "content": "..."}, ...]``) with the model's chat template.
@@ -348,25 +373,63 @@ class Engine:
         grammar); the calls come back in ``completion.tool_calls`` (finish reason ``tool_calls``).
         ``tool_fallback``: for a template that does not take tools, describe them in a system
         message of nextoken's own (:mod:`nextoken.toolcalls`) instead of refusing.
+        ``reasoning``: the reasoning parser that splits a thinking model's thinking into
+        ``completion.reasoning`` (``"auto"``: ``think`` for a template that closes a think tag;
+        None: none; :mod:`nextoken.reasoning`); tool calls are read from the answer after it.
+        ``chat_template_kwargs``: more variables for the template (e.g. ``{"enable_thinking": False}``).
         """
         request = ToolRequest.of(tools, tool_choice, parallel_tool_calls, tool_fallback)
-        ids, params = self.chat_prompt(messages, resolve_params(params, overrides), request)
+        parser = self.reasoning_parser(reasoning)
+        params = resolve_params(params, overrides)
+        ids, params = self.chat_prompt(messages, params, request, chat_template_kwargs)
         completions = self.generate(ids, params)
-        if request is None:
-            return completions
-        finished = request.finish(completions if isinstance(completions, list) else [completions])
-        return finished if isinstance(completions, list) else finished[0]
+        answers = completions if isinstance(completions, list) else [completions]
+        if parser is not None:
+            self.split_reasoning(answers, parser, ids)
+        if request is not None:
+            request.finish(answers)
+        return completions
+
+    def reasoning_parser(self, name: str | None = "auto") -> ReasoningParser | None:
+        """The reasoning parser ``name`` names (a plugin's; ``"auto"``: ``think`` when the chat
+        template closes a think tag; None or ``"none"``: none)."""
+        chosen = pick_parser(name, self.chat_template)
+        if chosen is None:
+            return None
+        (piece,) = resolve_names("reasoning_parser", [chosen], self.plugins)
+        return piece.make(None)
+
+    def split_reasoning(
+        self, completions: Sequence[Completion], parser: ReasoningParser, prompt: Sequence[int]
+    ) -> None:
+        """Split each finished chat answer's thinking off its text with ``parser`` (in place:
+        ``completion.reasoning``, ``usage.reasoning_tokens``); ``prompt``: the ids it answered."""
+        tok = self.intake.need_tokenizer()
+        tail = self.prompt_tail(prompt)
+        for completion in completions:
+            decoder = tok.decoder(list(prompt[-8:]))
+            split_answer(completion, parser, tail, [decoder.add(t) for t in completion.token_ids])
+
+    def prompt_tail(self, prompt: Sequence[int]) -> str:
+        """The text a prompt ends with (its last 8 tokens): where a template may have opened the
+        answer's thinking (:meth:`ReasoningParser.splitter <nextoken.reasoning.ReasoningParser.splitter>`)."""
+        return self.intake.need_tokenizer().decode(list(prompt[-8:]))
 
     def chat_prompt(
-        self, messages: Sequence[Message], params: SamplingParams, tools: ToolRequest | None = None
+        self,
+        messages: Sequence[Message],
+        params: SamplingParams,
+        tools: ToolRequest | None = None,
+        template_kwargs: Mapping[str, Any] | None = None,
     ) -> tuple[list[int], SamplingParams]:
         """A conversation's prompt ids and parameters with its tools (:meth:`ToolRequest.of
         <nextoken.toolcalls.ToolRequest.of>`): the parameters held to the calls ``tool_choice`` asks
-        for, the tools rendered through the template. What :meth:`chat` generates from and the
-        server's chat endpoint submits; the answer's calls come from ``tools.finish``."""
+        for, the tools rendered through the template (with ``template_kwargs``). What :meth:`chat`
+        generates from and the server's chat endpoint submits; the answer's calls come from
+        ``tools.finish``."""
         if tools is not None:
             params = tools.constrain(params)
-        return self.apply_chat_template(messages, tools=tools), params
+        return self.apply_chat_template(messages, tools=tools, template_kwargs=template_kwargs), params
 
     def forward(self, input_ids: Sequence[int] | np.ndarray, cached: bool = False) -> np.ndarray:
         """Logits ``[S, V]`` for every position of one sequence, in one pass with an empty cache;

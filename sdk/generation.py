@@ -229,6 +229,8 @@ class Generation:
         self.kv_cache_bytes = 0
         #: per sequence: prompt tokens taken from the prefix cache
         self.cached_tokens = [0] * self.state.batch_size
+        #: prompt tokens whose KV cache this request stored in the prefix cache
+        self.stored_tokens = 0
         #: speculative decoding (None: off); the scheduler uses it while the request decodes alone
         self.speculation = (
             Speculation(pipeline.proposer, params.speculative["k"], step_cost)
@@ -475,6 +477,7 @@ class Generation:
                 peak_memory_bytes=self.peak_memory_bytes,
                 device_memory_bytes=self.device_memory_bytes,
                 cached_tokens=self.cached_tokens[row],
+                cache_write_tokens=self.stored_tokens if row == 0 else 0,
                 proposed_tokens=self.speculation.proposed if self.speculation and row == 0 else 0,
                 accepted_tokens=self.speculation.accepted if self.speculation and row == 0 else 0,
             )

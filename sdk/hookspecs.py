@@ -120,6 +120,19 @@ def register_proposers(register: Callable[..., None]) -> None:
     """
 
 
+@hookspec
+def register_reasoning_parsers(register: Callable[..., None]) -> None:
+    """Provide reasoning parsers: ``register(name, factory)``.
+
+    ``factory(options: dict | None) -> parser``; ``parser.splitter(prompt_tail) -> splitter`` for one
+    answer whose prompt ends with ``prompt_tail``; ``splitter.feed(text) -> (reasoning, content)``
+    takes the answer's text as it streams and gives what it settles, ``splitter.flush()`` what it
+    held back at the end (:mod:`nextoken.reasoning`). A chat names one (``reasoning="think"``;
+    ``"auto"``: ``think`` for a template that closes a think tag), and its answer's ``reasoning``
+    and text are split by it; tool calls are read from the text after the reasoning.
+    """
+
+
 # -- what a plugin observes ---------------------------------------------------------------------------
 
 

@@ -31,6 +31,7 @@ DEFAULT_PLUGINS = (
     "nextoken.plugins.costs",
     "nextoken.plugins.structured",
     "nextoken.plugins.speculative",
+    "nextoken.plugins.reasoning",
 )
 
 #: Which external (entry-point) plugins load: unset or "all": every one; "none": none;
@@ -45,6 +46,7 @@ KINDS = {
     "stop_condition": "register_stop_conditions",
     "cost_meter": "register_cost_meters",
     "proposer": "register_proposers",
+    "reasoning_parser": "register_reasoning_parsers",
 }
 
 

@@ -666,6 +666,7 @@ class Scheduler(Generic[HostT]):
                     stored = self.runner.new_cache(1)
                     stored.values = list(item.cache.values)  # the prompt's own, as the prefill made them
                     cache.insert(prompt, stored)
+                    handle.generation.stored_tokens = len(prompt)
                 if handle.rows > 1:
                     pre = pre.forked([0] * handle.rows, self.runner.cache_ops())
             except Exception as exc:

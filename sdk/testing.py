@@ -254,6 +254,7 @@ class FakeEngine(Engine):
         self.session = None
         self.runner = _Runner(model, self.manifest)  # type: ignore[assignment]
         self.prefix_cache = None
+        self.chat_template_override = None
         self.eos_token_ids = tuple(eos_token_ids)
         self.pad_token_id = pad_token_id
         self.intake = self._new_intake()

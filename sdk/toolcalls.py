@@ -24,7 +24,7 @@ from typing import Any
 from .errors import InvalidRequestError
 from .types import Completion, SamplingParams, ToolCall
 
-__all__ = ["FALLBACK_PROMPT", "ToolRequest"]
+__all__ = ["FALLBACK_PROMPT", "CallStream", "ToolRequest"]
 
 #: The fallback's system message (``{tools}``: the tools as JSON, one a line).
 FALLBACK_PROMPT = (
@@ -61,6 +61,34 @@ def _check_tools(tools: Any) -> list[dict]:
         names.add(name)
         out.append({"type": "function", "function": {**function, "parameters": dict(parameters)}})
     return out
+
+
+def _hoisted(parameters: Mapping[str, Any], tool: str, definitions: dict[str, Any]) -> Any:
+    """A tool's parameters schema placed inside the calls' schema: its own ``$defs`` / ``definitions``
+    (what pydantic writes) moved to the root under names of the tool's, and its ``$ref`` s pointed
+    there, so references resolve from the root as JSON Schema resolves them."""
+    own = {**parameters.get("definitions", {}), **parameters.get("$defs", {})}
+    renamed = {name: f"{tool}__{name}" for name in own}
+
+    def walk(node: Any) -> Any:
+        if isinstance(node, Mapping):
+            out = {}
+            for key, value in node.items():
+                if key in ("$defs", "definitions") and node is parameters:
+                    continue
+                if key == "$ref" and isinstance(value, str):
+                    for prefix in ("#/$defs/", "#/definitions/"):
+                        if value.startswith(prefix) and value[len(prefix) :] in renamed:
+                            value = "#/$defs/" + renamed[value[len(prefix) :]]
+                out[key] = walk(value)
+            return out
+        if isinstance(node, list):
+            return [walk(v) for v in node]
+        return node
+
+    for name, body in own.items():
+        definitions[renamed[name]] = walk(body)
+    return walk(parameters)
 
 
 class ToolRequest:
@@ -147,18 +175,24 @@ class ToolRequest:
         if self.choice in ("none", "auto"):
             return None
         allowed = [t for t in self.tools if self.choice == "required" or t["function"]["name"] == self.choice]
-        schema = {
+        definitions: dict[str, Any] = {}
+        schema: dict[str, Any] = {
             "x-guidance": _STYLE,
             "anyOf": [
                 {
                     "type": "object",
-                    "properties": {"name": {"const": t["function"]["name"]}, "arguments": t["function"]["parameters"]},
+                    "properties": {
+                        "name": {"const": t["function"]["name"]},
+                        "arguments": _hoisted(t["function"]["parameters"], t["function"]["name"], definitions),
+                    },
                     "required": ["name", "arguments"],
                     "additionalProperties": False,
                 }
                 for t in allowed
             ],
         }
+        if definitions:
+            schema["$defs"] = definitions
         calls = "call+" if self.parallel and self.choice == "required" else "call"
         return (
             f'start: {calls}\ncall: "<tool_call>" obj "</tool_call>"\n'
@@ -221,3 +255,160 @@ class ToolRequest:
             if calls:
                 completion.text, completion.tool_calls, completion.finish_reason = text, calls, "tool_calls"
         return completions
+
+
+_HEAD = re.compile(r'\s*\{\s*"name"\s*:\s*"([^"\\]*)"\s*,\s*"arguments"\s*:\s*')
+_TAG, _END_TAG = "<tool_call>", "</tool_call>"
+#: characters a block may take to show its head before it is held and judged whole
+_HEAD_MAX = 256
+
+
+class CallStream:
+    """A tools answer as it streams: its text, and each call as soon as its name is known, then its
+    arguments' JSON a fragment at a time as the model writes it (what clients show as a call
+    forms). :meth:`feed` and :meth:`flush` return pieces: ``("text", str)``, ``("call", index,
+    ToolCall)`` (its id and name; ``arguments`` empty yet), ``("arguments", index, fragment)``.
+    :attr:`calls` and :attr:`text` are the answer's, as :meth:`ToolRequest.parse` would give them,
+    except that a streamed call keeps the arguments as written. A block whose head is not
+    ``{"name": <a tool's>, "arguments": ...`` is held until it ends and judged whole, as is an
+    answer that starts with ``{`` (it may be one bare call)."""
+
+    def __init__(self, request: ToolRequest) -> None:
+        """
+        Args:
+            request: the tools the answer may call.
+        """
+        self.request = request
+        self.calls: list[ToolCall] = []
+        self.text = ""
+        self._buffer = ""
+        self._state = "start"  # start, text, head, arguments, tail, held, bare
+        self._depth = 0
+        self._in_string = self._escaped = False
+        self._args = ""
+
+    def feed(self, text: str) -> list[tuple]:
+        out: list[tuple] = []
+        self._buffer += text
+        while self._step(out):
+            pass
+        return out
+
+    def flush(self) -> list[tuple]:
+        """What is held at the end: an unfinished block or a bare answer, judged whole."""
+        out: list[tuple] = []
+        rest, self._buffer = self._buffer, ""
+        if self._state == "bare":
+            text, calls = self.request.parse(rest)
+            for call in calls:
+                self._open(out, call.name, call.id)
+                self._fragment(out, call.arguments)
+            if text:
+                self._say(out, text)
+        elif self._state in ("head", "held"):
+            self._say(out, _TAG + rest)
+        elif rest:
+            self._say(out, rest)
+        self._state = "text"
+        return out
+
+    # -- the state machine ---------------------------------------------------------------------------
+    def _step(self, out: list[tuple]) -> bool:
+        buf = self._buffer
+        if self._state == "start":
+            stripped = buf.lstrip()
+            if not stripped:
+                return False
+            self._state = "bare" if stripped.startswith("{") else "text"
+            return True
+        if self._state == "bare":
+            return False  # judged whole at the end
+        if self._state == "text":
+            at = buf.find(_TAG)
+            if at < 0:
+                keep = _partial(buf, _TAG)
+                if len(buf) > keep:
+                    self._say(out, buf[: len(buf) - keep])
+                    self._buffer = buf[len(buf) - keep :]
+                return False
+            if at:
+                self._say(out, buf[:at])
+            self._buffer, self._state = buf[at + len(_TAG) :], "head"
+            return True
+        if self._state == "head":
+            head = _HEAD.match(buf)
+            if head is not None and head.group(1) in self.request.names and self._room():
+                self._open(out, head.group(1))
+                self._buffer, self._state, self._depth, self._args = buf[head.end() :], "arguments", 0, ""
+                return True
+            if head is not None or _END_TAG in buf or len(buf) > _HEAD_MAX:
+                self._state = "held"  # not a head streamed as it comes: judged whole when it ends
+                return True
+            return False
+        if self._state == "arguments":
+            if self._depth == 0 and not self.calls[-1].arguments:  # the space before the value is not its
+                buf = self._buffer = buf.lstrip()
+            for i, ch in enumerate(buf):
+                if self._in_string:
+                    self._escaped = not self._escaped and ch == "\\"
+                    if ch == '"' and not self._escaped:
+                        self._in_string = False
+                elif ch == '"':
+                    self._in_string = True
+                elif ch in "{[":
+                    self._depth += 1
+                elif ch in "}]":
+                    self._depth -= 1
+                    if self._depth == 0:
+                        self._fragment(out, buf[: i + 1])
+                        self._buffer, self._state = buf[i + 1 :], "tail"
+                        return True
+            if buf:
+                self._fragment(out, buf)
+            self._buffer = ""
+            return False
+        if self._state == "tail":  # the object's closing brace, then the end tag
+            at = buf.find(_END_TAG)
+            if at < 0:
+                return False
+            self._buffer, self._state = buf[at + len(_END_TAG) :], "text"
+            return True
+        # held: a block judged whole once it ends
+        at = buf.find(_END_TAG)
+        if at < 0:
+            return False
+        call = self.request._call(buf[:at]) if self._room() else None
+        if call is not None:
+            self._open(out, call.name, call.id)
+            self._fragment(out, call.arguments)
+        else:
+            self._say(out, _TAG + buf[: at + len(_END_TAG)])
+        self._buffer, self._state = buf[at + len(_END_TAG) :], "text"
+        return True
+
+    def _room(self) -> bool:
+        """Whether another call may be made (one at most without parallel calls)."""
+        return self.request.parallel or not self.calls
+
+    def _say(self, out: list[tuple], text: str) -> None:
+        self.text += text
+        out.append(("text", text))
+
+    def _open(self, out: list[tuple], name: str, call_id: str | None = None) -> None:
+        call = ToolCall(call_id or f"call_{uuid.uuid4().hex[:24]}", name, "")
+        self.calls.append(call)
+        out.append(("call", len(self.calls) - 1, call))
+
+    def _fragment(self, out: list[tuple], fragment: str) -> None:
+        index = len(self.calls) - 1
+        call = self.calls[index]
+        self.calls[index] = ToolCall(call.id, call.name, call.arguments + fragment)
+        out.append(("arguments", index, fragment))
+
+
+def _partial(text: str, tag: str) -> int:
+    """How many trailing characters of ``text`` are the beginning of ``tag``."""
+    for n in range(min(len(tag) - 1, len(text)), 0, -1):
+        if tag.startswith(text[-n:]):
+            return n
+    return 0

@@ -466,12 +466,16 @@ class Usage:
     device_memory_bytes: int | None = None
     #: prompt tokens whose KV cache came from the prefix cache instead of a prefill
     cached_tokens: int = 0
+    #: prompt tokens whose KV cache this request stored in the prefix cache
+    cache_write_tokens: int = 0
     #: speculative decoding: tokens the proposer guessed, and how many of them the model kept
     proposed_tokens: int = 0
     accepted_tokens: int = 0
     #: with ``hook_timings``: milliseconds spent in each plugin the request used, by
     #: ``"<hook kind>:<name>"`` (e.g. ``"logits_processor:top_k"``, ``"tokenizer:decode"``)
     hook_ms: dict[str, float] | None = None
+    #: a chat answer's tokens that went to its thinking (a reasoning parser split them off)
+    reasoning_tokens: int = 0
 
     @property
     def total_tokens(self) -> int:
@@ -533,6 +537,8 @@ class Completion:
     cost: dict[str, Charge] = field(default_factory=dict)
     #: the calls a chat answer made (``tools``), parsed out of its text; finish reason ``tool_calls``
     tool_calls: list[ToolCall] | None = None
+    #: a reasoning model's thinking, split off its text by a reasoning parser (None: none)
+    reasoning: str | None = None
     #: with ``record=True``: the request's record (:mod:`nextoken.records`), to replay it later
     record: dict | None = None
 
@@ -549,6 +555,8 @@ class Completion:
             out["logprobs"] = [lp.to_dict() for lp in self.logprobs]
         if self.tool_calls is not None:
             out["tool_calls"] = [call.to_dict() for call in self.tool_calls]
+        if self.reasoning is not None:
+            out["reasoning"] = self.reasoning
         if self.record is not None:
             out["record"] = self.record
         return out

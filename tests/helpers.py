@@ -11,6 +11,11 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parents[1]
 STORIES = REPO.parent / "shared" / "models" / "stories260k"
 ARCHITECTURES = ("gpt2", "llama", "mistral", "qwen2", "phi3", "gemma")
+#: A plain chat template for the tiny test models (role tags, each turn ended by EOS).
+TEMPLATE = (
+    "{{ bos_token }}{% for m in messages %}<|{{ m['role'] }}|>\n{{ m['content'] }}{{ eos_token }}\n{% endfor %}"
+    "{% if add_generation_prompt %}<|assistant|>\n{% endif %}"
+)
 
 
 def run_cli(*args: str, env: dict | None = None, timeout: float = 300) -> subprocess.CompletedProcess:
@@ -110,3 +115,39 @@ def serving(package: Path, model: str, max_batch: int = 4, engine_options: dict 
         thread.join(timeout=10)
         scheduler.close()
         engine.close()
+
+
+#: What the forced "thinking model" says: its thinking, then its answer.
+THOUGHT, ANSWER = "The cat.", "A dog."
+
+
+def thinking_server(stories_package: Path, target: Path):
+    """A server of the stories model made to say ``<think>THOUGHT</think>ANSWER`` (a logits processor
+    named ``force``, which requests ask for: ``{"nextoken": {"processors": ["force"]}}``), under a
+    template that closes a think tag, so the ``think`` parser is chosen by ``auto``."""
+    import nextoken
+    from nextoken import Engine
+
+    text = f"<think>{THOUGHT}</think>{ANSWER}"
+    with Engine(stories_package) as probe:
+        ids = probe.encode(text)[1:] if probe.tokenizer.adds_bos else probe.encode(text)
+        assert probe.decode(ids) == text, probe.decode(ids)
+        eos = probe.eos_token_ids[0]
+
+    class Force:
+        @nextoken.hookimpl
+        def register_logits_processors(self, register):
+            def factory(params, options):
+                def force(logits, state):
+                    step = len(state.generated[0])
+                    logits[:] = -1e9
+                    logits[:, ids[step] if step < len(ids) else eos] = 0.0
+                    return logits
+
+                return force
+
+            register("force", factory)
+
+    template = "{% for m in messages %}{{ m['content'] }}{% endfor %}</think>"
+    pkg = with_chat_template(stories_package, target, template)
+    return serving(pkg, "thinker", engine_options={"extra_plugins": [Force()]})

@@ -78,6 +78,9 @@ CONSTRUCTED = {
     "nextoken.speculation": ("Speculation",),
     "nextoken.serving.core": ("Service",),
     "nextoken.serving.openai_api": ("OpenAIService",),
+    "nextoken.serving.responses_api": ("ResponsesService",),
+    "nextoken.serving.anthropic_api": ("MessagesService",),
+    "nextoken.reasoning": ("ThinkTags",),
 }
 
 

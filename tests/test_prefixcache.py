@@ -118,6 +118,7 @@ def test_a_prefix_hit_catches_up_in_chunks_like_any_long_prompt(cached_engine, m
     prefills = [shape[1] for kind, shape in ran if "prefill" in kind]
     assert prefills[:3] == [16, 16, 8], ran  # 120 tokens, the 80 stored cached: 40 to run, 16 a step
     assert second.result().usage.cached_tokens == 80
+    assert first.result().usage.cache_write_tokens == len(SYSTEM)  # it stored the system prompt
     for handle, prompt, new in ((first, SYSTEM, 30), (second, SYSTEM + tail, 5)):
         assert handle.result().token_ids == plain.generate(prompt, max_new_tokens=new, ignore_eos=True).token_ids
 

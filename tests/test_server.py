@@ -13,15 +13,11 @@ import openai
 import pytest
 
 import nextoken
-from helpers import serving, with_chat_template
+from helpers import TEMPLATE, serving, with_chat_template
 from nextoken import Engine, Scheduler
 from nextoken.serving.server import create_app
 
 KEY = "test-key"
-TEMPLATE = (
-    "{{ bos_token }}{% for m in messages %}<|{{ m['role'] }}|>\n{{ m['content'] }}{{ eos_token }}\n{% endfor %}"
-    "{% if add_generation_prompt %}<|assistant|>\n{% endif %}"
-)
 
 
 def _read_answer(sock: socket.socket) -> bytes:
@@ -375,7 +371,7 @@ MALFORMED = [
     (b'{"prompt": "x", "nextoken": {"cost_meters": {"per_token": {"output_per_million": "inf"}}}}', "finite number"),
     (b'{"prompt": "x", "temperature": Infinity}', "temperature"),
     (b'{"prompt": "x", "max_tokens": "5"}', "max_tokens"),
-    (b'{"prompt": "x", "seed": -1}', "seed"),
+    (b'{"prompt": "x", "seed": 18446744073709551616}', "seed"),
     (b'{"prompt": "x", "logit_bias": {"abc": 1}}', "logit_bias keys must be token ids"),
     (b'{"prompt": "x", "logit_bias": {"5": 1000}}', "logit_bias"),
     (b'{"prompt": "x", "presence_penalty": 3}', "presence_penalty must be in [-2, 2]"),
@@ -519,13 +515,16 @@ def test_generation_config_sampling_defaults_are_the_servers(tiny_llama, tmp_pat
             )
 
 
-def test_the_cli_server_says_where_it_is_logs_requests_and_never_a_traceback_for_clients(tiny_llama):
-    """`nextoken serve`: one start line (address, model, KV backend), an access line a request,
-    one line per client that goes away, no traceback for anything a client does; a body that
-    stalls is a 408."""
+def test_the_cli_server_says_where_it_is_logs_requests_and_never_a_traceback_for_clients(tiny_llama, tmp_path):
+    """`nextoken serve`: one start line (address, model, KV backend, the prefix cache it sized from
+    the free memory), an access line a request, one line per client that goes away, no traceback
+    for anything a client does; a body that stalls is a 408. --served-model-name and
+    --chat-template show in /v1/models, and the template renders chats."""
     import subprocess
     import sys
 
+    template = tmp_path / "plain.jinja"
+    template.write_text(TEMPLATE)
     port = _free_port()
     proc = subprocess.Popen(
         [
@@ -540,6 +539,10 @@ def test_the_cli_server_says_where_it_is_logs_requests_and_never_a_traceback_for
             "cpu",
             "--header-timeout",
             "0.5",
+            "--served-model-name",
+            "tiny-x",
+            "--chat-template",
+            str(template),
         ],
         stdout=subprocess.PIPE,
         stderr=subprocess.PIPE,
@@ -556,6 +559,10 @@ def test_the_cli_server_says_where_it_is_logs_requests_and_never_a_traceback_for
         assert (
             httpx.post(f"{base}/v1/completions", json={"prompt": "x", "max_tokens": 2}, timeout=30).status_code == 200
         )
+        model = httpx.get(f"{base}/v1/models", timeout=10).json()["data"][0]
+        assert model["id"] == "tiny-x" and model["chat_template"] == "plain.jinja"
+        chat = {"model": "tiny-x", "messages": [{"role": "user", "content": "Hi"}], "max_tokens": 2}
+        assert httpx.post(f"{base}/v1/chat/completions", json=chat, timeout=30).status_code == 200
         assert httpx.post(f"{base}/v1/completions", json={"prompt": "x", "stop": 5}, timeout=30).status_code == 400
         with httpx.stream(
             "POST",
@@ -573,7 +580,8 @@ def test_the_cli_server_says_where_it_is_logs_requests_and_never_a_traceback_for
     finally:
         proc.terminate()
         out, err = proc.communicate(timeout=30)
-    assert f"serving {tiny_llama[1].name} ({tiny_llama[1]}) at http://127.0.0.1:{port}/v1" in out
+    assert f"serving tiny-x ({tiny_llama[1]}) at http://127.0.0.1:{port}/v1" in out
+    assert re.search(r"prefix cache \d+ MiB \(a quarter of the [\d.]+ GiB free after the plan", out), out
     assert "KV backend slots, 8 slots of 128 positions" in out
     assert '"POST /v1/completions HTTP/1.1" 200' in err and '"POST /v1/completions HTTP/1.1" 400' in err
     assert "went away" in err or "disconnected" in err

@@ -249,6 +249,7 @@ RUNTIME = {
         "ortbind",
         "prefixcache",
         "probes",
+        "reasoning",
         "records",
         "registry",
         "runner",

@@ -13,7 +13,7 @@ import pytest
 
 from helpers import serving, with_chat_template
 from nextoken import Engine, InvalidRequestError
-from nextoken.toolcalls import ToolRequest
+from nextoken.toolcalls import CallStream, ToolRequest
 
 #: a template that takes tools, as transformers passes them
 TOOLS_TEMPLATE = (
@@ -185,12 +185,18 @@ def test_tool_calls_through_the_openai_client(tool_package):
             seed=2,
             stream=True,
         )
-        calls, finish = {}, None
+        calls, finish, pieces = {}, None, 0
         for chunk in stream:
             for delta_call in chunk.choices[0].delta.tool_calls or []:
-                calls[delta_call.index] = (delta_call.function.name, delta_call.function.arguments)
+                pieces += 1
+                name, arguments = calls.get(delta_call.index, (None, ""))
+                if delta_call.id is not None:  # the call's first delta: its id and name
+                    assert name is None and delta_call.function.name and delta_call.id.startswith("call_")
+                    name = delta_call.function.name
+                calls[delta_call.index] = (name, arguments + (delta_call.function.arguments or ""))
             finish = chunk.choices[0].finish_reason or finish
         assert finish == "tool_calls"
+        assert pieces > 2 * len(calls)  # the arguments came in fragments, as they were generated
         assert list(calls.values()) == [(c.function.name, c.function.arguments) for c in choice.message.tool_calls]
         answered = client.chat.completions.create(
             model="tools",
@@ -217,3 +223,55 @@ def test_tool_calls_through_the_openai_client(tool_package):
             with pytest.raises(openai.BadRequestError) as err:
                 client.chat.completions.create(model="tools", messages=ASK, max_tokens=2, extra_body=body)
             assert words in err.value.body["message"]
+
+
+def test_tool_parameters_with_refs_as_pydantic_writes_them(tool_engine):
+    """A schema with $defs and $ref (what pydantic's model_json_schema emits) holds under required:
+    its definitions move to the calls' schema root, renamed for the tool, references with them."""
+    place = {
+        "type": "object",
+        "properties": {"city": {"type": "string", "maxLength": 12}},
+        "required": ["city"],
+        "additionalProperties": False,
+    }
+    parameters = {
+        "$defs": {"Place": place},
+        "type": "object",
+        "properties": {"where": {"$ref": "#/$defs/Place"}, "unit": {"type": "string", "enum": ["C", "F"]}},
+        "required": ["where", "unit"],
+        "additionalProperties": False,
+    }
+    tools = [{"type": "function", "function": {"name": "forecast", "parameters": parameters}}]
+    grammar = ToolRequest(tools, "required").grammar()
+    assert '"#/$defs/forecast__Place"' in grammar and '"#/$defs/Place"' not in grammar
+    got = tool_engine.chat(ASK, tools=tools, tool_choice="required", max_new_tokens=80, temperature=1.0, seed=1)
+    assert got.finish_reason == "tool_calls"
+    for call in got.tool_calls:
+        jsonschema.validate(call.parsed_arguments(), parameters)
+
+
+STREAMED = [
+    'Sure. <tool_call>{"name": "get_weather", "arguments": {"city": "Pa}ris", "unit": "C"}}</tool_call> and '
+    '<tool_call>{"name": "add", "arguments": {"a": 1, "b": [2, {"c": "]"}]}}</tool_call> done',
+    '{"name": "add", "arguments": {"a": 1, "b": 2}}',
+    'text <tool_call>{"arguments": {}, "name": "add"}</tool_call>',
+    'text <tool_call>{"name": "fly", "arguments": {}}</tool_call> end',
+    "no calls <tool_c",
+]
+
+
+@pytest.mark.parametrize("text", STREAMED)
+def test_calls_stream_as_they_form_and_agree_with_the_whole_answer(text):
+    """CallStream, fed the answer in pieces of any size, finds the calls and text parse() finds in
+    the whole; a call whose head is known streams its arguments in fragments."""
+    request = ToolRequest(TOOLS, "auto")
+    whole_text, whole_calls = request.parse(text)
+    for size in (1, 2, 5, len(text)):
+        stream = CallStream(request)
+        pieces = [p for i in range(0, len(text), size) for p in stream.feed(text[i : i + size])] + stream.flush()
+        assert [(c.name, json.loads(c.arguments)) for c in stream.calls] == [
+            (c.name, json.loads(c.arguments)) for c in whole_calls
+        ]
+        assert " ".join(stream.text.split()) == " ".join(whole_text.split())
+        if size == 1 and text.startswith("Sure"):
+            assert [p[0] for p in pieces].count("arguments") > 10  # character by character

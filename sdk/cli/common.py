@@ -48,13 +48,39 @@ def open_engine(args: argparse.Namespace, package=None):
         cost_meters=meters_of(args),
         tf32=args.tf32,
         **prefix_cache_of(args),
+        **chat_template_of(args),
+    )
+
+
+def chat_template_of(args: argparse.Namespace) -> dict:
+    """``--chat-template FILE`` as the Engine's ``chat_template`` (none when absent)."""
+    path = getattr(args, "chat_template", None)
+    if path is None:
+        return {}
+    try:
+        return {"chat_template": Path(path).read_text()}
+    except (OSError, UnicodeDecodeError) as exc:
+        raise UsageError(f"--chat-template {path}: {getattr(exc, 'strerror', None) or exc}") from None
+
+
+def chat_template_option(p: argparse.ArgumentParser) -> None:
+    p.add_argument(
+        "--chat-template",
+        default=None,
+        metavar="FILE",
+        help="a Jinja chat template to use instead of the package's",
     )
 
 
 def prefix_cache_of(args: argparse.Namespace) -> dict:
     """The prefix-cache flags (:func:`prefix_cache_options`) as Engine arguments (none when absent)."""
-    if getattr(args, "prefix_cache_mb", None) is None:
-        return {}
+    if getattr(args, "prefix_cache_mb", None) is None:  # serve's default: sized by the server
+        dir_ = getattr(args, "prefix_cache_dir", None)
+        return (
+            {}
+            if dir_ is None
+            else {"prefix_cache_dir": dir_, "prefix_cache_disk_bytes": int(args.prefix_cache_disk_mb * (1 << 20))}
+        )
     return {
         "prefix_cache_bytes": int(args.prefix_cache_mb * (1 << 20)),
         "prefix_cache_dir": args.prefix_cache_dir,
@@ -309,13 +335,14 @@ def runtime_options(p: argparse.ArgumentParser) -> None:
     )
 
 
-def prefix_cache_options(p: argparse.ArgumentParser) -> None:
+def prefix_cache_options(p: argparse.ArgumentParser, serving: bool = False) -> None:
+    default = "a quarter of the memory free after the plan, at most 4 GiB; 0: off" if serving else "0: off"
     p.add_argument(
         "--prefix-cache-mb",
         type=nonnegative_float,
-        default=0,
+        default=None if serving else 0,
         metavar="MB",
-        help="reuse the KV cache of prompt prefixes across requests, up to this many MiB (default 0: off)",
+        help=f"reuse the KV cache of prompt prefixes across requests, up to this many MiB (default {default})",
     )
     p.add_argument(
         "--prefix-cache-dir",

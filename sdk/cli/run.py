@@ -11,6 +11,8 @@ from ..serving.constraints import BUDGET_S
 from .common import (
     UsageError,
     cache_dir,
+    chat_template_of,
+    chat_template_option,
     generate,
     generation_options,
     open_engine,
@@ -56,6 +58,9 @@ def _cmd_serve(args: argparse.Namespace) -> int:
         drafts=drafts,
         record_dir=args.record_dir,
         constraint_budget_s=args.constraint_budget,
+        max_tokens_default=args.max_tokens_default,
+        reasoning_parser=args.reasoning_parser,
+        chat_template_name=Path(args.chat_template).name if args.chat_template else None,
     )
     engine_options = {
         "device": args.device,
@@ -63,6 +68,7 @@ def _cmd_serve(args: argparse.Namespace) -> int:
         "spin": args.spin,
         "tf32": args.tf32,
         **prefix_cache_of(args),
+        **chat_template_of(args),
     }
     if args.ray:
         from ..serving.ray_serve import serve_ray
@@ -169,6 +175,7 @@ def add_commands(sub) -> None:
     p.add_argument("package", help="model package directory")
     p.add_argument("message", help="the user's message")
     p.add_argument("--system", default=None, help="a system message")
+    chat_template_option(p)
     generation_options(p)
     runtime_options(p)
     prefix_cache_options(p)
@@ -198,7 +205,28 @@ def add_commands(sub) -> None:
         help="with slots: positions per slot (default: the window, at most 2048)",
     )
     p.add_argument("--api-key", default=None, help="require 'Authorization: Bearer KEY'")
-    p.add_argument("--model-name", default=None, help="the model id clients use (default: the package folder's name)")
+    p.add_argument(
+        "--served-model-name",
+        "--model-name",
+        dest="model_name",
+        default=None,
+        help="the model id clients use (default: the package folder's name)",
+    )
+    chat_template_option(p)
+    p.add_argument(
+        "--reasoning-parser",
+        default="auto",
+        metavar="auto|none|NAME",
+        help="split chat answers' thinking into reasoning_content (default auto: think for a template "
+        "that closes a think tag)",
+    )
+    p.add_argument(
+        "--max-tokens-default",
+        type=positive_int,
+        default=None,
+        metavar="N",
+        help="the most a chat answer gets when its request sets no max_tokens (default: what the window leaves)",
+    )
     p.add_argument(
         "--speculative",
         default=None,
@@ -253,7 +281,7 @@ def add_commands(sub) -> None:
         help="with --ray: seconds between two copies of a replica's metrics into Ray's export (default 5)",
     )
     runtime_options(p)
-    prefix_cache_options(p)
+    prefix_cache_options(p, serving=True)
     p.set_defaults(func=_cmd_serve)
 
     p = sub.add_parser("demo", help="export a model (default: an untrained tiny Llama, no download) and generate")

@@ -18,7 +18,18 @@ from pydantic import BaseModel, ConfigDict, Field, create_model
 
 from ..types import MAX_CHOICES, MAX_TOP_LOGPROBS, SamplingParams
 
-__all__ = ["NEXTOKEN_FIELDS", "REFUSED", "ChatRequest", "CompletionRequest", "NextokenOptions"]
+__all__ = [
+    "ACCEPTED",
+    "NEXTOKEN_FIELDS",
+    "REFUSED",
+    "SEED_RANGE",
+    "ChatRequest",
+    "CompletionRequest",
+    "CountTokensRequest",
+    "MessagesRequest",
+    "NextokenOptions",
+    "ResponsesRequest",
+]
 
 #: SamplingParams fields a request may set in its ``nextoken`` object (their ``api`` metadata).
 NEXTOKEN_FIELDS = tuple(f.name for f in dataclasses.fields(SamplingParams) if f.metadata.get("api") == "nextoken")
@@ -34,7 +45,20 @@ REFUSED = {
     "prediction": None,
 }
 #: nextoken object fields that are the server's, not SamplingParams' (how a chat request takes tools).
-SERVER_FIELDS = ("tool_fallback",)
+SERVER_FIELDS = ("tool_fallback", "reasoning_parser")
+#: Newer OpenAI fields accepted and what they mean here: none changes the answer.
+ACCEPTED = {
+    "user": "ignored (an end-user id for the provider's abuse monitoring)",
+    "metadata": "ignored (key-value tags for the provider's stored completions)",
+    "store": "ignored (nothing is stored; request records are the operator's --record-dir)",
+    "service_tier": "ignored (one tier); answers say service_tier 'default'",
+    "reasoning_effort": "ignored (the template's own switches are chat_template_kwargs)",
+    "prompt_cache_key": "ignored (the prefix cache keys on the prompt's tokens themselves)",
+    "safety_identifier": "ignored (an end-user id for the provider's abuse monitoring)",
+    "verbosity": "ignored (the answer's length is max_tokens and the model's)",
+}
+#: The seed range OpenAI's clients send (an int64, or a uint64); a negative seed is taken modulo 2**64.
+SEED_RANGE = (-(2**63), 2**64)
 
 
 class _Strict(BaseModel):
@@ -49,6 +73,7 @@ def _nextoken_options() -> type:
     hints = typing.get_type_hints(SamplingParams)
     fields: dict[str, Any] = {name: (hints[name] | None, None) for name in NEXTOKEN_FIELDS}
     fields["tool_fallback"] = (bool | None, None)
+    fields["reasoning_parser"] = (str | None, None)
     model = create_model("NextokenOptions", __base__=_Strict, **fields)
     model.__doc__ = "nextoken's own parameters, as SamplingParams defines them."
     return model
@@ -69,8 +94,15 @@ class _Common(_Strict):
     presence_penalty: float | None = None
     frequency_penalty: float | None = None
     logit_bias: dict[str, float] | None = None
-    seed: int | None = Field(None, ge=0)
+    seed: int | None = Field(None, ge=SEED_RANGE[0], lt=SEED_RANGE[1])
     user: str | None = None
+    metadata: dict[str, str] | None = None
+    store: bool | None = None
+    service_tier: str | None = None
+    reasoning_effort: str | None = None
+    prompt_cache_key: str | None = None
+    safety_identifier: str | None = None
+    verbosity: str | None = None
     nextoken: NextokenOptions | None = None  # type: ignore[valid-type]
     # declared to be refused by name (REFUSED)
     best_of: int | None = None
@@ -86,9 +118,9 @@ class _Common(_Strict):
 
 
 class CompletionRequest(_Common):
-    """``POST /v1/completions``: one prompt, text or token ids."""
+    """``POST /v1/completions``: a prompt (text or token ids), or a list of them."""
 
-    prompt: str | list[int] | list[str]
+    prompt: str | list[int] | list[str] | list[list[int]]
     logprobs: int | None = Field(None, ge=0, le=MAX_TOP_LOGPROBS)
     echo: bool = False
     suffix: str | None = None
@@ -111,7 +143,7 @@ class Message(BaseModel):
             return ""
         if isinstance(self.content, str):
             return self.content
-        return "".join(part.text for part in self.content)
+        return "\n".join(part.text for part in self.content)  # as vLLM and llama.cpp's server join parts
 
 
 class ChatRequest(_Common):
@@ -121,3 +153,77 @@ class ChatRequest(_Common):
     max_completion_tokens: int | None = Field(None, ge=1)
     logprobs: bool = False
     top_logprobs: int | None = Field(None, ge=0, le=MAX_TOP_LOGPROBS)
+    chat_template_kwargs: dict[str, Any] | None = None
+
+
+class ResponsesRequest(_Strict):
+    """``POST /v1/responses``: OpenAI's Responses API (input items, instructions, function tools,
+    ``text.format``, a stored conversation continued by ``previous_response_id``)."""
+
+    model: str | None = None
+    input: str | list[dict[str, Any]]
+    instructions: str | None = None
+    tools: list[dict[str, Any]] | None = None
+    tool_choice: str | dict[str, Any] | None = None
+    parallel_tool_calls: bool | None = None
+    text: dict[str, Any] | None = None
+    max_output_tokens: int | None = Field(None, ge=1)
+    temperature: float | None = Field(None, ge=0, le=100)
+    top_p: float | None = None
+    top_logprobs: int | None = Field(None, ge=0, le=MAX_TOP_LOGPROBS)
+    stream: bool = False
+    stream_options: dict[str, Any] | None = None
+    store: bool = True
+    previous_response_id: str | None = None
+    metadata: dict[str, str] | None = None
+    reasoning: dict[str, Any] | None = None
+    user: str | None = None
+    truncation: typing.Literal["auto", "disabled"] | None = None
+    include: list[str] | None = None
+    service_tier: str | None = None
+    prompt_cache_key: str | None = None
+    safety_identifier: str | None = None
+    background: bool | None = None
+    chat_template_kwargs: dict[str, Any] | None = None
+    nextoken: NextokenOptions | None = None  # type: ignore[valid-type]
+
+
+class MessagesRequest(_Strict):
+    """``POST /v1/messages``: Anthropic's Messages API (system, messages of content blocks, tools,
+    tool_choice, stop_sequences, thinking)."""
+
+    model: str | None = None
+    max_tokens: int = Field(ge=1)
+    messages: list[dict[str, Any]] = Field(min_length=1)
+    system: str | list[dict[str, Any]] | None = None
+    stop_sequences: list[str] | None = None
+    temperature: float | None = Field(None, ge=0, le=100)
+    top_p: float | None = None
+    top_k: int | None = Field(None, ge=1)
+    stream: bool = False
+    tools: list[dict[str, Any]] | None = None
+    tool_choice: dict[str, Any] | None = None
+    thinking: dict[str, Any] | None = None
+    output_config: dict[str, Any] | None = None
+    metadata: dict[str, Any] | None = None
+    service_tier: str | None = None
+    # accepted without effect: prompt caching is automatic (the prefix cache), one place, one speed
+    cache_control: dict[str, Any] | None = None
+    inference_geo: str | None = None
+    speed: str | None = None
+    user_profile_id: str | None = None
+    workspace_id: str | None = None
+    diagnostics: dict[str, Any] | None = None
+    container: Any | None = None
+    nextoken: NextokenOptions | None = None  # type: ignore[valid-type]
+
+
+class CountTokensRequest(_Strict):
+    """``POST /v1/messages/count_tokens``: what a Messages request's prompt would take."""
+
+    model: str | None = None
+    messages: list[dict[str, Any]] = Field(min_length=1)
+    system: str | list[dict[str, Any]] | None = None
+    tools: list[dict[str, Any]] | None = None
+    tool_choice: dict[str, Any] | None = None
+    thinking: dict[str, Any] | None = None

@@ -9,18 +9,30 @@ import json
 import logging
 import os
 import time
-from collections.abc import AsyncIterator, Mapping
+from collections.abc import AsyncIterator, Callable, Mapping
 from pathlib import Path
+from types import SimpleNamespace
 from typing import Any
 
 from ..engine import Engine
 from ..errors import InvalidRequestError, NextokenError, is_number
+from ..reasoning import ReasoningParser
 from ..scheduler import RequestHandle, Scheduler
+from ..toolcalls import CallStream, ToolRequest
 from ..types import Completion, SamplingParams, StreamEvent, TokenLogprob
 from .constraints import BUDGET_S
 from .protocol import APIError, api_error, error_response, openai_params, parse_body
 
-__all__ = ["ClientGone", "Delta", "ServeOptions", "Service", "coalesce", "load_drafts", "sampling_defaults"]
+__all__ = [
+    "AnswerStream",
+    "ClientGone",
+    "Delta",
+    "ServeOptions",
+    "Service",
+    "coalesce",
+    "load_drafts",
+    "sampling_defaults",
+]
 
 log = logging.getLogger("nextoken.serving")
 
@@ -54,7 +66,12 @@ class ServeOptions:
     name (name -> path, loaded at start; a request never names a path); ``record_dir``: where each
     request's record goes; ``constraint_budget_s``: the longest a request's constraint may take
     to compile (:mod:`nextoken.serving.constraints`); ``prep_workers``: threads that parse,
-    render, tokenise and check requests, off the event loop."""
+    render, tokenise and check requests, off the event loop; ``max_tokens_default``: the most a
+    chat answer gets when its request sets no ``max_tokens`` (None: as much as the window leaves);
+    ``chat_template_name``: the name of the chat template given at start (``--chat-template``),
+    as ``/v1/models`` shows it; ``reasoning_parser``: how chat answers' thinking is split off
+    (``auto``: ``think`` for a template that closes a think tag; ``none``; a parser's name), unless
+    a request names one (``nextoken.reasoning_parser``)."""
 
     api_key: str | None = None
     max_body_bytes: int = 1 << 20
@@ -65,6 +82,9 @@ class ServeOptions:
     record_dir: str | None = None
     constraint_budget_s: float = BUDGET_S
     prep_workers: int = 2
+    max_tokens_default: int | None = None
+    chat_template_name: str | None = None
+    reasoning_parser: str = "auto"
 
 
 def load_drafts(engine: Any, drafts: Mapping[str, str]) -> dict[str, str]:
@@ -112,6 +132,41 @@ def coalesce(events: list[StreamEvent]) -> list[Delta]:
         if event.finish_reason:
             delta.finish_reason = event.finish_reason
     return list(out.values())
+
+
+class AnswerStream:
+    """One choice's answer as it streams, in the pieces every API shows: its thinking
+    (``("thinking", text)``, with a reasoning parser), its text (``("text", text)``), and with
+    tools its calls as they form (:class:`~nextoken.toolcalls.CallStream`'s ``call`` and
+    ``arguments`` pieces); :attr:`calls` holds the calls found."""
+
+    def __init__(self, parser: ReasoningParser | None, tail: str, tools: ToolRequest | None) -> None:
+        """
+        Args:
+            parser: the reasoning parser (None: no thinking is split off).
+            tail: the text the prompt ends with (where a template may open the thinking).
+            tools: the tools the answer may call (None: all its text is text).
+        """
+        self.splitter = parser.splitter(tail) if parser is not None else None
+        self.calls = CallStream(tools) if tools is not None else None
+
+    def feed(self, text: str, ending: bool = False) -> list[tuple]:
+        """The pieces ``text`` settles (``ending``: the answer's last text: nothing is held back)."""
+        thought, said = ("", text) if self.splitter is None else self.splitter.feed(text)
+        if ending and self.splitter is not None:
+            more = self.splitter.flush()
+            thought, said = thought + more[0], said + more[1]
+        out: list[tuple] = [("thinking", thought)] if thought else []
+        if self.calls is None:
+            return out + ([("text", said)] if said else [])
+        return out + self.calls.feed(said) + (self.calls.flush() if ending else [])
+
+    def settle(self, completion: Completion) -> None:
+        """Give the finished ``completion`` the text and calls found as it streamed (with tools)."""
+        if self.calls is not None:
+            completion.text = self.calls.text.strip()
+            if self.calls.calls:
+                completion.tool_calls, completion.finish_reason = list(self.calls.calls), "tool_calls"
 
 
 def _settle(future: asyncio.Future) -> None:
@@ -212,11 +267,17 @@ class Service:
         return None
 
     def authorized(self, request) -> bool:
-        """Whether the request carries the API key (the scheme in any case; compared in constant time)."""
+        """Whether the request carries the API key: ``Authorization: Bearer KEY`` (the scheme in any
+        case) as OpenAI's clients send it, or ``x-api-key: KEY`` as Anthropic's do; compared in
+        constant time."""
         import hmac
 
+        want = (self.api_key or "").encode()
         scheme, _, key = request.headers.get("authorization", "").strip().partition(" ")
-        return scheme.lower() == "bearer" and hmac.compare_digest(key.strip().encode(), (self.api_key or "").encode())
+        if scheme.lower() == "bearer" and hmac.compare_digest(key.strip().encode(), want):
+            return True
+        other = request.headers.get("x-api-key")
+        return other is not None and hmac.compare_digest(other.strip().encode(), want)
 
     async def read(self, request) -> bytes:
         """The body, read a chunk at a time (the size limit holds for chunked uploads too, and a
@@ -320,9 +381,26 @@ class Service:
             ) from None
 
     def models(self) -> dict:
+        """``GET /v1/models``: the one model served."""
+        return {"object": "list", "data": [self.model(self.model_name)]}
+
+    def model(self, model_id: str) -> dict:
+        """``GET /v1/models/{id}``: the served model, or a 404 naming the one there is."""
+        if model_id != self.model_name:
+            raise APIError(
+                404,
+                f"model {model_id!r} is not served here; this server serves {self.model_name!r}",
+                code="model_not_found",
+                param="model",
+            )
+        template = self.options.chat_template_name or ("the package's" if self.engine.chat_template else None)
         return {
-            "object": "list",
-            "data": [{"id": self.model_name, "object": "model", "created": self.created, "owned_by": "nextoken"}],
+            "id": self.model_name,
+            "object": "model",
+            "created": self.created,
+            "owned_by": "nextoken",
+            "max_model_len": self.scheduler.max_sequence_length,
+            "chat_template": template,
         }
 
     def params(self, req, chat: bool) -> SamplingParams:
@@ -344,6 +422,74 @@ class Service:
         self.check_constraint(params)
         return params
 
+    def api_params(
+        self,
+        *,
+        max_tokens: int | None,
+        temperature: float | None,
+        top_p: float | None,
+        stream: bool,
+        nextoken: Any,
+        stop: list[str] | None = None,
+        response_format: Mapping[str, Any] | None = None,
+        top_logprobs: int | None = None,
+    ) -> SamplingParams:
+        """The SamplingParams of a Responses or Messages request, through the same mapping (and the
+        same defaults, drafts and constraint check) as a chat request's (:meth:`params`)."""
+        chat_like = SimpleNamespace(
+            max_completion_tokens=max_tokens,
+            max_tokens=None,
+            logprobs=top_logprobs is not None,
+            top_logprobs=top_logprobs,
+            stop=stop,
+            seed=None,
+            n=1,
+            response_format=response_format,
+            presence_penalty=None,
+            frequency_penalty=None,
+            logit_bias=None,
+            stream=stream,
+            stream_options=None,
+            temperature=temperature,
+            top_p=top_p,
+            nextoken=nextoken,
+        )
+        return self.params(chat_like, True)
+
+    def render(
+        self,
+        messages: list[dict[str, Any]],
+        params: SamplingParams,
+        tools: tuple[Any, Any, bool, bool] | None,
+        template_kwargs: Mapping[str, Any] | None,
+        nextoken: Any,
+        max_tokens_given: bool,
+        param: str = "messages",
+    ) -> tuple[list[int], SamplingParams, ToolRequest | None, ReasoningParser | None]:
+        """A conversation rendered for submission, the same for every API: its tools (``(tools,
+        tool_choice, parallel, fallback)`` in the chat shape), the template's extra variables, the
+        reasoning parser (the request's ``nextoken.reasoning_parser``, else the server's), the
+        constraint checked, and, unless the request set a length, as long an answer as the window
+        leaves (or the operator's ``max_tokens_default``). Errors are 400s naming their field
+        (``param`` for the conversation's)."""
+        engine = self.engine
+        try:
+            parser = engine.reasoning_parser((nextoken and nextoken.reasoning_parser) or self.options.reasoning_parser)
+        except NextokenError as exc:
+            raise api_error(exc, param="nextoken.reasoning_parser") from None
+        try:
+            request = ToolRequest.of(*tools) if tools is not None else None
+            ids, params = engine.chat_prompt(messages, params, request, template_kwargs)
+        except NextokenError as exc:
+            raise api_error(exc, param=param) from None
+        if request is not None:
+            self.check_constraint(params, "tool_choice")
+        if not max_tokens_given:  # no hidden cap: the window decides, unless the operator set a default
+            room = max(1, self.scheduler.max_sequence_length - len(ids))
+            cap = self.options.max_tokens_default
+            params = params.replace(max_new_tokens=min(room, cap) if cap else room)
+        return ids, params, request, parser
+
     def check_constraint(self, params: SamplingParams, param: str | None = None) -> None:
         """The request's constraint compiled in the checker process, or the 400 naming its field."""
         found = self.checker.problem(params) if self.checker is not None else None
@@ -352,45 +498,97 @@ class Service:
             name = param or (field if field == "response_format" else f"nextoken.{field}")
             raise APIError(400, f"{name}: {problem}", param=name)
 
+    async def answer(
+        self,
+        request: Any,
+        prepare: Callable[[bytes], Any],
+        stream: Callable[[Any], AsyncIterator[str]],
+        finish: Callable[[Any, Completion], Any],
+    ) -> Any:
+        """The flow of an API whose request has one answer: the body read, then prepared and
+        submitted on a preparation worker (``prepare`` returns what has ``handle``, ``rid`` and
+        ``stream``); then the events of ``stream`` as server-sent events, or ``finish`` of the whole
+        answer (a 499 when the client left first)."""
+        raw = await self.read(request)
+        prepared = await self.off_loop(prepare, raw)
+        if prepared.stream:
+            from fastapi.responses import StreamingResponse
+
+            return StreamingResponse(stream(prepared), media_type="text/event-stream")
+        completions = await self.finished(request, [prepared.handle], prepared.rid)
+        if completions is None:  # nobody reads this
+            raise APIError(499, "client closed the request", code="client_closed")
+        self.keep_record(prepared.handle, prepared.rid)
+        return finish(prepared, completions[0])
+
     # -- a request's events and result, on the event loop --------------------------------------------
-    async def events(self, handle: RequestHandle) -> AsyncIterator[list[Delta]]:
-        """What a request makes, as its handler can take it: everything that arrived since the
+    async def events(self, handles: list[RequestHandle]) -> AsyncIterator[list[Delta]]:
+        """What requests make, as their handler can take it: everything that arrived since the
         handler last looked, one :class:`Delta` a choice (a slow reader gets its text coalesced),
-        until the request ends. Fed from the scheduler's thread through an asyncio queue: no thread
-        waits. Then :meth:`RequestHandle.results <nextoken.RequestHandle.results>` is ready (or
-        raises what failed it)."""
+        until every request has ended. Request ``i``'s choice ``j`` is index ``i * n + j`` (``n``
+        its choices), as OpenAI numbers a list of prompts' choices. Fed from the scheduler's
+        thread through an asyncio queue: no thread waits. Then each :meth:`RequestHandle.results
+        <nextoken.RequestHandle.results>` is ready (or raises what failed it)."""
         loop = asyncio.get_running_loop()
-        arrived: asyncio.Queue[list[StreamEvent] | None] = asyncio.Queue()
-        handle.listen(lambda events: loop.call_soon_threadsafe(arrived.put_nowait, events))
-        ended = False
-        while not ended:
+        arrived: asyncio.Queue[tuple[int, list[StreamEvent] | None]] = asyncio.Queue()
+
+        def feed(i: int) -> Callable[[list[StreamEvent] | None], object]:
+            return lambda events: loop.call_soon_threadsafe(arrived.put_nowait, (i, events))
+
+        for i, handle in enumerate(handles):
+            handle.listen(feed(i))
+        live = len(handles)
+        while live:
             batch = [await arrived.get()]
             while not arrived.empty():
                 batch.append(arrived.get_nowait())
-            ended = batch[-1] is None
-            deltas = coalesce([e for events in batch if events for e in events])
+            live -= sum(events is None for _, events in batch)
+            deltas = coalesce(
+                [
+                    dataclasses.replace(e, index=i * handles[i].rows + e.index)
+                    for i, events in batch
+                    if events
+                    for e in events
+                ]
+            )
             if deltas:
                 yield deltas
 
-    async def finished(self, request: Any, handle: RequestHandle, rid: str) -> list[Completion] | None:
-        """Every choice's completion, or None when the client went away first (then the request is
-        cancelled, with one log line); a failure is its HTTP error (:func:`api_error`)."""
+    @staticmethod
+    def let_go(handles: list[RequestHandle], rid: str) -> None:
+        """After a stream: requests not done are the client's that went away; cancel them (one log line)."""
+        if not all(handle.done for handle in handles):
+            log.info("client of %s went away mid-stream; its request is cancelled", rid)
+            for handle in handles:
+                handle.cancel()
+
+    async def finished(self, request: Any, handles: list[RequestHandle], rid: str) -> list[Completion] | None:
+        """Every request's choices' completions, in order, or None when the client went away
+        first (then its requests are cancelled, with one log line); a failure is its HTTP error
+        (:func:`api_error`)."""
         loop = asyncio.get_running_loop()
-        done = loop.create_future()
-        handle.listen(lambda events: events is None and loop.call_soon_threadsafe(_settle, done))
+        done: list[asyncio.Future[None]] = [loop.create_future() for _ in handles]
+
+        def settle(future: asyncio.Future[None]) -> Callable[[list[StreamEvent] | None], object]:
+            return lambda events: events is None and loop.call_soon_threadsafe(_settle, future)
+
+        for handle, future in zip(handles, done):
+            handle.listen(settle(future))
 
         async def disconnected() -> None:
             while (await request.receive())["type"] != "http.disconnect":
                 pass
 
-        gone = asyncio.ensure_future(disconnected())
-        await asyncio.wait({done, gone}, return_when=asyncio.FIRST_COMPLETED)
-        if not done.done():
+        gone: asyncio.Future[Any] = asyncio.ensure_future(disconnected())
+        every: asyncio.Future[Any] = asyncio.gather(*done)
+        await asyncio.wait([every, gone], return_when=asyncio.FIRST_COMPLETED)
+        if not every.done():
             log.info("client of %s went away; its request is cancelled", rid)
-            handle.cancel()
+            for handle in handles:
+                handle.cancel()
             return None
         gone.cancel()
         try:
-            return handle.results()
+            return [c for handle in handles for c in handle.results()]
         except NextokenError as exc:
             raise api_error(exc, running=True) from None

@@ -6,7 +6,7 @@ the services (:mod:`nextoken.serving.core`, :mod:`nextoken.serving.openai_api`) 
 from typing import Any
 
 from ..errors import InvalidRequestError, PluginError, SchedulerStoppedError
-from ..types import Completion, SamplingParams
+from ..types import Completion, SamplingParams, TokenLogprob
 
 __all__ = [
     "FINISH",
@@ -19,7 +19,7 @@ __all__ = [
     "logprobs_of",
     "openai_params",
     "parse_body",
-    "tool_chunks",
+    "prompt_logprobs",
     "usage_of",
 ]
 
@@ -101,6 +101,9 @@ def openai_params(req, chat: bool, defaults: dict[str, float]) -> SamplingParams
             raise APIError(400, f"{name} is not supported by this server yet; leave it out", param=name)
     from .api_schema import SERVER_FIELDS
 
+    if req.stream_options is not None and not req.stream:
+        raise APIError(400, "stream_options is only allowed with stream: true", param="stream_options")
+
     extras = (
         {
             k: getattr(req.nextoken, k)
@@ -132,7 +135,7 @@ def openai_params(req, chat: bool, defaults: dict[str, float]) -> SamplingParams
         temperature=temperature,
         top_p=top_p,
         stop=stop,
-        seed=req.seed,
+        seed=None if req.seed is None else req.seed % 2**64,
         top_logprobs=logprobs,
         n=req.n,
         response_format=req.response_format,
@@ -155,16 +158,23 @@ def openai_params(req, chat: bool, defaults: dict[str, float]) -> SamplingParams
         raise api_error(exc) from None
 
 
-def completion_logprobs(items: list, offset: int) -> dict:
-    """OpenAI's legacy completions ``logprobs`` object for ``items`` (TokenLogprob), text from ``offset``."""
+def completion_logprobs(items: list, offset: int, first: str | None = None) -> dict:
+    """OpenAI's legacy completions ``logprobs`` object for ``items`` (TokenLogprob), text from
+    ``offset``; each token's alternatives include the token itself (OpenAI reports the sampled
+    token even with ``logprobs: 0``). ``first``: an echoed prompt's first token, which has no
+    log-probability (nothing came before it)."""
     offsets, at = [], offset
+    if first is not None:
+        offsets.append(at)
+        at += len(first)
     for lp in items:
         offsets.append(at)
         at += len(lp.token)
+    lead: list = [] if first is None else [None]
     return {
-        "tokens": [lp.token for lp in items],
-        "token_logprobs": [lp.logprob for lp in items],
-        "top_logprobs": [{t: v for _, t, v in lp.top} for lp in items],
+        "tokens": ([] if first is None else [first]) + [lp.token for lp in items],
+        "token_logprobs": lead + [lp.logprob for lp in items],
+        "top_logprobs": lead + [{**{t: v for _, t, v in lp.top}, lp.token: lp.logprob} for lp in items],
         "text_offset": offsets,
     }
 
@@ -189,31 +199,36 @@ def logprobs_of(items: list | None, chat: bool, offset: int) -> dict | None:
     return chat_logprobs(items) if chat else completion_logprobs(items, offset)
 
 
-def tool_chunks(completions: list[Completion]):
-    """The streamed answer of a tools request, each choice's at once: its content, its calls as
-    tool-call deltas, its finish reason."""
-    for index, c in enumerate(completions):
-        if c.text:
-            yield {"index": index, "delta": {"content": c.text}, "finish_reason": None}
-        if c.tool_calls:
-            yield {
-                "index": index,
-                "finish_reason": None,
-                "delta": {"tool_calls": [{"index": k, **call.to_dict()} for k, call in enumerate(c.tool_calls)]},
-            }
-        yield {"index": index, "delta": {}, "finish_reason": FINISH.get(c.finish_reason, c.finish_reason)}
-
-
-def usage_of(completions: list[Completion]) -> dict:
-    """OpenAI's usage of a request: its prompt counted once, every choice's tokens."""
-    prompt = completions[0].usage.prompt_tokens
+def usage_of(completions: list[Completion], n: int = 1) -> dict:
+    """OpenAI's usage of a request: each prompt counted once (its ``n`` choices are in a row),
+    every choice's tokens."""
+    firsts = completions[::n]
+    prompt = sum(c.usage.prompt_tokens for c in firsts)
     generated = sum(c.usage.completion_tokens for c in completions)
     return {
         "prompt_tokens": prompt,
         "completion_tokens": generated,
         "total_tokens": prompt + generated,
-        "prompt_tokens_details": {"cached_tokens": completions[0].usage.cached_tokens},
+        "prompt_tokens_details": {"cached_tokens": sum(c.usage.cached_tokens for c in firsts)},
+        "completion_tokens_details": {"reasoning_tokens": sum(c.usage.reasoning_tokens for c in completions)},
     }
+
+
+def prompt_logprobs(logits: Any, ids: list[int], top: int, text: Any) -> list[TokenLogprob]:
+    """Each prompt token after the first, with its log-probability under the model given the ones
+    before it and the ``top`` likeliest there (``logits``: the model's ``[S, V]`` over ``ids``;
+    ``text``: a token's text), as echo with logprobs reports them."""
+    import numpy as np
+
+    shifted = logits - logits.max(axis=1, keepdims=True)
+    logp = shifted - np.log(np.exp(shifted).sum(axis=1, keepdims=True))
+    out = []
+    for i in range(1, len(ids)):
+        row = logp[i - 1]
+        best = np.argsort(-row, kind="stable")[:top] if top else np.zeros(0, dtype=np.int64)
+        alternatives = tuple((int(t), text(int(t)), float(row[t])) for t in best)
+        out.append(TokenLogprob(ids[i], text(ids[i]), float(row[ids[i]]), alternatives))
+    return out
 
 
 def extras_of(completions: list[Completion]) -> dict:

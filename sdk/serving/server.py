@@ -2,9 +2,11 @@
 
     nextoken serve PACKAGE [--host 127.0.0.1] [--port 8000] [--max-batch 8] [--api-key KEY]
 
-Endpoints: ``GET /v1/models``, ``POST /v1/completions``, ``POST /v1/chat/completions`` (the model's
-chat template), with ``stream: true`` as server-sent events ending in ``data: [DONE]`` and
-``stream_options.include_usage``. nextoken's own parameters go in a ``nextoken`` object in the
+Endpoints: ``GET /v1/models[/{id}]``, ``POST /v1/completions``, ``POST /v1/chat/completions`` (the
+model's chat template), with ``stream: true`` as server-sent events ending in ``data: [DONE]`` and
+``stream_options.include_usage``; ``POST /v1/responses`` and ``GET`` / ``DELETE
+/v1/responses/{id}`` (:mod:`~nextoken.serving.responses_api`); ``POST /v1/messages`` and
+``/v1/messages/count_tokens`` (:mod:`~nextoken.serving.anthropic_api`). nextoken's own parameters go in a ``nextoken`` object in the
 request (the SamplingParams fields marked for it: :data:`~nextoken.serving.api_schema.NEXTOKEN_FIELDS`),
 and each response carries a ``nextoken`` object (its full usage, cost, and the exact stop detail).
 Bodies are validated against typed schemas (:mod:`nextoken.serving.api_schema`); client mistakes
@@ -37,9 +39,11 @@ from typing import Any
 from ..engine import Engine
 from ..errors import InvalidRequestError, NextokenError
 from ..scheduler import Scheduler
+from .anthropic_api import MessagesService
 from .core import ClientGone, ServeOptions, Service, load_drafts, sampling_defaults
 from .openai_api import OpenAIService
 from .protocol import APIError, api_error, error_response
+from .responses_api import ResponsesService
 
 __all__ = [
     "APIError",
@@ -63,6 +67,7 @@ def create_app(scheduler: Scheduler[Engine], model_name: str, options: ServeOpti
     try:
         from fastapi import FastAPI, Request
         from fastapi.exceptions import RequestValidationError
+        from starlette.exceptions import HTTPException as StarletteHTTPException
     except ImportError:
         raise NextokenError("serving needs FastAPI and uvicorn: pip install 'nextoken[serve]'") from None
 
@@ -72,6 +77,8 @@ def create_app(scheduler: Scheduler[Engine], model_name: str, options: ServeOpti
         raise InvalidRequestError(f"create_app: {exc}") from None
     service = Service(scheduler, model_name, options)
     openai_api = OpenAIService(service)
+    responses = ResponsesService(service)
+    messages = MessagesService(service)
     app = FastAPI(
         title="nextoken", version="1", docs_url=None, redoc_url=None, openapi_url=None, on_shutdown=[service.close]
     )
@@ -85,6 +92,12 @@ def create_app(scheduler: Scheduler[Engine], model_name: str, options: ServeOpti
     async def _invalid(_request, exc: InvalidRequestError):
         failure = api_error(exc)
         return error_response(failure.status, failure.message, failure.kind, failure.param, failure.code)
+
+    @app.exception_handler(StarletteHTTPException)
+    async def _http(_request, exc: StarletteHTTPException):
+        kind = "invalid_request_error" if exc.status_code < 500 else "server_error"
+        code = {404: "not_found", 405: "method_not_allowed"}.get(exc.status_code)
+        return error_response(exc.status_code, str(exc.detail), kind, code=code)
 
     @app.exception_handler(RequestValidationError)
     async def _validation(_request, exc):
@@ -122,6 +135,10 @@ def create_app(scheduler: Scheduler[Engine], model_name: str, options: ServeOpti
     async def models():
         return service.models()
 
+    @app.get("/v1/models/{model_id:path}")
+    async def model(model_id: str):
+        return service.model(model_id)
+
     @app.get("/metrics")
     async def metrics():
         from fastapi.responses import Response
@@ -136,6 +153,26 @@ def create_app(scheduler: Scheduler[Engine], model_name: str, options: ServeOpti
     @app.post("/v1/chat/completions")
     async def chat_completions(request: Request):
         return await openai_api.chat_completions(request)
+
+    @app.post("/v1/messages")
+    async def create_message(request: Request):
+        return await messages.create(request)
+
+    @app.post("/v1/messages/count_tokens")
+    async def count_tokens(request: Request):
+        return await messages.count_tokens(request)
+
+    @app.post("/v1/responses")
+    async def create_response(request: Request):
+        return await responses.create(request)
+
+    @app.get("/v1/responses/{response_id}")
+    async def get_response(response_id: str):
+        return responses.retrieve(response_id)
+
+    @app.delete("/v1/responses/{response_id}")
+    async def delete_response(response_id: str):
+        return responses.delete(response_id)
 
     return app
 
@@ -164,9 +201,28 @@ def serve(
         raise NextokenError("serving needs FastAPI and uvicorn: pip install 'nextoken[serve]'") from None
 
     options = options or ServeOptions()
-    engine = Engine(package, **(engine_options or {}))
+    engine_options = dict(engine_options or {})
+    scheduler_options = dict(scheduler_options or {})
+    cache_note = ""
+    if "prefix_cache_bytes" not in engine_options:  # on by default, sized from the memory free now
+        from ..device import resolve_device
+        from ..manifest import Manifest
+        from ..tools.memory import prefix_cache_budget
+
+        window = Manifest.load(package).context_length
+        context = scheduler_options.get("slot_length") or min(window, 2048)
+        device = resolve_device(str(engine_options.get("device", "auto")), engine_options.get("tf32")).device
+        budget, why = prefix_cache_budget(package, max_batch, context, device)
+        engine_options["prefix_cache_bytes"] = budget
+        cache_note = f"; prefix cache {budget / 2**20:.0f} MiB ({why}; --prefix-cache-mb sets it, 0: off)"
+    elif engine_options["prefix_cache_bytes"]:
+        cache_note = f"; prefix cache {engine_options['prefix_cache_bytes'] / 2**20:.0f} MiB"
+    if not engine_options.get("prefix_cache_bytes"):
+        engine_options.pop("prefix_cache_dir", None)
+        engine_options.pop("prefix_cache_disk_bytes", None)
+    engine = Engine(package, **engine_options)
     name = model_name or Path(package).resolve().name
-    with engine, Scheduler(engine, max_batch=max_batch, **(scheduler_options or {})) as scheduler:
+    with engine, Scheduler(engine, max_batch=max_batch, **scheduler_options) as scheduler:
         app = create_app(scheduler, name, options)
         if app.state.service.checker is not None:
             app.state.service.checker.start()  # the first constrained request does not wait for it
@@ -178,6 +234,7 @@ def serve(
         print(
             f"nextoken: serving {name} ({engine.path}) at http://{host}:{port}/v1 on {engine.device.provider}; "
             f"KV backend {scheduler.kv_backend}, {slots}; spin {'on' if engine.spin else 'off'} ({engine.spin_reason})"
+            + cache_note
             + ("; API key required" if options.api_key else "")
             + (f"; drafts {', '.join(options.drafts)}" if options.drafts else ""),
             flush=True,

@@ -24,6 +24,7 @@ __all__ = [
     "gpu_memory",
     "measure_peak",
     "plan_memory",
+    "prefix_cache_budget",
 ]
 
 MiB = 1 << 20
@@ -423,3 +424,40 @@ def measure_peak(
         "context": context,
         "kv_cache_bytes": completion[0].usage.kv_cache_bytes,
     }
+
+
+#: The server's default prefix cache: this share of the memory left after the plan, at most the cap.
+PREFIX_CACHE_SHARE, PREFIX_CACHE_CAP = 0.25, 4 << 30
+
+
+def prefix_cache_budget(package: str | os.PathLike, batch: int, context: int, device: str = "cpu") -> tuple[int, str]:
+    """The prefix cache a server gets when the operator sets none: a quarter of the memory free now
+    (RAM available, or free on the GPU) after what :func:`plan_memory` says the server needs
+    (weights, ``batch`` sequences of ``context`` tokens of KV cache, working memory), at most 4 GiB.
+    Returns (bytes, why), 0 when nothing is left, the memory is unknown, or the package cannot
+    use one (longrope)."""
+    from ..manifest import Manifest
+
+    if Manifest.load(Path(package)).rope_switch:
+        return 0, "off: a longrope package switches its rotary factors, so prefixes cannot be shared"
+    cuda = device.startswith("cuda")
+    device_id = int(device[5:]) if device.startswith("cuda:") and device[5:].isdigit() else 0
+    if cuda:
+        gpu = gpu_memory(device_id)
+        free = None if gpu is None else gpu.free
+    else:
+        free = meminfo_bytes("MemAvailable")
+    if free is None:
+        return 0, "off: the free memory is unknown here; set --prefix-cache-mb"
+    try:
+        plan = plan_memory(package, batch, context, device="cuda" if cuda else "cpu", capacity=free)
+    except (ModelPackageError, InvalidRequestError) as exc:
+        return 0, f"off: the memory planner cannot read this package ({exc}); set --prefix-cache-mb"
+    left = free - plan.total_bytes
+    if left <= 0:
+        return (
+            0,
+            f"off: the plan ({plan.total_bytes / 2**30:.1f} GiB) leaves nothing of the {free / 2**30:.1f} GiB free",
+        )
+    budget = int(min(left * PREFIX_CACHE_SHARE, PREFIX_CACHE_CAP))
+    return budget, f"a quarter of the {left / 2**30:.1f} GiB free after the plan, at most 4 GiB"

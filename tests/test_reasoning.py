@@ -1,0 +1,109 @@
+"""Reasoning models: the thinking between <think> and </think> split off the answer, whole and as
+it streams, its tokens counted; in Engine.chat and through the server (reasoning_content, streamed
+as its own deltas, reasoning_tokens in usage), with chat_template_kwargs passed to the template."""
+
+from __future__ import annotations
+
+import openai
+import pytest
+
+import nextoken
+from helpers import ANSWER, THOUGHT, thinking_server
+from nextoken import InvalidRequestError, ThinkTags
+from nextoken.reasoning import count_reasoning_tokens, pick_parser, split
+from nextoken.testing import CharTokenizer, FakeEngine, ScriptedModel
+
+CASES = [
+    ("<think>hmm</think>yes", "", ("hmm", "yes")),
+    ("<think>\nhmm\n</think>\n\nyes", "", ("hmm", "yes")),
+    ("  <think>a</think>b", "", ("a", "b")),
+    ("just an answer", "", (None, "just an answer")),
+    ("hmm</think>yes", "<|assistant|>\n<think>\n", ("hmm", "yes")),  # the template opened it
+    ("<think>cut short", "", ("cut short", "")),
+    ("<thin", "", (None, "<thin")),
+    ("a < b", "", (None, "a < b")),
+]
+
+
+@pytest.mark.parametrize("text, tail, want", CASES)
+def test_think_tags_split_whole_and_streamed_alike(text, tail, want):
+    parser = ThinkTags()
+    assert split(parser, text, tail) == want
+    for cut in range(len(text) + 1):  # any two pieces, and one character at a time
+        for pieces in ([text[:cut], text[cut:]], list(text)):
+            splitter = parser.splitter(tail)
+            got = [splitter.feed(p) for p in pieces] + [splitter.flush()]
+            reasoning, content = "".join(r for r, _ in got), "".join(c for _, c in got)
+            assert ((reasoning.strip() or None), content) == want, (pieces, reasoning, content)
+
+
+def test_reasoning_tokens_are_those_before_the_answer():
+    parser = ThinkTags()
+    assert count_reasoning_tokens(["<think>", "h", "mm", "</think>", "\n", "yes"], parser) == 5  # all before the answer
+    assert count_reasoning_tokens(["no", " thinking"], parser) == 0
+    assert count_reasoning_tokens(["h", "m", "</think>y"], parser, "<think>") == 3
+    assert pick_parser("auto", "{{ x }}</think>") == "think" and pick_parser("auto", "{{ x }}") is None
+    assert pick_parser("none", "</think>") is None and pick_parser("think", None) == "think"
+
+
+ALPHABET = "\0\n abcdefghijklmnopqrstuvwxyz.,!?<>/"
+TEMPLATE = "{% for m in messages %}{{ m['content'] }}\n{% endfor %}{# a thinking model: </think> #}"
+
+
+def _thinking_engine(answer: str) -> FakeEngine:
+    tok = CharTokenizer(ALPHABET)
+    engine = FakeEngine(
+        ScriptedModel(tok.encode(answer) + [0], vocab_size=len(ALPHABET)), tokenizer=tok, eos_token_ids=(0,)
+    )
+    engine.chat_template_override = TEMPLATE
+    return engine
+
+
+def test_engine_chat_splits_the_thinking_and_reads_tools_after_it():
+    engine = _thinking_engine("<think>hmm</think>yes")
+    got = engine.chat([{"role": "user", "content": "hi"}], max_new_tokens=30)
+    assert (got.reasoning, got.text, got.usage.reasoning_tokens) == ("hmm", "yes", len("<think>hmm</think>"))
+    plain = engine.chat([{"role": "user", "content": "hi"}], max_new_tokens=30, reasoning=None)
+    assert plain.reasoning is None and plain.text.startswith("<think>hmm</think>yes")
+    with pytest.raises(nextoken.InvalidRequestError, match="unknown reasoning parser 'thought'; registered: think"):
+        engine.chat([{"role": "user", "content": "hi"}], reasoning="thought")
+
+
+def test_chat_template_kwargs_reach_the_template_and_bad_names_are_refused():
+    tok = CharTokenizer(ALPHABET)
+    engine = FakeEngine(ScriptedModel([5], vocab_size=len(ALPHABET)), tokenizer=tok)
+    engine.chat_template_override = "{% if thinking %}<think>{% endif %}{{ messages[0]['content'] }}"
+    ids = engine.apply_chat_template([{"role": "user", "content": "hi"}], template_kwargs={"thinking": True})
+    assert tok.decode(ids) == "<think>hi"
+    for bad in ({"messages": []}, {"not a name": 1}, {"x": object()}):
+        with pytest.raises(InvalidRequestError) as caught:
+            engine.apply_chat_template([{"role": "user", "content": "hi"}], template_kwargs=bad)
+        assert caught.value.param == "chat_template_kwargs"
+
+
+def test_reasoning_content_through_the_server(stories_package, tmp_path):
+    body = dict(
+        model="thinker",
+        messages=[{"role": "user", "content": "Hi"}],
+        max_tokens=60,
+        extra_body={"nextoken": {"processors": ["force"]}},
+    )
+    with thinking_server(stories_package, tmp_path / "thinker") as (client, *_):
+        got = client.chat.completions.create(**body)
+        message = got.choices[0].message
+        assert (message.reasoning_content, message.content) == (THOUGHT, ANSWER)
+        assert 0 < got.usage.completion_tokens_details.reasoning_tokens < got.usage.completion_tokens
+        thought = said = ""
+        for chunk in client.chat.completions.create(stream=True, **body):
+            delta = chunk.choices[0].delta if chunk.choices else None
+            if delta is not None:
+                thought += getattr(delta, "reasoning_content", None) or ""
+                said += delta.content or ""
+        assert (thought, said) == (THOUGHT, ANSWER)
+        off = client.chat.completions.create(
+            **{**body, "extra_body": {"nextoken": {"processors": ["force"], "reasoning_parser": "none"}}}
+        )
+        assert off.choices[0].message.content.strip() == f"<think>{THOUGHT}</think>{ANSWER}"  # as written
+        with pytest.raises(openai.BadRequestError) as caught:
+            client.chat.completions.create(**{**body, "extra_body": {"chat_template_kwargs": {"messages": 1}}})
+        assert caught.value.body["param"] == "chat_template_kwargs"
