@@ -7,8 +7,10 @@ grammar (the ``structured`` plugin), is the format most open tool-calling templa
     <tool_call>{"name": "get_weather", "arguments": {"city": "Paris"}}</tool_call>
 
 one block per call (several with ``parallel_tool_calls``). ``auto`` lets the model choose: its
-answer is parsed for such blocks (or an answer that is one bare ``{"name": ..., "arguments": ...}``
-object), and any text outside them is the message's content. A model whose chat template does not
+answer is parsed for such blocks, and any text outside them is the message's content. An answer
+with no block is read as the other formats popular templates teach: one bare ``{"name": ...,
+"arguments": ...}`` object (Llama 3.x writes ``"parameters"`` for ``"arguments"``, after an optional
+``<|python_tag|>``), or a JSON list of them (Mistral's, after its ``[TOOL_CALLS]`` marker). A model whose chat template does not
 take ``tools`` is an error, unless the request asks for the fallback (``tool_fallback``): a system
 message of nextoken's own that lists the tools as JSON and teaches the format above.
 """
@@ -223,27 +225,47 @@ class ToolRequest:
                 kept.append(text[end : block.start()])
                 end = block.end()
                 calls.append(call)
-        if not calls:
-            call = self._call(text.strip())
-            return ("", [call]) if call is not None else (text, [])
+        if not calls:  # a bare call, or a list of them
+            bare = self._bare(text)
+            return ("", bare) if bare else (text, [])
         if not self.parallel:
             calls = calls[:1]
         kept.append(text[end:])
         return "".join(kept).strip(), calls
+
+    def _bare(self, text: str) -> list[ToolCall]:
+        """The calls of an answer that is nothing but one call object, or a list of them (all
+        calls of the tools, else none)."""
+        body = text.strip()
+        for marker in ("<|python_tag|>", "[TOOL_CALLS]"):
+            body = body.removeprefix(marker).strip()
+        try:
+            value = json.loads(body)
+        except ValueError:
+            return []
+        values = value if isinstance(value, list) and value else [value]
+        calls = [self._call_of(v) for v in values]
+        if not all(calls):
+            return []
+        found = [c for c in calls if c is not None]
+        return found if self.parallel else found[:1]
 
     def _call(self, body: str) -> ToolCall | None:
         try:
             value = json.loads(body)
         except ValueError:
             return None
-        if (
-            not isinstance(value, dict)
-            or value.get("name") not in self.names
-            or not isinstance(value.get("arguments", {}), dict)
-        ):
+        return self._call_of(value)
+
+    def _call_of(self, value: Any) -> ToolCall | None:
+        """A call object (``name`` of a tool, ``arguments`` or Llama's ``parameters`` an object) as a
+        ToolCall, or None."""
+        if not isinstance(value, dict) or value.get("name") not in self.names:
             return None
-        arguments = json.dumps(value.get("arguments", {}), ensure_ascii=False)
-        return ToolCall(f"call_{uuid.uuid4().hex[:24]}", value["name"], arguments)
+        arguments = value.get("arguments", value.get("parameters", {}))
+        if not isinstance(arguments, dict):
+            return None
+        return ToolCall(f"call_{uuid.uuid4().hex[:24]}", value["name"], json.dumps(arguments, ensure_ascii=False))
 
     def finish(self, completions: list[Completion]) -> list[Completion]:
         """Each completion with its calls parsed out of its text (finish reason ``tool_calls`` when
@@ -271,7 +293,7 @@ class CallStream:
     :attr:`calls` and :attr:`text` are the answer's, as :meth:`ToolRequest.parse` would give them,
     except that a streamed call keeps the arguments as written. A block whose head is not
     ``{"name": <a tool's>, "arguments": ...`` is held until it ends and judged whole, as is an
-    answer that starts with ``{`` (it may be one bare call)."""
+    answer that starts with ``{`` or ``[`` or a format's marker (it may be bare calls)."""
 
     def __init__(self, request: ToolRequest) -> None:
         """
@@ -319,7 +341,10 @@ class CallStream:
             stripped = buf.lstrip()
             if not stripped:
                 return False
-            self._state = "bare" if stripped.startswith("{") else "text"
+            if any(m.startswith(stripped[: len(m)]) for m in ("<|python_tag|>", "[TOOL_CALLS]")) and len(stripped) < 14:
+                return False  # a format's marker may be coming
+            bare = stripped.startswith(("{", "[", "<|python_tag|>", "[TOOL_CALLS]"))
+            self._state = "bare" if bare else "text"
             return True
         if self._state == "bare":
             return False  # judged whole at the end

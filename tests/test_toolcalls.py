@@ -257,6 +257,9 @@ STREAMED = [
     'text <tool_call>{"arguments": {}, "name": "add"}</tool_call>',
     'text <tool_call>{"name": "fly", "arguments": {}}</tool_call> end',
     "no calls <tool_c",
+    '<|python_tag|>{"name": "add", "parameters": {"a": 1, "b": 2}}',  # Llama 3.x
+    '[TOOL_CALLS][{"name": "add", "arguments": {"a": 1}}, {"name": "get_weather", "arguments": {"city": "X"}}]',
+    "[1, 2, 3] is a list, not calls",
 ]
 
 
@@ -275,3 +278,22 @@ def test_calls_stream_as_they_form_and_agree_with_the_whole_answer(text):
         assert " ".join(stream.text.split()) == " ".join(whole_text.split())
         if size == 1 and text.startswith("Sure"):
             assert [p[0] for p in pieces].count("arguments") > 10  # character by character
+
+
+def test_the_formats_other_templates_teach():
+    """Llama 3.x's bare object with "parameters", Mistral's list after [TOOL_CALLS]: read as calls;
+    a list that is not all calls stays text."""
+    request = ToolRequest(TOOLS, "auto")
+    text, calls = request.parse('<|python_tag|>{"name": "add", "parameters": {"a": 1, "b": 2}}')
+    assert text == "" and [(c.name, json.loads(c.arguments)) for c in calls] == [("add", {"a": 1, "b": 2})]
+    text, calls = request.parse(
+        '[TOOL_CALLS][{"name": "add", "arguments": {"a": 1}}, {"name": "get_weather", "arguments": {}}]'
+    )
+    assert [c.name for c in calls] == ["add", "get_weather"]
+    assert [
+        c.name
+        for c in ToolRequest(TOOLS, "auto", parallel_tool_calls=False).parse(
+            '[{"name": "add", "arguments": {}}, {"name": "add", "arguments": {}}]'
+        )[1]
+    ] == ["add"]
+    assert request.parse('[{"name": "add", "arguments": {}}, {"name": "fly", "arguments": {}}]')[1] == []
