@@ -29,7 +29,7 @@ from __future__ import annotations
 import json
 import math
 import struct
-from collections.abc import Iterator, Mapping
+from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -41,13 +41,22 @@ from nextoken.errors import ExportError
 __all__ = [
     "ARCHITECTURES",
     "FAMILIES",
+    "POOLINGS",
+    "TASKS",
     "BuilderUnavailable",
     "build",
     "coverage_table",
     "covers",
+    "embedding_spec",
+    "local_folder",
     "read_safetensors",
     "rotary",
 ]
+
+#: what a graph is built for: next-token logits over a KV cache, or one vector a sequence
+TASKS = ("generate", "embed")
+#: how an embedding graph makes one vector of a sequence's hidden states
+POOLINGS = ("last", "mean", "cls")
 
 ARCHITECTURES = (
     "llama",
@@ -195,6 +204,9 @@ class Tensors(Mapping):
 
     def drop_prefix(self, prefix: str) -> None:
         self._where = {k.removeprefix(prefix): v for k, v in self._where.items()}
+
+    def add_prefix(self, prefix: str) -> None:
+        self._where = {prefix + k: v for k, v in self._where.items()}
 
     def nbytes(self) -> int:
         """The tensors' size once widened to fp32."""
@@ -741,15 +753,25 @@ class _Graph:
         self.shape, self.data_file = shape, data_file
         self.float_t = np.float16 if dtype == "fp16" else np.float32
         self.elem = TensorProto.FLOAT16 if dtype == "fp16" else TensorProto.FLOAT
+        #: the KV cache's element type (int8 with per-layer scales, ``kv_scales``, else the graph's)
+        self.kv_elem = self.elem
+        self.kv_scales: Sequence[tuple[np.ndarray, np.ndarray]] | None = None
         self.inits: list = []
         self.nodes: list = []
+        #: the cache each layer's attention reads: the graph's past inputs, or (an embedding graph,
+        #: which keeps none) this empty tensor made in the graph
+        self.no_past: str | None = None
 
-    def init(self, name: str, array: np.ndarray) -> str:
-        """An initializer (floats in the graph's precision); returns its name."""
+    def past(self, layer: int, kind: str) -> str:
+        """The name of layer ``layer``'s past ``kind`` (key or value) that its attention reads."""
+        return self.no_past or f"past_key_values.{layer}.{kind}"
+
+    def init(self, name: str, array: np.ndarray, keep_dtype: bool = False) -> str:
+        """An initializer (floats in the graph's precision, unless ``keep_dtype``); returns its name."""
         import onnx
         from onnx import helper, numpy_helper
 
-        if array.dtype.kind == "f":
+        if array.dtype.kind == "f" and not keep_dtype:
             array = array.astype(self.float_t, copy=False)
         array = np.ascontiguousarray(array)
         if self.data_file is None or array.nbytes < 4096:
@@ -827,9 +849,18 @@ def build(
     dtype: str = "fp32",
     untie_head: bool = False,
     external_data: bool | None = None,
+    task: str = "generate",
+    pooling: str = "last",
+    kv_scales: Sequence[tuple[np.ndarray, np.ndarray]] | None = None,
 ) -> dict[str, Any]:
     """Write ``output``/model.onnx for the checkpoint folder ``checkpoint``; returns what the
-    manifest needs (layers, heads, head size, context, vocabulary). ``dtype``: ``fp32``, or ``fp16``
+    manifest needs (layers, heads, head size, context, vocabulary). ``task``: ``generate`` (logits
+    and the KV cache out) or ``embed`` (a sequence's hidden state after the final norm, pooled as
+    ``pooling`` says, out as ``embeddings [batch, hidden]``: :data:`POOLINGS`; no cache, no LM
+    head; the input's padding on the right). ``kv_scales``: keep the KV cache in int8, each layer's
+    keys and values scaled by its ``(k_scale, v_scale)``, ``[kv_heads, head_dim]`` each (what
+    :func:`calibrate_kv` measures; GroupQueryAttention quantises as it writes and dequantises as it
+    reads). ``dtype``: ``fp32``, or ``fp16``
     weights, activations and KV cache (the CUDA precision; logits come out in fp16 and the engine
     samples from them in fp32). ``untie_head``: write a tied LM head as a MatMul of its own (for a
     package about to be quantised: the quantiser then writes it in int4/int8, at an eighth or a
@@ -842,11 +873,17 @@ def build(
 
     if dtype not in DTYPES:
         raise BuilderUnavailable(f"the builder writes {' or '.join(DTYPES)} graphs, not {dtype}")
+    if task not in TASKS:
+        raise ExportError(f"the builder's tasks are {', '.join(TASKS)}, not {task!r}")
+    if pooling not in POOLINGS:
+        raise ExportError(f"pooling is one of {', '.join(POOLINGS)}, not {pooling!r}")
     folder, output = Path(checkpoint), Path(output)
     shape = _shape(_config(folder))
     weights = read_safetensors(folder)
     if shape.arch == "gpt2":  # hub gpt2 checkpoints name their tensors without the prefix
         weights.drop_prefix("transformer.")
+    elif "model.embed_tokens.weight" not in weights and "embed_tokens.weight" in weights:
+        weights.add_prefix("model.")  # a base model's checkpoint (an embedding model's, e.g. Qwen3-Embedding)
     emb = weights["wte.weight" if shape.arch == "gpt2" else "model.embed_tokens.weight"]
     head_init = "lm_head"
     if "lm_head.weight" not in weights and untie_head:
@@ -861,14 +898,27 @@ def build(
     try:
         g = _Graph(shape, dtype, data_file)
         rotary, attrs, gqa_extra = _inputs_and_positions(g, shape, weights, emb)
+        if task == "embed":
+            g.no_past = _no_past(g, shape)
+        if kv_scales is not None:
+            from onnx import TensorProto
+
+            if len(kv_scales) != shape.layers:
+                raise ExportError(f"kv_scales gives {len(kv_scales)} layers' scales for a model of {shape.layers}")
+            g.kv_elem, g.kv_scales = TensorProto.INT8, kv_scales
         residual, pending, pending_bias = "h0", None, None  # pending: the last block's output, not yet added
         for i in range(shape.layers):
             residual, pending, pending_bias = _block(
                 g, shape, _layer(shape, weights, i), i, residual, pending, pending_bias, rotary, attrs, gqa_extra
             )
         assert pending is not None  # every model has a layer
-        vocab = _lm_head(g, shape, weights, emb, head_init, residual, pending, pending_bias)
-        inputs, outputs = _graph_io(g, shape, vocab)
+        vocab = emb.shape[0]
+        if task == "embed":
+            _pooled(g, shape, weights, residual, pending, pending_bias, pooling)
+            inputs, outputs = _embed_io(g, shape)
+        else:
+            _lm_head(g, shape, weights, emb, head_init, residual, pending, pending_bias)
+            inputs, outputs = _graph_io(g, shape, vocab)
         model = helper.make_model(
             helper.make_graph(g.nodes, f"nextoken-{shape.arch}", inputs, outputs, g.inits),
             opset_imports=[helper.make_opsetid("", 17), helper.make_opsetid("com.microsoft", 1)],
@@ -886,11 +936,12 @@ def build(
         "head_dim": shape.stored_head,
         "vocab_size": vocab,
         "context_length": shape.context,
-        "kv_dtype": "float16" if dtype == "fp16" else "float32",
+        "kv_dtype": "int8" if kv_scales is not None else "float16" if dtype == "fp16" else "float32",
         "inputs": tuple(i.name for i in inputs),
         "outputs": tuple(o.name for o in outputs),
         "features": shape.features,
         "rope_switch": shape.rope_switch or None,
+        "hidden_size": shape.hidden,
     }
 
 
@@ -1089,14 +1140,23 @@ def _block(
         qkv_out = f"qkvn{i}"
     if "sinks" in lw:  # inputs 7-10 (rotary, positions, bias) as far as given
         gqa_extra = [*gqa_extra, *[""] * (4 - len(gqa_extra)), init(f"sinks{i}", lw["sinks"])]
+    if g.kv_scales is not None:  # inputs 12, 13: the int8 cache's scales, per KV head and channel
+        k_scale, v_scale = (np.asarray(a, dtype=np.float32).reshape(kv_heads, 1, -1) for a in g.kv_scales[i])
+        gqa_extra = [
+            *gqa_extra,
+            *[""] * (5 - len(gqa_extra)),
+            init(f"k_scale{i}", k_scale, keep_dtype=True),
+            init(f"v_scale{i}", v_scale, keep_dtype=True),
+        ]
+        attrs = {**attrs, "kv_cache_bit_width": 8, "k_quant_type": "PER_CHANNEL", "v_quant_type": "PER_CHANNEL"}
     node(
         "GroupQueryAttention",
         [
             qkv_out,
             "",
             "",
-            f"past_key_values.{i}.key",
-            f"past_key_values.{i}.value",
+            g.past(i, "key"),
+            g.past(i, "value"),
             "seqlens_k",
             "total_len",
             *gqa_extra,
@@ -1236,11 +1296,72 @@ def _lm_head(
     return vocab
 
 
+def _no_past(g: _Graph, shape: _Shape) -> str:
+    """An empty cache ``[batch, kv_heads, 0, head]`` made in the graph: what each layer's attention of
+    an embedding graph reads as its past (every input is a whole first prompt)."""
+    from onnx import helper
+
+    node, init = g.node, g.init
+    node("Slice", ["mask_shape", "zero1", init("one1", np.array([1], dtype=np.int64))], ["batch1"])
+    dims = init("kv_dims", np.array([shape.kv_heads, 0, shape.stored_head], dtype=np.int64))
+    node("Concat", ["batch1", dims], ["no_past_shape"], axis=0)
+    zero = helper.make_tensor("no_past_value", g.elem, [1], [0])
+    node("ConstantOfShape", ["no_past_shape"], ["no_past"], value=zero)
+    return "no_past"
+
+
+def _pooled(
+    g: _Graph,
+    shape: _Shape,
+    weights: Tensors,
+    residual: str,
+    pending: str,
+    pending_bias: np.ndarray | None,
+    pooling: str,
+) -> None:
+    """The final norm, then one vector a row (``embeddings [batch, hidden]``): the last real
+    token's hidden state (``last``: padding is on the right, so at the row's length - 1), the mean
+    over the real tokens (``mean``), or the first token's (``cls``)."""
+    node, init = g.node, g.init
+    if shape.arch == "gpt2":
+        final_w, final_b = weights["ln_f.weight"], weights["ln_f.bias"]
+    else:
+        final_w, final_b = weights["model.norm.weight"] + (1.0 if shape.arch in GEMMAS else 0.0), None
+    g.skip_norm(pending, residual, final_w, final_b, pending_bias, "final", "ln_final")
+    if pooling == "last":
+        node("Unsqueeze", ["mask_sum_1", init("axes12", np.array([1, 2], dtype=np.int64))], ["last_index3"])
+        row = init("row_shape", np.array([1, 1, shape.hidden], dtype=np.int64))
+        node("Expand", ["last_index3", row], ["last_index_rows"])
+        node("GatherElements", ["final", "last_index_rows"], ["last_rows"], axis=1)
+        node("Squeeze", ["last_rows", "axis1"], ["embeddings"])
+    elif pooling == "mean":
+        node("Cast", ["attention_mask"], ["mask_f"], to=g.elem)
+        node("Unsqueeze", ["mask_f", init("axis_last", np.array([-1], dtype=np.int64))], ["mask_f3"])
+        node("Mul", ["final", "mask_f3"], ["final_masked"])
+        node("ReduceSum", ["final_masked", "axis1"], ["final_sum"], keepdims=0)
+        node("ReduceSum", ["mask_f", "axis1"], ["mask_count"], keepdims=1)
+        node("Div", ["final_sum", "mask_count"], ["embeddings"])
+    else:  # cls
+        node("Gather", ["final", "zero1"], ["first_rows"], axis=1)
+        node("Squeeze", ["first_rows", "axis1"], ["embeddings"])
+
+
+def _embed_io(g: _Graph, shape: _Shape) -> tuple[list, list]:
+    """An embedding graph's inputs and output: ids and mask in, ``embeddings [batch, hidden]`` out."""
+    from onnx import TensorProto, helper
+
+    inputs = [
+        helper.make_tensor_value_info("input_ids", TensorProto.INT64, ["batch_size", "sequence_length"]),
+        helper.make_tensor_value_info("attention_mask", TensorProto.INT64, ["batch_size", "sequence_length"]),
+    ]
+    return inputs, [helper.make_tensor_value_info("embeddings", g.elem, ["batch_size", shape.hidden])]
+
+
 def _graph_io(g: _Graph, shape: _Shape, vocab: int) -> tuple[list, list]:
     """The graph's inputs and outputs: ids, mask, logits_to_keep, the cache in; logits, the cache out."""
     from onnx import TensorProto, helper
 
-    kv_heads, head, elem = shape.kv_heads, shape.stored_head, g.elem
+    kv_heads, head, elem, kv_elem = shape.kv_heads, shape.stored_head, g.elem, g.kv_elem
     inputs = [
         helper.make_tensor_value_info("input_ids", TensorProto.INT64, ["batch_size", "sequence_length"]),
         helper.make_tensor_value_info("attention_mask", TensorProto.INT64, ["batch_size", "total_sequence_length"]),
@@ -1251,18 +1372,73 @@ def _graph_io(g: _Graph, shape: _Shape, vocab: int) -> tuple[list, list]:
         for kind in ("key", "value"):
             inputs.append(
                 helper.make_tensor_value_info(
-                    f"past_key_values.{i}.{kind}", elem, ["batch_size", kv_heads, "past_sequence_length", head]
+                    f"past_key_values.{i}.{kind}", kv_elem, ["batch_size", kv_heads, "past_sequence_length", head]
                 )
             )
             outputs.append(
                 helper.make_tensor_value_info(
-                    f"present.{i}.{kind}", elem, ["batch_size", kv_heads, "total_sequence_length", head]
+                    f"present.{i}.{kind}", kv_elem, ["batch_size", kv_heads, "total_sequence_length", head]
                 )
             )
     return inputs, outputs
 
 
-def _local_folder(source: str, offline: bool) -> Path:
+def embedding_spec(
+    folder: Path, pooling: str | None = None, normalize: bool | None = None, truncatable: bool = False
+) -> dict[str, Any]:
+    """How an embedding model makes its vectors: ``pooling`` and ``normalize`` as given, else as the
+    checkpoint's sentence-transformers files say (``modules.json``: its Pooling module's config and
+    whether a Normalize module follows; ``config_sentence_transformers.json``: its named prompts),
+    else last-token pooling, normalised (decoder embedding models' recipe). ``truncatable``: the
+    model was trained so that a prefix of its vector is an embedding too (Matryoshka)."""
+    st_pooling, st_normalize = None, None
+    modules_path = folder / "modules.json"
+    if modules_path.is_file():
+        try:
+            modules = json.loads(modules_path.read_text())
+            st_normalize = any(str(m.get("type", "")).endswith("Normalize") for m in modules)
+            pool = next((m for m in modules if str(m.get("type", "")).endswith("Pooling")), None)
+            if pool is not None:
+                config = json.loads((folder / pool["path"] / "config.json").read_text())
+                modes = {
+                    "pooling_mode_lasttoken": "last",
+                    "pooling_mode_mean_tokens": "mean",
+                    "pooling_mode_cls_token": "cls",
+                }
+                chosen = [name for key, name in modes.items() if config.get(key)]
+                others = [k for k, v in config.items() if k.startswith("pooling_mode_") and v and k not in modes]
+                if others or len(chosen) > 1:
+                    raise BuilderUnavailable(
+                        f"its sentence-transformers pooling ({', '.join(others + chosen)}) is not one of "
+                        f"{', '.join(POOLINGS)}; give --pooling to build it another way"
+                    )
+                st_pooling = chosen[0] if chosen else None
+        except (OSError, ValueError, TypeError, KeyError, AttributeError) as exc:
+            raise ExportError(
+                f"{modules_path} or its Pooling config is unreadable ({type(exc).__name__}: {exc})"
+            ) from None
+    spec: dict[str, Any] = {
+        "pooling": pooling or st_pooling or "last",
+        "normalize": normalize if normalize is not None else (st_normalize if st_normalize is not None else True),
+        "truncatable": bool(truncatable),
+    }
+    st_config = folder / "config_sentence_transformers.json"
+    if st_config.is_file():
+        try:
+            config = json.loads(st_config.read_text())
+        except (OSError, ValueError) as exc:
+            raise ExportError(f"{st_config} is unreadable ({exc})") from None
+        prompts = config.get("prompts") or {}
+        if isinstance(prompts, dict) and all(isinstance(v, str) for v in prompts.values()):
+            spec["prompts"] = {str(k): v for k, v in prompts.items()}
+        if isinstance(config.get("default_prompt_name"), str) and config["default_prompt_name"] in spec.get(
+            "prompts", {}
+        ):
+            spec["default_prompt"] = config["default_prompt_name"]
+    return spec
+
+
+def local_folder(source: str, offline: bool) -> Path:
     """The checkpoint's folder: ``source`` itself, or the hub snapshot of the id ``source``."""
     path = Path(source).expanduser()
     if path.is_dir():
@@ -1292,12 +1468,19 @@ def build_package(
     device: str = "cpu",
     offline: bool = False,
     untie_head: bool = False,
+    task: str = "generate",
+    pooling: str | None = None,
+    normalize: bool | None = None,
+    truncatable: bool = False,
     say=lambda _m: None,
 ):
     """A whole package at ``package`` (the stage of ``output``) from ``source``: the builder's graph,
     the tokenizer and config files, the manifest, and (``check``) the parity check against PyTorch
     in fp32, with the package running on ``device``, recorded (``atol`` None: 1e-3 for fp32; for
-    fp16, ``FP16_RTOL`` of the largest |logit|)."""
+    fp16, ``FP16_RTOL`` of the largest |logit|). ``task="embed"``: an embedding package
+    (:func:`embedding_spec` says how it pools, from ``pooling``, ``normalize``, ``truncatable`` and
+    the checkpoint's sentence-transformers files), checked against transformers' pooled hidden
+    states."""
     import shutil
     from types import SimpleNamespace
 
@@ -1305,10 +1488,16 @@ def build_package(
 
     from .package import PACKAGE_FILES, ExportReport, Stages, checked_parity, eos_ids, export_versions
 
-    folder = _local_folder(source, offline)
+    folder = local_folder(source, offline)
     stages = Stages(3 if check else 2, say)
-    with stages(f"building {folder.name} with nextoken's builder (fused operators, {dtype})"):
-        shape = build(folder, package, dtype=dtype, untie_head=untie_head)
+    spec = embedding_spec(folder, pooling, normalize, truncatable) if task == "embed" else None
+    what = f"an embedding model, {spec['pooling']} pooling" if spec else "fused operators"
+    with stages(f"building {folder.name} with nextoken's builder ({what}, {dtype})"):
+        shape = build(
+            folder, package, dtype=dtype, untie_head=untie_head, task=task, pooling=spec["pooling"] if spec else "last"
+        )
+    if spec is not None:
+        spec["dimensions"] = shape["hidden_size"]
     with stages("writing the model package"):
         for name in PACKAGE_FILES:
             if (folder / name).is_file():
@@ -1344,6 +1533,8 @@ def build_package(
             source=str(source),
             padding_side="right",
             rope_switch=shape["rope_switch"],
+            task=task,
+            embedding=spec,
             exported_by={
                 **export_versions(),
                 "builder": "nextoken",

@@ -371,6 +371,11 @@ def export(
     backend: str = "nextoken",
     genai_python: str | None = None,
     progress: Progress | None = say,
+    task: str = "generate",
+    pooling: str | None = None,
+    normalize: bool | None = None,
+    truncatable: bool = False,
+    kv_dtype: str | None = None,
 ) -> ExportReport:
     """Export ``source`` (a hub id or a local transformers checkpoint) to the package directory ``output``.
 
@@ -392,6 +397,12 @@ def export(
     the builder's. Where that route does not apply (the builder cannot build the model, or the
     head size is one GroupQueryAttention cannot run), the plain graph is exported, with a warning.
     ``progress`` gets one line per stage (None: silent).
+    ``task="embed"``: an embedding package (nextoken's builder only): the hidden states pooled as
+    ``pooling`` says (``last``, ``mean``, ``cls``; None: as the checkpoint's sentence-transformers
+    config says, else ``last``), unit vectors unless ``normalize`` is False, ``truncatable`` when
+    the model was trained for shorter vectors (Matryoshka); see :mod:`nextoken.embedding`.
+    ``kv_dtype="int8"``: the KV cache in int8 (a quarter of fp32's bytes), scales calibrated at
+    export, its accuracy against the fp32 cache in the manifest (:mod:`nextoken.exporters.kvquant`).
     """
     source = str(source)
     output = Path(output).expanduser()
@@ -406,6 +417,14 @@ def export(
         raise ExportError(f"--quantize {quantize} starts from fp32 weights; drop --dtype {dtype}")
     if dtype != "fp32" and backend == "genai":
         raise ExportError(f"the genai backend builds fp32 or int4 CPU graphs; export {dtype} with the default backend")
+    if task not in ("generate", "embed"):
+        raise ExportError(f"export task {task!r} is not known; use generate or embed")
+    if task == "embed" and (backend != "nextoken" or quantize):
+        raise ExportError(
+            "--task embed is built by nextoken's own builder, in fp32 or fp16: drop --backend and --quantize"
+        )
+    if kv_dtype is not None and (kv_dtype != "int8" or backend != "nextoken"):
+        raise ExportError(f"--kv-dtype {kv_dtype}: nextoken's builder keeps the KV cache in int8 (--kv-dtype int8)")
     if output.exists() and (not output.is_dir() or (any(output.iterdir()) and not (output / MANIFEST_NAME).exists())):
         raise ExportError(f"output {output} exists and is not an empty directory or a nextoken package; choose another")
     if device == "cuda":
@@ -438,8 +457,18 @@ def export(
                     device=device,
                     offline=not _looks_local(source) and not _hub_reachable()[0],
                     untie_head=quantize is not None,
+                    task=task,
+                    pooling=pooling,
+                    normalize=normalize,
+                    truncatable=truncatable,
                     say=say,
                 )
+                if kv_dtype is not None:
+                    from .builder import local_folder
+                    from .kvquant import int8_cache
+
+                    folder = local_folder(source, not _looks_local(source) and not _hub_reachable()[0])
+                    report.manifest = int8_cache(folder, package, dtype, quantize is not None, say)
                 if quantize:
                     say(f"quantising to {quantize} and measuring it against fp32 ...")
                     report.manifest, report.accuracy = _quantized(package, report.manifest, quantize, block_size)
@@ -448,6 +477,9 @@ def export(
             say(report.summary())
             return report
         except BuilderUnavailable as exc:
+            if task == "embed" or kv_dtype is not None:
+                what = "an embedding model" if task == "embed" else "with an int8 KV cache"
+                raise ExportError(f"cannot build {source!r} {what}: {exc}") from None
             say(f"note: nextoken's builder does not cover this model ({exc}); exporting optimum's graph instead")
     _require_export_stack()
     if backend == "genai":

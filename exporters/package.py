@@ -75,13 +75,17 @@ class ExportReport:
 
     def summary(self) -> str:
         m = self.manifest
+        what, over = ("embeddings", "rows") if m.embeds else ("logits", "positions")
         parity = (
-            f"parity over {self.parity_tokens} positions: max |Δ logits| = {self.max_abs_diff:.2e} "
+            f"parity over {self.parity_tokens} {over}: max |Δ {what}| = {self.max_abs_diff:.2e} "
             f"(tolerance {self.atol:.1e})"
             if self.parity_tokens
             else "parity not checked (--no-check)"
         )
         features = f"{m.exported_by['features']}; " if m.exported_by.get("features") else ""
+        if m.embeds and m.embedding:
+            e = m.embedding
+            features += f"embeddings of {e['dimensions']}, {e['pooling']} pooling{', normalised' if e.get('normalize') else ''}; "
         return (
             f"exported {m.architecture} ({m.num_layers} layers, {m.num_kv_heads} KV heads x {m.head_dim}, "
             f"context {m.context_length}; {features}{m.route}) to {self.output}; {parity}"
@@ -218,6 +222,53 @@ def parity_check(
     return diff, len(ids), scale, half_diff
 
 
+def embedding_parity_check(
+    source: str, package: Path, offline: bool = False, device: str = "cpu", half_above: float | None = None
+) -> tuple[float, int, float, float | None]:
+    """(max |Δ|, rows, max |value|, PyTorch fp16's own max |Δ| or None) between transformers' base
+    model's pooled last hidden states (fp32, padding on the right, pooled as the manifest says,
+    before any normalisation) and the package's, over three rows of different lengths in one batch
+    (so the padding is tested too)."""
+    import numpy as np
+    import torch
+    from transformers import AutoModel
+
+    from nextoken.embedding import Embedder
+    from nextoken.engine import Engine
+
+    engine = Engine(package, device=device, plugins=False, verify=False)
+    try:
+        ids = parity_ids(engine)
+        rows = [ids, ids[: max(2, len(ids) // 2)], ids[:3]]
+        spec = engine.manifest.embedding or {}
+        raw = Embedder(engine.session, {**spec, "normalize": False}, engine.pad_token_id)
+        got = raw.vectors(rows)
+    finally:
+        engine.close()
+    model = AutoModel.from_pretrained(source, dtype=torch.float32, local_files_only=offline).eval()
+
+    def pooled(m) -> np.ndarray:
+        out = []
+        for row in rows:  # one row at a time: no padding in the reference
+            with torch.no_grad():
+                hidden = m(torch.tensor([row])).last_hidden_state[0].float().numpy()
+            out.append({"last": hidden[-1], "mean": hidden.mean(axis=0), "cls": hidden[0]}[spec["pooling"]])
+        return np.stack(out)
+
+    expected = pooled(model)
+    if not np.isfinite(expected).all() or np.abs(np.diff(expected, axis=0)).max() < 1e-6:
+        raise ExportError(
+            "the parity check cannot judge this export: PyTorch's embeddings are not finite or ignore the input"
+        )
+    diff = float(np.abs(got - expected).max())
+    if not np.isfinite(diff):
+        diff = float("inf")
+    half_diff, scale = None, float(np.abs(expected).max())
+    if half_above is not None and diff > half_above * max(1.0, scale):
+        half_diff = float(np.abs(pooled(model.to(torch.float16)) - expected).max())
+    return diff, len(rows), scale, half_diff
+
+
 def checked_parity(
     source: str,
     package: Path,
@@ -241,8 +292,9 @@ def checked_parity(
     if not check:
         return manifest, float("nan"), tolerance, 0
     yardstick = atol is None and dtype == "fp16"
-    with stages(f"checking ONNX logits against PyTorch (on {device})"):
-        diff, n, scale, half_diff = parity_check(
+    what, check_fn = ("embeddings", embedding_parity_check) if manifest.embeds else ("logits", parity_check)
+    with stages(f"checking ONNX {what} against PyTorch (on {device})"):
+        diff, n, scale, half_diff = check_fn(
             source, package, offline, device, half_above=FP16_RTOL if yardstick else None
         )
     if yardstick:
@@ -250,7 +302,7 @@ def checked_parity(
     if not diff <= tolerance:
         where = f"{output} keeps the package it had" if output.exists() else f"nothing was written to {output}"
         raise ExportError(
-            f"parity check failed: max |Δ logits| between ONNX ({dtype}) and PyTorch (fp32) is "
+            f"parity check failed: max |Δ {what}| between ONNX ({dtype}) and PyTorch (fp32) is "
             f"{diff:.3e}, over the tolerance {tolerance:.1e}; the export is not trustworthy, and {where}"
         )
     return record_parity(package, manifest, diff, tolerance, n, device), diff, tolerance, n

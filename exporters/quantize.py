@@ -230,7 +230,7 @@ def share_embedding(model, block_size: int, bits: int = 4) -> bool:
     return True
 
 
-def _sample(ref, prompt: str, tokens: int) -> tuple[list[int], list[int]]:
+def greedy_sample(ref, prompt: str, tokens: int) -> tuple[list[int], list[int]]:
     """The ids of ``prompt`` (random ids without a tokenizer) and the fp32 engine ``ref``'s
     ``tokens`` greedy tokens after them: the sequence every accuracy figure reads."""
     import numpy as np
@@ -253,7 +253,7 @@ def compare_accuracy(fp32_package: Path, quantized_package: Path, prompt: str, t
         Engine(fp32_package, device="cpu", plugins=False, verify=False) as ref,
         Engine(quantized_package, device="cpu", plugins=False, verify=False) as q,
     ):
-        ids, expected = _sample(ref, prompt, tokens)
+        ids, expected = greedy_sample(ref, prompt, tokens)
         got = q.generate(ids, max_new_tokens=tokens, ignore_eos=True).token_ids
         same = next((i for i, (a, b) in enumerate(zip(expected, got)) if a != b), len(expected))
         seq = ids + expected[:-1]
@@ -437,7 +437,7 @@ def quantize_package(package: Path, method: str, block_size: int, prompt: str) -
             from nextoken.engine import Engine
 
             with Engine(aside, device="cpu", plugins=False, verify=False) as ref:
-                ids, expected = _sample(ref, prompt, 64)
+                ids, expected = greedy_sample(ref, prompt, 64)
             chosen, measured = activation_remedy(aside, package, ids + expected[:-1], block_size)
         Manifest.load(package).with_files(package).save(package)
         accuracy = compare_accuracy(aside, package, prompt)

@@ -80,7 +80,24 @@ def grammar_of(params) -> tuple[str, str] | None:
             grammar = matcher.grammar_from_lark(params.grammar)
     except (TypeError, ValueError, RecursionError) as exc:
         raise InvalidRequestError(f"{field}: the {FIELDS[field]} is not valid: {clean(str(exc))}") from None
+    if params.thinking is not None:
+        grammar = after_thinking(grammar, *params.thinking)
     return field, grammar
+
+
+def after_thinking(grammar: str, start: str, end: str) -> str:
+    """``grammar`` (llguidance's: Lark text or its JSON) held after a reasoning model's thinking:
+    an optional block from ``start`` to the first ``end``, free text, then whitespace, then the
+    answer the grammar describes; with ``start`` empty the answer begins inside the thinking (the
+    prompt opened it), so the block runs to ``end`` first."""
+    top = json.loads(grammar) if grammar.lstrip().startswith("{") else {"grammars": [{"lark_grammar": grammar}]}
+    inner = list(top["grammars"])
+    inner[0] = {**inner[0], "name": "nextoken_answer"}
+    tags = f"{_lark_string(start)} " if start else ""
+    block = f"think[lazy]: {tags}/(.|\\n)*/ {_lark_string(end)}"
+    head = "think /[ \\t\\n]*/" if not start else "/[ \\t\\n]*/ (think /[ \\t\\n]*/)?"
+    outer = f"start: {head} @nextoken_answer\n{block}"
+    return json.dumps({**top, "grammars": [{"lark_grammar": outer}, *inner]})
 
 
 def vocabulary(tokenizer_json: str, vocab_size: int, eos_token_ids: list[int] | None = None):

@@ -25,6 +25,7 @@ from .reasoning import ThinkTags
 from .registry import Registry
 from .scheduler import RequestHandle, Scheduler
 from .tokenizer import IncrementalDecoder, Tokenizer
+from .toolcalls import ToolFormat
 from .types import (
     BatchState,
     Charge,
@@ -72,6 +73,7 @@ __all__ = [
     "TokenLogprob",
     "Tokenizer",
     "ToolCall",
+    "ToolFormat",
     "Usage",
     "__version__",
     "hookimpl",

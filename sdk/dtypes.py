@@ -40,6 +40,8 @@ DTYPES: dict[str, DType] = {
         # numpy has no bfloat16, so the cache cannot be made or copied through it yet
         DType("bfloat16", "bf16", "tensor(bfloat16)", 16, 2, None, False),
         DType("float64", "fp64", "tensor(double)", 11, 8, np.float64, True),
+        # an int8 KV cache: GroupQueryAttention's own quantised cache (scales in the graph)
+        DType("int8", "int8", "tensor(int8)", 3, 1, np.int8, True),
         DType("int64", "int64", "tensor(int64)", 7, 8, np.int64, False),
         DType("int32", "int32", "tensor(int32)", 6, 4, np.int32, False),
     )

@@ -23,6 +23,7 @@ from .device import (
     spin_policy,
 )
 from .dtypes import kv_dtype
+from .embedding import Embedder
 from .errors import ContextWindowError, InvalidRequestError, ModelPackageError, NextokenError
 from .generation import Generation
 from .intake import Intake, Prompt, is_single, resolve_params
@@ -30,13 +31,13 @@ from .kvbackends import KVBackend, for_request
 from .manifest import Manifest, TensorSpec
 from .prefixcache import DiskTier, Layout, PrefixCache, package_identity
 from .probes import release_free_heap
-from .reasoning import ReasoningParser, pick_parser, split_answer
+from .reasoning import ReasoningParser, pick_parser, split_answer, thinking_tags
 from .registry import Registry, resolve_names
 from .runner import CacheOps, StepRunner
 from .scheduler import Scheduler
 from .speculation import StepCost
 from .tokenizer import GuardedTokenizer, Tokenizer
-from .toolcalls import ToolRequest
+from .toolcalls import ToolFormat, ToolRequest, pick_tool_parser
 from .types import Completion, SamplingParams, StreamEvent
 
 __all__ = ["Engine", "Prompt"]
@@ -168,6 +169,10 @@ class Engine:
                 "prefix_cache_dir needs prefix_cache_bytes > 0: the disk tier's entries are loaded "
                 "into the memory tier (--prefix-cache-mb)"
             )
+        if prefix_cache_bytes > 0 and self.manifest.embeds:
+            raise NextokenError(
+                f"{self.path} makes embeddings and keeps no KV cache; leave the prefix cache off for it"
+            )
         if prefix_cache_bytes > 0 and self.manifest.rope_switch:
             raise NextokenError(
                 f"{self.path} switches its rotary factors at {self.manifest.rope_switch} tokens "
@@ -197,6 +202,10 @@ class Engine:
         self.eos_token_ids: tuple[int, ...] = tuple(self.manifest.eos_token_ids)
         pad = self.manifest.pad_token_id
         self.pad_token_id = pad if pad is not None else (self.eos_token_ids[0] if self.eos_token_ids else 0)
+        #: an embedding package's runs (:meth:`embed`); None for a package that generates
+        self.embedder: Embedder | None = None
+        if self.manifest.embeds:
+            self.embedder = Embedder(self.session, self.manifest.embedding or {}, self.pad_token_id)
         #: where requests come in: prompts and parameters checked and built into a Generation
         self.intake = self._new_intake()
         log.info("nextoken: %s", self.device.describe())
@@ -363,6 +372,7 @@ class Engine:
         tool_fallback: bool = False,
         reasoning: str | None = "auto",
         chat_template_kwargs: Mapping[str, Any] | None = None,
+        tool_parser: str = "auto",
         **overrides: Any,
     ) -> Completion | list[Completion]:
         """Answer a conversation (``[{"role": "user", "content": "..."}, ...]``) with the model's chat template.
@@ -377,11 +387,15 @@ class Engine:
         ``completion.reasoning`` (``"auto"``: ``think`` for a template that closes a think tag;
         None: none; :mod:`nextoken.reasoning`); tool calls are read from the answer after it.
         ``chat_template_kwargs``: more variables for the template (e.g. ``{"enable_thinking": False}``).
+        ``tool_parser``: the format calls are written in (``hermes``, ``llama3_json``, ``mistral``,
+        a plugin's; ``"auto"``: the template's, :meth:`tool_format`).
         """
-        request = ToolRequest.of(tools, tool_choice, parallel_tool_calls, tool_fallback)
+        fmt = self.tool_format(tool_parser) if tools is not None else None
+        request = ToolRequest.of(tools, tool_choice, parallel_tool_calls, tool_fallback, fmt)
         parser = self.reasoning_parser(reasoning)
         params = resolve_params(params, overrides)
         ids, params = self.chat_prompt(messages, params, request, chat_template_kwargs)
+        params = self.after_thinking(params, parser, ids)
         completions = self.generate(ids, params)
         answers = completions if isinstance(completions, list) else [completions]
         if parser is not None:
@@ -398,6 +412,24 @@ class Engine:
             return None
         (piece,) = resolve_names("reasoning_parser", [chosen], self.plugins)
         return piece.make(None)
+
+    def after_thinking(
+        self, params: SamplingParams, parser: ReasoningParser | None, prompt: Sequence[int]
+    ) -> SamplingParams:
+        """``params`` whose constraint (structured output, tool calls) holds after the answer's
+        thinking, which stays free, when ``parser`` splits thinking off by tags; as they are otherwise."""
+        constrained = any(getattr(params, k) for k in ("response_format", "regex", "choice", "grammar"))
+        tags = thinking_tags(parser, self.prompt_tail(prompt)) if parser is not None and constrained else None
+        return params.replace(thinking=tags) if tags is not None else params
+
+    def tool_format(self, name: str | None = "auto") -> ToolFormat:
+        """The tool-call format ``name`` names (a plugin's, ``register_tool_parsers``; ``"auto"``:
+        the chat template's, :func:`~nextoken.toolcalls.pick_tool_parser`)."""
+        (piece,) = resolve_names("tool_parser", [pick_tool_parser(name, self.chat_template)], self.plugins)
+        fmt = piece.make(None)
+        if not isinstance(fmt, ToolFormat):
+            raise piece.error(TypeError(f"its factory made a {type(fmt).__name__}, not a ToolFormat"))
+        return fmt
 
     def split_reasoning(
         self, completions: Sequence[Completion], parser: ReasoningParser, prompt: Sequence[int]
@@ -430,6 +462,51 @@ class Engine:
         if tools is not None:
             params = tools.constrain(params)
         return self.apply_chat_template(messages, tools=tools, template_kwargs=template_kwargs), params
+
+    # -- embeddings ------------------------------------------------------------------------------------
+    def embedding_rows(self, inputs: Prompt | Sequence[Prompt], prompt: str | None = None) -> list[list[int]]:
+        """The token rows :meth:`embed` runs for ``inputs`` (a text or ids, or a list of them): each
+        text after the named ``prompt``'s prefix, tokenised; each row checked against the
+        vocabulary and the window."""
+        embedder = self.need_embedder()
+        self.intake.check_open()
+        items: list[Prompt] = [inputs] if is_single(inputs) else list(inputs)  # type: ignore[list-item, arg-type]
+        if not items:
+            raise InvalidRequestError("embed needs at least one input")
+        prefix = embedder.prompt_prefix(prompt)
+        rows = []
+        for i, item in enumerate(items):
+            if isinstance(item, str) and prefix:
+                item = prefix + item
+            row = self.intake.prompt_ids(item, None if len(items) == 1 else i)
+            if len(row) > self.manifest.context_length:
+                where = "the input" if len(items) == 1 else f"input {i}"
+                raise ContextWindowError(
+                    f"{where} is {len(row)} tokens, over this model's {self.manifest.context_length}; shorten it"
+                )
+            rows.append(row)
+        return rows
+
+    def embed(
+        self, inputs: Prompt | Sequence[Prompt], *, dimensions: int | None = None, prompt: str | None = None
+    ) -> np.ndarray:
+        """Embeddings of ``inputs`` (a text or token ids, or a list of them) from a package exported
+        with ``--task embed``: a float32 array ``[len(inputs), dimensions]`` (one row for a single
+        input), pooled and normalised as the model was trained (:mod:`nextoken.embedding`).
+        ``dimensions``: fewer than the model's, for a model trained for it (``truncatable``);
+        ``prompt``: the name of one of the model's prompts (e.g. ``"query"``) put before each text
+        (None: its default prompt, if any)."""
+        embedder = self.need_embedder()
+        return embedder.vectors(self.embedding_rows(inputs, prompt), dimensions)
+
+    def need_embedder(self) -> Embedder:
+        """The embedding runs, or an error saying this package generates text."""
+        if self.embedder is None:
+            raise InvalidRequestError(
+                f"{self.path} generates text; embeddings come from a package exported with "
+                "`nextoken export MODEL --task embed`"
+            )
+        return self.embedder
 
     def forward(self, input_ids: Sequence[int] | np.ndarray, cached: bool = False) -> np.ndarray:
         """Logits ``[S, V]`` for every position of one sequence, in one pass with an empty cache;

@@ -133,6 +133,18 @@ def register_reasoning_parsers(register: Callable[..., None]) -> None:
     """
 
 
+@hookspec
+def register_tool_parsers(register: Callable[..., None]) -> None:
+    """Provide tool-call formats: ``register(name, factory)``.
+
+    ``factory(options: dict | None) -> ToolFormat`` (:class:`nextoken.toolcalls.ToolFormat`: tagged
+    blocks or bare JSON, the arguments' key): how a template teaches calls to be written, so that
+    ``tool_choice`` ``required`` or a named function holds the answer to that format and a streamed
+    answer's calls are found in it. A chat names one (``tool_parser="mistral"``; ``"auto"``: picked
+    from the chat template, :func:`nextoken.toolcalls.pick_tool_parser`).
+    """
+
+
 # -- what a plugin observes ---------------------------------------------------------------------------
 
 

@@ -118,6 +118,11 @@ class Intake:
     ) -> Generation:
         """A passive :class:`~nextoken.Generation` for ``prompts`` (nothing has run yet)."""
         self.check_open()
+        if self.manifest.embeds:
+            raise InvalidRequestError(
+                f"{self.source} is an embedding model (exported with --task embed): it makes vectors, "
+                "not text; use Engine.embed or /v1/embeddings"
+            )
         params = resolve_params(params, overrides)
         vocab = self.manifest.vocab_size
         outside = [t for t in params.logit_bias if t >= vocab]

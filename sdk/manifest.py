@@ -108,15 +108,36 @@ class Manifest:
     #: longrope packages: a sequence longer than this many tokens rotates with the long factors, and
     #: the first step past it runs the whole sequence again (as transformers does); None: no switch
     rope_switch: int | None = None
+    #: what the graph is for: ``generate`` (logits over a KV cache) or ``embed`` (one vector a
+    #: sequence, ``embeddings [batch, hidden]`` out, no cache)
+    task: str = "generate"
+    #: an embedding package's: ``pooling`` (last, mean, cls), ``normalize`` (unit vectors),
+    #: ``dimensions`` (the vector's size), ``truncatable`` (trained so a prefix of the vector is an
+    #: embedding: OpenAI's ``dimensions``), ``prompts`` (named prefixes, as sentence-transformers
+    #: has them) and ``default_prompt``
+    embedding: Mapping[str, Any] | None = None
+    #: an int8 KV cache's (``kv_dtype`` int8): bits, granularity, the calibration, and its accuracy
+    #: against the fp32 cache (:mod:`nextoken.exporters.kvquant`)
+    kv_quantization: Mapping[str, Any] | None = None
     format_version: int = FORMAT_VERSION
 
     # -- names -----------------------------------------------------------------------------
+    @property
+    def embeds(self) -> bool:
+        """Whether the package makes embeddings (``task`` ``embed``) rather than text."""
+        return self.task == "embed"
+
     def past_names(self) -> list[str]:
-        """Graph inputs that carry the KV cache in, layer by layer, key before value."""
+        """Graph inputs that carry the KV cache in, layer by layer, key before value (none for an
+        embedding graph)."""
+        if self.embeds:
+            return []
         return [self.past_pattern.format(layer=i, kind=k) for i in range(self.num_layers) for k in ("key", "value")]
 
     def present_names(self) -> list[str]:
         """Graph outputs that carry the KV cache out, in the order of :meth:`past_names`."""
+        if self.embeds:
+            return []
         return [self.present_pattern.format(layer=i, kind=k) for i in range(self.num_layers) for k in ("key", "value")]
 
     @property
@@ -139,6 +160,8 @@ class Manifest:
         d["quantization"] = dict(self.quantization) if self.quantization else None
         d["parity"] = dict(self.parity) if self.parity else None
         d["file_sizes"] = dict(self.file_sizes)
+        d["embedding"] = dict(self.embedding) if self.embedding else None
+        d["kv_quantization"] = dict(self.kv_quantization) if self.kv_quantization else None
         return {"format_version": d.pop("format_version"), **d}
 
     def save(self, directory: str | Path) -> Path:
@@ -180,6 +203,18 @@ class Manifest:
         for key in ("num_layers", "num_kv_heads", "head_dim", "vocab_size", "context_length"):
             if not isinstance(kwargs[key], int) or kwargs[key] <= 0:
                 raise ModelPackageError(f"{where}: {key} must be a positive integer, not {kwargs[key]!r}.")
+        if kwargs.get("task", "generate") not in ("generate", "embed"):
+            raise ModelPackageError(f"{where}: task must be generate or embed, not {kwargs['task']!r}")
+        embedding = kwargs.get("embedding")
+        if kwargs.get("task") == "embed" and not (
+            isinstance(embedding, Mapping)
+            and embedding.get("pooling") in ("last", "mean", "cls")
+            and is_integer(embedding.get("dimensions"))
+        ):
+            raise ModelPackageError(
+                f"{where}: an embedding package needs embedding.pooling (last, mean or cls) and "
+                "embedding.dimensions; re-export it with `nextoken export --task embed`"
+            )
         switch = kwargs.get("rope_switch")
         if switch is not None and (not is_integer(switch) or switch <= 0):
             raise ModelPackageError(f"{where}: rope_switch must be a positive integer or null, not {switch!r}.")
@@ -353,7 +388,14 @@ class Manifest:
         for name in ("input_ids", "attention_mask"):
             if name not in graph_in:
                 problems.append(f"the graph has no {name} input")
-        if "logits" not in graph_out:
+        if self.embeds:
+            spec = graph_out.get("embeddings")
+            width = (self.embedding or {}).get("dimensions")
+            if spec is None:
+                problems.append("the graph has no embeddings output")
+            elif isinstance(spec.shape[-1], int) and spec.shape[-1] != width:
+                problems.append(f"embedding.dimensions is {width} in the manifest but the graph's are {spec.shape[-1]}")
+        elif "logits" not in graph_out:
             problems.append("the graph has no logits output")
         else:
             vocab = graph_out["logits"].shape[-1]

@@ -18,7 +18,16 @@ from typing import Protocol
 from .errors import InvalidRequestError
 from .types import Completion
 
-__all__ = ["ReasoningParser", "Splitter", "ThinkTags", "count_reasoning_tokens", "pick_parser", "split", "split_answer"]
+__all__ = [
+    "ReasoningParser",
+    "Splitter",
+    "ThinkTags",
+    "count_reasoning_tokens",
+    "pick_parser",
+    "split",
+    "split_answer",
+    "thinking_tags",
+]
 
 
 class Splitter(Protocol):
@@ -155,6 +164,16 @@ def pick_parser(name: str | None, template: str | None) -> str | None:
     if name == "auto":
         return "think" if template and "</think>" in template else None
     return name
+
+
+def thinking_tags(parser: ReasoningParser, prompt_tail: str = "") -> tuple[str, str] | None:
+    """The tags a constraint is held after (:attr:`SamplingParams.thinking
+    <nextoken.SamplingParams.thinking>`) for an answer ``parser`` splits: its ``start`` and ``end``
+    (the start empty when the prompt ends inside an open tag); None for a parser without tags."""
+    start, end = getattr(parser, "start", None), getattr(parser, "end", None)
+    if not isinstance(start, str) or not isinstance(end, str) or not start or not end:
+        return None
+    return ("" if prompt_tail.rstrip().endswith(start) else start), end
 
 
 def split_answer(completion: Completion, parser: ReasoningParser, prompt_tail: str, pieces: Sequence[str]) -> None:

@@ -32,6 +32,7 @@ DEFAULT_PLUGINS = (
     "nextoken.plugins.structured",
     "nextoken.plugins.speculative",
     "nextoken.plugins.reasoning",
+    "nextoken.plugins.tool_parsers",
 )
 
 #: Which external (entry-point) plugins load: unset or "all": every one; "none": none;
@@ -47,6 +48,7 @@ KINDS = {
     "cost_meter": "register_cost_meters",
     "proposer": "register_proposers",
     "reasoning_parser": "register_reasoning_parsers",
+    "tool_parser": "register_tool_parsers",
 }
 
 

@@ -13,6 +13,12 @@ with no block is read as the other formats popular templates teach: one bare ``{
 ``<|python_tag|>``), or a JSON list of them (Mistral's, after its ``[TOOL_CALLS]`` marker). A model whose chat template does not
 take ``tools`` is an error, unless the request asks for the fallback (``tool_fallback``): a system
 message of nextoken's own that lists the tools as JSON and teaches the format above.
+
+Which format ``required`` and a named function hold the answer to, and how a streamed answer's
+calls are found, is a :class:`ToolFormat`, a plugin kind (``register_tool_parsers``): the
+built-ins are ``hermes`` (the blocks above: Qwen, Hermes, SmolLM3), ``llama3_json`` (one bare
+object with ``"parameters"``) and ``mistral`` (a JSON list of calls), and ``auto`` picks one from
+the chat template (:func:`pick_tool_parser`).
 """
 
 from __future__ import annotations
@@ -26,7 +32,7 @@ from typing import Any
 from .errors import InvalidRequestError
 from .types import Completion, SamplingParams, ToolCall
 
-__all__ = ["FALLBACK_PROMPT", "CallStream", "ToolRequest"]
+__all__ = ["FALLBACK_PROMPT", "HERMES", "CallStream", "ToolFormat", "ToolRequest", "pick_tool_parser"]
 
 #: The fallback's system message (``{tools}``: the tools as JSON, one a line).
 FALLBACK_PROMPT = (
@@ -34,9 +40,85 @@ FALLBACK_PROMPT = (
     'To call one, answer with <tool_call>{{"name": <the tool\'s name>, "arguments": <its arguments as a JSON '
     "object>}}</tool_call> and nothing else; one block per call."
 )
-_BLOCK = re.compile(r"<tool_call>\s*(.*?)\s*</tool_call>", re.S)
 #: compact JSON inside a call, as the structured plugin writes constrained JSON
 _STYLE = {"whitespace_flexible": False, "item_separator": ", ", "key_separator": ": "}
+
+
+class ToolFormat:
+    """How a chat template teaches a model to write tool calls: in tagged blocks (``open`` and
+    ``close`` around each call object), or bare (one call object, or a JSON list of them when
+    ``as_list``); the call object's arguments under ``arguments_key``. It writes the grammar that
+    ``tool_choice`` ``required`` or a named function holds an answer to (:meth:`grammar`); answers
+    are read leniently in every format (:meth:`ToolRequest.parse`)."""
+
+    def __init__(
+        self,
+        name: str,
+        open: str | None = None,
+        close: str | None = None,
+        arguments_key: str = "arguments",
+        as_list: bool = False,
+    ) -> None:
+        """
+        Args:
+            name: the format's name (as a request names it).
+            open: the tag before each call (None: calls are bare JSON).
+            close: the tag after each call.
+            arguments_key: the call object's key for its arguments (``arguments``, ``parameters``).
+            as_list: bare calls come as one JSON list (Mistral's), not one object.
+        """
+        if (open is None) != (close is None) or (open is not None and as_list):
+            raise InvalidRequestError(f"tool format {name!r}: give both tags, or neither (bare calls, maybe a list)")
+        self.name, self.open, self.close = name, open, close
+        self.arguments_key, self.as_list = arguments_key, as_list
+
+    @property
+    def tagged(self) -> bool:
+        """Whether calls are written in tagged blocks."""
+        return self.open is not None
+
+    def grammar(self, calls: list[dict[str, Any]], definitions: dict[str, Any], many: bool) -> str:
+        """The Lark grammar of an answer that is calls only: ``calls`` the JSON schemas of the
+        call objects allowed (one per tool), ``many``: more than one call may be made."""
+        objects = [
+            {**c, "properties": {"name": c["properties"]["name"], self.arguments_key: c["properties"]["arguments"]}}
+            for c in calls
+        ]
+        for o in objects:
+            o["required"] = ["name", self.arguments_key]
+        one: dict[str, Any] = {"x-guidance": _STYLE, "anyOf": objects}
+        if self.as_list:
+            one = {"x-guidance": _STYLE, "type": "array", "items": {"anyOf": objects}, "minItems": 1}
+            if not many:
+                one["maxItems"] = 1
+        if definitions:
+            one["$defs"] = definitions
+        body = f"obj: %json {json.dumps(one, ensure_ascii=False)}"
+        if not self.tagged:
+            return f"start: obj\n{body}"
+        calls_rule = "call+" if many else "call"
+        return f"start: {calls_rule}\ncall: {json.dumps(self.open)} obj {json.dumps(self.close)}\n{body}"
+
+
+#: The format most open tool-calling templates teach: ``<tool_call>{json}</tool_call>`` blocks.
+HERMES = ToolFormat("hermes", "<tool_call>", "</tool_call>")
+
+
+def pick_tool_parser(name: str | None, template: str | None) -> str:
+    """The tool format a request's ``name`` means: ``auto`` (or None) picks from the chat template
+    (``mistral`` for one that writes ``[TOOL_CALLS]``; ``llama3_json`` for one that teaches bare calls
+    with ``"parameters"`` or ``<|python_tag|>`` and no ``<tool_call>`` block; else ``hermes``)."""
+    if name not in (None, "auto"):
+        assert name is not None
+        return name
+    text = template or ""
+    if "<tool_call>" in text:
+        return "hermes"
+    if "[TOOL_CALLS]" in text:
+        return "mistral"
+    if "<|python_tag|>" in text or '"parameters"' in text:
+        return "llama3_json"
+    return "hermes"
 
 
 def _check_tools(tools: Any) -> list[dict]:
@@ -98,7 +180,12 @@ class ToolRequest:
     (``required`` or a named function), and parse the answer into :class:`ToolCall` s."""
 
     def __init__(
-        self, tools: Any, tool_choice: Any = None, parallel_tool_calls: bool = True, fallback: bool = False
+        self,
+        tools: Any,
+        tool_choice: Any = None,
+        parallel_tool_calls: bool = True,
+        fallback: bool = False,
+        format: ToolFormat | None = None,
     ) -> None:
         """
         Args:
@@ -106,7 +193,11 @@ class ToolRequest:
             tool_choice: ``auto`` (None), ``none``, ``required`` or ``{"type": "function", "function": {"name": ...}}``.
             parallel_tool_calls: whether an answer may hold several calls.
             fallback: describe the tools in a system message of nextoken's own for a template without them.
+            format: how the template writes calls (None: :data:`HERMES`); the fallback teaches HERMES.
         """
+        self.format = HERMES if format is None or fallback else format
+        #: the tags calls are looked for in: the format's, or (a bare format) HERMES' too
+        self.tags = _Tags(self.format if self.format.tagged else HERMES)
         self.tools = _check_tools(tools)
         self.names = [t["function"]["name"] for t in self.tools]
         choice = "auto" if tool_choice is None else tool_choice
@@ -136,7 +227,12 @@ class ToolRequest:
 
     @classmethod
     def of(
-        cls, tools: Any, tool_choice: Any = None, parallel_tool_calls: bool = True, fallback: bool = False
+        cls,
+        tools: Any,
+        tool_choice: Any = None,
+        parallel_tool_calls: bool = True,
+        fallback: bool = False,
+        format: ToolFormat | None = None,
     ) -> "ToolRequest | None":
         """A request's tools as the model should see them: None without tools (``tool_choice`` must
         then be absent or ``none``) or with ``tool_choice`` ``none``; the one entry for the library
@@ -145,7 +241,7 @@ class ToolRequest:
             if tool_choice not in (None, "none"):
                 raise InvalidRequestError("tool_choice needs tools", param="tool_choice")
             return None
-        request = cls(tools, tool_choice, parallel_tool_calls, fallback)
+        request = cls(tools, tool_choice, parallel_tool_calls, fallback, format)
         return request if request.active else None
 
     @property
@@ -178,28 +274,19 @@ class ToolRequest:
             return None
         allowed = [t for t in self.tools if self.choice == "required" or t["function"]["name"] == self.choice]
         definitions: dict[str, Any] = {}
-        schema: dict[str, Any] = {
-            "x-guidance": _STYLE,
-            "anyOf": [
-                {
-                    "type": "object",
-                    "properties": {
-                        "name": {"const": t["function"]["name"]},
-                        "arguments": _hoisted(t["function"]["parameters"], t["function"]["name"], definitions),
-                    },
-                    "required": ["name", "arguments"],
-                    "additionalProperties": False,
-                }
-                for t in allowed
-            ],
-        }
-        if definitions:
-            schema["$defs"] = definitions
-        calls = "call+" if self.parallel and self.choice == "required" else "call"
-        return (
-            f'start: {calls}\ncall: "<tool_call>" obj "</tool_call>"\n'
-            f"obj: %json {json.dumps(schema, ensure_ascii=False)}"
-        )
+        calls = [
+            {
+                "type": "object",
+                "properties": {
+                    "name": {"const": t["function"]["name"]},
+                    "arguments": _hoisted(t["function"]["parameters"], t["function"]["name"], definitions),
+                },
+                "required": ["name", "arguments"],
+                "additionalProperties": False,
+            }
+            for t in allowed
+        ]
+        return self.format.grammar(calls, definitions, self.parallel and self.choice == "required")
 
     def constrain(self, params: SamplingParams) -> SamplingParams:
         """``params`` held to the calls ``required`` or a named function asks for (as they are for
@@ -219,7 +306,7 @@ class ToolRequest:
         """(the text outside the calls, the calls) of an answer; a block that is not a call of one of
         the tools stays text."""
         calls, kept, end = [], [], 0
-        for block in _BLOCK.finditer(text):
+        for block in self.tags.blocks.finditer(text):
             call = self._call(block.group(1))
             if call is not None:
                 kept.append(text[end : block.start()])
@@ -279,8 +366,17 @@ class ToolRequest:
         return completions
 
 
-_HEAD = re.compile(r'\s*\{\s*"name"\s*:\s*"([^"\\]*)"\s*,\s*"arguments"\s*:\s*')
-_TAG, _END_TAG = "<tool_call>", "</tool_call>"
+class _Tags:
+    """A tagged format's tags, and the patterns of its blocks and of a call's head in one."""
+
+    def __init__(self, fmt: ToolFormat) -> None:
+        assert fmt.open is not None and fmt.close is not None
+        self.open, self.close = fmt.open, fmt.close
+        self.blocks = re.compile(rf"{re.escape(fmt.open)}\s*(.*?)\s*{re.escape(fmt.close)}", re.S)
+        key = re.escape(json.dumps(fmt.arguments_key))
+        self.head = re.compile(r'\s*\{\s*"name"\s*:\s*"([^"\\]*)"\s*,\s*' + key + r"\s*:\s*")
+
+
 #: characters a block may take to show its head before it is held and judged whole
 _HEAD_MAX = 256
 
@@ -301,6 +397,7 @@ class CallStream:
             request: the tools the answer may call.
         """
         self.request = request
+        self._tags = request.tags
         self.calls: list[ToolCall] = []
         self.text = ""
         self._buffer = ""
@@ -328,7 +425,7 @@ class CallStream:
             if text:
                 self._say(out, text)
         elif self._state in ("head", "held"):
-            self._say(out, _TAG + rest)
+            self._say(out, self._tags.open + rest)
         elif rest:
             self._say(out, rest)
         self._state = "text"
@@ -349,24 +446,24 @@ class CallStream:
         if self._state == "bare":
             return False  # judged whole at the end
         if self._state == "text":
-            at = buf.find(_TAG)
+            at = buf.find(self._tags.open)
             if at < 0:
-                keep = _partial(buf, _TAG)
+                keep = _partial(buf, self._tags.open)
                 if len(buf) > keep:
                     self._say(out, buf[: len(buf) - keep])
                     self._buffer = buf[len(buf) - keep :]
                 return False
             if at:
                 self._say(out, buf[:at])
-            self._buffer, self._state = buf[at + len(_TAG) :], "head"
+            self._buffer, self._state = buf[at + len(self._tags.open) :], "head"
             return True
         if self._state == "head":
-            head = _HEAD.match(buf)
+            head = self._tags.head.match(buf)
             if head is not None and head.group(1) in self.request.names and self._room():
                 self._open(out, head.group(1))
                 self._buffer, self._state, self._depth, self._args = buf[head.end() :], "arguments", 0, ""
                 return True
-            if head is not None or _END_TAG in buf or len(buf) > _HEAD_MAX:
+            if head is not None or self._tags.close in buf or len(buf) > _HEAD_MAX:
                 self._state = "held"  # not a head streamed as it comes: judged whole when it ends
                 return True
             return False
@@ -393,13 +490,13 @@ class CallStream:
             self._buffer = ""
             return False
         if self._state == "tail":  # the object's closing brace, then the end tag
-            at = buf.find(_END_TAG)
+            at = buf.find(self._tags.close)
             if at < 0:
                 return False
-            self._buffer, self._state = buf[at + len(_END_TAG) :], "text"
+            self._buffer, self._state = buf[at + len(self._tags.close) :], "text"
             return True
         # held: a block judged whole once it ends
-        at = buf.find(_END_TAG)
+        at = buf.find(self._tags.close)
         if at < 0:
             return False
         call = self.request._call(buf[:at]) if self._room() else None
@@ -407,8 +504,8 @@ class CallStream:
             self._open(out, call.name, call.id)
             self._fragment(out, call.arguments)
         else:
-            self._say(out, _TAG + buf[: at + len(_END_TAG)])
-        self._buffer, self._state = buf[at + len(_END_TAG) :], "text"
+            self._say(out, self._tags.open + buf[: at + len(self._tags.close)])
+        self._buffer, self._state = buf[at + len(self._tags.close) :], "text"
         return True
 
     def _room(self) -> bool:

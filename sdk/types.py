@@ -130,6 +130,13 @@ def _check_constraint(params: "SamplingParams", fail: Callable[[str], None]) -> 
     if len(choice) > MAX_CONSTRAINT_CHOICES:
         fail(f"choice lists {len(choice)} strings; at most {MAX_CONSTRAINT_CHOICES} (for more, a regex or a grammar)")
     object.__setattr__(params, "choice", tuple(choice))
+    tags = params.thinking
+    if tags is not None:
+        if not (
+            isinstance(tags, (list, tuple)) and len(tags) == 2 and all(isinstance(t, str) for t in tags) and tags[1]
+        ):
+            fail(f"thinking must be (start tag, end tag) with an end tag, not {tags!r}"[:200])
+        object.__setattr__(params, "thinking", (tags[0], tags[1]))
     given = [name for name in ("response_format", "regex", "choice", "grammar") if getattr(params, name)]
     if len(given) > 1:
         fail(f"give one constraint at most, not {' and '.join(given)}")
@@ -249,6 +256,14 @@ class SamplingParams:
     choice: tuple[str, ...] = _field((), "the text must be one of these strings; CLI: repeatable", metavar="TEXT")
     grammar: str | None = _field(
         None, "the text must follow this Lark grammar (llguidance's dialect); CLI: a file", metavar="FILE"
+    )
+    thinking: tuple[str, str] | None = _field(
+        None,
+        "a reasoning model's thinking tags (start, end): the constraint above holds after an optional "
+        "thinking block between them, which is free (start empty: the prompt opened it, so the answer "
+        "starts inside it); set by chat when a reasoning parser splits the answer",
+        flag=None,
+        api=None,
     )
     speculative: Mapping[str, Any] | None = _field(
         None,

@@ -80,6 +80,8 @@ CONSTRUCTED = {
     "nextoken.serving.openai_api": ("OpenAIService",),
     "nextoken.serving.responses_api": ("ResponsesService",),
     "nextoken.serving.anthropic_api": ("MessagesService",),
+    "nextoken.serving.embeddings_api": ("EmbeddingsService", "EmbedBatcher"),
+    "nextoken.embedding": ("Embedder",),
     "nextoken.reasoning": ("ThinkTags",),
 }
 

@@ -107,3 +107,51 @@ def test_reasoning_content_through_the_server(stories_package, tmp_path):
         with pytest.raises(openai.BadRequestError) as caught:
             client.chat.completions.create(**{**body, "extra_body": {"chat_template_kwargs": {"messages": 1}}})
         assert caught.value.body["param"] == "chat_template_kwargs"
+
+
+def test_a_constraint_holds_after_the_thinking_not_on_it(stories_package, tmp_path):
+    """With a reasoning parser, structured output and tool calls apply to the answer after the
+    thinking: the thinking is free, the answer held to the constraint (the forced thinking model
+    writes <think>...</think> first; a constraint from the first token would refuse it)."""
+    body = dict(
+        model="thinker",
+        messages=[{"role": "user", "content": "Hi"}],
+        max_tokens=60,
+        extra_body={"nextoken": {"processors": ["force"], "regex": "A (dog|cat)\\."}},
+    )
+    with thinking_server(stories_package, tmp_path / "thinker") as (client, *_):
+        got = client.chat.completions.create(**body)
+        message = got.choices[0].message
+        assert (message.reasoning_content, message.content) == (THOUGHT, ANSWER)
+        assert got.choices[0].finish_reason == "stop"
+        # without the parser the constraint holds from the first token, and the forced "<think>" breaks it
+        off = {**body, "extra_body": {"nextoken": {**body["extra_body"]["nextoken"], "reasoning_parser": "none"}}}
+        with pytest.raises(openai.APIStatusError):
+            client.chat.completions.create(**off)
+
+
+@pytest.mark.parametrize(
+    ("start", "accepted", "refused"),
+    [
+        ("<think>", ["<think>any { text</think>\n\nyes", "yes", "  yes"], ["no", "<think>x</think>no"]),
+        ("", ["any text</think>yes", "</think>\nyes"], ["yes", "x</think>no"]),  # the prompt opened it
+    ],
+)
+def test_the_grammar_after_thinking(stories_engine, start, accepted, refused):
+    import llguidance
+
+    from nextoken.plugins.structured import _vocabulary, after_thinking
+
+    class State:
+        tokenizer, vocab_size, eos_token_ids = stories_engine.intake.tokenizer, stories_engine.manifest.vocab_size, [2]
+
+    grammar = after_thinking('start: "yes"', start, "</think>")
+    vocab = _vocabulary(State())
+
+    def follows(text: str) -> bool:
+        matcher = llguidance.LLMatcher(vocab, grammar, log_level=0)
+        ids = stories_engine.intake.tokenizer.encode(text, add_special_tokens=False)
+        return matcher.consume_tokens(ids) and not matcher.is_error() and matcher.is_accepting()
+
+    assert all(follows(t) for t in accepted), [t for t in accepted if not follows(t)]
+    assert not any(follows(t) for t in refused), [t for t in refused if follows(t)]

@@ -640,9 +640,11 @@ def test_one_map_from_errors_to_http_answers():
 
 def test_idle_streaming_clients_hold_no_thread_each(server, monkeypatch):
     """Each request's events reach its handler through an asyncio queue fed from the scheduler's
-    thread: 128 streams waiting on a stalled scheduler add no server threads (a thread a waiting
-    request would add 128), and every one of them is answered once it moves on."""
+    thread: 256 streams waiting on a stalled scheduler add no server threads (a thread a waiting
+    request would add 256), and every one of them is answered once it moves on."""
     import asyncio
+
+    IDLE = 256  # the server's default max_pending: as many as it holds
 
     _, _, scheduler, base = server
     threading_count = threading.active_count
@@ -662,9 +664,9 @@ def test_idle_streaming_clients_hold_no_thread_each(server, monkeypatch):
 
     async def clients() -> None:
         opened: list[str] = []
-        async with httpx.AsyncClient(timeout=120, limits=httpx.Limits(max_connections=200)) as client:
-            tasks = [asyncio.ensure_future(one(client, opened)) for _ in range(128)]
-            while len(opened) < 128:
+        async with httpx.AsyncClient(timeout=120, limits=httpx.Limits(max_connections=IDLE + 16)) as client:
+            tasks = [asyncio.ensure_future(one(client, opened)) for _ in range(IDLE)]
+            while len(opened) < IDLE:
                 await asyncio.sleep(0.05)
             during.append(threading_count())
             gate.set()
@@ -675,4 +677,4 @@ def test_idle_streaming_clients_hold_no_thread_each(server, monkeypatch):
     runner.join(180)
     gate.set()
     assert during and during[0] - before <= 3, (before, during)  # the client's own thread, and no more
-    assert len(texts) == 128 and all(t.rstrip().endswith("data: [DONE]") for t in texts)
+    assert len(texts) == IDLE and all(t.rstrip().endswith("data: [DONE]") for t in texts)

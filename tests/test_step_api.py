@@ -237,6 +237,7 @@ RUNTIME = {
         "chat",
         "device",
         "dtypes",
+        "embedding",
         "engine",
         "errors",
         "generation",

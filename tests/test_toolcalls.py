@@ -297,3 +297,94 @@ def test_the_formats_other_templates_teach():
         )[1]
     ] == ["add"]
     assert request.parse('[{"name": "add", "arguments": {}}, {"name": "fly", "arguments": {}}]')[1] == []
+
+
+#: templates that teach Mistral's and Llama 3.x's call formats (what auto reads them by)
+MISTRAL_TEMPLATE = TOOLS_TEMPLATE.replace(
+    "<tool_call>{{ c.function.name }}</tool_call>", "[TOOL_CALLS]{{ c.function.name }}"
+)
+LLAMA3_TEMPLATE = TOOLS_TEMPLATE.replace(
+    "<tool_call>{{ c.function.name }}</tool_call>", '{"name": "{{ c.function.name }}", "parameters": {}}'
+)
+
+
+@pytest.mark.parametrize(
+    ("template", "parser", "starts"),
+    [(MISTRAL_TEMPLATE, "mistral", '[{"name": '), (LLAMA3_TEMPLATE, "llama3_json", '{"name": ')],
+)
+def test_required_calls_are_written_in_the_templates_own_format(stories_package, tmp_path, template, parser, starts):
+    """auto picks the format from the template; required and a named function hold the answer to
+    it (a JSON list for Mistral, one object with "parameters" for Llama 3.x), and it parses back."""
+    package = with_chat_template(stories_package, tmp_path / "pkg", template)
+    with Engine(package, plugins=False) as engine:
+        assert engine.tool_format().name == parser
+        for choice in ("required", {"type": "function", "function": {"name": "add"}}):
+            got = engine.chat(
+                ASK,
+                tools=TOOLS,
+                tool_choice=choice,
+                parallel_tool_calls=False,  # the tiny model would go on adding calls to a list
+                max_new_tokens=120,
+                temperature=1.0,
+                seed=4,
+            )
+            raw = engine.decode(got.token_ids)
+            assert raw.startswith(starts), raw
+            if parser == "llama3_json":
+                assert '"parameters": ' in raw and '"arguments"' not in raw
+            _valid(got.tool_calls)
+            assert got.finish_reason == "tool_calls" and got.text == ""
+        # the hermes format may still be named, whatever the template
+        got = engine.chat(ASK, tools=TOOLS, tool_choice="required", tool_parser="hermes", max_new_tokens=120, seed=4)
+        assert engine.decode(got.token_ids).startswith("<tool_call>")
+        _valid(got.tool_calls)
+        with pytest.raises(
+            InvalidRequestError, match="unknown tool parser 'xml'; registered: hermes, llama3_json, mistral"
+        ):
+            engine.chat(ASK, tools=TOOLS, tool_parser="xml")
+
+
+def test_a_plugins_tool_format_constrains_and_streams(stories_package, tmp_path):
+    """A tool format from a plugin (other tags) holds required calls to its blocks, and the server
+    streams its calls as they form."""
+    import nextoken
+    from nextoken.toolcalls import ToolFormat
+
+    class FunctionTags:
+        @nextoken.hookimpl
+        def register_tool_parsers(self, register):
+            register("fn_tags", lambda options: ToolFormat("fn_tags", "<function>", "</function>"))
+
+    package = with_chat_template(stories_package, tmp_path / "pkg", TOOLS_TEMPLATE)
+    with Engine(package, plugins=False, extra_plugins=[FunctionTags()]) as engine:
+        got = engine.chat(ASK, tools=TOOLS, tool_choice="required", tool_parser="fn_tags", max_new_tokens=120, seed=4)
+        assert engine.decode(got.token_ids).startswith("<function>{")
+        _valid(got.tool_calls)
+        request = ToolRequest(TOOLS, "auto", format=engine.tool_format("fn_tags"))
+        answer = 'Sure. <function>{"name": "add", "arguments": {"a": 1, "b": 22}}</function>'
+        stream = CallStream(request)
+        pieces = [p for ch in answer for p in stream.feed(ch)] + stream.flush()
+        assert [p[0] for p in pieces].count("arguments") > 5  # streamed a fragment at a time
+        assert [(c.name, json.loads(c.arguments)) for c in stream.calls] == [("add", {"a": 1, "b": 22})]
+        assert stream.text.strip() == "Sure."
+    with pytest.raises(InvalidRequestError, match="give both tags, or neither"):
+        ToolFormat("half", "<a>")
+
+
+def test_the_server_takes_the_tool_parser_by_request(stories_package, tmp_path):
+    package = with_chat_template(stories_package, tmp_path / "pkg", MISTRAL_TEMPLATE)
+    with serving(package, "tools") as (client, _engine, _scheduler, _url):
+        ask = dict(
+            model="tools", messages=ASK, tools=TOOLS, tool_choice="required", parallel_tool_calls=False, max_tokens=120
+        )
+        got = client.chat.completions.create(seed=4, **ask)
+        _valid_openai = got.choices[0].message.tool_calls
+        assert _valid_openai and got.choices[0].finish_reason == "tool_calls"
+        chunks = list(client.chat.completions.create(seed=4, stream=True, **ask))
+        streamed = [d.function for c in chunks for d in (c.choices[0].delta.tool_calls or []) if c.choices]
+        assert streamed[0].name == _valid_openai[0].function.name
+        with pytest.raises(openai.BadRequestError) as err:
+            client.chat.completions.create(
+                model="tools", messages=ASK, tools=TOOLS, extra_body={"nextoken": {"tool_parser": "xml"}}, max_tokens=4
+            )
+        assert err.value.body["param"] == "nextoken.tool_parser"

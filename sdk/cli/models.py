@@ -24,6 +24,11 @@ def _cmd_export(args: argparse.Namespace) -> int:
         block_size=args.block_size,
         backend=args.backend,
         genai_python=args.genai_python,
+        task=args.task,
+        pooling=args.pooling,
+        normalize=args.normalize,
+        truncatable=args.truncatable,
+        kv_dtype=args.kv_dtype,
     )
     return 0
 
@@ -164,6 +169,37 @@ def add_commands(sub) -> None:
         default=None,
         metavar="PYTHON",
         help="with --backend genai: the python of a virtual environment with onnxruntime-genai",
+    )
+    p.add_argument(
+        "--kv-dtype",
+        choices=("int8",),
+        default=None,
+        help="keep the KV cache in int8 (a quarter of fp32's bytes; scales calibrated at export, "
+        "accuracy against the fp32 cache reported)",
+    )
+    p.add_argument(
+        "--task",
+        choices=("generate", "embed"),
+        default="generate",
+        help="generate (default): text, over a KV cache; embed: one vector a text (Engine.embed, /v1/embeddings)",
+    )
+    p.add_argument(
+        "--pooling",
+        choices=("last", "mean", "cls"),
+        default=None,
+        help="with --task embed: how hidden states become a vector (default: the checkpoint's "
+        "sentence-transformers config, else last)",
+    )
+    p.add_argument(
+        "--normalize",
+        action=argparse.BooleanOptionalAction,
+        default=None,
+        help="with --task embed: unit vectors (default: as the sentence-transformers config says, else yes)",
+    )
+    p.add_argument(
+        "--truncatable",
+        action="store_true",
+        help="with --task embed: the model is trained for shorter vectors (Matryoshka), so requests may ask for fewer dimensions",
     )
     p.set_defaults(func=_cmd_export)
 

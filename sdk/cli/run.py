@@ -60,6 +60,7 @@ def _cmd_serve(args: argparse.Namespace) -> int:
         constraint_budget_s=args.constraint_budget,
         max_tokens_default=args.max_tokens_default,
         reasoning_parser=args.reasoning_parser,
+        tool_parser=args.tool_parser,
         chat_template_name=Path(args.chat_template).name if args.chat_template else None,
     )
     engine_options = {
@@ -219,6 +220,12 @@ def add_commands(sub) -> None:
         metavar="auto|none|NAME",
         help="split chat answers' thinking into reasoning_content (default auto: think for a template "
         "that closes a think tag)",
+    )
+    p.add_argument(
+        "--tool-parser",
+        default="auto",
+        metavar="auto|hermes|llama3_json|mistral|NAME",
+        help="the format tool calls are written and constrained in (default auto: the chat template's)",
     )
     p.add_argument(
         "--max-tokens-default",

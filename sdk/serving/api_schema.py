@@ -26,6 +26,8 @@ __all__ = [
     "ChatRequest",
     "CompletionRequest",
     "CountTokensRequest",
+    "EmbedOptions",
+    "EmbeddingsRequest",
     "MessagesRequest",
     "NextokenOptions",
     "ResponsesRequest",
@@ -45,7 +47,7 @@ REFUSED = {
     "prediction": None,
 }
 #: nextoken object fields that are the server's, not SamplingParams' (how a chat request takes tools).
-SERVER_FIELDS = ("tool_fallback", "reasoning_parser")
+SERVER_FIELDS = ("tool_fallback", "reasoning_parser", "tool_parser")
 #: Newer OpenAI fields accepted and what they mean here: none changes the answer.
 ACCEPTED = {
     "user": "ignored (an end-user id for the provider's abuse monitoring)",
@@ -74,6 +76,7 @@ def _nextoken_options() -> type:
     fields: dict[str, Any] = {name: (hints[name] | None, None) for name in NEXTOKEN_FIELDS}
     fields["tool_fallback"] = (bool | None, None)
     fields["reasoning_parser"] = (str | None, None)
+    fields["tool_parser"] = (str | None, None)
     model = create_model("NextokenOptions", __base__=_Strict, **fields)
     model.__doc__ = "nextoken's own parameters, as SamplingParams defines them."
     return model
@@ -216,6 +219,24 @@ class MessagesRequest(_Strict):
     diagnostics: dict[str, Any] | None = None
     container: Any | None = None
     nextoken: NextokenOptions | None = None  # type: ignore[valid-type]
+
+
+class EmbedOptions(_Strict):
+    """nextoken's own embedding options: ``prompt``, the name of one of the model's prompts put
+    before each text (e.g. ``"query"``; its sentence-transformers config names them)."""
+
+    prompt: str | None = None
+
+
+class EmbeddingsRequest(_Strict):
+    """``POST /v1/embeddings``: texts or token ids (one, or a list), as floats or base64."""
+
+    model: str | None = None
+    input: str | list[str] | list[int] | list[list[int]]
+    encoding_format: typing.Literal["float", "base64"] = "float"
+    dimensions: int | None = None
+    user: str | None = None
+    nextoken: EmbedOptions | None = None
 
 
 class CountTokensRequest(_Strict):

@@ -250,7 +250,7 @@ class ConstraintChecker:
         field = constrained_field(params)
         if field is None:
             return None
-        fields = {name: getattr(params, name, None) for name in FIELDS}
+        fields = {name: getattr(params, name, None) for name in (*FIELDS, "thinking")}
         try:
             key = hashlib.sha256(json.dumps(fields, sort_keys=True, default=list).encode()).digest()
         except (TypeError, ValueError, RecursionError):

@@ -71,7 +71,9 @@ class ServeOptions:
     ``chat_template_name``: the name of the chat template given at start (``--chat-template``),
     as ``/v1/models`` shows it; ``reasoning_parser``: how chat answers' thinking is split off
     (``auto``: ``think`` for a template that closes a think tag; ``none``; a parser's name), unless
-    a request names one (``nextoken.reasoning_parser``)."""
+    a request names one (``nextoken.reasoning_parser``); ``tool_parser``: the format tool calls
+    are written and constrained in (``auto``: the chat template's; a format's name), unless a
+    request names one (``nextoken.tool_parser``)."""
 
     api_key: str | None = None
     max_body_bytes: int = 1 << 20
@@ -85,6 +87,7 @@ class ServeOptions:
     max_tokens_default: int | None = None
     chat_template_name: str | None = None
     reasoning_parser: str = "auto"
+    tool_parser: str = "auto"
 
 
 def load_drafts(engine: Any, drafts: Mapping[str, str]) -> dict[str, str]:
@@ -478,10 +481,17 @@ class Service:
         except NextokenError as exc:
             raise api_error(exc, param="nextoken.reasoning_parser") from None
         try:
-            request = ToolRequest.of(*tools) if tools is not None else None
+            fmt = None
+            if tools is not None and tools[0] is not None:
+                fmt = engine.tool_format((nextoken and nextoken.tool_parser) or self.options.tool_parser)
+        except NextokenError as exc:
+            raise api_error(exc, param="nextoken.tool_parser") from None
+        try:
+            request = ToolRequest.of(*tools, format=fmt) if tools is not None else None
             ids, params = engine.chat_prompt(messages, params, request, template_kwargs)
         except NextokenError as exc:
             raise api_error(exc, param=param) from None
+        params = engine.after_thinking(params, parser, ids)
         if request is not None:
             self.check_constraint(params, "tool_choice")
         if not max_tokens_given:  # no hidden cap: the window decides, unless the operator set a default

@@ -6,9 +6,10 @@ Endpoints: ``GET /v1/models[/{id}]``, ``POST /v1/completions``, ``POST /v1/chat/
 model's chat template), with ``stream: true`` as server-sent events ending in ``data: [DONE]`` and
 ``stream_options.include_usage``; ``POST /v1/responses`` and ``GET`` / ``DELETE
 /v1/responses/{id}`` (:mod:`~nextoken.serving.responses_api`); ``POST /v1/messages`` and
-``/v1/messages/count_tokens`` (:mod:`~nextoken.serving.anthropic_api`). nextoken's own parameters go in a ``nextoken`` object in the
-request (the SamplingParams fields marked for it: :data:`~nextoken.serving.api_schema.NEXTOKEN_FIELDS`),
-and each response carries a ``nextoken`` object (its full usage, cost, and the exact stop detail).
+``/v1/messages/count_tokens`` (:mod:`~nextoken.serving.anthropic_api`); ``POST /v1/embeddings``
+for a package exported with ``--task embed`` (:mod:`~nextoken.serving.embeddings_api`).
+nextoken's own parameters go in a ``nextoken`` object in the request (the SamplingParams fields
+marked for it: :data:`~nextoken.serving.api_schema.NEXTOKEN_FIELDS`), and each response carries a ``nextoken`` object (its full usage, cost, and the exact stop detail).
 Bodies are validated against typed schemas (:mod:`nextoken.serving.api_schema`); client mistakes
 are OpenAI-shaped errors with 4xx codes (:func:`~nextoken.serving.protocol.api_error`, the one
 map), OpenAI parameters nextoken does not implement are refused by name, and the body limit holds
@@ -41,6 +42,7 @@ from ..errors import InvalidRequestError, NextokenError
 from ..scheduler import Scheduler
 from .anthropic_api import MessagesService
 from .core import ClientGone, ServeOptions, Service, load_drafts, sampling_defaults
+from .embeddings_api import EmbeddingsService
 from .openai_api import OpenAIService
 from .protocol import APIError, api_error, error_response
 from .responses_api import ResponsesService
@@ -79,8 +81,14 @@ def create_app(scheduler: Scheduler[Engine], model_name: str, options: ServeOpti
     openai_api = OpenAIService(service)
     responses = ResponsesService(service)
     messages = MessagesService(service)
+    embeddings = EmbeddingsService(service)
     app = FastAPI(
-        title="nextoken", version="1", docs_url=None, redoc_url=None, openapi_url=None, on_shutdown=[service.close]
+        title="nextoken",
+        version="1",
+        docs_url=None,
+        redoc_url=None,
+        openapi_url=None,
+        on_shutdown=[service.close, embeddings.close],
     )
     app.state.service = service
 
@@ -162,6 +170,10 @@ def create_app(scheduler: Scheduler[Engine], model_name: str, options: ServeOpti
     async def count_tokens(request: Request):
         return await messages.count_tokens(request)
 
+    @app.post("/v1/embeddings")
+    async def create_embeddings(request: Request):
+        return await embeddings.create(request)
+
     @app.post("/v1/responses")
     async def create_response(request: Request):
         return await responses.create(request)
@@ -204,9 +216,12 @@ def serve(
     engine_options = dict(engine_options or {})
     scheduler_options = dict(scheduler_options or {})
     cache_note = ""
+    from ..manifest import Manifest
+
+    if Manifest.load(package).embeds:  # an embedding package keeps no KV cache to reuse
+        engine_options.setdefault("prefix_cache_bytes", 0)
     if "prefix_cache_bytes" not in engine_options:  # on by default, sized from the memory free now
         from ..device import resolve_device
-        from ..manifest import Manifest
         from ..tools.memory import prefix_cache_budget
 
         window = Manifest.load(package).context_length
