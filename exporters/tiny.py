@@ -9,6 +9,7 @@ hinge on rounding (random tiny models otherwise have near-ties between the top t
 from __future__ import annotations
 
 import json
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
@@ -123,11 +124,12 @@ def _bytes_to_unicode() -> dict[int, str]:
     return dict(zip(printable, (chr(c) for c in chars)))
 
 
-def make_byte_tokenizer(directory: str | Path, context_length: int = 128) -> Path:
+def make_byte_tokenizer(directory: str | Path, context_length: int = 128, special_tokens: Sequence[str] = ()) -> Path:
     """Write a byte-level tokenizer (``tokenizer.json`` + ``tokenizer_config.json``) into ``directory``.
 
-    Ids: 0 ``<pad>``, 1 ``<s>`` (added before every text), 2 ``</s>``, then byte b is id 3 + b.
-    Any text encodes, any id sequence decodes: a real tokenizer that needs no training data.
+    Ids: 0 ``<pad>``, 1 ``<s>`` (added before every text), 2 ``</s>``, then byte b is id 3 + b,
+    then ``special_tokens`` (ids 259 on; e.g. a chat format's markup). Any text encodes, any id
+    sequence decodes: a real tokenizer that needs no training data.
     """
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors
 
@@ -139,7 +141,7 @@ def make_byte_tokenizer(directory: str | Path, context_length: int = 128) -> Pat
     tok = Tokenizer(models.BPE(vocab=vocab, merges=[]))
     tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)
     tok.decoder = decoders.ByteLevel()
-    tok.add_special_tokens(["<pad>", "<s>", "</s>"])
+    tok.add_special_tokens(["<pad>", "<s>", "</s>", *special_tokens])
     tok.post_processor = processors.TemplateProcessing(
         single="<s> $A", pair="<s> $A <s> $B", special_tokens=[("<s>", BOS)]
     )
@@ -162,11 +164,18 @@ def make_byte_tokenizer(directory: str | Path, context_length: int = 128) -> Pat
 
 
 def make_tiny_checkpoint(
-    directory: str | Path, architecture: str = "llama", *, seed: int = 0, init_std: float = 0.25, **overrides: Any
+    directory: str | Path,
+    architecture: str = "llama",
+    *,
+    seed: int = 0,
+    init_std: float = 0.25,
+    special_tokens: Sequence[str] = (),
+    **overrides: Any,
 ) -> Path:
     """Save a tiny random-weight transformers checkpoint (+ byte tokenizer) of ``architecture``.
 
-    ``overrides`` change config fields (e.g. ``num_hidden_layers=4``). Needs torch and transformers.
+    ``overrides`` change config fields (e.g. ``num_hidden_layers=4``); ``special_tokens`` are
+    added to the tokenizer and the vocabulary after the bytes. Needs torch and transformers.
     """
     import torch
     from transformers import AutoConfig, AutoModelForCausalLM, GenerationConfig
@@ -174,6 +183,8 @@ def make_tiny_checkpoint(
     if architecture not in TINY_CONFIGS:
         raise ValueError(f"no tiny config for {architecture!r}; known: {', '.join(TINY_CONFIGS)}")
     fields = {**TINY_CONFIGS[architecture], **overrides}
+    if special_tokens:
+        fields["vocab_size"] = VOCAB + len(special_tokens)
     fields.update(bos_token_id=BOS, eos_token_id=EOS, pad_token_id=PAD, initializer_range=init_std)
     config = AutoConfig.for_model(architecture, **fields)
     torch.manual_seed(seed)
@@ -183,7 +194,7 @@ def make_tiny_checkpoint(
     model.save_pretrained(directory)
     GenerationConfig(bos_token_id=BOS, eos_token_id=EOS, pad_token_id=PAD).save_pretrained(directory)
     ctx = fields.get("max_position_embeddings", fields.get("n_positions", 128))
-    make_byte_tokenizer(directory, ctx)
+    make_byte_tokenizer(directory, ctx, special_tokens)
     return directory
 
 

@@ -21,7 +21,7 @@ from .errors import (
 from .generation import Generation, Timings
 from .hookspecs import hookimpl, hookspec
 from .manifest import FORMAT_VERSION, Manifest
-from .reasoning import ThinkTags
+from .reasoning import Harmony, ThinkTags
 from .registry import Registry
 from .scheduler import RequestHandle, Scheduler
 from .tokenizer import IncrementalDecoder, Tokenizer
@@ -53,6 +53,7 @@ __all__ = [
     "Engine",
     "ExportError",
     "Generation",
+    "Harmony",
     "IncrementalDecoder",
     "InvalidRequestError",
     "Manifest",

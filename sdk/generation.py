@@ -25,7 +25,7 @@ from .probes import MemorySampler
 from .registry import Pipeline
 from .runner import StepRunner
 from .speculation import Speculation, StepCost
-from .tokenizer import Decoder, Tokenizer
+from .tokenizer import Decoder, Tokenizer, decoder_for
 from .types import BatchState, Charge, Completion, SamplingParams, Stop, StreamEvent, TokenLogprob, Usage
 
 __all__ = ["Generation", "Speculation", "Timings", "fit_prompt"]
@@ -218,8 +218,16 @@ class Generation:
         self.state = BatchState(
             params, [list(p) for p in prompts], eos_token_ids, runner.manifest.vocab_size, choices, tokenizer
         )
+        #: tokens that end a sequence without text: its EOS ids, when special tokens are kept
+        #: in the text (else they decode to nothing anyway)
+        self._silent: frozenset[int] = frozenset(
+            () if params.skip_special_tokens or params.ignore_eos else eos_token_ids
+        )
         self.seqs = [
-            _Sequence(tokenizer.decoder(p) if tokenizer else None, params.top_logprobs is not None)
+            _Sequence(
+                decoder_for(tokenizer, p, params.skip_special_tokens) if tokenizer else None,
+                params.top_logprobs is not None,
+            )
             for p in self.state.prompts
         ]
         self.start = self.first_token_time = self.prefill_done = 0.0
@@ -317,10 +325,11 @@ class Generation:
         rows, picked = alive_rows.tolist(), tokens.tolist()  # Python ints: the per-row loops index them
         timing = pipe.seconds is not None
         decoding = time.perf_counter() if timing else 0.0
+        silent = self._silent
         for row in rows:
             seq = seqs[row]
             seq.last_token_time = now
-            if seq.decoder is not None:
+            if seq.decoder is not None and picked[row] not in silent:
                 state.texts[row] += seq.decoder.add(picked[row])
         if timing:
             pipe.timed("tokenizer:decode", decoding)

@@ -2,16 +2,19 @@
 
 A reasoning model (Qwen3, SmolLM3, DeepSeek-R1 distills) writes its thinking between tags before
 the answer: ``<think>...</think>answer``; a template may open the tag itself in the prompt (the
-answer then starts inside it). A reasoning parser splits a chat answer's text into ``reasoning``
+answer then starts inside it). gpt-oss writes channels instead (:class:`Harmony`). A reasoning parser splits a chat answer's text into ``reasoning``
 and ``content``, whole or as it streams, and counts the tokens the thinking took. Parsers are
-plugins (``register_reasoning_parsers``); the built-in ``think`` handles the tags above, and
-``auto`` picks it for a template that closes a think tag.
+plugins (``register_reasoning_parsers``); the built-in ``think`` handles the tags above and
+``harmony`` gpt-oss's channels; ``auto`` picks ``harmony`` for a template that writes
+``<|channel|>``, ``think`` for one that closes a think tag.
 
 Tool calls and the answer's text are read from the content, after the thinking.
 """
 
 from __future__ import annotations
 
+import json
+import re
 from collections.abc import Sequence
 from typing import Protocol
 
@@ -19,6 +22,7 @@ from .errors import InvalidRequestError
 from .types import Completion
 
 __all__ = [
+    "Harmony",
     "ReasoningParser",
     "Splitter",
     "ThinkTags",
@@ -124,6 +128,118 @@ class _ThinkSplitter:
         return (held, "") if self.state == "inside" else ("", held)
 
 
+#: gpt-oss's harmony markup (special tokens, kept in the text for :class:`Harmony`)
+_MARKERS = ("<|start|>", "<|channel|>", "<|message|>", "<|end|>", "<|call|>", "<|return|>", "<|constrain|>")
+_RECIPIENT = re.compile(r"to=([^\s<]+)")
+
+
+class Harmony:
+    """gpt-oss's channels (the harmony format): ``<|channel|>analysis<|message|>...<|end|>`` is
+    reasoning, ``<|start|>assistant<|channel|>final<|message|>...`` the answer, and a message to
+    a function (``<|channel|>commentary to=functions.NAME <|constrain|>json<|message|>{...}<|call|>``)
+    a tool call, given to the content as a ``<tool_call>`` block so that the tool-call parsing
+    reads it as any other. The markup is special tokens: requests it splits keep them in their
+    text (:attr:`needs_special_tokens`; ``SamplingParams.skip_special_tokens`` off)."""
+
+    #: the answer's text must keep its special tokens for this parser to see the channels
+    needs_special_tokens = True
+
+    def splitter(self, prompt_tail: str = "") -> "_HarmonySplitter":
+        return _HarmonySplitter()
+
+
+class _HarmonySplitter:
+    """The state machine of :class:`Harmony`: ``start`` (nothing yet), ``header`` (between a
+    message's start and its ``<|message|>``), ``body`` (a message's text, to its channel's side),
+    ``between`` (after a message's end)."""
+
+    def __init__(self) -> None:
+        self.state, self.header, self.held = "start", "", ""
+        self.channel = "final"
+        self.call_open = False
+
+    @property
+    def inside(self) -> bool:
+        return self.state == "body" and self.channel == "analysis"
+
+    def feed(self, text: str) -> tuple[str, str]:
+        reasoning: list[str] = []
+        content: list[str] = []
+        buf, self.held = self.held + text, ""
+        while buf:
+            at = buf.find("<|")
+            if at < 0:
+                keep = 1 if buf.endswith("<") else 0
+                self._text(buf[: len(buf) - keep], reasoning, content)
+                self.held = buf[len(buf) - keep :]
+                break
+            if at:
+                self._text(buf[:at], reasoning, content)
+                buf = buf[at:]
+            end = buf.find("|>")
+            if end < 0:
+                self.held = buf  # a marker's beginning: wait for the rest
+                break
+            marker, buf = buf[: end + 2], buf[end + 2 :]
+            self._marker(marker, reasoning, content)
+        return "".join(reasoning), "".join(content)
+
+    def flush(self) -> tuple[str, str]:
+        reasoning: list[str] = []
+        content: list[str] = []
+        held, self.held = self.held, ""
+        self._text(held, reasoning, content)
+        self._close(content)
+        return "".join(reasoning), "".join(content)
+
+    def _text(self, text: str, reasoning: list[str], content: list[str]) -> None:
+        if not text:
+            return
+        if self.state == "start":
+            if not text.strip():
+                return
+            self.state, self.channel = "body", "final"  # no markup: all of it is the answer
+        if self.state == "header":
+            self.header += text
+        elif self.state == "body":
+            (reasoning if self.channel == "analysis" else content).append(text)
+
+    def _marker(self, marker: str, reasoning: list[str], content: list[str]) -> None:
+        if marker not in _MARKERS:  # another special token: text where text goes
+            self._text(marker, reasoning, content)
+            return
+        if marker in ("<|start|>", "<|channel|>"):
+            if self.state != "header":
+                self._close(content)
+                self.state, self.header = "header", ""
+            self.header += " "
+        elif marker == "<|constrain|>" and self.state == "header":
+            self.header += " constrain="
+        elif marker == "<|message|>" and self.state in ("header", "start"):
+            self._open(content)
+        elif marker in ("<|end|>", "<|call|>", "<|return|>"):
+            self._close(content)
+            self.state = "between"
+        else:
+            self._text(marker, reasoning, content)
+
+    def _open(self, content: list[str]) -> None:
+        words = self.header.split()
+        channels = [w for w in words if w in ("analysis", "commentary", "final")]
+        self.channel = channels[-1] if channels else "final"
+        recipient = _RECIPIENT.search(self.header)
+        self.state = "body"
+        if recipient and recipient.group(1).startswith("functions."):
+            name = recipient.group(1)[len("functions.") :]
+            content.append(f'<tool_call>{{"name": {json.dumps(name)}, "arguments": ')
+            self.call_open, self.channel = True, "commentary"
+
+    def _close(self, content: list[str]) -> None:
+        if self.call_open:
+            content.append("}</tool_call>")
+            self.call_open = False
+
+
 def _partial_suffix(text: str, tag: str) -> int:
     """How many trailing characters of ``text`` are the beginning of ``tag``."""
     for n in range(min(len(tag) - 1, len(text)), 0, -1):
@@ -162,6 +278,8 @@ def pick_parser(name: str | None, template: str | None) -> str | None:
     if name in (None, "none"):
         return None
     if name == "auto":
+        if template and "<|channel|>" in template:
+            return "harmony"
         return "think" if template and "</think>" in template else None
     return name
 

@@ -9,9 +9,9 @@ from __future__ import annotations
 from collections.abc import Mapping, Sequence
 from typing import Any, Protocol, runtime_checkable
 
-from .errors import PluginError, describe
+from .errors import InvalidRequestError, PluginError, describe
 
-__all__ = ["GuardedTokenizer", "IncrementalDecoder", "Tokenizer"]
+__all__ = ["GuardedTokenizer", "IncrementalDecoder", "Tokenizer", "decoder_for"]
 
 # How many tokens before the new ones are decoded with them, so that a token whose text depends on
 # its left neighbour (a leading space, the second half of a UTF-8 character) comes out right.
@@ -48,7 +48,8 @@ class Tokenizer(Protocol):
         """Token ids of ``text`` (with the special tokens, e.g. BOS, the tokenizer adds, unless told not to)."""
 
     def decode(self, ids: Sequence[int]) -> str:
-        """Text of ``ids``, special tokens left out."""
+        """Text of ``ids``, special tokens left out. A tokenizer that can also keep them takes
+        ``skip_special_tokens=False`` (a request's ``skip_special_tokens``; gpt-oss's channels)."""
 
     def id_to_token(self, token_id: int) -> str | None:
         """The vocabulary entry of ``token_id``."""
@@ -151,16 +152,27 @@ class GuardedTokenizer:
             )
         return out
 
-    def decode(self, ids: Sequence[int]) -> str:
+    def decode(self, ids: Sequence[int], skip_special_tokens: bool = True) -> str:
         try:
-            text = self.inner.decode(ids)
+            text = self.inner.decode(ids) if skip_special_tokens else self.inner.decode(ids, skip_special_tokens=False)  # type: ignore[call-arg]
+        except TypeError as exc:
+            if skip_special_tokens:
+                raise _plugin_failure(self.source, "decode", "", exc) from exc
+            raise InvalidRequestError(
+                f"the tokenizer of plugin {self.source} cannot keep special tokens in its text "
+                "(decode takes no skip_special_tokens); leave skip_special_tokens on"
+            ) from None
         except Exception as exc:
             raise _plugin_failure(self.source, "decode", "", exc) from exc
         if not isinstance(text, str):
             raise _plugin_failure(self.source, "decode", f"returned {describe(text)}, not a string")
         return text
 
-    def decoder(self, context: Sequence[int] = ()) -> Decoder:
+    def decoder(self, context: Sequence[int] = (), skip_special_tokens: bool = True) -> Decoder:
+        """A checked incremental decoder; ``skip_special_tokens=False``: one whose text keeps the
+        special tokens (the stock decoder over ``decode(ids, skip_special_tokens=False)``)."""
+        if not skip_special_tokens:
+            return IncrementalDecoder(_KeepSpecials(self), context)  # type: ignore[arg-type]
         make = getattr(self.inner, "decoder", None)
         if make is None or isinstance(self.inner, GuardedTokenizer):
             return IncrementalDecoder(self, context)
@@ -171,6 +183,26 @@ class GuardedTokenizer:
         if type(inner) is IncrementalDecoder:  # the stock decoder: run it over the checked decode
             return IncrementalDecoder(self, context)
         return _GuardedDecoder(inner, self)
+
+
+def decoder_for(tokenizer: Tokenizer, context: Sequence[int] = (), skip_special_tokens: bool = True) -> Decoder:
+    """``tokenizer``'s incremental decoder for text after ``context``, keeping the special tokens
+    when ``skip_special_tokens`` is off (through ``decode(ids, skip_special_tokens=False)``)."""
+    if skip_special_tokens:
+        return tokenizer.decoder(context)
+    if isinstance(tokenizer, GuardedTokenizer):
+        return tokenizer.decoder(context, skip_special_tokens=False)
+    return IncrementalDecoder(_KeepSpecials(tokenizer), context)  # type: ignore[arg-type]
+
+
+class _KeepSpecials:
+    """A checked tokenizer seen through a decode that keeps the special tokens."""
+
+    def __init__(self, owner: Any) -> None:
+        self.owner = owner
+
+    def decode(self, ids: Sequence[int]) -> str:
+        return self.owner.decode(ids, skip_special_tokens=False)
 
 
 class _GuardedDecoder:

@@ -112,7 +112,7 @@ def pick_tool_parser(name: str | None, template: str | None) -> str:
         assert name is not None
         return name
     text = template or ""
-    if "<tool_call>" in text:
+    if "<tool_call>" in text or "<|channel|>" in text:  # gpt-oss: its calls reach the content as blocks
         return "hermes"
     if "[TOOL_CALLS]" in text:
         return "mistral"

@@ -257,6 +257,12 @@ class SamplingParams:
     grammar: str | None = _field(
         None, "the text must follow this Lark grammar (llguidance's dialect); CLI: a file", metavar="FILE"
     )
+    skip_special_tokens: bool = _field(
+        True,
+        "leave special tokens out of the text (off: they stay, e.g. gpt-oss's <|channel|> markup, "
+        "which its reasoning parser reads)",
+        flag=None,
+    )
     thinking: tuple[str, str] | None = _field(
         None,
         "a reasoning model's thinking tags (start, end): the constraint above holds after an optional "

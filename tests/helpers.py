@@ -121,18 +121,9 @@ def serving(package: Path, model: str, max_batch: int = 4, engine_options: dict 
 THOUGHT, ANSWER = "The cat.", "A dog."
 
 
-def thinking_server(stories_package: Path, target: Path):
-    """A server of the stories model made to say ``<think>THOUGHT</think>ANSWER`` (a logits processor
-    named ``force``, which requests ask for: ``{"nextoken": {"processors": ["force"]}}``), under a
-    template that closes a think tag, so the ``think`` parser is chosen by ``auto``."""
+def forcing(ids: list[int], eos: int):
+    """A plugin whose logits processor ``force`` makes the model say ``ids``, then ``eos``."""
     import nextoken
-    from nextoken import Engine
-
-    text = f"<think>{THOUGHT}</think>{ANSWER}"
-    with Engine(stories_package) as probe:
-        ids = probe.encode(text)[1:] if probe.tokenizer.adds_bos else probe.encode(text)
-        assert probe.decode(ids) == text, probe.decode(ids)
-        eos = probe.eos_token_ids[0]
 
     class Force:
         @nextoken.hookimpl
@@ -148,6 +139,21 @@ def thinking_server(stories_package: Path, target: Path):
 
             register("force", factory)
 
+    return Force()
+
+
+def thinking_server(stories_package: Path, target: Path):
+    """A server of the stories model made to say ``<think>THOUGHT</think>ANSWER`` (a logits processor
+    named ``force``, which requests ask for: ``{"nextoken": {"processors": ["force"]}}``), under a
+    template that closes a think tag, so the ``think`` parser is chosen by ``auto``."""
+    from nextoken import Engine
+
+    text = f"<think>{THOUGHT}</think>{ANSWER}"
+    with Engine(stories_package) as probe:
+        ids = probe.encode(text)[1:] if probe.tokenizer.adds_bos else probe.encode(text)
+        assert probe.decode(ids) == text, probe.decode(ids)
+        eos = probe.eos_token_ids[0]
+
     template = "{% for m in messages %}{{ m['content'] }}{% endfor %}</think>"
     pkg = with_chat_template(stories_package, target, template)
-    return serving(pkg, "thinker", engine_options={"extra_plugins": [Force()]})
+    return serving(pkg, "thinker", engine_options={"extra_plugins": [forcing(ids, eos)]})
