@@ -50,6 +50,7 @@ def test_the_int8_cache_generates_under_every_backend_alike(stories_int8):
         assert "Lily" in alone[0]  # still the story model's text
         for backend in ("slots", "concat"):
             with Scheduler(engine, max_batch=4, kv_backend=backend) as scheduler:
+                assert scheduler.max_prefill_tokens == 512  # an int8 cache's prompts go in shorter chunks
                 handles = [scheduler.submit(p, max_new_tokens=48) for p in PROMPTS]
                 assert [h.result(60).text for h in handles] == alone, backend
         long = "Once upon a time, there was a little girl named Lily. She loved to play outside in the park with " * 3

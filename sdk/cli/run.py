@@ -190,8 +190,8 @@ def add_commands(sub) -> None:
     p.add_argument(
         "--max-prefill-tokens",
         type=positive_int,
-        default=4096,
-        help="prompt tokens prefilled a step; longer prompts go in chunks (default 4096)",
+        default=None,
+        help="prompt tokens prefilled a step; longer prompts go in chunks (default 4096; 512 for an int8 KV cache)",
     )
     p.add_argument(
         "--kv-backend",
