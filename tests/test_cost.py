@@ -306,3 +306,13 @@ def test_bench_settings_reach_onnxruntime_genai(tmp_path):
         "spinning": "1",
         "read_back": False,
     }
+
+
+def test_bench_takes_a_list_of_prompt_lengths(stories_package, tmp_path):
+    bench = tmp_path / "bench.json"
+    args = ["--batch", "1", "--prompt-tokens", "16,64", "--new", "8", "--repeat", "1", "--json", str(bench)]
+    out = run_cli("bench", str(stories_package), *args)
+    assert out.returncode == 0, out.stderr
+    rows = json.loads(bench.read_text())["rows"]
+    assert [(r["batch"], r["prompt_tokens"]) for r in rows] == [(1, 16), (1, 64)]
+    assert all(r["prefill_ms"] > 0 for r in rows)

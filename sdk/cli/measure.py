@@ -26,27 +26,33 @@ def _cmd_bench(args: argparse.Namespace) -> int:
                 f"spin {'on' if spin else 'off'} for every contender ({why}; --spin/--no-spin to choose)",
                 file=sys.stderr,
             )
-        compared = run_compare(
-            args.package,
-            contenders,
-            batches=args.batch,
-            prompt_tokens=args.prompt_tokens,
-            new_tokens=args.new,
-            threads=args.threads,
-            spin=spin,
-            repeat=args.repeat,
-            peers_venv=args.peers_venv,
-            precision=args.precision,
-            checkpoint=args.checkpoint,
-            progress=lambda m: print(m, file=sys.stderr, flush=True),
-        )
-        print(compared.table())
+        reports = []
+        for length in args.prompt_tokens:  # one comparison a prompt length, each alternating its contenders
+            compared = run_compare(
+                args.package,
+                contenders,
+                batches=args.batch,
+                prompt_tokens=length,
+                new_tokens=args.new,
+                threads=args.threads,
+                spin=spin,
+                repeat=args.repeat,
+                peers_venv=args.peers_venv,
+                precision=args.precision,
+                checkpoint=args.checkpoint,
+                progress=lambda m: print(m, file=sys.stderr, flush=True),
+            )
+            print(compared.table())
+            reports.append(compared)
         if args.json:
-            Path(args.json).write_text(json.dumps(compared.to_dict(), indent=2) + "\n")
+            out = [r.to_dict() for r in reports]
+            Path(args.json).write_text(json.dumps(out[0] if len(out) == 1 else out, indent=2) + "\n")
         if args.plot:
             from ..tools.bench import plot_compare
 
-            print(f"chart: {plot_compare(compared, args.plot)}", file=sys.stderr)
+            for compared in reports:
+                target = args.plot if len(reports) == 1 else f"{Path(args.plot).stem}-{compared.prompt_tokens}.png"
+                print(f"chart: {plot_compare(compared, target)}", file=sys.stderr)
         return 0
     if args.speculative:
         from ..tools.bench import run_speculative
@@ -60,15 +66,22 @@ def _cmd_bench(args: argparse.Namespace) -> int:
             Path(args.json).write_text(json.dumps(speculated.to_dict(), indent=2) + "\n")
         return 0
     with open_engine(args) as engine:
-        report = run_bench(
-            engine,
-            batches=args.batch,
-            prompt_tokens=args.prompt_tokens,
-            new_tokens=args.new,
-            repeat=args.repeat,
-            chain=args.chain,
-            constrained=args.constrained,
-        )
+        report = None
+        for length in args.prompt_tokens:  # one table: a row a setting, batch and prompt length
+            one = run_bench(
+                engine,
+                batches=args.batch,
+                prompt_tokens=length,
+                new_tokens=args.new,
+                repeat=args.repeat,
+                chain=args.chain,
+                constrained=args.constrained,
+            )
+            if report is None:
+                report = one
+            else:
+                report.rows += one.rows
+        assert report is not None  # at least one length
     print(report.table())
     if report.hooks:
         print(report.hook_table())
@@ -171,7 +184,13 @@ def add_commands(sub) -> None:
         metavar="1,8",
         help="batch sizes (default 1,8)",
     )
-    p.add_argument("--prompt-tokens", type=positive_int, default=128, metavar="N", help="prompt length (default 128)")
+    p.add_argument(
+        "--prompt-tokens",
+        type=lambda t: [positive_int(x) for x in t.split(",")],
+        default=[128],
+        metavar="N[,N...]",
+        help="prompt lengths (default 128; e.g. 2000,8000 for long contexts)",
+    )
     p.add_argument("--new", type=positive_int, default=128, metavar="N", help="tokens to generate (default 128)")
     p.add_argument("--repeat", type=positive_int, default=3, metavar="N", help="runs per setting; medians (default 3)")
     p.add_argument(
