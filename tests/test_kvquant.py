@@ -44,6 +44,7 @@ def test_the_int8_cache_generates_under_every_backend_alike(stories_int8):
     with Engine(stories_int8, plugins=False, prefix_cache_bytes=1 << 22) as engine:
         cache = engine.runner.new_cache(1)
         assert np.dtype(cache.dtype) == np.int8
+        assert Scheduler.alone(engine, engine.start("Once", max_new_tokens=2)).max_prefill_tokens == 512
         alone = [engine.generate(p, max_new_tokens=48).text for p in PROMPTS]
         batch = [c.text for c in engine.generate(PROMPTS, max_new_tokens=48)]
         assert batch == alone
