@@ -1263,9 +1263,9 @@ def _lm_head(
     residual: str,
     pending: str,
     pending_bias: np.ndarray | None,
-) -> int:
+) -> None:
     """The final norm and the LM head over the last ``logits_to_keep`` positions (a tied head reads
-    the embedding; an untied one is ``head_init``); returns the vocabulary size."""
+    the embedding; an untied one is ``head_init``)."""
     node, init = g.node, g.init
     vocab, hidden = emb.shape[0], shape.hidden
     head_name = "lm_head.weight"
@@ -1293,7 +1293,6 @@ def _lm_head(
         node("Div", [head_out, init("final_cap", np.array(shape.final_softcap))], ["logits_capped"])
         node("Tanh", ["logits_capped"], ["logits_tanh"])
         node("Mul", ["logits_tanh", "final_cap"], ["logits"])
-    return vocab
 
 
 def _no_past(g: _Graph, shape: _Shape) -> str:

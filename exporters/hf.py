@@ -445,6 +445,7 @@ def export(
 
         if check:  # the builder itself needs no torch; the parity check does
             _require_export_stack(("torch", "transformers"))
+        offline = not _looks_local(source) and not _hub_reachable()[0]
         try:
             with staged(output) as package:
                 report = build_package(
@@ -455,7 +456,7 @@ def export(
                     atol=atol,
                     dtype=dtype,
                     device=device,
-                    offline=not _looks_local(source) and not _hub_reachable()[0],
+                    offline=offline,
                     untie_head=quantize is not None,
                     task=task,
                     pooling=pooling,
@@ -467,7 +468,7 @@ def export(
                     from .builder import local_folder
                     from .kvquant import int8_cache
 
-                    folder = local_folder(source, not _looks_local(source) and not _hub_reachable()[0])
+                    folder = local_folder(source, offline)
                     report.manifest = int8_cache(folder, package, dtype, quantize is not None, say)
                 if quantize:
                     say(f"quantising to {quantize} and measuring it against fp32 ...")

@@ -81,7 +81,7 @@ def kv_accuracy(fp32_package: str | Path, package: str | Path, prompt: str, toke
     fp32 cache's tokens (an :class:`~nextoken.exporters.quantize.Accuracy`)."""
     from nextoken.engine import Engine
 
-    from .quantize import Accuracy, greedy_sample
+    from .quantize import Accuracy, first_difference, greedy_sample
 
     with (
         Engine(fp32_package, device="cpu", plugins=False, verify=False) as ref,
@@ -90,7 +90,7 @@ def kv_accuracy(fp32_package: str | Path, package: str | Path, prompt: str, toke
         tokens = min(tokens, ref.manifest.context_length // 2)
         ids, expected = greedy_sample(ref, prompt, tokens)
         got = q.generate(ids, max_new_tokens=tokens, ignore_eos=True).token_ids
-        same = next((i for i, (a, b) in enumerate(zip(expected, got)) if a != b), len(expected))
+        same = first_difference(expected, got)
         steps = []
         for engine in (ref, q):
             run = engine.cached_forward()

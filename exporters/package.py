@@ -233,7 +233,6 @@ def embedding_parity_check(
     import torch
     from transformers import AutoModel
 
-    from nextoken.embedding import Embedder
     from nextoken.engine import Engine
 
     engine = Engine(package, device=device, plugins=False, verify=False)
@@ -241,8 +240,7 @@ def embedding_parity_check(
         ids = parity_ids(engine)
         rows = [ids, ids[: max(2, len(ids) // 2)], ids[:3]]
         spec = engine.manifest.embedding or {}
-        raw = Embedder(engine.session, {**spec, "normalize": False}, engine.pad_token_id)
-        got = raw.vectors(rows)
+        got = engine.need_embedder().pooled(rows)  # as the graph gives them, before normalising
     finally:
         engine.close()
     model = AutoModel.from_pretrained(source, dtype=torch.float32, local_files_only=offline).eval()

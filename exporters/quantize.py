@@ -242,6 +242,11 @@ def greedy_sample(ref, prompt: str, tokens: int) -> tuple[list[int], list[int]]:
     return ids, ref.generate(ids, max_new_tokens=tokens, ignore_eos=True).token_ids
 
 
+def first_difference(expected: list[int], got: list[int]) -> int:
+    """How many of ``expected``'s tokens ``got`` has identically before the first difference."""
+    return next((i for i, (a, b) in enumerate(zip(expected, got)) if a != b), len(expected))
+
+
 def compare_accuracy(fp32_package: Path, quantized_package: Path, prompt: str, tokens: int = 64) -> Accuracy:
     """Greedy and teacher-forced agreement, and logit differences, of two packages on ``prompt``."""
     import numpy as np
@@ -255,7 +260,7 @@ def compare_accuracy(fp32_package: Path, quantized_package: Path, prompt: str, t
     ):
         ids, expected = greedy_sample(ref, prompt, tokens)
         got = q.generate(ids, max_new_tokens=tokens, ignore_eos=True).token_ids
-        same = next((i for i, (a, b) in enumerate(zip(expected, got)) if a != b), len(expected))
+        same = first_difference(expected, got)
         seq = ids + expected[:-1]
         a, b = ref.forward(seq), q.forward(seq)
         gen = slice(len(ids) - 1, len(seq))

@@ -420,15 +420,14 @@ class Engine:
         after the answer's thinking, which stays free, when it splits thinking off by tags; the
         special tokens kept in the text when it reads them (gpt-oss's channels, where a constraint
         is refused: not yet). As they are without a parser."""
-        constrained = any(getattr(params, k) for k in ("response_format", "regex", "choice", "grammar"))
         if parser is not None and getattr(parser, "needs_special_tokens", False):
-            if constrained:
+            if params.constrained:
                 raise InvalidRequestError(
                     "constrained output (response_format, tool_choice required or named, regex, grammar) "
                     "is not yet held inside gpt-oss's channels; leave it out, or ask for no reasoning parser"
                 )
             return params.replace(skip_special_tokens=False)
-        tags = thinking_tags(parser, self.prompt_tail(prompt)) if parser is not None and constrained else None
+        tags = thinking_tags(parser, self.prompt_tail(prompt)) if parser is not None and params.constrained else None
         return params.replace(thinking=tags) if tags is not None else params
 
     def tool_format(self, name: str | None = "auto") -> ToolFormat:

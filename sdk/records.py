@@ -17,14 +17,26 @@ from __future__ import annotations
 import dataclasses
 import importlib.metadata
 import json
-from typing import TYPE_CHECKING, Any
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, Protocol
 
+from .device import DeviceChoice
+from .manifest import Manifest
 from .types import Completion, SamplingParams
 
 if TYPE_CHECKING:
-    from .engine import Engine
     from .generation import Generation
     from .registry import Pipeline, Provided
+
+
+class Recorded(Protocol):
+    """What a record reads of the engine that ran the request (an :class:`~nextoken.Engine` is one)."""
+
+    path: Path
+    threads: int | None
+    manifest: Manifest
+    device: DeviceChoice
+
 
 __all__ = ["RECORD_VERSION", "engine_settings", "make_record", "pieces", "records_of", "version_of"]
 
@@ -41,7 +53,7 @@ def version_of(distribution: str) -> str:
         return "?"
 
 
-def engine_settings(engine: Engine) -> dict[str, Any]:
+def engine_settings(engine: Recorded) -> dict[str, Any]:
     """What of the engine can change the numbers: provider, threads, TF32, precision, KV dtype."""
     providers = engine.device.providers
     options = dict(providers[0][1]) if providers and isinstance(providers[0], tuple) else {}
@@ -56,7 +68,7 @@ def engine_settings(engine: Engine) -> dict[str, Any]:
 
 
 def make_record(
-    engine: Engine, completion: Completion, params: SamplingParams, plugins: list[Provided], choice: int = 0
+    engine: Recorded, completion: Completion, params: SamplingParams, plugins: list[Provided], choice: int = 0
 ) -> dict[str, Any]:
     """The record of one completion, the request's choice ``choice`` (``plugins``: the registry
     pieces the request used)."""
@@ -81,7 +93,7 @@ def make_record(
     }
 
 
-def records_of(engine: Engine, generation: Generation) -> list[dict[str, Any]]:
+def records_of(engine: Recorded, generation: Generation) -> list[dict[str, Any]]:
     """The record of each of a finished request's completions."""
     used = pieces(generation.pipeline)
     return [make_record(engine, c, generation.params, used, i) for i, c in enumerate(generation.completions())]

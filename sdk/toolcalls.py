@@ -77,15 +77,19 @@ class ToolFormat:
         """Whether calls are written in tagged blocks."""
         return self.open is not None
 
-    def grammar(self, calls: list[dict[str, Any]], definitions: dict[str, Any], many: bool) -> str:
-        """The Lark grammar of an answer that is calls only: ``calls`` the JSON schemas of the
-        call objects allowed (one per tool), ``many``: more than one call may be made."""
+    def grammar(self, calls: Sequence[tuple[str, Any]], definitions: dict[str, Any], many: bool) -> str:
+        """The Lark grammar of an answer that is calls only: ``calls`` each allowed tool's name and
+        arguments schema (its ``$defs`` already in ``definitions``), ``many``: more than one call
+        may be made."""
         objects = [
-            {**c, "properties": {"name": c["properties"]["name"], self.arguments_key: c["properties"]["arguments"]}}
-            for c in calls
+            {
+                "type": "object",
+                "properties": {"name": {"const": name}, self.arguments_key: arguments},
+                "required": ["name", self.arguments_key],
+                "additionalProperties": False,
+            }
+            for name, arguments in calls
         ]
-        for o in objects:
-            o["required"] = ["name", self.arguments_key]
         one: dict[str, Any] = {"x-guidance": _STYLE, "anyOf": objects}
         if self.as_list:
             one = {"x-guidance": _STYLE, "type": "array", "items": {"anyOf": objects}, "minItems": 1}
@@ -108,8 +112,7 @@ def pick_tool_parser(name: str | None, template: str | None) -> str:
     """The tool format a request's ``name`` means: ``auto`` (or None) picks from the chat template
     (``mistral`` for one that writes ``[TOOL_CALLS]``; ``llama3_json`` for one that teaches bare calls
     with ``"parameters"`` or ``<|python_tag|>`` and no ``<tool_call>`` block; else ``hermes``)."""
-    if name not in (None, "auto"):
-        assert name is not None
+    if name is not None and name != "auto":
         return name
     text = template or ""
     if "<tool_call>" in text or "<|channel|>" in text:  # gpt-oss: its calls reach the content as blocks
@@ -275,15 +278,7 @@ class ToolRequest:
         allowed = [t for t in self.tools if self.choice == "required" or t["function"]["name"] == self.choice]
         definitions: dict[str, Any] = {}
         calls = [
-            {
-                "type": "object",
-                "properties": {
-                    "name": {"const": t["function"]["name"]},
-                    "arguments": _hoisted(t["function"]["parameters"], t["function"]["name"], definitions),
-                },
-                "required": ["name", "arguments"],
-                "additionalProperties": False,
-            }
+            (t["function"]["name"], _hoisted(t["function"]["parameters"], t["function"]["name"], definitions))
             for t in allowed
         ]
         return self.format.grammar(calls, definitions, self.parallel and self.choice == "required")
@@ -294,7 +289,7 @@ class ToolRequest:
         grammar = self.grammar()
         if grammar is None:
             return params
-        if any(getattr(params, k) for k in ("response_format", "regex", "choice", "grammar")):
+        if params.constrained:
             raise InvalidRequestError(
                 f"tool_choice {self.choice!r} constrains the answer to tool calls; "
                 "leave out response_format, regex, choice and grammar",
@@ -307,7 +302,7 @@ class ToolRequest:
         the tools stays text."""
         calls, kept, end = [], [], 0
         for block in self.tags.blocks.finditer(text):
-            call = self._call(block.group(1))
+            call = self.call_in(block.group(1))
             if call is not None:
                 kept.append(text[end : block.start()])
                 end = block.end()
@@ -337,7 +332,8 @@ class ToolRequest:
         found = [c for c in calls if c is not None]
         return found if self.parallel else found[:1]
 
-    def _call(self, body: str) -> ToolCall | None:
+    def call_in(self, body: str) -> ToolCall | None:
+        """The call a block's text holds (a call object of one of the tools, as JSON), or None."""
         try:
             value = json.loads(body)
         except ValueError:
@@ -499,7 +495,7 @@ class CallStream:
         at = buf.find(self._tags.close)
         if at < 0:
             return False
-        call = self.request._call(buf[:at]) if self._room() else None
+        call = self.request.call_in(buf[:at]) if self._room() else None
         if call is not None:
             self._open(out, call.name, call.id)
             self._fragment(out, call.arguments)

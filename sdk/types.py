@@ -22,6 +22,7 @@ if TYPE_CHECKING:
     from .tokenizer import Tokenizer
 
 __all__ = [
+    "CONSTRAINT_FIELDS",
     "CONTEXT_POLICIES",
     "FINISH_REASONS",
     "MAX_CHOICES",
@@ -54,6 +55,8 @@ MAX_STOP_LENGTH = 1000
 MAX_LOGIT_BIAS = 1024
 #: Strings a ``choice`` constraint may list (llguidance's parser takes fewer than 2,000 alternatives in a rule).
 MAX_CONSTRAINT_CHOICES = 1000
+#: The fields that constrain the text (one at most a request).
+CONSTRAINT_FIELDS = ("response_format", "regex", "choice", "grammar")
 LOGIT_BIAS_RANGE = 100.0
 
 #: What happens when a sequence outgrows the model's context window:
@@ -137,7 +140,7 @@ def _check_constraint(params: "SamplingParams", fail: Callable[[str], None]) -> 
         ):
             fail(f"thinking must be (start tag, end tag) with an end tag, not {tags!r}"[:200])
         object.__setattr__(params, "thinking", (tags[0], tags[1]))
-    given = [name for name in ("response_format", "regex", "choice", "grammar") if getattr(params, name)]
+    given = [name for name in CONSTRAINT_FIELDS if getattr(params, name)]
     if len(given) > 1:
         fail(f"give one constraint at most, not {' and '.join(given)}")
 
@@ -387,6 +390,11 @@ class SamplingParams:
             fail(f"hook_timings must be true or false, not {self.hook_timings!r}")
         object.__setattr__(self, "options", _frozen_options(self.options, "options"))
         object.__setattr__(self, "cost_meters", _frozen_options(self.cost_meters, "cost_meters"))
+
+    @property
+    def constrained(self) -> bool:
+        """Whether a field of :data:`CONSTRAINT_FIELDS` holds the text to a grammar."""
+        return any(getattr(self, name) for name in CONSTRAINT_FIELDS)
 
     @property
     def strategy_name(self) -> str:

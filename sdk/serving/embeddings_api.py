@@ -51,8 +51,6 @@ class EmbedBatcher:
         self._queue: queue.SimpleQueue[_Job | None] = queue.SimpleQueue()
         self._thread: threading.Thread | None = None
         self._lock = threading.Lock()
-        #: passes run, and rows embedded (for a look at how much batching happened)
-        self.runs, self.rows = 0, 0
 
     def submit(self, rows: list[list[int]], width: int) -> concurrent.futures.Future:
         """A future of the ``[len(rows), width]`` vectors."""
@@ -101,8 +99,6 @@ class EmbedBatcher:
                 return
             jobs[0].future.set_exception(exc)
             return
-        self.runs += 1
-        self.rows += len(pooled)
         at = 0
         for job in jobs:
             job.future.set_result(self.embedder.finish(pooled[at : at + len(job.rows)], job.width))
@@ -167,15 +163,14 @@ class EmbeddingsService:
         if (isinstance(inputs, str) and not inputs) or (isinstance(inputs, list) and "" in inputs):
             raise APIError(400, "input: an input is an empty string; give some text", param="input")
         prompt = req.nextoken.prompt if req.nextoken is not None else None
-        for param, check in (
-            ("dimensions", lambda: engine.embedder.check_dimensions(req.dimensions)),
-            ("nextoken.prompt", lambda: engine.embedder.prompt_prefix(prompt)),
-        ):
-            try:
-                check()
-            except NextokenError as exc:
-                raise api_error(exc, param=param) from None
-        width = engine.embedder.check_dimensions(req.dimensions)
+        try:
+            width = engine.embedder.check_dimensions(req.dimensions)
+        except NextokenError as exc:
+            raise api_error(exc, param="dimensions") from None
+        try:
+            engine.embedder.prompt_prefix(prompt)
+        except NextokenError as exc:
+            raise api_error(exc, param="nextoken.prompt") from None
         try:
             rows = engine.embedding_rows(inputs, prompt)
         except NextokenError as exc:
