@@ -387,13 +387,22 @@ class Generation:
         again. A full row keeps its protected prefix and its newest tokens, half a window in all
         (recorded in :attr:`slides`); another live row keeps what it holds; a finished row its last
         token (it rides along)."""
+        return self._again(slide=True)
+
+    def resume(self) -> list[list[int]]:
+        """The driver took the request's KV cache away (preempted for memory): what each row is
+        prefilled with again to go on where it was, every token it holds and its last (a finished
+        row: its last token)."""
+        return self._again(slide=False)
+
+    def _again(self, slide: bool) -> list[list[int]]:
         state, windows = self.state, []
         for row in range(state.batch_size):
             ids, at = self._prefilled[row]
             held = ids + state.generated[row][at:]  # what the model holds of the row, and its last token
             if not state.alive[row]:
                 windows.append(held[-1:])
-            elif self._lengths[row] >= self.context_length:
+            elif slide and self._lengths[row] >= self.context_length:
                 keep = max(self.context_length // 2, self.params.protected_prefix + 1)
                 prefix = held[: self.params.protected_prefix]
                 windows.append(prefix + held[len(held) - (keep - len(prefix)) :])

@@ -30,10 +30,23 @@ from .errors import NextokenError
 from .kvcache import KVCache, SlotCache, grow_mask, pad_batch
 from .runner import CacheOps, StepRunner
 
-__all__ = ["BACKENDS", "ConcatBackend", "KVBackend", "Prefilled", "SlotBackend", "for_request", "prefill_padded"]
+__all__ = [
+    "BACKENDS",
+    "BATCHED_LOGITS",
+    "ConcatBackend",
+    "KVBackend",
+    "Prefilled",
+    "SlotBackend",
+    "for_request",
+    "prefill_padded",
+]
 
 #: The backends by name (``Scheduler(kv_backend=...)``).
 BACKENDS = ("concat", "slots")
+#: Bytes of logits a batched prefill of right-padded prompts may make (it keeps every position's,
+#: since the rows end in different columns); past this each prompt is prefilled in place alone. 64
+#: prompts of 100-2,000 tokens on a 49k vocabulary made 1.2 GB batches, and the process kept them.
+BATCHED_LOGITS = 256 << 20
 
 
 @dataclass
@@ -247,7 +260,8 @@ class SlotBackend:
     prefill and held while the backend lives.
 
     One prompt is prefilled straight into its slot; several are prefilled together and copied into
-    their slots with ``ops`` (one batched run beats several) when ``batched``, else each in place;
+    their slots with ``ops`` (one batched run beats several) when ``batched`` and their logits stay
+    within :data:`BATCHED_LOGITS`, else each in place;
     choices that share a prompt (``fork``) get copies of its one prefill."""
 
     name = "slots"
@@ -260,6 +274,7 @@ class SlotBackend:
         pad_id: int,
         ops: Callable[[], CacheOps] | None = None,
         batched: bool = True,
+        paged: bool | None = None,
     ) -> None:
         """
         Args:
@@ -269,8 +284,11 @@ class SlotBackend:
             pad_id: the id rows are padded with.
             ops: the cache surgery (copies a batched prefill into slots; None: each prompt in place).
             batched: whether several prompts are prefilled together.
+            paged: hold only the pages the slots write (:class:`~nextoken.kvcache.SlotCache`; None:
+                on the CPU).
         """
         self.runner, self.slots, self.length, self.pad_id = runner, slots, length, pad_id
+        self.paged = paged
         self._ops = ops or _no_surgery
         self.batched = batched and ops is not None
         self.buffer: SlotCache | None = None
@@ -292,7 +310,7 @@ class SlotBackend:
 
     def _buffer(self) -> SlotCache:
         if self.buffer is None:
-            self.buffer = SlotCache(self.runner, self.slots, self.length)
+            self.buffer = SlotCache(self.runner, self.slots, self.length, self.paged)
         return self.buffer
 
     def _free(self, n: int) -> list[int]:
@@ -302,7 +320,12 @@ class SlotBackend:
     def prefill(self, prompts: Sequence[list[int]], fork: Sequence[int] | None = None) -> Prefilled:
         if fork is not None:
             return prefill_padded(self.runner, prompts, self.pad_id).forked(fork, self._ops())
-        if len(prompts) > 1 and self.batched:
+        width = max(map(len, prompts))
+        if (
+            len(prompts) > 1
+            and self.batched
+            and len(prompts) * width * self.runner.manifest.vocab_size * 4 <= BATCHED_LOGITS
+        ):
             return prefill_padded(self.runner, prompts, self.pad_id)
         buffer = self._buffer()
         before = buffer.run_seconds
@@ -322,6 +345,8 @@ class SlotBackend:
         else:
             free = pre.slots
         buffer.lengths[free] = pre.lengths
+        for slot, length in zip(free, pre.lengths):
+            buffer.trim(slot, int(length))  # a padded prefill wrote past a shorter row's end
         self.slot_ids.extend(free)
 
     def decode(self, tokens: np.ndarray, grow: np.ndarray | None = None) -> np.ndarray:
@@ -358,16 +383,19 @@ class SlotBackend:
         return self._kept[1]
 
     def keep(self, rows: Sequence[int]) -> None:
-        kept, buffer = set(rows), self._buffer()
-        for i, slot in enumerate(self.slot_ids):
-            if i not in kept:
-                buffer.lengths[slot] = 0
         self.slot_ids = [self.slot_ids[i] for i in rows]
+        buffer, taken = self.buffer, set(self.slot_ids)
+        if buffer is None:
+            return
+        for slot in np.flatnonzero(buffer.high).tolist():  # leavers, and idle slots a step wrote at 0
+            if slot not in taken:
+                buffer.release(slot)
 
     def held(self, row: int) -> int:
         return int(self._buffer().lengths[self.slot_ids[row]]) if row < self.rows else 0
 
     def nbytes(self) -> int:
+        """Bytes the buffer holds (paged: the pages its slots have written)."""
         return self.buffer.nbytes() if self.buffer is not None else 0
 
     def extend(self, row: int, tokens: Sequence[int]) -> np.ndarray:
@@ -382,6 +410,7 @@ class SlotBackend:
         """Row ``row`` holds its first ``length`` positions only: a length, nothing copied."""
         slot, buffer = self.slot_ids[row], self._buffer()
         buffer.lengths[slot] = min(int(buffer.lengths[slot]), length)
+        buffer.trim(slot, int(buffer.lengths[slot]))
 
     @property
     def slot_lengths(self) -> list[int]:
@@ -399,9 +428,10 @@ def for_request(
 ) -> KVBackend:
     """The cache of one request of ``rows`` sequences, up to ``length`` positions each:
     GroupQueryAttention graphs (keys placed by the mask) run in place in a fixed buffer that long
-    (nothing concatenated per step; each prompt prefilled in place in its row); other graphs, and a
+    (nothing concatenated per step; each prompt prefilled in place in its row; allocated whole, as
+    long as the request may reach, so it is the request's own to count); other graphs, and a
     request that slides its window (it is prefilled again), grow the cache by concatenation.
     ``ops``: the cache surgery that copies a prompt's prefill to its other choices (``n`` > 1)."""
     if not slide and runner.manifest.padding_side == "right":
-        return SlotBackend(runner, rows, length, pad_id, ops, batched=False)
+        return SlotBackend(runner, rows, length, pad_id, ops, batched=False, paged=False)
     return ConcatBackend(runner, pad_id, ops or _no_surgery)

@@ -9,6 +9,7 @@ stays on the device. Only the last position's logits come back to the host.
 
 from __future__ import annotations
 
+import mmap
 from collections.abc import Sequence
 from typing import Protocol
 
@@ -16,6 +17,7 @@ import numpy as np
 import onnxruntime as ort
 
 from .dtypes import kv_dtype
+from .errors import NextokenError
 from .manifest import Manifest
 
 
@@ -27,7 +29,12 @@ class CacheHome(Protocol):
     device_id: int
 
 
-__all__ = ["CacheHome", "KVCache", "SlotCache", "grow_mask", "pad_batch"]
+__all__ = ["CacheHome", "KVCache", "SlotCache", "grow_mask", "pad_batch", "resident_bytes"]
+
+_NORESERVE = getattr(mmap, "MAP_NORESERVE", 0)  # address space, not swap: pages come when written
+_NOHUGEPAGE = getattr(mmap, "MADV_NOHUGEPAGE", None)
+#: whether host buffers can be reserved address space with pages given back (paged slots)
+PAGED_HOST = hasattr(mmap, "MAP_ANONYMOUS") and hasattr(mmap, "MADV_DONTNEED")
 
 
 def pad_batch(prompts: Sequence[list[int]], pad_id: int, side: str = "left") -> tuple[np.ndarray, np.ndarray]:
@@ -87,18 +94,146 @@ class SlotCache(KVCache):
     """A fixed-size KV buffer ``[slots, kv_heads, length, head_dim]`` per layer, for graphs with
     GroupQueryAttention: every decode step writes each row's new keys and values in place at that
     row's own length (the graph reads it from the attention mask), so nothing is concatenated,
-    padded or trimmed as requests come and go; a slot is reused by the next request."""
+    padded or trimmed as requests come and go; a slot is reused by the next request.
 
-    def __init__(self, runner: CacheHome, slots: int, length: int) -> None:
-        # Left uninitialised: a slot is written whole (zero-padded) when a request takes it, and
+    ``paged`` (the default on the CPU): the buffers are reserved address space, not memory. Each
+    is an anonymous mapping the kernel backs with a page the first time a position in it is
+    written, so the cache holds what its rows have written (a row's positions for each head are
+    contiguous: a 4 KiB page holds 16 positions of a 64-wide fp32 head), whatever ``slots x
+    length`` is. A slot that frees gives its pages back (:meth:`release`), and a row cut short
+    gives back the pages past its end (:meth:`trim`). The memory management unit is the page table:
+    attention reads each row as one contiguous run, as with fixed slots, at the same speed.
+    :meth:`nbytes` is then the bytes held (pages touched); :meth:`reserved_bytes` the address
+    space. Transparent huge pages are turned off for the mappings (a 2 MiB page would back a
+    slot's whole head at its first token)."""
+
+    def __init__(self, runner: CacheHome, slots: int, length: int, paged: bool | None = None) -> None:
+        """
+        Args:
+            runner: where the cache lives (the package's manifest and the device).
+            slots: rows of the buffer.
+            length: positions a slot.
+            paged: reserve address space and hold only the pages written (None: on the CPU).
+        """
+        # Left uninitialised: a slot is written from position 0 when a request takes it, and
         # attention reads a row only up to its length (a free slot decodes at position 0 only).
-        super().__init__(runner.manifest, slots, runner.device, runner.device_id, length)
+        self.paged = runner.device == "cpu" and PAGED_HOST if paged is None else paged
+        if self.paged and (runner.device != "cpu" or not PAGED_HOST):
+            raise NextokenError(
+                "paged slots live in host memory on Linux or macOS; on a GPU (or elsewhere) the slot "
+                "buffer is allocated whole (paged=False)"
+            )
+        super().__init__(runner.manifest, slots, runner.device, runner.device_id, 0 if self.paged else length)
+        self._maps: list[mmap.mmap] = []
+        shape = [slots, runner.manifest.num_kv_heads, length, runner.manifest.head_dim]
+        if self.paged:
+            self.values = [self._mapped(shape) for _ in self.values]
         self.lengths = np.zeros(slots, dtype=np.int64)  # positions each slot holds
+        #: positions each slot has written since its pages were last given back (what backs it)
+        self.high = np.zeros(slots, dtype=np.int64)
         self._positions = np.arange(length)[None, :]
+        self._shape = shape
         #: speculative steps' bindings, by row: [binding, logits buffer, positions bound] (StepRunner._in_place's)
         self.extend_bindings: dict[int, list] = {}
 
+    def _mapped(self, shape: list[int]) -> ort.OrtValue:
+        """One layer's buffer as an anonymous mapping (no memory until written), wrapped without a copy."""
+        count = int(np.prod(shape))
+        size = max(count * np.dtype(self.dtype).itemsize, 1)
+        try:
+            mapping = mmap.mmap(-1, size, flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS | _NORESERVE)
+        except OSError as exc:
+            raise NextokenError(
+                f"could not reserve {size / 2**30:.1f} GiB of address space for a slot buffer ({exc}); "
+                "ask for fewer or shorter slots (max_batch, slot_length), or fixed slots (paged=False)"
+            ) from None
+        if _NOHUGEPAGE is not None:
+            mapping.madvise(_NOHUGEPAGE)
+        self._maps.append(mapping)
+        array = np.frombuffer(mapping, dtype=self.dtype, count=count).reshape(shape)
+        return ort.OrtValue.ortvalue_from_numpy(array)  # on the CPU: the mapping's memory itself
+
+    @property
+    def length(self) -> int:
+        """Positions a slot holds at most."""
+        return self._shape[2]
+
+    def set_lengths(self, rows: np.ndarray | slice | int, lengths: np.ndarray | int) -> None:
+        """Rows ``rows`` hold ``lengths`` positions now, written (what backs them grows with it)."""
+        self.lengths[rows] = lengths
+        self.high[rows] = np.maximum(self.high[rows], self.lengths[rows])
+
+    def _head_bytes(self) -> int:
+        return self._shape[3] * np.dtype(self.dtype).itemsize
+
+    def release(self, slot: int) -> None:
+        """Slot ``slot`` holds nothing now: its pages go back to the system (paged), or it is just free."""
+        self.lengths[slot] = 0
+        self.trim(slot, 0)
+
+    def trim(self, slot: int, length: int) -> None:
+        """Give back the pages of slot ``slot`` past its first ``length`` positions (paged; the
+        pages a kept position shares are kept)."""
+        if not self.paged or self.high[slot] <= length:
+            return
+        heads, block = self._shape[1], self._shape[2] * self._head_bytes()
+        page, first = mmap.PAGESIZE, slot * heads * block
+        spans = (
+            [(first, first + heads * block)]
+            if length == 0
+            else [(first + h * block + length * self._head_bytes(), first + (h + 1) * block) for h in range(heads)]
+        )
+        for start, end in spans:
+            start = -(-start // page) * page  # whole pages only: a page a kept position is on stays
+            if end - start >= page:
+                for mapping in self._maps:
+                    mapping.madvise(mmap.MADV_DONTNEED, start, (end - start) // page * page)
+        self.high[slot] = length
+
+    def nbytes(self) -> int:
+        """Bytes the cache holds: the pages its slots have written (paged), else the whole buffer."""
+        if not self.paged:
+            return super().nbytes()
+        heads, row = self._shape[1], self._head_bytes()
+        block, page = self._shape[2] * row, mmap.PAGESIZE
+        written = np.repeat(self.high, heads)  # each (slot, head) run, in address order
+        starts = np.arange(len(written), dtype=np.int64)[written > 0] * block
+        if not len(starts):
+            return 0
+        first, last = starts // page, (starts + written[written > 0] * row - 1) // page
+        # a page two neighbouring runs are on counts once (heads shorter than a page share them)
+        pages = int((last - first + 1).sum()) - int((first[1:] == last[:-1]).sum())
+        return pages * page * len(self.values)
+
+    def reserved_bytes(self) -> int:
+        """Bytes of the whole buffer (paged: address space reserved; else allocated)."""
+        return int(np.prod(self._shape)) * np.dtype(self.dtype).itemsize * len(self.values)
+
     def mask(self, lengths: np.ndarray) -> np.ndarray:
-        """The attention mask of rows holding ``lengths`` positions: ``[len(lengths), buffer length]``,
-        1 where a row has a position (the graph reads each row's length from it)."""
-        return (self._positions < np.asarray(lengths)[:, None]).astype(np.int64)
+        """The attention mask of rows holding ``lengths`` positions: ``[len(lengths), longest]``, 1
+        where a row has a position (the graph reads each row's length from it, and
+        GroupQueryAttention the total from its width, which may be under the buffer's: a slot of a
+        32k window does not cost a 32k-wide mask a step)."""
+        lengths = np.asarray(lengths)
+        width = max(int(lengths.max(initial=1)), 1)
+        return (self._positions[:, :width] < lengths[:, None]).astype(np.int64)
+
+
+def resident_bytes(cache: KVCache) -> int:
+    """Bytes of ``cache``'s host buffers backed by memory now, as the kernel counts them
+    (``mincore``; Linux and macOS): what a paged :class:`SlotCache` really holds."""
+    import ctypes
+
+    libc = ctypes.CDLL(None, use_errno=True)
+    page, total = mmap.PAGESIZE, 0
+    itemsize = np.dtype(cache.dtype).itemsize
+    for value in cache.values:
+        address = value.data_ptr()
+        start = address // page * page
+        size = int(np.prod(value.shape())) * itemsize + (address - start)
+        pages = -(-size // page)
+        vector = (ctypes.c_ubyte * pages)()
+        if libc.mincore(ctypes.c_void_p(start), ctypes.c_size_t(size), vector) != 0:
+            raise OSError(ctypes.get_errno(), "mincore failed")
+        total += int((np.frombuffer(vector, dtype=np.uint8) & 1).sum()) * page
+    return total

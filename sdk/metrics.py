@@ -139,7 +139,9 @@ _GAUGES = (
     ("requests_running", "running", "Sequences decoding now"),
     ("requests_waiting", "waiting", "Requests not decoding yet"),
     ("kv_cache_bytes", "kv_cache_bytes", "KV cache bytes the running sequences hold"),
-    ("kv_buffer_bytes", "kv_buffer_bytes", "KV cache bytes allocated"),
+    ("kv_buffer_bytes", "kv_buffer_bytes", "KV cache bytes allocated (paged slots: the pages written)"),
+    ("kv_committed_bytes", "kv_committed_bytes", "KV cache bytes the requests in hand hold or are about to"),
+    ("kv_budget_bytes", "kv_budget_bytes", "KV cache bytes the requests in hand may hold (0: no budget)"),
     ("slots", "slots", "KV slots"),
     ("slots_used", "slots_used", "KV slots in use"),
 )
@@ -160,6 +162,12 @@ def families(m: dict[str, Any]) -> list[Family]:
             "counter", "nextoken_prompt_tokens", "Prompt tokens of ended requests", samples=(((), m["prompt_tokens"]),)
         ),
         Family("counter", "nextoken_generation_tokens", "Tokens generated", samples=(((), m["generation_tokens"]),)),
+        Family(
+            "counter",
+            "nextoken_requests_preempted",
+            "Running requests preempted for KV memory (prefilled again when room freed)",
+            samples=(((), m["preempted"]),),
+        ),
     ]
     out += [Family("histogram", f"nextoken_{name}", doc, samples=(((), m[name]),)) for name, doc in _HISTOGRAMS]
     out += [

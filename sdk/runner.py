@@ -175,7 +175,7 @@ class StepRunner:
         _, binding, logits = kept
         self._bind_ids(binding, input_ids, mask, positions)
         self._run(binding, slots)
-        slots.lengths[:n] = lengths
+        slots.set_lengths(slice(0, n), lengths)
         return logits[:, -1, :].astype(np.float32)  # a copy: the buffer is the next step's
 
     def extend_in_place(self, slots: "SlotCache", row: int, tokens: Sequence[int]) -> np.ndarray:
@@ -211,7 +211,7 @@ class StepRunner:
             kept[2] = n
         self._bind_ids(binding, np.asarray([tokens], dtype=np.int64), slots.mask(np.array([length])), None)
         self._run(binding, slots)
-        slots.lengths[row] = length
+        slots.set_lengths(row, length)
         return logits[0, -keep:].astype(np.float32)  # a copy: a kept buffer is the next step's
 
     # -- binding ---------------------------------------------------------------------------------------
@@ -393,3 +393,4 @@ class CacheOps:
         index[..., 1] = np.arange(heads)[None, :, None]
         index[..., 2] = np.arange(length)[None, None, :]
         self._run(self._write, values, {"index": index}, len(buffers.lengths), into=buffers)
+        buffers.set_lengths(np.asarray(slots, dtype=np.int64), length)  # the joiner sets each row's own

@@ -55,11 +55,11 @@ from .errors import InvalidRequestError, NextokenError, SchedulerStoppedError
 from .generation import Generation
 from .intake import Intake, Prompt
 from .kvbackends import BACKENDS, ConcatBackend, KVBackend, Prefilled, SlotBackend, for_request
-from .kvcache import KVCache
+from .kvcache import PAGED_HOST, KVCache
 from .manifest import Manifest
 from .metrics import Metrics
 from .prefixcache import PrefixCache
-from .probes import MemorySampler
+from .probes import MemorySampler, meminfo_bytes
 from .runner import StepRunner
 from .types import Completion, SamplingParams, StreamEvent
 
@@ -253,8 +253,19 @@ class Scheduler(Generic[HostT]):
     does not stall the running sequences for long; a longer prompt is prefilled in chunks of this
     size, one a step. ``kv_backend``: ``auto`` (``slots`` for GroupQueryAttention graphs, else
     ``concat``), ``concat`` or ``slots``. ``slot_length``: positions per slot (default: the
-    model's window, at most 2048); with slots, prompt + max_new_tokens must fit in it, and the
-    buffer (:attr:`kv_buffer_bytes`) is held while the scheduler lives. ``kv``: a KV backend made for
+    model's window with paged slots, else the window at most 2048); with slots, prompt +
+    max_new_tokens must fit in it. ``paged_slots`` (default: on the CPU): the slot buffer is
+    reserved address space and holds only the pages its rows write (a slot that frees gives them
+    back), so KV memory follows what the running requests hold, not ``max_batch x slot_length``;
+    else the buffer (:attr:`kv_buffer_bytes`) is allocated whole. ``kv_budget``: bytes of KV cache
+    the requests in hand may hold together (:attr:`kv_committed_bytes`): a newcomer is admitted
+    when its prompt fits beside what they hold, and when their growth passes the budget the newest
+    running request is preempted (its cache given back) and comes back, before any newcomer, when
+    there is room, its prompt and answer so far prefilled again: the same tokens. A request that
+    could not finish alone within the budget (prompt + max_new_tokens) is refused. Default: with
+    paged slots, half the host memory available now, at most the slots' whole size; else none
+    (the fixed buffer is the limit).
+    ``kv``: a KV backend made for
     one request, used instead of making one (:meth:`alone` passes it); that request's usage counts
     the backend's whole cache.
     Use :meth:`step` to drive it yourself, :meth:`start` to run it on a background thread, or
@@ -269,6 +280,8 @@ class Scheduler(Generic[HostT]):
         kv_backend: str = "auto",
         slot_length: int | None = None,
         kv: KVBackend | None = None,
+        paged_slots: bool | None = None,
+        kv_budget: int | None = None,
     ) -> None:
         """
         Args:
@@ -277,8 +290,10 @@ class Scheduler(Generic[HostT]):
             max_prefill_tokens: prompt tokens prefilled in one step at most (longer prompts:
                 chunks; None: :func:`default_prefill_tokens` for the package's cache).
             kv_backend: ``auto``, ``concat`` or ``slots``.
-            slot_length: positions per slot (default: the window, at most 2048).
+            slot_length: positions per slot (default: the window with paged slots, else at most 2048).
             kv: a backend made for one request (what :meth:`alone` passes).
+            paged_slots: slots hold only the pages they write (None: on the CPU).
+            kv_budget: bytes of KV cache the requests in hand may hold together (None: see above).
         """
         if max_batch < 1:
             raise InvalidRequestError(f"max_batch must be >= 1, not {max_batch}")
@@ -303,7 +318,15 @@ class Scheduler(Generic[HostT]):
             raise InvalidRequestError(
                 f"slot_length must be between 1 and the model's window ({window}), not {slot_length}"
             )
-        self.slot_length = slot_length or min(window, 2048)
+        if paged_slots is None:
+            paged_slots = self.runner.device == "cpu" and PAGED_HOST
+        elif paged_slots and (self.runner.device != "cpu" or not PAGED_HOST):
+            raise InvalidRequestError(
+                "paged_slots needs the cache in host memory on Linux or macOS; on a GPU slots are allocated whole"
+            )
+        #: whether the slots hold only the pages they write (see the class's doc)
+        self.paged_slots: bool = paged_slots and kv_backend != "concat" and gqa and kv is None
+        self.slot_length = slot_length or (window if self.paged_slots else min(window, 2048))
         self.max_batch = max_batch
         self.max_prefill_tokens = max_prefill_tokens
         #: the running batch's KV cache (:mod:`nextoken.kvbackends`)
@@ -311,10 +334,25 @@ class Scheduler(Generic[HostT]):
         if kv is not None:  # made for one request (Scheduler.alone)
             self.kv = kv
         elif kv_backend == "slots" or (kv_backend == "auto" and gqa):
-            self.kv = SlotBackend(self.runner, max_batch, self.slot_length, self.pad_token_id, self.runner.cache_ops)
+            self.kv = SlotBackend(
+                self.runner,
+                max_batch,
+                self.slot_length,
+                self.pad_token_id,
+                self.runner.cache_ops,
+                paged=self.paged_slots,
+            )
         else:
             self.kv = ConcatBackend(self.runner, self.pad_token_id, self.runner.cache_ops)
         self.kv_backend: str = self.kv.name
+        if kv_budget is not None and kv_budget < 1:
+            raise InvalidRequestError(f"kv_budget must be a positive number of bytes, not {kv_budget}")
+        #: bytes of KV cache the requests in hand may hold together (None: no limit beyond the rows)
+        self.kv_budget: int | None = kv_budget if kv_budget is not None else self._default_kv_budget()
+        #: requests preempted for memory, waiting for room to come back (each with its rows' tokens)
+        self._evicted: collections.deque[tuple[RequestHandle, list[list[int]]]] = collections.deque()
+        #: requests preempted for memory so far
+        self.preempted = 0
         self._waiting: collections.deque[RequestHandle] = collections.deque()
         self._active: list[RequestHandle] = []
         self._rows = 0  # rows of the batch: the active requests' sequences
@@ -383,6 +421,15 @@ class Scheduler(Generic[HostT]):
                     "tokens, or make the Scheduler with a larger slot_length"
                 )
         handle = RequestHandle(generation)
+        need = self._need(handle)
+        if self.kv_budget is not None and need > self.kv_budget:
+            raise InvalidRequestError(
+                f"this request may reach {need / 2**20:.1f} MiB of KV cache ({handle.rows} x (prompt "
+                f"{len(generation.state.prompts[0])} + max_new_tokens {generation.params.max_new_tokens}) positions), "
+                f"more than this scheduler's kv_budget ({self.kv_budget / 2**20:.1f} MiB), so it could not finish even "
+                "alone; ask for fewer tokens, "
+                "or give the scheduler a larger kv_budget"
+            )
         with self._cond:
             if self._stop:
                 if self.error is not None:
@@ -452,6 +499,9 @@ class Scheduler(Generic[HostT]):
             waiting=self.waiting,
             kv_cache_bytes=held * self.manifest.kv_bytes_per_token(),
             kv_buffer_bytes=self.kv.nbytes(),
+            kv_committed_bytes=self.kv_committed_bytes,
+            kv_budget_bytes=self.kv_budget or 0,
+            preempted=self.preempted,
             slots=self.kv.slot_count,
             slots_used=rows if self.kv.slot_count else 0,
         )
@@ -468,14 +518,79 @@ class Scheduler(Generic[HostT]):
             }
         return out
 
+    def _default_kv_budget(self) -> int | None:
+        """Paged slots: half the host memory available now, at most the whole buffer's bytes (fixed
+        slots: None, the buffer is the limit)."""
+        if not self.paged_slots:
+            return None
+        whole = self.max_batch * self.slot_length * self.manifest.kv_bytes_per_token()
+        available = meminfo_bytes("MemAvailable")
+        return whole if available is None else max(min(whole, available // 2), 1)
+
+    def _need(self, handle: RequestHandle) -> int:
+        """Bytes of KV cache a request may reach: its rows x (prompt + max_new_tokens), within a
+        slot (or the window), and a page per head and layer a row of slack (paged slots)."""
+        gen = handle.generation
+        positions = min(
+            max(map(len, gen.state.prompts)) + gen.params.max_new_tokens,
+            self.kv.fixed_length or self.manifest.context_length,
+        )
+        return handle.rows * self._row_bytes(positions)
+
+    def _row_bytes(self, positions: int) -> int:
+        """Bytes a row of ``positions`` holds: with paged slots, and a page per head and layer of slack."""
+        manifest = self.manifest
+        slack = 4096 * manifest.num_kv_heads * len(manifest.past_names()) if self.paged_slots else 0
+        return positions * manifest.kv_bytes_per_token() + slack
+
+    def _entry_bytes(self, rows: list[list[int]]) -> int:
+        """Bytes rows of these tokens hold once prefilled, and their next position."""
+        return sum(self._row_bytes(len(r) + 1) for r in rows)
+
+    @property
+    def kv_committed_bytes(self) -> int:
+        """Bytes of KV cache the requests in hand hold or are about to: the running rows with
+        their next position, the prompts catching up or coming back. What admission and preemption
+        count against :attr:`kv_budget`."""
+        try:
+            total = sum(self._row_bytes(self.kv.held(r) + 1) for r in range(self._rows))
+        except (IndexError, ValueError):  # rows joined or left while this was read
+            total = 0
+        total += sum(self._entry_bytes([c.prompt] * c.handle.rows) for c in self._catching_up)
+        return total + sum(self._entry_bytes(w) for _, w in self._refill)
+
+    def _make_room(self) -> None:
+        """Before a decode step: while what the running requests will hold passes
+        :attr:`kv_budget`, the newest leaves the batch (its cache given back) to come back first
+        when there is room (vLLM's recompute preemption: a request's prompt and answer so far are
+        prefilled again, cheaper than keeping a copy of its cache, and the same tokens)."""
+        budget = self.kv_budget
+        if budget is None:
+            return
+        while len(self._active) > 1 and self.kv_committed_bytes > budget:
+            handle = self._active[-1]
+            self._evicted.appendleft((handle, handle.generation.resume()))
+            self._sliding.add(id(handle))  # its rows leave as a slid request's do
+            self._leaving += 1
+            self.preempted += 1
+            self._compact()
+
     @property
     def max_sequence_length(self) -> int:
-        """Prompt + generated tokens one request may reach here: the window, or the slot length."""
-        return self.kv.fixed_length or self.manifest.context_length
+        """Prompt + generated tokens one request may reach here: the window, or the slot length,
+        and no more than one sequence's cache can hold within :attr:`kv_budget` (the server's
+        requests without ``max_tokens`` run to it)."""
+        limit = self.kv.fixed_length or self.manifest.context_length
+        budget = self.kv_budget
+        if budget is not None:
+            limit = min(limit, max((budget - self._row_bytes(0)) // self.manifest.kv_bytes_per_token(), 1))
+        return limit
 
     @property
     def kv_buffer_bytes(self) -> int:
-        """Bytes of the slot buffer (allocated at the first request; 0 with ``concat``)."""
+        """Bytes of the slot buffer (made at the first request; 0 with ``concat``): allocated
+        whole, or with paged slots the address space reserved (the memory held is
+        ``metrics()["kv_buffer_bytes"]``)."""
         if self.kv_backend != "slots":
             return 0
         return self.max_batch * self.slot_length * self.manifest.kv_bytes_per_token()
@@ -493,7 +608,7 @@ class Scheduler(Generic[HostT]):
     @property
     def waiting(self) -> int:
         """Requests not decoding yet: queued, or having a long prompt prefilled in chunks."""
-        return len(self._waiting) + len(self._catching_up) + len(self._refill)
+        return len(self._waiting) + len(self._catching_up) + len(self._refill) + len(self._evicted)
 
     # -- the loop ---------------------------------------------------------------------------------------
     def start(self) -> "Scheduler":
@@ -521,6 +636,7 @@ class Scheduler(Generic[HostT]):
         self._rows = self._leaving = 0
         self._catching_up.clear()
         self._refill.clear()
+        self._evicted.clear()
         self._admitting = []
         self.kv.keep([])
         self._last = np.zeros(0, dtype=np.int64)
@@ -531,6 +647,7 @@ class Scheduler(Generic[HostT]):
             + self._active
             + [c.handle for c in self._catching_up]
             + [h for h, _ in self._refill]
+            + [h for h, _ in self._evicted]
             + [h for h in self._admitting if h not in self._active]
         )
 
@@ -549,6 +666,7 @@ class Scheduler(Generic[HostT]):
                     and not self._active
                     and not self._catching_up
                     and not self._refill
+                    and not self._evicted
                 ):
                     self._cond.wait()
                 if self._stop:
@@ -583,12 +701,13 @@ class Scheduler(Generic[HostT]):
             if handle.cancelled and not handle.done:
                 self._end_early(handle, None)
         self._compact()
+        self._make_room()
         if self._active:
             self._decode()
             self._compact()  # rows that finished or slid leave before anyone joins
-        if self._waiting or self._refill or self._catching_up:
+        if self._waiting or self._refill or self._catching_up or self._evicted:
             self._schedule(runner)
-        return bool(self._active or self._waiting or self._catching_up or self._refill)
+        return bool(self._active or self._waiting or self._catching_up or self._refill or self._evicted)
 
     def _schedule(self, runner: StepRunner) -> None:
         """Bring in what waits, within the step's prefill budget and the batch's rows. Every prompt
@@ -606,12 +725,37 @@ class Scheduler(Generic[HostT]):
                 budget -= sum(map(len, windows))
                 self._prefill_and_join([handle], windows, refill=True)
         self._catching_up.extendleft(reversed(refills))
+        for handle, _ in [e for e in self._evicted if e[0].cancelled]:  # cancelled while it waited for room
+            self._evicted = collections.deque(e for e in self._evicted if e[0] is not handle)
+            self._end_early(handle, None)
+        room = None if self.kv_budget is None else self.kv_budget - self.kv_committed_bytes
+        while self._evicted and (
+            self._rows + sum(c.handle.rows for c in self._catching_up) + self._evicted[0][0].rows <= self.max_batch
+        ):
+            handle, windows = self._evicted[0]
+            need = self._entry_bytes(windows)
+            if room is not None and need > room and (self._active or self._catching_up):
+                break  # it waits for room
+            self._evicted.popleft()
+            room = None if room is None else room - need
+            if handle.rows == 1:
+                self._catching_up.append(CatchUp(handle, runner.new_cache(1), 0, windows[0], refill=True))
+            else:
+                budget -= sum(map(len, windows))
+                self._prefill_and_join([handle], windows, refill=True)
         budget = self._catch_up(budget)
         admit: list[RequestHandle] = []
         with self._cond:
             in_hand = self._rows + sum(c.handle.rows for c in self._catching_up)
-            while self._waiting and in_hand + self._waiting[0].rows <= self.max_batch:
+            while (
+                self._waiting
+                and not self._evicted  # preempted requests come back first
+                and in_hand + self._waiting[0].rows <= self.max_batch
+                and (room is None or self._entry_bytes(self._waiting[0].generation.state.prompts) <= room)
+            ):
                 handle = self._waiting[0]
+                if room is not None:
+                    room -= self._entry_bytes(handle.generation.state.prompts)
                 if handle.cancelled:
                     self._waiting.popleft()
                     self._end_early(handle, None)

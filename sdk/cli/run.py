@@ -113,6 +113,8 @@ def _scheduler_options(args: argparse.Namespace) -> dict:
         "max_prefill_tokens": args.max_prefill_tokens,
         "kv_backend": args.kv_backend,
         "slot_length": args.slot_length,
+        "paged_slots": args.paged_slots,
+        "kv_budget": None if args.kv_budget_mb is None else args.kv_budget_mb << 20,
     }
 
 
@@ -203,7 +205,22 @@ def add_commands(sub) -> None:
         "--slot-length",
         type=positive_int,
         default=None,
-        help="with slots: positions per slot (default: the window, at most 2048)",
+        help="with slots: positions per slot (default: the window with paged slots, else at most 2048)",
+    )
+    p.add_argument(
+        "--paged-slots",
+        action=argparse.BooleanOptionalAction,
+        default=None,
+        help="slots hold only the pages their requests write, so KV memory follows what is held "
+        "(default: on, on the CPU; GPUs allocate the slots whole)",
+    )
+    p.add_argument(
+        "--kv-budget-mb",
+        type=positive_int,
+        default=None,
+        metavar="MB",
+        help="KV cache the running requests may reach together; admission waits for room "
+        "(default with paged slots: half the memory available, at most the slots' whole size)",
     )
     p.add_argument("--api-key", default=None, help="require 'Authorization: Bearer KEY'")
     p.add_argument(

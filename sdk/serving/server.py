@@ -225,7 +225,7 @@ def serve(
     """Load ``package`` and serve it until interrupted. ``engine_options``: :class:`~nextoken.Engine`
     arguments (``device``, ``threads``, ``spin``, ``tf32``, the prefix cache's); ``scheduler_options``:
     more :class:`~nextoken.Scheduler` arguments (``max_prefill_tokens``, ``kv_backend``,
-    ``slot_length``); ``options``: :class:`ServeOptions`, checked before the server listens.
+    ``slot_length``, ``paged_slots``, ``kv_budget``); ``options``: :class:`ServeOptions`, checked before the server listens.
     Connections: idle ones close after 5 s between requests, and one that has not sent a whole
     request head within ``header_timeout_s`` (half-open, or a client that stalls in its headers) is
     closed."""
@@ -268,6 +268,10 @@ def serve(
             if scheduler.kv.slot_count
             else f"batches of up to {scheduler.max_batch}"
         )
+        if scheduler.kv.slot_count and scheduler.paged_slots:
+            slots += ", paged (memory as written)"
+        if scheduler.kv_budget is not None:
+            slots += f", KV budget {scheduler.kv_budget / 2**20:.0f} MiB"
         print(
             f"nextoken: serving {name} ({engine.path}) at http://{host}:{port}/v1 on {engine.device.provider}; "
             f"KV backend {scheduler.kv_backend}, {slots}; spin {'on' if engine.spin else 'off'} ({engine.spin_reason})"
