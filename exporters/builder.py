@@ -756,6 +756,7 @@ class _Graph:
         #: the KV cache's element type (int8 with per-layer scales, ``kv_scales``, else the graph's)
         self.kv_elem = self.elem
         self.kv_scales: Sequence[tuple[np.ndarray, np.ndarray]] | None = None
+        self.kv_bits = 8  # with kv_scales: 8 (int8) or 4 (int4, two values a uint8)
         self.inits: list = []
         self.nodes: list = []
         #: the cache each layer's attention reads: the graph's past inputs, or (an embedding graph,
@@ -852,12 +853,14 @@ def build(
     task: str = "generate",
     pooling: str = "last",
     kv_scales: Sequence[tuple[np.ndarray, np.ndarray]] | None = None,
+    kv_bits: int = 8,
 ) -> dict[str, Any]:
     """Write ``output``/model.onnx for the checkpoint folder ``checkpoint``; returns what the
     manifest needs (layers, heads, head size, context, vocabulary). ``task``: ``generate`` (logits
     and the KV cache out) or ``embed`` (a sequence's hidden state after the final norm, pooled as
     ``pooling`` says, out as ``embeddings [batch, hidden]``: :data:`POOLINGS`; no cache, no LM
-    head; the input's padding on the right). ``kv_scales``: keep the KV cache in int8, each layer's
+    head; the input's padding on the right). ``kv_scales``: keep the KV cache in ``kv_bits`` (8:
+    int8; 4: int4, two values a byte, so a head of D channels is D / 2 uint8), each layer's
     keys and values scaled by its ``(k_scale, v_scale)``, ``[kv_heads, head_dim]`` each (what
     :func:`calibrate_kv` measures; GroupQueryAttention quantises as it writes and dequantises as it
     reads). ``dtype``: ``fp32``, or ``fp16``
@@ -905,7 +908,13 @@ def build(
 
             if len(kv_scales) != shape.layers:
                 raise ExportError(f"kv_scales gives {len(kv_scales)} layers' scales for a model of {shape.layers}")
-            g.kv_elem, g.kv_scales = TensorProto.INT8, kv_scales
+            if kv_bits not in (8, 4):
+                raise ExportError(f"kv_bits must be 8 or 4, not {kv_bits}")
+            g.kv_elem, g.kv_scales, g.kv_bits = (
+                (TensorProto.INT8 if kv_bits == 8 else TensorProto.UINT8),
+                kv_scales,
+                kv_bits,
+            )
         residual, pending, pending_bias = "h0", None, None  # pending: the last block's output, not yet added
         for i in range(shape.layers):
             residual, pending, pending_bias = _block(
@@ -936,7 +945,7 @@ def build(
         "head_dim": shape.stored_head,
         "vocab_size": vocab,
         "context_length": shape.context,
-        "kv_dtype": "int8" if kv_scales is not None else "float16" if dtype == "fp16" else "float32",
+        "kv_dtype": f"int{kv_bits}" if kv_scales is not None else "float16" if dtype == "fp16" else "float32",
         "inputs": tuple(i.name for i in inputs),
         "outputs": tuple(o.name for o in outputs),
         "features": shape.features,
@@ -1148,7 +1157,7 @@ def _block(
             init(f"k_scale{i}", k_scale, keep_dtype=True),
             init(f"v_scale{i}", v_scale, keep_dtype=True),
         ]
-        attrs = {**attrs, "kv_cache_bit_width": 8, "k_quant_type": "PER_CHANNEL", "v_quant_type": "PER_CHANNEL"}
+        attrs = {**attrs, "kv_cache_bit_width": g.kv_bits, "k_quant_type": "PER_CHANNEL", "v_quant_type": "PER_CHANNEL"}
     node(
         "GroupQueryAttention",
         [
@@ -1361,6 +1370,8 @@ def _graph_io(g: _Graph, shape: _Shape, vocab: int) -> tuple[list, list]:
     from onnx import TensorProto, helper
 
     kv_heads, head, elem, kv_elem = shape.kv_heads, shape.stored_head, g.elem, g.kv_elem
+    if g.kv_scales is not None and g.kv_bits == 4:
+        head //= 2  # two 4-bit values a byte
     inputs = [
         helper.make_tensor_value_info("input_ids", TensorProto.INT64, ["batch_size", "sequence_length"]),
         helper.make_tensor_value_info("attention_mask", TensorProto.INT64, ["batch_size", "total_sequence_length"]),

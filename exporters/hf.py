@@ -401,8 +401,9 @@ def export(
     ``pooling`` says (``last``, ``mean``, ``cls``; None: as the checkpoint's sentence-transformers
     config says, else ``last``), unit vectors unless ``normalize`` is False, ``truncatable`` when
     the model was trained for shorter vectors (Matryoshka); see :mod:`nextoken.embedding`.
-    ``kv_dtype="int8"``: the KV cache in int8 (a quarter of fp32's bytes), scales calibrated at
-    export, its accuracy against the fp32 cache in the manifest (:mod:`nextoken.exporters.kvquant`).
+    ``kv_dtype="int8"`` (``"int4"``): the KV cache in int8, a quarter of fp32's bytes (int4, an
+    eighth), scales calibrated at export, its accuracy against the fp32 cache in the manifest
+    (:mod:`nextoken.exporters.kvquant`).
     """
     source = str(source)
     output = Path(output).expanduser()
@@ -423,8 +424,10 @@ def export(
         raise ExportError(
             "--task embed is built by nextoken's own builder, in fp32 or fp16: drop --backend and --quantize"
         )
-    if kv_dtype is not None and (kv_dtype != "int8" or backend != "nextoken"):
-        raise ExportError(f"--kv-dtype {kv_dtype}: nextoken's builder keeps the KV cache in int8 (--kv-dtype int8)")
+    if kv_dtype is not None and (kv_dtype not in ("int8", "int4") or backend != "nextoken"):
+        raise ExportError(
+            f"--kv-dtype {kv_dtype}: nextoken's builder keeps the KV cache in int8 or int4 (--kv-dtype int8|int4)"
+        )
     if output.exists() and (not output.is_dir() or (any(output.iterdir()) and not (output / MANIFEST_NAME).exists())):
         raise ExportError(f"output {output} exists and is not an empty directory or a nextoken package; choose another")
     if device == "cuda":
@@ -466,10 +469,12 @@ def export(
                 )
                 if kv_dtype is not None:
                     from .builder import local_folder
-                    from .kvquant import int8_cache
+                    from .kvquant import quantised_cache
 
                     folder = local_folder(source, offline)
-                    report.manifest = int8_cache(folder, package, dtype, quantize is not None, say)
+                    report.manifest = quantised_cache(
+                        folder, package, dtype, quantize is not None, say, bits=int(kv_dtype[3:])
+                    )
                 if quantize:
                     say(f"quantising to {quantize} and measuring it against fp32 ...")
                     report.manifest, report.accuracy = _quantized(package, report.manifest, quantize, block_size)

@@ -42,6 +42,8 @@ DTYPES: dict[str, DType] = {
         DType("float64", "fp64", "tensor(double)", 11, 8, np.float64, True),
         # an int8 KV cache: GroupQueryAttention's own quantised cache (scales in the graph)
         DType("int8", "int8", "tensor(int8)", 3, 1, np.int8, True),
+        # an int4 KV cache: two 4-bit values a byte, so a head of D channels is D / 2 bytes
+        DType("int4", "int4", "tensor(uint8)", 2, 1, np.uint8, True),
         DType("int64", "int64", "tensor(int64)", 7, 8, np.int64, False),
         DType("int32", "int32", "tensor(int32)", 6, 4, np.int32, False),
     )

@@ -190,7 +190,7 @@ class Engine:
                 identity = package_identity(self.manifest.checksums, self.manifest.kv_dtype, self.device.provider)
                 m = self.manifest
                 layout = Layout(
-                    2 * m.num_layers, m.num_kv_heads, m.head_dim, kv_dtype(m.kv_dtype).name, m.context_length
+                    2 * m.num_layers, m.num_kv_heads, m.cache_head_dim, kv_dtype(m.kv_dtype).name, m.context_length
                 )
                 try:
                     disk = DiskTier(

@@ -73,7 +73,7 @@ class KVCache:
         self.run_seconds = 0.0  # time spent inside ONNX Runtime for this cache's request
         #: a one-token in-place step's binding, kept while its rows stay the same (StepRunner's)
         self.decode_binding: tuple | None = None
-        shape = [batch_size, manifest.num_kv_heads, length, manifest.head_dim]  # uninitialised past 0
+        shape = [batch_size, manifest.num_kv_heads, length, manifest.cache_head_dim]  # uninitialised past 0
         self.values: list[ort.OrtValue] = [
             ort.OrtValue.ortvalue_from_shape_and_type(shape, self.dtype, device, device_id)
             for _ in manifest.past_names()
@@ -125,7 +125,7 @@ class SlotCache(KVCache):
             )
         super().__init__(runner.manifest, slots, runner.device, runner.device_id, 0 if self.paged else length)
         self._maps: list[mmap.mmap] = []
-        shape = [slots, runner.manifest.num_kv_heads, length, runner.manifest.head_dim]
+        shape = [slots, runner.manifest.num_kv_heads, length, runner.manifest.cache_head_dim]
         if self.paged:
             self.values = [self._mapped(shape) for _ in self.values]
         self.lengths = np.zeros(slots, dtype=np.int64)  # positions each slot holds

@@ -144,11 +144,17 @@ class Manifest:
     def has_position_ids(self) -> bool:
         return "position_ids" in self.inputs
 
+    @property
+    def cache_head_dim(self) -> int:
+        """Elements of one head's keys (or values) at one position as the cache stores them: the
+        head's width, or half of it for an int4 cache (two values a byte)."""
+        return self.head_dim // 2 if self.kv_dtype == "int4" else self.head_dim
+
     def kv_bytes_per_token(self) -> int:
         """Bytes of KV cache one token costs one sequence (all layers, keys and values)."""
         entry = DTYPES.get(self.kv_dtype)
         itemsize = entry.itemsize if entry else 4
-        return 2 * self.num_layers * self.num_kv_heads * self.head_dim * itemsize
+        return 2 * self.num_layers * self.num_kv_heads * self.cache_head_dim * itemsize
 
     # -- (de)serialisation ---------------------------------------------------------------------
     def to_dict(self) -> dict[str, Any]:
@@ -417,8 +423,11 @@ class Manifest:
                 if isinstance(heads, int) and heads != self.num_kv_heads:
                     problems.append(f"num_kv_heads is {self.num_kv_heads} in the manifest but {name} has {heads}")
                     break
-                if isinstance(dim, int) and dim != self.head_dim:
-                    problems.append(f"head_dim is {self.head_dim} in the manifest but {name} has {dim}")
+                if isinstance(dim, int) and dim != self.cache_head_dim:
+                    problems.append(
+                        f"head_dim is {self.head_dim} in the manifest (a {self.kv_dtype} cache stores "
+                        f"{self.cache_head_dim}) but {name} has {dim}"
+                    )
                     break
         extra_layers = self.past_pattern.format(layer=self.num_layers, kind="key")
         if extra_layers in graph_in:

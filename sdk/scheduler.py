@@ -238,11 +238,13 @@ class CatchUp:
 #: chunk: a 4,000-token prompt on the 135M config took 27.6 s whole, 18.8 s in chunks of 1,024
 #: and 17.3 s in chunks of 512 (the fp32 cache: 8.9 s whole)
 PREFILL_TOKENS, PREFILL_TOKENS_INT8_CACHE = 4096, 512
+#: KV dtypes GroupQueryAttention quantises (their prompt path is slower, and more so in long chunks)
+QUANTISED_CACHES = ("int8", "int4")
 
 
 def default_prefill_tokens(manifest: Manifest) -> int:
     """The prompt tokens a step prefills by default for a package (its cache's dtype decides)."""
-    return PREFILL_TOKENS_INT8_CACHE if manifest.kv_dtype == "int8" else PREFILL_TOKENS
+    return PREFILL_TOKENS_INT8_CACHE if manifest.kv_dtype in QUANTISED_CACHES else PREFILL_TOKENS
 
 
 class Scheduler(Generic[HostT]):
@@ -459,7 +461,7 @@ class Scheduler(Generic[HostT]):
             max_batch=state.batch_size,
             max_prefill_tokens=(
                 PREFILL_TOKENS_INT8_CACHE
-                if engine.manifest.kv_dtype == "int8"
+                if engine.manifest.kv_dtype in QUANTISED_CACHES
                 else max(window, sum(map(len, state.prompts)))
             ),
             slot_length=kv.fixed_length,

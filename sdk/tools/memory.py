@@ -61,6 +61,8 @@ class ModelSpec:
     #: nextoken's fused graph (GroupQueryAttention, KV in place, prompts prefilled a row at a time),
     #: as the default export writes it; False: optimum's generic graph
     fused: bool = False
+    #: a package's KV cache dtype (``int8``, ``int4``: quantised; None or another: the activations')
+    kv_dtype: str | None = None
 
     @classmethod
     def from_config(cls, config: Mapping[str, Any]) -> "ModelSpec":
@@ -125,6 +127,7 @@ class ModelSpec:
                     "num_kv_heads": manifest.num_kv_heads,
                     "head_dim": manifest.head_dim,
                     "context_length": manifest.context_length,
+                    "kv_dtype": manifest.kv_dtype,
                     "fused": manifest.padding_side == "right",
                 }
             )
@@ -248,6 +251,11 @@ def _bytes_per(dtype: str) -> float:
     return DTYPE_BYTES[dtype]
 
 
+def _kv_item(spec: ModelSpec, act: int) -> float:
+    """Bytes of one cached key or value element: a quantised cache's (int8: 1, int4: half), else the activations'."""
+    return {"int8": 1.0, "int4": 0.5}.get(spec.kv_dtype or "", float(act))
+
+
 def _activation_bytes(spec: ModelSpec, batch: int, context: int, act: int, dtype: str = "fp32") -> int:
     """The peak of one request beyond weights. Optimum's generic graph: the larger of prefill (the
     cache being filled, plus one layer's temporaries: attention scores [B, heads, S, S], MLP
@@ -256,7 +264,7 @@ def _activation_bytes(spec: ModelSpec, batch: int, context: int, act: int, dtype
     in place, plus one row's prefill temporaries (MLP and hidden; GroupQueryAttention keeps no
     [S, S] scores alive, measured: see tests/test_memory.py), plus the prepacked copy of a tied
     LM head."""
-    kv = 2 * spec.num_layers * spec.num_kv_heads * spec.head_dim * act * batch * context
+    kv = int(2 * spec.num_layers * spec.num_kv_heads * spec.head_dim * _kv_item(spec, act) * batch * context)
     logits = act * batch * spec.vocab_size
     if spec.fused:
         # a tied LM head is a Gemm over the embedding, and onnxruntime prepacks its weight: a second
@@ -275,7 +283,7 @@ def _activation_bytes(spec: ModelSpec, batch: int, context: int, act: int, dtype
 
 def _total(spec: ModelSpec, batch: int, context: int, dtype: str, device: str, weights: int) -> tuple[int, int, int]:
     act = 2 if dtype in ("fp16", "bf16") else 4
-    kv_cache = 2 * spec.num_layers * spec.num_kv_heads * spec.head_dim * act * batch * context
+    kv_cache = int(2 * spec.num_layers * spec.num_kv_heads * spec.head_dim * _kv_item(spec, act) * batch * context)
     working = (
         RUNTIME_BASELINE[device]
         + SESSION_OVERHEAD[device]
