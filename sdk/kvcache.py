@@ -29,12 +29,24 @@ class CacheHome(Protocol):
     device_id: int
 
 
-__all__ = ["CacheHome", "KVCache", "SlotCache", "grow_mask", "pad_batch", "resident_bytes"]
+__all__ = ["PAGED_HOST", "CacheHome", "KVCache", "SlotCache", "grow_mask", "pad_batch", "resident_bytes"]
 
 _NORESERVE = getattr(mmap, "MAP_NORESERVE", 0)  # address space, not swap: pages come when written
 _NOHUGEPAGE = getattr(mmap, "MADV_NOHUGEPAGE", None)
-#: whether host buffers can be reserved address space with pages given back (paged slots)
-PAGED_HOST = hasattr(mmap, "MAP_ANONYMOUS") and hasattr(mmap, "MADV_DONTNEED")
+
+
+def _strict_overcommit() -> bool:
+    """Linux with ``vm.overcommit_memory`` 2: every mapping is charged whole, reserved or not."""
+    try:
+        with open("/proc/sys/vm/overcommit_memory") as f:
+            return f.read().strip() == "2"
+    except OSError:
+        return False
+
+
+#: whether host buffers can be reserved address space with pages given back (paged slots): not
+#: where the kernel charges a reservation as if it were written (strict overcommit)
+PAGED_HOST = hasattr(mmap, "MAP_ANONYMOUS") and hasattr(mmap, "MADV_DONTNEED") and not _strict_overcommit()
 
 
 def pad_batch(prompts: Sequence[list[int]], pad_id: int, side: str = "left") -> tuple[np.ndarray, np.ndarray]:
