@@ -15,6 +15,7 @@ from pathlib import Path
 from typing import Any
 
 from nextoken.dtypes import DTYPES as ELEMENT_TYPES
+from nextoken.dtypes import QUANTISED_KV
 from nextoken.errors import ExportError
 from nextoken.manifest import MANIFEST_NAME, Manifest
 
@@ -424,7 +425,7 @@ def export(
         raise ExportError(
             "--task embed is built by nextoken's own builder, in fp32 or fp16: drop --backend and --quantize"
         )
-    if kv_dtype is not None and (kv_dtype not in ("int8", "int4") or backend != "nextoken"):
+    if kv_dtype is not None and (kv_dtype not in QUANTISED_KV or backend != "nextoken"):
         raise ExportError(
             f"--kv-dtype {kv_dtype}: nextoken's builder keeps the KV cache in int8 or int4 (--kv-dtype int8|int4)"
         )

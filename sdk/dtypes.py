@@ -14,7 +14,7 @@ import numpy as np
 
 from .errors import ModelPackageError
 
-__all__ = ["DTYPES", "DType", "by_ort_type", "kv_dtype"]
+__all__ = ["DTYPES", "QUANTISED_KV", "DType", "by_ort_type", "kv_dtype"]
 
 
 @dataclass(frozen=True)
@@ -50,6 +50,9 @@ DTYPES: dict[str, DType] = {
 }
 
 _BY_ORT = {d.ort: d for d in DTYPES.values()}
+
+#: KV dtypes GroupQueryAttention quantises, with the bytes one cached value takes (int4: two a byte)
+QUANTISED_KV = {"int8": 1.0, "int4": 0.5}
 
 
 def by_ort_type(ort_type: str) -> DType | None:

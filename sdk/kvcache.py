@@ -29,7 +29,7 @@ class CacheHome(Protocol):
     device_id: int
 
 
-__all__ = ["PAGED_HOST", "CacheHome", "KVCache", "SlotCache", "grow_mask", "pad_batch", "resident_bytes"]
+__all__ = ["PAGED_HOST", "CacheHome", "KVCache", "SlotCache", "grow_mask", "pad_batch", "resident_bytes", "row_slack"]
 
 _NORESERVE = getattr(mmap, "MAP_NORESERVE", 0)  # address space, not swap: pages come when written
 _NOHUGEPAGE = getattr(mmap, "MADV_NOHUGEPAGE", None)
@@ -186,7 +186,10 @@ class SlotCache(KVCache):
     def trim(self, slot: int, length: int) -> None:
         """Give back the pages of slot ``slot`` past its first ``length`` positions (paged; the
         pages a kept position shares are kept)."""
-        if not self.paged or self.high[slot] <= length:
+        if self.high[slot] <= length:
+            return
+        self.high[slot] = length
+        if not self.paged:
             return
         heads, block = self._shape[1], self._shape[2] * self._head_bytes()
         page, first = mmap.PAGESIZE, slot * heads * block
@@ -200,7 +203,6 @@ class SlotCache(KVCache):
             if end - start >= page:
                 for mapping in self._maps:
                     mapping.madvise(mmap.MADV_DONTNEED, start, (end - start) // page * page)
-        self.high[slot] = length
 
     def nbytes(self) -> int:
         """Bytes the cache holds: the pages its slots have written (paged), else the whole buffer."""
@@ -229,6 +231,12 @@ class SlotCache(KVCache):
         lengths = np.asarray(lengths)
         width = max(int(lengths.max(initial=1)), 1)
         return (self._positions[:, :width] < lengths[:, None]).astype(np.int64)
+
+
+def row_slack(manifest: Manifest) -> int:
+    """Bytes a row of a paged :class:`SlotCache` may hold past its positions: the rest of the last
+    page of each head's run, for every layer's keys and values."""
+    return mmap.PAGESIZE * manifest.num_kv_heads * len(manifest.past_names())
 
 
 def resident_bytes(cache: KVCache) -> int:

@@ -51,11 +51,12 @@ from typing import Any, Generic, Protocol, TypeVar
 import numpy as np
 
 from . import threads
+from .dtypes import QUANTISED_KV
 from .errors import InvalidRequestError, NextokenError, SchedulerStoppedError
 from .generation import Generation
 from .intake import Intake, Prompt
 from .kvbackends import BACKENDS, ConcatBackend, KVBackend, Prefilled, SlotBackend, for_request
-from .kvcache import PAGED_HOST, KVCache
+from .kvcache import PAGED_HOST, KVCache, row_slack
 from .manifest import Manifest
 from .metrics import Metrics
 from .prefixcache import PrefixCache
@@ -238,13 +239,11 @@ class CatchUp:
 #: chunk: a 4,000-token prompt on the 135M config took 27.6 s whole, 18.8 s in chunks of 1,024
 #: and 17.3 s in chunks of 512 (the fp32 cache: 8.9 s whole)
 PREFILL_TOKENS, PREFILL_TOKENS_INT8_CACHE = 4096, 512
-#: KV dtypes GroupQueryAttention quantises (their prompt path is slower, and more so in long chunks)
-QUANTISED_CACHES = ("int8", "int4")
 
 
 def default_prefill_tokens(manifest: Manifest) -> int:
     """The prompt tokens a step prefills by default for a package (its cache's dtype decides)."""
-    return PREFILL_TOKENS_INT8_CACHE if manifest.kv_dtype in QUANTISED_CACHES else PREFILL_TOKENS
+    return PREFILL_TOKENS_INT8_CACHE if manifest.kv_dtype in QUANTISED_KV else PREFILL_TOKENS
 
 
 class Scheduler(Generic[HostT]):
@@ -461,7 +460,7 @@ class Scheduler(Generic[HostT]):
             max_batch=state.batch_size,
             max_prefill_tokens=(
                 PREFILL_TOKENS_INT8_CACHE
-                if engine.manifest.kv_dtype in QUANTISED_CACHES
+                if engine.manifest.kv_dtype in QUANTISED_KV
                 else max(window, sum(map(len, state.prompts)))
             ),
             slot_length=kv.fixed_length,
@@ -541,9 +540,8 @@ class Scheduler(Generic[HostT]):
 
     def _row_bytes(self, positions: int) -> int:
         """Bytes a row of ``positions`` holds: with paged slots, and a page per head and layer of slack."""
-        manifest = self.manifest
-        slack = 4096 * manifest.num_kv_heads * len(manifest.past_names()) if self.paged_slots else 0
-        return positions * manifest.kv_bytes_per_token() + slack
+        slack = row_slack(self.manifest) if self.paged_slots else 0
+        return positions * self.manifest.kv_bytes_per_token() + slack
 
     def _entry_bytes(self, rows: list[list[int]]) -> int:
         """Bytes rows of these tokens hold once prefilled, and their next position."""
@@ -554,10 +552,13 @@ class Scheduler(Generic[HostT]):
         """Bytes of KV cache the requests in hand hold or are about to: the running rows with
         their next position, the prompts catching up or coming back. What admission and preemption
         count against :attr:`kv_budget`."""
+        rows = self._rows
         try:
-            total = sum(self._row_bytes(self.kv.held(r) + 1) for r in range(self._rows))
+            held = sum(self.kv.held(r) for r in range(rows))
         except (IndexError, ValueError):  # rows joined or left while this was read
-            total = 0
+            held = 0
+        # each row with its next position, and its slack: summed, not a row at a time
+        total = (held + rows) * self.manifest.kv_bytes_per_token() + rows * self._row_bytes(0)
         total += sum(self._entry_bytes([c.prompt] * c.handle.rows) for c in self._catching_up)
         return total + sum(self._entry_bytes(w) for _, w in self._refill)
 
@@ -720,44 +721,33 @@ class Scheduler(Generic[HostT]):
         budget = self.max_prefill_tokens
         refills: list[CatchUp] = []
         while self._refill:  # slid windows: they go before newcomers
-            handle, windows = self._refill.popleft()
-            if handle.rows == 1:
-                refills.append(CatchUp(handle, runner.new_cache(1), 0, windows[0], refill=True))
-            else:  # several sequences: prefilled again together, at once
-                budget -= sum(map(len, windows))
-                self._prefill_and_join([handle], windows, refill=True)
+            budget -= self._come_back(runner, *self._refill.popleft(), refills)
         self._catching_up.extendleft(reversed(refills))
-        for handle, _ in [e for e in self._evicted if e[0].cancelled]:  # cancelled while it waited for room
-            self._evicted = collections.deque(e for e in self._evicted if e[0] is not handle)
-            self._end_early(handle, None)
+        if any(h.cancelled for h, _ in self._evicted):  # cancelled while it waited for room
+            cancelled = [h for h, _ in self._evicted if h.cancelled]
+            self._evicted = collections.deque(e for e in self._evicted if not e[0].cancelled)
+            for handle in cancelled:
+                self._end_early(handle, None)
         room = None if self.kv_budget is None else self.kv_budget - self.kv_committed_bytes
         while self._evicted and (
             self._rows + sum(c.handle.rows for c in self._catching_up) + self._evicted[0][0].rows <= self.max_batch
         ):
-            handle, windows = self._evicted[0]
-            need = self._entry_bytes(windows)
+            need = self._entry_bytes(self._evicted[0][1])
             if room is not None and need > room and (self._active or self._catching_up):
                 break  # it waits for room
-            self._evicted.popleft()
             room = None if room is None else room - need
-            if handle.rows == 1:
-                self._catching_up.append(CatchUp(handle, runner.new_cache(1), 0, windows[0], refill=True))
-            else:
-                budget -= sum(map(len, windows))
-                self._prefill_and_join([handle], windows, refill=True)
+            budget -= self._come_back(runner, *self._evicted.popleft(), self._catching_up)
         budget = self._catch_up(budget)
         admit: list[RequestHandle] = []
         with self._cond:
             in_hand = self._rows + sum(c.handle.rows for c in self._catching_up)
-            while (
-                self._waiting
-                and not self._evicted  # preempted requests come back first
-                and in_hand + self._waiting[0].rows <= self.max_batch
-                and (room is None or self._entry_bytes(self._waiting[0].generation.state.prompts) <= room)
-            ):
-                handle = self._waiting[0]
+            while self._waiting and not self._evicted and in_hand + self._waiting[0].rows <= self.max_batch:
+                handle = self._waiting[0]  # preempted requests come back first
                 if room is not None:
-                    room -= self._entry_bytes(handle.generation.state.prompts)
+                    need = self._entry_bytes(handle.generation.state.prompts)
+                    if need > room:
+                        break  # it waits for room
+                    room -= need
                 if handle.cancelled:
                     self._waiting.popleft()
                     self._end_early(handle, None)
@@ -789,6 +779,22 @@ class Scheduler(Generic[HostT]):
             self._admit(admit)
         self._catch_up(budget)  # newcomers start with what is left this step
         self._compact()
+
+    def _come_back(
+        self,
+        runner: StepRunner,
+        handle: RequestHandle,
+        windows: list[list[int]],
+        queue: "list[CatchUp] | collections.deque[CatchUp]",
+    ) -> int:
+        """A running request's rows back after a slide or a preemption, ``windows`` prefilled again:
+        one sequence catches up like a prompt (queued on ``queue``), several are prefilled together
+        now. Returns the prompt tokens spent now."""
+        if handle.rows == 1:
+            queue.append(CatchUp(handle, runner.new_cache(1), 0, windows[0], refill=True))
+            return 0
+        self._prefill_and_join([handle], windows, refill=True)
+        return sum(map(len, windows))
 
     def _reuse(self, item: CatchUp, cache: PrefixCache) -> None:
         """Start ``item`` from what the prefix cache holds of its prompt (a fresh newcomer's)."""

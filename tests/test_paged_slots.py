@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 
 from nextoken import Engine, InvalidRequestError, Scheduler
-from nextoken.kvcache import PAGED_HOST, SlotCache, resident_bytes
+from nextoken.kvcache import PAGED_HOST, SlotCache, resident_bytes, row_slack
 
 pytestmark = pytest.mark.skipif(not PAGED_HOST, reason="paged slots need anonymous mappings (Linux, macOS)")
 
@@ -59,7 +59,7 @@ def test_paged_slots_hold_what_their_rows_wrote_and_give_it_back(engine):
     prompts = _prompts(engine, 10)
     handles = [scheduler.submit(p, max_new_tokens=8 + 6 * i, ignore_eos=True) for i, p in enumerate(prompts)]
     buffer = None
-    slack = 4 * mmap.PAGESIZE * engine.manifest.num_kv_heads * len(engine.manifest.past_names())
+    slack = 4 * row_slack(engine.manifest)
     while scheduler.step():
         buffer = scheduler.kv.buffer
         assert isinstance(buffer, SlotCache) and buffer.paged
@@ -171,7 +171,7 @@ def test_a_budget_under_one_window_bounds_a_sequence(engine):
     in it (the server's requests without max_tokens run to that), and such a request is taken and
     runs to its end."""
     per_token = engine.manifest.kv_bytes_per_token()
-    slack = mmap.PAGESIZE * engine.manifest.num_kv_heads * len(engine.manifest.past_names())
+    slack = row_slack(engine.manifest)
     scheduler = Scheduler(engine, max_batch=4, kv_budget=300 * per_token + slack)
     assert scheduler.max_sequence_length == 300
     prompt = _prompts(engine, 1)[0]

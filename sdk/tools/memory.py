@@ -11,6 +11,7 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
+from ..dtypes import QUANTISED_KV
 from ..errors import InvalidRequestError, ModelPackageError
 from ..probes import GPUMemory, gpu_memory, meminfo_bytes, peak_rss_bytes, reset_peak_rss
 
@@ -253,7 +254,7 @@ def _bytes_per(dtype: str) -> float:
 
 def _kv_item(spec: ModelSpec, act: int) -> float:
     """Bytes of one cached key or value element: a quantised cache's (int8: 1, int4: half), else the activations'."""
-    return {"int8": 1.0, "int4": 0.5}.get(spec.kv_dtype or "", float(act))
+    return QUANTISED_KV.get(spec.kv_dtype or "", float(act))
 
 
 def _activation_bytes(spec: ModelSpec, batch: int, context: int, act: int, dtype: str = "fp32") -> int:
