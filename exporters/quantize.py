@@ -206,15 +206,20 @@ def share_embedding(model, block_size: int, bits: int = 4) -> bool:
     )
     if head is None or gather is None or index is None or "embed" not in inits or head.input[1] not in inits:
         return False
-    vocab = inits[head.input[1]].dims[0]
+    vocab, blocks = inits[head.input[1]].dims[:2]
+    hidden = next(a.i for a in head.attribute if a.name == "K")
+    # a hidden size the blocks do not divide is padded to whole blocks: the rows gathered are that
+    # wide, and cut back to the hidden size (576 in blocks of 128: 640 read, 576 kept)
+    padded = blocks * block_size != hidden
     graph.initializer.append(numpy_helper.from_array(np.array([vocab, -1], dtype=np.int64), "embed_q4_shape"))
     extra = [head.input[3]] if len(head.input) > 3 and head.input[3] else []  # zero points, if any
+    rows = [f"{gather.output[0]}_padded"] if padded else list(gather.output)
     nodes = [
         helper.make_node("Reshape", [head.input[1], "embed_q4_shape"], ["embed_q4"], name="embed_q4_Reshape"),
         helper.make_node(
             "GatherBlockQuantized",
             ["embed_q4", gather.input[1], head.input[2], *extra],
-            list(gather.output),
+            rows,
             name="embed_GatherBlockQuantized",
             domain="com.microsoft",
             gather_axis=0,
@@ -223,6 +228,10 @@ def share_embedding(model, block_size: int, bits: int = 4) -> bool:
             bits=bits,
         ),
     ]
+    if padded:
+        cut = {"embed_q4_starts": 0, "embed_q4_ends": hidden, "embed_q4_axes": -1}
+        graph.initializer.extend(numpy_helper.from_array(np.array([v], dtype=np.int64), k) for k, v in cut.items())
+        nodes.append(helper.make_node("Slice", [rows[0], *cut], list(gather.output), name="embed_q4_Slice"))
     del graph.node[index]
     for offset, new in enumerate(nodes):
         graph.node.insert(index + offset, new)

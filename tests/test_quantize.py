@@ -84,3 +84,51 @@ def test_int4_gives_fp32_activations_where_int8_ones_cost_accuracy(tmp_path):
     assert saved["fp32_activations"] == ["layer 0 mlp in"] and saved["remedy"]["shipped"] == remedy["shipped"]
     with Engine(report.output, device="cpu") as engine:  # and the package runs as shipped
         assert len(engine.generate("abc", max_new_tokens=4, ignore_eos=True).token_ids) == 4
+
+
+@pytest.mark.parametrize("block_size", [32, 128])
+def test_tied_embedding_shares_the_heads_blocks_at_any_block_size(tmp_path, block_size):
+    """A tied embedding reads the LM head's int4 blocks (one copy of the matrix): each row looked up
+    is the head's row dequantised, exactly; where the blocks do not divide the hidden size (64 in
+    blocks of 128) the rows gathered are padded to whole blocks and cut back (the export used to
+    make 128-wide embeddings there and fail to load its own graph)."""
+    import numpy as np
+    import onnx
+    import onnxruntime as ort
+    from onnx import helper, numpy_helper
+
+    from nextoken.exporters import make_tiny_checkpoint
+
+    ckpt = make_tiny_checkpoint(tmp_path / "ckpt", "llama", tie_word_embeddings=True)
+    report = export(ckpt, tmp_path / "q", progress=None, quantize="int4", block_size=block_size)
+    path = report.output / "model.onnx"
+    graph = onnx.load(str(path)).graph
+    assert "embed" not in {i.name for i in graph.initializer}
+    nodes = {n.name: n for n in graph.node}
+    reshape = nodes["embed_q4_Reshape"]
+    head = next(n for n in graph.node if n.op_type == "MatMulNBits" and n.input[1] == reshape.input[0])
+    assert ("embed_q4_Slice" in nodes) == (64 % block_size != 0)
+    looked_up = nodes.get("embed_q4_Slice", nodes["embed_GatherBlockQuantized"]).output[0]
+    lookup = [n for n in graph.node if n.name.startswith("embed_")]  # reshape, gather and the cut
+    used = {i for n in lookup for i in n.input}
+    sub = helper.make_graph(
+        lookup,
+        "embed",
+        [helper.make_tensor_value_info("input_ids", onnx.TensorProto.INT64, [1, None])],
+        [helper.make_tensor_value_info(looked_up, onnx.TensorProto.FLOAT, None)],
+        [i for i in graph.initializer if i.name in used],
+    )
+    model = helper.make_model(
+        sub, ir_version=10, opset_imports=list(onnx.load(str(path), load_external_data=False).opset_import)
+    )
+    ids = np.array([[3, 7, 100, 258]], dtype=np.int64)
+    session = ort.InferenceSession(model.SerializeToString(), providers=["CPUExecutionProvider"])
+    (rows,) = session.run(None, {"input_ids": ids})
+    inits = {i.name: numpy_helper.to_array(i) for i in graph.initializer}
+    packed, scales = inits[head.input[1]], inits[head.input[2]]  # [vocab, blocks, block / 2], [vocab, blocks]
+    values = np.stack([packed & 15, packed >> 4], axis=-1).reshape(*packed.shape[:2], -1).astype(np.float32) - 8
+    table = (values * scales[..., None]).reshape(packed.shape[0], -1)[:, :64]
+    assert rows.shape == (1, 4, 64)
+    np.testing.assert_allclose(rows[0], table[ids[0]], rtol=1e-6, atol=1e-6)
+    with Engine(report.output, device="cpu") as engine:  # and the package runs
+        assert len(engine.generate("abc", max_new_tokens=4, ignore_eos=True).token_ids) == 4
