@@ -117,11 +117,17 @@ class RouteUnavailable(ExportError):
 
 
 def run_builder(
-    python: str | Path, source: str, target: Path, precision: str = "fp32", execution_provider: str = "cpu"
+    python: str | Path,
+    source: str,
+    target: Path,
+    precision: str = "fp32",
+    execution_provider: str = "cpu",
+    block_size: int | None = None,
 ) -> None:
     """Run onnxruntime-genai's model builder with ``python`` (its own environment's) into ``target``
-    (graphs at ``precision`` for ``execution_provider``: cpu or cuda); a failure is an
-    :class:`ExportError` with the builder's last line."""
+    (graphs at ``precision`` for ``execution_provider``: cpu or cuda; quantised weights in blocks of
+    ``block_size``, None: the builder's 32); a failure is an :class:`ExportError` with the builder's
+    last line."""
     import subprocess
 
     done = subprocess.run(
@@ -137,7 +143,8 @@ def run_builder(
             precision,
             "-e",
             execution_provider,
-        ],
+        ]
+        + (["--extra_options", f"block_size={block_size}"] if block_size and precision != "fp32" else []),
         capture_output=True,
         text=True,
     )

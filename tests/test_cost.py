@@ -137,14 +137,18 @@ def test_bench_compare_runs_each_contender_in_its_own_process(stories_package, t
 
 
 def test_bench_compare_at_int4(stories_package, tmp_path):
+    """Every contender at int4 in blocks of 64: nextoken's package exported so (a cache entry of its
+    own), llama.cpp refused (its q4_0 blocks are 32), transformers in fp32 only."""
     out_json = tmp_path / "compare.json"
     result = run_cli(
         "bench",
         str(stories_package),
         "--compare",
-        "transformers",
+        "transformers,llamacpp",
         "--precision",
         "int4",
+        "--block-size",
+        "64",
         "--batch",
         "1",
         "--prompt-tokens",
@@ -163,10 +167,12 @@ def test_bench_compare_at_int4(stories_package, tmp_path):
     rows = {r["contender"]: r for r in data["rows"]}
     assert rows["nextoken"]["decode_tok_s"] > 0
     assert rows["transformers"]["error"] == "compared in fp32 only (this run is int4)"
+    assert rows["llamacpp"]["error"] == "llama.cpp's q8_0 and q4_0 hold blocks of 32 weights, not 64"
     manifest = json.loads(
         (tmp_path / "cache" / "packages" / data["package"].split("/")[-1] / "nextoken.json").read_text()
     )
-    assert manifest["precision"] == "int4"
+    assert manifest["precision"] == "int4" and manifest["quantization"]["block_size"] == 64
+    assert data["block_size"] == 64 and "(int4, blocks of 64)" in result.stdout
 
 
 def test_gguf_conversion_for_the_llamacpp_contender(tiny_llama, tmp_path):

@@ -41,6 +41,7 @@ def _cmd_bench(args: argparse.Namespace) -> int:
                 precision=args.precision,
                 checkpoint=args.checkpoint,
                 progress=lambda m: print(m, file=sys.stderr, flush=True),
+                block_size=args.block_size,
             )
             print(compared.table())
             reports.append(compared)
@@ -220,6 +221,14 @@ def add_commands(sub) -> None:
         choices=("fp32", "int8", "int4"),
         default="fp32",
         help="with --compare: nextoken's package quantised so (nextoken export --quantize), genai's built so",
+    )
+    p.add_argument(
+        "--block-size",
+        type=positive_int,
+        default=None,
+        metavar="N",
+        help="with --compare and --precision int8/int4: every contender's weights in blocks of N (default 32: "
+        "nextoken's, genai's and llama.cpp's own; larger blocks decode faster and less exactly)",
     )
     p.add_argument(
         "--checkpoint",

@@ -382,9 +382,16 @@ def _slug(checkpoint: str) -> str:
 
 
 def _prepare(
-    contender: str, checkpoint: str, package: Path, peers_venv: Path | None, say, precision: str = "fp32"
+    contender: str,
+    checkpoint: str,
+    package: Path,
+    peers_venv: Path | None,
+    say,
+    precision: str = "fp32",
+    block: int | None = None,
 ) -> tuple[list[str], str]:
-    """(command prefix, model path) to run ``contender``; raises RuntimeError saying why it cannot run."""
+    """(command prefix, model path) to run ``contender`` (quantised weights in blocks of ``block``);
+    raises RuntimeError saying why it cannot run."""
     script = str(Path(__file__).with_name("peers.py"))
     if contender == "nextoken":
         return [sys.executable, script, "nextoken"], str(package)
@@ -413,17 +420,20 @@ def _prepare(
                 f"python3 -m venv {python.parent.parent} && {python.parent}/pip install onnxruntime-genai "
                 "onnx-ir torch 'transformers>=5'"
             )
-        target = _cache() / "peers" / "genai" / precision / _slug(checkpoint)
+        kind = precision if block in (None, 32) else f"{precision}-b{block}"  # the builder's default blocks: 32
+        target = _cache() / "peers" / "genai" / kind / _slug(checkpoint)
         if not (target / "genai_config.json").is_file():
             from nextoken.exporters.genai import run_builder
 
-            say(f"building {checkpoint} with onnxruntime-genai's model builder ({precision}, cpu) ...")
+            say(f"building {checkpoint} with onnxruntime-genai's model builder ({kind}, cpu) ...")
             try:
-                run_builder(python, checkpoint, target, precision)
+                run_builder(python, checkpoint, target, precision, block_size=block)
             except NextokenError as exc:
                 raise RuntimeError(str(exc)) from None
         return [str(python), script, "genai"], str(target)
     if contender == "llamacpp":
+        if block not in (None, 32):
+            raise RuntimeError(f"llama.cpp's q8_0 and q4_0 hold blocks of 32 weights, not {block}")
         venv = peers_venv or _cache() / "peers" / "llamacpp-venv"
         python = venv / "bin" / "python"
         probe = (
@@ -466,6 +476,7 @@ class CompareReport:
     bandwidth_bytes_per_s: float
     rows: list[PeerRow]
     precision: str = "fp32"
+    block_size: int | None = None  # the quantised weights' blocks, every contender's
 
     @property
     def bound_tok_s(self) -> float:
@@ -481,7 +492,8 @@ class CompareReport:
 
     def table(self) -> str:
         lines = [
-            f"{self.checkpoint} ({self.precision}): prompt {self.prompt_tokens}, {self.new_tokens} new tokens, threads "
+            f"{self.checkpoint} ({self.precision}{f', blocks of {self.block_size}' if self.block_size else ''}): "
+            f"prompt {self.prompt_tokens}, {self.new_tokens} new tokens, threads "
             f"{self.threads or 'default'}, spin {'on' if self.spin else 'off'}; medians [min-max]",
             f"weights read at {self.bandwidth_bytes_per_s / 1e9:.1f} GB/s (batch-1 MatMuls, same threads, best of "
             f"before and after), "
@@ -580,31 +592,43 @@ def run_compare(
     precision: str = "fp32",
     checkpoint: str | None = None,
     progress=None,
+    block_size: int | None = None,
 ) -> CompareReport:
     """Run nextoken and each of ``contenders`` from the same checkpoint, each in its own process,
     alternating, ``repeat`` times per batch size; medians and spread. ``precision`` int8/int4
     quantises nextoken's package (``nextoken export --quantize``) and builds genai's at the same
-    precision; transformers and optimum run in fp32 only. ``checkpoint``: where the peers start
-    from, when ``model`` is a package that does not record it (e.g. one from ``import-genai``)."""
+    precision, both in blocks of ``block_size`` weights (None: 32); transformers and optimum run in
+    fp32 only. ``checkpoint``: where the peers start from, when ``model`` is a package that does not
+    record it (e.g. one from ``import-genai``)."""
     from nextoken.exporters.hf import cache_key
+    from nextoken.exporters.quantize import DEFAULT_BLOCK_SIZE
 
     from ..manifest import Manifest
 
     say = progress or (lambda _m: None)
     threads = threads or os.cpu_count() or 1  # one explicit count for every contender, never each one's default
+    block = None if precision == "fp32" else block_size or DEFAULT_BLOCK_SIZE
+    # a package at another block size is another package (its own cache entry)
+    key = precision if block in (None, DEFAULT_BLOCK_SIZE) else f"{precision}-b{block}"
     path = Path(model).expanduser()
     if (path / "nextoken.json").is_file():
         manifest = Manifest.load(path)
         package, checkpoint = path, checkpoint or manifest.source
-        if precision != manifest.precision:
-            package = _cache() / "packages" / cache_key(checkpoint, precision)
+        if precision != manifest.precision or (block and (manifest.quantization or {}).get("block_size") != block):
+            package = _cache() / "packages" / cache_key(checkpoint, key)
     else:
         checkpoint = str(model)
-        package = _cache() / "packages" / cache_key(checkpoint, precision)
+        package = _cache() / "packages" / cache_key(checkpoint, key)
     if not (package / "nextoken.json").is_file():
         from nextoken.exporters import export
 
-        export(checkpoint, package, progress=say, quantize=None if precision == "fp32" else precision)
+        export(
+            checkpoint,
+            package,
+            progress=say,
+            quantize=None if precision == "fp32" else precision,
+            block_size=block or DEFAULT_BLOCK_SIZE,
+        )
     if not checkpoint:
         raise InvalidRequestError(f"{package} does not record its source checkpoint; give the checkpoint instead")
     weights = sum(p.stat().st_size for p in package.iterdir() if p.name.startswith("model.onnx"))
@@ -613,7 +637,7 @@ def run_compare(
     for name in names:
         try:
             prepared[name] = _prepare(
-                name, checkpoint, package, Path(peers_venv) if peers_venv else None, say, precision
+                name, checkpoint, package, Path(peers_venv) if peers_venv else None, say, precision, block
             )
         except RuntimeError as exc:
             prepared[name] = str(exc)
@@ -699,4 +723,5 @@ def run_compare(
         max(bandwidth, memory_bandwidth(threads)),
         rows,
         precision,
+        block,
     )
