@@ -1,6 +1,7 @@
 """What a scheduler has done, counted as it ends requests: by finish reason and status, tokens in
 and out, time to first token, inter-token latency and end-to-end latency (histograms, seconds),
-plugin errors by plugin, cost by meter. ``Scheduler.metrics()`` adds what it holds now (running and
+plugin errors by plugin, cost by meter, and requests and time to first token from submission
+(the queue's wait included) by priority class (``high`` below 0, ``normal`` 0, ``low`` above). ``Scheduler.metrics()`` adds what it holds now (running and
 waiting requests, KV cache bytes, slot occupancy, prefix-cache hits); the server exports the same
 numbers at ``GET /metrics`` in Prometheus' text format. Labels take bounded values only (finish
 reasons, statuses, plugin and meter names), never a request's own.
@@ -16,12 +17,29 @@ from typing import Any
 from .errors import PluginError
 from .types import Completion
 
-__all__ = ["LATENCY_BUCKETS", "TOKEN_BUCKETS", "Family", "Histogram", "Metrics", "families", "prometheus_text"]
+__all__ = [
+    "LATENCY_BUCKETS",
+    "PRIORITY_CLASSES",
+    "TOKEN_BUCKETS",
+    "Family",
+    "Histogram",
+    "Metrics",
+    "families",
+    "priority_class",
+    "prometheus_text",
+]
 
 #: seconds: time to first token and end-to-end latency
 LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 120.0)
 #: seconds: the time between two tokens of a sequence
 TOKEN_BUCKETS = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0)
+#: The labels priorities are counted under (a bounded set, whatever values requests bring).
+PRIORITY_CLASSES = ("high", "normal", "low")
+
+
+def priority_class(priority: int) -> str:
+    """A request's ``priority`` as a label: ``high`` below 0, ``normal`` at 0, ``low`` above."""
+    return PRIORITY_CLASSES[0 if priority < 0 else 1 if priority == 0 else 2]
 
 
 @dataclass
@@ -67,19 +85,25 @@ class Metrics:
         self.request_duration = Histogram(LATENCY_BUCKETS)
         self.plugin_errors: collections.Counter[str] = collections.Counter()
         self.cost: dict[tuple[str, str], float] = collections.defaultdict(float)
+        self.by_priority: dict[str, int] = dict.fromkeys(PRIORITY_CLASSES, 0)
+        self.ttft_by_priority = {name: Histogram(LATENCY_BUCKETS) for name in PRIORITY_CLASSES}
 
-    def ended(self, completions: list[Completion], status: str) -> None:
-        """A request ended with ``completions`` (``status``: finished or cancelled). It counts once,
-        by its first choice's finish reason, time to first token and duration; tokens, inter-token
-        latency and cost count every choice's."""
+    def ended(self, completions: list[Completion], status: str, priority: int = 0, queued_s: float = 0.0) -> None:
+        """A request of ``priority`` ended with ``completions`` (``status``: finished or cancelled)
+        after waiting ``queued_s`` seconds to begin. It counts once, by its first choice's finish
+        reason, time to first token and duration; tokens, inter-token latency and cost count every
+        choice's."""
         if not completions:
             return
         with self._lock:
             first = completions[0].usage
             self.prompt_tokens += first.prompt_tokens
             self.requests[(completions[0].finish_reason, status)] += 1
+            label = priority_class(priority)
+            self.by_priority[label] += 1
             if first.completion_tokens:
                 self.time_to_first_token.observe(first.time_to_first_token_ms / 1e3)
+                self.ttft_by_priority[label].observe(queued_s + first.time_to_first_token_ms / 1e3)
                 self.request_duration.observe(first.wall_ms / 1e3)
             for c in completions:
                 u = c.usage
@@ -110,6 +134,10 @@ class Metrics:
                 "request_duration_seconds": _histogram(self.request_duration),
                 "plugin_errors": dict(self.plugin_errors),
                 "cost": {f"{meter}/{currency}": amount for (meter, currency), amount in sorted(self.cost.items())},
+                "requests_by_priority": dict(self.by_priority),
+                "time_to_first_token_by_priority_seconds": {
+                    name: _histogram(h) for name, h in self.ttft_by_priority.items()
+                },
             }
 
 
@@ -165,8 +193,29 @@ def families(m: dict[str, Any]) -> list[Family]:
         Family(
             "counter",
             "nextoken_requests_preempted",
-            "Running requests preempted for KV memory (prefilled again when room freed)",
+            "Running requests preempted, for KV memory or for a request of an earlier rank (prefilled again "
+            "when they come back)",
             samples=(((), m["preempted"]),),
+        ),
+        Family(
+            "counter",
+            "nextoken_requests_preempted_for_priority",
+            "Of those, preempted for a waiting request of an earlier rank",
+            samples=(((), m["preempted_for_priority"]),),
+        ),
+        Family(
+            "counter",
+            "nextoken_requests_by_priority",
+            "Requests ended, by priority class (high: below 0, normal: 0, low: above)",
+            ("priority",),
+            tuple(((name,), n) for name, n in m["requests_by_priority"].items()),
+        ),
+        Family(
+            "histogram",
+            "nextoken_time_to_first_token_by_priority_seconds",
+            "Time from submission to the first token (the queue's wait included), by priority class",
+            ("priority",),
+            tuple(((name,), h) for name, h in m["time_to_first_token_by_priority_seconds"].items()),
         ),
     ]
     out += [Family("histogram", f"nextoken_{name}", doc, samples=(((), m[name]),)) for name, doc in _HISTOGRAMS]

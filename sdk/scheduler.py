@@ -35,12 +35,23 @@ dropped), or ``slots`` for GroupQueryAttention graphs (the default for them: one
 written in place). The scheduler keeps admission, chunked prefill and the order of work; each
 request's step is its own :class:`~nextoken.Generation`'s :meth:`~nextoken.Generation.advance`,
 the same one ``Engine.generate`` runs.
+
+Requests are served in the order of their rank: their ``priority`` (lower first), raised a level for
+every ``priority_aging`` seconds they have waited, then the order they came in. A rank is fixed when
+a request is submitted (its priority plus its arrival time over ``priority_aging``), so a request of
+priority ``p`` is passed only by requests of priority ``q`` that arrive within ``(p - q) x
+priority_aging`` seconds after it: delayed, never starved. When the batch has no room (rows, or KV
+bytes within ``kv_budget``) for the first request waiting, running requests of a later rank give way
+to it, the latest first (vLLM's recompute preemption: they come back, in rank order, with their
+prompt and answer so far prefilled again; the same tokens).
 """
 
 from __future__ import annotations
 
 import asyncio
+import bisect
 import collections
+import itertools
 import queue
 import threading
 import time
@@ -117,6 +128,16 @@ class RequestHandle:
         self._error: BaseException | None = None
         self.cancelled = False
         self.model_seconds = 0.0
+        #: where it stands in the queue: (priority + arrival / priority_aging, arrival order); lower first
+        self.rank: tuple[float, int] = (0.0, 0)
+        #: when it was queued (``time.perf_counter()``)
+        self.submitted = 0.0
+
+    @property
+    def queued_seconds(self) -> float:
+        """Seconds it waited in the queue before it began (so far, while it waits)."""
+        start = self.generation.start or time.perf_counter()
+        return max(start - self.submitted, 0.0) if self.submitted else 0.0
 
     # -- consumer side ------------------------------------------------------------------------------
     def __iter__(self) -> Iterator[StreamEvent]:
@@ -283,6 +304,7 @@ class Scheduler(Generic[HostT]):
         kv: KVBackend | None = None,
         paged_slots: bool | None = None,
         kv_budget: int | None = None,
+        priority_aging: float | None = 5.0,
     ) -> None:
         """
         Args:
@@ -295,6 +317,8 @@ class Scheduler(Generic[HostT]):
             kv: a backend made for one request (what :meth:`alone` passes).
             paged_slots: slots hold only the pages they write (None: on the CPU).
             kv_budget: bytes of KV cache the requests in hand may hold together (None: see above).
+            priority_aging: seconds of waiting that raise a request's rank one priority level
+                (None: priorities are strict, and a low one may wait for ever under load).
         """
         if max_batch < 1:
             raise InvalidRequestError(f"max_batch must be >= 1, not {max_batch}")
@@ -302,6 +326,8 @@ class Scheduler(Generic[HostT]):
             max_prefill_tokens = default_prefill_tokens(engine.manifest)
         if max_prefill_tokens < 1:
             raise InvalidRequestError(f"max_prefill_tokens must be >= 1, not {max_prefill_tokens}")
+        if priority_aging is not None and not priority_aging > 0:
+            raise InvalidRequestError(f"priority_aging must be > 0 seconds (None: no aging), not {priority_aging}")
         if kv_backend not in ("auto", *BACKENDS):
             raise InvalidRequestError(f"kv_backend must be auto, concat or slots, not {kv_backend!r}")
         #: the engine served, for its owner (the scheduler reads what it needs of it here, once)
@@ -352,8 +378,13 @@ class Scheduler(Generic[HostT]):
         self.kv_budget: int | None = kv_budget if kv_budget is not None else self._default_kv_budget()
         #: requests preempted for memory, waiting for room to come back (each with its rows' tokens)
         self._evicted: collections.deque[tuple[RequestHandle, list[list[int]]]] = collections.deque()
-        #: requests preempted for memory so far
+        #: requests preempted so far (for memory, or for a request of an earlier rank)
         self.preempted = 0
+        #: of those, preempted for a request of an earlier rank
+        self.preempted_for_priority = 0
+        #: seconds of waiting that raise a request's rank one priority level (None: strict priorities)
+        self.priority_aging = priority_aging
+        self._arrivals = itertools.count(1)
         self._waiting: collections.deque[RequestHandle] = collections.deque()
         self._active: list[RequestHandle] = []
         self._rows = 0  # rows of the batch: the active requests' sequences
@@ -438,9 +469,19 @@ class Scheduler(Generic[HostT]):
                         f"this scheduler stopped after a failure ({self.error}); start a new one"
                     ) from None
                 raise SchedulerStoppedError("this scheduler is closed")
-            self._waiting.append(handle)
+            self._enqueue(handle)
             self._cond.notify()
         return handle
+
+    def _enqueue(self, handle: RequestHandle) -> None:
+        """Rank ``handle`` (see the module's doc) and queue it in rank order."""
+        priority, aging = handle.generation.params.priority, self.priority_aging
+        handle.submitted = time.perf_counter()
+        handle.rank = (priority + time.monotonic() / aging if aging else float(priority), next(self._arrivals))
+        if not self._waiting or self._waiting[-1].rank <= handle.rank:
+            self._waiting.append(handle)  # the usual case: a rank after every one waiting
+        else:
+            self._waiting.insert(bisect.bisect(self._waiting, handle.rank, key=_rank), handle)
 
     @classmethod
     def alone(cls, engine: HostT, generation: Generation) -> "Scheduler[HostT]":
@@ -477,7 +518,7 @@ class Scheduler(Generic[HostT]):
             raise InvalidRequestError("this request has already run; start a new one")
         steps: list[list[StreamEvent]] = []  # each step's events, as the step made them
         handle = RequestHandle(generation, sink=steps)
-        self._waiting.append(handle)
+        self._enqueue(handle)
         while not handle.done:
             self.step()
             for events in steps:
@@ -503,6 +544,7 @@ class Scheduler(Generic[HostT]):
             kv_committed_bytes=self.kv_committed_bytes,
             kv_budget_bytes=self.kv_budget or 0,
             preempted=self.preempted,
+            preempted_for_priority=self.preempted_for_priority,
             slots=self.kv.slot_count,
             slots_used=rows if self.kv.slot_count else 0,
         )
@@ -564,19 +606,49 @@ class Scheduler(Generic[HostT]):
 
     def _make_room(self) -> None:
         """Before a decode step: while what the running requests will hold passes
-        :attr:`kv_budget`, the newest leaves the batch (its cache given back) to come back first
-        when there is room (vLLM's recompute preemption: a request's prompt and answer so far are
-        prefilled again, cheaper than keeping a copy of its cache, and the same tokens)."""
+        :attr:`kv_budget`, the one of the latest rank leaves the batch (its cache given back) to
+        come back, in rank order, when there is room (vLLM's recompute preemption: a request's
+        prompt and answer so far are prefilled again, cheaper than keeping a copy of its cache, and
+        the same tokens)."""
         budget = self.kv_budget
         if budget is None:
             return
         while len(self._active) > 1 and self.kv_committed_bytes > budget:
-            handle = self._active[-1]
-            self._evicted.appendleft((handle, handle.generation.resume()))
-            self._sliding.add(id(handle))  # its rows leave as a slid request's do
-            self._leaving += 1
-            self.preempted += 1
-            self._compact()
+            self._preempt(max(self._active, key=_rank))
+
+    def _give_way(self) -> bool:
+        """Before a decode step: while the first request waiting has no room (rows, or bytes within
+        :attr:`kv_budget`), running requests of a later rank leave the batch for it, the latest
+        first, to come back as :meth:`_make_room`'s do. True when it outranks a running request and
+        has room now: it is admitted before the step, not after (its first token a step sooner)."""
+        if not self._waiting or not self._active or self._alone:
+            return False
+        head = self._waiting[0]
+        if head.cancelled:
+            return False
+        need = self._entry_bytes(head.generation.state.prompts) if self.kv_budget is not None else 0
+        urgent = False
+        while self._active:
+            victim = max(self._active, key=_rank)
+            if victim.rank[0] <= head.rank[0]:
+                return urgent  # nothing running ranks after it: it waits its turn (or came in now)
+            urgent = True
+            rows = self._rows + sum(c.handle.rows for c in self._catching_up) + head.rows
+            if rows <= self.max_batch and (self.kv_budget is None or self.kv_committed_bytes + need <= self.kv_budget):
+                return True
+            self._preempt(victim)
+            self.preempted_for_priority += 1
+        return urgent
+
+    def _preempt(self, handle: RequestHandle) -> None:
+        """``handle`` leaves the batch (its cache given back) to come back, in rank order, with its
+        prompt and answer so far prefilled again."""
+        entry = (handle, handle.generation.resume())
+        self._evicted.insert(bisect.bisect(self._evicted, handle.rank, key=lambda e: e[0].rank), entry)
+        self._sliding.add(id(handle))  # its rows leave as a slid request's do
+        self._leaving += 1
+        self.preempted += 1
+        self._compact()
 
     @property
     def max_sequence_length(self) -> int:
@@ -704,6 +776,8 @@ class Scheduler(Generic[HostT]):
             if handle.cancelled and not handle.done:
                 self._end_early(handle, None)
         self._compact()
+        if self._give_way():  # a request that outranks a running one: in before the step
+            self._schedule(runner)
         self._make_room()
         if self._active:
             self._decode()
@@ -729,8 +803,10 @@ class Scheduler(Generic[HostT]):
             for handle in cancelled:
                 self._end_early(handle, None)
         room = None if self.kv_budget is None else self.kv_budget - self.kv_committed_bytes
-        while self._evicted and (
-            self._rows + sum(c.handle.rows for c in self._catching_up) + self._evicted[0][0].rows <= self.max_batch
+        while (
+            self._evicted
+            and not (self._waiting and self._waiting[0].rank < self._evicted[0][0].rank)  # rank order
+            and self._rows + sum(c.handle.rows for c in self._catching_up) + self._evicted[0][0].rows <= self.max_batch
         ):
             need = self._entry_bytes(self._evicted[0][1])
             if room is not None and need > room and (self._active or self._catching_up):
@@ -741,8 +817,12 @@ class Scheduler(Generic[HostT]):
         admit: list[RequestHandle] = []
         with self._cond:
             in_hand = self._rows + sum(c.handle.rows for c in self._catching_up)
-            while self._waiting and not self._evicted and in_hand + self._waiting[0].rows <= self.max_batch:
-                handle = self._waiting[0]  # preempted requests come back first
+            while (
+                self._waiting
+                and (not self._evicted or self._waiting[0].rank < self._evicted[0][0].rank)  # rank order
+                and in_hand + self._waiting[0].rows <= self.max_batch
+            ):
+                handle = self._waiting[0]
                 if room is not None:
                     need = self._entry_bytes(handle.generation.state.prompts)
                     if need > room:
@@ -883,7 +963,7 @@ class Scheduler(Generic[HostT]):
             self.ended["finished"] += 1
             self._leaving += 1
             handle.complete()
-            self.stats.ended(gen.completions(), "finished")
+            self.stats.ended(gen.completions(), "finished", gen.params.priority, handle.queued_seconds)
 
     def _kv_bytes(self, handle: RequestHandle, start: int) -> int:
         """Bytes of KV cache a request holds: the whole cache of a scheduler made for it alone, else
@@ -913,7 +993,7 @@ class Scheduler(Generic[HostT]):
         if error is not None:
             self.stats.failed(error)
         else:
-            self.stats.ended(gen.completions(), "cancelled")
+            self.stats.ended(gen.completions(), "cancelled", gen.params.priority, handle.queued_seconds)
 
     def _fail_all(self, handles: list[RequestHandle], error: BaseException) -> None:
         """A step that is no one request's fault failed: end the requests in it with the cause."""
@@ -1077,6 +1157,10 @@ class Scheduler(Generic[HostT]):
         self._active, self._rows = kept, len(rows)
         self.kv.keep(rows)
         self._last = self._last[rows]
+
+
+def _rank(handle: RequestHandle) -> tuple[float, int]:
+    return handle.rank
 
 
 def _shared_prefills(group: list[RequestHandle]) -> tuple[list[list[int]], list[int] | None]:

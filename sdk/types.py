@@ -26,6 +26,7 @@ __all__ = [
     "CONTEXT_POLICIES",
     "FINISH_REASONS",
     "MAX_CHOICES",
+    "PRIORITY_RANGE",
     "BatchState",
     "Charge",
     "Completion",
@@ -45,6 +46,8 @@ FINISH_REASONS = ("stop", "length", "context", "deadline", "tool_calls")
 MAX_TOP_LOGPROBS = 20
 #: Choices one request may ask for (``n``): each is a sequence of the batch.
 MAX_CHOICES = 64
+#: A request's priority lies in [-PRIORITY_RANGE, PRIORITY_RANGE).
+PRIORITY_RANGE = 2**31
 #: Tokens a speculative step may guess at most.
 MAX_SPECULATIVE = 16
 #: Stop strings one request may bring, and the characters of each: every step checks each of them,
@@ -296,6 +299,14 @@ class SamplingParams:
     hook_timings: bool = _field(
         False, "time every plugin the request uses (usage.hook_ms; off: nothing is timed and nothing is paid)"
     )
+    priority: int = _field(
+        0,
+        "scheduling priority, lower first (vLLM's convention): a waiting request is admitted before those "
+        "of a later rank, and when the batch has no room a running request of a later rank gives way (its "
+        "answer so far prefilled again when it comes back); a request's rank rises a level for every "
+        "priority_aging seconds it has waited, so none starves",
+        metavar="N",
+    )
 
     def __post_init__(self) -> None:
         def fail(msg: str) -> None:
@@ -382,6 +393,8 @@ class SamplingParams:
             if not is_integer(k) or not 1 <= k <= MAX_SPECULATIVE:
                 fail(f"speculative k must be an integer in [1, {MAX_SPECULATIVE}], not {k!r}")
             object.__setattr__(self, "speculative", {**spec, "k": int(k)})
+        if not -PRIORITY_RANGE <= integer("priority") < PRIORITY_RANGE:
+            fail(f"priority must be an integer in [-{PRIORITY_RANGE}, {PRIORITY_RANGE}), not {self.priority}")
         if not 1 <= integer("n") <= MAX_CHOICES:
             fail(f"n must be between 1 and {MAX_CHOICES} choices, not {self.n}")
         if not isinstance(self.record, (bool, np.bool_)):

@@ -77,7 +77,7 @@ def test_metrics_endpoint(tiny_llama):
                 prompt="Hello " * 20 + str(i),
                 max_tokens=4,
                 temperature=0,
-                extra_body={"nextoken": {"ignore_eos": True}},
+                extra_body={"nextoken": {"ignore_eos": True}, **({"priority": -1} if i == 0 else {})},
             )
         with pytest.raises(openai.InternalServerError):  # a plugin that fails is the server's 500
             client.completions.create(
@@ -94,8 +94,26 @@ def test_metrics_endpoint(tiny_llama):
         assert _value(after, "nextoken_cost", "_total", meter="per_token", currency="USD") == pytest.approx(12.0)
         assert _value(after, "nextoken_prefix_cache_hits", "_total") >= 1
         assert "nextoken_requests_running" in after and "nextoken_kv_buffer_bytes" in after
+        # priorities are counted by class (vLLM's top-level field: -1 is high), never by value
+        assert _value(after, "nextoken_requests_by_priority", "_total", priority="high") == 1
+        assert _value(after, "nextoken_requests_by_priority", "_total", priority="normal") == 2
+        assert _value(after, "nextoken_time_to_first_token_by_priority_seconds", "_count", priority="high") == 1
+        assert _value(after, "nextoken_requests_preempted_for_priority", "_total") == 0
         labels = {k for f in after.values() for s in f.samples for k in s.labels}
-        assert labels <= {"finish_reason", "status", "plugin", "meter", "currency", "le"}  # nothing per request
+        assert labels <= {
+            "finish_reason",
+            "status",
+            "plugin",
+            "meter",
+            "currency",
+            "le",
+            "priority",
+        }  # none per request
+        assert {s.labels["priority"] for f in after.values() for s in f.samples if "priority" in s.labels} <= {
+            "high",
+            "normal",
+            "low",
+        }
 
 
 def test_a_histogram_copied_by_its_changes_keeps_buckets_and_count():

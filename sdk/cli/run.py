@@ -115,6 +115,7 @@ def _scheduler_options(args: argparse.Namespace) -> dict:
         "slot_length": args.slot_length,
         "paged_slots": args.paged_slots,
         "kv_budget": None if args.kv_budget_mb is None else args.kv_budget_mb << 20,
+        "priority_aging": None if args.priority_aging == 0 else args.priority_aging,
     }
 
 
@@ -221,6 +222,14 @@ def add_commands(sub) -> None:
         metavar="MB",
         help="KV cache the running requests may reach together; admission waits for room "
         "(default with paged slots: half the memory available, at most the slots' whole size)",
+    )
+    p.add_argument(
+        "--priority-aging",
+        type=float,
+        default=5.0,
+        metavar="S",
+        help="seconds of waiting that raise a request's rank one priority level, so a low priority is "
+        "delayed, never starved (default 5; 0: strict priorities)",
     )
     p.add_argument("--api-key", default=None, help="require 'Authorization: Bearer KEY'")
     p.add_argument(

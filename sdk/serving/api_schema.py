@@ -106,6 +106,7 @@ class _Common(_Strict):
     prompt_cache_key: str | None = None
     safety_identifier: str | None = None
     verbosity: str | None = None
+    priority: int | None = None  # vLLM's field (SamplingParams.priority), as its clients send it
     nextoken: NextokenOptions | None = None  # type: ignore[valid-type]
     # declared to be refused by name (REFUSED)
     best_of: int | None = None

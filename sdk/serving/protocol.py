@@ -145,6 +145,13 @@ def openai_params(req, chat: bool, defaults: dict[str, float]) -> SamplingParams
     )
     if max_tokens is not None:
         kwargs["max_new_tokens"] = max_tokens
+    priority = getattr(req, "priority", None)
+    if priority is not None:
+        if "priority" in extras and extras["priority"] != priority:
+            raise APIError(
+                400, "priority is given twice, differently (top level and nextoken.priority)", param="priority"
+            )
+        kwargs["priority"] = priority
     if kwargs["temperature"] == 0:
         # OpenAI lets top_p ride along with temperature 0 (greedy), where it means nothing; so do
         # the model's own sampling defaults
