@@ -227,8 +227,8 @@ def embedding_parity_check(
 ) -> tuple[float, int, float, float | None]:
     """(max |Δ|, rows, max |value|, PyTorch fp16's own max |Δ| or None) between transformers' base
     model's pooled last hidden states (fp32, padding on the right, pooled as the manifest says,
-    before any normalisation) and the package's, over three rows of different lengths in one batch
-    (so the padding is tested too)."""
+    before any normalisation) and the package's, over three rows of different lengths and first tokens in
+    one batch (so the padding is tested too)."""
     import numpy as np
     import torch
     from transformers import AutoModel
@@ -238,7 +238,10 @@ def embedding_parity_check(
     engine = Engine(package, device=device, plugins=False, verify=False)
     try:
         ids = parity_ids(engine)
-        rows = [ids, ids[: max(2, len(ids) // 2)], ids[:3]]
+        # three lengths from three starts: rows that shared their first token would pool to the same
+        # vector under "cls" on a causal model, and only rounding noise would tell them apart
+        half = max(2, len(ids) // 2)
+        rows = [ids, ids[len(ids) - half :], ids[1:4]]
         spec = engine.manifest.embedding or {}
         got = engine.need_embedder().pooled(rows)  # as the graph gives them, before normalising
     finally:
