@@ -21,6 +21,7 @@ from .errors import (
 from .generation import Generation, Timings
 from .hookspecs import hookimpl, hookspec
 from .manifest import FORMAT_VERSION, Manifest
+from .pool import ModelPool
 from .reasoning import Harmony, ThinkTags
 from .registry import Registry
 from .scheduler import RequestHandle, Scheduler
@@ -59,6 +60,7 @@ __all__ = [
     "Manifest",
     "ManifestMismatchError",
     "ModelPackageError",
+    "ModelPool",
     "NextokenError",
     "PluginError",
     "Prompt",

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import collections
 import threading
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -261,23 +262,32 @@ def families(m: dict[str, Any]) -> list[Family]:
     return out
 
 
-def prometheus_text(metrics: dict[str, Any]) -> tuple[bytes, str]:
+def prometheus_text(metrics: dict[str, Any], by_model: Mapping[str, dict[str, Any]] | None = None) -> tuple[bytes, str]:
     """``metrics`` (what ``Scheduler.metrics()`` returns) in Prometheus' text format, and its content
-    type. Needs prometheus_client (the ``serve`` extra): ImportError without it."""
+    type; or, given ``by_model`` (model name -> its metrics; ``metrics`` then unused), every model's
+    samples under a ``model`` label. Needs prometheus_client (the ``serve`` extra): ImportError
+    without it."""
     from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, generate_latest
     from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, HistogramMetricFamily
 
     kinds = {"counter": CounterMetricFamily, "gauge": GaugeMetricFamily, "histogram": HistogramMetricFamily}
+    sources = [((), (), metrics)] if by_model is None else [(("model",), (name,), m) for name, m in by_model.items()]
 
     def collect():
-        for family in families(metrics):
-            out = kinds[family.kind](family.name, family.doc, labels=list(family.labels))
-            for labels, value in family.samples:
-                if family.kind == "histogram":
-                    out.add_metric(list(labels), value["buckets"], value["sum"])
-                else:
-                    out.add_metric(list(labels), value)
-            yield out
+        merged: dict[str, Any] = {}
+        for label, value, m in sources:
+            for family in families(m):
+                out = merged.get(family.name)
+                if out is None:
+                    out = merged[family.name] = kinds[family.kind](
+                        family.name, family.doc, labels=[*label, *family.labels]
+                    )
+                for labels, sample in family.samples:
+                    if family.kind == "histogram":
+                        out.add_metric([*value, *labels], sample["buckets"], sample["sum"])
+                    else:
+                        out.add_metric([*value, *labels], sample)
+        yield from merged.values()
 
     class _Now:
         def collect(self):

@@ -83,38 +83,61 @@ def with_manifest(package: Path, target: Path, **changes) -> Path:
 def serving(package: Path, model: str, max_batch: int = 4, engine_options: dict | None = None, **app_options):
     """``nextoken.serving`` over ``package`` on a free loopback port, in this process:
     (an openai client, the engine, the scheduler, the base URL)."""
-    import socket
-    import threading
-    import time
-
     import openai
-    import uvicorn
 
     from nextoken import Engine, Scheduler
     from nextoken.serving.server import create_app
 
     engine = Engine(package, device="cpu", plugins=False, **(engine_options or {}))
     scheduler = Scheduler(engine, max_batch=max_batch).start()
+    key = app_options.get("api_key") or "none"
+    try:
+        with running_app(create_app(scheduler, model, **app_options)) as base:
+            client = openai.OpenAI(base_url=f"{base}/v1", api_key=key, max_retries=0, timeout=60)
+            yield client, engine, scheduler, base
+    finally:
+        scheduler.close()
+        engine.close()
+
+
+@contextlib.contextmanager
+def running_app(app, join_s: float = 10):
+    """``app`` served by uvicorn on a free loopback port in a thread of this process: its base URL."""
+    import socket
+    import threading
+    import time
+
+    import uvicorn
+
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
-    config = uvicorn.Config(create_app(scheduler, model, **app_options), host="127.0.0.1", port=port, log_level="error")
-    server = uvicorn.Server(config)
+    server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_level="error"))
     thread = threading.Thread(target=server.run, daemon=True)
     thread.start()
-    for _ in range(100):
+    for _ in range(200):
         if server.started:
             break
         time.sleep(0.05)
-    key = app_options.get("api_key") or "none"
-    client = openai.OpenAI(base_url=f"http://127.0.0.1:{port}/v1", api_key=key, max_retries=0, timeout=60)
     try:
-        yield client, engine, scheduler, f"http://127.0.0.1:{port}"
+        yield f"http://127.0.0.1:{port}"
     finally:
         server.should_exit = True
-        thread.join(timeout=10)
-        scheduler.close()
-        engine.close()
+        thread.join(timeout=join_s)
+
+
+def wait_healthy(base: str, tries: int = 300) -> None:
+    """Wait for a server started in another process to answer ``/health`` (0.1 s between tries)."""
+    import time
+
+    import httpx
+
+    for _ in range(tries):
+        try:
+            if httpx.get(f"{base}/health", timeout=1).status_code == 200:
+                return
+        except httpx.HTTPError:
+            time.sleep(0.1)
 
 
 #: What the forced "thinking model" says: its thinking, then its answer.

@@ -13,7 +13,7 @@ import openai
 import pytest
 
 import nextoken
-from helpers import TEMPLATE, serving, with_chat_template
+from helpers import TEMPLATE, serving, wait_healthy, with_chat_template
 from nextoken import Engine, Scheduler
 from nextoken.serving.server import create_app
 
@@ -550,12 +550,7 @@ def test_the_cli_server_says_where_it_is_logs_requests_and_never_a_traceback_for
     )
     base = f"http://127.0.0.1:{port}"
     try:
-        for _ in range(200):
-            try:
-                if httpx.get(f"{base}/health", timeout=1).status_code == 200:
-                    break
-            except httpx.HTTPError:
-                time.sleep(0.1)
+        wait_healthy(base, 200)
         assert (
             httpx.post(f"{base}/v1/completions", json={"prompt": "x", "max_tokens": 2}, timeout=30).status_code == 200
         )

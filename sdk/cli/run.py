@@ -71,6 +71,11 @@ def _cmd_serve(args: argparse.Namespace) -> int:
         **prefix_cache_of(args),
         **chat_template_of(args),
     }
+    if len(args.package) != 1 or args.models_dir is not None:
+        return _serve_models(args, options, engine_options)
+    for flag, given in (("--memory-budget-mb", args.memory_budget_mb), ("--pin", args.pin)):
+        if given is not None:
+            raise UsageError(f"{flag} is for several models (nextoken serve PKG PKG ..., or --models-dir)")
     if args.ray:
         from ..serving.ray_serve import serve_ray
 
@@ -78,7 +83,7 @@ def _cmd_serve(args: argparse.Namespace) -> int:
             raise UsageError("--header-timeout is not taken with --ray: Ray Serve's HTTP proxy reads the requests")
         engine_options["threads"] = args.threads or 1
         serve_ray(
-            args.package,
+            args.package[0],
             host=args.host,
             port=args.port,
             replicas=args.replicas,
@@ -94,16 +99,49 @@ def _cmd_serve(args: argparse.Namespace) -> int:
         return 0
     from ..serving.server import serve
 
-    serve(
-        args.package,
-        host=args.host,
-        port=args.port,
-        max_batch=args.max_batch,
-        model_name=args.model_name,
-        engine_options=engine_options,
-        scheduler_options=_scheduler_options(args),
-        options=options,
-        header_timeout_s=10.0 if args.header_timeout is None else args.header_timeout,
+    serve(args.package[0], model_name=args.model_name, **_http_options(args, options, engine_options))
+    return 0
+
+
+def _http_options(args: argparse.Namespace, options, engine_options: dict) -> dict:
+    """What serving one model and several over HTTP take alike."""
+    return {
+        "host": args.host,
+        "port": args.port,
+        "max_batch": args.max_batch,
+        "engine_options": engine_options,
+        "scheduler_options": _scheduler_options(args),
+        "options": options,
+        "header_timeout_s": 10.0 if args.header_timeout is None else args.header_timeout,
+    }
+
+
+def _serve_models(args: argparse.Namespace, options, engine_options: dict) -> int:
+    from ..errors import InvalidRequestError
+    from ..serving.router import models_in, serve_models
+
+    given = {
+        "--ray": args.ray,
+        "--draft": args.draft,
+        "--speculative": args.speculative,
+        "--chat-template": args.chat_template,
+        "--served-model-name": args.model_name,
+    }
+    for flag, value in given.items():
+        if value:
+            raise UsageError(f"{flag} is for one model; with several, each is served as its package says")
+    try:
+        models = models_in(args.package, args.models_dir)
+    except InvalidRequestError as exc:
+        raise UsageError(str(exc)) from None
+    if not models:
+        raise UsageError("serve needs a package (nextoken serve PKG), several, or --models-dir DIR")
+    serve_models(
+        models,
+        budget=None if args.memory_budget_mb is None else args.memory_budget_mb << 20,
+        pinned=tuple(args.pin or ()),
+        wait_s=args.load_timeout,
+        **_http_options(args, options, engine_options),
     )
     return 0
 
@@ -185,8 +223,41 @@ def add_commands(sub) -> None:
     prefix_cache_options(p)
     p.set_defaults(func=_cmd_chat)
 
-    p = sub.add_parser("serve", help="serve a package over an OpenAI-compatible HTTP API (extra: serve)")
-    p.add_argument("package", help="model package directory")
+    p = sub.add_parser("serve", help="serve packages over an OpenAI-compatible HTTP API (extra: serve)")
+    p.add_argument(
+        "package",
+        nargs="*",
+        help="model package directory; several (each PATH or NAME=PATH) serve each under its name, loaded "
+        "and unloaded within --memory-budget-mb",
+    )
+    p.add_argument(
+        "--models-dir",
+        default=None,
+        metavar="DIR",
+        help="serve every package folder in DIR too, each under its folder's name",
+    )
+    p.add_argument(
+        "--memory-budget-mb",
+        type=positive_int,
+        default=None,
+        metavar="MB",
+        help="with several models: what the loaded ones may hold together, as the memory planner counts "
+        "(default: the memory free at start); the least recently used idle one unloads to make room",
+    )
+    p.add_argument(
+        "--pin",
+        action="append",
+        default=None,
+        metavar="NAME",
+        help="with several models: load this one at start and never unload it (repeatable)",
+    )
+    p.add_argument(
+        "--load-timeout",
+        type=positive_float,
+        default=120.0,
+        metavar="SECONDS",
+        help="with several models: how long a request waits for its model to load, and for room (default 120)",
+    )
     p.add_argument("--host", default="127.0.0.1", help="address to listen on (default: loopback only)")
     p.add_argument("--port", type=port, default=8000)
     p.add_argument("--max-batch", type=positive_int, default=8, help="sequences decoded together (default 8)")

@@ -29,8 +29,11 @@ __all__ = [
     "Delta",
     "ServeOptions",
     "Service",
+    "authorized",
     "coalesce",
     "load_drafts",
+    "read_body",
+    "refusal",
     "sampling_defaults",
 ]
 
@@ -48,6 +51,59 @@ def sampling_defaults(package: Path) -> dict[str, Any]:
     except (OSError, ValueError):
         return {}
     return {k: config[k] for k in GENERATION_DEFAULTS if is_number(config.get(k))}
+
+
+def authorized(request, api_key: str | None) -> bool:
+    """Whether the request carries ``api_key``: ``Authorization: Bearer KEY`` (the scheme in any
+    case) as OpenAI's clients send it, or ``x-api-key: KEY`` as Anthropic's do; compared in
+    constant time."""
+    import hmac
+
+    want = (api_key or "").encode()
+    scheme, _, key = request.headers.get("authorization", "").strip().partition(" ")
+    if scheme.lower() == "bearer" and hmac.compare_digest(key.strip().encode(), want):
+        return True
+    other = request.headers.get("x-api-key")
+    return other is not None and hmac.compare_digest(other.strip().encode(), want)
+
+
+def refusal(request, api_key: str | None, max_body_bytes: int) -> Any:
+    """The error response for a request without the API key (every path but ``/health``) or with a
+    declared body over ``max_body_bytes``, else None."""
+    if api_key is not None and request.url.path != "/health" and not authorized(request, api_key):
+        return error_response(
+            401,
+            "missing or wrong API key (Authorization: Bearer ...)",
+            "authentication_error",
+            code="invalid_api_key",
+        )
+    length = request.headers.get("content-length")
+    if length is not None and length.isdigit() and int(length) > max_body_bytes:
+        return error_response(413, f"request body over {max_body_bytes} bytes", code="request_too_large")
+    return None
+
+
+async def read_body(request, max_body_bytes: int, timeout_s: float) -> bytes:
+    """The body, read a chunk at a time: the size limit holds for chunked uploads too (413), a body
+    that stalls ``timeout_s`` between chunks is a 408, and a client gone is :class:`ClientGone`."""
+    from starlette.requests import ClientDisconnect
+
+    chunks, size = [], 0
+    stream = request.stream().__aiter__()
+    while True:
+        try:
+            chunk = await asyncio.wait_for(stream.__anext__(), timeout=timeout_s)
+        except StopAsyncIteration:
+            break
+        except asyncio.TimeoutError:
+            raise APIError(408, f"the request body stalled for {timeout_s:g} s", code="request_timeout") from None
+        except ClientDisconnect:
+            raise ClientGone() from None
+        size += len(chunk)
+        if size > max_body_bytes:
+            raise APIError(413, f"request body over {max_body_bytes} bytes", code="request_too_large")
+        chunks.append(chunk)
+    return b"".join(chunks)
 
 
 class ClientGone(Exception):
@@ -256,55 +312,12 @@ class Service:
     # -- around every request --------------------------------------------------------------------------
     def refuse(self, request) -> Any:
         """The error response for a request without the API key or with a declared body over the
-        limit, else None."""
-        if self.api_key is not None and request.url.path != "/health" and not self.authorized(request):
-            return error_response(
-                401,
-                "missing or wrong API key (Authorization: Bearer ...)",
-                "authentication_error",
-                code="invalid_api_key",
-            )
-        length = request.headers.get("content-length")
-        if length is not None and length.isdigit() and int(length) > self.max_body_bytes:
-            return error_response(413, f"request body over {self.max_body_bytes} bytes", code="request_too_large")
-        return None
-
-    def authorized(self, request) -> bool:
-        """Whether the request carries the API key: ``Authorization: Bearer KEY`` (the scheme in any
-        case) as OpenAI's clients send it, or ``x-api-key: KEY`` as Anthropic's do; compared in
-        constant time."""
-        import hmac
-
-        want = (self.api_key or "").encode()
-        scheme, _, key = request.headers.get("authorization", "").strip().partition(" ")
-        if scheme.lower() == "bearer" and hmac.compare_digest(key.strip().encode(), want):
-            return True
-        other = request.headers.get("x-api-key")
-        return other is not None and hmac.compare_digest(other.strip().encode(), want)
+        limit, else None (:func:`refusal`)."""
+        return refusal(request, self.api_key, self.max_body_bytes)
 
     async def read(self, request) -> bytes:
-        """The body, read a chunk at a time (the size limit holds for chunked uploads too, and a
-        body that stalls is a 408)."""
-        from starlette.requests import ClientDisconnect
-
-        chunks, size = [], 0
-        stream = request.stream().__aiter__()
-        while True:
-            try:
-                chunk = await asyncio.wait_for(stream.__anext__(), timeout=self.body_timeout_s)
-            except StopAsyncIteration:
-                break
-            except asyncio.TimeoutError:
-                raise APIError(
-                    408, f"the request body stalled for {self.body_timeout_s:g} s", code="request_timeout"
-                ) from None
-            except ClientDisconnect:
-                raise ClientGone() from None
-            size += len(chunk)
-            if size > self.max_body_bytes:
-                raise APIError(413, f"request body over {self.max_body_bytes} bytes", code="request_too_large")
-            chunks.append(chunk)
-        return b"".join(chunks)
+        """The body, read a chunk at a time (:func:`read_body`)."""
+        return await read_body(request, self.max_body_bytes, self.body_timeout_s)
 
     def parse(self, raw: bytes, schema):
         """The body validated against ``schema``, for this server's model."""

@@ -35,6 +35,7 @@ leaves one out gets the model's value, as vLLM does.
 import dataclasses
 import logging
 from pathlib import Path
+from types import SimpleNamespace
 from typing import Any
 
 from ..engine import Engine
@@ -53,7 +54,9 @@ __all__ = [
     "Service",
     "api_error",
     "create_app",
+    "error_handlers",
     "load_drafts",
+    "run_app",
     "sampling_defaults",
     "serve",
 ]
@@ -61,36 +64,12 @@ __all__ = [
 log = logging.getLogger("nextoken.serving")
 
 
-def create_app(scheduler: Scheduler[Engine], model_name: str, options: ServeOptions | None = None, **settings: Any):
-    """The FastAPI application serving ``scheduler``'s engine as ``model_name``: the routes, each
-    calling its API's service over the shared core (:class:`Service`), and the errors in OpenAI's shape. ``options`` (or its
-    fields as keywords: ``api_key=``, ``max_body_bytes=`` ...): :class:`ServeOptions`. The app's
-    ``state.service`` is closed when the app shuts down."""
-    try:
-        from fastapi import FastAPI, Request
-        from fastapi.exceptions import RequestValidationError
-        from starlette.exceptions import HTTPException as StarletteHTTPException
-    except ImportError:
-        raise NextokenError("serving needs FastAPI and uvicorn: pip install 'nextoken[serve]'") from None
-
-    try:
-        options = dataclasses.replace(options or ServeOptions(), **settings)
-    except TypeError as exc:
-        raise InvalidRequestError(f"create_app: {exc}") from None
-    service = Service(scheduler, model_name, options)
-    openai_api = OpenAIService(service)
-    responses = ResponsesService(service)
-    messages = MessagesService(service)
-    embeddings = EmbeddingsService(service)
-    app = FastAPI(
-        title="nextoken",
-        version="1",
-        docs_url=None,
-        redoc_url=None,
-        openapi_url=None,
-        on_shutdown=[service.close, embeddings.close],
-    )
-    app.state.service = service
+def error_handlers(app: Any) -> None:
+    """Answer ``app``'s errors in OpenAI's shape: ours (an APIError as it says, an
+    InvalidRequestError as :func:`api_error` maps it), FastAPI's (a 404, a 405, a body that fails
+    its schema: a 400) and a client gone before its body arrived (499, one log line)."""
+    from fastapi.exceptions import RequestValidationError
+    from starlette.exceptions import HTTPException as StarletteHTTPException
 
     @app.exception_handler(APIError)
     async def _api_error(_request, exc: APIError):
@@ -120,15 +99,61 @@ def create_app(scheduler: Scheduler[Engine], model_name: str, options: ServeOpti
         )
         return error_response(499, "client closed the request", code="client_closed")
 
+
+def create_app(scheduler: Scheduler[Engine], model_name: str, options: ServeOptions | None = None, **settings: Any):
+    """The FastAPI application serving ``scheduler``'s engine as ``model_name``: the routes, each
+    calling its API's service over the shared core (:class:`Service`), and the errors in OpenAI's shape. ``options`` (or its
+    fields as keywords: ``api_key=``, ``max_body_bytes=`` ...): :class:`ServeOptions`. The app's
+    ``state.service`` is closed when the app shuts down."""
+    try:
+        from fastapi import FastAPI, Request
+    except ImportError:
+        raise NextokenError("serving needs FastAPI and uvicorn: pip install 'nextoken[serve]'") from None
+
+    try:
+        options = dataclasses.replace(options or ServeOptions(), **settings)
+    except TypeError as exc:
+        raise InvalidRequestError(f"create_app: {exc}") from None
+    service = Service(scheduler, model_name, options)
+    openai_api = OpenAIService(service)
+    responses = ResponsesService(service)
+    messages = MessagesService(service)
+    embeddings = EmbeddingsService(service)
+    app = FastAPI(
+        title="nextoken",
+        version="1",
+        docs_url=None,
+        redoc_url=None,
+        openapi_url=None,
+        on_shutdown=[service.close, embeddings.close],
+    )
+    app.state.service = service
+    app.state.responses = responses  # what a router over several models asks for a stored response
+    # The endpoints reach the services through `live` only: FastAPI keeps every endpoint function
+    # in a module-level cache, so what their closures hold would outlive the app (an engine a
+    # router unloads, whole). Closing empties it.
+    live = SimpleNamespace(
+        service=service, openai=openai_api, responses=responses, messages=messages, embeddings=embeddings
+    )
+
+    def close() -> None:
+        service.close()
+        embeddings.close()
+        vars(live).clear()
+
+    app.state.close = close
+
+    error_handlers(app)
+
     app.add_middleware(_Guard, service=service)
 
     @app.get("/health")
     async def health():
-        return service.health()
+        return live.service.health()
 
     @app.get("/openapi.json", include_in_schema=False)
-    async def openapi():
-        return app.openapi()
+    async def openapi(request: Request):
+        return request.app.openapi()
 
     @app.get("/docs", include_in_schema=False)
     async def docs():
@@ -138,50 +163,50 @@ def create_app(scheduler: Scheduler[Engine], model_name: str, options: ServeOpti
 
     @app.get("/v1/models")
     async def models():
-        return service.models()
+        return live.service.models()
 
     @app.get("/v1/models/{model_id:path}")
     async def model(model_id: str):
-        return service.model(model_id)
+        return live.service.model(model_id)
 
     @app.get("/metrics")
     async def metrics():
         from fastapi.responses import Response
 
-        body, content_type = service.metrics_text()
+        body, content_type = live.service.metrics_text()
         return Response(body, media_type=content_type)
 
     @app.post("/v1/completions")
     async def completions(request: Request):
-        return await openai_api.completions(request)
+        return await live.openai.completions(request)
 
     @app.post("/v1/chat/completions")
     async def chat_completions(request: Request):
-        return await openai_api.chat_completions(request)
+        return await live.openai.chat_completions(request)
 
     @app.post("/v1/messages")
     async def create_message(request: Request):
-        return await messages.create(request)
+        return await live.messages.create(request)
 
     @app.post("/v1/messages/count_tokens")
     async def count_tokens(request: Request):
-        return await messages.count_tokens(request)
+        return await live.messages.count_tokens(request)
 
     @app.post("/v1/embeddings")
     async def create_embeddings(request: Request):
-        return await embeddings.create(request)
+        return await live.embeddings.create(request)
 
     @app.post("/v1/responses")
     async def create_response(request: Request):
-        return await responses.create(request)
+        return await live.responses.create(request)
 
     @app.get("/v1/responses/{response_id}")
     async def get_response(response_id: str):
-        return responses.retrieve(response_id)
+        return live.responses.retrieve(response_id)
 
     @app.delete("/v1/responses/{response_id}")
     async def delete_response(response_id: str):
-        return responses.delete(response_id)
+        return live.responses.delete(response_id)
 
     return app
 
@@ -230,7 +255,7 @@ def serve(
     request head within ``header_timeout_s`` (half-open, or a client that stalls in its headers) is
     closed."""
     try:
-        import uvicorn
+        import uvicorn  # noqa: F401
     except ImportError:
         raise NextokenError("serving needs FastAPI and uvicorn: pip install 'nextoken[serve]'") from None
 
@@ -280,17 +305,25 @@ def serve(
             + (f"; drafts {', '.join(options.drafts)}" if options.drafts else ""),
             flush=True,
         )
-        logging.basicConfig(level=logging.INFO, format="%(levelname)s: %(message)s")
-        uvicorn.run(
-            app,
-            host=host,
-            port=port,
-            log_level=None,
-            access_log=True,
-            timeout_keep_alive=5,
-            log_config=_LOG_CONFIG,
-            http=_head_timeout_protocol(header_timeout_s),
-        )
+        run_app(app, host, port, header_timeout_s)
+
+
+def run_app(app: Any, host: str, port: int, header_timeout_s: float = 10.0) -> None:
+    """Serve ``app`` with uvicorn until interrupted: idle connections close after 5 s, and one that
+    has not sent a whole request head within ``header_timeout_s`` is closed; one access line a request."""
+    import uvicorn
+
+    logging.basicConfig(level=logging.INFO, format="%(levelname)s: %(message)s")
+    uvicorn.run(
+        app,
+        host=host,
+        port=port,
+        log_level=None,
+        access_log=True,
+        timeout_keep_alive=5,
+        log_config=_LOG_CONFIG,
+        http=_head_timeout_protocol(header_timeout_s),
+    )
 
 
 def _head_timeout_protocol(seconds: float):
