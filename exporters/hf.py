@@ -9,7 +9,7 @@ import logging
 import os
 import shutil
 import warnings
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
@@ -377,6 +377,9 @@ def export(
     normalize: bool | None = None,
     truncatable: bool = False,
     kv_dtype: str | None = None,
+    lora_adapters: int = 0,
+    lora_rank: int = 16,
+    lora_targets: Sequence[str] | None = None,
 ) -> ExportReport:
     """Export ``source`` (a hub id or a local transformers checkpoint) to the package directory ``output``.
 
@@ -405,6 +408,9 @@ def export(
     ``kv_dtype="int8"`` (``"int4"``): the KV cache in int8, a quarter of fp32's bytes (int4, an
     eighth), scales calibrated at export, its accuracy against the fp32 cache in the manifest
     (:mod:`nextoken.exporters.kvquant`).
+    ``lora_adapters`` (N > 0): the graph takes up to N LoRA adapters at once, of rank up to
+    ``lora_rank``, on ``lora_targets`` (of q, k, v, o, gate, up, down; None: q, k, v, o), chosen
+    per row (nextoken's builder only; :mod:`nextoken.adapters`).
     """
     source = str(source)
     output = Path(output).expanduser()
@@ -429,6 +435,13 @@ def export(
         raise ExportError(
             f"--kv-dtype {kv_dtype}: nextoken's builder keeps the KV cache in int8 or int4 (--kv-dtype int8|int4)"
         )
+    if lora_adapters and (backend != "nextoken" or task != "generate"):
+        raise ExportError("LoRA inputs are built by nextoken's own builder, for generating packages: drop --backend")
+    lora = (
+        {"adapters": lora_adapters, "rank": lora_rank, "targets": list(lora_targets or ("q", "k", "v", "o"))}
+        if lora_adapters
+        else None
+    )
     if output.exists() and (not output.is_dir() or (any(output.iterdir()) and not (output / MANIFEST_NAME).exists())):
         raise ExportError(f"output {output} exists and is not an empty directory or a nextoken package; choose another")
     if device == "cuda":
@@ -466,6 +479,7 @@ def export(
                     pooling=pooling,
                     normalize=normalize,
                     truncatable=truncatable,
+                    lora=lora,
                     say=say,
                 )
                 if kv_dtype is not None:
@@ -484,8 +498,14 @@ def export(
             say(report.summary())
             return report
         except BuilderUnavailable as exc:
-            if task == "embed" or kv_dtype is not None:
-                what = "an embedding model" if task == "embed" else "with an int8 KV cache"
+            if task == "embed" or kv_dtype is not None or lora is not None:
+                what = (
+                    "an embedding model"
+                    if task == "embed"
+                    else "with LoRA inputs"
+                    if lora is not None
+                    else "with an int8 KV cache"
+                )
                 raise ExportError(f"cannot build {source!r} {what}: {exc}") from None
             say(f"note: nextoken's builder does not cover this model ({exc}); exporting optimum's graph instead")
     _require_export_stack()

@@ -55,6 +55,7 @@ def calibrate_kv(
     ``bits``, from the largest |value| each channel takes over the calibration sequences
     (:data:`CALIBRATION_TEXTS` and random ids, at most ``tokens`` each) in the fp32-cache package
     ``package``; and what the calibration was (for the manifest)."""
+    from nextoken.adapters import no_adapter_feeds
     from nextoken.engine import Engine
 
     with Engine(package, device="cpu", plugins=False, verify=False) as engine:
@@ -72,6 +73,7 @@ def calibrate_kv(
                 feeds["logits_to_keep"] = np.asarray([1], dtype=np.int64)
             for name in m.past_names():
                 feeds[name] = np.zeros((1, m.num_kv_heads, 0, m.head_dim), dtype=past_dtype)
+            feeds.update(no_adapter_feeds(engine.session.get_inputs(), 1))
             for peak, value in zip(peaks, engine.session.run(names, feeds)):
                 np.maximum(peak, np.abs(value.astype(np.float32)).max(axis=(0, 2)), out=peak)
     scales = [np.maximum(p * HEADROOM[bits] / LEVELS[bits], 1e-6).astype(np.float32) for p in peaks]
@@ -136,7 +138,7 @@ def quantised_cache(
         scales, calibration = calibrate_kv(ref, bits=bits)
         for p in package.glob("model.onnx*"):
             p.unlink()
-        build(folder, package, dtype=dtype, untie_head=untie_head, kv_scales=scales, kv_bits=bits)
+        build(folder, package, dtype=dtype, untie_head=untie_head, kv_scales=scales, kv_bits=bits, lora=manifest.lora)
         kv = {"bits": bits, "granularity": "per layer, KV head and channel", "calibration": calibration}
         manifest = dataclasses.replace(manifest, kv_dtype=f"int{bits}", kv_quantization=kv).with_files(package)
         manifest.save(package)

@@ -306,6 +306,8 @@ def _activation_errors(fp32_package: Path, names: list[str], ids: list[int], blo
     model.graph.output.extend(helper.make_empty_tensor_value_info(name) for name in names)
     probe = fp32_package / "probe.onnx"  # beside model.onnx_data, which it reads
     onnx.save(model, str(probe))
+    from nextoken.adapters import no_adapter_feeds
+
     session = ort.InferenceSession(str(probe), providers=["CPUExecutionProvider"])
     row = np.asarray([ids], dtype=np.int64)
     feeds = {}
@@ -318,6 +320,8 @@ def _activation_errors(fp32_package: Path, names: list[str], ids: list[int], blo
             feeds[meta.name] = np.arange(len(ids), dtype=np.int64)[None]
         elif meta.name == "logits_to_keep":
             feeds[meta.name] = np.asarray([1], dtype=np.int64)
+        elif meta.name == "lora_ids" or meta.name.startswith("lora."):
+            feeds.update(no_adapter_feeds([meta], 1))
         else:  # an empty past
             shape = [d if isinstance(d, int) else (1 if i == 0 else 0) for i, d in enumerate(meta.shape)]
             feeds[meta.name] = np.zeros(shape, dtype=np.float16 if "float16" in meta.type else np.float32)

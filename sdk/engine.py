@@ -27,7 +27,7 @@ from .embedding import Embedder
 from .errors import ContextWindowError, InvalidRequestError, ModelPackageError, NextokenError
 from .generation import Generation
 from .intake import Intake, Prompt, is_single, resolve_params
-from .kvbackends import KVBackend, for_request
+from .kvbackends import KVBackend, for_request, lora_of
 from .manifest import Manifest, TensorSpec
 from .prefixcache import DiskTier, Layout, PrefixCache, package_identity
 from .probes import release_free_heap
@@ -73,6 +73,7 @@ class Engine:
         prefix_cache_dir: str | Path | None = None,
         prefix_cache_disk_bytes: int = 1 << 30,
         chat_template: str | None = None,
+        adapters: Mapping[str, str | Path] | None = None,
     ) -> None:
         """
         Args:
@@ -100,6 +101,9 @@ class Engine:
             prefix_cache_dir: also keep them on disk there, for later engines of the same package.
             prefix_cache_disk_bytes: the disk tier's size.
             chat_template: a Jinja chat template used instead of the package's (None: the package's).
+            adapters: LoRA adapters to load now, ``{name: adapter folder}`` (a package exported with
+                ``--lora-adapters``; :meth:`load_adapter` loads more later). A request names its
+                adapter (``adapter=``); rows with different adapters run in one batch.
         """
         self.path = Path(path)
         if not self.path.exists():
@@ -208,6 +212,8 @@ class Engine:
             self.embedder = Embedder(self.session, self.manifest.embedding or {}, self.pad_token_id)
         #: where requests come in: prompts and parameters checked and built into a Generation
         self.intake = self._new_intake()
+        for name, adapter in (adapters or {}).items():
+            self.load_adapter(name, adapter)
         log.info("nextoken: %s", self.device.describe())
         for note in device_notes(self.device.device, self.manifest):
             log.warning("nextoken: %s", note)
@@ -236,6 +242,28 @@ class Engine:
             self.step_cost,
             str(self.path),
         )
+
+    # -- adapters -------------------------------------------------------------------------------------
+    @property
+    def adapters(self) -> list[str]:
+        """The LoRA adapters loaded, by name (none where the package takes none)."""
+        return self.runner.adapters.names if self.runner.adapters is not None else []
+
+    def load_adapter(self, name: str, path: str | Path) -> None:
+        """Load the LoRA adapter folder ``path`` (made by ``nextoken adapter``) under ``name``; the
+        requests that name it run with it from now on, beside requests without or with others."""
+        if self.runner.adapters is None:
+            raise InvalidRequestError(
+                f"{self.path} takes no LoRA adapters; export it with `nextoken export MODEL --lora-adapters N "
+                "--lora-rank R` (and make each adapter for that package)"
+            )
+        self.runner.adapters.load(name, path)
+
+    def unload_adapter(self, name: str) -> None:
+        """Unload adapter ``name``; refused while requests use it."""
+        if self.runner.adapters is None:
+            raise InvalidRequestError(f"{self.path} takes no LoRA adapters")
+        self.runner.adapters.unload(name)
 
     # -- lifecycle ------------------------------------------------------------------------------------
     def close(self) -> None:
@@ -516,24 +544,35 @@ class Engine:
             )
         return self.embedder
 
-    def forward(self, input_ids: Sequence[int] | np.ndarray, cached: bool = False) -> np.ndarray:
+    def forward(
+        self, input_ids: Sequence[int] | np.ndarray, cached: bool = False, adapter: str | None = None
+    ) -> np.ndarray:
         """Logits ``[S, V]`` for every position of one sequence, in one pass with an empty cache;
         ``cached``: the last position's only ``[1, V]``, as generation computes it (all but the last
-        token prefilled into the KV cache generation uses, then one decode step).
+        token prefilled into the KV cache generation uses, then one decode step). ``adapter``: with
+        that LoRA adapter.
 
         For checks (parity with the source model); generation never needs all positions.
         """
         self.intake.check_open()
         ids = self.intake.prompt_ids(list(np.asarray(input_ids).reshape(-1)))
+        lora = None
+        if adapter is not None:
+            if self.runner.adapters is None:
+                raise InvalidRequestError(f"{self.path} takes no LoRA adapters", param="adapter")
+            lora = np.array([self.runner.adapters.slot_of(adapter)], dtype=np.int64)
         if cached:
             if len(ids) < 2:
                 raise InvalidRequestError("forward(cached=True) needs at least two token ids: a prefill and a step")
             kv = for_request(self.runner, 1, len(ids), self.pad_token_id)
-            kv.join(kv.prefill([ids[:-1]]))
+            kv.join(kv.prefill([ids[:-1]], lora=None if lora is None else lora.tolist()))
             return kv.decode(np.asarray(ids[-1:], dtype=np.int64))
         row = np.asarray([ids], dtype=np.int64)
         positions = np.arange(row.shape[1], dtype=np.int64)[None, :]
-        return self.runner.prefill(self.runner.new_cache(1), row, np.ones_like(row), positions, all_logits=True)[0]
+        cache = self.runner.new_cache(1)
+        return self.runner.prefill(
+            cache, row, np.ones_like(row), positions, all_logits=True, **lora_of(self.runner, lora)
+        )[0]
 
     def cached_forward(self, max_length: int | None = None) -> "CachedForward":
         """One sequence run piece by piece over a KV cache kept between calls (up to ``max_length``

@@ -22,7 +22,7 @@ from __future__ import annotations
 
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from typing import Protocol
+from typing import Any, Protocol
 
 import numpy as np
 
@@ -38,6 +38,7 @@ __all__ = [
     "Prefilled",
     "SlotBackend",
     "for_request",
+    "lora_of",
     "prefill_padded",
 ]
 
@@ -61,17 +62,31 @@ class Prefilled:
     cache: KVCache | None = None
     mask: np.ndarray | None = None
     slots: list[int] | None = None
+    #: each row's LoRA adapter slot (None: none for every row)
+    lora: np.ndarray | None = None
 
     @classmethod
-    def after(cls, runner: StepRunner, cache: KVCache, prompt: Sequence[int], start: int, end: int) -> "Prefilled":
+    def after(
+        cls, runner: StepRunner, cache: KVCache, prompt: Sequence[int], start: int, end: int, lora: int = 0
+    ) -> "Prefilled":
         """Run ``prompt[start:end]`` over ``cache``, which holds its first ``start`` tokens (earlier
-        chunks, or a cached prefix): one row of ``end`` positions; ``seconds`` is all the model
-        time the cache has taken (every chunk)."""
+        chunks, or a cached prefix): one row of ``end`` positions, with adapter slot ``lora``;
+        ``seconds`` is all the model time the cache has taken (every chunk)."""
         mask = np.ones((1, end), dtype=np.int64)
+        ids = np.array([lora], dtype=np.int64)
         logits = runner.prefill(
-            cache, np.asarray([prompt[start:end]], dtype=np.int64), mask, np.arange(start, end)[None, :]
+            cache,
+            np.asarray([prompt[start:end]], dtype=np.int64),
+            mask,
+            np.arange(start, end)[None, :],
+            **lora_of(runner, ids),
         )
-        return cls(logits, np.array([end]), cache.run_seconds, cache=cache, mask=mask)
+        return cls(logits, np.array([end]), cache.run_seconds, cache=cache, mask=mask, lora=ids)
+
+    @property
+    def row_lora(self) -> np.ndarray:
+        """Each row's adapter slot (0: none)."""
+        return np.zeros(len(self.lengths), dtype=np.int64) if self.lora is None else self.lora
 
     def forked(self, rows: Sequence[int], ops: CacheOps) -> "Prefilled":
         """The prefilled rows ``rows`` (an index may repeat: a prompt's ``n`` choices share its
@@ -79,7 +94,14 @@ class Prefilled:
         if self.cache is None or self.mask is None:
             raise NextokenError("only a padded prefill (a cache and its mask) can be forked")
         cache = ops.select(self.cache, rows, 0, self.cache.length)
-        return Prefilled(self.logits[rows], self.lengths[rows], self.seconds, cache=cache, mask=self.mask[rows])
+        return Prefilled(
+            self.logits[rows],
+            self.lengths[rows],
+            self.seconds,
+            cache=cache,
+            mask=self.mask[rows],
+            lora=self.row_lora[list(rows)],
+        )
 
 
 class KVBackend(Protocol):
@@ -100,7 +122,11 @@ class KVBackend(Protocol):
     def slot_count(self) -> int:
         """Fixed slots the backend holds (0: none, rows come and go)."""
 
-    def prefill(self, prompts: Sequence[list[int]], fork: Sequence[int] | None = None) -> Prefilled: ...
+    def prefill(
+        self, prompts: Sequence[list[int]], fork: Sequence[int] | None = None, lora: Sequence[int] | None = None
+    ) -> Prefilled:
+        """Run ``prompts`` (each with its adapter slot in ``lora``); ``fork``: the rows to make of them."""
+
     def join(self, pre: Prefilled) -> None: ...
     def decode(self, tokens: np.ndarray, grow: np.ndarray | None = None) -> np.ndarray: ...
     def keep(self, rows: Sequence[int]) -> None: ...
@@ -110,8 +136,12 @@ class KVBackend(Protocol):
     def truncate(self, row: int, length: int) -> None: ...
 
 
-def prefill_padded(runner: StepRunner, prompts: Sequence[list[int]], pad_id: int) -> Prefilled:
-    """Prefill prompts of any lengths together into a new cache, padded on the graph's side."""
+def prefill_padded(
+    runner: StepRunner, prompts: Sequence[list[int]], pad_id: int, lora: Sequence[int] | None = None
+) -> Prefilled:
+    """Prefill prompts of any lengths together into a new cache, padded on the graph's side, each
+    with its adapter slot in ``lora`` (None: none)."""
+    rows_lora = None if lora is None else np.asarray(lora, dtype=np.int64)
     side = runner.manifest.padding_side
     input_ids, mask = pad_batch(prompts, pad_id, side)
     positions = np.cumsum(mask, axis=1) - 1
@@ -119,11 +149,17 @@ def prefill_padded(runner: StepRunner, prompts: Sequence[list[int]], pad_id: int
     cache = runner.new_cache(len(prompts))
     lengths = mask.sum(axis=1)
     if side == "left":
-        logits = runner.prefill(cache, input_ids, mask, positions)
+        logits = runner.prefill(cache, input_ids, mask, positions, **lora_of(runner, rows_lora))
     else:  # each row's last token is in its own column
-        every = runner.prefill(cache, input_ids, mask, positions, all_logits=True)
+        every = runner.prefill(cache, input_ids, mask, positions, all_logits=True, **lora_of(runner, rows_lora))
         logits = np.ascontiguousarray(every[np.arange(len(prompts)), lengths - 1])
-    return Prefilled(logits, lengths, cache.run_seconds, cache=cache, mask=mask)
+    return Prefilled(logits, lengths, cache.run_seconds, cache=cache, mask=mask, lora=rows_lora)
+
+
+def lora_of(runner: StepRunner, lora: Any) -> dict[str, Any]:
+    """``{"lora": lora}`` for a runner whose graph takes adapters, else nothing: a package without
+    them is run with the calls it always had (what a wrapped runner method expects)."""
+    return {"lora": lora} if getattr(runner, "adapters", None) is not None else {}
 
 
 def _no_surgery() -> CacheOps:
@@ -148,6 +184,7 @@ class ConcatBackend:
         self.cache: KVCache | None = None
         self.mask = np.zeros((0, 0), dtype=np.int64)
         self.next_pos = np.zeros((0, 1), dtype=np.int64)
+        self.lora = np.zeros(0, dtype=np.int64)  # each row's adapter slot
         self.last_seconds = 0.0
 
     @property
@@ -168,10 +205,13 @@ class ConcatBackend:
             raise NextokenError("the batch holds no rows")
         return self.cache
 
-    def prefill(self, prompts: Sequence[list[int]], fork: Sequence[int] | None = None) -> Prefilled:
-        """Run ``prompts``; ``fork``: the rows to make of them (indices into ``prompts``, repeated for
-        the choices that share a prompt), copied from the one prefill."""
-        pre = prefill_padded(self.runner, prompts, self.pad_id)
+    def prefill(
+        self, prompts: Sequence[list[int]], fork: Sequence[int] | None = None, lora: Sequence[int] | None = None
+    ) -> Prefilled:
+        """Run ``prompts`` (each with its adapter slot in ``lora``); ``fork``: the rows to make of
+        them (indices into ``prompts``, repeated for the choices that share a prompt), copied from
+        the one prefill."""
+        pre = prefill_padded(self.runner, prompts, self.pad_id, lora)
         return pre if fork is None else pre.forked(fork, self._ops())
 
     def join(self, pre: Prefilled) -> None:
@@ -180,8 +220,9 @@ class ConcatBackend:
             raise NextokenError("a concatenated batch joins padded prefills (a cache and its mask) only")
         next_pos = pre.mask.sum(axis=1, keepdims=True)
         if self.cache is None or not self.rows:
-            self.cache, self.mask, self.next_pos = pre.cache, pre.mask, next_pos
+            self.cache, self.mask, self.next_pos, self.lora = pre.cache, pre.mask, next_pos, pre.row_lora
             return
+        self.lora = np.concatenate([self.lora, pre.row_lora])
         width = max(self.mask.shape[1], pre.mask.shape[1])
         self.cache = self._ops().merge(self.cache, pre.cache, width, self.left)
 
@@ -199,7 +240,9 @@ class ConcatBackend:
         """Every row one position longer (``grow`` is not needed: finished rows ride along)."""
         mask, cache = grow_mask(self.mask, self.runner.manifest.padding_side), self._live()
         before = cache.run_seconds
-        logits = self.runner.decode(cache, np.asarray(tokens, dtype=np.int64)[:, None], mask, self.next_pos)
+        logits = self.runner.decode(
+            cache, np.asarray(tokens, dtype=np.int64)[:, None], mask, self.next_pos, **lora_of(self.runner, self.lora)
+        )
         self.last_seconds = cache.run_seconds - before
         self.mask, self.next_pos = mask, self.next_pos + 1
         return logits
@@ -209,6 +252,7 @@ class ConcatBackend:
         rows = list(rows)
         if len(rows) == self.rows:
             return
+        self.lora = self.lora[rows]
         if not rows:
             self.cache = None
             self.mask = np.zeros((0, 0), dtype=np.int64)
@@ -239,7 +283,8 @@ class ConcatBackend:
         positions = self.next_pos + np.arange(n)[None, :]
         cache = self._live()
         before = cache.run_seconds
-        logits = self.runner.prefill(cache, np.asarray([tokens], dtype=np.int64), mask, positions, all_logits=True)
+        ids = np.asarray([tokens], dtype=np.int64)
+        logits = self.runner.prefill(cache, ids, mask, positions, all_logits=True, **lora_of(self.runner, self.lora))
         self.last_seconds = cache.run_seconds - before
         self.mask, self.next_pos = mask, self.next_pos + n
         return logits[0]
@@ -293,6 +338,7 @@ class SlotBackend:
         self.batched = batched and ops is not None
         self.buffer: SlotCache | None = None
         self.slot_ids: list[int] = []
+        self.slot_lora = np.zeros(slots, dtype=np.int64)  # each slot's adapter slot (0: none)
         self.last_seconds = 0.0
         self._kept: tuple | None = None
 
@@ -317,22 +363,32 @@ class SlotBackend:
         taken = set(self.slot_ids)
         return [i for i in range(self.slots) if i not in taken][:n]
 
-    def prefill(self, prompts: Sequence[list[int]], fork: Sequence[int] | None = None) -> Prefilled:
+    def prefill(
+        self, prompts: Sequence[list[int]], fork: Sequence[int] | None = None, lora: Sequence[int] | None = None
+    ) -> Prefilled:
         if fork is not None:
-            return prefill_padded(self.runner, prompts, self.pad_id).forked(fork, self._ops())
+            return prefill_padded(self.runner, prompts, self.pad_id, lora).forked(fork, self._ops())
         width = max(map(len, prompts))
         if (
             len(prompts) > 1
             and self.batched
             and len(prompts) * width * self.runner.manifest.vocab_size * 4 <= BATCHED_LOGITS
         ):
-            return prefill_padded(self.runner, prompts, self.pad_id)
+            return prefill_padded(self.runner, prompts, self.pad_id, lora)
         buffer = self._buffer()
         before = buffer.run_seconds
         free = self._free(len(prompts))
-        logits = [self.runner.prefill_in_place(buffer, p, slot) for p, slot in zip(prompts, free)]
+        rows_lora = np.zeros(len(prompts), dtype=np.int64) if lora is None else np.asarray(lora, dtype=np.int64)
+        logits = [
+            self.runner.prefill_in_place(buffer, p, slot, **lora_of(self.runner, int(a)))
+            for p, slot, a in zip(prompts, free, rows_lora)
+        ]
         return Prefilled(
-            np.concatenate(logits, axis=0), np.array([len(p) for p in prompts]), buffer.run_seconds - before, slots=free
+            np.concatenate(logits, axis=0),
+            np.array([len(p) for p in prompts]),
+            buffer.run_seconds - before,
+            slots=free,
+            lora=rows_lora,
         )
 
     def join(self, pre: Prefilled) -> None:
@@ -345,6 +401,7 @@ class SlotBackend:
         else:
             free = pre.slots
         buffer.lengths[free] = pre.lengths
+        self.slot_lora[free] = pre.row_lora
         for slot, length in zip(free, pre.lengths):
             buffer.trim(slot, int(length))  # a padded prefill wrote past a shorter row's end
         self.slot_ids.extend(free)
@@ -363,7 +420,7 @@ class SlotBackend:
             lengths = np.ones(used, dtype=np.int64)
             lengths[rows] = buffer.lengths[rows] + step
         before = buffer.run_seconds
-        logits = self.runner.decode_in_place(buffer, ids, lengths)
+        logits = self.runner.decode_in_place(buffer, ids, lengths, **lora_of(self.runner, self.slot_lora[:used]))
         self.last_seconds = buffer.run_seconds - before
         if len(idle):
             buffer.lengths[idle] = 0
@@ -402,7 +459,8 @@ class SlotBackend:
         """Run ``tokens`` after row ``row``, in place in its slot; the logits after each ``[len(tokens), V]``."""
         buffer = self._buffer()
         before = buffer.run_seconds
-        logits = self.runner.extend_in_place(buffer, self.slot_ids[row], tokens)
+        slot = self.slot_ids[row]
+        logits = self.runner.extend_in_place(buffer, slot, tokens, **lora_of(self.runner, int(self.slot_lora[slot])))
         self.last_seconds = buffer.run_seconds - before
         return logits
 

@@ -119,6 +119,9 @@ class Manifest:
     #: an int8 KV cache's (``kv_dtype`` int8): bits, granularity, the calibration, and its accuracy
     #: against the fp32 cache (:mod:`nextoken.exporters.kvquant`)
     kv_quantization: Mapping[str, Any] | None = None
+    #: a graph that takes LoRA adapters (:mod:`nextoken.adapters`): ``adapters`` (how many at once),
+    #: ``rank`` (the most an adapter may have) and ``targets`` (q, k, v, o, gate, up, down)
+    lora: Mapping[str, Any] | None = None
     format_version: int = FORMAT_VERSION
 
     # -- names -----------------------------------------------------------------------------
@@ -168,6 +171,7 @@ class Manifest:
         d["file_sizes"] = dict(self.file_sizes)
         d["embedding"] = dict(self.embedding) if self.embedding else None
         d["kv_quantization"] = dict(self.kv_quantization) if self.kv_quantization else None
+        d["lora"] = dict(self.lora) if self.lora else None
         return {"format_version": d.pop("format_version"), **d}
 
     def save(self, directory: str | Path) -> Path:

@@ -16,6 +16,7 @@ from collections.abc import Sequence
 import numpy as np
 import onnxruntime as ort
 
+from .adapters import AdapterTable
 from .dtypes import DTYPES
 from .errors import NextokenError
 from .kvcache import KVCache, SlotCache
@@ -63,6 +64,10 @@ class StepRunner:
         self._present = manifest.present_names()
         self._int_dtypes = {a.name: (np.int32 if a.type == "tensor(int32)" else np.int64) for a in session.get_inputs()}
         self.binder = Binder(device, device_id)
+        #: the LoRA adapters' slots, where the graph takes adapters (:mod:`nextoken.adapters`)
+        self.adapters = (
+            AdapterTable(session.get_inputs(), manifest, device, device_id) if "lora_ids" in self._int_dtypes else None
+        )
         logits_type = next((o.type for o in session.get_outputs() if o.name == "logits"), "tensor(float)")
         self._logits_dtype = np.float16 if logits_type == "tensor(float16)" else np.float32
 
@@ -115,16 +120,23 @@ class StepRunner:
         attention_mask: np.ndarray,
         position_ids: np.ndarray | None,
         all_logits: bool = False,
+        lora: np.ndarray | None = None,
     ) -> np.ndarray:
         """Run ``input_ids [B, S]`` over ``cache`` (empty, or holding earlier chunks) and replace its
-        values by the longer ones. ``attention_mask`` is ``[B, cache.length + S]``."""
-        return self._concat(cache, input_ids, attention_mask, position_ids, all_logits)
+        values by the longer ones. ``attention_mask`` is ``[B, cache.length + S]``; ``lora``: each
+        row's adapter slot (None: none)."""
+        return self._concat(cache, input_ids, attention_mask, position_ids, all_logits, lora)
 
     def decode(
-        self, cache: KVCache, input_ids: np.ndarray, attention_mask: np.ndarray, position_ids: np.ndarray | None
+        self,
+        cache: KVCache,
+        input_ids: np.ndarray,
+        attention_mask: np.ndarray,
+        position_ids: np.ndarray | None,
+        lora: np.ndarray | None = None,
     ) -> np.ndarray:
         """One token a row (``input_ids [B, 1]``) over ``cache``: a prefill of one position."""
-        return self._concat(cache, input_ids, attention_mask, position_ids, False)
+        return self._concat(cache, input_ids, attention_mask, position_ids, False, lora)
 
     def _concat(
         self,
@@ -133,9 +145,10 @@ class StepRunner:
         attention_mask: np.ndarray,
         position_ids: np.ndarray | None,
         all_logits: bool,
+        lora: np.ndarray | None = None,
     ) -> np.ndarray:
-        binding = self._live().io_binding()
-        self._bind_ids(binding, input_ids, attention_mask, position_ids)
+        binding = self._binding()
+        self._bind_ids(binding, input_ids, attention_mask, position_ids, lora)
         if "logits_to_keep" in self._int_dtypes:
             keep = np.array([input_ids.shape[1] if all_logits else 1], dtype=np.int64)
             self.binder.host_input(binding, "logits_to_keep", keep)
@@ -146,13 +159,15 @@ class StepRunner:
         logits, cache.values = self.binder.outputs(binding)  # [B, S, V], or [B, 1, V] with logits_to_keep
         return _float32(logits if all_logits else logits[:, -1, :])
 
-    def prefill_in_place(self, slots: "SlotCache", prompt: Sequence[int], row: int) -> np.ndarray:
+    def prefill_in_place(self, slots: "SlotCache", prompt: Sequence[int], row: int, lora: int = 0) -> np.ndarray:
         """Prefill one prompt straight into row ``row`` of ``slots`` (from position 0; the row's
-        length becomes the prompt's). Returns its last logits ``[1, V]``."""
+        length becomes the prompt's), with adapter slot ``lora``. Returns its last logits ``[1, V]``."""
         slots.lengths[row] = 0
-        return self._in_place(slots, row, prompt, keep=1)
+        return self._in_place(slots, row, prompt, keep=1, lora=lora)
 
-    def decode_in_place(self, slots: "SlotCache", input_ids: np.ndarray, lengths: np.ndarray) -> np.ndarray:
+    def decode_in_place(
+        self, slots: "SlotCache", input_ids: np.ndarray, lengths: np.ndarray, lora: np.ndarray | None = None
+    ) -> np.ndarray:
         """One token for each of the first ``len(lengths)`` rows of ``slots``, written in place at
         position ``lengths - 1`` (each row's length after the step; a row whose length does not
         grow rewrites its last position). On the CPU the binding is kept on the cache: the keys and
@@ -163,7 +178,7 @@ class StepRunner:
         mask, positions = slots.mask(lengths), (np.asarray(lengths) - 1)[:, None]
         kept = slots.decode_binding if self.device == "cpu" else None
         if kept is None or kept[0] != n:
-            binding = self._live().io_binding()
+            binding = self._binding()
             self._bind_rows(binding, slots, n, 0)
             if "logits_to_keep" in self._int_dtypes:
                 self.binder.host_input(binding, "logits_to_keep", np.array([1], dtype=np.int64))
@@ -173,18 +188,18 @@ class StepRunner:
             if self.device == "cpu":
                 slots.decode_binding = kept
         _, binding, logits = kept
-        self._bind_ids(binding, input_ids, mask, positions)
+        self._bind_ids(binding, input_ids, mask, positions, lora)
         self._run(binding, slots)
         slots.set_lengths(slice(0, n), lengths)
         return logits[:, -1, :].astype(np.float32)  # a copy: the buffer is the next step's
 
-    def extend_in_place(self, slots: "SlotCache", row: int, tokens: Sequence[int]) -> np.ndarray:
+    def extend_in_place(self, slots: "SlotCache", row: int, tokens: Sequence[int], lora: int = 0) -> np.ndarray:
         """Run ``tokens`` after what row ``row`` of ``slots`` holds, in place (its length grows by
         their count), and return the logits after each of them ``[len(tokens), V]`` (speculative
         decoding checks its guesses with them in one step)."""
-        return self._in_place(slots, row, tokens, keep=len(tokens))
+        return self._in_place(slots, row, tokens, keep=len(tokens), lora=lora)
 
-    def _in_place(self, slots: "SlotCache", row: int, tokens: Sequence[int], keep: int) -> np.ndarray:
+    def _in_place(self, slots: "SlotCache", row: int, tokens: Sequence[int], keep: int, lora: int = 0) -> np.ndarray:
         """Run ``tokens`` after row ``row``'s positions, in place; the last ``keep`` positions'
         logits ``[keep, V]``. On the CPU a speculative step's binding (all its positions kept) is
         kept per row with a logits buffer, its keys and values bound once (as decode_in_place keeps
@@ -195,7 +210,7 @@ class StepRunner:
         reuse = self.device == "cpu" and keep == n
         kept = slots.extend_bindings.get(row) if reuse else None
         if kept is None or kept[1].shape[1] < n:
-            binding = self._live().io_binding() if kept is None else kept[0]
+            binding = self._binding() if kept is None else kept[0]
             if kept is None:
                 self._bind_rows(binding, slots, 1, row)
             buffer = np.empty((1, max(n, 8) if reuse else n, self.manifest.vocab_size), dtype=self._logits_dtype)
@@ -209,14 +224,27 @@ class StepRunner:
                 self.binder.host_input(binding, "logits_to_keep", np.array([keep], dtype=np.int64))
             self.binder.host_output(binding, "logits", logits)
             kept[2] = n
-        self._bind_ids(binding, np.asarray([tokens], dtype=np.int64), slots.mask(np.array([length])), None)
+        ids = np.asarray([tokens], dtype=np.int64)
+        self._bind_ids(binding, ids, slots.mask(np.array([length])), None, np.array([lora], dtype=np.int64))
         self._run(binding, slots)
         slots.set_lengths(row, length)
         return logits[0, -keep:].astype(np.float32)  # a copy: a kept buffer is the next step's
 
     # -- binding ---------------------------------------------------------------------------------------
+    def _binding(self) -> ort.IOBinding:
+        """A new binding, the adapters' slots bound where the graph takes them."""
+        binding = self._live().io_binding()
+        if self.adapters is not None:
+            self.adapters.bind(binding)
+        return binding
+
     def _bind_ids(
-        self, binding: ort.IOBinding, input_ids: np.ndarray, mask: np.ndarray, positions: np.ndarray | None
+        self,
+        binding: ort.IOBinding,
+        input_ids: np.ndarray,
+        mask: np.ndarray,
+        positions: np.ndarray | None,
+        lora: np.ndarray | None = None,
     ) -> None:
         dtypes = self._int_dtypes
         bind = self.binder.host_input
@@ -224,6 +252,12 @@ class StepRunner:
         bind(binding, "attention_mask", np.ascontiguousarray(mask, dtype=dtypes["attention_mask"]))
         if positions is not None and "position_ids" in dtypes:
             bind(binding, "position_ids", np.ascontiguousarray(positions, dtype=dtypes["position_ids"]))
+        if self.adapters is not None:
+            rows = len(input_ids)
+            ids = np.zeros(rows, dtype=np.int64) if lora is None else np.ascontiguousarray(lora, dtype=np.int64)
+            if ids.shape != (rows,):
+                raise NextokenError(f"{len(ids)} adapter slots for {rows} rows")
+            bind(binding, "lora_ids", ids)
 
     def _bind_rows(self, binding: ort.IOBinding, slots: "SlotCache", n: int, first_row: int) -> None:
         """Bind ``n`` rows of the slot buffers from ``first_row`` on (a contiguous part of their

@@ -62,6 +62,7 @@ from typing import Any, Generic, Protocol, TypeVar
 import numpy as np
 
 from . import threads
+from .adapters import AdapterTable
 from .dtypes import QUANTISED_KV
 from .errors import InvalidRequestError, NextokenError, SchedulerStoppedError
 from .generation import Generation
@@ -132,6 +133,22 @@ class RequestHandle:
         self.rank: tuple[float, int] = (0.0, 0)
         #: when it was queued (``time.perf_counter()``)
         self.submitted = 0.0
+        #: the LoRA adapter slot its rows run with (0: none), held from the adapters' table until it ends
+        self.lora = 0
+        self._adapters: AdapterTable | None = None
+
+    def hold_adapter(self, adapters: AdapterTable | None) -> None:
+        """Take the slot of the adapter the request names (``params.adapter``) until it ends: an
+        InvalidRequestError when the package takes none or that one is not loaded."""
+        name = self.generation.params.adapter
+        if name is None:
+            return
+        if adapters is None:
+            raise InvalidRequestError(
+                f"adapter {name!r}: this package takes no LoRA adapters; export it with --lora-adapters N",
+                param="adapter",
+            )
+        self.lora, self._adapters = adapters.hold(name), adapters
 
     @property
     def queued_seconds(self) -> float:
@@ -228,6 +245,9 @@ class RequestHandle:
     def complete(self, error: BaseException | None = None) -> None:
         """End the request, with ``error`` when it failed (the scheduler's call)."""
         self._error = error
+        if self._adapters is not None:
+            self._adapters.release(self.lora)
+            self._adapters = None
         self._done.set()
         if self._sink is None:
             with self._lock:
@@ -462,8 +482,10 @@ class Scheduler(Generic[HostT]):
                 "alone; ask for fewer tokens, "
                 "or give the scheduler a larger kv_budget"
             )
+        handle.hold_adapter(self.runner.adapters)
         with self._cond:
             if self._stop:
+                handle.complete()  # gives its adapter back
                 if self.error is not None:
                     raise SchedulerStoppedError(
                         f"this scheduler stopped after a failure ({self.error}); start a new one"
@@ -518,6 +540,7 @@ class Scheduler(Generic[HostT]):
             raise InvalidRequestError("this request has already run; start a new one")
         steps: list[list[StreamEvent]] = []  # each step's events, as the step made them
         handle = RequestHandle(generation, sink=steps)
+        handle.hold_adapter(self.runner.adapters)
         self._enqueue(handle)
         while not handle.done:
             self.step()
@@ -846,7 +869,8 @@ class Scheduler(Generic[HostT]):
                         self._end_early(handle, exc)
                         continue
                     prompt = list(gen.state.prompts[0])
-                    cached = self.prefix_cache is not None
+                    # an adapter's keys and values are its own: the prefix cache holds the base model's
+                    cached = self.prefix_cache is not None and not handle.lora
                     self._catching_up.append(CatchUp(handle, runner.new_cache(1), 0, prompt, cached=cached))
                     continue
                 if size > budget and (admit or budget < self.max_prefill_tokens):
@@ -911,7 +935,7 @@ class Scheduler(Generic[HostT]):
                 end = len(prompt)  # longrope: all of a prompt past the switch rotates with the long factors
             budget -= end - item.done
             try:
-                pre = Prefilled.after(self.runner, item.cache, prompt, item.done, end)
+                pre = Prefilled.after(self.runner, item.cache, prompt, item.done, end, handle.lora)
             except Exception as exc:
                 self._catching_up.popleft()
                 self._end_early(handle, exc)
@@ -1105,8 +1129,10 @@ class Scheduler(Generic[HostT]):
         group's sequences starts from, when choices share one). Returns the prefill's failure
         (nothing joined); a failure to join is no one request's fault: it ends the whole group."""
         self._admitting = group
+        rows = [h.lora for h in group for _ in range(h.rows)]
+        lora = rows if fork is None else [rows[fork.index(p)] for p in range(len(prompts))]
         try:
-            pre = self.kv.prefill(prompts, fork)
+            pre = self.kv.prefill(prompts, fork, lora)
         except Exception as exc:
             return exc
         finally:

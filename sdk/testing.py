@@ -105,6 +105,7 @@ class _Runner:
     """The surface of :class:`~nextoken.runner.StepRunner` the KV backends use, over a script."""
 
     device, device_id, closed = "cpu", 0, False
+    adapters = None  # a scripted model takes no LoRA adapters
 
     def __init__(self, model: ScriptedModel, manifest: Manifest) -> None:
         self.model, self.manifest = model, manifest
@@ -126,6 +127,7 @@ class _Runner:
         attention_mask: np.ndarray,
         position_ids: np.ndarray | None,
         all_logits: bool = False,
+        lora: np.ndarray | None = None,
     ) -> np.ndarray:
         start = time.perf_counter()
         self.model.prefills += 1
@@ -137,7 +139,12 @@ class _Runner:
         return out
 
     def decode(
-        self, cache: _Cache, input_ids: np.ndarray, attention_mask: np.ndarray, position_ids: np.ndarray | None
+        self,
+        cache: _Cache,
+        input_ids: np.ndarray,
+        attention_mask: np.ndarray,
+        position_ids: np.ndarray | None,
+        lora: np.ndarray | None = None,
     ) -> np.ndarray:
         start = time.perf_counter()
         self.model.decode_steps += 1

@@ -307,6 +307,13 @@ class SamplingParams:
         "priority_aging seconds it has waited, so none starves",
         metavar="N",
     )
+    adapter: str | None = _field(
+        None,
+        "the LoRA adapter to generate with, by the name it was loaded under (Engine(adapters=...), "
+        "load_adapter; a server's model names it); None: the base model",
+        flag=None,
+        api=None,
+    )
 
     def __post_init__(self) -> None:
         def fail(msg: str) -> None:
@@ -393,6 +400,8 @@ class SamplingParams:
             if not is_integer(k) or not 1 <= k <= MAX_SPECULATIVE:
                 fail(f"speculative k must be an integer in [1, {MAX_SPECULATIVE}], not {k!r}")
             object.__setattr__(self, "speculative", {**spec, "k": int(k)})
+        if self.adapter is not None and (not isinstance(self.adapter, str) or not self.adapter):
+            fail(f"adapter must be an adapter's name, not {self.adapter!r}")
         if not -PRIORITY_RANGE <= integer("priority") < PRIORITY_RANGE:
             fail(f"priority must be an integer in [-{PRIORITY_RANGE}, {PRIORITY_RANGE}), not {self.priority}")
         if not 1 <= integer("n") <= MAX_CHOICES:

@@ -83,6 +83,7 @@ CONSTRUCTED = {
     "nextoken.serving.embeddings_api": ("EmbeddingsService", "EmbedBatcher"),
     "nextoken.embedding": ("Embedder",),
     "nextoken.reasoning": ("ThinkTags",),
+    "nextoken.adapters": ("AdapterTable",),
 }
 
 

@@ -234,6 +234,7 @@ ROOTS = {"sdk": "nextoken", "plugins": "nextoken.plugins", "exporters": "nextoke
 RUNTIME = {
     "nextoken." + m
     for m in (
+        "adapters",
         "chat",
         "device",
         "dtypes",

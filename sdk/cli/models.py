@@ -29,7 +29,18 @@ def _cmd_export(args: argparse.Namespace) -> int:
         normalize=args.normalize,
         truncatable=args.truncatable,
         kv_dtype=args.kv_dtype,
+        lora_adapters=args.lora_adapters,
+        lora_rank=args.lora_rank,
+        lora_targets=args.lora_targets.split(",") if args.lora_targets else None,
     )
+    return 0
+
+
+def _cmd_adapter(args: argparse.Namespace) -> int:
+    from nextoken.exporters.adapters import make_adapter
+
+    out = make_adapter(args.peft_dir, args.package, args.output)
+    print(f"adapter for {args.package} written to {out}", file=sys.stderr)
     return 0
 
 
@@ -201,7 +212,30 @@ def add_commands(sub) -> None:
         action="store_true",
         help="with --task embed: the model is trained for shorter vectors (Matryoshka), so requests may ask for fewer dimensions",
     )
+    p.add_argument(
+        "--lora-adapters",
+        type=int,
+        default=0,
+        metavar="N",
+        help="the graph takes up to N LoRA adapters at once, chosen per request (rows with different "
+        "adapters in one batch; nextoken adapter makes them)",
+    )
+    p.add_argument(
+        "--lora-rank", type=int, default=16, metavar="R", help="with --lora-adapters: the most rank an adapter may have"
+    )
+    p.add_argument(
+        "--lora-targets",
+        default=None,
+        metavar="LIST",
+        help="with --lora-adapters: the projections adapters may train, of q,k,v,o,gate,up,down (default q,k,v,o)",
+    )
     p.set_defaults(func=_cmd_export)
+
+    p = sub.add_parser("adapter", help="make a PEFT LoRA checkpoint into an adapter for a package that takes them")
+    p.add_argument("peft_dir", help="the PEFT checkpoint's folder (adapter_config.json, adapter_model.safetensors)")
+    p.add_argument("--package", required=True, help="the package it is for (exported with --lora-adapters)")
+    p.add_argument("-o", "--output", required=True, help="adapter folder to write")
+    p.set_defaults(func=_cmd_adapter)
 
     p = sub.add_parser("import-genai", help="make a package of a folder built by onnxruntime-genai's model builder")
     p.add_argument("source", help="the builder's output folder (genai_config.json, model.onnx ...)")

@@ -62,6 +62,7 @@ def _cmd_serve(args: argparse.Namespace) -> int:
         reasoning_parser=args.reasoning_parser,
         tool_parser=args.tool_parser,
         chat_template_name=Path(args.chat_template).name if args.chat_template else None,
+        runtime_adapters=args.runtime_adapters,
     )
     engine_options = {
         "device": args.device,
@@ -71,6 +72,18 @@ def _cmd_serve(args: argparse.Namespace) -> int:
         **prefix_cache_of(args),
         **chat_template_of(args),
     }
+    if args.runtime_adapters and not args.api_key:
+        raise UsageError("--runtime-adapters lets clients load files by path: give the server an --api-key too")
+    adapters = {}
+    for item in args.lora_modules or ():
+        name, sep, path = item.partition("=")
+        if not sep or not name or not path:
+            raise UsageError(
+                f"--lora-modules takes NAME=PATH (the model name requests use, an adapter folder), not {item!r}"
+            )
+        adapters[name] = path
+    if adapters:
+        engine_options["adapters"] = adapters
     if len(args.package) != 1 or args.models_dir is not None:
         return _serve_models(args, options, engine_options)
     for flag, given in (("--memory-budget-mb", args.memory_budget_mb), ("--pin", args.pin)):
@@ -126,6 +139,8 @@ def _serve_models(args: argparse.Namespace, options, engine_options: dict) -> in
         "--speculative": args.speculative,
         "--chat-template": args.chat_template,
         "--served-model-name": args.model_name,
+        "--lora-modules": args.lora_modules,
+        "--runtime-adapters": args.runtime_adapters,
     }
     for flag, value in given.items():
         if value:
@@ -337,6 +352,20 @@ def add_commands(sub) -> None:
         metavar="METHOD[:K[:MODEL]]",
         help="speculative decoding for requests that do not ask otherwise, e.g. prompt_lookup:4; MODEL a "
         "--draft name, or a path (offered under its folder's name)",
+    )
+    p.add_argument(
+        "--lora-modules",
+        action="append",
+        default=None,
+        metavar="NAME=PATH",
+        help="a LoRA adapter (made by nextoken adapter) loaded at start, served as model NAME beside the "
+        "package's own name; repeatable (the package must take adapters: export --lora-adapters)",
+    )
+    p.add_argument(
+        "--runtime-adapters",
+        action="store_true",
+        help="let clients with the API key load and unload adapters by path (POST /v1/load_lora_adapter, "
+        "/v1/unload_lora_adapter)",
     )
     p.add_argument(
         "--draft",

@@ -132,6 +132,7 @@ class MessagesService:
             nextoken=nextoken,
             stop=list(req.stop_sequences or []),
             response_format=_response_format(req.output_config),
+            model=req.model,
         )
         ids, params, tools, parser = self._prompt(req, params, nextoken)
         handle = core.submit(ids, params)
@@ -171,7 +172,7 @@ class MessagesService:
             "id": prepared.rid,
             "type": "message",
             "role": "assistant",
-            "model": self.core.model_name,
+            "model": self.core.name_of(prepared.handle),
             "content": blocks,
             "stop_reason": reason,
             "stop_sequence": sequence,
@@ -188,7 +189,7 @@ class MessagesService:
             "id": prepared.rid,
             "type": "message",
             "role": "assistant",
-            "model": core.model_name,
+            "model": core.name_of(handle),
             "content": [],
             "stop_reason": None,
             "stop_sequence": None,

@@ -129,7 +129,9 @@ class ServeOptions:
     (``auto``: ``think`` for a template that closes a think tag; ``none``; a parser's name), unless
     a request names one (``nextoken.reasoning_parser``); ``tool_parser``: the format tool calls
     are written and constrained in (``auto``: the chat template's; a format's name), unless a
-    request names one (``nextoken.tool_parser``)."""
+    request names one (``nextoken.tool_parser``); ``runtime_adapters``: clients with the key may
+    load and unload LoRA adapters by path (``POST /v1/load_lora_adapter``; off: the adapters given
+    at start only, as vLLM keeps it behind a switch: a path is read from the server's disk)."""
 
     api_key: str | None = None
     max_body_bytes: int = 1 << 20
@@ -144,6 +146,7 @@ class ServeOptions:
     chat_template_name: str | None = None
     reasoning_parser: str = "auto"
     tool_parser: str = "auto"
+    runtime_adapters: bool = False
 
 
 def load_drafts(engine: Any, drafts: Mapping[str, str]) -> dict[str, str]:
@@ -320,16 +323,61 @@ class Service:
         return await read_body(request, self.max_body_bytes, self.body_timeout_s)
 
     def parse(self, raw: bytes, schema):
-        """The body validated against ``schema``, for this server's model."""
+        """The body validated against ``schema``, for this server's model or one of its adapters."""
         body = parse_body(raw, schema)
-        if body.model not in (None, self.model_name):
+        if body.model is not None and body.model not in self.names:
             raise APIError(
                 404,
-                f"model {body.model!r} is not served here; GET /v1/models lists {self.model_name!r}",
+                f"model {body.model!r} is not served here; GET /v1/models lists {', '.join(map(repr, self.names))}",
                 code="model_not_found",
                 param="model",
             )
         return body
+
+    @property
+    def names(self) -> list[str]:
+        """The model names requests may ask for: the package's, then its LoRA adapters' (as vLLM
+        serves them: a request's ``model`` picks the adapter)."""
+        return [self.model_name, *self.engine.adapters]
+
+    async def adapter_call(self, action: str, request: Any) -> dict[str, Any]:
+        """``POST /v1/load_lora_adapter`` (``lora_name``, ``lora_path``) or ``/v1/unload_lora_adapter``
+        (``lora_name``), vLLM's shapes: the adapter loaded or unloaded, or the 4xx that says why not."""
+        if not self.options.runtime_adapters:
+            raise APIError(
+                403,
+                "loading adapters at run time is off here: start the server with --runtime-adapters (and an "
+                "API key), or name the adapters at start with --lora-modules NAME=PATH",
+                code="runtime_adapters_off",
+            )
+        try:
+            body = json.loads(await self.read(request) or b"{}")
+        except ValueError:
+            raise APIError(400, "the request body is not valid JSON") from None
+        body = body if isinstance(body, dict) else {}
+        name, path = body.get("lora_name"), body.get("lora_path")
+        if not isinstance(name, str) or (action == "load" and not isinstance(path, str)):
+            need = "lora_name and lora_path" if action == "load" else "lora_name"
+            raise APIError(400, f"{action}ing an adapter takes {need} (strings)", param="lora_name")
+        if name == self.model_name:
+            raise APIError(400, f"{name!r} is the package's own name; name the adapter otherwise", param="lora_name")
+        known = name in self.engine.adapters
+        try:
+            if action == "load":
+                await self.off_loop(self.engine.load_adapter, name, path)
+            else:
+                self.engine.unload_adapter(name)
+        except InvalidRequestError as exc:
+            status = 404 if action == "unload" and not known else 409 if "in hand" in str(exc) else 400
+            raise APIError(status, str(exc), param="lora_name") from None
+        except NextokenError as exc:
+            raise APIError(400, str(exc), param="lora_path") from None
+        state = "loaded" if action == "load" else "unloaded"
+        return {"lora_name": name, "status": state, "adapters": self.engine.adapters}
+
+    def name_of(self, handle: RequestHandle) -> str:
+        """The model name an answer carries: the adapter's it ran with, else the package's."""
+        return handle.generation.params.adapter or self.model_name
 
     def submit(self, prompt: Any, params: SamplingParams) -> RequestHandle:
         """Hand a request to the scheduler, or the 400/503 that says why not."""
@@ -397,18 +445,28 @@ class Service:
             ) from None
 
     def models(self) -> dict:
-        """``GET /v1/models``: the one model served."""
-        return {"object": "list", "data": [self.model(self.model_name)]}
+        """``GET /v1/models``: the model served, then its adapters."""
+        return {"object": "list", "data": [self.model(name) for name in self.names]}
 
     def model(self, model_id: str) -> dict:
-        """``GET /v1/models/{id}``: the served model, or a 404 naming the one there is."""
-        if model_id != self.model_name:
+        """``GET /v1/models/{id}``: the served model or one of its adapters (``parent``: the
+        package's name, as vLLM lists them), or a 404 naming those there are."""
+        if model_id not in self.names:
             raise APIError(
                 404,
-                f"model {model_id!r} is not served here; this server serves {self.model_name!r}",
+                f"model {model_id!r} is not served here; this server serves {', '.join(map(repr, self.names))}",
                 code="model_not_found",
                 param="model",
             )
+        if model_id != self.model_name:
+            return {
+                "id": model_id,
+                "object": "model",
+                "created": self.created,
+                "owned_by": "nextoken",
+                "parent": self.model_name,
+                "max_model_len": self.scheduler.max_sequence_length,
+            }
         template = self.options.chat_template_name or ("the package's" if self.engine.chat_template else None)
         return {
             "id": self.model_name,
@@ -431,6 +489,9 @@ class Service:
                 param="nextoken.options",
             )
         params = openai_params(req, chat, self.defaults)
+        model = getattr(req, "model", None)
+        if model is not None and model != self.model_name:
+            params = params.replace(adapter=model)  # parse() let through adapters' names only
         try:
             params = params.replace(speculative=self.with_draft_path(params.speculative))
         except InvalidRequestError as exc:
@@ -449,6 +510,7 @@ class Service:
         stop: list[str] | None = None,
         response_format: Mapping[str, Any] | None = None,
         top_logprobs: int | None = None,
+        model: str | None = None,
     ) -> SamplingParams:
         """The SamplingParams of a Responses or Messages request, through the same mapping (and the
         same defaults, drafts and constraint check) as a chat request's (:meth:`params`)."""
@@ -469,6 +531,7 @@ class Service:
             temperature=temperature,
             top_p=top_p,
             nextoken=nextoken,
+            model=model,
         )
         return self.params(chat_like, True)
 

@@ -168,7 +168,7 @@ class OpenAIService:
             "id": rid,
             "object": "chat.completion" if chat else "text_completion",
             "created": int(time.time()),
-            "model": core.model_name,
+            "model": core.name_of(handles[0]),
             "choices": choices,
             "usage": usage_of(completions, n),
             "nextoken": extras_of(completions),
@@ -187,7 +187,7 @@ class OpenAIService:
         wants_logprobs = handles[0].generation.params.top_logprobs is not None
         n = handles[0].rows
         total = n * len(handles)
-        model_name = core.model_name
+        model_name = core.name_of(handles[0])
 
         def chunk(choices: list, usage: dict | None = None, extra: dict | None = None) -> str:
             data = {"id": rid, "object": obj, "created": int(time.time()), "model": model_name, "choices": choices}

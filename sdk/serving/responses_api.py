@@ -121,6 +121,7 @@ class ResponsesService:
             nextoken=req.nextoken,
             response_format=_response_format(req.text),
             top_logprobs=req.top_logprobs,
+            model=req.model,
         )
         engine = core.engine
         fallback = bool(req.nextoken and req.nextoken.tool_fallback)
@@ -220,7 +221,7 @@ class ResponsesService:
             "status": status,
             "error": None,
             "incomplete_details": None,
-            "model": self.core.model_name,
+            "model": self.core.name_of(prepared.handle),
             "output": output,
             "usage": usage,
             **prepared.request,

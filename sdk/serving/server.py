@@ -200,6 +200,14 @@ def create_app(scheduler: Scheduler[Engine], model_name: str, options: ServeOpti
     async def create_response(request: Request):
         return await live.responses.create(request)
 
+    @app.post("/v1/load_lora_adapter")
+    async def load_lora_adapter(request: Request):
+        return await live.service.adapter_call("load", request)
+
+    @app.post("/v1/unload_lora_adapter")
+    async def unload_lora_adapter(request: Request):
+        return await live.service.adapter_call("unload", request)
+
     @app.get("/v1/responses/{response_id}")
     async def get_response(response_id: str):
         return live.responses.retrieve(response_id)
@@ -302,7 +310,8 @@ def serve(
             f"KV backend {scheduler.kv_backend}, {slots}; spin {'on' if engine.spin else 'off'} ({engine.spin_reason})"
             + cache_note
             + ("; API key required" if options.api_key else "")
-            + (f"; drafts {', '.join(options.drafts)}" if options.drafts else ""),
+            + (f"; drafts {', '.join(options.drafts)}" if options.drafts else "")
+            + (f"; adapters {', '.join(engine.adapters)}" if engine.adapters else ""),
             flush=True,
         )
         run_app(app, host, port, header_timeout_s)
