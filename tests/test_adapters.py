@@ -4,6 +4,7 @@ adapters (and none) in one batch against each alone, and every refusal named."""
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import numpy as np
@@ -275,6 +276,8 @@ def test_the_cli_exports_makes_and_uses_adapters(made, tmp_path):
     assert refused.returncode != 0 and "--api-key" in refused.stderr
     with Engine(package, device="cpu", plugins=False, adapters={"qv": tmp_path / "qv"}) as engine:
         assert engine.generate("Hi", max_new_tokens=3, adapter="qv").token_ids
+    info = run_cli("info", str(package), "--json", "--device", "cpu")
+    assert json.loads(info.stdout)["lora"] == {"adapters": 2, "rank": 4, "targets": ["q", "v"]}
 
 
 def test_a_preempted_request_comes_back_with_its_adapter(made):
@@ -304,3 +307,21 @@ def test_a_preempted_request_comes_back_with_its_adapter(made):
         while scheduler.step():
             pass
         assert again.result().token_ids == base
+
+
+def test_an_fp16_base_takes_adapters_within_fp16s_tolerance(made, tmp_path):
+    """fp16 weights, activations and pairs (the CUDA precision; on the CPU through casts): each
+    adapter's logits within the export's fp16 bound of PEFT's fp32 ones."""
+    import torch
+
+    from nextoken.exporters.package import FP16_RTOL
+
+    root, ckpt, _package, adapters = made
+    package = tmp_path / "fp16"
+    export(ckpt, package, progress=None, dtype="fp16", lora_adapters=2, lora_rank=8, lora_targets=[t[:-5] for t in ALL])
+    adapter = make_adapter(root / "peft-all", package, tmp_path / "all")
+    with Engine(package, device="cpu", plugins=False, adapters={"all": adapter}) as engine:
+        with torch.no_grad():
+            want = adapters["all"][0](torch.tensor([IDS])).logits[0].numpy()
+        got = engine.forward(IDS, adapter="all")
+        assert np.abs(got - want).max() <= FP16_RTOL * np.abs(want).max()

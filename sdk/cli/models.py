@@ -112,6 +112,7 @@ def _cmd_info(args: argparse.Namespace) -> int:
             "route": m.route,
             "exported_by": dict(m.exported_by),
             "parity": dict(m.parity) if m.parity else None,
+            "lora": dict(m.lora) if m.lora else None,  # adapters it takes: how many, rank, targets
             "verified_at_load": engine.verified,
             "files": files,
         }
