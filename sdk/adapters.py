@@ -120,7 +120,6 @@ class AdapterTable:
             name: ort.OrtValue.ortvalue_from_numpy(array, device, device_id) for name, array in self.host.items()
         }
         self.slots: dict[str, int] = {}  # name -> slot (1..capacity)
-        self.paths: dict[str, str] = {}
         self.users = np.zeros(self.capacity + 1, dtype=np.int64)
         self.lock = threading.Lock()
 
@@ -147,7 +146,7 @@ class AdapterTable:
                 )
             slot = free[0]
             self._write(slot, tensors)
-            self.slots[name], self.paths[name] = slot, str(path)
+            self.slots[name] = slot
         return slot
 
     def unload(self, name: str) -> None:
@@ -159,7 +158,7 @@ class AdapterTable:
                     f"adapter {name!r} has {self.users[slot]} requests in hand; unload it when idle"
                 )
             self._write(slot, {})
-            del self.slots[name], self.paths[name]
+            del self.slots[name]
 
     def slot_of(self, name: str) -> int:
         """``name``'s slot, or an InvalidRequestError naming the adapters there are."""

@@ -38,15 +38,21 @@ def _cmd_chat(args: argparse.Namespace) -> int:
         return generate(engine, engine.apply_chat_template(messages), args)
 
 
+def _named_paths(items: list[str] | None, flag: str, what: str) -> dict[str, str]:
+    """``NAME=PATH`` flags as ``{name: path}``, or the usage error naming the flag."""
+    out = {}
+    for item in items or ():
+        name, sep, path = item.partition("=")
+        if not sep or not name or not path:
+            raise UsageError(f"{flag} takes NAME=PATH ({what}), not {item!r}")
+        out[name] = path
+    return out
+
+
 def _cmd_serve(args: argparse.Namespace) -> int:
     from ..serving.server import ServeOptions
 
-    drafts = {}
-    for item in args.draft or ():
-        name, sep, path = item.partition("=")
-        if not sep or not name or not path:
-            raise UsageError(f"--draft takes NAME=PATH (a name requests use, a package's path), not {item!r}")
-        drafts[name] = path
+    drafts = _named_paths(args.draft, "--draft", "a name requests use, a package's path")
     speculative = args.speculative and speculative_of(args.speculative)
     if speculative and "model" in speculative and speculative["model"] not in drafts:
         path = speculative["model"]  # a path: offered under its folder's name
@@ -74,14 +80,7 @@ def _cmd_serve(args: argparse.Namespace) -> int:
     }
     if args.runtime_adapters and not args.api_key:
         raise UsageError("--runtime-adapters lets clients load files by path: give the server an --api-key too")
-    adapters = {}
-    for item in args.lora_modules or ():
-        name, sep, path = item.partition("=")
-        if not sep or not name or not path:
-            raise UsageError(
-                f"--lora-modules takes NAME=PATH (the model name requests use, an adapter folder), not {item!r}"
-            )
-        adapters[name] = path
+    adapters = _named_paths(args.lora_modules, "--lora-modules", "the model name requests use, an adapter folder")
     if adapters:
         engine_options["adapters"] = adapters
     if len(args.package) != 1 or args.models_dir is not None:

@@ -21,7 +21,7 @@ from ..scheduler import RequestHandle, Scheduler
 from ..toolcalls import CallStream, ToolRequest
 from ..types import Completion, SamplingParams, StreamEvent, TokenLogprob
 from .constraints import BUDGET_S
-from .protocol import APIError, api_error, error_response, openai_params, parse_body
+from .protocol import APIError, api_error, error_response, json_object, openai_params, parse_body
 
 __all__ = [
     "AnswerStream",
@@ -350,11 +350,7 @@ class Service:
                 "API key), or name the adapters at start with --lora-modules NAME=PATH",
                 code="runtime_adapters_off",
             )
-        try:
-            body = json.loads(await self.read(request) or b"{}")
-        except ValueError:
-            raise APIError(400, "the request body is not valid JSON") from None
-        body = body if isinstance(body, dict) else {}
+        body = json_object(await self.read(request))
         name, path = body.get("lora_name"), body.get("lora_path")
         if not isinstance(name, str) or (action == "load" and not isinstance(path, str)):
             need = "lora_name and lora_path" if action == "load" else "lora_name"

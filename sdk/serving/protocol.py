@@ -3,6 +3,7 @@ results into OpenAI's response shapes, and the one map from an error to its HTTP
 the services (:mod:`nextoken.serving.core`, :mod:`nextoken.serving.openai_api`) call these."""
 # No `from __future__ import annotations`: pydantic and FastAPI read annotations at run time.
 
+import json
 from typing import Any
 
 from ..errors import InvalidRequestError, PluginError, SchedulerStoppedError
@@ -68,6 +69,18 @@ def error_response(status: int, message: str, kind: str = "invalid_request_error
     from fastapi.responses import JSONResponse
 
     return JSONResponse({"error": {"message": message, "type": kind, "param": param, "code": code}}, status_code=status)
+
+
+def json_object(raw: bytes) -> dict[str, Any]:
+    """A body without a schema of its own (load and unload calls, a router's look at ``model``) as
+    a JSON object, or the 400 that says it is not one."""
+    try:
+        body = json.loads(raw or b"{}")
+    except ValueError:
+        raise APIError(400, "the request body is not valid JSON") from None
+    if not isinstance(body, dict):
+        raise APIError(400, "the request body must be a JSON object")
+    return body
 
 
 def parse_body(raw: bytes, schema):

@@ -21,7 +21,6 @@ every model.
 # No `from __future__ import annotations` here: FastAPI reads the endpoints' annotations at run time.
 
 import asyncio
-import json
 import logging
 import time
 from collections.abc import Mapping
@@ -32,7 +31,7 @@ from ..errors import InvalidRequestError, NextokenError
 from ..manifest import MANIFEST_NAME
 from ..pool import LoadedModel, ModelInUseError, ModelPool, PoolBusyError, UnknownModelError
 from .core import ServeOptions, read_body, refusal
-from .protocol import APIError
+from .protocol import APIError, json_object
 
 __all__ = ["attach_app", "close_app", "create_router", "models_in", "serve_models"]
 
@@ -119,16 +118,7 @@ def create_router(pool: ModelPool, options: ServeOptions | None = None):
         return entry(named(model_id)[0])
 
     async def model_of(request: Request) -> str:
-        raw = await read_body(request, options.max_body_bytes, options.body_timeout_s)
-        try:
-            body = json.loads(raw or b"{}")
-        except ValueError:
-            raise APIError(400, "the request body is not valid JSON") from None
-        name = body.get("model") if isinstance(body, dict) else None
-        if not isinstance(name, str):
-            raise APIError(400, f"model names the model to {{load, unload}}: one of {', '.join(pool.names)}")
-        named(name)
-        return name
+        return _model_named(await read_body(request, options.max_body_bytes, options.body_timeout_s), pool.names)
 
     @app.post("/models/load")
     async def load(request: Request):
@@ -229,11 +219,7 @@ async def _in_pool(call: Any, name: str) -> Any:
 def _model_named(raw: bytes, names: list[str]) -> str:
     """The model a request body names (the only one, when it names none and there is one), or the
     400/404 that says what to name."""
-    try:
-        body = json.loads(raw or b"{}")
-    except ValueError:
-        raise APIError(400, "the request body is not valid JSON") from None
-    name = body.get("model") if isinstance(body, dict) else None
+    name = json_object(raw).get("model")
     if name is None and len(names) == 1:
         return names[0]
     if not isinstance(name, str):
