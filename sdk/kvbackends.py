@@ -134,6 +134,9 @@ class KVBackend(Protocol):
     def nbytes(self) -> int: ...
     def extend(self, row: int, tokens: Sequence[int]) -> np.ndarray: ...
     def truncate(self, row: int, length: int) -> None: ...
+    def copy_row(self, row: int) -> KVCache | None:
+        """Row ``row``'s keys and values, a cache of its own (its held positions), or None where
+        they are not one run of positions."""
 
 
 def prefill_padded(
@@ -288,6 +291,14 @@ class ConcatBackend:
         self.last_seconds = cache.run_seconds - before
         self.mask, self.next_pos = mask, self.next_pos + n
         return logits[0]
+
+    def copy_row(self, row: int) -> KVCache | None:
+        """Row ``row``'s held positions: the last columns on the left-padded side (right-padded
+        rows have the padding between their prompt and their answer: None)."""
+        if not self.left:
+            return None
+        width = self.mask.shape[1]
+        return self._ops().select(self._live(), [row], width - self.held(row), width)
 
     def truncate(self, row: int, length: int) -> None:
         """Keep the first ``length`` positions of the batch's one row (what a rejected guess left goes)."""
@@ -463,6 +474,10 @@ class SlotBackend:
         logits = self.runner.extend_in_place(buffer, slot, tokens, **lora_of(self.runner, int(self.slot_lora[slot])))
         self.last_seconds = buffer.run_seconds - before
         return logits
+
+    def copy_row(self, row: int) -> KVCache | None:
+        """Row ``row``'s positions 0.. of its slot, copied out (the slot stays the row's until it leaves)."""
+        return self._ops().select(self._buffer(), [self.slot_ids[row]], 0, self.held(row))
 
     def truncate(self, row: int, length: int) -> None:
         """Row ``row`` holds its first ``length`` positions only: a length, nothing copied."""

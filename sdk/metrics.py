@@ -194,8 +194,7 @@ def families(m: dict[str, Any]) -> list[Family]:
         Family(
             "counter",
             "nextoken_requests_preempted",
-            "Running requests preempted, for KV memory or for a request of an earlier rank (prefilled again "
-            "when they come back)",
+            "Running requests preempted, for KV memory or for a request of an earlier rank",
             samples=(((), m["preempted"]),),
         ),
         Family(
@@ -203,6 +202,13 @@ def families(m: dict[str, Any]) -> list[Family]:
             "nextoken_requests_preempted_for_priority",
             "Of those, preempted for a waiting request of an earlier rank",
             samples=(((), m["preempted_for_priority"]),),
+        ),
+        Family(
+            "counter",
+            "nextoken_requests_preempted_cache_kept",
+            "Of those, kept a copy of their KV cache (short of a row, not of bytes): only their last "
+            "token runs when they come back",
+            samples=(((), m["preempted_cache_kept"]),),
         ),
         Family(
             "counter",

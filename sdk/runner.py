@@ -335,11 +335,13 @@ class CacheOps:
             [kv(f"a{i}") for i in range(n)] + [kv(f"b{i}") for i in range(n)] + [idx("pads_a"), idx("pads_b")],
             [kv(f"y{i}") for i in range(n)],
         )
+        # positions first, then rows: a slot buffer's row is its whole length, and the positions
+        # wanted are usually a few of them (a preempted request's cache copied out of its slot)
         select_nodes = []
         for i in range(n):
             select_nodes += [
-                helper.make_node("Gather", [f"x{i}", "rows"], [f"g{i}"], axis=0),
-                helper.make_node("Slice", [f"g{i}", "starts", "ends", "axes"], [f"y{i}"]),
+                helper.make_node("Slice", [f"x{i}", "starts", "ends", "axes"], [f"g{i}"]),
+                helper.make_node("Gather", [f"g{i}", "rows"], [f"y{i}"], axis=0),
             ]
         axes = onnx.numpy_helper.from_array(np.array([2], dtype=np.int64), "axes")
         self._select = build(

@@ -398,10 +398,15 @@ class Scheduler(Generic[HostT]):
         self.kv_budget: int | None = kv_budget if kv_budget is not None else self._default_kv_budget()
         #: requests preempted for memory, waiting for room to come back (each with its rows' tokens)
         self._evicted: collections.deque[tuple[RequestHandle, list[list[int]]]] = collections.deque()
+        #: of those, the caches kept of requests that gave way for a row (by id): they come back
+        #: with their last token run over it, not their whole history prefilled again
+        self._parked: dict[int, KVCache] = {}
         #: requests preempted so far (for memory, or for a request of an earlier rank)
         self.preempted = 0
         #: of those, preempted for a request of an earlier rank
         self.preempted_for_priority = 0
+        #: of those, kept a copy of their cache (short of a row only) and came back over it
+        self.preempted_cache_kept = 0
         #: seconds of waiting that raise a request's rank one priority level (None: strict priorities)
         self.priority_aging = priority_aging
         self._arrivals = itertools.count(1)
@@ -568,6 +573,7 @@ class Scheduler(Generic[HostT]):
             kv_budget_bytes=self.kv_budget or 0,
             preempted=self.preempted,
             preempted_for_priority=self.preempted_for_priority,
+            preempted_cache_kept=self.preempted_cache_kept,
             slots=self.kv.slot_count,
             slots_used=rows if self.kv.slot_count else 0,
         )
@@ -625,6 +631,7 @@ class Scheduler(Generic[HostT]):
         # each row with its next position, and its slack: summed, not a row at a time
         total = (held + rows) * self.manifest.kv_bytes_per_token() + rows * self._row_bytes(0)
         total += sum(self._entry_bytes([c.prompt] * c.handle.rows) for c in self._catching_up)
+        total += sum(cache.nbytes() for cache in list(self._parked.values()))
         return total + sum(self._entry_bytes(w) for _, w in self._refill)
 
     def _make_room(self) -> None:
@@ -636,6 +643,8 @@ class Scheduler(Generic[HostT]):
         budget = self.kv_budget
         if budget is None:
             return
+        while self._parked and self.kv_committed_bytes > budget:  # kept caches go first
+            self._parked.pop(next(iter(self._parked)))
         while len(self._active) > 1 and self.kv_committed_bytes > budget:
             self._preempt(max(self._active, key=_rank))
 
@@ -659,14 +668,28 @@ class Scheduler(Generic[HostT]):
             rows = self._rows + sum(c.handle.rows for c in self._catching_up) + head.rows
             if rows <= self.max_batch and (self.kv_budget is None or self.kv_committed_bytes + need <= self.kv_budget):
                 return True
-            self._preempt(victim)
+            self._preempt(victim, room_for=need)
             self.preempted_for_priority += 1
         return urgent
 
-    def _preempt(self, handle: RequestHandle) -> None:
+    def _preempt(self, handle: RequestHandle, room_for: int | None = None) -> None:
         """``handle`` leaves the batch (its cache given back) to come back, in rank order, with its
-        prompt and answer so far prefilled again."""
-        entry = (handle, handle.generation.resume())
+        prompt and answer so far prefilled again. Given way for a request needing ``room_for``
+        bytes: a request of one sequence whose cache the backend can copy out, where that copy and
+        those bytes fit within :attr:`kv_budget` (short of a row, not of bytes), keeps the copy and
+        comes back over it, only its last token run (a step of one token, not its history)."""
+        windows = handle.generation.resume()
+        if room_for is not None and handle.rows == 1:
+            row = sum(h.rows for h in itertools.takewhile(lambda h: h is not handle, self._active))
+            held, budget = self.kv.held(row), self.kv_budget
+            copy = held * self.manifest.kv_bytes_per_token()
+            fits = budget is None or self.kv_committed_bytes - self._row_bytes(held + 1) + copy + room_for <= budget
+            if fits and held == len(windows[0]) - 1:  # everything but its last token, which runs next
+                cache = self.kv.copy_row(row)
+                if cache is not None:
+                    self._parked[id(handle)] = cache
+                    self.preempted_cache_kept += 1
+        entry = (handle, windows)
         self._evicted.insert(bisect.bisect(self._evicted, handle.rank, key=lambda e: e[0].rank), entry)
         self._sliding.add(id(handle))  # its rows leave as a slid request's do
         self._leaving += 1
@@ -735,6 +758,7 @@ class Scheduler(Generic[HostT]):
         self._catching_up.clear()
         self._refill.clear()
         self._evicted.clear()
+        self._parked.clear()
         self._admitting = []
         self.kv.keep([])
         self._last = np.zeros(0, dtype=np.int64)
@@ -824,6 +848,7 @@ class Scheduler(Generic[HostT]):
             cancelled = [h for h, _ in self._evicted if h.cancelled]
             self._evicted = collections.deque(e for e in self._evicted if not e[0].cancelled)
             for handle in cancelled:
+                self._parked.pop(id(handle), None)
                 self._end_early(handle, None)
         room = None if self.kv_budget is None else self.kv_budget - self.kv_committed_bytes
         while (
@@ -832,6 +857,9 @@ class Scheduler(Generic[HostT]):
             and self._rows + sum(c.handle.rows for c in self._catching_up) + self._evicted[0][0].rows <= self.max_batch
         ):
             need = self._entry_bytes(self._evicted[0][1])
+            parked = self._parked.get(id(self._evicted[0][0]))
+            if parked is not None:  # counted already: the slot it goes back to takes a little more
+                need = max(need - parked.nbytes(), 0)
             if room is not None and need > room and (self._active or self._catching_up):
                 break  # it waits for room
             room = None if room is None else room - need
@@ -895,10 +923,26 @@ class Scheduler(Generic[HostT]):
         one sequence catches up like a prompt (queued on ``queue``), several are prefilled together
         now. Returns the prompt tokens spent now."""
         if handle.rows == 1:
+            parked = self._parked.pop(id(handle), None)
+            if parked is not None:  # its kept cache back in the batch; its last token is its next input
+                self._rejoin(handle, parked, windows[0][-1])
+                return 0
             queue.append(CatchUp(handle, runner.new_cache(1), 0, windows[0], refill=True))
             return 0
         self._prefill_and_join([handle], windows, refill=True)
         return sum(map(len, windows))
+
+    def _rejoin(self, handle: RequestHandle, cache: KVCache, last: int) -> None:
+        """A request that gave way back in the batch over the copy of its cache (every position but
+        its last token's): the copy joins as a prefill would, and its last token is the row's input
+        at the next decode step, as it was when it left. Nothing runs now."""
+        held = cache.length
+        lora = np.array([handle.lora], dtype=np.int64)
+        mask = np.ones((1, held), dtype=np.int64)
+        self.kv.join(Prefilled(np.zeros((1, 0), np.float32), np.array([held]), 0.0, cache=cache, mask=mask, lora=lora))
+        self._active.append(handle)
+        self._rows += 1
+        self._last = np.concatenate([self._last, np.array([last], dtype=np.int64)])
 
     def _reuse(self, item: CatchUp, cache: PrefixCache) -> None:
         """Start ``item`` from what the prefix cache holds of its prompt (a fresh newcomer's)."""

@@ -58,18 +58,45 @@ def test_a_waiting_rank_ages_so_a_low_priority_is_never_starved(llama_engine):
         assert _drain(scheduler, handles) == expected, aging
 
 
-def test_a_running_request_of_a_later_rank_gives_way_and_comes_back_the_same(llama_engine):
-    scheduler = Scheduler(llama_engine, max_batch=1)
+@pytest.mark.parametrize(
+    "engine_name, backend, kept",
+    [
+        ("llama_engine", "slots", True),  # its slot's positions copied out, its last token run over them
+        ("optimum_engine", "concat", True),  # left-padded rows: its last columns
+        ("llama_engine", "concat", False),  # right-padded rows have padding inside: prefilled again
+    ],
+)
+def test_a_running_request_of_a_later_rank_gives_way_and_comes_back_the_same(
+    request, monkeypatch, engine_name, backend, kept
+):
+    """Short of a row (no KV budget), the request that gives way keeps a copy of its cache where its
+    backend can copy it out, and comes back over it with nothing run (its last token is its next
+    decode step's input, as when it left); either way, the same tokens as alone."""
+    engine = request.getfixturevalue(engine_name)
+    scheduler = Scheduler(engine, max_batch=1, kv_backend=backend)
     low = scheduler.submit("The cat sat", priority=5, **KW)
     for _ in range(4):
         scheduler.step()
     assert scheduler.running == 1 and len(low.generation.state.generated[0]) > 0
+    runs = []
+    for method in ("prefill", "prefill_in_place"):  # prompts run from here on (the runner's own calls)
+        real = getattr(scheduler.runner, method)
+        monkeypatch.setattr(scheduler.runner, method, lambda *a, _real=real, **k: runs.append(1) or _real(*a, **k))
     high = scheduler.submit("Hello there", priority=-1, **KW)
+    scheduler.step()  # it gives way
+    held = len(low.generation.state.generated[0]) + len(low.generation.state.prompts[0]) - 1
+    assert scheduler.preempted_cache_kept == int(kept)
+    if kept:  # the copy is counted as held
+        assert scheduler.kv_committed_bytes >= held * engine.manifest.kv_bytes_per_token()
     order = _drain(scheduler, {"low": low, "high": high})
     assert order == ["high", "low"] and scheduler.preempted_for_priority == scheduler.preempted == 1
-    assert low.result().token_ids == _alone(llama_engine, "The cat sat")  # recomputed: the same tokens
-    assert high.result().token_ids == _alone(llama_engine, "Hello there")
+    assert len(runs) == (1 if kept else 2)  # kept: the newcomer's prompt only; it rejoins in a decode step
+    monkeypatch.undo()
+    assert low.result().token_ids == _alone(engine, "The cat sat")
+    assert high.result().token_ids == _alone(engine, "Hello there")
     assert scheduler.metrics()["preempted_for_priority"] == 1
+    assert scheduler.metrics()["preempted_cache_kept"] == int(kept)
+    assert scheduler.kv_committed_bytes == 0 and not scheduler._parked
 
 
 def test_several_sequences_give_way_whole(llama_engine):
@@ -95,18 +122,22 @@ def test_equal_or_earlier_ranks_are_not_preempted(llama_engine):
         assert scheduler.preempted == 0
 
 
-def test_a_request_gives_way_for_kv_bytes_too(llama_engine):
-    """Rows to spare but a KV budget one request fills: the later rank gives way for the bytes."""
+@pytest.mark.parametrize("room, kept", [(1.1, 0), (1.5, 1)])
+def test_a_request_gives_way_for_kv_bytes_too(llama_engine, room, kept):
+    """Rows to spare but a KV budget one request fills: the later rank gives way for the bytes. A
+    copy of its cache (its positions, without a slot's page of slack a head and layer) is kept only
+    where it fits beside the newcomer: at 1.5 requests' bytes it does, at 1.1 it does not (recomputed)."""
     manifest = llama_engine.manifest
     positions = 40  # either request's prompt + 12 new tokens fits; both do not
     budget = positions * manifest.kv_bytes_per_token() + row_slack(manifest)
-    scheduler = Scheduler(llama_engine, max_batch=4, kv_budget=int(budget * 1.5))
+    scheduler = Scheduler(llama_engine, max_batch=4, kv_budget=int(budget * room))
     low = scheduler.submit("A much longer prompt than the first", priority=2, **KW)
     for _ in range(3):
         scheduler.step()
     high = scheduler.submit("Streaming joins late, a prompt", priority=0, **KW)
     assert _drain(scheduler, {"low": low, "high": high}) == ["high", "low"]
     assert scheduler.preempted_for_priority >= 1
+    assert scheduler.preempted_cache_kept == kept
     assert low.result().token_ids == _alone(llama_engine, "A much longer prompt than the first")
 
 
