@@ -14,6 +14,10 @@ and the model's scheduler gets that KV cache as its ``kv_budget``, so the plan i
 guess. The pool never holds more planned bytes than its budget: a model that does not fit beside
 the loaded ones waits until enough of them are idle to unload (least recently used first; pinned
 ones never), at most ``wait_s``. Models never load or unload while a request holds them.
+
+LoRA adapters (``adapters={name: folder}``) belong to the package they were made for (the graph
+checksum the adapter records): each is loaded with that model, and a request for the adapter's
+name holds that model (:meth:`ModelPool.model_of`).
 """
 
 from __future__ import annotations
@@ -80,6 +84,8 @@ class _Entry:
     loads: int = 0
     loaded: LoadedModel | None = None
     error: str | None = None
+    #: its LoRA adapters: name -> folder
+    adapters: dict[str, str] = dataclasses.field(default_factory=dict)
 
 
 class ModelPool:
@@ -97,6 +103,7 @@ class ModelPool:
         wait_s: float = 120.0,
         on_load: Callable[[LoadedModel], Any] | None = None,
         on_unload: Callable[[LoadedModel], None] | None = None,
+        adapters: Mapping[str, str | Path] | None = None,
     ) -> None:
         """
         Args:
@@ -110,6 +117,8 @@ class ModelPool:
             wait_s: how long a request waits for its model to load (and for room for it).
             on_load: called with each model once loaded; what it returns is its ``attached``.
             on_unload: called with each model before it is closed.
+            adapters: LoRA adapter name -> folder (``nextoken adapter``); each goes with the model
+                whose package it was made for.
         """
         from .tools.memory import plan_memory
 
@@ -156,10 +165,50 @@ class ModelPool:
                     f"model {name} plans {_gib(entry.planned_bytes)} at batch {max_batch}, more than the whole "
                     f"budget ({_gib(self.budget)}); lower --max-batch or --slot-length, or raise the budget"
                 )
+        #: adapter name -> the model it goes with
+        self.adapters: dict[str, str] = {}
+        for name, path in dict(adapters or {}).items():
+            entry = self._owner(name, str(path))
+            entry.adapters[name] = str(path)
+            self.adapters[name] = entry.name
         self._cond = threading.Condition()
         self._closed = False
         for name in pinned:
             self.load(name)
+
+    def _owner(self, name: str, path: str) -> _Entry:
+        """The model an adapter was made for (its package's graph checksum), or why it has none."""
+        from .adapters import read_adapter
+        from .manifest import Manifest
+
+        if name in self._entries or name in self.adapters:
+            raise InvalidRequestError(f"adapter {name!r}: a model of that name is served already; name it otherwise")
+        try:
+            config, _tensors = read_adapter(path)
+        except ModelPackageError as exc:
+            raise InvalidRequestError(f"adapter {name}: {exc}") from None
+        made_for = (config.get("package") or {}).get("model_sha256")
+        owners = []
+        for entry in self._entries.values():
+            manifest = Manifest.load(entry.path)
+            if made_for and manifest.checksums.get(manifest.model_file) == made_for:
+                owners.append(entry)
+        if len(owners) != 1:
+            have = "none of the models" if not owners else f"several models ({', '.join(e.name for e in owners)})"
+            raise InvalidRequestError(
+                f"adapter {name} ({path}) was made for {(config.get('package') or {}).get('source') or 'a package'} "
+                f"(graph {str(made_for)[:12]}), {have} here; serve the package it was made for once, or make it "
+                "again for one of them: nextoken adapter PEFT_DIR --package PKG -o ADAPTER"
+            )
+        if not Manifest.load(owners[0].path).lora:
+            raise InvalidRequestError(f"adapter {name}: model {owners[0].name} takes no adapters")
+        return owners[0]
+
+    def model_of(self, name: str) -> str:
+        """The model a request for ``name`` (a model's or an adapter's) holds."""
+        if name in self.adapters:
+            return self.adapters[name]
+        return self._entry(name).name
 
     def _plan(self, path: str | Path, plan_memory: Callable[..., Any]) -> tuple[int, int]:
         """(planned bytes, KV budget) of a package at this pool's batch and slot length."""
@@ -210,7 +259,9 @@ class ModelPool:
     def _entry(self, name: str) -> _Entry:
         entry = self._entries.get(name)
         if entry is None:
-            raise UnknownModelError(f"model {name!r} is not served here; the models are {', '.join(self._entries)}")
+            raise UnknownModelError(
+                f"model {name!r} is not served here; the models are {', '.join([*self._entries, *self.adapters])}"
+            )
         return entry
 
     def loaded(self, name: str) -> LoadedModel | None:
@@ -317,7 +368,8 @@ class ModelPool:
 
         engine = scheduler = None
         try:
-            engine = Engine(entry.path, **self.engine_options)
+            options = {**self.engine_options, **({"adapters": entry.adapters} if entry.adapters else {})}
+            engine = Engine(entry.path, **options)
             scheduler = Scheduler(
                 engine, max_batch=self.max_batch, **{**self.scheduler_options, "kv_budget": entry.kv_budget}
             ).start()

@@ -325,3 +325,58 @@ def test_an_fp16_base_takes_adapters_within_fp16s_tolerance(made, tmp_path):
             want = adapters["all"][0](torch.tensor([IDS])).logits[0].numpy()
         got = engine.forward(IDS, adapter="all")
         assert np.abs(got - want).max() <= FP16_RTOL * np.abs(want).max()
+
+
+def test_several_models_serve_each_adapter_with_the_model_it_was_made_for(made, tiny_model, tmp_path):
+    """Several models in one server: each adapter goes with the package it was made for (its graph's
+    checksum), /v1/models lists it with its parent, a request for it loads that model (another one
+    unloaded within the budget) and answers as the model served alone with that adapter; an adapter
+    made for none of the models is refused by name; the plan counts the adapter slots."""
+    import openai
+
+    from helpers import running_app
+    from nextoken.pool import ModelPool
+    from nextoken.serving.core import ServeOptions
+    from nextoken.serving.router import attach_app, close_app, create_router
+    from nextoken.tools.memory import plan_memory
+
+    root, _ckpt, package, adapters = made
+    other = tiny_model("qwen2")[1]
+    plan = plan_memory(package, 2, 128)
+    assert plan.adapter_bytes > 0 and "LoRA adapters" in plan.table()
+    assert plan_memory(other, 2, 128).adapter_bytes == 0
+    given = {"all": adapters["all"][1], "qv": adapters["qv"][1]}
+    options = ServeOptions()
+    kwargs = dict(max_batch=2, engine_options={"device": "cpu", "plugins": False}, on_load=attach_app(options))
+    probe = ModelPool({"base": package, "other": other}, budget=1 << 40, **kwargs)
+    planned = {d["id"]: d["planned_bytes"] for d in probe.describe()}
+    budget = max(planned.values())  # one model at a time: a request for an adapter loads its model
+    pool = ModelPool({"base": package, "other": other}, budget, adapters=given, on_unload=close_app, **kwargs)
+    assert pool.adapters == {"all": "base", "qv": "base"} and pool.model_of("qv") == "base"
+    with Engine(package, device="cpu", plugins=False, adapters=given) as engine:
+        want = {
+            name: engine.generate("Hello", max_new_tokens=6, temperature=0, ignore_eos=True, adapter=adapter).text
+            for name, adapter in (("base", None), ("all", "all"), ("qv", "qv"))
+        }
+    with running_app(create_router(pool, options), join_s=20) as base:
+        client = openai.OpenAI(base_url=f"{base}/v1", api_key="x", max_retries=0, timeout=120)
+        for name in ("all", "other", "qv", "base", "other", "all"):
+            got = client.completions.create(
+                model=name, prompt="Hello", max_tokens=6, temperature=0, extra_body={"nextoken": {"ignore_eos": True}}
+            )
+            assert got.model == name
+            if name != "other":
+                assert got.choices[0].text == want[name], name
+            assert pool.held_bytes <= pool.budget
+        listed = {m.id: m.model_extra for m in client.models.list().data}
+        assert list(listed) == ["base", "other", "all", "qv"] and listed["qv"]["parent"] == "base"
+        assert client.models.retrieve("all").model_extra["parent"] == "base"
+        with pytest.raises(openai.NotFoundError, match="base, other, all, qv"):
+            client.completions.create(model="nope", prompt="Hello", max_tokens=2)
+    pool.close()
+    with pytest.raises(InvalidRequestError, match="adapter stray .* none of the models here"):
+        ModelPool({"other": other}, 1 << 40, adapters={"stray": adapters["qv"][1]}, **kwargs)
+    with pytest.raises(InvalidRequestError, match="a model of that name is served already"):
+        ModelPool({"base": package}, 1 << 40, adapters={"base": adapters["qv"][1]}, **kwargs)
+    with pytest.raises(InvalidRequestError, match="not a nextoken adapter"):
+        ModelPool({"base": package}, 1 << 40, adapters={"x": str(root)}, **kwargs)

@@ -81,10 +81,10 @@ def _cmd_serve(args: argparse.Namespace) -> int:
     if args.runtime_adapters and not args.api_key:
         raise UsageError("--runtime-adapters lets clients load files by path: give the server an --api-key too")
     adapters = _named_paths(args.lora_modules, "--lora-modules", "the model name requests use, an adapter folder")
+    if len(args.package) != 1 or args.models_dir is not None:
+        return _serve_models(args, options, engine_options, adapters)
     if adapters:
         engine_options["adapters"] = adapters
-    if len(args.package) != 1 or args.models_dir is not None:
-        return _serve_models(args, options, engine_options)
     for flag, given in (("--memory-budget-mb", args.memory_budget_mb), ("--pin", args.pin)):
         if given is not None:
             raise UsageError(f"{flag} is for several models (nextoken serve PKG PKG ..., or --models-dir)")
@@ -128,7 +128,7 @@ def _http_options(args: argparse.Namespace, options, engine_options: dict) -> di
     }
 
 
-def _serve_models(args: argparse.Namespace, options, engine_options: dict) -> int:
+def _serve_models(args: argparse.Namespace, options, engine_options: dict, adapters: dict[str, str]) -> int:
     from ..errors import InvalidRequestError
     from ..serving.router import models_in, serve_models
 
@@ -138,7 +138,6 @@ def _serve_models(args: argparse.Namespace, options, engine_options: dict) -> in
         "--speculative": args.speculative,
         "--chat-template": args.chat_template,
         "--served-model-name": args.model_name,
-        "--lora-modules": args.lora_modules,
         "--runtime-adapters": args.runtime_adapters,
     }
     for flag, value in given.items():
@@ -155,6 +154,7 @@ def _serve_models(args: argparse.Namespace, options, engine_options: dict) -> in
         budget=None if args.memory_budget_mb is None else args.memory_budget_mb << 20,
         pinned=tuple(args.pin or ()),
         wait_s=args.load_timeout,
+        adapters=adapters,
         **_http_options(args, options, engine_options),
     )
     return 0
@@ -358,7 +358,8 @@ def add_commands(sub) -> None:
         default=None,
         metavar="NAME=PATH",
         help="a LoRA adapter (made by nextoken adapter) loaded at start, served as model NAME beside the "
-        "package's own name; repeatable (the package must take adapters: export --lora-adapters)",
+        "package's own name; repeatable (the package must take adapters: export --lora-adapters); with "
+        "several models, each goes with the package it was made for",
     )
     p.add_argument(
         "--runtime-adapters",

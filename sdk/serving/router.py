@@ -16,7 +16,9 @@ Endpoints beyond the single-model server's: ``GET /v1/models`` lists every model
 ``state`` (unloaded, loading, loaded, unloading), ``planned_bytes``, ``pinned`` and ``in_use``;
 ``POST /models/load`` and ``POST /models/unload`` with ``{"model": NAME}`` (behind the API key,
 the paths llama.cpp's router uses); ``/metrics`` carries a ``model`` label; ``/health`` shows
-every model.
+every model. LoRA adapters (``--lora-modules NAME=PATH``) go with the model whose package they were
+made for: ``/v1/models`` lists each with its ``parent``, and a request naming one holds (and
+loads) that model, whose application runs it with the adapter, as a single-model server does.
 """
 # No `from __future__ import annotations` here: FastAPI reads the endpoints' annotations at run time.
 
@@ -99,9 +101,17 @@ def create_router(pool: ModelPool, options: ServeOptions | None = None):
             out["max_model_len"] = model.scheduler.max_sequence_length
         return out
 
-    def named(model_id: str) -> list[dict[str, Any]]:
+    def adapter_entry(name: str) -> dict[str, Any]:
+        parent = pool.adapters[name]
+        out = {"id": name, "object": "model", "created": created, "owned_by": "nextoken", "parent": parent}
+        out["state"] = pool.describe(parent)[0]["state"]
+        return out
+
+    def named(model_id: str) -> dict[str, Any]:
+        if model_id in pool.adapters:
+            return adapter_entry(model_id)
         try:
-            return pool.describe(model_id)
+            return entry(pool.describe(model_id)[0])
         except UnknownModelError as exc:
             raise APIError(404, str(exc), code="model_not_found", param="model") from None
 
@@ -111,14 +121,16 @@ def create_router(pool: ModelPool, options: ServeOptions | None = None):
 
     @app.get("/v1/models")
     async def models():
-        return {"object": "list", "data": [entry(d) for d in pool.describe()]}
+        listed = [entry(d) for d in pool.describe()] + [adapter_entry(name) for name in pool.adapters]
+        return {"object": "list", "data": listed}
 
     @app.get("/v1/models/{model_id:path}")
     async def model(model_id: str):
-        return entry(named(model_id)[0])
+        return named(model_id)
 
     async def model_of(request: Request) -> str:
-        return _model_named(await read_body(request, options.max_body_bytes, options.body_timeout_s), pool.names)
+        raw = await read_body(request, options.max_body_bytes, options.body_timeout_s)
+        return pool.model_of(_model_named(raw, pool))
 
     @app.post("/models/load")
     async def load(request: Request):
@@ -167,7 +179,7 @@ def create_router(pool: ModelPool, options: ServeOptions | None = None):
         anthropic = path.startswith("messages")
         try:
             raw = await read_body(request, options.max_body_bytes, options.body_timeout_s)
-            name = _model_named(raw, pool.names)
+            name = pool.model_of(_model_named(raw, pool))  # an adapter's: its model's
             model = pool.try_acquire(name) or await _in_pool(pool.acquire, name)
         except APIError as error:
             if anthropic:
@@ -216,12 +228,13 @@ async def _in_pool(call: Any, name: str) -> Any:
         raise APIError(500, f"model {name} failed to load: {exc}", "server_error") from None
 
 
-def _model_named(raw: bytes, names: list[str]) -> str:
-    """The model a request body names (the only one, when it names none and there is one), or the
-    400/404 that says what to name."""
+def _model_named(raw: bytes, pool: ModelPool) -> str:
+    """The model a request body names (a model or an adapter; the only model, when it names none
+    and there is one), or the 400/404 that says what to name."""
     name = json_object(raw).get("model")
-    if name is None and len(names) == 1:
-        return names[0]
+    if name is None and len(pool.names) == 1:
+        return pool.names[0]
+    names = [*pool.names, *pool.adapters]
     if not isinstance(name, str):
         raise APIError(
             400, f"model is required here: this server serves {', '.join(names)}", param="model", code="model_required"
@@ -277,6 +290,7 @@ def serve_models(
     budget: int | None = None,
     pinned: tuple[str, ...] = (),
     wait_s: float = 120.0,
+    adapters: Mapping[str, str] | None = None,
     engine_options: dict[str, Any] | None = None,
     scheduler_options: dict[str, Any] | None = None,
     options: ServeOptions | None = None,
@@ -284,8 +298,9 @@ def serve_models(
 ) -> None:
     """Serve ``models`` (name -> package) from one process until interrupted, within ``budget``
     bytes as planned (default: what the host has free now): :class:`~nextoken.ModelPool`, ``pinned``
-    loaded at start and kept, the others on first request. The options are :func:`serve`'s, for
-    every model; a prefix cache only when ``engine_options`` sizes one (each model's is planned)."""
+    loaded at start and kept, the others on first request; ``adapters`` (name -> folder) each with
+    the model it was made for. The options are :func:`serve`'s, for every model; a prefix cache
+    only when ``engine_options`` sizes one (each model's is planned)."""
     try:
         import uvicorn  # noqa: F401
     except ImportError:
@@ -308,11 +323,12 @@ def serve_models(
         wait_s=wait_s,
         on_load=attach_app(options),
         on_unload=close_app,
+        adapters=adapters,
     )
     app = create_router(pool, options)
     listed = ", ".join(
         f"{d['id']} ({d['planned_bytes'] / 2**20:.0f} MiB{', pinned' if d['pinned'] else ''})" for d in pool.describe()
-    )
+    ) + "".join(f", adapter {name} of {model}" for name, model in pool.adapters.items())
     print(
         f"nextoken: serving {len(models)} models at http://{host}:{port}/v1 within {pool.budget / 2**20:.0f} MiB "
         f"(planned): {listed}; the others load on first request" + ("; API key required" if options.api_key else ""),

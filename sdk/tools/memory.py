@@ -64,6 +64,8 @@ class ModelSpec:
     fused: bool = False
     #: a package's KV cache dtype (``int8``, ``int4``: quantised; None or another: the activations')
     kv_dtype: str | None = None
+    #: a package's LoRA adapter slots (``export --lora-adapters``), every slot filled
+    adapter_bytes: int = 0
 
     @classmethod
     def from_config(cls, config: Mapping[str, Any]) -> "ModelSpec":
@@ -130,6 +132,7 @@ class ModelSpec:
                     "context_length": manifest.context_length,
                     "kv_dtype": manifest.kv_dtype,
                     "fused": manifest.padding_side == "right",
+                    "adapter_bytes": _adapter_slot_bytes(path / manifest.model_file) if manifest.lora else 0,
                 }
             )
         if path.is_dir():
@@ -155,6 +158,21 @@ class ModelSpec:
             raise InvalidRequestError(
                 f"cannot fetch the config.json of {source!r}: {str(exc).splitlines()[0][:200]}"
             ) from None
+
+
+def _adapter_slot_bytes(model_file: Path) -> int:
+    """Bytes of a graph's LoRA adapter inputs (every adapter's pairs: what an engine holds once its
+    slots are filled), read from the graph's inputs without its weights."""
+    import onnx
+
+    graph = onnx.load(str(model_file), load_external_data=False).graph
+    total = 0
+    for value in graph.input:
+        if value.name.startswith("lora.") and value.name.endswith((".a", ".b")):
+            tensor = value.type.tensor_type
+            size = math.prod(d.dim_value for d in tensor.shape.dim)
+            total += size * onnx.helper.tensor_dtype_to_np_dtype(tensor.elem_type).itemsize
+    return total
 
 
 def _builder_covers(config: Mapping[str, Any]) -> bool:
@@ -205,7 +223,7 @@ class MemoryPlan:
     kv_bytes_per_sequence: int  # at `context` tokens
     kv_cache_bytes: int  # the whole batch at `context` tokens
     working_bytes: int  # runtime + session + activations at the peak
-    total_bytes: int  # weights + KV cache + working memory + the prefix cache
+    total_bytes: int  # weights + KV cache + working memory + the prefix cache + LoRA adapter slots
     capacity_bytes: int | None
     fits: bool | None
     max_batch: int | None  # at this context
@@ -213,6 +231,7 @@ class MemoryPlan:
     model_context_length: int
     capacity_source: str = ""  # where the capacity came from: given, host RAM, free on a GPU
     prefix_cache_bytes: int = 0  # the prefix cache's budget (Engine(prefix_cache_bytes=...)), held at most
+    adapter_bytes: int = 0  # a package's LoRA adapter slots, every one filled
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -234,6 +253,7 @@ class MemoryPlan:
                 "prefix cache",
                 gib(self.prefix_cache_bytes) + ("  (at most; off)" if not self.prefix_cache_bytes else "  (at most)"),
             ),
+            *([("LoRA adapters", gib(self.adapter_bytes) + "  (every slot filled)")] if self.adapter_bytes else []),
             ("total", gib(self.total_bytes)),
             ("capacity", gib(self.capacity_bytes) + (f"  ({self.capacity_source})" if self.capacity_source else "")),
             ("fits", {True: "yes", False: "NO", None: "-"}[self.fits]),
@@ -344,7 +364,7 @@ def plan_memory(
     else:
         weights = math.ceil(spec.parameters * per_param)
     kv_cache, working, total = _total(spec, batch, context, dtype, device, weights)
-    total += prefix_cache_bytes
+    total += prefix_cache_bytes + spec.adapter_bytes
     if capacity is not None:
         source = "given"
     else:
@@ -364,7 +384,7 @@ def plan_memory(
         fits = total <= capacity and context <= spec.context_length
 
         def ok(b: int, t: int) -> bool:
-            return _total(spec, b, t, dtype, device, weights)[2] + prefix_cache_bytes <= capacity
+            return _total(spec, b, t, dtype, device, weights)[2] + prefix_cache_bytes + spec.adapter_bytes <= capacity
 
         max_batch = _largest(lambda b: ok(b, context), 1 << 20)
         max_context = _largest(lambda t: ok(batch, t), spec.context_length)
@@ -389,6 +409,7 @@ def plan_memory(
         spec.context_length,
         source,
         prefix_cache_bytes,
+        spec.adapter_bytes,
     )
 
 
