@@ -352,6 +352,8 @@ class SlotBackend:
         self.slot_lora = np.zeros(slots, dtype=np.int64)  # each slot's adapter slot (0: none)
         self.last_seconds = 0.0
         self._kept: tuple | None = None
+        #: slots taken by prompts being prefilled in chunks, in place, before they join
+        self.reserved: set[int] = set()
 
     @property
     def rows(self) -> int:
@@ -371,8 +373,37 @@ class SlotBackend:
         return self.buffer
 
     def _free(self, n: int) -> list[int]:
-        taken = set(self.slot_ids)
+        taken = set(self.slot_ids) | self.reserved
         return [i for i in range(self.slots) if i not in taken][:n]
+
+    def reserve(self, positions: int) -> int:
+        """A free slot for a prompt of ``positions`` to be prefilled into in chunks
+        (:meth:`prefill_chunk`) before it joins, its pages taken in order first
+        (:meth:`~nextoken.kvcache.SlotCache.touch`); :meth:`unreserve` gives it back if it never
+        does."""
+        free = self._free(1)
+        if not free:
+            raise NextokenError("no free slot for a prompt to be prefilled into")
+        self.reserved.add(free[0])
+        buffer = self._buffer()
+        buffer.lengths[free[0]] = 0
+        buffer.touch(free[0], positions)
+        return free[0]
+
+    def unreserve(self, slot: int) -> None:
+        """Give back a reserved slot whose prompt will not join (cancelled, or failed)."""
+        self.reserved.discard(slot)
+        if self.buffer is not None:
+            self.buffer.release(slot)
+
+    def prefill_chunk(self, slot: int, tokens: Sequence[int], start: int, lora: int = 0) -> np.ndarray:
+        """Run ``tokens`` (a prompt's positions ``start``..) in place in reserved ``slot``; their
+        last logits ``[1, V]``. The model time goes to :attr:`last_seconds`."""
+        buffer = self._buffer()
+        before = buffer.run_seconds
+        logits = self.runner.prefill_in_place(buffer, tokens, slot, **lora_of(self.runner, lora), start=start)
+        self.last_seconds = buffer.run_seconds - before
+        return logits
 
     def prefill(
         self, prompts: Sequence[list[int]], fork: Sequence[int] | None = None, lora: Sequence[int] | None = None
@@ -411,6 +442,7 @@ class SlotBackend:
             self._ops().write(buffer, pre.cache, free)
         else:
             free = pre.slots
+            self.reserved.difference_update(free)
         buffer.lengths[free] = pre.lengths
         self.slot_lora[free] = pre.row_lora
         for slot, length in zip(free, pre.lengths):
@@ -430,11 +462,16 @@ class SlotBackend:
             ids[rows, 0] = tokens
             lengths = np.ones(used, dtype=np.int64)
             lengths[rows] = buffer.lengths[rows] + step
+        parked = [int(s) for s in idle if int(s) in self.reserved]  # prompts half prefilled there
+        held = buffer.lengths[parked].copy()
+        if parked:  # they write a pad token past their positions (the next chunk writes over it)
+            lengths[parked] = held + 1
         before = buffer.run_seconds
         logits = self.runner.decode_in_place(buffer, ids, lengths, **lora_of(self.runner, self.slot_lora[:used]))
         self.last_seconds = buffer.run_seconds - before
         if len(idle):
             buffer.lengths[idle] = 0
+            buffer.lengths[parked] = held
         return logits if in_order else logits[rows]
 
     def _layout(self) -> tuple[np.ndarray, int, np.ndarray, bool]:
@@ -452,7 +489,7 @@ class SlotBackend:
 
     def keep(self, rows: Sequence[int]) -> None:
         self.slot_ids = [self.slot_ids[i] for i in rows]
-        buffer, taken = self.buffer, set(self.slot_ids)
+        buffer, taken = self.buffer, set(self.slot_ids) | self.reserved
         if buffer is None:
             return
         for slot in np.flatnonzero(buffer.high).tolist():  # leavers, and idle slots a step wrote at 0

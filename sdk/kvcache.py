@@ -9,6 +9,7 @@ stays on the device. Only the last position's logits come back to the host.
 
 from __future__ import annotations
 
+import ctypes
 import mmap
 from collections.abc import Sequence
 from typing import Protocol
@@ -140,6 +141,7 @@ class SlotCache(KVCache):
         shape = [slots, runner.manifest.num_kv_heads, length, runner.manifest.cache_head_dim]
         if self.paged:
             self.values = [self._mapped(shape) for _ in self.values]
+        self.on_host = runner.device == "cpu"
         self.lengths = np.zeros(slots, dtype=np.int64)  # positions each slot holds
         #: positions each slot has written since its pages were last given back (what backs it)
         self.high = np.zeros(slots, dtype=np.int64)
@@ -177,6 +179,23 @@ class SlotCache(KVCache):
 
     def _head_bytes(self) -> int:
         return self._shape[3] * np.dtype(self.dtype).itemsize
+
+    def touch(self, slot: int, positions: int) -> None:
+        """Write zeros over slot ``slot``'s first ``positions`` positions, layer by layer and head
+        by head in address order (CPU), before a prompt is prefilled into it in chunks: the pages
+        backing each head's run are then taken one after another, as a whole prompt's one write
+        takes them. Chunks alone take every head's pages a chunk at a time, interleaved with all the
+        others', and decode reads the cache slower for it (the 135M config at 8k: 13.1-13.9 tok/s
+        against 15.0 after a whole prompt; touched first, 15.3-15.5)."""
+        if not self.on_host:
+            return
+        positions = min(positions, self._shape[2])
+        self.high[slot] = max(int(self.high[slot]), positions)  # held now: given back as written ones are
+        itemsize = np.dtype(self.dtype).itemsize
+        count = int(np.prod(self._shape))
+        for value in self.values:
+            raw = (ctypes.c_char * (count * itemsize)).from_address(value.data_ptr())
+            np.frombuffer(memoryview(raw), dtype=self.dtype).reshape(self._shape)[slot, :, :positions] = 0
 
     def release(self, slot: int) -> None:
         """Slot ``slot`` holds nothing now: its pages go back to the system (paged), or it is just free."""

@@ -159,10 +159,13 @@ class StepRunner:
         logits, cache.values = self.binder.outputs(binding)  # [B, S, V], or [B, 1, V] with logits_to_keep
         return _float32(logits if all_logits else logits[:, -1, :])
 
-    def prefill_in_place(self, slots: "SlotCache", prompt: Sequence[int], row: int, lora: int = 0) -> np.ndarray:
-        """Prefill one prompt straight into row ``row`` of ``slots`` (from position 0; the row's
-        length becomes the prompt's), with adapter slot ``lora``. Returns its last logits ``[1, V]``."""
-        slots.lengths[row] = 0
+    def prefill_in_place(
+        self, slots: "SlotCache", prompt: Sequence[int], row: int, lora: int = 0, start: int = 0
+    ) -> np.ndarray:
+        """Prefill one prompt straight into row ``row`` of ``slots`` from position ``start`` (the
+        row holds the prompt's first ``start`` tokens already: an earlier chunk; its length becomes
+        ``start + len(prompt)``), with adapter slot ``lora``. Returns its last logits ``[1, V]``."""
+        slots.lengths[row] = start
         return self._in_place(slots, row, prompt, keep=1, lora=lora)
 
     def decode_in_place(

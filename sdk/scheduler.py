@@ -268,23 +268,33 @@ class CatchUp:
     caught up."""
 
     handle: RequestHandle
-    cache: KVCache
+    cache: KVCache | None
     done: int
     prompt: list[int]
     refill: bool = False
     cached: bool = False
+    #: the slot it is prefilled into in place, in chunks (slot backends, one sequence, no prefix
+    #: cache; ``cache`` is None), and the model time its chunks took
+    slot: int | None = None
+    seconds: float = 0.0
 
 
-#: Prompt tokens prefilled a step by default; with an int8 KV cache fewer, since onnxruntime's CPU
-#: GroupQueryAttention has no fast prompt path for a quantised cache and its cost grows with the
-#: chunk: a 4,000-token prompt on the 135M config took 27.6 s whole, 18.8 s in chunks of 1,024
-#: and 17.3 s in chunks of 512 (the fp32 cache: 8.9 s whole)
-PREFILL_TOKENS, PREFILL_TOKENS_INT8_CACHE = 4096, 512
+#: Prompt tokens prefilled a step by default (CUDA, and graphs without slots); with an int8 KV
+#: cache fewer, since onnxruntime's CPU GroupQueryAttention has no fast prompt path for a quantised
+#: cache and its cost grows with the chunk: a 4,000-token prompt on the 135M config took 27.6 s
+#: whole, 18.8 s in chunks of 1,024 and 17.3 s in chunks of 512 (the fp32 cache: 8.9 s whole).
+#: On the CPU a GroupQueryAttention graph's prompts run in chunks of PREFILL_TOKENS_CPU, in place
+#: in their slots: the 135M config, fp32, 2 threads: 1,900 tokens in 2.43 s against 3.02 s whole,
+#: 8,000 in 19.0 s against 21.5 s in chunks of 4,096 (int4, 1,900: 3.36 s against 3.84 s)
+PREFILL_TOKENS, PREFILL_TOKENS_INT8_CACHE, PREFILL_TOKENS_CPU = 4096, 512, 256
 
 
-def default_prefill_tokens(manifest: Manifest) -> int:
-    """The prompt tokens a step prefills by default for a package (its cache's dtype decides)."""
-    return PREFILL_TOKENS_INT8_CACHE if manifest.kv_dtype in QUANTISED_KV else PREFILL_TOKENS
+def default_prefill_tokens(manifest: Manifest, in_place_on_cpu: bool = False) -> int:
+    """The prompt tokens a step prefills by default for a package: its cache's dtype decides, and
+    whether its prompts run in place in slots on the CPU (``in_place_on_cpu``)."""
+    if manifest.kv_dtype in QUANTISED_KV:
+        return PREFILL_TOKENS_INT8_CACHE
+    return PREFILL_TOKENS_CPU if in_place_on_cpu else PREFILL_TOKENS
 
 
 class Scheduler(Generic[HostT]):
@@ -343,7 +353,9 @@ class Scheduler(Generic[HostT]):
         if max_batch < 1:
             raise InvalidRequestError(f"max_batch must be >= 1, not {max_batch}")
         if max_prefill_tokens is None:
-            max_prefill_tokens = default_prefill_tokens(engine.manifest)
+            gqa = engine.manifest.padding_side == "right"
+            in_place = gqa and kv_backend != "concat" and engine.runner.device == "cpu"
+            max_prefill_tokens = default_prefill_tokens(engine.manifest, in_place)
         if max_prefill_tokens < 1:
             raise InvalidRequestError(f"max_prefill_tokens must be >= 1, not {max_prefill_tokens}")
         if priority_aging is not None and not priority_aging > 0:
@@ -515,20 +527,23 @@ class Scheduler(Generic[HostT]):
         """A scheduler for one request of any number of sequences, run on the caller's thread by
         :meth:`run` (what ``Engine.generate`` and ``Engine.stream`` do): its KV cache is made for that
         request (:func:`~nextoken.kvbackends.for_request`) and counted to it whole, and its prompts are
-        prefilled whole, never in chunks (but for an int8 cache's, whose prompt path is faster in
-        chunks: :data:`PREFILL_TOKENS_INT8_CACHE` a step)."""
+        prefilled whole (but for an int8 cache's, whose prompt path is faster in chunks:
+        :data:`PREFILL_TOKENS_INT8_CACHE` a step, and on the CPU one prompt in slots, in place in
+        chunks of :data:`PREFILL_TOKENS_CPU`, faster than whole)."""
         state, params = generation.state, generation.params
         window = engine.manifest.context_length
         length = min(max(len(p) for p in state.prompts) + params.max_new_tokens, window)
         slide = params.context_policy == "slide"
         runner = engine.runner
         kv = for_request(runner, state.batch_size, length, engine.pad_token_id, slide, runner.cache_ops)
+        in_place = isinstance(kv, SlotBackend) and runner.device == "cpu" and state.batch_size == 1
+        chunked = engine.manifest.kv_dtype in QUANTISED_KV or in_place
         return cls(
             engine,
             max_batch=state.batch_size,
             max_prefill_tokens=(
-                PREFILL_TOKENS_INT8_CACHE
-                if engine.manifest.kv_dtype in QUANTISED_KV
+                default_prefill_tokens(engine.manifest, in_place)
+                if chunked
                 else max(window, sum(map(len, state.prompts)))
             ),
             slot_length=kv.fixed_length,
@@ -755,6 +770,10 @@ class Scheduler(Generic[HostT]):
         self._waiting.clear()
         self._active.clear()
         self._rows = self._leaving = 0
+        if isinstance(self.kv, SlotBackend):
+            for item in self._catching_up:
+                if item.slot is not None:
+                    self.kv.unreserve(item.slot)
         self._catching_up.clear()
         self._refill.clear()
         self._evicted.clear()
@@ -899,7 +918,7 @@ class Scheduler(Generic[HostT]):
                     prompt = list(gen.state.prompts[0])
                     # an adapter's keys and values are its own: the prefix cache holds the base model's
                     cached = self.prefix_cache is not None and not handle.lora
-                    self._catching_up.append(CatchUp(handle, runner.new_cache(1), 0, prompt, cached=cached))
+                    self._catching_up.append(self._catch_up_item(handle, prompt, cached=cached))
                     continue
                 if size > budget and (admit or budget < self.max_prefill_tokens):
                     break  # the rest waits for the next step's budget
@@ -927,7 +946,7 @@ class Scheduler(Generic[HostT]):
             if parked is not None:  # its kept cache back in the batch; its last token is its next input
                 self._rejoin(handle, parked, windows[0][-1])
                 return 0
-            queue.append(CatchUp(handle, runner.new_cache(1), 0, windows[0], refill=True))
+            queue.append(self._catch_up_item(handle, windows[0], refill=True))
             return 0
         self._prefill_and_join([handle], windows, refill=True)
         return sum(map(len, windows))
@@ -944,8 +963,26 @@ class Scheduler(Generic[HostT]):
         self._rows += 1
         self._last = np.concatenate([self._last, np.array([last], dtype=np.int64)])
 
+    def _catch_up_item(
+        self, handle: RequestHandle, prompt: list[int], refill: bool = False, cached: bool = False
+    ) -> CatchUp:
+        """A prompt to catch up: in place in a slot of its own where the backend has slots (one
+        sequence, no prefix cache), else in a cache of its own that joins when it is done."""
+        slots = self.kv if isinstance(self.kv, SlotBackend) else None
+        if slots is not None and handle.rows == 1 and not cached:
+            return CatchUp(handle, None, 0, prompt, refill=refill, slot=slots.reserve(len(prompt)))
+        return CatchUp(handle, self.runner.new_cache(1), 0, prompt, refill=refill, cached=cached)
+
+    def _drop(self, item: CatchUp, error: BaseException | None) -> None:
+        """A catching-up request that will not join: its slot given back, the request ended."""
+        self._catching_up.remove(item)
+        if item.slot is not None and isinstance(self.kv, SlotBackend):
+            self.kv.unreserve(item.slot)
+        self._end_early(item.handle, error)
+
     def _reuse(self, item: CatchUp, cache: PrefixCache) -> None:
         """Start ``item`` from what the prefix cache holds of its prompt (a fresh newcomer's)."""
+        assert item.cache is not None  # prompts through the prefix cache catch up in caches of their own
         reused, entry = cache.lookup(item.prompt)
         if entry is not None and entry.length == reused:
             item.cache.values = list(entry.values)  # read, never written: the step makes new values
@@ -962,8 +999,7 @@ class Scheduler(Generic[HostT]):
             item = self._catching_up[0]
             handle, prompt = item.handle, item.prompt
             if handle.cancelled:
-                self._catching_up.popleft()
-                self._end_early(handle, None)
+                self._drop(item, None)
                 continue
             cache = self.prefix_cache if item.cached else None
             try:
@@ -971,25 +1007,23 @@ class Scheduler(Generic[HostT]):
                     self._reuse(item, cache)
                 end = min(len(prompt), item.done + budget)
             except Exception as exc:
-                self._catching_up.popleft()
-                self._end_early(handle, exc)
+                self._drop(item, exc)
                 continue
             switch = self.manifest.rope_switch
             if switch and len(prompt) > switch:
                 end = len(prompt)  # longrope: all of a prompt past the switch rotates with the long factors
             budget -= end - item.done
             try:
-                pre = Prefilled.after(self.runner, item.cache, prompt, item.done, end, handle.lora)
+                pre = self._prefill_chunk(item, end)
             except Exception as exc:
-                self._catching_up.popleft()
-                self._end_early(handle, exc)
+                self._drop(item, exc)
                 continue
             if end < len(prompt):
                 item.done = end
                 break  # the budget is spent
             self._catching_up.popleft()
             try:
-                if cache is not None and cache.wants(prompt):
+                if cache is not None and item.cache is not None and cache.wants(prompt):
                     stored = self.runner.new_cache(1)
                     stored.values = list(item.cache.values)  # the prompt's own, as the prefill made them
                     cache.insert(prompt, stored)
@@ -1004,6 +1038,17 @@ class Scheduler(Generic[HostT]):
             except Exception as exc:
                 self._fail_all([handle], exc)
         return budget
+
+    def _prefill_chunk(self, item: CatchUp, end: int) -> Prefilled:
+        """Run ``item.prompt[item.done:end]`` over what it holds: in its slot, or its own cache."""
+        lora = item.handle.lora
+        if item.cache is not None:
+            return Prefilled.after(self.runner, item.cache, item.prompt, item.done, end, lora)
+        assert item.slot is not None and isinstance(self.kv, SlotBackend)
+        logits = self.kv.prefill_chunk(item.slot, item.prompt[item.done : end], item.done, lora)
+        item.seconds += self.kv.last_seconds
+        rows_lora = np.array([lora], dtype=np.int64)
+        return Prefilled(logits, np.array([end]), item.seconds, slots=[item.slot], lora=rows_lora)
 
     def _advance(self, handle: RequestHandle, logits: np.ndarray, start: int) -> None:
         """The handle's own step on its rows of logits (from row ``start``). Anything that fails here

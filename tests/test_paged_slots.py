@@ -75,6 +75,30 @@ def test_paged_slots_hold_what_their_rows_wrote_and_give_it_back(engine):
     assert [h.result().token_ids for h in handles] == [h.result().token_ids for h in again]
 
 
+def test_a_prompt_prefilled_in_chunks_holds_its_pages_from_the_start_and_gives_them_back(engine):
+    """A long prompt prefilled in place in chunks has its slot's prompt positions written in order
+    first (the pages it will write anyway, taken head by head): the buffer's count holds them from
+    the first chunk, the kernel's count agrees, and a cancel gives them all back; done, it gets
+    what it gets alone."""
+    prompt = _prompts(engine, 1, seed=5)[0] * 3
+    alone = engine.generate(prompt, max_new_tokens=6, ignore_eos=True).token_ids
+    scheduler = Scheduler(engine, max_batch=2, max_prefill_tokens=32)
+    handle = scheduler.submit(prompt, max_new_tokens=6, ignore_eos=True)
+    scheduler.step()
+    buffer = scheduler.kv.buffer
+    assert isinstance(buffer, SlotCache) and buffer.paged and scheduler.kv.reserved == {0}
+    whole = -(-len(prompt) * ROW // mmap.PAGESIZE) * mmap.PAGESIZE * engine.manifest.num_kv_heads
+    assert resident_bytes(buffer) == scheduler.kv.nbytes() == whole * len(engine.manifest.past_names())
+    handle.cancel()
+    while scheduler.step():
+        pass
+    assert resident_bytes(buffer) == scheduler.kv.nbytes() == 0 and not scheduler.kv.reserved
+    again = scheduler.submit(prompt, max_new_tokens=6, ignore_eos=True)
+    while scheduler.step():
+        pass
+    assert again.result().token_ids == alone
+
+
 def test_a_cut_row_and_a_padded_prefill_give_back_their_pages(engine):
     """trim() returns the pages past a row's end (a speculative step's rejected guesses, a shorter
     row of a padded prefill); the page a kept position is on stays."""

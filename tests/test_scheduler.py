@@ -218,6 +218,41 @@ def test_a_long_prompt_is_prefilled_in_chunks_between_decode_steps(engine):
     assert long.result().usage.prompt_tokens == size
 
 
+def test_a_prompt_prefilled_in_place_in_a_slot_between_running_ones(engine):
+    """Slots: a long prompt is prefilled in chunks straight into a free slot (slot 1 here, between
+    running rows in slots 0 and 2, which decode every step: the step writes past the half-filled
+    slot's positions and gives it back its length); it joins there and gets what it gets alone,
+    as do the rows around it. Cancelled half-way, its slot is free for the next request."""
+    long_prompt = "A long prompt, " * 6
+    kw = dict(max_new_tokens=12, ignore_eos=True)
+    alone = {p: engine.generate(p, max_new_tokens=40, ignore_eos=True).token_ids for p in PROMPTS[:3]}
+    alone_long = engine.generate(long_prompt, **kw).token_ids
+    scheduler = Scheduler(engine, max_batch=3, max_prefill_tokens=8)
+    a = scheduler.submit(PROMPTS[0], max_new_tokens=40, ignore_eos=True)
+    b = scheduler.submit(PROMPTS[1], max_new_tokens=2, ignore_eos=True)
+    c = scheduler.submit(PROMPTS[2], max_new_tokens=40, ignore_eos=True)
+    while not b.done:
+        scheduler.step()
+    scheduler.step()
+    assert sorted(scheduler.kv.slot_ids) == [0, 2]
+    long = scheduler.submit(long_prompt, **kw)
+    scheduler.step()
+    assert scheduler.kv.reserved == {1} and scheduler.waiting == 1  # half prefilled, in slot 1
+    _run_until_done(scheduler)
+    assert long.result().token_ids == alone_long
+    assert a.result().token_ids == alone[PROMPTS[0]] and c.result().token_ids == alone[PROMPTS[2]]
+    assert not scheduler.kv.reserved
+    cancelled = scheduler.submit(long_prompt, **kw)
+    scheduler.step()
+    assert scheduler.kv.reserved == {0}
+    cancelled.cancel()
+    _run_until_done(scheduler)
+    assert not scheduler.kv.reserved and cancelled.result().finish_reason == "cancelled"
+    again = scheduler.submit(long_prompt, **kw)
+    _run_until_done(scheduler)
+    assert again.result().token_ids == alone_long
+
+
 def test_cancelling_a_prompt_while_it_is_prefilled_in_chunks(engine):
     scheduler = Scheduler(engine, max_batch=4, max_prefill_tokens=8)
     handle = scheduler.submit("A long prompt, " * 6, max_new_tokens=5)

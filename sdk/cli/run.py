@@ -279,7 +279,8 @@ def add_commands(sub) -> None:
         "--max-prefill-tokens",
         type=positive_int,
         default=None,
-        help="prompt tokens prefilled a step; longer prompts go in chunks (default 4096; 512 for an int8 KV cache)",
+        help="prompt tokens prefilled a step; longer prompts go in chunks (default 4096; 256 on the CPU with "
+        "slots; 512 for an int8 KV cache)",
     )
     p.add_argument(
         "--kv-backend",
