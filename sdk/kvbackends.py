@@ -462,16 +462,17 @@ class SlotBackend:
             ids[rows, 0] = tokens
             lengths = np.ones(used, dtype=np.int64)
             lengths[rows] = buffer.lengths[rows] + step
-        parked = [int(s) for s in idle if int(s) in self.reserved]  # prompts half prefilled there
-        held = buffer.lengths[parked].copy()
-        if parked:  # they write a pad token past their positions (the next chunk writes over it)
-            lengths[parked] = held + 1
+        # slots a prompt is being prefilled into: they write a pad past their positions (its next
+        # chunk writes over it) and keep their length
+        filling = [s for s in idle.tolist() if s in self.reserved] if self.reserved else []
+        held = buffer.lengths[filling].copy()
+        lengths[filling] = held + 1
         before = buffer.run_seconds
         logits = self.runner.decode_in_place(buffer, ids, lengths, **lora_of(self.runner, self.slot_lora[:used]))
         self.last_seconds = buffer.run_seconds - before
         if len(idle):
             buffer.lengths[idle] = 0
-            buffer.lengths[parked] = held
+            buffer.lengths[filling] = held
         return logits if in_order else logits[rows]
 
     def _layout(self) -> tuple[np.ndarray, int, np.ndarray, bool]:

@@ -352,11 +352,7 @@ class Scheduler(Generic[HostT]):
         """
         if max_batch < 1:
             raise InvalidRequestError(f"max_batch must be >= 1, not {max_batch}")
-        if max_prefill_tokens is None:
-            gqa = engine.manifest.padding_side == "right"
-            in_place = gqa and kv_backend != "concat" and engine.runner.device == "cpu"
-            max_prefill_tokens = default_prefill_tokens(engine.manifest, in_place)
-        if max_prefill_tokens < 1:
+        if max_prefill_tokens is not None and max_prefill_tokens < 1:
             raise InvalidRequestError(f"max_prefill_tokens must be >= 1, not {max_prefill_tokens}")
         if priority_aging is not None and not priority_aging > 0:
             raise InvalidRequestError(f"priority_aging must be > 0 seconds (None: no aging), not {priority_aging}")
@@ -387,7 +383,10 @@ class Scheduler(Generic[HostT]):
         self.paged_slots: bool = paged_slots and kv_backend != "concat" and gqa and kv is None
         self.slot_length = slot_length or (window if self.paged_slots else min(window, 2048))
         self.max_batch = max_batch
-        self.max_prefill_tokens = max_prefill_tokens
+        if max_prefill_tokens is None:  # in place in slots on the CPU: smaller chunks run faster
+            in_place = gqa and kv_backend != "concat" and self.runner.device == "cpu"
+            max_prefill_tokens = default_prefill_tokens(self.manifest, in_place)
+        self.max_prefill_tokens: int = max_prefill_tokens
         #: the running batch's KV cache (:mod:`nextoken.kvbackends`)
         self.kv: KVBackend
         if kv is not None:  # made for one request (Scheduler.alone)
@@ -770,10 +769,8 @@ class Scheduler(Generic[HostT]):
         self._waiting.clear()
         self._active.clear()
         self._rows = self._leaving = 0
-        if isinstance(self.kv, SlotBackend):
-            for item in self._catching_up:
-                if item.slot is not None:
-                    self.kv.unreserve(item.slot)
+        for item in self._catching_up:
+            self._unreserve(item)
         self._catching_up.clear()
         self._refill.clear()
         self._evicted.clear()
@@ -958,10 +955,8 @@ class Scheduler(Generic[HostT]):
         held = cache.length
         lora = np.array([handle.lora], dtype=np.int64)
         mask = np.ones((1, held), dtype=np.int64)
-        self.kv.join(Prefilled(np.zeros((1, 0), np.float32), np.array([held]), 0.0, cache=cache, mask=mask, lora=lora))
-        self._active.append(handle)
-        self._rows += 1
-        self._last = np.concatenate([self._last, np.array([last], dtype=np.int64)])
+        pre = Prefilled(np.zeros((1, 0), np.float32), np.array([held]), 0.0, cache=cache, mask=mask, lora=lora)
+        self._enter([handle], pre, np.array([last], dtype=np.int64))
 
     def _catch_up_item(
         self, handle: RequestHandle, prompt: list[int], refill: bool = False, cached: bool = False
@@ -976,9 +971,13 @@ class Scheduler(Generic[HostT]):
     def _drop(self, item: CatchUp, error: BaseException | None) -> None:
         """A catching-up request that will not join: its slot given back, the request ended."""
         self._catching_up.remove(item)
+        self._unreserve(item)
+        self._end_early(item.handle, error)
+
+    def _unreserve(self, item: CatchUp) -> None:
+        """Give back the slot ``item`` was being prefilled into, if any."""
         if item.slot is not None and isinstance(self.kv, SlotBackend):
             self.kv.unreserve(item.slot)
-        self._end_early(item.handle, error)
 
     def _reuse(self, item: CatchUp, cache: PrefixCache) -> None:
         """Start ``item`` from what the prefix cache holds of its prompt (a fresh newcomer's)."""
@@ -1232,15 +1231,19 @@ class Scheduler(Generic[HostT]):
             self._fail_all(group, exc)
         return None
 
+    def _enter(self, handles: list[RequestHandle], pre: Prefilled, last: np.ndarray) -> None:
+        """The rows of ``pre`` join the backend's batch, after the rows there, as ``handles``'s, with
+        ``last`` their inputs at the next decode step."""
+        self.kv.join(pre)
+        self._active.extend(handles)
+        self._rows += len(last)
+        self._last = np.concatenate([self._last, last])
+
     def _join(self, handles: list[RequestHandle], pre: Prefilled, refill: bool = False) -> None:
         """Join prefilled requests to the batch and take their first tokens (``refill``: a
         running request back with its slid windows)."""
         start = self._rows
-        self.kv.join(pre)
-        self._active.extend(handles)
-        rows = sum(h.rows for h in handles)
-        self._rows += rows
-        self._last = np.concatenate([self._last, np.zeros(rows, dtype=np.int64)])
+        self._enter(handles, pre, np.zeros(sum(h.rows for h in handles), dtype=np.int64))
         offset = 0
         for handle in handles:
             if refill:
